@@ -1,0 +1,346 @@
+//! The `acclimate` command-line tool: `info`, `run` and `bench`.
+//!
+//! Every failure ends as one `error: ...` line on stderr and a non-zero exit status (2 for bad
+//! arguments, 1 for everything else), so scripts can rely on it; `RUST_LOG` turns on logging.
+
+pub mod info;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::bench::{self, BenchConfig, BenchError};
+use crate::engine::{Engine, Model};
+use crate::gpu::GpuContext;
+use crate::npy::{self, NpyError};
+use crate::onnx::OnnxError;
+use crate::tensor::Tensor;
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Model(#[from] crate::Error),
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    #[error(transparent)]
+    Npy(#[from] NpyError),
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
+    #[error("cannot serialise JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "acclimate",
+    version,
+    about = "Run ONNX image classifiers on any GPU through WGSL compute shaders",
+    long_about = "Run ONNX image classifiers on any GPU through WGSL compute shaders (wgpu: Vulkan, Metal, \
+                  software Vulkan), checked against ONNX Runtime.\n\n\
+                  The ONNX Runtime backend loads the shared library named by ORT_DYLIB_PATH \
+                  (libonnxruntime.so.1.31.1 from the pip wheel onnxruntime==1.31.1). \
+                  Set RUST_LOG=info (or debug) for logs; WGPU_BACKEND and WGPU_ADAPTER_NAME pick the adapter."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where `run` executes the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// Acclimate's WGSL kernels on the GPU wgpu picks.
+    Gpu,
+    /// ONNX Runtime on the CPU (needs ORT_DYLIB_PATH).
+    Ort,
+}
+
+impl From<BackendArg> for bench::Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Gpu => bench::Backend::Gpu,
+            BackendArg::Ort => bench::Backend::Ort,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Describe a model: inputs and outputs, opset, producer, op histogram, BatchNormalization
+    /// layers and adaptable parameters, parameter count, unsupported ops.
+    #[command(
+        long_about = "Describe a model: inputs and outputs with their shapes (symbolic dimensions by \
+                            name), opset, producer, a histogram of op types, the BatchNormalization layers and \
+                            their adaptable parameters (scale + bias elements, what BN-based test-time \
+                            adaptation updates), the total parameter count, and every op the GPU engine does \
+                            not support (op type, node, opset and why). Works on models the engine cannot \
+                            load."
+    )]
+    Info {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// Print machine-readable JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a model on one .npy input and save its first output as .npy.
+    #[command(long_about = "Run a model on one input and save its first output.\n\n\
+                            The input is a float32 .npy array in the model's input layout (e.g. N×3×H×W, \
+                            already normalised), any batch size the model allows. The output file receives \
+                            the model's first output as float32.")]
+    Run {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// Float32 .npy input, in the model's input layout (e.g. N,3,224,224).
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Where to write the first output (float32 .npy).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Which backend runs the model.
+        #[arg(long, value_enum, default_value = "gpu")]
+        backend: BackendArg,
+    },
+    /// Measure forward latency of the GPU engine and ONNX Runtime on random inputs.
+    #[command(
+        long_about = "Measure forward latency on random inputs in [-2, 2): the median, 10th and 90th \
+                            percentiles, min, max and standard deviation per backend and batch size, all in \
+                            the same run.\n\n\
+                            The GPU time covers the full Engine::run call (input upload, one queue submit, \
+                            blocking readback); plans are built before timing. ONNX Runtime uses its CPU \
+                            execution provider with --ort-threads intra-op threads (default: every logical \
+                            core).\n\n\
+                            Dynamic dimensions other than the batch (e.g. an OCR model's height and width) \
+                            must be given with --shape."
+    )]
+    Bench {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// Batch sizes, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+        /// Backends, comma separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "gpu,ort")]
+        backend: Vec<BackendArg>,
+        /// Untimed iterations before measuring.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed iterations per backend and batch size.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// The input's non-batch dimensions, comma separated (e.g. 3,48,192); required when the
+        /// model declares any of them dynamic.
+        #[arg(long, value_delimiter = ',')]
+        shape: Option<Vec<usize>>,
+        /// ONNX Runtime intra-op threads (default: every logical core).
+        #[arg(long)]
+        ort_threads: Option<usize>,
+        /// Print machine-readable JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print(s: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())
+        .and_then(|_| out.flush())
+        .map_err(CliError::Stdout)
+}
+
+fn info(model: &Path, json: bool) -> Result<(), CliError> {
+    let info = info::model_info(model)?;
+    if json {
+        print(&(serde_json::to_string_pretty(&info)? + "\n"))
+    } else {
+        print(&info.to_text())
+    }
+}
+
+/// Runs `model` on `x` with `backend`; returns the first output and a description of the backend.
+pub fn run_model(
+    model: &Path,
+    x: Tensor,
+    backend: BackendArg,
+) -> Result<(String, Tensor, String), CliError> {
+    match backend {
+        BackendArg::Gpu => {
+            let model = Model::load(model)?;
+            let name = model
+                .graph
+                .outputs
+                .first()
+                .map(|o| o.name.clone())
+                .unwrap_or_default();
+            let ctx = GpuContext::new().map_err(crate::Error::from)?;
+            let desc = format!("gpu: {}", ctx.adapter_summary());
+            let mut engine = Engine::new(&ctx, model);
+            let y = engine.run(std::slice::from_ref(&x))?;
+            let first = y
+                .into_iter()
+                .next()
+                .ok_or_else(|| CliError::Usage("the model produced no output".into()))?;
+            Ok((name, first, desc))
+        }
+        BackendArg::Ort => run_ort(model, x),
+    }
+}
+
+#[cfg(feature = "ort")]
+fn run_ort(model: &Path, x: Tensor) -> Result<(String, Tensor, String), CliError> {
+    use crate::reference::OrtSession;
+    // Decoding first gives the same error as the GPU path for a missing or corrupt file, and the
+    // output's name.
+    let raw = crate::onnx::load_model(model)?;
+    let name = raw
+        .graph
+        .outputs
+        .first()
+        .map(|o| o.name.clone())
+        .unwrap_or_default();
+    let mut session = OrtSession::new(model).map_err(crate::Error::from)?;
+    let y = session
+        .run(std::slice::from_ref(&x))
+        .map_err(crate::Error::from)?;
+    let first = y
+        .into_iter()
+        .next()
+        .ok_or_else(|| CliError::Usage("the model produced no output".into()))?;
+    Ok((
+        name,
+        first,
+        "ort: ONNX Runtime CPU execution provider".into(),
+    ))
+}
+
+#[cfg(not(feature = "ort"))]
+fn run_ort(_: &Path, _: Tensor) -> Result<(String, Tensor, String), CliError> {
+    Err(CliError::Usage(
+        "this build has no ONNX Runtime backend (cargo feature \"ort\" is off)".into(),
+    ))
+}
+
+fn run(model: &Path, input: &Path, output: &Path, backend: BackendArg) -> Result<(), CliError> {
+    if !model.is_file() {
+        return Err(OnnxError::Io {
+            path: model.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        }
+        .into());
+    }
+    let x = npy::read_f32(input)?;
+    let (name, y, desc) = run_model(model, x, backend)?;
+    npy::write_f32(output, &y)?;
+    print(&format!(
+        "wrote {}: output '{name}' {:?} float32 ({desc})\n",
+        output.display(),
+        y.shape
+    ))
+}
+
+fn bench_cmd(model: &Path, cfg: &BenchConfig, json: bool) -> Result<(), CliError> {
+    let report = bench::run(model, cfg)?;
+    if json {
+        print(&(serde_json::to_string_pretty(&report)? + "\n"))
+    } else {
+        print(&report.to_table())
+    }
+}
+
+/// Executes a parsed command line.
+pub fn execute(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Info { model, json } => info(&model, json),
+        Command::Run {
+            model,
+            input,
+            output,
+            backend,
+        } => run(&model, &input, &output, backend),
+        Command::Bench {
+            model,
+            batch,
+            backend,
+            warmup,
+            iters,
+            shape,
+            ort_threads,
+            json,
+        } => {
+            let mut backends: Vec<bench::Backend> = Vec::new();
+            for b in backend.into_iter().map(bench::Backend::from) {
+                if !backends.contains(&b) {
+                    backends.push(b);
+                }
+            }
+            let cfg = BenchConfig {
+                batches: batch,
+                backends,
+                warmup,
+                iters,
+                shape,
+                ort_threads,
+                ..BenchConfig::default()
+            };
+            bench_cmd(&model, &cfg, json)
+        }
+    }
+}
+
+/// Error messages can span lines (wgpu validation, ONNX Runtime status); the contract is one.
+pub fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The binary's entry point: logging, argument parsing, one-line errors, exit status.
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("acclimate=warn"))
+        .init();
+    std::panic::set_hook(Box::new(|info| {
+        // A panic is a bug in acclimate; still one line, and no backtrace dump on the user.
+        eprintln!(
+            "error: internal error (please report): {}",
+            one_line(&info.to_string())
+        );
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
+            // clap's message is a paragraph (the error, then e.g. the missing arguments), then usage.
+            let rendered = e.render().to_string();
+            let paragraph: Vec<&str> = rendered
+                .lines()
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty())
+                .collect();
+            let msg = one_line(&paragraph.join(" "));
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("error: {msg}; see 'acclimate --help'");
+            return ExitCode::from(2);
+        }
+    };
+    match std::panic::catch_unwind(|| execute(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", one_line(&e.to_string()));
+            ExitCode::from(1)
+        }
+        Err(_) => ExitCode::from(101),
+    }
+}

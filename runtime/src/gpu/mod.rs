@@ -1,0 +1,293 @@
+//! The wgpu side: a device context, the pipeline cache and the shader sources.
+//!
+//! Every WGSL kernel lives in `shaders/` at the repository root, one file per kernel family, and is
+//! compiled into the binary with `include_str!`. Pipelines are created lazily and cached by
+//! [`KernelKey`] (shader, entry point, override constants), so one pipeline serves every node that
+//! uses the same kernel variant; shapes travel in a uniform buffer, never in the source.
+
+mod params;
+pub use params::Params;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+/// Errors of the GPU layer.
+#[derive(Debug, Error)]
+pub enum GpuError {
+    #[error(
+        "no GPU adapter found (wgpu looked for Vulkan, Metal and DX12 adapters; on Linux without a GPU install \
+         Mesa's lavapipe: apt-get install mesa-vulkan-drivers): {0}"
+    )]
+    NoAdapter(String),
+    #[error("could not open the GPU device on {adapter}: {reason}")]
+    Device { adapter: String, reason: String },
+    #[error("GPU validation error in {what}: {reason}")]
+    Validation { what: String, reason: String },
+    #[error("GPU buffer readback failed: {0}")]
+    Readback(String),
+    #[error("out of GPU memory while {0}")]
+    OutOfMemory(String),
+    #[error("{what} needs {needed} bytes in one buffer binding but the device allows {limit}")]
+    BindingTooLarge { what: String, needed: u64, limit: u64 },
+}
+
+/// One WGSL source file of `shaders/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shader {
+    Elementwise,
+    Conv,
+    Matmul,
+    Pool,
+    Reduce,
+    Norm,
+    Softmax,
+    Layout,
+}
+
+impl Shader {
+    pub const ALL: [Shader; 8] = [
+        Shader::Elementwise,
+        Shader::Conv,
+        Shader::Matmul,
+        Shader::Pool,
+        Shader::Reduce,
+        Shader::Norm,
+        Shader::Softmax,
+        Shader::Layout,
+    ];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Shader::Elementwise => "elementwise.wgsl",
+            Shader::Conv => "conv.wgsl",
+            Shader::Matmul => "matmul.wgsl",
+            Shader::Pool => "pool.wgsl",
+            Shader::Reduce => "reduce.wgsl",
+            Shader::Norm => "norm.wgsl",
+            Shader::Softmax => "softmax.wgsl",
+            Shader::Layout => "layout.wgsl",
+        }
+    }
+
+    pub fn source(self) -> &'static str {
+        match self {
+            Shader::Elementwise => include_str!("../../../shaders/elementwise.wgsl"),
+            Shader::Conv => include_str!("../../../shaders/conv.wgsl"),
+            Shader::Matmul => include_str!("../../../shaders/matmul.wgsl"),
+            Shader::Pool => include_str!("../../../shaders/pool.wgsl"),
+            Shader::Reduce => include_str!("../../../shaders/reduce.wgsl"),
+            Shader::Norm => include_str!("../../../shaders/norm.wgsl"),
+            Shader::Softmax => include_str!("../../../shaders/softmax.wgsl"),
+            Shader::Layout => include_str!("../../../shaders/layout.wgsl"),
+        }
+    }
+}
+
+/// A kernel variant: which entry point of which shader, with which pipeline-overridable constants.
+///
+/// Override values are integers (op codes, tile switches); anything that varies per node goes in
+/// the uniform [`Params`] instead, so the number of pipelines stays small.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub shader: Shader,
+    pub entry: &'static str,
+    pub overrides: Vec<(&'static str, i32)>,
+}
+
+impl KernelKey {
+    pub fn new(shader: Shader, entry: &'static str) -> KernelKey {
+        KernelKey { shader, entry, overrides: Vec::new() }
+    }
+
+    pub fn with(mut self, name: &'static str, value: i32) -> KernelKey {
+        self.overrides.push((name, value));
+        self
+    }
+}
+
+/// The device, its queue and what we know about the adapter. Cheap to clone.
+#[derive(Clone)]
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter_info: wgpu::AdapterInfo,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext").field("adapter", &self.adapter_info.name).finish()
+    }
+}
+
+impl GpuContext {
+    /// Opens the best adapter wgpu finds (honours `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`), asking for
+    /// the adapter's own limits so large activations fit in one binding.
+    pub fn new() -> Result<GpuContext, GpuError> {
+        pollster::block_on(Self::new_async())
+    }
+
+    pub async fn new_async() -> Result<GpuContext, GpuError> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let power_preference = wgpu::PowerPreference::from_env().unwrap_or(wgpu::PowerPreference::HighPerformance);
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                apply_limit_buckets: false,
+            })
+            .await
+            .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("acclimate"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits,
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| GpuError::Device { adapter: info.name.clone(), reason: e.to_string() })?;
+        Ok(Self::from_device(device, queue, info))
+    }
+
+    /// Wraps an application's own device and queue (for example the one its renderer uses).
+    /// Acclimate then allocates everything on that device and submits on that queue.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, adapter_info: wgpu::AdapterInfo) -> GpuContext {
+        GpuContext {
+            device,
+            queue,
+            adapter_info,
+            inner: Arc::new(Inner { modules: Mutex::new(HashMap::new()), pipelines: Mutex::new(HashMap::new()) }),
+        }
+    }
+
+    /// A one-line description of the adapter: name, backend and device type.
+    pub fn adapter_summary(&self) -> String {
+        format!(
+            "{} ({:?}, {:?})",
+            self.adapter_info.name, self.adapter_info.backend, self.adapter_info.device_type
+        )
+    }
+
+    pub fn limits(&self) -> wgpu::Limits {
+        self.device.limits()
+    }
+
+    /// The compute pipeline for `key`, compiled on first use and cached for the context's lifetime.
+    pub fn pipeline(&self, key: &KernelKey) -> Result<wgpu::ComputePipeline, GpuError> {
+        if let Some(p) = self.inner.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(key.shader)?;
+        let constants: Vec<(&str, f64)> = key.overrides.iter().map(|&(n, v)| (n, v as f64)).collect();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(key.entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(key.entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Validation {
+                what: format!("pipeline {}::{} {:?}", key.shader.file_name(), key.entry, key.overrides),
+                reason: err.to_string(),
+            });
+        }
+        self.inner.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    fn module(&self, shader: Shader) -> Result<wgpu::ShaderModule, GpuError> {
+        let mut modules = self.inner.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(&shader) {
+            return Ok(m.clone());
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader.file_name()),
+            source: wgpu::ShaderSource::Wgsl(shader.source().into()),
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Validation { what: format!("shader {}", shader.file_name()), reason: err.to_string() });
+        }
+        modules.insert(shader, module.clone());
+        Ok(module)
+    }
+
+    /// Number of pipelines compiled so far (they are shared across nodes and plans).
+    pub fn pipeline_count(&self) -> usize {
+        self.inner.pipelines.lock().map(|p| p.len()).unwrap_or(0)
+    }
+}
+
+/// Splits `n` invocations of a 1-D kernel with `wg` threads per workgroup into a 2-D grid that
+/// respects the 65 535 workgroups-per-dimension limit. Kernels recover the flat index as
+/// `gid.x + gid.y * (num_workgroups.x * wg)`.
+pub fn grid_1d(n: usize, wg: u32) -> [u32; 3] {
+    let groups = n.div_ceil(wg as usize).max(1);
+    if groups <= 65535 {
+        [groups as u32, 1, 1]
+    } else {
+        let y = groups.div_ceil(65535);
+        let x = groups.div_ceil(y);
+        [x as u32, y as u32, 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel file parses and validates with naga; needs no GPU.
+    #[test]
+    fn every_shader_validates_with_naga() {
+        for shader in Shader::ALL {
+            let src = shader.source();
+            let module = naga::front::wgsl::parse_str(src)
+                .unwrap_or_else(|e| panic!("{} does not parse:\n{}", shader.file_name(), e.emit_to_string(src)));
+            let mut v = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty());
+            if let Err(e) = v.validate(&module) {
+                panic!("{} does not validate:\n{}", shader.file_name(), e.emit_to_string(src));
+            }
+        }
+    }
+
+    /// `Shader::ALL` lists every file in `shaders/`, so no kernel escapes the validation above.
+    #[test]
+    fn every_shader_file_is_registered() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("shaders/ exists")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".wgsl"))
+            .collect();
+        files.sort();
+        let mut known: Vec<String> = Shader::ALL.iter().map(|s| s.file_name().to_string()).collect();
+        known.sort();
+        assert_eq!(files, known);
+    }
+
+    #[test]
+    fn grid_splits_beyond_the_dimension_limit() {
+        assert_eq!(grid_1d(10, 256), [1, 1, 1]);
+        let g = grid_1d(256 * 70000, 256);
+        assert!(g[0] <= 65535 && g[1] > 1);
+        assert!(g[0] as usize * g[1] as usize >= 70000);
+    }
+}

@@ -1,0 +1,230 @@
+//! The intermediate representation: a validated, topologically ordered graph of parsed ops.
+//!
+//! Shapes stay symbolic here (a dynamic batch dimension, or dynamic H and W as in OCR models);
+//! [`crate::plan`] specialises the graph to concrete input shapes, folds every constant subgraph
+//! and lowers the rest to GPU dispatches. BatchNormalization stays a node of its own with its four
+//! parameter tensors, because adaptation updates them.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::onnx::{self, DimSpec, OnnxError, RawModel};
+use crate::ops::Op;
+use crate::tensor::{DType, Tensor};
+
+/// Errors raised while building the IR from a decoded model.
+#[derive(Debug, Error)]
+pub enum IrError {
+    #[error(transparent)]
+    Onnx(#[from] OnnxError),
+    #[error("unsupported op {op} (node '{node}', opset {opset}): {reason}")]
+    UnsupportedOp { op: String, node: String, opset: i64, reason: String },
+    #[error("node '{node}' ({op}) reads '{input}', which no earlier node, graph input or initializer produces")]
+    UndefinedInput { node: String, op: String, input: String },
+    #[error("tensor '{name}' is produced twice (by node '{node}')")]
+    DuplicateOutput { name: String, node: String },
+    #[error("graph output '{0}' is never produced")]
+    UndefinedOutput(String),
+    #[error("opset {0} is not supported (Acclimate reads opsets 7 to 25; opsets 22 to 25 only added element types to the supported ops)")]
+    Opset(i64),
+    #[error("graph input '{name}' has element type {dtype}; only float32 inputs are supported")]
+    InputDType { name: String, dtype: DType },
+    #[error("graph input '{0}' has no tensor type or shape")]
+    InputShape(String),
+    #[error("the graph has no outputs")]
+    NoOutputs,
+}
+
+/// One node of the graph.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub op_type: String,
+    pub op: Op,
+    /// Input tensor names; empty string for an omitted optional input.
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// A dimension of a graph input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(usize),
+    /// Symbolic or unknown; fixed when a plan is built for concrete input shapes.
+    Dynamic(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Dynamic(s) if s.is_empty() => f.write_str("?"),
+            Dim::Dynamic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A graph input or output with its declared shape.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Option<DType>,
+    pub dims: Option<Vec<Dim>>,
+}
+
+impl TensorInfo {
+    pub fn shape_string(&self) -> String {
+        match &self.dims {
+            Some(d) => format!("[{}]", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")),
+            None => "[unknown]".into(),
+        }
+    }
+}
+
+/// A loaded model: nodes in execution order, constants, inputs and outputs.
+#[derive(Clone, Debug)]
+pub struct Graph {
+    pub opset: i64,
+    pub producer: String,
+    pub nodes: Vec<Node>,
+    pub initializers: HashMap<String, Arc<Tensor>>,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+}
+
+/// One BatchNormalization layer and the names of its parameter tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNormInfo {
+    pub node: String,
+    pub scale: String,
+    pub bias: String,
+    pub mean: String,
+    pub var: String,
+    pub channels: usize,
+    pub epsilon: f32,
+}
+
+fn dims_of(shape: &Option<Vec<DimSpec>>) -> Option<Vec<Dim>> {
+    shape.as_ref().map(|d| {
+        d.iter()
+            .map(|x| match x {
+                DimSpec::Fixed(n) => Dim::Fixed(*n as usize),
+                DimSpec::Sym(s) => Dim::Dynamic(s.clone()),
+                DimSpec::Unknown => Dim::Dynamic(String::new()),
+            })
+            .collect()
+    })
+}
+
+impl Graph {
+    /// Reads, decodes and validates an ONNX file (external data resolved next to it).
+    pub fn load(path: &Path) -> Result<Graph, IrError> {
+        Graph::from_raw(onnx::load_model(path)?)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Graph, IrError> {
+        Graph::from_raw(onnx::load_model_bytes(bytes, None)?)
+    }
+
+    /// Parses every node (an unsupported op fails here, naming op, node and opset) and checks that
+    /// the graph is well formed.
+    pub fn from_raw(raw: RawModel) -> Result<Graph, IrError> {
+        let opset = raw.opset;
+        if !(7..=25).contains(&opset) {
+            return Err(IrError::Opset(opset));
+        }
+        let g = raw.graph;
+        let initializers: HashMap<String, Arc<Tensor>> =
+            g.initializers.into_iter().map(|(n, t)| (n, Arc::new(t))).collect();
+        let mut defined: HashSet<String> = initializers.keys().cloned().collect();
+        let mut inputs = Vec::new();
+        for i in &g.inputs {
+            if let Some(dt) = i.dtype
+                && dt != DType::F32
+            {
+                return Err(IrError::InputDType { name: i.name.clone(), dtype: dt });
+            }
+            defined.insert(i.name.clone());
+            inputs.push(TensorInfo { name: i.name.clone(), dtype: i.dtype, dims: dims_of(&i.shape) });
+        }
+        let mut nodes = Vec::with_capacity(g.nodes.len());
+        for n in &g.nodes {
+            let op = Op::parse(n, opset).map_err(|reason| IrError::UnsupportedOp {
+                op: n.op_type.clone(),
+                node: n.name.clone(),
+                opset,
+                reason,
+            })?;
+            for inp in &n.inputs {
+                if !inp.is_empty() && !defined.contains(inp) {
+                    return Err(IrError::UndefinedInput {
+                        node: n.name.clone(),
+                        op: n.op_type.clone(),
+                        input: inp.clone(),
+                    });
+                }
+            }
+            for out in &n.outputs {
+                if out.is_empty() {
+                    continue;
+                }
+                if !defined.insert(out.clone()) {
+                    return Err(IrError::DuplicateOutput { name: out.clone(), node: n.name.clone() });
+                }
+            }
+            nodes.push(Node {
+                name: n.name.clone(),
+                op_type: n.op_type.clone(),
+                op,
+                inputs: n.inputs.clone(),
+                outputs: n.outputs.clone(),
+            });
+        }
+        if g.outputs.is_empty() {
+            return Err(IrError::NoOutputs);
+        }
+        let mut outputs = Vec::new();
+        for o in &g.outputs {
+            if !defined.contains(&o.name) {
+                return Err(IrError::UndefinedOutput(o.name.clone()));
+            }
+            outputs.push(TensorInfo { name: o.name.clone(), dtype: o.dtype, dims: dims_of(&o.shape) });
+        }
+        Ok(Graph { opset, producer: raw.producer, nodes, initializers, inputs, outputs })
+    }
+
+    /// The BatchNormalization layers whose four parameters are initializers (the adaptable ones).
+    pub fn batch_norms(&self) -> Vec<BatchNormInfo> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            if let Op::BatchNorm(a) = &n.op {
+                let get = |i: usize| n.inputs.get(i).filter(|s| self.initializers.contains_key(*s)).cloned();
+                if let (Some(scale), Some(bias), Some(mean), Some(var)) = (get(1), get(2), get(3), get(4)) {
+                    let channels = self.initializers[&scale].numel();
+                    out.push(BatchNormInfo { node: n.name.clone(), scale, bias, mean, var, channels, epsilon: a.epsilon });
+                }
+            }
+        }
+        out
+    }
+
+    /// Histogram of op types, in order of first appearance.
+    pub fn op_histogram(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for n in &self.nodes {
+            match out.iter_mut().find(|(k, _)| *k == n.op_type) {
+                Some((_, c)) => *c += 1,
+                None => out.push((n.op_type.clone(), 1)),
+            }
+        }
+        out
+    }
+
+    /// Number of parameters (weights) held as initializers.
+    pub fn parameter_count(&self) -> usize {
+        self.initializers.values().map(|t| t.numel()).sum()
+    }
+}

@@ -1,0 +1,386 @@
+//! Conv (`shaders/conv.wgsl`, and `shaders/matmul.wgsl` for 1x1).
+//!
+//! 1 to 3 spatial dims, groups, strides, dilations, explicit or automatic padding and an optional
+//! bias. Each convolution takes one of three kernels, picked at lowering time from its shapes:
+//!
+//! | route | when | kernel |
+//! |---|---|---|
+//! | [`ConvRoute::Matmul`] | every kernel dim 1, stride 1, no padding | `matmul_main`: out[n] = W[Cout, Cin] @ X[n][Cin, P] + bias, batched over images (and groups) with weight batch stride 0 |
+//! | [`ConvRoute::Depthwise`] | group == Cin > 1 (one input channel per output channel) | `conv_depthwise`: one invocation per output, K = kernel volume is too small to tile |
+//! | [`ConvRoute::ImplicitGemm`] | everything else | `conv_gemm`: 64x64 output tiles per image and group, im2col gathered into workgroup memory on the fly |
+
+use super::matmul::{GemmDispatch, Operand2d};
+use super::pool::AutoPad;
+use super::{Attrs, Input, Lowering, OpResult, required};
+use crate::gpu::{KernelKey, Params, Shader, grid_1d};
+use crate::tensor::DType;
+
+/// Spatial dims the kernels handle (d, h, w).
+const MAX_SPATIAL: usize = 3;
+/// Most workgroups a dispatch may have in one dimension on every wgpu backend.
+const MAX_GROUPS: usize = 65535;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvAttrs {
+    pub auto_pad: AutoPad,
+    /// Per spatial dim; `None` means all 1 (the rank is only known once W's shape is).
+    pub dilations: Option<Vec<usize>>,
+    pub group: usize,
+    /// Checked against W's spatial dims; W is authoritative.
+    pub kernel_shape: Option<Vec<usize>>,
+    /// Begin pads of every spatial dim, then end pads (the ONNX order).
+    pub pads: Option<Vec<usize>>,
+    pub strides: Option<Vec<usize>>,
+}
+
+fn positive_list(a: &Attrs<'_>, name: &str) -> OpResult<Option<Vec<usize>>> {
+    a.ints(name)?
+        .map(|v| {
+            v.iter()
+                .map(|&x| usize::try_from(x).ok().filter(|&x| x > 0))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| format!("Conv {name} {v:?} must be positive"))
+        })
+        .transpose()
+}
+
+impl ConvAttrs {
+    pub fn parse(a: &Attrs<'_>) -> OpResult<ConvAttrs> {
+        a.only(&["auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"])?;
+        let auto_pad = match a.string("auto_pad", "NOTSET")?.as_str() {
+            "NOTSET" => AutoPad::NotSet,
+            "VALID" => AutoPad::Valid,
+            "SAME_UPPER" => AutoPad::SameUpper,
+            "SAME_LOWER" => AutoPad::SameLower,
+            other => return Err(format!("auto_pad '{other}' is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")),
+        };
+        let group = a.int("group", 1)?;
+        let group = usize::try_from(group)
+            .ok()
+            .filter(|&g| g > 0)
+            .ok_or_else(|| format!("Conv group={group} must be positive"))?;
+        let pads = a
+            .ints("pads")?
+            .map(|v| {
+                v.iter()
+                    .map(|&x| usize::try_from(x).ok())
+                    .collect::<Option<Vec<usize>>>()
+                    .ok_or_else(|| format!("Conv pads {v:?} must be non-negative"))
+            })
+            .transpose()?;
+        if let Some(p) = &pads {
+            if p.len() % 2 != 0 {
+                return Err(format!("Conv pads has {} values; it needs a begin and an end per spatial dim", p.len()));
+            }
+            if auto_pad != AutoPad::NotSet && p.iter().any(|&x| x != 0) {
+                return Err("Conv: explicit pads cannot be combined with auto_pad other than NOTSET".into());
+            }
+        }
+        Ok(ConvAttrs {
+            auto_pad,
+            dilations: positive_list(a, "dilations")?,
+            group,
+            kernel_shape: positive_list(a, "kernel_shape")?,
+            pads,
+            strides: positive_list(a, "strides")?,
+        })
+    }
+}
+
+/// Which kernel a convolution runs on (see the module table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvRoute {
+    /// A 1x1, stride-1, unpadded convolution is a matrix product per image (and group).
+    Matmul,
+    /// One input channel per output channel: direct, one invocation per output.
+    Depthwise,
+    /// Tiled implicit GEMM, the general case.
+    ImplicitGemm,
+}
+
+/// Everything the kernels need about one convolution, resolved from the shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub group: usize,
+    pub input: Vec<usize>,
+    pub output: Vec<usize>,
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    /// (begin, end) per spatial dim.
+    pub pads: Vec<(usize, usize)>,
+}
+
+impl ConvGeometry {
+    /// Validates X [N, Cin, spatial...], W [Cout, Cin/group, kernel...] and the attributes.
+    pub fn new(a: &ConvAttrs, x: &[usize], w: &[usize]) -> OpResult<ConvGeometry> {
+        if x.len() < 3 {
+            return Err(format!("Conv input X must have rank >= 3 (N, C, spatial...), got shape {x:?}"));
+        }
+        let k = x.len() - 2;
+        if k > MAX_SPATIAL {
+            return Err(format!("Conv over {k} spatial dims is not supported (1 to {MAX_SPATIAL})"));
+        }
+        if w.len() != x.len() {
+            return Err(format!("Conv weight W {w:?} must have the rank of X {x:?}"));
+        }
+        let (batch, cin, input) = (x[0], x[1], x[2..].to_vec());
+        let (cout, cin_g, kernel) = (w[0], w[1], w[2..].to_vec());
+        let g = a.group;
+        if cin_g * g != cin {
+            return Err(format!(
+                "Conv with group={g}: X has {cin} channels but W {w:?} expects {} (W[1] * group)",
+                cin_g * g
+            ));
+        }
+        if cout % g != 0 {
+            return Err(format!(
+                "Conv with group={g}: output channels W[0]={cout} are not divisible by the group count"
+            ));
+        }
+        if kernel.contains(&0) {
+            return Err(format!("Conv weight W {w:?} has an empty kernel dim"));
+        }
+        if let Some(ks) = &a.kernel_shape
+            && *ks != kernel
+        {
+            return Err(format!("Conv kernel_shape {ks:?} does not match the weight's spatial dims {kernel:?}"));
+        }
+        let per_dim = |v: &Option<Vec<usize>>, name: &str| -> OpResult<Vec<usize>> {
+            match v {
+                None => Ok(vec![1; k]),
+                Some(v) if v.len() == k => Ok(v.clone()),
+                Some(v) => Err(format!("Conv {name} {v:?} has {} values for {k} spatial dims", v.len())),
+            }
+        };
+        let strides = per_dim(&a.strides, "strides")?;
+        let dilations = per_dim(&a.dilations, "dilations")?;
+        let explicit = match &a.pads {
+            None => vec![0; 2 * k],
+            Some(p) if p.len() == 2 * k => p.clone(),
+            Some(p) => {
+                return Err(format!("Conv pads {p:?} has {} values for {k} spatial dims (need {})", p.len(), 2 * k));
+            }
+        };
+        let mut output = Vec::with_capacity(k);
+        let mut pads = Vec::with_capacity(k);
+        for d in 0..k {
+            let (inp, s) = (input[d], strides[d]);
+            let extent = (kernel[d] - 1) * dilations[d] + 1;
+            let (pb, pe) = match a.auto_pad {
+                AutoPad::NotSet => (explicit[d], explicit[d + k]),
+                AutoPad::Valid => (0, 0),
+                AutoPad::SameUpper | AutoPad::SameLower => {
+                    let o = inp.div_ceil(s);
+                    let total = ((o.max(1) - 1) * s + extent).saturating_sub(inp);
+                    if a.auto_pad == AutoPad::SameUpper {
+                        (total / 2, total - total / 2)
+                    } else {
+                        (total - total / 2, total / 2)
+                    }
+                }
+            };
+            let padded = inp + pb + pe;
+            if padded < extent {
+                return Err(format!(
+                    "Conv window of extent {extent} (kernel {} dilation {}) exceeds the padded input size {padded} in spatial dim {d}",
+                    kernel[d], dilations[d]
+                ));
+            }
+            output.push((padded - extent) / s + 1);
+            pads.push((pb, pe));
+        }
+        Ok(ConvGeometry { batch, cin, cout, group: g, input, output, kernel, strides, dilations, pads })
+    }
+
+    pub fn out_shape(&self) -> Vec<usize> {
+        let mut s = vec![self.batch, self.cout];
+        s.extend(&self.output);
+        s
+    }
+
+    pub fn route(&self) -> ConvRoute {
+        let pointwise = self.kernel.iter().all(|&k| k == 1)
+            && self.strides.iter().all(|&s| s == 1)
+            && self.pads.iter().all(|&(b, e)| b == 0 && e == 0);
+        if self.group > 1 && self.group == self.cin {
+            ConvRoute::Depthwise
+        } else if pointwise {
+            ConvRoute::Matmul
+        } else {
+            ConvRoute::ImplicitGemm
+        }
+    }
+}
+
+pub fn infer(a: &ConvAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+    let x = required(inputs, 0, "X")?;
+    let w = required(inputs, 1, "W")?;
+    for (t, what) in [(x, "X"), (w, "W")] {
+        if !t.dtype.is_float() {
+            return Err(format!("Conv {what} has element type {}; only floating-point inputs are supported", t.dtype));
+        }
+    }
+    let geo = ConvGeometry::new(a, x.shape, w.shape)?;
+    if let Some(Some(b)) = inputs.get(2)
+        && b.shape != [geo.cout]
+    {
+        return Err(format!("Conv bias B has shape {:?}, expected [{}] (one per output channel)", b.shape, geo.cout));
+    }
+    Ok(vec![(geo.out_shape(), x.dtype)])
+}
+
+/// Left-pads per-dim values to the kernels' 3 spatial dims.
+fn lanes3(v: &[usize], fill: usize) -> OpResult<Vec<u32>> {
+    let mut out = vec![fill as u32; MAX_SPATIAL - v.len()];
+    for &x in v {
+        out.push(u32::try_from(x).map_err(|_| format!("Conv dimension {x} exceeds 32 bits"))?);
+    }
+    Ok(out)
+}
+
+fn check_u32(what: &str, n: usize) -> OpResult<u32> {
+    u32::try_from(n).map_err(|_| format!("Conv {what} has {n} elements, more than the kernels' 32-bit indexing covers"))
+}
+
+pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
+    let x = l.input(0, "X")?.clone();
+    let w = l.input(1, "W")?.clone();
+    let bias = l.inputs.get(2).and_then(|b| b.clone());
+    let y = l.output(0)?.buf;
+    let geo = ConvGeometry::new(a, &x.shape, &w.shape)?;
+    check_u32("input", x.numel())?;
+    check_u32("weight", w.numel())?;
+    let total = check_u32("output", geo.out_shape().iter().product())?;
+    let g = geo.group;
+    let (cin_g, cout_g) = (geo.cin / g, geo.cout / g);
+    let p: usize = geo.output.iter().product();
+    let kvol: usize = geo.kernel.iter().product();
+
+    if geo.route() == ConvRoute::Matmul {
+        // Batch dims (image, group): W's group g is rows g*cout_g.., X's is channels g*cin_g..;
+        // the output [N, G, cout_g, P] is exactly [N, Cout, P].
+        let gemm = GemmDispatch {
+            m: cout_g,
+            n: p,
+            k: cin_g,
+            batch_shape: vec![geo.batch, g],
+            a: Operand2d { buf: w.buf, row_stride: cin_g, col_stride: 1, batch_strides: vec![0, cout_g * cin_g] },
+            b: Operand2d { buf: x.buf, row_stride: p, col_stride: 1, batch_strides: vec![geo.cin * p, cin_g * p] },
+            c: bias.as_ref().map(|b| Operand2d {
+                buf: b.buf,
+                row_stride: 1,
+                col_stride: 0,
+                batch_strides: vec![0, cout_g],
+            }),
+            alpha: 1.0,
+            beta: 1.0,
+            out: y,
+        };
+        return gemm.emit(l);
+    }
+
+    let begin: Vec<usize> = geo.pads.iter().map(|p| p.0).collect();
+    let pads: Vec<i32> = lanes3(&begin, 0)?.into_iter().map(|v| v as i32).collect();
+    if pads.iter().any(|&v| v < 0) {
+        return Err(format!("Conv pads {begin:?} exceed the kernels' 31-bit range"));
+    }
+    let params = Params::new()
+        .u32(g as u32)
+        .u32(cin_g as u32)
+        .u32(cout_g as u32)
+        .u32(check_u32("im2col depth (Cin/group * kernel volume)", cin_g * kvol)?)
+        .u32(p as u32)
+        .u32(geo.cin as u32)
+        .u32(geo.cout as u32)
+        .u32(total)
+        .vec4u(&lanes3(&geo.input, 1)?)
+        .vec4u(&lanes3(&geo.output, 1)?)
+        .vec4u(&lanes3(&geo.kernel, 1)?)
+        .vec4u(&lanes3(&geo.strides, 1)?)
+        .vec4u(&lanes3(&geo.dilations, 1)?)
+        .vec4i(&pads);
+    // Without a bias the binding still has to hold a buffer: W is read-only in this dispatch too.
+    let bias_buf = bias.as_ref().map(|b| b.buf).unwrap_or(w.buf);
+    let (entry, groups) = match geo.route() {
+        ConvRoute::Depthwise => ("conv_depthwise", grid_1d(total as usize, 256)),
+        _ => {
+            let z = geo.batch * g;
+            if z > MAX_GROUPS {
+                return Err(format!(
+                    "Conv batch {} x group {g} = {z} exceeds the {MAX_GROUPS} workgroups of one dispatch",
+                    geo.batch
+                ));
+            }
+            (
+                "conv_gemm",
+                [p.div_ceil(super::matmul::TILE) as u32, cout_g.div_ceil(super::matmul::TILE) as u32, z as u32],
+            )
+        }
+    };
+    l.dispatch(
+        KernelKey::new(Shader::Conv, entry)
+            .with("HAS_BIAS", bias.is_some() as i32)
+            .with("DIMS", geo.input.len() as i32),
+        params,
+        vec![x.buf, w.buf, bias_buf, y],
+        groups,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::Attr;
+    use std::collections::BTreeMap;
+
+    fn parse(kv: &[(&str, Attr)]) -> OpResult<ConvAttrs> {
+        let m: BTreeMap<String, Attr> = kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        ConvAttrs::parse(&Attrs::new(&m))
+    }
+
+    #[test]
+    fn same_padding_splits_odd_totals_by_auto_pad() {
+        let up =
+            parse(&[("auto_pad", Attr::String("SAME_UPPER".into())), ("strides", Attr::Ints(vec![2, 2]))]).unwrap();
+        let g = ConvGeometry::new(&up, &[1, 1, 6, 7], &[1, 1, 4, 3]).unwrap();
+        assert_eq!(g.output, vec![3, 4]);
+        // dim 0: total = 2*2 + 4 - 6 = 2; dim 1: total = 3*2 + 3 - 7 = 2.
+        assert_eq!(g.pads, vec![(1, 1), (1, 1)]);
+        let lo = parse(&[("auto_pad", Attr::String("SAME_LOWER".into()))]).unwrap();
+        let g = ConvGeometry::new(&lo, &[1, 1, 5], &[1, 1, 2]).unwrap();
+        assert_eq!((g.output.clone(), g.pads.clone()), (vec![5], vec![(1, 0)]));
+        let up = parse(&[("auto_pad", Attr::String("SAME_UPPER".into()))]).unwrap();
+        assert_eq!(ConvGeometry::new(&up, &[1, 1, 5], &[1, 1, 2]).unwrap().pads, vec![(0, 1)]);
+    }
+
+    #[test]
+    fn routes_by_shape() {
+        let plain = parse(&[]).unwrap();
+        let g = ConvGeometry::new(&plain, &[2, 8, 5, 5], &[4, 8, 1, 1]).unwrap();
+        assert_eq!(g.route(), ConvRoute::Matmul);
+        let strided = parse(&[("strides", Attr::Ints(vec![2, 2]))]).unwrap();
+        assert_eq!(ConvGeometry::new(&strided, &[2, 8, 5, 5], &[4, 8, 1, 1]).unwrap().route(), ConvRoute::ImplicitGemm);
+        let dw = parse(&[("group", Attr::Int(8))]).unwrap();
+        assert_eq!(ConvGeometry::new(&dw, &[2, 8, 5, 5], &[16, 1, 3, 3]).unwrap().route(), ConvRoute::Depthwise);
+        let grouped = parse(&[("group", Attr::Int(2))]).unwrap();
+        assert_eq!(ConvGeometry::new(&grouped, &[2, 8, 5, 5], &[4, 4, 3, 3]).unwrap().route(), ConvRoute::ImplicitGemm);
+    }
+
+    #[test]
+    fn rejects_inconsistent_shapes_and_attributes() {
+        let plain = parse(&[]).unwrap();
+        assert!(ConvGeometry::new(&plain, &[1, 3, 5, 5], &[4, 2, 3, 3]).unwrap_err().contains("channels"));
+        let ks = parse(&[("kernel_shape", Attr::Ints(vec![2, 2]))]).unwrap();
+        assert!(ConvGeometry::new(&ks, &[1, 3, 5, 5], &[4, 3, 3, 3]).unwrap_err().contains("kernel_shape"));
+        assert!(ConvGeometry::new(&plain, &[1, 3, 2, 2], &[4, 3, 3, 3]).unwrap_err().contains("exceeds"));
+        assert!(ConvGeometry::new(&plain, &[1, 1, 2, 2, 2, 2], &[1, 1, 1, 1, 1, 1]).unwrap_err().contains("spatial"));
+        assert!(parse(&[("auto_pad", Attr::String("SAME".into()))]).is_err());
+        assert!(parse(&[("group", Attr::Int(0))]).is_err());
+        assert!(parse(&[("auto_pad", Attr::String("VALID".into())), ("pads", Attr::Ints(vec![1, 1]))]).is_err());
+    }
+}

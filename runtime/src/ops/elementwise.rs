@@ -1,0 +1,309 @@
+//! Activations and broadcasting arithmetic (`shaders/elementwise.wgsl`).
+
+use super::{
+    Attrs, BufRef, Input, Lowering, OpResult, broadcast_shapes, broadcast_strides, check_rank, f32_out, required, u32s,
+};
+use crate::gpu::{KernelKey, Params, Shader, grid_1d};
+use crate::tensor::{DType, Data, Tensor};
+
+/// A unary activation with its attributes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Relu,
+    LeakyRelu { alpha: f32 },
+    Sigmoid,
+    HardSigmoid { alpha: f32, beta: f32 },
+    HardSwish,
+    /// Clip with bounds known at load time (attributes before opset 11, inputs after).
+    Clip { min: f32, max: f32 },
+}
+
+impl Unary {
+    pub fn parse(op_type: &str, a: &Attrs<'_>) -> OpResult<Unary> {
+        Ok(match op_type {
+            "Relu" => Unary::Relu,
+            "LeakyRelu" => Unary::LeakyRelu { alpha: a.float("alpha", 0.01)? },
+            "Sigmoid" => Unary::Sigmoid,
+            "HardSigmoid" => Unary::HardSigmoid { alpha: a.float("alpha", 0.2)?, beta: a.float("beta", 0.5)? },
+            "HardSwish" => Unary::HardSwish,
+            "Clip" => Unary::Clip { min: a.float("min", f32::MIN)?, max: a.float("max", f32::MAX)? },
+            other => return Err(format!("{other} is not a unary activation")),
+        })
+    }
+
+    /// The op code of `elementwise.wgsl` and the (alpha, beta) uniform values.
+    fn code(&self) -> (i32, f32, f32) {
+        match *self {
+            Unary::Relu => (0, 0.0, 0.0),
+            Unary::LeakyRelu { alpha } => (1, alpha, 0.0),
+            Unary::Sigmoid => (2, 0.0, 0.0),
+            Unary::HardSigmoid { alpha, beta } => (3, alpha, beta),
+            Unary::HardSwish => (4, 0.0, 0.0),
+            Unary::Clip { min, max } => (5, min, max),
+        }
+    }
+
+    /// The same function on the CPU (constant folding and tests).
+    pub fn apply(&self, v: f32) -> f32 {
+        match *self {
+            Unary::Relu => v.max(0.0),
+            Unary::LeakyRelu { alpha } => {
+                if v < 0.0 {
+                    v * alpha
+                } else {
+                    v
+                }
+            }
+            Unary::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Unary::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
+            Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+            Unary::Clip { min, max } => v.max(min).min(max),
+        }
+    }
+}
+
+/// A broadcasting binary op. PRelu uses the same kernel with the slope as the right operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryKind {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    PRelu,
+}
+
+impl BinaryKind {
+    pub fn parse(op_type: &str) -> OpResult<BinaryKind> {
+        Ok(match op_type {
+            "Add" => BinaryKind::Add,
+            "Sub" => BinaryKind::Sub,
+            "Mul" => BinaryKind::Mul,
+            "Div" => BinaryKind::Div,
+            "Pow" => BinaryKind::Pow,
+            "PRelu" => BinaryKind::PRelu,
+            other => return Err(format!("{other} is not a binary op")),
+        })
+    }
+
+    fn code(self) -> i32 {
+        match self {
+            BinaryKind::Add => 0,
+            BinaryKind::Sub => 1,
+            BinaryKind::Mul => 2,
+            BinaryKind::Div => 3,
+            BinaryKind::Pow => 4,
+            BinaryKind::PRelu => 5,
+        }
+    }
+
+    pub fn apply_f32(self, a: f32, b: f32) -> f32 {
+        match self {
+            BinaryKind::Add => a + b,
+            BinaryKind::Sub => a - b,
+            BinaryKind::Mul => a * b,
+            BinaryKind::Div => a / b,
+            BinaryKind::Pow => a.powf(b),
+            BinaryKind::PRelu => {
+                if a < 0.0 {
+                    a * b
+                } else {
+                    a
+                }
+            }
+        }
+    }
+
+    fn apply_i64(self, a: i64, b: i64) -> OpResult<i64> {
+        Ok(match self {
+            BinaryKind::Add => a.wrapping_add(b),
+            BinaryKind::Sub => a.wrapping_sub(b),
+            BinaryKind::Mul => a.wrapping_mul(b),
+            BinaryKind::Div => {
+                if b == 0 {
+                    return Err("integer division by zero in a constant subgraph".into());
+                }
+                a.wrapping_div(b)
+            }
+            BinaryKind::Pow => {
+                if b < 0 {
+                    return Err("negative integer exponent in a constant subgraph".into());
+                }
+                a.wrapping_pow(b.min(u32::MAX as i64) as u32)
+            }
+            BinaryKind::PRelu => {
+                if a < 0 {
+                    a.wrapping_mul(b)
+                } else {
+                    a
+                }
+            }
+        })
+    }
+}
+
+pub fn infer_unary(inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+    let x = required(inputs, 0, "X")?;
+    Ok(vec![(x.shape.to_vec(), x.dtype)])
+}
+
+pub fn infer_prelu(inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+    let x = required(inputs, 0, "X")?;
+    let s = required(inputs, 1, "slope")?;
+    let out = broadcast_shapes(x.shape, s.shape)?;
+    if out != x.shape {
+        return Err(format!("slope of shape {:?} does not broadcast to X {:?}", s.shape, x.shape));
+    }
+    Ok(f32_out(out))
+}
+
+pub fn infer_binary(kind: BinaryKind, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+    if kind == BinaryKind::PRelu {
+        return infer_prelu(inputs);
+    }
+    let a = required(inputs, 0, "A")?;
+    let b = required(inputs, 1, "B")?;
+    let out = broadcast_shapes(a.shape, b.shape)?;
+    // Pow's result takes the base's type; the others require equal types.
+    Ok(vec![(out, a.dtype)])
+}
+
+pub fn eval_unary(u: &Unary, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+    let x = inputs.first().copied().flatten().ok_or("missing input X")?;
+    let v: Vec<f32> = x.to_f32_vec().into_iter().map(|v| u.apply(v)).collect();
+    Ok(vec![Tensor::f32(x.shape.clone(), v)])
+}
+
+/// The bounds of opset-11+ Clip from its optional constant inputs.
+fn clip_bounds(min: Option<&Tensor>, max: Option<&Tensor>) -> OpResult<Unary> {
+    let scalar = |t: &Tensor, what: &str| -> OpResult<f32> {
+        if t.numel() != 1 {
+            return Err(format!("Clip {what} must be a scalar, got shape {:?}", t.shape));
+        }
+        Ok(t.to_f32_vec()[0])
+    };
+    Ok(Unary::Clip {
+        min: min.map(|t| scalar(t, "min")).transpose()?.unwrap_or(f32::MIN),
+        max: max.map(|t| scalar(t, "max")).transpose()?.unwrap_or(f32::MAX),
+    })
+}
+
+pub fn eval_clip_inputs(inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+    let x = inputs.first().copied().flatten().ok_or("missing input X")?;
+    let u = clip_bounds(inputs.get(1).copied().flatten(), inputs.get(2).copied().flatten())?;
+    match &x.data {
+        Data::I64(v) => {
+            let (lo, hi) = match u {
+                Unary::Clip { min, max } => (min as f64, max as f64),
+                _ => unreachable!(),
+            };
+            let out = v.iter().map(|&e| (e as f64).clamp(lo, hi) as i64).collect();
+            Ok(vec![Tensor { dtype: x.dtype, shape: x.shape.clone(), data: Data::I64(out) }])
+        }
+        Data::F32(_) => eval_unary(&u, &inputs[..1]),
+    }
+}
+
+pub fn eval_binary(kind: BinaryKind, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+    let a = inputs.first().copied().flatten().ok_or("missing input A")?;
+    let b = inputs.get(1).copied().flatten().ok_or("missing input B")?;
+    let out = broadcast_shapes(&a.shape, &b.shape)?;
+    let sa = broadcast_strides(&a.shape, &out);
+    let sb = broadcast_strides(&b.shape, &out);
+    let n: usize = out.iter().product();
+    let index = |i: usize| {
+        let (mut rem, mut ia, mut ib) = (i, 0, 0);
+        for d in (0..out.len()).rev() {
+            let idx = rem % out[d];
+            rem /= out[d];
+            ia += idx * sa[d];
+            ib += idx * sb[d];
+        }
+        (ia, ib)
+    };
+    let t = match (&a.data, &b.data) {
+        (Data::I64(x), Data::I64(y)) => {
+            let mut v = Vec::with_capacity(n);
+            for i in 0..n {
+                let (ia, ib) = index(i);
+                v.push(kind.apply_i64(x[ia], y[ib])?);
+            }
+            Tensor { dtype: a.dtype, shape: out, data: Data::I64(v) }
+        }
+        _ => {
+            let (x, y) = (a.to_f32_vec(), b.to_f32_vec());
+            let v = (0..n)
+                .map(|i| {
+                    let (ia, ib) = index(i);
+                    kind.apply_f32(x[ia], y[ib])
+                })
+                .collect();
+            let mut t = Tensor::f32(out, v);
+            if a.dtype.is_float() {
+                t.dtype = a.dtype;
+            }
+            t
+        }
+    };
+    Ok(vec![t])
+}
+
+fn unary_dispatch(u: &Unary, l: &mut Lowering, x: BufRef, n: usize) -> OpResult<()> {
+    let y = l.output(0)?.buf;
+    let (code, alpha, beta) = u.code();
+    l.dispatch(
+        KernelKey::new(Shader::Elementwise, "unary_main").with("OP", code),
+        Params::new().u32(n as u32).f32(alpha).f32(beta),
+        vec![x, y],
+        grid_1d(n, 256),
+    );
+    Ok(())
+}
+
+pub fn lower_unary(u: &Unary, l: &mut Lowering) -> OpResult<()> {
+    let x = l.input(0, "X")?;
+    let (buf, n) = (x.buf, x.numel());
+    unary_dispatch(u, l, buf, n)
+}
+
+pub fn lower_clip_inputs(l: &mut Lowering) -> OpResult<()> {
+    let bound = |l: &Lowering, i: usize, what: &str| -> OpResult<Option<Tensor>> {
+        match l.inputs.get(i).and_then(|x| x.as_ref()) {
+            None => Ok(None),
+            Some(op) => Ok(Some(
+                op.value
+                    .as_deref()
+                    .cloned()
+                    .ok_or_else(|| format!("Clip {what} must be a constant (it depends on the model input)"))?,
+            )),
+        }
+    };
+    let u = clip_bounds(bound(l, 1, "min")?.as_ref(), bound(l, 2, "max")?.as_ref())?;
+    lower_unary(&u, l)
+}
+
+pub fn lower_prelu(l: &mut Lowering) -> OpResult<()> {
+    lower_binary(BinaryKind::PRelu, l)
+}
+
+pub fn lower_binary(kind: BinaryKind, l: &mut Lowering) -> OpResult<()> {
+    let a = l.input(0, "A")?.clone();
+    let b = l.input(1, "B")?.clone();
+    let out = l.output(0)?.clone();
+    check_rank(&out.shape)?;
+    let n = out.numel();
+    let sa = broadcast_strides(&a.shape, &out.shape);
+    let sb = broadcast_strides(&b.shape, &out.shape);
+    l.dispatch(
+        KernelKey::new(Shader::Elementwise, "binary_main").with("OP", kind.code()),
+        Params::new()
+            .u32(n as u32)
+            .u32(out.shape.len() as u32)
+            .vec8u(&u32s(&out.shape))
+            .vec8u(&u32s(&sa))
+            .vec8u(&u32s(&sb)),
+        vec![a.buf, b.buf, out.buf],
+        grid_1d(n, 256),
+    );
+    Ok(())
+}

@@ -1,0 +1,1050 @@
+//! Views and data movement (`shaders/layout.wgsl`).
+//!
+//! Reshape, Flatten, Squeeze, Unsqueeze, Identity and Dropout (inference) only rename bytes: the
+//! plan gives their output the input's buffer and records no dispatch. Transpose, Slice, Concat
+//! and Split are all one strided copy per (input, output) pair: an index over an iteration shape
+//! maps to a source offset through per-dimension strides (negative for Slice's negative steps) and
+//! to a destination offset through another set, so a single kernel serves the four ops. Pad has a
+//! kernel of its own because out-of-range source coordinates are resolved per mode.
+//!
+//! Every op resolves its attribute-like inputs (shape, axes, starts, pads, split, ...) in one place,
+//! [`LayoutOp::resolve`], which yields the output shapes and a [`Movement`]; shape inference, the
+//! CPU evaluation used for constant folding and the GPU lowering all consume that description, so
+//! the three cannot disagree.
+
+use super::{Attrs, BufRef, Input, Lowering, MAX_RANK, OpResult, Operand, contiguous_strides, norm_axis, u32s};
+use crate::gpu::{KernelKey, Params, Shader, grid_1d};
+use crate::onnx::RawNode;
+use crate::tensor::{DType, Data, Tensor};
+
+/// Where a list of ints comes from: an attribute (older opsets) or an input (newer ones).
+#[derive(Clone, Debug, PartialEq)]
+pub enum IntsArg {
+    Attr(Vec<i64>),
+    /// Input index; the input itself may be omitted when optional.
+    Input(usize),
+    Absent,
+}
+
+/// Pad's border handling. (`wrap`, added in opset 19, is rejected at load time.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PadMode {
+    Constant,
+    Reflect,
+    Edge,
+}
+
+impl PadMode {
+    fn code(self) -> i32 {
+        match self {
+            PadMode::Constant => 0,
+            PadMode::Reflect => 1,
+            PadMode::Edge => 2,
+        }
+    }
+}
+
+/// Pad's fill value: the `value` attribute before opset 11, the optional `constant_value` input
+/// from 11 on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PadValue {
+    Attr(f32),
+    Input(usize),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayoutOp {
+    Reshape {
+        allowzero: bool,
+    },
+    Flatten {
+        axis: i64,
+    },
+    Squeeze {
+        axes: IntsArg,
+    },
+    Unsqueeze {
+        axes: IntsArg,
+    },
+    Identity,
+    /// Inference-mode dropout. `mask` is whether the node declares the boolean mask output.
+    Dropout {
+        mask: bool,
+    },
+    Transpose {
+        perm: Option<Vec<i64>>,
+    },
+    Concat {
+        axis: i64,
+    },
+    Split {
+        axis: i64,
+        split: IntsArg,
+        num_outputs: Option<usize>,
+        outputs: usize,
+    },
+    Slice {
+        starts: IntsArg,
+        ends: IntsArg,
+        axes: IntsArg,
+        steps: IntsArg,
+    },
+    Pad {
+        mode: PadMode,
+        pads: IntsArg,
+        value: PadValue,
+        axes: IntsArg,
+    },
+}
+
+/// One strided copy: for every index `i` of `shape`,
+/// `dst[dst_offset + Σ i·dst_strides] = src[src_offset + Σ i·src_strides]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StridedCopy {
+    pub input: usize,
+    pub output: usize,
+    pub shape: Vec<usize>,
+    pub src_offset: i64,
+    pub src_strides: Vec<i64>,
+    pub dst_offset: usize,
+    pub dst_strides: Vec<usize>,
+}
+
+/// How the outputs are made from the inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Movement {
+    /// Output 0 is input 0's bytes under a new shape.
+    View,
+    /// Strided copies that together write every element of every output.
+    Copies(Vec<StridedCopy>),
+    /// Output 0 is input 0 padded: output coordinate `o` reads input coordinate `o - begin`,
+    /// resolved per mode when outside the input.
+    Pad { begin: Vec<i64>, mode: PadMode, value: f64 },
+}
+
+/// The resolved form of one node for concrete input shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub shapes: Vec<Vec<usize>>,
+    pub movement: Movement,
+}
+
+/// What resolution needs to know of an input: its shape and, for constants, its value.
+#[derive(Clone, Copy, Debug)]
+struct Arg<'a> {
+    shape: &'a [usize],
+    value: Option<&'a Tensor>,
+}
+
+fn ints_attr(a: &Attrs<'_>, name: &str) -> OpResult<IntsArg> {
+    Ok(a.ints(name)?.map(IntsArg::Attr).unwrap_or(IntsArg::Absent))
+}
+
+impl LayoutOp {
+    pub fn parse(op_type: &str, a: &Attrs<'_>, opset: i64, node: &RawNode) -> OpResult<LayoutOp> {
+        Ok(match op_type {
+            "Reshape" => {
+                a.only(&["allowzero"])?;
+                let allowzero = a.int("allowzero", 0)?;
+                if !(allowzero == 0 || allowzero == 1) {
+                    return Err(format!("Reshape allowzero must be 0 or 1, got {allowzero}"));
+                }
+                LayoutOp::Reshape { allowzero: allowzero == 1 }
+            }
+            "Flatten" => {
+                a.only(&["axis"])?;
+                LayoutOp::Flatten { axis: a.int("axis", 1)? }
+            }
+            "Squeeze" | "Unsqueeze" => {
+                let axes = if opset < 13 {
+                    a.only(&["axes"])?;
+                    ints_attr(a, "axes")?
+                } else {
+                    a.only(&[])?;
+                    IntsArg::Input(1)
+                };
+                if op_type == "Squeeze" {
+                    LayoutOp::Squeeze { axes }
+                } else {
+                    if axes == IntsArg::Absent {
+                        return Err("Unsqueeze needs the 'axes' attribute".into());
+                    }
+                    LayoutOp::Unsqueeze { axes }
+                }
+            }
+            "Identity" => {
+                a.only(&[])?;
+                LayoutOp::Identity
+            }
+            "Dropout" => {
+                // The ratio (attribute before 12, input from 12) and the seed do not matter at
+                // inference; training mode is checked once its input's value is known.
+                a.only(&["ratio", "seed"])?;
+                let mask = node.outputs.get(1).is_some_and(|s| !s.is_empty());
+                LayoutOp::Dropout { mask }
+            }
+            "Transpose" => {
+                a.only(&["perm"])?;
+                LayoutOp::Transpose { perm: a.ints("perm")? }
+            }
+            "Concat" => {
+                a.only(&["axis"])?;
+                let axis = a.opt_int("axis")?.ok_or("Concat needs the 'axis' attribute")?;
+                LayoutOp::Concat { axis }
+            }
+            "Split" => {
+                let outputs = node.outputs.len();
+                if outputs == 0 {
+                    return Err("Split has no outputs".into());
+                }
+                let (split, num_outputs) = if opset < 13 {
+                    a.only(&["axis", "split"])?;
+                    (ints_attr(a, "split")?, None)
+                } else if opset < 18 {
+                    a.only(&["axis"])?;
+                    (IntsArg::Input(1), None)
+                } else {
+                    a.only(&["axis", "num_outputs"])?;
+                    let n = match a.opt_int("num_outputs")? {
+                        None => None,
+                        Some(n) if n >= 1 && n as usize == outputs => Some(n as usize),
+                        Some(n) => {
+                            return Err(format!("Split num_outputs is {n} but the node has {outputs} outputs"));
+                        }
+                    };
+                    let has_split_input = node.inputs.get(1).is_some_and(|s| !s.is_empty());
+                    if n.is_some() && has_split_input {
+                        return Err("Split takes either the 'split' input or 'num_outputs', not both".into());
+                    }
+                    (IntsArg::Input(1), n)
+                };
+                LayoutOp::Split { axis: a.int("axis", 0)?, split, num_outputs, outputs }
+            }
+            "Slice" => {
+                if opset < 10 {
+                    a.only(&["starts", "ends", "axes"])?;
+                    let starts = a.ints("starts")?.ok_or("Slice needs the 'starts' attribute")?;
+                    let ends = a.ints("ends")?.ok_or("Slice needs the 'ends' attribute")?;
+                    LayoutOp::Slice {
+                        starts: IntsArg::Attr(starts),
+                        ends: IntsArg::Attr(ends),
+                        axes: ints_attr(a, "axes")?,
+                        steps: IntsArg::Absent,
+                    }
+                } else {
+                    a.only(&[])?;
+                    LayoutOp::Slice {
+                        starts: IntsArg::Input(1),
+                        ends: IntsArg::Input(2),
+                        axes: IntsArg::Input(3),
+                        steps: IntsArg::Input(4),
+                    }
+                }
+            }
+            "Pad" => {
+                let mode = match a.string("mode", "constant")?.as_str() {
+                    "constant" => PadMode::Constant,
+                    "reflect" => PadMode::Reflect,
+                    "edge" => PadMode::Edge,
+                    "wrap" => {
+                        return Err("Pad mode 'wrap' is not supported (constant, reflect and edge are)".into());
+                    }
+                    other => return Err(format!("unknown Pad mode '{other}'")),
+                };
+                if opset < 11 {
+                    a.only(&["mode", "pads", "value"])?;
+                    let pads = a.ints("pads")?.ok_or("Pad needs the 'pads' attribute")?;
+                    LayoutOp::Pad {
+                        mode,
+                        pads: IntsArg::Attr(pads),
+                        value: PadValue::Attr(a.float("value", 0.0)?),
+                        axes: IntsArg::Absent,
+                    }
+                } else {
+                    a.only(&["mode"])?;
+                    let axes = if opset >= 18 { IntsArg::Input(3) } else { IntsArg::Absent };
+                    LayoutOp::Pad { mode, pads: IntsArg::Input(1), value: PadValue::Input(2), axes }
+                }
+            }
+            other => return Err(format!("{other} is not a layout op")),
+        })
+    }
+
+    /// Whether output 0 is input 0's buffer under a new shape.
+    pub fn is_alias(&self) -> bool {
+        matches!(
+            self,
+            LayoutOp::Reshape { .. }
+                | LayoutOp::Flatten { .. }
+                | LayoutOp::Squeeze { .. }
+                | LayoutOp::Unsqueeze { .. }
+                | LayoutOp::Identity
+                | LayoutOp::Dropout { .. }
+        )
+    }
+
+    pub fn infer(&self, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+        let args: Vec<Option<Arg<'_>>> =
+            inputs.iter().map(|i| i.map(|x| Arg { shape: x.shape, value: x.value })).collect();
+        let r = self.resolve(&args)?;
+        let dtype = inputs.first().and_then(|x| x.as_ref()).map(|x| x.dtype).unwrap_or(DType::F32);
+        let mut out: Vec<(Vec<usize>, DType)> = r.shapes.into_iter().map(|s| (s, dtype)).collect();
+        if let LayoutOp::Dropout { mask: true } = self
+            && let Some(first) = out.first().cloned()
+        {
+            // The mask is boolean, so a reader of it at run time is rejected by the plan.
+            out.push((first.0, DType::Bool));
+        }
+        Ok(out)
+    }
+
+    /// CPU evaluation for constant folding, on f32 or i64 data.
+    pub fn eval(&self, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+        let args: Vec<Option<Arg<'_>>> =
+            inputs.iter().map(|i| i.map(|t| Arg { shape: &t.shape, value: Some(t) })).collect();
+        let r = self.resolve(&args)?;
+        let x = inputs.first().copied().flatten().ok_or("missing input 0")?;
+        let mut outs = match &r.movement {
+            Movement::View => {
+                let shape = r.shapes.first().cloned().ok_or("no output shape")?;
+                vec![Tensor { dtype: x.dtype, shape, data: x.data.clone() }]
+            }
+            Movement::Copies(copies) => {
+                // Only data inputs are copied; attribute-like ones (possibly omitted) are not.
+                let data = &inputs[..inputs.len().min(self.copy_sources())];
+                let srcs: Vec<&Tensor> = data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| t.ok_or_else(|| format!("missing input {i}")))
+                    .collect::<OpResult<_>>()?;
+                eval_copies(&srcs, &r.shapes, copies)?
+            }
+            Movement::Pad { begin, mode, value } => {
+                vec![eval_pad(x, &r.shapes[0], begin, *mode, *value)]
+            }
+        };
+        if let LayoutOp::Dropout { mask: true } = self {
+            // Inference-mode dropout keeps every element, so the mask is all true.
+            let shape = x.shape.clone();
+            let n = x.numel();
+            outs.push(Tensor { dtype: DType::Bool, shape, data: Data::I64(vec![1; n]) });
+        }
+        Ok(outs)
+    }
+
+    /// Which inputs carry data (the others are attribute-like and never copied).
+    fn copy_sources(&self) -> usize {
+        match self {
+            LayoutOp::Concat { .. } => usize::MAX,
+            _ => 1,
+        }
+    }
+
+    pub fn lower(&self, l: &mut Lowering) -> OpResult<()> {
+        let operands: Vec<Option<Operand>> = l.inputs.clone();
+        let args: Vec<Option<Arg<'_>>> =
+            operands.iter().map(|o| o.as_ref().map(|o| Arg { shape: &o.shape, value: o.value.as_deref() })).collect();
+        let r = self.resolve(&args)?;
+        match r.movement {
+            Movement::View => {
+                // The plan normally shares the buffer instead; when it does not, a flat copy
+                // is the same view materialised.
+                let x = l.input(0, "data")?;
+                let n = x.numel();
+                let copy = StridedCopy {
+                    input: 0,
+                    output: 0,
+                    shape: vec![n],
+                    src_offset: 0,
+                    src_strides: vec![1],
+                    dst_offset: 0,
+                    dst_strides: vec![1],
+                };
+                lower_copies(l, &r.shapes, &[copy])
+            }
+            Movement::Copies(copies) => lower_copies(l, &r.shapes, &copies),
+            Movement::Pad { begin, mode, value } => lower_pad(l, &r.shapes[0], &begin, mode, value as f32),
+        }
+    }
+
+    /// Resolves attribute-like inputs against concrete shapes: output shapes and data movement.
+    fn resolve(&self, args: &[Option<Arg<'_>>]) -> OpResult<Resolved> {
+        let x = args.first().copied().flatten().ok_or("missing input 0 (data)")?;
+        let view = |shape: Vec<usize>| Ok(Resolved { shapes: vec![shape], movement: Movement::View });
+        match self {
+            LayoutOp::Reshape { allowzero } => {
+                let target = ints_input(args, 1, "Reshape shape")?.ok_or("Reshape needs its 'shape' input")?;
+                view(reshape_shape(x.shape, &target, *allowzero)?)
+            }
+            LayoutOp::Flatten { axis } => view(flatten_shape(x.shape, *axis)?),
+            LayoutOp::Squeeze { axes } => {
+                let axes = resolve_ints(axes, args, "Squeeze axes")?;
+                view(squeeze_shape(x.shape, axes.as_deref())?)
+            }
+            LayoutOp::Unsqueeze { axes } => {
+                let axes = resolve_ints(axes, args, "Unsqueeze axes")?.ok_or("Unsqueeze needs axes")?;
+                view(unsqueeze_shape(x.shape, &axes)?)
+            }
+            LayoutOp::Identity => view(x.shape.to_vec()),
+            LayoutOp::Dropout { .. } => {
+                if let Some(t) = args.get(2).copied().flatten() {
+                    let v = t
+                        .value
+                        .ok_or("Dropout training_mode must be a constant (only inference-mode dropout is supported)")?;
+                    if v.to_i64_vec().iter().any(|&b| b != 0) {
+                        return Err("Dropout in training mode is not supported (inference only)".into());
+                    }
+                }
+                view(x.shape.to_vec())
+            }
+            LayoutOp::Transpose { perm } => resolve_transpose(x.shape, perm.as_deref()),
+            LayoutOp::Concat { axis } => {
+                let shapes: Vec<&[usize]> = args
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| a.map(|a| a.shape).ok_or_else(|| format!("Concat input {i} is missing")))
+                    .collect::<OpResult<_>>()?;
+                resolve_concat(&shapes, *axis)
+            }
+            LayoutOp::Split { axis, split, num_outputs, outputs } => {
+                let split = resolve_ints(split, args, "Split split")?;
+                resolve_split(x.shape, *axis, split.as_deref(), *num_outputs, *outputs)
+            }
+            LayoutOp::Slice { starts, ends, axes, steps } => {
+                let starts = resolve_ints(starts, args, "Slice starts")?.ok_or("Slice needs starts")?;
+                let ends = resolve_ints(ends, args, "Slice ends")?.ok_or("Slice needs ends")?;
+                let axes = resolve_ints(axes, args, "Slice axes")?;
+                let steps = resolve_ints(steps, args, "Slice steps")?;
+                resolve_slice(x.shape, &starts, &ends, axes.as_deref(), steps.as_deref())
+            }
+            LayoutOp::Pad { mode, pads, value, axes } => {
+                let pads = resolve_ints(pads, args, "Pad pads")?.ok_or("Pad needs pads")?;
+                let axes = resolve_ints(axes, args, "Pad axes")?;
+                let value = match value {
+                    PadValue::Attr(v) => f64::from(*v),
+                    PadValue::Input(i) => match args.get(*i).copied().flatten() {
+                        None => 0.0,
+                        Some(a) => {
+                            let t = a.value.ok_or("Pad constant_value must be a constant")?;
+                            if t.numel() != 1 {
+                                return Err(format!("Pad constant_value must be a scalar, got shape {:?}", t.shape));
+                            }
+                            match &t.data {
+                                Data::F32(v) => f64::from(v[0]),
+                                Data::I64(v) => v[0] as f64,
+                            }
+                        }
+                    },
+                };
+                resolve_pad(x.shape, &pads, axes.as_deref(), *mode, value)
+            }
+        }
+    }
+}
+
+/// The constant value of input `i` as ints; `None` when the optional input is omitted.
+fn ints_input(args: &[Option<Arg<'_>>], i: usize, what: &str) -> OpResult<Option<Vec<i64>>> {
+    match args.get(i).copied().flatten() {
+        None => Ok(None),
+        Some(a) => {
+            let t = a
+                .value
+                .ok_or_else(|| format!("{what} must be a constant (an initializer or computable from shapes)"))?;
+            if t.dtype.is_float() {
+                return Err(format!("{what} must be an integer tensor, got {}", t.dtype));
+            }
+            if t.shape.len() > 1 {
+                return Err(format!("{what} must be 1-D, got shape {:?}", t.shape));
+            }
+            Ok(Some(t.to_i64_vec()))
+        }
+    }
+}
+
+fn resolve_ints(src: &IntsArg, args: &[Option<Arg<'_>>], what: &str) -> OpResult<Option<Vec<i64>>> {
+    match src {
+        IntsArg::Attr(v) => Ok(Some(v.clone())),
+        IntsArg::Input(i) => ints_input(args, *i, what),
+        IntsArg::Absent => Ok(None),
+    }
+}
+
+/// Normalises a list of axes against `rank`, rejecting duplicates.
+fn norm_axes(axes: &[i64], rank: usize) -> OpResult<Vec<usize>> {
+    let mut out: Vec<usize> = Vec::with_capacity(axes.len());
+    for &a in axes {
+        let n = norm_axis(a, rank)?;
+        if rank == 0 || out.contains(&n) {
+            return Err(format!("axes {axes:?} are invalid for rank {rank}"));
+        }
+        out.push(n);
+    }
+    Ok(out)
+}
+
+fn dim_i64(d: usize) -> i64 {
+    d as i64
+}
+
+pub fn reshape_shape(input: &[usize], target: &[i64], allowzero: bool) -> OpResult<Vec<usize>> {
+    let total: usize = input.iter().product();
+    if target.iter().filter(|&&d| d == -1).count() > 1 {
+        return Err(format!("Reshape target {target:?} has more than one -1"));
+    }
+    if allowzero && target.contains(&0) && target.contains(&-1) {
+        return Err(format!("Reshape target {target:?} has both 0 and -1 with allowzero=1"));
+    }
+    let mut out: Vec<usize> = Vec::with_capacity(target.len());
+    let mut infer_at = None;
+    for (i, &d) in target.iter().enumerate() {
+        match d {
+            -1 => {
+                infer_at = Some(i);
+                out.push(1);
+            }
+            0 if !allowzero => {
+                let v = input.get(i).ok_or_else(|| {
+                    format!(
+                        "Reshape target {target:?} copies dimension {i}, but the input {input:?} has rank {}",
+                        input.len()
+                    )
+                })?;
+                out.push(*v);
+            }
+            d if d >= 0 => out.push(d as usize),
+            d => {
+                return Err(format!("Reshape target {target:?} has the invalid dimension {d}"));
+            }
+        }
+    }
+    if let Some(i) = infer_at {
+        let known: usize = out.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, d)| *d).product();
+        if known == 0 || !total.is_multiple_of(known) {
+            return Err(format!("cannot reshape {input:?} to {target:?}: the -1 dimension is not determined"));
+        }
+        out[i] = total / known;
+    }
+    if out.iter().product::<usize>() != total {
+        return Err(format!("cannot reshape {input:?} ({total} elements) to {target:?}"));
+    }
+    Ok(out)
+}
+
+pub fn flatten_shape(input: &[usize], axis: i64) -> OpResult<Vec<usize>> {
+    let r = dim_i64(input.len());
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a > r {
+        return Err(format!("Flatten axis {axis} is out of range for rank {r}"));
+    }
+    let a = a as usize;
+    Ok(vec![input[..a].iter().product(), input[a..].iter().product()])
+}
+
+pub fn squeeze_shape(input: &[usize], axes: Option<&[i64]>) -> OpResult<Vec<usize>> {
+    match axes {
+        None => Ok(input.iter().copied().filter(|&d| d != 1).collect()),
+        Some(axes) => {
+            let axes = norm_axes(axes, input.len())?;
+            for &a in &axes {
+                if input[a] != 1 {
+                    return Err(format!("Squeeze axis {a} has size {}, not 1", input[a]));
+                }
+            }
+            Ok(input.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| *d).collect())
+        }
+    }
+}
+
+pub fn unsqueeze_shape(input: &[usize], axes: &[i64]) -> OpResult<Vec<usize>> {
+    let rank = input.len() + axes.len();
+    let axes = norm_axes(axes, rank)?;
+    let mut dims = input.iter();
+    let mut out = Vec::with_capacity(rank);
+    for j in 0..rank {
+        if axes.contains(&j) {
+            out.push(1);
+        } else {
+            out.push(*dims.next().ok_or("Unsqueeze axes are inconsistent")?);
+        }
+    }
+    Ok(out)
+}
+
+fn resolve_transpose(input: &[usize], perm: Option<&[i64]>) -> OpResult<Resolved> {
+    let rank = input.len();
+    let perm: Vec<usize> = match perm {
+        None => (0..rank).rev().collect(),
+        Some(p) => {
+            let mut seen = vec![false; rank];
+            let mut out = Vec::with_capacity(rank);
+            for &d in p {
+                if d < 0 || d as usize >= rank || seen[d as usize] {
+                    return Err(format!("Transpose perm {p:?} is not a permutation of 0..{rank}"));
+                }
+                seen[d as usize] = true;
+                out.push(d as usize);
+            }
+            if out.len() != rank {
+                return Err(format!("Transpose perm {p:?} is not a permutation of 0..{rank}"));
+            }
+            out
+        }
+    };
+    let in_strides = contiguous_strides(input);
+    let shape: Vec<usize> = perm.iter().map(|&p| input[p]).collect();
+    let copy = StridedCopy {
+        input: 0,
+        output: 0,
+        shape: shape.clone(),
+        src_offset: 0,
+        src_strides: perm.iter().map(|&p| in_strides[p] as i64).collect(),
+        dst_offset: 0,
+        dst_strides: contiguous_strides(&shape),
+    };
+    Ok(Resolved { shapes: vec![shape], movement: Movement::Copies(vec![copy]) })
+}
+
+fn resolve_concat(inputs: &[&[usize]], axis: i64) -> OpResult<Resolved> {
+    let first = *inputs.first().ok_or("Concat has no inputs")?;
+    let rank = first.len();
+    if rank == 0 {
+        return Err("Concat of scalars is not defined".into());
+    }
+    let axis = norm_axis(axis, rank)?;
+    let mut out = first.to_vec();
+    out[axis] = 0;
+    for s in inputs {
+        let same = s.len() == rank && s.iter().zip(first).enumerate().all(|(d, (a, b))| d == axis || a == b);
+        if !same {
+            return Err(format!("Concat inputs {inputs:?} differ outside axis {axis}"));
+        }
+        out[axis] += s[axis];
+    }
+    let dst_strides = contiguous_strides(&out);
+    let mut copies = Vec::new();
+    let mut at = 0;
+    for (i, s) in inputs.iter().enumerate() {
+        copies.push(StridedCopy {
+            input: i,
+            output: 0,
+            shape: s.to_vec(),
+            src_offset: 0,
+            src_strides: contiguous_strides(s).iter().map(|&v| v as i64).collect(),
+            dst_offset: at * dst_strides[axis],
+            dst_strides: dst_strides.clone(),
+        });
+        at += s[axis];
+    }
+    Ok(Resolved { shapes: vec![out], movement: Movement::Copies(copies) })
+}
+
+fn resolve_split(
+    input: &[usize],
+    axis: i64,
+    split: Option<&[i64]>,
+    num_outputs: Option<usize>,
+    outputs: usize,
+) -> OpResult<Resolved> {
+    let axis = norm_axis(axis, input.len())?;
+    if input.is_empty() {
+        return Err("Split of a scalar is not defined".into());
+    }
+    let dim = input[axis];
+    let sizes: Vec<usize> = match (split, num_outputs) {
+        (Some(s), _) => {
+            if s.len() != outputs || s.iter().any(|&v| v < 0) || s.iter().sum::<i64>() != dim_i64(dim) {
+                return Err(format!(
+                    "Split sizes {s:?} do not divide axis {axis} of size {dim} into {outputs} outputs"
+                ));
+            }
+            s.iter().map(|&v| v as usize).collect()
+        }
+        (None, Some(n)) => {
+            // Opset 18: chunks of ceil(dim / n), the last one smaller.
+            let chunk = dim.div_ceil(n);
+            if chunk * (n - 1) > dim {
+                return Err(format!("Split cannot cut an axis of size {dim} into {n} outputs"));
+            }
+            let mut v = vec![chunk; n - 1];
+            v.push(dim - chunk * (n - 1));
+            v
+        }
+        (None, None) => {
+            if !dim.is_multiple_of(outputs) {
+                return Err(format!("Split cannot cut an axis of size {dim} into {outputs} equal parts"));
+            }
+            vec![dim / outputs; outputs]
+        }
+    };
+    let in_strides: Vec<i64> = contiguous_strides(input).iter().map(|&v| v as i64).collect();
+    let mut shapes = Vec::with_capacity(outputs);
+    let mut copies = Vec::with_capacity(outputs);
+    let mut at = 0usize;
+    for (j, &sz) in sizes.iter().enumerate() {
+        let mut shape = input.to_vec();
+        shape[axis] = sz;
+        copies.push(StridedCopy {
+            input: 0,
+            output: j,
+            shape: shape.clone(),
+            src_offset: at as i64 * in_strides[axis],
+            src_strides: in_strides.clone(),
+            dst_offset: 0,
+            dst_strides: contiguous_strides(&shape),
+        });
+        shapes.push(shape);
+        at += sz;
+    }
+    Ok(Resolved { shapes, movement: Movement::Copies(copies) })
+}
+
+fn resolve_slice(
+    input: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<&[i64]>,
+    steps: Option<&[i64]>,
+) -> OpResult<Resolved> {
+    let rank = input.len();
+    let n = starts.len();
+    let axes: Vec<i64> = axes.map(|a| a.to_vec()).unwrap_or_else(|| (0..n as i64).collect());
+    let steps: Vec<i64> = steps.map(|s| s.to_vec()).unwrap_or_else(|| vec![1; n]);
+    if ends.len() != n || axes.len() != n || steps.len() != n {
+        return Err(format!(
+            "Slice starts {starts:?}, ends {ends:?}, axes {axes:?} and steps {steps:?} differ in length"
+        ));
+    }
+    let axes = norm_axes(&axes, rank)?;
+    let in_strides = contiguous_strides(input);
+    let mut shape = input.to_vec();
+    let mut src_strides: Vec<i64> = in_strides.iter().map(|&v| v as i64).collect();
+    let mut src_offset = 0i64;
+    for i in 0..n {
+        let (a, step) = (axes[i], steps[i]);
+        if step == 0 {
+            return Err("Slice step 0 is not allowed".into());
+        }
+        let dim = dim_i64(input[a]);
+        let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (s, e) = (wrap(starts[i]), wrap(ends[i]));
+        let (s, len) = if step > 0 {
+            let s = s.max(0).min(dim);
+            let e = e.max(0).min(dim);
+            (s, if e > s { (e - s + step - 1) / step } else { 0 })
+        } else {
+            let s = s.max(0).min(dim - 1);
+            let e = e.max(-1).min(dim - 1);
+            (s, if s > e { (s - e - step - 1) / -step } else { 0 })
+        };
+        shape[a] = len as usize;
+        if len > 0 {
+            src_offset += s * in_strides[a] as i64;
+        }
+        src_strides[a] = step * in_strides[a] as i64;
+    }
+    let copy = StridedCopy {
+        input: 0,
+        output: 0,
+        shape: shape.clone(),
+        src_offset,
+        src_strides,
+        dst_offset: 0,
+        dst_strides: contiguous_strides(&shape),
+    };
+    Ok(Resolved { shapes: vec![shape], movement: Movement::Copies(vec![copy]) })
+}
+
+fn resolve_pad(input: &[usize], pads: &[i64], axes: Option<&[i64]>, mode: PadMode, value: f64) -> OpResult<Resolved> {
+    let rank = input.len();
+    let axes: Vec<usize> = match axes {
+        Some(a) => norm_axes(a, rank)?,
+        None => (0..rank).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        return Err(format!("Pad pads {pads:?} should have {} values (begin and end per axis)", 2 * axes.len()));
+    }
+    let mut begin = vec![0i64; rank];
+    let mut out = input.to_vec();
+    for (k, &a) in axes.iter().enumerate() {
+        let (b, e) = (pads[k], pads[k + axes.len()]);
+        let d = dim_i64(input[a]).saturating_add(b).saturating_add(e);
+        if d < 0 {
+            return Err(format!("Pad pads {pads:?} remove more than axis {a} of size {} holds", input[a]));
+        }
+        if mode != PadMode::Constant && input[a] == 0 && d > 0 {
+            return Err(format!("Pad mode {mode:?} cannot pad the empty axis {a}"));
+        }
+        begin[a] = b;
+        out[a] = d as usize;
+    }
+    Ok(Resolved { shapes: vec![out], movement: Movement::Pad { begin, mode, value } })
+}
+
+/// Source coordinate for output coordinate `o` along an axis of size `m` (`None`: the fill value).
+fn pad_source(o: i64, begin: i64, m: i64, mode: PadMode) -> Option<i64> {
+    let c = o - begin;
+    if (0..m).contains(&c) {
+        return Some(c);
+    }
+    match mode {
+        PadMode::Constant => None,
+        PadMode::Edge => Some(c.max(0).min(m - 1)),
+        PadMode::Reflect => {
+            // Reflection without repeating the edge has period 2(m-1); numpy's iterated
+            // reflection for pads wider than the axis gives the same sequence.
+            if m == 1 {
+                return Some(0);
+            }
+            let p = 2 * (m - 1);
+            let r = c.rem_euclid(p);
+            Some(if r >= m { p - r } else { r })
+        }
+    }
+}
+
+/// Runs strided copies on the host over the data inputs (attribute-like inputs left out).
+fn eval_copies(data_inputs: &[&Tensor], shapes: &[Vec<usize>], copies: &[StridedCopy]) -> OpResult<Vec<Tensor>> {
+    let first = data_inputs.first().ok_or("missing input 0")?;
+    let all_f32 = data_inputs.iter().all(|t| matches!(t.data, Data::F32(_)));
+    let all_i64 = data_inputs.iter().all(|t| matches!(t.data, Data::I64(_)));
+    let outs: Vec<Data> = if all_f32 {
+        let srcs: Vec<&[f32]> = data_inputs.iter().map(|t| t.as_f32().unwrap_or(&[])).collect();
+        run_copies(&srcs, shapes, copies)?.into_iter().map(Data::F32).collect()
+    } else if all_i64 {
+        let srcs: Vec<&[i64]> = data_inputs
+            .iter()
+            .map(|t| match &t.data {
+                Data::I64(v) => v.as_slice(),
+                Data::F32(_) => &[],
+            })
+            .collect();
+        run_copies(&srcs, shapes, copies)?.into_iter().map(Data::I64).collect()
+    } else {
+        let types: Vec<String> = data_inputs.iter().map(|t| t.dtype.to_string()).collect();
+        return Err(format!("inputs of different element types ({})", types.join(", ")));
+    };
+    Ok(outs
+        .into_iter()
+        .zip(shapes)
+        .map(|(data, shape)| Tensor { dtype: first.dtype, shape: shape.clone(), data })
+        .collect())
+}
+
+fn run_copies<T: Copy + Default>(
+    srcs: &[&[T]],
+    shapes: &[Vec<usize>],
+    copies: &[StridedCopy],
+) -> OpResult<Vec<Vec<T>>> {
+    let mut outs: Vec<Vec<T>> = shapes.iter().map(|s| vec![T::default(); s.iter().product()]).collect();
+    for c in copies {
+        let src = srcs.get(c.input).ok_or_else(|| format!("missing input {}", c.input))?;
+        let dst = outs.get_mut(c.output).ok_or_else(|| format!("missing output {}", c.output))?;
+        let n: usize = c.shape.iter().product();
+        for i in 0..n {
+            let (mut rem, mut s, mut d) = (i, c.src_offset, c.dst_offset);
+            for k in (0..c.shape.len()).rev() {
+                let idx = rem % c.shape[k];
+                rem /= c.shape[k];
+                s += idx as i64 * c.src_strides[k];
+                d += idx * c.dst_strides[k];
+            }
+            let v = usize::try_from(s).ok().and_then(|s| src.get(s)).ok_or("strided copy reads out of range")?;
+            *dst.get_mut(d).ok_or("strided copy writes out of range")? = *v;
+        }
+    }
+    Ok(outs)
+}
+
+fn eval_pad(x: &Tensor, out: &[usize], begin: &[i64], mode: PadMode, value: f64) -> Tensor {
+    let in_strides = contiguous_strides(&x.shape);
+    let n: usize = out.iter().product();
+    let source = |i: usize| -> Option<usize> {
+        let (mut rem, mut s) = (i, 0usize);
+        for k in (0..out.len()).rev() {
+            let o = rem % out[k];
+            rem /= out[k];
+            let c = pad_source(o as i64, begin[k], dim_i64(x.shape[k]), mode)?;
+            s += c as usize * in_strides[k];
+        }
+        Some(s)
+    };
+    let data = match &x.data {
+        Data::F32(v) => Data::F32((0..n).map(|i| source(i).map_or(value as f32, |s| v[s])).collect()),
+        Data::I64(v) => Data::I64((0..n).map(|i| source(i).map_or(value as i64, |s| v[s])).collect()),
+    };
+    Tensor { dtype: x.dtype, shape: out.to_vec(), data }
+}
+
+/// Merges dimensions that are contiguous in both source and destination and drops size-1 ones,
+/// so most copies run at rank 1–3 whatever the tensor rank.
+fn coalesce(c: &StridedCopy) -> (Vec<usize>, Vec<i64>, Vec<usize>) {
+    let mut shape: Vec<usize> = Vec::new();
+    let mut ss: Vec<i64> = Vec::new();
+    let mut ds: Vec<usize> = Vec::new();
+    for k in 0..c.shape.len() {
+        let n = c.shape[k];
+        if n == 1 {
+            continue;
+        }
+        if let (Some(&ln), Some(&ls), Some(&ld)) = (shape.last(), ss.last(), ds.last())
+            && ls == c.src_strides[k] * n as i64
+            && ld == c.dst_strides[k] * n
+        {
+            let last = shape.len() - 1;
+            shape[last] = ln * n;
+            ss[last] = c.src_strides[k];
+            ds[last] = c.dst_strides[k];
+            continue;
+        }
+        shape.push(n);
+        ss.push(c.src_strides[k]);
+        ds.push(c.dst_strides[k]);
+    }
+    (shape, ss, ds)
+}
+
+fn to_i32(v: i64, what: &str) -> OpResult<i32> {
+    i32::try_from(v).map_err(|_| format!("{what} {v} exceeds the 32-bit index range of the copy kernel"))
+}
+
+fn to_u32(v: usize, what: &str) -> OpResult<u32> {
+    u32::try_from(v).map_err(|_| format!("{what} {v} exceeds the 32-bit index range of the copy kernel"))
+}
+
+fn lower_copies(l: &mut Lowering, shapes: &[Vec<usize>], copies: &[StridedCopy]) -> OpResult<()> {
+    for c in copies {
+        let n: usize = c.shape.iter().product();
+        if n == 0 {
+            continue;
+        }
+        let src = l.input(c.input, "data")?.buf;
+        let dst = l.output(c.output)?;
+        // An output the node leaves unnamed comes without a shape of its own: nothing reads it.
+        if shapes.get(c.output) != Some(&dst.shape) {
+            continue;
+        }
+        let dst: BufRef = dst.buf;
+        let (shape, ss, ds) = coalesce(c);
+        if shape.len() > MAX_RANK {
+            return Err(format!(
+                "a copy of rank {} (after merging contiguous dimensions) exceeds {MAX_RANK}",
+                shape.len()
+            ));
+        }
+        let ss: Vec<i32> = ss.iter().map(|&s| to_i32(s, "source stride")).collect::<OpResult<_>>()?;
+        let ds: Vec<u32> = ds.iter().map(|&s| to_u32(s, "destination stride")).collect::<OpResult<_>>()?;
+        l.dispatch(
+            KernelKey::new(Shader::Layout, "copy_main"),
+            Params::new()
+                .u32(to_u32(n, "element count")?)
+                .u32(shape.len() as u32)
+                .i32(to_i32(c.src_offset, "source offset")?)
+                .u32(to_u32(c.dst_offset, "destination offset")?)
+                .vec8u(&u32s(&shape))
+                .vec8i(&ss)
+                .vec8u(&ds),
+            vec![src, dst],
+            grid_1d(n, 256),
+        );
+    }
+    Ok(())
+}
+
+fn lower_pad(l: &mut Lowering, out: &[usize], begin: &[i64], mode: PadMode, value: f32) -> OpResult<()> {
+    let x = l.input(0, "data")?.clone();
+    let y = l.output(0)?.buf;
+    if out.len() > MAX_RANK {
+        return Err(format!("Pad of rank {} exceeds the supported maximum of {MAX_RANK}", out.len()));
+    }
+    let n: usize = out.iter().product();
+    if n == 0 {
+        return Ok(());
+    }
+    let begin: Vec<i32> = begin.iter().map(|&b| to_i32(b, "pad")).collect::<OpResult<_>>()?;
+    let in_strides: Vec<u32> =
+        contiguous_strides(&x.shape).iter().map(|&s| to_u32(s, "stride")).collect::<OpResult<_>>()?;
+    let in_shape: Vec<u32> = x.shape.iter().map(|&s| to_u32(s, "dimension")).collect::<OpResult<_>>()?;
+    let out_shape: Vec<u32> = out.iter().map(|&s| to_u32(s, "dimension")).collect::<OpResult<_>>()?;
+    l.dispatch(
+        KernelKey::new(Shader::Layout, "pad_main").with("MODE", mode.code()),
+        Params::new()
+            .u32(to_u32(n, "element count")?)
+            .u32(out.len() as u32)
+            .f32(value)
+            .u32(0)
+            .vec8u(&out_shape)
+            .vec8u(&in_shape)
+            .vec8u(&in_strides)
+            .vec8i(&begin),
+        vec![x.buf, y],
+        grid_1d(n, 256),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reshape_zero_and_minus_one() {
+        assert_eq!(reshape_shape(&[2, 3, 4], &[0, -1], false).unwrap(), vec![2, 12]);
+        assert_eq!(reshape_shape(&[0, 3, 4], &[3, 4, 0], true).unwrap(), vec![3, 4, 0]);
+        assert!(reshape_shape(&[2, 3, 4], &[5, -1], false).is_err());
+        assert!(reshape_shape(&[2, 3, 4], &[-1, -1], false).is_err());
+        assert!(reshape_shape(&[2, 3], &[0, 0, 0], false).is_err());
+    }
+
+    #[test]
+    fn slice_negative_step_clamps() {
+        let r = resolve_slice(&[5], &[-1], &[i64::MIN], None, Some(&[-2])).unwrap();
+        assert_eq!(r.shapes, vec![vec![3]]);
+        let x = Tensor::i64(vec![5], vec![0, 1, 2, 3, 4]);
+        let Movement::Copies(c) = r.movement else { panic!("not copies") };
+        let out = eval_copies(&[&x], &r.shapes, &c).unwrap();
+        assert_eq!(out[0].to_i64_vec(), vec![4, 2, 0]);
+        let r = resolve_slice(&[5], &[10], &[20], None, None).unwrap();
+        assert_eq!(r.shapes, vec![vec![0]]);
+    }
+
+    #[test]
+    fn eval_skips_omitted_optional_inputs() {
+        let op = LayoutOp::Slice {
+            starts: IntsArg::Input(1),
+            ends: IntsArg::Input(2),
+            axes: IntsArg::Input(3),
+            steps: IntsArg::Input(4),
+        };
+        let x = Tensor::i64(vec![6], (0..6).collect());
+        let (s, e, st) = (Tensor::i64(vec![1], vec![4]), Tensor::i64(vec![1], vec![0]), Tensor::i64(vec![1], vec![-2]));
+        let out = op.eval(&[Some(&x), Some(&s), Some(&e), None, Some(&st)]).unwrap();
+        assert_eq!(out[0].to_i64_vec(), vec![4, 2]);
+        assert_eq!(out[0].dtype, DType::I64);
+
+        let concat = LayoutOp::Concat { axis: 0 };
+        let f = Tensor::f32(vec![1], vec![1.0]);
+        assert!(concat.eval(&[Some(&x), Some(&f)]).is_err(), "mixed element types must be rejected");
+    }
+
+    #[test]
+    fn reflect_matches_numpy() {
+        // np.pad([0,1,2], 4, 'reflect') = [2,1,0,1, 0,1,2, 1,0,1,2]
+        let got: Vec<i64> = (0..11).map(|o| pad_source(o, 4, 3, PadMode::Reflect).unwrap()).collect();
+        assert_eq!(got, vec![0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2]);
+    }
+
+    #[test]
+    fn coalesce_merges_contiguous_dims() {
+        let r = resolve_concat(&[&[2, 3, 4], &[2, 5, 4]], 1).unwrap();
+        let Movement::Copies(c) = r.movement else { panic!("not copies") };
+        assert_eq!(coalesce(&c[0]), (vec![2, 12], vec![12, 1], vec![32, 1]));
+    }
+
+    #[test]
+    fn split_num_outputs_chunks() {
+        let r = resolve_split(&[4, 5], 1, None, Some(4), 4);
+        assert!(r.is_err(), "5 cannot be cut into 4 chunks of ceil(5/4) = 2");
+        let r = resolve_split(&[4, 7], 1, None, Some(4), 4).unwrap();
+        assert_eq!(r.shapes.iter().map(|s| s[1]).collect::<Vec<_>>(), vec![2, 2, 2, 1]);
+    }
+}

@@ -1,0 +1,310 @@
+//! Operators: one module per op family, each next to its WGSL file in `shaders/`.
+//!
+//! A family module owns, for its ops: attribute parsing (at load time, so an unsupported attribute
+//! is a load error), shape inference, CPU evaluation where the op can appear in a constant
+//! subgraph (shape arithmetic exported by PyTorch), and lowering to GPU dispatches.
+//!
+//! | family | ops | shader |
+//! |---|---|---|
+//! | [`elementwise`] | Relu, LeakyRelu, PRelu, Clip, Sigmoid, HardSigmoid, HardSwish, Add, Sub, Mul, Div, Pow | `elementwise.wgsl` |
+//! | [`conv`] | Conv (implicit GEMM, 1×1 via matmul, direct depthwise) | `conv.wgsl` |
+//! | [`matmul`] | Gemm, MatMul | `matmul.wgsl` |
+//! | [`norm`] | BatchNormalization | `norm.wgsl` |
+//! | [`pool`] | MaxPool, AveragePool, GlobalAveragePool | `pool.wgsl` |
+//! | [`reduce`] | ReduceMean | `reduce.wgsl` |
+//! | [`softmax`] | Softmax, LogSoftmax | `softmax.wgsl` |
+//! | [`layout`] | Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout (aliases); Transpose, Concat, Split, Slice, Pad | `layout.wgsl` |
+//! | [`shape`] | Constant, Shape, Gather, ConstantOfShape, Cast, Range (folded on the CPU, never run on the GPU) | none |
+
+pub mod attrs;
+pub mod conv;
+pub mod elementwise;
+pub mod layout;
+pub mod matmul;
+pub mod norm;
+pub mod pool;
+pub mod reduce;
+pub mod shape;
+pub mod softmax;
+
+use std::sync::Arc;
+
+use crate::gpu::{KernelKey, Params};
+use crate::onnx::RawNode;
+use crate::tensor::{DType, Tensor};
+pub use attrs::Attrs;
+
+/// Why an op could not be parsed, inferred, evaluated or lowered. The plan layer adds the node
+/// name, op type and input shapes.
+pub type OpResult<T> = Result<T, String>;
+
+/// A parsed operator with validated attributes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Unary(elementwise::Unary),
+    /// Clip from opset 11 on, where min and max are optional constant inputs.
+    ClipInputs,
+    Binary(elementwise::BinaryKind),
+    Conv(conv::ConvAttrs),
+    Gemm(matmul::GemmAttrs),
+    MatMul,
+    BatchNorm(norm::BatchNormAttrs),
+    Pool(pool::PoolAttrs),
+    GlobalAveragePool,
+    ReduceMean(reduce::ReduceMeanAttrs),
+    Softmax(softmax::SoftmaxAttrs),
+    Layout(layout::LayoutOp),
+    Shape(shape::ShapeOp),
+}
+
+/// Ops that exist only for their dropped output or are pure metadata still need a name in errors.
+impl Op {
+    /// Parses a node. Unknown op types and unsupported attribute values are errors here, at load time.
+    pub fn parse(node: &RawNode, opset: i64) -> OpResult<Op> {
+        let a = Attrs::new(&node.attrs);
+        let op = match node.op_type.as_str() {
+            "Relu" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" => {
+                Op::Unary(elementwise::Unary::parse(&node.op_type, &a)?)
+            }
+            "Clip" if opset < 11 => Op::Unary(elementwise::Unary::parse("Clip", &a)?),
+            "Clip" => Op::ClipInputs,
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "PRelu" => Op::Binary(elementwise::BinaryKind::parse(&node.op_type)?),
+            "Conv" => Op::Conv(conv::ConvAttrs::parse(&a)?),
+            "Gemm" => Op::Gemm(matmul::GemmAttrs::parse(&a)?),
+            "MatMul" => Op::MatMul,
+            "BatchNormalization" => Op::BatchNorm(norm::BatchNormAttrs::parse(&a, node.outputs.len())?),
+            "MaxPool" | "AveragePool" => Op::Pool(pool::PoolAttrs::parse(&node.op_type, &a, node.outputs.len())?),
+            "GlobalAveragePool" => Op::GlobalAveragePool,
+            "ReduceMean" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse(&a, opset)?),
+            "Softmax" | "LogSoftmax" => Op::Softmax(softmax::SoftmaxAttrs::parse(&node.op_type, &a, opset)?),
+            "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout" | "Transpose" | "Concat"
+            | "Split" | "Slice" | "Pad" => Op::Layout(layout::LayoutOp::parse(&node.op_type, &a, opset, node)?),
+            "Constant" | "Shape" | "Gather" | "ConstantOfShape" | "Cast" | "Range" => {
+                Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?)
+            }
+            other => return Err(format!("unsupported op type {other}")),
+        };
+        if !(node.domain.is_empty() || node.domain == "ai.onnx") {
+            return Err(format!("op {} from domain '{}' is not supported", node.op_type, node.domain));
+        }
+        Ok(op)
+    }
+
+    /// Output shapes and element types from the input shapes (and constant input values).
+    pub fn infer(&self, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+        match self {
+            Op::Unary(_) | Op::ClipInputs => elementwise::infer_unary(inputs),
+            Op::Binary(k) => elementwise::infer_binary(*k, inputs),
+            Op::Conv(a) => conv::infer(a, inputs),
+            Op::Gemm(a) => matmul::infer_gemm(a, inputs),
+            Op::MatMul => matmul::infer_matmul(inputs),
+            Op::BatchNorm(a) => norm::infer(a, inputs),
+            Op::Pool(a) => pool::infer(a, inputs),
+            Op::GlobalAveragePool => pool::infer_global(inputs),
+            Op::ReduceMean(a) => reduce::infer(a, inputs),
+            Op::Softmax(a) => softmax::infer(a, inputs),
+            Op::Layout(l) => l.infer(inputs),
+            Op::Shape(s) => s.infer(inputs),
+        }
+    }
+
+    /// Evaluates the op on the CPU when all its inputs are constant. `None` means this op is only
+    /// computed on the GPU (its constant inputs are uploaded instead).
+    pub fn eval(&self, inputs: &[Option<&Tensor>]) -> Option<OpResult<Vec<Tensor>>> {
+        match self {
+            Op::Unary(u) => Some(elementwise::eval_unary(u, inputs)),
+            Op::ClipInputs => Some(elementwise::eval_clip_inputs(inputs)),
+            Op::Binary(k) => Some(elementwise::eval_binary(*k, inputs)),
+            Op::Layout(l) => Some(l.eval(inputs)),
+            Op::Shape(s) => Some(s.eval(inputs)),
+            _ => None,
+        }
+    }
+
+    /// Whether output 0 is a view of input 0's buffer (same bytes, new shape): no dispatch at all.
+    pub fn is_alias(&self) -> bool {
+        matches!(self, Op::Layout(l) if l.is_alias())
+    }
+
+    /// Whether the op can only run as part of a constant subgraph (shape arithmetic).
+    pub fn cpu_only(&self) -> bool {
+        matches!(self, Op::Shape(_))
+    }
+
+    /// Appends the GPU dispatches computing the outputs.
+    pub fn lower(&self, l: &mut Lowering) -> OpResult<()> {
+        match self {
+            Op::Unary(u) => elementwise::lower_unary(u, l),
+            Op::ClipInputs => elementwise::lower_clip_inputs(l),
+            Op::Binary(k) => elementwise::lower_binary(*k, l),
+            Op::Conv(a) => conv::lower(a, l),
+            Op::Gemm(a) => matmul::lower_gemm(a, l),
+            Op::MatMul => matmul::lower_matmul(l),
+            Op::BatchNorm(a) => norm::lower(a, l),
+            Op::Pool(a) => pool::lower(a, l),
+            Op::GlobalAveragePool => pool::lower_global(l),
+            Op::ReduceMean(a) => reduce::lower(a, l),
+            Op::Softmax(a) => softmax::lower(a, l),
+            Op::Layout(op) => op.lower(l),
+            Op::Shape(_) => Err("shape ops must be folded to constants before lowering".into()),
+        }
+    }
+}
+
+/// An input as shape inference sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    pub shape: &'a [usize],
+    pub dtype: DType,
+    /// The value, when the input is a constant (an initializer or a folded subgraph).
+    pub value: Option<&'a Tensor>,
+}
+
+impl<'a> Input<'a> {
+    /// The constant value of an attribute-like input (Reshape's shape, Slice's starts, ...).
+    pub fn constant(&self, what: &str) -> OpResult<&'a Tensor> {
+        self.value.ok_or_else(|| format!("{what} must be a constant (an initializer or computable from shapes)"))
+    }
+}
+
+/// The `i`th input, or an error naming it when it is missing.
+pub fn required<'b, 'a>(inputs: &'b [Option<Input<'a>>], i: usize, what: &str) -> OpResult<&'b Input<'a>> {
+    inputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("missing input {i} ({what})"))
+}
+
+/// A buffer a dispatch binds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BufRef {
+    /// An activation, graph input or graph output (index into the plan's values).
+    Value(usize),
+    /// A constant uploaded once (weights, BN parameters, folded constants).
+    Weight(usize),
+    /// A temporary private to one node's dispatches (index into the node's scratch requests).
+    Scratch(usize),
+}
+
+/// One tensor as the lowering sees it: its buffer, shape and (for constants) value.
+#[derive(Clone, Debug)]
+pub struct Operand {
+    pub buf: BufRef,
+    pub shape: Vec<usize>,
+    pub value: Option<Arc<Tensor>>,
+}
+
+impl Operand {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One compute dispatch. Binding 0 is the uniform `params`; bindings 1.. are the storage buffers
+/// in `buffers` order (declared `read` or `read_write` by the WGSL).
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pub key: KernelKey,
+    pub params: Params,
+    pub buffers: Vec<BufRef>,
+    pub workgroups: [u32; 3],
+}
+
+/// The lowering context of one node.
+#[derive(Debug)]
+pub struct Lowering {
+    pub node: String,
+    pub inputs: Vec<Option<Operand>>,
+    pub outputs: Vec<Operand>,
+    pub dispatches: Vec<Dispatch>,
+    /// Sizes in bytes of the node's scratch buffers ([`BufRef::Scratch`] indexes this).
+    pub scratch: Vec<u64>,
+    /// Device limits that select kernel variants.
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+}
+
+impl Lowering {
+    pub fn input(&self, i: usize, what: &str) -> OpResult<&Operand> {
+        self.inputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("missing input {i} ({what})"))
+    }
+
+    pub fn output(&self, i: usize) -> OpResult<&Operand> {
+        self.outputs.get(i).ok_or_else(|| format!("missing output {i}"))
+    }
+
+    /// Requests a scratch buffer of `bytes` bytes for this node's dispatches.
+    pub fn scratch(&mut self, bytes: u64) -> BufRef {
+        self.scratch.push(bytes.max(4));
+        BufRef::Scratch(self.scratch.len() - 1)
+    }
+
+    pub fn dispatch(&mut self, key: KernelKey, params: Params, buffers: Vec<BufRef>, workgroups: [u32; 3]) {
+        self.dispatches.push(Dispatch { key, params, buffers, workgroups });
+    }
+}
+
+/// Numpy-style multidirectional broadcasting of two shapes.
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+        };
+    }
+    Ok(out)
+}
+
+/// Row-major strides of `shape` as seen from an output of shape `out` (right-aligned), with
+/// stride 0 on broadcast dimensions.
+pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; out.len()];
+    let mut s = 1;
+    for i in (0..shape.len()).rev() {
+        let o = i + out.len() - shape.len();
+        strides[o] = if shape[i] == 1 && out[o] != 1 { 0 } else { s };
+        s *= shape[i];
+    }
+    strides
+}
+
+/// Row-major strides of a contiguous tensor.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// Normalises a possibly negative axis against `rank`.
+pub fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r.max(1) {
+        return Err(format!("axis {axis} is out of range for rank {rank}"));
+    }
+    Ok(a as usize)
+}
+
+/// The single f32 output of a same-shape op.
+pub fn f32_out(shape: Vec<usize>) -> Vec<(Vec<usize>, DType)> {
+    vec![(shape, DType::F32)]
+}
+
+/// Largest tensor rank the strided kernels handle.
+pub const MAX_RANK: usize = 8;
+
+pub fn check_rank(shape: &[usize]) -> OpResult<()> {
+    if shape.len() > MAX_RANK {
+        return Err(format!("rank {} exceeds the supported maximum of {MAX_RANK}", shape.len()));
+    }
+    Ok(())
+}
+
+pub fn u32s(v: &[usize]) -> Vec<u32> {
+    v.iter().map(|&x| x as u32).collect()
+}

@@ -1,0 +1,155 @@
+//! ReduceMean (`shaders/reduce.wgsl`).
+//!
+//! Both kernels sum in a fixed order, so a result is bit-identical from run to run: short
+//! reductions loop over the reduced elements in one thread per output; long ones give each output
+//! a workgroup that strides over the elements and combines the partial sums in a tree.
+
+use super::{Attrs, Input, Lowering, MAX_RANK, OpResult, contiguous_strides, required, u32s};
+use crate::gpu::{KernelKey, Params, Shader, grid_1d};
+use crate::tensor::{DType, Tensor};
+
+/// Reductions at least this long get a workgroup per output instead of a thread.
+const WORKGROUP_MIN: usize = 256;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReduceMeanAttrs {
+    pub keepdims: bool,
+    /// The `axes` attribute (before opset 18).
+    pub axes: Option<Vec<i64>>,
+    /// From opset 18 the axes are the optional second input (which must be constant).
+    pub axes_input: bool,
+    /// With no axes given: reduce nothing (true) or everything (false).
+    pub noop_with_empty_axes: bool,
+}
+
+impl ReduceMeanAttrs {
+    pub fn parse(a: &Attrs<'_>, opset: i64) -> OpResult<ReduceMeanAttrs> {
+        let axes_input = opset >= 18;
+        if axes_input {
+            a.only(&["keepdims", "noop_with_empty_axes"])?;
+        } else {
+            a.only(&["axes", "keepdims"])?;
+        }
+        let flag = |name: &str, default: i64| -> OpResult<bool> {
+            match a.int(name, default)? {
+                0 => Ok(false),
+                1 => Ok(true),
+                v => Err(format!("{name}={v} is not 0 or 1")),
+            }
+        };
+        Ok(ReduceMeanAttrs {
+            keepdims: flag("keepdims", 1)?,
+            axes: a.ints("axes")?,
+            axes_input,
+            noop_with_empty_axes: flag("noop_with_empty_axes", 0)?,
+        })
+    }
+
+    /// Which dims of a rank-`rank` input are reduced; `axes` is the constant second input.
+    fn reduced(&self, rank: usize, axes: Option<&Tensor>) -> OpResult<Vec<bool>> {
+        let list: Vec<i64> = if self.axes_input {
+            match axes {
+                None => Vec::new(),
+                Some(t) if t.dtype != DType::I64 => return Err(format!("axes input is {}, expected int64", t.dtype)),
+                Some(t) if t.shape.len() > 1 => {
+                    return Err(format!("axes input has shape {:?}, expected 1-D", t.shape));
+                }
+                Some(t) => t.to_i64_vec(),
+            }
+        } else {
+            self.axes.clone().unwrap_or_default()
+        };
+        if list.is_empty() {
+            return Ok(vec![!self.noop_with_empty_axes; rank]);
+        }
+        let mut mask = vec![false; rank];
+        for &ax in &list {
+            let r = rank as i64;
+            let a = if ax < 0 { ax + r } else { ax };
+            if a < 0 || a >= r {
+                return Err(format!("axis {ax} is out of range for rank {rank}"));
+            }
+            if std::mem::replace(&mut mask[a as usize], true) {
+                return Err(format!("axis {ax} appears more than once in axes {list:?}"));
+            }
+        }
+        Ok(mask)
+    }
+}
+
+fn out_shape(a: &ReduceMeanAttrs, shape: &[usize], mask: &[bool]) -> Vec<usize> {
+    shape
+        .iter()
+        .zip(mask)
+        .filter_map(|(&d, &r)| match (r, a.keepdims) {
+            (false, _) => Some(d),
+            (true, true) => Some(1),
+            (true, false) => None,
+        })
+        .collect()
+}
+
+pub fn infer(a: &ReduceMeanAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+    let x = required(inputs, 0, "data")?;
+    let axes = match inputs.get(1).and_then(|i| i.as_ref()) {
+        Some(i) if a.axes_input => Some(i.constant("ReduceMean axes")?),
+        Some(_) => return Err("ReduceMean takes axes as an input only from opset 18".into()),
+        None => None,
+    };
+    let mask = a.reduced(x.shape.len(), axes)?;
+    Ok(vec![(out_shape(a, x.shape, &mask), x.dtype)])
+}
+
+pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
+    let x = l.input(0, "data")?.clone();
+    let y = l.output(0)?.clone();
+    let axes = match l.inputs.get(1).and_then(|i| i.as_ref()) {
+        Some(op) => Some(
+            op.value.clone().ok_or("ReduceMean axes must be a constant (an initializer or computable from shapes)")?,
+        ),
+        None => None,
+    };
+    let mask = a.reduced(x.shape.len(), axes.as_deref())?;
+    let n_in = x.numel();
+    if n_in > u32::MAX as usize {
+        return Err(format!("ReduceMean input has {n_in} elements, more than a 32-bit index covers"));
+    }
+    // Unit dims change no index, and dropping them keeps both dim lists within MAX_RANK.
+    let strides = contiguous_strides(&x.shape);
+    let (mut kept, mut kept_strides, mut red, mut red_strides) = (vec![], vec![], vec![], vec![]);
+    for (d, (&size, &r)) in x.shape.iter().zip(&mask).enumerate() {
+        if size == 1 {
+            continue;
+        }
+        if r {
+            red.push(size);
+            red_strides.push(strides[d]);
+        } else {
+            kept.push(size);
+            kept_strides.push(strides[d]);
+        }
+    }
+    if kept.len() > MAX_RANK || red.len() > MAX_RANK {
+        return Err(format!("ReduceMean over rank {} exceeds the supported maximum of {MAX_RANK}", x.shape.len()));
+    }
+    let n_out: usize = kept.iter().product();
+    let n_red: usize = red.iter().product();
+    if n_out == 0 || n_red == 0 {
+        return Err(format!("ReduceMean of an empty tensor (shape {:?}) is not supported", x.shape));
+    }
+    let params = Params::new()
+        .u32(n_out as u32)
+        .u32(n_red as u32)
+        .u32(kept.len() as u32)
+        .u32(red.len() as u32)
+        .vec8u(&u32s(&kept))
+        .vec8u(&u32s(&kept_strides))
+        .vec8u(&u32s(&red))
+        .vec8u(&u32s(&red_strides));
+    if n_red >= WORKGROUP_MIN {
+        l.dispatch(KernelKey::new(Shader::Reduce, "mean_wg_main"), params, vec![x.buf, y.buf], grid_1d(n_out, 1));
+    } else {
+        l.dispatch(KernelKey::new(Shader::Reduce, "mean_thread_main"), params, vec![x.buf, y.buf], grid_1d(n_out, 256));
+    }
+    Ok(())
+}

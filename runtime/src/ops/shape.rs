@@ -1,0 +1,377 @@
+//! Shape arithmetic folded on the CPU: Constant, Shape, Gather, ConstantOfShape, Cast, Range.
+//!
+//! Exporters compute reshape targets and padding amounts with these ops; once the plan fixes the
+//! input shapes every one of them is constant, so they never reach the GPU. Values are held as the
+//! host [`Tensor`] holds them: floats as `f32`, integers and booleans as `i64`, with `dtype`
+//! recording the declared type.
+
+use super::{Attrs, Input, OpResult, norm_axis, required};
+use crate::onnx::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use crate::tensor::{DType, Data, Tensor};
+
+/// Largest tensor a constant subgraph may create (ConstantOfShape, Range, Gather): beyond this a
+/// shape computation has gone wrong, and the GPU could not bind it anyway.
+const MAX_FOLDED_ELEMENTS: usize = 1 << 28;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ShapeOp {
+    Constant(Tensor),
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
+    Gather {
+        axis: i64,
+    },
+    /// The fill value, a one-element tensor whose type the output takes.
+    ConstantOfShape(Tensor),
+    Cast {
+        to: DType,
+    },
+    Range,
+}
+
+/// Names the ONNX element types [`DType`] cannot hold, for Cast's error.
+fn onnx_type_name(code: i64) -> String {
+    let name = match code {
+        0 => "undefined",
+        8 => "string",
+        14 => "complex64",
+        15 => "complex128",
+        17 => "float8e4m3fn",
+        18 => "float8e4m3fnuz",
+        19 => "float8e5m2",
+        20 => "float8e5m2fnuz",
+        21 => "uint4",
+        22 => "int4",
+        23 => "float4e2m1",
+        24 => "float8e8m0",
+        25 => "uint2",
+        26 => "int2",
+        _ => return format!("type code {code}"),
+    };
+    name.to_string()
+}
+
+fn check_size(shape: &[usize], what: &str) -> OpResult<usize> {
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match n {
+        Some(n) if n <= MAX_FOLDED_ELEMENTS => Ok(n),
+        _ => Err(format!("{what} would create a tensor of shape {shape:?}, more than {MAX_FOLDED_ELEMENTS} elements")),
+    }
+}
+
+impl ShapeOp {
+    pub fn parse(op_type: &str, a: &Attrs<'_>, _opset: i64) -> OpResult<ShapeOp> {
+        Ok(match op_type {
+            "Constant" => ShapeOp::Constant(parse_constant(a)?),
+            "Shape" => {
+                // start/end arrived in opset 15; earlier files simply never carry them.
+                a.only(&["start", "end"])?;
+                ShapeOp::Shape { start: a.int("start", 0)?, end: a.opt_int("end")? }
+            }
+            "Gather" => {
+                a.only(&["axis"])?;
+                ShapeOp::Gather { axis: a.int("axis", 0)? }
+            }
+            "ConstantOfShape" => {
+                a.only(&["value"])?;
+                let value = match a.tensor("value")? {
+                    None => Tensor::f32(vec![1], vec![0.0]),
+                    Some(t) if t.numel() == 1 => t,
+                    Some(t) => {
+                        return Err(format!("ConstantOfShape value must hold one element, got shape {:?}", t.shape));
+                    }
+                };
+                ShapeOp::ConstantOfShape(value)
+            }
+            "Cast" => {
+                // saturate (19+) and round_mode (24+) only concern float8/float4 targets, which
+                // are rejected below.
+                a.only(&["to", "saturate", "round_mode"])?;
+                let code = a.opt_int("to")?.ok_or("Cast needs the 'to' attribute")?;
+                let to = i32::try_from(code)
+                    .ok()
+                    .and_then(DType::from_onnx)
+                    .ok_or_else(|| format!("Cast to {} is not supported", onnx_type_name(code)))?;
+                ShapeOp::Cast { to }
+            }
+            "Range" => {
+                a.only(&[])?;
+                ShapeOp::Range
+            }
+            other => return Err(format!("{other} is not a shape op")),
+        })
+    }
+
+    /// For Shape: the value from the input's shape alone (even when the input is not constant).
+    pub fn shape_of(&self, inputs: &[Option<Input<'_>>]) -> Option<OpResult<Tensor>> {
+        match self {
+            ShapeOp::Shape { start, end } => {
+                Some(required(inputs, 0, "data").map(|x| shape_tensor(x.shape, *start, *end)))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn infer(&self, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+        match self {
+            ShapeOp::Constant(t) => Ok(vec![(t.shape.clone(), t.dtype)]),
+            ShapeOp::Shape { start, end } => {
+                let x = required(inputs, 0, "data")?;
+                Ok(vec![(vec![shape_tensor(x.shape, *start, *end).numel()], DType::I64)])
+            }
+            ShapeOp::Gather { axis } => {
+                let data = required(inputs, 0, "data")?;
+                let indices = required(inputs, 1, "indices")?;
+                if indices.dtype.is_float() {
+                    return Err(format!("Gather indices must be integers, got {}", indices.dtype));
+                }
+                let (shape, _, _, _) = gather_shape(data.shape, indices.shape, *axis)?;
+                Ok(vec![(shape, data.dtype)])
+            }
+            ShapeOp::ConstantOfShape(v) => {
+                let s = required(inputs, 0, "input")?.constant("ConstantOfShape shape")?;
+                Ok(vec![(const_shape(s)?, v.dtype)])
+            }
+            ShapeOp::Cast { to } => Ok(vec![(required(inputs, 0, "input")?.shape.to_vec(), *to)]),
+            ShapeOp::Range => {
+                let get = |i: usize, what: &str| -> OpResult<&Tensor> { required(inputs, i, what)?.constant(what) };
+                let t = range(get(0, "Range start")?, get(1, "Range limit")?, get(2, "Range delta")?)?;
+                Ok(vec![(t.shape, t.dtype)])
+            }
+        }
+    }
+
+    pub fn eval(&self, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+        let get = |i: usize, what: &str| -> OpResult<&Tensor> {
+            inputs.get(i).copied().flatten().ok_or_else(|| format!("missing input {i} ({what})"))
+        };
+        let t = match self {
+            ShapeOp::Constant(t) => t.clone(),
+            ShapeOp::Shape { start, end } => shape_tensor(&get(0, "data")?.shape, *start, *end),
+            ShapeOp::Gather { axis } => gather(get(0, "data")?, get(1, "indices")?, *axis)?,
+            ShapeOp::ConstantOfShape(v) => {
+                let shape = const_shape(get(0, "input")?)?;
+                let n = check_size(&shape, "ConstantOfShape")?;
+                let data = match &v.data {
+                    Data::F32(x) => Data::F32(vec![x[0]; n]),
+                    Data::I64(x) => Data::I64(vec![x[0]; n]),
+                };
+                Tensor { dtype: v.dtype, shape, data }
+            }
+            ShapeOp::Cast { to } => cast(get(0, "input")?, *to),
+            ShapeOp::Range => range(get(0, "start")?, get(1, "limit")?, get(2, "delta")?)?,
+        };
+        Ok(vec![t])
+    }
+}
+
+fn parse_constant(a: &Attrs<'_>) -> OpResult<Tensor> {
+    let names: Vec<&str> = a.names().collect();
+    if names.len() != 1 {
+        return Err(format!("Constant must have exactly one value attribute, found {names:?}"));
+    }
+    Ok(match names[0] {
+        "value" => a.tensor("value")?.ok_or("Constant value is missing")?,
+        "value_float" => Tensor::f32(vec![], vec![a.float("value_float", 0.0)?]),
+        "value_floats" => {
+            let v = a.floats("value_floats")?.unwrap_or_default();
+            Tensor::f32(vec![v.len()], v)
+        }
+        "value_int" => Tensor::i64(vec![], vec![a.int("value_int", 0)?]),
+        "value_ints" => {
+            let v = a.ints("value_ints")?.unwrap_or_default();
+            Tensor::i64(vec![v.len()], v)
+        }
+        "sparse_value" => return Err("Constant with a sparse_value is not supported".into()),
+        "value_string" | "value_strings" => return Err("string constants are not supported".into()),
+        other => return Err(format!("Constant attribute '{other}' is not supported")),
+    })
+}
+
+/// Shape's output: dims `start..end` of `shape`, both clamped into `0..=rank` after adding the
+/// rank to negative values (opset 15).
+fn shape_tensor(shape: &[usize], start: i64, end: Option<i64>) -> Tensor {
+    let r = shape.len() as i64;
+    let clamp = |v: i64| (if v < 0 { v + r } else { v }).max(0).min(r) as usize;
+    let (s, e) = (clamp(start), clamp(end.unwrap_or(r)));
+    let dims: Vec<i64> = if s < e { shape[s..e].iter().map(|&d| d as i64).collect() } else { Vec::new() };
+    Tensor::i64(vec![dims.len()], dims)
+}
+
+/// Output shape of Gather and the (outer, axis size, inner) extents of `data`.
+fn gather_shape(data: &[usize], indices: &[usize], axis: i64) -> OpResult<(Vec<usize>, usize, usize, usize)> {
+    if data.is_empty() {
+        return Err("Gather on a scalar is not defined".into());
+    }
+    let axis = norm_axis(axis, data.len())?;
+    let mut out = data[..axis].to_vec();
+    out.extend_from_slice(indices);
+    out.extend_from_slice(&data[axis + 1..]);
+    Ok((out, data[..axis].iter().product(), data[axis], data[axis + 1..].iter().product()))
+}
+
+fn gather(data: &Tensor, indices: &Tensor, axis: i64) -> OpResult<Tensor> {
+    if indices.dtype.is_float() {
+        return Err(format!("Gather indices must be integers, got {}", indices.dtype));
+    }
+    let (shape, outer, dim, inner) = gather_shape(&data.shape, &indices.shape, axis)?;
+    check_size(&shape, "Gather")?;
+    let idx: Vec<usize> = indices
+        .to_i64_vec()
+        .into_iter()
+        .map(|i| {
+            let j = if i < 0 { i + dim as i64 } else { i };
+            if j < 0 || j >= dim as i64 {
+                return Err(format!("Gather index {i} is out of range for an axis of size {dim}"));
+            }
+            Ok(j as usize)
+        })
+        .collect::<OpResult<_>>()?;
+    fn pick<T: Copy>(v: &[T], outer: usize, dim: usize, inner: usize, idx: &[usize]) -> Vec<T> {
+        let mut out = Vec::with_capacity(outer * idx.len() * inner);
+        for o in 0..outer {
+            for &j in idx {
+                let base = (o * dim + j) * inner;
+                out.extend_from_slice(&v[base..base + inner]);
+            }
+        }
+        out
+    }
+    let data_out = match &data.data {
+        Data::F32(v) => Data::F32(pick(v, outer, dim, inner, &idx)),
+        Data::I64(v) => Data::I64(pick(v, outer, dim, inner, &idx)),
+    };
+    Ok(Tensor { dtype: data.dtype, shape, data: data_out })
+}
+
+/// ConstantOfShape's input: a 1-D tensor of non-negative dims (empty: a scalar output).
+fn const_shape(t: &Tensor) -> OpResult<Vec<usize>> {
+    if t.dtype.is_float() || t.shape.len() > 1 {
+        return Err(format!(
+            "ConstantOfShape input must be a 1-D integer tensor, got {} of shape {:?}",
+            t.dtype, t.shape
+        ));
+    }
+    t.to_i64_vec()
+        .into_iter()
+        .map(|d| usize::try_from(d).map_err(|_| format!("ConstantOfShape dimension {d} is negative")))
+        .collect()
+}
+
+/// Wraps an integer to the width of `to` (two's complement), as a C cast does.
+fn wrap_int(v: i64, to: DType) -> i64 {
+    match to {
+        DType::I8 => v as i8 as i64,
+        DType::I16 => v as i16 as i64,
+        DType::I32 => v as i32 as i64,
+        DType::U8 => v as u8 as i64,
+        DType::U16 => v as u16 as i64,
+        DType::U32 => v as u32 as i64,
+        DType::Bool => (v != 0) as i64,
+        _ => v,
+    }
+}
+
+/// Cast. Float targets are stored as f32, rounded through f16/bf16 when the target is one of
+/// those; integer targets truncate toward zero, then wrap to the target width.
+pub fn cast(t: &Tensor, to: DType) -> Tensor {
+    let data = if to.is_float() {
+        let round: fn(f32) -> f32 = match to {
+            DType::F16 => |x| f16_to_f32(f32_to_f16(x)),
+            DType::BF16 => |x| bf16_to_f32(f32_to_bf16(x)),
+            _ => |x| x,
+        };
+        Data::F32(t.to_f32_vec().into_iter().map(round).collect())
+    } else {
+        let ints: Vec<i64> = match (&t.data, to) {
+            // NaN is true as a boolean but 0 through `as i64`.
+            (Data::F32(v), DType::Bool) => v.iter().map(|&x| (x != 0.0) as i64).collect(),
+            (Data::F32(v), _) => v.iter().map(|&x| wrap_int(x as i64, to)).collect(),
+            (Data::I64(v), _) => v.iter().map(|&x| wrap_int(x, to)).collect(),
+        };
+        Data::I64(ints)
+    };
+    Tensor { dtype: to, shape: t.shape.clone(), data }
+}
+
+fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> OpResult<Tensor> {
+    for (t, what) in [(start, "start"), (limit, "limit"), (delta, "delta")] {
+        if t.numel() != 1 {
+            return Err(format!("Range {what} must be a scalar, got shape {:?}", t.shape));
+        }
+    }
+    match (&start.data, &limit.data, &delta.data) {
+        (Data::I64(s), Data::I64(l), Data::I64(d)) => {
+            let (s, l, d) = (s[0], l[0], d[0]);
+            if d == 0 {
+                return Err("Range delta is 0".into());
+            }
+            let span = i128::from(l) - i128::from(s);
+            let d128 = i128::from(d);
+            let q = span / d128;
+            let n = if span % d128 != 0 && ((span < 0) == (d128 < 0)) { q + 1 } else { q }.max(0);
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            check_size(&[n], "Range")?;
+            let v = (0..n as i64).map(|i| wrap_int(s.wrapping_add(i.wrapping_mul(d)), start.dtype)).collect();
+            Ok(Tensor { dtype: start.dtype, shape: vec![n], data: Data::I64(v) })
+        }
+        _ => {
+            let (s, l, d) = (start.to_f32_vec()[0] as f64, limit.to_f32_vec()[0] as f64, delta.to_f32_vec()[0] as f64);
+            if d == 0.0 || !d.is_finite() || !s.is_finite() || !l.is_finite() {
+                return Err(format!("Range start {s}, limit {l}, delta {d} do not define a finite sequence"));
+            }
+            let n = ((l - s) / d).ceil().max(0.0);
+            if n > MAX_FOLDED_ELEMENTS as f64 {
+                return Err(format!("Range would create {n} elements, more than {MAX_FOLDED_ELEMENTS}"));
+            }
+            let n = n as usize;
+            let t = Tensor::f32(vec![n], (0..n).map(|i| (s + i as f64 * d) as f32).collect());
+            Ok(if start.dtype.is_float() { cast(&t, start.dtype) } else { t })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cast_truncates_and_wraps() {
+        let t = Tensor::f32(vec![4], vec![-1.7, 2.9, 300.0, f32::NAN]);
+        assert_eq!(cast(&t, DType::I32).to_i64_vec(), vec![-1, 2, 300, 0]);
+        assert_eq!(cast(&t, DType::U8).to_i64_vec(), vec![255, 2, 44, 0]);
+        assert_eq!(cast(&t, DType::Bool).to_i64_vec(), vec![1, 1, 1, 1]);
+        let h = cast(&Tensor::f32(vec![1], vec![0.1]), DType::F16);
+        assert_eq!(h.as_f32().unwrap()[0], f16_to_f32(f32_to_f16(0.1)));
+        assert_ne!(h.as_f32().unwrap()[0], 0.1);
+    }
+
+    #[test]
+    fn range_counts() {
+        let r = range(&Tensor::i64(vec![], vec![10]), &Tensor::i64(vec![], vec![4]), &Tensor::i64(vec![], vec![-3]))
+            .unwrap();
+        assert_eq!(r.to_i64_vec(), vec![10, 7]);
+        let r =
+            range(&Tensor::f32(vec![], vec![1.0]), &Tensor::f32(vec![], vec![5.0]), &Tensor::f32(vec![], vec![2.0]))
+                .unwrap();
+        assert_eq!(r.to_f32_vec(), vec![1.0, 3.0]);
+    }
+
+    #[test]
+    fn shape_start_end_clamp() {
+        assert_eq!(shape_tensor(&[2, 3, 4], -1, None).to_i64_vec(), vec![4]);
+        assert_eq!(shape_tensor(&[2, 3, 4], 2, Some(1)).to_i64_vec(), Vec::<i64>::new());
+        assert_eq!(shape_tensor(&[2, 3, 4], -10, Some(10)).to_i64_vec(), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn gather_axis1_negative() {
+        let d = Tensor::i64(vec![2, 3], vec![0, 1, 2, 3, 4, 5]);
+        let i = Tensor::i64(vec![2], vec![-1, 0]);
+        let g = gather(&d, &i, 1).unwrap();
+        assert_eq!(g.shape, vec![2, 2]);
+        assert_eq!(g.to_i64_vec(), vec![2, 0, 5, 3]);
+    }
+}

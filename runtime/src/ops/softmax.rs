@@ -1,0 +1,69 @@
+//! Softmax and LogSoftmax (`shaders/softmax.wgsl`).
+//!
+//! Both opset semantics reduce to rows of `len` elements `inner` apart: from opset 13 a row runs
+//! along the single axis (inner = product of the later dims); before 13 the input is coerced to
+//! 2-D at `axis`, so a row is everything from `axis` on, contiguous (inner = 1).
+
+use super::{Attrs, Input, Lowering, OpResult, norm_axis, required};
+use crate::gpu::{KernelKey, Params, Shader, grid_1d};
+use crate::tensor::DType;
+
+/// Rows at least this long get a workgroup each instead of a thread.
+const WORKGROUP_MIN: usize = 64;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SoftmaxAttrs {
+    pub axis: i64,
+    pub log: bool,
+    /// Opset < 13: coerce to 2-D at `axis` instead of normalising along that one axis.
+    pub coerce_2d: bool,
+}
+
+impl SoftmaxAttrs {
+    pub fn parse(op_type: &str, a: &Attrs<'_>, opset: i64) -> OpResult<SoftmaxAttrs> {
+        a.only(&["axis"])?;
+        let coerce_2d = opset < 13;
+        Ok(SoftmaxAttrs {
+            axis: a.int("axis", if coerce_2d { 1 } else { -1 })?,
+            log: op_type == "LogSoftmax",
+            coerce_2d,
+        })
+    }
+
+    /// (outer, len, inner): rows are `outer * inner`, each of `len` elements `inner` apart.
+    fn layout(&self, shape: &[usize]) -> OpResult<(usize, usize, usize)> {
+        let axis = norm_axis(self.axis, shape.len())?;
+        let outer: usize = shape[..axis.min(shape.len())].iter().product();
+        if self.coerce_2d {
+            Ok((outer, shape[axis.min(shape.len())..].iter().product(), 1))
+        } else {
+            let len = shape.get(axis).copied().unwrap_or(1);
+            Ok((outer, len, shape.get(axis + 1..).map_or(1, |s| s.iter().product())))
+        }
+    }
+}
+
+pub fn infer(a: &SoftmaxAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+    let x = required(inputs, 0, "input")?;
+    a.layout(x.shape)?;
+    Ok(vec![(x.shape.to_vec(), x.dtype)])
+}
+
+pub fn lower(a: &SoftmaxAttrs, l: &mut Lowering) -> OpResult<()> {
+    let x = l.input(0, "input")?.clone();
+    let y = l.output(0)?.clone();
+    let n = x.numel();
+    if n > u32::MAX as usize {
+        return Err(format!("Softmax input has {n} elements, more than a 32-bit index covers"));
+    }
+    let (outer, len, inner) = a.layout(&x.shape)?;
+    let rows = outer * inner;
+    let params = Params::new().u32(rows as u32).u32(len as u32).u32(inner as u32);
+    let key = |entry| KernelKey::new(Shader::Softmax, entry).with("LOG", a.log as i32);
+    if len >= WORKGROUP_MIN {
+        l.dispatch(key("softmax_wg_main"), params, vec![x.buf, y.buf], grid_1d(rows, 1));
+    } else {
+        l.dispatch(key("softmax_thread_main"), params, vec![x.buf, y.buf], grid_1d(rows, 256));
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! Specialisation: concrete input shapes in, every tensor's shape known and every constant
+//! subgraph folded out.
+//!
+//! Exporters emit shape arithmetic (Shape → Gather → Unsqueeze → Concat → Reshape, or the
+//! ConstantOfShape/Slice chains behind PyTorch's padding). Once the input shapes are fixed all of
+//! it is constant, so it is evaluated here on the CPU and the GPU only ever sees float tensors
+//! with static shapes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::PlanError;
+use crate::ir::{Dim, Graph};
+use crate::ops::{Input, Op};
+use crate::tensor::{DType, Tensor};
+
+/// What is known about a tensor after specialisation.
+#[derive(Clone, Debug)]
+pub struct ValueInfo {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    /// Set for constants (initializers and folded results).
+    pub konst: Option<Arc<Tensor>>,
+    /// A constant derived from the input shapes (through Shape): it may differ between plans,
+    /// so it cannot be shared through the engine's weight store.
+    pub shape_dependent: bool,
+}
+
+/// A node that runs on the GPU, with its inputs and outputs by name.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub node: usize,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}
+
+/// The graph for one set of input shapes.
+#[derive(Clone, Debug)]
+pub struct Specialized {
+    pub values: HashMap<String, ValueInfo>,
+    pub steps: Vec<Step>,
+    pub input_names: Vec<String>,
+    pub output_names: Vec<String>,
+}
+
+fn node_err(graph: &Graph, idx: usize, shapes: Vec<Vec<usize>>, reason: String) -> PlanError {
+    let n = &graph.nodes[idx];
+    PlanError::Node { node: n.name.clone(), op: n.op_type.clone(), shapes, reason }
+}
+
+/// Checks `shape` against the declared dims of a graph input.
+pub fn check_input_shape(name: &str, dims: &Option<Vec<Dim>>, shape: &[usize]) -> Result<(), PlanError> {
+    if let Some(dims) = dims {
+        let ok = dims.len() == shape.len()
+            && dims.iter().zip(shape).all(|(d, &s)| match d {
+                Dim::Fixed(n) => *n == s,
+                Dim::Dynamic(_) => true,
+            });
+        if !ok {
+            let expected = format!("[{}]", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+            return Err(PlanError::InputShape { name: name.to_string(), expected, got: shape.to_vec() });
+        }
+    }
+    Ok(())
+}
+
+/// Specialises `graph` to `shapes` (one per graph input, in order).
+pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, PlanError> {
+    if shapes.len() != graph.inputs.len() {
+        return Err(PlanError::InputCount { expected: graph.inputs.len(), got: shapes.len() });
+    }
+    let mut values: HashMap<String, ValueInfo> = HashMap::new();
+    for (name, t) in &graph.initializers {
+        values.insert(name.clone(), ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(t.clone()), shape_dependent: false });
+    }
+    for (info, shape) in graph.inputs.iter().zip(shapes) {
+        check_input_shape(&info.name, &info.dims, shape)?;
+        values.insert(info.name.clone(), ValueInfo { shape: shape.clone(), dtype: DType::F32, konst: None, shape_dependent: false });
+    }
+
+    // Liveness first: nodes none of whose outputs reach a graph output are skipped entirely
+    // (dead branches), and unread outputs (BN's training outputs, Dropout's boolean mask) are
+    // neither type-checked nor kept.
+    let output_names: Vec<String> = graph.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut needed: std::collections::HashSet<&str> = output_names.iter().map(|s| s.as_str()).collect();
+    let mut live = vec![false; graph.nodes.len()];
+    for (i, n) in graph.nodes.iter().enumerate().rev() {
+        if n.outputs.iter().any(|o| needed.contains(o.as_str())) {
+            live[i] = true;
+            needed.extend(n.inputs.iter().filter(|s| !s.is_empty()).map(|s| s.as_str()));
+        }
+    }
+
+    let mut steps = Vec::new();
+    for (idx, node) in graph.nodes.iter().enumerate() {
+        if !live[idx] {
+            continue;
+        }
+        let infos: Vec<Option<ValueInfo>> =
+            node.inputs.iter().map(|n| if n.is_empty() { None } else { values.get(n).cloned() }).collect();
+        let shapes_of = || infos.iter().map(|i| i.as_ref().map(|v| v.shape.clone()).unwrap_or_default()).collect::<Vec<_>>();
+        for (name, info) in node.inputs.iter().zip(&infos) {
+            if !name.is_empty() && info.is_none() {
+                return Err(node_err(graph, idx, shapes_of(), format!("input '{name}' is not defined")));
+            }
+        }
+        let ins: Vec<Option<Input<'_>>> = infos
+            .iter()
+            .map(|i| i.as_ref().map(|v| Input { shape: &v.shape, dtype: v.dtype, value: v.konst.as_deref() }))
+            .collect();
+        let all_const = infos.iter().all(|i| i.as_ref().is_none_or(|v| v.konst.is_some()));
+
+        // Shape only looks at its input's shape, so it is constant even on a runtime tensor.
+        if let Op::Shape(s) = &node.op
+            && let Some(t) = s.shape_of(&ins)
+        {
+            let t = t.map_err(|r| node_err(graph, idx, shapes_of(), r))?;
+            let out = &node.outputs[0];
+            let info = ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent: true };
+            values.insert(out.clone(), info);
+            continue;
+        }
+
+        let inferred = node.op.infer(&ins).map_err(|r| node_err(graph, idx, shapes_of(), r))?;
+        if all_const && let Some(res) = node.op.eval(&ins.iter().map(|i| i.and_then(|x| x.value)).collect::<Vec<_>>())
+        {
+            let outs = res.map_err(|r| node_err(graph, idx, shapes_of(), r))?;
+            let shape_dependent = infos.iter().flatten().any(|v| v.shape_dependent);
+            for (name, t) in node.outputs.iter().zip(outs) {
+                if !name.is_empty() {
+                    let info = ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent };
+                    values.insert(name.clone(), info);
+                }
+            }
+            continue;
+        }
+        if node.op.cpu_only() {
+            return Err(node_err(
+                graph,
+                idx,
+                shapes_of(),
+                "this op is supported only on constant inputs (shape arithmetic), but an input depends on the model input"
+                    .into(),
+            ));
+        }
+        for (name, info) in node.inputs.iter().zip(&infos) {
+            if let Some(v) = info
+                && v.konst.is_none()
+                && v.dtype != DType::F32
+            {
+                return Err(node_err(graph, idx, shapes_of(), format!("input '{name}' is {} at run time; only float32 runs on the GPU", v.dtype)));
+            }
+        }
+        for (name, (shape, dtype)) in node.outputs.iter().zip(inferred) {
+            if name.is_empty() {
+                continue;
+            }
+            if !needed.contains(name.as_str()) {
+                // Unread: the kernel may still write it, so it gets a buffer, but its type is moot.
+                values.insert(name.clone(), ValueInfo { shape, dtype: DType::F32, konst: None, shape_dependent: false });
+                continue;
+            }
+            if dtype != DType::F32 {
+                return Err(node_err(graph, idx, shapes_of(), format!("output '{name}' would be {dtype} at run time; only float32 runs on the GPU")));
+            }
+            values.insert(name.clone(), ValueInfo { shape, dtype, konst: None, shape_dependent: false });
+        }
+        steps.push(Step { node: idx, inputs: node.inputs.clone(), outputs: node.outputs.clone() });
+    }
+
+    Ok(Specialized {
+        values,
+        steps,
+        input_names: graph.inputs.iter().map(|i| i.name.clone()).collect(),
+        output_names,
+    })
+}

@@ -1,0 +1,119 @@
+// Data movement: one strided copy kernel (Transpose, Slice, Concat, Split) and Pad.
+//
+// Elements move as raw 32-bit words, so every float bit pattern (NaN payloads, -0.0) survives.
+// Flat index: gid.x + gid.y * (num_workgroups.x * 256), so more than 65 535 workgroups fit
+// (see gpu::grid_1d).
+
+// Pad modes (override MODE).
+const PAD_CONSTANT: i32 = 0;
+const PAD_REFLECT: i32 = 1;
+const PAD_EDGE: i32 = 2;
+
+override MODE: i32 = 0;
+
+// dst[dst_offset + Σ idx·dst_strides] = src[src_offset + Σ idx·src_strides] for every index of
+// `shape`; source strides are signed (Slice with negative steps walks backwards).
+struct CopyParams {
+    n: u32,
+    rank: u32,
+    src_offset: i32,
+    dst_offset: u32,
+    shape0: vec4<u32>,
+    shape1: vec4<u32>,
+    src_strides0: vec4<i32>,
+    src_strides1: vec4<i32>,
+    dst_strides0: vec4<u32>,
+    dst_strides1: vec4<u32>,
+}
+
+// Output coordinate o reads input coordinate o - begin; outside the input, MODE decides.
+struct PadParams {
+    n: u32,
+    rank: u32,
+    value: f32,
+    _pad: u32,
+    out_shape0: vec4<u32>,
+    out_shape1: vec4<u32>,
+    in_shape0: vec4<u32>,
+    in_shape1: vec4<u32>,
+    in_strides0: vec4<u32>,
+    in_strides1: vec4<u32>,
+    begin0: vec4<i32>,
+    begin1: vec4<i32>,
+}
+
+@group(0) @binding(0) var<uniform> cp: CopyParams;
+@group(0) @binding(0) var<uniform> pp: PadParams;
+@group(0) @binding(1) var<storage, read> src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<u32>;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+fn lane_u(v0: vec4<u32>, v1: vec4<u32>, d: u32) -> u32 {
+    if d < 4u { return v0[d]; }
+    return v1[d - 4u];
+}
+
+fn lane_i(v0: vec4<i32>, v1: vec4<i32>, d: u32) -> i32 {
+    if d < 4u { return v0[d]; }
+    return v1[d - 4u];
+}
+
+@compute @workgroup_size(256)
+fn copy_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if i >= cp.n { return; }
+    var rem = i;
+    var s = cp.src_offset;
+    var d = cp.dst_offset;
+    for (var k = i32(cp.rank) - 1; k >= 0; k--) {
+        let ku = u32(k);
+        let size = lane_u(cp.shape0, cp.shape1, ku);
+        let idx = rem % size;
+        rem = rem / size;
+        s += i32(idx) * lane_i(cp.src_strides0, cp.src_strides1, ku);
+        d += idx * lane_u(cp.dst_strides0, cp.dst_strides1, ku);
+    }
+    dst[d] = src[u32(s)];
+}
+
+// Source coordinate along one axis of size m, or -1 for the constant fill.
+fn pad_coord(c: i32, m: i32) -> i32 {
+    if c >= 0 && c < m { return c; }
+    switch MODE {
+        case PAD_REFLECT: {
+            // Reflection without repeating the edge has period 2(m-1).
+            if m == 1 { return 0; }
+            let p = 2 * (m - 1);
+            var r = c % p;
+            if r < 0 { r += p; }
+            return select(r, p - r, r >= m);
+        }
+        case PAD_EDGE: { return clamp(c, 0, m - 1); }
+        default: { return -1; }
+    }
+}
+
+@compute @workgroup_size(256)
+fn pad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if i >= pp.n { return; }
+    var rem = i;
+    var s = 0u;
+    for (var k = i32(pp.rank) - 1; k >= 0; k--) {
+        let ku = u32(k);
+        let size = lane_u(pp.out_shape0, pp.out_shape1, ku);
+        let o = rem % size;
+        rem = rem / size;
+        let m = i32(lane_u(pp.in_shape0, pp.in_shape1, ku));
+        let c = pad_coord(i32(o) - lane_i(pp.begin0, pp.begin1, ku), m);
+        if c < 0 {
+            dst[i] = bitcast<u32>(pp.value);
+            return;
+        }
+        s += u32(c) * lane_u(pp.in_strides0, pp.in_strides1, ku);
+    }
+    dst[i] = src[s];
+}

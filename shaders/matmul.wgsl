@@ -1,0 +1,135 @@
+// Batched, strided matrix product: out[b] = alpha * A[b] @ B[b] + beta * C[b].
+//
+// One kernel serves MatMul, Gemm and 1x1 convolutions. Every operand is addressed through
+// strides, so transposes cost nothing (Gemm's transA/transB swap the row and column strides), a
+// broadcast batch or bias dimension is a zero stride (a 1x1 convolution's weight has batch stride
+// 0 across images; Gemm's C broadcasts with zero row or column strides), and the output is always
+// contiguous [batch, M, N].
+//
+// Tiling: a 16x16 workgroup computes a 64x64 output tile, 4x4 outputs per invocation, walking K in
+// steps of 16. Each step stages a 64x16 slice of A and a 16x64 slice of B in workgroup memory
+// (8.5 KiB in all, inside the 16 KiB and 256 invocations that mobile GPUs guarantee); every
+// invocation then reads one vec4 of A and one of B per k and does 16 FMAs. Loads outside the
+// matrices read as zero, so M, N and K need not be multiples of the tile.
+//
+// Grid: x = ceil(N / 64), y = ceil(M / 64), z = batch.
+
+const TILE: u32 = 64u;
+const TILE_K: u32 = 16u;
+// A's staging rows hold 16 vec4 (64 values of M) plus one vec4 of padding, so the 16 invocations
+// that store consecutive k of one row hit different memory banks.
+const A_ROW: u32 = 17u;
+
+// 1 when C (bias) is bound and added; 0 binds a dummy buffer that is never read.
+override HAS_BIAS: u32 = 0u;
+
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    // Number of batch dims in use (0 to 4); the batch index is wid.z decomposed over them.
+    batch_rank: u32,
+    // Element strides of A along M and K, of B along K and N, of C along M and N.
+    a_rs: u32,
+    a_cs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    c_rs: u32,
+    c_cs: u32,
+    alpha: f32,
+    beta: f32,
+    batch_shape: vec4<u32>,
+    // Per-batch-dim element strides, 0 on broadcast dims.
+    a_bs: vec4<u32>,
+    b_bs: vec4<u32>,
+    c_bs: vec4<u32>,
+}
+
+@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read> c: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+// a_tile[k * A_ROW + i] holds rows 4i..4i+3 of the A slice at k; b_tile[k * 16 + j] holds
+// columns 4j..4j+3 of the B slice at k.
+var<workgroup> a_tile: array<vec4<f32>, 272>;
+var<workgroup> b_tile: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(16, 16)
+fn matmul_main(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lidx: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    let row0 = wid.y * TILE;
+    let col0 = wid.x * TILE;
+
+    var rem = wid.z;
+    var a_off = 0u;
+    var b_off = 0u;
+    var c_off = 0u;
+    for (var d = i32(p.batch_rank) - 1; d >= 0; d--) {
+        let s = p.batch_shape[d];
+        let i = rem % s;
+        rem = rem / s;
+        a_off += i * p.a_bs[d];
+        b_off += i * p.b_bs[d];
+        c_off += i * p.c_bs[d];
+    }
+
+    // A loads walk K fastest (contiguous for row-major A); B loads walk N fastest.
+    let a_k = lidx % TILE_K;
+    let a_m = lidx / TILE_K;
+    let b_n = lidx % TILE;
+    let b_k = lidx / TILE;
+
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
+        let gk = k0 + a_k;
+        for (var r = 0u; r < 4u; r++) {
+            let mm = a_m + r * 16u;
+            let gm = row0 + mm;
+            var v = 0.0;
+            if gm < p.m && gk < p.k {
+                v = a[a_off + gm * p.a_rs + gk * p.a_cs];
+            }
+            a_tile[a_k * A_ROW + mm / 4u][mm % 4u] = v;
+        }
+        let gn = col0 + b_n;
+        for (var r = 0u; r < 4u; r++) {
+            let kk = b_k + r * 4u;
+            let gkb = k0 + kk;
+            var v = 0.0;
+            if gn < p.n && gkb < p.k {
+                v = b[b_off + gkb * p.b_rs + gn * p.b_cs];
+            }
+            b_tile[kk * 16u + b_n / 4u][b_n % 4u] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let av = a_tile[kk * A_ROW + lid.y];
+            let bv = b_tile[kk * 16u + lid.x];
+            acc[0] += av.x * bv;
+            acc[1] += av.y * bv;
+            acc[2] += av.z * bv;
+            acc[3] += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+
+    let out_off = wid.z * p.m * p.n;
+    for (var i = 0u; i < 4u; i++) {
+        let gm = row0 + lid.y * 4u + i;
+        if gm >= p.m { break; }
+        for (var j = 0u; j < 4u; j++) {
+            let gn = col0 + lid.x * 4u + j;
+            if gn >= p.n { break; }
+            var v = p.alpha * acc[i][j];
+            if HAS_BIAS != 0u {
+                v += p.beta * c[c_off + gm * p.c_rs + gn * p.c_cs];
+            }
+            out[out_off + gm * p.n + gn] = v;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+// ReduceMean over any set of axes, in a fixed summation order (bit-reproducible, no atomics).
+//
+// The input's non-unit dims are split into kept dims (which index the output, row major) and
+// reduced dims (which index the elements of one output's sum), each with its input strides.
+
+struct ReduceParams {
+    n_out: u32,
+    n_red: u32,
+    kept_rank: u32,
+    red_rank: u32,
+    kept0: vec4<u32>,
+    kept1: vec4<u32>,
+    kept_s0: vec4<u32>,
+    kept_s1: vec4<u32>,
+    red0: vec4<u32>,
+    red1: vec4<u32>,
+    red_s0: vec4<u32>,
+    red_s1: vec4<u32>,
+}
+
+@group(0) @binding(0) var<uniform> p: ReduceParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+fn lane(v0: vec4<u32>, v1: vec4<u32>, d: u32) -> u32 {
+    if d < 4u { return v0[d]; }
+    return v1[d - 4u];
+}
+
+// Input offset of the first element reduced into output `o`.
+fn out_base(o: u32) -> u32 {
+    var rem = o;
+    var off = 0u;
+    for (var d = i32(p.kept_rank) - 1; d >= 0; d--) {
+        let du = u32(d);
+        let s = lane(p.kept0, p.kept1, du);
+        off += (rem % s) * lane(p.kept_s0, p.kept_s1, du);
+        rem /= s;
+    }
+    return off;
+}
+
+// Offset of the `r`th reduced element relative to its output's base.
+fn red_offset(r: u32) -> u32 {
+    var rem = r;
+    var off = 0u;
+    for (var d = i32(p.red_rank) - 1; d >= 0; d--) {
+        let du = u32(d);
+        let s = lane(p.red0, p.red1, du);
+        off += (rem % s) * lane(p.red_s0, p.red_s1, du);
+        rem /= s;
+    }
+    return off;
+}
+
+@compute @workgroup_size(256)
+fn mean_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = gid.x + gid.y * nwg.x * 256u;
+    if o >= p.n_out { return; }
+    let base = out_base(o);
+    var acc = 0.0;
+    for (var r = 0u; r < p.n_red; r++) {
+        acc += x[base + red_offset(r)];
+    }
+    y[o] = acc / f32(p.n_red);
+}
+
+const WG: u32 = 256u;
+var<workgroup> partial: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn mean_wg_main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let o = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup, so the barriers below stay in uniform control flow.
+    if o >= p.n_out { return; }
+    let base = out_base(o);
+    var acc = 0.0;
+    for (var r = t; r < p.n_red; r += WG) {
+        acc += x[base + red_offset(r)];
+    }
+    partial[t] = acc;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            partial[t] += partial[t + s];
+        }
+        workgroupBarrier();
+    }
+    if t == 0u {
+        y[o] = partial[0] / f32(p.n_red);
+    }
+}

@@ -1,0 +1,99 @@
+// Softmax / LogSoftmax over rows of `len` elements spaced `inner` apart (see ops/softmax.rs).
+//
+// Numerically stable: the row maximum is subtracted before exp, and LogSoftmax is computed as
+// x - max - log(sum(exp(x - max))) rather than log(softmax), which would underflow to -inf.
+// Short rows take a thread each; long rows a workgroup each, with fixed-order tree reductions.
+
+// 1 for LogSoftmax, 0 for Softmax.
+override LOG: i32 = 0;
+
+struct SoftmaxParams {
+    rows: u32,
+    len: u32,
+    inner: u32,
+    _p0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: SoftmaxParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+fn row_base(r: u32) -> u32 {
+    return (r / p.inner) * p.len * p.inner + r % p.inner;
+}
+
+fn finish(v: f32, m: f32, sum: f32) -> f32 {
+    if LOG == 1 {
+        return v - m - log(sum);
+    }
+    return exp(v - m) / sum;
+}
+
+@compute @workgroup_size(256)
+fn softmax_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 256u;
+    if r >= p.rows { return; }
+    let base = row_base(r);
+    var m = x[base];
+    for (var j = 1u; j < p.len; j++) {
+        m = max(m, x[base + j * p.inner]);
+    }
+    var sum = 0.0;
+    for (var j = 0u; j < p.len; j++) {
+        sum += exp(x[base + j * p.inner] - m);
+    }
+    for (var j = 0u; j < p.len; j++) {
+        let k = base + j * p.inner;
+        y[k] = finish(x[k], m, sum);
+    }
+}
+
+const WG: u32 = 256u;
+var<workgroup> partial: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn softmax_wg_main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let r = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup, so the barriers below stay in uniform control flow.
+    if r >= p.rows { return; }
+    let base = row_base(r);
+
+    var m = -3.40282347e38;
+    for (var j = t; j < p.len; j += WG) {
+        m = max(m, x[base + j * p.inner]);
+    }
+    partial[t] = m;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            partial[t] = max(partial[t], partial[t + s]);
+        }
+        workgroupBarrier();
+    }
+    let row_max = partial[0];
+    // Everyone must read the maximum before the slots are reused for the sum.
+    workgroupBarrier();
+
+    var sum = 0.0;
+    for (var j = t; j < p.len; j += WG) {
+        sum += exp(x[base + j * p.inner] - row_max);
+    }
+    partial[t] = sum;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            partial[t] += partial[t + s];
+        }
+        workgroupBarrier();
+    }
+    let row_sum = partial[0];
+
+    for (var j = t; j < p.len; j += WG) {
+        let k = base + j * p.inner;
+        y[k] = finish(x[k], row_max, row_sum);
+    }
+}
