@@ -14,6 +14,19 @@
 // conv_depthwise: group == Cin (one input channel per output channel, Cout = Cin * multiplier).
 //   K is only kd * kh * kw, too small to tile, so one invocation computes one output directly.
 //   Grid: grid_1d(N * Cout * P, 256).
+//
+// Reverse pass (data gradient through a frozen weight, a transposed convolution):
+// conv_gemm_dx: per image and group, dX[ci, x] = sum over (co, tap) of W[co, ci, tap] *
+//   dY[co, o] where x + pad - tap * dil = o * stride. With stride s only the taps with
+//   tap * dil = x + pad (mod s) reach x, so the input positions are split into s^d phases by
+//   r = (x + pad) mod s: within one phase the positions form a regular grid x = x0 + s * q, the
+//   contributing taps another, tap = k0 + step * j (step = s / gcd(dil, s)), and
+//   o = base + q - j * dil / gcd(dil, s) is affine in both, so each phase is a dense implicit GEMM
+//   with M = Cin / group, N = positions of the phase, K = Cout / group * taps of the phase. Same
+//   64x64x16 tiling as conv_gemm. Grid: x = ceil(max positions per phase / 64),
+//   y = ceil(M / 64), z = N * group * s^d; workgroups beyond their phase's positions exit.
+// conv_depthwise_dx: one invocation per input element, summing the channel multiplier's outputs
+//   over the taps that reach it. Grid: grid_1d(N * Cin * P_in, 256).
 
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
@@ -200,4 +213,250 @@ fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         acc += bias[oc];
     }
     y[i] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reverse pass
+// ---------------------------------------------------------------------------------------------
+
+// 1 adds dX into the destination (a fanned-out tensor's other gradient is already there).
+override ACCUM: u32 = 0u;
+
+struct ConvDxParams {
+    groups: u32,
+    cin_g: u32,
+    cout_g: u32,
+    cin: u32,
+    cout: u32,
+    // Positions per input and per output image, N * Cin * p_in, and the stride phases (s^d).
+    p_in: u32,
+    p_out: u32,
+    total: u32,
+    phases: u32,
+    in_dims: vec4<u32>,
+    out_dims: vec4<u32>,
+    kernel: vec4<u32>,
+    strides: vec4<u32>,
+    dilations: vec4<u32>,
+    pads: vec4<i32>,
+}
+
+@group(0) @binding(0) var<uniform> q: ConvDxParams;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+
+// One spatial dim of one stride phase r (see the header).
+struct DimPhase {
+    // First input position of the phase and how many there are.
+    x0: u32,
+    n: u32,
+    // First contributing tap, the tap step and how many taps contribute.
+    k0: u32,
+    step: u32,
+    taps: u32,
+    // o = base + q - j * c for position x0 + s * q and tap k0 + step * j.
+    base: i32,
+    c: i32,
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    var x = a;
+    var y = b;
+    loop {
+        if y == 0u { break; }
+        let t = x % y;
+        x = y;
+        y = t;
+    }
+    return x;
+}
+
+fn dim_phase(r: u32, size: u32, s: u32, k: u32, dil: u32, pad: i32) -> DimPhase {
+    var d: DimPhase;
+    d.x0 = (r + s - u32(pad) % s) % s;
+    d.n = 0u;
+    if d.x0 < size {
+        d.n = (size - d.x0 + s - 1u) / s;
+    }
+    let g = gcd(dil, s);
+    d.step = s / g;
+    d.c = i32(dil / g);
+    d.k0 = 0u;
+    d.taps = 0u;
+    // tap * dil mod s repeats with period step, so the first solution (if any) is below it.
+    let scan = min(k, d.step);
+    for (var t = 0u; t < scan; t++) {
+        if (t * dil) % s == r {
+            d.k0 = t;
+            d.taps = (k - t + d.step - 1u) / d.step;
+            break;
+        }
+    }
+    // Exact: x0 + pad - k0 * dil is a multiple of s whenever the phase has taps.
+    d.base = (i32(d.x0) + pad - i32(d.k0 * dil)) / i32(s);
+    return d;
+}
+
+// Flat index over a (_, h, w) grid -> (d, h, w).
+fn split3(i: u32, h: u32, w: u32) -> vec3<u32> {
+    let hw = h * w;
+    let a = i / hw;
+    let r = i - a * hw;
+    let b = r / w;
+    return vec3<u32>(a, b, r - b * w);
+}
+
+@compute @workgroup_size(16, 16)
+fn conv_gemm_dx(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lidx: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    let row0 = wid.y * TILE;
+    let col0 = wid.x * TILE;
+    let ph = wid.z % q.phases;
+    let ig = wid.z / q.phases;
+    let img = ig / q.groups;
+    let g = ig - img * q.groups;
+    let r = split3(ph, q.strides.y, q.strides.z);
+    let fd = dim_phase(r.x, q.in_dims.x, q.strides.x, q.kernel.x, q.dilations.x, q.pads.x);
+    let fh = dim_phase(r.y, q.in_dims.y, q.strides.y, q.kernel.y, q.dilations.y, q.pads.y);
+    let fw = dim_phase(r.z, q.in_dims.z, q.strides.z, q.kernel.z, q.dilations.z, q.pads.z);
+    let np = fd.n * fh.n * fw.n;
+    // Phases differ in size by at most one position per dim; the grid covers the widest.
+    if col0 >= np { return; }
+    let tvol = fd.taps * fh.taps * fw.taps;
+    let kdim = q.cout_g * tvol;
+    let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
+    let first_tap = vec3<u32>(fd.k0, fh.k0, fw.k0);
+    let tap_step = vec3<u32>(fd.step, fh.step, fw.step);
+    let o_step = vec3<i32>(fd.c, fh.c, fw.c);
+    let w_base = g * q.cout_g * q.cin_g * kvol;
+    let dy_base = (img * q.cout + g * q.cout_g) * q.p_out;
+    let o_max = vec3<i32>(q.out_dims.xyz);
+
+    let a_k = lidx % TILE_K;
+    let a_m = lidx / TILE_K;
+    // Each invocation gathers the dY column of one fixed input position.
+    let b_n = lidx % TILE;
+    let b_k = lidx / TILE;
+    let col = col0 + b_n;
+    let col_ok = col < np;
+    let o_base = vec3<i32>(fd.base, fh.base, fw.base) + vec3<i32>(split3(col, fh.n, fw.n));
+
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = 0u; k0 < kdim; k0 += TILE_K) {
+        // A = W viewed as [ci, (co, phase tap)]: one (co, tap) per invocation, 4 rows of ci.
+        let gk = k0 + a_k;
+        let k_ok = gk < kdim;
+        var w_off = 0u;
+        if k_ok {
+            let co = gk / tvol;
+            let tap = first_tap + split3(gk - co * tvol, fh.taps, fw.taps) * tap_step;
+            w_off = w_base + co * q.cin_g * kvol + (tap.x * q.kernel.y + tap.y) * q.kernel.z + tap.z;
+        }
+        for (var i = 0u; i < 4u; i++) {
+            let mm = a_m + i * 16u;
+            let gm = row0 + mm;
+            var v = 0.0;
+            if k_ok && gm < q.cin_g {
+                v = w[w_off + gm * kvol];
+            }
+            a_tile[a_k * A_ROW + mm / 4u][mm % 4u] = v;
+        }
+        for (var i = 0u; i < 4u; i++) {
+            let kk = b_k + i * 4u;
+            let gkb = k0 + kk;
+            var v = 0.0;
+            if col_ok && gkb < kdim {
+                let co = gkb / tvol;
+                let j = split3(gkb - co * tvol, fh.taps, fw.taps);
+                let o = o_base - vec3<i32>(j) * o_step;
+                if all(o >= vec3<i32>(0)) && all(o < o_max) {
+                    let u = vec3<u32>(o);
+                    v = dy[dy_base + co * q.p_out + (u.x * q.out_dims.y + u.y) * q.out_dims.z + u.z];
+                }
+            }
+            b_tile[kk * 16u + b_n / 4u][b_n % 4u] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let av = a_tile[kk * A_ROW + lid.y];
+            let bv = b_tile[kk * 16u + lid.x];
+            acc[0] += av.x * bv;
+            acc[1] += av.y * bv;
+            acc[2] += av.z * bv;
+            acc[3] += av.w * bv;
+        }
+        workgroupBarrier();
+    }
+
+    // Every input position belongs to exactly one phase, so each dX element is written once
+    // (zero when no tap reaches its phase).
+    let x0 = vec3<u32>(fd.x0, fh.x0, fw.x0);
+    for (var i = 0u; i < 4u; i++) {
+        let gm = row0 + lid.y * 4u + i;
+        if gm >= q.cin_g { break; }
+        let plane = (img * q.cin + g * q.cin_g + gm) * q.p_in;
+        for (var j = 0u; j < 4u; j++) {
+            let gn = col0 + lid.x * 4u + j;
+            if gn >= np { break; }
+            let at = x0 + split3(gn, fh.n, fw.n) * q.strides.xyz;
+            let idx = plane + (at.x * q.in_dims.y + at.y) * q.in_dims.z + at.z;
+            var v = acc[i][j];
+            if ACCUM != 0u {
+                v += dx[idx];
+            }
+            dx[idx] = v;
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= q.total { return; }
+    let pos = i % q.p_in;
+    let nc = i / q.p_in;
+    let ci = nc % q.cin;
+    let img = nc / q.cin;
+    // Input channel ci feeds output channels ci * mult .. ci * mult + mult - 1.
+    let mult = q.cout_g;
+    let at = vec3<i32>(split3(pos, q.in_dims.y, q.in_dims.z)) + q.pads.xyz;
+    let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
+    let w_base = ci * mult * kvol;
+    let dy_base = (img * q.cout + ci * mult) * q.p_out;
+    let s = q.strides.xyz;
+    var acc = 0.0;
+    // x + pad - tap * dil falls as the tap grows: once negative, no later tap reaches x.
+    for (var kd = 0u; kd < q.kernel.x; kd++) {
+        let nd = at.x - i32(kd * q.dilations.x);
+        if nd < 0 { break; }
+        if u32(nd) % s.x != 0u { continue; }
+        let od = u32(nd) / s.x;
+        if od >= q.out_dims.x { continue; }
+        for (var kh = 0u; kh < q.kernel.y; kh++) {
+            let nh = at.y - i32(kh * q.dilations.y);
+            if nh < 0 { break; }
+            if u32(nh) % s.y != 0u { continue; }
+            let oh = u32(nh) / s.y;
+            if oh >= q.out_dims.y { continue; }
+            for (var kw = 0u; kw < q.kernel.z; kw++) {
+                let nw = at.z - i32(kw * q.dilations.z);
+                if nw < 0 { break; }
+                if u32(nw) % s.z != 0u { continue; }
+                let ow = u32(nw) / s.z;
+                if ow >= q.out_dims.z { continue; }
+                let opos = (od * q.out_dims.y + oh) * q.out_dims.z + ow;
+                let tap = (kd * q.kernel.y + kh) * q.kernel.z + kw;
+                for (var m = 0u; m < mult; m++) {
+                    acc += w[w_base + m * kvol + tap] * dy[dy_base + m * q.p_out + opos];
+                }
+            }
+        }
+    }
+    if ACCUM != 0u {
+        acc += dx[i];
+    }
+    dx[i] = acc;
 }

@@ -113,3 +113,251 @@ fn binary_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
     out[i] = binary(x[ia], b[ib]);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass
+//
+// ACCUM = 1 adds into the gradient buffer (a fanned-out tensor whose other consumer's gradient
+// is already there) instead of overwriting it. Every gradient element is produced by one thread
+// (or one workgroup) summing in a fixed order, so results are bit-reproducible without atomics.
+// ------------------------------------------------------------------------------------------------
+
+override ACCUM: i32 = 0;
+// Activations: 1 when the saved tensor bound is the forward output, 0 when it is the input.
+override FROM_OUTPUT: i32 = 0;
+// Binary ops: 0 for the gradient of A, 1 for the gradient of B.
+override SIDE: i32 = 0;
+
+// Every gradient kernel binds dy first. Activations: dy, the saved tensor, dX.
+@group(0) @binding(1) var<storage, read> gy: array<f32>;
+@group(0) @binding(2) var<storage, read> saved: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gx: array<f32>;
+
+fn store_grad(i: u32, v: f32) {
+    if ACCUM == 1 {
+        gx[i] = gx[i] + v;
+    } else {
+        gx[i] = v;
+    }
+}
+
+// dL/dx from dL/dy and the saved value v (x, or y when FROM_OUTPUT). The conventions at the
+// kinks are PyTorch's: relu and leaky relu take the negative branch at 0; hardtanh-style clip and
+// hard sigmoid pass the gradient only strictly inside the linear range; hard swish's gradient is
+// x/3 + 1/2 on the closed interval [-3, 3].
+fn unary_grad(g: f32, v: f32) -> f32 {
+    switch OP {
+        case RELU: { return select(0.0, g, v > 0.0); }
+        case LEAKY_RELU: { return select(g * up.alpha, g, v > 0.0); }
+        case SIGMOID: {
+            var s = v;
+            if FROM_OUTPUT == 0 { s = 1.0 / (1.0 + exp(-v)); }
+            return g * s * (1.0 - s);
+        }
+        case HARD_SIGMOID: {
+            var t = v;
+            if FROM_OUTPUT == 0 { t = up.alpha * v + up.beta; }
+            return select(0.0, g * up.alpha, t > 0.0 && t < 1.0);
+        }
+        case HARD_SWISH: {
+            if v < -3.0 { return 0.0; }
+            if v <= 3.0 { return g * (v / 3.0 + 0.5); }
+            return g;
+        }
+        // Clip: min < v < max holds for x exactly when it holds for y = clamp(x, min, max).
+        default: { return select(0.0, g, v > up.alpha && v < up.beta); }
+    }
+}
+
+@compute @workgroup_size(256)
+fn unary_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if i >= up.n { return; }
+    store_grad(i, unary_grad(gy[i], saved[i]));
+}
+
+// The gradient of one operand X of a broadcasting binary op: element j of X sums, over the output
+// positions it was broadcast to, dy times the partial derivative. X's non-unit dims ("kept", in
+// output order, row major) locate j; the dims X was broadcast along ("red") enumerate the sum.
+// Each dim carries its stride in the output and in the other operand (0 where that one is
+// broadcast).
+struct GradParams {
+    n: u32,
+    n_red: u32,
+    kept_rank: u32,
+    red_rank: u32,
+    // Sum kernels: 1 or -1 (Sub's B).
+    scale: f32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+    kept0: vec4<u32>,
+    kept1: vec4<u32>,
+    kept_out0: vec4<u32>,
+    kept_out1: vec4<u32>,
+    kept_oth0: vec4<u32>,
+    kept_oth1: vec4<u32>,
+    red0: vec4<u32>,
+    red1: vec4<u32>,
+    red_out0: vec4<u32>,
+    red_out1: vec4<u32>,
+    red_oth0: vec4<u32>,
+    red_oth1: vec4<u32>,
+}
+
+@group(0) @binding(0) var<uniform> gp: GradParams;
+// Product kernels bind dy, A, B, dX; sum kernels bind dy, dX.
+@group(0) @binding(2) var<storage, read> ga: array<f32>;
+@group(0) @binding(3) var<storage, read> gb: array<f32>;
+@group(0) @binding(4) var<storage, read_write> gx4: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gx2: array<f32>;
+
+// (output offset, other-operand offset) of gradient element j's first contribution.
+fn kept_base(j: u32) -> vec2<u32> {
+    var rem = j;
+    var off = vec2<u32>(0u);
+    for (var d = i32(gp.kept_rank) - 1; d >= 0; d--) {
+        let du = u32(d);
+        let s = lane(gp.kept0, gp.kept1, du);
+        let idx = rem % s;
+        rem = rem / s;
+        off += idx * vec2<u32>(lane(gp.kept_out0, gp.kept_out1, du), lane(gp.kept_oth0, gp.kept_oth1, du));
+    }
+    return off;
+}
+
+// (output offset, other-operand offset) of the r-th broadcast position, relative to the base.
+fn red_step(r: u32) -> vec2<u32> {
+    var rem = r;
+    var off = vec2<u32>(0u);
+    for (var d = i32(gp.red_rank) - 1; d >= 0; d--) {
+        let du = u32(d);
+        let s = lane(gp.red0, gp.red1, du);
+        let idx = rem % s;
+        rem = rem / s;
+        off += idx * vec2<u32>(lane(gp.red_out0, gp.red_out1, du), lane(gp.red_oth0, gp.red_oth1, du));
+    }
+    return off;
+}
+
+// dy times the partial derivative of OP with respect to the SIDE operand at (a, c). Conventions
+// follow PyTorch: pow's d/da is 0 where the exponent is 0; d/db = a^b ln a only where a > 0
+// (0 elsewhere); PRelu takes the slope branch at x = 0.
+fn binary_grad(g: f32, a: f32, c: f32) -> f32 {
+    if SIDE == 0 {
+        switch OP {
+            case MUL: { return g * c; }
+            case DIV: { return g / c; }
+            case POW: { return select(g * c * pow_onnx(a, c - 1.0), 0.0, c == 0.0); }
+            default: { return select(g * c, g, a > 0.0); }
+        }
+    }
+    switch OP {
+        case MUL: { return g * a; }
+        case DIV: { return -g * a / (c * c); }
+        case POW: { return select(0.0, g * pow_onnx(a, c) * log(a), a > 0.0); }
+        default: { return 0.0; }
+    }
+}
+
+// Operand values at (own index j, other operand offset) as (a, b).
+fn operands(j: u32, oth: u32) -> vec2<f32> {
+    if SIDE == 0 { return vec2<f32>(ga[j], gb[oth]); }
+    return vec2<f32>(ga[oth], gb[j]);
+}
+
+fn store_grad4(j: u32, v: f32) {
+    if ACCUM == 1 {
+        gx4[j] = gx4[j] + v;
+    } else {
+        gx4[j] = v;
+    }
+}
+
+fn store_grad2(j: u32, v: f32) {
+    if ACCUM == 1 {
+        gx2[j] = gx2[j] + v;
+    } else {
+        gx2[j] = v;
+    }
+}
+
+@compute @workgroup_size(256)
+fn binary_grad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = flat(gid, nwg);
+    if j >= gp.n { return; }
+    let base = kept_base(j);
+    var acc = 0.0;
+    for (var r = 0u; r < gp.n_red; r++) {
+        let off = base + red_step(r);
+        let v = operands(j, off.y);
+        acc += binary_grad(gy[off.x], v.x, v.y);
+    }
+    store_grad4(j, acc);
+}
+
+@compute @workgroup_size(256)
+fn binary_grad_sum_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let j = flat(gid, nwg);
+    if j >= gp.n { return; }
+    let base = kept_base(j).x;
+    var acc = 0.0;
+    for (var r = 0u; r < gp.n_red; r++) {
+        acc += gy[base + red_step(r).x];
+    }
+    store_grad2(j, gp.scale * acc);
+}
+
+const GRAD_WG: u32 = 256u;
+var<workgroup> partial: array<f32, 256>;
+
+// Fixed-shape tree over the workgroup's partial sums; every invocation must call it.
+fn tree_sum(t: u32, v: f32) -> f32 {
+    partial[t] = v;
+    workgroupBarrier();
+    for (var s = GRAD_WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            partial[t] += partial[t + s];
+        }
+        workgroupBarrier();
+    }
+    return partial[0];
+}
+
+// Long broadcasts (a per-channel operand over N·H·W): one workgroup per gradient element.
+@compute @workgroup_size(256)
+fn binary_grad_wg_main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let j = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup, so the barriers in tree_sum stay in uniform control flow.
+    if j >= gp.n { return; }
+    let base = kept_base(j);
+    var acc = 0.0;
+    for (var r = t; r < gp.n_red; r += GRAD_WG) {
+        let off = base + red_step(r);
+        let v = operands(j, off.y);
+        acc += binary_grad(gy[off.x], v.x, v.y);
+    }
+    let total = tree_sum(t, acc);
+    if t == 0u { store_grad4(j, total); }
+}
+
+@compute @workgroup_size(256)
+fn binary_grad_sum_wg_main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let j = wid.x + wid.y * nwg.x;
+    if j >= gp.n { return; }
+    let base = kept_base(j).x;
+    var acc = 0.0;
+    for (var r = t; r < gp.n_red; r += GRAD_WG) {
+        acc += gy[base + red_step(r).x];
+    }
+    let total = tree_sum(t, acc);
+    if t == 0u { store_grad2(j, gp.scale * total); }
+}

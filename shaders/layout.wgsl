@@ -117,3 +117,121 @@ fn pad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     }
     dst[i] = src[s];
 }
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass. Transpose, Slice, Concat and Split run their forward copies backwards (dY read
+// through the forward's destination strides, dX written through its source strides, which the
+// lowering makes non-negative); no two threads of one dispatch write the same element. Pad is a
+// gather per dX element: constant mode in one pass over all axes, reflect and edge one axis at a
+// time, each folding the border gradients back onto the elements they were copied from.
+// ------------------------------------------------------------------------------------------------
+
+// 1 to add into the gradient buffer, 0 to overwrite it.
+override ACCUM: i32 = 0;
+
+@group(0) @binding(1) var<storage, read> gsrc: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gdst: array<f32>;
+@group(0) @binding(1) var<storage, read_write> fill_dst: array<u32>;
+
+fn store_grad(i: u32, v: f32) {
+    if ACCUM == 1 {
+        gdst[i] = gdst[i] + v;
+    } else {
+        gdst[i] = v;
+    }
+}
+
+// copy_main's walk, adding instead of copying bits.
+@compute @workgroup_size(256)
+fn copy_add_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if i >= cp.n { return; }
+    var rem = i;
+    var s = cp.src_offset;
+    var d = cp.dst_offset;
+    for (var k = i32(cp.rank) - 1; k >= 0; k--) {
+        let ku = u32(k);
+        let size = lane_u(cp.shape0, cp.shape1, ku);
+        let idx = rem % size;
+        rem = rem / size;
+        s += i32(idx) * lane_i(cp.src_strides0, cp.src_strides1, ku);
+        d += idx * lane_u(cp.dst_strides0, cp.dst_strides1, ku);
+    }
+    gdst[d] = gdst[d] + gsrc[u32(s)];
+}
+
+// Zeroes cp.n words (the gradient of elements no output gradient reaches).
+@compute @workgroup_size(256)
+fn fill_zero_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if i >= cp.n { return; }
+    fill_dst[i] = 0u;
+}
+
+// Constant-mode Pad: dX element c reads dY at c + begin, or nothing where negative pads cropped
+// it. Uses PadParams with n = dX's size, out = dY's shape, in = dX's shape, in_strides = dY's.
+@compute @workgroup_size(256)
+fn pad_backward_constant_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if i >= pp.n { return; }
+    var rem = i;
+    var s = 0u;
+    var inside = true;
+    for (var k = i32(pp.rank) - 1; k >= 0; k--) {
+        let ku = u32(k);
+        let m = lane_u(pp.in_shape0, pp.in_shape1, ku);
+        let c = rem % m;
+        rem = rem / m;
+        let o = i32(c) + lane_i(pp.begin0, pp.begin1, ku);
+        if o < 0 || o >= i32(lane_u(pp.out_shape0, pp.out_shape1, ku)) {
+            inside = false;
+        } else {
+            s += u32(o) * lane_u(pp.in_strides0, pp.in_strides1, ku);
+        }
+    }
+    var v = 0.0;
+    if inside { v = gsrc[s]; }
+    store_grad(i, v);
+}
+
+// One axis of a reflect / edge Pad's reverse: the tensor is [outer, out_len, inner] and becomes
+// [outer, m, inner]; element c of the axis sums, in increasing output order, every output
+// position whose source coordinate (pad_coord) is c. Only the border positions can map
+// anywhere but c + begin, so only they are scanned.
+struct FoldParams {
+    n: u32,
+    out_len: u32,
+    m: u32,
+    inner: u32,
+    begin: i32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> fp: FoldParams;
+
+@compute @workgroup_size(256)
+fn pad_fold_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if i >= fp.n { return; }
+    let inner_i = i % fp.inner;
+    let c = i32((i / fp.inner) % fp.m);
+    let outer_i = i / (fp.inner * fp.m);
+    let base = outer_i * fp.out_len * fp.inner + inner_i;
+    let m = i32(fp.m);
+    let out_len = i32(fp.out_len);
+    // Output positions [0, begin) and [begin + m, out_len) are border; begin + c is the copy.
+    let left_end = clamp(fp.begin, 0, out_len);
+    let right_start = clamp(fp.begin + m, 0, out_len);
+    var acc = 0.0;
+    for (var o = 0; o < left_end; o++) {
+        if pad_coord(o - fp.begin, m) == c { acc += gsrc[base + u32(o) * fp.inner]; }
+    }
+    let own = c + fp.begin;
+    if own >= 0 && own < out_len { acc += gsrc[base + u32(own) * fp.inner]; }
+    for (var o = right_start; o < out_len; o++) {
+        if pad_coord(o - fp.begin, m) == c { acc += gsrc[base + u32(o) * fp.inner]; }
+    }
+    store_grad(i, acc);
+}

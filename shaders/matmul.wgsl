@@ -13,6 +13,14 @@
 // matrices read as zero, so M, N and K need not be multiples of the tile.
 //
 // Grid: x = ceil(N / 64), y = ceil(M / 64), z = batch.
+//
+// The reverse pass runs the same kernel on transposed views (dA = dY @ B^T is a stride swap) with
+// ACCUM = 1 when the gradient must be added to what another consumer already wrote there.
+//
+// reduce_broadcast: dst[i] (+)= scale * sum over the broadcast dims of src, for gradients of
+// operands that were broadcast in the forward pass (a batch-broadcast MatMul operand, Gemm's C).
+// One invocation per destination element loops over the reduced entries in a fixed order, so the
+// sum is bit-reproducible (no atomics). Grid: grid_1d(dst elements, 256).
 
 const TILE: u32 = 64u;
 const TILE_K: u32 = 16u;
@@ -22,6 +30,8 @@ const A_ROW: u32 = 17u;
 
 // 1 when C (bias) is bound and added; 0 binds a dummy buffer that is never read.
 override HAS_BIAS: u32 = 0u;
+// 1 adds the result into the destination instead of overwriting it.
+override ACCUM: u32 = 0u;
 
 struct MatmulParams {
     m: u32,
@@ -129,7 +139,74 @@ fn matmul_main(
             if HAS_BIAS != 0u {
                 v += p.beta * c[c_off + gm * p.c_rs + gn * p.c_cs];
             }
-            out[out_off + gm * p.n + gn] = v;
+            let o = out_off + gm * p.n + gn;
+            if ACCUM != 0u {
+                v += out[o];
+            }
+            out[o] = v;
         }
     }
+}
+
+struct ReduceParams {
+    // Destination elements, the unreduced trailing block carried along, the number of leading
+    // dims described below, and the number of entries summed per destination element.
+    total: u32,
+    inner: u32,
+    rank: u32,
+    rcount: u32,
+    scale: f32,
+    // Per leading dim (8 lanes as two vec4): the destination's size (1 where reduced), the
+    // reduced size (1 where kept), and the source's element stride.
+    kept0: vec4<u32>,
+    kept1: vec4<u32>,
+    red0: vec4<u32>,
+    red1: vec4<u32>,
+    stride0: vec4<u32>,
+    stride1: vec4<u32>,
+}
+
+@group(0) @binding(0) var<uniform> rp: ReduceParams;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+fn lane8(lo: vec4<u32>, hi: vec4<u32>, d: u32) -> u32 {
+    if d < 4u {
+        return lo[d];
+    }
+    return hi[d - 4u];
+}
+
+@compute @workgroup_size(256)
+fn reduce_broadcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= rp.total { return; }
+    let within = i % rp.inner;
+    var rem = i / rp.inner;
+    var base = within;
+    for (var d = i32(rp.rank) - 1; d >= 0; d--) {
+        let s = lane8(rp.kept0, rp.kept1, u32(d));
+        base += (rem % s) * lane8(rp.stride0, rp.stride1, u32(d));
+        rem = rem / s;
+    }
+    var acc = 0.0;
+    // A zero scale (Gemm with beta = 0, whose C never reached the output) gives exact zeros
+    // rather than 0 * dY, which an infinite dY would turn into NaN.
+    if rp.scale != 0.0 {
+        for (var r = 0u; r < rp.rcount; r++) {
+            var rr = r;
+            var off = base;
+            for (var d = i32(rp.rank) - 1; d >= 0; d--) {
+                let s = lane8(rp.red0, rp.red1, u32(d));
+                off += (rr % s) * lane8(rp.stride0, rp.stride1, u32(d));
+                rr = rr / s;
+            }
+            acc += src[off];
+        }
+    }
+    var v = rp.scale * acc;
+    if ACCUM != 0u {
+        v += dst[i];
+    }
+    dst[i] = v;
 }

@@ -81,18 +81,7 @@ fn pool_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         y[i] = acc;
         return;
     }
-    // The window is a box, so its tap count is the product of the per-dim counts. Counting the
-    // padding means counting taps inside [-pad_begin, in + pad_end): with ceil_mode a window can
-    // run past the end padding, and those taps never count.
-    var lim = ind;
-    var org = vec3<i32>(0);
-    if p.count_include_pad != 0u {
-        lim = ind + vec3<i32>(p.pad_end.xyz);
-        org = vec3<i32>(p.pad_begin.xyz);
-    }
-    let count = taps_below(sd + org.x, p.kernel.x, p.dilations.x, lim.x + org.x)
-        * taps_below(sh + org.y, p.kernel.y, p.dilations.y, lim.y + org.y)
-        * taps_below(sw + org.z, p.kernel.z, p.dilations.z, lim.z + org.z);
+    let count = avg_count(sd, sh, sw);
     y[i] = select(0.0, acc / f32(count), count > 0u);
 }
 
@@ -124,4 +113,161 @@ fn global_avg_main(
     if t == 0u {
         y[plane] = partial[0] / f32(gp.plane);
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass: gathers, one thread per input element, so no two threads write one gradient
+// element and no atomics are needed; each thread sums its windows in a fixed order.
+// ------------------------------------------------------------------------------------------------
+
+// 1 to add into the gradient buffer, 0 to overwrite it.
+override ACCUM: i32 = 0;
+
+const NO_TAP: u32 = 0xffffffffu;
+
+@group(0) @binding(2) var<storage, read_write> arg_out: array<u32>;
+@group(0) @binding(1) var<storage, read> gy: array<f32>;
+@group(0) @binding(2) var<storage, read> arg_in: array<u32>;
+@group(0) @binding(3) var<storage, read_write> gx3: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gx2: array<f32>;
+
+// MaxPool pass 1, one thread per output: the input offset of the window's first maximum in scan
+// order (d, h, w), the element PyTorch and ONNX Runtime route the gradient to; NO_TAP for a
+// window wholly in the padding.
+@compute @workgroup_size(256)
+fn maxpool_argmax_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.n { return; }
+    let ow = i % p.out_dims.z;
+    let oh = (i / p.out_dims.z) % p.out_dims.y;
+    let od = (i / (p.out_dims.z * p.out_dims.y)) % p.out_dims.x;
+    let plane = i / (p.out_dims.z * p.out_dims.y * p.out_dims.x);
+    let base = plane * p.in_dims.x * p.in_dims.y * p.in_dims.z;
+    let sd = i32(od * p.strides.x) - i32(p.pad_begin.x);
+    let sh = i32(oh * p.strides.y) - i32(p.pad_begin.y);
+    let sw = i32(ow * p.strides.z) - i32(p.pad_begin.z);
+    let ind = vec3<i32>(p.in_dims.xyz);
+    var best = 0.0;
+    var at = NO_TAP;
+    for (var kd = 0u; kd < p.kernel.x; kd++) {
+        let zd = sd + i32(kd * p.dilations.x);
+        if zd < 0 || zd >= ind.x { continue; }
+        for (var kh = 0u; kh < p.kernel.y; kh++) {
+            let zh = sh + i32(kh * p.dilations.y);
+            if zh < 0 || zh >= ind.y { continue; }
+            let row = base + (u32(zd) * p.in_dims.y + u32(zh)) * p.in_dims.z;
+            for (var kw = 0u; kw < p.kernel.z; kw++) {
+                let zw = sw + i32(kw * p.dilations.z);
+                if zw < 0 || zw >= ind.z { continue; }
+                let v = x[row + u32(zw)];
+                // Strictly greater: a later equal value does not take over.
+                if at == NO_TAP || v > best {
+                    best = v;
+                    at = row + u32(zw);
+                }
+            }
+        }
+    }
+    arg_out[i] = at;
+}
+
+// The output index along one dim of the window whose tap k covers input coordinate z, or -1.
+fn window_of(z: u32, k: u32, stride: u32, dil: u32, pad: u32, outs: u32) -> i32 {
+    let t = i32(z + pad) - i32(k * dil);
+    if t < 0 || (u32(t) % stride) != 0u { return -1; }
+    let o = u32(t) / stride;
+    return select(-1, i32(o), o < outs);
+}
+
+// AveragePool's divisor for the window starting at (sd, sh, sw), shared by the forward and the
+// reverse pass. The window is a box, so its tap count is the product of the per-dim counts.
+// Counting the padding means counting taps inside [-pad_begin, in + pad_end): with ceil_mode a
+// window can run past the end padding, and those taps never count.
+fn avg_count(sd: i32, sh: i32, sw: i32) -> u32 {
+    let ind = vec3<i32>(p.in_dims.xyz);
+    var lim = ind;
+    var org = vec3<i32>(0);
+    if p.count_include_pad != 0u {
+        lim = ind + vec3<i32>(p.pad_end.xyz);
+        org = vec3<i32>(p.pad_begin.xyz);
+    }
+    return taps_below(sd + org.x, p.kernel.x, p.dilations.x, lim.x + org.x)
+        * taps_below(sh + org.y, p.kernel.y, p.dilations.y, lim.y + org.y)
+        * taps_below(sw + org.z, p.kernel.z, p.dilations.z, lim.z + org.z);
+}
+
+// (plane, d, h, w) of input element i.
+fn input_coords(i: u32) -> vec4<u32> {
+    let zw = i % p.in_dims.z;
+    let zh = (i / p.in_dims.z) % p.in_dims.y;
+    let zd = (i / (p.in_dims.z * p.in_dims.y)) % p.in_dims.x;
+    return vec4<u32>(i / (p.in_dims.z * p.in_dims.y * p.in_dims.x), zd, zh, zw);
+}
+
+// MaxPool pass 2, one thread per input element: the sum of dy over the windows whose first
+// maximum this element is. Buffers: dy, the argmax offsets, dX.
+@compute @workgroup_size(256)
+fn maxpool_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.n { return; }
+    let z = input_coords(i);
+    let obase = z.x * p.out_dims.x * p.out_dims.y * p.out_dims.z;
+    var acc = 0.0;
+    for (var kd = 0u; kd < p.kernel.x; kd++) {
+        let od = window_of(z.y, kd, p.strides.x, p.dilations.x, p.pad_begin.x, p.out_dims.x);
+        if od < 0 { continue; }
+        for (var kh = 0u; kh < p.kernel.y; kh++) {
+            let oh = window_of(z.z, kh, p.strides.y, p.dilations.y, p.pad_begin.y, p.out_dims.y);
+            if oh < 0 { continue; }
+            for (var kw = 0u; kw < p.kernel.z; kw++) {
+                let ow = window_of(z.w, kw, p.strides.z, p.dilations.z, p.pad_begin.z, p.out_dims.z);
+                if ow < 0 { continue; }
+                let o = obase + (u32(od) * p.out_dims.y + u32(oh)) * p.out_dims.z + u32(ow);
+                if arg_in[o] == i { acc += gy[o]; }
+            }
+        }
+    }
+    if ACCUM == 1 { acc = gx3[i] + acc; }
+    gx3[i] = acc;
+}
+
+// AveragePool, one thread per input element: the sum of dy / count over the windows that cover
+// it (padding taps never cover an input element, whatever count_include_pad says about the
+// divisor). Buffers: dy, dX.
+@compute @workgroup_size(256)
+fn avgpool_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.n { return; }
+    let z = input_coords(i);
+    let obase = z.x * p.out_dims.x * p.out_dims.y * p.out_dims.z;
+    var acc = 0.0;
+    for (var kd = 0u; kd < p.kernel.x; kd++) {
+        let od = window_of(z.y, kd, p.strides.x, p.dilations.x, p.pad_begin.x, p.out_dims.x);
+        if od < 0 { continue; }
+        let sd = od * i32(p.strides.x) - i32(p.pad_begin.x);
+        for (var kh = 0u; kh < p.kernel.y; kh++) {
+            let oh = window_of(z.z, kh, p.strides.y, p.dilations.y, p.pad_begin.y, p.out_dims.y);
+            if oh < 0 { continue; }
+            let sh = oh * i32(p.strides.y) - i32(p.pad_begin.y);
+            for (var kw = 0u; kw < p.kernel.z; kw++) {
+                let ow = window_of(z.w, kw, p.strides.z, p.dilations.z, p.pad_begin.z, p.out_dims.z);
+                if ow < 0 { continue; }
+                let sw = ow * i32(p.strides.z) - i32(p.pad_begin.z);
+                let o = obase + (u32(od) * p.out_dims.y + u32(oh)) * p.out_dims.z + u32(ow);
+                acc += gy[o] / f32(avg_count(sd, sh, sw));
+            }
+        }
+    }
+    if ACCUM == 1 { acc = gx2[i] + acc; }
+    gx2[i] = acc;
+}
+
+// GlobalAveragePool: dX = dy / plane, broadcast over the plane. Buffers: dy, dX.
+@compute @workgroup_size(256)
+fn global_avg_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= gp.planes * gp.plane { return; }
+    var v = gy[i / gp.plane] / f32(gp.plane);
+    if ACCUM == 1 { v = gx2[i] + v; }
+    gx2[i] = v;
 }

@@ -94,3 +94,45 @@ fn mean_wg_main(
         y[o] = partial[0] / f32(p.n_red);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass: dX = dY / n_red broadcast back over the reduced dims, one thread per input
+// element. The input's dims arrive merged into runs (unit dims dropped), each with its stride in
+// dY: 0 for a reduced run, the row-major stride over the kept dims otherwise.
+// ------------------------------------------------------------------------------------------------
+
+// 1 to add into the gradient buffer, 0 to overwrite it.
+override ACCUM: i32 = 0;
+
+struct MeanGradParams {
+    n: u32,
+    rank: u32,
+    n_red: u32,
+    _p0: u32,
+    shape0: vec4<u32>,
+    shape1: vec4<u32>,
+    dy_strides0: vec4<u32>,
+    dy_strides1: vec4<u32>,
+}
+
+@group(0) @binding(0) var<uniform> gp: MeanGradParams;
+@group(0) @binding(1) var<storage, read> gy: array<f32>;
+@group(0) @binding(2) var<storage, read_write> gx: array<f32>;
+
+@compute @workgroup_size(256)
+fn mean_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= gp.n { return; }
+    var rem = i;
+    var o = 0u;
+    for (var d = i32(gp.rank) - 1; d >= 0; d--) {
+        let du = u32(d);
+        let s = lane(gp.shape0, gp.shape1, du);
+        o += (rem % s) * lane(gp.dy_strides0, gp.dy_strides1, du);
+        rem /= s;
+    }
+    // Divided, not multiplied by a reciprocal, as the forward divides its sum.
+    var v = gy[o] / f32(gp.n_red);
+    if ACCUM == 1 { v = gx[i] + v; }
+    gx[i] = v;
+}

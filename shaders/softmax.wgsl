@@ -97,3 +97,75 @@ fn softmax_wg_main(
         y[k] = finish(x[k], row_max, row_sum);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass, from the saved output y (buffers: y, dy, dX):
+//   softmax:    dx = y * (dy - Σ dy·y)
+//   logsoftmax: dx = dy - exp(y) * Σ dy
+// One row per thread or per workgroup as in the forward, with the same fixed-order sums.
+// ------------------------------------------------------------------------------------------------
+
+// 1 to add into the gradient buffer, 0 to overwrite it.
+override ACCUM: i32 = 0;
+
+@group(0) @binding(2) var<storage, read> gy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gx: array<f32>;
+
+// Row term summed for the backward: dy·y (softmax) or dy (logsoftmax).
+fn grad_term(k: u32) -> f32 {
+    if LOG == 1 { return gy[k]; }
+    return gy[k] * x[k];
+}
+
+fn store_grad(k: u32, s: f32) {
+    var v: f32;
+    if LOG == 1 {
+        v = gy[k] - exp(x[k]) * s;
+    } else {
+        v = x[k] * (gy[k] - s);
+    }
+    if ACCUM == 1 { v = gx[k] + v; }
+    gx[k] = v;
+}
+
+@compute @workgroup_size(256)
+fn softmax_backward_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 256u;
+    if r >= p.rows { return; }
+    let base = row_base(r);
+    var s = 0.0;
+    for (var j = 0u; j < p.len; j++) {
+        s += grad_term(base + j * p.inner);
+    }
+    for (var j = 0u; j < p.len; j++) {
+        store_grad(base + j * p.inner, s);
+    }
+}
+
+@compute @workgroup_size(256)
+fn softmax_backward_wg_main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let r = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup, so the barriers below stay in uniform control flow.
+    if r >= p.rows { return; }
+    let base = row_base(r);
+    var s = 0.0;
+    for (var j = t; j < p.len; j += WG) {
+        s += grad_term(base + j * p.inner);
+    }
+    partial[t] = s;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h >>= 1u) {
+        if t < h {
+            partial[t] += partial[t + h];
+        }
+        workgroupBarrier();
+    }
+    let row_sum = partial[0];
+    for (var j = t; j < p.len; j += WG) {
+        store_grad(base + j * p.inner, row_sum);
+    }
+}

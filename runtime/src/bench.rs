@@ -93,11 +93,7 @@ impl Stats {
             s[lo] + (s[hi] - s[lo]) * (x - lo as f64)
         };
         let mean = s.iter().sum::<f64>() / n as f64;
-        let var = if n > 1 {
-            s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-        } else {
-            0.0
-        };
+        let var = if n > 1 { s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
         Some(Stats {
             iters: n,
             median_ms: q(0.5),
@@ -112,11 +108,7 @@ impl Stats {
 }
 
 /// Calls `f` `warmup` times untimed, then `iters` times timed (at least once).
-pub fn measure<E>(
-    warmup: usize,
-    iters: usize,
-    mut f: impl FnMut() -> Result<(), E>,
-) -> Result<Stats, E> {
+pub fn measure<E>(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<Stats, E> {
     for _ in 0..warmup {
         f()?;
     }
@@ -126,8 +118,7 @@ pub fn measure<E>(
         f()?;
         samples.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(Stats::from_samples(&samples)
-        .unwrap_or_else(|| unreachable!("at least one sample was taken")))
+    Ok(Stats::from_samples(&samples).unwrap_or_else(|| unreachable!("at least one sample was taken")))
 }
 
 /// What to measure.
@@ -185,8 +176,7 @@ pub struct BenchReport {
     pub cases: Vec<BenchCase>,
 }
 
-const GPU_TIMING: &str =
-    "full Engine::run: input upload + one queue submit + blocking readback of the outputs";
+const GPU_TIMING: &str = "full Engine::run: input upload + one queue submit + blocking readback of the outputs";
 
 fn dim_string(d: &DimSpec) -> String {
     match d {
@@ -199,21 +189,14 @@ fn dim_string(d: &DimSpec) -> String {
 /// The declared shape of a graph input, symbolic dimensions by name.
 pub fn declared_shape(info: &ValueInfo) -> String {
     match &info.shape {
-        Some(d) => format!(
-            "[{}]",
-            d.iter().map(dim_string).collect::<Vec<_>>().join(", ")
-        ),
+        Some(d) => format!("[{}]", d.iter().map(dim_string).collect::<Vec<_>>().join(", ")),
         None => "[unknown]".into(),
     }
 }
 
 /// The concrete input shape for `batch`: the first dimension is the batch; the others come from
 /// `shape` or, when fixed, from the model's declaration.
-pub fn input_shape(
-    info: &ValueInfo,
-    batch: usize,
-    shape: Option<&[usize]>,
-) -> Result<Vec<usize>, BenchError> {
+pub fn input_shape(info: &ValueInfo, batch: usize, shape: Option<&[usize]>) -> Result<Vec<usize>, BenchError> {
     let name = &info.name;
     let Some(dims) = &info.shape else {
         return match shape {
@@ -224,9 +207,7 @@ pub fn input_shape(
         };
     };
     let Some((first, rest)) = dims.split_first() else {
-        return Err(BenchError::Shape(format!(
-            "input '{name}' is a scalar; there is no batch dimension to vary"
-        )));
+        return Err(BenchError::Shape(format!("input '{name}' is a scalar; there is no batch dimension to vary")));
     };
     if let DimSpec::Fixed(n) = first
         && *n as usize != batch
@@ -276,10 +257,8 @@ pub fn input_shape(
             }
         }
     }
-    if out.iter().any(|&d| d == 0) {
-        return Err(BenchError::Shape(format!(
-            "input '{name}': shape {out:?} has a zero dimension"
-        )));
+    if out.contains(&0) {
+        return Err(BenchError::Shape(format!("input '{name}': shape {out:?} has a zero dimension")));
     }
     Ok(out)
 }
@@ -311,14 +290,10 @@ struct Runners {
 /// Measures every (batch, backend) pair of `cfg` on the model at `path`.
 pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     if cfg.batches.is_empty() || cfg.batches.contains(&0) {
-        return Err(BenchError::Config(
-            "--batch needs one or more positive batch sizes".into(),
-        ));
+        return Err(BenchError::Config("--batch needs one or more positive batch sizes".into()));
     }
     if cfg.backends.is_empty() {
-        return Err(BenchError::Config(
-            "--backend needs at least one of gpu, ort".into(),
-        ));
+        return Err(BenchError::Config("--backend needs at least one of gpu, ort".into()));
     }
     let raw = onnx::load_model(path)?;
     let input = match raw.graph.inputs.as_slice() {
@@ -331,11 +306,8 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         }
     };
     // Resolve every shape before opening anything, so a bad --shape fails fast.
-    let shapes: Vec<Vec<usize>> = cfg
-        .batches
-        .iter()
-        .map(|&b| input_shape(&input, b, cfg.shape.as_deref()))
-        .collect::<Result<_, _>>()?;
+    let shapes: Vec<Vec<usize>> =
+        cfg.batches.iter().map(|&b| input_shape(&input, b, cfg.shape.as_deref())).collect::<Result<_, _>>()?;
 
     let mut runners = Runners {
         gpu: None,
@@ -343,36 +315,15 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         ort: None,
     };
     let mut gpu_adapter = None;
-    let mut ort_threads = None;
+    // ONNX Runtime first: a missing library should fail before the GPU is opened.
+    let ort_threads =
+        if cfg.backends.contains(&Backend::Ort) { Some(open_ort(path, cfg, &mut runners)?) } else { None };
     if cfg.backends.contains(&Backend::Gpu) {
         let graph = Graph::from_raw(raw)?;
         let ctx = GpuContext::new().map_err(Error::from)?;
         gpu_adapter = Some(ctx.adapter_summary());
-        let model = Model {
-            graph: Arc::new(graph),
-            path: Some(path.to_path_buf()),
-        };
+        let model = Model { graph: Arc::new(graph), path: Some(path.to_path_buf()) };
         runners.gpu = Some(Engine::new(&ctx, model));
-    }
-    if cfg.backends.contains(&Backend::Ort) {
-        #[cfg(feature = "ort")]
-        {
-            let threads = cfg.ort_threads.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
-            let opts = crate::reference::OrtOptions {
-                intra_threads: Some(threads),
-            };
-            runners.ort =
-                Some(crate::reference::OrtSession::with_options(path, opts).map_err(Error::from)?);
-            ort_threads = Some(threads);
-        }
-        #[cfg(not(feature = "ort"))]
-        return Err(BenchError::Config(
-            "this build has no ONNX Runtime backend (cargo feature \"ort\" is off)".into(),
-        ));
     }
 
     let mut cases = Vec::new();
@@ -395,13 +346,7 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
                 },
             };
             let throughput = batch as f64 / (stats.median_ms / 1e3);
-            cases.push(BenchCase {
-                backend,
-                batch,
-                input_shape: shape.clone(),
-                stats,
-                throughput,
-            });
+            cases.push(BenchCase { backend, batch, input_shape: shape.clone(), stats, throughput });
         }
     }
     Ok(BenchReport {
@@ -417,19 +362,27 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     })
 }
 
+/// Opens the ONNX Runtime session; returns its intra-op thread count.
 #[cfg(feature = "ort")]
-fn measure_ort(
-    runners: &mut Runners,
-    x: &Tensor,
-    cfg: &BenchConfig,
-) -> Result<Option<Stats>, BenchError> {
+fn open_ort(path: &Path, cfg: &BenchConfig, runners: &mut Runners) -> Result<usize, BenchError> {
+    let threads = cfg.ort_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let opts = crate::reference::OrtOptions { intra_threads: Some(threads) };
+    runners.ort = Some(crate::reference::OrtSession::with_options(path, opts).map_err(Error::from)?);
+    Ok(threads)
+}
+
+#[cfg(not(feature = "ort"))]
+fn open_ort(_: &Path, _: &BenchConfig, _: &mut Runners) -> Result<usize, BenchError> {
+    Err(BenchError::Config("this build has no ONNX Runtime backend (cargo feature \"ort\" is off)".into()))
+}
+
+#[cfg(feature = "ort")]
+fn measure_ort(runners: &mut Runners, x: &Tensor, cfg: &BenchConfig) -> Result<Option<Stats>, BenchError> {
     let Some(session) = runners.ort.as_mut() else {
         return Ok(None);
     };
     let inputs = std::slice::from_ref(x);
-    Ok(Some(
-        measure(cfg.warmup, cfg.iters, || session.run(inputs).map(drop)).map_err(Error::from)?,
-    ))
+    Ok(Some(measure(cfg.warmup, cfg.iters, || session.run(inputs).map(drop)).map_err(Error::from)?))
 }
 
 #[cfg(not(feature = "ort"))]
@@ -441,17 +394,12 @@ impl BenchReport {
     /// A human-readable table.
     pub fn to_table(&self) -> String {
         let mut s = String::new();
-        s.push_str(&format!(
-            "model: {}\ninput: '{}' {}\n",
-            self.model, self.input, self.declared_shape
-        ));
+        s.push_str(&format!("model: {}\ninput: '{}' {}\n", self.model, self.input, self.declared_shape));
         if let Some(a) = &self.gpu_adapter {
             s.push_str(&format!("gpu: {a}\n     time = {GPU_TIMING}\n"));
         }
         if let Some(t) = self.ort_threads {
-            s.push_str(&format!(
-                "ort: ONNX Runtime CPU execution provider, {t} intra-op thread(s)\n"
-            ));
+            s.push_str(&format!("ort: ONNX Runtime CPU execution provider, {t} intra-op thread(s)\n"));
         }
         s.push_str(&format!(
             "{} warm-up + {} timed iterations per row, random inputs in [-2, 2)\n\n",
@@ -459,15 +407,7 @@ impl BenchReport {
         ));
         s.push_str(&format!(
             "{:<7} {:>5}  {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}  {:>10}\n",
-            "backend",
-            "batch",
-            "median ms",
-            "p10 ms",
-            "p90 ms",
-            "min ms",
-            "max ms",
-            "stddev",
-            "samples/s"
+            "backend", "batch", "median ms", "p10 ms", "p90 ms", "min ms", "max ms", "stddev", "samples/s"
         ));
         for c in &self.cases {
             let t = &c.stats;
@@ -493,24 +433,14 @@ mod tests {
     use super::*;
 
     fn info(dims: Vec<DimSpec>) -> ValueInfo {
-        ValueInfo {
-            name: "x".into(),
-            dtype: Some(crate::tensor::DType::F32),
-            shape: Some(dims),
-        }
+        ValueInfo { name: "x".into(), dtype: Some(crate::tensor::DType::F32), shape: Some(dims) }
     }
 
     #[test]
     fn stats_of_a_known_sample() {
         let s = Stats::from_samples(&[4.0, 1.0, 3.0, 2.0, 5.0]).unwrap();
-        assert_eq!(
-            (s.median_ms, s.min_ms, s.max_ms, s.mean_ms),
-            (3.0, 1.0, 5.0, 3.0)
-        );
-        assert!(
-            (s.p10_ms - 1.4).abs() < 1e-12 && (s.p90_ms - 4.6).abs() < 1e-12,
-            "{s:?}"
-        );
+        assert_eq!((s.median_ms, s.min_ms, s.max_ms, s.mean_ms), (3.0, 1.0, 5.0, 3.0));
+        assert!((s.p10_ms - 1.4).abs() < 1e-12 && (s.p90_ms - 4.6).abs() < 1e-12, "{s:?}");
         assert!((s.stddev_ms - 2.5f64.sqrt()).abs() < 1e-12);
         assert_eq!(Stats::from_samples(&[2.0, 4.0]).unwrap().median_ms, 3.0);
         assert!(Stats::from_samples(&[]).is_none());
@@ -518,41 +448,18 @@ mod tests {
 
     #[test]
     fn shapes_from_declaration_and_override() {
-        let fixed = info(vec![
-            DimSpec::Sym("N".into()),
-            DimSpec::Fixed(3),
-            DimSpec::Fixed(32),
-            DimSpec::Fixed(32),
-        ]);
+        let fixed = info(vec![DimSpec::Sym("N".into()), DimSpec::Fixed(3), DimSpec::Fixed(32), DimSpec::Fixed(32)]);
         assert_eq!(input_shape(&fixed, 4, None).unwrap(), vec![4, 3, 32, 32]);
-        assert!(
-            input_shape(&fixed, 4, Some(&[3, 32, 31]))
-                .unwrap_err()
-                .to_string()
-                .contains("fixes it to 32")
-        );
+        assert!(input_shape(&fixed, 4, Some(&[3, 32, 31])).unwrap_err().to_string().contains("fixes it to 32"));
         assert!(input_shape(&fixed, 4, Some(&[3, 32])).is_err());
 
-        let ocr = info(vec![
-            DimSpec::Unknown,
-            DimSpec::Fixed(3),
-            DimSpec::Sym("?".into()),
-            DimSpec::Sym("?".into()),
-        ]);
+        let ocr = info(vec![DimSpec::Unknown, DimSpec::Fixed(3), DimSpec::Sym("?".into()), DimSpec::Sym("?".into())]);
         let e = input_shape(&ocr, 1, None).unwrap_err().to_string();
         assert!(e.contains("--shape") && e.contains("dimension 2"), "{e}");
-        assert_eq!(
-            input_shape(&ocr, 8, Some(&[3, 48, 192])).unwrap(),
-            vec![8, 3, 48, 192]
-        );
+        assert_eq!(input_shape(&ocr, 8, Some(&[3, 48, 192])).unwrap(), vec![8, 3, 48, 192]);
 
         let batch1 = info(vec![DimSpec::Fixed(1), DimSpec::Fixed(10)]);
-        assert!(
-            input_shape(&batch1, 16, None)
-                .unwrap_err()
-                .to_string()
-                .contains("batch 16")
-        );
+        assert!(input_shape(&batch1, 16, None).unwrap_err().to_string().contains("batch 16"));
     }
 
     #[test]

@@ -61,10 +61,7 @@ fn dylib_path(var: Option<std::ffi::OsString>) -> Result<PathBuf, ReferenceError
             // dlopen on a missing absolute path would search nothing else anyway, but its message
             // ("cannot open shared object file") hides which variable was wrong.
             if path.is_absolute() && !path.is_file() {
-                return Err(ReferenceError::DylibLoad {
-                    path,
-                    reason: "no such file".into(),
-                });
+                return Err(ReferenceError::DylibLoad { path, reason: "no such file".into() });
             }
             Ok(path)
         }
@@ -78,22 +75,19 @@ fn environment() -> Result<ort::environment::Environment, ReferenceError> {
     static ENV: OnceLock<Result<ort::environment::Environment, ReferenceError>> = OnceLock::new();
     ENV.get_or_init(|| {
         let path = dylib_path(std::env::var_os(DYLIB_ENV))?;
-        let builder = ort::init_from(&path).map_err(|e| ReferenceError::DylibLoad {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let builder = ort::init_from(&path)
+            .map_err(|e| ReferenceError::DylibLoad { path: path.clone(), reason: e.to_string() })?;
         // ONNX Runtime's own logger prints to stderr; routing it through `log` keeps the CLI's
         // stderr to its one error line unless RUST_LOG asks for more.
-        let logger: ort::logging::LoggerFunction =
-            Arc::new(|level, category, _id, location, message| {
-                let lvl = match level {
-                    LogLevel::Fatal | LogLevel::Error => log::Level::Warn,
-                    LogLevel::Warning => log::Level::Info,
-                    LogLevel::Info => log::Level::Debug,
-                    LogLevel::Verbose => log::Level::Trace,
-                };
-                log::log!(target: "onnxruntime", lvl, "[{category}] {message} ({location})");
-            });
+        let logger: ort::logging::LoggerFunction = Arc::new(|level, category, _id, location, message| {
+            let lvl = match level {
+                LogLevel::Fatal | LogLevel::Error => log::Level::Warn,
+                LogLevel::Warning => log::Level::Info,
+                LogLevel::Info => log::Level::Debug,
+                LogLevel::Verbose => log::Level::Trace,
+            };
+            log::log!(target: "onnxruntime", lvl, "[{category}] {message} ({location})");
+        });
         builder
             .with_name("acclimate-reference")
             .with_telemetry(false)
@@ -113,10 +107,7 @@ pub struct OrtSession {
 
 impl std::fmt::Debug for OrtSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OrtSession")
-            .field("path", &self.path)
-            .field("options", &self.options)
-            .finish()
+        f.debug_struct("OrtSession").field("path", &self.path).field("options", &self.options).finish()
     }
 }
 
@@ -127,11 +118,11 @@ impl OrtSession {
     }
 
     pub fn with_options(model_path: &Path, options: OrtOptions) -> Result<Self, ReferenceError> {
+        let err = |e: String| ReferenceError::Session { path: model_path.to_path_buf(), reason: e };
+        if !model_path.is_file() {
+            return Err(err("no such file".into()));
+        }
         let env = environment()?;
-        let err = |e: String| ReferenceError::Session {
-            path: model_path.to_path_buf(),
-            reason: e,
-        };
         let mut builder = Session::builder(&env)
             .map_err(|e| err(e.to_string()))?
             .with_optimization_level(GraphOptimizationLevel::All)
@@ -140,21 +131,10 @@ impl OrtSession {
             .with_log_level(LogLevel::Warning)
             .map_err(|e| err(e.to_string()))?;
         if let Some(n) = options.intra_threads {
-            builder = builder
-                .with_intra_threads(n.max(1))
-                .map_err(|e| err(e.to_string()))?;
+            builder = builder.with_intra_threads(n.max(1)).map_err(|e| err(e.to_string()))?;
         }
-        if !model_path.is_file() {
-            return Err(err("no such file".into()));
-        }
-        let session = builder
-            .commit_from_file(model_path)
-            .map_err(|e| err(one_line(&e.to_string())))?;
-        Ok(OrtSession {
-            session,
-            path: model_path.to_path_buf(),
-            options,
-        })
+        let session = builder.commit_from_file(model_path).map_err(|e| err(one_line(&e.to_string())))?;
+        Ok(OrtSession { session, path: model_path.to_path_buf(), options })
     }
 
     pub fn options(&self) -> OrtOptions {
@@ -163,41 +143,22 @@ impl OrtSession {
 
     /// Names of the inputs the caller feeds, in order.
     pub fn input_names(&self) -> Vec<String> {
-        self.session
-            .inputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect()
+        self.session.inputs().iter().map(|o| o.name().to_string()).collect()
     }
 
     /// Runs the model; one tensor per model input, in order; returns every output in order.
     /// Float outputs come back as float32 and integer outputs as int64.
     pub fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ReferenceError> {
-        let specs: Vec<(String, Option<TensorElementType>)> = self
-            .session
-            .inputs()
-            .iter()
-            .map(|o| (o.name().to_string(), o.dtype().tensor_type()))
-            .collect();
+        let specs: Vec<(String, Option<TensorElementType>)> =
+            self.session.inputs().iter().map(|o| (o.name().to_string(), o.dtype().tensor_type())).collect();
         if specs.len() != inputs.len() {
-            return Err(ReferenceError::InputCount {
-                expected: specs.len(),
-                got: inputs.len(),
-            });
+            return Err(ReferenceError::InputCount { expected: specs.len(), got: inputs.len() });
         }
-        let mut feed: Vec<(String, ort::session::SessionInputValue<'_>)> =
-            Vec::with_capacity(inputs.len());
+        let mut feed: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
         for ((name, ty), t) in specs.into_iter().zip(inputs) {
-            let input_err = |reason: String| ReferenceError::Input {
-                name: name.clone(),
-                reason,
-            };
+            let input_err = |reason: String| ReferenceError::Input { name: name.clone(), reason };
             if t.shape.iter().product::<usize>() != t.numel() {
-                return Err(input_err(format!(
-                    "{} values do not fill shape {:?}",
-                    t.numel(),
-                    t.shape
-                )));
+                return Err(input_err(format!("{} values do not fill shape {:?}", t.numel(), t.shape)));
             }
             let value: ort::session::SessionInputValue<'_> = match (ty, &t.data) {
                 (Some(TensorElementType::Float32), Data::F32(v)) if t.dtype == DType::F32 => {
@@ -211,33 +172,18 @@ impl OrtSession {
                         .into()
                 }
                 (Some(expected), _) => {
-                    return Err(input_err(format!(
-                        "the model takes {expected:?}, got a {} tensor",
-                        t.dtype
-                    )));
+                    return Err(input_err(format!("the model takes {expected:?}, got a {} tensor", t.dtype)));
                 }
                 (None, _) => return Err(input_err("the model input is not a tensor".into())),
             };
             feed.push((name, value));
         }
-        let names: Vec<String> = self
-            .session
-            .outputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect();
-        let outputs = self
-            .session
-            .run(feed)
-            .map_err(|e| ReferenceError::Run(one_line(&e.to_string())))?;
+        let names: Vec<String> = self.session.outputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs = self.session.run(feed).map_err(|e| ReferenceError::Run(one_line(&e.to_string())))?;
         let mut result = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
-            result.push(
-                to_tensor(&outputs[i]).map_err(|reason| ReferenceError::Output {
-                    name: name.clone(),
-                    reason,
-                })?,
-            );
+            result
+                .push(to_tensor(&outputs[i]).map_err(|reason| ReferenceError::Output { name: name.clone(), reason })?);
         }
         Ok(result)
     }
@@ -249,49 +195,28 @@ fn to_tensor(value: &DynValue) -> Result<Tensor, String> {
         other => return Err(format!("is a {other:?}, not a tensor")),
     };
     fn dims(shape: &[i64]) -> Result<Vec<usize>, String> {
-        shape
-            .iter()
-            .map(|&d| usize::try_from(d).map_err(|_| format!("negative dimension in {shape:?}")))
-            .collect()
+        shape.iter().map(|&d| usize::try_from(d).map_err(|_| format!("negative dimension in {shape:?}"))).collect()
     }
     let e = |e: ort::Error| e.to_string();
     Ok(match ty {
         TensorElementType::Float32 => {
             let (s, d) = value.try_extract_tensor::<f32>().map_err(e)?;
-            Tensor {
-                dtype: DType::F32,
-                shape: dims(s)?,
-                data: Data::F32(d.to_vec()),
-            }
+            Tensor { dtype: DType::F32, shape: dims(s)?, data: Data::F32(d.to_vec()) }
         }
         TensorElementType::Float64 => {
             let (s, d) = value.try_extract_tensor::<f64>().map_err(e)?;
-            Tensor {
-                dtype: DType::F64,
-                shape: dims(s)?,
-                data: Data::F32(d.iter().map(|&x| x as f32).collect()),
-            }
+            Tensor { dtype: DType::F64, shape: dims(s)?, data: Data::F32(d.iter().map(|&x| x as f32).collect()) }
         }
         TensorElementType::Int64 => {
             let (s, d) = value.try_extract_tensor::<i64>().map_err(e)?;
-            Tensor {
-                dtype: DType::I64,
-                shape: dims(s)?,
-                data: Data::I64(d.to_vec()),
-            }
+            Tensor { dtype: DType::I64, shape: dims(s)?, data: Data::I64(d.to_vec()) }
         }
         TensorElementType::Int32 => {
             let (s, d) = value.try_extract_tensor::<i32>().map_err(e)?;
-            Tensor {
-                dtype: DType::I32,
-                shape: dims(s)?,
-                data: Data::I64(d.iter().map(|&x| x as i64).collect()),
-            }
+            Tensor { dtype: DType::I32, shape: dims(s)?, data: Data::I64(d.iter().map(|&x| x as i64).collect()) }
         }
         other => {
-            return Err(format!(
-                "element type {other:?} is not read back (float32, float64, int32, int64 are)"
-            ));
+            return Err(format!("element type {other:?} is not read back (float32, float64, int32, int64 are)"));
         }
     })
 }
@@ -311,21 +236,13 @@ mod tests {
         assert!(msg.contains("ORT_DYLIB_PATH"), "{msg}");
         assert!(msg.contains("onnxruntime==1.31.1"), "{msg}");
         assert!(msg.contains("libonnxruntime.so.1.31.1"), "{msg}");
-        assert!(matches!(
-            dylib_path(Some("".into())),
-            Err(ReferenceError::DylibUnset)
-        ));
+        assert!(matches!(dylib_path(Some("".into())), Err(ReferenceError::DylibUnset)));
     }
 
     #[test]
     fn missing_library_is_an_error() {
-        let msg = dylib_path(Some("/nonexistent/libonnxruntime.so.1.31.1".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so.1.31.1"),
-            "{msg}"
-        );
+        let msg = dylib_path(Some("/nonexistent/libonnxruntime.so.1.31.1".into())).unwrap_err().to_string();
+        assert!(msg.contains("ORT_DYLIB_PATH=/nonexistent/libonnxruntime.so.1.31.1"), "{msg}");
         assert!(msg.contains("no such file"), "{msg}");
     }
 }

@@ -14,8 +14,7 @@ use crate::onnx::{self, Attr, DimSpec, OnnxError, RawModel, ValueInfo};
 use crate::ops::Op;
 
 /// Stated when a model has nothing for BN-based test-time adaptation to update.
-pub const NO_BN: &str =
-    "no BatchNormalization layers: BN-based adaptation cannot be applied to this model";
+pub const NO_BN: &str = "no BatchNormalization layers: BN-based adaptation cannot be applied to this model";
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -110,48 +109,26 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
     for n in &g.nodes {
         match ops.iter_mut().find(|c| c.op == n.op_type) {
             Some(c) => c.count += 1,
-            None => ops.push(OpCount {
-                op: n.op_type.clone(),
-                count: 1,
-            }),
+            None => ops.push(OpCount { op: n.op_type.clone(), count: 1 }),
         }
         if let Err(reason) = Op::parse(n, raw.opset) {
-            unsupported.push(Unsupported {
-                op: n.op_type.clone(),
-                node: n.name.clone(),
-                opset: raw.opset,
-                reason,
-            });
+            unsupported.push(Unsupported { op: n.op_type.clone(), node: n.name.clone(), opset: raw.opset, reason });
         }
     }
     // Weights are initializers, or (Paddle exports such as the RapidOCR models) Constant nodes
     // holding a tensor: both are constants adaptation can update.
-    let mut constants: HashMap<&str, usize> = g
-        .initializers
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.numel()))
-        .collect();
+    let mut constants: HashMap<&str, usize> = g.initializers.iter().map(|(n, t)| (n.as_str(), t.numel())).collect();
     for n in g.nodes.iter().filter(|n| n.op_type == "Constant") {
         if let (Some(Attr::Tensor(t)), Some(out)) = (n.attrs.get("value"), n.outputs.first()) {
             constants.insert(out.as_str(), t.numel());
         }
     }
     // The rule of `Graph::batch_norms`: scale, bias, mean and variance all constant.
-    let mut bn = BatchNormSummary {
-        layers: 0,
-        adaptable_layers: 0,
-        adaptable_parameters: 0,
-    };
+    let mut bn = BatchNormSummary { layers: 0, adaptable_layers: 0, adaptable_parameters: 0 };
     for n in g.nodes.iter().filter(|n| n.op_type == "BatchNormalization") {
         bn.layers += 1;
-        let params: Vec<Option<usize>> = (1..=4)
-            .map(|i| {
-                n.inputs
-                    .get(i)
-                    .and_then(|p| constants.get(p.as_str()))
-                    .copied()
-            })
-            .collect();
+        let params: Vec<Option<usize>> =
+            (1..=4).map(|i| n.inputs.get(i).and_then(|p| constants.get(p.as_str())).copied()).collect();
         if let [Some(scale), Some(bias), Some(_), Some(_)] = params[..] {
             bn.adaptable_layers += 1;
             bn.adaptable_parameters += scale + bias;
@@ -159,11 +136,8 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
     }
     let initializers = constants.len();
     let parameters = constants.values().sum();
-    let (inputs, outputs, nodes) = (
-        g.inputs.iter().map(io_info).collect(),
-        g.outputs.iter().map(io_info).collect(),
-        g.nodes.len(),
-    );
+    let (inputs, outputs, nodes) =
+        (g.inputs.iter().map(io_info).collect(), g.outputs.iter().map(io_info).collect(), g.nodes.len());
     let (producer, ir_version, opset) = (raw.producer.clone(), raw.ir_version, raw.opset);
     let load_error = Graph::from_raw(raw).err().map(|e| e.to_string());
     ModelInfo {
@@ -205,7 +179,7 @@ fn grouped(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -217,17 +191,9 @@ impl ModelInfo {
     /// The human-readable report.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        let producer = if self.producer.is_empty() {
-            "unknown producer"
-        } else {
-            &self.producer
-        };
+        let producer = if self.producer.is_empty() { "unknown producer" } else { &self.producer };
         let _ = writeln!(s, "model:      {}", self.path);
-        let _ = writeln!(
-            s,
-            "producer:   {producer}; opset {}, IR version {}",
-            self.opset, self.ir_version
-        );
+        let _ = writeln!(s, "producer:   {producer}; opset {}, IR version {}", self.opset, self.ir_version);
         for (title, list) in [("inputs:", &self.inputs), ("outputs:", &self.outputs)] {
             let _ = writeln!(s, "{title}");
             let w = list.iter().map(|i| i.name.len()).max().unwrap_or(0);
@@ -236,12 +202,7 @@ impl ModelInfo {
                 let _ = writeln!(s, "  {:<w$}  {dt:<8} {}", io.name, shape_text(io));
             }
         }
-        let _ = writeln!(
-            s,
-            "nodes:      {} ({} op types)",
-            self.nodes,
-            self.ops.len()
-        );
+        let _ = writeln!(s, "nodes:      {} ({} op types)", self.nodes, self.ops.len());
         let w = self.ops.iter().map(|o| o.op.len()).max().unwrap_or(0);
         for o in &self.ops {
             let _ = writeln!(s, "  {:<w$}  {:>5}", o.op, o.count);
@@ -276,11 +237,7 @@ impl ModelInfo {
         } else {
             let _ = writeln!(s, "unsupported ops: {} node(s)", self.unsupported.len());
             for u in &self.unsupported {
-                let _ = writeln!(
-                    s,
-                    "  {} (node '{}', opset {}): {}",
-                    u.op, u.node, u.opset, u.reason
-                );
+                let _ = writeln!(s, "  {} (node '{}', opset {}): {}", u.op, u.node, u.opset, u.reason);
             }
         }
         match &self.load_error {

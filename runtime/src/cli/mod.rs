@@ -75,14 +75,12 @@ impl From<BackendArg> for bench::Backend {
 pub enum Command {
     /// Describe a model: inputs and outputs, opset, producer, op histogram, BatchNormalization
     /// layers and adaptable parameters, parameter count, unsupported ops.
-    #[command(
-        long_about = "Describe a model: inputs and outputs with their shapes (symbolic dimensions by \
+    #[command(long_about = "Describe a model: inputs and outputs with their shapes (symbolic dimensions by \
                             name), opset, producer, a histogram of op types, the BatchNormalization layers and \
                             their adaptable parameters (scale + bias elements, what BN-based test-time \
                             adaptation updates), the total parameter count, and every op the GPU engine does \
                             not support (op type, node, opset and why). Works on models the engine cannot \
-                            load."
-    )]
+                            load.")]
     Info {
         /// The ONNX model file.
         model: PathBuf,
@@ -109,8 +107,7 @@ pub enum Command {
         backend: BackendArg,
     },
     /// Measure forward latency of the GPU engine and ONNX Runtime on random inputs.
-    #[command(
-        long_about = "Measure forward latency on random inputs in [-2, 2): the median, 10th and 90th \
+    #[command(long_about = "Measure forward latency on random inputs in [-2, 2): the median, 10th and 90th \
                             percentiles, min, max and standard deviation per backend and batch size, all in \
                             the same run.\n\n\
                             The GPU time covers the full Engine::run call (input upload, one queue submit, \
@@ -118,8 +115,7 @@ pub enum Command {
                             execution provider with --ort-threads intra-op threads (default: every logical \
                             core).\n\n\
                             Dynamic dimensions other than the batch (e.g. an OCR model's height and width) \
-                            must be given with --shape."
-    )]
+                            must be given with --shape.")]
     Bench {
         /// The ONNX model file.
         model: PathBuf,
@@ -150,43 +146,25 @@ pub enum Command {
 
 fn print(s: &str) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
-    out.write_all(s.as_bytes())
-        .and_then(|_| out.flush())
-        .map_err(CliError::Stdout)
+    out.write_all(s.as_bytes()).and_then(|_| out.flush()).map_err(CliError::Stdout)
 }
 
 fn info(model: &Path, json: bool) -> Result<(), CliError> {
     let info = info::model_info(model)?;
-    if json {
-        print(&(serde_json::to_string_pretty(&info)? + "\n"))
-    } else {
-        print(&info.to_text())
-    }
+    if json { print(&(serde_json::to_string_pretty(&info)? + "\n")) } else { print(&info.to_text()) }
 }
 
 /// Runs `model` on `x` with `backend`; returns the first output and a description of the backend.
-pub fn run_model(
-    model: &Path,
-    x: Tensor,
-    backend: BackendArg,
-) -> Result<(String, Tensor, String), CliError> {
+pub fn run_model(model: &Path, x: Tensor, backend: BackendArg) -> Result<(String, Tensor, String), CliError> {
     match backend {
         BackendArg::Gpu => {
             let model = Model::load(model)?;
-            let name = model
-                .graph
-                .outputs
-                .first()
-                .map(|o| o.name.clone())
-                .unwrap_or_default();
+            let name = model.graph.outputs.first().map(|o| o.name.clone()).unwrap_or_default();
             let ctx = GpuContext::new().map_err(crate::Error::from)?;
             let desc = format!("gpu: {}", ctx.adapter_summary());
             let mut engine = Engine::new(&ctx, model);
             let y = engine.run(std::slice::from_ref(&x))?;
-            let first = y
-                .into_iter()
-                .next()
-                .ok_or_else(|| CliError::Usage("the model produced no output".into()))?;
+            let first = y.into_iter().next().ok_or_else(|| CliError::Usage("the model produced no output".into()))?;
             Ok((name, first, desc))
         }
         BackendArg::Ort => run_ort(model, x),
@@ -199,32 +177,16 @@ fn run_ort(model: &Path, x: Tensor) -> Result<(String, Tensor, String), CliError
     // Decoding first gives the same error as the GPU path for a missing or corrupt file, and the
     // output's name.
     let raw = crate::onnx::load_model(model)?;
-    let name = raw
-        .graph
-        .outputs
-        .first()
-        .map(|o| o.name.clone())
-        .unwrap_or_default();
+    let name = raw.graph.outputs.first().map(|o| o.name.clone()).unwrap_or_default();
     let mut session = OrtSession::new(model).map_err(crate::Error::from)?;
-    let y = session
-        .run(std::slice::from_ref(&x))
-        .map_err(crate::Error::from)?;
-    let first = y
-        .into_iter()
-        .next()
-        .ok_or_else(|| CliError::Usage("the model produced no output".into()))?;
-    Ok((
-        name,
-        first,
-        "ort: ONNX Runtime CPU execution provider".into(),
-    ))
+    let y = session.run(std::slice::from_ref(&x)).map_err(crate::Error::from)?;
+    let first = y.into_iter().next().ok_or_else(|| CliError::Usage("the model produced no output".into()))?;
+    Ok((name, first, "ort: ONNX Runtime CPU execution provider".into()))
 }
 
 #[cfg(not(feature = "ort"))]
 fn run_ort(_: &Path, _: Tensor) -> Result<(String, Tensor, String), CliError> {
-    Err(CliError::Usage(
-        "this build has no ONNX Runtime backend (cargo feature \"ort\" is off)".into(),
-    ))
+    Err(CliError::Usage("this build has no ONNX Runtime backend (cargo feature \"ort\" is off)".into()))
 }
 
 fn run(model: &Path, input: &Path, output: &Path, backend: BackendArg) -> Result<(), CliError> {
@@ -238,57 +200,28 @@ fn run(model: &Path, input: &Path, output: &Path, backend: BackendArg) -> Result
     let x = npy::read_f32(input)?;
     let (name, y, desc) = run_model(model, x, backend)?;
     npy::write_f32(output, &y)?;
-    print(&format!(
-        "wrote {}: output '{name}' {:?} float32 ({desc})\n",
-        output.display(),
-        y.shape
-    ))
+    print(&format!("wrote {}: output '{name}' {:?} float32 ({desc})\n", output.display(), y.shape))
 }
 
 fn bench_cmd(model: &Path, cfg: &BenchConfig, json: bool) -> Result<(), CliError> {
     let report = bench::run(model, cfg)?;
-    if json {
-        print(&(serde_json::to_string_pretty(&report)? + "\n"))
-    } else {
-        print(&report.to_table())
-    }
+    if json { print(&(serde_json::to_string_pretty(&report)? + "\n")) } else { print(&report.to_table()) }
 }
 
 /// Executes a parsed command line.
 pub fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Info { model, json } => info(&model, json),
-        Command::Run {
-            model,
-            input,
-            output,
-            backend,
-        } => run(&model, &input, &output, backend),
-        Command::Bench {
-            model,
-            batch,
-            backend,
-            warmup,
-            iters,
-            shape,
-            ort_threads,
-            json,
-        } => {
+        Command::Run { model, input, output, backend } => run(&model, &input, &output, backend),
+        Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, json } => {
             let mut backends: Vec<bench::Backend> = Vec::new();
             for b in backend.into_iter().map(bench::Backend::from) {
                 if !backends.contains(&b) {
                     backends.push(b);
                 }
             }
-            let cfg = BenchConfig {
-                batches: batch,
-                backends,
-                warmup,
-                iters,
-                shape,
-                ort_threads,
-                ..BenchConfig::default()
-            };
+            let cfg =
+                BenchConfig { batches: batch, backends, warmup, iters, shape, ort_threads, ..BenchConfig::default() };
             bench_cmd(&model, &cfg, json)
         }
     }
@@ -301,14 +234,11 @@ pub fn one_line(msg: &str) -> String {
 
 /// The binary's entry point: logging, argument parsing, one-line errors, exit status.
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("acclimate=warn"))
-        .init();
+    ensure_runtime_dir();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("acclimate=warn")).init();
     std::panic::set_hook(Box::new(|info| {
         // A panic is a bug in acclimate; still one line, and no backtrace dump on the user.
-        eprintln!(
-            "error: internal error (please report): {}",
-            one_line(&info.to_string())
-        );
+        eprintln!("error: internal error (please report): {}", one_line(&info.to_string()));
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -324,11 +254,8 @@ pub fn main() -> ExitCode {
             }
             // clap's message is a paragraph (the error, then e.g. the missing arguments), then usage.
             let rendered = e.render().to_string();
-            let paragraph: Vec<&str> = rendered
-                .lines()
-                .skip_while(|l| l.trim().is_empty())
-                .take_while(|l| !l.trim().is_empty())
-                .collect();
+            let paragraph: Vec<&str> =
+                rendered.lines().skip_while(|l| l.trim().is_empty()).take_while(|l| !l.trim().is_empty()).collect();
             let msg = one_line(&paragraph.join(" "));
             let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
             eprintln!("error: {msg}; see 'acclimate --help'");
@@ -344,3 +271,28 @@ pub fn main() -> ExitCode {
         Err(_) => ExitCode::from(101),
     }
 }
+
+/// Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" on stderr when the variable
+/// is missing (CI, containers, ssh sessions), which would break the one-line error contract. Point
+/// it at a private directory before any thread or GPU instance exists.
+#[cfg(unix)]
+fn ensure_runtime_dir() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    let dir = std::env::temp_dir().join(format!("acclimate-runtime-{user}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    // Only use it if it is private and readable by us (another user's 0700 directory of the same
+    // name is not).
+    let ok = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o077 == 0)
+        && std::fs::read_dir(&dir).is_ok();
+    if ok {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    }
+}
+
+#[cfg(not(unix))]
+fn ensure_runtime_dir() {}

@@ -44,10 +44,12 @@ pub enum Shader {
     Norm,
     Softmax,
     Layout,
+    Loss,
+    Optim,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 8] = [
+    pub const ALL: [Shader; 10] = [
         Shader::Elementwise,
         Shader::Conv,
         Shader::Matmul,
@@ -56,6 +58,8 @@ impl Shader {
         Shader::Norm,
         Shader::Softmax,
         Shader::Layout,
+        Shader::Loss,
+        Shader::Optim,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -68,6 +72,8 @@ impl Shader {
             Shader::Norm => "norm.wgsl",
             Shader::Softmax => "softmax.wgsl",
             Shader::Layout => "layout.wgsl",
+            Shader::Loss => "loss.wgsl",
+            Shader::Optim => "optim.wgsl",
         }
     }
 
@@ -81,6 +87,8 @@ impl Shader {
             Shader::Norm => include_str!("../../../shaders/norm.wgsl"),
             Shader::Softmax => include_str!("../../../shaders/softmax.wgsl"),
             Shader::Layout => include_str!("../../../shaders/layout.wgsl"),
+            Shader::Loss => include_str!("../../../shaders/loss.wgsl"),
+            Shader::Optim => include_str!("../../../shaders/optim.wgsl"),
         }
     }
 }
@@ -135,8 +143,7 @@ impl GpuContext {
     }
 
     pub async fn new_async() -> Result<GpuContext, GpuError> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let power_preference = wgpu::PowerPreference::from_env().unwrap_or(wgpu::PowerPreference::HighPerformance);
         let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
@@ -176,10 +183,7 @@ impl GpuContext {
 
     /// A one-line description of the adapter: name, backend and device type.
     pub fn adapter_summary(&self) -> String {
-        format!(
-            "{} ({:?}, {:?})",
-            self.adapter_info.name, self.adapter_info.backend, self.adapter_info.device_type
-        )
+        format!("{} ({:?}, {:?})", self.adapter_info.name, self.adapter_info.backend, self.adapter_info.device_type)
     }
 
     pub fn limits(&self) -> wgpu::Limits {
@@ -223,7 +227,10 @@ impl GpuContext {
             source: wgpu::ShaderSource::Wgsl(shader.source().into()),
         });
         if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(GpuError::Validation { what: format!("shader {}", shader.file_name()), reason: err.to_string() });
+            return Err(GpuError::Validation {
+                what: format!("shader {}", shader.file_name()),
+                reason: err.to_string(),
+            });
         }
         modules.insert(shader, module.clone());
         Ok(module)
@@ -260,7 +267,8 @@ mod tests {
             let src = shader.source();
             let module = naga::front::wgsl::parse_str(src)
                 .unwrap_or_else(|e| panic!("{} does not parse:\n{}", shader.file_name(), e.emit_to_string(src)));
-            let mut v = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty());
+            let mut v =
+                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty());
             if let Err(e) = v.validate(&module) {
                 panic!("{} does not validate:\n{}", shader.file_name(), e.emit_to_string(src));
             }

@@ -33,7 +33,7 @@ impl Params {
     }
 
     fn align16(&mut self) {
-        while self.words.len() % 4 != 0 {
+        while !self.words.len().is_multiple_of(4) {
             self.words.push(0);
         }
     }
@@ -85,7 +85,7 @@ impl Params {
     /// The block's bytes, padded to a multiple of 16 as a uniform struct's size is.
     pub fn bytes(&self) -> Vec<u8> {
         let mut w = self.words.clone();
-        while w.len() % 4 != 0 || w.is_empty() {
+        while !w.len().is_multiple_of(4) || w.is_empty() {
             w.push(0);
         }
         bytemuck::cast_slice(&w).to_vec()

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::onnx::{self, DimSpec, OnnxError, RawModel};
 use crate::ops::Op;
+use crate::ops::shape::ShapeOp;
 use crate::tensor::{DType, Tensor};
 
 /// Errors raised while building the IR from a decoded model.
@@ -28,7 +29,9 @@ pub enum IrError {
     DuplicateOutput { name: String, node: String },
     #[error("graph output '{0}' is never produced")]
     UndefinedOutput(String),
-    #[error("opset {0} is not supported (Acclimate reads opsets 7 to 25; opsets 22 to 25 only added element types to the supported ops)")]
+    #[error(
+        "opset {0} is not supported (Acclimate reads opsets 7 to 25; opsets 22 to 25 only added element types to the supported ops)"
+    )]
     Opset(i64),
     #[error("graph input '{name}' has element type {dtype}; only float32 inputs are supported")]
     InputDType { name: String, dtype: DType },
@@ -137,7 +140,7 @@ impl Graph {
             return Err(IrError::Opset(opset));
         }
         let g = raw.graph;
-        let initializers: HashMap<String, Arc<Tensor>> =
+        let mut initializers: HashMap<String, Arc<Tensor>> =
             g.initializers.into_iter().map(|(n, t)| (n, Arc::new(t))).collect();
         let mut defined: HashSet<String> = initializers.keys().cloned().collect();
         let mut inputs = Vec::new();
@@ -175,6 +178,16 @@ impl Graph {
                     return Err(IrError::DuplicateOutput { name: out.clone(), node: n.name.clone() });
                 }
             }
+            // A Constant node is an initializer by another name (PaddlePaddle exports keep every
+            // weight, BatchNorm parameters included, in Constant nodes): make it one, so weights
+            // are uploaded once and BatchNorm layers stay adaptable.
+            if let Op::Shape(ShapeOp::Constant(t)) = &op
+                && let Some(out) = n.outputs.first()
+                && !out.is_empty()
+            {
+                initializers.insert(out.clone(), Arc::new(t.clone()));
+                continue;
+            }
             nodes.push(Node {
                 name: n.name.clone(),
                 op_type: n.op_type.clone(),
@@ -204,7 +217,15 @@ impl Graph {
                 let get = |i: usize| n.inputs.get(i).filter(|s| self.initializers.contains_key(*s)).cloned();
                 if let (Some(scale), Some(bias), Some(mean), Some(var)) = (get(1), get(2), get(3), get(4)) {
                     let channels = self.initializers[&scale].numel();
-                    out.push(BatchNormInfo { node: n.name.clone(), scale, bias, mean, var, channels, epsilon: a.epsilon });
+                    out.push(BatchNormInfo {
+                        node: n.name.clone(),
+                        scale,
+                        bias,
+                        mean,
+                        var,
+                        channels,
+                        epsilon: a.epsilon,
+                    });
                 }
             }
         }

@@ -11,7 +11,7 @@
 
 use super::matmul::{GemmDispatch, Operand2d};
 use super::pool::AutoPad;
-use super::{Attrs, Input, Lowering, OpResult, required};
+use super::{Attrs, BackwardLowering, Input, Lowering, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -279,6 +279,7 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
             alpha: 1.0,
             beta: 1.0,
             out: y,
+            accumulate: false,
         };
         return gemm.emit(l);
     }
@@ -327,6 +328,129 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
             .with("DIMS", geo.input.len() as i32),
         params,
         vec![x.buf, w.buf, bias_buf, y],
+        groups,
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass
+// ------------------------------------------------------------------------------------------------
+
+/// Conv's reverse pass: the data gradient dL/dX, a transposed convolution of dY with the frozen
+/// weight. The route mirrors the forward one:
+///
+/// | forward route | dX kernel |
+/// |---|---|
+/// | [`ConvRoute::Matmul`] | `matmul_main` with W transposed by its strides: dX[n, g] = W[g]ᵀ @ dY[n, g] |
+/// | [`ConvRoute::Depthwise`] | `conv_depthwise_dx`: one invocation per input element, visiting only the taps that reach it |
+/// | [`ConvRoute::ImplicitGemm`] | `conv_gemm_dx`: per image, group and stride phase, dX[ci, x] = Σ W[co, ci, tap] dY[co, o(x, tap)] as a tiled GEMM |
+///
+/// Only X's gradient exists: W and B are frozen during adaptation, so a request for theirs is an
+/// error rather than a silently missing update.
+pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
+    for (i, what) in [(1, "weight W"), (2, "bias B")] {
+        if b.grad_input(i).is_some() {
+            return Err(format!(
+                "Conv: a gradient for the {what} was requested, but weight gradients are not supported \
+                 (Conv weights are frozen; only the data gradient dL/dX flows through Conv)"
+            ));
+        }
+    }
+    let Some(gx) = b.grad_input(0).cloned() else {
+        return Ok(());
+    };
+    // X's values are not needed (W is frozen), only its shape.
+    let x_shape = b.input(0, "X")?.shape.clone();
+    let w = b.input(1, "W")?.clone();
+    let dy = b.grad_output(0)?.clone();
+    let geo = ConvGeometry::new(a, &x_shape, &w.shape)?;
+    if dy.shape != geo.out_shape() {
+        return Err(format!("Conv output gradient has shape {:?}, expected {:?}", dy.shape, geo.out_shape()));
+    }
+    if gx.shape != x_shape {
+        return Err(format!("Conv input gradient buffer has shape {:?}, expected {x_shape:?}", gx.shape));
+    }
+    let total = check_u32("input", x_shape.iter().product())?;
+    check_u32("weight", w.numel())?;
+    check_u32("output", dy.numel())?;
+    let g = geo.group;
+    let (cin_g, cout_g) = (geo.cin / g, geo.cout / g);
+    let p_in: usize = geo.input.iter().product();
+    let p_out: usize = geo.output.iter().product();
+
+    if geo.route() == ConvRoute::Matmul {
+        // dX[n, g] [cin_g, P] = W[g]ᵀ [cin_g, cout_g] @ dY[n, g] [cout_g, P]; W[g] is row-major
+        // [cout_g, cin_g], so its transpose walks rows with stride 1 and columns with stride cin_g.
+        return GemmDispatch {
+            m: cin_g,
+            n: p_in,
+            k: cout_g,
+            batch_shape: vec![geo.batch, g],
+            a: Operand2d { buf: w.buf, row_stride: 1, col_stride: cin_g, batch_strides: vec![0, cout_g * cin_g] },
+            b: Operand2d {
+                buf: dy.buf,
+                row_stride: p_out,
+                col_stride: 1,
+                batch_strides: vec![geo.cout * p_out, cout_g * p_out],
+            },
+            c: None,
+            alpha: 1.0,
+            beta: 0.0,
+            out: gx.buf,
+            accumulate: gx.accumulate,
+        }
+        .emit_backward(b);
+    }
+
+    let begin: Vec<usize> = geo.pads.iter().map(|p| p.0).collect();
+    let pads: Vec<i32> = lanes3(&begin, 0)?.into_iter().map(|v| v as i32).collect();
+    if pads.iter().any(|&v| v < 0) {
+        return Err(format!("Conv pads {begin:?} exceed the kernels' 31-bit range"));
+    }
+    let phases: usize = geo.strides.iter().product();
+    let params = Params::new()
+        .u32(g as u32)
+        .u32(cin_g as u32)
+        .u32(cout_g as u32)
+        .u32(geo.cin as u32)
+        .u32(geo.cout as u32)
+        .u32(p_in as u32)
+        .u32(p_out as u32)
+        .u32(total)
+        .u32(check_u32("stride phases", phases)?)
+        .vec4u(&lanes3(&geo.input, 1)?)
+        .vec4u(&lanes3(&geo.output, 1)?)
+        .vec4u(&lanes3(&geo.kernel, 1)?)
+        .vec4u(&lanes3(&geo.strides, 1)?)
+        .vec4u(&lanes3(&geo.dilations, 1)?)
+        .vec4i(&pads);
+    let (entry, groups) = match geo.route() {
+        ConvRoute::Depthwise => ("conv_depthwise_dx", grid_1d(total as usize, 256)),
+        _ => {
+            // Input positions split into stride phases (x + pad ≡ r mod s per dim); each phase
+            // only meets the taps with tap * dilation ≡ r, so no tap is visited in vain.
+            let z = geo.batch * g * phases;
+            if z > MAX_GROUPS {
+                return Err(format!(
+                    "Conv reverse pass: batch {} x group {g} x stride phases {phases} = {z} exceeds the \
+                     {MAX_GROUPS} workgroups of one dispatch",
+                    geo.batch
+                ));
+            }
+            let widest: usize = geo.input.iter().zip(&geo.strides).map(|(&i, &s)| i.div_ceil(s)).product();
+            let tile = super::matmul::TILE;
+            let (gx_, gy) = (widest.div_ceil(tile), cin_g.div_ceil(tile));
+            if gx_.max(gy) > MAX_GROUPS {
+                return Err(format!("Conv reverse pass: {widest} positions per phase exceed one dispatch"));
+            }
+            ("conv_gemm_dx", [gx_ as u32, gy as u32, z as u32])
+        }
+    };
+    b.dispatch(
+        KernelKey::new(Shader::Conv, entry).with("ACCUM", gx.accumulate as i32),
+        params,
+        vec![dy.buf, w.buf, gx.buf],
         groups,
     );
     Ok(())

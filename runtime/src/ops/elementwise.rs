@@ -1,7 +1,10 @@
 //! Activations and broadcasting arithmetic (`shaders/elementwise.wgsl`).
 
+use std::sync::Arc;
+
 use super::{
-    Attrs, BufRef, Input, Lowering, OpResult, broadcast_shapes, broadcast_strides, check_rank, f32_out, required, u32s,
+    Attrs, BackwardLowering, BufRef, Input, Lowering, OpResult, Operand, broadcast_shapes, broadcast_strides,
+    check_rank, f32_out, required, u32s,
 };
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::{DType, Data, Tensor};
@@ -10,12 +13,20 @@ use crate::tensor::{DType, Data, Tensor};
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Unary {
     Relu,
-    LeakyRelu { alpha: f32 },
+    LeakyRelu {
+        alpha: f32,
+    },
     Sigmoid,
-    HardSigmoid { alpha: f32, beta: f32 },
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
     HardSwish,
     /// Clip with bounds known at load time (attributes before opset 11, inputs after).
-    Clip { min: f32, max: f32 },
+    Clip {
+        min: f32,
+        max: f32,
+    },
 }
 
 impl Unary {
@@ -266,19 +277,21 @@ pub fn lower_unary(u: &Unary, l: &mut Lowering) -> OpResult<()> {
     unary_dispatch(u, l, buf, n)
 }
 
+/// The value of Clip's optional bound input `i` (which must be a constant).
+fn constant_bound(inputs: &[Option<Operand>], i: usize, what: &str) -> OpResult<Option<Arc<Tensor>>> {
+    match inputs.get(i).and_then(|x| x.as_ref()) {
+        None => Ok(None),
+        Some(op) => Ok(Some(
+            op.value
+                .clone()
+                .ok_or_else(|| format!("Clip {what} must be a constant (it depends on the model input)"))?,
+        )),
+    }
+}
+
 pub fn lower_clip_inputs(l: &mut Lowering) -> OpResult<()> {
-    let bound = |l: &Lowering, i: usize, what: &str| -> OpResult<Option<Tensor>> {
-        match l.inputs.get(i).and_then(|x| x.as_ref()) {
-            None => Ok(None),
-            Some(op) => Ok(Some(
-                op.value
-                    .as_deref()
-                    .cloned()
-                    .ok_or_else(|| format!("Clip {what} must be a constant (it depends on the model input)"))?,
-            )),
-        }
-    };
-    let u = clip_bounds(bound(l, 1, "min")?.as_ref(), bound(l, 2, "max")?.as_ref())?;
+    let u =
+        clip_bounds(constant_bound(&l.inputs, 1, "min")?.as_deref(), constant_bound(&l.inputs, 2, "max")?.as_deref())?;
     lower_unary(&u, l)
 }
 
@@ -306,4 +319,193 @@ pub fn lower_binary(kind: BinaryKind, l: &mut Lowering) -> OpResult<()> {
         grid_1d(n, 256),
     );
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass
+// ------------------------------------------------------------------------------------------------
+
+/// Broadcast reductions at least this long get a workgroup per gradient element instead of a
+/// thread.
+const GRAD_WORKGROUP_MIN: usize = 256;
+
+/// What an activation's backward reads, as (input, output): the output wherever it determines
+/// the derivative, since the output of an activation is usually the next layer's saved input
+/// anyway, while its input (a BatchNormalization output) would be kept alive for this op alone.
+///
+/// ReLU, Clip (hardtanh convention: gradient only strictly inside (min, max)) and leaky ReLU with
+/// a non-negative slope test `v > 0` or `min < v < max`, which holds for y exactly when it holds
+/// for x; sigmoid is y(1 - y); hard sigmoid tests 0 < y < 1. Hard swish is not invertible on
+/// [-3, 0] and a negative leaky slope flips the sign test, so those two read their input.
+pub fn unary_backward_saves(u: &Unary) -> (bool, bool) {
+    match *u {
+        Unary::HardSwish => (true, false),
+        Unary::LeakyRelu { alpha } if !(alpha >= 0.0) => (true, false),
+        _ => (false, true),
+    }
+}
+
+/// Sums need no operand values; products, quotients, powers and PRelu do.
+pub fn binary_backward_needs_inputs(k: BinaryKind) -> bool {
+    !matches!(k, BinaryKind::Add | BinaryKind::Sub)
+}
+
+pub fn backward_unary(u: &Unary, b: &mut BackwardLowering) -> OpResult<()> {
+    let (_, from_output) = unary_backward_saves(u);
+    unary_grad(u, from_output, b)
+}
+
+pub fn backward_clip_inputs(b: &mut BackwardLowering) -> OpResult<()> {
+    let u =
+        clip_bounds(constant_bound(&b.inputs, 1, "min")?.as_deref(), constant_bound(&b.inputs, 2, "max")?.as_deref())?;
+    // Clip's test reads the same from x and y, so bind whichever the planner keeps.
+    let from_output = super::Op::ClipInputs.backward_saves().outputs;
+    unary_grad(&u, from_output, b)
+}
+
+fn unary_grad(u: &Unary, from_output: bool, b: &mut BackwardLowering) -> OpResult<()> {
+    for i in 1..b.grad_inputs.len() {
+        if b.grad_input(i).is_some() {
+            return Err(format!("input {i} of an activation (a Clip bound) carries no gradient"));
+        }
+    }
+    let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+    let dy = b.grad_output(0)?.clone();
+    let saved = if from_output { b.output(0)?.clone() } else { b.input(0, "X")?.clone() };
+    let n = dy.numel();
+    if saved.numel() != n || gx.shape.iter().product::<usize>() != n {
+        return Err(format!(
+            "activation gradient shapes disagree: dY {:?}, saved {:?}, dX {:?}",
+            dy.shape, saved.shape, gx.shape
+        ));
+    }
+    if n > u32::MAX as usize {
+        return Err(format!("activation gradient has {n} elements, more than a 32-bit index covers"));
+    }
+    if from_output && matches!(u, Unary::HardSwish) {
+        return Err("HardSwish's gradient needs its input, not its output".into());
+    }
+    let (code, alpha, beta) = u.code();
+    b.dispatch(
+        KernelKey::new(Shader::Elementwise, "unary_backward_main")
+            .with("OP", code)
+            .with("FROM_OUTPUT", from_output as i32)
+            .with("ACCUM", gx.accumulate as i32),
+        Params::new().u32(n as u32).f32(alpha).f32(beta),
+        vec![dy.buf, saved.buf, gx.buf],
+        grid_1d(n, 256),
+    );
+    Ok(())
+}
+
+/// One gradient's iteration space: the dims the operand keeps (which index its elements) and
+/// the dims it was broadcast along (which its gradient sums over), each as (size, output
+/// stride, other-operand stride), with unit dims dropped and mergeable neighbours merged.
+#[derive(Debug, Default, PartialEq)]
+struct GradSpace {
+    kept: Vec<[usize; 3]>,
+    red: Vec<[usize; 3]>,
+}
+
+fn grad_space(x: &[usize], other: &[usize], out: &[usize]) -> GradSpace {
+    let sx = broadcast_strides(x, out);
+    let so = broadcast_strides(other, out);
+    let so_out = super::contiguous_strides(out);
+    let mut g = GradSpace::default();
+    for d in 0..out.len() {
+        if out[d] == 1 {
+            continue;
+        }
+        let dim = [out[d], so_out[d], so[d]];
+        let list = if sx[d] != 0 { &mut g.kept } else { &mut g.red };
+        // Two dims merge when the outer one's strides are the inner one's times its size in
+        // both tensors (the operand's own layout is row major over its kept dims, so it agrees).
+        match list.last_mut() {
+            Some(last) if last[1] == dim[1] * dim[0] && last[2] == dim[2] * dim[0] => {
+                *last = [last[0] * dim[0], dim[1], dim[2]];
+            }
+            _ => list.push(dim),
+        }
+    }
+    g
+}
+
+pub fn backward_binary(kind: BinaryKind, b: &mut BackwardLowering) -> OpResult<()> {
+    let dy = b.grad_output(0)?.clone();
+    check_rank(&dy.shape)?;
+    if kind == BinaryKind::PRelu && b.grad_input(1).is_some() {
+        return Err("PRelu's slope is a frozen weight and gets no gradient".into());
+    }
+    let shapes = [b.input(0, "A")?.shape.clone(), b.input(1, "B")?.shape.clone()];
+    let bufs = [b.input(0, "A")?.buf, b.input(1, "B")?.buf];
+    let n_out = dy.numel();
+    if n_out > u32::MAX as usize {
+        return Err(format!("binary gradient over {n_out} elements exceeds a 32-bit index"));
+    }
+    if broadcast_shapes(&shapes[0], &shapes[1])? != dy.shape {
+        return Err(format!("dY shape {:?} is not the broadcast of {:?} and {:?}", dy.shape, shapes[0], shapes[1]));
+    }
+    for side in 0..2 {
+        let Some(gx) = b.grad_input(side).cloned() else { continue };
+        let (own, other) = (&shapes[side], &shapes[1 - side]);
+        if gx.shape.iter().product::<usize>() != own.iter().product::<usize>() {
+            return Err(format!("gradient buffer of shape {:?} for an operand of shape {own:?}", gx.shape));
+        }
+        let n: usize = own.iter().product();
+        if n == 0 || n_out == 0 {
+            continue;
+        }
+        let g = grad_space(own, other, &dy.shape);
+        let n_red: usize = g.red.iter().map(|d| d[0]).product();
+        let col = |v: &[[usize; 3]], k: usize| u32s(&v.iter().map(|d| d[k]).collect::<Vec<_>>());
+        let scale = if kind == BinaryKind::Sub && side == 1 { -1.0 } else { 1.0 };
+        let params = Params::new()
+            .u32(n as u32)
+            .u32(n_red as u32)
+            .u32(g.kept.len() as u32)
+            .u32(g.red.len() as u32)
+            .f32(scale)
+            .vec8u(&col(&g.kept, 0))
+            .vec8u(&col(&g.kept, 1))
+            .vec8u(&col(&g.kept, 2))
+            .vec8u(&col(&g.red, 0))
+            .vec8u(&col(&g.red, 1))
+            .vec8u(&col(&g.red, 2));
+        let wg = n_red >= GRAD_WORKGROUP_MIN;
+        let sum = matches!(kind, BinaryKind::Add | BinaryKind::Sub);
+        let entry = match (sum, wg) {
+            (true, false) => "binary_grad_sum_main",
+            (true, true) => "binary_grad_sum_wg_main",
+            (false, false) => "binary_grad_main",
+            (false, true) => "binary_grad_wg_main",
+        };
+        let key = KernelKey::new(Shader::Elementwise, entry)
+            .with("OP", kind.code())
+            .with("SIDE", side as i32)
+            .with("ACCUM", gx.accumulate as i32);
+        let buffers = if sum { vec![dy.buf, gx.buf] } else { vec![dy.buf, bufs[0], bufs[1], gx.buf] };
+        let groups = if wg { grid_1d(n, 1) } else { grid_1d(n, 256) };
+        b.dispatch(key, params, buffers, groups);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod grad_tests {
+    use super::*;
+
+    #[test]
+    fn grad_space_merges_and_splits_broadcast_dims() {
+        // A per-channel operand against NCHW: kept C, reduced N and H·W (merged).
+        let g = grad_space(&[3, 1, 1], &[2, 3, 4, 5], &[2, 3, 4, 5]);
+        assert_eq!(g.kept, vec![[3, 20, 20]]);
+        assert_eq!(g.red, vec![[2, 60, 60], [20, 1, 1]]);
+        // Same shapes: one flat kept dim, nothing to sum.
+        let g = grad_space(&[2, 3, 4], &[2, 3, 4], &[2, 3, 4]);
+        assert_eq!(g.kept, vec![[24, 1, 1]]);
+        assert!(g.red.is_empty());
+        // The other operand broadcast: its strides are 0 there, which blocks no merge of ours.
+        let g = grad_space(&[3, 4], &[1, 4], &[3, 4]);
+        assert_eq!(g.kept, vec![[3, 4, 0], [4, 1, 1]]);
+    }
 }

@@ -1048,3 +1048,10 @@ mod tests {
         assert_eq!(r.shapes.iter().map(|s| s[1]).collect::<Vec<_>>(), vec![2, 2, 2, 1]);
     }
 }
+
+impl LayoutOp {
+    /// Reverse pass (skeleton; filled in by the backward work).
+    pub fn backward(&self, _b: &mut super::BackwardLowering) -> OpResult<()> {
+        Err("reverse pass of layout ops: in progress".into())
+    }
+}

@@ -4,9 +4,18 @@
 //! every operand addressed through strides: transposes swap strides, broadcast dims get stride 0,
 //! and the output is contiguous. [`crate::ops::conv`] routes 1x1 convolutions here too, through
 //! [`GemmDispatch`].
+//!
+//! The reverse pass reuses the same kernel: every data gradient of a matrix product is another
+//! matrix product of strided views (dA = dY @ Bᵀ, dB = Aᵀ @ dY), and a transposed view is just
+//! swapped strides. Gradients of operands that were broadcast over batch dims (and Gemm's C) are
+//! summed over those dims by `reduce_broadcast`, a fixed-order loop per output element, so the
+//! result is bit-reproducible.
 
-use super::{Attrs, BufRef, Input, Lowering, OpResult, broadcast_shapes, broadcast_strides, f32_out, required};
-use crate::gpu::{KernelKey, Params, Shader};
+use super::{
+    Attrs, BackwardLowering, BufRef, Dispatch, GradInput, Input, Lowering, OpResult, broadcast_shapes,
+    broadcast_strides, contiguous_strides, f32_out, required,
+};
+use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
 /// Output tile edge of `matmul_main` (and of `conv.wgsl`'s `conv_gemm`).
@@ -65,6 +74,8 @@ pub struct GemmDispatch {
     pub alpha: f32,
     pub beta: f32,
     pub out: BufRef,
+    /// Add the product into `out` instead of overwriting it (gradient accumulation).
+    pub accumulate: bool,
 }
 
 /// Merges adjacent batch dims that every operand walks contiguously (and drops unit dims), so
@@ -104,8 +115,20 @@ fn u32_checked(v: usize, what: &str) -> OpResult<u32> {
 }
 
 impl GemmDispatch {
-    /// Appends the dispatch to `l`.
+    /// Appends the dispatch to a forward lowering.
     pub fn emit(&self, l: &mut Lowering) -> OpResult<()> {
+        l.dispatches.push(self.build()?);
+        Ok(())
+    }
+
+    /// Appends the dispatch to a reverse-pass lowering.
+    pub fn emit_backward(&self, b: &mut BackwardLowering) -> OpResult<()> {
+        b.dispatches.push(self.build()?);
+        Ok(())
+    }
+
+    /// The dispatch of `matmul_main` for this product.
+    pub fn build(&self) -> OpResult<Dispatch> {
         let mut strides = vec![self.a.batch_strides.clone(), self.b.batch_strides.clone()];
         if let Some(c) = &self.c {
             strides.push(c.batch_strides.clone());
@@ -149,13 +172,17 @@ impl GemmDispatch {
             .vec4u(&to_u32s(&bs[0])?)
             .vec4u(&to_u32s(&bs[1])?)
             .vec4u(&to_u32s(&c_bs)?);
-        l.dispatch(
-            KernelKey::new(Shader::Matmul, "matmul_main").with("HAS_BIAS", self.c.is_some() as i32),
+        let mut key = KernelKey::new(Shader::Matmul, "matmul_main").with("HAS_BIAS", self.c.is_some() as i32);
+        // Only the reverse pass accumulates; forward pipelines keep their override-free key.
+        if self.accumulate {
+            key = key.with("ACCUM", 1);
+        }
+        Ok(Dispatch {
+            key,
             params,
-            vec![self.a.buf, self.b.buf, c.buf, self.out],
-            [self.n.div_ceil(TILE) as u32, self.m.div_ceil(TILE) as u32, batch as u32],
-        );
-        Ok(())
+            buffers: vec![self.a.buf, self.b.buf, c.buf, self.out],
+            workgroups: [self.n.div_ceil(TILE) as u32, self.m.div_ceil(TILE) as u32, batch as u32],
+        })
     }
 }
 
@@ -264,6 +291,7 @@ pub fn lower_gemm(attrs: &GemmAttrs, l: &mut Lowering) -> OpResult<()> {
         alpha: attrs.alpha,
         beta: attrs.beta,
         out,
+        accumulate: false,
     }
     .emit(l)
 }
@@ -300,8 +328,238 @@ pub fn lower_matmul(l: &mut Lowering) -> OpResult<()> {
         alpha: 1.0,
         beta: 0.0,
         out,
+        accumulate: false,
     }
     .emit(l)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass
+// ------------------------------------------------------------------------------------------------
+
+/// A strided matrix view: element (i, j) of batch entry `b` sits at
+/// `Σ b_d * batch_strides[d] + i * row_stride + j * col_stride`.
+#[derive(Clone, Debug)]
+struct View {
+    buf: BufRef,
+    row_stride: usize,
+    col_stride: usize,
+    batch_strides: Vec<usize>,
+}
+
+impl View {
+    /// The transposed view: same bytes, swapped strides.
+    fn t(&self) -> View {
+        View { row_stride: self.col_stride, col_stride: self.row_stride, ..self.clone() }
+    }
+
+    fn operand(&self) -> Operand2d {
+        Operand2d {
+            buf: self.buf,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+            batch_strides: self.batch_strides.clone(),
+        }
+    }
+}
+
+/// `lhs @ rhs` (each `[rows, inner]` / `[inner, cols]` per batch entry), scaled by `alpha`, into
+/// the contiguous `out`.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    b: &mut BackwardLowering,
+    batch_shape: &[usize],
+    rows: usize,
+    cols: usize,
+    inner: usize,
+    lhs: &View,
+    rhs: &View,
+    alpha: f32,
+    out: BufRef,
+    accumulate: bool,
+) -> OpResult<()> {
+    GemmDispatch {
+        m: rows,
+        n: cols,
+        k: inner,
+        batch_shape: batch_shape.to_vec(),
+        a: lhs.operand(),
+        b: rhs.operand(),
+        c: None,
+        alpha,
+        beta: 0.0,
+        out,
+        accumulate,
+    }
+    .emit_backward(b)
+}
+
+/// Sums the contiguous `src` of shape `full` over the dims where `target` (right-aligned to
+/// `full`, unit or missing dims broadcast) is smaller, times `scale`, into `out` (of `target`'s
+/// element count). The trailing `inner` elements of every entry are carried along unreduced, so
+/// `full` lists only the dims that may be reduced.
+fn reduce_broadcast(
+    b: &mut BackwardLowering,
+    src: BufRef,
+    full: &[usize],
+    target: &[usize],
+    inner: usize,
+    scale: f32,
+    out: &GradInput,
+) -> OpResult<()> {
+    if target.len() > full.len() || full.len() > super::MAX_RANK {
+        return Err(format!(
+            "gradient reduction from {full:?} to {target:?} is not supported (rank above {})",
+            super::MAX_RANK
+        ));
+    }
+    let lead = full.len() - target.len();
+    let kept: Vec<usize> = (0..full.len()).map(|d| if d < lead { 1 } else { target[d - lead] }).collect();
+    let reduced: Vec<usize> = full.iter().zip(&kept).map(|(&f, &k)| if k == f { 1 } else { f }).collect();
+    if kept.iter().zip(full).any(|(&k, &f)| k != f && k != 1) {
+        return Err(format!("gradient reduction: {target:?} does not broadcast to {full:?}"));
+    }
+    let strides: Vec<usize> = contiguous_strides(full).into_iter().map(|s| s * inner).collect();
+    let total = u32_checked(kept.iter().product::<usize>() * inner, "gradient size")?;
+    let rcount = u32_checked(reduced.iter().product(), "reduction count")?;
+    u32_checked(full.iter().product::<usize>() * inner, "reduction source size")?;
+    let params = Params::new()
+        .u32(total)
+        .u32(u32_checked(inner, "inner size")?)
+        .u32(full.len() as u32)
+        .u32(rcount)
+        .f32(scale)
+        .vec8u(&to_u32s(&kept)?)
+        .vec8u(&to_u32s(&reduced)?)
+        .vec8u(&to_u32s(&strides)?);
+    b.dispatch(
+        KernelKey::new(Shader::Matmul, "reduce_broadcast").with("ACCUM", out.accumulate as i32),
+        params,
+        vec![src, out.buf],
+        grid_1d(total as usize, 256),
+    );
+    Ok(())
+}
+
+fn check_grad_shape(g: &GradInput, want: &[usize], what: &str) -> OpResult<()> {
+    if g.shape != want {
+        return Err(format!("gradient buffer of {what} has shape {:?}, expected {want:?}", g.shape));
+    }
+    Ok(())
+}
+
+/// Gemm's reverse pass. With op(A) [M, K], op(B) [K, N] and Y = alpha op(A) op(B) + beta C:
+/// d op(A) = alpha dY op(B)ᵀ, d op(B) = alpha op(A)ᵀ dY, dC = beta dY summed over C's broadcast
+/// dims. A transposed operand's gradient is the transposed product (dA = alpha op(B) dYᵀ when
+/// transA), which costs nothing but swapped strides.
+pub fn backward_gemm(attrs: &GemmAttrs, b: &mut BackwardLowering) -> OpResult<()> {
+    let a = b.input(0, "A")?.clone();
+    let bm = b.input(1, "B")?.clone();
+    let dy = b.grad_output(0)?.clone();
+    let (m, k, n) = gemm_dims(attrs, &a.shape, &bm.shape)?;
+    if dy.shape != [m, n] {
+        return Err(format!("Gemm output gradient has shape {:?}, expected [{m}, {n}]", dy.shape));
+    }
+    let (a_rs, a_cs) = if attrs.trans_a { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if attrs.trans_b { (1, k) } else { (n, 1) };
+    let op_a = View { buf: a.buf, row_stride: a_rs, col_stride: a_cs, batch_strides: vec![] };
+    let op_b = View { buf: bm.buf, row_stride: b_rs, col_stride: b_cs, batch_strides: vec![] };
+    let dyv = View { buf: dy.buf, row_stride: n, col_stride: 1, batch_strides: vec![] };
+    if let Some(g) = b.grad_input(0).cloned() {
+        check_grad_shape(&g, &a.shape, "Gemm A")?;
+        if attrs.trans_a {
+            product(b, &[], k, m, n, &op_b, &dyv.t(), attrs.alpha, g.buf, g.accumulate)?;
+        } else {
+            product(b, &[], m, k, n, &dyv, &op_b.t(), attrs.alpha, g.buf, g.accumulate)?;
+        }
+    }
+    if let Some(g) = b.grad_input(1).cloned() {
+        check_grad_shape(&g, &bm.shape, "Gemm B")?;
+        if attrs.trans_b {
+            product(b, &[], n, k, m, &dyv.t(), &op_a, attrs.alpha, g.buf, g.accumulate)?;
+        } else {
+            product(b, &[], k, n, m, &op_a.t(), &dyv, attrs.alpha, g.buf, g.accumulate)?;
+        }
+    }
+    if let Some(g) = b.grad_input(2).cloned() {
+        let c = b.input(2, "C")?.clone();
+        check_grad_shape(&g, &c.shape, "Gemm C")?;
+        // beta = 0 drops C from the forward pass; `reduce_broadcast` then writes exact zeros.
+        reduce_broadcast(b, dy.buf, &[m, n], &c.shape, 1, attrs.beta, &g)?;
+    }
+    Ok(())
+}
+
+/// MatMul's reverse pass: dA = dY @ Bᵀ, dB = Aᵀ @ dY per output batch entry (1-D operands
+/// promoted as in the forward pass). An operand broadcast over batch dims gets the sum over those
+/// dims: the per-entry products go to scratch and `reduce_broadcast` sums them in a fixed order,
+/// except for the common weight case (a 2-D B times a batched A), where the batch dims simply
+/// join the contraction: dB = A_flatᵀ @ dY_flat.
+pub fn backward_matmul(b: &mut BackwardLowering) -> OpResult<()> {
+    let a = b.input(0, "A")?.clone();
+    let bm = b.input(1, "B")?.clone();
+    let dy = b.grad_output(0)?.clone();
+    let (batch, m, k, n) = matmul_dims(&a.shape, &bm.shape)?;
+    let mut out_shape = batch.clone();
+    if a.shape.len() > 1 {
+        out_shape.push(m);
+    }
+    if bm.shape.len() > 1 {
+        out_shape.push(n);
+    }
+    if dy.shape != out_shape {
+        return Err(format!("MatMul output gradient has shape {:?}, expected {out_shape:?}", dy.shape));
+    }
+    let entries: usize = batch.iter().product();
+    let a_rank = a.shape.len().saturating_sub(2);
+    let b_rank = bm.shape.len().saturating_sub(2);
+    // An operand's own batch dims right-aligned to the output's (1 where it has none).
+    let aligned = |shape: &[usize], own_rank: usize| -> Vec<usize> {
+        let own = &shape[..own_rank];
+        (0..batch.len())
+            .map(|d| if d + own.len() >= batch.len() { own[d + own.len() - batch.len()] } else { 1 })
+            .collect()
+    };
+    let a_batch = aligned(&a.shape, a_rank);
+    let b_batch = aligned(&bm.shape, b_rank);
+    let strides_of = |own: &[usize], mat: usize| -> Vec<usize> {
+        broadcast_strides(own, &batch).into_iter().map(|s| s * mat).collect()
+    };
+    let av = View { buf: a.buf, row_stride: k, col_stride: 1, batch_strides: strides_of(&a_batch, m * k) };
+    let bv = View { buf: bm.buf, row_stride: n, col_stride: 1, batch_strides: strides_of(&b_batch, k * n) };
+    let dyv = View {
+        buf: dy.buf,
+        row_stride: n,
+        col_stride: 1,
+        batch_strides: contiguous_strides(&batch).into_iter().map(|s| s * m * n).collect(),
+    };
+
+    if let Some(g) = b.grad_input(0).cloned() {
+        check_grad_shape(&g, &a.shape, "MatMul A")?;
+        if a_batch == batch {
+            product(b, &batch, m, k, n, &dyv, &bv.t(), 1.0, g.buf, g.accumulate)?;
+        } else {
+            let tmp = b.scratch((entries * m * k * 4) as u64);
+            product(b, &batch, m, k, n, &dyv, &bv.t(), 1.0, tmp, false)?;
+            reduce_broadcast(b, tmp, &batch, &a_batch, m * k, 1.0, &g)?;
+        }
+    }
+    if let Some(g) = b.grad_input(1).cloned() {
+        check_grad_shape(&g, &bm.shape, "MatMul B")?;
+        if b_batch == batch {
+            product(b, &batch, k, n, m, &av.t(), &dyv, 1.0, g.buf, g.accumulate)?;
+        } else if b_batch.iter().all(|&d| d == 1) && a_batch == batch {
+            // A and dY are contiguous [entries * M, K] and [entries * M, N].
+            let a_flat = View { buf: a.buf, row_stride: k, col_stride: 1, batch_strides: vec![] };
+            let dy_flat = View { buf: dy.buf, row_stride: n, col_stride: 1, batch_strides: vec![] };
+            product(b, &[], k, n, entries * m, &a_flat.t(), &dy_flat, 1.0, g.buf, g.accumulate)?;
+        } else {
+            let tmp = b.scratch((entries * k * n * 4) as u64);
+            product(b, &batch, k, n, m, &av.t(), &dyv, 1.0, tmp, false)?;
+            reduce_broadcast(b, tmp, &batch, &b_batch, k * n, 1.0, &g)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

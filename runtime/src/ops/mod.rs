@@ -62,18 +62,22 @@ impl Op {
     /// Parses a node. Unknown op types and unsupported attribute values are errors here, at load time.
     pub fn parse(node: &RawNode, opset: i64) -> OpResult<Op> {
         let a = Attrs::new(&node.attrs);
+        // Omitted optional outputs are written as "": they do not count as declared.
+        let outputs = node.outputs.iter().filter(|o| !o.is_empty()).count();
         let op = match node.op_type.as_str() {
             "Relu" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" => {
                 Op::Unary(elementwise::Unary::parse(&node.op_type, &a)?)
             }
             "Clip" if opset < 11 => Op::Unary(elementwise::Unary::parse("Clip", &a)?),
             "Clip" => Op::ClipInputs,
-            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "PRelu" => Op::Binary(elementwise::BinaryKind::parse(&node.op_type)?),
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "PRelu" => {
+                Op::Binary(elementwise::BinaryKind::parse(&node.op_type)?)
+            }
             "Conv" => Op::Conv(conv::ConvAttrs::parse(&a)?),
             "Gemm" => Op::Gemm(matmul::GemmAttrs::parse(&a)?),
             "MatMul" => Op::MatMul,
-            "BatchNormalization" => Op::BatchNorm(norm::BatchNormAttrs::parse(&a, node.outputs.len())?),
-            "MaxPool" | "AveragePool" => Op::Pool(pool::PoolAttrs::parse(&node.op_type, &a, node.outputs.len())?),
+            "BatchNormalization" => Op::BatchNorm(norm::BatchNormAttrs::parse(&a, outputs)?),
+            "MaxPool" | "AveragePool" => Op::Pool(pool::PoolAttrs::parse(&node.op_type, &a, outputs)?),
             "GlobalAveragePool" => Op::GlobalAveragePool,
             "ReduceMean" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse(&a, opset)?),
             "Softmax" | "LogSoftmax" => Op::Softmax(softmax::SoftmaxAttrs::parse(&node.op_type, &a, opset)?),
@@ -307,4 +311,117 @@ pub fn check_rank(shape: &[usize]) -> OpResult<()> {
 
 pub fn u32s(v: &[usize]) -> Vec<u32> {
     v.iter().map(|&x| x as u32).collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass
+// ------------------------------------------------------------------------------------------------
+
+/// A gradient an op's backward must produce for one of its inputs.
+#[derive(Clone, Debug)]
+pub struct GradInput {
+    pub buf: BufRef,
+    pub shape: Vec<usize>,
+    /// When set, add into the buffer (the tensor fans out and another consumer's gradient is
+    /// already there); otherwise overwrite it.
+    pub accumulate: bool,
+}
+
+/// The reverse-pass lowering context of one node: the forward operands (kept alive for it when
+/// [`Op::backward_saves`] asks), the gradients of its outputs, and the input gradients wanted.
+///
+/// Frozen weights never get gradients: `grad_inputs[i]` is `None` for every input that does not
+/// depend on an adapted parameter. Parameters a family adapts itself (BatchNormalization's scale
+/// and bias) are handled by that family's own training lowering, not here.
+#[derive(Debug)]
+pub struct BackwardLowering {
+    pub node: String,
+    pub inputs: Vec<Option<Operand>>,
+    pub outputs: Vec<Operand>,
+    /// dL/dY per output; `None` when no gradient flows into that output.
+    pub grad_outputs: Vec<Option<Operand>>,
+    /// dL/dX to produce per input; `None` when not needed.
+    pub grad_inputs: Vec<Option<GradInput>>,
+    pub dispatches: Vec<Dispatch>,
+    pub scratch: Vec<u64>,
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+}
+
+impl BackwardLowering {
+    pub fn input(&self, i: usize, what: &str) -> OpResult<&Operand> {
+        self.inputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("missing input {i} ({what})"))
+    }
+
+    pub fn output(&self, i: usize) -> OpResult<&Operand> {
+        self.outputs.get(i).ok_or_else(|| format!("missing output {i}"))
+    }
+
+    /// dL/dY of output `i` (an error if none flows: the planner only calls backward when one does).
+    pub fn grad_output(&self, i: usize) -> OpResult<&Operand> {
+        self.grad_outputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("no gradient for output {i}"))
+    }
+
+    /// The gradient wanted for input `i`, if any.
+    pub fn grad_input(&self, i: usize) -> Option<&GradInput> {
+        self.grad_inputs.get(i).and_then(|x| x.as_ref())
+    }
+
+    pub fn scratch(&mut self, bytes: u64) -> BufRef {
+        self.scratch.push(bytes.max(4));
+        BufRef::Scratch(self.scratch.len() - 1)
+    }
+
+    pub fn dispatch(&mut self, key: KernelKey, params: Params, buffers: Vec<BufRef>, workgroups: [u32; 3]) {
+        self.dispatches.push(Dispatch { key, params, buffers, workgroups });
+    }
+}
+
+/// Which forward tensors an op's backward reads (and so must outlive the forward pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Saves {
+    pub inputs: bool,
+    pub outputs: bool,
+}
+
+impl Op {
+    /// What the backward of this op reads from the forward pass. Keeping only these alive is what
+    /// bounds the memory of an adaptation step.
+    pub fn backward_saves(&self) -> Saves {
+        let (inputs, outputs) = match self {
+            // Activations read their input (x < 0, clamp bounds, x for hard-swish/leaky) or output.
+            Op::Unary(u) => elementwise::unary_backward_saves(u),
+            Op::ClipInputs => (true, false),
+            // Products and quotients need both operands; sums need neither.
+            Op::Binary(k) => (elementwise::binary_backward_needs_inputs(*k), false),
+            // Data gradients through frozen weights: the weights are constants, always resident.
+            Op::Conv(_) | Op::Gemm(_) | Op::MatMul => (true, false),
+            Op::BatchNorm(_) => (true, false),
+            Op::Pool(p) => (p.max, p.max),
+            Op::GlobalAveragePool | Op::ReduceMean(_) => (false, false),
+            Op::Softmax(_) => (false, true),
+            Op::Layout(_) => (false, false),
+            Op::Shape(_) => (false, false),
+        };
+        Saves { inputs, outputs }
+    }
+
+    /// Appends the dispatches of this op's reverse pass.
+    pub fn lower_backward(&self, b: &mut BackwardLowering) -> OpResult<()> {
+        match self {
+            Op::Unary(u) => elementwise::backward_unary(u, b),
+            Op::ClipInputs => elementwise::backward_clip_inputs(b),
+            Op::Binary(k) => elementwise::backward_binary(*k, b),
+            Op::Conv(a) => conv::backward(a, b),
+            Op::Gemm(a) => matmul::backward_gemm(a, b),
+            Op::MatMul => matmul::backward_matmul(b),
+            Op::BatchNorm(_) => Err("BatchNormalization's reverse pass belongs to the training lowering".into()),
+            Op::Pool(a) => pool::backward(a, b),
+            Op::GlobalAveragePool => pool::backward_global(b),
+            Op::ReduceMean(a) => reduce::backward(a, b),
+            Op::Softmax(a) => softmax::backward(a, b),
+            Op::Layout(l) => l.backward(b),
+            Op::Shape(_) => Err("shape arithmetic carries no gradient".into()),
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! GlobalAveragePool reduces one (n, c) plane per workgroup with a fixed-order tree, so its
 //! result is bit-identical from run to run (no float atomics).
 
-use super::{Attrs, Input, Lowering, OpResult, required};
+use super::{Attrs, BackwardLowering, Input, Lowering, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -236,20 +236,9 @@ pub fn lower(a: &PoolAttrs, l: &mut Lowering) -> OpResult<()> {
     let (out, pads) = a.geometry(spatial)?;
     check_u32("the pool input", x.numel())?;
     let n = y.numel();
-    let begin: Vec<usize> = pads.iter().map(|p| p.0).collect();
-    let end: Vec<usize> = pads.iter().map(|p| p.1).collect();
     l.dispatch(
         KernelKey::new(Shader::Pool, "pool_main").with("MAX", a.max as i32),
-        Params::new()
-            .u32(n as u32)
-            .u32(a.count_include_pad as u32)
-            .vec4u(&lanes3(spatial, 1))
-            .vec4u(&lanes3(&out, 1))
-            .vec4u(&lanes3(&a.kernel, 1))
-            .vec4u(&lanes3(&a.strides, 1))
-            .vec4u(&lanes3(&a.dilations, 1))
-            .vec4u(&lanes3(&begin, 0))
-            .vec4u(&lanes3(&end, 0)),
+        pool_params(a, n, spatial, &out, &pads),
         vec![x.buf, y.buf],
         grid_1d(n, 256),
     );
@@ -330,4 +319,102 @@ mod tests {
         let e = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 2).unwrap_err();
         assert!(e.contains("Indices"), "{e}");
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reverse pass
+// ------------------------------------------------------------------------------------------------
+
+/// The uniform block of the windowed kernels, with `n` the number of threads.
+fn pool_params(a: &PoolAttrs, n: usize, spatial: &[usize], out: &[usize], pads: &[(usize, usize)]) -> Params {
+    let begin: Vec<usize> = pads.iter().map(|p| p.0).collect();
+    let end: Vec<usize> = pads.iter().map(|p| p.1).collect();
+    Params::new()
+        .u32(n as u32)
+        .u32(a.count_include_pad as u32)
+        .vec4u(&lanes3(spatial, 1))
+        .vec4u(&lanes3(out, 1))
+        .vec4u(&lanes3(&a.kernel, 1))
+        .vec4u(&lanes3(&a.strides, 1))
+        .vec4u(&lanes3(&a.dilations, 1))
+        .vec4u(&lanes3(&begin, 0))
+        .vec4u(&lanes3(&end, 0))
+}
+
+/// MaxPool routes each dY to its window's first maximum in scan order (ties go to the earliest
+/// element, as in PyTorch and ONNX Runtime); AveragePool spreads dY / count over the window with
+/// the forward's divisor. Both are gathers over the windows covering each input element, and
+/// MaxPool first records every window's argmax in a scratch buffer (reading only X, not Y).
+pub fn backward(a: &PoolAttrs, b: &mut BackwardLowering) -> OpResult<()> {
+    let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+    let dy = b.grad_output(0)?.clone();
+    let x = b.input(0, "X")?.clone();
+    let (_, _, spatial) = nc_spatial(a.name(), &x.shape)?;
+    let (out, pads) = a.geometry(spatial)?;
+    check_u32("the pool input", x.numel())?;
+    let mut want = x.shape[..2].to_vec();
+    want.extend(&out);
+    if dy.shape != want || gx.shape.iter().product::<usize>() != x.numel() {
+        return Err(format!(
+            "{} gradient shapes disagree: X {:?}, dY {:?} (expected {want:?}), dX {:?}",
+            a.name(),
+            x.shape,
+            dy.shape,
+            gx.shape
+        ));
+    }
+    let (n_in, n_out) = (x.numel(), dy.numel());
+    if n_in == 0 {
+        return Ok(());
+    }
+    let accum = gx.accumulate as i32;
+    if a.max {
+        let arg = b.scratch(4 * n_out as u64);
+        b.dispatch(
+            KernelKey::new(Shader::Pool, "maxpool_argmax_main"),
+            pool_params(a, n_out, spatial, &out, &pads),
+            vec![x.buf, arg],
+            grid_1d(n_out, 256),
+        );
+        b.dispatch(
+            KernelKey::new(Shader::Pool, "maxpool_backward_main").with("ACCUM", accum),
+            pool_params(a, n_in, spatial, &out, &pads),
+            vec![dy.buf, arg, gx.buf],
+            grid_1d(n_in, 256),
+        );
+    } else {
+        b.dispatch(
+            KernelKey::new(Shader::Pool, "avgpool_backward_main").with("ACCUM", accum),
+            pool_params(a, n_in, spatial, &out, &pads),
+            vec![dy.buf, gx.buf],
+            grid_1d(n_in, 256),
+        );
+    }
+    Ok(())
+}
+
+/// dX = dY / (spatial size), broadcast over each (n, c) plane.
+pub fn backward_global(b: &mut BackwardLowering) -> OpResult<()> {
+    let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+    let dy = b.grad_output(0)?.clone();
+    let x = b.input(0, "X")?.clone();
+    let (n, c, spatial) = nc_spatial("GlobalAveragePool", &x.shape)?;
+    check_u32("the GlobalAveragePool input", x.numel())?;
+    if dy.numel() != n * c || gx.shape.iter().product::<usize>() != x.numel() {
+        return Err(format!(
+            "GlobalAveragePool gradient shapes disagree: X {:?}, dY {:?}, dX {:?}",
+            x.shape, dy.shape, gx.shape
+        ));
+    }
+    let plane: usize = spatial.iter().product();
+    if x.numel() == 0 {
+        return Ok(());
+    }
+    b.dispatch(
+        KernelKey::new(Shader::Pool, "global_avg_backward_main").with("ACCUM", gx.accumulate as i32),
+        Params::new().u32((n * c) as u32).u32(plane as u32),
+        vec![dy.buf, gx.buf],
+        grid_1d(x.numel(), 256),
+    );
+    Ok(())
 }

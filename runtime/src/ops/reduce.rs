@@ -4,7 +4,7 @@
 //! reductions loop over the reduced elements in one thread per output; long ones give each output
 //! a workgroup that strides over the elements and combines the partial sums in a tree.
 
-use super::{Attrs, Input, Lowering, MAX_RANK, OpResult, contiguous_strides, required, u32s};
+use super::{Attrs, BackwardLowering, Input, Lowering, MAX_RANK, OpResult, contiguous_strides, required, u32s};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::{DType, Tensor};
 
@@ -151,5 +151,70 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
     } else {
         l.dispatch(KernelKey::new(Shader::Reduce, "mean_thread_main"), params, vec![x.buf, y.buf], grid_1d(n_out, 256));
     }
+    Ok(())
+}
+
+/// dX = dY / count, broadcast back over the reduced axes: one thread per input element.
+pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
+    let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+    if b.grad_input(1).is_some() {
+        return Err("ReduceMean's axes input carries no gradient".into());
+    }
+    let dy = b.grad_output(0)?.clone();
+    let x = b.input(0, "data")?.clone();
+    let axes = b.inputs.get(1).and_then(|i| i.as_ref()).map(|op| {
+        op.value.clone().ok_or("ReduceMean axes must be a constant (an initializer or computable from shapes)")
+    });
+    let axes = axes.transpose()?;
+    let mask = a.reduced(x.shape.len(), axes.as_deref())?;
+    let n = x.numel();
+    if n > u32::MAX as usize {
+        return Err(format!("ReduceMean input has {n} elements, more than a 32-bit index covers"));
+    }
+    if dy.shape != out_shape(a, &x.shape, &mask) || gx.shape.iter().product::<usize>() != n {
+        return Err(format!(
+            "ReduceMean gradient shapes disagree: X {:?}, dY {:?}, dX {:?}",
+            x.shape, dy.shape, gx.shape
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    // Runs of adjacent non-unit dims of one kind merge: reduced runs have dY stride 0, kept runs
+    // the row-major stride over the kept dims (which is the layout of dY, keepdims or not).
+    let mut runs: Vec<(usize, bool)> = Vec::new();
+    for (&size, &r) in x.shape.iter().zip(&mask) {
+        if size == 1 {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(last) if last.1 == r => last.0 *= size,
+            _ => runs.push((size, r)),
+        }
+    }
+    if runs.len() > MAX_RANK {
+        return Err(format!("ReduceMean over rank {} exceeds the supported maximum of {MAX_RANK}", x.shape.len()));
+    }
+    let mut strides = vec![0usize; runs.len()];
+    let mut s = 1;
+    for (k, &(size, r)) in runs.iter().enumerate().rev() {
+        if !r {
+            strides[k] = s;
+            s *= size;
+        }
+    }
+    let n_red: usize = runs.iter().filter(|r| r.1).map(|r| r.0).product();
+    let shape: Vec<usize> = runs.iter().map(|r| r.0).collect();
+    b.dispatch(
+        KernelKey::new(Shader::Reduce, "mean_backward_main").with("ACCUM", gx.accumulate as i32),
+        Params::new()
+            .u32(n as u32)
+            .u32(runs.len() as u32)
+            .u32(n_red as u32)
+            .vec8u(&u32s(&shape))
+            .vec8u(&u32s(&strides)),
+        vec![dy.buf, gx.buf],
+        grid_1d(n, 256),
+    );
     Ok(())
 }

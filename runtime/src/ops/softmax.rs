@@ -4,7 +4,7 @@
 //! along the single axis (inner = product of the later dims); before 13 the input is coerced to
 //! 2-D at `axis`, so a row is everything from `axis` on, contiguous (inner = 1).
 
-use super::{Attrs, Input, Lowering, OpResult, norm_axis, required};
+use super::{Attrs, BackwardLowering, Input, Lowering, OpResult, norm_axis, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -64,6 +64,36 @@ pub fn lower(a: &SoftmaxAttrs, l: &mut Lowering) -> OpResult<()> {
         l.dispatch(key("softmax_wg_main"), params, vec![x.buf, y.buf], grid_1d(rows, 1));
     } else {
         l.dispatch(key("softmax_thread_main"), params, vec![x.buf, y.buf], grid_1d(rows, 256));
+    }
+    Ok(())
+}
+
+/// The row gradient from the saved output y: softmax dx = y (dy - Σ dy y); log-softmax
+/// dx = dy - exp(y) Σ dy. Rows and kernels as in the forward.
+pub fn backward(a: &SoftmaxAttrs, b: &mut BackwardLowering) -> OpResult<()> {
+    let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+    let dy = b.grad_output(0)?.clone();
+    let y = b.output(0)?.clone();
+    let n = y.numel();
+    if n > u32::MAX as usize {
+        return Err(format!("Softmax input has {n} elements, more than a 32-bit index covers"));
+    }
+    if dy.shape != y.shape || gx.shape.iter().product::<usize>() != n {
+        return Err(format!("Softmax gradient shapes disagree: Y {:?}, dY {:?}, dX {:?}", y.shape, dy.shape, gx.shape));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (outer, len, inner) = a.layout(&y.shape)?;
+    let rows = outer * inner;
+    let params = Params::new().u32(rows as u32).u32(len as u32).u32(inner as u32);
+    let key =
+        |entry| KernelKey::new(Shader::Softmax, entry).with("LOG", a.log as i32).with("ACCUM", gx.accumulate as i32);
+    let buffers = vec![y.buf, dy.buf, gx.buf];
+    if len >= WORKGROUP_MIN {
+        b.dispatch(key("softmax_backward_wg_main"), params, buffers, grid_1d(rows, 1));
+    } else {
+        b.dispatch(key("softmax_backward_thread_main"), params, buffers, grid_1d(rows, 256));
     }
     Ok(())
 }

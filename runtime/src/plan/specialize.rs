@@ -71,11 +71,17 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
     }
     let mut values: HashMap<String, ValueInfo> = HashMap::new();
     for (name, t) in &graph.initializers {
-        values.insert(name.clone(), ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(t.clone()), shape_dependent: false });
+        values.insert(
+            name.clone(),
+            ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(t.clone()), shape_dependent: false },
+        );
     }
     for (info, shape) in graph.inputs.iter().zip(shapes) {
         check_input_shape(&info.name, &info.dims, shape)?;
-        values.insert(info.name.clone(), ValueInfo { shape: shape.clone(), dtype: DType::F32, konst: None, shape_dependent: false });
+        values.insert(
+            info.name.clone(),
+            ValueInfo { shape: shape.clone(), dtype: DType::F32, konst: None, shape_dependent: false },
+        );
     }
 
     // Liveness first: nodes none of whose outputs reach a graph output are skipped entirely
@@ -98,7 +104,8 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
         }
         let infos: Vec<Option<ValueInfo>> =
             node.inputs.iter().map(|n| if n.is_empty() { None } else { values.get(n).cloned() }).collect();
-        let shapes_of = || infos.iter().map(|i| i.as_ref().map(|v| v.shape.clone()).unwrap_or_default()).collect::<Vec<_>>();
+        let shapes_of =
+            || infos.iter().map(|i| i.as_ref().map(|v| v.shape.clone()).unwrap_or_default()).collect::<Vec<_>>();
         for (name, info) in node.inputs.iter().zip(&infos) {
             if !name.is_empty() && info.is_none() {
                 return Err(node_err(graph, idx, shapes_of(), format!("input '{name}' is not defined")));
@@ -116,19 +123,20 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
         {
             let t = t.map_err(|r| node_err(graph, idx, shapes_of(), r))?;
             let out = &node.outputs[0];
-            let info = ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent: true };
+            let info =
+                ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent: true };
             values.insert(out.clone(), info);
             continue;
         }
 
         let inferred = node.op.infer(&ins).map_err(|r| node_err(graph, idx, shapes_of(), r))?;
-        if all_const && let Some(res) = node.op.eval(&ins.iter().map(|i| i.and_then(|x| x.value)).collect::<Vec<_>>())
-        {
+        if all_const && let Some(res) = node.op.eval(&ins.iter().map(|i| i.and_then(|x| x.value)).collect::<Vec<_>>()) {
             let outs = res.map_err(|r| node_err(graph, idx, shapes_of(), r))?;
             let shape_dependent = infos.iter().flatten().any(|v| v.shape_dependent);
             for (name, t) in node.outputs.iter().zip(outs) {
                 if !name.is_empty() {
-                    let info = ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent };
+                    let info =
+                        ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent };
                     values.insert(name.clone(), info);
                 }
             }
@@ -148,7 +156,12 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
                 && v.konst.is_none()
                 && v.dtype != DType::F32
             {
-                return Err(node_err(graph, idx, shapes_of(), format!("input '{name}' is {} at run time; only float32 runs on the GPU", v.dtype)));
+                return Err(node_err(
+                    graph,
+                    idx,
+                    shapes_of(),
+                    format!("input '{name}' is {} at run time; only float32 runs on the GPU", v.dtype),
+                ));
             }
         }
         for (name, (shape, dtype)) in node.outputs.iter().zip(inferred) {
@@ -157,21 +170,22 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
             }
             if !needed.contains(name.as_str()) {
                 // Unread: the kernel may still write it, so it gets a buffer, but its type is moot.
-                values.insert(name.clone(), ValueInfo { shape, dtype: DType::F32, konst: None, shape_dependent: false });
+                values
+                    .insert(name.clone(), ValueInfo { shape, dtype: DType::F32, konst: None, shape_dependent: false });
                 continue;
             }
             if dtype != DType::F32 {
-                return Err(node_err(graph, idx, shapes_of(), format!("output '{name}' would be {dtype} at run time; only float32 runs on the GPU")));
+                return Err(node_err(
+                    graph,
+                    idx,
+                    shapes_of(),
+                    format!("output '{name}' would be {dtype} at run time; only float32 runs on the GPU"),
+                ));
             }
             values.insert(name.clone(), ValueInfo { shape, dtype, konst: None, shape_dependent: false });
         }
         steps.push(Step { node: idx, inputs: node.inputs.clone(), outputs: node.outputs.clone() });
     }
 
-    Ok(Specialized {
-        values,
-        steps,
-        input_names: graph.inputs.iter().map(|i| i.name.clone()).collect(),
-        output_names,
-    })
+    Ok(Specialized { values, steps, input_names: graph.inputs.iter().map(|i| i.name.clone()).collect(), output_names })
 }

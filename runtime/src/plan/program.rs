@@ -1,0 +1,382 @@
+//! Programs: an ordered list of dispatch groups over abstract buffers, and their compilation to
+//! wgpu objects.
+//!
+//! Both the forward plan and the adaptation step are programs. A value's buffer is live from the
+//! first item that references it to the last one (inputs from the start, outputs to the end), and
+//! a buffer returns to the pool after its last reader to serve a later value of at most its size
+//! (best fit, never more than twice as large). Aliases (Reshape, Flatten, ...) share their source's
+//! storage. Weights (model constants, normalization statistics, optimizer moments) live in the
+//! engine's [`WeightStore`], shared by every program of the engine, and are never reused.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::gpu::{GpuContext, GpuError};
+use crate::ops::{BufRef, Dispatch};
+use crate::tensor::Tensor;
+
+use super::PlanError;
+
+/// A transient buffer of the program.
+#[derive(Clone, Debug)]
+pub struct ValueDecl {
+    pub bytes: u64,
+    /// Shares the storage of this earlier value (a view).
+    pub alias_of: Option<usize>,
+}
+
+/// How a weight buffer is first filled.
+#[derive(Clone, Debug)]
+pub enum WeightInit {
+    Tensor(Arc<Tensor>),
+    Zeros(usize),
+}
+
+/// A persistent buffer.
+#[derive(Clone, Debug)]
+pub struct WeightDecl {
+    pub name: String,
+    pub init: WeightInit,
+    /// Kept in the engine's store under `name` (same for every plan); otherwise private to this
+    /// program (constants folded from the input shapes).
+    pub shared: bool,
+}
+
+/// A group of dispatches (one node's forward or backward, a loss, an optimizer step).
+#[derive(Clone, Debug, Default)]
+pub struct Item {
+    pub label: String,
+    pub dispatches: Vec<Dispatch>,
+    /// Byte sizes of this item's scratch buffers ([`BufRef::Scratch`] indexes this).
+    pub scratch: Vec<u64>,
+}
+
+/// Abstract program: values, weights and items.
+#[derive(Clone, Debug, Default)]
+pub struct Program {
+    pub values: Vec<ValueDecl>,
+    pub weights: Vec<WeightDecl>,
+    pub items: Vec<Item>,
+    /// Values written before the first item (graph inputs).
+    pub pinned_start: Vec<usize>,
+    /// Values read after the last item (outputs).
+    pub pinned_end: Vec<usize>,
+}
+
+impl Program {
+    pub fn value(&mut self, bytes: u64) -> usize {
+        self.values.push(ValueDecl { bytes: bytes.max(4), alias_of: None });
+        self.values.len() - 1
+    }
+
+    pub fn alias(&mut self, of: usize) -> usize {
+        let bytes = self.values[of].bytes;
+        self.values.push(ValueDecl { bytes, alias_of: Some(of) });
+        self.values.len() - 1
+    }
+
+    /// The id of weight `name`, declaring it on first use.
+    pub fn weight(&mut self, name: &str, init: impl FnOnce() -> WeightInit, shared: bool) -> usize {
+        if let Some(i) = self.weights.iter().position(|w| w.name == name) {
+            return i;
+        }
+        self.weights.push(WeightDecl { name: name.to_string(), init: init(), shared });
+        self.weights.len() - 1
+    }
+}
+
+/// Weights uploaded once per engine and shared by all its programs, keyed by name.
+#[derive(Default)]
+pub struct WeightStore {
+    pub buffers: HashMap<String, wgpu::Buffer>,
+}
+
+impl WeightStore {
+    fn get_or_create(&mut self, ctx: &GpuContext, name: &str, init: &WeightInit) -> wgpu::Buffer {
+        if let Some(b) = self.buffers.get(name) {
+            return b.clone();
+        }
+        let b = create_weight(ctx, name, init);
+        self.buffers.insert(name.to_string(), b.clone());
+        b
+    }
+
+    pub fn get(&self, name: &str) -> Option<&wgpu::Buffer> {
+        self.buffers.get(name)
+    }
+}
+
+fn create_weight(ctx: &GpuContext, label: &str, init: &WeightInit) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    let data: Vec<f32> = match init {
+        WeightInit::Tensor(t) => t.to_f32_vec(),
+        WeightInit::Zeros(n) => vec![0.0; *n],
+    };
+    let bytes: &[u8] = if data.is_empty() { &[0u8; 4] } else { bytemuck::cast_slice(&data) };
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+    })
+}
+
+/// One recorded dispatch.
+pub(crate) struct Recorded {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+/// A compiled program: pipelines, bind groups and buffers, ready to record.
+pub struct Compiled {
+    dispatches: Vec<Recorded>,
+    value_buffers: Vec<wgpu::Buffer>,
+    pub weight_buffers: Vec<wgpu::Buffer>,
+    /// Bytes of transient buffers after lifetime-based reuse (values and scratch).
+    pub transient_bytes: u64,
+    /// What the same values would take with one buffer each.
+    pub transient_bytes_unshared: u64,
+}
+
+const ALIGN: u64 = 256;
+
+fn round_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+struct Storage {
+    bytes: u64,
+    first: usize,
+    last: usize,
+    buffer: usize,
+}
+
+impl Compiled {
+    pub fn compile(ctx: &GpuContext, program: &Program, store: &mut WeightStore) -> Result<Compiled, PlanError> {
+        let limits = ctx.limits();
+        let n_items = program.items.len();
+        // Storage of each value (aliases resolved to their root).
+        let mut root: Vec<usize> = Vec::with_capacity(program.values.len());
+        for (i, v) in program.values.iter().enumerate() {
+            root.push(match v.alias_of {
+                Some(a) => root[a],
+                None => i,
+            });
+        }
+        let mut storages: HashMap<usize, Storage> = HashMap::new();
+        let touch = |storages: &mut HashMap<usize, Storage>, r: usize, at: usize, bytes: u64| {
+            let s = storages.entry(r).or_insert(Storage { bytes, first: at, last: at, buffer: usize::MAX });
+            s.bytes = s.bytes.max(bytes);
+            s.first = s.first.min(at);
+            s.last = s.last.max(at);
+        };
+        // Items are numbered from 1; 0 is "before the program", n+1 "after it".
+        for &v in &program.pinned_start {
+            touch(&mut storages, root[v], 0, program.values[v].bytes);
+        }
+        for (k, item) in program.items.iter().enumerate() {
+            for d in &item.dispatches {
+                for b in &d.buffers {
+                    if let BufRef::Value(v) = *b {
+                        let decl = program
+                            .values
+                            .get(v)
+                            .ok_or_else(|| PlanError::Program(format!("{}: value {v} is not declared", item.label)))?;
+                        touch(&mut storages, root[v], k + 1, decl.bytes);
+                    }
+                }
+            }
+        }
+        for &v in &program.pinned_end {
+            touch(&mut storages, root[v], n_items + 1, program.values[v].bytes);
+        }
+        // Values declared but never referenced (unread outputs of skipped work) still get a
+        // buffer so that any binding of them is valid.
+        for (v, decl) in program.values.iter().enumerate() {
+            if !storages.contains_key(&root[v]) {
+                touch(&mut storages, root[v], n_items + 1, decl.bytes);
+            }
+        }
+        // Scratch: live exactly during its item. Keyed after the values.
+        let mut scratch_key: Vec<Vec<usize>> = Vec::new();
+        let mut next_key = program.values.len();
+        for (k, item) in program.items.iter().enumerate() {
+            let mut keys = Vec::new();
+            for &b in &item.scratch {
+                storages.insert(next_key, Storage { bytes: b.max(4), first: k + 1, last: k + 1, buffer: usize::MAX });
+                keys.push(next_key);
+                next_key += 1;
+            }
+            scratch_key.push(keys);
+        }
+        let max_binding = limits.max_storage_buffer_binding_size;
+        let mut order: Vec<usize> = storages.keys().copied().collect();
+        order.sort_by_key(|k| (storages[k].first, *k));
+        let mut buffers: Vec<(u64, usize, wgpu::Buffer)> = Vec::new(); // size, busy until, buffer
+        let mut unshared = 0u64;
+        for key in order {
+            let (need, first, last) = {
+                let s = &storages[&key];
+                (round_up(s.bytes, ALIGN), s.first, s.last)
+            };
+            if need > max_binding {
+                return Err(
+                    GpuError::BindingTooLarge { what: "a tensor".into(), needed: need, limit: max_binding }.into()
+                );
+            }
+            unshared += need;
+            let mut best: Option<usize> = None;
+            for (bi, (size, busy, _)) in buffers.iter().enumerate() {
+                if *busy < first
+                    && *size >= need
+                    && *size <= need.saturating_mul(2)
+                    && best.is_none_or(|b| buffers[b].0 > *size)
+                {
+                    best = Some(bi);
+                }
+            }
+            let bi = match best {
+                Some(b) => b,
+                None => {
+                    let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("transient"),
+                        size: need,
+                        usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_DST
+                            | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    });
+                    buffers.push((need, 0, buf));
+                    buffers.len() - 1
+                }
+            };
+            buffers[bi].1 = last;
+            if let Some(s) = storages.get_mut(&key) {
+                s.buffer = bi;
+            }
+        }
+        let transient_bytes = buffers.iter().map(|b| b.0).sum();
+        let value_buffers: Vec<wgpu::Buffer> =
+            (0..program.values.len()).map(|v| buffers[storages[&root[v]].buffer].2.clone()).collect();
+
+        let weight_buffers: Vec<wgpu::Buffer> = program
+            .weights
+            .iter()
+            .map(|w| {
+                if w.shared { store.get_or_create(ctx, &w.name, &w.init) } else { create_weight(ctx, &w.name, &w.init) }
+            })
+            .collect();
+
+        // Uniform block and bind groups.
+        let align = limits.min_uniform_buffer_offset_alignment.max(16) as u64;
+        let all: Vec<(usize, &Dispatch)> = program
+            .items
+            .iter()
+            .enumerate()
+            .flat_map(|(k, it)| it.dispatches.iter().map(move |d| (k, d)))
+            .filter(|(_, d)| d.workgroups.iter().all(|&w| w > 0))
+            .collect();
+        let mut uniform_bytes: Vec<u8> = Vec::new();
+        let mut offsets = Vec::with_capacity(all.len());
+        for (_, d) in &all {
+            let off = round_up(uniform_bytes.len() as u64, align);
+            uniform_bytes.resize(off as usize, 0);
+            offsets.push(off);
+            uniform_bytes.extend_from_slice(&d.params.bytes());
+        }
+        uniform_bytes.resize(uniform_bytes.len().max(16), 0);
+        let uniform = {
+            use wgpu::util::DeviceExt;
+            ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: &uniform_bytes,
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+        };
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut recorded = Vec::with_capacity(all.len());
+        let max_wg = limits.max_compute_workgroups_per_dimension;
+        for ((k, d), off) in all.iter().zip(&offsets) {
+            let item = &program.items[*k];
+            if let Some(w) = d.workgroups.iter().find(|&&w| w > max_wg) {
+                return Err(PlanError::Program(format!(
+                    "{}: dispatch {} needs {w} workgroups in one dimension, the device allows {max_wg}",
+                    item.label, d.key.entry
+                )));
+            }
+            let pipeline = ctx.pipeline(&d.key)?;
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &uniform,
+                    offset: *off,
+                    size: std::num::NonZeroU64::new(d.params.bytes().len() as u64),
+                }),
+            }];
+            let mut bound: Vec<(wgpu::Buffer, u64)> = Vec::new();
+            for r in &d.buffers {
+                bound.push(match *r {
+                    BufRef::Value(v) => (value_buffers[v].clone(), program.values[v].bytes),
+                    BufRef::Weight(w) => {
+                        let b = weight_buffers
+                            .get(w)
+                            .ok_or_else(|| PlanError::Program(format!("{}: weight {w} is not declared", item.label)))?;
+                        (b.clone(), b.size())
+                    }
+                    BufRef::Scratch(s) => {
+                        let key = scratch_key[*k].get(s).copied().ok_or_else(|| {
+                            PlanError::Program(format!("{}: scratch buffer {s} was never requested", item.label))
+                        })?;
+                        let st = &storages[&key];
+                        (buffers[st.buffer].2.clone(), st.bytes)
+                    }
+                });
+            }
+            for (i, (b, size)) in bound.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: b,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(*size),
+                    }),
+                });
+            }
+            let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&item.label),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups });
+        }
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Validation { what: "program bind groups".into(), reason: err.to_string() }.into());
+        }
+        Ok(Compiled {
+            dispatches: recorded,
+            value_buffers,
+            weight_buffers,
+            transient_bytes,
+            transient_bytes_unshared: unshared,
+        })
+    }
+
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches.len()
+    }
+
+    pub fn value_buffer(&self, v: usize) -> &wgpu::Buffer {
+        &self.value_buffers[v]
+    }
+
+    /// Records every dispatch into one compute pass of `encoder`.
+    pub fn record(&self, encoder: &mut wgpu::CommandEncoder, label: &str) {
+        let mut pass =
+            encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+        for d in &self.dispatches {
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The `acclimate` binary, run as a user runs it: `info` (text and JSON), `run` on both backends,
+//! `bench`, and the error contract (non-zero exit, exactly one `error: ...` line on stderr).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use acclimate::Tensor;
+use acclimate::onnx::proto;
+use prost::Message;
+use serde_json::Value;
+
+const NO_BN: &str = "no BatchNormalization layers: BN-based adaptation cannot be applied to this model";
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("acclimate-cli-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+fn acclimate(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_acclimate"));
+    cmd.args(args).env_remove("RUST_LOG");
+    // Mesa prints "error: XDG_RUNTIME_DIR is invalid" without one, which would break the
+    // one-line-of-stderr checks for reasons that are not ours.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = scratch("xdg");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        cmd.env("XDG_RUNTIME_DIR", dir);
+    }
+    cmd.output().expect("spawn acclimate")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = acclimate(args);
+    assert!(o.status.success(), "acclimate {args:?} failed ({}):\n{}", o.status, stderr(&o));
+    stdout(&o)
+}
+
+/// Runs a command that must fail; returns its single stderr line.
+fn fails(args: &[&str]) -> String {
+    let o = acclimate(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "acclimate {args:?} succeeded:\n{}", stdout(&o));
+    assert_ne!(o.status.code(), Some(101), "acclimate {args:?} panicked:\n{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "acclimate {args:?}: expected one stderr line, got:\n{err}");
+    assert!(lines[0].starts_with("error: "), "acclimate {args:?}: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    lines[0].to_string()
+}
+
+fn require_ort() {
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "ORT_DYLIB_PATH is not set: point it at libonnxruntime.so.1.31.1 from the pip wheel onnxruntime==1.31.1 \
+         (tools/test.sh sets it)"
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A one-node opset-13 model `y = Einsum(x, x)`, which the engine does not support.
+fn einsum_model(path: &Path) {
+    use proto::tensor_shape_proto::{Dimension, dimension::Value as D};
+    let vi = |name: &str| proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(proto::TensorShapeProto {
+                    dim: vec![
+                        Dimension { value: Some(D::DimParam("N".into())), ..Default::default() },
+                        Dimension { value: Some(D::DimValue(4)), ..Default::default() },
+                    ],
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let node = proto::NodeProto {
+        op_type: Some("Einsum".into()),
+        name: Some("my_einsum".into()),
+        input: vec!["x".into(), "x".into()],
+        output: vec!["y".into()],
+        attribute: vec![proto::AttributeProto {
+            name: Some("equation".into()),
+            r#type: Some(proto::attribute_proto::AttributeType::String as i32),
+            s: Some(b"ij,ij->ij".to_vec()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let model = proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
+        graph: Some(proto::GraphProto {
+            node: vec![node],
+            input: vec![vi("x")],
+            output: vec![vi("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, model.encode_to_vec()).expect("write einsum model");
+}
+
+#[test]
+fn info_text() {
+    let svhn = common::asset("svhn.onnx");
+    let out = ok(&["info", s(&svhn)]);
+    for part in [
+        "input  float32  [N, 3, 32, 32]",
+        "logits  float32  [N, 10]",
+        "opset 13",
+        "BatchNormalization: 6 layers, 6 adaptable",
+        "896 adaptable parameters",
+        "unsupported ops: none",
+        "GPU engine:  loads this model",
+    ] {
+        assert!(out.contains(part), "'{part}' missing from:\n{out}");
+    }
+    assert!(!out.contains(NO_BN));
+
+    // MNISTNet has no BatchNormalization: said plainly.
+    let mnist = ok(&["info", s(&common::asset("mnist.onnx"))]);
+    assert!(mnist.contains(NO_BN), "{mnist}");
+
+    // Paddle keeps weights in Constant nodes; symbolic dims come out by name.
+    let ocr = ok(&["info", s(&common::asset("ocr_cls.onnx"))]);
+    assert!(ocr.contains("[?, 3, ?, ?]") && ocr.contains("35 layers, 35 adaptable"), "{ocr}");
+}
+
+#[test]
+fn info_json() {
+    let v: Value = serde_json::from_str(&ok(&["info", "--json", s(&common::asset("svhn.onnx"))])).expect("valid JSON");
+    assert_eq!(v["opset"], 13);
+    assert_eq!(v["inputs"][0]["name"], "input");
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!(["N", 3, 32, 32]));
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!(["N", 10]));
+    assert_eq!(v["batch_norm"]["layers"], 6);
+    assert_eq!(v["batch_norm"]["adaptable_parameters"], 896);
+    assert_eq!(v["loadable"], true);
+    assert_eq!(v["unsupported"], serde_json::json!([]));
+    let ops = v["ops"].as_array().expect("ops array");
+    let count = |op: &str| ops.iter().find(|o| o["op"] == op).map(|o| o["count"].clone());
+    assert_eq!(count("Conv"), Some(6.into()));
+    assert_eq!(count("BatchNormalization"), Some(6.into()));
+    assert!(v["parameters"].as_u64().is_some_and(|p| p > 800_000), "{}", v["parameters"]);
+
+    let m: Value = serde_json::from_str(&ok(&["info", "--json", s(&common::asset("mnist.onnx"))])).expect("JSON");
+    assert_eq!(m["batch_norm"]["layers"], 0);
+}
+
+#[test]
+fn info_lists_unsupported_ops() {
+    let dir = scratch("einsum");
+    let path = dir.join("einsum.onnx");
+    einsum_model(&path);
+    let text = ok(&["info", s(&path)]);
+    assert!(text.contains("Einsum (node 'my_einsum', opset 13)"), "{text}");
+    assert!(text.contains("cannot load this model") && text.contains(NO_BN), "{text}");
+    let v: Value = serde_json::from_str(&ok(&["info", "--json", s(&path)])).expect("JSON");
+    assert_eq!(v["loadable"], false);
+    assert_eq!(v["unsupported"][0]["op"], "Einsum");
+    assert_eq!(v["unsupported"][0]["node"], "my_einsum");
+    assert_eq!(v["unsupported"][0]["opset"], 13);
+    // And `run` refuses it with the same facts on one line.
+    let x = dir.join("x.npy");
+    acclimate::npy::write_f32(&x, &Tensor::f32(vec![1, 4], vec![0.0; 4])).expect("write x");
+    let err = fails(&["run", s(&path), "--input", s(&x), "--output", s(&dir.join("y.npy"))]);
+    assert!(err.contains("Einsum") && err.contains("my_einsum") && err.contains("opset 13"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_gpu_and_ort_agree() {
+    require_ort();
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = scratch("run");
+    let svhn = common::asset("svhn.onnx");
+    let (x, yg, yo) = (dir.join("x.npy"), dir.join("y_gpu.npy"), dir.join("y_ort.npy"));
+    let xt = Tensor::f32(vec![3, 3, 32, 32], common::random_f32(3 * 3 * 32 * 32, 42, -2.0, 2.0));
+    acclimate::npy::write_f32(&x, &xt).expect("write x");
+    let out = ok(&["run", s(&svhn), "--input", s(&x), "--output", s(&yg), "--backend", "gpu"]);
+    assert!(out.contains("'logits'"), "{out}");
+    ok(&["run", s(&svhn), "--input", s(&x), "--output", s(&yo), "--backend", "ort"]);
+    let g = acclimate::npy::read_f32(&yg).expect("read gpu output");
+    let o = acclimate::npy::read_f32(&yo).expect("read ort output");
+    assert_eq!(g.shape, vec![3, 10]);
+    assert_eq!(o.shape, vec![3, 10]);
+    let (gv, ov) = (g.to_f32_vec(), o.to_f32_vec());
+    let max_ref = ov.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = gv.iter().zip(&ov).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let bound = 1e-4 * max_ref + 1e-5;
+    println!("cli run svhn [3, 3, 32, 32]: max|gpu-ort| = {err:.3e}, bound = {bound:.3e}");
+    assert!(err <= bound && gv.iter().all(|v| v.is_finite()), "max|gpu-ort| = {err} > {bound}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_errors_are_one_line() {
+    let dir = scratch("errors");
+    let svhn = common::asset("svhn.onnx");
+    let y = dir.join("y.npy");
+    let good = dir.join("x.npy");
+    acclimate::npy::write_f32(&good, &Tensor::f32(vec![1, 3, 32, 32], vec![0.0; 3 * 32 * 32])).expect("write x");
+
+    let missing_model = dir.join("missing.onnx");
+    let e = fails(&["run", s(&missing_model), "--input", s(&good), "--output", s(&y)]);
+    assert!(e.contains("missing.onnx"), "{e}");
+
+    let e = fails(&["run", s(&svhn), "--input", s(&dir.join("missing.npy")), "--output", s(&y)]);
+    assert!(e.contains("missing.npy"), "{e}");
+
+    let garbage = dir.join("garbage.npy");
+    std::fs::write(&garbage, b"\x93NUMPY this is not an array").expect("write garbage");
+    let e = fails(&["run", s(&svhn), "--input", s(&garbage), "--output", s(&y)]);
+    assert!(e.contains("garbage.npy"), "{e}");
+
+    let f64_npy = dir.join("f64.npy");
+    {
+        use npyz::WriterBuilder;
+        let f = std::fs::File::create(&f64_npy).expect("create f64.npy");
+        let mut w = npyz::WriteOptions::new().default_dtype().shape(&[1, 2]).writer(f).begin_nd().expect("npy");
+        w.extend([1.0f64, 2.0]).expect("write f64");
+        w.finish().expect("finish f64");
+    }
+    let e = fails(&["run", s(&svhn), "--input", s(&f64_npy), "--output", s(&y)]);
+    assert!(e.contains("float32"), "{e}");
+
+    let e = fails(&["info", s(&garbage)]);
+    assert!(e.contains("ONNX"), "{e}");
+
+    fails(&["run", s(&svhn), "--input", s(&good)]);
+    fails(&["run", s(&svhn), "--input", s(&good), "--output", s(&y), "--backend", "cuda"]);
+
+    // ONNX Runtime missing: the message says which variable to set and to what.
+    let o = Command::new(env!("CARGO_BIN_EXE_acclimate"))
+        .args(["run", s(&svhn), "--input", s(&good), "--output", s(&y), "--backend", "ort"])
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .expect("spawn");
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    assert!(err.contains("ORT_DYLIB_PATH") && err.contains("onnxruntime==1.31.1"), "{err}");
+
+    // A wrong shape reaches the GPU engine, which names the input and both shapes.
+    if common::gpu().is_some() {
+        let wrong = dir.join("wrong.npy");
+        acclimate::npy::write_f32(&wrong, &Tensor::f32(vec![1, 3, 28, 28], vec![0.0; 3 * 28 * 28])).expect("write");
+        let e = fails(&["run", s(&svhn), "--input", s(&wrong), "--output", s(&y)]);
+        assert!(e.contains("[N, 3, 32, 32]") && e.contains("[1, 3, 28, 28]"), "{e}");
+    }
+    assert!(!y.exists(), "a failed run wrote its output");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_reports_both_backends() {
+    require_ort();
+    if common::gpu().is_none() {
+        return;
+    }
+    let svhn = common::asset("svhn.onnx");
+    let args = ["bench", s(&svhn), "--batch", "1,2", "--backend", "gpu,ort", "--warmup", "1", "--iters", "3"];
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let v: Value = serde_json::from_str(&ok(&json_args)).expect("JSON");
+    assert!(v["gpu_adapter"].as_str().is_some_and(|a| !a.is_empty()), "{v}");
+    assert!(v["gpu_timing"].as_str().is_some_and(|t| t.contains("Engine::run")), "{v}");
+    assert!(v["ort_threads"].as_u64().is_some_and(|t| t >= 1), "{v}");
+    let cases = v["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 4, "{v}");
+    for c in cases {
+        let st = &c["stats"];
+        let (p10, med, p90) = (st["p10_ms"].as_f64(), st["median_ms"].as_f64(), st["p90_ms"].as_f64());
+        assert!(matches!((p10, med, p90), (Some(a), Some(b), Some(c)) if 0.0 < a && a <= b && b <= c), "{c}");
+        assert_eq!(st["iters"], 3);
+    }
+    let table = ok(&args);
+    assert!(table.contains("median ms") && table.contains("gpu:") && table.contains("intra-op thread"), "{table}");
+
+    // Dynamic H and W need --shape; the message says so before anything is opened.
+    let ocr = common::asset("ocr_cls.onnx");
+    let e = fails(&["bench", s(&ocr), "--backend", "ort"]);
+    assert!(e.contains("--shape"), "{e}");
+}

@@ -1,0 +1,2 @@
+// loss kernels: in progress
+@compute @workgroup_size(1) fn noop_loss() {}
