@@ -30,3 +30,180 @@ fn batchnorm_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let inv_std = 1.0 / sqrt(variance[c] + p.eps);
     y[i] = (x[i] - mean[c]) * inv_std * scale[c] + bias[c];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Adaptation: BatchNormalization with batch statistics (TENT), running EMA statistics (RBN) or a
+// mix of source and batch statistics (BN-alpha), and its reverse pass.
+//
+// Every mode normalises with "used" statistics
+//     mean_u = a_mean * mean_B + b_mean * ref_mean,   var_u = a_var * var_B + b_var * ref_var
+// where mean_B and var_B (biased) are the current batch's, over (N, D1..Dn), and ref_* are the
+// layer's stored statistics: batch mode a = 1, b = 0; EMA a = alpha, b = 1 - alpha (and the used
+// statistics are written back as the new running ones); BN-alpha a_mean = alpha,
+// a_var = alpha * m / (m - 1) (unbiased batch variance), b = 1 - alpha.
+//
+// Reductions run in one workgroup per channel with a fixed-order tree: bit-identical run to run.
+
+struct BnTrainParams {
+    n: u32,
+    channels: u32,
+    plane: u32,
+    eps: f32,
+    a_mean: f32,
+    b_mean: f32,
+    a_var: f32,
+    b_var: f32,
+    write_back: u32,
+    accumulate: u32,
+    _p0: u32,
+    _p1: u32,
+}
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> tp: BnTrainParams;
+// bn_stats bindings
+@group(0) @binding(1) var<storage, read> sx: array<f32>;
+@group(0) @binding(2) var<storage, read_write> run_mean: array<f32>;
+@group(0) @binding(3) var<storage, read_write> run_var: array<f32>;
+// [mean_B (C), var_B (C), mean_u (C), var_u (C)]
+@group(0) @binding(4) var<storage, read_write> stats: array<f32>;
+
+var<workgroup> red: array<f32, 256>;
+
+fn element(i: u32, c: u32) -> u32 {
+    // i runs over (n, p) of one channel.
+    let n = i / tp.plane;
+    let p = i % tp.plane;
+    return (n * tp.channels + c) * tp.plane + p;
+}
+
+fn tree(t: u32) {
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if t < s {
+            red[t] = red[t] + red[t + s];
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(256)
+fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.x;
+    let t = lid.x;
+    let m = tp.n * tp.plane;
+    var acc = 0.0;
+    for (var i = t; i < m; i += WG) {
+        acc += sx[element(i, c)];
+    }
+    red[t] = acc;
+    tree(t);
+    let mean = red[0] / f32(m);
+    workgroupBarrier();
+    // Two passes (mean, then squared deviations) rather than E[x^2] - E[x]^2, which cancels badly.
+    var acc2 = 0.0;
+    for (var i = t; i < m; i += WG) {
+        let d = sx[element(i, c)] - mean;
+        acc2 += d * d;
+    }
+    red[t] = acc2;
+    tree(t);
+    if t == 0u {
+        let var_b = red[0] / f32(m);
+        let mean_u = tp.a_mean * mean + tp.b_mean * run_mean[c];
+        let var_u = tp.a_var * var_b + tp.b_var * run_var[c];
+        stats[c] = mean;
+        stats[tp.channels + c] = var_b;
+        stats[2u * tp.channels + c] = mean_u;
+        stats[3u * tp.channels + c] = var_u;
+        if tp.write_back != 0u {
+            run_mean[c] = mean_u;
+            run_var[c] = var_u;
+        }
+    }
+}
+
+// bn_apply bindings
+@group(0) @binding(1) var<storage, read> ax: array<f32>;
+@group(0) @binding(2) var<storage, read> ascale: array<f32>;
+@group(0) @binding(3) var<storage, read> abias: array<f32>;
+@group(0) @binding(4) var<storage, read> astats: array<f32>;
+@group(0) @binding(5) var<storage, read_write> ay: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= tp.n * tp.channels * tp.plane { return; }
+    let c = (i / tp.plane) % tp.channels;
+    let inv_std = 1.0 / sqrt(astats[3u * tp.channels + c] + tp.eps);
+    ay[i] = (ax[i] - astats[2u * tp.channels + c]) * inv_std * ascale[c] + abias[c];
+}
+
+// bn_backward_reduce bindings: per channel, dbeta = sum(dy), dgamma = sum(dy * xhat_u), and the
+// two coefficients of dx (k1, k2 below) into coef [2C].
+@group(0) @binding(1) var<storage, read> rx: array<f32>;
+@group(0) @binding(2) var<storage, read> rdy: array<f32>;
+@group(0) @binding(3) var<storage, read> rscale: array<f32>;
+@group(0) @binding(4) var<storage, read> rstats: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dscale: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dbias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> coef: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.x;
+    let t = lid.x;
+    let m = tp.n * tp.plane;
+    let mean_u = rstats[2u * tp.channels + c];
+    var s1 = 0.0;
+    for (var i = t; i < m; i += WG) {
+        s1 += rdy[element(i, c)];
+    }
+    red[t] = s1;
+    tree(t);
+    let sum_dy = red[0];
+    workgroupBarrier();
+    var s2 = 0.0;
+    for (var i = t; i < m; i += WG) {
+        let e = element(i, c);
+        s2 += rdy[e] * (rx[e] - mean_u);
+    }
+    red[t] = s2;
+    tree(t);
+    if t == 0u {
+        let sum_dy_xc = red[0];
+        let var_u = rstats[3u * tp.channels + c];
+        let inv_std = 1.0 / sqrt(var_u + tp.eps);
+        let g = rscale[c];
+        dbias[c] = sum_dy;
+        dscale[c] = sum_dy_xc * inv_std;
+        // dL/dmean_u and dL/dvar_u through xhat; the chain to x goes through mean_B and var_B.
+        let d_mean_u = -g * inv_std * sum_dy;
+        let d_var_u = -0.5 * g * sum_dy_xc * inv_std * inv_std * inv_std;
+        coef[c] = d_mean_u * tp.a_mean / f32(m);
+        coef[tp.channels + c] = d_var_u * tp.a_var * 2.0 / f32(m);
+    }
+}
+
+// bn_backward_dx bindings: dx = g * dy / s + k1 + k2 * (x - mean_B).
+@group(0) @binding(1) var<storage, read> bx: array<f32>;
+@group(0) @binding(2) var<storage, read> bdy: array<f32>;
+@group(0) @binding(3) var<storage, read> bscale: array<f32>;
+@group(0) @binding(4) var<storage, read> bstats: array<f32>;
+@group(0) @binding(5) var<storage, read> bcoef: array<f32>;
+@group(0) @binding(6) var<storage, read_write> bdx: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= tp.n * tp.channels * tp.plane { return; }
+    let c = (i / tp.plane) % tp.channels;
+    let inv_std = 1.0 / sqrt(bstats[3u * tp.channels + c] + tp.eps);
+    let v = bscale[c] * bdy[i] * inv_std + bcoef[c] + bcoef[tp.channels + c] * (bx[i] - bstats[c]);
+    if tp.accumulate != 0u {
+        bdx[i] = bdx[i] + v;
+    } else {
+        bdx[i] = v;
+    }
+}

@@ -12,7 +12,9 @@
 //! CPU evaluation used for constant folding and the GPU lowering all consume that description, so
 //! the three cannot disagree.
 
-use super::{Attrs, BufRef, Input, Lowering, MAX_RANK, OpResult, Operand, contiguous_strides, norm_axis, u32s};
+use super::{
+    Attrs, BackwardLowering, BufRef, Input, Lowering, MAX_RANK, OpResult, Operand, contiguous_strides, norm_axis, u32s,
+};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::onnx::RawNode;
 use crate::tensor::{DType, Data, Tensor};
@@ -924,30 +926,28 @@ fn lower_copies(l: &mut Lowering, shapes: &[Vec<usize>], copies: &[StridedCopy])
             continue;
         }
         let dst: BufRef = dst.buf;
-        let (shape, ss, ds) = coalesce(c);
-        if shape.len() > MAX_RANK {
-            return Err(format!(
-                "a copy of rank {} (after merging contiguous dimensions) exceeds {MAX_RANK}",
-                shape.len()
-            ));
-        }
-        let ss: Vec<i32> = ss.iter().map(|&s| to_i32(s, "source stride")).collect::<OpResult<_>>()?;
-        let ds: Vec<u32> = ds.iter().map(|&s| to_u32(s, "destination stride")).collect::<OpResult<_>>()?;
-        l.dispatch(
-            KernelKey::new(Shader::Layout, "copy_main"),
-            Params::new()
-                .u32(to_u32(n, "element count")?)
-                .u32(shape.len() as u32)
-                .i32(to_i32(c.src_offset, "source offset")?)
-                .u32(to_u32(c.dst_offset, "destination offset")?)
-                .vec8u(&u32s(&shape))
-                .vec8i(&ss)
-                .vec8u(&ds),
-            vec![src, dst],
-            grid_1d(n, 256),
-        );
+        l.dispatch(KernelKey::new(Shader::Layout, "copy_main"), copy_params(c)?, vec![src, dst], grid_1d(n, 256));
     }
     Ok(())
+}
+
+/// The uniform block of `copy_main` / `copy_add_main` for one (non-empty) strided copy.
+fn copy_params(c: &StridedCopy) -> OpResult<Params> {
+    let n: usize = c.shape.iter().product();
+    let (shape, ss, ds) = coalesce(c);
+    if shape.len() > MAX_RANK {
+        return Err(format!("a copy of rank {} (after merging contiguous dimensions) exceeds {MAX_RANK}", shape.len()));
+    }
+    let ss: Vec<i32> = ss.iter().map(|&s| to_i32(s, "source stride")).collect::<OpResult<_>>()?;
+    let ds: Vec<u32> = ds.iter().map(|&s| to_u32(s, "destination stride")).collect::<OpResult<_>>()?;
+    Ok(Params::new()
+        .u32(to_u32(n, "element count")?)
+        .u32(shape.len() as u32)
+        .i32(to_i32(c.src_offset, "source offset")?)
+        .u32(to_u32(c.dst_offset, "destination offset")?)
+        .vec8u(&u32s(&shape))
+        .vec8i(&ss)
+        .vec8u(&ds))
 }
 
 fn lower_pad(l: &mut Lowering, out: &[usize], begin: &[i64], mode: PadMode, value: f32) -> OpResult<()> {
@@ -1049,9 +1049,206 @@ mod tests {
     }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Reverse pass
+// ------------------------------------------------------------------------------------------------
+
 impl LayoutOp {
-    /// Reverse pass (skeleton; filled in by the backward work).
-    pub fn backward(&self, _b: &mut super::BackwardLowering) -> OpResult<()> {
-        Err("reverse pass of layout ops: in progress".into())
+    /// The adjoint of the data movement: views copy (or add) dY flat, strided copies run
+    /// backwards, Pad gathers. Attribute-like inputs (shapes, axes, starts, pads) carry no
+    /// gradient.
+    pub fn backward(&self, b: &mut BackwardLowering) -> OpResult<()> {
+        let operands: Vec<Option<Operand>> = b.inputs.clone();
+        let args: Vec<Option<Arg<'_>>> =
+            operands.iter().map(|o| o.as_ref().map(|o| Arg { shape: &o.shape, value: o.value.as_deref() })).collect();
+        let r = self.resolve(&args)?;
+        let data = self.copy_sources().min(b.grad_inputs.len());
+        if let Some(i) = (data..b.grad_inputs.len()).find(|&i| b.grad_input(i).is_some()) {
+            return Err(format!("input {i} is attribute-like (shape, axes, indices or pads) and carries no gradient"));
+        }
+        match r.movement {
+            Movement::View => backward_view(b),
+            Movement::Copies(copies) => backward_copies(b, &copies),
+            Movement::Pad { begin, mode, .. } => backward_pad(b, &r.shapes[0], &begin, mode),
+        }
     }
+}
+
+/// Runs a flat copy (or, accumulating, a flat add) of `n` elements from `src` into `dst`.
+fn flat_grad(b: &mut BackwardLowering, src: BufRef, dst: BufRef, n: usize, accumulate: bool) -> OpResult<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let c = StridedCopy {
+        input: 0,
+        output: 0,
+        shape: vec![n],
+        src_offset: 0,
+        src_strides: vec![1],
+        dst_offset: 0,
+        dst_strides: vec![1],
+    };
+    let entry = if accumulate { "copy_add_main" } else { "copy_main" };
+    b.dispatch(KernelKey::new(Shader::Layout, entry), copy_params(&c)?, vec![src, dst], grid_1d(n, 256));
+    Ok(())
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Views: the planner shares the gradient buffer too where it can; otherwise dX = dY, or
+/// dX += dY when another consumer's gradient is already in dX.
+fn backward_view(b: &mut BackwardLowering) -> OpResult<()> {
+    let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+    let dy = b.grad_output(0)?.clone();
+    let n = numel(&dy.shape);
+    if numel(&gx.shape) != n {
+        return Err(format!("view gradient shapes disagree: dY {:?}, dX {:?}", dy.shape, gx.shape));
+    }
+    if dy.buf == gx.buf {
+        if gx.accumulate {
+            return Err("a view cannot add its gradient into the buffer that holds it".into());
+        }
+        return Ok(());
+    }
+    flat_grad(b, dy.buf, gx.buf, n, gx.accumulate)
+}
+
+/// The forward copy `c` run backwards: read dY through its destination strides, write dX
+/// through its source strides. Dims walked backwards in X (negative Slice steps) are flipped so
+/// the writes use non-negative strides and the reads carry the sign.
+fn reverse_copy(c: &StridedCopy) -> OpResult<StridedCopy> {
+    let mut read_off = c.dst_offset as i64;
+    let mut write_off = c.src_offset;
+    let mut read_strides = Vec::with_capacity(c.shape.len());
+    let mut write_strides = Vec::with_capacity(c.shape.len());
+    for k in 0..c.shape.len() {
+        let last = c.shape[k] as i64 - 1;
+        let (mut rs, mut ws) = (c.dst_strides[k] as i64, c.src_strides[k]);
+        if ws < 0 {
+            read_off += last * rs;
+            write_off += last * ws;
+            rs = -rs;
+            ws = -ws;
+        }
+        read_strides.push(rs);
+        write_strides.push(ws as usize);
+    }
+    let dst_offset = usize::try_from(write_off).map_err(|_| "a reversed copy starts before its buffer".to_string())?;
+    Ok(StridedCopy {
+        input: c.output,
+        output: c.input,
+        shape: c.shape.clone(),
+        src_offset: read_off,
+        src_strides: read_strides,
+        dst_offset,
+        dst_strides: write_strides,
+    })
+}
+
+/// Transpose, Concat, Split, Slice. The forward copies read disjoint elements of their input,
+/// so each input gradient is written at most once per element; elements that no gradient reaches
+/// (sliced away, or Split outputs with no gradient) are zeroed first unless accumulating.
+fn backward_copies(b: &mut BackwardLowering, copies: &[StridedCopy]) -> OpResult<()> {
+    for j in 0..b.grad_inputs.len() {
+        let Some(gx) = b.grad_input(j).cloned() else { continue };
+        let x_shape = b.input(j, "data")?.shape.clone();
+        let n = numel(&x_shape);
+        if numel(&gx.shape) != n {
+            return Err(format!("gradient of shape {:?} for input {j} of shape {x_shape:?}", gx.shape));
+        }
+        let mut mine = Vec::new();
+        for c in copies.iter().filter(|c| c.input == j && numel(&c.shape) > 0) {
+            if let Some(dy) = b.grad_outputs.get(c.output).and_then(|g| g.as_ref()) {
+                mine.push((c, dy.buf));
+            }
+        }
+        let covered: usize = mine.iter().map(|(c, _)| numel(&c.shape)).sum();
+        if covered != n && !gx.accumulate && n > 0 {
+            let zero = Params::new().u32(to_u32(n, "element count")?);
+            b.dispatch(KernelKey::new(Shader::Layout, "fill_zero_main"), zero, vec![gx.buf], grid_1d(n, 256));
+        }
+        let entry = if gx.accumulate { "copy_add_main" } else { "copy_main" };
+        for (c, dy) in mine {
+            let r = reverse_copy(c)?;
+            let count = numel(&r.shape);
+            b.dispatch(KernelKey::new(Shader::Layout, entry), copy_params(&r)?, vec![dy, gx.buf], grid_1d(count, 256));
+        }
+    }
+    Ok(())
+}
+
+/// Pad: constant mode gathers dX from the interior of dY in one pass; reflect and edge fold one
+/// padded axis at a time (through scratch buffers), adding each border gradient onto the
+/// element it was copied from.
+fn backward_pad(b: &mut BackwardLowering, out: &[usize], begin: &[i64], mode: PadMode) -> OpResult<()> {
+    let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+    let dy = b.grad_output(0)?.clone();
+    let x_shape = b.input(0, "data")?.shape.clone();
+    let n = numel(&x_shape);
+    if dy.shape != out || numel(&gx.shape) != n {
+        return Err(format!(
+            "Pad gradient shapes disagree: X {x_shape:?}, dY {:?} (expected {out:?}), dX {:?}",
+            dy.shape, gx.shape
+        ));
+    }
+    if out.len() > MAX_RANK {
+        return Err(format!("Pad of rank {} exceeds the supported maximum of {MAX_RANK}", out.len()));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let accum = gx.accumulate as i32;
+    let dims = |v: &[usize], what: &str| -> OpResult<Vec<u32>> { v.iter().map(|&s| to_u32(s, what)).collect() };
+    if mode == PadMode::Constant {
+        let begin: Vec<i32> = begin.iter().map(|&v| to_i32(v, "pad")).collect::<OpResult<_>>()?;
+        to_u32(numel(out), "element count")?;
+        b.dispatch(
+            KernelKey::new(Shader::Layout, "pad_backward_constant_main").with("ACCUM", accum),
+            Params::new()
+                .u32(to_u32(n, "element count")?)
+                .u32(out.len() as u32)
+                .f32(0.0)
+                .u32(0)
+                .vec8u(&dims(out, "dimension")?)
+                .vec8u(&dims(&x_shape, "dimension")?)
+                .vec8u(&dims(&contiguous_strides(out), "stride")?)
+                .vec8i(&begin),
+            vec![dy.buf, gx.buf],
+            grid_1d(n, 256),
+        );
+        return Ok(());
+    }
+    let axes: Vec<usize> = (0..out.len()).filter(|&k| begin[k] != 0 || out[k] != x_shape[k]).collect();
+    if axes.is_empty() {
+        return flat_grad(b, dy.buf, gx.buf, n, gx.accumulate);
+    }
+    let mut cur_shape = out.to_vec();
+    let mut cur = dy.buf;
+    for (step, &k) in axes.iter().enumerate() {
+        let last = step + 1 == axes.len();
+        let mut next_shape = cur_shape.clone();
+        next_shape[k] = x_shape[k];
+        let count = numel(&next_shape);
+        let dst = if last { gx.buf } else { b.scratch(4 * count as u64) };
+        let inner = numel(&cur_shape[k + 1..]);
+        to_u32(numel(&cur_shape), "element count")?;
+        b.dispatch(
+            KernelKey::new(Shader::Layout, "pad_fold_main")
+                .with("MODE", mode.code())
+                .with("ACCUM", if last { accum } else { 0 }),
+            Params::new()
+                .u32(to_u32(count, "element count")?)
+                .u32(to_u32(cur_shape[k], "dimension")?)
+                .u32(to_u32(x_shape[k], "dimension")?)
+                .u32(to_u32(inner, "dimension")?)
+                .i32(to_i32(begin[k], "pad")?),
+            vec![cur, dst],
+            grid_1d(count, 256),
+        );
+        cur = dst;
+        cur_shape = next_shape;
+    }
+    Ok(())
 }

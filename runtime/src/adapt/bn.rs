@@ -1,0 +1,170 @@
+//! BatchNormalization under adaptation: which statistics normalise (the mode), how the forward
+//! pass is lowered with them, and the layer's reverse pass to x, scale and bias
+//! (`shaders/norm.wgsl`, the `bn_*` entry points).
+
+use std::collections::HashMap;
+
+use crate::gpu::{KernelKey, Params, Shader, grid_1d};
+use crate::ir::Graph;
+use crate::ops::{BufRef, Lowering, OpResult, Operand};
+use crate::plan::{LowerHook, Program};
+
+/// Which statistics a BatchNormalization layer normalises with (tta-methods.md §0.3, §7).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StatsMode {
+    /// The model's running statistics (plain inference).
+    Source,
+    /// The current batch's mean and biased variance; gradients flow through them (TENT).
+    Batch,
+    /// RBN (RoTTA): running ← (1−m)·running + m·batch (biased), normalising with the updated values.
+    Ema { momentum: f32 },
+    /// BN-α: (1−α)·source + α·batch with the unbiased batch variance; nothing is updated.
+    Alpha { alpha: f32 },
+}
+
+impl StatsMode {
+    /// (a_mean, b_mean, a_var, b_var, write_back) of the used statistics for `m` values a channel.
+    fn coefficients(self, m: usize) -> OpResult<(f32, f32, f32, f32, bool)> {
+        Ok(match self {
+            StatsMode::Source => (0.0, 1.0, 0.0, 1.0, false),
+            StatsMode::Batch => (1.0, 0.0, 1.0, 0.0, false),
+            StatsMode::Ema { momentum } => (momentum, 1.0 - momentum, momentum, 1.0 - momentum, true),
+            StatsMode::Alpha { alpha } => {
+                if m < 2 {
+                    return Err("BN-alpha needs at least 2 values per channel for the unbiased batch variance".into());
+                }
+                (alpha, 1.0 - alpha, alpha * m as f32 / (m as f32 - 1.0), 1.0 - alpha, false)
+            }
+        })
+    }
+}
+
+/// What the forward pass saved for one BatchNormalization layer's reverse pass.
+#[derive(Clone, Debug)]
+pub struct SavedBn {
+    pub x: Operand,
+    pub scale: Operand,
+    /// [mean_B, var_B, mean_u, var_u], C each.
+    pub stats: usize,
+    pub channels: usize,
+    pub plane: usize,
+    pub batch: usize,
+    pub eps: f32,
+    pub mode: StatsMode,
+}
+
+/// Lowers every BatchNormalization with batch-dependent statistics; `Source` layers keep the
+/// inference kernel.
+pub struct BnHook {
+    pub mode: StatsMode,
+    /// Lower `Source` layers through the adaptation kernels too (an adaptation step needs their
+    /// saved state for the reverse pass to scale and bias).
+    pub always: bool,
+    /// Saved state by node index.
+    pub saved: HashMap<usize, SavedBn>,
+}
+
+impl BnHook {
+    pub fn new(mode: StatsMode, always: bool) -> BnHook {
+        BnHook { mode, always, saved: HashMap::new() }
+    }
+}
+
+fn params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool) -> Params {
+    Params::new()
+        .u32(s.batch as u32)
+        .u32(s.channels as u32)
+        .u32(s.plane as u32)
+        .f32(s.eps)
+        .f32(a.0)
+        .f32(a.1)
+        .f32(a.2)
+        .f32(a.3)
+        .u32(a.4 as u32)
+        .u32(accumulate as u32)
+}
+
+impl LowerHook for BnHook {
+    fn lower(&mut self, graph: &Graph, node: usize, l: &mut Lowering, program: &mut Program) -> Option<OpResult<()>> {
+        let crate::ops::Op::BatchNorm(attrs) = &graph.nodes[node].op else { return None };
+        if self.mode == StatsMode::Source && !self.always {
+            return None;
+        }
+        Some((|| {
+            let x = l.input(0, "X")?.clone();
+            if x.shape.len() < 2 {
+                return Err(format!("BatchNormalization input must have rank >= 2, got {:?}", x.shape));
+            }
+            let (batch, channels) = (x.shape[0], x.shape[1]);
+            let plane: usize = x.shape[2..].iter().product();
+            let m = batch * plane;
+            let coef = self.mode.coefficients(m)?;
+            let scale = l.input(1, "scale")?.clone();
+            let bias = l.input(2, "B")?.clone();
+            let mean = l.input(3, "input_mean")?.clone();
+            let var = l.input(4, "input_var")?.clone();
+            for (what, p) in [("scale", &scale), ("B", &bias), ("input_mean", &mean), ("input_var", &var)] {
+                if !matches!(p.buf, BufRef::Weight(_)) {
+                    return Err(format!("{what} must be a constant to use batch statistics"));
+                }
+            }
+            let stats = program.value(4 * channels as u64 * 4);
+            let saved = SavedBn { x: x.clone(), scale: scale.clone(), stats, channels, plane, batch, eps: attrs.epsilon, mode: self.mode };
+            let y = l.output(0)?.buf;
+            l.dispatch(
+                KernelKey::new(Shader::Norm, "bn_stats"),
+                params(&saved, coef, false),
+                vec![x.buf, mean.buf, var.buf, BufRef::Value(stats)],
+                [channels as u32, 1, 1],
+            );
+            l.dispatch(
+                KernelKey::new(Shader::Norm, "bn_apply"),
+                params(&saved, coef, false),
+                vec![x.buf, scale.buf, bias.buf, BufRef::Value(stats), y],
+                grid_1d(x.numel(), 256),
+            );
+            self.saved.insert(node, saved);
+            Ok(())
+        })())
+    }
+}
+
+/// The reverse pass of one layer: dscale and dbias (when the layer is adapted) and dx (when the
+/// layer's input depends on an earlier adapted parameter). `dx` is `(value, accumulate)`.
+pub fn backward(
+    s: &SavedBn,
+    dy: usize,
+    dparams: Option<(usize, usize)>,
+    dx: Option<(usize, bool)>,
+    scratch: &mut Vec<u64>,
+) -> OpResult<Vec<crate::ops::Dispatch>> {
+    let m = s.batch * s.plane;
+    let coef = s.mode.coefficients(m)?;
+    let mut out = Vec::new();
+    // The reduce kernel always writes dscale/dbias; frozen layers get them into scratch.
+    let (ds, db) = match dparams {
+        Some((a, b)) => (BufRef::Value(a), BufRef::Value(b)),
+        None => {
+            scratch.push(s.channels as u64 * 4);
+            scratch.push(s.channels as u64 * 4);
+            (BufRef::Scratch(scratch.len() - 2), BufRef::Scratch(scratch.len() - 1))
+        }
+    };
+    scratch.push(2 * s.channels as u64 * 4);
+    let k = BufRef::Scratch(scratch.len() - 1);
+    out.push(crate::ops::Dispatch {
+        key: KernelKey::new(Shader::Norm, "bn_backward_reduce"),
+        params: params(s, coef, false),
+        buffers: vec![s.x.buf, BufRef::Value(dy), s.scale.buf, BufRef::Value(s.stats), ds, db, k],
+        workgroups: [s.channels as u32, 1, 1],
+    });
+    if let Some((dx, accumulate)) = dx {
+        out.push(crate::ops::Dispatch {
+            key: KernelKey::new(Shader::Norm, "bn_backward_dx"),
+            params: params(s, coef, accumulate),
+            buffers: vec![s.x.buf, BufRef::Value(dy), s.scale.buf, BufRef::Value(s.stats), k, BufRef::Value(dx)],
+            workgroups: grid_1d(s.x.numel(), 256),
+        });
+    }
+    Ok(out)
+}

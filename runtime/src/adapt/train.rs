@@ -1,0 +1,283 @@
+//! The adaptation step as one program: forward with the session's normalization statistics, the
+//! loss, the reverse pass from the loss down to the adapted BatchNormalization parameters, and
+//! the optimizer update — recorded into one command encoder, with a single readback of the
+//! (pre-update) logits and the loss.
+//!
+//! Only what the reverse pass reads stays alive past its forward use: the planner references a
+//! forward tensor from a backward dispatch exactly when that op's backward reads it, and the
+//! program's lifetime analysis does the rest. Nodes upstream of the first adapted layer get no
+//! reverse pass at all, and frozen weights get no gradient buffers.
+
+use std::collections::{HashMap, HashSet};
+
+use super::bn::{self, BnHook, StatsMode};
+use super::loss;
+use super::optim::{self, OptimizerSpec};
+use crate::gpu::GpuContext;
+use crate::ir::Graph;
+use crate::ops::{BackwardLowering, BufRef, GradInput};
+use crate::plan::{Compiled, Forward, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer, staging};
+use crate::tensor::Tensor;
+
+/// One adapted BatchNormalization layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaptedBn {
+    pub node: usize,
+    pub scale: String,
+    pub bias: String,
+}
+
+/// What a step program does.
+#[derive(Clone, Debug)]
+pub struct StepSpec {
+    pub mode: StatsMode,
+    /// Adapted layers; empty for a forward-only program (source, norm, rbn).
+    pub adapted: Vec<AdaptedBn>,
+    pub optimizer: OptimizerSpec,
+}
+
+/// A compiled step for one input shape.
+pub struct StepPlan {
+    compiled: Compiled,
+    input: usize,
+    pub input_shape: Vec<usize>,
+    logits: (usize, Vec<usize>),
+    loss: Option<usize>,
+    staging_logits: wgpu::Buffer,
+    staging_loss: wgpu::Buffer,
+    pub dispatch_count: usize,
+    /// Transient GPU memory of the step (activations kept for the reverse pass, gradients,
+    /// scratch), after lifetime-based reuse.
+    pub transient_bytes: u64,
+    /// Names of the parameters this step updates, in optimizer order.
+    pub params: Vec<String>,
+}
+
+/// The result of one step.
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    /// The logits of the forward pass that computed the loss (the prediction before the update).
+    pub logits: Tensor,
+    pub loss: Option<f32>,
+}
+
+fn bytes_of(shape: &[usize]) -> u64 {
+    (shape.iter().product::<usize>() as u64 * 4).max(4)
+}
+
+fn err(msg: impl Into<String>) -> PlanError {
+    PlanError::Program(msg.into())
+}
+
+impl StepPlan {
+    pub fn build(
+        ctx: &GpuContext,
+        graph: &Graph,
+        store: &mut WeightStore,
+        shape: &[usize],
+        spec: &StepSpec,
+    ) -> Result<StepPlan, PlanError> {
+        if graph.inputs.len() != 1 {
+            return Err(err(format!("adaptation needs a model with one input, this one has {}", graph.inputs.len())));
+        }
+        let training = !spec.adapted.is_empty();
+        let mut program = Program::default();
+        let mut hook = BnHook::new(spec.mode, training);
+        let fwd = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook)?;
+        let (logits_v, logits_shape) = match fwd.outputs.first() {
+            Some((_, Ok((v, s)))) => (*v, s.clone()),
+            _ => return Err(err("the model's first output is a constant; nothing to adapt")),
+        };
+        let mut loss_v = None;
+        let mut params = Vec::new();
+        if training {
+            if logits_shape.len() != 2 {
+                return Err(err(format!("adaptation needs logits of shape [batch, classes], got {logits_shape:?}")));
+            }
+            let (b, c) = (logits_shape[0], logits_shape[1]);
+            let (loss, dlogits) = (program.value(4), program.value(bytes_of(&logits_shape)));
+            loss_v = Some(loss);
+            let coeff = program.weight(&format!("adapt:mean_coeff:{b}"), || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0 / b as f32; b]))), true);
+            program.items.push(Item {
+                label: "loss: mean entropy".into(),
+                dispatches: loss::entropy_loss(BufRef::Value(logits_v), BufRef::Weight(coeff), b, c, BufRef::Value(loss), BufRef::Value(dlogits), false),
+                scratch: vec![],
+            });
+            let param_grads = reverse_pass(ctx, graph, &fwd, &hook, spec, logits_v, dlogits, &mut program)?;
+            // One optimizer update per adapted tensor, then the step counter.
+            let state = program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true);
+            let mut dispatches = Vec::new();
+            for (name, grad) in &param_grads {
+                let p = program.weights.iter().position(|w| &w.name == name).ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
+                let n = match &program.weights[p].init {
+                    WeightInit::Tensor(t) => t.numel(),
+                    WeightInit::Zeros(n) => *n,
+                };
+                let m = program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(n), true);
+                let v = program.weight(&format!("opt:v:{name}"), || WeightInit::Zeros(n), true);
+                dispatches.extend(optim::step(&spec.optimizer, BufRef::Weight(p), BufRef::Value(*grad), BufRef::Weight(m), BufRef::Weight(v), BufRef::Weight(state), n));
+                params.push(name.clone());
+            }
+            dispatches.extend(optim::commit(BufRef::Weight(state)));
+            program.items.push(Item { label: "optimizer".into(), dispatches, scratch: vec![] });
+            program.pinned_end.push(loss);
+        }
+        let compiled = Compiled::compile(ctx, &program, store)?;
+        Ok(StepPlan {
+            input: fwd.inputs[0].1,
+            input_shape: shape.to_vec(),
+            staging_logits: staging(ctx, bytes_of(&logits_shape)),
+            staging_loss: staging(ctx, 4),
+            logits: (logits_v, logits_shape),
+            loss: loss_v,
+            dispatch_count: compiled.dispatch_count(),
+            transient_bytes: compiled.transient_bytes,
+            params,
+            compiled,
+        })
+    }
+
+    /// Runs the step on `x`: one encoder, one submit, one readback.
+    pub fn run(&self, ctx: &GpuContext, x: &[f32]) -> Result<StepOutput, PlanError> {
+        if x.len() != self.input_shape.iter().product::<usize>() {
+            return Err(PlanError::InputData { name: "input".into(), shape: self.input_shape.clone(), len: x.len() });
+        }
+        ctx.queue.write_buffer(self.compiled.value_buffer(self.input), 0, bytemuck::cast_slice(x));
+        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("adapt step") });
+        self.compiled.record(&mut encoder, "adapt step");
+        let lb = bytes_of(&self.logits.1).div_ceil(4) * 4;
+        encoder.copy_buffer_to_buffer(self.compiled.value_buffer(self.logits.0), 0, &self.staging_logits, 0, lb);
+        if let Some(l) = self.loss {
+            encoder.copy_buffer_to_buffer(self.compiled.value_buffer(l), 0, &self.staging_loss, 0, 4);
+        }
+        ctx.queue.submit([encoder.finish()]);
+        let n: usize = self.logits.1.iter().product();
+        let logits = Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?);
+        let loss = match self.loss {
+            Some(_) => Some(read_buffer(ctx, &self.staging_loss, 1)?[0]),
+            None => None,
+        };
+        Ok(StepOutput { logits, loss })
+    }
+}
+
+/// Builds the reverse pass into `program`; returns each adapted parameter's gradient value.
+#[allow(clippy::too_many_arguments)]
+fn reverse_pass(
+    ctx: &GpuContext,
+    graph: &Graph,
+    fwd: &Forward,
+    hook: &BnHook,
+    spec: &StepSpec,
+    logits: usize,
+    dlogits: usize,
+    program: &mut Program,
+) -> Result<Vec<(String, usize)>, PlanError> {
+    let limits = ctx.limits();
+    let adapted: HashMap<usize, &AdaptedBn> = spec.adapted.iter().map(|a| (a.node, a)).collect();
+    let value_id = |o: &Option<crate::ops::Operand>| match o {
+        Some(crate::ops::Operand { buf: BufRef::Value(v), .. }) => Some(*v),
+        _ => None,
+    };
+    // Values that depend on an adapted parameter: only they carry gradients.
+    let mut requires: HashSet<usize> = HashSet::new();
+    for ln in &fwd.nodes {
+        let depends = adapted.contains_key(&ln.node) || ln.inputs.iter().any(|i| value_id(i).is_some_and(|v| requires.contains(&v)));
+        if depends {
+            for o in &ln.outputs {
+                if let BufRef::Value(v) = o.buf {
+                    requires.insert(v);
+                }
+            }
+        }
+    }
+    if !requires.contains(&logits) {
+        return Err(err("no adapted parameter influences the model's output"));
+    }
+    let mut grads: HashMap<usize, usize> = HashMap::from([(logits, dlogits)]);
+    let mut param_grads = Vec::new();
+    for ln in fwd.nodes.iter().rev() {
+        let node = &graph.nodes[ln.node];
+        let out_grads: Vec<Option<usize>> =
+            ln.outputs.iter().map(|o| if let BufRef::Value(v) = o.buf { grads.get(&v).copied() } else { None }).collect();
+        if out_grads.iter().all(|g| g.is_none()) {
+            continue;
+        }
+        let node_err = |reason: String| PlanError::Node {
+            node: node.name.clone(),
+            op: node.op_type.clone(),
+            shapes: ln.inputs.iter().map(|i| i.as_ref().map(|o| o.shape.clone()).unwrap_or_default()).collect(),
+            reason: format!("reverse pass: {reason}"),
+        };
+        // The gradient buffer of input value `v`: (value, accumulate).
+        let mut grad_for = |v: usize, program: &mut Program, bytes: u64| -> (usize, bool) {
+            match grads.get(&v) {
+                Some(&g) => (g, true),
+                None => {
+                    let g = program.value(bytes);
+                    grads.insert(v, g);
+                    (g, false)
+                }
+            }
+        };
+        if let Some(saved) = hook.saved.get(&ln.node) {
+            let dy = out_grads[0].ok_or_else(|| node_err("no gradient for Y".into()))?;
+            let mut scratch = Vec::new();
+            let dparams = adapted.get(&ln.node).map(|a| {
+                let n = saved.channels as u64 * 4;
+                let (ds, db) = (program.value(n), program.value(n));
+                param_grads.push((a.scale.clone(), ds));
+                param_grads.push((a.bias.clone(), db));
+                (ds, db)
+            });
+            let dx = value_id(&ln.inputs[0]).filter(|v| requires.contains(v)).map(|v| grad_for(v, program, bytes_of(&saved.x.shape)));
+            let dispatches = bn::backward(saved, dy, dparams, dx, &mut scratch).map_err(node_err)?;
+            program.items.push(Item { label: format!("{} backward", node.name), dispatches, scratch });
+            continue;
+        }
+        if matches!(node.op, crate::ops::Op::BatchNorm(_)) {
+            return Err(node_err("BatchNormalization with source statistics on the gradient path must be lowered by the adaptation hook".into()));
+        }
+        // A view passes its gradient through unchanged: share the buffer when it is the first
+        // contribution to the input's gradient.
+        if node.op.is_alias()
+            && let Some(v) = value_id(&ln.inputs[0]).filter(|v| requires.contains(v))
+            && !grads.contains_key(&v)
+            && let Some(g) = out_grads[0]
+        {
+            let a = program.alias(g);
+            grads.insert(v, a);
+            continue;
+        }
+        let mut grad_inputs = Vec::new();
+        for inp in &ln.inputs {
+            grad_inputs.push(match value_id(inp).filter(|v| requires.contains(v)) {
+                Some(v) => {
+                    let shape = inp.as_ref().map(|o| o.shape.clone()).unwrap_or_default();
+                    let (g, accumulate) = grad_for(v, program, bytes_of(&shape));
+                    Some(GradInput { buf: BufRef::Value(g), shape, accumulate })
+                }
+                None => None,
+            });
+        }
+        let mut b = BackwardLowering {
+            node: node.name.clone(),
+            inputs: ln.inputs.clone(),
+            outputs: ln.outputs.clone(),
+            grad_outputs: ln
+                .outputs
+                .iter()
+                .zip(&out_grads)
+                .map(|(o, g)| g.map(|g| crate::ops::Operand { buf: BufRef::Value(g), shape: o.shape.clone(), value: None }))
+                .collect(),
+            grad_inputs,
+            dispatches: Vec::new(),
+            scratch: Vec::new(),
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+        };
+        node.op.lower_backward(&mut b).map_err(node_err)?;
+        program.items.push(Item { label: format!("{} backward", node.name), dispatches: b.dispatches, scratch: b.scratch });
+    }
+    Ok(param_grads)
+}
