@@ -160,11 +160,20 @@ fn copy_add_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     gdst[d] = gdst[d] + gsrc[u32(s)];
 }
 
-// Zeroes cp.n words (the gradient of elements no output gradient reaches).
+struct FillParams {
+    n: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> zp: FillParams;
+
+// Zeroes zp.n words (the gradient of elements no output gradient reaches).
 @compute @workgroup_size(256)
 fn fill_zero_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
-    if i >= cp.n { return; }
+    if i >= zp.n { return; }
     fill_dst[i] = 0u;
 }
 

@@ -49,8 +49,8 @@ fn const_in(shape: &[usize], seed: u64) -> In {
 
 type Backward<'a> = dyn Fn(&mut BackwardLowering) -> Result<(), String> + 'a;
 
-/// Builds the lowering: runtime inputs are values 0.., then dY, then one pair of gradient
-/// buffers per wanted input (`grad_base + 2 * j` overwritten, `+ 1` accumulated).
+/// The reverse-pass context of one node: runtime inputs are values 0.. and constants weights 0..
+/// in input order; `grads` lists (input, gradient buffer, accumulate).
 fn lowering(ins: &[In], out_shape: &[usize], dy: BufRef, grads: &[(usize, BufRef, bool)]) -> BackwardLowering {
     let (mut v, mut w) = (0, 0);
     let inputs = ins

@@ -16,7 +16,7 @@ use super::optim::{self, OptimizerSpec};
 use crate::gpu::GpuContext;
 use crate::ir::Graph;
 use crate::ops::{BackwardLowering, BufRef, GradInput};
-use crate::plan::{Compiled, Forward, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer, staging};
+use crate::plan::{Compiled, Forward, GraphOutput, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer, staging};
 use crate::tensor::Tensor;
 
 /// One adapted BatchNormalization layer.
@@ -85,7 +85,7 @@ impl StepPlan {
         let mut hook = BnHook::new(spec.mode, training);
         let fwd = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook)?;
         let (logits_v, logits_shape) = match fwd.outputs.first() {
-            Some((_, Ok((v, s)))) => (*v, s.clone()),
+            Some((_, GraphOutput::Value { id, shape })) => (*id, shape.clone()),
             _ => return Err(err("the model's first output is a constant; nothing to adapt")),
         };
         let mut loss_v = None;

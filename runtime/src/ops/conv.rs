@@ -8,6 +8,11 @@
 //! | [`ConvRoute::Matmul`] | every kernel dim 1, stride 1, no padding | `matmul_main`: out[n] = W[Cout, Cin] @ X[n][Cin, P] + bias, batched over images (and groups) with weight batch stride 0 |
 //! | [`ConvRoute::Depthwise`] | group == Cin > 1 (one input channel per output channel) | `conv_depthwise`: one invocation per output, K = kernel volume is too small to tile |
 //! | [`ConvRoute::ImplicitGemm`] | everything else | `conv_gemm`: 64x64 output tiles per image and group, im2col gathered into workgroup memory on the fly |
+//!
+//! The reverse pass ([`backward`]) produces only the data gradient dL/dX (weights are frozen during
+//! adaptation) as a transposed convolution on the same three routes: `matmul_main` with W
+//! transposed by its strides, `conv_depthwise_dx`, and `conv_gemm_dx`, an implicit GEMM per stride
+//! phase that visits only the kernel taps reaching each input position.
 
 use super::matmul::{GemmDispatch, Operand2d};
 use super::pool::AutoPad;
@@ -440,11 +445,11 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
             }
             let widest: usize = geo.input.iter().zip(&geo.strides).map(|(&i, &s)| i.div_ceil(s)).product();
             let tile = super::matmul::TILE;
-            let (gx_, gy) = (widest.div_ceil(tile), cin_g.div_ceil(tile));
-            if gx_.max(gy) > MAX_GROUPS {
+            let (tiles_x, tiles_y) = (widest.div_ceil(tile), cin_g.div_ceil(tile));
+            if tiles_x.max(tiles_y) > MAX_GROUPS {
                 return Err(format!("Conv reverse pass: {widest} positions per phase exceed one dispatch"));
             }
-            ("conv_gemm_dx", [gx_ as u32, gy as u32, z as u32])
+            ("conv_gemm_dx", [tiles_x as u32, tiles_y as u32, z as u32])
         }
     };
     b.dispatch(

@@ -1,4 +1,7 @@
 //! Activations and broadcasting arithmetic (`shaders/elementwise.wgsl`).
+//!
+//! In the reverse pass, each operand's gradient sums dY over the dims that operand was broadcast
+//! along, one thread (or, for long sums, one workgroup) per gradient element in a fixed order.
 
 use std::sync::Arc;
 
@@ -340,7 +343,7 @@ const GRAD_WORKGROUP_MIN: usize = 256;
 pub fn unary_backward_saves(u: &Unary) -> (bool, bool) {
     match *u {
         Unary::HardSwish => (true, false),
-        Unary::LeakyRelu { alpha } if !(alpha >= 0.0) => (true, false),
+        Unary::LeakyRelu { alpha } if alpha.is_nan() || alpha < 0.0 => (true, false),
         _ => (false, true),
     }
 }

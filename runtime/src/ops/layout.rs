@@ -10,7 +10,8 @@
 //! Every op resolves its attribute-like inputs (shape, axes, starts, pads, split, ...) in one place,
 //! [`LayoutOp::resolve`], which yields the output shapes and a [`Movement`]; shape inference, the
 //! CPU evaluation used for constant folding and the GPU lowering all consume that description, so
-//! the three cannot disagree.
+//! the three cannot disagree. The reverse pass consumes it too: the same copies run backwards,
+//! and Pad's border gradients fold back onto the elements they were copied from.
 
 use super::{
     Attrs, BackwardLowering, BufRef, Input, Lowering, MAX_RANK, OpResult, Operand, contiguous_strides, norm_axis, u32s,
@@ -982,73 +983,6 @@ fn lower_pad(l: &mut Lowering, out: &[usize], begin: &[i64], mode: PadMode, valu
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reshape_zero_and_minus_one() {
-        assert_eq!(reshape_shape(&[2, 3, 4], &[0, -1], false).unwrap(), vec![2, 12]);
-        assert_eq!(reshape_shape(&[0, 3, 4], &[3, 4, 0], true).unwrap(), vec![3, 4, 0]);
-        assert!(reshape_shape(&[2, 3, 4], &[5, -1], false).is_err());
-        assert!(reshape_shape(&[2, 3, 4], &[-1, -1], false).is_err());
-        assert!(reshape_shape(&[2, 3], &[0, 0, 0], false).is_err());
-    }
-
-    #[test]
-    fn slice_negative_step_clamps() {
-        let r = resolve_slice(&[5], &[-1], &[i64::MIN], None, Some(&[-2])).unwrap();
-        assert_eq!(r.shapes, vec![vec![3]]);
-        let x = Tensor::i64(vec![5], vec![0, 1, 2, 3, 4]);
-        let Movement::Copies(c) = r.movement else { panic!("not copies") };
-        let out = eval_copies(&[&x], &r.shapes, &c).unwrap();
-        assert_eq!(out[0].to_i64_vec(), vec![4, 2, 0]);
-        let r = resolve_slice(&[5], &[10], &[20], None, None).unwrap();
-        assert_eq!(r.shapes, vec![vec![0]]);
-    }
-
-    #[test]
-    fn eval_skips_omitted_optional_inputs() {
-        let op = LayoutOp::Slice {
-            starts: IntsArg::Input(1),
-            ends: IntsArg::Input(2),
-            axes: IntsArg::Input(3),
-            steps: IntsArg::Input(4),
-        };
-        let x = Tensor::i64(vec![6], (0..6).collect());
-        let (s, e, st) = (Tensor::i64(vec![1], vec![4]), Tensor::i64(vec![1], vec![0]), Tensor::i64(vec![1], vec![-2]));
-        let out = op.eval(&[Some(&x), Some(&s), Some(&e), None, Some(&st)]).unwrap();
-        assert_eq!(out[0].to_i64_vec(), vec![4, 2]);
-        assert_eq!(out[0].dtype, DType::I64);
-
-        let concat = LayoutOp::Concat { axis: 0 };
-        let f = Tensor::f32(vec![1], vec![1.0]);
-        assert!(concat.eval(&[Some(&x), Some(&f)]).is_err(), "mixed element types must be rejected");
-    }
-
-    #[test]
-    fn reflect_matches_numpy() {
-        // np.pad([0,1,2], 4, 'reflect') = [2,1,0,1, 0,1,2, 1,0,1,2]
-        let got: Vec<i64> = (0..11).map(|o| pad_source(o, 4, 3, PadMode::Reflect).unwrap()).collect();
-        assert_eq!(got, vec![0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2]);
-    }
-
-    #[test]
-    fn coalesce_merges_contiguous_dims() {
-        let r = resolve_concat(&[&[2, 3, 4], &[2, 5, 4]], 1).unwrap();
-        let Movement::Copies(c) = r.movement else { panic!("not copies") };
-        assert_eq!(coalesce(&c[0]), (vec![2, 12], vec![12, 1], vec![32, 1]));
-    }
-
-    #[test]
-    fn split_num_outputs_chunks() {
-        let r = resolve_split(&[4, 5], 1, None, Some(4), 4);
-        assert!(r.is_err(), "5 cannot be cut into 4 chunks of ceil(5/4) = 2");
-        let r = resolve_split(&[4, 7], 1, None, Some(4), 4).unwrap();
-        assert_eq!(r.shapes.iter().map(|s| s[1]).collect::<Vec<_>>(), vec![2, 2, 2, 1]);
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Reverse pass
 // ------------------------------------------------------------------------------------------------
@@ -1251,4 +1185,71 @@ fn backward_pad(b: &mut BackwardLowering, out: &[usize], begin: &[i64], mode: Pa
         cur_shape = next_shape;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reshape_zero_and_minus_one() {
+        assert_eq!(reshape_shape(&[2, 3, 4], &[0, -1], false).unwrap(), vec![2, 12]);
+        assert_eq!(reshape_shape(&[0, 3, 4], &[3, 4, 0], true).unwrap(), vec![3, 4, 0]);
+        assert!(reshape_shape(&[2, 3, 4], &[5, -1], false).is_err());
+        assert!(reshape_shape(&[2, 3, 4], &[-1, -1], false).is_err());
+        assert!(reshape_shape(&[2, 3], &[0, 0, 0], false).is_err());
+    }
+
+    #[test]
+    fn slice_negative_step_clamps() {
+        let r = resolve_slice(&[5], &[-1], &[i64::MIN], None, Some(&[-2])).unwrap();
+        assert_eq!(r.shapes, vec![vec![3]]);
+        let x = Tensor::i64(vec![5], vec![0, 1, 2, 3, 4]);
+        let Movement::Copies(c) = r.movement else { panic!("not copies") };
+        let out = eval_copies(&[&x], &r.shapes, &c).unwrap();
+        assert_eq!(out[0].to_i64_vec(), vec![4, 2, 0]);
+        let r = resolve_slice(&[5], &[10], &[20], None, None).unwrap();
+        assert_eq!(r.shapes, vec![vec![0]]);
+    }
+
+    #[test]
+    fn eval_skips_omitted_optional_inputs() {
+        let op = LayoutOp::Slice {
+            starts: IntsArg::Input(1),
+            ends: IntsArg::Input(2),
+            axes: IntsArg::Input(3),
+            steps: IntsArg::Input(4),
+        };
+        let x = Tensor::i64(vec![6], (0..6).collect());
+        let (s, e, st) = (Tensor::i64(vec![1], vec![4]), Tensor::i64(vec![1], vec![0]), Tensor::i64(vec![1], vec![-2]));
+        let out = op.eval(&[Some(&x), Some(&s), Some(&e), None, Some(&st)]).unwrap();
+        assert_eq!(out[0].to_i64_vec(), vec![4, 2]);
+        assert_eq!(out[0].dtype, DType::I64);
+
+        let concat = LayoutOp::Concat { axis: 0 };
+        let f = Tensor::f32(vec![1], vec![1.0]);
+        assert!(concat.eval(&[Some(&x), Some(&f)]).is_err(), "mixed element types must be rejected");
+    }
+
+    #[test]
+    fn reflect_matches_numpy() {
+        // np.pad([0,1,2], 4, 'reflect') = [2,1,0,1, 0,1,2, 1,0,1,2]
+        let got: Vec<i64> = (0..11).map(|o| pad_source(o, 4, 3, PadMode::Reflect).unwrap()).collect();
+        assert_eq!(got, vec![0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2]);
+    }
+
+    #[test]
+    fn coalesce_merges_contiguous_dims() {
+        let r = resolve_concat(&[&[2, 3, 4], &[2, 5, 4]], 1).unwrap();
+        let Movement::Copies(c) = r.movement else { panic!("not copies") };
+        assert_eq!(coalesce(&c[0]), (vec![2, 12], vec![12, 1], vec![32, 1]));
+    }
+
+    #[test]
+    fn split_num_outputs_chunks() {
+        let r = resolve_split(&[4, 5], 1, None, Some(4), 4);
+        assert!(r.is_err(), "5 cannot be cut into 4 chunks of ceil(5/4) = 2");
+        let r = resolve_split(&[4, 7], 1, None, Some(4), 4).unwrap();
+        assert_eq!(r.shapes.iter().map(|s| s[1]).collect::<Vec<_>>(), vec![2, 2, 2, 1]);
+    }
 }

@@ -391,13 +391,15 @@ impl Op {
         let (inputs, outputs) = match self {
             // Activations read their input (x < 0, clamp bounds, x for hard-swish/leaky) or output.
             Op::Unary(u) => elementwise::unary_backward_saves(u),
-            Op::ClipInputs => (true, false),
+            // Clip's gradient is read off its output (strictly inside the bounds, as hardtanh).
+            Op::ClipInputs => (false, true),
             // Products and quotients need both operands; sums need neither.
             Op::Binary(k) => (elementwise::binary_backward_needs_inputs(*k), false),
             // Data gradients through frozen weights: the weights are constants, always resident.
             Op::Conv(_) | Op::Gemm(_) | Op::MatMul => (true, false),
             Op::BatchNorm(_) => (true, false),
-            Op::Pool(p) => (p.max, p.max),
+            // MaxPool finds each window's first maximum again from X; AveragePool needs nothing.
+            Op::Pool(p) => (p.max, false),
             Op::GlobalAveragePool | Op::ReduceMean(_) => (false, false),
             Op::Softmax(_) => (false, true),
             Op::Layout(_) => (false, false),

@@ -4,6 +4,9 @@
 //! unit dimensions (kernel 1, stride 1, no padding) filling in for 1-D and 2-D inputs.
 //! GlobalAveragePool reduces one (n, c) plane per workgroup with a fixed-order tree, so its
 //! result is bit-identical from run to run (no float atomics).
+//!
+//! The reverse passes are gathers (one thread per input element over the windows covering it),
+//! so they need no atomics either; MaxPool's first records each window's argmax from X.
 
 use super::{Attrs, BackwardLowering, Input, Lowering, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
@@ -262,65 +265,6 @@ pub fn lower_global(l: &mut Lowering) -> OpResult<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::onnx::Attr;
-    use std::collections::BTreeMap;
-
-    fn attrs(kv: &[(&str, Attr)]) -> BTreeMap<String, Attr> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-    }
-
-    #[test]
-    fn ceil_mode_drops_a_window_starting_in_the_right_padding() {
-        // in 5, kernel 2, stride 2, pads 1/1: floor gives 3, ceil gives 4, but window 4 would
-        // start at 6 - 1 = 5, past the input (which ends at 5 counting the left pad).
-        let m = attrs(&[
-            ("kernel_shape", Attr::Ints(vec![2])),
-            ("strides", Attr::Ints(vec![2])),
-            ("pads", Attr::Ints(vec![1, 1])),
-            ("ceil_mode", Attr::Int(1)),
-        ]);
-        let a = PoolAttrs::parse("AveragePool", &Attrs::new(&m), 1).unwrap();
-        assert_eq!(a.geometry(&[5]).unwrap().0, vec![3]);
-        let m = attrs(&[
-            ("kernel_shape", Attr::Ints(vec![3])),
-            ("strides", Attr::Ints(vec![2])),
-            ("ceil_mode", Attr::Int(1)),
-        ]);
-        let a = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 1).unwrap();
-        assert_eq!(a.geometry(&[6]).unwrap().0, vec![3]);
-    }
-
-    #[test]
-    fn same_lower_puts_the_odd_pad_first() {
-        let m = attrs(&[("kernel_shape", Attr::Ints(vec![2, 2])), ("auto_pad", Attr::String("SAME_LOWER".into()))]);
-        let a = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 1).unwrap();
-        let (out, pads) = a.geometry(&[5, 4]).unwrap();
-        assert_eq!(out, vec![5, 4]);
-        assert_eq!(pads, vec![(1, 0), (1, 0)]);
-    }
-
-    #[test]
-    fn same_padding_with_dilations_is_rejected() {
-        let m = attrs(&[
-            ("kernel_shape", Attr::Ints(vec![3])),
-            ("dilations", Attr::Ints(vec![2])),
-            ("auto_pad", Attr::String("SAME_UPPER".into())),
-        ]);
-        let e = PoolAttrs::parse("AveragePool", &Attrs::new(&m), 1).unwrap_err();
-        assert!(e.contains("SAME"), "{e}");
-    }
-
-    #[test]
-    fn indices_output_is_rejected() {
-        let m = attrs(&[("kernel_shape", Attr::Ints(vec![2, 2]))]);
-        let e = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 2).unwrap_err();
-        assert!(e.contains("Indices"), "{e}");
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // Reverse pass
 // ------------------------------------------------------------------------------------------------
@@ -417,4 +361,63 @@ pub fn backward_global(b: &mut BackwardLowering) -> OpResult<()> {
         grid_1d(x.numel(), 256),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::Attr;
+    use std::collections::BTreeMap;
+
+    fn attrs(kv: &[(&str, Attr)]) -> BTreeMap<String, Attr> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    #[test]
+    fn ceil_mode_drops_a_window_starting_in_the_right_padding() {
+        // in 5, kernel 2, stride 2, pads 1/1: floor gives 3, ceil gives 4, but window 4 would
+        // start at 6 - 1 = 5, past the input (which ends at 5 counting the left pad).
+        let m = attrs(&[
+            ("kernel_shape", Attr::Ints(vec![2])),
+            ("strides", Attr::Ints(vec![2])),
+            ("pads", Attr::Ints(vec![1, 1])),
+            ("ceil_mode", Attr::Int(1)),
+        ]);
+        let a = PoolAttrs::parse("AveragePool", &Attrs::new(&m), 1).unwrap();
+        assert_eq!(a.geometry(&[5]).unwrap().0, vec![3]);
+        let m = attrs(&[
+            ("kernel_shape", Attr::Ints(vec![3])),
+            ("strides", Attr::Ints(vec![2])),
+            ("ceil_mode", Attr::Int(1)),
+        ]);
+        let a = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 1).unwrap();
+        assert_eq!(a.geometry(&[6]).unwrap().0, vec![3]);
+    }
+
+    #[test]
+    fn same_lower_puts_the_odd_pad_first() {
+        let m = attrs(&[("kernel_shape", Attr::Ints(vec![2, 2])), ("auto_pad", Attr::String("SAME_LOWER".into()))]);
+        let a = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 1).unwrap();
+        let (out, pads) = a.geometry(&[5, 4]).unwrap();
+        assert_eq!(out, vec![5, 4]);
+        assert_eq!(pads, vec![(1, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn same_padding_with_dilations_is_rejected() {
+        let m = attrs(&[
+            ("kernel_shape", Attr::Ints(vec![3])),
+            ("dilations", Attr::Ints(vec![2])),
+            ("auto_pad", Attr::String("SAME_UPPER".into())),
+        ]);
+        let e = PoolAttrs::parse("AveragePool", &Attrs::new(&m), 1).unwrap_err();
+        assert!(e.contains("SAME"), "{e}");
+    }
+
+    #[test]
+    fn indices_output_is_rejected() {
+        let m = attrs(&[("kernel_shape", Attr::Ints(vec![2, 2]))]);
+        let e = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 2).unwrap_err();
+        assert!(e.contains("Indices"), "{e}");
+    }
 }

@@ -63,8 +63,17 @@ pub struct Forward {
     pub value_of: HashMap<String, usize>,
     pub nodes: Vec<LoweredNode>,
     pub inputs: Vec<(String, usize, Vec<usize>)>,
-    /// Graph outputs: a value (id, shape) or a folded constant.
-    pub outputs: Vec<(String, Result<(usize, Vec<usize>), Arc<Tensor>>)>,
+    /// Graph outputs by name.
+    pub outputs: Vec<(String, GraphOutput)>,
+}
+
+/// Where a graph output is.
+#[derive(Clone, Debug)]
+pub enum GraphOutput {
+    /// Computed on the GPU into value `id`.
+    Value { id: usize, shape: Vec<usize> },
+    /// Folded to a constant at plan time.
+    Const(Arc<Tensor>),
 }
 
 /// Lets a caller lower some nodes itself (adaptation lowers BatchNormalization with batch or
@@ -171,9 +180,9 @@ pub fn lower_forward(
     for name in &spec.output_names {
         if let Some(&v) = value_of.get(name) {
             program.pinned_end.push(v);
-            outputs.push((name.clone(), Ok((v, spec.values[name].shape.clone()))));
+            outputs.push((name.clone(), GraphOutput::Value { id: v, shape: spec.values[name].shape.clone() }));
         } else if let Some(k) = spec.values.get(name).and_then(|v| v.konst.clone()) {
-            outputs.push((name.clone(), Err(k)));
+            outputs.push((name.clone(), GraphOutput::Const(k)));
         } else {
             return Err(PlanError::Program(format!("graph output '{name}' was not computed")));
         }
@@ -247,8 +256,10 @@ impl Plan {
             .into_iter()
             .map(|(name, src)| {
                 let s = match src {
-                    Ok((value, shape)) => OutputSource::Gpu { value, staging: staging(ctx, bytes_of(&shape)), shape },
-                    Err(k) => OutputSource::Const(k),
+                    GraphOutput::Value { id, shape } => {
+                        OutputSource::Gpu { value: id, staging: staging(ctx, bytes_of(&shape)), shape }
+                    }
+                    GraphOutput::Const(k) => OutputSource::Const(k),
                 };
                 (name, s)
             })

@@ -1,0 +1,314 @@
+//! The adaptation facade: a model, a config, and the adapted state on the GPU.
+//!
+//! Each [`Session::step`] predicts a batch and adapts on it (TENT and the baselines), returning the
+//! prediction made *before* the batch's update, as the reference implementations do
+//! (tta-methods.md §0.2). Parameters, normalization statistics and optimizer state live in GPU
+//! buffers between steps; they are read back only when asked for.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::bn::StatsMode;
+use super::config::{AdaptConfig, Method, NormMode};
+use super::optim::OptimizerSpec;
+use super::state::{self, StateError};
+use super::train::{AdaptedBn, StepOutput, StepPlan, StepSpec};
+use crate::engine::Model;
+use crate::gpu::{GpuContext, GpuError};
+use crate::ir::BatchNormInfo;
+use crate::plan::{PlanError, WeightStore, read_buffer, staging};
+use crate::tensor::{DType, Tensor};
+
+/// Errors of an adaptation session.
+#[derive(Debug, Error)]
+pub enum AdaptError {
+    #[error("the model has no BatchNormalization layers with constant parameters: method '{0}' cannot adapt it")]
+    NoBatchNorm(String),
+    #[error("no BatchNormalization layer is left to adapt after include/exclude ({0})")]
+    NothingAdapted(String),
+    #[error("batch of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); the batch was skipped and nothing was updated")]
+    NonFinite { shape: Vec<usize>, count: usize, first: usize },
+    #[error("the batch is {0}; adaptation takes float32")]
+    DType(DType),
+    #[error("the model takes one input of rank {expected}, the batch has shape {got:?}")]
+    Rank { expected: usize, got: Vec<usize> },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// One step's result.
+#[derive(Clone, Debug)]
+pub struct Prediction {
+    /// Logits of the batch before this batch's update.
+    pub logits: Tensor,
+    /// The loss of the first step on this batch (methods with a gradient step).
+    pub loss: Option<f32>,
+}
+
+/// An adaptation session over one model.
+pub struct Session {
+    ctx: GpuContext,
+    model: Model,
+    config: AdaptConfig,
+    store: WeightStore,
+    plans: HashMap<Vec<usize>, StepPlan>,
+    spec: StepSpec,
+    bns: Vec<BatchNormInfo>,
+    steps_taken: u64,
+}
+
+impl Session {
+    pub fn new(ctx: &GpuContext, model: Model, config: AdaptConfig) -> Result<Session, AdaptError> {
+        let graph = &model.graph;
+        let bns = graph.batch_norms();
+        let method = config.adapt.method;
+        let norm = config.adapt.norm.unwrap_or_else(|| method.default_norm());
+        let mode = match norm {
+            NormMode::Source => StatsMode::Source,
+            NormMode::Batch => StatsMode::Batch,
+            NormMode::Ema => StatsMode::Ema { momentum: config.adapt.norm_momentum },
+            NormMode::Alpha => StatsMode::Alpha { alpha: config.adapt.norm_alpha },
+        };
+        if bns.is_empty() && (method != Method::Source || norm != NormMode::Source) {
+            return Err(AdaptError::NoBatchNorm(format!("{method:?}").to_lowercase()));
+        }
+        let mut adapted = Vec::new();
+        if method.updates_parameters() {
+            for bn in &bns {
+                let inc = config.adapt.include.is_empty() || config.adapt.include.iter().any(|s| bn.node.contains(s.as_str()));
+                let exc = config.adapt.exclude.iter().any(|s| bn.node.contains(s.as_str()));
+                if inc && !exc {
+                    let node = graph.nodes.iter().position(|n| n.name == bn.node).unwrap_or(usize::MAX);
+                    adapted.push(AdaptedBn { node, scale: bn.scale.clone(), bias: bn.bias.clone() });
+                }
+            }
+            if adapted.is_empty() {
+                return Err(AdaptError::NothingAdapted(format!(
+                    "include {:?}, exclude {:?}",
+                    config.adapt.include, config.adapt.exclude
+                )));
+            }
+        }
+        let spec = StepSpec { mode, adapted, optimizer: OptimizerSpec::from_config(&config.optimizer) };
+        Ok(Session {
+            ctx: ctx.clone(),
+            model,
+            config,
+            store: WeightStore::default(),
+            plans: HashMap::new(),
+            spec,
+            bns,
+            steps_taken: 0,
+        })
+    }
+
+    pub fn config(&self) -> &AdaptConfig {
+        &self.config
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Names of the adapted parameters (ONNX initializer names), scale then bias per layer.
+    pub fn adapted_parameters(&self) -> Vec<String> {
+        self.spec.adapted.iter().flat_map(|a| [a.scale.clone(), a.bias.clone()]).collect()
+    }
+
+    /// The BatchNormalization layers of the model.
+    pub fn batch_norms(&self) -> &[BatchNormInfo] {
+        &self.bns
+    }
+
+    /// Whether steps update the running statistics (EMA / RBN mode).
+    pub fn updates_statistics(&self) -> bool {
+        matches!(self.spec.mode, StatsMode::Ema { .. })
+    }
+
+    /// Gradient steps taken since the session started (or was reset).
+    pub fn steps_taken(&self) -> u64 {
+        self.steps_taken
+    }
+
+    fn plan(&mut self, shape: &[usize]) -> Result<&StepPlan, AdaptError> {
+        if !self.plans.contains_key(shape) {
+            let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, shape, &self.spec)?;
+            self.plans.insert(shape.to_vec(), p);
+        }
+        Ok(&self.plans[shape])
+    }
+
+    /// Predicts `batch` and adapts on it; returns the pre-update prediction.
+    pub fn step(&mut self, batch: &Tensor) -> Result<Prediction, AdaptError> {
+        let data = batch.as_f32().ok_or(AdaptError::DType(batch.dtype))?;
+        if batch.dtype != DType::F32 {
+            return Err(AdaptError::DType(batch.dtype));
+        }
+        if let Some(dims) = self.model.graph.inputs.first().and_then(|i| i.dims.as_ref())
+            && dims.len() != batch.shape.len()
+        {
+            return Err(AdaptError::Rank { expected: dims.len(), got: batch.shape.clone() });
+        }
+        let bad: Vec<usize> = data.iter().enumerate().filter(|(_, v)| !v.is_finite()).map(|(i, _)| i).take(1).collect();
+        if let Some(&first) = bad.first() {
+            let count = data.iter().filter(|v| !v.is_finite()).count();
+            return Err(AdaptError::NonFinite { shape: batch.shape.clone(), count, first });
+        }
+        // Build (and so validate) the plan before touching any state.
+        self.plan(&batch.shape)?;
+        if self.config.adapt.episodic {
+            self.reset()?;
+        }
+        let steps = if self.spec.adapted.is_empty() { 1 } else { self.config.adapt.steps.max(1) };
+        let plan = &self.plans[&batch.shape];
+        let mut first: Option<StepOutput> = None;
+        for _ in 0..steps {
+            let out = plan.run(&self.ctx, data)?;
+            if first.is_none() {
+                first = Some(out);
+            }
+        }
+        if !self.spec.adapted.is_empty() {
+            self.steps_taken += steps as u64;
+        }
+        let out = first.expect("steps >= 1");
+        Ok(Prediction { logits: out.logits, loss: out.loss })
+    }
+
+    /// Restores parameters, normalization statistics and optimizer state to the source model.
+    pub fn reset(&mut self) -> Result<(), AdaptError> {
+        let graph = self.model.graph.clone();
+        for (name, buf) in &self.store.buffers {
+            if let Some(t) = graph.initializers.get(name) {
+                self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&t.to_f32_vec()));
+            } else if name.starts_with("opt:") {
+                let zeros = vec![0u8; buf.size() as usize];
+                self.ctx.queue.write_buffer(buf, 0, &zeros);
+                if name == "opt:state" {
+                    let init = super::optim::initial_state().to_f32_vec();
+                    self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&init));
+                }
+            }
+        }
+        self.ctx.queue.submit([]);
+        self.steps_taken = 0;
+        Ok(())
+    }
+
+    /// Reads named weight buffers back (the source values for buffers no plan created yet).
+    fn read_named(&self, names: &[String]) -> Result<Vec<(String, Tensor)>, AdaptError> {
+        let mut encoder = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read state") });
+        let mut pending = Vec::new();
+        let mut out = Vec::new();
+        for name in names {
+            match self.store.get(name) {
+                Some(buf) => {
+                    let st = staging(&self.ctx, buf.size());
+                    encoder.copy_buffer_to_buffer(buf, 0, &st, 0, buf.size());
+                    pending.push((name.clone(), st, (buf.size() / 4) as usize));
+                }
+                None => pending.push((name.clone(), staging(&self.ctx, 4), usize::MAX)),
+            }
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        for (name, st, n) in pending {
+            let shape_of = |name: &str| self.model.graph.initializers.get(name).map(|t| t.shape.clone());
+            if n == usize::MAX {
+                if let Some(t) = self.model.graph.initializers.get(&name) {
+                    out.push((name, Tensor::f32(t.shape.clone(), t.to_f32_vec())));
+                }
+                continue;
+            }
+            let data = read_buffer(&self.ctx, &st, n)?;
+            let shape = shape_of(&name).unwrap_or_else(|| vec![data.len()]);
+            let len = shape.iter().product::<usize>().min(data.len());
+            out.push((name, Tensor::f32(shape, data[..len].to_vec())));
+        }
+        Ok(out)
+    }
+
+    /// The current values of the adapted parameters, by ONNX initializer name.
+    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
+        self.read_named(&self.adapted_parameters())
+    }
+
+    /// The current normalization statistics (running mean and variance of every layer).
+    pub fn statistics(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
+        let names: Vec<String> = self.bns.iter().flat_map(|b| [b.mean.clone(), b.var.clone()]).collect();
+        self.read_named(&names)
+    }
+
+    /// Everything that makes up the adapted state: parameters, statistics, optimizer state.
+    fn state_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.bns.iter().flat_map(|b| [b.scale.clone(), b.bias.clone(), b.mean.clone(), b.var.clone()]).collect();
+        let mut opt: Vec<String> = self.store.buffers.keys().filter(|k| k.starts_with("opt:")).cloned().collect();
+        opt.sort();
+        names.extend(opt);
+        names
+    }
+
+    /// Saves the adapted state atomically (see [`super::state`]).
+    pub fn save_state(&self, path: &Path) -> Result<(), AdaptError> {
+        let tensors = self.read_named(&self.state_names())?;
+        let meta = vec![
+            ("method".to_string(), format!("{:?}", self.config.adapt.method).to_lowercase()),
+            ("steps_taken".to_string(), self.steps_taken.to_string()),
+        ];
+        state::save_state(path, &state::fingerprint(&self.model.graph), &tensors, &meta)?;
+        Ok(())
+    }
+
+    /// Loads a state saved for the same model. On any error the session is unchanged.
+    pub fn load_state(&mut self, path: &Path) -> Result<(), AdaptError> {
+        let loaded = state::load_state(path, &state::fingerprint(&self.model.graph))?;
+        // Validate every tensor against what it replaces before writing anything.
+        let mut writes: Vec<(String, Arc<Tensor>)> = Vec::new();
+        for (name, t) in loaded.tensors {
+            let expected = self.model.graph.initializers.get(&name).map(|s| s.numel());
+            if let Some(n) = expected
+                && n != t.numel()
+            {
+                return Err(StateError::Mismatch(format!("tensor {name} has {} values, the model's has {n}", t.numel())).into());
+            }
+            writes.push((name, Arc::new(t)));
+        }
+        for (name, t) in &writes {
+            if let Some(buf) = self.store.get(name)
+                && buf.size() < t.numel() as u64 * 4
+            {
+                return Err(StateError::Mismatch(format!("tensor {name} does not fit its buffer")).into());
+            }
+        }
+        // Everything checked: now write (creating buffers a session that has not run yet lacks).
+        for (name, t) in &writes {
+            match self.store.get(name) {
+                Some(buf) => self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&t.to_f32_vec())),
+                None => {
+                    use wgpu::util::DeviceExt;
+                    let b = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some(name),
+                        contents: bytemuck::cast_slice(&t.to_f32_vec()),
+                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                    });
+                    self.store.buffers.insert(name.clone(), b);
+                }
+            }
+        }
+        self.ctx.queue.submit([]);
+        self.steps_taken = loaded.steps_taken;
+        Ok(())
+    }
+
+    /// Transient GPU bytes and dispatch count of the step plan for `shape` (built if needed).
+    pub fn step_footprint(&mut self, shape: &[usize]) -> Result<(u64, usize), AdaptError> {
+        let p = self.plan(shape)?;
+        Ok((p.transient_bytes, p.dispatch_count))
+    }
+}
