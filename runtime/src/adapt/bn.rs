@@ -109,7 +109,16 @@ impl LowerHook for BnHook {
                 }
             }
             let stats = program.value(4 * channels as u64 * 4);
-            let saved = SavedBn { x: x.clone(), scale: scale.clone(), stats, channels, plane, batch, eps: attrs.epsilon, mode: self.mode };
+            let saved = SavedBn {
+                x: x.clone(),
+                scale: scale.clone(),
+                stats,
+                channels,
+                plane,
+                batch,
+                eps: attrs.epsilon,
+                mode: self.mode,
+            };
             let y = l.output(0)?.buf;
             l.dispatch(
                 KernelKey::new(Shader::Norm, "bn_stats"),

@@ -73,8 +73,11 @@ pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayErro
         let file = f.display().to_string();
         let pred = session.step(&x).map_err(|source| ReplayError::Step { file: file.clone(), source })?;
         let params = session.parameters()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect();
-        let stats =
-            if ema { Some(session.statistics()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect()) } else { None };
+        let stats = if ema {
+            Some(session.statistics()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect())
+        } else {
+            None
+        };
         steps.push(StepRecord { logits: rows(&pred.logits), loss: pred.loss, params, stats });
     }
     Ok(ReplayLog { steps })

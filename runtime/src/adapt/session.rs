@@ -29,7 +29,9 @@ pub enum AdaptError {
     NoBatchNorm(String),
     #[error("no BatchNormalization layer is left to adapt after include/exclude ({0})")]
     NothingAdapted(String),
-    #[error("batch of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); the batch was skipped and nothing was updated")]
+    #[error(
+        "batch of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); the batch was skipped and nothing was updated"
+    )]
     NonFinite { shape: Vec<usize>, count: usize, first: usize },
     #[error("the batch is {0}; adaptation takes float32")]
     DType(DType),
@@ -82,7 +84,8 @@ impl Session {
         let mut adapted = Vec::new();
         if method.updates_parameters() {
             for bn in &bns {
-                let inc = config.adapt.include.is_empty() || config.adapt.include.iter().any(|s| bn.node.contains(s.as_str()));
+                let inc = config.adapt.include.is_empty()
+                    || config.adapt.include.iter().any(|s| bn.node.contains(s.as_str()));
                 let exc = config.adapt.exclude.iter().any(|s| bn.node.contains(s.as_str()));
                 if inc && !exc {
                     let node = graph.nodes.iter().position(|n| n.name == bn.node).unwrap_or(usize::MAX);
@@ -204,7 +207,8 @@ impl Session {
 
     /// Reads named weight buffers back (the source values for buffers no plan created yet).
     fn read_named(&self, names: &[String]) -> Result<Vec<(String, Tensor)>, AdaptError> {
-        let mut encoder = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read state") });
+        let mut encoder =
+            self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read state") });
         let mut pending = Vec::new();
         let mut out = Vec::new();
         for name in names {
@@ -247,7 +251,8 @@ impl Session {
 
     /// Everything that makes up the adapted state: parameters, statistics, optimizer state.
     fn state_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.bns.iter().flat_map(|b| [b.scale.clone(), b.bias.clone(), b.mean.clone(), b.var.clone()]).collect();
+        let mut names: Vec<String> =
+            self.bns.iter().flat_map(|b| [b.scale.clone(), b.bias.clone(), b.mean.clone(), b.var.clone()]).collect();
         let mut opt: Vec<String> = self.store.buffers.keys().filter(|k| k.starts_with("opt:")).cloned().collect();
         opt.sort();
         names.extend(opt);
@@ -275,7 +280,11 @@ impl Session {
             if let Some(n) = expected
                 && n != t.numel()
             {
-                return Err(StateError::Mismatch(format!("tensor {name} has {} values, the model's has {n}", t.numel())).into());
+                return Err(StateError::Mismatch(format!(
+                    "tensor {name} has {} values, the model's has {n}",
+                    t.numel()
+                ))
+                .into());
             }
             writes.push((name, Arc::new(t)));
         }
@@ -295,7 +304,9 @@ impl Session {
                     let b = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                         label: Some(name),
                         contents: bytemuck::cast_slice(&t.to_f32_vec()),
-                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                        usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_DST
+                            | wgpu::BufferUsages::COPY_SRC,
                     });
                     self.store.buffers.insert(name.clone(), b);
                 }

@@ -16,7 +16,10 @@ use super::optim::{self, OptimizerSpec};
 use crate::gpu::GpuContext;
 use crate::ir::Graph;
 use crate::ops::{BackwardLowering, BufRef, GradInput};
-use crate::plan::{Compiled, Forward, GraphOutput, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer, staging};
+use crate::plan::{
+    Compiled, Forward, GraphOutput, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer,
+    staging,
+};
 use crate::tensor::Tensor;
 
 /// One adapted BatchNormalization layer.
@@ -97,25 +100,49 @@ impl StepPlan {
             let (b, c) = (logits_shape[0], logits_shape[1]);
             let (loss, dlogits) = (program.value(4), program.value(bytes_of(&logits_shape)));
             loss_v = Some(loss);
-            let coeff = program.weight(&format!("adapt:mean_coeff:{b}"), || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0 / b as f32; b]))), true);
-            program.items.push(Item {
-                label: "loss: mean entropy".into(),
-                dispatches: loss::entropy_loss(BufRef::Value(logits_v), BufRef::Weight(coeff), b, c, BufRef::Value(loss), BufRef::Value(dlogits), false),
-                scratch: vec![],
-            });
+            let coeff = program.weight(
+                &format!("adapt:mean_coeff:{b}"),
+                || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0 / b as f32; b]))),
+                true,
+            );
+            let mut scratch = Vec::new();
+            let dispatches = loss::entropy_loss(
+                BufRef::Value(logits_v),
+                BufRef::Weight(coeff),
+                b,
+                c,
+                BufRef::Value(loss),
+                BufRef::Value(dlogits),
+                false,
+                &mut scratch,
+            );
+            program.items.push(Item { label: "loss: mean entropy".into(), dispatches, scratch });
             let param_grads = reverse_pass(ctx, graph, &fwd, &hook, spec, logits_v, dlogits, &mut program)?;
             // One optimizer update per adapted tensor, then the step counter.
-            let state = program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true);
+            let state =
+                program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true);
             let mut dispatches = Vec::new();
             for (name, grad) in &param_grads {
-                let p = program.weights.iter().position(|w| &w.name == name).ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
+                let p = program
+                    .weights
+                    .iter()
+                    .position(|w| &w.name == name)
+                    .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
                 let n = match &program.weights[p].init {
                     WeightInit::Tensor(t) => t.numel(),
                     WeightInit::Zeros(n) => *n,
                 };
                 let m = program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(n), true);
                 let v = program.weight(&format!("opt:v:{name}"), || WeightInit::Zeros(n), true);
-                dispatches.extend(optim::step(&spec.optimizer, BufRef::Weight(p), BufRef::Value(*grad), BufRef::Weight(m), BufRef::Weight(v), BufRef::Weight(state), n));
+                dispatches.extend(optim::step(
+                    &spec.optimizer,
+                    BufRef::Weight(p),
+                    BufRef::Value(*grad),
+                    BufRef::Weight(m),
+                    BufRef::Weight(v),
+                    BufRef::Weight(state),
+                    n,
+                ));
                 params.push(name.clone());
             }
             dispatches.extend(optim::commit(BufRef::Weight(state)));
@@ -143,7 +170,8 @@ impl StepPlan {
             return Err(PlanError::InputData { name: "input".into(), shape: self.input_shape.clone(), len: x.len() });
         }
         ctx.queue.write_buffer(self.compiled.value_buffer(self.input), 0, bytemuck::cast_slice(x));
-        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("adapt step") });
+        let mut encoder =
+            ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("adapt step") });
         self.compiled.record(&mut encoder, "adapt step");
         let lb = bytes_of(&self.logits.1).div_ceil(4) * 4;
         encoder.copy_buffer_to_buffer(self.compiled.value_buffer(self.logits.0), 0, &self.staging_logits, 0, lb);
@@ -182,7 +210,8 @@ fn reverse_pass(
     // Values that depend on an adapted parameter: only they carry gradients.
     let mut requires: HashSet<usize> = HashSet::new();
     for ln in &fwd.nodes {
-        let depends = adapted.contains_key(&ln.node) || ln.inputs.iter().any(|i| value_id(i).is_some_and(|v| requires.contains(&v)));
+        let depends = adapted.contains_key(&ln.node)
+            || ln.inputs.iter().any(|i| value_id(i).is_some_and(|v| requires.contains(&v)));
         if depends {
             for o in &ln.outputs {
                 if let BufRef::Value(v) = o.buf {
@@ -198,8 +227,11 @@ fn reverse_pass(
     let mut param_grads = Vec::new();
     for ln in fwd.nodes.iter().rev() {
         let node = &graph.nodes[ln.node];
-        let out_grads: Vec<Option<usize>> =
-            ln.outputs.iter().map(|o| if let BufRef::Value(v) = o.buf { grads.get(&v).copied() } else { None }).collect();
+        let out_grads: Vec<Option<usize>> = ln
+            .outputs
+            .iter()
+            .map(|o| if let BufRef::Value(v) = o.buf { grads.get(&v).copied() } else { None })
+            .collect();
         if out_grads.iter().all(|g| g.is_none()) {
             continue;
         }
@@ -208,17 +240,6 @@ fn reverse_pass(
             op: node.op_type.clone(),
             shapes: ln.inputs.iter().map(|i| i.as_ref().map(|o| o.shape.clone()).unwrap_or_default()).collect(),
             reason: format!("reverse pass: {reason}"),
-        };
-        // The gradient buffer of input value `v`: (value, accumulate).
-        let mut grad_for = |v: usize, program: &mut Program, bytes: u64| -> (usize, bool) {
-            match grads.get(&v) {
-                Some(&g) => (g, true),
-                None => {
-                    let g = program.value(bytes);
-                    grads.insert(v, g);
-                    (g, false)
-                }
-            }
         };
         if let Some(saved) = hook.saved.get(&ln.node) {
             let dy = out_grads[0].ok_or_else(|| node_err("no gradient for Y".into()))?;
@@ -230,13 +251,18 @@ fn reverse_pass(
                 param_grads.push((a.bias.clone(), db));
                 (ds, db)
             });
-            let dx = value_id(&ln.inputs[0]).filter(|v| requires.contains(v)).map(|v| grad_for(v, program, bytes_of(&saved.x.shape)));
+            let dx = value_id(&ln.inputs[0])
+                .filter(|v| requires.contains(v))
+                .map(|v| grad_for(&mut grads, v, program, bytes_of(&saved.x.shape)));
             let dispatches = bn::backward(saved, dy, dparams, dx, &mut scratch).map_err(node_err)?;
             program.items.push(Item { label: format!("{} backward", node.name), dispatches, scratch });
             continue;
         }
         if matches!(node.op, crate::ops::Op::BatchNorm(_)) {
-            return Err(node_err("BatchNormalization with source statistics on the gradient path must be lowered by the adaptation hook".into()));
+            return Err(node_err(
+                "BatchNormalization with source statistics on the gradient path must be lowered by the adaptation hook"
+                    .into(),
+            ));
         }
         // A view passes its gradient through unchanged: share the buffer when it is the first
         // contribution to the input's gradient.
@@ -254,7 +280,7 @@ fn reverse_pass(
             grad_inputs.push(match value_id(inp).filter(|v| requires.contains(v)) {
                 Some(v) => {
                     let shape = inp.as_ref().map(|o| o.shape.clone()).unwrap_or_default();
-                    let (g, accumulate) = grad_for(v, program, bytes_of(&shape));
+                    let (g, accumulate) = grad_for(&mut grads, v, program, bytes_of(&shape));
                     Some(GradInput { buf: BufRef::Value(g), shape, accumulate })
                 }
                 None => None,
@@ -268,7 +294,9 @@ fn reverse_pass(
                 .outputs
                 .iter()
                 .zip(&out_grads)
-                .map(|(o, g)| g.map(|g| crate::ops::Operand { buf: BufRef::Value(g), shape: o.shape.clone(), value: None }))
+                .map(|(o, g)| {
+                    g.map(|g| crate::ops::Operand { buf: BufRef::Value(g), shape: o.shape.clone(), value: None })
+                })
                 .collect(),
             grad_inputs,
             dispatches: Vec::new(),
@@ -277,7 +305,24 @@ fn reverse_pass(
             max_invocations: limits.max_compute_invocations_per_workgroup,
         };
         node.op.lower_backward(&mut b).map_err(node_err)?;
-        program.items.push(Item { label: format!("{} backward", node.name), dispatches: b.dispatches, scratch: b.scratch });
+        program.items.push(Item {
+            label: format!("{} backward", node.name),
+            dispatches: b.dispatches,
+            scratch: b.scratch,
+        });
     }
     Ok(param_grads)
+}
+
+/// The gradient buffer of value `v`: `(buffer, accumulate)`. The first contribution overwrites a
+/// fresh buffer; later ones (a fanned-out tensor) add into it.
+fn grad_for(grads: &mut HashMap<usize, usize>, v: usize, program: &mut Program, bytes: u64) -> (usize, bool) {
+    match grads.get(&v) {
+        Some(&g) => (g, true),
+        None => {
+            let g = program.value(bytes);
+            grads.insert(v, g);
+            (g, false)
+        }
+    }
 }

@@ -4,6 +4,7 @@
 //! arguments, 1 for everything else), so scripts can rely on it; `RUST_LOG` turns on logging.
 
 pub mod info;
+pub mod replay;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -142,6 +143,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run an adaptation method (config TOML) over the float32 .npy batches of a folder, taken in
+    /// lexicographic order of file name, and write per batch the returned (pre-update) logits, the
+    /// loss and every adapted parameter after the batch as JSON.
+    Replay {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// The adaptation config (TOML: [adapt], [optimizer]).
+        #[arg(long)]
+        config: PathBuf,
+        /// Folder of float32 .npy batches in the model's input layout.
+        #[arg(long)]
+        batches: PathBuf,
+        /// Where to write the JSON record.
+        #[arg(long)]
+        out: PathBuf,
+        /// Save the adapted state (safetensors) after the last batch.
+        #[arg(long)]
+        save_state: Option<PathBuf>,
+        /// Start from a saved state (made for the same model).
+        #[arg(long)]
+        load_state: Option<PathBuf>,
+    },
 }
 
 fn print(s: &str) -> Result<(), CliError> {
@@ -213,6 +236,9 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Info { model, json } => info(&model, json),
         Command::Run { model, input, output, backend } => run(&model, &input, &output, backend),
+        Command::Replay { model, config, batches, out, save_state, load_state } => {
+            replay::replay_cmd(&model, &config, &batches, &out, save_state.as_deref(), load_state.as_deref())
+        }
         Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, json } => {
             let mut backends: Vec<bench::Backend> = Vec::new();
             for b in backend.into_iter().map(bench::Backend::from) {

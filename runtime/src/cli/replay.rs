@@ -1,0 +1,34 @@
+//! `acclimate replay`: run an adaptation method over a folder of batches, write every step.
+
+use std::path::Path;
+
+use super::CliError;
+use crate::adapt::config::AdaptConfig;
+use crate::adapt::replay::replay;
+use crate::adapt::session::Session;
+use crate::{GpuContext, Model};
+
+pub fn replay_cmd(
+    model: &Path,
+    config: &Path,
+    batches: &Path,
+    out: &Path,
+    save_state: Option<&Path>,
+    load_state: Option<&Path>,
+) -> Result<(), CliError> {
+    let cfg = AdaptConfig::from_file(config).map_err(|e| CliError::Usage(e.to_string()))?;
+    let model = Model::load(model)?;
+    let ctx = GpuContext::new().map_err(crate::Error::from)?;
+    let mut session = Session::new(&ctx, model, cfg).map_err(|e| CliError::Usage(e.to_string()))?;
+    if let Some(p) = load_state {
+        session.load_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    let log = replay(&mut session, batches).map_err(|e| CliError::Usage(e.to_string()))?;
+    let json = serde_json::to_string(&log)?;
+    std::fs::write(out, json).map_err(|e| CliError::Usage(format!("cannot write {}: {e}", out.display())))?;
+    if let Some(p) = save_state {
+        session.save_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    eprintln!("replayed {} batch(es) with {}; wrote {}", log.steps.len(), ctx.adapter_summary(), out.display());
+    Ok(())
+}
