@@ -470,3 +470,118 @@ mod tests {
         assert!(a.to_f32_vec().iter().all(|v| (-2.0..2.0).contains(v)));
     }
 }
+
+/// One batch size of an adaptation benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdaptCase {
+    pub batch: usize,
+    /// The plain forward pass (source statistics), as in [`run`].
+    pub forward: Stats,
+    /// One adaptation step: forward with the method's statistics, loss, reverse pass, optimizer
+    /// update, readback of logits and loss.
+    pub step: Stats,
+    pub step_over_forward: f64,
+    /// Transient GPU memory of the step program (activations kept for the reverse pass,
+    /// gradients, scratch) after lifetime-based reuse.
+    pub step_transient_bytes: u64,
+    /// Persistent buffers (weights, statistics, optimizer state).
+    pub resident_bytes: u64,
+    /// Transient memory of the forward plan, for comparison.
+    pub forward_transient_bytes: u64,
+    pub step_dispatches: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AdaptReport {
+    pub model: String,
+    pub method: String,
+    pub gpu_adapter: String,
+    pub warmup: usize,
+    pub iters: usize,
+    pub cases: Vec<AdaptCase>,
+}
+
+/// Measures an adaptation method's step beside the forward pass on the GPU. Steps run on random
+/// inputs with the method's defaults (tent: SGD, lr 2.5e-4, momentum 0.9).
+pub fn run_adapt(path: &Path, method: crate::adapt::Method, cfg: &BenchConfig) -> Result<AdaptReport, BenchError> {
+    use crate::adapt::{AdaptConfig, Session};
+    if cfg.batches.is_empty() || cfg.batches.contains(&0) {
+        return Err(BenchError::Config("--batch needs one or more positive batch sizes".into()));
+    }
+    let raw = onnx::load_model(path)?;
+    let input = match raw.graph.inputs.as_slice() {
+        [one] => one.clone(),
+        other => {
+            return Err(BenchError::Config(format!(
+                "bench feeds models with exactly one input; this one has {}",
+                other.len()
+            )));
+        }
+    };
+    let shapes: Vec<Vec<usize>> =
+        cfg.batches.iter().map(|&b| input_shape(&input, b, cfg.shape.as_deref())).collect::<Result<_, _>>()?;
+    let graph = Arc::new(Graph::from_raw(raw)?);
+    let ctx = GpuContext::new().map_err(Error::from)?;
+    let model = Model { graph, path: Some(path.to_path_buf()) };
+    let mut config = AdaptConfig::default();
+    config.adapt.method = method;
+    let mut engine = Engine::new(&ctx, model.clone());
+    let mut session = Session::new(&ctx, model, config).map_err(|e| BenchError::Config(e.to_string()))?;
+    let mut cases = Vec::new();
+    for (&batch, shape) in cfg.batches.iter().zip(&shapes) {
+        let x = random_input(shape, cfg.seed ^ batch as u64);
+        let forward_transient_bytes = engine.plan(std::slice::from_ref(shape))?.activation_bytes;
+        let inputs = std::slice::from_ref(&x);
+        let forward = measure(cfg.warmup, cfg.iters, || engine.run(inputs).map(drop))?;
+        let (step_transient_bytes, step_dispatches) =
+            session.step_footprint(shape).map_err(|e| BenchError::Config(e.to_string()))?;
+        let step = measure(cfg.warmup, cfg.iters, || session.step(&x).map(drop))
+            .map_err(|e| BenchError::Config(e.to_string()))?;
+        cases.push(AdaptCase {
+            batch,
+            step_over_forward: step.median_ms / forward.median_ms,
+            forward,
+            step,
+            step_transient_bytes,
+            resident_bytes: session.resident_bytes(),
+            forward_transient_bytes,
+            step_dispatches,
+        });
+    }
+    Ok(AdaptReport {
+        model: path.display().to_string(),
+        method: method.name().to_string(),
+        gpu_adapter: ctx.adapter_summary(),
+        warmup: cfg.warmup,
+        iters: cfg.iters.max(1),
+        cases,
+    })
+}
+
+impl AdaptReport {
+    pub fn to_table(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut s = format!(
+            "model: {}\nmethod: {}\ngpu: {}\n     forward = Engine::run; step = Session::step (forward, loss, reverse pass, optimizer, readback)\n{} warm-up + {} timed iterations per row\n\n",
+            self.model, self.method, self.gpu_adapter, self.warmup, self.iters
+        );
+        s.push_str(&format!(
+            "{:>5}  {:>11} {:>11} {:>9}  {:>15} {:>15} {:>13} {:>10}\n",
+            "batch", "forward ms", "step ms", "step/fwd", "step temp MiB", "fwd temp MiB", "resident MiB", "dispatches"
+        ));
+        for c in &self.cases {
+            s.push_str(&format!(
+                "{:>5}  {:>11.3} {:>11.3} {:>9.2}  {:>15.2} {:>15.2} {:>13.2} {:>10}\n",
+                c.batch,
+                c.forward.median_ms,
+                c.step.median_ms,
+                c.step_over_forward,
+                mib(c.step_transient_bytes),
+                mib(c.forward_transient_bytes),
+                mib(c.resident_bytes),
+                c.step_dispatches
+            ));
+        }
+        s
+    }
+}

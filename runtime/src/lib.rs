@@ -18,6 +18,7 @@
 //! # Ok::<(), acclimate::Error>(())
 //! ```
 
+pub mod adapt;
 pub mod bench;
 #[cfg(feature = "cli")]
 pub mod cli;

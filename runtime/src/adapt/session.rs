@@ -317,6 +317,11 @@ impl Session {
         Ok(())
     }
 
+    /// Bytes of the persistent buffers (weights, statistics, optimizer state) created so far.
+    pub fn resident_bytes(&self) -> u64 {
+        self.store.buffers.values().map(|b| b.size()).sum()
+    }
+
     /// Transient GPU bytes and dispatch count of the step plan for `shape` (built if needed).
     pub fn step_footprint(&mut self, shape: &[usize]) -> Result<(u64, usize), AdaptError> {
         let p = self.plan(shape)?;

@@ -139,6 +139,10 @@ pub enum Command {
         /// ONNX Runtime intra-op threads (default: every logical core).
         #[arg(long)]
         ort_threads: Option<usize>,
+        /// Also measure one adaptation step of this method (e.g. tent) beside the forward pass:
+        /// step time, step/forward ratio, and the step's GPU memory. GPU only.
+        #[arg(long)]
+        adapt: Option<String>,
         /// Print machine-readable JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -239,7 +243,15 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Replay { model, config, batches, out, save_state, load_state } => {
             replay::replay_cmd(&model, &config, &batches, &out, save_state.as_deref(), load_state.as_deref())
         }
-        Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, json } => {
+        Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, adapt: Some(method), json } => {
+            let method: crate::adapt::Method = serde_json::from_value(serde_json::Value::String(method.clone()))
+                .map_err(|_| CliError::Usage(format!("--adapt: unknown method '{method}'")))?;
+            let cfg = BenchConfig { batches: batch, warmup, iters, shape, ort_threads, ..BenchConfig::default() };
+            let _ = backend;
+            let report = bench::run_adapt(&model, method, &cfg)?;
+            if json { print(&(serde_json::to_string_pretty(&report)? + "\n")) } else { print(&report.to_table()) }
+        }
+        Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, adapt: None, json } => {
             let mut backends: Vec<bench::Backend> = Vec::new();
             for b in backend.into_iter().map(bench::Backend::from) {
                 if !backends.contains(&b) {

@@ -1,0 +1,622 @@
+//! The adaptation config file (TOML).
+//!
+//! ```toml
+//! [adapt]
+//! method = "tent"          # source | norm | rbn | tent
+//! norm = "batch"           # source | batch | ema | alpha (default: the method's own)
+//! norm_momentum = 0.05     # ema
+//! norm_alpha = 0.1         # alpha
+//! steps = 1
+//! episodic = false
+//! exclude = []             # node-name substrings whose BN parameters stay frozen
+//! include = []             # if non-empty, only BN nodes whose name contains one of these adapt
+//!
+//! [optimizer]
+//! kind = "sgd"             # sgd | adam
+//! lr = 0.00025
+//! momentum = 0.9
+//! dampening = 0.0
+//! nesterov = false
+//! weight_decay = 0.0
+//! betas = [0.9, 0.999]
+//! eps = 1e-8
+//! ```
+//!
+//! Every key is optional; an absent key takes the TENT ImageNet-C default above
+//! (tta-methods.md §1). Unknown sections and keys are errors, so a typo never silently falls
+//! back to a default.
+//!
+//! Adding a method's section later (`[eata]`, `[sar]`, ...) means one struct with
+//! `#[serde(deny_unknown_fields, default)]` and its own `validate`, one field of
+//! [`AdaptConfig`], and a call in [`AdaptConfig::validate`]; adding a method means one
+//! [`Method`] variant with its default normalization. The enums carry explicit discriminants so
+//! that a C binding can pass them as integers that never change meaning.
+//!
+//! Optimizer hyperparameters are `f64` because PyTorch's are Python floats: the bias corrections
+//! and `1 − β` terms are formed in double precision before the update runs in `f32`
+//! (see [`super::optim`]).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A named adaptation method (a preset of normalization mode, loss and optimizer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u32)]
+pub enum Method {
+    /// The source model, unchanged: running statistics, no updates.
+    Source = 0,
+    /// Test-batch normalization statistics, no parameter updates (BN-adapt, Schneider et al. 2020).
+    Norm = 1,
+    /// Robust BN (RoTTA): EMA of test statistics, no parameter updates.
+    Rbn = 2,
+    /// TENT: batch statistics, mean-entropy minimisation over the BN affine parameters.
+    Tent = 3,
+}
+
+impl Method {
+    pub const ALL: [Method; 4] = [Method::Source, Method::Norm, Method::Rbn, Method::Tent];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Source => "source",
+            Method::Norm => "norm",
+            Method::Rbn => "rbn",
+            Method::Tent => "tent",
+        }
+    }
+
+    /// The normalization statistics the method's reference implementation uses.
+    pub fn default_norm(self) -> NormMode {
+        match self {
+            Method::Source => NormMode::Source,
+            Method::Norm | Method::Tent => NormMode::Batch,
+            Method::Rbn => NormMode::Ema,
+        }
+    }
+
+    /// Whether the method takes gradient steps on parameters (and so needs an optimizer).
+    pub fn updates_parameters(self) -> bool {
+        match self {
+            Method::Source | Method::Norm | Method::Rbn => false,
+            Method::Tent => true,
+        }
+    }
+}
+
+/// Which statistics BatchNormalization layers normalise with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u32)]
+pub enum NormMode {
+    /// The model's running statistics.
+    Source = 0,
+    /// The current batch's mean and biased variance (TENT, BN-adapt).
+    Batch = 1,
+    /// Running statistics updated by an EMA of batch statistics, then used (RBN).
+    Ema = 2,
+    /// A fixed mix (1−α)·source + α·batch (BN-α).
+    Alpha = 3,
+}
+
+impl NormMode {
+    pub const ALL: [NormMode; 4] = [NormMode::Source, NormMode::Batch, NormMode::Ema, NormMode::Alpha];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            NormMode::Source => "source",
+            NormMode::Batch => "batch",
+            NormMode::Ema => "ema",
+            NormMode::Alpha => "alpha",
+        }
+    }
+}
+
+/// The optimizer family; both follow `torch.optim` exactly (see [`super::optim`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u32)]
+pub enum OptimizerKind {
+    /// `torch.optim.SGD`: momentum, dampening, Nesterov, L2 weight decay.
+    Sgd = 0,
+    /// `torch.optim.Adam` (L2 weight decay added to the gradient, not AdamW's decoupled decay).
+    Adam = 1,
+}
+
+impl OptimizerKind {
+    pub const ALL: [OptimizerKind; 2] = [OptimizerKind::Sgd, OptimizerKind::Adam];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+        }
+    }
+}
+
+macro_rules! named_enum {
+    ($t:ty, $what:literal) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::ALL.iter().copied().find(|m| m.name() == s).ok_or_else(|| {
+                    let names: Vec<&str> = Self::ALL.iter().map(|m| m.name()).collect();
+                    format!("unknown {} '{s}', expected one of: {}", $what, names.join(", "))
+                })
+            }
+        }
+    };
+}
+
+named_enum!(Method, "method");
+named_enum!(NormMode, "normalization mode");
+named_enum!(OptimizerKind, "optimizer");
+
+/// The `[adapt]` section.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptSection {
+    pub method: Method,
+    /// `None`: the method's own ([`Method::default_norm`]); see [`AdaptSection::norm_mode`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm: Option<NormMode>,
+    /// EMA momentum m of `ema` mode: running ← (1−m)·running + m·batch.
+    pub norm_momentum: f32,
+    /// α of `alpha` mode.
+    pub norm_alpha: f32,
+    /// Gradient steps per batch.
+    pub steps: u32,
+    /// Reset to the source state before every batch.
+    pub episodic: bool,
+    /// BN nodes whose name contains any of these substrings stay frozen.
+    pub exclude: Vec<String>,
+    /// If non-empty, only BN nodes whose name contains one of these substrings adapt.
+    pub include: Vec<String>,
+}
+
+impl Default for AdaptSection {
+    fn default() -> Self {
+        AdaptSection {
+            method: Method::Tent,
+            norm: None,
+            norm_momentum: 0.05,
+            norm_alpha: 0.1,
+            steps: 1,
+            episodic: false,
+            exclude: Vec::new(),
+            include: Vec::new(),
+        }
+    }
+}
+
+impl AdaptSection {
+    /// The normalization mode in effect: the configured one, else the method's default.
+    pub fn norm_mode(&self) -> NormMode {
+        self.norm.unwrap_or_else(|| self.method.default_norm())
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        unit_interval("adapt.norm_momentum", self.norm_momentum as f64, true)?;
+        unit_interval("adapt.norm_alpha", self.norm_alpha as f64, true)?;
+        if self.steps < 1 {
+            return Err(Invalid::new("adapt.steps", self.steps, "must be at least 1"));
+        }
+        for (key, list) in [("adapt.exclude", &self.exclude), ("adapt.include", &self.include)] {
+            if list.iter().any(|s| s.is_empty()) {
+                return Err(Invalid::new(key, format!("{list:?}"), "an empty substring would match every node"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `[optimizer]` section (hyperparameters as in `torch.optim`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    /// SGD momentum μ.
+    pub momentum: f64,
+    /// SGD dampening.
+    pub dampening: f64,
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient (both SGD and Adam).
+    pub weight_decay: f64,
+    /// Adam (β1, β2).
+    #[serde(deserialize_with = "exactly_two")]
+    pub betas: [f64; 2],
+    /// Adam ε.
+    pub eps: f64,
+}
+
+/// A fixed-size array read through the TOML deserializer ignores extra elements; read a list
+/// and insist on its length instead.
+fn exactly_two<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[f64; 2], D::Error> {
+    let v = Vec::<f64>::deserialize(d)?;
+    <[f64; 2]>::try_from(v.as_slice())
+        .map_err(|_| serde::de::Error::invalid_length(v.len(), &"a list of two numbers [beta1, beta2]"))
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            lr: 0.00025,
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// The checks `torch.optim` makes in its constructors, plus finiteness.
+    fn validate(&self) -> Result<(), Invalid> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Invalid::new("optimizer.lr", self.lr, "must be a finite number > 0"));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err(Invalid::new("optimizer.momentum", self.momentum, "must be in [0, 1)"));
+        }
+        unit_interval("optimizer.dampening", self.dampening, true)?;
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(Invalid::new(
+                "optimizer.nesterov",
+                true,
+                format!(
+                    "Nesterov momentum requires momentum > 0 and dampening = 0 (as torch.optim.SGD), got momentum {} and dampening {}",
+                    self.momentum, self.dampening
+                ),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Invalid::new("optimizer.weight_decay", self.weight_decay, "must be a finite number >= 0"));
+        }
+        for (i, b) in self.betas.iter().enumerate() {
+            if !(b.is_finite() && (0.0..1.0).contains(b)) {
+                return Err(Invalid::new(
+                    "optimizer.betas",
+                    format!("{:?}", self.betas),
+                    format!("beta{} must be in [0, 1)", i + 1),
+                ));
+            }
+        }
+        // torch.optim.Adam accepts eps = 0; a zero second moment then divides 0 by 0.
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return Err(Invalid::new("optimizer.eps", self.eps, "must be a finite number >= 0"));
+        }
+        Ok(())
+    }
+}
+
+/// The whole config file. Later sections (`[eata]`, `[sar]`, `[woc]`, `[lame]`, `[label_shift]`,
+/// `[stream]`) become further fields here.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptConfig {
+    pub adapt: AdaptSection,
+    pub optimizer: OptimizerConfig,
+}
+
+/// Why a config could not be read or is not acceptable. `origin` is the file path, or
+/// `<string>` for [`AdaptConfig::from_toml_str`].
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}{}{}: {message}", line.map(|l| format!(", line {l}")).unwrap_or_default(), key.as_ref().map(|k| format!(", key `{k}`")).unwrap_or_default())]
+    Parse { origin: String, line: Option<usize>, key: Option<String>, message: String },
+    #[error("{origin}: `{key}` = {value}: {reason}")]
+    Invalid { origin: String, key: String, value: String, reason: String },
+}
+
+/// A validation failure before the origin is known.
+struct Invalid {
+    key: &'static str,
+    value: String,
+    reason: String,
+}
+
+impl Invalid {
+    fn new(key: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> Invalid {
+        Invalid { key, value: value.to_string(), reason: reason.into() }
+    }
+
+    fn at(self, origin: &str) -> ConfigError {
+        ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: self.key.to_string(),
+            value: self.value,
+            reason: self.reason,
+        }
+    }
+}
+
+fn unit_interval(key: &'static str, v: f64, closed: bool) -> Result<(), Invalid> {
+    let ok = v.is_finite() && v >= 0.0 && if closed { v <= 1.0 } else { v < 1.0 };
+    if ok { Ok(()) } else { Err(Invalid::new(key, v, if closed { "must be in [0, 1]" } else { "must be in [0, 1)" })) }
+}
+
+impl AdaptConfig {
+    /// Parses and validates a config; `origin` names the source in errors.
+    fn parse(src: &str, origin: &str) -> Result<AdaptConfig, ConfigError> {
+        let config: AdaptConfig = toml::from_str(src).map_err(|e| {
+            let (line, key) = match e.span() {
+                Some(span) => locate(src, span.start),
+                None => (None, None),
+            };
+            ConfigError::Parse { origin: origin.to_string(), line, key, message: e.message().trim().to_string() }
+        })?;
+        config.validate_as(origin)?;
+        Ok(config)
+    }
+
+    pub fn from_toml_str(src: &str) -> Result<AdaptConfig, ConfigError> {
+        AdaptConfig::parse(src, "<string>")
+    }
+
+    pub fn from_file(path: &Path) -> Result<AdaptConfig, ConfigError> {
+        let src =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        AdaptConfig::parse(&src, &path.display().to_string())
+    }
+
+    /// Checks every value's range and the combinations PyTorch rejects.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_as("<config>")
+    }
+
+    fn validate_as(&self, origin: &str) -> Result<(), ConfigError> {
+        self.adapt.validate().map_err(|e| e.at(origin))?;
+        self.optimizer.validate().map_err(|e| e.at(origin))?;
+        Ok(())
+    }
+
+    /// The config as TOML (every key written out, so it records the defaults in effect).
+    pub fn to_toml_string(&self) -> String {
+        // Serialising plain structs of numbers, strings and lists cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The 1-based line of byte offset `at` in `src` and the dotted key written there (the key on
+/// that line, or on the nearest line above it within the same table, under its `[table]`).
+fn locate(src: &str, at: usize) -> (Option<usize>, Option<String>) {
+    let at = at.min(src.len());
+    let lines: Vec<&str> = src[..at].split('\n').collect();
+    let line_no = lines.len();
+    let current = src.lines().nth(line_no - 1).unwrap_or("");
+    let header = |l: &str| {
+        let t = l.trim();
+        t.strip_prefix('[').and_then(|t| t.split(']').next()).map(|h| h.trim_start_matches('[').trim().to_string())
+    };
+    if let Some(h) = header(current) {
+        return (Some(line_no), Some(h));
+    }
+    let mut key = None;
+    let mut table = None;
+    for l in std::iter::once(current).chain(lines.iter().rev().skip(1).copied()) {
+        if let Some(h) = header(l) {
+            table = Some(h);
+            break;
+        }
+        if key.is_none()
+            && let Some((k, _)) = l.split_once('=')
+        {
+            let k = k.trim();
+            // A key, not an `=` inside a string on a continuation line of a multi-line list.
+            let is_key = k.chars().all(|ch| ch.is_ascii_alphanumeric() || "_-. \"'".contains(ch))
+                && k.matches('"').count() % 2 == 0;
+            if !k.is_empty() && is_key {
+                key = Some(k.trim_matches('"').to_string());
+            }
+        }
+    }
+    let key = match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
+    };
+    (Some(line_no), key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> String {
+        AdaptConfig::from_toml_str(src).expect_err("config should be rejected").to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_tent_defaults() {
+        let c = AdaptConfig::from_toml_str("").unwrap();
+        assert_eq!(c, AdaptConfig::default());
+        assert_eq!(c.adapt.method, Method::Tent);
+        assert_eq!(c.adapt.norm_mode(), NormMode::Batch);
+        assert_eq!(c.optimizer.kind, OptimizerKind::Sgd);
+        assert_eq!(c.optimizer.lr, 0.00025);
+        assert_eq!(c.optimizer.momentum, 0.9);
+        assert_eq!(c.optimizer.betas, [0.9, 0.999]);
+        assert_eq!(c.optimizer.eps, 1e-8);
+        assert_eq!(c.adapt.steps, 1);
+        assert!(!c.optimizer.nesterov && !c.adapt.episodic);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = AdaptConfig::from_toml_str(
+            r#"
+[adapt]
+method = "rbn"
+norm_momentum = 0.1
+norm_alpha = 0.5
+steps = 3
+episodic = true
+exclude = ["layer4"]
+include = ["layer", "bn1"]
+[optimizer]
+kind = "adam"
+lr = 1e-3
+momentum = 0.0
+dampening = 0.0
+nesterov = false
+weight_decay = 0.01
+betas = [0.8, 0.99]
+eps = 1e-6
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.adapt.method, Method::Rbn);
+        assert_eq!(c.adapt.norm, None);
+        assert_eq!(c.adapt.norm_mode(), NormMode::Ema);
+        assert_eq!(c.adapt.norm_momentum, 0.1);
+        assert_eq!(c.adapt.steps, 3);
+        assert_eq!(c.adapt.exclude, vec!["layer4".to_string()]);
+        assert_eq!(c.adapt.include.len(), 2);
+        assert_eq!(c.optimizer.kind, OptimizerKind::Adam);
+        assert_eq!(c.optimizer.betas, [0.8, 0.99]);
+        assert_eq!(c.optimizer.weight_decay, 0.01);
+        // Integers are accepted where floats are expected.
+        let c = AdaptConfig::from_toml_str("[optimizer]\nlr = 1\nmomentum = 0").unwrap();
+        assert_eq!((c.optimizer.lr, c.optimizer.momentum), (1.0, 0.0));
+    }
+
+    #[test]
+    fn method_default_norms() {
+        let norm =
+            |m: &str| AdaptConfig::from_toml_str(&format!("[adapt]\nmethod = \"{m}\"")).unwrap().adapt.norm_mode();
+        assert_eq!(norm("source"), NormMode::Source);
+        assert_eq!(norm("norm"), NormMode::Batch);
+        assert_eq!(norm("rbn"), NormMode::Ema);
+        assert_eq!(norm("tent"), NormMode::Batch);
+        let c = AdaptConfig::from_toml_str("[adapt]\nmethod = \"tent\"\nnorm = \"alpha\"").unwrap();
+        assert_eq!(c.adapt.norm_mode(), NormMode::Alpha);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let mut c = AdaptConfig::default();
+        c.adapt.norm = Some(NormMode::Ema);
+        c.adapt.exclude = vec!["head".into()];
+        c.optimizer.kind = OptimizerKind::Adam;
+        let back = AdaptConfig::from_toml_str(&c.to_toml_string()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_rejected_with_their_names() {
+        let e = err("[adapt]\nmethod = \"tent\"\nstep = 2\n");
+        assert!(e.contains("unknown field `step`") && e.contains("line 3") && e.contains("`adapt.step`"), "{e}");
+        let e = err("[optimiser]\nlr = 0.1\n");
+        assert!(e.contains("unknown field `optimiser`") && e.contains("`optimiser`"), "{e}");
+        let e = err("[optimizer]\nkind = \"sgd\"\nlearning_rate = 0.1\n");
+        assert!(e.contains("learning_rate") && e.contains("`optimizer.learning_rate`"), "{e}");
+    }
+
+    #[test]
+    fn bad_types_and_variants_name_the_key() {
+        let e = err("[optimizer]\nlr = \"fast\"\n");
+        assert!(e.contains("`optimizer.lr`") && e.contains("line 2"), "{e}");
+        let e = err("[adapt]\nmethod = \"tentt\"\n");
+        assert!(e.contains("`adapt.method`") && e.contains("tentt") && e.contains("tent"), "{e}");
+        let e = err("[adapt]\nsteps = -1\n");
+        assert!(e.contains("`adapt.steps`"), "{e}");
+        let e = err("[optimizer]\nbetas = [\n  0.9,\n  0.99,\n  0.5,\n]\n");
+        assert!(e.contains("`optimizer.betas`") && e.contains("invalid length 3"), "{e}");
+        let e = err("[adapt]\nexclude = [\n  \"a=b\",\n  5,\n]\n");
+        assert!(e.contains("`adapt.exclude`") && e.contains("line 4"), "{e}");
+        let e = err("[optimizer]\nbetas = [0.9]\n");
+        assert!(e.contains("`optimizer.betas`") && e.contains("invalid length 1"), "{e}");
+        let e = err("[adapt\nmethod = 1");
+        assert!(e.starts_with("<string>, line 1"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected() {
+        for (src, key) in [
+            ("[optimizer]\nlr = 0.0", "optimizer.lr"),
+            ("[optimizer]\nlr = -1e-3", "optimizer.lr"),
+            ("[optimizer]\nlr = nan", "optimizer.lr"),
+            ("[optimizer]\nlr = inf", "optimizer.lr"),
+            ("[optimizer]\nmomentum = 1.0", "optimizer.momentum"),
+            ("[optimizer]\nmomentum = -0.1", "optimizer.momentum"),
+            ("[optimizer]\ndampening = 1.5", "optimizer.dampening"),
+            ("[optimizer]\nnesterov = true\nmomentum = 0.0", "optimizer.nesterov"),
+            ("[optimizer]\nnesterov = true\ndampening = 0.1", "optimizer.nesterov"),
+            ("[optimizer]\nweight_decay = -1.0", "optimizer.weight_decay"),
+            ("[optimizer]\nbetas = [1.0, 0.999]", "optimizer.betas"),
+            ("[optimizer]\nbetas = [0.9, -0.1]", "optimizer.betas"),
+            ("[optimizer]\neps = -1e-8", "optimizer.eps"),
+            ("[adapt]\nsteps = 0", "adapt.steps"),
+            ("[adapt]\nnorm_alpha = 1.5", "adapt.norm_alpha"),
+            ("[adapt]\nnorm_momentum = -0.5", "adapt.norm_momentum"),
+            ("[adapt]\nexclude = [\"\"]", "adapt.exclude"),
+        ] {
+            let e = err(src);
+            assert!(e.contains(&format!("`{key}`")), "{src}: {e}");
+        }
+        // The edges that are allowed.
+        for src in [
+            "[adapt]\nnorm_alpha = 1.0",
+            "[adapt]\nnorm_alpha = 0.0",
+            "[optimizer]\nnesterov = true",
+            "[optimizer]\nmomentum = 0.0",
+            "[optimizer]\nbetas = [0.0, 0.0]",
+        ] {
+            AdaptConfig::from_toml_str(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+        }
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("acclimate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, "[optimizer]\nlr = -1.0\n").unwrap();
+        let e = AdaptConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("`optimizer.lr`"), "{e}");
+        let e = AdaptConfig::from_file(&dir.join("missing.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }) && e.to_string().contains("missing.toml"), "{e}");
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[adapt]\nmethod = \"norm\"\n").unwrap();
+        assert_eq!(AdaptConfig::from_file(&good).unwrap().adapt.method, Method::Norm);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn enums_parse_from_their_names() {
+        for m in Method::ALL {
+            assert_eq!(m.name().parse::<Method>().unwrap(), m);
+            assert_eq!(m.to_string(), m.name());
+        }
+        for m in NormMode::ALL {
+            assert_eq!(m.name().parse::<NormMode>().unwrap(), m);
+        }
+        for k in OptimizerKind::ALL {
+            assert_eq!(k.name().parse::<OptimizerKind>().unwrap(), k);
+        }
+        assert!("TENT".parse::<Method>().unwrap_err().contains("source, norm, rbn, tent"));
+        assert_eq!(Method::Tent as u32, 3);
+        assert!(Method::Tent.updates_parameters() && !Method::Rbn.updates_parameters());
+    }
+}

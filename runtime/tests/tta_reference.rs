@@ -1,0 +1,128 @@
+//! Adaptation against the PyTorch reference (`tools/tta_reference.py`, fixtures committed in
+//! `tests/fixtures/tta/`; CI needs no torch): every scenario's config is replayed through the
+//! library's replay API and the returned (pre-update) logits, the loss, every adapted parameter
+//! and (EMA mode) the running statistics after each batch must match within 1e-4 relative
+//! (max |ours − torch| ≤ 1e-4 · max |torch| per tensor, with an absolute floor of 1e-6).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use acclimate::Model;
+use acclimate::adapt::config::AdaptConfig;
+use acclimate::adapt::replay::replay;
+use acclimate::adapt::session::Session;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("ACCLIMATE_TTA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::repo_root().join("tests/fixtures/tta"))
+}
+
+fn model_of(dir: &Path) -> PathBuf {
+    let local = dir.join("model.onnx");
+    if local.exists() {
+        return local;
+    }
+    let name = std::fs::read_to_string(dir.join("model.txt")).expect("model.onnx or model.txt");
+    common::asset(name.trim())
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap()],
+        Value::Null => vec![f64::NAN],
+        other => panic!("unexpected JSON {other}"),
+    }
+}
+
+/// max |a − b| / max(max |b|, floor), and whether it is within 1e-4.
+fn close(what: &str, got: &[f64], want: &[f64], errors: &mut Vec<String>) -> f64 {
+    if got.len() != want.len() {
+        errors.push(format!("{what}: {} values, expected {}", got.len(), want.len()));
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-2);
+    let err = got.iter().zip(want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    let rel = err / scale;
+    if !(rel <= 1e-4 || err <= 1e-6) {
+        errors.push(format!("{what}: max error {err:.3e} = {rel:.3e} relative (> 1e-4)"));
+    }
+    rel
+}
+
+fn run_scenario(ctx: &acclimate::GpuContext, dir: &Path) -> (Vec<String>, f64) {
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
+    let model = Model::load(&model_of(dir)).expect("model");
+    let mut session = Session::new(ctx, model, cfg).expect("session");
+    let log = replay(&mut session, &dir.join("batches")).expect("replay");
+    let ours: Value = serde_json::to_value(&log).unwrap();
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let (a, b) = (ours["steps"].as_array().unwrap(), want["steps"].as_array().unwrap());
+    let mut errors = Vec::new();
+    let mut worst = 0.0f64;
+    if a.len() != b.len() {
+        errors.push(format!("{} steps, expected {}", a.len(), b.len()));
+    }
+    for (i, (s, w)) in a.iter().zip(b).enumerate() {
+        worst =
+            worst.max(close(&format!("step {i} logits"), &floats(&s["logits"]), &floats(&w["logits"]), &mut errors));
+        match (&s["loss"], &w["loss"]) {
+            (Value::Null, Value::Null) => {}
+            (x, y) => {
+                worst = worst.max(close(&format!("step {i} loss"), &floats(x), &floats(y), &mut errors));
+            }
+        }
+        for key in ["params", "stats"] {
+            let (ours, theirs) = (&s[key], &w[key]);
+            let theirs = match theirs {
+                Value::Object(m) => m,
+                Value::Null => {
+                    if !ours.is_null() && !ours.as_object().is_some_and(|m| m.is_empty()) {
+                        errors.push(format!("step {i}: {key} reported but the reference has none"));
+                    }
+                    continue;
+                }
+                other => panic!("{key}: {other}"),
+            };
+            let ours = ours.as_object().cloned().unwrap_or_default();
+            if ours.len() != theirs.len() {
+                errors.push(format!("step {i}: {} {key} tensors, expected {}", ours.len(), theirs.len()));
+            }
+            for (name, v) in theirs {
+                match ours.get(name) {
+                    Some(o) => {
+                        worst = worst.max(close(&format!("step {i} {key} {name}"), &floats(o), &floats(v), &mut errors))
+                    }
+                    None => errors.push(format!("step {i}: {key} {name} missing")),
+                }
+            }
+        }
+    }
+    (errors, worst)
+}
+
+#[test]
+fn adaptation_matches_the_pytorch_reference() {
+    let root = fixtures();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("tests/fixtures/tta")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("expected.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 15, "found {} reference scenarios in {}, expected at least 15", dirs.len(), root.display());
+    let Some(ctx) = common::gpu() else { return };
+    let mut failures = Vec::new();
+    for d in &dirs {
+        let name = d.file_name().unwrap().to_string_lossy().into_owned();
+        let (errors, worst) = run_scenario(&ctx, d);
+        eprintln!("{name}: worst relative error {worst:.2e}");
+        for e in errors {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+}
