@@ -4,7 +4,7 @@ TENT with PyTorch's own optimizers, and the fixtures the Rust tests compare agai
 
 Needs torch (not in CI): a venv from tools/requirements-reference.txt, then
 
-    python tools/tta_ref.py --out tests/fixtures/tta
+    python tools/tta_reference.py --out tests/fixtures/tta
 
 The ONNX graph is interpreted with torch ops, from the same initializers the runtime loads; BN
 scale and bias become the nn.Parameters (named by their ONNX initializer names). Semantics follow
