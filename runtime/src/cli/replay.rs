@@ -25,7 +25,19 @@ pub fn replay_cmd(
     }
     let log = replay(&mut session, batches).map_err(|e| CliError::Usage(e.to_string()))?;
     let json = serde_json::to_string(&log)?;
-    std::fs::write(out, json).map_err(|e| CliError::Usage(format!("cannot write {}: {e}", out.display())))?;
+    // Temporary file + rename: an interrupted run never leaves a half-written record in place of
+    // an earlier one.
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, json)
+        .and_then(|_| std::fs::rename(&tmp, out))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            CliError::Usage(format!("cannot write {}: {e}", out.display()))
+        })?;
     if let Some(p) = save_state {
         session.save_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
     }
