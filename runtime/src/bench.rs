@@ -289,25 +289,10 @@ struct Runners {
 
 /// Measures every (batch, backend) pair of `cfg` on the model at `path`.
 pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
-    if cfg.batches.is_empty() || cfg.batches.contains(&0) {
-        return Err(BenchError::Config("--batch needs one or more positive batch sizes".into()));
-    }
     if cfg.backends.is_empty() {
         return Err(BenchError::Config("--backend needs at least one of gpu, ort".into()));
     }
-    let raw = onnx::load_model(path)?;
-    let input = match raw.graph.inputs.as_slice() {
-        [one] => one.clone(),
-        other => {
-            return Err(BenchError::Config(format!(
-                "bench feeds models with exactly one input; this one has {}",
-                other.len()
-            )));
-        }
-    };
-    // Resolve every shape before opening anything, so a bad --shape fails fast.
-    let shapes: Vec<Vec<usize>> =
-        cfg.batches.iter().map(|&b| input_shape(&input, b, cfg.shape.as_deref())).collect::<Result<_, _>>()?;
+    let (raw, input, shapes) = load_for_bench(path, cfg)?;
 
     let mut runners = Runners {
         gpu: None,
@@ -360,6 +345,26 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         iters: cfg.iters.max(1),
         cases,
     })
+}
+
+/// Decodes the model and resolves the input shape of every batch size before anything is
+/// opened, so a bad `--batch` or `--shape` fails fast.
+fn load_for_bench(path: &Path, cfg: &BenchConfig) -> Result<(onnx::RawModel, ValueInfo, Vec<Vec<usize>>), BenchError> {
+    if cfg.batches.is_empty() || cfg.batches.contains(&0) {
+        return Err(BenchError::Config("--batch needs one or more positive batch sizes".into()));
+    }
+    let raw = onnx::load_model(path)?;
+    let input = match raw.graph.inputs.as_slice() {
+        [one] => one.clone(),
+        other => {
+            return Err(BenchError::Config(format!(
+                "bench feeds models with exactly one input; this one has {}",
+                other.len()
+            )));
+        }
+    };
+    let shapes = cfg.batches.iter().map(|&b| input_shape(&input, b, cfg.shape.as_deref())).collect::<Result<_, _>>()?;
+    Ok((raw, input, shapes))
 }
 
 /// Opens the ONNX Runtime session; returns its intra-op thread count.
@@ -505,21 +510,7 @@ pub struct AdaptReport {
 /// inputs with the method's defaults (tent: SGD, lr 2.5e-4, momentum 0.9).
 pub fn run_adapt(path: &Path, method: crate::adapt::Method, cfg: &BenchConfig) -> Result<AdaptReport, BenchError> {
     use crate::adapt::{AdaptConfig, Session};
-    if cfg.batches.is_empty() || cfg.batches.contains(&0) {
-        return Err(BenchError::Config("--batch needs one or more positive batch sizes".into()));
-    }
-    let raw = onnx::load_model(path)?;
-    let input = match raw.graph.inputs.as_slice() {
-        [one] => one.clone(),
-        other => {
-            return Err(BenchError::Config(format!(
-                "bench feeds models with exactly one input; this one has {}",
-                other.len()
-            )));
-        }
-    };
-    let shapes: Vec<Vec<usize>> =
-        cfg.batches.iter().map(|&b| input_shape(&input, b, cfg.shape.as_deref())).collect::<Result<_, _>>()?;
+    let (raw, _, shapes) = load_for_bench(path, cfg)?;
     let graph = Arc::new(Graph::from_raw(raw)?);
     let ctx = GpuContext::new().map_err(Error::from)?;
     let model = Model { graph, path: Some(path.to_path_buf()) };

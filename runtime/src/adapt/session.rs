@@ -64,6 +64,8 @@ pub struct Session {
     spec: StepSpec,
     bns: Vec<BatchNormInfo>,
     steps_taken: u64,
+    /// The model's fingerprint (a hash of every weight), computed on first save or load.
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl Session {
@@ -109,6 +111,7 @@ impl Session {
             spec,
             bns,
             steps_taken: 0,
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 
@@ -259,6 +262,10 @@ impl Session {
         names
     }
 
+    fn fingerprint(&self) -> &str {
+        self.fingerprint.get_or_init(|| state::fingerprint(&self.model.graph))
+    }
+
     /// Saves the adapted state atomically (see [`super::state`]).
     pub fn save_state(&self, path: &Path) -> Result<(), AdaptError> {
         let tensors = self.read_named(&self.state_names())?;
@@ -266,13 +273,14 @@ impl Session {
             ("method".to_string(), format!("{:?}", self.config.adapt.method).to_lowercase()),
             ("steps_taken".to_string(), self.steps_taken.to_string()),
         ];
-        state::save_state(path, &state::fingerprint(&self.model.graph), &tensors, &meta)?;
+        state::save_state(path, self.fingerprint(), &tensors, &meta)?;
         Ok(())
     }
 
     /// Loads a state saved for the same model. On any error the session is unchanged.
     pub fn load_state(&mut self, path: &Path) -> Result<(), AdaptError> {
-        let loaded = state::load_state(path, &state::fingerprint(&self.model.graph))?;
+        let fp = self.fingerprint().to_string();
+        let loaded = state::load_state(path, &fp)?;
         // Validate every tensor against what it replaces before writing anything.
         let mut writes: Vec<(String, Arc<Tensor>)> = Vec::new();
         for (name, t) in loaded.tensors {

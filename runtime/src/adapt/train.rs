@@ -132,8 +132,19 @@ impl StepPlan {
                     WeightInit::Tensor(t) => t.numel(),
                     WeightInit::Zeros(n) => *n,
                 };
-                let m = program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(n), true);
-                let v = program.weight(&format!("opt:v:{name}"), || WeightInit::Zeros(n), true);
+                // Only the moments the optimizer keeps (none for plain SGD, the momentum buffer for
+                // SGD with momentum, m and v for Adam); unused bindings may alias any buffer.
+                let moments = spec.optimizer.moment_buffers();
+                let m = if moments >= 1 {
+                    program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(n), true)
+                } else {
+                    p
+                };
+                let v = if moments >= 2 {
+                    program.weight(&format!("opt:v:{name}"), || WeightInit::Zeros(n), true)
+                } else {
+                    m
+                };
                 dispatches.extend(optim::step(
                     &spec.optimizer,
                     BufRef::Weight(p),

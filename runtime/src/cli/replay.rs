@@ -32,12 +32,10 @@ pub fn replay_cmd(
         out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         std::process::id()
     ));
-    std::fs::write(&tmp, json)
-        .and_then(|_| std::fs::rename(&tmp, out))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            CliError::Usage(format!("cannot write {}: {e}", out.display()))
-        })?;
+    std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CliError::Usage(format!("cannot write {}: {e}", out.display()))
+    })?;
     if let Some(p) = save_state {
         session.save_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
     }

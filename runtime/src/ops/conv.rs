@@ -175,19 +175,7 @@ impl ConvGeometry {
         for d in 0..k {
             let (inp, s) = (input[d], strides[d]);
             let extent = (kernel[d] - 1) * dilations[d] + 1;
-            let (pb, pe) = match a.auto_pad {
-                AutoPad::NotSet => (explicit[d], explicit[d + k]),
-                AutoPad::Valid => (0, 0),
-                AutoPad::SameUpper | AutoPad::SameLower => {
-                    let o = inp.div_ceil(s);
-                    let total = ((o.max(1) - 1) * s + extent).saturating_sub(inp);
-                    if a.auto_pad == AutoPad::SameUpper {
-                        (total / 2, total - total / 2)
-                    } else {
-                        (total - total / 2, total / 2)
-                    }
-                }
-            };
+            let (pb, pe) = a.auto_pad.resolve(inp, s, extent, (explicit[d], explicit[d + k]));
             let padded = inp + pb + pe;
             if padded < extent {
                 return Err(format!(

@@ -28,6 +28,22 @@ pub enum AutoPad {
     SameLower,
 }
 
+impl AutoPad {
+    /// The (begin, end) padding of one spatial dim of size `input`, for a window spanning `extent`
+    /// elements (dilation included) moved by `stride`; `explicit` is used when `NotSet`.
+    pub fn resolve(self, input: usize, stride: usize, extent: usize, explicit: (usize, usize)) -> (usize, usize) {
+        match self {
+            AutoPad::NotSet => explicit,
+            AutoPad::Valid => (0, 0),
+            AutoPad::SameUpper | AutoPad::SameLower => {
+                let o = input.div_ceil(stride);
+                let total = ((o.max(1) - 1) * stride + extent).saturating_sub(input);
+                if self == AutoPad::SameUpper { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
+            }
+        }
+    }
+}
+
 /// Output spatial sizes, and the (begin, end) padding applied to each spatial dim.
 pub type Geometry = (Vec<usize>, Vec<(usize, usize)>);
 
@@ -150,19 +166,7 @@ impl PoolAttrs {
         for (d, &inp) in input.iter().enumerate() {
             let s = self.strides[d];
             let extent = (self.kernel[d] - 1) * self.dilations[d] + 1;
-            let (pb, pe) = match self.auto_pad {
-                AutoPad::NotSet => (self.pads[d], self.pads[d + k]),
-                AutoPad::Valid => (0, 0),
-                AutoPad::SameUpper | AutoPad::SameLower => {
-                    let o = inp.div_ceil(s);
-                    let total = ((o.max(1) - 1) * s + extent).saturating_sub(inp);
-                    if self.auto_pad == AutoPad::SameUpper {
-                        (total / 2, total - total / 2)
-                    } else {
-                        (total - total / 2, total / 2)
-                    }
-                }
-            };
+            let (pb, pe) = self.auto_pad.resolve(inp, s, extent, (self.pads[d], self.pads[d + k]));
             let padded = inp + pb + pe;
             if padded < extent {
                 return Err(format!(
