@@ -304,3 +304,47 @@ fn bench_reports_both_backends() {
     let e = fails(&["bench", s(&ocr), "--backend", "ort"]);
     assert!(e.contains("--shape"), "{e}");
 }
+
+/// `replay`: the JSON record, saving state and resuming from it, and one-line errors for a
+/// truncated state file and an unknown config key.
+#[test]
+fn replay_writes_the_record_and_round_trips_state() {
+    let fx = common::repo_root().join("tests/fixtures/tta/tiny_tent_adam");
+    let dir = scratch("replay");
+    let (model, cfg, batches) = (fx.join("model.onnx"), fx.join("config.toml"), fx.join("batches"));
+    let (out, state) = (dir.join("out.json"), dir.join("state.safetensors"));
+    let base = ["replay", s(&model), "--config", s(&cfg), "--batches", s(&batches)];
+    let with = |extra: &[&str]| -> Vec<String> { base.iter().chain(extra).map(|x| x.to_string()).collect() };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(|x| x.as_str()).collect()
+    }
+
+    let a = with(&["--out", s(&out), "--save-state", s(&state)]);
+    ok(&args(&a));
+    let log: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    assert_eq!(log["steps"].as_array().unwrap().len(), 3);
+    let (got, reference) = (log["steps"][2]["loss"].as_f64().unwrap(), want["steps"][2]["loss"].as_f64().unwrap());
+    assert!((got - reference).abs() <= 1e-4 * reference.abs(), "loss {got} vs reference {reference}");
+    assert!(state.exists());
+
+    // Resuming from the saved state continues the trajectory instead of starting over.
+    let out2 = dir.join("out2.json");
+    ok(&args(&with(&["--out", s(&out2), "--load-state", s(&state)])));
+    let log2: Value = serde_json::from_str(&std::fs::read_to_string(&out2).unwrap()).unwrap();
+    assert_ne!(log2["steps"][0]["loss"], log["steps"][0]["loss"]);
+
+    // A truncated state file: one error line, no record written.
+    let bytes = std::fs::read(&state).unwrap();
+    let bad = dir.join("bad.safetensors");
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap();
+    let out3 = dir.join("out3.json");
+    fails(&args(&with(&["--out", s(&out3), "--load-state", s(&bad)])));
+    assert!(!out3.exists());
+
+    // An unknown config key is named.
+    let bad_cfg = dir.join("bad.toml");
+    std::fs::write(&bad_cfg, "[adapt]\nmethod = \"tent\"\nlearning_rate = 1\n").unwrap();
+    let err = fails(&["replay", s(&model), "--config", s(&bad_cfg), "--batches", s(&batches), "--out", s(&out3)]);
+    assert!(err.contains("learning_rate"), "{err}");
+}
