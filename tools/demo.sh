@@ -2,7 +2,7 @@
 # The main job on a fresh machine: install what is missing, build the assets and the release
 # binary, then show the engine on real models and data — MobileNetV2 (ImageNet) on two photos and
 # the SVHN digit network on real MNIST digits — on the GPU (lavapipe when there is none) beside
-# ONNX Runtime, and a short benchmark.
+# ONNX Runtime, TENT adapting the SVHN network on the digits, and a short benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/prereqs.sh
@@ -28,6 +28,13 @@ echo; echo "== SVHN network on MNIST digits (GPU vs ONNX Runtime)"
 $A run assets/svhn.onnx --input assets/mnist32_first64.npy --output "$OUT/digits_gpu.npy" >/dev/null
 $A run assets/svhn.onnx --input assets/mnist32_first64.npy --output "$OUT/digits_ort.npy" --backend ort >/dev/null
 $PY tools/demo_report.py digits "$OUT/digits_gpu.npy" "$OUT/digits_ort.npy" assets/mnist32_first64_labels.npy
+
+echo; echo "== TENT on the GPU: acclimate replay, SVHN network on the same digits in batches of 16"
+$PY tools/demo_report.py split assets/mnist32_first64.npy 16 "$OUT/batches"
+printf '[adapt]\nmethod = "tent"\n[optimizer]\nkind = "adam"\nlr = 0.001\n' > "$OUT/tent.toml"
+$A replay assets/svhn.onnx --config "$OUT/tent.toml" --batches "$OUT/batches" --out "$OUT/tent.json" \
+  --save-state "$OUT/tent.safetensors"
+$PY tools/demo_report.py replay "$OUT/tent.json" assets/mnist32_first64_labels.npy "$OUT/digits_gpu.npy"
 
 echo; echo "== acclimate bench assets/svhn.onnx"
 $A bench assets/svhn.onnx --batch 1,16 --backend gpu,ort --warmup 2 --iters 10
