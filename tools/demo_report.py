@@ -46,8 +46,8 @@ def main(argv):
         print(f"  TENT on {len(pred)} digits in {len(steps)} batches: accuracy of the returned predictions "
               f"{float((pred == labels[:len(pred)]).mean()):.1%} (source model {source:.1%}); "
               f"mean entropy per batch: {losses}")
-        print("  (batch statistics of 16 digits cost this network accuracy: plain TENT is not the right preset "
-              "for it, as issue 4's measurements say)")
+        print("  (batch statistics of 16 digits cost this network accuracy; PyTorch's TENT returns the same "
+              "predictions, step for step)")
         return 0
     gpu, ort = np.load(argv[2]), np.load(argv[3])
     diff = float(np.abs(gpu - ort).max())
