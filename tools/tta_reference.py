@@ -129,7 +129,8 @@ def make_optimizer(params, o):
     return torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
 
 
-DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch"}
+DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch", "eta": "batch", "eata": "batch"}
+ADAPTING = ("tent", "eta", "eata")
 
 
 def run(model_path, cfg, batches):
@@ -138,8 +139,10 @@ def run(model_path, cfg, batches):
     norm = ad.get("norm") or DEFAULT_NORM[method]
     exclude = ad.get("exclude", [])
     net = OnnxNet(model_path, norm, ad["norm_momentum"], ad["norm_alpha"],
-                  adapted=lambda name: method == "tent" and not any(s in name for s in exclude))
+                  adapted=lambda name: method in ADAPTING and not any(s in name for s in exclude))
     opt = make_optimizer(list(net.params.values()), o) if net.params else None
+    if method in ("eta", "eata"):
+        return run_eata(net, opt, cfg, batches, method, model_path)
     steps = []
     for x in batches:
         x = torch.tensor(x)
@@ -167,6 +170,71 @@ def run(model_path, cfg, batches):
         if norm == "ema":
             rec["stats"] = {k: v.numpy().astype(np.float32).tolist() for k, v in net.running.items()}
         steps.append(rec)
+    return {"steps": steps}
+
+
+def fisher(net, batches):
+    """EATA's Fisher: batch statistics, argmax pseudo-labels, squared batch-mean CE gradients,
+    averaged over batches; the parameters do not move."""
+    f = {k: torch.zeros_like(p) for k, p in net.params.items()}
+    for x in batches:
+        z = net(torch.tensor(x))
+        F.cross_entropy(z, z.max(1)[1]).backward()
+        for k, p in net.params.items():
+            f[k] += p.grad.detach() ** 2
+            p.grad = None
+    return {k: v / len(batches) for k, v in f.items()}
+
+
+def run_eata(net, opt, cfg, batches, method, model_path):
+    """ETA/EATA as mr-eggplant/EATA's forward_and_adapt_eata (tta-methods.md §2). When nothing is
+    selected there is no backward and no step; the recorded loss is then the penalty alone (the
+    reference's mean over an empty selection is NaN and unused), which is what the runtime reports."""
+    e = cfg["eata"]
+    classes = None
+    e0 = e.get("e_margin")
+    d = e["d_margin"]
+    beta = e["fisher_alpha"] if method == "eata" else 0.0
+    fish, anchor = {}, {}
+    if method == "eata":
+        fdir = Path(model_path).parent / e["fisher_batches"] if "fisher_batches" in e else None
+        fb = [np.load(p) for p in sorted(fdir.glob("*.npy"))]
+        fish = fisher(net, fb)
+        anchor = {k: p.detach().clone() for k, p in net.params.items()}
+    m = None
+    steps = []
+    for x in batches:
+        z = net(torch.tensor(x))
+        classes = z.shape[1]
+        if e0 is None:
+            e0 = 0.4 * float(np.log(classes))
+        ent = entropy(z)
+        ids1 = torch.where(ent < e0)[0]
+        if m is not None and len(ids1) > 0:
+            cos = F.cosine_similarity(m.unsqueeze(0), z[ids1].softmax(1), dim=1)
+            ids2 = torch.where(cos.abs() < d)[0]
+            sel = ids1[ids2]
+        else:
+            sel = ids1
+        ent_s = ent[sel]
+        if len(sel) > 0:
+            new_p = z[sel].softmax(1).detach()
+            m = new_p.mean(0) if m is None else 0.9 * m + 0.1 * new_p.mean(0)
+        w = torch.exp(e0 - ent_s.detach())
+        loss = (ent_s * w).mean(0) if len(sel) > 0 else torch.zeros((), dtype=torch.float32)
+        if beta > 0:
+            loss = loss + beta * sum((fish[k] * (p - anchor[k]) ** 2).sum() for k, p in net.params.items())
+        if len(sel) > 0:
+            loss.backward()
+            opt.step()
+        opt.zero_grad()
+        steps.append({
+            "logits": z.detach().numpy().astype(np.float32).tolist(),
+            "loss": float(loss.item()),
+            "params": {k: p.detach().numpy().astype(np.float32).tolist() for k, p in net.params.items()},
+            "selected": [int(i) for i in sel],
+            "weights": w.numpy().astype(np.float32).tolist(),
+        })
     return {"steps": steps}
 
 
@@ -217,13 +285,16 @@ def tiny_model(path, seed=0):
 
 
 def config(method="tent", norm=None, kind="sgd", lr=0.05, momentum=0.9, dampening=0.0, nesterov=False,
-           weight_decay=0.0, steps=1, episodic=False, exclude=()):
-    return {
+           weight_decay=0.0, steps=1, episodic=False, exclude=(), eata=None):
+    c = {
         "adapt": {"method": method, "norm": norm or DEFAULT_NORM[method], "norm_momentum": 0.05, "norm_alpha": 0.1,
                   "steps": steps, "episodic": episodic, "exclude": list(exclude)},
         "optimizer": {"kind": kind, "lr": lr, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
                       "weight_decay": weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
     }
+    if eata is not None:
+        c["eata"] = eata
+    return c
 
 
 def toml(cfg):
@@ -242,11 +313,15 @@ def toml(cfg):
     return "\n".join(out) + "\n"
 
 
-def write(out, name, model, cfg, batches, asset=None):
+def write(out, name, model, cfg, batches, asset=None, fisher_batches=None):
     d = out / name
     if d.exists():
         shutil.rmtree(d)
     (d / "batches").mkdir(parents=True)
+    if fisher_batches is not None:
+        (d / "fisher").mkdir()
+        for i, b in enumerate(fisher_batches):
+            np.save(d / "fisher" / f"{i:03d}.npy", b.astype(np.float32))
     if asset:
         (d / "model.txt").write_text(asset + "\n")
     else:
@@ -254,7 +329,8 @@ def write(out, name, model, cfg, batches, asset=None):
     for i, b in enumerate(batches):
         np.save(d / "batches" / f"{i:03d}.npy", b.astype(np.float32))
     (d / "config.toml").write_text(toml(cfg))
-    (d / "expected.json").write_text(json.dumps(run(model, cfg, batches)))
+    # Relative paths in the config (fisher_batches) are relative to the fixture, as for the runtime.
+    (d / "expected.json").write_text(json.dumps(run(model if asset else d / "model.onnx", cfg, batches)))
 
 
 def optim_cases():
@@ -320,6 +396,13 @@ def main():
     svhn = ROOT / "assets/svhn.onnx"
     write(out, "svhn_tent_sgd", svhn, config(lr=0.01), svhn_batches, asset="svhn.onnx")
     write(out, "svhn_tent_adam", svhn, config(kind="adam", lr=0.001), svhn_batches, asset="svhn.onnx")
+    # ETA / EATA: thresholds picked so every path runs (some samples fail the entropy filter, some
+    # the redundancy filter, and with ε = 0.05 later batches select nothing at all).
+    eb = [rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32) * s for s in (1.0, 0.8, 1.2)]
+    fb = [rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32) for _ in range(2)]
+    write(out, "tiny_eta", tiny, config("eta", eata={"e_margin": 1.40, "d_margin": 0.9995, "fisher_alpha": 0.0}), eb)
+    write(out, "tiny_eata", tiny, config("eata", eata={"e_margin": 1.40, "d_margin": 0.05, "fisher_alpha": 2000.0,
+                                                       "fisher_batches": "fisher"}), eb, fisher_batches=fb)
     tiny.unlink()
     (out / "optim.json").write_text(json.dumps(optim_cases()))
     print(f"wrote fixtures to {out} with torch {torch.__version__}")

@@ -75,6 +75,18 @@ fn run_scenario(ctx: &acclimate::GpuContext, dir: &Path) -> (Vec<String>, f64) {
                 worst = worst.max(close(&format!("step {i} loss"), &floats(x), &floats(y), &mut errors));
             }
         }
+        // ETA/EATA: the selection must be identical; the weights within tolerance.
+        if s["selected"] != w["selected"] {
+            errors.push(format!("step {i}: selected {} vs reference {}", s["selected"], w["selected"]));
+        }
+        if !w["weights"].is_null() {
+            worst = worst.max(close(
+                &format!("step {i} weights"),
+                &floats(&s["weights"]),
+                &floats(&w["weights"]),
+                &mut errors,
+            ));
+        }
         for key in ["params", "stats"] {
             let (ours, theirs) = (&s[key], &w[key]);
             let theirs = match theirs {

@@ -56,10 +56,14 @@ pub enum Method {
     Rbn = 2,
     /// TENT: batch statistics, mean-entropy minimisation over the BN affine parameters.
     Tent = 3,
+    /// ETA (Niu et al. 2022): TENT on reliable, non-redundant samples, weighted by exp(E0 − E).
+    Eta = 4,
+    /// EATA: ETA plus the Fisher-weighted anchor β·Σ F·(θ − θ*)².
+    Eata = 5,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [Method::Source, Method::Norm, Method::Rbn, Method::Tent];
+    pub const ALL: [Method; 6] = [Method::Source, Method::Norm, Method::Rbn, Method::Tent, Method::Eta, Method::Eata];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +71,8 @@ impl Method {
             Method::Norm => "norm",
             Method::Rbn => "rbn",
             Method::Tent => "tent",
+            Method::Eta => "eta",
+            Method::Eata => "eata",
         }
     }
 
@@ -74,7 +80,7 @@ impl Method {
     pub fn default_norm(self) -> NormMode {
         match self {
             Method::Source => NormMode::Source,
-            Method::Norm | Method::Tent => NormMode::Batch,
+            Method::Norm | Method::Tent | Method::Eta | Method::Eata => NormMode::Batch,
             Method::Rbn => NormMode::Ema,
         }
     }
@@ -83,7 +89,7 @@ impl Method {
     pub fn updates_parameters(self) -> bool {
         match self {
             Method::Source | Method::Norm | Method::Rbn => false,
-            Method::Tent => true,
+            Method::Tent | Method::Eta | Method::Eata => true,
         }
     }
 }
@@ -220,6 +226,45 @@ impl AdaptSection {
     }
 }
 
+/// The `[eata]` section (ETA and EATA; tta-methods.md §2).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EataSection {
+    /// The entropy threshold E0 (absolute); `None`: 0.4·ln C.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e_margin: Option<f32>,
+    /// ε of the redundancy filter |cos(m, p)| < ε.
+    pub d_margin: f32,
+    /// β of the Fisher penalty (EATA only).
+    pub fisher_alpha: f32,
+    /// A folder of clean float32 `.npy` batches the Fisher is computed from (EATA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fisher_batches: Option<PathBuf>,
+}
+
+impl Default for EataSection {
+    fn default() -> Self {
+        EataSection { e_margin: None, d_margin: 0.05, fisher_alpha: 2000.0, fisher_batches: None }
+    }
+}
+
+impl EataSection {
+    fn validate(&self) -> Result<(), Invalid> {
+        if let Some(e) = self.e_margin
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(Invalid::new("eata.e_margin", e, "must be a finite number > 0"));
+        }
+        if !(self.d_margin.is_finite() && self.d_margin > 0.0) {
+            return Err(Invalid::new("eata.d_margin", self.d_margin, "must be a finite number > 0"));
+        }
+        if !(self.fisher_alpha.is_finite() && self.fisher_alpha >= 0.0) {
+            return Err(Invalid::new("eata.fisher_alpha", self.fisher_alpha, "must be a finite number >= 0"));
+        }
+        Ok(())
+    }
+}
+
 /// The `[optimizer]` section (hyperparameters as in `torch.optim`).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -310,6 +355,7 @@ impl OptimizerConfig {
 pub struct AdaptConfig {
     pub adapt: AdaptSection,
     pub optimizer: OptimizerConfig,
+    pub eata: EataSection,
 }
 
 /// Why a config could not be read or is not acceptable. `origin` is the file path, or
@@ -369,6 +415,11 @@ impl AdaptConfig {
         Ok(config)
     }
 
+    /// The configured ETA/EATA entropy margin, if any.
+    pub fn adapt_e_margin(&self) -> Option<f32> {
+        self.eata.e_margin
+    }
+
     pub fn from_toml_str(src: &str) -> Result<AdaptConfig, ConfigError> {
         AdaptConfig::parse(src, "<string>")
     }
@@ -376,7 +427,15 @@ impl AdaptConfig {
     pub fn from_file(path: &Path) -> Result<AdaptConfig, ConfigError> {
         let src =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        AdaptConfig::parse(&src, &path.display().to_string())
+        let mut config = AdaptConfig::parse(&src, &path.display().to_string())?;
+        // Paths in a config file are relative to the file, not to wherever the program runs.
+        if let Some(dir) = path.parent()
+            && let Some(p) = &config.eata.fisher_batches
+            && p.is_relative()
+        {
+            config.eata.fisher_batches = Some(dir.join(p));
+        }
+        Ok(config)
     }
 
     /// Checks every value's range and the combinations PyTorch rejects.
@@ -387,6 +446,15 @@ impl AdaptConfig {
     fn validate_as(&self, origin: &str) -> Result<(), ConfigError> {
         self.adapt.validate().map_err(|e| e.at(origin))?;
         self.optimizer.validate().map_err(|e| e.at(origin))?;
+        self.eata.validate().map_err(|e| e.at(origin))?;
+        if self.adapt.method == Method::Eata && self.eata.fisher_batches.is_none() {
+            return Err(Invalid::new(
+                "eata.fisher_batches",
+                "(missing)",
+                "EATA needs clean batches to compute the Fisher",
+            )
+            .at(origin));
+        }
         Ok(())
     }
 

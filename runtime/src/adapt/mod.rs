@@ -7,6 +7,7 @@
 
 pub mod bn;
 pub mod config;
+pub mod eata;
 pub mod loss;
 pub mod optim;
 pub mod replay;

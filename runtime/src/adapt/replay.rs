@@ -22,6 +22,12 @@ pub struct StepRecord {
     /// Running statistics after the batch, for methods that update them (`ema`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<BTreeMap<String, Vec<f32>>>,
+    /// ETA/EATA: indices of the samples the filters kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selected: Option<Vec<usize>>,
+    /// ETA/EATA: their weights exp(E0 − E).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f32>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -78,7 +84,11 @@ pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayErro
         } else {
             None
         };
-        steps.push(StepRecord { logits: rows(&pred.logits), loss: pred.loss, params, stats });
+        let (selected, weights) = match pred.selected {
+            Some((s, w)) => (Some(s), Some(w)),
+            None => (None, None),
+        };
+        steps.push(StepRecord { logits: rows(&pred.logits), loss: pred.loss, params, stats, selected, weights });
     }
     Ok(ReplayLog { steps })
 }

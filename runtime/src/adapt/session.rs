@@ -13,9 +13,10 @@ use thiserror::Error;
 
 use super::bn::StatsMode;
 use super::config::{AdaptConfig, Method, NormMode};
+use super::eata::EataSpec;
 use super::optim::OptimizerSpec;
 use super::state::{self, StateError};
-use super::train::{AdaptedBn, StepOutput, StepPlan, StepSpec};
+use super::train::{AdaptedBn, Objective, StepOutput, StepPlan, StepSpec};
 use crate::engine::Model;
 use crate::gpu::{GpuContext, GpuError};
 use crate::ir::BatchNormInfo;
@@ -33,6 +34,10 @@ pub enum AdaptError {
         "batch of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); the batch was skipped and nothing was updated"
     )]
     NonFinite { shape: Vec<usize>, count: usize, first: usize },
+    #[error("the model's output does not declare a fixed class count: set eata.e_margin explicitly")]
+    Classes,
+    #[error("Fisher batches: {0}")]
+    Fisher(String),
     #[error("the batch is {0}; adaptation takes float32")]
     DType(DType),
     #[error("the model takes one input of rank {expected}, the batch has shape {got:?}")]
@@ -52,6 +57,8 @@ pub struct Prediction {
     pub logits: Tensor,
     /// The loss of the first step on this batch (methods with a gradient step).
     pub loss: Option<f32>,
+    /// ETA/EATA: the selected samples of the first step and their weights exp(E0 − E).
+    pub selected: Option<(Vec<usize>, Vec<f32>)>,
 }
 
 /// An adaptation session over one model.
@@ -101,8 +108,28 @@ impl Session {
                 )));
             }
         }
-        let spec = StepSpec { mode, adapted, optimizer: OptimizerSpec::from_config(&config.optimizer) };
-        Ok(Session {
+        let objective = match method {
+            Method::Eta | Method::Eata => {
+                let e_margin = match config.adapt_e_margin() {
+                    Some(e) => e,
+                    None => {
+                        let classes = graph
+                            .outputs
+                            .first()
+                            .and_then(|o| o.dims.as_ref())
+                            .and_then(|d| d.last())
+                            .and_then(|d| if let crate::ir::Dim::Fixed(n) = d { Some(*n) } else { None })
+                            .ok_or(AdaptError::Classes)?;
+                        0.4 * (classes as f32).ln()
+                    }
+                };
+                let fisher_alpha = if method == Method::Eata { config.eata.fisher_alpha } else { 0.0 };
+                Objective::Eata(EataSpec { e_margin, d_margin: config.eata.d_margin, fisher_alpha })
+            }
+            _ => Objective::MeanEntropy,
+        };
+        let spec = StepSpec { mode, adapted, optimizer: OptimizerSpec::from_config(&config.optimizer), objective };
+        let mut session = Session {
             ctx: ctx.clone(),
             model,
             config,
@@ -112,7 +139,44 @@ impl Session {
             bns,
             steps_taken: 0,
             fingerprint: std::sync::OnceLock::new(),
-        })
+        };
+        if method == Method::Eata
+            && let Some(dir) = session.config.eata.fisher_batches.clone()
+        {
+            session.compute_fisher(&dir)?;
+        }
+        Ok(session)
+    }
+
+    /// EATA's Fisher information, once, before adaptation (tta-methods.md §2): on clean batches,
+    /// in batch-statistics mode, the square of each batch-mean cross-entropy gradient with argmax
+    /// pseudo-labels, averaged over the batches. Parameters do not change.
+    pub fn compute_fisher(&mut self, dir: &Path) -> Result<(), AdaptError> {
+        let files = super::replay::batch_files(dir).map_err(|e| AdaptError::Fisher(e.to_string()))?;
+        if files.is_empty() {
+            return Err(AdaptError::Fisher(format!("no .npy batches in {}", dir.display())));
+        }
+        let spec = StepSpec { mode: StatsMode::Batch, objective: Objective::Fisher, ..self.spec.clone() };
+        let mut plans: HashMap<Vec<usize>, StepPlan> = HashMap::new();
+        for f in &files {
+            let x = crate::npy::read_f32(f).map_err(|e| AdaptError::Fisher(e.to_string()))?;
+            if !plans.contains_key(&x.shape) {
+                let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &x.shape, &spec)?;
+                plans.insert(x.shape.clone(), p);
+            }
+            plans[&x.shape].run(&self.ctx, x.as_f32().unwrap_or(&[]))?;
+        }
+        // Average over the batches (the reference divides the sum once, after the last batch).
+        let names: Vec<String> = self.adapted_parameters().iter().map(|n| format!("eata:fisher:{n}")).collect();
+        let scale = 1.0 / files.len() as f32;
+        for (name, t) in self.read_named(&names)? {
+            if let Some(buf) = self.store.get(&name) {
+                let v: Vec<f32> = t.to_f32_vec().iter().map(|x| x * scale).collect();
+                self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
+            }
+        }
+        self.ctx.queue.submit([]);
+        Ok(())
     }
 
     pub fn config(&self) -> &AdaptConfig {
@@ -185,7 +249,7 @@ impl Session {
             self.steps_taken += steps as u64;
         }
         let out = first.expect("steps >= 1");
-        Ok(Prediction { logits: out.logits, loss: out.loss })
+        Ok(Prediction { logits: out.logits, loss: out.loss, selected: out.selected })
     }
 
     /// Restores parameters, normalization statistics and optimizer state to the source model.
@@ -256,7 +320,8 @@ impl Session {
     fn state_names(&self) -> Vec<String> {
         let mut names: Vec<String> =
             self.bns.iter().flat_map(|b| [b.scale.clone(), b.bias.clone(), b.mean.clone(), b.var.clone()]).collect();
-        let mut opt: Vec<String> = self.store.buffers.keys().filter(|k| k.starts_with("opt:")).cloned().collect();
+        let mut opt: Vec<String> =
+            self.store.buffers.keys().filter(|k| k.starts_with("opt:") || k.starts_with("eata:")).cloned().collect();
         opt.sort();
         names.extend(opt);
         names

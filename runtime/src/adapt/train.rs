@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::bn::{self, BnHook, StatsMode};
+use super::eata;
 use super::loss;
 use super::optim::{self, OptimizerSpec};
 use crate::gpu::GpuContext;
@@ -37,6 +38,20 @@ pub struct StepSpec {
     /// Adapted layers; empty for a forward-only program (source, norm, rbn).
     pub adapted: Vec<AdaptedBn>,
     pub optimizer: OptimizerSpec,
+    pub objective: Objective,
+}
+
+/// What a step minimises, and what it does with the gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Objective {
+    /// Mean entropy over the batch (TENT).
+    MeanEntropy,
+    /// ETA/EATA: weighted entropy over the selected samples, plus the Fisher penalty when
+    /// `fisher_alpha` > 0; no step when nothing is selected.
+    Eata(super::eata::EataSpec),
+    /// The EATA Fisher pass: cross-entropy with argmax pseudo-labels; the gradient's square is
+    /// added to the Fisher buffers and no parameter changes.
+    Fisher,
 }
 
 /// A compiled step for one input shape.
@@ -48,6 +63,8 @@ pub struct StepPlan {
     loss: Option<usize>,
     staging_logits: wgpu::Buffer,
     staging_loss: wgpu::Buffer,
+    /// ETA/EATA: the selection buffer [flags (B), weights (B)] and its staging buffer.
+    selection: Option<(usize, wgpu::Buffer)>,
     pub dispatch_count: usize,
     /// Transient GPU memory of the step (activations kept for the reverse pass, gradients,
     /// scratch), after lifetime-based reuse.
@@ -62,6 +79,8 @@ pub struct StepOutput {
     /// The logits of the forward pass that computed the loss (the prediction before the update).
     pub logits: Tensor,
     pub loss: Option<f32>,
+    /// ETA/EATA: indices of the selected samples and their weights exp(E0 − E).
+    pub selected: Option<(Vec<usize>, Vec<f32>)>,
 }
 
 fn bytes_of(shape: &[usize]) -> u64 {
@@ -93,6 +112,7 @@ impl StepPlan {
         };
         let mut loss_v = None;
         let mut params = Vec::new();
+        let mut selection: Option<usize> = None;
         if training {
             if logits_shape.len() != 2 {
                 return Err(err(format!("adaptation needs logits of shape [batch, classes], got {logits_shape:?}")));
@@ -100,64 +120,151 @@ impl StepPlan {
             let (b, c) = (logits_shape[0], logits_shape[1]);
             let (loss, dlogits) = (program.value(4), program.value(bytes_of(&logits_shape)));
             loss_v = Some(loss);
-            let coeff = program.weight(
-                &format!("adapt:mean_coeff:{b}"),
-                || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0 / b as f32; b]))),
-                true,
-            );
-            let mut scratch = Vec::new();
-            let dispatches = loss::entropy_loss(
-                BufRef::Value(logits_v),
-                BufRef::Weight(coeff),
-                b,
-                c,
-                BufRef::Value(loss),
-                BufRef::Value(dlogits),
-                false,
-                &mut scratch,
-            );
-            program.items.push(Item { label: "loss: mean entropy".into(), dispatches, scratch });
-            let param_grads = reverse_pass(ctx, graph, &fwd, &hook, spec, logits_v, dlogits, &mut program)?;
-            // One optimizer update per adapted tensor, then the step counter.
             let state =
                 program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true);
+            let mut scratch = Vec::new();
             let mut dispatches = Vec::new();
+            let coeff = match spec.objective {
+                Objective::MeanEntropy | Objective::Fisher => BufRef::Weight(program.weight(
+                    &format!("adapt:mean_coeff:{b}"),
+                    || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0 / b as f32; b]))),
+                    true,
+                )),
+                Objective::Eata(e) => {
+                    let (probs, ent, coeff, sel) = (
+                        program.value(bytes_of(&logits_shape)),
+                        program.value(b as u64 * 4),
+                        program.value(b as u64 * 4),
+                        program.value(2 * b as u64 * 4),
+                    );
+                    let m = program.weight("eata:m", || WeightInit::Zeros(c + 1), true);
+                    dispatches.extend(loss::softmax_stats(
+                        BufRef::Value(logits_v),
+                        b,
+                        c,
+                        BufRef::Value(probs),
+                        BufRef::Value(ent),
+                    ));
+                    dispatches.push(eata::select(
+                        &e,
+                        BufRef::Value(probs),
+                        BufRef::Value(ent),
+                        BufRef::Weight(m),
+                        BufRef::Value(coeff),
+                        BufRef::Value(sel),
+                        BufRef::Weight(state),
+                        b,
+                        c,
+                    ));
+                    program.pinned_end.push(sel);
+                    selection = Some(sel);
+                    BufRef::Value(coeff)
+                }
+            };
+            if spec.objective == Objective::Fisher {
+                let labels = program.value(b as u64 * 4);
+                dispatches.push(eata::argmax_rows(BufRef::Value(logits_v), BufRef::Value(labels), b, c));
+                dispatches.extend(loss::cross_entropy_loss(
+                    BufRef::Value(logits_v),
+                    BufRef::Value(labels),
+                    coeff,
+                    b,
+                    c,
+                    BufRef::Value(loss),
+                    BufRef::Value(dlogits),
+                    false,
+                    &mut scratch,
+                ));
+            } else {
+                dispatches.extend(loss::entropy_loss(
+                    BufRef::Value(logits_v),
+                    coeff,
+                    b,
+                    c,
+                    BufRef::Value(loss),
+                    BufRef::Value(dlogits),
+                    false,
+                    &mut scratch,
+                ));
+            }
+            program.items.push(Item { label: "loss".into(), dispatches, scratch });
+            let param_grads = reverse_pass(ctx, graph, &fwd, &hook, spec, logits_v, dlogits, &mut program)?;
+            let mut dispatches = Vec::new();
+            let mut scratch = Vec::new();
+            let size_of = |program: &Program, p: usize| match &program.weights[p].init {
+                WeightInit::Tensor(t) => t.numel(),
+                WeightInit::Zeros(n) => *n,
+            };
             for (name, grad) in &param_grads {
                 let p = program
                     .weights
                     .iter()
                     .position(|w| &w.name == name)
                     .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
-                let n = match &program.weights[p].init {
-                    WeightInit::Tensor(t) => t.numel(),
-                    WeightInit::Zeros(n) => *n,
-                };
-                // Only the moments the optimizer keeps (none for plain SGD, the momentum buffer for
-                // SGD with momentum, m and v for Adam); unused bindings may alias any buffer.
-                let moments = spec.optimizer.moment_buffers();
-                let m = if moments >= 1 {
-                    program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(n), true)
-                } else {
-                    p
-                };
-                let v = if moments >= 2 {
-                    program.weight(&format!("opt:v:{name}"), || WeightInit::Zeros(n), true)
-                } else {
-                    m
-                };
-                dispatches.extend(optim::step(
-                    &spec.optimizer,
-                    BufRef::Weight(p),
-                    BufRef::Value(*grad),
-                    BufRef::Weight(m),
-                    BufRef::Weight(v),
-                    BufRef::Weight(state),
-                    n,
-                ));
-                params.push(name.clone());
+                let n = size_of(&program, p);
+                let fisher = format!("eata:fisher:{name}");
+                match spec.objective {
+                    Objective::Fisher => {
+                        let f = program.weight(&fisher, || WeightInit::Zeros(n), true);
+                        dispatches.push(eata::fisher_accumulate(BufRef::Value(*grad), BufRef::Weight(f), n));
+                    }
+                    Objective::Eata(e) if e.fisher_alpha > 0.0 => {
+                        // β·Σ F·(θ − θ*)², θ* the source values, in the same backward.
+                        let f = program.weight(&fisher, || WeightInit::Zeros(n), true);
+                        let init = program.weights[p].init.clone();
+                        let anchor = program.weight(&format!("eata:anchor:{name}"), || init, true);
+                        dispatches.extend(loss::ewc_penalty(
+                            BufRef::Weight(p),
+                            BufRef::Weight(anchor),
+                            BufRef::Weight(f),
+                            e.fisher_alpha,
+                            n,
+                            BufRef::Value(loss),
+                            BufRef::Value(*grad),
+                            true,
+                            &mut scratch,
+                        ));
+                    }
+                    _ => {}
+                }
             }
-            dispatches.extend(optim::commit(BufRef::Weight(state)));
-            program.items.push(Item { label: "optimizer".into(), dispatches, scratch: vec![] });
+            if spec.objective != Objective::Fisher {
+                // One optimizer update per adapted tensor, then the step counter.
+                for (name, grad) in &param_grads {
+                    let p = program
+                        .weights
+                        .iter()
+                        .position(|w| &w.name == name)
+                        .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
+                    let n = size_of(&program, p);
+                    // Only the moments the optimizer keeps (none for plain SGD, the momentum
+                    // buffer for SGD with momentum, m and v for Adam); unused bindings may alias
+                    // any buffer.
+                    let moments = spec.optimizer.moment_buffers();
+                    let m = if moments >= 1 {
+                        program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(n), true)
+                    } else {
+                        p
+                    };
+                    let v = if moments >= 2 {
+                        program.weight(&format!("opt:v:{name}"), || WeightInit::Zeros(n), true)
+                    } else {
+                        m
+                    };
+                    dispatches.extend(optim::step(
+                        &spec.optimizer,
+                        BufRef::Weight(p),
+                        BufRef::Value(*grad),
+                        BufRef::Weight(m),
+                        BufRef::Weight(v),
+                        BufRef::Weight(state),
+                        n,
+                    ));
+                    params.push(name.clone());
+                }
+                dispatches.extend(optim::commit(BufRef::Weight(state)));
+            }
+            program.items.push(Item { label: "update".into(), dispatches, scratch });
             program.pinned_end.push(loss);
         }
         let compiled = Compiled::compile(ctx, &program, store)?;
@@ -166,6 +273,7 @@ impl StepPlan {
             input_shape: shape.to_vec(),
             staging_logits: staging(ctx, bytes_of(&logits_shape)),
             staging_loss: staging(ctx, 4),
+            selection: selection.map(|v| (v, staging(ctx, 2 * shape[0] as u64 * 4))),
             logits: (logits_v, logits_shape),
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
@@ -189,6 +297,10 @@ impl StepPlan {
         if let Some(l) = self.loss {
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(l), 0, &self.staging_loss, 0, 4);
         }
+        let b = self.input_shape[0];
+        if let Some((v, st)) = &self.selection {
+            encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*v), 0, st, 0, 2 * b as u64 * 4);
+        }
         ctx.queue.submit([encoder.finish()]);
         let n: usize = self.logits.1.iter().product();
         let logits = Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?);
@@ -196,7 +308,16 @@ impl StepPlan {
             Some(_) => Some(read_buffer(ctx, &self.staging_loss, 1)?[0]),
             None => None,
         };
-        Ok(StepOutput { logits, loss })
+        let selected = match &self.selection {
+            Some((_, st)) => {
+                let sel = read_buffer(ctx, st, 2 * b)?;
+                let idx: Vec<usize> = (0..b).filter(|&i| sel[i] != 0.0).collect();
+                let w = idx.iter().map(|&i| sel[b + i]).collect();
+                Some((idx, w))
+            }
+            None => None,
+        };
+        Ok(StepOutput { logits, loss, selected })
     }
 }
 

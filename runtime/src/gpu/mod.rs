@@ -46,10 +46,11 @@ pub enum Shader {
     Layout,
     Loss,
     Optim,
+    Select,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 10] = [
+    pub const ALL: [Shader; 11] = [
         Shader::Elementwise,
         Shader::Conv,
         Shader::Matmul,
@@ -60,6 +61,7 @@ impl Shader {
         Shader::Layout,
         Shader::Loss,
         Shader::Optim,
+        Shader::Select,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -74,6 +76,7 @@ impl Shader {
             Shader::Layout => "layout.wgsl",
             Shader::Loss => "loss.wgsl",
             Shader::Optim => "optim.wgsl",
+            Shader::Select => "select.wgsl",
         }
     }
 
@@ -89,6 +92,7 @@ impl Shader {
             Shader::Layout => include_str!("../../../shaders/layout.wgsl"),
             Shader::Loss => include_str!("../../../shaders/loss.wgsl"),
             Shader::Optim => include_str!("../../../shaders/optim.wgsl"),
+            Shader::Select => include_str!("../../../shaders/select.wgsl"),
         }
     }
 }

@@ -1,0 +1,63 @@
+//! ETA / EATA (Niu et al., ICML 2022) on the GPU: reliable and non-redundant sample selection,
+//! entropy weights, and the Fisher anchor (tta-methods.md §2; kernels in `shaders/select.wgsl`).
+//!
+//! Everything the reference does on the host happens here without a readback: the selection
+//! writes the per-sample loss coefficients w_i/|S| (0 for rejected samples) used by the entropy
+//! loss, updates the moving average m of selected probabilities, and closes the optimizer's gate
+//! when nothing is selected, so that no step is taken at all (not even momentum).
+
+use crate::gpu::{KernelKey, Params, Shader};
+use crate::ops::{BufRef, Dispatch};
+
+/// ETA/EATA settings resolved for a model with `classes` outputs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EataSpec {
+    /// E0 (default 0.4·ln C).
+    pub e_margin: f32,
+    /// ε of the redundancy filter.
+    pub d_margin: f32,
+    /// β of the Fisher penalty; 0 for ETA.
+    pub fisher_alpha: f32,
+}
+
+/// Selection over `probs` [B, C] and `entropy` [B]: writes `coeff` [B], `sel` [2B] (flags, then
+/// weights), updates `mstate` [C + 1] (m, then a validity flag) and the optimizer gate.
+#[allow(clippy::too_many_arguments)]
+pub fn select(
+    spec: &EataSpec,
+    probs: BufRef,
+    entropy: BufRef,
+    mstate: BufRef,
+    coeff: BufRef,
+    sel: BufRef,
+    opt_state: BufRef,
+    b: usize,
+    c: usize,
+) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "eata_select"),
+        params: Params::new().u32(b as u32).u32(c as u32).f32(spec.e_margin).f32(spec.d_margin),
+        buffers: vec![probs, entropy, mstate, coeff, sel, opt_state],
+        workgroups: [1, 1, 1],
+    }
+}
+
+/// Pseudo-labels: the first argmax of each row of `logits` [B, C], as f32 class indices.
+pub fn argmax_rows(logits: BufRef, labels: BufRef, b: usize, c: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "argmax_rows"),
+        params: Params::new().u32(b as u32).u32(c as u32).f32(0.0).f32(0.0),
+        buffers: vec![logits, labels],
+        workgroups: [b.div_ceil(64) as u32, 1, 1],
+    }
+}
+
+/// `fisher += grad²` over `n` values.
+pub fn fisher_accumulate(grad: BufRef, fisher: BufRef, n: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "fisher_accumulate"),
+        params: Params::new().u32(n as u32).f32(1.0),
+        buffers: vec![grad, fisher],
+        workgroups: [n.div_ceil(64) as u32, 1, 1],
+    }
+}

@@ -1,0 +1,143 @@
+// Sample selection and Fisher bookkeeping for the entropy-based methods (ETA / EATA, §2 of
+// tta-methods.md), entirely on the GPU so a step needs no readback to decide what to learn from.
+//
+// eata_select runs in ONE workgroup: the |S| count and every class's mean over the selected
+// samples are fixed-order sums, so the selection, the weights and the moving average m are
+// bit-identical run to run.
+
+const WG: u32 = 256u;
+
+struct SelectParams {
+    b: u32,
+    c: u32,
+    // E0: keep samples whose entropy is below it.
+    e0: f32,
+    // epsilon: keep samples with |cos(m, p)| below it (once m exists).
+    d_margin: f32,
+}
+
+struct VecParams {
+    n: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> sp: SelectParams;
+@group(0) @binding(0) var<uniform> vp: VecParams;
+
+// eata_select
+@group(0) @binding(1) var<storage, read> probs: array<f32>;
+@group(0) @binding(2) var<storage, read> entropy: array<f32>;
+// [m (C), m_valid]
+@group(0) @binding(3) var<storage, read_write> mstate: array<f32>;
+// per-sample loss coefficients: w_i / |S| for selected samples, 0 otherwise
+@group(0) @binding(4) var<storage, read_write> coeff: array<f32>;
+// [selected flag (B), weight (B)], read back for reporting
+@group(0) @binding(5) var<storage, read_write> sel: array<f32>;
+// the optimizer's [step_count, gate]: the gate closes when nothing is selected
+@group(0) @binding(6) var<storage, read_write> opt_state: array<f32>;
+
+var<workgroup> red: array<f32, 256>;
+
+fn wg_sum(t: u32, v: f32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if t < s {
+            red[t] = red[t] + red[t + s];
+        }
+        workgroupBarrier();
+    }
+    let total = red[0];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(256)
+fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    let b = sp.b;
+    let c = sp.c;
+    let m_valid = mstate[c] != 0.0;
+    var m_norm2 = 0.0;
+    for (var k = 0u; k < c; k++) {
+        m_norm2 += mstate[k] * mstate[k];
+    }
+    var count = 0.0;
+    for (var i = t; i < b; i += WG) {
+        let e = entropy[i];
+        var keep = e < sp.e0;
+        if keep && m_valid {
+            // torch.nn.functional.cosine_similarity with its eps of 1e-8.
+            var dot = 0.0;
+            var p_norm2 = 0.0;
+            for (var k = 0u; k < c; k++) {
+                let p = probs[i * c + k];
+                dot += mstate[k] * p;
+                p_norm2 += p * p;
+            }
+            let cosine = dot / max(sqrt(m_norm2) * sqrt(p_norm2), 1e-8);
+            keep = abs(cosine) < sp.d_margin;
+        }
+        sel[i] = select(0.0, 1.0, keep);
+        // exp(E0 - E) on the entropy value: no gradient flows through the weight.
+        sel[b + i] = select(0.0, exp(sp.e0 - e), keep);
+        count += select(0.0, 1.0, keep);
+    }
+    let n = wg_sum(t, count);
+    storageBarrier();
+    workgroupBarrier();
+    for (var i = t; i < b; i += WG) {
+        coeff[i] = select(0.0, sel[b + i] / n, sel[i] != 0.0);
+    }
+    // m <- 0.9 m + 0.1 mean of the selected probabilities (m <- the mean when unset); unchanged
+    // when nothing was selected. Every thread has finished reading the old m above.
+    if n > 0.0 {
+        for (var k = t; k < c; k += WG) {
+            var s = 0.0;
+            for (var i = 0u; i < b; i++) {
+                s += sel[i] * probs[i * c + k];
+            }
+            let mean = s / n;
+            mstate[k] = select(mean, 0.9 * mstate[k] + 0.1 * mean, m_valid);
+        }
+    }
+    storageBarrier();
+    workgroupBarrier();
+    if t == 0u {
+        if n > 0.0 {
+            mstate[c] = 1.0;
+        }
+        opt_state[1] = select(0.0, 1.0, n > 0.0);
+    }
+}
+
+// argmax_rows: pseudo-labels (first maximum), as f32 class indices.
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> labels: array<f32>;
+
+@compute @workgroup_size(64)
+fn argmax_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if i >= sp.b { return; }
+    var best = 0u;
+    var v = logits[i * sp.c];
+    for (var k = 1u; k < sp.c; k++) {
+        let x = logits[i * sp.c + k];
+        if x > v {
+            v = x;
+            best = k;
+        }
+    }
+    labels[i] = f32(best);
+}
+
+// fisher_accumulate: F += g * g (the square of the batch-mean gradient).
+@group(0) @binding(1) var<storage, read> grad: array<f32>;
+@group(0) @binding(2) var<storage, read_write> fisher: array<f32>;
+
+@compute @workgroup_size(64)
+fn fisher_accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if i >= vp.n { return; }
+    fisher[i] = fisher[i] + grad[i] * grad[i];
+}
