@@ -141,3 +141,42 @@ fn fisher_accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
     if i >= vp.n { return; }
     fisher[i] = fisher[i] + grad[i] * grad[i];
 }
+
+// woc_select (wisdom of crowds, Lee et al. 2023, as in UniEnt's OSTTA): keep sample i iff the
+// adapted model's probability of the ORIGINAL model's argmax class has not fallen below the
+// original model's (ties kept). One workgroup; coefficients 1/|S| for the kept samples.
+@group(0) @binding(1) var<storage, read> wprobs: array<f32>;
+@group(0) @binding(2) var<storage, read> wprobs0: array<f32>;
+@group(0) @binding(3) var<storage, read_write> wcoeff: array<f32>;
+@group(0) @binding(4) var<storage, read_write> wsel: array<f32>;
+@group(0) @binding(5) var<storage, read_write> wopt_state: array<f32>;
+
+@compute @workgroup_size(256)
+fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    let b = sp.b;
+    let c = sp.c;
+    var count = 0.0;
+    for (var i = t; i < b; i += WG) {
+        var c0 = 0u;
+        var v0 = wprobs0[i * c];
+        for (var k = 1u; k < c; k++) {
+            let x = wprobs0[i * c + k];
+            if x > v0 {
+                v0 = x;
+                c0 = k;
+            }
+        }
+        let keep = wprobs[i * c + c0] >= v0;
+        wsel[i] = select(0.0, 1.0, keep);
+        wsel[b + i] = select(0.0, 1.0, keep);
+        count += select(0.0, 1.0, keep);
+    }
+    let n = wg_sum(t, count);
+    for (var i = t; i < b; i += WG) {
+        wcoeff[i] = select(0.0, 1.0 / n, wsel[i] != 0.0);
+    }
+    if t == 0u {
+        wopt_state[1] = select(0.0, 1.0, n > 0.0);
+    }
+}

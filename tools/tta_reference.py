@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
 """PyTorch reference for Acclimate's adaptation (issue 3): normalization statistics modes,
-TENT with PyTorch's own optimizers, and the fixtures the Rust tests compare against.
+TENT (and ETA/EATA) with PyTorch's own optimizers, and the fixtures the Rust tests compare against.
 
 Needs torch (not in CI): a venv from tools/requirements-reference.txt, then
 
     python tools/tta_reference.py --out tests/fixtures/tta
 
-The ONNX graph is interpreted with torch ops, from the same initializers the runtime loads; BN
-scale and bias become the nn.Parameters (named by their ONNX initializer names). Semantics follow
-shared/docs/tta-methods.md: entropy via log_softmax, pre-update logits returned, TENT-mode BN with
-biased batch variance and gradients through the statistics, RBN (RoTTA) EMA statistics normalising
-with the updated values, BN-alpha with the unbiased batch variance.
+The ONNX graph is interpreted with torch ops by tools/onnx_torch.py, from the same initializers the
+runtime loads; BN scale and bias are the nn.Parameters (named by their ONNX initializer names).
+Semantics follow shared/docs/tta-methods.md: entropy via log_softmax, pre-update logits returned,
+TENT-mode BN with biased batch variance and gradients through the statistics, RBN (RoTTA) EMA
+statistics normalising with the updated values, BN-alpha with the unbiased batch variance.
+
+Before writing anything the script checks itself (`self_checks`): the interpreter against ONNX's
+own reference evaluator, each BN mode against torch's F.batch_norm, and the gradients through the
+batch statistics against finite differences.
 """
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,99 +28,17 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper, TensorProto
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_torch import OnnxTorch  # noqa: E402
+from tta_losses import losses_doc  # noqa: E402
+from tta_selfcheck import self_checks  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class OnnxNet:
-    """Interprets the ops of the test networks; BN statistics per mode."""
-
-    def __init__(self, path, norm, momentum=0.05, alpha=0.1, adapted=lambda node: True):
-        self.model = onnx.load(str(path))
-        self.w = {i.name: torch.tensor(numpy_helper.to_array(i).copy()) for i in self.model.graph.initializer}
-        self.norm, self.momentum, self.alpha = norm, momentum, alpha
-        self.params = {}
-        self.bns = []
-        for n in self.model.graph.node:
-            if n.op_type == "BatchNormalization":
-                self.bns.append(n)
-                if adapted(n.name):
-                    for k in n.input[1:3]:
-                        self.params[k] = torch.nn.Parameter(self.w[k].clone())
-        # Running statistics (updated in place by the EMA mode); source copies for reset.
-        self.running = {k: self.w[k].clone() for n in self.bns for k in n.input[3:5]}
-        self.source = {k: v.clone() for k, v in self.w.items()}
-
-    def reset(self):
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.source[k])
-            for k in self.running:
-                self.running[k] = self.source[k].clone()
-
-    def value(self, k):
-        if k in self.params:
-            return self.params[k]
-        return self.w[k]
-
-    def bn(self, n, x, attrs):
-        eps = attrs.get("epsilon", 1e-5)
-        g, b = self.value(n.input[1]), self.value(n.input[2])
-        km, kv = n.input[3], n.input[4]
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        dims = [0] + list(range(2, x.dim()))
-        if self.norm == "source":
-            mean, var = self.running[km], self.running[kv]
-        else:
-            var_b, mean_b = torch.var_mean(x, dim=dims, unbiased=False)
-            if self.norm == "batch":
-                mean, var = mean_b, var_b
-            elif self.norm == "ema":
-                a = self.momentum
-                mean = (1 - a) * self.running[km] + a * mean_b
-                var = (1 - a) * self.running[kv] + a * var_b
-                self.running[km], self.running[kv] = mean.detach().clone(), var.detach().clone()
-            elif self.norm == "alpha":
-                m = x.numel() // x.shape[1]
-                a = self.alpha
-                mean = (1 - a) * self.running[km] + a * mean_b
-                var = (1 - a) * self.running[kv] + a * var_b * m / (m - 1)
-            else:
-                raise ValueError(self.norm)
-        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * g.view(shape) + b.view(shape)
-
-    def __call__(self, x):
-        env = {self.model.graph.input[0].name: x}
-        for n in self.model.graph.node:
-            a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
-            i = [env[k] if k in env else (self.value(k) if k else None) for k in n.input]
-            t = n.op_type
-            if t == "Conv":
-                p = a.get("pads", [0, 0, 0, 0])
-                assert p[0] == p[2] and p[1] == p[3]
-                y = F.conv2d(i[0], i[1], i[2] if len(i) > 2 else None, stride=a.get("strides", [1, 1]),
-                             padding=(p[0], p[1]), dilation=a.get("dilations", [1, 1]), groups=a.get("group", 1))
-            elif t == "BatchNormalization":
-                y = self.bn(n, i[0], a)
-            elif t == "Relu":
-                y = torch.relu(i[0])
-            elif t == "Clip":
-                y = F.hardtanh(i[0], float(i[1]), float(i[2]))
-            elif t == "Add":
-                y = i[0] + i[1]
-            elif t == "MaxPool":
-                p = a.get("pads", [0, 0, 0, 0])
-                y = F.max_pool2d(i[0], a["kernel_shape"], a.get("strides"), padding=(p[0], p[1]))
-            elif t == "GlobalAveragePool":
-                y = i[0].mean(dim=(2, 3), keepdim=True)
-            elif t == "Flatten":
-                y = torch.flatten(i[0], a.get("axis", 1))
-            elif t == "Gemm":
-                bm = i[1].T if a.get("transB", 0) else i[1]
-                y = a.get("alpha", 1.0) * (i[0] @ bm) + a.get("beta", 1.0) * i[2]
-            else:
-                raise ValueError(f"op {t} not in the reference interpreter")
-            env[n.output[0]] = y
-        return env[self.model.graph.output[0].name]
+def f32(t):
+    """A tensor as nested lists of Python floats holding the exact float32 values."""
+    return t.detach().to(torch.float32).numpy().tolist()
 
 
 def entropy(z):
@@ -129,8 +52,9 @@ def make_optimizer(params, o):
     return torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
 
 
-DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch", "eta": "batch", "eata": "batch"}
-ADAPTING = ("tent", "eta", "eata")
+DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch", "eta": "batch", "eata": "batch",
+                "woc": "batch"}
+ADAPTING = ("tent", "eta", "eata", "woc")
 
 
 def run(model_path, cfg, batches):
@@ -138,18 +62,21 @@ def run(model_path, cfg, batches):
     method = ad["method"]
     norm = ad.get("norm") or DEFAULT_NORM[method]
     exclude = ad.get("exclude", [])
-    net = OnnxNet(model_path, norm, ad["norm_momentum"], ad["norm_alpha"],
-                  adapted=lambda name: method in ADAPTING and not any(s in name for s in exclude))
-    opt = make_optimizer(list(net.params.values()), o) if net.params else None
+    net = OnnxTorch(model_path, norm, ad["norm_momentum"], ad["norm_alpha"],
+                    adapted=lambda name: method in ADAPTING and not any(s in name for s in exclude))
+    params = dict(net.adapted_parameters())
+    opt = make_optimizer(list(params.values()), o) if params else None
     if method in ("eta", "eata"):
-        return run_eata(net, opt, cfg, batches, method, model_path)
+        return run_eata(net, params, opt, cfg, batches, method, model_path)
+    if method == "woc":
+        return run_woc(net, params, opt, cfg, batches)
     steps = []
     for x in batches:
         x = torch.tensor(x)
         if ad["episodic"]:
             net.reset()
             if opt is not None:
-                opt = make_optimizer(list(net.params.values()), o)
+                opt = make_optimizer(list(params.values()), o)
         logits, loss_first = None, None
         for s in range(ad["steps"] if method == "tent" else 1):
             z = net(x)
@@ -162,31 +89,27 @@ def run(model_path, cfg, batches):
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-        rec = {
-            "logits": logits.numpy().astype(np.float32).tolist(),
-            "loss": loss_first,
-            "params": {k: p.detach().numpy().astype(np.float32).tolist() for k, p in net.params.items()},
-        }
+        rec = {"logits": f32(logits), "loss": loss_first, "params": {k: f32(p) for k, p in params.items()}}
         if norm == "ema":
-            rec["stats"] = {k: v.numpy().astype(np.float32).tolist() for k, v in net.running.items()}
+            rec["stats"] = {k: f32(v) for k, v in net.running_stats().items()}
         steps.append(rec)
     return {"steps": steps}
 
 
-def fisher(net, batches):
+def fisher(net, params, batches):
     """EATA's Fisher: batch statistics, argmax pseudo-labels, squared batch-mean CE gradients,
     averaged over batches; the parameters do not move."""
-    f = {k: torch.zeros_like(p) for k, p in net.params.items()}
+    f = {k: torch.zeros_like(p) for k, p in params.items()}
     for x in batches:
         z = net(torch.tensor(x))
         F.cross_entropy(z, z.max(1)[1]).backward()
-        for k, p in net.params.items():
+        for k, p in params.items():
             f[k] += p.grad.detach() ** 2
             p.grad = None
     return {k: v / len(batches) for k, v in f.items()}
 
 
-def run_eata(net, opt, cfg, batches, method, model_path):
+def run_eata(net, params, opt, cfg, batches, method, model_path):
     """ETA/EATA as mr-eggplant/EATA's forward_and_adapt_eata (tta-methods.md §2). When nothing is
     selected there is no backward and no step; the recorded loss is then the penalty alone (the
     reference's mean over an empty selection is NaN and unused), which is what the runtime reports."""
@@ -199,8 +122,8 @@ def run_eata(net, opt, cfg, batches, method, model_path):
     if method == "eata":
         fdir = Path(model_path).parent / e["fisher_batches"] if "fisher_batches" in e else None
         fb = [np.load(p) for p in sorted(fdir.glob("*.npy"))]
-        fish = fisher(net, fb)
-        anchor = {k: p.detach().clone() for k, p in net.params.items()}
+        fish = fisher(net, params, fb)
+        anchor = {k: p.detach().clone() for k, p in params.items()}
     m = None
     steps = []
     for x in batches:
@@ -223,17 +146,53 @@ def run_eata(net, opt, cfg, batches, method, model_path):
         w = torch.exp(e0 - ent_s.detach())
         loss = (ent_s * w).mean(0) if len(sel) > 0 else torch.zeros((), dtype=torch.float32)
         if beta > 0:
-            loss = loss + beta * sum((fish[k] * (p - anchor[k]) ** 2).sum() for k, p in net.params.items())
+            loss = loss + beta * sum((fish[k] * (p - anchor[k]) ** 2).sum() for k, p in params.items())
         if len(sel) > 0:
             loss.backward()
             opt.step()
         opt.zero_grad()
         steps.append({
-            "logits": z.detach().numpy().astype(np.float32).tolist(),
+            "logits": f32(z),
             "loss": float(loss.item()),
-            "params": {k: p.detach().numpy().astype(np.float32).tolist() for k, p in net.params.items()},
+            "params": {k: f32(p) for k, p in params.items()},
             "selected": [int(i) for i in sel],
-            "weights": w.numpy().astype(np.float32).tolist(),
+            "weights": f32(w),
+        })
+    return {"steps": steps}
+
+
+def run_woc(net, params, opt, cfg, batches):
+    """WoC as UniEnt's OSTTA (tta-methods.md §4): the original model (source affine parameters,
+    the batch's statistics) without gradients; keep i iff p[i, c0] >= p0[i, c0] with c0 the
+    original argmax; loss = mean entropy over the kept - lambda * H(mean p over the batch). With
+    nothing kept (UniEnt's NaN) the runtime takes no step; the loss is then the diversity term."""
+    lam = cfg["woc"]["lambda"]
+    steps = []
+    for x in batches:
+        x = torch.tensor(x)
+        with torch.no_grad():
+            net.use_source = True
+            p0 = net(x).softmax(1)
+            net.use_source = False
+        v0, c0 = p0.max(1)
+        z = net(x)
+        p = z.softmax(1)
+        v = p.gather(1, c0[:, None])[:, 0]
+        sel = torch.where(v >= v0)[0]
+        pm = p.mean(0)
+        div = -(pm * torch.log(pm)).sum()
+        ent = entropy(z)
+        loss = (ent[sel].mean(0) if len(sel) > 0 else torch.zeros(())) - lam * div
+        if len(sel) > 0:
+            loss.backward()
+            opt.step()
+        opt.zero_grad()
+        steps.append({
+            "logits": f32(z),
+            "loss": float(loss.item()),
+            "params": {k: f32(q) for k, q in params.items()},
+            "selected": [int(i) for i in sel],
+            "weights": [1.0] * len(sel),
         })
     return {"steps": steps}
 
@@ -344,9 +303,15 @@ def optim_cases():
         dict(kind="sgd", lr=0.00025, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01),
         dict(kind="adam", lr=0.001, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0),
         dict(kind="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-6, weight_decay=0.01),
+        dict(kind="sgd", lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0),
+        dict(kind="sgd", lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.01),
+        dict(kind="adam", lr=0.001, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01),
     ]
+    # Every case names every key (the unused ones at torch's defaults), as the optimizer config does.
+    defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8)
     cases = []
     for c in configs:
+        c = {"kind": c["kind"], "lr": c["lr"], **{k: c.get(k, v) for k, v in defaults.items()}}
         p0 = rng.normal(0, 1, 7).astype(np.float32)
         grads = [rng.normal(0, 1, 7).astype(np.float32) for _ in range(4)]
         p = torch.nn.Parameter(torch.tensor(p0))
@@ -359,7 +324,7 @@ def optim_cases():
         for g in grads:
             p.grad = torch.tensor(g)
             opt.step()
-            params.append(p.detach().numpy().astype(np.float32).tolist())
+            params.append(f32(p))
         cases.append(dict(c, param0=p0.tolist(), grads=[g.tolist() for g in grads], params=params))
     return {"cases": cases}
 
@@ -377,6 +342,7 @@ def main():
     rng = np.random.default_rng(1)
     b8 = [rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32) for _ in range(3)]
     b1 = [rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32) for _ in range(3)]
+    self_checks(tiny, ROOT / "assets/svhn.onnx", b8[0], np.load(ROOT / "assets/mnist32_first64.npy")[:8])
     write(out, "tiny_tent_sgd", tiny, config(), b8)
     write(out, "tiny_tent_sgd_nesterov_wd", tiny, config(nesterov=True, weight_decay=0.01, steps=2), b8)
     write(out, "tiny_tent_sgd_dampening", tiny, config(dampening=0.5), b8)
@@ -403,8 +369,10 @@ def main():
     write(out, "tiny_eta", tiny, config("eta", eata={"e_margin": 1.40, "d_margin": 0.9995, "fisher_alpha": 0.0}), eb)
     write(out, "tiny_eata", tiny, config("eata", eata={"e_margin": 1.40, "d_margin": 0.05, "fisher_alpha": 2000.0,
                                                        "fisher_batches": "fisher"}), eb, fisher_batches=fb)
+    write(out, "tiny_woc", tiny, config("woc", lr=0.1, eata=None) | {"woc": {"lambda": 0.5}}, eb)
     tiny.unlink()
     (out / "optim.json").write_text(json.dumps(optim_cases()))
+    (out / "losses.json").write_text(json.dumps(losses_doc()))
     print(f"wrote fixtures to {out} with torch {torch.__version__}")
 
 

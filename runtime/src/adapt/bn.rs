@@ -60,13 +60,16 @@ pub struct BnHook {
     /// Lower `Source` layers through the adaptation kernels too (an adaptation step needs their
     /// saved state for the reverse pass to scale and bias).
     pub always: bool,
+    /// Normalise with the source scale and bias (kept in `woc:source:<name>` buffers) instead of
+    /// the adapted ones: the "original model" of the wisdom-of-crowds filter.
+    pub source_affine: bool,
     /// Saved state by node index.
     pub saved: HashMap<usize, SavedBn>,
 }
 
 impl BnHook {
     pub fn new(mode: StatsMode, always: bool) -> BnHook {
-        BnHook { mode, always, saved: HashMap::new() }
+        BnHook { mode, always, source_affine: false, saved: HashMap::new() }
     }
 }
 
@@ -99,8 +102,16 @@ impl LowerHook for BnHook {
             let plane: usize = x.shape[2..].iter().product();
             let m = batch * plane;
             let coef = self.mode.coefficients(m)?;
-            let scale = l.input(1, "scale")?.clone();
-            let bias = l.input(2, "B")?.clone();
+            let mut scale = l.input(1, "scale")?.clone();
+            let mut bias = l.input(2, "B")?.clone();
+            if self.source_affine {
+                for p in [&mut scale, &mut bias] {
+                    if let BufRef::Weight(w) = p.buf {
+                        let (name, init) = (program.weights[w].name.clone(), program.weights[w].init.clone());
+                        p.buf = BufRef::Weight(program.weight(&format!("woc:source:{name}"), || init, true));
+                    }
+                }
+            }
             let mean = l.input(3, "input_mean")?.clone();
             let var = l.input(4, "input_var")?.clone();
             for (what, p) in [("scale", &scale), ("B", &bias), ("input_mean", &mean), ("input_var", &var)] {

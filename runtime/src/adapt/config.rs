@@ -60,10 +60,13 @@ pub enum Method {
     Eta = 4,
     /// EATA: ETA plus the Fisher-weighted anchor β·Σ F·(θ − θ*)².
     Eata = 5,
+    /// Wisdom-of-crowds selection (Lee et al. 2023) with the diversity term.
+    Woc = 6,
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [Method::Source, Method::Norm, Method::Rbn, Method::Tent, Method::Eta, Method::Eata];
+    pub const ALL: [Method; 7] =
+        [Method::Source, Method::Norm, Method::Rbn, Method::Tent, Method::Eta, Method::Eata, Method::Woc];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -73,6 +76,7 @@ impl Method {
             Method::Tent => "tent",
             Method::Eta => "eta",
             Method::Eata => "eata",
+            Method::Woc => "woc",
         }
     }
 
@@ -80,7 +84,7 @@ impl Method {
     pub fn default_norm(self) -> NormMode {
         match self {
             Method::Source => NormMode::Source,
-            Method::Norm | Method::Tent | Method::Eta | Method::Eata => NormMode::Batch,
+            Method::Norm | Method::Tent | Method::Eta | Method::Eata | Method::Woc => NormMode::Batch,
             Method::Rbn => NormMode::Ema,
         }
     }
@@ -89,7 +93,7 @@ impl Method {
     pub fn updates_parameters(self) -> bool {
         match self {
             Method::Source | Method::Norm | Method::Rbn => false,
-            Method::Tent | Method::Eta | Method::Eata => true,
+            Method::Tent | Method::Eta | Method::Eata | Method::Woc => true,
         }
     }
 }
@@ -265,6 +269,20 @@ impl EataSection {
     }
 }
 
+/// The `[woc]` section.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WocSection {
+    /// λ of the diversity term −λ·H(mean prediction).
+    pub lambda: f32,
+}
+
+impl Default for WocSection {
+    fn default() -> Self {
+        WocSection { lambda: 0.5 }
+    }
+}
+
 /// The `[optimizer]` section (hyperparameters as in `torch.optim`).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -356,6 +374,7 @@ pub struct AdaptConfig {
     pub adapt: AdaptSection,
     pub optimizer: OptimizerConfig,
     pub eata: EataSection,
+    pub woc: WocSection,
 }
 
 /// Why a config could not be read or is not acceptable. `origin` is the file path, or
@@ -447,6 +466,9 @@ impl AdaptConfig {
         self.adapt.validate().map_err(|e| e.at(origin))?;
         self.optimizer.validate().map_err(|e| e.at(origin))?;
         self.eata.validate().map_err(|e| e.at(origin))?;
+        if !(self.woc.lambda.is_finite() && self.woc.lambda >= 0.0) {
+            return Err(Invalid::new("woc.lambda", self.woc.lambda, "must be a finite number >= 0").at(origin));
+        }
         if self.adapt.method == Method::Eata && self.eata.fisher_batches.is_none() {
             return Err(Invalid::new(
                 "eata.fisher_batches",

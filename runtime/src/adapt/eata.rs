@@ -61,3 +61,23 @@ pub fn fisher_accumulate(grad: BufRef, fisher: BufRef, n: usize) -> Dispatch {
         workgroups: [n.div_ceil(64) as u32, 1, 1],
     }
 }
+
+/// WoC selection: keep sample i iff `probs`[i, c0] ≥ `probs0`[i, c0] with c0 the original model's
+/// argmax; writes `coeff` (1/|S| for kept samples), `sel` [flags (B), ones (B)] and the gate.
+#[allow(clippy::too_many_arguments)]
+pub fn woc_select(
+    probs: BufRef,
+    probs0: BufRef,
+    coeff: BufRef,
+    sel: BufRef,
+    opt_state: BufRef,
+    b: usize,
+    c: usize,
+) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "woc_select"),
+        params: Params::new().u32(b as u32).u32(c as u32).f32(0.0).f32(0.0),
+        buffers: vec![probs, probs0, coeff, sel, opt_state],
+        workgroups: [1, 1, 1],
+    }
+}

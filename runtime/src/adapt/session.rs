@@ -126,6 +126,7 @@ impl Session {
                 let fisher_alpha = if method == Method::Eata { config.eata.fisher_alpha } else { 0.0 };
                 Objective::Eata(EataSpec { e_margin, d_margin: config.eata.d_margin, fisher_alpha })
             }
+            Method::Woc => Objective::Woc { lambda: config.woc.lambda },
             _ => Objective::MeanEntropy,
         };
         let spec = StepSpec { mode, adapted, optimizer: OptimizerSpec::from_config(&config.optimizer), objective };

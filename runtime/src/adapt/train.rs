@@ -52,6 +52,11 @@ pub enum Objective {
     /// The EATA Fisher pass: cross-entropy with argmax pseudo-labels; the gradient's square is
     /// added to the Fisher buffers and no parameter changes.
     Fisher,
+    /// Wisdom of crowds (tta-methods.md §4): the original model (source scale and bias, the
+    /// batch's statistics) runs too, without gradients; mean entropy over the samples whose
+    /// confidence in the original model's class did not fall, minus λ·H(mean prediction of the
+    /// whole batch). No step when no sample is kept.
+    Woc { lambda: f32 },
 }
 
 /// A compiled step for one input shape.
@@ -160,6 +165,54 @@ impl StepPlan {
                     selection = Some(sel);
                     BufRef::Value(coeff)
                 }
+                Objective::Woc { .. } => {
+                    // The original model: the same graph in batch-statistics mode with the source
+                    // affine parameters, reading the same input buffer.
+                    let mut hook0 = BnHook::new(StatsMode::Batch, false);
+                    hook0.source_affine = true;
+                    let fwd0 = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook0)?;
+                    let input0 = fwd0.inputs[0].1;
+                    program.pinned_start.retain(|&v| v != input0);
+                    program.values[input0].alias_of = Some(fwd.inputs[0].1);
+                    let logits0 = match fwd0.outputs.first() {
+                        Some((_, GraphOutput::Value { id, .. })) => *id,
+                        _ => return Err(err("the original model's output is a constant")),
+                    };
+                    let (probs, probs0, ent, ent0, coeff, sel) = (
+                        program.value(bytes_of(&logits_shape)),
+                        program.value(bytes_of(&logits_shape)),
+                        program.value(b as u64 * 4),
+                        program.value(b as u64 * 4),
+                        program.value(b as u64 * 4),
+                        program.value(2 * b as u64 * 4),
+                    );
+                    dispatches.extend(loss::softmax_stats(
+                        BufRef::Value(logits_v),
+                        b,
+                        c,
+                        BufRef::Value(probs),
+                        BufRef::Value(ent),
+                    ));
+                    dispatches.extend(loss::softmax_stats(
+                        BufRef::Value(logits0),
+                        b,
+                        c,
+                        BufRef::Value(probs0),
+                        BufRef::Value(ent0),
+                    ));
+                    dispatches.push(eata::woc_select(
+                        BufRef::Value(probs),
+                        BufRef::Value(probs0),
+                        BufRef::Value(coeff),
+                        BufRef::Value(sel),
+                        BufRef::Weight(state),
+                        b,
+                        c,
+                    ));
+                    program.pinned_end.push(sel);
+                    selection = Some(sel);
+                    BufRef::Value(coeff)
+                }
             };
             if spec.objective == Objective::Fisher {
                 let labels = program.value(b as u64 * 4);
@@ -184,6 +237,19 @@ impl StepPlan {
                     BufRef::Value(loss),
                     BufRef::Value(dlogits),
                     false,
+                    &mut scratch,
+                ));
+            }
+            if let Objective::Woc { lambda } = spec.objective {
+                // − λ·H(p̄) over the whole batch (the diversity term), into the same loss and dz.
+                dispatches.extend(loss::diversity_loss(
+                    BufRef::Value(logits_v),
+                    lambda,
+                    b,
+                    c,
+                    BufRef::Value(loss),
+                    BufRef::Value(dlogits),
+                    true,
                     &mut scratch,
                 ));
             }
