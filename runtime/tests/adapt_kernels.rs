@@ -784,3 +784,71 @@ fn optimizers_match_pytorch_fixture() {
     }
     eprintln!("{} torch.optim trajectories: worst |ours - torch| / (1 + |torch|) = {worst:.2e}", cases.len());
 }
+
+/// Every loss kernel against PyTorch's autograd (`tests/fixtures/tta/losses.json`, written by
+/// `tools/tta_losses.py`): values and gradients, including a row whose softmax underflows.
+#[test]
+fn losses_match_pytorch_fixture() {
+    let Some(ctx) = common::gpu() else { return };
+    let doc = fixture("losses.json");
+    let f32s = |v: &serde_json::Value| -> Vec<f32> { floats(v).iter().map(|&x| x as f32).collect() };
+    let rows = doc["logits"].as_array().expect("logits");
+    let (b, c) = (rows.len(), rows[0].as_array().expect("a row").len());
+    let z = f32s(&doc["logits"]);
+    let coeff = f32s(&doc["c"]);
+    let labels = f32s(&doc["labels"]);
+    let check = |what: &str, (l, dz): (f32, Vec<f32>), want: &serde_json::Value| {
+        assert_close(&format!("{what} value"), &[l], &floats(&want["value"]), 1e-5, 1e-6);
+        assert_close(&format!("{what} grad"), &dz, &floats(&want["grad"]), 1e-5, 1e-6);
+    };
+    let mean = vec![1.0 / b as f32; b];
+    check(
+        "mean entropy",
+        run_loss(&ctx, vec![z.clone(), mean], b * c, &|loss, dz, acc, s| {
+            loss::entropy_loss(BufRef::Value(0), BufRef::Value(1), b, c, loss, dz, acc, s)
+        }),
+        &doc["entropy_mean"],
+    );
+    check(
+        "weighted entropy",
+        run_loss(&ctx, vec![z.clone(), coeff.clone()], b * c, &|loss, dz, acc, s| {
+            loss::entropy_loss(BufRef::Value(0), BufRef::Value(1), b, c, loss, dz, acc, s)
+        }),
+        &doc["entropy_weighted"],
+    );
+    check(
+        "weighted cross-entropy",
+        run_loss(&ctx, vec![z.clone(), labels, coeff], b * c, &|loss, dz, acc, s| {
+            loss::cross_entropy_loss(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), b, c, loss, dz, acc, s)
+        }),
+        &doc["ce_weighted"],
+    );
+    let lambda = doc["diversity"]["lambda"].as_f64().expect("lambda") as f32;
+    check(
+        "diversity",
+        run_loss(&ctx, vec![z], b * c, &|loss, dz, acc, s| {
+            loss::diversity_loss(BufRef::Value(0), lambda, b, c, loss, dz, acc, s)
+        }),
+        &doc["diversity"],
+    );
+    let e = &doc["ewc"];
+    let (theta, star, fisher) = (f32s(&e["theta"]), f32s(&e["theta_star"]), f32s(&e["fisher"]));
+    let n = theta.len();
+    let mut values = vec![theta, star, fisher, vec![f32::NAN], vec![0.0; n]];
+    let mut scratch = Vec::new();
+    let lam = e["lambda"].as_f64().expect("lambda") as f32;
+    let d = loss::ewc_penalty(
+        BufRef::Value(0),
+        BufRef::Value(1),
+        BufRef::Value(2),
+        lam,
+        n,
+        BufRef::Value(3),
+        BufRef::Value(4),
+        false,
+        &mut scratch,
+    );
+    run(&ctx, &mut values, &scratch, &d);
+    assert_close("ewc value", &values[3], &floats(&e["value"]), 1e-5, 1e-6);
+    assert_close("ewc grad", &values[4], &floats(&e["grad"]), 1e-5, 1e-6);
+}
