@@ -180,3 +180,87 @@ fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>) {
         wopt_state[1] = select(0.0, 1.0, n > 0.0);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SAR (Niu et al., ICLR 2023): the entropy filter, and the sharpness-aware perturbation.
+
+// entropy_filter: keep i iff mask[i] != 0 and entropy[i] < E0; coefficients 1/|S| (0 when
+// nothing is kept: the reverse pass then yields zero gradients, as the reference's mean over an
+// empty selection does). sel = [flags (B), |S|].
+@group(0) @binding(1) var<storage, read> fent: array<f32>;
+@group(0) @binding(2) var<storage, read> fmask: array<f32>;
+@group(0) @binding(3) var<storage, read_write> fcoeff: array<f32>;
+@group(0) @binding(4) var<storage, read_write> fsel: array<f32>;
+
+@compute @workgroup_size(256)
+fn entropy_filter(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    var count = 0.0;
+    for (var i = t; i < sp.b; i += WG) {
+        let keep = fmask[i] != 0.0 && fent[i] < sp.e0;
+        fsel[i] = select(0.0, 1.0, keep);
+        count += select(0.0, 1.0, keep);
+    }
+    let n = wg_sum(t, count);
+    for (var i = t; i < sp.b; i += WG) {
+        fcoeff[i] = select(0.0, 1.0 / n, fsel[i] != 0.0);
+    }
+    if t == 0u {
+        fsel[sp.b] = n;
+    }
+}
+
+// sumsq: norms[slot] = sum of squares of g over n values (one workgroup, fixed-order tree).
+struct SlotParams {
+    n: u32,
+    slot: u32,
+    slots: u32,
+    rho: f32,
+}
+@group(0) @binding(0) var<uniform> qp: SlotParams;
+@group(0) @binding(1) var<storage, read> qg: array<f32>;
+@group(0) @binding(2) var<storage, read_write> qnorms: array<f32>;
+
+@compute @workgroup_size(256)
+fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    var s = 0.0;
+    for (var i = t; i < qp.n; i += WG) {
+        s += qg[i] * qg[i];
+    }
+    let total = wg_sum(t, s);
+    if t == 0u {
+        qnorms[qp.slot] = total;
+    }
+}
+
+// sam_perturb: old = theta; theta += rho * g / (||g||_2 + 1e-12), the norm over every adapted
+// tensor (the sum of the slots, in slot order).
+@group(0) @binding(1) var<storage, read_write> ptheta: array<f32>;
+@group(0) @binding(2) var<storage, read> pg: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pold: array<f32>;
+@group(0) @binding(4) var<storage, read> pnorms: array<f32>;
+
+@compute @workgroup_size(64)
+fn sam_perturb(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if i >= qp.n { return; }
+    var s = 0.0;
+    for (var k = 0u; k < qp.slots; k++) {
+        s += pnorms[k];
+    }
+    let scale = qp.rho / (sqrt(s) + 1e-12);
+    pold[i] = ptheta[i];
+    ptheta[i] = ptheta[i] + pg[i] * scale;
+}
+
+// sam_restore: theta = old.
+@group(0) @binding(1) var<storage, read_write> rtheta: array<f32>;
+@group(0) @binding(2) var<storage, read> rold: array<f32>;
+
+@compute @workgroup_size(64)
+fn sam_restore(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if i >= qp.n { return; }
+    rtheta[i] = rold[i];
+}

@@ -52,9 +52,9 @@ def make_optimizer(params, o):
     return torch.optim.Adam(params, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"])
 
 
-DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch", "eta": "batch", "eata": "batch",
+DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch", "eta": "batch", "eata": "batch", "sar": "batch",
                 "woc": "batch"}
-ADAPTING = ("tent", "eta", "eata", "woc")
+ADAPTING = ("tent", "eta", "eata", "woc", "sar")
 
 
 def run(model_path, cfg, batches):
@@ -70,6 +70,8 @@ def run(model_path, cfg, batches):
         return run_eata(net, params, opt, cfg, batches, method, model_path)
     if method == "woc":
         return run_woc(net, params, opt, cfg, batches)
+    if method == "sar":
+        return run_sar(net, params, opt, cfg, batches)
     steps = []
     for x in batches:
         x = torch.tensor(x)
@@ -193,6 +195,63 @@ def run_woc(net, params, opt, cfg, batches):
             "params": {k: f32(q) for k, q in params.items()},
             "selected": [int(i) for i in sel],
             "weights": [1.0] * len(sel),
+        })
+    return {"steps": steps}
+
+
+def run_sar(net, params, opt, cfg, batches):
+    """SAR as mr-eggplant/SAR's forward_and_adapt_sar with its SAM (tta-methods.md §3): entropy
+    filter, ascent by rho * g / (||g||_2 + 1e-12) (the norm of the stack of per-tensor norms),
+    second forward and re-filter within the first selection, gradient there, restore, base SGD
+    step; EMA (0.9) of the second loss when it is not NaN; reset below the threshold. A reset
+    clears the EMA only when `reset_clears_ema` (the authors' code keeps it)."""
+    sc = cfg["sar"]
+    rho, threshold, clears = sc["rho"], sc["reset_threshold"], sc["reset_clears_ema"]
+    e0 = sc.get("e_margin")
+    ema = None
+    steps = []
+    for x in batches:
+        x = torch.tensor(x)
+        z = net(x)
+        if e0 is None:
+            e0 = 0.4 * float(np.log(z.shape[1]))
+        ent = entropy(z)
+        ids1 = torch.where(ent < e0)[0]
+        loss = ent[ids1].mean(0)
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+        norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+        scale = rho / (norm + 1e-12)
+        old = {}
+        with torch.no_grad():
+            for (k, p), g in zip(params.items(), grads):
+                old[k] = p.data.clone()
+                p.add_(g * scale)
+        opt.zero_grad()
+        ent2 = entropy(net(x))[ids1]
+        ids2 = torch.where(ent2 < e0)[0]
+        loss2 = ent2[ids2].mean()
+        loss2_value = float(loss2.item())
+        if not np.isnan(loss2_value):
+            ema = loss2_value if ema is None else 0.9 * ema + 0.1 * loss2_value
+        loss2.backward()
+        with torch.no_grad():
+            for k, p in params.items():
+                p.data = old[k]
+        opt.step()
+        opt.zero_grad()
+        reset = ema is not None and ema < threshold
+        if reset:
+            net.reset()
+            opt = make_optimizer(list(params.values()), cfg["optimizer"])
+            if clears:
+                ema = None
+        steps.append({
+            "logits": f32(z),
+            "loss": float(loss.item()) if len(ids1) > 0 else 0.0,
+            "params": {k: f32(q) for k, q in params.items()},
+            "ema": ema,
+            "reset": bool(reset),
         })
     return {"steps": steps}
 
@@ -370,6 +429,10 @@ def main():
     write(out, "tiny_eata", tiny, config("eata", eata={"e_margin": 1.40, "d_margin": 0.05, "fisher_alpha": 2000.0,
                                                        "fisher_batches": "fisher"}), eb, fisher_batches=fb)
     write(out, "tiny_woc", tiny, config("woc", lr=0.1, eata=None) | {"woc": {"lambda": 0.5}}, eb)
+    # SAR: E0 rejects some samples; the threshold is high enough that the EMA of the second loss
+    # falls below it and the model resets (the authors' code keeps the EMA, so it resets again).
+    sar = {"e_margin": 1.40, "rho": 0.05, "reset_threshold": 1.341, "reset_clears_ema": False}
+    write(out, "tiny_sar", tiny, config("sar", lr=0.05) | {"sar": sar}, eb + eb[:1])
     tiny.unlink()
     (out / "optim.json").write_text(json.dumps(optim_cases()))
     (out / "losses.json").write_text(json.dumps(losses_doc()))

@@ -87,6 +87,13 @@ fn run_scenario(ctx: &acclimate::GpuContext, dir: &Path) -> (Vec<String>, f64) {
                 &mut errors,
             ));
         }
+        // SAR: the recovery signal and its decision.
+        if s["reset"] != w["reset"] {
+            errors.push(format!("step {i}: reset {} vs reference {}", s["reset"], w["reset"]));
+        }
+        if !w["ema"].is_null() {
+            worst = worst.max(close(&format!("step {i} ema"), &floats(&s["ema"]), &floats(&w["ema"]), &mut errors));
+        }
         for key in ["params", "stats"] {
             let (ours, theirs) = (&s[key], &w[key]);
             let theirs = match theirs {

@@ -62,11 +62,13 @@ pub enum Method {
     Eata = 5,
     /// Wisdom-of-crowds selection (Lee et al. 2023) with the diversity term.
     Woc = 6,
+    /// SAR (Niu et al. 2023): entropy filter, sharpness-aware step, recovery by reset.
+    Sar = 7,
 }
 
 impl Method {
-    pub const ALL: [Method; 7] =
-        [Method::Source, Method::Norm, Method::Rbn, Method::Tent, Method::Eta, Method::Eata, Method::Woc];
+    pub const ALL: [Method; 8] =
+        [Method::Source, Method::Norm, Method::Rbn, Method::Tent, Method::Eta, Method::Eata, Method::Woc, Method::Sar];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -77,6 +79,7 @@ impl Method {
             Method::Eta => "eta",
             Method::Eata => "eata",
             Method::Woc => "woc",
+            Method::Sar => "sar",
         }
     }
 
@@ -84,7 +87,7 @@ impl Method {
     pub fn default_norm(self) -> NormMode {
         match self {
             Method::Source => NormMode::Source,
-            Method::Norm | Method::Tent | Method::Eta | Method::Eata | Method::Woc => NormMode::Batch,
+            Method::Norm | Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar => NormMode::Batch,
             Method::Rbn => NormMode::Ema,
         }
     }
@@ -93,7 +96,7 @@ impl Method {
     pub fn updates_parameters(self) -> bool {
         match self {
             Method::Source | Method::Norm | Method::Rbn => false,
-            Method::Tent | Method::Eta | Method::Eata | Method::Woc => true,
+            Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar => true,
         }
     }
 }
@@ -269,6 +272,28 @@ impl EataSection {
     }
 }
 
+/// The `[sar]` section.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SarSection {
+    /// E0 of both entropy filters (absolute); `None`: 0.4·ln C.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e_margin: Option<f32>,
+    /// ρ of the sharpness-aware perturbation.
+    pub rho: f32,
+    /// Reset to the source when the EMA of the second-pass loss falls below this.
+    pub reset_threshold: f32,
+    /// Whether a reset also clears the EMA. The authors' code does not (the model keeps
+    /// resetting until the EMA recovers); the mariodoebler harness does.
+    pub reset_clears_ema: bool,
+}
+
+impl Default for SarSection {
+    fn default() -> Self {
+        SarSection { e_margin: None, rho: 0.05, reset_threshold: 0.2, reset_clears_ema: false }
+    }
+}
+
 /// The `[woc]` section.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -375,6 +400,7 @@ pub struct AdaptConfig {
     pub optimizer: OptimizerConfig,
     pub eata: EataSection,
     pub woc: WocSection,
+    pub sar: SarSection,
 }
 
 /// Why a config could not be read or is not acceptable. `origin` is the file path, or
@@ -466,6 +492,17 @@ impl AdaptConfig {
         self.adapt.validate().map_err(|e| e.at(origin))?;
         self.optimizer.validate().map_err(|e| e.at(origin))?;
         self.eata.validate().map_err(|e| e.at(origin))?;
+        if !(self.sar.rho.is_finite() && self.sar.rho >= 0.0) {
+            return Err(Invalid::new("sar.rho", self.sar.rho, "must be a finite number >= 0").at(origin));
+        }
+        if let Some(e) = self.sar.e_margin
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(Invalid::new("sar.e_margin", e, "must be a finite number > 0").at(origin));
+        }
+        if !self.sar.reset_threshold.is_finite() {
+            return Err(Invalid::new("sar.reset_threshold", self.sar.reset_threshold, "must be finite").at(origin));
+        }
         if !(self.woc.lambda.is_finite() && self.woc.lambda >= 0.0) {
             return Err(Invalid::new("woc.lambda", self.woc.lambda, "must be a finite number >= 0").at(origin));
         }

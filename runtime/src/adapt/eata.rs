@@ -81,3 +81,56 @@ pub fn woc_select(
         workgroups: [1, 1, 1],
     }
 }
+
+/// SAR's entropy filter: keep i iff `mask`[i] ≠ 0 and `entropy`[i] < E0; writes `coeff` (1/|S|
+/// for kept samples) and `sel` [flags (B), |S|].
+pub fn entropy_filter(e0: f32, entropy: BufRef, mask: BufRef, coeff: BufRef, sel: BufRef, b: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "entropy_filter"),
+        params: Params::new().u32(b as u32).u32(0).f32(e0).f32(0.0),
+        buffers: vec![entropy, mask, coeff, sel],
+        workgroups: [1, 1, 1],
+    }
+}
+
+fn slot_params(n: usize, slot: usize, slots: usize, rho: f32) -> Params {
+    Params::new().u32(n as u32).u32(slot as u32).u32(slots as u32).f32(rho)
+}
+
+/// `norms[slot]` = Σ g² over the `n` values of one gradient tensor.
+pub fn sumsq(grad: BufRef, norms: BufRef, n: usize, slot: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "sumsq"),
+        params: slot_params(n, slot, 0, 0.0),
+        buffers: vec![grad, norms],
+        workgroups: [1, 1, 1],
+    }
+}
+
+/// SAM's ascent: `old` ← θ, θ ← θ + ρ·g/(‖g‖₂ + 1e-12), ‖g‖ over all `slots` tensors.
+pub fn sam_perturb(
+    theta: BufRef,
+    grad: BufRef,
+    old: BufRef,
+    norms: BufRef,
+    n: usize,
+    slots: usize,
+    rho: f32,
+) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "sam_perturb"),
+        params: slot_params(n, 0, slots, rho),
+        buffers: vec![theta, grad, old, norms],
+        workgroups: [n.div_ceil(64) as u32, 1, 1],
+    }
+}
+
+/// θ ← `old` (undo the ascent before the base optimizer's step).
+pub fn sam_restore(theta: BufRef, old: BufRef, n: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Select, "sam_restore"),
+        params: slot_params(n, 0, 0, 0.0),
+        buffers: vec![theta, old],
+        workgroups: [n.div_ceil(64) as u32, 1, 1],
+    }
+}

@@ -28,6 +28,12 @@ pub struct StepRecord {
     /// ETA/EATA: their weights exp(E0 − E).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<Vec<f32>>,
+    /// SAR: the EMA of the second-pass loss after the batch (`null` until a sample is kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema: Option<Option<f32>>,
+    /// SAR: whether the model was reset to the source after the batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -88,7 +94,18 @@ pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayErro
             Some((s, w)) => (Some(s), Some(w)),
             None => (None, None),
         };
-        steps.push(StepRecord { logits: rows(&pred.logits), loss: pred.loss, params, stats, selected, weights });
+        let sar = session.config().adapt.method == super::config::Method::Sar;
+        let (ema, reset) = if sar { (Some(pred.ema), Some(pred.reset)) } else { (None, None) };
+        steps.push(StepRecord {
+            logits: rows(&pred.logits),
+            loss: pred.loss,
+            params,
+            stats,
+            selected,
+            weights,
+            ema,
+            reset,
+        });
     }
     Ok(ReplayLog { steps })
 }

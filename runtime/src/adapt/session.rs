@@ -59,6 +59,10 @@ pub struct Prediction {
     pub loss: Option<f32>,
     /// ETA/EATA: the selected samples of the first step and their weights exp(E0 − E).
     pub selected: Option<(Vec<usize>, Vec<f32>)>,
+    /// SAR: the EMA of the second-pass loss after this batch.
+    pub ema: Option<f32>,
+    /// SAR: whether the model was reset to the source after this batch.
+    pub reset: bool,
 }
 
 /// An adaptation session over one model.
@@ -71,6 +75,8 @@ pub struct Session {
     spec: StepSpec,
     bns: Vec<BatchNormInfo>,
     steps_taken: u64,
+    /// SAR: the EMA of the second-pass loss (the recovery signal).
+    sar_ema: Option<f32>,
     /// The model's fingerprint (a hash of every weight), computed on first save or load.
     fingerprint: std::sync::OnceLock<String>,
 }
@@ -109,8 +115,9 @@ impl Session {
             }
         }
         let objective = match method {
-            Method::Eta | Method::Eata => {
-                let e_margin = match config.adapt_e_margin() {
+            Method::Eta | Method::Eata | Method::Sar => {
+                let configured = if method == Method::Sar { config.sar.e_margin } else { config.adapt_e_margin() };
+                let e_margin = match configured {
                     Some(e) => e,
                     None => {
                         let classes = graph
@@ -123,8 +130,12 @@ impl Session {
                         0.4 * (classes as f32).ln()
                     }
                 };
-                let fisher_alpha = if method == Method::Eata { config.eata.fisher_alpha } else { 0.0 };
-                Objective::Eata(EataSpec { e_margin, d_margin: config.eata.d_margin, fisher_alpha })
+                if method == Method::Sar {
+                    Objective::Sar { e_margin, rho: config.sar.rho }
+                } else {
+                    let fisher_alpha = if method == Method::Eata { config.eata.fisher_alpha } else { 0.0 };
+                    Objective::Eata(EataSpec { e_margin, d_margin: config.eata.d_margin, fisher_alpha })
+                }
             }
             Method::Woc => Objective::Woc { lambda: config.woc.lambda },
             _ => Objective::MeanEntropy,
@@ -139,6 +150,7 @@ impl Session {
             spec,
             bns,
             steps_taken: 0,
+            sar_ema: None,
             fingerprint: std::sync::OnceLock::new(),
         };
         if method == Method::Eata
@@ -250,7 +262,25 @@ impl Session {
             self.steps_taken += steps as u64;
         }
         let out = first.expect("steps >= 1");
-        Ok(Prediction { logits: out.logits, loss: out.loss, selected: out.selected })
+        let mut reset = false;
+        if let Some((loss2, kept)) = out.second {
+            // SAR's recovery (tta-methods.md §3): the EMA moves only when the second pass kept a
+            // sample (the reference's loss is NaN otherwise); below the threshold, reset.
+            if kept > 0 && loss2.is_finite() {
+                self.sar_ema = Some(match self.sar_ema {
+                    None => loss2,
+                    Some(e) => 0.9 * e + 0.1 * loss2,
+                });
+            }
+            if self.sar_ema.is_some_and(|e| e < self.config.sar.reset_threshold) {
+                let ema = self.sar_ema;
+                self.reset()?;
+                self.sar_ema = if self.config.sar.reset_clears_ema { None } else { ema };
+                reset = true;
+            }
+        }
+        let ema = if out.second.is_some() { self.sar_ema } else { None };
+        Ok(Prediction { logits: out.logits, loss: out.loss, selected: out.selected, ema, reset })
     }
 
     /// Restores parameters, normalization statistics and optimizer state to the source model.

@@ -52,6 +52,9 @@ pub enum Objective {
     /// The EATA Fisher pass: cross-entropy with argmax pseudo-labels; the gradient's square is
     /// added to the Fisher buffers and no parameter changes.
     Fisher,
+    /// SAR (tta-methods.md §3): entropy filter, sharpness-aware step (ascend by ρ·g/‖g‖, second
+    /// forward and re-filter within the first selection, gradient there, restore, base step).
+    Sar { e_margin: f32, rho: f32 },
     /// Wisdom of crowds (tta-methods.md §4): the original model (source scale and bias, the
     /// batch's statistics) runs too, without gradients; mean entropy over the samples whose
     /// confidence in the original model's class did not fall, minus λ·H(mean prediction of the
@@ -70,6 +73,8 @@ pub struct StepPlan {
     staging_loss: wgpu::Buffer,
     /// ETA/EATA: the selection buffer [flags (B), weights (B)] and its staging buffer.
     selection: Option<(usize, wgpu::Buffer)>,
+    /// SAR: the second-pass loss and selection ([flags (B), |S|]) with one staging buffer each.
+    second: Option<(usize, usize, wgpu::Buffer, wgpu::Buffer)>,
     pub dispatch_count: usize,
     /// Transient GPU memory of the step (activations kept for the reverse pass, gradients,
     /// scratch), after lifetime-based reuse.
@@ -86,6 +91,8 @@ pub struct StepOutput {
     pub loss: Option<f32>,
     /// ETA/EATA: indices of the selected samples and their weights exp(E0 − E).
     pub selected: Option<(Vec<usize>, Vec<f32>)>,
+    /// SAR: the second-pass loss and how many samples it kept.
+    pub second: Option<(f32, usize)>,
 }
 
 fn bytes_of(shape: &[usize]) -> u64 {
@@ -118,6 +125,8 @@ impl StepPlan {
         let mut loss_v = None;
         let mut params = Vec::new();
         let mut selection: Option<usize> = None;
+        let mut sar_first: Option<usize> = None;
+        let mut second: Option<(usize, usize)> = None;
         if training {
             if logits_shape.len() != 2 {
                 return Err(err(format!("adaptation needs logits of shape [batch, classes], got {logits_shape:?}")));
@@ -163,6 +172,36 @@ impl StepPlan {
                     ));
                     program.pinned_end.push(sel);
                     selection = Some(sel);
+                    BufRef::Value(coeff)
+                }
+                Objective::Sar { e_margin, .. } => {
+                    let (probs, ent, coeff, sel) = (
+                        program.value(bytes_of(&logits_shape)),
+                        program.value(b as u64 * 4),
+                        program.value(b as u64 * 4),
+                        program.value((b as u64 + 1) * 4),
+                    );
+                    let ones = program.weight(
+                        &format!("adapt:ones:{b}"),
+                        || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0; b]))),
+                        true,
+                    );
+                    dispatches.extend(loss::softmax_stats(
+                        BufRef::Value(logits_v),
+                        b,
+                        c,
+                        BufRef::Value(probs),
+                        BufRef::Value(ent),
+                    ));
+                    dispatches.push(eata::entropy_filter(
+                        e_margin,
+                        BufRef::Value(ent),
+                        BufRef::Weight(ones),
+                        BufRef::Value(coeff),
+                        BufRef::Value(sel),
+                        b,
+                    ));
+                    sar_first = Some(sel);
                     BufRef::Value(coeff)
                 }
                 Objective::Woc { .. } => {
@@ -254,7 +293,27 @@ impl StepPlan {
                 ));
             }
             program.items.push(Item { label: "loss".into(), dispatches, scratch });
-            let param_grads = reverse_pass(ctx, graph, &fwd, &hook, spec, logits_v, dlogits, &mut program)?;
+            let mut param_grads = reverse_pass(ctx, graph, &fwd, &hook, spec, logits_v, dlogits, &mut program)?;
+            if let (Objective::Sar { e_margin, rho }, Some(sel1)) = (spec.objective, sar_first) {
+                let (g2, loss2, sel2) = sam_second_pass(
+                    ctx,
+                    graph,
+                    &fwd,
+                    shape,
+                    spec.mode,
+                    &param_grads,
+                    sel1,
+                    e_margin,
+                    rho,
+                    b,
+                    c,
+                    &logits_shape,
+                    &mut program,
+                    spec,
+                )?;
+                param_grads = g2;
+                second = Some((loss2, sel2));
+            }
             let mut dispatches = Vec::new();
             let mut scratch = Vec::new();
             let size_of = |program: &Program, p: usize| match &program.weights[p].init {
@@ -340,6 +399,7 @@ impl StepPlan {
             staging_logits: staging(ctx, bytes_of(&logits_shape)),
             staging_loss: staging(ctx, 4),
             selection: selection.map(|v| (v, staging(ctx, 2 * shape[0] as u64 * 4))),
+            second: second.map(|(l, s)| (l, s, staging(ctx, 4), staging(ctx, (shape[0] as u64 + 1) * 4))),
             logits: (logits_v, logits_shape),
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
@@ -367,6 +427,10 @@ impl StepPlan {
         if let Some((v, st)) = &self.selection {
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*v), 0, st, 0, 2 * b as u64 * 4);
         }
+        if let Some((l, s, lst, sst)) = &self.second {
+            encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*l), 0, lst, 0, 4);
+            encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*s), 0, sst, 0, (b as u64 + 1) * 4);
+        }
         ctx.queue.submit([encoder.finish()]);
         let n: usize = self.logits.1.iter().product();
         let logits = Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?);
@@ -383,7 +447,15 @@ impl StepPlan {
             }
             None => None,
         };
-        Ok(StepOutput { logits, loss, selected })
+        let second = match &self.second {
+            Some((_, _, lst, sst)) => {
+                let l = read_buffer(ctx, lst, 1)?[0];
+                let sel = read_buffer(ctx, sst, b + 1)?;
+                Some((l, sel[b] as usize))
+            }
+            None => None,
+        };
+        Ok(StepOutput { logits, loss, selected, second })
     }
 }
 
@@ -523,4 +595,110 @@ fn grad_for(grads: &mut HashMap<usize, usize>, v: usize, program: &mut Program, 
             (g, false)
         }
     }
+}
+
+/// The gradients at SAR's perturbed point (by parameter name), the second loss and selection.
+type SecondPass = (Vec<(String, usize)>, usize, usize);
+
+/// SAR's sharpness-aware half of the step: global gradient norm, ascent to θ + ρ·g/‖g‖, a second
+/// forward (same statistics mode) and re-filter within the first selection, the entropy over it,
+/// the reverse pass there, and the restore of θ. Returns the gradients at the perturbed point
+/// (for the base optimizer), the second loss and the second selection.
+#[allow(clippy::too_many_arguments)]
+fn sam_second_pass(
+    ctx: &GpuContext,
+    graph: &Graph,
+    fwd: &Forward,
+    shape: &[usize],
+    mode: StatsMode,
+    grads: &[(String, usize)],
+    sel1: usize,
+    e_margin: f32,
+    rho: f32,
+    b: usize,
+    c: usize,
+    logits_shape: &[usize],
+    program: &mut Program,
+    spec: &StepSpec,
+) -> Result<SecondPass, PlanError> {
+    let mut params = Vec::new();
+    for (name, g) in grads {
+        let p = program
+            .weights
+            .iter()
+            .position(|w| &w.name == name)
+            .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
+        let n = match &program.weights[p].init {
+            WeightInit::Tensor(t) => t.numel(),
+            WeightInit::Zeros(n) => *n,
+        };
+        params.push((p, *g, n));
+    }
+    let norms = program.value(params.len() as u64 * 4);
+    let olds: Vec<usize> = params.iter().map(|&(_, _, n)| program.value(n as u64 * 4)).collect();
+    let mut dispatches = Vec::new();
+    for (slot, &(_, g, n)) in params.iter().enumerate() {
+        dispatches.push(eata::sumsq(BufRef::Value(g), BufRef::Value(norms), n, slot));
+    }
+    for (&(p, g, n), &old) in params.iter().zip(&olds) {
+        dispatches.push(eata::sam_perturb(
+            BufRef::Weight(p),
+            BufRef::Value(g),
+            BufRef::Value(old),
+            BufRef::Value(norms),
+            n,
+            params.len(),
+            rho,
+        ));
+    }
+    program.items.push(Item { label: "sam ascent".into(), dispatches, scratch: vec![] });
+    // The second forward reads the same input buffer, at the perturbed parameters.
+    let mut hook2 = BnHook::new(mode, true);
+    let fwd2 = lower_forward(ctx, graph, &[shape.to_vec()], program, &mut hook2)?;
+    let input2 = fwd2.inputs[0].1;
+    program.pinned_start.retain(|&v| v != input2);
+    program.values[input2].alias_of = Some(fwd.inputs[0].1);
+    let logits2 = match fwd2.outputs.first() {
+        Some((_, GraphOutput::Value { id, .. })) => *id,
+        _ => return Err(err("the model's output is a constant")),
+    };
+    let (probs, ent, coeff, sel2, loss2, dlogits2) = (
+        program.value(bytes_of(logits_shape)),
+        program.value(b as u64 * 4),
+        program.value(b as u64 * 4),
+        program.value((b as u64 + 1) * 4),
+        program.value(4),
+        program.value(bytes_of(logits_shape)),
+    );
+    let mut scratch = Vec::new();
+    let mut dispatches = loss::softmax_stats(BufRef::Value(logits2), b, c, BufRef::Value(probs), BufRef::Value(ent));
+    dispatches.push(eata::entropy_filter(
+        e_margin,
+        BufRef::Value(ent),
+        BufRef::Value(sel1),
+        BufRef::Value(coeff),
+        BufRef::Value(sel2),
+        b,
+    ));
+    dispatches.extend(loss::entropy_loss(
+        BufRef::Value(logits2),
+        BufRef::Value(coeff),
+        b,
+        c,
+        BufRef::Value(loss2),
+        BufRef::Value(dlogits2),
+        false,
+        &mut scratch,
+    ));
+    program.items.push(Item { label: "sam second loss".into(), dispatches, scratch });
+    let grads2 = reverse_pass(ctx, graph, &fwd2, &hook2, spec, logits2, dlogits2, program)?;
+    let dispatches = params
+        .iter()
+        .zip(&olds)
+        .map(|(&(p, _, n), &old)| eata::sam_restore(BufRef::Weight(p), BufRef::Value(old), n))
+        .collect();
+    program.items.push(Item { label: "sam restore".into(), dispatches, scratch: vec![] });
+    program.pinned_end.push(loss2);
+    program.pinned_end.push(sel2);
+    Ok((grads2, loss2, sel2))
 }
