@@ -209,14 +209,7 @@ impl StepPlan {
                     // affine parameters, reading the same input buffer.
                     let mut hook0 = BnHook::new(StatsMode::Batch, false);
                     hook0.source_affine = true;
-                    let fwd0 = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook0)?;
-                    let input0 = fwd0.inputs[0].1;
-                    program.pinned_start.retain(|&v| v != input0);
-                    program.values[input0].alias_of = Some(fwd.inputs[0].1);
-                    let logits0 = match fwd0.outputs.first() {
-                        Some((_, GraphOutput::Value { id, .. })) => *id,
-                        _ => return Err(err("the original model's output is a constant")),
-                    };
+                    let (_, logits0) = forward_on_same_input(ctx, graph, &fwd, shape, &mut program, &mut hook0)?;
                     let (probs, probs0, ent, ent0, coeff, sel) = (
                         program.value(bytes_of(&logits_shape)),
                         program.value(bytes_of(&logits_shape)),
@@ -316,17 +309,8 @@ impl StepPlan {
             }
             let mut dispatches = Vec::new();
             let mut scratch = Vec::new();
-            let size_of = |program: &Program, p: usize| match &program.weights[p].init {
-                WeightInit::Tensor(t) => t.numel(),
-                WeightInit::Zeros(n) => *n,
-            };
             for (name, grad) in &param_grads {
-                let p = program
-                    .weights
-                    .iter()
-                    .position(|w| &w.name == name)
-                    .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
-                let n = size_of(&program, p);
+                let (p, n) = parameter(&program, name)?;
                 let fisher = format!("eata:fisher:{name}");
                 match spec.objective {
                     Objective::Fisher => {
@@ -356,12 +340,7 @@ impl StepPlan {
             if spec.objective != Objective::Fisher {
                 // One optimizer update per adapted tensor, then the step counter.
                 for (name, grad) in &param_grads {
-                    let p = program
-                        .weights
-                        .iter()
-                        .position(|w| &w.name == name)
-                        .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
-                    let n = size_of(&program, p);
+                    let (p, n) = parameter(&program, name)?;
                     // Only the moments the optimizer keeps (none for plain SGD, the momentum
                     // buffer for SGD with momentum, m and v for Adam); unused bindings may alias
                     // any buffer.
@@ -623,15 +602,7 @@ fn sam_second_pass(
 ) -> Result<SecondPass, PlanError> {
     let mut params = Vec::new();
     for (name, g) in grads {
-        let p = program
-            .weights
-            .iter()
-            .position(|w| &w.name == name)
-            .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
-        let n = match &program.weights[p].init {
-            WeightInit::Tensor(t) => t.numel(),
-            WeightInit::Zeros(n) => *n,
-        };
+        let (p, n) = parameter(program, name)?;
         params.push((p, *g, n));
     }
     let norms = program.value(params.len() as u64 * 4);
@@ -654,14 +625,7 @@ fn sam_second_pass(
     program.items.push(Item { label: "sam ascent".into(), dispatches, scratch: vec![] });
     // The second forward reads the same input buffer, at the perturbed parameters.
     let mut hook2 = BnHook::new(mode, true);
-    let fwd2 = lower_forward(ctx, graph, &[shape.to_vec()], program, &mut hook2)?;
-    let input2 = fwd2.inputs[0].1;
-    program.pinned_start.retain(|&v| v != input2);
-    program.values[input2].alias_of = Some(fwd.inputs[0].1);
-    let logits2 = match fwd2.outputs.first() {
-        Some((_, GraphOutput::Value { id, .. })) => *id,
-        _ => return Err(err("the model's output is a constant")),
-    };
+    let (fwd2, logits2) = forward_on_same_input(ctx, graph, fwd, shape, program, &mut hook2)?;
     let (probs, ent, coeff, sel2, loss2, dlogits2) = (
         program.value(bytes_of(logits_shape)),
         program.value(b as u64 * 4),
@@ -701,4 +665,39 @@ fn sam_second_pass(
     program.pinned_end.push(loss2);
     program.pinned_end.push(sel2);
     Ok((grads2, loss2, sel2))
+}
+
+/// Lowers one more forward pass of `graph` into `program` reading the first pass's input buffer
+/// (WoC's original model, SAR's pass at the perturbed point); returns it and its logits value.
+fn forward_on_same_input(
+    ctx: &GpuContext,
+    graph: &Graph,
+    first: &Forward,
+    shape: &[usize],
+    program: &mut Program,
+    hook: &mut BnHook,
+) -> Result<(Forward, usize), PlanError> {
+    let fwd = lower_forward(ctx, graph, &[shape.to_vec()], program, hook)?;
+    let input = fwd.inputs[0].1;
+    program.pinned_start.retain(|&v| v != input);
+    program.values[input].alias_of = Some(first.inputs[0].1);
+    let logits = match fwd.outputs.first() {
+        Some((_, GraphOutput::Value { id, .. })) => *id,
+        _ => return Err(err("the model's output is a constant")),
+    };
+    Ok((fwd, logits))
+}
+
+/// The weight id and element count of adapted parameter `name`.
+fn parameter(program: &Program, name: &str) -> Result<(usize, usize), PlanError> {
+    let p = program
+        .weights
+        .iter()
+        .position(|w| w.name == name)
+        .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
+    let n = match &program.weights[p].init {
+        WeightInit::Tensor(t) => t.numel(),
+        WeightInit::Zeros(n) => *n,
+    };
+    Ok((p, n))
 }
