@@ -32,6 +32,7 @@ pub mod ops;
 pub mod plan;
 #[cfg(feature = "ort")]
 pub mod reference;
+pub mod stream;
 pub mod tensor;
 
 pub use engine::{Engine, Model};

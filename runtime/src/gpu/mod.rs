@@ -47,10 +47,12 @@ pub enum Shader {
     Loss,
     Optim,
     Select,
+    Output,
+    Preprocess,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 11] = [
+    pub const ALL: [Shader; 13] = [
         Shader::Elementwise,
         Shader::Conv,
         Shader::Matmul,
@@ -62,6 +64,8 @@ impl Shader {
         Shader::Loss,
         Shader::Optim,
         Shader::Select,
+        Shader::Output,
+        Shader::Preprocess,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -77,6 +81,8 @@ impl Shader {
             Shader::Loss => "loss.wgsl",
             Shader::Optim => "optim.wgsl",
             Shader::Select => "select.wgsl",
+            Shader::Output => "output.wgsl",
+            Shader::Preprocess => "preprocess.wgsl",
         }
     }
 
@@ -93,6 +99,8 @@ impl Shader {
             Shader::Loss => include_str!("../../../shaders/loss.wgsl"),
             Shader::Optim => include_str!("../../../shaders/optim.wgsl"),
             Shader::Select => include_str!("../../../shaders/select.wgsl"),
+            Shader::Output => include_str!("../../../shaders/output.wgsl"),
+            Shader::Preprocess => include_str!("../../../shaders/preprocess.wgsl"),
         }
     }
 }

@@ -1,0 +1,1 @@
+// Camera frame preprocessing: colour conversion, rotation, resize, crop, normalisation (filled in by the streaming work).
