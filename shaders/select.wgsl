@@ -35,6 +35,8 @@ struct VecParams {
 @group(0) @binding(5) var<storage, read_write> sel: array<f32>;
 // the optimizer's [step_count, gate]: the gate closes when nothing is selected
 @group(0) @binding(6) var<storage, read_write> opt_state: array<f32>;
+// a prior filter ANDed in (the WoC flags for eata+woc; ones otherwise)
+@group(0) @binding(7) var<storage, read> smask: array<f32>;
 
 var<workgroup> red: array<f32, 256>;
 
@@ -65,7 +67,7 @@ fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
     var count = 0.0;
     for (var i = t; i < b; i += WG) {
         let e = entropy[i];
-        var keep = e < sp.e0;
+        var keep = smask[i] != 0.0 && e < sp.e0;
         if keep && m_valid {
             // torch.nn.functional.cosine_similarity with its eps of 1e-8.
             var dot = 0.0;

@@ -53,8 +53,8 @@ def make_optimizer(params, o):
 
 
 DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch", "eta": "batch", "eata": "batch", "sar": "batch",
-                "woc": "batch"}
-ADAPTING = ("tent", "eta", "eata", "woc", "sar")
+                "woc": "batch", "eata+woc": "batch"}
+ADAPTING = ("tent", "eta", "eata", "woc", "sar", "eata+woc")
 
 
 def run(model_path, cfg, batches):
@@ -66,7 +66,7 @@ def run(model_path, cfg, batches):
                     adapted=lambda name: method in ADAPTING and not any(s in name for s in exclude))
     params = dict(net.adapted_parameters())
     opt = make_optimizer(list(params.values()), o) if params else None
-    if method in ("eta", "eata"):
+    if method in ("eta", "eata", "eata+woc"):
         return run_eata(net, params, opt, cfg, batches, method, model_path)
     if method == "woc":
         return run_woc(net, params, opt, cfg, batches)
@@ -119,22 +119,38 @@ def run_eata(net, params, opt, cfg, batches, method, model_path):
     classes = None
     e0 = e.get("e_margin")
     d = e["d_margin"]
-    beta = e["fisher_alpha"] if method == "eata" else 0.0
+    beta = e["fisher_alpha"] if method in ("eata", "eata+woc") else 0.0
+    woc = method == "eata+woc"
     fish, anchor = {}, {}
-    if method == "eata":
-        fdir = Path(model_path).parent / e["fisher_batches"] if "fisher_batches" in e else None
-        fb = [np.load(p) for p in sorted(fdir.glob("*.npy"))]
-        fish = fisher(net, params, fb)
+    if beta > 0:
+        # Without clean batches the Fisher is zero (the penalty vanishes), as in the runtime.
+        fish = {k: torch.zeros_like(p) for k, p in params.items()}
+        if "fisher_batches" in e:
+            fdir = Path(model_path).parent / e["fisher_batches"]
+            fish = fisher(net, params, [np.load(p) for p in sorted(fdir.glob("*.npy"))])
         anchor = {k: p.detach().clone() for k, p in params.items()}
     m = None
     steps = []
     for x in batches:
-        z = net(torch.tensor(x))
+        x = torch.tensor(x)
+        if woc:
+            # eata+woc: the WoC filter (the original model: source affine parameters, the batch's
+            # statistics, no gradients) ANDed with EATA's entropy filter before the redundancy
+            # filter; m moves with the samples that pass all three (tta-methods.md §4, §12).
+            with torch.no_grad():
+                net.use_source = True
+                p0 = net(x).softmax(1)
+                net.use_source = False
+            v0, c0 = p0.max(1)
+        z = net(x)
         classes = z.shape[1]
         if e0 is None:
             e0 = 0.4 * float(np.log(classes))
         ent = entropy(z)
-        ids1 = torch.where(ent < e0)[0]
+        keep = ent < e0
+        if woc:
+            keep = keep & (z.softmax(1).gather(1, c0[:, None])[:, 0] >= v0)
+        ids1 = torch.where(keep)[0]
         if m is not None and len(ids1) > 0:
             cos = F.cosine_similarity(m.unsqueeze(0), z[ids1].softmax(1), dim=1)
             ids2 = torch.where(cos.abs() < d)[0]
@@ -160,7 +176,10 @@ def run_eata(net, params, opt, cfg, batches, method, model_path):
             "selected": [int(i) for i in sel],
             "weights": f32(w),
         })
-    return {"steps": steps}
+    out = {"steps": steps}
+    if beta > 0:
+        out["fisher"] = {k: f32(v) for k, v in fish.items()}
+    return out
 
 
 def run_woc(net, params, opt, cfg, batches):
@@ -428,6 +447,9 @@ def main():
     write(out, "tiny_eta", tiny, config("eta", eata={"e_margin": 1.40, "d_margin": 0.9995, "fisher_alpha": 0.0}), eb)
     write(out, "tiny_eata", tiny, config("eata", eata={"e_margin": 1.40, "d_margin": 0.05, "fisher_alpha": 2000.0,
                                                        "fisher_batches": "fisher"}), eb, fisher_batches=fb)
+    write(out, "tiny_eata_woc", tiny, config("eata+woc", lr=0.1, eata={"e_margin": 1.40, "d_margin": 0.9995,
+                                                                       "fisher_alpha": 2000.0, "fisher_batches": "fisher"}),
+          eb + eb[:1], fisher_batches=fb)
     write(out, "tiny_woc", tiny, config("woc", lr=0.1, eata=None) | {"woc": {"lambda": 0.5}}, eb)
     # SAR: E0 rejects some samples; the threshold is high enough that the EMA of the second loss
     # falls below it and the model resets (the authors' code keeps the EMA, so it resets again).

@@ -348,3 +348,32 @@ fn replay_writes_the_record_and_round_trips_state() {
     let err = fails(&["replay", s(&model), "--config", s(&bad_cfg), "--batches", s(&batches), "--out", s(&out3)]);
     assert!(err.contains("learning_rate"), "{err}");
 }
+
+/// `fisher`: computes EATA's Fisher from clean batches into a file that a config then uses as
+/// `fisher_file`, reproducing the reference trajectory that computed it from the batches.
+#[test]
+fn fisher_file_from_the_cli_reproduces_the_reference() {
+    let fx = common::repo_root().join("tests/fixtures/tta/tiny_eata");
+    let dir = scratch("fisher");
+    let (model, fisher) = (fx.join("model.onnx"), dir.join("fisher.safetensors"));
+    ok(&["fisher", s(&model), "--batches", s(&fx.join("fisher")), "--out", s(&fisher)]);
+    let cfg = std::fs::read_to_string(fx.join("config.toml")).unwrap();
+    assert!(cfg.contains("fisher_batches = \"fisher\""), "{cfg}");
+    let cfg = cfg.replace("fisher_batches = \"fisher\"", &format!("fisher_file = {:?}", s(&fisher)));
+    let cfg_path = dir.join("config.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let out = dir.join("out.json");
+    ok(&["replay", s(&model), "--config", s(&cfg_path), "--batches", s(&fx.join("batches")), "--out", s(&out)]);
+    let log: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    for i in 0..3 {
+        let (got, reference) = (log["steps"][i]["loss"].as_f64().unwrap(), want["steps"][i]["loss"].as_f64().unwrap());
+        assert!((got - reference).abs() <= 1e-4 * reference.abs(), "step {i}: loss {got} vs reference {reference}");
+    }
+    // Both keys at once is a usage error naming them.
+    let both = dir.join("both.toml");
+    std::fs::write(&both, format!("[adapt]\nmethod = \"eata\"\n[eata]\nfisher_batches = \"x\"\nfisher_file = \"y\"\n"))
+        .unwrap();
+    let err = fails(&["replay", s(&model), "--config", s(&both), "--batches", s(&fx.join("batches")), "--out", s(&out)]);
+    assert!(err.contains("fisher_file"), "{err}");
+}

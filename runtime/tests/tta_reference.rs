@@ -57,12 +57,26 @@ fn run_scenario(ctx: &acclimate::GpuContext, dir: &Path) -> (Vec<String>, f64) {
     let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
     let model = Model::load(&model_of(dir)).expect("model");
     let mut session = Session::new(ctx, model, cfg).expect("session");
-    let log = replay(&mut session, &dir.join("batches")).expect("replay");
-    let ours: Value = serde_json::to_value(&log).unwrap();
     let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let (a, b) = (ours["steps"].as_array().unwrap(), want["steps"].as_array().unwrap());
     let mut errors = Vec::new();
     let mut worst = 0.0f64;
+    // EATA: the Fisher computed from the clean batches, before adaptation.
+    if let Value::Object(fisher) = &want["fisher"] {
+        let ours = session.fisher().expect("fisher");
+        if ours.len() != fisher.len() {
+            errors.push(format!("{} Fisher tensors, expected {}", ours.len(), fisher.len()));
+        }
+        for (name, t) in &ours {
+            let got: Vec<f64> = t.to_f32_vec().iter().map(|&v| v as f64).collect();
+            match fisher.get(name) {
+                Some(v) => worst = worst.max(close(&format!("fisher {name}"), &got, &floats(v), &mut errors)),
+                None => errors.push(format!("fisher {name} missing from the reference")),
+            }
+        }
+    }
+    let log = replay(&mut session, &dir.join("batches")).expect("replay");
+    let ours: Value = serde_json::to_value(&log).unwrap();
+    let (a, b) = (ours["steps"].as_array().unwrap(), want["steps"].as_array().unwrap());
     if a.len() != b.len() {
         errors.push(format!("{} steps, expected {}", a.len(), b.len()));
     }
@@ -144,4 +158,43 @@ fn adaptation_matches_the_pytorch_reference() {
         }
     }
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// `fisher_file`: a Fisher saved from one session and loaded by another gives the same Fisher
+/// bit for bit and the same replay as computing it from the clean batches; a file saved for
+/// another model is refused.
+#[test]
+fn saved_fisher_reproduces_the_computed_one() {
+    let dir = fixtures().join("tiny_eata");
+    let Some(ctx) = common::gpu() else { return };
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
+    let model = Model::load(&model_of(&dir)).expect("model");
+    let mut a = Session::new(&ctx, model.clone(), cfg.clone()).expect("session");
+    let tmp = std::env::temp_dir().join(format!("acclimate-fisher-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let file = tmp.join("fisher.safetensors");
+    a.save_fisher(&file).expect("save fisher");
+    let mut cfg_b = cfg.clone();
+    cfg_b.eata.fisher_batches = None;
+    cfg_b.eata.fisher_file = Some(file.clone());
+    let mut b = Session::new(&ctx, model, cfg_b).expect("session from fisher_file");
+    let (fa, fb) = (a.fisher().unwrap(), b.fisher().unwrap());
+    assert_eq!(fa.len(), fb.len());
+    for ((na, ta), (nb, tb)) in fa.iter().zip(&fb) {
+        assert_eq!(na, nb);
+        assert_eq!(ta.to_f32_vec(), tb.to_f32_vec(), "{na}");
+    }
+    assert!(fa.iter().any(|(_, t)| t.to_f32_vec().iter().any(|&v| v > 0.0)), "the Fisher is all zeros");
+    let la = serde_json::to_value(replay(&mut a, &dir.join("batches")).unwrap()).unwrap();
+    let lb = serde_json::to_value(replay(&mut b, &dir.join("batches")).unwrap()).unwrap();
+    assert_eq!(la, lb);
+    // Another model's session refuses the file (fingerprint mismatch) and says so.
+    let other = fixtures().join("tiny_eta");
+    let other_model = Model::load(&common::asset("svhn.onnx")).expect("svhn");
+    let mut cfg_c = AdaptConfig::from_file(&other.join("config.toml")).expect("config");
+    cfg_c.adapt.method = acclimate::adapt::config::Method::Eata;
+    cfg_c.eata.fisher_file = Some(file.clone());
+    let err = Session::new(&ctx, other_model, cfg_c).err().expect("a Fisher for another model is refused");
+    assert!(err.to_string().contains("model") || err.to_string().contains("fingerprint"), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
 }

@@ -64,11 +64,23 @@ pub enum Method {
     Woc = 6,
     /// SAR (Niu et al. 2023): entropy filter, sharpness-aware step, recovery by reset.
     Sar = 7,
+    /// EATA with the wisdom-of-crowds filter ANDed into its sample selection (EATA's loss).
+    #[serde(rename = "eata+woc")]
+    EataWoc = 8,
 }
 
 impl Method {
-    pub const ALL: [Method; 8] =
-        [Method::Source, Method::Norm, Method::Rbn, Method::Tent, Method::Eta, Method::Eata, Method::Woc, Method::Sar];
+    pub const ALL: [Method; 9] = [
+        Method::Source,
+        Method::Norm,
+        Method::Rbn,
+        Method::Tent,
+        Method::Eta,
+        Method::Eata,
+        Method::Woc,
+        Method::Sar,
+        Method::EataWoc,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -80,6 +92,7 @@ impl Method {
             Method::Eata => "eata",
             Method::Woc => "woc",
             Method::Sar => "sar",
+            Method::EataWoc => "eata+woc",
         }
     }
 
@@ -87,7 +100,13 @@ impl Method {
     pub fn default_norm(self) -> NormMode {
         match self {
             Method::Source => NormMode::Source,
-            Method::Norm | Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar => NormMode::Batch,
+            Method::Norm
+            | Method::Tent
+            | Method::Eta
+            | Method::Eata
+            | Method::Woc
+            | Method::Sar
+            | Method::EataWoc => NormMode::Batch,
             Method::Rbn => NormMode::Ema,
         }
     }
@@ -96,7 +115,7 @@ impl Method {
     pub fn updates_parameters(self) -> bool {
         match self {
             Method::Source | Method::Norm | Method::Rbn => false,
-            Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar => true,
+            Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc => true,
         }
     }
 }
@@ -247,11 +266,15 @@ pub struct EataSection {
     /// A folder of clean float32 `.npy` batches the Fisher is computed from (EATA).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fisher_batches: Option<PathBuf>,
+    /// A Fisher saved earlier (`Session::save_fisher`, `acclimate fisher`): a safetensors file
+    /// with one tensor per adapted parameter, checked against the model's fingerprint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fisher_file: Option<PathBuf>,
 }
 
 impl Default for EataSection {
     fn default() -> Self {
-        EataSection { e_margin: None, d_margin: 0.05, fisher_alpha: 2000.0, fisher_batches: None }
+        EataSection { e_margin: None, d_margin: 0.05, fisher_alpha: 2000.0, fisher_batches: None, fisher_file: None }
     }
 }
 
@@ -474,11 +497,12 @@ impl AdaptConfig {
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut config = AdaptConfig::parse(&src, &path.display().to_string())?;
         // Paths in a config file are relative to the file, not to wherever the program runs.
-        if let Some(dir) = path.parent()
-            && let Some(p) = &config.eata.fisher_batches
-            && p.is_relative()
-        {
-            config.eata.fisher_batches = Some(dir.join(p));
+        if let Some(dir) = path.parent() {
+            for p in [&mut config.eata.fisher_batches, &mut config.eata.fisher_file].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
         }
         Ok(config)
     }
@@ -506,11 +530,21 @@ impl AdaptConfig {
         if !(self.woc.lambda.is_finite() && self.woc.lambda >= 0.0) {
             return Err(Invalid::new("woc.lambda", self.woc.lambda, "must be a finite number >= 0").at(origin));
         }
-        if self.adapt.method == Method::Eata && self.eata.fisher_batches.is_none() {
+        let eata = matches!(self.adapt.method, Method::Eata | Method::EataWoc);
+        if eata && self.eata.fisher_alpha > 0.0 && self.eata.fisher_batches.is_none() && self.eata.fisher_file.is_none()
+        {
             return Err(Invalid::new(
                 "eata.fisher_batches",
                 "(missing)",
-                "EATA needs clean batches to compute the Fisher",
+                "EATA needs the Fisher: give clean batches (fisher_batches) or a saved Fisher (fisher_file)",
+            )
+            .at(origin));
+        }
+        if self.eata.fisher_batches.is_some() && self.eata.fisher_file.is_some() {
+            return Err(Invalid::new(
+                "eata.fisher_file",
+                "(both set)",
+                "give either fisher_batches or fisher_file, not both",
             )
             .at(origin));
         }

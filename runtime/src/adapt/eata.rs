@@ -18,10 +18,13 @@ pub struct EataSpec {
     pub d_margin: f32,
     /// β of the Fisher penalty; 0 for ETA.
     pub fisher_alpha: f32,
+    /// eata+woc: the wisdom-of-crowds filter is ANDed into the selection.
+    pub woc: bool,
 }
 
-/// Selection over `probs` [B, C] and `entropy` [B]: writes `coeff` [B], `sel` [2B] (flags, then
-/// weights), updates `mstate` [C + 1] (m, then a validity flag) and the optimizer gate.
+/// Selection over `probs` [B, C] and `entropy` [B] among the samples whose `mask` [B] is nonzero:
+/// writes `coeff` [B], `sel` [2B] (flags, then weights), updates `mstate` [C + 1] (m, then a
+/// validity flag) from the selected samples, and sets the optimizer gate.
 #[allow(clippy::too_many_arguments)]
 pub fn select(
     spec: &EataSpec,
@@ -31,13 +34,14 @@ pub fn select(
     coeff: BufRef,
     sel: BufRef,
     opt_state: BufRef,
+    mask: BufRef,
     b: usize,
     c: usize,
 ) -> Dispatch {
     Dispatch {
         key: KernelKey::new(Shader::Select, "eata_select"),
         params: Params::new().u32(b as u32).u32(c as u32).f32(spec.e_margin).f32(spec.d_margin),
-        buffers: vec![probs, entropy, mstate, coeff, sel, opt_state],
+        buffers: vec![probs, entropy, mstate, coeff, sel, opt_state, mask],
         workgroups: [1, 1, 1],
     }
 }

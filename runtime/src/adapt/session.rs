@@ -115,7 +115,7 @@ impl Session {
             }
         }
         let objective = match method {
-            Method::Eta | Method::Eata | Method::Sar => {
+            Method::Eta | Method::Eata | Method::Sar | Method::EataWoc => {
                 let configured = if method == Method::Sar { config.sar.e_margin } else { config.adapt_e_margin() };
                 let e_margin = match configured {
                     Some(e) => e,
@@ -133,8 +133,14 @@ impl Session {
                 if method == Method::Sar {
                     Objective::Sar { e_margin, rho: config.sar.rho }
                 } else {
-                    let fisher_alpha = if method == Method::Eata { config.eata.fisher_alpha } else { 0.0 };
-                    Objective::Eata(EataSpec { e_margin, d_margin: config.eata.d_margin, fisher_alpha })
+                    let with_fisher = matches!(method, Method::Eata | Method::EataWoc);
+                    let fisher_alpha = if with_fisher { config.eata.fisher_alpha } else { 0.0 };
+                    Objective::Eata(EataSpec {
+                        e_margin,
+                        d_margin: config.eata.d_margin,
+                        fisher_alpha,
+                        woc: method == Method::EataWoc,
+                    })
                 }
             }
             Method::Woc => Objective::Woc { lambda: config.woc.lambda },
@@ -153,10 +159,12 @@ impl Session {
             sar_ema: None,
             fingerprint: std::sync::OnceLock::new(),
         };
-        if method == Method::Eata
-            && let Some(dir) = session.config.eata.fisher_batches.clone()
-        {
-            session.compute_fisher(&dir)?;
+        if matches!(method, Method::Eata | Method::EataWoc) {
+            if let Some(dir) = session.config.eata.fisher_batches.clone() {
+                session.compute_fisher(&dir)?;
+            } else if let Some(file) = session.config.eata.fisher_file.clone() {
+                session.load_fisher(&file)?;
+            }
         }
         Ok(session)
     }
@@ -168,6 +176,12 @@ impl Session {
         let files = super::replay::batch_files(dir).map_err(|e| AdaptError::Fisher(e.to_string()))?;
         if files.is_empty() {
             return Err(AdaptError::Fisher(format!("no .npy batches in {}", dir.display())));
+        }
+        // Start from zero: the pass accumulates squared gradients into the Fisher buffers.
+        for name in self.fisher_names() {
+            if let Some(buf) = self.store.get(&name) {
+                self.ctx.queue.write_buffer(buf, 0, &vec![0u8; buf.size() as usize]);
+            }
         }
         let spec = StepSpec { mode: StatsMode::Batch, objective: Objective::Fisher, ..self.spec.clone() };
         let mut plans: HashMap<Vec<usize>, StepPlan> = HashMap::new();
@@ -186,6 +200,84 @@ impl Session {
             if let Some(buf) = self.store.get(&name) {
                 let v: Vec<f32> = t.to_f32_vec().iter().map(|x| x * scale).collect();
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
+            }
+        }
+        self.ctx.queue.submit([]);
+        Ok(())
+    }
+
+    fn fisher_names(&self) -> Vec<String> {
+        self.adapted_parameters().iter().map(|n| format!("eata:fisher:{n}")).collect()
+    }
+
+    /// EATA's Fisher information by adapted parameter name (zeros before it was computed or
+    /// loaded).
+    pub fn fisher(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
+        let params = self.parameters()?;
+        let mut out = Vec::new();
+        for (name, p) in params {
+            let key = format!("eata:fisher:{name}");
+            let values = match self.store.get(&key) {
+                Some(_) => self
+                    .read_named(std::slice::from_ref(&key))?
+                    .pop()
+                    .map(|(_, t)| t.to_f32_vec())
+                    .unwrap_or_else(|| vec![0.0; p.numel()]),
+                None => vec![0.0; p.numel()],
+            };
+            out.push((name, Tensor::f32(p.shape.clone(), values[..p.numel().min(values.len())].to_vec())));
+        }
+        Ok(out)
+    }
+
+    /// Saves the Fisher (one tensor per adapted parameter) as a safetensors file tied to this
+    /// model's fingerprint, for `eata.fisher_file`.
+    pub fn save_fisher(&self, path: &Path) -> Result<(), AdaptError> {
+        let tensors: Vec<(String, Tensor)> =
+            self.fisher()?.into_iter().map(|(n, t)| (format!("eata:fisher:{n}"), t)).collect();
+        let meta = vec![("content".to_string(), "eata-fisher".to_string())];
+        state::save_state(path, self.fingerprint(), &tensors, &meta)?;
+        Ok(())
+    }
+
+    /// Loads a Fisher saved by [`Session::save_fisher`] for the same model. Every adapted
+    /// parameter must be present with its size; on any error nothing changes.
+    pub fn load_fisher(&mut self, path: &Path) -> Result<(), AdaptError> {
+        let fp = self.fingerprint().to_string();
+        let loaded = state::load_state(path, &fp)?;
+        if loaded.metadata.get("content").map(String::as_str) != Some("eata-fisher") {
+            return Err(AdaptError::Fisher(format!("{} is not a saved Fisher (save one with save_fisher)", path.display())));
+        }
+        let mut writes = Vec::new();
+        for (name, p) in self.parameters()? {
+            let key = format!("eata:fisher:{name}");
+            let t = loaded.get(&key).ok_or_else(|| {
+                AdaptError::Fisher(format!("{} has no Fisher for the adapted parameter {name}", path.display()))
+            })?;
+            if t.numel() != p.numel() {
+                return Err(AdaptError::Fisher(format!(
+                    "{}: the Fisher of {name} has {} values, the parameter {}",
+                    path.display(),
+                    t.numel(),
+                    p.numel()
+                )));
+            }
+            writes.push((key, t.to_f32_vec()));
+        }
+        for (key, v) in writes {
+            match self.store.get(&key) {
+                Some(buf) => self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v)),
+                None => {
+                    use wgpu::util::DeviceExt;
+                    let b = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some(&key),
+                        contents: bytemuck::cast_slice(&v),
+                        usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_DST
+                            | wgpu::BufferUsages::COPY_SRC,
+                    });
+                    self.store.buffers.insert(key, b);
+                }
             }
         }
         self.ctx.queue.submit([]);

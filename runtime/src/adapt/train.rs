@@ -159,6 +159,42 @@ impl StepPlan {
                         BufRef::Value(probs),
                         BufRef::Value(ent),
                     ));
+                    let mask = if e.woc {
+                        // eata+woc: the WoC flags (the original model's class kept its
+                        // confidence) gate EATA's filters; EATA's loss and m follow the result.
+                        let mut hook0 = BnHook::new(StatsMode::Batch, false);
+                        hook0.source_affine = true;
+                        let (_, logits0) = forward_on_same_input(ctx, graph, &fwd, shape, &mut program, &mut hook0)?;
+                        let (probs0, ent0, coeff0, sel0) = (
+                            program.value(bytes_of(&logits_shape)),
+                            program.value(b as u64 * 4),
+                            program.value(b as u64 * 4),
+                            program.value(2 * b as u64 * 4),
+                        );
+                        dispatches.extend(loss::softmax_stats(
+                            BufRef::Value(logits0),
+                            b,
+                            c,
+                            BufRef::Value(probs0),
+                            BufRef::Value(ent0),
+                        ));
+                        dispatches.push(eata::woc_select(
+                            BufRef::Value(probs),
+                            BufRef::Value(probs0),
+                            BufRef::Value(coeff0),
+                            BufRef::Value(sel0),
+                            BufRef::Weight(state),
+                            b,
+                            c,
+                        ));
+                        BufRef::Value(sel0)
+                    } else {
+                        BufRef::Weight(program.weight(
+                            &format!("adapt:ones:{b}"),
+                            || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0; b]))),
+                            true,
+                        ))
+                    };
                     dispatches.push(eata::select(
                         &e,
                         BufRef::Value(probs),
@@ -167,6 +203,7 @@ impl StepPlan {
                         BufRef::Value(coeff),
                         BufRef::Value(sel),
                         BufRef::Weight(state),
+                        mask,
                         b,
                         c,
                     ));

@@ -169,6 +169,22 @@ pub enum Command {
         #[arg(long)]
         load_state: Option<PathBuf>,
     },
+    /// Compute EATA's Fisher information once from a folder of clean float32 .npy batches and
+    /// save it (safetensors, tied to the model) for `[eata] fisher_file`.
+    Fisher {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// Folder of clean float32 .npy batches in the model's input layout.
+        #[arg(long)]
+        batches: PathBuf,
+        /// Where to write the Fisher.
+        #[arg(long)]
+        out: PathBuf,
+        /// An adaptation config whose include/exclude select the adapted layers (default: all
+        /// BatchNormalization layers).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn print(s: &str) -> Result<(), CliError> {
@@ -243,6 +259,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Replay { model, config, batches, out, save_state, load_state } => {
             replay::replay_cmd(&model, &config, &batches, &out, save_state.as_deref(), load_state.as_deref())
         }
+        Command::Fisher { model, batches, out, config } => replay::fisher_cmd(&model, &batches, &out, config.as_deref()),
         Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, adapt: Some(method), json } => {
             let method: crate::adapt::Method = serde_json::from_value(serde_json::Value::String(method.clone()))
                 .map_err(|_| CliError::Usage(format!("--adapt: unknown method '{method}'")))?;

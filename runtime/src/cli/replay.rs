@@ -1,4 +1,5 @@
-//! `acclimate replay`: run an adaptation method over a folder of batches, write every step.
+//! `acclimate replay`: run an adaptation method over a folder of batches, write every step; and
+//! `acclimate fisher`: compute and save EATA's Fisher.
 
 use std::path::Path;
 
@@ -40,5 +41,21 @@ pub fn replay_cmd(
         session.save_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     eprintln!("replayed {} batch(es) with {}; wrote {}", log.steps.len(), ctx.adapter_summary(), out.display());
+    Ok(())
+}
+
+pub fn fisher_cmd(model: &Path, batches: &Path, out: &Path, config: Option<&Path>) -> Result<(), CliError> {
+    let mut cfg = match config {
+        Some(p) => AdaptConfig::from_file(p).map_err(|e| CliError::Usage(e.to_string()))?,
+        None => AdaptConfig::default(),
+    };
+    cfg.adapt.method = crate::adapt::config::Method::Eata;
+    cfg.eata.fisher_batches = Some(batches.to_path_buf());
+    cfg.eata.fisher_file = None;
+    let model = Model::load(model)?;
+    let ctx = GpuContext::new().map_err(crate::Error::from)?;
+    let session = Session::new(&ctx, model, cfg).map_err(|e| CliError::Usage(e.to_string()))?;
+    session.save_fisher(out).map_err(|e| CliError::Usage(e.to_string()))?;
+    eprintln!("wrote the Fisher of {} parameters to {}", session.adapted_parameters().len(), out.display());
     Ok(())
 }
