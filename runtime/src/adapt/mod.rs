@@ -2,7 +2,8 @@
 //!
 //! The parts, composable: normalization statistics modes ([`bn`]), the reverse pass and the step
 //! program ([`train`]), losses ([`loss`]), PyTorch-exact optimizers ([`optim`]), the config file
-//! ([`config`]), saved state ([`state`]), and the facade that ties them together ([`Session`]).
+//! ([`config`]), saved state ([`state`]), the output stages (LAME, label-shift corrections:
+//! [`output`]), and the facade that ties them together ([`Session`]).
 //! Exact semantics follow `shared/docs/tta-methods.md`.
 
 pub mod bn;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod eata;
 pub mod loss;
 pub mod optim;
+pub mod output;
 pub mod replay;
 pub mod session;
 pub mod state;

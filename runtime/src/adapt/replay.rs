@@ -34,6 +34,12 @@ pub struct StepRecord {
     /// SAR: whether the model was reset to the source after the batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reset: Option<bool>,
+    /// Output stages (LAME, label shift): the returned probabilities, one row per sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probs: Option<Vec<Vec<f32>>>,
+    /// Label shift: the estimate q̂ the batch was corrected with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior: Option<Vec<f32>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -105,6 +111,8 @@ pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayErro
             weights,
             ema,
             reset,
+            probs: pred.probs.as_ref().map(rows),
+            prior: pred.prior,
         });
     }
     Ok(ReplayLog { steps })

@@ -43,6 +43,8 @@ pub enum AdaptError {
     #[error("the model takes one input of rank {expected}, the batch has shape {got:?}")]
     Rank { expected: usize, got: Vec<usize> },
     #[error(transparent)]
+    Output(#[from] super::output::OutputError),
+    #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
@@ -63,6 +65,11 @@ pub struct Prediction {
     pub ema: Option<f32>,
     /// SAR: whether the model was reset to the source after this batch.
     pub reset: bool,
+    /// The output stage's probabilities [B, C] (LAME, label-shift corrections); `None`
+    /// without one (the probabilities are then softmax(logits)).
+    pub probs: Option<Tensor>,
+    /// The label-distribution estimate q̂ the batch was corrected with (label-shift modes).
+    pub prior: Option<Vec<f32>>,
 }
 
 /// An adaptation session over one model.
@@ -72,6 +79,8 @@ pub struct Session {
     config: AdaptConfig,
     store: WeightStore,
     plans: HashMap<Vec<usize>, StepPlan>,
+    /// Forward-only plans of [`Session::predict`], by shape and statistics mode.
+    predict_plans: HashMap<(Vec<usize>, NormMode), StepPlan>,
     spec: StepSpec,
     bns: Vec<BatchNormInfo>,
     steps_taken: u64,
@@ -93,7 +102,8 @@ impl Session {
             NormMode::Ema => StatsMode::Ema { momentum: config.adapt.norm_momentum },
             NormMode::Alpha => StatsMode::Alpha { alpha: config.adapt.norm_alpha },
         };
-        if bns.is_empty() && (method != Method::Source || norm != NormMode::Source) {
+        let source_model = matches!(method, Method::Source | Method::Lame);
+        if bns.is_empty() && (!source_model || norm != NormMode::Source) {
             return Err(AdaptError::NoBatchNorm(format!("{method:?}").to_lowercase()));
         }
         let mut adapted = Vec::new();
@@ -146,13 +156,16 @@ impl Session {
             Method::Woc => Objective::Woc { lambda: config.woc.lambda },
             _ => Objective::MeanEntropy,
         };
-        let spec = StepSpec { mode, adapted, optimizer: OptimizerSpec::from_config(&config.optimizer), objective };
+        let output = super::output::OutputSpec::from_config(&config, graph)?.map(Arc::new);
+        let optimizer = OptimizerSpec::from_config(&config.optimizer);
+        let spec = StepSpec { mode, adapted, optimizer, objective, output };
         let mut session = Session {
             ctx: ctx.clone(),
             model,
             config,
             store: WeightStore::default(),
             plans: HashMap::new(),
+            predict_plans: HashMap::new(),
             spec,
             bns,
             steps_taken: 0,
@@ -246,7 +259,10 @@ impl Session {
         let fp = self.fingerprint().to_string();
         let loaded = state::load_state(path, &fp)?;
         if loaded.metadata.get("content").map(String::as_str) != Some("eata-fisher") {
-            return Err(AdaptError::Fisher(format!("{} is not a saved Fisher (save one with save_fisher)", path.display())));
+            return Err(AdaptError::Fisher(format!(
+                "{} is not a saved Fisher (save one with save_fisher)",
+                path.display()
+            )));
         }
         let mut writes = Vec::new();
         for (name, p) in self.parameters()? {
@@ -320,6 +336,50 @@ impl Session {
         Ok(&self.plans[shape])
     }
 
+    /// Predicts `batch` with the current parameters WITHOUT a gradient step, normalising with
+    /// `norm`: the stream's per-frame prediction uses [`NormMode::Ema`] (RBN statistics, updated
+    /// by every call), which works for single frames where batch statistics do not. The
+    /// adapted parameters are the same buffers the steps update.
+    pub fn predict(&mut self, batch: &Tensor, norm: NormMode) -> Result<Prediction, AdaptError> {
+        let data = self.check_batch(batch)?;
+        let mode = match norm {
+            NormMode::Source => StatsMode::Source,
+            NormMode::Batch => StatsMode::Batch,
+            NormMode::Ema => StatsMode::Ema { momentum: self.config.adapt.norm_momentum },
+            NormMode::Alpha => StatsMode::Alpha { alpha: self.config.adapt.norm_alpha },
+        };
+        let key = (batch.shape.clone(), norm);
+        if !self.predict_plans.contains_key(&key) {
+            let spec = StepSpec { mode, adapted: Vec::new(), objective: Objective::MeanEntropy, ..self.spec.clone() };
+            let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &batch.shape, &spec)?;
+            self.predict_plans.insert(key.clone(), p);
+        }
+        let out = self.predict_plans[&key].run(&self.ctx, data)?;
+        Ok(Prediction {
+            logits: out.logits,
+            loss: None,
+            selected: None,
+            ema: None,
+            reset: false,
+            probs: out.probs,
+            prior: out.prior,
+        })
+    }
+
+    fn check_batch<'a>(&self, batch: &'a Tensor) -> Result<&'a [f32], AdaptError> {
+        let data = batch.as_f32().ok_or(AdaptError::DType(batch.dtype))?;
+        if let Some(dims) = self.model.graph.inputs.first().and_then(|i| i.dims.as_ref())
+            && dims.len() != batch.shape.len()
+        {
+            return Err(AdaptError::Rank { expected: dims.len(), got: batch.shape.clone() });
+        }
+        if let Some(first) = data.iter().position(|v| !v.is_finite()) {
+            let count = data.iter().filter(|v| !v.is_finite()).count();
+            return Err(AdaptError::NonFinite { shape: batch.shape.clone(), count, first });
+        }
+        Ok(data)
+    }
+
     /// Predicts `batch` and adapts on it; returns the pre-update prediction.
     pub fn step(&mut self, batch: &Tensor) -> Result<Prediction, AdaptError> {
         let data = batch.as_f32().ok_or(AdaptError::DType(batch.dtype))?;
@@ -344,8 +404,9 @@ impl Session {
         let steps = if self.spec.adapted.is_empty() { 1 } else { self.config.adapt.steps.max(1) };
         let plan = &self.plans[&batch.shape];
         let mut first: Option<StepOutput> = None;
-        for _ in 0..steps {
-            let out = plan.run(&self.ctx, data)?;
+        for s in 0..steps {
+            // The output stage's estimate moves once per batch, with the returned prediction.
+            let out = plan.run_with(&self.ctx, data, s == 0)?;
             if first.is_none() {
                 first = Some(out);
             }
@@ -372,7 +433,15 @@ impl Session {
             }
         }
         let ema = if out.second.is_some() { self.sar_ema } else { None };
-        Ok(Prediction { logits: out.logits, loss: out.loss, selected: out.selected, ema, reset })
+        Ok(Prediction {
+            logits: out.logits,
+            loss: out.loss,
+            selected: out.selected,
+            ema,
+            reset,
+            probs: out.probs,
+            prior: out.prior,
+        })
     }
 
     /// Restores parameters, normalization statistics and optimizer state to the source model.
@@ -381,6 +450,12 @@ impl Session {
         for (name, buf) in &self.store.buffers {
             if let Some(t) = graph.initializers.get(name) {
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&t.to_f32_vec()));
+            } else if name == super::output::PRIOR_BUFFER {
+                // The label-shift estimate restarts from the source prior.
+                let c = (buf.size() / 4) as usize;
+                let ps =
+                    self.spec.output.as_ref().map(|o| o.source_prior_for(c)).unwrap_or_else(|| vec![1.0 / c as f32; c]);
+                self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&ps));
             } else if name.starts_with("opt:") {
                 let zeros = vec![0u8; buf.size() as usize];
                 self.ctx.queue.write_buffer(buf, 0, &zeros);
@@ -443,8 +518,13 @@ impl Session {
     fn state_names(&self) -> Vec<String> {
         let mut names: Vec<String> =
             self.bns.iter().flat_map(|b| [b.scale.clone(), b.bias.clone(), b.mean.clone(), b.var.clone()]).collect();
-        let mut opt: Vec<String> =
-            self.store.buffers.keys().filter(|k| k.starts_with("opt:") || k.starts_with("eata:")).cloned().collect();
+        let mut opt: Vec<String> = self
+            .store
+            .buffers
+            .keys()
+            .filter(|k| k.starts_with("opt:") || k.starts_with("eata:") || *k == super::output::PRIOR_BUFFER)
+            .cloned()
+            .collect();
         opt.sort();
         names.extend(opt);
         names

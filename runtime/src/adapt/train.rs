@@ -39,6 +39,9 @@ pub struct StepSpec {
     pub adapted: Vec<AdaptedBn>,
     pub optimizer: OptimizerSpec,
     pub objective: Objective,
+    /// LAME / label-shift stages after the forward pass ([`super::output`]); not run by the
+    /// Fisher pass.
+    pub output: Option<std::sync::Arc<super::output::OutputSpec>>,
 }
 
 /// What a step minimises, and what it does with the gradient.
@@ -75,12 +78,22 @@ pub struct StepPlan {
     selection: Option<(usize, wgpu::Buffer)>,
     /// SAR: the second-pass loss and selection ([flags (B), |S|]) with one staging buffer each.
     second: Option<(usize, usize, wgpu::Buffer, wgpu::Buffer)>,
+    /// The output stage's values (probabilities, prior) with their staging buffers, and the
+    /// gate of its running estimate.
+    output: Option<OutputReadback>,
     pub dispatch_count: usize,
     /// Transient GPU memory of the step (activations kept for the reverse pass, gradients,
     /// scratch), after lifetime-based reuse.
     pub transient_bytes: u64,
     /// Names of the parameters this step updates, in optimizer order.
     pub params: Vec<String>,
+}
+
+struct OutputReadback {
+    stage: super::output::OutputStage,
+    probs: wgpu::Buffer,
+    prior: Option<wgpu::Buffer>,
+    classes: usize,
 }
 
 /// The result of one step.
@@ -93,6 +106,10 @@ pub struct StepOutput {
     pub selected: Option<(Vec<usize>, Vec<f32>)>,
     /// SAR: the second-pass loss and how many samples it kept.
     pub second: Option<(f32, usize)>,
+    /// The output stage's probabilities [B, C] (LAME, label-shift corrections).
+    pub probs: Option<Tensor>,
+    /// The label-distribution estimate the output stage corrected with [C].
+    pub prior: Option<Vec<f32>>,
 }
 
 fn bytes_of(shape: &[usize]) -> u64 {
@@ -121,6 +138,16 @@ impl StepPlan {
         let (logits_v, logits_shape) = match fwd.outputs.first() {
             Some((_, GraphOutput::Value { id, shape })) => (*id, shape.clone()),
             _ => return Err(err("the model's first output is a constant; nothing to adapt")),
+        };
+        // The output stage reads the forward's logits and features right after the forward,
+        // so those buffers need not outlive the reverse pass.
+        let output = match &spec.output {
+            Some(o) if spec.objective != Objective::Fisher => {
+                let stage = super::output::lower(ctx, graph, &fwd, o, logits_v, &logits_shape, &mut program)
+                    .map_err(|e| err(e.to_string()))?;
+                Some((stage, logits_shape.get(1).copied().unwrap_or(1)))
+            }
+            _ => None,
         };
         let mut loss_v = None;
         let mut params = Vec::new();
@@ -416,6 +443,12 @@ impl StepPlan {
             staging_loss: staging(ctx, 4),
             selection: selection.map(|v| (v, staging(ctx, 2 * shape[0] as u64 * 4))),
             second: second.map(|(l, s)| (l, s, staging(ctx, 4), staging(ctx, (shape[0] as u64 + 1) * 4))),
+            output: output.map(|(stage, classes)| OutputReadback {
+                probs: staging(ctx, bytes_of(&[shape[0], classes])),
+                prior: stage.prior.map(|_| staging(ctx, classes as u64 * 4)),
+                stage,
+                classes,
+            }),
             logits: (logits_v, logits_shape),
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
@@ -427,10 +460,20 @@ impl StepPlan {
 
     /// Runs the step on `x`: one encoder, one submit, one readback.
     pub fn run(&self, ctx: &GpuContext, x: &[f32]) -> Result<StepOutput, PlanError> {
+        self.run_with(ctx, x, true)
+    }
+
+    /// [`StepPlan::run`]; `update_state` false holds the output stage's running estimate (the
+    /// later steps on a batch, whose predictions are not returned).
+    pub fn run_with(&self, ctx: &GpuContext, x: &[f32], update_state: bool) -> Result<StepOutput, PlanError> {
         if x.len() != self.input_shape.iter().product::<usize>() {
             return Err(PlanError::InputData { name: "input".into(), shape: self.input_shape.clone(), len: x.len() });
         }
         ctx.queue.write_buffer(self.compiled.value_buffer(self.input), 0, bytemuck::cast_slice(x));
+        if let Some(g) = self.output.as_ref().and_then(|o| o.stage.gate) {
+            let gate = [if update_state { 1.0f32 } else { 0.0 }];
+            ctx.queue.write_buffer(&self.compiled.weight_buffers[g], 0, bytemuck::cast_slice(&gate));
+        }
         let mut encoder =
             ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("adapt step") });
         self.compiled.record(&mut encoder, "adapt step");
@@ -446,6 +489,13 @@ impl StepPlan {
         if let Some((l, s, lst, sst)) = &self.second {
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*l), 0, lst, 0, 4);
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*s), 0, sst, 0, (b as u64 + 1) * 4);
+        }
+        if let Some(o) = &self.output {
+            let v = self.compiled.value_buffer(o.stage.probs);
+            encoder.copy_buffer_to_buffer(v, 0, &o.probs, 0, (b * o.classes) as u64 * 4);
+            if let (Some(q), Some(st)) = (o.stage.prior, &o.prior) {
+                encoder.copy_buffer_to_buffer(self.compiled.value_buffer(q), 0, st, 0, o.classes as u64 * 4);
+            }
         }
         ctx.queue.submit([encoder.finish()]);
         let n: usize = self.logits.1.iter().product();
@@ -471,7 +521,18 @@ impl StepPlan {
             }
             None => None,
         };
-        Ok(StepOutput { logits, loss, selected, second })
+        let (probs, prior) = match &self.output {
+            Some(o) => {
+                let probs = Tensor::f32(vec![b, o.classes], read_buffer(ctx, &o.probs, b * o.classes)?);
+                let prior = match &o.prior {
+                    Some(st) => Some(read_buffer(ctx, st, o.classes)?),
+                    None => None,
+                };
+                (Some(probs), prior)
+            }
+            None => (None, None),
+        };
+        Ok(StepOutput { logits, loss, selected, second, probs, prior })
     }
 }
 

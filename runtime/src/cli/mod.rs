@@ -3,8 +3,10 @@
 //! Every failure ends as one `error: ...` line on stderr and a non-zero exit status (2 for bad
 //! arguments, 1 for everything else), so scripts can rely on it; `RUST_LOG` turns on logging.
 
+pub mod demo;
 pub mod info;
 pub mod replay;
+pub mod stream;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -185,6 +187,78 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Stream frames from a dataset or a video through a model that adapts as it goes: one
+    /// prediction per frame (or per batch of frames), optional shifts applied on the fly, live
+    /// progress with the running accuracy of the adapted and the source model.
+    Stream {
+        /// The ONNX model file.
+        model: PathBuf,
+        /// idx:IMAGES[,LABELS] (MNIST-style IDX, raw or gzip), dir:PATH (images; labels from
+        /// sub-folders or labels.csv), video:PATH (Y4M natively; other containers via ffmpeg).
+        #[arg(long)]
+        source: String,
+        /// How frames become the model's input, e.g.
+        /// size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970 or
+        /// resize=256,crop=224,mean=...,std=...
+        #[arg(long)]
+        preprocess: String,
+        /// Adaptation config (TOML: [adapt], [optimizer], method sections, [stream]).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Corruptions NAME:SEV[,NAME:SEV...] applied to the frames (ImageNet-C names, plus
+        /// low_light; `none` for a clean segment).
+        #[arg(long)]
+        corrupt: Option<String>,
+        /// Switch to the next corruption every K frames (cycling).
+        #[arg(long)]
+        segment: Option<usize>,
+        /// Label order: iid (the dataset's order), sorted, dirichlet:D (class-correlated).
+        #[arg(long, default_value = "iid")]
+        order: String,
+        /// Stop after N frames.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Seed of the shifts and the label order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write one JSON line per frame.
+        #[arg(long)]
+        jsonl: Option<PathBuf>,
+        /// Write a self-contained HTML report with plots.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Write the summary as JSON.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The demo on embedded defaults: the SVHN network adapting on MNIST digits through
+    /// corruptions and a class-correlated segment; or MobileNetV2 on a video with --video.
+    Demo {
+        /// A video (Y4M, or anything ffmpeg reads) to run MobileNetV2 on, frame by frame.
+        #[arg(long)]
+        video: Option<PathBuf>,
+        /// The same clip without the distortion: report agreement with its predictions.
+        #[arg(long, requires = "video")]
+        clean: Option<PathBuf>,
+        /// Where the report, summary and per-frame lines go (default ./acclimate-demo).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace the embedded adaptation config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stop after N frames.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// The assets folder (default: found from the binary's location or ACCLIMATE_ASSETS).
+        #[arg(long)]
+        assets: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 fn print(s: &str) -> Result<(), CliError> {
@@ -259,7 +333,47 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Replay { model, config, batches, out, save_state, load_state } => {
             replay::replay_cmd(&model, &config, &batches, &out, save_state.as_deref(), load_state.as_deref())
         }
-        Command::Fisher { model, batches, out, config } => replay::fisher_cmd(&model, &batches, &out, config.as_deref()),
+        Command::Stream {
+            model,
+            source,
+            preprocess,
+            config,
+            corrupt,
+            segment,
+            order,
+            limit,
+            seed,
+            jsonl,
+            report,
+            summary_json,
+            quiet,
+        } => {
+            let args = stream::StreamArgs {
+                model,
+                source,
+                preprocess,
+                config,
+                corrupt,
+                segment,
+                order,
+                limit,
+                seed,
+                jsonl,
+                report,
+                summary_json,
+                progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let run = stream::stream_cmd(&args)?;
+            print(&stream::summary_text(&run.summary))
+        }
+        Command::Demo { video, clean, out, config, limit, assets, quiet } => {
+            let progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let args = demo::DemoArgs { video, clean, out, config, limit, assets, progress };
+            print(&demo::demo_cmd(&args)?)
+        }
+        Command::Fisher { model, batches, out, config } => {
+            replay::fisher_cmd(&model, &batches, &out, config.as_deref())
+        }
         Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, adapt: Some(method), json } => {
             let method: crate::adapt::Method = serde_json::from_value(serde_json::Value::String(method.clone()))
                 .map_err(|_| CliError::Usage(format!("--adapt: unknown method '{method}'")))?;

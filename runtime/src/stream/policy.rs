@@ -1,0 +1,464 @@
+//! The stream policy: frames in, one prediction per frame out, adaptation in the background of
+//! the stream (tta-methods.md §7 and §12).
+//!
+//! Two protocols over the same frames, so both can be measured on one stream:
+//! - **frame** mode predicts every frame at once, alone (batch 1), normalising with EMA ("robust")
+//!   statistics, which single frames need: batch statistics of one frame are instance
+//!   normalisation. The preprocessed frames also go into a ring buffer of the last `window`
+//!   frames, and every `adapt_every` frames the configured method takes its gradient step on
+//!   that buffer (batch statistics over the window, as the method's reference does).
+//!   Output-only methods (LAME) predict each frame from the window it closes.
+//! - **batch** mode groups frames into batches of `batch` and predicts and adapts per batch,
+//!   the protocol of the TTA literature; a frame's result arrives when its batch is complete.
+//!
+//! [`StreamRunner`] moves a [`StreamSession`] to a worker thread: producers push frames from any
+//! thread, and when they outpace the GPU the newest frame replaces the one waiting (the drop is
+//! counted), so latency stays bounded by one frame's processing.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use thiserror::Error;
+
+use super::frame::Frame;
+use super::preprocess::{FrameError, PreprocessSpec, Preprocessor};
+use crate::adapt::config::{AdaptConfig, Method, NormMode, StreamMode};
+use crate::adapt::session::{AdaptError, Prediction, Session};
+use crate::engine::{Engine, Model};
+use crate::gpu::GpuContext;
+use crate::tensor::Tensor;
+
+/// Why a frame produced no result. The stream itself goes on.
+#[derive(Debug, Error)]
+pub enum StreamError {
+    #[error("frame {index}: {source}")]
+    Frame { index: u64, source: FrameError },
+    #[error("frames {first}..={last}: {source}")]
+    Adapt { first: u64, last: u64, source: AdaptError },
+    #[error("source model: {0}")]
+    Source(crate::Error),
+    #[error("the preprocessed input has shape {got:?}, the model takes {expected}")]
+    Input { got: Vec<usize>, expected: String },
+    #[error("the model has no output to predict from")]
+    NoOutput,
+    #[error("the stream worker thread panicked")]
+    Worker,
+}
+
+/// One frame's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameResult {
+    /// The frame's position in the stream (counting every pushed frame, dropped ones included).
+    pub index: u64,
+    /// The producer's timestamp, carried through.
+    pub timestamp_us: i64,
+    /// The `top_k` most probable classes, most probable first.
+    pub top_k: Vec<(usize, f32)>,
+    /// The unadapted (source) model's top class and probability, when asked for.
+    pub source_top: Option<(usize, f32)>,
+    /// From the frame's arrival to its result (batch mode includes the wait for the batch).
+    pub latency_ms: f32,
+    /// Whether a gradient step ran with this frame (frame mode: right after it; batch mode: on
+    /// its batch).
+    pub adapted: bool,
+    /// The loss of that step, if one ran.
+    pub loss: Option<f32>,
+}
+
+impl FrameResult {
+    /// The predicted class.
+    pub fn class(&self) -> usize {
+        self.top_k.first().map(|t| t.0).unwrap_or(0)
+    }
+}
+
+/// Stream settings besides the adaptation config's `[stream]` section.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// Classes per result.
+    pub top_k: usize,
+    /// Also run the unadapted model on every frame (for comparisons).
+    pub source_prediction: bool,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions { top_k: 5, source_prediction: false }
+    }
+}
+
+struct Pending {
+    index: u64,
+    timestamp_us: i64,
+    arrived: Instant,
+}
+
+/// A model adapting on a stream of frames.
+pub struct StreamSession {
+    session: Session,
+    pre: Preprocessor,
+    source: Option<Engine>,
+    options: StreamOptions,
+    /// Frame mode: the preprocessed frames of the window, oldest first.
+    ring: VecDeque<Vec<f32>>,
+    since_step: usize,
+    /// Batch mode: the frames of the batch being filled, and their preprocessed rows.
+    pending: Vec<(Pending, Vec<f32>)>,
+    next_index: u64,
+    frame_len: usize,
+    frame_shape: Vec<usize>,
+    steps: u64,
+}
+
+/// Softmax of each row of `logits` [B, C] (or the rows of `probs` as they are).
+fn probabilities(p: &Prediction) -> Tensor {
+    if let Some(probs) = &p.probs {
+        return probs.clone();
+    }
+    softmax_rows(&p.logits)
+}
+
+fn softmax_rows(logits: &Tensor) -> Tensor {
+    let c = logits.shape.last().copied().unwrap_or(1).max(1);
+    let mut out = logits.to_f32_vec();
+    for row in out.chunks_mut(c) {
+        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+            s += *v;
+        }
+        for v in row.iter_mut() {
+            *v /= s;
+        }
+    }
+    Tensor::f32(logits.shape.clone(), out)
+}
+
+fn top_k(row: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    // Stable: equal probabilities keep class order, so the top-1 is the first argmax.
+    idx.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
+    idx.into_iter().take(k.max(1)).map(|i| (i, row[i])).collect()
+}
+
+impl StreamSession {
+    /// A stream over `model` adapted as `config` says (`[stream]` picks the protocol), with
+    /// frames preprocessed as `spec` says.
+    pub fn new(
+        ctx: &GpuContext,
+        model: Model,
+        config: AdaptConfig,
+        spec: PreprocessSpec,
+        options: StreamOptions,
+    ) -> Result<StreamSession, StreamError> {
+        let pre = Preprocessor::new(ctx, spec);
+        let frame_shape = pre.output_shape(1);
+        if let Some(dims) = model.graph.inputs.first().and_then(|i| i.dims.as_ref()) {
+            let fixed: Vec<Option<usize>> =
+                dims.iter().map(|d| if let crate::ir::Dim::Fixed(n) = d { Some(*n) } else { None }).collect();
+            let ok = fixed.len() == frame_shape.len()
+                && fixed.iter().zip(&frame_shape).skip(1).all(|(d, &s)| d.is_none_or(|d| d == s));
+            if !ok {
+                return Err(StreamError::Input { got: frame_shape, expected: format!("{dims:?}") });
+            }
+        }
+        let source = options.source_prediction.then(|| Engine::new(ctx, model.clone()));
+        let session =
+            Session::new(ctx, model, config).map_err(|source| StreamError::Adapt { first: 0, last: 0, source })?;
+        let frame_len = frame_shape.iter().product();
+        Ok(StreamSession {
+            session,
+            pre,
+            source,
+            options,
+            ring: VecDeque::new(),
+            since_step: 0,
+            pending: Vec::new(),
+            next_index: 0,
+            frame_len,
+            frame_shape,
+            steps: 0,
+        })
+    }
+
+    /// The adaptation session (parameters, state files, reset).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// Gradient steps taken on the stream.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Frames pushed so far (the next frame's index).
+    pub fn frames(&self) -> u64 {
+        self.next_index
+    }
+
+    /// Counts a frame that never reached the session (dropped by a producer), so indices keep
+    /// matching the producer's frame count.
+    pub fn skip(&mut self) {
+        self.next_index += 1;
+    }
+
+    fn mode(&self) -> StreamMode {
+        self.session.config().stream.mode
+    }
+
+    /// The statistics a single frame is predicted with: EMA, unless the method predicts with the
+    /// source statistics (source, lame) or the config names another mode than batch statistics.
+    fn frame_norm(&self) -> NormMode {
+        let cfg = self.session.config();
+        match (cfg.adapt.method, cfg.adapt.norm) {
+            (Method::Source, None) => NormMode::Source,
+            (_, Some(NormMode::Batch)) | (_, None) => NormMode::Ema,
+            (_, Some(n)) => n,
+        }
+    }
+
+    fn output_only(&self) -> bool {
+        self.session.config().adapt.method == Method::Lame
+    }
+
+    fn batch_tensor(&self, rows: &[&[f32]]) -> Tensor {
+        let mut shape = self.frame_shape.clone();
+        shape[0] = rows.len();
+        let mut data = Vec::with_capacity(rows.len() * self.frame_len);
+        for r in rows {
+            data.extend_from_slice(r);
+        }
+        Tensor::f32(shape, data)
+    }
+
+    fn source_top(&mut self, x: &Tensor) -> Result<Option<Vec<(usize, f32)>>, StreamError> {
+        let Some(engine) = self.source.as_mut() else { return Ok(None) };
+        let outs = engine.run(std::slice::from_ref(x)).map_err(StreamError::Source)?;
+        let Some(logits) = outs.into_iter().next() else { return Err(StreamError::NoOutput) };
+        let probs = softmax_rows(&logits);
+        let c = probs.shape.last().copied().unwrap_or(1).max(1);
+        Ok(Some(probs.to_f32_vec().chunks(c).map(|r| top_k(r, 1)[0]).collect()))
+    }
+
+    /// Pushes one frame. Frame mode returns its result; batch mode returns the results of a
+    /// batch when this frame completes it (else nothing). A bad frame is an error for that
+    /// frame only.
+    pub fn push(&mut self, frame: &Frame) -> Result<Vec<FrameResult>, StreamError> {
+        let arrived = Instant::now();
+        let index = self.next_index;
+        self.next_index += 1;
+        let x = self.pre.run(std::slice::from_ref(frame)).map_err(|source| StreamError::Frame { index, source })?;
+        let row = x.to_f32_vec();
+        let meta = Pending { index, timestamp_us: frame.timestamp_us, arrived };
+        match self.mode() {
+            StreamMode::Frame => self.push_frame(meta, row).map(|r| vec![r]),
+            StreamMode::Batch => {
+                self.pending.push((meta, row));
+                if self.pending.len() >= self.session.config().stream.batch { self.flush() } else { Ok(Vec::new()) }
+            }
+        }
+    }
+
+    /// Batch mode: predicts and adapts on the frames of an incomplete last batch. Frame mode:
+    /// nothing to do.
+    pub fn finish(&mut self) -> Result<Vec<FrameResult>, StreamError> {
+        if self.pending.is_empty() { Ok(Vec::new()) } else { self.flush() }
+    }
+
+    fn push_frame(&mut self, meta: Pending, row: Vec<f32>) -> Result<FrameResult, StreamError> {
+        let window = self.session.config().stream.window;
+        let adapt_every = self.session.config().stream.adapt_every;
+        let index = meta.index;
+        let x = self.batch_tensor(&[&row]);
+        let source_top = self.source_top(&x)?.and_then(|v| v.into_iter().next());
+        self.ring.push_back(row);
+        while self.ring.len() > window {
+            self.ring.pop_front();
+        }
+        let adapt_err = |source| StreamError::Adapt { first: index, last: index, source };
+        let (probs, adapted, loss) = if self.output_only() {
+            // LAME: the frame's prediction is its row of the output stage over the window.
+            let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
+            let batch = self.batch_tensor(&rows);
+            let p = self.session.step(&batch).map_err(adapt_err)?;
+            let probs = probabilities(&p);
+            let c = probs.shape.last().copied().unwrap_or(1).max(1);
+            let last = probs.to_f32_vec()[(rows.len() - 1) * c..rows.len() * c].to_vec();
+            (last, false, None)
+        } else {
+            let p = self.session.predict(&x, self.frame_norm()).map_err(adapt_err)?;
+            let probs = probabilities(&p).to_f32_vec();
+            self.since_step += 1;
+            let mut adapted = false;
+            let mut loss = None;
+            if self.session.config().adapt.method.updates_parameters()
+                && self.since_step >= adapt_every
+                && self.ring.len() >= 2
+            {
+                let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
+                let batch = self.batch_tensor(&rows);
+                let first = index + 1 - rows.len() as u64;
+                let step =
+                    self.session.step(&batch).map_err(|source| StreamError::Adapt { first, last: index, source })?;
+                self.since_step = 0;
+                self.steps += 1;
+                adapted = true;
+                loss = step.loss;
+            }
+            (probs, adapted, loss)
+        };
+        Ok(FrameResult {
+            index,
+            timestamp_us: meta.timestamp_us,
+            top_k: top_k(&probs, self.options.top_k),
+            source_top,
+            latency_ms: meta.arrived.elapsed().as_secs_f32() * 1000.0,
+            adapted,
+            loss,
+        })
+    }
+
+    fn flush(&mut self) -> Result<Vec<FrameResult>, StreamError> {
+        let pending = std::mem::take(&mut self.pending);
+        let (first, last) = (pending[0].0.index, pending[pending.len() - 1].0.index);
+        let rows: Vec<&[f32]> = pending.iter().map(|(_, r)| r.as_slice()).collect();
+        let x = self.batch_tensor(&rows);
+        let source = self.source_top(&x)?;
+        let p = self.session.step(&x).map_err(|source| StreamError::Adapt { first, last, source })?;
+        let adapted = self.session.config().adapt.method.updates_parameters();
+        if adapted {
+            self.steps += 1;
+        }
+        let probs = probabilities(&p);
+        let c = probs.shape.last().copied().unwrap_or(1).max(1);
+        let probs = probs.to_f32_vec();
+        Ok(pending
+            .iter()
+            .enumerate()
+            .map(|(i, (meta, _))| FrameResult {
+                index: meta.index,
+                timestamp_us: meta.timestamp_us,
+                top_k: top_k(&probs[i * c..(i + 1) * c], self.options.top_k),
+                source_top: source.as_ref().map(|s| s[i]),
+                latency_ms: meta.arrived.elapsed().as_secs_f32() * 1000.0,
+                adapted,
+                loss: p.loss,
+            })
+            .collect())
+    }
+}
+
+/// The producer side of a [`StreamRunner`]: push frames from any thread.
+#[derive(Clone)]
+pub struct FrameSender {
+    slot: Arc<(Mutex<Slot>, Condvar)>,
+}
+
+#[derive(Default)]
+struct Slot {
+    frame: Option<Frame>,
+    closed: bool,
+    drops: u64,
+}
+
+impl FrameSender {
+    /// Hands a frame to the worker. If the previous frame is still waiting (the producer is
+    /// faster than the GPU), it is replaced and counted as dropped; returns whether that
+    /// happened. Frames pushed after [`FrameSender::close`] are ignored (returns false).
+    pub fn push(&self, frame: Frame) -> bool {
+        let (lock, cv) = &*self.slot;
+        let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if s.closed {
+            return false;
+        }
+        let dropped = s.frame.replace(frame).is_some();
+        if dropped {
+            s.drops += 1;
+        }
+        cv.notify_one();
+        dropped
+    }
+
+    /// Frames replaced before the worker took them.
+    pub fn drops(&self) -> u64 {
+        self.slot.0.lock().unwrap_or_else(|e| e.into_inner()).drops
+    }
+
+    /// Ends the stream: the worker processes the waiting frame, flushes a partial batch and
+    /// stops.
+    pub fn close(&self) {
+        let (lock, cv) = &*self.slot;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        cv.notify_one();
+    }
+}
+
+/// A [`StreamSession`] on its own thread.
+pub struct StreamRunner {
+    pub frames: FrameSender,
+    /// Results (and per-frame errors) in frame order.
+    pub results: Receiver<Result<FrameResult, StreamError>>,
+    worker: JoinHandle<StreamSession>,
+}
+
+impl StreamRunner {
+    /// Starts the worker thread.
+    pub fn spawn(mut stream: StreamSession) -> StreamRunner {
+        let slot = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
+        let (tx, rx): (Sender<Result<FrameResult, StreamError>>, _) = channel();
+        let worker_slot = slot.clone();
+        let worker = std::thread::spawn(move || {
+            let mut seen_drops = 0u64;
+            loop {
+                let (frame, closed) = {
+                    let (lock, cv) = &*worker_slot;
+                    let mut s = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while s.frame.is_none() && !s.closed {
+                        s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+                    }
+                    // Dropped frames still take an index, so results line up with the producer.
+                    for _ in seen_drops..s.drops {
+                        stream.skip();
+                    }
+                    seen_drops = s.drops;
+                    (s.frame.take(), s.closed)
+                };
+                if let Some(f) = frame {
+                    match stream.push(&f) {
+                        Ok(rs) => rs.into_iter().for_each(|r| {
+                            let _ = tx.send(Ok(r));
+                        }),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                } else if closed {
+                    match stream.finish() {
+                        Ok(rs) => rs.into_iter().for_each(|r| {
+                            let _ = tx.send(Ok(r));
+                        }),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                    return stream;
+                }
+            }
+        });
+        StreamRunner { frames: FrameSender { slot }, results: rx, worker }
+    }
+
+    /// Closes the stream, waits for the worker and returns the session with its adapted state.
+    pub fn join(self) -> Result<StreamSession, StreamError> {
+        self.frames.close();
+        self.worker.join().map_err(|_| StreamError::Worker)
+    }
+}

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Reference fixtures for the shift-schedule corruptions (runtime/src/stream/corrupt.rs).
+
+Runs the `imagecorruptions` package (v1.1.2, the ImageNet-C code packaged for arbitrary image
+sizes) on three small test images and writes what runtime/tests/stream_corrupt.rs compares
+against into tests/fixtures/corrupt/:
+
+  inputs/<image>.png                the clean images: digit32 (MNIST test digit 0, PIL bilinear
+                                    28->32, gray copied to RGB), photo32 (chelsea.png, PIL box
+                                    resize to 32x32) and photo64x48 (coffee.png, box resize to
+                                    64x48, non-square on purpose)
+  expected/<image>/<name>_<s>.png   deterministic corruptions, every severity: brightness,
+                                    contrast, defocus_blur, pixelate, jpeg_compression, and
+                                    motion_blur at a fixed angle (the package draws the angle
+                                    uniformly in [-45, 45]; the blur given the angle is
+                                    deterministic: `_motion_blur` with the severity's radius and
+                                    sigma, clipped and cast as `corrupt` does)
+  fog/photo32_s<s>_map.npy + .png   a plasma-fractal map drawn by the package and the fog image
+                                    made from it (severities 1 and 5) (the composition given the map is deterministic)
+  stats.json                        statistics of the random corruptions (gaussian_noise,
+                                    shot_noise, impulse_noise, fog, motion_blur with its random
+                                    angle) over DRAWS draws per image and severity: for each
+                                    statistic the mean over draws and the standard deviation of
+                                    one draw's value, so the Rust test can bound the difference of
+                                    two sample means by their standard errors
+
+The statistics are computed per draw on the uint8 output `out` and input `inp` (float64, all
+H*W*3 values): resid_mean = mean(out - inp), resid_sq = mean((out - inp)^2), frac_0 /
+frac_255 = fraction of values equal to 0 / 255, frac_same = fraction with out == inp, mean_abs
+= mean |out - inp|, out_mean / out_std = mean / population std of out, hgrad / vgrad = mean
+|difference| of horizontally / vertically adjacent values of out.
+
+imagecorruptions 1.1.2 calls `np.float_`, which NumPy 2 removed; the alias to float64 is restored
+before importing it (same dtype, no change in behaviour).
+
+    python3 -m venv /tmp/icvenv && /tmp/icvenv/bin/pip install imagecorruptions==1.1.2
+    /tmp/icvenv/bin/python tools/corruption_fixtures.py      # needs assets/ (tools/setup.sh)
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if not hasattr(np, "float_"):
+    np.float_ = np.float64  # removed in NumPy 2; imagecorruptions' plasma_fractal still names it
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+OUT = ROOT / "tests" / "fixtures" / "corrupt"
+
+SEED = 20240611
+DRAWS = 400
+SEVERITIES = (1, 2, 3, 4, 5)
+FOG_SEVERITIES = (1, 5)  # the fog-given-its-map check: two severities keep the fixtures small
+DETERMINISTIC = ("brightness", "contrast", "defocus_blur", "pixelate", "jpeg_compression")
+MOTION_ANGLES = {"digit32": -38.7, "photo32": 27.3, "photo64x48": 12.5}
+MOTION_PARAMS = [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)]  # (radius, sigma), as motion_blur
+RANDOM = {
+    "gaussian_noise": ("resid_mean", "resid_sq", "frac_0", "frac_255"),
+    "shot_noise": ("resid_mean", "resid_sq", "frac_0", "frac_255"),
+    "impulse_noise": ("frac_0", "frac_255", "frac_same"),
+    "fog": ("out_mean", "out_std", "hgrad", "vgrad"),
+    "motion_blur": ("mean_abs", "hgrad", "vgrad"),
+}
+STAT_IMAGES = ("digit32", "photo32")
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    n, h, w = (int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def inputs() -> dict[str, np.ndarray]:
+    from PIL import Image
+    digit = read_idx_images(ASSETS / "mnist" / "t10k-images-idx3-ubyte")[0]
+    digit32 = np.array(Image.fromarray(digit).resize((32, 32), Image.BILINEAR).convert("RGB"))
+    cat = Image.open(ASSETS / "photos" / "chelsea.png").convert("RGB")
+    coffee = Image.open(ASSETS / "photos" / "coffee.png").convert("RGB")
+    photo32 = np.array(cat.resize((32, 32), Image.BOX))
+    photo64x48 = np.array(coffee.resize((64, 48), Image.BOX))
+    return {"digit32": digit32, "photo32": photo32, "photo64x48": photo64x48}
+
+
+def save_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, optimize=True)
+
+
+def assert_no_rounding_ties(radius: int, angle: float) -> None:
+    """The blur's pixel shifts are ceil(i*sin/|.| - 0.5): an angle whose offsets land within
+    1e-9 of an integer would make the fixture depend on the last bit of sin and hypot."""
+    import math
+    width = 2 * radius + 1
+    p = (width * np.sin(np.deg2rad(angle)), width * np.cos(np.deg2rad(angle)))
+    h = math.hypot(*p)
+    for i in range(width):
+        for q in p:
+            t = i * q / h - 0.5
+            if i and abs(t - round(t)) < 1e-9:
+                raise AssertionError(f"angle {angle}: offset {t} of tap {i} is a rounding tie")
+
+
+def stat_values(names, inp: np.ndarray, out: np.ndarray) -> list[float]:
+    x = inp.astype(np.float64)
+    y = out.astype(np.float64)
+    d = y - x
+    table = {
+        "resid_mean": lambda: d.mean(),
+        "resid_sq": lambda: (d * d).mean(),
+        "frac_0": lambda: (out == 0).mean(),
+        "frac_255": lambda: (out == 255).mean(),
+        "frac_same": lambda: (out == inp).mean(),
+        "mean_abs": lambda: np.abs(d).mean(),
+        "out_mean": lambda: y.mean(),
+        "out_std": lambda: y.std(),
+        "hgrad": lambda: np.abs(y[:, 1:] - y[:, :-1]).mean(),
+        "vgrad": lambda: np.abs(y[1:] - y[:-1]).mean(),
+    }
+    return [float(table[n]()) for n in names]
+
+
+def main() -> int:
+    try:
+        import imagecorruptions
+        from imagecorruptions import corrupt
+        from imagecorruptions.corruptions import _motion_blur, plasma_fractal, next_power_of_2
+    except ImportError:
+        print("corruption_fixtures.py needs imagecorruptions==1.1.2 (see the docstring)", file=sys.stderr)
+        return 1
+    if not (ASSETS / "mnist" / "t10k-images-idx3-ubyte").exists():
+        print(f"{ASSETS} is incomplete; run tools/setup.sh first", file=sys.stderr)
+        return 1
+    np.random.seed(SEED)
+    for sub in ("inputs", "expected", "fog"):  # README.md is written by hand and stays
+        shutil.rmtree(OUT / sub, ignore_errors=True)
+    imgs = inputs()
+    for name, img in imgs.items():
+        save_png(OUT / "inputs" / f"{name}.png", img)
+
+    for name, img in imgs.items():
+        for c in DETERMINISTIC:
+            for s in SEVERITIES:
+                save_png(OUT / "expected" / name / f"{c}_{s}.png", corrupt(img, severity=s, corruption_name=c))
+        for s in SEVERITIES:
+            radius, sigma = MOTION_PARAMS[s - 1]
+            assert_no_rounding_ties(radius, MOTION_ANGLES[name])
+            blurred = _motion_blur(np.array(img), radius=radius, sigma=sigma, angle=MOTION_ANGLES[name])
+            save_png(OUT / "expected" / name / f"motion_blur_{s}.png", np.uint8(np.clip(blurred, 0, 255)))
+
+    # Fog given its map: the same arithmetic as imagecorruptions.corruptions.fog, with the map
+    # kept. (fog draws the map with plasma_fractal(mapsize=next_power_of_2(max(shape))).)
+    fog_params = [(1.5, 2), (2., 2), (2.5, 1.7), (2.5, 1.5), (3., 1.4)]
+    img = imgs["photo32"]
+    for s in FOG_SEVERITIES:
+        c = fog_params[s - 1]
+        mapsize = next_power_of_2(int(max(img.shape)))
+        fmap = plasma_fractal(mapsize=mapsize, wibbledecay=c[1])[:img.shape[0], :img.shape[1]]
+        x = img / 255.
+        max_val = x.max()
+        x = x + c[0] * fmap[..., np.newaxis]
+        out = np.uint8(np.clip(x * max_val / (max_val + c[0]), 0, 1) * 255)
+        (OUT / "fog").mkdir(parents=True, exist_ok=True)
+        np.save(OUT / "fog" / f"photo32_s{s}_map.npy", fmap.astype(np.float64))
+        save_png(OUT / "fog" / f"photo32_s{s}.png", out)
+
+    stats: dict = {}
+    for name in STAT_IMAGES:
+        img = imgs[name]
+        stats[name] = {}
+        for c, names in RANDOM.items():
+            stats[name][c] = {}
+            for s in SEVERITIES:
+                rows = np.array([stat_values(names, img, corrupt(img, severity=s, corruption_name=c))
+                                 for _ in range(DRAWS)])
+                stats[name][c][str(s)] = {n: {"mean": float(rows[:, i].mean()), "std": float(rows[:, i].std(ddof=1))}
+                                          for i, n in enumerate(names)}
+    import importlib.metadata as md
+    versions = {p: md.version(p) for p in ("imagecorruptions", "numpy", "opencv-python", "scikit-image", "scipy",
+                                           "pillow")}
+    doc = {"seed": SEED, "draws": DRAWS, "motion_angles": MOTION_ANGLES, "versions": versions, "stats": stats}
+    (OUT / "stats.json").write_text(json.dumps(doc, indent=1) + "\n")
+    total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(f"[corruption_fixtures] wrote {OUT} ({total / 1024:.0f} KiB) with imagecorruptions "
+          f"{versions['imagecorruptions']} from {Path(imagecorruptions.__file__).parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
