@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install what is missing, build the assets and the release
-# binary, then show the engine on real models and data — MobileNetV2 (ImageNet) on two photos and
-# the SVHN digit network on real MNIST digits — on the GPU (lavapipe when there is none) beside
-# ONNX Runtime, TENT adapting the SVHN network on the digits, and a short benchmark.
+# binary, then `acclimate demo` — the SVHN digit network adapting on a stream of MNIST digits
+# through corruptions and a class-correlated segment (report in ./acclimate-demo/) — followed by
+# the engine on real models beside ONNX Runtime and a short benchmark. The GPU is lavapipe when
+# there is no real one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/prereqs.sh
@@ -14,6 +15,9 @@ A=target/release/acclimate
 PY=.venv/bin/python
 OUT="${TMPDIR:-/tmp}/acclimate-demo"
 mkdir -p "$OUT"
+
+echo; echo "== acclimate demo (the SVHN network streaming MNIST digits, adapting as it goes)"
+$A demo --out "$OUT/stream"
 
 echo; echo "== acclimate info assets/mobilenetv2.onnx"
 $A info assets/mobilenetv2.onnx | sed -n '1,6p;/BatchNormalization:/p;/unsupported/p;/GPU engine/p'

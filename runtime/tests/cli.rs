@@ -377,3 +377,112 @@ fn fisher_file_from_the_cli_reproduces_the_reference() {
         fails(&["replay", s(&model), "--config", s(&both), "--batches", s(&fx.join("batches")), "--out", s(&out)]);
     assert!(err.contains("fisher_file"), "{err}");
 }
+
+/// Writes an IDX image file (n gray h×w digits) and its labels.
+fn write_idx(dir: &Path, n: usize, h: usize, w: usize) -> (PathBuf, PathBuf) {
+    let px = common::random_f32(n * h * w, 77, 0.0, 255.0);
+    let mut images = vec![0, 0, 8, 3];
+    for d in [n, h, w] {
+        images.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    images.extend(px.iter().map(|v| *v as u8));
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend_from_slice(&(n as u32).to_be_bytes());
+    labels.extend((0..n).map(|i| ((i * 7) % 10) as u8));
+    let (ip, lp) = (dir.join("images.idx"), dir.join("labels.idx"));
+    std::fs::write(&ip, images).unwrap();
+    std::fs::write(&lp, labels).unwrap();
+    (ip, lp)
+}
+
+/// `stream`: an IDX dataset through the tiny net in batch mode with a corruption schedule and a
+/// sorted label order; every output file is written, the per-frame lines carry the labels in
+/// sorted order, the summary has the documented keys, and the report is a self-contained page.
+#[test]
+fn stream_writes_lines_summary_and_report() {
+    let dir = scratch("stream");
+    let (images, labels) = write_idx(&dir, 12, 10, 10);
+    let model = common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx");
+    let cfg = dir.join("stream.toml");
+    std::fs::write(&cfg, "[adapt]\nmethod = \"tent\"\n[stream]\nmode = \"batch\"\nbatch = 5\n").unwrap();
+    let (jsonl, summary, report) = (dir.join("frames.jsonl"), dir.join("summary.json"), dir.join("report.html"));
+    let src = format!("idx:{},{}", s(&images), s(&labels));
+    let out = ok(&[
+        "stream",
+        s(&model),
+        "--source",
+        &src,
+        "--preprocess",
+        "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25",
+        "--config",
+        s(&cfg),
+        "--corrupt",
+        "none,gaussian_noise:5",
+        "--segment",
+        "4",
+        "--order",
+        "sorted",
+        "--limit",
+        "11",
+        "--jsonl",
+        s(&jsonl),
+        "--summary-json",
+        s(&summary),
+        "--report",
+        s(&report),
+        "--quiet",
+    ]);
+    assert!(out.contains("frames 11"), "{out}");
+    let lines: Vec<Value> =
+        std::fs::read_to_string(&jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 11);
+    let labs: Vec<u64> = lines.iter().map(|l| l["label"].as_u64().unwrap()).collect();
+    assert!(labs.windows(2).all(|w| w[0] <= w[1]), "sorted order: {labs:?}");
+    let segs: Vec<&str> = lines.iter().map(|l| l["segment"].as_str().unwrap()).collect();
+    assert_eq!(&segs[..5], &["clean", "clean", "clean", "clean", "gaussian_noise:5"]);
+    assert!(lines.iter().all(|l| l["adapted"] == true), "batch mode adapts on every batch");
+    let sum: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    for key in ["frames", "accuracy", "source_accuracy", "fps", "drops"] {
+        assert!(!sum[key].is_null(), "summary lacks {key}: {sum}");
+    }
+    assert_eq!(sum["frames"], 11);
+    let page = std::fs::read_to_string(&report).unwrap();
+    assert!(page.contains("<svg") && !page.contains("src=\"http"), "report is not a self-contained page");
+
+    // Errors are one line: a bad source, a bad preprocess spec, an order without labels.
+    let e = fails(&["stream", s(&model), "--source", "tape:x", "--preprocess", "size=8", "--quiet"]);
+    assert!(e.contains("tape"), "{e}");
+    let e = fails(&["stream", s(&model), "--source", &src, "--preprocess", "size=8,colour=1", "--quiet"]);
+    assert!(e.contains("colour"), "{e}");
+    let unlabelled = format!("idx:{}", s(&images));
+    let e = fails(&[
+        "stream",
+        s(&model),
+        "--source",
+        &unlabelled,
+        "--preprocess",
+        "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25",
+        "--order",
+        "sorted",
+        "--quiet",
+    ]);
+    assert!(e.contains("labels"), "{e}");
+}
+
+/// `demo` on its embedded defaults (shortened with --limit), from another working directory:
+/// it finds the assets, runs the SVHN network on MNIST digits and writes its report.
+#[test]
+fn demo_runs_on_embedded_defaults() {
+    let dir = scratch("demo");
+    let out = dir.join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_acclimate"))
+        .args(["demo", "--limit", "64", "--quiet", "--out", s(&out)])
+        .current_dir(&dir)
+        .env("ACCLIMATE_ASSETS", common::assets())
+        .output()
+        .expect("run acclimate");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("frames 64") && text.contains("source"), "{text}");
+    assert!(out.join("report.html").exists() && out.join("summary.json").exists());
+}

@@ -107,6 +107,19 @@ fn motion_blur_matches_at_fixed_angles() {
     }
 }
 
+/// `apply` draws the motion-blur angle as numpy's `uniform(-45, 45)`: one uniform draw u, the
+/// angle −45 + 90·u (the statistics above cannot tell ±40° from ±45°; this can).
+#[test]
+fn motion_blur_angle_is_uniform_in_45_degrees() {
+    use rand::RngExt;
+    let img = input("photo32");
+    for f in 0..20u64 {
+        let u: f64 = frame_rng(3, f).random();
+        let want = corrupt::motion_blur_at(&img, 2, -45.0 + 90.0 * u).unwrap();
+        assert_eq!(corrupt::apply(&img, Corruption::MotionBlur, 2, &mut frame_rng(3, f)).unwrap(), want, "frame {f}");
+    }
+}
+
 fn load_npy_f64(rel: &str) -> Vec<f64> {
     let bytes = std::fs::read(fixtures().join(rel)).expect("npy");
     npyz::NpyFile::new(&bytes[..]).expect("npy header").into_vec::<f64>().expect("f64 data")

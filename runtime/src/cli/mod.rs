@@ -1,4 +1,4 @@
-//! The `acclimate` command-line tool: `info`, `run` and `bench`.
+//! The `acclimate` command-line tool: `info`, `run`, `bench`, `replay`, `fisher`, `stream` and `demo`.
 //!
 //! Every failure ends as one `error: ...` line on stderr and a non-zero exit status (2 for bad
 //! arguments, 1 for everything else), so scripts can rely on it; `RUST_LOG` turns on logging.

@@ -471,25 +471,36 @@ fn disk_kernel(radius: i32, alias_blur: f32) -> (Vec<f64>, usize) {
 fn defocus_blur(img: &RgbImage, s: usize) -> RgbImage {
     let (radius, alias) = DEFOCUS[s];
     let (kernel, n) = disk_kernel(radius, alias);
-    let half = (n / 2) as isize;
+    let half = n / 2;
     let (w, h) = (img.w(), img.h());
-    let x: Vec<f64> = img.data.iter().map(|&v| unit(v)).collect();
-    let mut out = vec![0u8; x.len()];
-    // Reflected column offsets for every output column, computed once.
-    let cols: Vec<Vec<usize>> =
-        (0..w).map(|xx| (0..n).map(|kx| reflect101(xx as isize + kx as isize - half, w)).collect()).collect();
-    for yy in 0..h {
-        let rows: Vec<usize> = (0..n).map(|ky| reflect101(yy as isize + ky as isize - half, h)).collect();
-        for (xx, col) in cols.iter().enumerate() {
-            for c in 0..3 {
-                let mut acc = 0.0f64;
-                for (ky, &sy) in rows.iter().enumerate() {
-                    let krow = &kernel[ky * n..ky * n + n];
-                    for (k, &sx) in krow.iter().zip(col) {
-                        acc += k * x[(sy * w + sx) * 3 + c];
-                    }
+    // filter2D's sum over the kernel, row-major. Zero taps are skipped (adding +0.0 to a
+    // non-negative sum changes nothing), and each tap is applied to a whole output row, which
+    // keeps every output's sequence of additions.
+    let taps: Vec<(usize, usize, f64)> =
+        kernel.iter().enumerate().filter(|(_, k)| **k != 0.0).map(|(i, k)| (i / n, i % n, *k)).collect();
+    let (pw, ph) = (w + 2 * half, h + 2 * half);
+    let mut out = vec![0u8; img.data.len()];
+    let mut plane = vec![0.0f64; pw * ph];
+    let mut acc = vec![0.0f64; w];
+    for c in 0..3 {
+        // The channel with a reflect-101 border of `half` pixels.
+        for py in 0..ph {
+            let sy = reflect101(py as isize - half as isize, h);
+            for px in 0..pw {
+                let sx = reflect101(px as isize - half as isize, w);
+                plane[py * pw + px] = unit(img.data[(sy * w + sx) * 3 + c]);
+            }
+        }
+        for y in 0..h {
+            acc.fill(0.0);
+            for &(ky, kx, k) in &taps {
+                let row = &plane[(y + ky) * pw + kx..(y + ky) * pw + kx + w];
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += k * v;
                 }
-                out[(yy * w + xx) * 3 + c] = unit_to_u8(acc);
+            }
+            for (x, a) in acc.iter().enumerate() {
+                out[(y * w + x) * 3 + c] = unit_to_u8(*a);
             }
         }
     }
@@ -1111,8 +1122,8 @@ mod jpeg {
 
         #[test]
         fn flat_block_is_dc_only() {
-            // A flat block of value v has only a DC coefficient: 8 · 8 · (v - 128) / 8 · 8 … the
-            // islow output is 8× the orthonormal DCT, whose DC is 8 · (v - 128).
+            // A flat block has only a DC coefficient; the islow output is 8× the orthonormal DCT,
+            // whose DC is 8 × the value: 64 × 37.
             let mut ws = [37i64; 64];
             for row in 0..8 {
                 fdct_1d(&mut ws, row * 8, 1, true);
@@ -1150,6 +1161,8 @@ mod jpeg {
 
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng;
+
     use super::*;
 
     #[test]
@@ -1215,6 +1228,4 @@ mod tests {
         }
         assert!(RgbImage::new(2, 2, vec![0; 11]).is_err());
     }
-
-    use rand::SeedableRng;
 }
