@@ -10,6 +10,12 @@ const SIGMOID: i32 = 2;
 const HARD_SIGMOID: i32 = 3;
 const HARD_SWISH: i32 = 4;
 const CLIP: i32 = 5;
+const LOG: i32 = 6;
+const EXP: i32 = 7;
+const TANH: i32 = 8;
+const NEG: i32 = 9;
+const ABS: i32 = 10;
+const SQRT: i32 = 11;
 
 // Binary op codes (override OP).
 const ADD: i32 = 0;
@@ -59,8 +65,84 @@ fn unary(v: f32) -> f32 {
         case 2: { return 1.0 / (1.0 + exp(-v)); }
         case 3: { return clamp(up.alpha * v + up.beta, 0.0, 1.0); }
         case 4: { return v * clamp(v / 6.0 + 0.5, 0.0, 1.0); }
+        case LOG: { return log_onnx(v); }
+        case EXP: { return exp(v); }
+        case TANH: { return tanh_onnx(v); }
+        case NEG: { return -v; }
+        case ABS: { return abs(v); }
+        case SQRT: { return select(sqrt(v), f32_nan(), v < 0.0); }
         default: { return clamp(v, up.alpha, up.beta); }
     }
+}
+
+// WGSL leaves log and sqrt of values out of their domain undefined; ONNX follows C. (Functions,
+// not constants: WGSL constant expressions may not be NaN or infinite.)
+fn f32_nan() -> f32 { return bitcast<f32>(0x7fc00000u); }
+fn f32_neg_inf() -> f32 { return bitcast<f32>(0xff800000u); }
+
+// ln x with full relative precision near x = 1, where the builtin (log2(x)·ln 2 with an absolute
+// error near 5e-8) was off by 5e-5 relative at x = 0.999 on lavapipe and on NVIDIA. x = 2^e·m
+// with m in [1/√2, √2), ln m = 2·atanh(s), s = (m − 1)/(m + 1), |s| ≤ 0.172: the series to
+// s⁹ leaves 2e-9 relative; ln 2 is split so e·ln 2 carries no rounding of its own.
+fn log_onnx(x: f32) -> f32 {
+    if x == 0.0 { return f32_neg_inf(); }
+    if !(x > 0.0) { return f32_nan(); }
+    if x > 3.4028235e38 { return x; }
+    var v = x;
+    var e = 0i;
+    // Subnormals (where a device keeps them): scale into the normal range first.
+    if v < 1.17549435e-38 {
+        v = v * 8388608.0;
+        e = -23;
+    }
+    let bits = bitcast<u32>(v);
+    e += i32((bits >> 23u) & 0xffu) - 127;
+    var m = bitcast<f32>((bits & 0x007fffffu) | 0x3f800000u);
+    if m > 1.41421356 {
+        m = m * 0.5;
+        e += 1;
+    }
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let lm = 2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0)))));
+    let fe = f32(e);
+    return fe * 0.693145751953125 + (fe * 1.42860682030941723212e-6 + lm);
+}
+
+// tanh x = sign(x)·u/(u + 2) with u = expm1(2|x|), no cancellation anywhere: Mesa lowers the
+// builtin to (e^2x − 1)/(e^2x + 1), which gave tanh(1e-30) = 3e-8 on lavapipe, and WGSL leaves
+// its precision to the driver. expm1 is its Taylor series below |u| = 1.25 (terms to
+// u^12/12!, 2e-9 relative), exp(u) − 1 above; from |x| = 9.02 on, tanh rounds to ±1 in f32.
+// Ordered comparisons only: NaN fails both tests and comes back unchanged.
+fn tanh_onnx(x: f32) -> f32 {
+    let a = abs(x);
+    var r: f32;
+    if a < 9.5 {
+        let u = 2.0 * a;
+        var em1: f32;
+        if u < 1.25 {
+            var t = 1.0 + u / 12.0;
+            t = 1.0 + u / 11.0 * t;
+            t = 1.0 + u / 10.0 * t;
+            t = 1.0 + u / 9.0 * t;
+            t = 1.0 + u / 8.0 * t;
+            t = 1.0 + u / 7.0 * t;
+            t = 1.0 + u / 6.0 * t;
+            t = 1.0 + u / 5.0 * t;
+            t = 1.0 + u / 4.0 * t;
+            t = 1.0 + u / 3.0 * t;
+            t = 1.0 + u / 2.0 * t;
+            em1 = u * t;
+        } else {
+            em1 = exp(u) - 1.0;
+        }
+        r = em1 / (em1 + 2.0);
+    } else if a >= 9.5 {
+        r = 1.0;
+    } else {
+        return x;
+    }
+    return select(r, -r, x < 0.0);
 }
 
 @compute @workgroup_size(256)
@@ -163,6 +245,24 @@ fn unary_grad(g: f32, v: f32) -> f32 {
             if v < -3.0 { return 0.0; }
             if v <= 3.0 { return g * (v / 3.0 + 0.5); }
             return g;
+        }
+        case LOG: { return g / v; }
+        case EXP: {
+            if FROM_OUTPUT == 0 { return g * exp(v); }
+            return g * v;
+        }
+        case TANH: {
+            var t = v;
+            if FROM_OUTPUT == 0 { t = tanh_onnx(v); }
+            return g * (1.0 - t * t);
+        }
+        case NEG: { return -g; }
+        // sign(0) = 0, as PyTorch's abs backward.
+        case ABS: { return g * sign(v); }
+        case SQRT: {
+            var r = v;
+            if FROM_OUTPUT == 0 { r = select(sqrt(v), f32_nan(), v < 0.0); }
+            return g / (2.0 * r);
         }
         // Clip: min < v < max holds for x exactly when it holds for y = clamp(x, min, max).
         default: { return select(0.0, g, v > up.alpha && v < up.beta); }

@@ -679,3 +679,101 @@ fn lame_runs_on_a_window_of_one_and_leaves_the_model_alone() {
     let b = s.step(&x).unwrap().probs.unwrap().to_f32_vec();
     assert_eq!(a, b);
 }
+
+// ---- the shipped MNIST adapter (models/mnist_ls_adapter.onnx) -------------------------------------
+
+/// A file of `tests/fixtures/ls_adapter/` (onnxruntime's outputs, see its README).
+fn ls_adapter_fixture(name: &str) -> Tensor {
+    let path = common::repo_root().join("tests/fixtures/ls_adapter").join(name);
+    acclimate::npy::read_f32(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// max |got − want| / max |want|, for the log.
+fn relative_to_max(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    got.iter().zip(want).fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs())) / scale
+}
+
+/// The adapter network itself through the engine, and the final layer it modulates through the
+/// output-stage kernel, against onnxruntime at the fixture's skewed prior; then a session with
+/// `[label_shift] mode = "adapter"` whose estimate is set to that prior through a state file.
+#[test]
+fn shipped_mnist_adapter_matches_onnxruntime() {
+    let Some(ctx) = common::gpu() else { return };
+    let adapter = common::repo_root().join("models/mnist_ls_adapter.onnx");
+    let prior = ls_adapter_fixture("prior.npy");
+    assert_eq!(prior.shape, vec![1, 10]);
+    let mut engine = acclimate::Engine::new(&ctx, Model::load(&adapter).expect("the adapter loads"));
+    let outs = engine.run(std::slice::from_ref(&prior)).expect("the adapter runs");
+    let names = ["gamma", "beta", "delta_w", "delta_b"];
+    assert_eq!(outs.len(), names.len());
+    for (got, name) in outs.iter().zip(names) {
+        let want = ls_adapter_fixture(&format!("expected_{name}.npy"));
+        assert_eq!(got.shape, want.shape, "{name}");
+        let want = f64s(&want.to_f32_vec());
+        eprintln!("{name}: error {:.2e} of max |expected|", relative_to_max(&got.to_f32_vec(), &want));
+        assert_close(name, &got.to_f32_vec(), &want, 1e-4, 0.0);
+    }
+
+    // h = classifier.1 into the final Gemm classifier.2 (transB = 1: W is [C, D] as stored).
+    let model = Model::load(&common::asset("mnist.onnx")).expect("mnist.onnx loads");
+    let gemm = model.graph.nodes.iter().find(|n| n.name == "classifier.2").expect("the final Gemm");
+    let acclimate::ops::Op::Gemm(attrs) = &gemm.op else { panic!("classifier.2 is {}", gemm.op_type) };
+    assert!(attrs.trans_b && !attrs.trans_a, "{attrs:?}");
+    let init = |name: &str| model.graph.initializers[name].to_f32_vec();
+    let h = ls_adapter_fixture("features.npy");
+    let (n, d) = (h.shape[0], h.shape[1]);
+    let c = 10;
+    let mut values = vec![h.to_f32_vec(), init("classifier.2.weight"), init("classifier.2.bias")];
+    values.extend(outs.iter().map(|t| t.to_f32_vec()));
+    values.push(vec![f32::NAN; n * c]);
+    let v = BufRef::Value;
+    let ds = [output::adapter_logits(
+        v(0),
+        v(1),
+        WeightLayout::ClassMajor,
+        attrs.alpha,
+        Some((v(2), false)),
+        attrs.beta,
+        [v(3), v(4), v(5), v(6)],
+        v(7),
+        n,
+        c,
+        d,
+    )];
+    run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("adapter logits run");
+    let want_logits = f64s(&ls_adapter_fixture("expected_logits.npy").to_f32_vec());
+    eprintln!("modulated logits: error {:.2e} of max |expected|", relative_to_max(&values[7], &want_logits));
+    assert_close("modulated logits", &values[7], &want_logits, 1e-4, 0.0);
+
+    // The session: q̂ (`ls:prior`, [C]) set to the fixture's prior through a state file, so the
+    // first batch is modulated at that prior.
+    let toml =
+        format!("[adapt]\nmethod = \"source\"\n[label_shift]\nmode = \"adapter\"\nadapter = {:?}\n", adapter.display());
+    let mut s = session(&ctx, &common::asset("mnist.onnx"), &toml).expect("session");
+    let dir = tmp("mnist-adapter");
+    let file = dir.join("prior.safetensors");
+    let fingerprint = acclimate::adapt::state::fingerprint(&s.model().graph);
+    let q = Tensor::f32(vec![c], prior.to_f32_vec());
+    acclimate::adapt::state::save_state(&file, &fingerprint, &[(output::PRIOR_BUFFER.to_string(), q)], &[])
+        .expect("state written");
+    s.load_state(&file).expect("state loaded");
+    let x = ls_adapter_fixture("input.npy");
+    let p = s.step(&x).expect("a step with the adapter");
+    assert_eq!(p.prior.as_deref(), Some(&prior.to_f32_vec()[..]), "the batch is modulated at the loaded estimate");
+    let probs = p.probs.expect("the adapter's probabilities").to_f32_vec();
+    assert!(probs.iter().all(|v| v.is_finite()), "{probs:?}");
+    // The session's h is the GPU forward of input.npy, not onnxruntime's features.npy.
+    let want_probs = softmax_rows(&want_logits, c);
+    eprintln!("session probabilities: error {:.2e} of max |expected|", relative_to_max(&probs, &want_probs));
+    assert_close("session probabilities", &probs, &want_probs, 1e-4, 0.0);
+    // Next batch: q̂ moved to 0.9·prior + 0.1·mean of the unmodulated softmax of batch 0.
+    let plain = softmax_rows(&f64s(&p.logits.to_f32_vec()), c);
+    let moved: Vec<f64> = (0..c)
+        .map(|k| 0.9 * prior.to_f32_vec()[k] as f64 + 0.1 * (0..n).map(|i| plain[i * c + k]).sum::<f64>() / n as f64)
+        .collect();
+    let p1 = s.step(&x).expect("a second step");
+    assert_close("the estimate after one batch", p1.prior.as_deref().expect("a prior"), &moved, 1e-5, 0.0);
+    assert!(p1.probs.expect("probabilities").to_f32_vec().iter().all(|v| v.is_finite()));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -298,6 +298,12 @@ fn unary_ref(u: Unary, x: f64) -> f64 {
         Unary::HardSigmoid { alpha, beta } => (alpha as f64 * x + beta as f64).clamp(0.0, 1.0),
         Unary::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
         Unary::Clip { min, max } => x.max(min as f64).min(max as f64),
+        Unary::Log => x.ln(),
+        Unary::Exp => x.exp(),
+        Unary::Tanh => x.tanh(),
+        Unary::Neg => -x,
+        Unary::Abs => x.abs(),
+        Unary::Sqrt => x.sqrt(),
     }
 }
 
@@ -324,6 +330,35 @@ fn activations_match_finite_differences() {
             name: format!("{u:?}"),
             args: vec![data(x, &shape)],
             dys: dy_for(&outputs, 20 + k as u64),
+            outputs,
+            forward: &|l| elementwise::lower_unary(&u, l),
+            backward: &|b| Op::Unary(u).lower_backward(b),
+        };
+        check(&ctx, &case, &|xs| vec![xs[0].iter().map(|&v| unary_ref(u, v)).collect()]);
+    }
+}
+
+/// The math functions, on ranges inside their domains (abs kept away from its kink at 0).
+#[test]
+fn math_functions_match_finite_differences() {
+    let Some(ctx) = common::gpu() else { return };
+    let shape = [2, 3, 5];
+    let n = numel(&shape);
+    let cases: Vec<(Unary, f32, f32, Vec<f32>)> = vec![
+        (Unary::Log, 0.2, 3.0, vec![]),
+        (Unary::Exp, -3.0, 3.0, vec![]),
+        (Unary::Tanh, -3.0, 3.0, vec![]),
+        (Unary::Neg, -2.0, 2.0, vec![]),
+        (Unary::Abs, -2.0, 2.0, vec![0.0]),
+        (Unary::Sqrt, 0.1, 4.0, vec![]),
+    ];
+    for (k, (u, lo, hi, kinks)) in cases.into_iter().enumerate() {
+        let x = avoid(random_f32(n, 50 + k as u64, lo, hi), &kinks, 0.02);
+        let outputs = vec![shape.to_vec()];
+        let case = Case {
+            name: format!("{u:?}"),
+            args: vec![data(x, &shape)],
+            dys: dy_for(&outputs, 60 + k as u64),
             outputs,
             forward: &|l| elementwise::lower_unary(&u, l),
             backward: &|b| Op::Unary(u).lower_backward(b),
@@ -428,6 +463,21 @@ fn activation_kinks_follow_pytorch() {
         vec![data(vec![0.0, 1.0, -1.0], &[3])],
     );
     assert_eq!(got, vec![0.125, 1.0, 0.125], "LeakyRelu");
+
+    // abs: sign(x), 0 at 0. sqrt: 1/(2y), +inf at 0; log: 1/x, +inf at 0 (what autograd gives).
+    let got = unary_grads_at(
+        &ctx,
+        Op::Unary(Unary::Abs),
+        &|l| elementwise::lower_unary(&Unary::Abs, l),
+        vec![data(vec![0.0, -0.5, 2.0, -0.0], &[4])],
+    );
+    assert_eq!(got, vec![0.0, -1.0, 1.0, 0.0], "Abs");
+    for u in [Unary::Sqrt, Unary::Log] {
+        let got =
+            unary_grads_at(&ctx, Op::Unary(u), &|l| elementwise::lower_unary(&u, l), vec![data(vec![0.0, 0.25], &[2])]);
+        let want = if u == Unary::Sqrt { 1.0 } else { 4.0 };
+        assert_eq!(got, vec![f32::INFINITY, want], "{u:?}");
+    }
 }
 
 #[test]
@@ -439,8 +489,16 @@ fn activations_save_their_output_where_it_determines_the_gradient() {
         let s = saves(u);
         assert!(s.outputs && !s.inputs, "{u:?} should read only its output, saves {s:?}");
     }
-    let s = saves(Unary::HardSwish);
-    assert!(s.inputs && !s.outputs, "HardSwish reads its input, saves {s:?}");
+    for u in [Unary::Exp, Unary::Tanh, Unary::Sqrt] {
+        let s = saves(u);
+        assert!(s.outputs && !s.inputs, "{u:?} should read only its output, saves {s:?}");
+    }
+    for u in [Unary::HardSwish, Unary::Log, Unary::Abs] {
+        let s = saves(u);
+        assert!(s.inputs && !s.outputs, "{u:?} reads its input, saves {s:?}");
+    }
+    let s = saves(Unary::Neg);
+    assert!(!s.inputs && !s.outputs, "Neg reads nothing from the forward pass, saves {s:?}");
     let s = saves(Unary::LeakyRelu { alpha: -1.0 });
     assert!(s.inputs && !s.outputs, "a negative leaky slope reads the input, saves {s:?}");
     assert!(!elementwise::binary_backward_needs_inputs(BinaryKind::Add));

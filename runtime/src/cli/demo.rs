@@ -17,7 +17,9 @@ use crate::stream::preprocess::{PreprocessSpec, Preprocessor};
 use crate::stream::schedule::{self, OrderSpec};
 use crate::stream::source::Source;
 
-const DIGITS_CONFIG: &str = include_str!("demo.toml");
+/// The default preset of `acclimate demo` and of `acclimate stream` without `--config`.
+pub const DEFAULT_PRESET: &str = include_str!("demo.toml");
+const DIGITS_CONFIG: &str = DEFAULT_PRESET;
 const VIDEO_CONFIG: &str = include_str!("demo_video.toml");
 const SVHN_SPEC: &str = "size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970";
 const IMAGENET_SPEC: &str = "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225";
@@ -25,10 +27,10 @@ const IMAGENET_SPEC: &str = "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.22
 /// The digits demo's stream: (segment name, corruption, frames). The class-correlated segment
 /// takes the next digits in a Dirichlet (δ = 0.1) label order.
 const DIGIT_SEGMENTS: [(&str, Option<&str>, usize); 4] = [
-    ("clean", None, 128),
-    ("gaussian_noise:3", Some("gaussian_noise:3"), 128),
-    ("defocus_blur:2", Some("defocus_blur:2"), 128),
-    ("class-correlated", None, 128),
+    ("clean", None, 96),
+    ("gaussian_noise:3", Some("gaussian_noise:3"), 96),
+    ("defocus_blur:2", Some("defocus_blur:2"), 96),
+    ("class-correlated", None, 96),
 ];
 
 /// What `acclimate demo` takes.
@@ -133,6 +135,7 @@ fn digits_demo(args: &DemoArgs, assets: &Path) -> Result<String, CliError> {
         report: Some(dir.join("report.html")),
         summary_json: Some(dir.join("summary.json")),
         progress: args.progress,
+        source_prediction: true,
     };
     let spec: PreprocessSpec = SVHN_SPEC.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
     let run = stream::run_planned(&stream_args, &mut config, spec, &mut source, plan, &stream_args.model)?;
@@ -189,6 +192,7 @@ fn video_demo(args: &DemoArgs, assets: &Path, video: &Path) -> Result<String, Cl
         report: Some(dir.join("report.html")),
         summary_json: Some(dir.join("summary.json")),
         progress: args.progress,
+        source_prediction: true,
     };
     let mut source = Source::open(&stream_args.source).map_err(|e| CliError::Usage(e.to_string()))?;
     let n = clean_labels.as_ref().map_or(limit.min(1 << 20), |l| l.len());

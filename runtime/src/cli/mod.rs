@@ -233,6 +233,10 @@ pub enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Do not run the unadapted model beside the adapted one (no source accuracy; measures
+        /// the adapted stream's own throughput).
+        #[arg(long)]
+        no_source: bool,
     },
     /// The demo on embedded defaults: the SVHN network adapting on MNIST digits through
     /// corruptions and a class-correlated segment; or MobileNetV2 on a video with --video.
@@ -347,6 +351,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             report,
             summary_json,
             quiet,
+            no_source,
         } => {
             let args = stream::StreamArgs {
                 model,
@@ -362,6 +367,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 report,
                 summary_json,
                 progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                source_prediction: !no_source,
             };
             let run = stream::stream_cmd(&args)?;
             print(&stream::summary_text(&run.summary))

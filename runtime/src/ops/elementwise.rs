@@ -30,6 +30,14 @@ pub enum Unary {
         min: f32,
         max: f32,
     },
+    /// Natural logarithm: -inf at 0, NaN below.
+    Log,
+    Exp,
+    Tanh,
+    Neg,
+    Abs,
+    /// Square root: NaN below 0.
+    Sqrt,
 }
 
 impl Unary {
@@ -41,6 +49,12 @@ impl Unary {
             "HardSigmoid" => Unary::HardSigmoid { alpha: a.float("alpha", 0.2)?, beta: a.float("beta", 0.5)? },
             "HardSwish" => Unary::HardSwish,
             "Clip" => Unary::Clip { min: a.float("min", f32::MIN)?, max: a.float("max", f32::MAX)? },
+            "Log" => Unary::Log,
+            "Exp" => Unary::Exp,
+            "Tanh" => Unary::Tanh,
+            "Neg" => Unary::Neg,
+            "Abs" => Unary::Abs,
+            "Sqrt" => Unary::Sqrt,
             other => return Err(format!("{other} is not a unary activation")),
         })
     }
@@ -54,6 +68,12 @@ impl Unary {
             Unary::HardSigmoid { alpha, beta } => (3, alpha, beta),
             Unary::HardSwish => (4, 0.0, 0.0),
             Unary::Clip { min, max } => (5, min, max),
+            Unary::Log => (6, 0.0, 0.0),
+            Unary::Exp => (7, 0.0, 0.0),
+            Unary::Tanh => (8, 0.0, 0.0),
+            Unary::Neg => (9, 0.0, 0.0),
+            Unary::Abs => (10, 0.0, 0.0),
+            Unary::Sqrt => (11, 0.0, 0.0),
         }
     }
 
@@ -72,6 +92,12 @@ impl Unary {
             Unary::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
             Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
             Unary::Clip { min, max } => v.max(min).min(max),
+            Unary::Log => v.ln(),
+            Unary::Exp => v.exp(),
+            Unary::Tanh => v.tanh(),
+            Unary::Neg => -v,
+            Unary::Abs => v.abs(),
+            Unary::Sqrt => v.sqrt(),
         }
     }
 }
@@ -184,6 +210,12 @@ pub fn infer_binary(kind: BinaryKind, inputs: &[Option<Input<'_>>]) -> OpResult<
 
 pub fn eval_unary(u: &Unary, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
     let x = inputs.first().copied().flatten().ok_or("missing input X")?;
+    // Shape arithmetic negates and takes absolute values of integer sizes: keep them integers.
+    if let (Data::I64(v), Unary::Neg | Unary::Abs) = (&x.data, u) {
+        let f = if *u == Unary::Neg { i64::wrapping_neg } else { i64::wrapping_abs };
+        let out = v.iter().map(|&e| f(e)).collect();
+        return Ok(vec![Tensor { dtype: x.dtype, shape: x.shape.clone(), data: Data::I64(out) }]);
+    }
     let v: Vec<f32> = x.to_f32_vec().into_iter().map(|v| u.apply(v)).collect();
     Ok(vec![Tensor::f32(x.shape.clone(), v)])
 }
@@ -338,12 +370,15 @@ const GRAD_WORKGROUP_MIN: usize = 256;
 ///
 /// ReLU, Clip (hardtanh convention: gradient only strictly inside (min, max)) and leaky ReLU with
 /// a non-negative slope test `v > 0` or `min < v < max`, which holds for y exactly when it holds
-/// for x; sigmoid is y(1 - y); hard sigmoid tests 0 < y < 1. Hard swish is not invertible on
-/// [-3, 0] and a negative leaky slope flips the sign test, so those two read their input.
+/// for x; sigmoid is y(1 - y); hard sigmoid tests 0 < y < 1; exp is y, tanh 1 - y², sqrt
+/// 1/(2y). Hard swish is not invertible on [-3, 0] and a negative leaky slope flips the sign
+/// test, so those two read their input, as do log (1/x: exp(-y) would lose precision) and abs
+/// (|x| has lost the sign). Neg's gradient is -dY and reads neither.
 pub fn unary_backward_saves(u: &Unary) -> (bool, bool) {
     match *u {
-        Unary::HardSwish => (true, false),
+        Unary::HardSwish | Unary::Log | Unary::Abs => (true, false),
         Unary::LeakyRelu { alpha } if alpha.is_nan() || alpha < 0.0 => (true, false),
+        Unary::Neg => (false, false),
         _ => (false, true),
     }
 }
@@ -374,7 +409,15 @@ fn unary_grad(u: &Unary, from_output: bool, b: &mut BackwardLowering) -> OpResul
     }
     let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
     let dy = b.grad_output(0)?.clone();
-    let saved = if from_output { b.output(0)?.clone() } else { b.input(0, "X")?.clone() };
+    // The kernel always binds a saved tensor; Neg reads none, so it gets dY again rather than a
+    // forward tensor the planner need not keep alive.
+    let saved = if matches!(u, Unary::Neg) {
+        dy.clone()
+    } else if from_output {
+        b.output(0)?.clone()
+    } else {
+        b.input(0, "X")?.clone()
+    };
     let n = dy.numel();
     if saved.numel() != n || gx.shape.iter().product::<usize>() != n {
         return Err(format!(
@@ -385,8 +428,8 @@ fn unary_grad(u: &Unary, from_output: bool, b: &mut BackwardLowering) -> OpResul
     if n > u32::MAX as usize {
         return Err(format!("activation gradient has {n} elements, more than a 32-bit index covers"));
     }
-    if from_output && matches!(u, Unary::HardSwish) {
-        return Err("HardSwish's gradient needs its input, not its output".into());
+    if from_output && matches!(u, Unary::HardSwish | Unary::Log | Unary::Abs) {
+        return Err(format!("{u:?}'s gradient needs its input, not its output"));
     }
     let (code, alpha, beta) = u.code();
     b.dispatch(
