@@ -13,8 +13,8 @@ agreement on real data on a prefix of the clean stream (`--runtime-prefix`: the 
 batches, 256 digits) or, given hours of software-GPU time, on everything (`--runtime-full`).
 
     /tmp/icvenv2/bin/python tools/corrupt_mnist.py                     # datasets -> assets/accuracy/
-    nice -n 10 /tmp/torchenv/bin/python tools/accuracy.py --reference  # the tables' reference runs
     nice -n 10 /tmp/torchenv/bin/python tools/accuracy.py --search     # the hyperparameter search (clean)
+    nice -n 10 /tmp/torchenv/bin/python tools/accuracy.py --reference  # the tables (+ the search's best preset)
     nice -n 10 /tmp/torchenv/bin/python tools/accuracy.py --runtime-prefix   # needs target/release/acclimate
     /tmp/torchenv/bin/python tools/accuracy.py --report                # markdown tables from the cache
     nice -n 10 /tmp/torchenv/bin/python tools/accuracy.py --runtime-full     # every run on the runtime (hours)
@@ -162,6 +162,8 @@ def summary(cfg):
     if m in ADAPTING:
         opt = f"Adam {o['lr']:g}" if o["kind"] == "adam" else f"SGD {o['lr']:g} m{o['momentum']:g}"
         parts.append(opt)
+    if m == "norm":
+        parts.append("batch statistics")
     if m == "rbn":
         parts.append(f"EMA stats α {ad['norm_momentum']:g}")
     if m in ("eta", "eata", "eata+woc"):
@@ -176,7 +178,8 @@ def summary(cfg):
         parts.append(f"λ {cfg['woc']['lambda']:g}")
     if m == "lame":
         la = cfg["lame"]
-        parts.append(f"{la['affinity']}, k {la['knn']}, λ {la['lambda']:g}")
+        where = "input of the final Gemm" if la["features"] == "auto" else la["features"]
+        parts.append(f"{la['affinity']}, k {la['knn']}, λ {la['lambda']:g}, features: {where}")
     if "label_shift" in cfg and cfg["label_shift"]["mode"] != "none":
         parts.append(f"label shift {cfg['label_shift']['mode']} m {cfg['label_shift']['momentum']:g}")
     return ", ".join(parts) or "—"
@@ -455,8 +458,9 @@ def report():
                 print(f"| {label} | {summary(cfg)} | {acc} | {rt} | {dl} |")
             else:
                 rel = "—"
-                if r and base:
+                if r and base and label != "source":
                     rel = f"{((1 - r['accuracy']) / (1 - base['accuracy']) - 1) * 100:+.0f} %"
+                    rel = "±0 %" if rel in ("+0 %", "-0 %") else rel
                 print(f"| {label} | {summary(cfg)} | {acc} | {rel} |")
     best, target = best_preset()
     print(f"\n### Search (clean; target {target * 100:.2f} % = source error "
