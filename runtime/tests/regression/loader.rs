@@ -1,0 +1,1 @@
+// Regression tests of the loader area (spliced into tests/regression.rs's `regression` module).
