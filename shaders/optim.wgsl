@@ -1,7 +1,7 @@
 // Optimizers: torch.optim.SGD and torch.optim.Adam, one dispatch per parameter tensor.
 //
-// The optimizer state buffer is two f32: [step_count, gate]. step_count is the number of steps
-// taken (exact as an f32 integer up to 2^24); a kernel sees t = step_count + 1, the step it is
+// The optimizer state buffer is three f32: [step_count, gate, non_finite]. step_count is the
+// number of steps taken (exact as an f32 integer up to 2^24); a kernel sees t = step_count + 1, the step it is
 // taking, as torch does after `state['step'] += 1`. gate == 0 makes every update kernel (and the
 // commit) a no-op: EATA takes no step at all, not even a momentum one, when it selects nothing.
 // `commit` runs after every parameter's update and advances step_count when the gate is open.
@@ -90,58 +90,46 @@ fn expm1_neg(x: f32) -> f32 {
     return exp(x) - 1.0;
 }
 
+// The candidate values of one element, shared by the update kernels and the guard's checks so
+// that what is checked is exactly what would be written.
+
 // SGD without momentum: p <- p - lr * (g + wd * p).
-@compute @workgroup_size(256)
-fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat(gid, nwg);
-    if (i >= sp.n || state[1] == 0.0) {
-        return;
-    }
+fn sgd_candidate(i: u32) -> f32 {
     let p = param[i];
     var g = grad[i];
     if (sp.weight_decay != 0.0) {
         g = g + sp.weight_decay * p;
     }
-    param[i] = p - sp.lr * g;
+    return p - sp.lr * g;
 }
 
 // SGD with momentum: the buffer is a clone of g on the first step (no dampening), then
 // buf <- mu * buf + (1 - dampening) * g; the step direction is buf, or g + mu * buf (Nesterov).
-@compute @workgroup_size(256)
-fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat(gid, nwg);
-    if (i >= sp.n || state[1] == 0.0) {
-        return;
-    }
+// Returns (new param, new buffer); `first` is step_count == 0.
+fn sgd_momentum_candidate(i: u32, first: bool) -> vec2<f32> {
     let p = param[i];
     var g = grad[i];
     if (sp.weight_decay != 0.0) {
         g = g + sp.weight_decay * p;
     }
     var b: f32;
-    if (state[0] == 0.0) {
+    if (first) {
         b = g;
     } else {
         b = m1[i] * sp.momentum + sp.one_minus_dampening * g;
     }
-    m1[i] = b;
     if (sp.nesterov != 0u) {
         g = g + sp.momentum * b;
     } else {
         g = b;
     }
-    param[i] = p - sp.lr * g;
+    return vec2<f32>(p - sp.lr * g, b);
 }
 
 // Adam (torch.optim.Adam, amsgrad off): m.lerp_(g, 1-b1); v = v*b2 + (1-b2)*g*g;
 // denom = sqrt(v)/sqrt(1-b2^t) + eps; p -= (lr/(1-b1^t)) * m / denom.
-@compute @workgroup_size(256)
-fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat(gid, nwg);
-    if (i >= ap.n || state[1] == 0.0) {
-        return;
-    }
-    let t = state[0] + 1.0;
+// Returns (new param, new m, new v) for step t.
+fn adam_candidate(i: u32, t: f32) -> vec3<f32> {
     let p = param[i];
     var g = grad[i];
     if (ap.weight_decay != 0.0) {
@@ -155,13 +143,170 @@ fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         m = g - (g - m0) * (1.0 - ap.w1);
     }
     let v = m2[i] * ap.beta2 + (ap.w2 * g) * g;
-    m1[i] = m;
-    m2[i] = v;
     let bias_correction1 = -expm1_neg(t * ap.ln_beta1);
     let bias_correction2 = -expm1_neg(t * ap.ln_beta2);
     let step_size = ap.lr / bias_correction1;
     let denom = sqrt(v) / sqrt(bias_correction2) + ap.eps;
-    param[i] = p - (step_size * m) / denom;
+    return vec3<f32>(p - (step_size * m) / denom, m, v);
+}
+
+@compute @workgroup_size(256)
+fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= sp.n || state[1] == 0.0) {
+        return;
+    }
+    param[i] = sgd_candidate(i);
+}
+
+@compute @workgroup_size(256)
+fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= sp.n || state[1] == 0.0) {
+        return;
+    }
+    let r = sgd_momentum_candidate(i, state[0] == 0.0);
+    m1[i] = r.y;
+    param[i] = r.x;
+}
+
+@compute @workgroup_size(256)
+fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= ap.n || state[1] == 0.0) {
+        return;
+    }
+    let r = adam_candidate(i, state[0] + 1.0);
+    m1[i] = r.y;
+    m2[i] = r.z;
+    param[i] = r.x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parameter guard: a step commits only if everything it would write is finite.
+//
+// Every program that changes persistent state starts with `guard_begin` (gate open, flag clear).
+// Before any update is written, the `*_check` kernels compute each update's candidate values
+// (the same functions the updates use) and `guard_check` scans the statistics a step would
+// commit; a NaN or an infinity anywhere closes the gate (state[1] = 0) and raises the flag
+// (state[2] = 1). The updates, the step counter and `guard_commit_stats` then see the gate or the
+// flag and write nothing: the step is skipped whole, on the GPU, without a readback. The host
+// learns of it from state[2], read back with the logits.
+//
+// The checks view the state buffer as u32 words and write it with atomic stores (many threads
+// may find a non-finite value at once); the words stored are the bit patterns of 0.0 and 1.0.
+// NaN and infinity are recognised by their exponent bits: `x != x` may be folded away by a
+// shader compiler that assumes finite arithmetic.
+
+@group(0) @binding(1) var<storage, read_write> gstate: array<atomic<u32>>;
+
+const ONE_BITS: u32 = 0x3f800000u;
+
+fn non_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+fn trip() {
+    atomicStore(&gstate[1], 0u);
+    atomicStore(&gstate[2], ONE_BITS);
+}
+
+// The gate as the update kernels will see it (closed by a selection kernel or a check).
+fn gate_open() -> bool {
+    return atomicLoad(&gstate[1]) != 0u;
+}
+
+// Opens the gate (stp.gate is 1) and clears the flag; the step count stays.
+@compute @workgroup_size(1)
+fn guard_begin() {
+    atomicStore(&gstate[1], bitcast<u32>(stp.gate));
+    atomicStore(&gstate[2], 0u);
+}
+
+@compute @workgroup_size(256)
+fn sgd_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= sp.n || !gate_open()) {
+        return;
+    }
+    if (non_finite(sgd_candidate(i))) {
+        trip();
+    }
+}
+
+@compute @workgroup_size(256)
+fn sgd_momentum_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= sp.n || !gate_open()) {
+        return;
+    }
+    let r = sgd_momentum_candidate(i, atomicLoad(&gstate[0]) == 0u);
+    if (non_finite(r.x) || non_finite(r.y)) {
+        trip();
+    }
+}
+
+@compute @workgroup_size(256)
+fn adam_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= ap.n || !gate_open()) {
+        return;
+    }
+    let r = adam_candidate(i, bitcast<f32>(atomicLoad(&gstate[0])) + 1.0);
+    if (non_finite(r.x) || non_finite(r.y) || non_finite(r.z)) {
+        trip();
+    }
+}
+
+// guard_check: count values [offset, offset + n) of `checked` (statistics about to be committed).
+struct CheckParams {
+    n: u32,
+    offset: u32,
+}
+
+@group(0) @binding(0) var<uniform> gp: CheckParams;
+@group(0) @binding(2) var<storage, read> checked: array<f32>;
+
+@compute @workgroup_size(256)
+fn guard_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= gp.n) {
+        return;
+    }
+    if (non_finite(checked[gp.offset + i])) {
+        trip();
+    }
+}
+
+// guard_commit_stats: RBN's running statistics, deferred from bn_stats to the end of the
+// program: running <- the used statistics [mean_u (C), var_u (C)] at `offset` of the layer's
+// stats, unless a check raised the flag. (The gate is not consulted: a step that selected
+// nothing still moves the statistics, as the reference's forward pass does.)
+@group(0) @binding(1) var<storage, read> cstate: array<f32>;
+// guard_commit_copy: dst[0 .. n) <- src[offset ..], unless a check raised the flag.
+@group(0) @binding(3) var<storage, read_write> cdst: array<f32>;
+
+@compute @workgroup_size(256)
+fn guard_commit_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= gp.n || cstate[2] != 0.0) {
+        return;
+    }
+    cdst[i] = cstats[gp.offset + i];
+}
+
+@group(0) @binding(2) var<storage, read> cstats: array<f32>;
+@group(0) @binding(3) var<storage, read_write> crun_mean: array<f32>;
+@group(0) @binding(4) var<storage, read_write> crun_var: array<f32>;
+
+@compute @workgroup_size(256)
+fn guard_commit_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let c = flat(gid, nwg);
+    if (c >= gp.n || cstate[2] != 0.0) {
+        return;
+    }
+    crun_mean[c] = cstats[gp.offset + c];
+    crun_var[c] = cstats[gp.offset + gp.n + c];
 }
 
 // After all updates of a step: count the step if the gate was open.
@@ -177,6 +322,7 @@ fn commit() {
 fn set_state() {
     state[0] = stp.step_count;
     state[1] = stp.gate;
+    state[2] = 0.0;
 }
 
 @compute @workgroup_size(256)

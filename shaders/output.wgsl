@@ -277,29 +277,51 @@ fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>) {
     }
 }
 
-// ---- ls_prior_ema: the online estimate. snap ← q (the estimate this batch is corrected with:
-// rounds before it, as the online label-shift literature predicts); then, when the gate is open
-// (the first step on a batch), q ← m·q + (1 − m)·mean_i p_i. One thread per class.
+// ---- ls_prior_ema: the online estimate. snap[0..C) ← q (the estimate this batch is corrected
+// with: rounds before it, as the online label-shift literature predicts); snap[C..2C) ← the next
+// estimate: when the gate is open (the first step on a batch), m·q + (1 − m)·mean_i p_i, else q.
+// The estimate is persistent state: the parameter guard (optim.wgsl) commits snap[C..2C) into q
+// at the end of the program unless the step was refused, and the next estimate stays q when any
+// of its values would be NaN or infinite, so this runs in one workgroup that decides for all
+// classes at once.
 @group(0) @binding(1) var<storage, read> le_p: array<f32>;
-@group(0) @binding(2) var<storage, read_write> le_q: array<f32>;
+@group(0) @binding(2) var<storage, read> le_q: array<f32>;
 @group(0) @binding(3) var<storage, read_write> le_snap: array<f32>;
 @group(0) @binding(4) var<storage, read> le_gate: array<f32>;
 
-@compute @workgroup_size(64)
-fn ls_prior_ema(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let k = gid.x;
-    let c = op.c;
-    if k >= c {
-        return;
+var<workgroup> le_bad: array<u32, 64>;
+
+fn le_candidate(k: u32) -> f32 {
+    var s = 0.0;
+    for (var i = 0u; i < op.n; i++) {
+        s += le_p[i * op.c + k];
     }
-    let q = le_q[k];
-    le_snap[k] = q;
+    return op.x * le_q[k] + op.y * (s / f32(op.n));
+}
+
+@compute @workgroup_size(64)
+fn ls_prior_ema(@builtin(local_invocation_id) lid: vec3<u32>) {
+    let t = lid.x;
+    let c = op.c;
+    var bad = 0u;
     if le_gate[0] != 0.0 {
-        var s = 0.0;
-        for (var i = 0u; i < op.n; i++) {
-            s += le_p[i * c + k];
+        for (var k = t; k < c; k += 64u) {
+            bad += select(0u, 1u, (bitcast<u32>(le_candidate(k)) & 0x7f800000u) == 0x7f800000u);
         }
-        le_q[k] = op.x * q + op.y * (s / f32(op.n));
+    }
+    le_bad[t] = bad;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s >> 1u) {
+        if t < s {
+            le_bad[t] = le_bad[t] + le_bad[t + s];
+        }
+        workgroupBarrier();
+    }
+    let update = le_gate[0] != 0.0 && le_bad[0] == 0u;
+    for (var k = t; k < c; k += 64u) {
+        let q = le_q[k];
+        le_snap[k] = q;
+        le_snap[c + k] = select(q, le_candidate(k), update);
     }
 }
 

@@ -27,11 +27,12 @@ struct VecParams {
 // eata_select
 @group(0) @binding(1) var<storage, read> probs: array<f32>;
 @group(0) @binding(2) var<storage, read> entropy: array<f32>;
-// [m (C), m_valid]
-@group(0) @binding(3) var<storage, read_write> mstate: array<f32>;
+// [m (C), m_valid]; read only: the step's commit writes the next m (see the end of eata_select)
+@group(0) @binding(3) var<storage, read> mstate: array<f32>;
 // per-sample loss coefficients: w_i / |S| for selected samples, 0 otherwise
 @group(0) @binding(4) var<storage, read_write> coeff: array<f32>;
-// [selected flag (B), weight (B)], read back for reporting
+// [selected flag (B), weight (B), next m (C), next m_valid], the first 2B read back for
+// reporting
 @group(0) @binding(5) var<storage, read_write> sel: array<f32>;
 // the optimizer's [step_count, gate]: the gate closes when nothing is selected
 @group(0) @binding(6) var<storage, read_write> opt_state: array<f32>;
@@ -92,25 +93,41 @@ fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
         coeff[i] = select(0.0, sel[b + i] / n, sel[i] != 0.0);
     }
     // m <- 0.9 m + 0.1 mean of the selected probabilities (m <- the mean when unset); unchanged
-    // when nothing was selected. Every thread has finished reading the old m above.
+    // when nothing was selected. The parameter guard (optim.wgsl) defers the write: the new
+    // [m, m_valid] goes to sel[2B ..], and `guard_commit_copy` moves it into mstate at the end
+    // of the step unless a check refused the step (a NaN gradient, or a non-finite m itself).
+    var bad = 0.0;
     if n > 0.0 {
         for (var k = t; k < c; k += WG) {
-            var s = 0.0;
-            for (var i = 0u; i < b; i++) {
-                s += sel[i] * probs[i * c + k];
-            }
-            let mean = s / n;
-            mstate[k] = select(mean, 0.9 * mstate[k] + 0.1 * mean, m_valid);
+            bad += select(0.0, 1.0, non_finite(m_candidate(k, b, c, n, m_valid)));
         }
     }
-    storageBarrier();
-    workgroupBarrier();
+    let n_bad = wg_sum(t, bad);
+    let moves = n > 0.0 && n_bad == 0.0;
+    for (var k = t; k < c; k += WG) {
+        sel[2u * b + k] = select(mstate[k], m_candidate(k, b, c, n, m_valid), moves);
+    }
     if t == 0u {
-        if n > 0.0 {
-            mstate[c] = 1.0;
+        sel[2u * b + c] = select(mstate[c], 1.0, moves);
+        opt_state[1] = select(0.0, 1.0, moves);
+        if n_bad != 0.0 {
+            opt_state[2] = 1.0;
         }
-        opt_state[1] = select(0.0, 1.0, n > 0.0);
     }
+}
+
+fn non_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+// Class k of EATA's moving average after this batch (the selection flags are in sel[0..b]).
+fn m_candidate(k: u32, b: u32, c: u32, n: f32, m_valid: bool) -> f32 {
+    var s = 0.0;
+    for (var i = 0u; i < b; i++) {
+        s += sel[i] * probs[i * c + k];
+    }
+    let mean = s / n;
+    return select(mean, 0.9 * mstate[k] + 0.1 * mean, m_valid);
 }
 
 // argmax_rows: pseudo-labels (first maximum), as f32 class indices.

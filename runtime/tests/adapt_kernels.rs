@@ -517,6 +517,17 @@ impl GpuOpt {
         run(ctx, &mut self.values, &[], &d);
     }
 
+    /// A step as the step program records it: guard_begin, the guard's check, the update,
+    /// the counter.
+    fn guarded_step(&mut self, ctx: &GpuContext, grad: &[f32]) {
+        self.values[2] = grad.to_vec();
+        let mut d = vec![optim::guard_begin(S)];
+        d.extend(optim::check(&self.spec, P, G, M, V, S, self.n()));
+        d.extend(optim::step(&self.spec, P, G, M, V, S, self.n()));
+        d.extend(optim::commit(S));
+        run(ctx, &mut self.values, &[], &d);
+    }
+
     fn reset(&mut self, ctx: &GpuContext) {
         let mut d = optim::reset_moments(&self.spec, M, V, self.n());
         d.extend(optim::reset_state(S));
@@ -570,7 +581,7 @@ fn optimizers_match_torch_rules_over_several_steps() {
             if spec.moment_buffers() == 2 {
                 assert_close(&format!("{spec:?} step {k} v"), &gpu.values[4], &reference.v, 1e-6, 1e-9);
             }
-            assert_eq!(gpu.values[0], vec![(k + 1) as f32, 1.0], "{spec:?}: state after step {k}");
+            assert_eq!(gpu.values[0], vec![(k + 1) as f32, 1.0, 0.0], "{spec:?}: state after step {k}");
         }
     }
 }
@@ -622,8 +633,84 @@ fn closed_gate_changes_nothing() {
             assert_close(&format!("{spec:?} step {k}"), &gpu.values[1], &p, 1e-6, 1e-6);
         }
         // Steps 1 and 2 were skipped entirely: two steps counted.
-        assert_eq!(gpu.values[0], vec![2.0, 1.0], "{spec:?}");
+        assert_eq!(gpu.values[0], vec![2.0, 1.0, 0.0], "{spec:?}");
     }
+}
+
+/// The parameter guard at the kernel level: a gradient holding NaN or an infinity, or one whose
+/// update overflows float32 (Adam's g² at 1e30, SGD's lr·g at lr 1e38), changes no parameter, no
+/// moment and no step count, and raises the flag; the next finite step proceeds exactly as the
+/// torch rule from the untouched state.
+#[test]
+fn guard_refuses_non_finite_updates() {
+    let Some(ctx) = common::gpu() else { return };
+    let n = 300;
+    let mut cases = optimizer_cases();
+    cases.push(sgd(1e38, 0.0, 0.0, false, 0.0));
+    for spec in cases {
+        let mut gpu = GpuOpt::new(spec, &random_f32(n, 5, -1.0, 1.0));
+        let mut reference = RefOpt::new(spec, n);
+        let mut p = f64s(&gpu.values[1]);
+        let finite = random_f32(n, 500, -1.0, 1.0);
+        let huge_lr = spec.lr() > 1.0;
+        if !huge_lr {
+            gpu.guarded_step(&ctx, &finite);
+            reference.step(&mut p, &f64s(&finite));
+        }
+        let steps = gpu.values[0][0];
+        let mut bad_grads = Vec::new();
+        for (at, v) in [(0, f32::NAN), (299, f32::INFINITY), (150, f32::NEG_INFINITY), (7, 1e30)] {
+            let mut g = finite.clone();
+            g[at] = v;
+            bad_grads.push(g);
+        }
+        if huge_lr {
+            bad_grads = vec![finite.iter().map(|x| x * 100.0).collect()];
+        }
+        for g in bad_grads {
+            let before = gpu.values.clone();
+            gpu.guarded_step(&ctx, &g);
+            if matches!(spec, OptimizerSpec::Sgd { .. }) && !huge_lr && g.iter().all(|x| x.is_finite()) {
+                // SGD's update with a finite 1e30 gradient is finite: a legitimate step (the last
+                // case of the list). Adam's v = g² overflows and is refused.
+                continue;
+            }
+            for (i, (a, b)) in before.iter().zip(&gpu.values).enumerate().filter(|(i, _)| *i != 0 && *i != 2) {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{spec:?}: buffer {i} changed by a refused step"
+                );
+            }
+            assert_eq!(gpu.values[0], vec![steps, 0.0, 1.0], "{spec:?}: state after a refused step");
+        }
+        if huge_lr {
+            continue;
+        }
+        // After refusals, one more finite step follows the torch rule from the untouched state
+        // (a fresh optimizer: the 1e30 case above was a real step for SGD).
+        let mut gpu2 = GpuOpt::new(spec, &random_f32(n, 5, -1.0, 1.0));
+        gpu2.guarded_step(&ctx, &finite);
+        for case in bad_grads_for(&finite) {
+            gpu2.guarded_step(&ctx, &case);
+        }
+        let g = random_f32(n, 501, -1.0, 1.0);
+        gpu2.guarded_step(&ctx, &g);
+        reference.step(&mut p, &f64s(&g));
+        assert_close(&format!("{spec:?} step after refusals"), &gpu2.values[1], &p, 1e-6, 1e-6);
+        assert_eq!(gpu2.values[0], vec![steps + 1.0, 1.0, 0.0], "{spec:?}: state after the next step");
+    }
+}
+
+/// Gradients that every optimizer case refuses (NaN and infinities).
+fn bad_grads_for(finite: &[f32]) -> Vec<Vec<f32>> {
+    [(0, f32::NAN), (299, f32::INFINITY), (150, f32::NEG_INFINITY)]
+        .into_iter()
+        .map(|(at, v)| {
+            let mut g = finite.to_vec();
+            g[at] = v;
+            g
+        })
+        .collect()
 }
 
 #[test]
@@ -636,7 +723,7 @@ fn reset_restarts_from_a_first_step() {
             gpu.step(&ctx, &random_f32(n, 300 + k, -1.0, 1.0));
         }
         gpu.reset(&ctx);
-        assert_eq!(gpu.values[0], vec![0.0, 1.0]);
+        assert_eq!(gpu.values[0], vec![0.0, 1.0, 0.0]);
         assert!(gpu.values[3].iter().chain(&gpu.values[4]).all(|&x| x == 0.0), "{spec:?}: moments zeroed");
         // From here the optimizer behaves as a fresh one started at the current parameters.
         let mut p = f64s(&gpu.values[1]);

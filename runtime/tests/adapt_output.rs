@@ -401,23 +401,32 @@ fn prior_ema_and_correction_match_f64() {
     let m = 0.8;
     for gate in [1.0f32, 0.0] {
         // values: p, q, snap, gate, ps, out
-        let mut values = vec![p.clone(), q0.clone(), vec![0.0; c], vec![gate], ps.clone(), vec![0.0; n * c]];
+        let mut values = vec![p.clone(), q0.clone(), vec![0.0; 2 * c], vec![gate], ps.clone(), vec![0.0; n * c]];
         let ds = [
             output::prior_ema(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), n, c, m),
             output::correct(BufRef::Value(0), BufRef::Value(2), BufRef::Value(4), BufRef::Value(5), n, c),
         ];
         run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("EMA runs");
-        assert_eq!(values[2], q0, "the batch is corrected with the estimate before its update");
+        assert_eq!(values[2][..c], q0, "the batch is corrected with the estimate before its update");
+        // The next estimate goes to snap[C..2C); the parameter guard commits it into q later.
+        assert_eq!(values[1], q0, "the kernel itself leaves the estimate");
         let moved: Vec<f64> = (0..c)
             .map(|k| m * q0[k] as f64 + (1.0 - m) * (0..n).map(|i| p[i * c + k] as f64).sum::<f64>() / n as f64)
             .collect();
         if gate != 0.0 {
-            assert_close("EMA update", &values[1], &moved, 1e-6, 1e-7);
+            assert_close("EMA update", &values[2][c..], &moved, 1e-6, 1e-7);
         } else {
-            assert_eq!(values[1], q0, "a closed gate holds the estimate");
+            assert_eq!(values[2][c..], q0, "a closed gate holds the estimate");
         }
         assert_close("prior correction", &values[5], &correct_host(&f64s(&p), &f64s(&q0), &f64s(&ps), c), 1e-5, 1e-7);
     }
+    // Probabilities holding NaN (a batch that overflowed) leave the next estimate at q, whole.
+    let mut bad = p.clone();
+    bad[3 * c + 2] = f32::NAN;
+    let mut values = vec![bad, q0.clone(), vec![0.0; 2 * c], vec![1.0]];
+    let ds = [output::prior_ema(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), n, c, m)];
+    run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("EMA runs");
+    assert_eq!(values[2][c..], q0, "a non-finite batch moved the estimate");
     // A row with all its mass on classes of estimate 0 keeps its probabilities.
     let mut values = vec![vec![0.0, 1.0, 0.0, 0.5, 0.5, 0.0], vec![1.0, 0.0, 0.0], vec![1.0 / 3.0; 3], vec![0.0; 6]];
     let ds = [output::correct(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), 2, 3)];

@@ -65,11 +65,24 @@ pub struct BnHook {
     pub source_affine: bool,
     /// Saved state by node index.
     pub saved: HashMap<usize, SavedBn>,
+    /// RBN layers whose running statistics the program must commit at its end (the parameter
+    /// guard decides whether they are finite first): `bn_stats` no longer writes them back.
+    pub commits: Vec<StatsCommit>,
+}
+
+/// One RBN layer's deferred statistics update: running mean and variance ← `stats`' used
+/// statistics ([mean_B, var_B, mean_u, var_u], `channels` each).
+#[derive(Clone, Debug)]
+pub struct StatsCommit {
+    pub stats: usize,
+    pub mean: BufRef,
+    pub var: BufRef,
+    pub channels: usize,
 }
 
 impl BnHook {
     pub fn new(mode: StatsMode, always: bool) -> BnHook {
-        BnHook { mode, always, source_affine: false, saved: HashMap::new() }
+        BnHook { mode, always, source_affine: false, saved: HashMap::new(), commits: Vec::new() }
     }
 }
 
@@ -101,7 +114,10 @@ impl LowerHook for BnHook {
             let (batch, channels) = (x.shape[0], x.shape[1]);
             let plane: usize = x.shape[2..].iter().product();
             let m = batch * plane;
-            let coef = self.mode.coefficients(m)?;
+            let mut coef = self.mode.coefficients(m)?;
+            // The write-back of RBN's running statistics is deferred to the end of the program,
+            // where the parameter guard commits it only if every value is finite.
+            let write_back = std::mem::replace(&mut coef.4, false);
             let mut scale = l.input(1, "scale")?.clone();
             let mut bias = l.input(2, "B")?.clone();
             if self.source_affine {
@@ -143,6 +159,9 @@ impl LowerHook for BnHook {
                 vec![x.buf, scale.buf, bias.buf, BufRef::Value(stats), y],
                 grid_1d(x.numel(), 256),
             );
+            if write_back {
+                self.commits.push(StatsCommit { stats, mean: mean.buf, var: var.buf, channels });
+            }
             self.saved.insert(node, saved);
             Ok(())
         })())

@@ -246,6 +246,13 @@ impl AdaptSection {
         if self.steps < 1 {
             return Err(Invalid::new("adapt.steps", self.steps, "must be at least 1"));
         }
+        if self.steps as usize > MAX_STEPS_PER_BATCH {
+            return Err(Invalid::new(
+                "adapt.steps",
+                self.steps,
+                format!("must be at most {MAX_STEPS_PER_BATCH}: each step is a whole forward and reverse pass"),
+            ));
+        }
         for (key, list) in [("adapt.exclude", &self.exclude), ("adapt.include", &self.include)] {
             if list.iter().any(|s| s.is_empty()) {
                 return Err(Invalid::new(key, format!("{list:?}"), "an empty substring would match every node"));
@@ -615,6 +622,17 @@ impl OptimizerConfig {
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             return Err(Invalid::new("optimizer.eps", self.eps, "must be a finite number >= 0"));
         }
+        for (key, v) in [
+            ("optimizer.lr", self.lr),
+            ("optimizer.momentum", self.momentum),
+            ("optimizer.dampening", self.dampening),
+            ("optimizer.weight_decay", self.weight_decay),
+            ("optimizer.betas", self.betas[0]),
+            ("optimizer.betas", self.betas[1]),
+            ("optimizer.eps", self.eps),
+        ] {
+            gpu_f32(key, v)?;
+        }
         Ok(())
     }
 }
@@ -671,6 +689,42 @@ impl Invalid {
         }
     }
 }
+
+/// A value the kernels receive as `f32` must mean the same there: finite in `f32` (1e300 passes a
+/// check in `f64` and becomes +inf on the GPU), and not flushed to zero (a non-zero value below
+/// `f32::MIN_POSITIVE`, 1.2e-38, is subnormal, which many GPUs flush to 0).
+fn gpu_f32(key: &'static str, v: f64) -> Result<(), Invalid> {
+    let f = v as f32;
+    if !f.is_finite() {
+        return Err(Invalid::new(
+            key,
+            v,
+            format!("is beyond float32's range (±{:e}), the precision the GPU computes in", f32::MAX),
+        ));
+    }
+    if v != 0.0 && f.abs() < f32::MIN_POSITIVE {
+        return Err(Invalid::new(
+            key,
+            v,
+            format!(
+                "is below float32's smallest normal number ({:e}): the GPU would compute with 0",
+                f32::MIN_POSITIVE
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The largest `stream.window` and `stream.batch`. A window is one batch of the gradient step, kept
+/// on the GPU with the activations its reverse pass reads: 4096 frames is 16 times the largest
+/// batch of the TTA literature (256), and already more than a 224×224 classifier's activations fit
+/// in any adapter's buffer limits. 100 000 000 frames would be refused only when the first step
+/// failed to allocate.
+pub const MAX_STREAM_FRAMES: usize = 4096;
+
+/// The most gradient steps per batch (`adapt.steps`): each is a whole forward and reverse pass;
+/// the methods' papers take 1, and 100 already makes a batch 100 times slower.
+pub const MAX_STEPS_PER_BATCH: usize = 100;
 
 fn unit_interval(key: &'static str, v: f64, closed: bool) -> Result<(), Invalid> {
     let ok = v.is_finite() && v >= 0.0 && if closed { v <= 1.0 } else { v < 1.0 };
@@ -759,6 +813,19 @@ impl AdaptConfig {
                 return Err(Invalid::new(key, v, "must be at least 1").at(origin));
             }
         }
+        for (key, v) in [("stream.batch", self.stream.batch), ("stream.window", self.stream.window)] {
+            if v > MAX_STREAM_FRAMES {
+                return Err(Invalid::new(
+                    key,
+                    v,
+                    format!(
+                        "must be at most {MAX_STREAM_FRAMES} frames: the frames are one batch of the gradient step, held on the GPU with its activations"
+                    ),
+                )
+                .at(origin));
+            }
+        }
+        gpu_f32("label_shift.momentum", self.label_shift.momentum).map_err(|e| e.at(origin))?;
         if !(self.woc.lambda.is_finite() && self.woc.lambda >= 0.0) {
             return Err(Invalid::new("woc.lambda", self.woc.lambda, "must be a finite number >= 0").at(origin));
         }
@@ -964,6 +1031,16 @@ eps = 1e-6
             ("[adapt]\nnorm_alpha = 1.5", "adapt.norm_alpha"),
             ("[adapt]\nnorm_momentum = -0.5", "adapt.norm_momentum"),
             ("[adapt]\nexclude = [\"\"]", "adapt.exclude"),
+            // Valid in f64, not in the f32 the GPU computes in.
+            ("[optimizer]\nlr = 1e300", "optimizer.lr"),
+            ("[optimizer]\nlr = 1e-50", "optimizer.lr"),
+            ("[optimizer]\nweight_decay = 1e39", "optimizer.weight_decay"),
+            ("[optimizer]\neps = 1e-45", "optimizer.eps"),
+            ("[eata]\nd_margin = 1e300", "eata.d_margin"),
+            ("[sar]\nrho = 1e39", "sar.rho"),
+            ("[stream]\nwindow = 100000000", "stream.window"),
+            ("[stream]\nbatch = 4097", "stream.batch"),
+            ("[adapt]\nsteps = 101", "adapt.steps"),
         ] {
             let e = err(src);
             assert!(e.contains(&format!("`{key}`")), "{src}: {e}");

@@ -1,8 +1,9 @@
 //! PyTorch-exact SGD and Adam on the GPU (`shaders/optim.wgsl`).
 //!
 //! One [`step`] dispatch per parameter tensor updates the parameter and its moment buffers in
-//! place; a final [`commit`] advances the step counter. The counter and a gate live on the GPU in
-//! the optimizer state buffer, `[step_count, gate]` as two `f32` ([`initial_state`]):
+//! place; a final [`commit`] advances the step counter. The counter, a gate and the guard's flag
+//! live on the GPU in the optimizer state buffer, `[step_count, gate, non_finite]` as three `f32`
+//! ([`initial_state`]):
 //!
 //! - `step_count` is the number of steps taken. Kernels use `t = step_count + 1`, the step being
 //!   taken, for Adam's bias corrections and for SGD's first-step rule (the momentum buffer starts
@@ -12,6 +13,12 @@
 //!   (EATA) changes nothing at all, momentum included, as the reference code, which skips
 //!   `optimizer.step()` entirely. Kernels that select samples write the gate on the GPU, so no
 //!   readback decides it.
+//! - `non_finite` is the parameter guard's flag: [`check`] computes every update's candidate
+//!   values before anything is written, and one NaN or infinity among them closes the gate and
+//!   raises the flag, so the whole step is skipped (parameters, moments, step counter and the
+//!   RBN statistics committed by [`commit_stats`]). [`guard_begin`] opens the gate and clears the
+//!   flag at the start of every step; the host reads the flag back with the logits and counts
+//!   the skipped step.
 //!
 //! Update rules (`torch.optim`, single-tensor code path, `maximize=False`, `amsgrad=False`):
 //! - SGD: g ← g + wd·θ; with momentum μ ≠ 0: buf ← g on the first step, else
@@ -32,11 +39,14 @@ use crate::tensor::Tensor;
 use super::config::{OptimizerConfig, OptimizerKind};
 
 /// Length of the optimizer state buffer in `f32`s.
-pub const STATE_LEN: usize = 2;
+pub const STATE_LEN: usize = 3;
 /// Index of the step count in the state buffer.
 pub const STATE_STEP: usize = 0;
 /// Index of the gate in the state buffer (0: skip the step).
 pub const STATE_GATE: usize = 1;
+/// Index of the guard's flag in the state buffer (1: the step met a non-finite value and was
+/// skipped).
+pub const STATE_NON_FINITE: usize = 2;
 
 /// A configured optimizer, as the kernels need it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -82,7 +92,7 @@ impl OptimizerSpec {
     }
 }
 
-/// The state buffer's value before the first step: step count 0, gate open.
+/// The state buffer's value before the first step: step count 0, gate open, flag clear.
 pub fn initial_state() -> Tensor {
     let mut s = vec![0.0; STATE_LEN];
     s[STATE_GATE] = 1.0;
@@ -141,6 +151,76 @@ pub fn step(
                 workgroups,
             }]
         }
+    }
+}
+
+/// The guard's check of one parameter tensor's update: the candidate values [`step`] would
+/// write (the same WGSL functions), scanned for NaN and infinity before anything is written.
+/// Record every check before the first [`step`] of the program.
+pub fn check(
+    spec: &OptimizerSpec,
+    param: BufRef,
+    grad: BufRef,
+    m: BufRef,
+    v: BufRef,
+    state: BufRef,
+    n: usize,
+) -> Vec<Dispatch> {
+    step(spec, param, grad, m, v, state, n)
+        .into_iter()
+        .map(|mut d| {
+            let entry = match d.key.entry {
+                "sgd_step" => "sgd_check",
+                "sgd_momentum_step" => "sgd_momentum_check",
+                _ => "adam_check",
+            };
+            d.key = KernelKey::new(Shader::Optim, entry);
+            d
+        })
+        .collect()
+}
+
+/// Opens the gate and clears the guard's flag: the first dispatch of every program that changes
+/// persistent state (before any selection kernel writes the gate).
+pub fn guard_begin(state: BufRef) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Optim, "guard_begin"),
+        params: Params::new().f32(0.0).f32(1.0),
+        buffers: vec![state],
+        workgroups: [1, 1, 1],
+    }
+}
+
+/// Raises the guard's flag (and closes the gate) if any of `n` values of `buf` from `offset` on is
+/// NaN or infinite.
+pub fn guard_check(state: BufRef, buf: BufRef, offset: usize, n: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Optim, "guard_check"),
+        params: Params::new().u32(n as u32).u32(offset as u32),
+        buffers: vec![state, buf],
+        workgroups: grid_1d(n, 256),
+    }
+}
+
+/// A deferred write of method state: `dst`[0..n) ← `src`[offset..offset + n), unless the
+/// guard's flag is up (EATA's moving average m, which its selection kernel computes ahead).
+pub fn commit_copy(state: BufRef, src: BufRef, offset: usize, dst: BufRef, n: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Optim, "guard_commit_copy"),
+        params: Params::new().u32(n as u32).u32(offset as u32),
+        buffers: vec![state, src, dst],
+        workgroups: grid_1d(n, 256),
+    }
+}
+
+/// RBN's deferred write-back of one layer: running mean and variance ← the used statistics
+/// (`stats` = [mean_B, var_B, mean_u, var_u], `channels` each), unless the guard's flag is up.
+pub fn commit_stats(state: BufRef, stats: BufRef, mean: BufRef, var: BufRef, channels: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Optim, "guard_commit_stats"),
+        params: Params::new().u32(channels as u32).u32(2 * channels as u32),
+        buffers: vec![state, stats, mean, var],
+        workgroups: grid_1d(channels, 256),
     }
 }
 
@@ -216,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn initial_state_is_count_zero_gate_open() {
-        assert_eq!(initial_state().to_f32_vec(), vec![0.0, 1.0]);
+    fn initial_state_is_count_zero_gate_open_flag_clear() {
+        assert_eq!(initial_state().to_f32_vec(), vec![0.0, 1.0, 0.0]);
     }
 }

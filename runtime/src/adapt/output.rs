@@ -516,6 +516,9 @@ pub struct OutputStage {
     pub prior: Option<usize>,
     /// The gate of the EMA estimate (weight id), when the stage keeps one.
     pub gate: Option<usize>,
+    /// The estimate's next value, committed by the parameter guard at the end of the program:
+    /// (value, offset, the estimate's weight id, classes).
+    pub deferred: Option<(usize, usize, usize, usize)>,
 }
 
 fn temp(scratch: &mut Vec<u64>, bytes: u64) -> BufRef {
@@ -561,15 +564,12 @@ pub fn lame(
     ]
 }
 
-/// The EMA estimate: `snap` ← `q`; then, if `gate`[0] ≠ 0, `q` ← m·q + (1 − m)·mean of `probs`.
+/// The EMA estimate: `snap`[..C] ← `q`; `snap`[C..2C] ← the next estimate: if `gate`[0] ≠ 0,
+/// m·q + (1 − m)·mean of `probs` when every value is finite, else `q` (one workgroup decides for
+/// all classes). The parameter guard commits it into `q` at the end of the program.
 pub fn prior_ema(probs: BufRef, q: BufRef, snap: BufRef, gate: BufRef, n: usize, c: usize, momentum: f64) -> Dispatch {
     let rest = (1.0 - momentum) as f32;
-    dispatch(
-        "ls_prior_ema",
-        p(n, c, 0, 0, 0, momentum as f32, rest),
-        vec![probs, q, snap, gate],
-        [c.div_ceil(64) as u32, 1, 1],
-    )
+    dispatch("ls_prior_ema", p(n, c, 0, 0, 0, momentum as f32, rest), vec![probs, q, snap, gate], [1, 1, 1])
 }
 
 /// `out`_i ∝ `probs`_i ⊙ `q` / `ps`.
@@ -659,12 +659,13 @@ pub fn lower(
     dispatches.extend(loss::softmax_stats(BufRef::Value(logits), b, c, BufRef::Value(probs0), BufRef::Value(ent)));
     let mut prior = None;
     let mut gate = None;
+    let mut deferred = None;
     let mut current = BufRef::Value(probs0);
     if let LabelShift::Adapter { momentum, graph: adapter, path } = &spec.label_shift {
         let bad = |reason: String| OutputError::Adapter { path: path.clone(), reason };
         // q̂ of the batches before this one feeds the adapter; then the estimate moves with
         // this batch's unmodulated predictions.
-        let snap = program.value(c as u64 * 4);
+        let snap = program.value(2 * c as u64 * 4);
         let q = program.weight(PRIOR_BUFFER, || WeightInit::Tensor(Arc::new(Tensor::f32(vec![c], ps.clone()))), true);
         let g = program.weight(GATE_BUFFER, || WeightInit::Tensor(Arc::new(Tensor::f32(vec![1], vec![1.0]))), true);
         dispatches.push(prior_ema(
@@ -683,6 +684,7 @@ pub fn lower(
         });
         prior = Some(snap);
         gate = Some(g);
+        deferred = Some((snap, c, q, c));
         if let Some(dims) = adapter.inputs[0].dims.as_ref()
             && (dims.len() != 2 || dims.iter().zip([1, c]).any(|(d, want)| matches!(d, Dim::Fixed(n) if *n != want)))
         {
@@ -765,7 +767,7 @@ pub fn lower(
     let q = match &spec.label_shift {
         LabelShift::None | LabelShift::Adapter { .. } => None,
         LabelShift::Ema { momentum } => {
-            let snap = program.value(c as u64 * 4);
+            let snap = program.value(2 * c as u64 * 4);
             let q =
                 program.weight(PRIOR_BUFFER, || WeightInit::Tensor(Arc::new(Tensor::f32(vec![c], ps.clone()))), true);
             let g = program.weight(GATE_BUFFER, || WeightInit::Tensor(Arc::new(Tensor::f32(vec![1], vec![1.0]))), true);
@@ -779,6 +781,7 @@ pub fn lower(
                 *momentum,
             ));
             gate = Some(g);
+            deferred = Some((snap, c, q, c));
             Some(snap)
         }
         LabelShift::Em => {
@@ -817,5 +820,5 @@ pub fn lower(
     if let Some(q) = prior {
         program.pinned_end.push(q);
     }
-    Ok(OutputStage { probs, prior, gate })
+    Ok(OutputStage { probs, prior, gate, deferred })
 }

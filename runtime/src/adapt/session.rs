@@ -34,6 +34,10 @@ pub enum AdaptError {
         "batch of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); the batch was skipped and nothing was updated"
     )]
     NonFinite { shape: Vec<usize>, count: usize, first: usize },
+    #[error(
+        "batch of shape {0:?} is empty: a step needs at least one sample (the batch statistics of an empty batch are NaN)"
+    )]
+    EmptyBatch(Vec<usize>),
     #[error("the model's output does not declare a fixed class count: set eata.e_margin explicitly")]
     Classes,
     #[error("Fisher batches: {0}")]
@@ -70,6 +74,11 @@ pub struct Prediction {
     pub probs: Option<Tensor>,
     /// The label-distribution estimate q̂ the batch was corrected with (label-shift modes).
     pub prior: Option<Vec<f32>>,
+    /// The parameter guard refused this batch's update: a parameter, optimizer moment or
+    /// running statistic it would have written was NaN or infinite (a batch that overflows inside
+    /// the network, a learning rate too large for float32 arithmetic), so nothing was written
+    /// and the session is as it was before the batch. Counted by [`Session::steps_skipped`].
+    pub skipped: bool,
 }
 
 /// An adaptation session over one model.
@@ -84,6 +93,8 @@ pub struct Session {
     spec: StepSpec,
     bns: Vec<BatchNormInfo>,
     steps_taken: u64,
+    /// Steps (and RBN statistics updates) the parameter guard refused.
+    steps_skipped: u64,
     /// SAR: the EMA of the second-pass loss (the recovery signal).
     sar_ema: Option<f32>,
     /// The model's fingerprint (a hash of every weight), computed on first save or load.
@@ -169,6 +180,7 @@ impl Session {
             spec,
             bns,
             steps_taken: 0,
+            steps_skipped: 0,
             sar_ema: None,
             fingerprint: std::sync::OnceLock::new(),
         };
@@ -200,6 +212,7 @@ impl Session {
         let mut plans: HashMap<Vec<usize>, StepPlan> = HashMap::new();
         for f in &files {
             let x = crate::npy::read_f32(f).map_err(|e| AdaptError::Fisher(e.to_string()))?;
+            self.check_batch(&x).map_err(|e| AdaptError::Fisher(format!("{}: {e}", f.display())))?;
             if !plans.contains_key(&x.shape) {
                 let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &x.shape, &spec)?;
                 plans.insert(x.shape.clone(), p);
@@ -209,7 +222,26 @@ impl Session {
         // Average over the batches (the reference divides the sum once, after the last batch).
         let names: Vec<String> = self.adapted_parameters().iter().map(|n| format!("eata:fisher:{n}")).collect();
         let scale = 1.0 / files.len() as f32;
-        for (name, t) in self.read_named(&names)? {
+        let fisher = self.read_named(&names)?;
+        // A batch that overflows inside the network leaves NaN or infinity in the squared
+        // gradients; EATA's penalty would then poison every step. Refuse it here, at set-up.
+        for (name, t) in &fisher {
+            let bad = t.to_f32_vec().iter().filter(|v| !(*v * scale).is_finite()).count();
+            if bad > 0 {
+                for n in &names {
+                    if let Some(buf) = self.store.get(n) {
+                        self.ctx.queue.write_buffer(buf, 0, &vec![0u8; buf.size() as usize]);
+                    }
+                }
+                self.ctx.queue.submit([]);
+                return Err(AdaptError::Fisher(format!(
+                    "the Fisher of {} has {bad} NaN or infinite value(s): a batch in {} overflows inside the network",
+                    name.trim_start_matches("eata:fisher:"),
+                    dir.display()
+                )));
+            }
+        }
+        for (name, t) in fisher {
             if let Some(buf) = self.store.get(&name) {
                 let v: Vec<f32> = t.to_f32_vec().iter().map(|x| x * scale).collect();
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
@@ -323,9 +355,17 @@ impl Session {
         matches!(self.spec.mode, StatsMode::Ema { .. })
     }
 
-    /// Gradient steps taken since the session started (or was reset).
+    /// Gradient steps taken since the session started (or was reset); steps the guard refused
+    /// are not counted.
     pub fn steps_taken(&self) -> u64 {
         self.steps_taken
+    }
+
+    /// Updates the parameter guard refused since the session started (gradient steps, and RBN
+    /// statistics updates of [`Session::predict`]): each would have written a NaN or an
+    /// infinity, and wrote nothing instead. Not cleared by [`Session::reset`].
+    pub fn steps_skipped(&self) -> u64 {
+        self.steps_skipped
     }
 
     fn plan(&mut self, shape: &[usize]) -> Result<&StepPlan, AdaptError> {
@@ -355,6 +395,13 @@ impl Session {
             self.predict_plans.insert(key.clone(), p);
         }
         let out = self.predict_plans[&key].run(&self.ctx, data)?;
+        if out.skipped {
+            self.steps_skipped += 1;
+            log::warn!(
+                "non-finite statistics from a batch of shape {:?}: the statistics update was skipped",
+                batch.shape
+            );
+        }
         Ok(Prediction {
             logits: out.logits,
             loss: None,
@@ -363,15 +410,22 @@ impl Session {
             reset: false,
             probs: out.probs,
             prior: out.prior,
+            skipped: out.skipped,
         })
     }
 
     fn check_batch<'a>(&self, batch: &'a Tensor) -> Result<&'a [f32], AdaptError> {
         let data = batch.as_f32().ok_or(AdaptError::DType(batch.dtype))?;
+        if batch.dtype != DType::F32 {
+            return Err(AdaptError::DType(batch.dtype));
+        }
         if let Some(dims) = self.model.graph.inputs.first().and_then(|i| i.dims.as_ref())
             && dims.len() != batch.shape.len()
         {
             return Err(AdaptError::Rank { expected: dims.len(), got: batch.shape.clone() });
+        }
+        if batch.shape.first() == Some(&0) || data.is_empty() {
+            return Err(AdaptError::EmptyBatch(batch.shape.clone()));
         }
         if let Some(first) = data.iter().position(|v| !v.is_finite()) {
             let count = data.iter().filter(|v| !v.is_finite()).count();
@@ -382,20 +436,7 @@ impl Session {
 
     /// Predicts `batch` and adapts on it; returns the pre-update prediction.
     pub fn step(&mut self, batch: &Tensor) -> Result<Prediction, AdaptError> {
-        let data = batch.as_f32().ok_or(AdaptError::DType(batch.dtype))?;
-        if batch.dtype != DType::F32 {
-            return Err(AdaptError::DType(batch.dtype));
-        }
-        if let Some(dims) = self.model.graph.inputs.first().and_then(|i| i.dims.as_ref())
-            && dims.len() != batch.shape.len()
-        {
-            return Err(AdaptError::Rank { expected: dims.len(), got: batch.shape.clone() });
-        }
-        let bad: Vec<usize> = data.iter().enumerate().filter(|(_, v)| !v.is_finite()).map(|(i, _)| i).take(1).collect();
-        if let Some(&first) = bad.first() {
-            let count = data.iter().filter(|v| !v.is_finite()).count();
-            return Err(AdaptError::NonFinite { shape: batch.shape.clone(), count, first });
-        }
+        let data = self.check_batch(batch)?;
         // Build (and so validate) the plan before touching any state.
         self.plan(&batch.shape)?;
         if self.config.adapt.episodic {
@@ -404,17 +445,26 @@ impl Session {
         let steps = if self.spec.adapted.is_empty() { 1 } else { self.config.adapt.steps.max(1) };
         let plan = &self.plans[&batch.shape];
         let mut first: Option<StepOutput> = None;
+        let mut skipped = 0u64;
         for s in 0..steps {
             // The output stage's estimate moves once per batch, with the returned prediction.
             let out = plan.run_with(&self.ctx, data, s == 0)?;
+            skipped += out.skipped as u64;
             if first.is_none() {
                 first = Some(out);
             }
         }
         if !self.spec.adapted.is_empty() {
-            self.steps_taken += steps as u64;
+            self.steps_taken += steps as u64 - skipped;
         }
-        let out = first.expect("steps >= 1");
+        if skipped > 0 {
+            self.steps_skipped += skipped;
+            log::warn!(
+                "the parameter guard skipped {skipped} step(s) on a batch of shape {:?}: the update would have written NaN or infinity",
+                batch.shape
+            );
+        }
+        let Some(out) = first else { return Err(AdaptError::Plan(PlanError::Program("no step ran".into()))) };
         let mut reset = false;
         if let Some((loss2, kept)) = out.second {
             // SAR's recovery (tta-methods.md §3): the EMA moves only when the second pass kept a
@@ -441,6 +491,7 @@ impl Session {
             reset,
             probs: out.probs,
             prior: out.prior,
+            skipped: skipped > 0,
         })
     }
 

@@ -81,6 +81,10 @@ pub struct StepPlan {
     /// The output stage's values (probabilities, prior) with their staging buffers, and the
     /// gate of its running estimate.
     output: Option<OutputReadback>,
+    /// The parameter guard's state buffer ([step_count, gate, non_finite]: the optimizer's, or
+    /// `guard:state` in a forward-only program that updates RBN statistics) and its staging
+    /// buffer; `None` for programs that change no persistent state.
+    guard: Option<(usize, wgpu::Buffer)>,
     pub dispatch_count: usize,
     /// Transient GPU memory of the step (activations kept for the reverse pass, gradients,
     /// scratch), after lifetime-based reuse.
@@ -110,7 +114,13 @@ pub struct StepOutput {
     pub probs: Option<Tensor>,
     /// The label-distribution estimate the output stage corrected with [C].
     pub prior: Option<Vec<f32>>,
+    /// The parameter guard refused the step: something it would have written (a parameter, an
+    /// optimizer moment, a running statistic) was NaN or infinite, so nothing was written.
+    pub skipped: bool,
 }
+
+/// Name of the guard's state buffer in forward-only programs that commit RBN statistics.
+pub const GUARD_STATE: &str = "guard:state";
 
 fn bytes_of(shape: &[usize]) -> u64 {
     (shape.iter().product::<usize>() as u64 * 4).max(4)
@@ -154,6 +164,43 @@ impl StepPlan {
         let mut selection: Option<usize> = None;
         let mut sar_first: Option<usize> = None;
         let mut second: Option<(usize, usize)> = None;
+        // The parameter guard (optim.rs): every program that changes persistent state opens with
+        // `guard_begin` and ends with the checks of everything it would commit, then the commits.
+        let commits = std::mem::take(&mut hook.commits);
+        // Method state computed ahead and committed with the step: (value, offset, weight, n).
+        let mut deferred: Vec<(usize, usize, usize, usize)> =
+            output.as_ref().and_then(|(stage, _)| stage.deferred).into_iter().collect();
+        let guard_state = if training {
+            Some(program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true))
+        } else if !commits.is_empty() || !deferred.is_empty() {
+            Some(program.weight(GUARD_STATE, || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true))
+        } else {
+            None
+        };
+        if let Some(state) = guard_state {
+            program.items.insert(
+                0,
+                Item {
+                    label: "guard begin".into(),
+                    dispatches: vec![optim::guard_begin(BufRef::Weight(state))],
+                    scratch: vec![],
+                },
+            );
+        }
+        let stats_checks = |state: usize| -> Vec<crate::ops::Dispatch> {
+            commits
+                .iter()
+                .map(|c| {
+                    optim::guard_check(BufRef::Weight(state), BufRef::Value(c.stats), 2 * c.channels, 2 * c.channels)
+                })
+                .collect()
+        };
+        let stats_commits = |state: usize| -> Vec<crate::ops::Dispatch> {
+            commits
+                .iter()
+                .map(|c| optim::commit_stats(BufRef::Weight(state), BufRef::Value(c.stats), c.mean, c.var, c.channels))
+                .collect()
+        };
         if training {
             if logits_shape.len() != 2 {
                 return Err(err(format!("adaptation needs logits of shape [batch, classes], got {logits_shape:?}")));
@@ -161,8 +208,7 @@ impl StepPlan {
             let (b, c) = (logits_shape[0], logits_shape[1]);
             let (loss, dlogits) = (program.value(4), program.value(bytes_of(&logits_shape)));
             loss_v = Some(loss);
-            let state =
-                program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true);
+            let state = guard_state.ok_or_else(|| err("a training program has an optimizer state"))?;
             let mut scratch = Vec::new();
             let mut dispatches = Vec::new();
             let coeff = match spec.objective {
@@ -172,13 +218,15 @@ impl StepPlan {
                     true,
                 )),
                 Objective::Eata(e) => {
+                    // sel: [flags (B), weights (B), the next m (C + 1)] (select.wgsl).
                     let (probs, ent, coeff, sel) = (
                         program.value(bytes_of(&logits_shape)),
                         program.value(b as u64 * 4),
                         program.value(b as u64 * 4),
-                        program.value(2 * b as u64 * 4),
+                        program.value((2 * b + c + 1) as u64 * 4),
                     );
                     let m = program.weight("eata:m", || WeightInit::Zeros(c + 1), true);
+                    deferred.push((sel, 2 * b, m, c + 1));
                     dispatches.extend(loss::softmax_stats(
                         BufRef::Value(logits_v),
                         b,
@@ -402,7 +450,10 @@ impl StepPlan {
                 }
             }
             if spec.objective != Objective::Fisher {
-                // One optimizer update per adapted tensor, then the step counter.
+                // The guard's checks of every update and of the RBN statistics, before anything
+                // is written; then one optimizer update per adapted tensor, the step counter and
+                // the statistics, each a no-op when a check tripped.
+                let mut updates = Vec::new();
                 for (name, grad) in &param_grads {
                     let (p, n) = parameter(&program, name)?;
                     // Only the moments the optimizer keeps (none for plain SGD, the momentum
@@ -419,21 +470,34 @@ impl StepPlan {
                     } else {
                         m
                     };
-                    dispatches.extend(optim::step(
-                        &spec.optimizer,
+                    let (p, g, m, v, st) = (
                         BufRef::Weight(p),
                         BufRef::Value(*grad),
                         BufRef::Weight(m),
                         BufRef::Weight(v),
                         BufRef::Weight(state),
-                        n,
-                    ));
+                    );
+                    dispatches.extend(optim::check(&spec.optimizer, p, g, m, v, st, n));
+                    updates.extend(optim::step(&spec.optimizer, p, g, m, v, st, n));
                     params.push(name.clone());
                 }
+                dispatches.extend(stats_checks(state));
+                dispatches.extend(updates);
                 dispatches.extend(optim::commit(BufRef::Weight(state)));
+                dispatches.extend(stats_commits(state));
+                dispatches.extend(deferred_commits(state, &deferred));
+            } else {
+                dispatches.extend(stats_checks(state));
+                dispatches.extend(stats_commits(state));
+                dispatches.extend(deferred_commits(state, &deferred));
             }
             program.items.push(Item { label: "update".into(), dispatches, scratch });
             program.pinned_end.push(loss);
+        } else if let Some(state) = guard_state {
+            let mut dispatches = stats_checks(state);
+            dispatches.extend(stats_commits(state));
+            dispatches.extend(deferred_commits(state, &deferred));
+            program.items.push(Item { label: "guard commit".into(), dispatches, scratch: vec![] });
         }
         let compiled = Compiled::compile(ctx, &program, store)?;
         Ok(StepPlan {
@@ -449,6 +513,7 @@ impl StepPlan {
                 stage,
                 classes,
             }),
+            guard: guard_state.map(|g| (g, staging(ctx, optim::STATE_LEN as u64 * 4))),
             logits: (logits_v, logits_shape),
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
@@ -497,6 +562,9 @@ impl StepPlan {
                 encoder.copy_buffer_to_buffer(self.compiled.value_buffer(q), 0, st, 0, o.classes as u64 * 4);
             }
         }
+        if let Some((g, st)) = &self.guard {
+            encoder.copy_buffer_to_buffer(&self.compiled.weight_buffers[*g], 0, st, 0, optim::STATE_LEN as u64 * 4);
+        }
         ctx.queue.submit([encoder.finish()]);
         let n: usize = self.logits.1.iter().product();
         let logits = Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?);
@@ -532,7 +600,11 @@ impl StepPlan {
             }
             None => (None, None),
         };
-        Ok(StepOutput { logits, loss, selected, second, probs, prior })
+        let skipped = match &self.guard {
+            Some((_, st)) => read_buffer(ctx, st, optim::STATE_LEN)?[optim::STATE_NON_FINITE] != 0.0,
+            None => false,
+        };
+        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped })
     }
 }
 
@@ -784,6 +856,17 @@ fn forward_on_same_input(
         _ => return Err(err("the model's output is a constant")),
     };
     Ok((fwd, logits))
+}
+
+/// The parameter guard's commits of method state computed ahead ((value, offset, weight, n):
+/// EATA's m, the label-shift estimate), each a no-op when the step was refused.
+fn deferred_commits(state: usize, deferred: &[(usize, usize, usize, usize)]) -> Vec<crate::ops::Dispatch> {
+    deferred
+        .iter()
+        .map(|&(src, offset, dst, n)| {
+            optim::commit_copy(BufRef::Weight(state), BufRef::Value(src), offset, BufRef::Weight(dst), n)
+        })
+        .collect()
 }
 
 /// The weight id and element count of adapted parameter `name`.
