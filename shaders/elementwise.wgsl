@@ -1,5 +1,12 @@
 // Elementwise kernels: activations (one pipeline per op code) and broadcasting binary ops.
 //
+// NaN and infinities follow ONNX Runtime's CPU kernels (tests/nan_semantics.rs): GPU min, max and
+// clamp may return the non-NaN operand (Relu(NaN) was 0), so every one of them here is guarded
+// by a bit-pattern NaN test (WGSL has no isnan, and `x != x` may be folded away). Relu, Clip and
+// the hard activations return NaN for NaN; a NaN Clip bound is no bound (ONNX Runtime's
+// comparisons against it fail); Clip without bounds clamps to ±FLT_MAX, so ±inf become ±FLT_MAX.
+// Pow follows C99's pow in every special case (pow(1, NaN) = 1, pow(NaN, 0) = 1, ±0 and ±inf).
+//
 // Flat index: gid.x + gid.y * (num_workgroups.x * 256), so more than 65 535 workgroups fit
 // (see gpu::grid_1d).
 
@@ -60,19 +67,45 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 
 fn unary(v: f32) -> f32 {
     switch OP {
-        case 0: { return max(v, 0.0); }
+        case 0: { return nan_or(v, max(v, 0.0)); }
         case 1: { return select(v, v * up.alpha, v < 0.0); }
         case 2: { return 1.0 / (1.0 + exp(-v)); }
-        case 3: { return clamp(up.alpha * v + up.beta, 0.0, 1.0); }
-        case 4: { return v * clamp(v / 6.0 + 0.5, 0.0, 1.0); }
+        case 3: { return clamp_nan(up.alpha * v + up.beta, 0.0, 1.0); }
+        case 4: { return v * clamp_nan(v / 6.0 + 0.5, 0.0, 1.0); }
         case LOG: { return log_onnx(v); }
         case EXP: { return exp(v); }
         case TANH: { return tanh_onnx(v); }
         case NEG: { return -v; }
         case ABS: { return abs(v); }
         case SQRT: { return select(sqrt(v), f32_nan(), v < 0.0); }
-        default: { return clamp(v, up.alpha, up.beta); }
+        default: { return clip_onnx(v, up.alpha, up.beta); }
     }
+}
+
+fn is_nan(v: f32) -> bool {
+    let b = bitcast<u32>(v);
+    return (b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u;
+}
+
+fn is_inf(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) == 0x7f800000u;
+}
+
+// r, unless v is NaN: then v itself (its payload kept, as ONNX Runtime's kernels keep it).
+fn nan_or(v: f32, r: f32) -> f32 {
+    return select(r, v, is_nan(v));
+}
+
+fn clamp_nan(v: f32, lo: f32, hi: f32) -> f32 {
+    return nan_or(v, clamp(v, lo, hi));
+}
+
+// ONNX Runtime's Clip is min(max(x, lo), hi) with comparisons that fail on a NaN bound, which
+// leaves x unbounded on that side; min > max gives max.
+fn clip_onnx(v: f32, lo: f32, hi: f32) -> f32 {
+    var r = select(max(v, lo), v, is_nan(lo));
+    r = select(min(r, hi), r, is_nan(hi));
+    return nan_or(v, r);
 }
 
 // WGSL leaves log and sqrt of values out of their domain undefined; ONNX follows C. (Functions,
@@ -168,13 +201,38 @@ fn binary(a: f32, c: f32) -> f32 {
     }
 }
 
-// pow() in WGSL is undefined for a negative base; ONNX follows C's pow, which is defined for
-// integral exponents (and NaN otherwise).
+// pow() in WGSL is exp2(c * log2(a)): undefined for a negative base, and wrong for C's special
+// cases (pow(1, NaN) = 1, pow(NaN, 0) = 1, pow(0, -1) = inf, pow(-0, -3) = -inf, pow(-1, inf) = 1).
+// ONNX Runtime calls C's pow, so every special case of C99 (F.9.4.4) is spelled out; what remains
+// is |a|^c with the sign of a for odd integral c, and NaN for a negative base and a non-integral c.
 fn pow_onnx(a: f32, c: f32) -> f32 {
-    if a >= 0.0 { return pow(a, c); }
-    if c != floor(c) { return bitcast<f32>(0x7fc00000u); }
-    let m = pow(-a, c);
-    if (abs(c) % 2.0) == 1.0 { return -m; }
+    if c == 0.0 || a == 1.0 { return 1.0; }
+    if is_nan(a) { return a; }
+    if is_nan(c) { return c; }
+    let integral = !is_inf(c) && c == floor(c);
+    let odd = integral && abs(c) < 16777216.0 && (abs(c) % 2.0) == 1.0;
+    let neg = (bitcast<u32>(a) & 0x80000000u) != 0u;
+    let inf = bitcast<f32>(0x7f800000u);
+    if a == 0.0 {
+        if c < 0.0 {
+            return select(inf, -inf, odd && neg);
+        }
+        return select(0.0, -0.0, odd && neg);
+    }
+    if is_inf(c) {
+        let m = abs(a);
+        if m == 1.0 { return 1.0; }
+        if (m < 1.0) == (c < 0.0) { return inf; }
+        return 0.0;
+    }
+    if is_inf(a) {
+        var r = select(0.0, inf, c > 0.0);
+        if neg && odd { r = -r; }
+        return r;
+    }
+    if neg && !integral { return bitcast<f32>(0x7fc00000u); }
+    let m = pow(abs(a), c);
+    if neg && odd { return -m; }
     return m;
 }
 

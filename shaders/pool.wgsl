@@ -2,6 +2,16 @@
 // workgroup per (n, c) plane, fixed-order tree reduction, so results are bit-reproducible).
 //
 // Windowed pools see 3 spatial dims (d, h, w); 1-D and 2-D inputs arrive with leading unit dims.
+//
+// NaN and infinities: sums propagate them by IEEE arithmetic (inf + -inf = NaN), as in ONNX
+// Runtime. MaxPool is the maximum of the window's taps, NaN when any tap is NaN (tested bit-wise:
+// GPU max may drop it), -inf for a window of -inf only, and -FLT_MAX (ONNX Runtime's start
+// value) only for a window wholly in the padding. ONNX Runtime's CPU MaxPool has no rule for
+// either case: MLAS's 1-D kernel skips NaN and starts from -FLT_MAX; its 2-D vector kernel starts
+// from the window's first row, and keeps or drops a NaN depending on the NaN's row in the window
+// and on whether the column falls in a 4-wide vector block (measured by tools/nan_reference.py);
+// ARM's vmaxq propagates NaN. Wherever ONNX Runtime returns NaN this kernel does too; windows
+// where it drops the NaN, or answers -FLT_MAX for -inf, are the documented differences.
 
 // 1 for MaxPool, 0 for AveragePool.
 override MAX: i32 = 0;
@@ -36,6 +46,11 @@ struct GlobalParams {
 // The most negative finite f32, ONNX Runtime's initial value for a max over an all-padding window.
 const LOWEST: f32 = -3.40282347e38;
 
+fn is_nan(v: f32) -> bool {
+    let b = bitcast<u32>(v);
+    return (b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u;
+}
+
 // Number of window taps that land in [0, limit) along one dim, where tap k sits at start + k * dil.
 fn taps_below(start: i32, k: u32, dil: u32, limit: i32) -> u32 {
     var c = 0u;
@@ -62,6 +77,11 @@ fn pool_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 
     var acc = 0.0;
     if MAX == 1 { acc = LOWEST; }
+    // MaxPool starts from the first tap, so -inf survives; the first NaN is kept apart so that
+    // no later max can drop it.
+    var first = true;
+    var nan_seen = false;
+    var nan_v = 0.0;
     for (var kd = 0u; kd < p.kernel.x; kd++) {
         let zd = sd + i32(kd * p.dilations.x);
         if zd < 0 || zd >= ind.x { continue; }
@@ -73,12 +93,21 @@ fn pool_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
                 let zw = sw + i32(kw * p.dilations.z);
                 if zw < 0 || zw >= ind.z { continue; }
                 let v = x[row + u32(zw)];
-                if MAX == 1 { acc = max(acc, v); } else { acc += v; }
+                if MAX == 1 {
+                    if is_nan(v) && !nan_seen {
+                        nan_seen = true;
+                        nan_v = v;
+                    }
+                    acc = select(max(acc, v), v, first);
+                    first = false;
+                } else {
+                    acc += v;
+                }
             }
         }
     }
     if MAX == 1 {
-        y[i] = acc;
+        y[i] = select(acc, nan_v, nan_seen);
         return;
     }
     let count = avg_count(sd, sh, sw);

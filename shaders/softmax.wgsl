@@ -3,6 +3,11 @@
 // Numerically stable: the row maximum is subtracted before exp, and LogSoftmax is computed as
 // x - max - log(sum(exp(x - max))) rather than log(softmax), which would underflow to -inf.
 // Short rows take a thread each; long rows a workgroup each, with fixed-order tree reductions.
+//
+// NaN and infinities as in ONNX Runtime: a row holding a NaN or a +inf (inf - inf = NaN), or only
+// -inf values (nothing to normalise by), is NaN throughout; -inf elements of any other row give 0
+// (Softmax) and -inf (LogSoftmax). The row maximum is NaN-propagating by bit test, since GPU max
+// may drop a NaN, and a bad row is decided from its maximum and sum, not from exp(NaN).
 
 // 1 for LogSoftmax, 0 for Softmax.
 override LOG: i32 = 0;
@@ -22,7 +27,22 @@ fn row_base(r: u32) -> u32 {
     return (r / p.inner) * p.len * p.inner + r % p.inner;
 }
 
+fn is_nan(v: f32) -> bool {
+    let b = bitcast<u32>(v);
+    return (b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u;
+}
+
+// max that returns a NaN operand rather than the other one.
+fn max_nan(a: f32, b: f32) -> f32 {
+    return select(select(max(a, b), b, is_nan(b)), a, is_nan(a));
+}
+
 fn finish(v: f32, m: f32, sum: f32) -> f32 {
+    // NaN or ±inf maximum (a NaN, a +inf, or only -inf in the row), or a zero sum (only -inf, with
+    // the workgroup kernel's finite start value): ONNX Runtime returns NaN for the whole row.
+    if (bitcast<u32>(m) & 0x7f800000u) == 0x7f800000u || sum == 0.0 {
+        return bitcast<f32>(0x7fc00000u);
+    }
     if LOG == 1 {
         return v - m - log(sum);
     }
@@ -36,7 +56,7 @@ fn softmax_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     let base = row_base(r);
     var m = x[base];
     for (var j = 1u; j < p.len; j++) {
-        m = max(m, x[base + j * p.inner]);
+        m = max_nan(m, x[base + j * p.inner]);
     }
     var sum = 0.0;
     for (var j = 0u; j < p.len; j++) {
@@ -64,13 +84,13 @@ fn softmax_wg_main(
 
     var m = -3.40282347e38;
     for (var j = t; j < p.len; j += WG) {
-        m = max(m, x[base + j * p.inner]);
+        m = max_nan(m, x[base + j * p.inner]);
     }
     partial[t] = m;
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if t < s {
-            partial[t] = max(partial[t], partial[t + s]);
+            partial[t] = max_nan(partial[t], partial[t + s]);
         }
         workgroupBarrier();
     }

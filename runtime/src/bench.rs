@@ -371,7 +371,7 @@ fn load_for_bench(path: &Path, cfg: &BenchConfig) -> Result<(onnx::RawModel, Val
 #[cfg(feature = "ort")]
 fn open_ort(path: &Path, cfg: &BenchConfig, runners: &mut Runners) -> Result<usize, BenchError> {
     let threads = cfg.ort_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let opts = crate::reference::OrtOptions { intra_threads: Some(threads) };
+    let opts = crate::reference::OrtOptions { intra_threads: Some(threads), ..Default::default() };
     runners.ort = Some(crate::reference::OrtSession::with_options(path, opts).map_err(Error::from)?);
     Ok(threads)
 }

@@ -35,7 +35,7 @@ pub mod reference;
 pub mod stream;
 pub mod tensor;
 
-pub use engine::{Engine, Model};
+pub use engine::{Engine, Model, NonFinite};
 pub use error::Error;
 pub use gpu::GpuContext;
 pub use tensor::{DType, Tensor};

@@ -51,6 +51,12 @@ pub enum ReferenceError {
 pub struct OrtOptions {
     /// Intra-op threads; `None` lets ONNX Runtime choose (one per physical core).
     pub intra_threads: Option<usize>,
+    /// Run the graph as written, without ONNX Runtime's graph rewrites. Its rewrites change the
+    /// arithmetic where values are not finite: Conv+BatchNormalization fusion scales the weights
+    /// before they meet the input (3e38 that overflows to NaN unfused stays finite fused), and the
+    /// NCHWc convolution skips padded taps (a NaN weight no longer meets the padding's zeros).
+    /// The runtime fuses nothing, so NaN semantics are compared against this mode.
+    pub unoptimized: bool,
 }
 
 /// The library path from the value of `ORT_DYLIB_PATH`.
@@ -125,7 +131,11 @@ impl OrtSession {
         let env = environment()?;
         let mut builder = Session::builder(&env)
             .map_err(|e| err(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::All)
+            .with_optimization_level(if options.unoptimized {
+                GraphOptimizationLevel::Disable
+            } else {
+                GraphOptimizationLevel::All
+            })
             .map_err(|e| err(e.to_string()))?
             // Verbose session logs would all cross the FFI boundary into our logger; warnings suffice.
             .with_log_level(LogLevel::Warning)

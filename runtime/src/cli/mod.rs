@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::bench::{self, BenchConfig, BenchError};
-use crate::engine::{Engine, Model};
+use crate::engine::{Engine, Model, NonFinite};
 use crate::gpu::GpuContext;
 use crate::npy::{self, NpyError};
 use crate::onnx::OnnxError;
@@ -65,6 +65,25 @@ pub enum BackendArg {
     Ort,
 }
 
+/// What `run` does with NaN or infinite input values (the Engine's input policy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum NonFiniteArg {
+    /// Refuse the input with one line naming the count and the first flat index.
+    #[default]
+    Refuse,
+    /// Run it: NaN and infinities propagate as in ONNX Runtime.
+    Propagate,
+}
+
+impl From<NonFiniteArg> for NonFinite {
+    fn from(a: NonFiniteArg) -> Self {
+        match a {
+            NonFiniteArg::Refuse => NonFinite::Refuse,
+            NonFiniteArg::Propagate => NonFinite::Propagate,
+        }
+    }
+}
+
 impl From<BackendArg> for bench::Backend {
     fn from(b: BackendArg) -> Self {
         match b {
@@ -108,6 +127,10 @@ pub enum Command {
         /// Which backend runs the model.
         #[arg(long, value_enum, default_value = "gpu")]
         backend: BackendArg,
+        /// NaN or infinite input values: refuse them (the library's default), or propagate them
+        /// through the model as ONNX Runtime does. Applies to both backends.
+        #[arg(long, value_enum, default_value = "refuse")]
+        non_finite: NonFiniteArg,
     },
     /// Measure forward latency of the GPU engine and ONNX Runtime on random inputs.
     #[command(long_about = "Measure forward latency on random inputs in [-2, 2): the median, 10th and 90th \
@@ -276,7 +299,13 @@ fn info(model: &Path, json: bool) -> Result<(), CliError> {
 }
 
 /// Runs `model` on `x` with `backend`; returns the first output and a description of the backend.
-pub fn run_model(model: &Path, x: Tensor, backend: BackendArg) -> Result<(String, Tensor, String), CliError> {
+/// Non-finite input values are refused or propagated as `non_finite` says, on either backend.
+pub fn run_model(
+    model: &Path,
+    x: Tensor,
+    backend: BackendArg,
+    non_finite: NonFinite,
+) -> Result<(String, Tensor, String), CliError> {
     match backend {
         BackendArg::Gpu => {
             let model = Model::load(model)?;
@@ -284,11 +313,22 @@ pub fn run_model(model: &Path, x: Tensor, backend: BackendArg) -> Result<(String
             let ctx = GpuContext::new().map_err(crate::Error::from)?;
             let desc = format!("gpu: {}", ctx.adapter_summary());
             let mut engine = Engine::new(&ctx, model);
+            engine.set_non_finite_inputs(non_finite);
             let y = engine.run(std::slice::from_ref(&x))?;
             let first = y.into_iter().next().ok_or_else(|| CliError::Usage("the model produced no output".into()))?;
             Ok((name, first, desc))
         }
-        BackendArg::Ort => run_ort(model, x),
+        BackendArg::Ort => {
+            if non_finite == NonFinite::Refuse {
+                // The same policy and message as the GPU path, so the backends answer alike.
+                let raw = crate::onnx::load_model(model)?;
+                let name = raw.graph.inputs.first().map(|i| i.name.clone()).unwrap_or_default();
+                if let Some(data) = x.as_f32() {
+                    crate::engine::check_finite(&name, &x.shape, data).map_err(crate::Error::from)?;
+                }
+            }
+            run_ort(model, x)
+        }
     }
 }
 
@@ -310,7 +350,13 @@ fn run_ort(_: &Path, _: Tensor) -> Result<(String, Tensor, String), CliError> {
     Err(CliError::Usage("this build has no ONNX Runtime backend (cargo feature \"ort\" is off)".into()))
 }
 
-fn run(model: &Path, input: &Path, output: &Path, backend: BackendArg) -> Result<(), CliError> {
+fn run(
+    model: &Path,
+    input: &Path,
+    output: &Path,
+    backend: BackendArg,
+    non_finite: NonFiniteArg,
+) -> Result<(), CliError> {
     if !model.is_file() {
         return Err(OnnxError::Io {
             path: model.to_path_buf(),
@@ -319,7 +365,7 @@ fn run(model: &Path, input: &Path, output: &Path, backend: BackendArg) -> Result
         .into());
     }
     let x = npy::read_f32(input)?;
-    let (name, y, desc) = run_model(model, x, backend)?;
+    let (name, y, desc) = run_model(model, x, backend, non_finite.into())?;
     npy::write_f32(output, &y)?;
     print(&format!("wrote {}: output '{name}' {:?} float32 ({desc})\n", output.display(), y.shape))
 }
@@ -333,7 +379,7 @@ fn bench_cmd(model: &Path, cfg: &BenchConfig, json: bool) -> Result<(), CliError
 pub fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Info { model, json } => info(&model, json),
-        Command::Run { model, input, output, backend } => run(&model, &input, &output, backend),
+        Command::Run { model, input, output, backend, non_finite } => run(&model, &input, &output, backend, non_finite),
         Command::Replay { model, config, batches, out, save_state, load_state } => {
             replay::replay_cmd(&model, &config, &batches, &out, save_state.as_deref(), load_state.as_deref())
         }

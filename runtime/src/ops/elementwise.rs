@@ -80,7 +80,14 @@ impl Unary {
     /// The same function on the CPU (constant folding and tests).
     pub fn apply(&self, v: f32) -> f32 {
         match *self {
-            Unary::Relu => v.max(0.0),
+            // ONNX Runtime's comparisons, not f32::max (which drops NaN): NaN and -0 pass through.
+            Unary::Relu => {
+                if v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            }
             Unary::LeakyRelu { alpha } => {
                 if v < 0.0 {
                     v * alpha
@@ -91,7 +98,11 @@ impl Unary {
             Unary::Sigmoid => 1.0 / (1.0 + (-v).exp()),
             Unary::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
             Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
-            Unary::Clip { min, max } => v.max(min).min(max),
+            // A NaN bound fails both comparisons and so bounds nothing, as in ONNX Runtime.
+            Unary::Clip { min, max } => {
+                let lo = if v < min { min } else { v };
+                if lo > max { max } else { lo }
+            }
             Unary::Log => v.ln(),
             Unary::Exp => v.exp(),
             Unary::Tanh => v.tanh(),

@@ -37,6 +37,12 @@ pub enum PlanError {
     InputShape { name: String, expected: String, got: Vec<usize> },
     #[error("input '{name}' is {dtype}; the model takes float32")]
     InputDType { name: String, dtype: crate::tensor::DType },
+    #[error(
+        "input '{name}' of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); \
+         refused: non-finite inputs run only when asked for (Engine::set_non_finite_inputs(NonFinite::Propagate), \
+         `acclimate run --non-finite propagate`), with ONNX Runtime's NaN semantics"
+    )]
+    NonFiniteInput { name: String, shape: Vec<usize>, count: usize, first: usize },
     #[error("input '{name}': {len} values do not fill shape {shape:?}")]
     InputData { name: String, shape: Vec<usize>, len: usize },
     #[error("plan: {0}")]
