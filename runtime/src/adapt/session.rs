@@ -355,8 +355,8 @@ impl Session {
         matches!(self.spec.mode, StatsMode::Ema { .. })
     }
 
-    /// Gradient steps taken since the session started (or was reset); steps the guard refused
-    /// are not counted.
+    /// Gradient steps taken since the session started (or was reset): updates the optimizer made.
+    /// A step that selected nothing (ETA, EATA, WoC) or that the guard refused is not counted.
     pub fn steps_taken(&self) -> u64 {
         self.steps_taken
     }
@@ -445,18 +445,17 @@ impl Session {
         let steps = if self.spec.adapted.is_empty() { 1 } else { self.config.adapt.steps.max(1) };
         let plan = &self.plans[&batch.shape];
         let mut first: Option<StepOutput> = None;
-        let mut skipped = 0u64;
+        let (mut skipped, mut stepped) = (0u64, 0u64);
         for s in 0..steps {
             // The output stage's estimate moves once per batch, with the returned prediction.
             let out = plan.run_with(&self.ctx, data, s == 0)?;
             skipped += out.skipped as u64;
+            stepped += out.stepped as u64;
             if first.is_none() {
                 first = Some(out);
             }
         }
-        if !self.spec.adapted.is_empty() {
-            self.steps_taken += steps as u64 - skipped;
-        }
+        self.steps_taken += stepped;
         if skipped > 0 {
             self.steps_skipped += skipped;
             log::warn!(

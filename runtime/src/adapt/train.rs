@@ -117,6 +117,9 @@ pub struct StepOutput {
     /// The parameter guard refused the step: something it would have written (a parameter, an
     /// optimizer moment, a running statistic) was NaN or infinite, so nothing was written.
     pub skipped: bool,
+    /// The optimizer updated the parameters (its gate stayed open: something was selected and
+    /// nothing was refused). False for programs without a gradient step.
+    pub stepped: bool,
 }
 
 /// Name of the guard's state buffer in forward-only programs that commit RBN statistics.
@@ -600,11 +603,15 @@ impl StepPlan {
             }
             None => (None, None),
         };
-        let skipped = match &self.guard {
-            Some((_, st)) => read_buffer(ctx, st, optim::STATE_LEN)?[optim::STATE_NON_FINITE] != 0.0,
-            None => false,
+        let (skipped, stepped) = match &self.guard {
+            Some((_, st)) => {
+                let state = read_buffer(ctx, st, optim::STATE_LEN)?;
+                let skipped = state[optim::STATE_NON_FINITE] != 0.0;
+                (skipped, self.loss.is_some() && !self.params.is_empty() && state[optim::STATE_GATE] != 0.0 && !skipped)
+            }
+            None => (false, false),
         };
-        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped })
+        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped })
     }
 }
 

@@ -106,8 +106,13 @@ fn overflowing_batch_never_reaches_the_parameters() {
         } else {
             s.step(&overflow).unwrap()
         };
-        assert!(p.skipped, "{toml}: the overflowing batch's update was not reported as skipped");
-        assert_eq!(s.steps_skipped(), 1, "{toml}");
+        // The entropy filters of ETA, SAR and WoC may already select nothing from NaN logits
+        // (no step, nothing for the guard to refuse); every other method's step is refused.
+        let filters = ["\"eta\"", "\"sar\"", "\"woc\""].iter().any(|m| toml.contains(m));
+        if !filters {
+            assert!(p.skipped, "{toml}: the overflowing batch's update was not reported as skipped");
+        }
+        assert_eq!(s.steps_skipped(), p.skipped as u64, "{toml}");
         assert_eq!(s.steps_taken(), taken, "{toml}: a refused step was counted as taken");
         let after = guard_all_state_finite(&s, toml);
         assert!(after == before, "{toml}: the refused step changed {:?}", guard_diff(&before, &after));
