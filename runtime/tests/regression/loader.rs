@@ -248,3 +248,31 @@ fn huge_declared_tensor_refused_before_allocation() {
     assert!(start.elapsed() < std::time::Duration::from_secs(2), "refused only after {:?}", start.elapsed());
     loader_cleanup(&dir);
 }
+
+// Found by tools/fuzz.sh (target frame, seed 1): the frame validator multiplied caller-given
+// strides unchecked, so a pixel stride near usize::MAX panicked (debug) or wrapped (release)
+// instead of being refused; `plane_extent` of an empty frame underflowed.
+
+#[test]
+fn frame_pixel_stride_overflow() {
+    use acclimate::stream::frame::{Frame, PixelFormat, Plane};
+    for (format, planes) in [
+        (PixelFormat::Rgba8, vec![Plane::new(0, 16, usize::MAX / 2)]),
+        (PixelFormat::Gray8, vec![Plane::new(0, 4, usize::MAX)]),
+        (PixelFormat::Nv12, vec![Plane::new(0, 4, 1), Plane::new(16, 4, usize::MAX / 3)]),
+    ] {
+        let frame = Frame::new(4, 4, format, planes, vec![0; 64]);
+        let err = frame.validate().expect_err("an overflowing stride cannot be valid").to_string();
+        assert!(err.contains("overflow"), "{format:?}: {err}");
+    }
+}
+
+#[test]
+fn frame_plane_extent_of_empty_frame() {
+    use acclimate::stream::frame::{Frame, PixelFormat, Plane};
+    for (w, h) in [(0, 4), (4, 0), (0, 0)] {
+        let frame = Frame::new(w, h, PixelFormat::Gray8, vec![Plane::new(0, 4, 1)], vec![0; 16]);
+        assert_eq!(frame.plane_extent(0), None, "{w}x{h}");
+        assert!(frame.validate().is_err());
+    }
+}

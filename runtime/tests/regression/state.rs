@@ -214,3 +214,47 @@ fn stale_temporary_files_removed() {
     assert_eq!(state::load_state(&target, "fp").unwrap().tensors, t);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn replay_load_state_reports_refused_states() {
+    // `acclimate replay --load-state` with a non-finite state and with another method's state:
+    // one error line naming the tensor (or both methods), a non-zero exit that is not a panic,
+    // and no record written.
+    let fx = common::repo_root().join("tests/fixtures/tta/tiny_tent_adam");
+    let dir = state_dir("cli");
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let run = |extra: &[String]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_acclimate"));
+        cmd.arg("replay").arg(fx.join("model.onnx")).arg("--config").arg(fx.join("config.toml"));
+        cmd.arg("--batches").arg(fx.join("batches")).args(extra).env_remove("RUST_LOG");
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            cmd.env("XDG_RUNTIME_DIR", &dir);
+        }
+        cmd.output().unwrap()
+    };
+    let state = dir.join("state.safetensors");
+    let o = run(&["--out".into(), s(&dir.join("out.json")), "--save-state".into(), s(&state)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let nan = dir.join("nan.safetensors");
+    let mut poisoned = String::new();
+    state_rewrite(&state, &nan, |t, _| {
+        let (name, (_, data)) = t.iter_mut().next().unwrap();
+        poisoned = name.clone();
+        data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let other = dir.join("other.safetensors");
+    state_rewrite(&state, &other, |_, meta| {
+        meta.insert("method".into(), "eata".into());
+    });
+    for (bad, want) in [(&nan, vec![poisoned.as_str(), "1 non-finite"]), (&other, vec!["'eata'", "'tent'"])] {
+        let out = dir.join("refused.json");
+        let o = run(&["--out".into(), s(&out), "--load-state".into(), s(bad)]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && o.status.code() != Some(101), "{}: {:?}\n{err}", bad.display(), o.status);
+        assert_eq!(err.lines().count(), 1, "one error line expected:\n{err}");
+        assert!(want.iter().all(|w| err.contains(w)), "{}: {err}", bad.display());
+        assert!(!out.exists(), "a refused state must not produce a record");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
