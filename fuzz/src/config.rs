@@ -68,8 +68,20 @@ const FLOATS: [&str; 20] = [
     "1", "0", "2", "1e-45", "0.00025", "100",
 ];
 const INTS: [&str; 14] = [
-    "0", "1", "2", "-1", "64", "100000000", "4294967295", "4294967296", "9223372036854775807", "-9223372036854775808",
-    "1.5", "3", "8", "1_000",
+    "0",
+    "1",
+    "2",
+    "-1",
+    "64",
+    "100000000",
+    "4294967295",
+    "4294967296",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "1.5",
+    "3",
+    "8",
+    "1_000",
 ];
 const METHODS: [&str; 13] =
     ["source", "norm", "rbn", "tent", "eta", "eata", "woc", "sar", "eata+woc", "lame", "TENT", "", "cotta"];
@@ -86,7 +98,9 @@ fn value(kind: Kind, rng: &mut Xoshiro256PlusPlus) -> String {
         Kind::Float => one(rng, &FLOATS),
         Kind::Int => one(rng, &INTS),
         Kind::Bool => one(rng, &["true", "false"]),
-        Kind::Strings => format!("[{}]", (0..rng.random_range(0..3)).map(|i| format!("\"bn{i}\"")).collect::<Vec<_>>().join(", ")),
+        Kind::Strings => {
+            format!("[{}]", (0..rng.random_range(0..3)).map(|i| format!("\"bn{i}\"")).collect::<Vec<_>>().join(", "))
+        }
         Kind::Floats => {
             let n = rng.random_range(0..4);
             format!("[{}]", (0..n).map(|_| one(rng, &FLOATS)).collect::<Vec<_>>().join(", "))

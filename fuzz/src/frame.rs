@@ -65,7 +65,8 @@ impl Cursor<'_> {
             0..=5 => tight,
             6 => tight.wrapping_add(usize::from(self.u8() % 8)),
             7 => tight.wrapping_sub(usize::from(self.u8() % 4)),
-            8 => [0, 1, 2, 3, 4, usize::MAX, usize::MAX / 2, usize::MAX - 3, 1 << 32, 1 << 63][usize::from(self.u8()) % 10],
+            8 => [0, 1, 2, 3, 4, usize::MAX, usize::MAX / 2, usize::MAX - 3, 1 << 32, 1 << 63]
+                [usize::from(self.u8()) % 10],
             _ => self.u64() as usize,
         }
     }
@@ -153,8 +154,7 @@ fn spec_string(c: &mut Cursor<'_>) -> String {
         let size = 1 + c.u8() % 24;
         let resize = size + c.u8() % 8;
         let per = |v: &str| vec![v; channels].join("/");
-        let geometry =
-            if resize == size { format!("size={size}") } else { format!("resize={resize},crop={size}") };
+        let geometry = if resize == size { format!("size={size}") } else { format!("resize={resize},crop={size}") };
         return format!("{geometry},channels={channels},mean={},std={}", per("0.45"), per("0.225"));
     }
     let small = |c: &mut Cursor<'_>| match c.u8() % 6 {

@@ -315,7 +315,12 @@ fn bn_model() -> ModelProto {
             name: Some("bn".into()),
             node: vec![
                 node("Constant", &[], &["var"], vec![konst]),
-                node("BatchNormalization", &["X", "scale", "bias", "mean", "var"], &["B"], vec![attr_f("epsilon", 1e-5)]),
+                node(
+                    "BatchNormalization",
+                    &["X", "scale", "bias", "mean", "var"],
+                    &["B"],
+                    vec![attr_f("epsilon", 1e-5)],
+                ),
                 node("Relu", &["B"], &["Y"], vec![]),
             ],
             initializer: vec![scale, f32_tensor("bias", vec![2], vec![0.0, 0.1])],
@@ -347,7 +352,10 @@ fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
 }
 
 fn dim(v: i64) -> tensor_shape_proto::Dimension {
-    tensor_shape_proto::Dimension { value: Some(tensor_shape_proto::dimension::Value::DimValue(v)), ..Default::default() }
+    tensor_shape_proto::Dimension {
+        value: Some(tensor_shape_proto::dimension::Value::DimValue(v)),
+        ..Default::default()
+    }
 }
 
 /// Byte-level damage after encoding: flips, overwrites, truncation, duplicated spans.
@@ -593,14 +601,26 @@ fn mutate_attribute(m: &mut ModelProto, rng: &mut Xoshiro256PlusPlus) {
         [rng.random_range(0..11)];
     let Some(n) = m.graph.as_mut().and_then(|g| pick(&mut g.node, rng)) else { return };
     const NAMES: [&str; 16] = [
-        "axis", "axes", "perm", "kernel_shape", "strides", "pads", "dilations", "group", "epsilon", "momentum",
-        "alpha", "beta", "transB", "mode", "value", "to",
+        "axis",
+        "axes",
+        "perm",
+        "kernel_shape",
+        "strides",
+        "pads",
+        "dilations",
+        "group",
+        "epsilon",
+        "momentum",
+        "alpha",
+        "beta",
+        "transB",
+        "mode",
+        "value",
+        "to",
     ];
     if n.attribute.is_empty() || rng.random_range(0..4) == 0 {
-        n.attribute.push(AttributeProto {
-            name: Some(NAMES[rng.random_range(0..NAMES.len())].into()),
-            ..Default::default()
-        });
+        n.attribute
+            .push(AttributeProto { name: Some(NAMES[rng.random_range(0..NAMES.len())].into()), ..Default::default() });
     }
     let Some(a) = pick(&mut n.attribute, rng) else { return };
     let len = rng.random_range(0..6);
@@ -629,7 +649,8 @@ fn mutate_attribute(m: &mut ModelProto, rng: &mut Xoshiro256PlusPlus) {
         10 => a.ref_attr_name = Some("outer".into()),
         _ => {
             // The value of another kind than the type says.
-            a.r#type = Some([A::Int, A::Ints, A::Float, A::Floats, A::String, A::Tensor][rng.random_range(0..6)] as i32);
+            a.r#type =
+                Some([A::Int, A::Ints, A::Float, A::Floats, A::String, A::Tensor][rng.random_range(0..6)] as i32);
             a.i = None;
             a.ints.clear();
             a.f = None;

@@ -70,7 +70,8 @@ fn parse_args() -> Args {
         match flag.as_str() {
             "--target" => {
                 let v = val();
-                a.targets = if v == "all" { Kind::ALL.to_vec() } else { vec![Kind::parse(&v).unwrap_or_else(|| usage())] };
+                a.targets =
+                    if v == "all" { Kind::ALL.to_vec() } else { vec![Kind::parse(&v).unwrap_or_else(|| usage())] };
             }
             "--execs" => a.execs = Some(num(val())),
             "--seconds" => a.seconds = Some(val().parse().unwrap_or_else(|_| usage())),
@@ -99,7 +100,8 @@ fn main() -> ExitCode {
         return worker(args.targets[0], &work.clone(), args.seed, *from, *to);
     }
     let work = std::env::temp_dir().join(format!("acclimate-fuzz-{}", std::process::id()));
-    let result = if args.replay.is_some() || args.exec.is_some() { replay(&args, &work) } else { supervise(&args, &work) };
+    let result =
+        if args.replay.is_some() || args.exec.is_some() { replay(&args, &work) } else { supervise(&args, &work) };
     let _ = std::fs::remove_dir_all(&work);
     result
 }
@@ -220,7 +222,13 @@ enum Event {
     Eof,
 }
 
-fn spawn_worker(kind: Kind, args: &Args, work: &Path, from: u64, to: u64) -> std::io::Result<(Child, mpsc::Receiver<Event>)> {
+fn spawn_worker(
+    kind: Kind,
+    args: &Args,
+    work: &Path,
+    from: u64,
+    to: u64,
+) -> std::io::Result<(Child, mpsc::Receiver<Event>)> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--worker", &work.to_string_lossy(), "--target", kind.name()])
         .args(["--seed", &args.seed.to_string(), "--from", &from.to_string(), "--to", &to.to_string()])
@@ -305,8 +313,17 @@ fn run_target(kind: Kind, target: &Target, args: &Args, work: &Path) -> Result<C
                 )
             });
         match saved {
-            Ok(()) => eprintln!("{}: {what} at seed {} exec {i}: {detail}\n  saved {}", kind.name(), args.seed, stem.with_extension("bin").display()),
-            Err(e) => eprintln!("{}: {what} at seed {} exec {i}: {detail}\n  (cannot save the input: {e})", kind.name(), args.seed),
+            Ok(()) => eprintln!(
+                "{}: {what} at seed {} exec {i}: {detail}\n  saved {}",
+                kind.name(),
+                args.seed,
+                stem.with_extension("bin").display()
+            ),
+            Err(e) => eprintln!(
+                "{}: {what} at seed {} exec {i}: {detail}\n  (cannot save the input: {e})",
+                kind.name(),
+                args.seed
+            ),
         }
     };
     'workers: while next < end {
@@ -400,13 +417,8 @@ fn run_target(kind: Kind, target: &Target, args: &Args, work: &Path) -> Result<C
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let depth = target
-        .depths()
-        .iter()
-        .zip(c.reached)
-        .map(|(name, n)| format!("{name} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let depth =
+        target.depths().iter().zip(c.reached).map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", ");
     println!(
         "{}: {} executions, {} panics, {} hangs, {} crashes ({secs:.1} s, {:.0} exec/s, seed {}{}; reached: {depth})",
         kind.name(),

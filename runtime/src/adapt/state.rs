@@ -637,6 +637,33 @@ mod tests {
         assert_eq!(d.files(), vec!["s.safetensors".to_string()]);
     }
 
+    #[test]
+    fn non_finite_state_is_not_saved() {
+        let d = TempDir::new("nonfinite");
+        let p = d.0.join("s.safetensors");
+        save_state(&p, FP, &sample(), &meta()).unwrap();
+        let old = fs::read(&p).unwrap();
+        let mut bad = sample();
+        bad[2].1 = Tensor::f32(vec![3], vec![f32::NAN, 1.0, f32::INFINITY]);
+        let e = save_state(&p, FP, &bad, &meta()).unwrap_err();
+        assert!(matches!(e, StateError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("'opt:m:bn1.weight' holds 2 non-finite"), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), old, "the previous state stays");
+        assert_eq!(d.files(), vec!["s.safetensors".to_string()]);
+    }
+
+    #[test]
+    fn temporary_names_parse_back_exactly() {
+        assert_eq!(temporary_pid(&temporary_name("s.st", 42, 7), "s.st"), Some(42));
+        for other in
+            [".s.st.tmp-42-7x", ".s.st.tmp-42", ".s.st.tmp--7", "s.st.tmp-42-7", ".t.st.tmp-42-7", ".s.st.tmp-a-7"]
+        {
+            assert_eq!(temporary_pid(other, "s.st"), None, "{other}");
+        }
+        // A target whose name itself looks like a temporary is still matched exactly.
+        assert_eq!(temporary_pid(".a.tmp-1-2.tmp-3-4", "a.tmp-1-2"), Some(3));
+    }
+
     fn graph(inits: Vec<(&str, Tensor)>) -> Graph {
         Graph {
             opset: 13,

@@ -289,7 +289,9 @@ fn checked_numel(dims: impl Iterator<Item = u64>) -> Result<usize, String> {
             empty = true;
             continue;
         }
-        nonzero = nonzero.checked_mul(d).ok_or_else(|| "the product of its dimensions overflows".to_string())?;
+        nonzero = nonzero
+            .checked_mul(d)
+            .ok_or_else(|| "too many elements: the product of its dimensions overflows".to_string())?;
     }
     match usize::try_from(nonzero) {
         Ok(n) if n <= MAX_TENSOR_ELEMENTS => Ok(if empty { 0 } else { n }),
@@ -607,9 +609,8 @@ fn file_kind(ft: &std::fs::FileType) -> &'static str {
 /// changes nothing for regular files), and the opened file must be the very file that was
 /// checked (same device and inode), so swapping the path between check and open is caught.
 fn open_confined(base: &Path, path: &Path) -> Result<(File, u64), String> {
-    let base_real = base
-        .canonicalize()
-        .map_err(|e| format!("cannot resolve the model's folder {}: {e}", base.display()))?;
+    let base_real =
+        base.canonicalize().map_err(|e| format!("cannot resolve the model's folder {}: {e}", base.display()))?;
     let real = path.canonicalize().map_err(|e| e.to_string())?;
     if !real.starts_with(&base_real) {
         return Err(format!(

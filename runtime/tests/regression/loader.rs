@@ -257,11 +257,12 @@ fn huge_declared_tensor_refused_before_allocation() {
 fn frame_pixel_stride_overflow() {
     use acclimate::stream::frame::{Frame, PixelFormat, Plane};
     for (format, planes) in [
-        (PixelFormat::Rgba8, vec![Plane::new(0, 16, usize::MAX / 2)]),
-        (PixelFormat::Gray8, vec![Plane::new(0, 4, usize::MAX)]),
-        (PixelFormat::Nv12, vec![Plane::new(0, 4, 1), Plane::new(16, 4, usize::MAX / 3)]),
+        (PixelFormat::Rgba8, vec![Plane::new(0, 32, usize::MAX / 2)]),
+        (PixelFormat::Gray8, vec![Plane::new(0, 8, usize::MAX)]),
+        // The chroma plane: 4 samples per row at a stride of usize::MAX / 2.
+        (PixelFormat::Nv12, vec![Plane::new(0, 8, 1), Plane::new(32, 8, usize::MAX / 2)]),
     ] {
-        let frame = Frame::new(4, 4, format, planes, vec![0; 64]);
+        let frame = Frame::new(8, 4, format, planes, vec![0; 128]);
         let err = frame.validate().expect_err("an overflowing stride cannot be valid").to_string();
         assert!(err.contains("overflow"), "{format:?}: {err}");
     }
