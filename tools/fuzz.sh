@@ -21,7 +21,12 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
-cargo build --quiet --profile "$profile" -p acclimate-fuzz
 dir=$profile
-[ "$profile" = dev ] && dir=debug
+if [ "$profile" = dev ]; then
+  # The workspace's features, as `cargo test --workspace` built them: nothing to recompile.
+  cargo build --quiet --workspace --bins
+  dir=debug
+else
+  cargo build --quiet --profile "$profile" -p acclimate-fuzz
+fi
 ACCLIMATE_ROOT="$(pwd)" exec "target/$dir/acclimate-fuzz" "${args[@]}"

@@ -109,7 +109,7 @@ pub fn run(data: &[u8]) -> usize {
         _ => {}
     }
     for p in &mut planes {
-        if c.u8() % 3 == 0 {
+        if c.u8().is_multiple_of(3) {
             p.offset = c.near(p.offset);
             p.row_stride = c.near(p.row_stride);
             p.pixel_stride = c.near(p.pixel_stride);
@@ -149,8 +149,8 @@ pub fn run(data: &[u8]) -> usize {
 /// A preprocessing spec string: a valid one most of the time (so frames reach the CPU
 /// reference), otherwise from the valid keys with edge values and malformations.
 fn spec_string(c: &mut Cursor<'_>) -> String {
-    if c.u8() % 4 != 0 {
-        let channels = if c.u8() % 2 == 0 { 1 } else { 3 };
+    if !c.u8().is_multiple_of(4) {
+        let channels = if c.u8().is_multiple_of(2) { 1 } else { 3 };
         let size = 1 + c.u8() % 24;
         let resize = size + c.u8() % 8;
         let per = |v: &str| vec![v; channels].join("/");
@@ -172,25 +172,25 @@ fn spec_string(c: &mut Cursor<'_>) -> String {
     };
     let mut parts = Vec::new();
     let resize = small(c);
-    if c.u8() % 4 == 0 {
+    if c.u8().is_multiple_of(4) {
         parts.push(format!("resize={resize}"));
         parts.push(format!("crop={}", small(c)));
     } else {
         parts.push(format!("size={resize}"));
     }
-    if c.u8() % 2 == 0 {
+    if c.u8().is_multiple_of(2) {
         parts.push(format!("channels={}", ["1", "3", "2", "0", "4294967296"][usize::from(c.u8()) % 5]));
     }
-    if c.u8() % 3 == 0 {
+    if c.u8().is_multiple_of(3) {
         parts.push(format!("mean={}", floats(c)));
     }
-    if c.u8() % 3 == 0 {
+    if c.u8().is_multiple_of(3) {
         parts.push(format!("std={}", floats(c)));
     }
-    if c.u8() % 4 == 0 {
+    if c.u8().is_multiple_of(4) {
         parts.push(format!("scale={}", ["1", "0", "1e-30", "nan", "-1"][usize::from(c.u8()) % 5]));
     }
-    if c.u8() % 8 == 0 {
+    if c.u8().is_multiple_of(8) {
         parts.push(["", "size", "=3", "size=3", "bogus=1"][usize::from(c.u8()) % 5].to_string());
     }
     parts.join(",")

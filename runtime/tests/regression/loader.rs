@@ -277,3 +277,45 @@ fn frame_plane_extent_of_empty_frame() {
         assert!(frame.validate().is_err());
     }
 }
+
+// Found by tools/fuzz.sh (target loader, seed 1, execution 49532): a Reshape whose constant
+// target shape has a huge dimension overflowed the element count during shape inference.
+#[test]
+fn reshape_target_product_overflow() {
+    use acclimate::ops::layout::reshape_shape;
+    for target in [vec![1i64 << 62, 4], vec![-1, 1 << 62, 8], vec![i64::MAX, i64::MAX]] {
+        let err = reshape_shape(&[2, 4], &target, false).expect_err("cannot hold 8 elements");
+        assert!(err.contains("too many elements") || err.contains("cannot reshape"), "{target:?}: {err}");
+    }
+    assert_eq!(reshape_shape(&[2, 4], &[-1, 2], false).unwrap(), vec![4, 2]);
+}
+
+// Found by tools/fuzz.sh (target loader, seed 2, execution 14206): a Conv whose `group`
+// attribute is huge overflowed `W[1] * group` during shape inference; huge dilations and pads
+// overflowed the window arithmetic the same way.
+#[test]
+fn conv_attribute_overflow() {
+    use acclimate::ops::conv::{ConvAttrs, ConvGeometry};
+    use acclimate::ops::pool::AutoPad;
+    let base = ConvAttrs {
+        auto_pad: AutoPad::NotSet,
+        dilations: None,
+        group: 1,
+        kernel_shape: None,
+        pads: None,
+        strides: None,
+    };
+    let (x, w) = ([1usize, 4, 8, 8], [4usize, 4, 3, 3]);
+    assert!(ConvGeometry::new(&base, &x, &w).is_ok());
+    for (what, a) in [
+        ("group", ConvAttrs { group: 1 << 62, ..base.clone() }),
+        ("dilations", ConvAttrs { dilations: Some(vec![usize::MAX, 1]), ..base.clone() }),
+        ("pads", ConvAttrs { pads: Some(vec![usize::MAX, 0, 1, 1]), ..base.clone() }),
+    ] {
+        let err = ConvGeometry::new(&a, &x, &w).expect_err(what);
+        assert!(err.contains("overflow") || err.contains("more than usize::MAX"), "{what}: {err}");
+    }
+    // SAME padding of a window near usize::MAX wide: absurd but representable; no panic.
+    let same = ConvAttrs { auto_pad: AutoPad::SameUpper, dilations: Some(vec![usize::MAX / 2, 1]), ..base };
+    let _ = ConvGeometry::new(&same, &x, &w);
+}
