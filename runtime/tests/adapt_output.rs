@@ -764,7 +764,9 @@ fn shipped_mnist_adapter_matches_onnxruntime() {
     let file = dir.join("prior.safetensors");
     let fingerprint = acclimate::adapt::state::fingerprint(&s.model().graph);
     let q = Tensor::f32(vec![c], prior.to_f32_vec());
-    acclimate::adapt::state::save_state(&file, &fingerprint, &[(output::PRIOR_BUFFER.to_string(), q)], &[])
+    // A state records the method it belongs to; one without is refused on load.
+    let meta = [("method".to_string(), "source".to_string())];
+    acclimate::adapt::state::save_state(&file, &fingerprint, &[(output::PRIOR_BUFFER.to_string(), q)], &meta)
         .expect("state written");
     s.load_state(&file).expect("state loaded");
     let x = ls_adapter_fixture("input.npy");

@@ -588,17 +588,45 @@ impl Session {
     pub fn save_state(&self, path: &Path) -> Result<(), AdaptError> {
         let tensors = self.read_named(&self.state_names())?;
         let meta = vec![
-            ("method".to_string(), format!("{:?}", self.config.adapt.method).to_lowercase()),
+            ("method".to_string(), self.state_method()),
             ("steps_taken".to_string(), self.steps_taken.to_string()),
         ];
         state::save_state(path, self.fingerprint(), &tensors, &meta)?;
         Ok(())
     }
 
-    /// Loads a state saved for the same model. On any error the session is unchanged.
+    /// The `method` entry a state file records.
+    fn state_method(&self) -> String {
+        format!("{:?}", self.config.adapt.method).to_lowercase()
+    }
+
+    /// Loads a state saved for the same model by the same method. On any error (a torn or
+    /// non-finite file, another model, another method) the session is unchanged.
+    ///
+    /// A state without a `method` entry is refused too: every version that wrote state files
+    /// wrote it, so its absence means a hand-made or damaged file, and the tensors one method
+    /// keeps (optimizer moments, EATA's Fisher, LAME's prior) mean nothing to another.
     pub fn load_state(&mut self, path: &Path) -> Result<(), AdaptError> {
         let fp = self.fingerprint().to_string();
         let loaded = state::load_state(path, &fp)?;
+        let ours = self.state_method();
+        match loaded.method.as_deref() {
+            Some(m) if m == ours => {}
+            Some(m) => {
+                return Err(StateError::Mismatch(format!(
+                    "{} was saved by method '{m}', this session runs method '{ours}'",
+                    path.display()
+                ))
+                .into());
+            }
+            None => {
+                return Err(StateError::Mismatch(format!(
+                    "{} records no method (this session runs method '{ours}'); refusing a state of unknown origin",
+                    path.display()
+                ))
+                .into());
+            }
+        }
         // Validate every tensor against what it replaces before writing anything.
         let mut writes: Vec<(String, Arc<Tensor>)> = Vec::new();
         for (name, t) in loaded.tensors {

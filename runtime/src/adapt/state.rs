@@ -9,9 +9,15 @@
 //!   so a bit flip anywhere in the data is caught, not only a truncation;
 //! - the caller's entries (`method`, `steps_taken`, ...).
 //!
+//! Every tensor must be finite: a NaN or infinity is refused when saving (the previous file stays)
+//! and when loading, with the tensor's name and the count, because one NaN in a BN scale or a
+//! running variance silently turns every later prediction into the same class.
+//!
 //! Writes are atomic: a temporary file in the target's directory is written, fsynced and renamed
 //! over the target, then the directory is fsynced. A crash or error at any point leaves either
-//! the old file or the new one, never a mix. [`load_state`] reads and validates the whole file
+//! the old file or the new one, never a mix. A save killed before its rename leaves its
+//! temporary (`.<file>.tmp-<pid>-<n>`); the next save to the same path removes the temporaries
+//! of that path whose process is gone. [`load_state`] reads and validates the whole file
 //! before returning anything, so a caller that applies the result only on `Ok` is never left
 //! half-updated.
 
@@ -215,6 +221,12 @@ fn encode(
                 )));
             }
         };
+        let bad = non_finite(data);
+        if bad > 0 {
+            return Err(StateError::Invalid(format!(
+                "tensor '{name}' holds {bad} non-finite value(s) (NaN or infinity); nothing was written"
+            )));
+        }
         if t.shape.iter().product::<usize>() != data.len() {
             return Err(StateError::Invalid(format!(
                 "tensor '{name}' has shape {:?} but {} values",
@@ -257,6 +269,70 @@ fn encode(
         .map_err(|e| StateError::Invalid(format!("cannot encode the state: {e}")))
 }
 
+fn non_finite(v: &[f32]) -> usize {
+    v.iter().filter(|x| !x.is_finite()).count()
+}
+
+/// The name of a save's temporary file for the target file name `name`: hidden, and parseable
+/// back (see [`stale_temporary`]) so that only our own temporaries are ever removed.
+fn temporary_name(name: &str, pid: u32, n: u64) -> String {
+    format!(".{name}.tmp-{pid}-{n}")
+}
+
+/// The pid in `entry` if it is exactly a temporary name of `name` (`.<name>.tmp-<pid>-<n>`).
+fn temporary_pid(entry: &str, name: &str) -> Option<u32> {
+    let rest = entry.strip_prefix('.')?.strip_prefix(name)?.strip_prefix(".tmp-")?;
+    let (pid, n) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(n) {
+        return None;
+    }
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Without a process table to ask, a temporary this old is taken as abandoned: a save writes
+/// a few megabytes at most and renames within seconds.
+const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Whether the temporary `entry` (of target `name`, in `dir`) was left by a save that can no
+/// longer finish: its process is gone. Our own process's temporaries may belong to a save
+/// running on another thread and are never stale.
+fn stale_temporary(dir: &Path, entry: &str, name: &str) -> bool {
+    let Some(pid) = temporary_pid(entry, name) else { return false };
+    if pid == std::process::id() {
+        return false;
+    }
+    let Ok(meta) = fs::symlink_metadata(dir.join(entry)) else { return false };
+    if !meta.is_file() {
+        return false;
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let proc = Path::new("/proc");
+        if proc.join("self").exists() {
+            return !proc.join(pid.to_string()).exists();
+        }
+    }
+    meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > STALE_TEMPORARY_AGE)
+}
+
+/// Removes what saves to `dir/name` killed before their rename left behind. Best effort: a
+/// temporary that cannot be listed or removed is left, and the save goes on.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        if stale_temporary(dir, file, name) {
+            match fs::remove_file(dir.join(file)) {
+                Ok(()) => log::info!("removed {}, left by an interrupted save", dir.join(file).display()),
+                Err(e) => log::debug!("cannot remove stale temporary {}: {e}", dir.join(file).display()),
+            }
+        }
+    }
+}
+
 /// Writes `bytes` to a fresh temporary file next to `path`, fsyncs it, renames it over `path`
 /// and fsyncs the directory. On error the temporary file is removed and `path` is untouched.
 fn write_atomic(
@@ -271,12 +347,9 @@ fn write_atomic(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let name = name.to_string_lossy();
+    remove_stale_temporaries(&dir, &name);
+    let tmp = dir.join(temporary_name(&name, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let result = (|| {
         let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         write(&mut f, bytes)?;
@@ -348,6 +421,14 @@ fn decode(path: &Path, bytes: &[u8], expected_fingerprint: &str) -> Result<Loade
             });
         }
         let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let bad = non_finite(&data);
+        if bad > 0 {
+            return Err(StateError::Tensor {
+                path: path.to_path_buf(),
+                name,
+                reason: format!("holds {bad} non-finite value(s) (NaN or infinity) of {}", data.len()),
+            });
+        }
         tensors.push((name, Tensor::f32(v.shape().to_vec(), data)));
     }
     let steps_taken = match meta.get("steps_taken") {
@@ -554,6 +635,33 @@ mod tests {
         let e = save_state(&d.0.join("missing/s.safetensors"), FP, &sample(), &[]).unwrap_err();
         assert!(matches!(e, StateError::Write { .. }), "{e}");
         assert_eq!(d.files(), vec!["s.safetensors".to_string()]);
+    }
+
+    #[test]
+    fn non_finite_state_is_not_saved() {
+        let d = TempDir::new("nonfinite");
+        let p = d.0.join("s.safetensors");
+        save_state(&p, FP, &sample(), &meta()).unwrap();
+        let old = fs::read(&p).unwrap();
+        let mut bad = sample();
+        bad[2].1 = Tensor::f32(vec![3], vec![f32::NAN, 1.0, f32::INFINITY]);
+        let e = save_state(&p, FP, &bad, &meta()).unwrap_err();
+        assert!(matches!(e, StateError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("'opt:m:bn1.weight' holds 2 non-finite"), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), old, "the previous state stays");
+        assert_eq!(d.files(), vec!["s.safetensors".to_string()]);
+    }
+
+    #[test]
+    fn temporary_names_parse_back_exactly() {
+        assert_eq!(temporary_pid(&temporary_name("s.st", 42, 7), "s.st"), Some(42));
+        for other in
+            [".s.st.tmp-42-7x", ".s.st.tmp-42", ".s.st.tmp--7", "s.st.tmp-42-7", ".t.st.tmp-42-7", ".s.st.tmp-a-7"]
+        {
+            assert_eq!(temporary_pid(other, "s.st"), None, "{other}");
+        }
+        // A target whose name itself looks like a temporary is still matched exactly.
+        assert_eq!(temporary_pid(".a.tmp-1-2.tmp-3-4", "a.tmp-1-2"), Some(3));
     }
 
     fn graph(inits: Vec<(&str, Tensor)>) -> Graph {

@@ -11,6 +11,14 @@ use super::proto::{self, attribute_proto::AttributeType, tensor_proto};
 use super::{Attr, DimSpec, OnnxError, RawGraph, RawModel, RawNode, ValueInfo};
 use crate::tensor::{DType, Data, Tensor};
 
+/// The most elements one tensor may declare (dense or sparse, inline or external): 2^29, i.e.
+/// 2 GiB as `f32` (4 GiB as the `i64` host storage of integer tensors). Checked on the declared
+/// shape before anything is allocated or read, because a few bytes of protobuf (or a sparse
+/// external file) can declare any size. The bound is far above the largest weight of the
+/// classifiers Acclimate runs, and a tensor past it could never reach the GPU anyway: a wgpu
+/// storage binding is addressed by a `u32` byte count and WGSL indexes with 32-bit integers.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 29;
+
 /// Densifying a sparse initializer may not produce more elements than this (1 GiB of `f32`):
 /// unlike dense tensors, whose size is bounded by the bytes in the file, a few bytes of sparse
 /// tensor can ask for any size.
@@ -115,7 +123,7 @@ fn convert_value_info(vi: &proto::ValueInfoProto) -> Result<ValueInfo, OnnxError
     let (dtype, shape) = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(Value::TensorType(tt)) => {
             let dtype = tt.elem_type.and_then(DType::from_onnx);
-            let shape = tt.shape.as_ref().map(|s| {
+            let shape: Option<Vec<DimSpec>> = tt.shape.as_ref().map(|s| {
                 s.dim
                     .iter()
                     .map(|d| match &d.value {
@@ -129,6 +137,14 @@ fn convert_value_info(vi: &proto::ValueInfoProto) -> Result<ValueInfo, OnnxError
         }
         _ => (None, None),
     };
+    // Buffers are sized from declared shapes later on (engine plans, `info`, bench): the fixed
+    // part of a shape gets the same bound as a tensor's.
+    if let Some(dims) = &shape {
+        let fixed = dims.iter().filter_map(|d| if let DimSpec::Fixed(n) = d { Some(*n) } else { None });
+        if let Err(reason) = checked_numel(fixed) {
+            return Err(OnnxError::ValueInfo { name, reason: format!("declared shape {dims:?}: {reason}") });
+        }
+    }
     Ok(ValueInfo { name, dtype, shape })
 }
 
@@ -262,16 +278,37 @@ fn dtype_name(code: i32) -> String {
     }
 }
 
-/// Shape as `usize`s and the element count, with negative dims and overflow rejected.
+/// The element count of `dims`, in checked arithmetic, refused past [`MAX_TENSOR_ELEMENTS`].
+/// The non-zero dims are bounded even when a zero makes the tensor empty: later code multiplies
+/// dims (strides, partial products) without knowing that one of them is zero.
+fn checked_numel(dims: impl Iterator<Item = u64>) -> Result<usize, String> {
+    let mut nonzero: u64 = 1;
+    let mut empty = false;
+    for d in dims {
+        if d == 0 {
+            empty = true;
+            continue;
+        }
+        nonzero = nonzero
+            .checked_mul(d)
+            .ok_or_else(|| "too many elements: the product of its dimensions overflows".to_string())?;
+    }
+    match usize::try_from(nonzero) {
+        Ok(n) if n <= MAX_TENSOR_ELEMENTS => Ok(if empty { 0 } else { n }),
+        _ => Err(format!("{nonzero} elements exceed the limit of {MAX_TENSOR_ELEMENTS} elements per tensor")),
+    }
+}
+
+/// Shape as `usize`s and the element count, with negative dims, overflow and sizes past
+/// [`MAX_TENSOR_ELEMENTS`] rejected before anything is allocated for the values.
 fn shape_of(dims: &[i64], name: &str) -> Result<(Vec<usize>, usize), OnnxError> {
     let terr = |reason: String| OnnxError::Tensor { name: name.to_string(), reason };
-    let mut shape = Vec::with_capacity(dims.len());
-    let mut numel: usize = 1;
+    let mut shape = Vec::with_capacity(dims.len().min(64));
     for &d in dims {
         let d = usize::try_from(d).map_err(|_| terr(format!("negative dimension {d} in shape {dims:?}")))?;
-        numel = numel.checked_mul(d).ok_or_else(|| terr(format!("shape {dims:?} has too many elements")))?;
         shape.push(d);
     }
+    let numel = checked_numel(shape.iter().map(|&d| d as u64)).map_err(|r| terr(format!("shape {dims:?}: {r}")))?;
     Ok((shape, numel))
 }
 
@@ -283,7 +320,13 @@ fn decode_tensor(t: &proto::TensorProto, name: &str, base_dir: Option<&Path>) ->
     if t.segment.is_some() {
         return Err(terr("segmented tensors are not supported".into()));
     }
-    let (shape, numel) = shape_of(&t.dims, name)?;
+    let (shape, numel) = shape_of(&t.dims, name).map_err(|e| match (e, external_location(t)) {
+        // An external tensor's error names the file too.
+        (OnnxError::Tensor { name, reason }, Some(location)) => {
+            OnnxError::ExternalData { name, path: PathBuf::from(location), reason }
+        }
+        (e, _) => e,
+    })?;
 
     // Which storage holds the values. ONNX allows exactly one.
     let mut present: Vec<&'static str> = Vec::new();
@@ -330,14 +373,22 @@ fn decode_tensor(t: &proto::TensorProto, name: &str, base_dir: Option<&Path>) ->
             if field != expected {
                 return Err(terr(format!("a {dtype} tensor must keep its values in {expected}, not {field}")));
             }
-            let data = decode_typed(t, dtype, name)?;
-            if data.len() != numel {
-                return Err(terr(format!("{field} holds {} values but shape {shape:?} needs {numel}", data.len())));
+            let held = typed_len(t, field);
+            if held != numel {
+                return Err(terr(format!("{field} holds {held} values but shape {shape:?} needs {numel}")));
             }
-            data
+            decode_typed(t, dtype, name)?
         }
     };
     Ok(Tensor { dtype, shape, data })
+}
+
+/// The `location` entry of a tensor stored externally.
+fn external_location(t: &proto::TensorProto) -> Option<&str> {
+    if t.data_location != Some(tensor_proto::DataLocation::External as i32) {
+        return None;
+    }
+    t.external_data.iter().find(|e| e.key.as_deref() == Some("location")).and_then(|e| e.value.as_deref())
 }
 
 fn empty_data(dtype: DType) -> Data {
@@ -354,6 +405,18 @@ fn typed_field(dtype: DType) -> &'static str {
         DType::F16 | DType::BF16 | DType::I8 | DType::I16 | DType::I32 | DType::U8 | DType::U16 | DType::Bool => {
             "int32_data"
         }
+    }
+}
+
+/// How many values the typed field `field` holds (checked before anything is converted).
+fn typed_len(t: &proto::TensorProto, field: &str) -> usize {
+    match field {
+        "float_data" => t.float_data.len(),
+        "int32_data" => t.int32_data.len(),
+        "string_data" => t.string_data.len(),
+        "int64_data" => t.int64_data.len(),
+        "double_data" => t.double_data.len(),
+        _ => t.uint64_data.len(),
     }
 }
 
@@ -500,17 +563,86 @@ fn read_external(
         return Err(xerr(&path, format!("length is {len} bytes but {numel} {dtype} elements need {expected}")));
     }
 
-    let mut file = File::open(&path).map_err(|e| xerr(&path, e.to_string()))?;
-    let file_len = file.metadata().map_err(|e| xerr(&path, e.to_string()))?.len();
-    let end = offset.checked_add(expected).filter(|&end| end <= file_len).ok_or_else(|| {
+    let (mut file, file_len) = open_confined(base, &path).map_err(|r| xerr(&path, r))?;
+    offset.checked_add(expected).filter(|&end| end <= file_len).ok_or_else(|| {
         xerr(&path, format!("bytes {offset}..{offset}+{expected} lie beyond the end of the file ({file_len} bytes)"))
     })?;
-    debug_assert!(end <= file_len);
     let count = usize::try_from(expected).map_err(|_| xerr(&path, "too large for this platform".into()))?;
     file.seek(SeekFrom::Start(offset)).map_err(|e| xerr(&path, e.to_string()))?;
     let mut buf = vec![0u8; count];
     file.read_exact(&mut buf).map_err(|e| xerr(&path, e.to_string()))?;
     Ok(buf)
+}
+
+/// What a non-regular file is, for the error message.
+fn file_kind(ft: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if ft.is_fifo() {
+            return "a FIFO";
+        }
+        if ft.is_socket() {
+            return "a socket";
+        }
+        if ft.is_block_device() || ft.is_char_device() {
+            return "a device";
+        }
+    }
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens external data at `path` (already lexically under `base`) only if, with every link
+/// resolved, it is a regular file inside `base`. Returns the open file and its size.
+///
+/// The lexical check alone is not enough: a symlink inside the model folder can point anywhere,
+/// and a FIFO or device there blocks `open` (or a read) forever. So the target is canonicalized
+/// and its type checked before opening; the open itself does not block (`O_NONBLOCK`, which
+/// changes nothing for regular files), and the opened file must be the very file that was
+/// checked (same device and inode), so swapping the path between check and open is caught.
+fn open_confined(base: &Path, path: &Path) -> Result<(File, u64), String> {
+    let base_real =
+        base.canonicalize().map_err(|e| format!("cannot resolve the model's folder {}: {e}", base.display()))?;
+    let real = path.canonicalize().map_err(|e| e.to_string())?;
+    if !real.starts_with(&base_real) {
+        return Err(format!(
+            "resolves to {}, outside the model's folder {} (through a symbolic link)",
+            real.display(),
+            base_real.display()
+        ));
+    }
+    let before = std::fs::metadata(&real).map_err(|e| e.to_string())?;
+    if !before.is_file() {
+        return Err(format!("is {}, not a regular file", file_kind(&before.file_type())));
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW);
+    }
+    let file = options.open(&real).map_err(|e| e.to_string())?;
+    let after = file.metadata().map_err(|e| e.to_string())?;
+    if !after.is_file() {
+        return Err(format!("is {}, not a regular file", file_kind(&after.file_type())));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if (before.dev(), before.ino()) != (after.dev(), after.ino()) {
+            return Err("changed while it was being opened".into());
+        }
+    }
+    Ok((file, after.len()))
 }
 
 /// Makes a sparse initializer dense. Indices are either `[nnz]` linear offsets or `[nnz, rank]`

@@ -28,7 +28,8 @@ pub mod proto;
 mod load;
 
 pub use load::{
-    bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, load_model, load_model_bytes, tensor_from_proto, tensor_to_proto,
+    MAX_TENSOR_ELEMENTS, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, load_model, load_model_bytes,
+    tensor_from_proto, tensor_to_proto,
 };
 
 /// A decoded, validated model: what the IR builder starts from.

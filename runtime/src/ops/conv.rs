@@ -135,10 +135,12 @@ impl ConvGeometry {
         let (batch, cin, input) = (x[0], x[1], x[2..].to_vec());
         let (cout, cin_g, kernel) = (w[0], w[1], w[2..].to_vec());
         let g = a.group;
-        if cin_g * g != cin {
+        // Checked: group, dilations and pads are data from the model file (found by
+        // tools/fuzz.sh: group = 2^62 overflowed here).
+        if cin_g.checked_mul(g) != Some(cin) {
             return Err(format!(
                 "Conv with group={g}: X has {cin} channels but W {w:?} expects {} (W[1] * group)",
-                cin_g * g
+                cin_g.checked_mul(g).map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string())
             ));
         }
         if cout % g != 0 {
@@ -174,9 +176,18 @@ impl ConvGeometry {
         let mut pads = Vec::with_capacity(k);
         for d in 0..k {
             let (inp, s) = (input[d], strides[d]);
-            let extent = (kernel[d] - 1) * dilations[d] + 1;
+            let overflow = || {
+                format!(
+                    "Conv window (kernel {}, dilation {}, pads {:?}) overflows in spatial dim {d}",
+                    kernel[d],
+                    dilations[d],
+                    (explicit[d], explicit[d + k])
+                )
+            };
+            let extent =
+                (kernel[d] - 1).checked_mul(dilations[d]).and_then(|e| e.checked_add(1)).ok_or_else(overflow)?;
             let (pb, pe) = a.auto_pad.resolve(inp, s, extent, (explicit[d], explicit[d + k]));
-            let padded = inp + pb + pe;
+            let padded = inp.checked_add(pb).and_then(|p| p.checked_add(pe)).ok_or_else(overflow)?;
             if padded < extent {
                 return Err(format!(
                     "Conv window of extent {extent} (kernel {} dilation {}) exceeds the padded input size {padded} in spatial dim {d}",

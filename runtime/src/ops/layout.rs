@@ -490,7 +490,13 @@ fn dim_i64(d: usize) -> i64 {
 }
 
 pub fn reshape_shape(input: &[usize], target: &[i64], allowzero: bool) -> OpResult<Vec<usize>> {
-    let total: usize = input.iter().product();
+    // Checked products: the target is data from the model file (found by tools/fuzz.sh: a
+    // target of [2^62, 4] overflowed).
+    fn product(dims: impl Iterator<Item = usize>) -> Option<usize> {
+        dims.into_iter().try_fold(1usize, |a, d| a.checked_mul(d))
+    }
+    let total =
+        product(input.iter().copied()).ok_or_else(|| format!("Reshape input {input:?} has too many elements"))?;
     if target.iter().filter(|&&d| d == -1).count() > 1 {
         return Err(format!("Reshape target {target:?} has more than one -1"));
     }
@@ -521,13 +527,14 @@ pub fn reshape_shape(input: &[usize], target: &[i64], allowzero: bool) -> OpResu
         }
     }
     if let Some(i) = infer_at {
-        let known: usize = out.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, d)| *d).product();
+        let known = product(out.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, d)| *d))
+            .ok_or_else(|| format!("Reshape target {target:?} has too many elements"))?;
         if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {input:?} to {target:?}: the -1 dimension is not determined"));
         }
         out[i] = total / known;
     }
-    if out.iter().product::<usize>() != total {
+    if product(out.iter().copied()) != Some(total) {
         return Err(format!("cannot reshape {input:?} ({total} elements) to {target:?}"));
     }
     Ok(out)

@@ -37,7 +37,8 @@ impl AutoPad {
             AutoPad::Valid => (0, 0),
             AutoPad::SameUpper | AutoPad::SameLower => {
                 let o = input.div_ceil(stride);
-                let total = ((o.max(1) - 1) * stride + extent).saturating_sub(input);
+                // Saturating: `extent` comes from model attributes and may be near usize::MAX.
+                let total = ((o.max(1) - 1) * stride).saturating_add(extent).saturating_sub(input);
                 if self == AutoPad::SameUpper { (total / 2, total - total / 2) } else { (total - total / 2, total / 2) }
             }
         }

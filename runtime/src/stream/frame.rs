@@ -335,11 +335,13 @@ impl Frame {
     }
 
     /// The byte range `[start, end)` plane `plane` reaches, given its offset and strides; `None`
-    /// when the arithmetic overflows.
+    /// when the arithmetic overflows or the frame is empty (a zero width or height).
     pub fn plane_extent(&self, plane: usize) -> Option<(usize, usize)> {
         let p = self.planes.get(plane)?;
         let (cols, rows) = self.plane_size(plane);
-        let last = (rows - 1).checked_mul(p.row_stride)?.checked_add((cols - 1).checked_mul(p.pixel_stride)?)?;
+        let last = (rows.checked_sub(1)?)
+            .checked_mul(p.row_stride)?
+            .checked_add(cols.checked_sub(1)?.checked_mul(p.pixel_stride)?)?;
         let end = p.offset.checked_add(last)?.checked_add(self.format.sample_bytes(plane))?;
         Some((p.offset, end))
     }
@@ -367,7 +369,12 @@ impl Frame {
                     p.pixel_stride
                 )));
             }
-            let row_bytes = (cols - 1) * p.pixel_stride + sample;
+            // Checked: strides come from the caller (found by tools/fuzz.sh: a pixel stride near
+            // usize::MAX overflowed here).
+            let row_bytes = (cols - 1)
+                .checked_mul(p.pixel_stride)
+                .and_then(|b| b.checked_add(sample))
+                .ok_or_else(|| stride_err("offset and strides overflow".into()))?;
             if rows > 1 && p.row_stride < row_bytes {
                 return Err(stride_err(format!(
                     "row stride {} is smaller than the {row_bytes} bytes one row of {cols} samples spans",
