@@ -74,7 +74,8 @@ fn stream_memory_flat() {
     let samples: Vec<(u64, u64, u64)> = stdout
         .lines()
         .filter_map(|l| {
-            let w: Vec<&str> = l.strip_prefix("stream-memory ")?.split_whitespace().collect();
+            // The harness prints "test ... " on the same line as the first sample.
+            let w: Vec<&str> = l.split("stream-memory ").nth(1)?.split_whitespace().collect();
             Some((w.get(1)?.parse().ok()?, w.get(3)?.parse().ok()?, w.get(5)?.parse().ok()?))
         })
         .collect();
@@ -219,17 +220,34 @@ fn stream_limited_ctx(max_buffer_size: u64, max_storage_buffer_binding_size: u64
     acclimate::GpuContext::from_device(device, queue, info)
 }
 
-/// The `GpuError::TooLarge` inside an engine or adaptation error, if that is what it is.
-fn stream_too_large(e: &dyn std::error::Error) -> Option<(String, u64, u64, &'static str)> {
-    use acclimate::gpu::GpuError;
-    let mut cur: Option<&dyn std::error::Error> = Some(e);
-    while let Some(err) = cur {
-        if let Some(GpuError::TooLarge { what, bytes, limit, limit_name }) = err.downcast_ref::<GpuError>() {
-            return Some((what.clone(), *bytes, *limit, limit_name));
-        }
-        cur = err.source();
+/// The GPU error inside an engine error (the wrappers are `#[error(transparent)]`, so it is not
+/// in the `source()` chain).
+fn stream_engine_gpu(e: &acclimate::Error) -> Option<&acclimate::gpu::GpuError> {
+    use acclimate::plan::PlanError;
+    match e {
+        acclimate::Error::Gpu(g) | acclimate::Error::Plan(PlanError::Gpu(g)) => Some(g),
+        _ => None,
     }
-    None
+}
+
+/// The GPU error inside an adaptation error.
+fn stream_adapt_gpu(e: &acclimate::adapt::session::AdaptError) -> Option<&acclimate::gpu::GpuError> {
+    use acclimate::adapt::session::AdaptError;
+    use acclimate::plan::PlanError;
+    match e {
+        AdaptError::Gpu(g) | AdaptError::Plan(PlanError::Gpu(g)) => Some(g),
+        _ => None,
+    }
+}
+
+/// The fields of a `GpuError::TooLarge`.
+fn stream_too_large(e: Option<&acclimate::gpu::GpuError>) -> Option<(String, u64, u64, &'static str)> {
+    match e {
+        Some(acclimate::gpu::GpuError::TooLarge { what, bytes, limit, limit_name }) => {
+            Some((what.clone(), *bytes, *limit, limit_name))
+        }
+        _ => None,
+    }
 }
 
 /// A batch too large for the device's buffer limits aborted the process (a buffer beyond
@@ -250,14 +268,15 @@ fn batch_too_large_for_buffer_limit() {
     let small = stream_limited_ctx(1 << 20, 2 << 20);
     let x = Tensor::f32(vec![2000, 3, 8, 8], vec![0.25; 2000 * 3 * 64]);
     let err = Engine::new(&small, model.clone()).run(std::slice::from_ref(&x)).expect_err("a batch over the limit");
-    let (what, bytes, limit, name) = stream_too_large(&err).unwrap_or_else(|| panic!("not TooLarge: {err}"));
+    let (what, bytes, limit, name) =
+        stream_too_large(stream_engine_gpu(&err)).unwrap_or_else(|| panic!("not TooLarge: {err}"));
     assert!(what.contains("input") && what.contains("[2000, 3, 8, 8]"), "{what}");
     assert_eq!((bytes, limit, name), (1_536_000, 1 << 20, "max_buffer_size"));
     let msg = err.to_string();
     assert!(msg.contains("1536000") && msg.contains("1048576") && msg.contains("max_buffer_size"), "{msg}");
     let mut session = Session::new(&small, model.clone(), cfg()).expect("session");
     let err = session.step(&x).expect_err("an adaptation batch over the limit");
-    assert!(stream_too_large(&err).is_some_and(|t| t.1 == 1_536_000), "{err}");
+    assert!(stream_too_large(stream_adapt_gpu(&err)).is_some_and(|t| t.1 == 1_536_000), "{err}");
     // The device is fine afterwards: a batch that fits runs.
     let ok = Tensor::f32(vec![4, 3, 8, 8], vec![0.25; 4 * 3 * 64]);
     session.step(&ok).expect("a batch within the limits");
@@ -267,11 +286,12 @@ fn batch_too_large_for_buffer_limit() {
     let n = (binding / (3 * 64 * 4) + 1) as usize;
     let mut engine = Engine::new(&ctx, model.clone());
     let err = engine.plan(&[vec![n, 3, 8, 8]]).expect_err("a batch over the binding limit");
-    let (what, bytes, limit, _) = stream_too_large(&err).unwrap_or_else(|| panic!("not TooLarge: {err}"));
+    let (what, bytes, limit, _) =
+        stream_too_large(stream_engine_gpu(&err)).unwrap_or_else(|| panic!("not TooLarge: {err}"));
     assert!(what.contains(&format!("[{n}, 3, 8, 8]")) && bytes > limit && limit <= binding, "{err}");
     let mut session = Session::new(&ctx, model, cfg()).expect("session");
     let err = session.step_footprint(&[n, 3, 8, 8]).expect_err("a step over the binding limit");
-    assert!(stream_too_large(&err).is_some(), "{err}");
+    assert!(stream_too_large(stream_adapt_gpu(&err)).is_some(), "{err}");
 }
 
 /// A model whose weight does not fit the device's buffers aborted the process the same way. It
@@ -333,7 +353,8 @@ fn model_too_large_for_buffer_limit() {
     let small = stream_limited_ctx(1 << 20, 1 << 20);
     let x = Tensor::f32(vec![1, 4], vec![1.0; 4]);
     let err = Engine::new(&small, model.clone()).run(std::slice::from_ref(&x)).expect_err("a weight over the limit");
-    let (what, bytes, limit, _) = stream_too_large(&err).unwrap_or_else(|| panic!("not TooLarge: {err}"));
+    let (what, bytes, limit, _) =
+        stream_too_large(stream_engine_gpu(&err)).unwrap_or_else(|| panic!("not TooLarge: {err}"));
     assert!(what.contains("weight 'W'"), "{what}");
     assert_eq!((bytes, limit), (1_120_000, 1 << 20));
     // With room for it, the same model runs (the check is not in the way).
@@ -360,24 +381,15 @@ fn device_lost_is_an_error() {
     engine.run(std::slice::from_ref(&x)).expect("runs before the loss");
     session.step(&x).expect("steps before the loss");
     ctx.device.destroy();
-    let lost = |e: &dyn std::error::Error| {
-        let mut cur: Option<&dyn std::error::Error> = Some(e);
-        while let Some(err) = cur {
-            if let Some(GpuError::DeviceLost { .. }) = err.downcast_ref::<GpuError>() {
-                return true;
-            }
-            cur = err.source();
-        }
-        false
-    };
+    let lost = |g: Option<&GpuError>| matches!(g, Some(GpuError::DeviceLost { .. }));
     let e = engine.run(std::slice::from_ref(&x)).expect_err("a run on a lost device");
-    assert!(lost(&e), "{e}");
+    assert!(lost(stream_engine_gpu(&e)), "{e}");
     assert!(e.to_string().contains("destroyed"), "{e}");
     let e = session.step(&x).expect_err("a step on a lost device");
-    assert!(lost(&e), "{e}");
+    assert!(lost(stream_adapt_gpu(&e)), "{e}");
     // A plan built after the loss: the same error, not a validation panic.
     let y = Tensor::f32(vec![3, 3, 8, 8], vec![0.25; 3 * 3 * 64]);
     let e = engine.run(&[y]).expect_err("a new plan on a lost device");
-    assert!(lost(&e), "{e}");
+    assert!(lost(stream_engine_gpu(&e)), "{e}");
     assert!(ctx.is_lost());
 }
