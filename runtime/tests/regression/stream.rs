@@ -14,8 +14,9 @@ fn stream_rss_kib() -> u64 {
         .expect("VmRSS in /proc/self/status")
 }
 
-/// The child of `stream_memory_flat`: streams 400 MNIST-sized gray frames through the tiny net in
-/// frame mode and prints RSS and the preprocessor's bind-group count every 50 frames.
+/// The child of `stream_memory_flat`: streams 400 MNIST-sized gray frames through the tiny net
+/// (ETA, the default preset's method, in batches of 4) and prints RSS and the preprocessor's
+/// bind-group count every 50 frames.
 fn stream_memory_child() {
     use acclimate::adapt::config::AdaptConfig;
     use acclimate::stream::frame::Frame;
@@ -24,7 +25,7 @@ fn stream_memory_child() {
     let model = acclimate::Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx"))
         .expect("tiny model");
     let cfg = AdaptConfig::from_toml_str(
-        "[adapt]\nmethod = \"tent\"\n[stream]\nmode = \"frame\"\nwindow = 8\nadapt_every = 4\n",
+        "[adapt]\nmethod = \"eta\"\n[optimizer]\nkind = \"sgd\"\nlr = 0.01\n[stream]\nmode = \"batch\"\nbatch = 4\n",
     )
     .expect("config");
     let spec = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25".parse().expect("spec");
@@ -49,12 +50,12 @@ fn stream_memory_child() {
 }
 
 /// `acclimate stream` grew by about 0.9 MB per frame (127 → 1,880 MB over 2,000 MNIST frames):
-/// the preprocessing kernel read its parameters from a uniform buffer, and lavapipe compiles a
-/// new variant of a shader with the uniform values inlined each time a submit binds them, keeping
-/// every one. A stream of a few hundred tiny frames must now stay flat: no bind group created
-/// after the first frame, and RSS (measured in a child process of its own, so other tests'
-/// allocations do not count) within 10 % (or 8 MiB) between frames 100 and 400. The old code
-/// grew by about 260 MB here.
+/// the preprocessing kernel (and ETA's selection kernel, once per step) took loop bounds from a
+/// uniform block, and lavapipe compiles a new variant of such a shader, with the values inlined,
+/// each time a submit binds it, keeping every one. A stream of a few hundred tiny frames must now
+/// stay flat: no bind group created after the first frame, and RSS (measured in a child process
+/// of its own, so other tests' allocations do not count) within 10 % (or 8 MiB) between frames
+/// 100 and 400. The old code grew by about 260 MB here.
 #[test]
 fn stream_memory_flat() {
     if std::env::var_os(STREAM_MEMORY_CHILD).is_some() {
