@@ -55,11 +55,20 @@ fn wg_sum(t: u32, v: f32) -> f32 {
     return total;
 }
 
+// eata_select's loop bounds, read through workgroup memory: lavapipe (Mesa 22.3) compiles a new
+// variant of a shader whose loop bounds come straight from a uniform block each time a command
+// buffer binds it, and keeps every variant (0.5 MB per ETA step, the stream leak of issue #11).
+var<workgroup> select_dims: vec2<u32>;
+
 @compute @workgroup_size(256)
 fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
     let t = lid.x;
-    let b = sp.b;
-    let c = sp.c;
+    if t == 0u {
+        select_dims = vec2<u32>(sp.b, sp.c);
+    }
+    let dims = workgroupUniformLoad(&select_dims);
+    let b = dims.x;
+    let c = dims.y;
     let m_valid = mstate[c] != 0.0;
     var m_norm2 = 0.0;
     for (var k = 0u; k < c; k++) {

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::session::{AdaptError, Session};
+use crate::gpu::GpuError;
 use crate::npy::{self, NpyError};
+use crate::plan::PlanError;
 use crate::tensor::Tensor;
 
 /// One batch's record.
@@ -42,9 +44,47 @@ pub struct StepRecord {
     pub prior: Option<Vec<f32>>,
 }
 
+/// One batch file of the folder: its step, or why it was skipped.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchRecord {
+    /// Position of the file in the folder's lexicographic order, from 0.
+    pub batch: usize,
+    /// The file's name.
+    pub file: String,
+    #[serde(flatten)]
+    pub outcome: BatchOutcome,
+}
+
+/// What became of a batch.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum BatchOutcome {
+    /// The method stepped on it.
+    Step(Box<StepRecord>),
+    /// It could not be used (unreadable `.npy`, not float32, a shape the model does not take,
+    /// NaN or infinite values, too large for the device) and nothing was updated.
+    Skipped { skipped: String },
+}
+
+/// The record of a replay: one entry per batch file, in order, so `steps[i]` is always the
+/// folder's batch `i`.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplayLog {
-    pub steps: Vec<StepRecord>,
+    /// Batch files found in the folder.
+    pub batches: usize,
+    /// Entries of `steps` that were skipped.
+    pub skipped: usize,
+    /// Why the replay stopped before the last batch (the device failed); `null` when it ran to
+    /// the end. The entries before the one it stopped at are complete.
+    pub stopped: Option<String>,
+    pub steps: Vec<BatchRecord>,
+}
+
+impl ReplayLog {
+    /// Batches the method stepped on.
+    pub fn stepped(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s.outcome, BatchOutcome::Step(_))).count()
+    }
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -65,55 +105,86 @@ pub fn batch_files(dir: &Path) -> Result<Vec<PathBuf>, NpyError> {
     Ok(files)
 }
 
-/// Errors of a replay: reading a batch or adapting on it.
+/// Errors of a replay that prevent it from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
     Npy(#[from] NpyError),
-    #[error("batch {file}: {source}")]
-    Step { file: String, source: AdaptError },
-    #[error(transparent)]
-    Adapt(#[from] AdaptError),
     #[error("no .npy batches in {0}")]
     Empty(PathBuf),
 }
 
+/// Whether `e` says the device itself failed (lost, or a result that could not be read back), so
+/// no later batch can run either; every other error belongs to the batch.
+fn device_failure(e: &AdaptError) -> bool {
+    let gpu = match e {
+        AdaptError::Gpu(g) | AdaptError::Plan(PlanError::Gpu(g)) => g,
+        _ => return false,
+    };
+    matches!(gpu, GpuError::DeviceLost { .. } | GpuError::Readback(_) | GpuError::Uncaptured(_))
+}
+
 /// Runs `session` over the batches in `dir` and records every step.
+///
+/// A batch that cannot be used (unreadable `.npy`, not float32, a shape the model does not take,
+/// NaN or infinite values, too large for the device's limits) is recorded as skipped, with the
+/// reason, and the replay goes on; the session's state is not touched by it. If the device fails
+/// (lost, or a readback error), the replay stops there: the log holds the batches before it and
+/// says why in `stopped`.
 pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayError> {
     let files = batch_files(dir)?;
     if files.is_empty() {
         return Err(ReplayError::Empty(dir.to_path_buf()));
     }
     let ema = session.updates_statistics();
-    let mut steps = Vec::new();
-    for f in files {
-        let x = npy::read_f32(&f)?;
-        let file = f.display().to_string();
-        let pred = session.step(&x).map_err(|source| ReplayError::Step { file: file.clone(), source })?;
-        let params = session.parameters()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect();
-        let stats = if ema {
-            Some(session.statistics()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect())
-        } else {
-            None
+    let sar = session.config().adapt.method == super::config::Method::Sar;
+    let mut log = ReplayLog { batches: files.len(), skipped: 0, stopped: None, steps: Vec::new() };
+    for (batch, f) in files.iter().enumerate() {
+        let file = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let outcome = match npy::read_f32(f) {
+            Err(e) => Err(e.to_string()),
+            Ok(x) => match step_record(session, &x, ema, sar) {
+                Ok(r) => Ok(r),
+                Err(e) if device_failure(&e) => {
+                    log.stopped = Some(format!("batch {batch} ({file}): {e}"));
+                    break;
+                }
+                Err(e) => Err(e.to_string()),
+            },
         };
-        let (selected, weights) = match pred.selected {
-            Some((s, w)) => (Some(s), Some(w)),
-            None => (None, None),
+        let outcome = match outcome {
+            Ok(r) => BatchOutcome::Step(Box::new(r)),
+            Err(reason) => {
+                log.skipped += 1;
+                BatchOutcome::Skipped { skipped: reason }
+            }
         };
-        let sar = session.config().adapt.method == super::config::Method::Sar;
-        let (ema, reset) = if sar { (Some(pred.ema), Some(pred.reset)) } else { (None, None) };
-        steps.push(StepRecord {
-            logits: rows(&pred.logits),
-            loss: pred.loss,
-            params,
-            stats,
-            selected,
-            weights,
-            ema,
-            reset,
-            probs: pred.probs.as_ref().map(rows),
-            prior: pred.prior,
-        });
+        log.steps.push(BatchRecord { batch, file, outcome });
     }
-    Ok(ReplayLog { steps })
+    Ok(log)
+}
+
+/// Steps on `x` and reads back what the record holds.
+fn step_record(session: &mut Session, x: &Tensor, ema: bool, sar: bool) -> Result<StepRecord, AdaptError> {
+    let pred = session.step(x)?;
+    let params = session.parameters()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect();
+    let stats =
+        if ema { Some(session.statistics()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect()) } else { None };
+    let (selected, weights) = match pred.selected {
+        Some((s, w)) => (Some(s), Some(w)),
+        None => (None, None),
+    };
+    let (ema, reset) = if sar { (Some(pred.ema), Some(pred.reset)) } else { (None, None) };
+    Ok(StepRecord {
+        logits: rows(&pred.logits),
+        loss: pred.loss,
+        params,
+        stats,
+        selected,
+        weights,
+        ema,
+        reset,
+        probs: pred.probs.as_ref().map(rows),
+        prior: pred.prior,
+    })
 }

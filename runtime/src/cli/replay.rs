@@ -5,10 +5,13 @@ use std::path::Path;
 
 use super::CliError;
 use crate::adapt::config::AdaptConfig;
-use crate::adapt::replay::replay;
+use crate::adapt::replay::{BatchOutcome, replay};
 use crate::adapt::session::Session;
 use crate::{GpuContext, Model};
 
+/// Replays `batches` and writes the record to `out`. Skipped batches are warned about and
+/// recorded; the exit status is an error only when every batch was skipped or the device failed
+/// (the record is written first in both cases, and the state is then not saved).
 pub fn replay_cmd(
     model: &Path,
     config: &Path,
@@ -25,6 +28,11 @@ pub fn replay_cmd(
         session.load_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     let log = replay(&mut session, batches).map_err(|e| CliError::Usage(e.to_string()))?;
+    for b in &log.steps {
+        if let BatchOutcome::Skipped { skipped } = &b.outcome {
+            eprintln!("warning: batch {} ({}) skipped: {skipped}", b.batch, b.file);
+        }
+    }
     let json = serde_json::to_string(&log)?;
     // Temporary file + rename: an interrupted run never leaves a half-written record in place of
     // an earlier one.
@@ -37,10 +45,34 @@ pub fn replay_cmd(
         let _ = std::fs::remove_file(&tmp);
         CliError::Usage(format!("cannot write {}: {e}", out.display()))
     })?;
+    let stepped = log.stepped();
+    if let Some(why) = &log.stopped {
+        return Err(CliError::Usage(format!(
+            "replay stopped at {why}; the {stepped} batch(es) stepped on before it and {} skipped are in {}{}",
+            log.skipped,
+            out.display(),
+            if save_state.is_some() { "; the state was not saved" } else { "" }
+        )));
+    }
+    if stepped == 0 {
+        return Err(CliError::Usage(format!(
+            "every one of the {} batch(es) in {} was skipped (the reasons are in {}); nothing was adapted{}",
+            log.batches,
+            batches.display(),
+            out.display(),
+            if save_state.is_some() { " and the state was not saved" } else { "" }
+        )));
+    }
     if let Some(p) = save_state {
         session.save_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
     }
-    eprintln!("replayed {} batch(es) with {}; wrote {}", log.steps.len(), ctx.adapter_summary(), out.display());
+    eprintln!(
+        "replayed {stepped} of {} batch(es) ({} skipped) with {}; wrote {}",
+        log.batches,
+        log.skipped,
+        ctx.adapter_summary(),
+        out.display()
+    );
     Ok(())
 }
 

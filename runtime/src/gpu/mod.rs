@@ -29,8 +29,15 @@ pub enum GpuError {
     Readback(String),
     #[error("out of GPU memory while {0}")]
     OutOfMemory(String),
-    #[error("{what} needs {needed} bytes in one buffer binding but the device allows {limit}")]
-    BindingTooLarge { what: String, needed: u64, limit: u64 },
+    #[error("{what} needs {bytes} bytes, more than the device's {limit_name} of {limit} bytes")]
+    TooLarge { what: String, bytes: u64, limit: u64, limit_name: &'static str },
+    #[error(
+        "the GPU device was lost ({reason}); nothing more can run on it: open a new GpuContext and \
+         rebuild the engines and sessions (a saved state can be loaded into them)"
+    )]
+    DeviceLost { reason: String },
+    #[error("GPU error outside any error scope (reported by wgpu after the call that caused it): {0}")]
+    Uncaptured(String),
 }
 
 /// One WGSL source file of `shaders/`.
@@ -128,6 +135,15 @@ impl KernelKey {
 }
 
 /// The device, its queue and what we know about the adapter. Cheap to clone.
+///
+/// # Errors that wgpu reports later
+///
+/// wgpu reports device loss through a callback and errors outside an error scope through a
+/// handler whose default panics. A context from [`GpuContext::new`] installs both: a lost device
+/// or an uncaptured error is recorded and returned as [`GpuError::DeviceLost`] or
+/// [`GpuError::Uncaptured`] by the next call that runs or reads back anything
+/// ([`GpuContext::check`]). Acclimate's own buffer creation and submits are wrapped in error
+/// scopes as well, so its errors reach the caller as values whichever handler is installed.
 #[derive(Clone)]
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -139,6 +155,30 @@ pub struct GpuContext {
 struct Inner {
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    health: Arc<Health>,
+}
+
+/// What the device-lost callback and the uncaptured-error handler recorded.
+#[derive(Default)]
+struct Health {
+    lost: Mutex<Option<String>>,
+    /// The first uncaptured error not yet returned, and how many more came after it.
+    uncaptured: Mutex<Option<(String, usize)>>,
+}
+
+impl Health {
+    fn lose(&self, reason: String) {
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        lost.get_or_insert(reason);
+    }
+
+    fn uncaptured(&self, message: String) {
+        let mut u = self.uncaptured.lock().unwrap_or_else(|e| e.into_inner());
+        match u.as_mut() {
+            Some((_, more)) => *more += 1,
+            None => *u = Some((message, 0)),
+        }
+    }
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -179,18 +219,113 @@ impl GpuContext {
             })
             .await
             .map_err(|e| GpuError::Device { adapter: info.name.clone(), reason: e.to_string() })?;
-        Ok(Self::from_device(device, queue, info))
+        let ctx = Self::from_device(device, queue, info);
+        ctx.install_error_handlers();
+        Ok(ctx)
     }
 
     /// Wraps an application's own device and queue (for example the one its renderer uses).
     /// Acclimate then allocates everything on that device and submits on that queue.
+    ///
+    /// The device's uncaptured-error handler and device-lost callback are left as the
+    /// application set them (wgpu keeps one of each and cannot chain them). Acclimate's own
+    /// buffer creation and submits run in error scopes, so their errors come back as values
+    /// anyway. An application without handlers of its own calls
+    /// [`GpuContext::install_error_handlers`]; one with its own forwards to
+    /// [`GpuContext::report_device_lost`] and [`GpuContext::report_error`] from them, so that
+    /// Acclimate's next call returns the error instead of touching a dead device.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, adapter_info: wgpu::AdapterInfo) -> GpuContext {
         GpuContext {
             device,
             queue,
             adapter_info,
-            inner: Arc::new(Inner { modules: Mutex::new(HashMap::new()), pipelines: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                modules: Mutex::new(HashMap::new()),
+                pipelines: Mutex::new(HashMap::new()),
+                health: Arc::new(Health::default()),
+            }),
         }
+    }
+
+    /// Installs this context's uncaptured-error handler and device-lost callback on the device,
+    /// replacing whatever was set (wgpu's default handler panics). Errors they receive are
+    /// returned by the next call ([`GpuContext::check`]).
+    pub fn install_error_handlers(&self) {
+        let health = self.inner.health.clone();
+        self.device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| health.uncaptured(e.to_string())));
+        let health = self.inner.health.clone();
+        self.device.set_device_lost_callback(move |reason, message| {
+            let why = match reason {
+                wgpu::DeviceLostReason::Destroyed => "the device was destroyed".to_string(),
+                wgpu::DeviceLostReason::Unknown => "the driver reported it lost".to_string(),
+            };
+            health.lose(if message.is_empty() { why } else { format!("{why}: {message}") });
+        });
+    }
+
+    /// Records that the device was lost (for an application's own device-lost callback): every
+    /// later call returns [`GpuError::DeviceLost`].
+    pub fn report_device_lost(&self, reason: &str) {
+        self.inner.health.lose(reason.to_string());
+    }
+
+    /// Records an error the application's handler received: the next call returns it as
+    /// [`GpuError::Uncaptured`].
+    pub fn report_error(&self, message: &str) {
+        self.inner.health.uncaptured(message.to_string());
+    }
+
+    /// Whether the device was lost (as the installed callback or the application reported).
+    pub fn is_lost(&self) -> bool {
+        self.inner.health.lost.lock().map(|l| l.is_some()).unwrap_or(true)
+    }
+
+    /// The device's health: [`GpuError::DeviceLost`] once it was lost (every call after that),
+    /// or the first uncaptured error since the last check (returned once).
+    pub fn check(&self) -> Result<(), GpuError> {
+        if let Some(reason) = self.inner.health.lost.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(GpuError::DeviceLost { reason });
+        }
+        match self.inner.health.uncaptured.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some((message, 0)) => Err(GpuError::Uncaptured(message)),
+            Some((message, more)) => Err(GpuError::Uncaptured(format!("{message} (and {more} more)"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes (on this thread) and returns
+    /// its value, or the first error wgpu reported while it ran, described as `what`.
+    pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+        self.check()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let invalid = pollster::block_on(validation.pop());
+        let out_of_memory = pollster::block_on(oom.pop());
+        // A lost device turns every later call into a validation error; say what happened.
+        self.check()?;
+        if let Some(e) = out_of_memory {
+            return Err(GpuError::OutOfMemory(format!("{what}: {e}")));
+        }
+        if let Some(e) = invalid {
+            return Err(GpuError::Validation { what: what.to_string(), reason: e.to_string() });
+        }
+        Ok(value)
+    }
+
+    /// Checks that one buffer of `bytes` fits the device: `max_buffer_size`, and when it is bound
+    /// whole as a storage buffer, `max_storage_buffer_binding_size`.
+    pub fn check_buffer(&self, what: impl FnOnce() -> String, bytes: u64, storage: bool) -> Result<(), GpuError> {
+        let limits = self.limits();
+        let (limit, limit_name) = if storage && limits.max_storage_buffer_binding_size < limits.max_buffer_size {
+            (limits.max_storage_buffer_binding_size, "max_storage_buffer_binding_size")
+        } else {
+            (limits.max_buffer_size, "max_buffer_size")
+        };
+        if bytes > limit {
+            return Err(GpuError::TooLarge { what: what(), bytes, limit, limit_name });
+        }
+        Ok(())
     }
 
     /// A one-line description of the adapter: name, backend and device type.

@@ -97,8 +97,10 @@ impl LowerHook for NoHook {
     }
 }
 
+/// Bytes of a float32 tensor of `shape`, saturating (an absurd shape then fails the limit check
+/// instead of overflowing).
 fn bytes_of(shape: &[usize]) -> u64 {
-    (shape.iter().product::<usize>() as u64 * 4).max(4)
+    shape.iter().fold(4u64, |a, &d| a.saturating_mul(d as u64)).max(4)
 }
 
 /// Lowers the specialised graph into `program`.
@@ -114,6 +116,7 @@ pub fn lower_forward(
     let mut value_of: HashMap<String, usize> = HashMap::new();
     let mut inputs = Vec::new();
     for (name, shape) in spec.input_names.iter().zip(shapes) {
+        ctx.check_buffer(|| format!("input '{name}' of shape {shape:?}"), bytes_of(shape), true)?;
         let v = program.value(bytes_of(shape));
         program.pinned_start.push(v);
         value_of.insert(name.clone(), v);
@@ -155,7 +158,12 @@ pub fn lower_forward(
             let v = match (alias, oi, ins.first()) {
                 (true, 0, Some(Some(Operand { buf: BufRef::Value(src), .. }))) => program.alias(*src),
                 (true, 0, _) => return Err(node_err("a view of a constant should have been folded".into())),
-                _ => program.value(bytes_of(&shape)),
+                _ => {
+                    let what =
+                        || format!("output '{name}' of node '{}' ({}), shape {shape:?},", node.name, node.op_type);
+                    ctx.check_buffer(what, bytes_of(&shape), true)?;
+                    program.value(bytes_of(&shape))
+                }
             };
             if !name.is_empty() {
                 value_of.insert(name.clone(), v);
@@ -303,11 +311,14 @@ impl Plan {
 
     /// Runs the plan: inputs in, every graph output back. One encoder, one submit.
     pub fn run(&self, ctx: &GpuContext, inputs: &[&[f32]]) -> Result<Vec<Tensor>, PlanError> {
-        self.write_inputs(ctx, inputs)?;
-        let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") });
-        self.record(&mut encoder);
-        self.copy_outputs(&mut encoder);
-        ctx.queue.submit([encoder.finish()]);
+        ctx.scoped("running the forward plan", || -> Result<(), PlanError> {
+            self.write_inputs(ctx, inputs)?;
+            let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") });
+            self.record(&mut encoder);
+            self.copy_outputs(&mut encoder);
+            ctx.queue.submit([encoder.finish()]);
+            Ok(())
+        })??;
         self.read_outputs(ctx)
     }
 
@@ -348,19 +359,28 @@ impl Plan {
 }
 
 /// Maps `staging` and reads `n` floats (waits for the queue).
+///
+/// Every result passes through here, so this is where a lost device or an error wgpu reported
+/// outside an error scope since the last call becomes the caller's error
+/// ([`GpuContext::check`]), before and after waiting.
 pub fn read_buffer(ctx: &GpuContext, staging: &wgpu::Buffer, n: usize) -> Result<Vec<f32>, GpuError> {
+    ctx.check()?;
     let slice = staging.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Readback(e.to_string()))?;
-    rx.recv().map_err(|e| GpuError::Readback(e.to_string()))?.map_err(|e| GpuError::Readback(e.to_string()))?;
+    // A failure while waiting is most often the device going away: report that if it did.
+    let failed = |e: String| ctx.check().err().unwrap_or(GpuError::Readback(e));
+    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| failed(e.to_string()))?;
+    rx.recv().map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
     let out = {
         let view = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
         let all: &[f32] = bytemuck::cast_slice(&view);
         all[..n.min(all.len())].to_vec()
     };
     staging.unmap();
+    // An error of the work that produced these values (reported to the handler while waiting).
+    ctx.check()?;
     Ok(out)
 }

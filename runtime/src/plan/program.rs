@@ -92,13 +92,13 @@ pub struct WeightStore {
 }
 
 impl WeightStore {
-    fn get_or_create(&mut self, ctx: &GpuContext, name: &str, init: &WeightInit) -> wgpu::Buffer {
+    fn get_or_create(&mut self, ctx: &GpuContext, name: &str, init: &WeightInit) -> Result<wgpu::Buffer, GpuError> {
         if let Some(b) = self.buffers.get(name) {
-            return b.clone();
+            return Ok(b.clone());
         }
-        let b = create_weight(ctx, name, init);
+        let b = create_weight(ctx, name, init)?;
         self.buffers.insert(name.to_string(), b.clone());
-        b
+        Ok(b)
     }
 
     pub fn get(&self, name: &str) -> Option<&wgpu::Buffer> {
@@ -106,18 +106,26 @@ impl WeightStore {
     }
 }
 
-fn create_weight(ctx: &GpuContext, label: &str, init: &WeightInit) -> wgpu::Buffer {
+/// Uploads a weight, after checking that it fits one storage binding of the device (a weight
+/// beyond the limit would be a validation error, which wgpu's default handler turns into a panic).
+fn create_weight(ctx: &GpuContext, label: &str, init: &WeightInit) -> Result<wgpu::Buffer, GpuError> {
     use wgpu::util::DeviceExt;
+    let numel = match init {
+        WeightInit::Tensor(t) => t.numel(),
+        WeightInit::Zeros(n) => *n,
+    };
+    let bytes = (numel as u64).saturating_mul(4).max(4);
+    ctx.check_buffer(|| format!("weight '{label}' ({numel} values)"), bytes, true)?;
     let data: Vec<f32> = match init {
         WeightInit::Tensor(t) => t.to_f32_vec(),
         WeightInit::Zeros(n) => vec![0.0; *n],
     };
     let bytes: &[u8] = if data.is_empty() { &[0u8; 4] } else { bytemuck::cast_slice(&data) };
-    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+    Ok(ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(label),
         contents: bytes,
         usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-    })
+    }))
 }
 
 /// One recorded dispatch.
@@ -140,6 +148,22 @@ pub struct Compiled {
 
 const ALIGN: u64 = 256;
 
+/// Names a transient buffer for an error: the value or scratch buffer and the item that first
+/// uses it.
+fn describe_storage(program: &Program, root: &[usize], key: usize, first: usize) -> String {
+    let item = |k: usize| program.items.get(k.wrapping_sub(1)).map(|i| i.label.as_str());
+    if key >= program.values.len() {
+        return format!("a scratch buffer of '{}'", item(first).unwrap_or("?"));
+    }
+    let aliases = root.iter().filter(|&&r| r == key).count();
+    let view = if aliases > 1 { format!(" (with {} views of it)", aliases - 1) } else { String::new() };
+    match (first, item(first)) {
+        (0, _) => format!("value {key}{view}, a graph input"),
+        (_, Some(label)) => format!("value {key}{view}, first used by '{label}'"),
+        _ => format!("value {key}{view}, an output"),
+    }
+}
+
 fn round_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
@@ -152,7 +176,15 @@ struct Storage {
 }
 
 impl Compiled {
+    /// Assigns buffers, uploads the weights and creates the bind groups. Every buffer is checked
+    /// against the device's limits first ([`GpuError::TooLarge`]), and the creation runs in error
+    /// scopes, so running out of GPU memory is an error value too.
     pub fn compile(ctx: &GpuContext, program: &Program, store: &mut WeightStore) -> Result<Compiled, PlanError> {
+        let what = format!("creating the buffers of a program of {} items", program.items.len());
+        ctx.scoped(&what, || Self::compile_unscoped(ctx, program, store))?
+    }
+
+    fn compile_unscoped(ctx: &GpuContext, program: &Program, store: &mut WeightStore) -> Result<Compiled, PlanError> {
         let limits = ctx.limits();
         let n_items = program.items.len();
         // Storage of each value (aliases resolved to their root).
@@ -209,7 +241,6 @@ impl Compiled {
             }
             scratch_key.push(keys);
         }
-        let max_binding = limits.max_storage_buffer_binding_size;
         let mut order: Vec<usize> = storages.keys().copied().collect();
         order.sort_by_key(|k| (storages[k].first, *k));
         let mut buffers: Vec<(u64, usize, wgpu::Buffer)> = Vec::new(); // size, busy until, buffer
@@ -219,11 +250,7 @@ impl Compiled {
                 let s = &storages[&key];
                 (round_up(s.bytes, ALIGN), s.first, s.last)
             };
-            if need > max_binding {
-                return Err(
-                    GpuError::BindingTooLarge { what: "a tensor".into(), needed: need, limit: max_binding }.into()
-                );
-            }
+            ctx.check_buffer(|| describe_storage(program, &root, key, first), need, true)?;
             unshared += need;
             let mut best: Option<usize> = None;
             for (bi, (size, busy, _)) in buffers.iter().enumerate() {
@@ -265,7 +292,7 @@ impl Compiled {
             .map(|w| {
                 if w.shared { store.get_or_create(ctx, &w.name, &w.init) } else { create_weight(ctx, &w.name, &w.init) }
             })
-            .collect();
+            .collect::<Result<_, GpuError>>()?;
 
         // Uniform block and bind groups.
         let align = limits.min_uniform_buffer_offset_alignment.max(16) as u64;
@@ -285,6 +312,11 @@ impl Compiled {
             uniform_bytes.extend_from_slice(&d.params.bytes());
         }
         uniform_bytes.resize(uniform_bytes.len().max(16), 0);
+        ctx.check_buffer(
+            || format!("the parameter block of {} dispatches", all.len()),
+            uniform_bytes.len() as u64,
+            false,
+        )?;
         let uniform = {
             use wgpu::util::DeviceExt;
             ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {

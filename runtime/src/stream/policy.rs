@@ -185,6 +185,11 @@ impl StreamSession {
         })
     }
 
+    /// The frame preprocessor (its GPU objects are reused from frame to frame).
+    pub fn preprocessor(&self) -> &Preprocessor {
+        &self.pre
+    }
+
     /// The adaptation session (parameters, state files, reset).
     pub fn session(&self) -> &Session {
         &self.session

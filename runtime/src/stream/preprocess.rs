@@ -421,18 +421,40 @@ pub fn preprocess_cpu(frame: &Frame, spec: &PreprocessSpec) -> Result<Vec<f32>, 
     Ok(out)
 }
 
-/// Bytes of the kernel's uniform block (`Params` in `shaders/preprocess.wgsl`).
+/// Bytes of the kernel's parameter block (`Params` in `shaders/preprocess.wgsl`, a read-only
+/// storage buffer: see the shader for why not a uniform one).
 const PARAMS_BYTES: u64 = 176;
 
-/// The GPU preprocessor: owns reusable upload, uniform and output buffers that grow to the
-/// largest batch seen.
+/// Bind groups kept for reuse at most. A caller that records into ever new destination buffers
+/// recycles the cache instead of growing it (a cached bind group keeps its destination alive).
+const MAX_CACHED_BIND_GROUPS: usize = 64;
+
+/// What one frame's bind group binds: the destination buffer and its bound range, and the
+/// frame's spans of the upload and parameter buffers (which the cache belongs to).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct BindKey {
+    dst: wgpu::Buffer,
+    dst_offset: u64,
+    dst_size: u64,
+    upload_offset: u64,
+    upload_size: u64,
+    params_offset: u64,
+}
+
+/// The GPU preprocessor: owns reusable upload, parameter and output buffers that grow to the
+/// largest batch seen, and the bind groups over them, cached by what they bind, so a stream of
+/// frames of one size creates no GPU object after its first frame.
 pub struct Preprocessor {
     ctx: GpuContext,
     spec: PreprocessSpec,
     upload: Option<wgpu::Buffer>,
-    uniforms: Option<wgpu::Buffer>,
+    params: Option<wgpu::Buffer>,
     out: Option<wgpu::Buffer>,
     staging: Option<wgpu::Buffer>,
+    bind_groups: std::collections::HashMap<BindKey, wgpu::BindGroup>,
+    bind_groups_created: u64,
+    /// The parameter blocks last written to `params` (rewritten only when they change).
+    written_params: Vec<u8>,
 }
 
 impl fmt::Debug for Preprocessor {
@@ -454,7 +476,23 @@ struct Staged {
 impl Preprocessor {
     /// A preprocessor for `spec` on `ctx`. Buffers and the pipeline are made on first use.
     pub fn new(ctx: &GpuContext, spec: PreprocessSpec) -> Preprocessor {
-        Preprocessor { ctx: ctx.clone(), spec, upload: None, uniforms: None, out: None, staging: None }
+        Preprocessor {
+            ctx: ctx.clone(),
+            spec,
+            upload: None,
+            params: None,
+            out: None,
+            staging: None,
+            bind_groups: std::collections::HashMap::new(),
+            bind_groups_created: 0,
+            written_params: Vec::new(),
+        }
+    }
+
+    /// Bind groups this preprocessor has created since it was made (a stream of same-sized
+    /// frames creates one per batch row once, then reuses them).
+    pub fn bind_groups_created(&self) -> u64 {
+        self.bind_groups_created
     }
 
     /// The spec frames are preprocessed with.
@@ -480,6 +518,7 @@ impl Preprocessor {
         if bytes > limit {
             return Err(FrameError::TooLarge { what: format!("the output of {} frames", frames.len()), bytes, limit });
         }
+        let old_out = self.out.clone();
         let out = grow(
             &self.ctx,
             &mut self.out,
@@ -487,6 +526,12 @@ impl Preprocessor {
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             "preprocess output",
         )?;
+        if let Some(old) = old_out
+            && old != out
+        {
+            // Bind groups into the old output would keep it alive until the cache recycles.
+            self.bind_groups.retain(|k, _| k.dst != old);
+        }
         let staging = grow(
             &self.ctx,
             &mut self.staging,
@@ -494,11 +539,15 @@ impl Preprocessor {
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             "preprocess readback",
         )?;
-        let mut encoder =
-            self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("preprocess") });
-        self.record(&mut encoder, frames, &out, 0)?;
-        encoder.copy_buffer_to_buffer(&out, 0, &staging, 0, bytes);
-        self.ctx.queue.submit([encoder.finish()]);
+        let ctx = self.ctx.clone();
+        ctx.scoped("preprocessing frames", || -> Result<(), FrameError> {
+            let mut encoder =
+                ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("preprocess") });
+            self.record(&mut encoder, frames, &out, 0)?;
+            encoder.copy_buffer_to_buffer(&out, 0, &staging, 0, bytes);
+            ctx.queue.submit([encoder.finish()]);
+            Ok(())
+        })??;
         let data = crate::plan::read_buffer(&self.ctx, &staging, n)?;
         Ok(Tensor::f32(shape, data))
     }
@@ -510,7 +559,10 @@ impl Preprocessor {
     /// The frames' bytes and parameters go through the queue (`Queue::write_buffer`) into
     /// buffers this preprocessor reuses; the queue applies them when the encoder is submitted.
     /// Submit the encoder before the next `record` or `run` on the same preprocessor, or the
-    /// later call's frames replace these. Several frames in one call are always safe.
+    /// later call's frames replace these. Several frames in one call are always safe. The bind
+    /// groups are cached by destination, row and frame size (at most 64, each keeping its
+    /// destination alive until the cache recycles), so recording into the same buffer frame
+    /// after frame creates nothing new.
     pub fn record(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -566,8 +618,8 @@ impl Preprocessor {
                 limit: limits.max_buffer_size,
             });
         }
-        let uniform_stride = PARAMS_BYTES.div_ceil(limits.min_uniform_buffer_offset_alignment as u64)
-            * limits.min_uniform_buffer_offset_alignment as u64;
+        let params_stride = PARAMS_BYTES.div_ceil(storage_align) * storage_align;
+        let before = (self.upload.clone(), self.params.clone());
         let upload = grow(
             &self.ctx,
             &mut self.upload,
@@ -575,17 +627,24 @@ impl Preprocessor {
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
             "preprocess frames",
         )?;
-        let uniforms = grow(
+        let params_buffer = grow(
             &self.ctx,
-            &mut self.uniforms,
-            uniform_stride * frames.len() as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            &mut self.params,
+            params_stride * frames.len() as u64,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
             "preprocess params",
         )?;
+        // Cached bind groups bind the old upload and parameter buffers: drop them with those.
+        if before != (self.upload.clone(), self.params.clone())
+            || self.bind_groups.len() + frames.len() > MAX_CACHED_BIND_GROUPS
+        {
+            self.bind_groups.clear();
+            self.written_params.clear();
+        }
         let pipeline = self.ctx.pipeline(&KernelKey::new(Shader::Preprocess, "preprocess"))?;
         let layout = pipeline.get_bind_group_layout(0);
 
-        let mut params = vec![0u8; (uniform_stride * frames.len() as u64) as usize];
+        let mut params = vec![0u8; (params_stride * frames.len() as u64) as usize];
         let mut bind_groups = Vec::with_capacity(frames.len());
         for (i, (frame, s)) in frames.iter().zip(&staged).enumerate() {
             write_frame(&self.ctx.queue, &upload, s, frame);
@@ -597,19 +656,39 @@ impl Preprocessor {
                 return Err(FrameError::TooLarge { what: "one output row".into(), bytes: size, limit: max_binding });
             }
             let block = frame_params(frame, &self.spec, s, ((start - base) / 4) as u32).bytes();
-            let at = i * uniform_stride as usize;
+            let at = i * params_stride as usize;
             params[at..at + block.len()].copy_from_slice(&block);
-            bind_groups.push(self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("preprocess"),
-                layout: &layout,
-                entries: &[
-                    buffer_entry(0, &uniforms, at as u64, PARAMS_BYTES),
-                    buffer_entry(1, &upload, s.at, s.len),
-                    buffer_entry(2, dst, base, size),
-                ],
-            }));
+            let key = BindKey {
+                dst: dst.clone(),
+                dst_offset: base,
+                dst_size: size,
+                upload_offset: s.at,
+                upload_size: s.len,
+                params_offset: at as u64,
+            };
+            let bg = match self.bind_groups.get(&key) {
+                Some(bg) => bg.clone(),
+                None => {
+                    let bg = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("preprocess"),
+                        layout: &layout,
+                        entries: &[
+                            buffer_entry(0, &params_buffer, at as u64, PARAMS_BYTES),
+                            buffer_entry(1, &upload, s.at, s.len),
+                            buffer_entry(2, dst, base, size),
+                        ],
+                    });
+                    self.bind_groups_created += 1;
+                    self.bind_groups.insert(key, bg.clone());
+                    bg
+                }
+            };
+            bind_groups.push(bg);
         }
-        self.ctx.queue.write_buffer(&uniforms, 0, &params);
+        if params != self.written_params {
+            self.ctx.queue.write_buffer(&params_buffer, 0, &params);
+            self.written_params = params;
+        }
 
         let grid = grid_1d(self.spec.crop as usize * self.spec.crop as usize, 64);
         let mut pass = encoder
@@ -679,7 +758,7 @@ fn write_frame(queue: &wgpu::Queue, upload: &wgpu::Buffer, s: &Staged, frame: &F
     }
 }
 
-/// The kernel's uniform block for one frame (field order of `Params` in the WGSL).
+/// The kernel's parameter block for one frame (field order of `Params` in the WGSL).
 fn frame_params(frame: &Frame, spec: &PreprocessSpec, s: &Staged, dst_offset: u32) -> Params {
     let g = Geometry::new(frame, spec);
     let kind = match frame.format {
