@@ -42,6 +42,9 @@ pub struct StepRecord {
     /// Label shift: the estimate q̂ the batch was corrected with.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prior: Option<Vec<f32>>,
+    /// The parameter guard refused the batch's update (it would have written NaN or infinity:
+    /// a batch that overflows inside the network); the session is as it was before the batch.
+    pub step_refused: bool,
 }
 
 /// One batch file of the folder: its step, or why it was skipped.
@@ -74,6 +77,8 @@ pub struct ReplayLog {
     pub batches: usize,
     /// Entries of `steps` that were skipped.
     pub skipped: usize,
+    /// Entries whose update the parameter guard refused (`step_refused`).
+    pub refused: usize,
     /// Why the replay stopped before the last batch (the device failed); `null` when it ran to
     /// the end. The entries before the one it stopped at are complete.
     pub stopped: Option<String>,
@@ -138,7 +143,7 @@ pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayErro
     }
     let ema = session.updates_statistics();
     let sar = session.config().adapt.method == super::config::Method::Sar;
-    let mut log = ReplayLog { batches: files.len(), skipped: 0, stopped: None, steps: Vec::new() };
+    let mut log = ReplayLog { batches: files.len(), skipped: 0, refused: 0, stopped: None, steps: Vec::new() };
     for (batch, f) in files.iter().enumerate() {
         let file = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let outcome = match npy::read_f32(f) {
@@ -153,7 +158,10 @@ pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayErro
             },
         };
         let outcome = match outcome {
-            Ok(r) => BatchOutcome::Step(Box::new(r)),
+            Ok(r) => {
+                log.refused += r.step_refused as usize;
+                BatchOutcome::Step(Box::new(r))
+            }
             Err(reason) => {
                 log.skipped += 1;
                 BatchOutcome::Skipped { skipped: reason }
@@ -186,5 +194,6 @@ fn step_record(session: &mut Session, x: &Tensor, ema: bool, sar: bool) -> Resul
         reset,
         probs: pred.probs.as_ref().map(rows),
         prior: pred.prior,
+        step_refused: pred.skipped,
     })
 }

@@ -67,9 +67,10 @@ pub fn replay_cmd(
         session.save_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     eprintln!(
-        "replayed {stepped} of {} batch(es) ({} skipped) with {}; wrote {}",
+        "replayed {stepped} of {} batch(es) ({} skipped, {} update(s) refused by the parameter guard) with {}; wrote {}",
         log.batches,
         log.skipped,
+        log.refused,
         ctx.adapter_summary(),
         out.display()
     );

@@ -287,6 +287,7 @@ pub fn run_planned_with_labels(
                     "segment": rec.segment,
                     "adapted": r.adapted,
                     "loss": r.loss,
+                    "skipped": r.skipped,
                 });
                 writeln!(w, "{line}").map_err(|e| usage(format!("cannot write --jsonl: {e}")))?;
             }
@@ -361,6 +362,7 @@ pub fn run_planned_with_labels(
     summary.mode = mode;
     summary.errors = errors;
     summary.steps = stream.steps();
+    summary.skipped_steps = stream.skipped_steps();
     if let Some(p) = &args.summary_json {
         write_atomic(p, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     }
@@ -422,6 +424,12 @@ pub fn summary_text(s: &Summary) -> String {
                 pct(seg.source_accuracy)
             );
         }
+    }
+    if s.skipped_steps > 0 {
+        out += &format!(
+            "parameter guard: {} update(s) refused (they would have written NaN or infinity; the model kept its state)\n",
+            s.skipped_steps
+        );
     }
     out
 }

@@ -66,6 +66,10 @@ pub struct FrameResult {
     pub adapted: bool,
     /// The loss of that step, if one ran.
     pub loss: Option<f32>,
+    /// The parameter guard refused the update this frame led to (its step, or in frame mode its
+    /// RBN statistics update) because it would have written NaN or infinity: the session is as
+    /// it was before. Counted by [`StreamSession::skipped_steps`].
+    pub skipped: bool,
 }
 
 impl FrameResult {
@@ -204,6 +208,12 @@ impl StreamSession {
         self.steps
     }
 
+    /// Updates the parameter guard refused on this stream's session (steps and statistics
+    /// updates that would have written NaN or infinity; see [`FrameResult::skipped`]).
+    pub fn skipped_steps(&self) -> u64 {
+        self.session.steps_skipped()
+    }
+
     /// Frames pushed so far (the next frame's index).
     pub fn frames(&self) -> u64 {
         self.next_index
@@ -289,7 +299,7 @@ impl StreamSession {
             self.ring.pop_front();
         }
         let adapt_err = |source| StreamError::Adapt { first: index, last: index, source };
-        let (probs, adapted, loss) = if self.output_only() {
+        let (probs, adapted, loss, skipped) = if self.output_only() {
             // LAME: the frame's prediction is its row of the output stage over the window.
             let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
             let batch = self.batch_tensor(&rows);
@@ -297,13 +307,14 @@ impl StreamSession {
             let probs = probabilities(&p);
             let c = probs.shape.last().copied().unwrap_or(1).max(1);
             let last = probs.to_f32_vec()[(rows.len() - 1) * c..rows.len() * c].to_vec();
-            (last, false, None)
+            (last, false, None, p.skipped)
         } else {
             let p = self.session.predict(&x, self.frame_norm()).map_err(adapt_err)?;
             let probs = probabilities(&p).to_f32_vec();
             self.since_step += 1;
             let mut adapted = false;
             let mut loss = None;
+            let mut skipped = p.skipped;
             if self.session.config().adapt.method.updates_parameters()
                 && self.since_step >= adapt_every
                 && self.ring.len() >= 2
@@ -317,8 +328,9 @@ impl StreamSession {
                 self.steps += 1;
                 adapted = true;
                 loss = step.loss;
+                skipped |= step.skipped;
             }
-            (probs, adapted, loss)
+            (probs, adapted, loss, skipped)
         };
         Ok(FrameResult {
             index,
@@ -328,6 +340,7 @@ impl StreamSession {
             latency_ms: meta.arrived.elapsed().as_secs_f32() * 1000.0,
             adapted,
             loss,
+            skipped,
         })
     }
 
@@ -356,6 +369,7 @@ impl StreamSession {
                 latency_ms: meta.arrived.elapsed().as_secs_f32() * 1000.0,
                 adapted,
                 loss: p.loss,
+                skipped: p.skipped,
             })
             .collect())
     }

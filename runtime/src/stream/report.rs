@@ -89,6 +89,9 @@ pub struct Summary {
     pub errors: usize,
     /// Adaptation steps taken, filled in by the caller.
     pub steps: u64,
+    /// Updates the parameter guard refused (they would have written NaN or infinity), filled
+    /// in by the caller.
+    pub skipped_steps: u64,
 }
 
 /// Errors of writing the report.
@@ -211,6 +214,7 @@ pub fn summarize(
         device: device.to_string(),
         errors: 0,
         steps: 0,
+        skipped_steps: 0,
     }
 }
 
@@ -551,6 +555,7 @@ fn summary_table(s: &Summary) -> String {
         ("dropped frames", s.drops.to_string()),
         ("frame errors", s.errors.to_string()),
         ("adaptation steps", s.steps.to_string()),
+        ("steps refused by the parameter guard (non-finite)", s.skipped_steps.to_string()),
         ("accuracy, adapted", fmt_pct(s.accuracy)),
         ("accuracy, source", fmt_pct(s.source_accuracy)),
         ("agreement adapted = source", fmt_pct(s.agreement)),
