@@ -26,11 +26,6 @@
 #define ACCLIMATE_MAX_TOP_K 5
 
 /*
- Classes per prediction the ABI returns at most (`ACCLIMATE_MAX_TOP_K`).
- */
-#define MAX_TOP_K 5
-
-/*
  What a call did. Every status but `ACCLIMATE_OK` comes with a message from
  `acclimate_last_error` on the same thread.
  */

@@ -39,7 +39,7 @@ static int g_passed, g_failed;
         }                                                                                     \
     } while (0)
 
-static int finish(void) {
+static inline int finish(void) {
     printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed ? 1 : 0;
 }
@@ -57,7 +57,7 @@ static int finish(void) {
 
 /* An RGB picture with structure in every channel and both axes (so rotations, mirrors and
  * channel swaps change it), varied by `seed`. */
-static void picture_rgb(unsigned char *rgb, int w, int h, unsigned seed) {
+static inline void picture_rgb(unsigned char *rgb, int w, int h, unsigned seed) {
     for (int y = 0; y < h; y++) {
         for (int x = 0; x < w; x++) {
             unsigned char *p = rgb + 3 * (y * w + x);
@@ -71,7 +71,7 @@ static void picture_rgb(unsigned char *rgb, int w, int h, unsigned seed) {
 }
 
 /* A tightly packed RGBA frame over `rgba` (w*h*4 bytes). */
-static AcclimateFrame rgba_frame(const unsigned char *rgba, int w, int h) {
+static inline AcclimateFrame rgba_frame(const unsigned char *rgba, int w, int h) {
     AcclimateFrame f;
     memset(&f, 0, sizeof f);
     f.width = (uint32_t)w;
@@ -84,7 +84,7 @@ static AcclimateFrame rgba_frame(const unsigned char *rgba, int w, int h) {
     return f;
 }
 
-static void rgb_to_rgba(const unsigned char *rgb, unsigned char *rgba, int n) {
+static inline void rgb_to_rgba(const unsigned char *rgb, unsigned char *rgba, int n) {
     for (int i = 0; i < n; i++) {
         rgba[4 * i] = rgb[3 * i];
         rgba[4 * i + 1] = rgb[3 * i + 1];
@@ -93,7 +93,7 @@ static void rgb_to_rgba(const unsigned char *rgb, unsigned char *rgba, int n) {
     }
 }
 
-static int same_prediction(const AcclimatePrediction *a, const AcclimatePrediction *b) {
+static inline int same_prediction(const AcclimatePrediction *a, const AcclimatePrediction *b) {
     if (a->k != b->k || a->stepped != b->stepped || a->frame_index != b->frame_index) return 0;
     for (uint32_t i = 0; i < a->k; i++) {
         if (a->classes[i] != b->classes[i] || a->probs[i] != b->probs[i]) return 0;
