@@ -578,3 +578,69 @@ pub unsafe extern "C" fn acclimate_session_stats(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: acclimate_last_error never returns NULL and its string lives until the next failure.
+        unsafe { CStr::from_ptr(acclimate_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn a_panic_stops_at_the_boundary_as_internal_error() {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let status = run("probe", || panic!("index out of bounds"));
+        std::panic::set_hook(prev);
+        assert_eq!(status, AcclimateStatus::INTERNAL_ERROR);
+        let e = last_error();
+        assert!(e.starts_with("probe: internal error") && e.contains("index out of bounds"), "{e}");
+        assert_eq!(run("probe", || Ok(())), AcclimateStatus::OK);
+        assert_eq!(last_error(), e, "a success keeps the last failure's message");
+    }
+
+    #[test]
+    fn messages_with_nul_bytes_stay_whole() {
+        assert_eq!(run("probe", || Err(Failure::new(Kind::Frame, "a\0b"))), AcclimateStatus::FRAME_ERROR);
+        assert_eq!(last_error(), "probe: a b");
+    }
+
+    fn raw(format: u32, width: u32, height: u32, planes: [AcclimatePlane; 3]) -> RawFrame {
+        RawFrame { width, height, format, planes, rotation: 0, mirror: 0, timestamp_ns: 5_000 }
+    }
+
+    const NONE: AcclimatePlane = AcclimatePlane { data: ptr::null(), len: 0, row_stride: 0, pixel_stride: 0 };
+
+    #[test]
+    fn frames_copy_exactly_the_bytes_their_strides_reach() {
+        // NV21 3x3 with padded rows: Y 3 rows of stride 5 (13 bytes), VU 2 rows of stride 6 (10 bytes).
+        let y: Vec<u8> = (0..13).collect();
+        let vu: Vec<u8> = (100..110).collect();
+        let p = |d: &[u8], rs, ps| AcclimatePlane { data: d.as_ptr(), len: d.len(), row_stride: rs, pixel_stride: ps };
+        let f = to_frame(&raw(5, 3, 3, [p(&y, 5, 0), p(&vu, 6, 2), NONE])).unwrap();
+        assert_eq!(f.format, PixelFormat::Nv21);
+        assert_eq!(f.planes, vec![Plane::new(0, 5, 1), Plane::new(13, 6, 2)]);
+        assert_eq!(f.data, [y.clone(), vu.clone()].concat());
+        assert_eq!(f.timestamp_us, 5);
+        f.validate().unwrap();
+        // One byte less in the chroma plane is refused before anything is read.
+        let short = to_frame(&raw(5, 3, 3, [p(&y, 5, 0), p(&vu[..9], 6, 2), NONE])).unwrap_err();
+        assert!(short.contains("planes[1] (VU)") && short.contains("reach byte 10, but len is 9"), "{short}");
+        // Zero strides: tightly packed.
+        let rgb = [7u8; 12];
+        let f = to_frame(&raw(2, 2, 2, [p(&rgb, 0, 0), NONE, NONE])).unwrap();
+        assert_eq!(f.planes, vec![Plane::new(0, 6, 3)]);
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_errors() {
+        let b = [0u8; 4];
+        let p = AcclimatePlane { data: b.as_ptr(), len: 4, row_stride: u32::MAX, pixel_stride: u32::MAX };
+        for (w, h) in [(u32::MAX, u32::MAX), (1, u32::MAX), (u32::MAX, 1)] {
+            let e = to_frame(&raw(0, w, h, [p, NONE, NONE])).unwrap_err();
+            assert!(e.contains("planes[0] (RGBA)"), "{w}x{h}: {e}");
+        }
+    }
+}

@@ -20,6 +20,9 @@
 //! weight_decay = 0.0
 //! betas = [0.9, 0.999]
 //! eps = 1e-8
+//!
+//! [preprocess]             # optional: how frames become the model's input (the stream API,
+//! spec = "size=32,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197"   # the C ABI); as --preprocess
 //! ```
 //!
 //! Every key is optional; an absent key takes the TENT ImageNet-C default above
