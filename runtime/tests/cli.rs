@@ -469,6 +469,40 @@ fn stream_writes_lines_summary_and_report() {
     assert!(e.contains("labels"), "{e}");
 }
 
+/// `stream` takes its preprocessing from the config's `[preprocess]` when `--preprocess` is
+/// absent, and predicts exactly as with the flag; with neither it says what to give.
+#[test]
+fn stream_takes_preprocess_from_the_config() {
+    let dir = scratch("stream-preprocess");
+    let (images, labels) = write_idx(&dir, 6, 10, 10);
+    let model = common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx");
+    let spec = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25";
+    let base = "[adapt]\nmethod = \"tent\"\n[stream]\nwindow = 4\nadapt_every = 2\n";
+    let (with_flag, with_section) = (dir.join("flag.toml"), dir.join("section.toml"));
+    std::fs::write(&with_flag, base).unwrap();
+    std::fs::write(&with_section, format!("{base}[preprocess]\nspec = \"{spec}\"\n")).unwrap();
+    let src = format!("idx:{},{}", s(&images), s(&labels));
+    let lines = |config: &Path, flag: Option<&str>, out: &str| {
+        let jsonl = dir.join(out);
+        let mut args = vec!["stream", s(&model), "--source", &src, "--config", s(config), "--quiet"];
+        args.extend(["--jsonl", s(&jsonl)]);
+        if let Some(f) = flag {
+            args.extend(["--preprocess", f]);
+        }
+        ok(&args);
+        let text = std::fs::read_to_string(&jsonl).unwrap();
+        let rows = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap());
+        rows.map(|l| (l["top_k"].clone(), l["adapted"].clone())).collect::<Vec<_>>()
+    };
+    let from_flag = lines(&with_flag, Some(spec), "flag.jsonl");
+    let from_section = lines(&with_section, None, "section.jsonl");
+    assert_eq!(from_flag.len(), 6);
+    assert!(from_flag.iter().any(|(_, adapted)| adapted == true), "no step ran: {from_flag:?}");
+    assert_eq!(from_flag, from_section);
+    let e = fails(&["stream", s(&model), "--source", &src, "--config", s(&with_flag), "--quiet"]);
+    assert!(e.contains("--preprocess") && e.contains("[preprocess]"), "{e}");
+}
+
 /// `demo` on its embedded defaults (shortened with --limit), from another working directory:
 /// it finds the assets, runs the SVHN network on MNIST digits and writes its report.
 #[test]

@@ -20,6 +20,9 @@
 //! weight_decay = 0.0
 //! betas = [0.9, 0.999]
 //! eps = 1e-8
+//!
+//! [preprocess]             # optional: how frames become the model's input (the stream API,
+//! spec = "size=32,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197"   # the C ABI); as --preprocess
 //! ```
 //!
 //! Every key is optional; an absent key takes the TENT ImageNet-C default above
@@ -42,6 +45,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::stream::preprocess::PreprocessSpec;
 
 /// A named adaptation method (a preset of normalization mode, loss and optimizer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -543,6 +548,37 @@ impl Default for StreamSection {
     }
 }
 
+/// The `[preprocess]` section: how frames become the model's input, written as the same string
+/// `acclimate stream --preprocess` takes (see [`PreprocessSpec`]), so that one config file holds
+/// everything a stream session needs. Optional in a config file; a `[preprocess]` table without
+/// `spec` is an error, as is a spec the parser refuses (the message names `preprocess.spec`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSection {
+    #[serde(with = "spec_string")]
+    pub spec: PreprocessSpec,
+}
+
+/// A [`PreprocessSpec`] in TOML: its spec string, parsed by the CLI's own parser.
+mod spec_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::stream::preprocess::{PreprocessSpec, SpecError};
+
+    pub fn serialize<S: Serializer>(spec: &PreprocessSpec, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(spec)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PreprocessSpec, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(|e: SpecError| serde::de::Error::custom(format!("\"{text}\": {e}")))
+    }
+}
+
+/// The default preset (the text of a config file): what `acclimate demo`, `acclimate stream`
+/// without `--config` and the C ABI without an `[adapt]` section adapt with.
+pub const DEFAULT_PRESET: &str = include_str!("../cli/demo.toml");
+
 /// The `[optimizer]` section (hyperparameters as in `torch.optim`).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -650,6 +686,8 @@ pub struct AdaptConfig {
     pub stream: StreamSection,
     pub lame: LameSection,
     pub label_shift: LabelShiftSection,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<PreprocessSection>,
 }
 
 /// Why a config could not be read or is not acceptable. `origin` is the file path, or
@@ -1071,6 +1109,43 @@ eps = 1e-6
         std::fs::write(&good, "[adapt]\nmethod = \"norm\"\n").unwrap();
         assert_eq!(AdaptConfig::from_file(&good).unwrap().adapt.method, Method::Norm);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn preprocess_section_holds_the_cli_spec_string() {
+        let spec = "size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197";
+        let c = AdaptConfig::from_toml_str(&format!("[preprocess]\nspec = \"{spec}\"\n")).unwrap();
+        let parsed: PreprocessSpec = spec.parse().unwrap();
+        assert_eq!(c.preprocess.as_ref().map(|p| &p.spec), Some(&parsed));
+        assert_eq!(c.adapt, AdaptSection::default(), "the other sections keep their defaults");
+        // Written back as the canonical spec string, and read again to the same config.
+        let text = c.to_toml_string();
+        assert!(text.contains("[preprocess]") && text.contains(&format!("spec = \"{spec}\"")), "{text}");
+        assert_eq!(AdaptConfig::from_toml_str(&text).unwrap(), c);
+        // Absent: None, and not written out.
+        let c = AdaptConfig::from_toml_str("[adapt]\nmethod = \"norm\"\n").unwrap();
+        assert!(c.preprocess.is_none() && !c.to_toml_string().contains("preprocess"));
+    }
+
+    #[test]
+    fn bad_preprocess_sections_name_the_key() {
+        let e = err("[preprocess]\nspec = \"size=0\"\n");
+        assert!(e.contains("`preprocess.spec`") && e.contains("line 2") && e.contains("outside 1..=16384"), "{e}");
+        let e = err("[adapt]\nmethod = \"tent\"\n[preprocess]\nspec = \"size=32,colour=rgb\"\n");
+        assert!(e.contains("`preprocess.spec`") && e.contains("unknown key 'colour'"), "{e}");
+        let e = err("[preprocess]\nspec = 32\n");
+        assert!(e.contains("`preprocess.spec`"), "{e}");
+        let e = err("[preprocess]\n");
+        assert!(e.contains("missing field `spec`") && e.contains("`preprocess`"), "{e}");
+        let e = err("[preprocess]\nspec = \"size=32\"\nsize = 32\n");
+        assert!(e.contains("unknown field `size`") && e.contains("`preprocess.size`"), "{e}");
+    }
+
+    #[test]
+    fn default_preset_is_a_valid_config() {
+        let c = AdaptConfig::from_toml_str(DEFAULT_PRESET).unwrap();
+        assert_eq!(c.adapt.method, Method::Eta);
+        assert!(c.preprocess.is_none());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::stream::schedule::{self, OrderSpec};
 use crate::stream::source::Source;
 
 /// The default preset of `acclimate demo` and of `acclimate stream` without `--config`.
-pub const DEFAULT_PRESET: &str = include_str!("demo.toml");
+pub use crate::adapt::config::DEFAULT_PRESET;
 const DIGITS_CONFIG: &str = DEFAULT_PRESET;
 const VIDEO_CONFIG: &str = include_str!("demo_video.toml");
 const SVHN_SPEC: &str = "size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970";

@@ -222,9 +222,9 @@ pub enum Command {
         source: String,
         /// How frames become the model's input, e.g.
         /// size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970 or
-        /// resize=256,crop=224,mean=...,std=...
+        /// resize=256,crop=224,mean=...,std=... (default: the config's [preprocess] spec)
         #[arg(long)]
-        preprocess: String,
+        preprocess: Option<String>,
         /// Adaptation config (TOML: [adapt], [optimizer], method sections, [stream]).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -402,7 +402,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             let args = stream::StreamArgs {
                 model,
                 source,
-                preprocess,
+                preprocess: preprocess.unwrap_or_default(),
                 config,
                 corrupt,
                 segment,

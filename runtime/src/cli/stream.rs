@@ -23,6 +23,7 @@ use crate::stream::source::Source;
 pub struct StreamArgs {
     pub model: PathBuf,
     pub source: String,
+    /// The preprocessing spec; empty: the config's `[preprocess]`.
     pub preprocess: String,
     pub config: Option<PathBuf>,
     pub corrupt: Option<String>,
@@ -157,7 +158,13 @@ pub fn stream_cmd(args: &StreamArgs) -> Result<StreamRun, CliError> {
         None => AdaptConfig::from_toml_str(super::demo::DEFAULT_PRESET).map_err(usage)?,
     };
     config.validate().map_err(usage)?;
-    let spec: PreprocessSpec = args.preprocess.parse().map_err(|e| usage(format!("--preprocess: {e}")))?;
+    let spec: PreprocessSpec = match (args.preprocess.is_empty(), &config.preprocess) {
+        (true, Some(section)) => section.spec.clone(),
+        (true, None) => {
+            return Err(usage("give --preprocess SPEC, or a [preprocess] section with spec = \"...\" in --config"));
+        }
+        (false, _) => args.preprocess.parse().map_err(|e| usage(format!("--preprocess: {e}")))?,
+    };
     let mut source = Source::open(&args.source).map_err(usage)?;
     let order: OrderSpec = args.order.parse().map_err(|e| usage(format!("--order: {e}")))?;
     let plan = plan_frames(&source, &order, args)?;

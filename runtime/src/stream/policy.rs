@@ -31,6 +31,8 @@ use crate::engine::{Engine, Model};
 use crate::gpu::GpuContext;
 use crate::tensor::Tensor;
 
+mod checkpoint;
+
 /// Why a frame produced no result. The stream itself goes on.
 #[derive(Debug, Error)]
 pub enum StreamError {

@@ -1,0 +1,243 @@
+//! The one place the C ABI touches the library: building a stream session from a model path and
+//! a config text, pushing frames, state, and the classification of the library's errors into
+//! the ABI's status kinds. Everything here goes through `acclimate`'s public API; when the
+//! library grows its facade, this module is what changes.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use acclimate::adapt::config::{AdaptConfig, DEFAULT_PRESET, StreamMode};
+use acclimate::adapt::{AdaptError, state::StateError};
+use acclimate::gpu::GpuError;
+use acclimate::ir::{Dim, IrError};
+use acclimate::onnx::OnnxError;
+use acclimate::plan::PlanError;
+use acclimate::stream::frame::{Frame, FrameError};
+use acclimate::stream::policy::{StreamError, StreamOptions, StreamSession};
+use acclimate::{GpuContext, Model};
+
+/// What went wrong, as the ABI's status codes distinguish it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    InvalidArgument,
+    Model,
+    Config,
+    Frame,
+    State,
+    Gpu,
+    Io,
+    Internal,
+}
+
+/// A failed call: its kind and the message `acclimate_last_error` returns.
+#[derive(Debug)]
+pub struct Failure {
+    pub kind: Kind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Failure {
+        Failure { kind, message: message.into() }
+    }
+}
+
+/// Classes per prediction the ABI returns at most (`ACCLIMATE_MAX_TOP_K`).
+pub(crate) const MAX_TOP_K: usize = 5;
+
+/// One frame's prediction, as the ABI returns it.
+pub struct Predicted {
+    pub frame_index: u64,
+    pub top_k: Vec<(usize, f32)>,
+    pub stepped: bool,
+}
+
+/// Frames, gradient steps and skipped steps of a session.
+pub struct Stats {
+    pub frames: u64,
+    pub steps: u64,
+    pub steps_skipped: u64,
+}
+
+/// The GPU context sessions share: one device, and one cache of compiled pipelines, so a
+/// second session starts without compiling every kernel again (see `c_suite.rs` for the
+/// measured difference). Dropped after a GPU failure, so the next session opens a fresh device.
+static CONTEXT: Mutex<Option<GpuContext>> = Mutex::new(None);
+
+fn shared_context() -> Result<GpuContext, Failure> {
+    let mut slot = CONTEXT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ctx) = slot.as_ref() {
+        return Ok(ctx.clone());
+    }
+    let ctx = GpuContext::new().map_err(|e| Failure::new(Kind::Gpu, e.to_string()))?;
+    *slot = Some(ctx.clone());
+    Ok(ctx)
+}
+
+/// Forgets the shared context after a GPU failure (a lost device stays lost).
+pub fn forget_context() {
+    *CONTEXT.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// The config a session runs with: the text as a config file, every key it leaves out at the
+/// library's default, and with no `[adapt]` at all the default preset's `[adapt]`,
+/// `[optimizer]` and `[eata]` under it (its `[stream]` is the batch protocol of `acclimate
+/// demo`; the ABI runs the frame protocol). It must hold `[preprocess]`.
+pub fn config_from_text(text: &str) -> Result<AdaptConfig, Failure> {
+    let config_err = |e: &dyn std::fmt::Display| Failure::new(Kind::Config, format!("config: {e}"));
+    // The library's parser first: its messages name the line and key of the caller's text.
+    let own = AdaptConfig::from_toml_str(text).map_err(|e| config_err(&e))?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| config_err(&e))?;
+    let mut config = if table.contains_key("adapt") {
+        own
+    } else {
+        let mut merged: toml::Table = toml::from_str(DEFAULT_PRESET).map_err(|e| config_err(&e))?;
+        merged.remove("stream");
+        for (section, value) in table {
+            match (merged.get_mut(&section), value) {
+                (Some(toml::Value::Table(base)), toml::Value::Table(keys)) => base.extend(keys),
+                (_, value) => {
+                    merged.insert(section, value);
+                }
+            }
+        }
+        let merged = toml::to_string(&merged).map_err(|e| config_err(&e))?;
+        AdaptConfig::from_toml_str(&merged).map_err(|e| config_err(&format!("with the default preset: {e}")))?
+    };
+    if config.preprocess.is_none() {
+        return Err(Failure::new(
+            Kind::Config,
+            "config: no [preprocess] section: add one with spec = \"...\", the string `acclimate stream \
+             --preprocess` takes (for example spec = \"size=32,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197\")",
+        ));
+    }
+    if config.stream.mode != StreamMode::Frame {
+        return Err(Failure::new(
+            Kind::Config,
+            "config: `stream.mode` = \"batch\": the C ABI runs the frame protocol (one prediction per \
+             acclimate_session_push_frame); remove the key or set it to \"frame\"",
+        ));
+    }
+    config.stream.mode = StreamMode::Frame;
+    Ok(config)
+}
+
+/// A model adapting on a stream of frames, as one C handle holds it.
+pub struct Stream {
+    stream: StreamSession,
+    classes: Option<usize>,
+}
+
+impl Stream {
+    pub fn open(model_path: &Path, config_text: &str) -> Result<Stream, Failure> {
+        let mut config = config_from_text(config_text)?;
+        let spec = config.preprocess.take().map(|p| p.spec).ok_or_else(|| Failure::new(Kind::Config, "no spec"))?;
+        let model = Model::load(model_path).map_err(|e| model_failure(model_path, e))?;
+        let classes = model.graph.outputs.first().and_then(|o| o.dims.as_ref()).and_then(|d| match d.last() {
+            Some(Dim::Fixed(n)) => Some(*n),
+            _ => None,
+        });
+        let ctx = shared_context()?;
+        let options = StreamOptions { top_k: MAX_TOP_K, source_prediction: false };
+        let stream = StreamSession::new(&ctx, model, config, spec, options).map_err(stream_failure)?;
+        Ok(Stream { stream, classes })
+    }
+
+    /// The model's class count, as its first output declares it.
+    pub fn num_classes(&self) -> Result<usize, Failure> {
+        self.classes.ok_or_else(|| {
+            Failure::new(
+                Kind::Model,
+                "the model's first output does not declare a fixed class count (its last dimension)",
+            )
+        })
+    }
+
+    /// Runs the frame protocol on `frame` and returns its prediction.
+    pub fn push(&mut self, frame: &Frame) -> Result<Predicted, Failure> {
+        let mut results = self.stream.push(frame).map_err(stream_failure)?;
+        // Frame mode (config_from_text insists on it) gives exactly one result per frame.
+        let r = results.pop().ok_or_else(|| Failure::new(Kind::Internal, "the frame protocol returned no result"))?;
+        Ok(Predicted { frame_index: r.index, top_k: r.top_k, stepped: r.adapted })
+    }
+
+    /// Counts a frame the ABI refused before it reached the stream, so frame indices keep
+    /// counting every frame handed over.
+    pub fn skip(&mut self) {
+        self.stream.skip();
+    }
+
+    pub fn save_state(&self, path: &Path) -> Result<(), Failure> {
+        self.stream.save_state(path).map_err(adapt_failure)
+    }
+
+    pub fn load_state(&mut self, path: &Path) -> Result<(), Failure> {
+        self.stream.load_state(path).map_err(adapt_failure)
+    }
+
+    pub fn reset(&mut self) -> Result<(), Failure> {
+        self.stream.reset().map_err(adapt_failure)
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            frames: self.stream.frames(),
+            steps: self.stream.steps(),
+            steps_skipped: self.stream.session().steps_skipped(),
+        }
+    }
+}
+
+/// Times a call for `latency_ms`: from the ABI's entry to its result.
+pub fn elapsed_ms(since: Instant) -> f32 {
+    since.elapsed().as_secs_f32() * 1000.0
+}
+
+fn model_failure(path: &Path, e: acclimate::Error) -> Failure {
+    let kind = match &e {
+        acclimate::Error::Onnx(OnnxError::Io { .. }) | acclimate::Error::Ir(IrError::Onnx(OnnxError::Io { .. })) => {
+            Kind::Io
+        }
+        acclimate::Error::Gpu(_) | acclimate::Error::Plan(PlanError::Gpu(_)) => Kind::Gpu,
+        _ => Kind::Model,
+    };
+    Failure::new(kind, format!("model {}: {e}", path.display()))
+}
+
+fn gpu_failure(e: &GpuError) -> Failure {
+    Failure::new(Kind::Gpu, e.to_string())
+}
+
+fn adapt_failure(e: AdaptError) -> Failure {
+    let kind = match &e {
+        AdaptError::Gpu(_) | AdaptError::Plan(PlanError::Gpu(_)) => Kind::Gpu,
+        AdaptError::State(StateError::Read { .. } | StateError::Write { .. }) => Kind::Io,
+        AdaptError::State(_) => Kind::State,
+        // The method cannot adapt this model, or the config names files that do not fit it.
+        AdaptError::NoBatchNorm(_)
+        | AdaptError::NothingAdapted(_)
+        | AdaptError::Classes
+        | AdaptError::Fisher(_)
+        | AdaptError::Output(_) => Kind::Config,
+        AdaptError::Rank { .. } | AdaptError::Plan(_) => Kind::Model,
+        AdaptError::NonFinite { .. } | AdaptError::EmptyBatch(_) | AdaptError::DType(_) => Kind::Frame,
+        #[allow(unreachable_patterns)]
+        _ => Kind::Internal,
+    };
+    Failure::new(kind, e.to_string())
+}
+
+fn stream_failure(e: StreamError) -> Failure {
+    match e {
+        StreamError::Frame { source: FrameError::Gpu(g), .. } => gpu_failure(&g),
+        StreamError::Frame { .. } => Failure::new(Kind::Frame, e.to_string()),
+        StreamError::Adapt { source, .. } => adapt_failure(source),
+        // The [preprocess] spec makes frames of another shape than the model takes.
+        StreamError::Input { .. } => Failure::new(Kind::Config, format!("config: preprocess.spec: {e}")),
+        StreamError::NoOutput => Failure::new(Kind::Model, e.to_string()),
+        StreamError::Source(inner) => model_failure(Path::new("(source)"), inner),
+        #[allow(unreachable_patterns)]
+        _ => Failure::new(Kind::Internal, e.to_string()),
+    }
+}

@@ -1,0 +1,375 @@
+//! A stream's whole state in one file, everything the next frames' predictions depend on; and
+//! the reset of all of it.
+//!
+//! The adaptation [`Session`](crate::adapt::Session)'s state (parameters, normalization
+//! statistics, optimizer moments, output-stage estimates) is not enough for a stream in frame
+//! mode: the next gradient step runs on the ring buffer of the last `window` preprocessed
+//! frames, LAME predicts each frame from that window, and a step falls due `adapt_every` frames
+//! after the last one. A stream state holds all of it, so a stream that loads it predicts the
+//! next frames exactly as the one that saved it did (and numbers them the same).
+//!
+//! Layout, little-endian:
+//!
+//! ```text
+//! "ACCLSTRM" | u32 version | u64 frames | u64 steps | u64 since_step | u32 frame_len | u32 rows
+//! | u64 session_len | the session's state file (safetensors, see adapt::state), session_len bytes
+//! | rows × frame_len f32 (the window, oldest first) | SHA-256 of everything before it
+//! ```
+//!
+//! Not included: SAR's loss EMA (the session keeps it outside its state file), the count of
+//! steps the parameter guard skipped, and batch mode's frames of an incomplete batch (saving
+//! with one pending is an error). A plain session state file, as `acclimate stream
+//! --save-state` writes it, loads too: the session's state, with an empty window.
+//!
+//! Writes are atomic (a temporary file beside the target, fsynced, renamed over it); a load
+//! reads and checks the whole file, the window and the session's tensors (finite, this model's)
+//! before it changes anything, so a torn, foreign or non-finite state leaves the stream as it
+//! was.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use super::StreamSession;
+use crate::adapt::session::AdaptError;
+use crate::adapt::state::{self, StateError};
+
+const MAGIC: &[u8; 8] = b"ACCLSTRM";
+/// The layout version this build writes and reads.
+const STREAM_STATE_VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 8 + 8 + 8 + 4 + 4 + 8;
+const DIGEST: usize = 32;
+
+/// The parts of a stream state file.
+#[derive(Debug, PartialEq)]
+struct Decoded<'a> {
+    frames: u64,
+    steps: u64,
+    since_step: u64,
+    frame_len: usize,
+    rows: Vec<Vec<f32>>,
+    session: &'a [u8],
+}
+
+fn encode(d: &Decoded<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + d.session.len() + d.rows.len() * d.frame_len * 4 + DIGEST);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&STREAM_STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&d.frames.to_le_bytes());
+    out.extend_from_slice(&d.steps.to_le_bytes());
+    out.extend_from_slice(&d.since_step.to_le_bytes());
+    out.extend_from_slice(&(d.frame_len as u32).to_le_bytes());
+    out.extend_from_slice(&(d.rows.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(d.session.len() as u64).to_le_bytes());
+    out.extend_from_slice(d.session);
+    for row in &d.rows {
+        for v in row {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let digest = Sha256::digest(&out);
+    out.extend_from_slice(&digest);
+    out
+}
+
+/// Checks and splits a stream state; the error says what is wrong (the caller adds the path).
+fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
+    if bytes.len() < HEADER + DIGEST {
+        return Err(format!("{} bytes, shorter than the {}-byte header and checksum", bytes.len(), HEADER + DIGEST));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err("not an Acclimate stream state".into());
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - DIGEST);
+    if Sha256::digest(body).as_slice() != digest {
+        return Err("checksum mismatch: the file was cut short or changed after saving".into());
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap_or([0; 8]));
+    let version = u32_at(8);
+    if version != STREAM_STATE_VERSION {
+        return Err(format!("stream state version {version}; this build reads version {STREAM_STATE_VERSION}"));
+    }
+    let (frames, steps, since_step) = (u64_at(12), u64_at(20), u64_at(28));
+    let (frame_len, rows, session_len) = (u32_at(36) as usize, u32_at(40) as usize, u64_at(44));
+    let window_bytes = rows.checked_mul(frame_len).and_then(|n| n.checked_mul(4));
+    let expected = window_bytes
+        .and_then(|w| usize::try_from(session_len).ok().and_then(|s| s.checked_add(w)))
+        .and_then(|n| n.checked_add(HEADER));
+    if expected != Some(body.len()) {
+        return Err(format!(
+            "the header promises a {session_len}-byte session state and {rows} frames of {frame_len} floats, \
+             the file holds {} bytes for them",
+            body.len() - HEADER
+        ));
+    }
+    let session_end = HEADER + session_len as usize;
+    let window = &body[session_end..];
+    let rows = if frame_len == 0 {
+        vec![Vec::new(); rows]
+    } else {
+        window
+            .chunks_exact(frame_len * 4)
+            .map(|r| r.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            .collect()
+    };
+    if steps > frames || since_step > frames {
+        return Err(format!("{steps} steps and {since_step} frames since the last one, of {frames} frames in all"));
+    }
+    Ok(Decoded { frames, steps, since_step, frame_len, rows, session: &body[HEADER..session_end] })
+}
+
+/// A scratch file for the session's part of a stream state, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh file in `dir` holding `bytes` (or an empty name to be written by someone else).
+    fn create(dir: &Path, bytes: Option<&[u8]>) -> io::Result<Scratch> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = dir.join(format!(
+            ".acclimate-stream-session.tmp-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let scratch = Scratch(path);
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&scratch.0)?;
+        if let Some(b) = bytes {
+            f.write_all(b)?;
+        }
+        Ok(scratch)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Best effort: a session save renames its own temporaries, and this one may be gone.
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `bytes` to a temporary beside `path`, fsyncs it, renames it over `path` and fsyncs the
+/// directory: a crash leaves the old file or the new one, never a mix.
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = parent_dir(path);
+    let tmp = Scratch::create(&dir, None)?;
+    let mut f = fs::OpenOptions::new().write(true).truncate(true).open(&tmp.0)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp.0, path)?;
+    #[cfg(unix)]
+    fs::File::open(&dir)?.sync_all()?;
+    Ok(())
+}
+
+/// The same error, naming `path` (the stream state) instead of the scratch file the session
+/// read its part from.
+fn at(e: StateError, path: &Path) -> StateError {
+    let path = path.to_path_buf();
+    match e {
+        StateError::Read { source, .. } => StateError::Read { path, source },
+        StateError::Write { source, .. } => StateError::Write { path, source },
+        StateError::Corrupt { reason, .. } => StateError::Corrupt { path, reason },
+        StateError::Version { found, .. } => StateError::Version { path, found },
+        StateError::Fingerprint { expected, found, .. } => StateError::Fingerprint { path, expected, found },
+        StateError::Missing { name, .. } => StateError::Missing { path, name },
+        StateError::Tensor { name, reason, .. } => StateError::Tensor { path, name, reason },
+        other => other,
+    }
+}
+
+fn at_adapt(e: AdaptError, path: &Path) -> AdaptError {
+    match e {
+        AdaptError::State(s) => AdaptError::State(at(s, path)),
+        other => other,
+    }
+}
+
+impl StreamSession {
+    /// Saves the stream's whole state (the session's, the window, the frame and step counters)
+    /// atomically to `path`; see the [module](self) for what it holds.
+    pub fn save_state(&self, path: &Path) -> Result<(), AdaptError> {
+        if !self.pending.is_empty() {
+            return Err(StateError::Invalid(format!(
+                "{} frame(s) of an incomplete batch are pending: save after the batch completes, or after finish()",
+                self.pending.len()
+            ))
+            .into());
+        }
+        let write_err = |source| StateError::Write { path: path.to_path_buf(), source };
+        let scratch = Scratch::create(&parent_dir(path), None).map_err(write_err)?;
+        self.session.save_state(&scratch.0).map_err(|e| at_adapt(e, path))?;
+        let session = fs::read(&scratch.0).map_err(write_err)?;
+        drop(scratch);
+        let bytes = encode(&Decoded {
+            frames: self.next_index,
+            steps: self.steps,
+            since_step: self.since_step as u64,
+            frame_len: self.frame_len,
+            rows: self.ring.iter().cloned().collect(),
+            session: &session,
+        });
+        write_atomic(path, &bytes).map_err(write_err)?;
+        Ok(())
+    }
+
+    /// Loads a state saved by [`StreamSession::save_state`] for the same model and
+    /// preprocessing (or a plain session state: the session's part only, the window emptied).
+    /// The frames after it predict as they did after the save. On any error the stream is as it
+    /// was.
+    pub fn load_state(&mut self, path: &Path) -> Result<(), AdaptError> {
+        let read_err = |source| StateError::Read { path: path.to_path_buf(), source };
+        let bytes = fs::read(path).map_err(read_err)?;
+        if !bytes.starts_with(MAGIC) {
+            self.check_session_part(path)?;
+            self.session.load_state(path)?;
+            self.ring.clear();
+            self.pending.clear();
+            self.since_step = 0;
+            return Ok(());
+        }
+        let corrupt = |reason: String| StateError::Corrupt { path: path.to_path_buf(), reason };
+        let d = decode(&bytes).map_err(corrupt)?;
+        let mismatch = |what: String| AdaptError::State(StateError::Mismatch(what));
+        if d.frame_len != self.frame_len {
+            return Err(mismatch(format!(
+                "the stream state's frames have {} values each, this stream's preprocessing makes {}",
+                d.frame_len, self.frame_len
+            )));
+        }
+        let window = self.session.config().stream.window;
+        if d.rows.len() > window {
+            return Err(mismatch(format!(
+                "the stream state holds a window of {} frames, this stream's stream.window is {window}",
+                d.rows.len()
+            )));
+        }
+        if let Some(i) = d.rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+            return Err(StateError::Tensor {
+                path: path.to_path_buf(),
+                name: format!("window frame {i}"),
+                reason: "holds NaN or infinite values".into(),
+            }
+            .into());
+        }
+        // The session reads its part from a file: beside the state (the app can write there),
+        // else in the temporary directory.
+        let scratch = Scratch::create(&parent_dir(path), Some(d.session))
+            .or_else(|_| Scratch::create(&std::env::temp_dir(), Some(d.session)))
+            .map_err(|source| StateError::Write {
+                path: std::env::temp_dir().join(".acclimate-stream-session.tmp"),
+                source,
+            })?;
+        self.check_session_part(&scratch.0).map_err(|e| at_adapt(e, path))?;
+        self.session.load_state(&scratch.0).map_err(|e| at_adapt(e, path))?;
+        self.ring = d.rows.into();
+        self.pending.clear();
+        self.since_step = d.since_step as usize;
+        self.next_index = d.frames;
+        self.steps = d.steps;
+        Ok(())
+    }
+
+    /// Restores the source model (parameters, statistics, optimizer state: [`Session::reset`])
+    /// and empties the window, so the next step waits for `adapt_every` new frames. Frame
+    /// indices and the step count go on.
+    ///
+    /// [`Session::reset`]: crate::adapt::Session::reset
+    pub fn reset(&mut self) -> Result<(), AdaptError> {
+        self.session.reset()?;
+        self.ring.clear();
+        self.pending.clear();
+        self.since_step = 0;
+        Ok(())
+    }
+
+    /// Refuses a session state that belongs to another model or holds a NaN or an infinity
+    /// before the session applies any of it.
+    fn check_session_part(&self, file: &Path) -> Result<(), AdaptError> {
+        let loaded = state::load_state(file, &state::fingerprint(&self.session.model().graph))?;
+        for (name, t) in &loaded.tensors {
+            if t.as_f32().is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
+                return Err(StateError::Tensor {
+                    path: file.to_path_buf(),
+                    name: name.clone(),
+                    reason: "holds NaN or infinite values".into(),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(session: &[u8]) -> Decoded<'_> {
+        Decoded {
+            frames: 9,
+            steps: 2,
+            since_step: 3,
+            frame_len: 3,
+            rows: vec![vec![1.0, -2.0, 0.5], vec![0.0, f32::MIN_POSITIVE, 3.25]],
+            session,
+        }
+    }
+
+    #[test]
+    fn stream_state_round_trips() {
+        let bytes = encode(&sample(b"session-bytes"));
+        assert_eq!(decode(&bytes).unwrap(), sample(b"session-bytes"));
+        let empty = Decoded { rows: Vec::new(), frames: 0, steps: 0, since_step: 0, ..sample(b"") };
+        assert_eq!(decode(&encode(&empty)).unwrap(), empty);
+    }
+
+    #[test]
+    fn torn_or_changed_stream_states_are_refused() {
+        let bytes = encode(&sample(b"session-bytes"));
+        for cut in [0, 7, HEADER, HEADER + 5, bytes.len() - 1] {
+            let e = decode(&bytes[..cut]).unwrap_err();
+            assert!(e.contains("shorter") || e.contains("checksum") || e.contains("not an"), "cut {cut}: {e}");
+        }
+        for flip in [9, 13, HEADER + 2, bytes.len() - DIGEST - 1, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[flip] ^= 0x10;
+            assert!(decode(&b).unwrap_err().contains("checksum"), "flip {flip}");
+        }
+        let mut other = bytes.clone();
+        other[0] = b'X';
+        assert!(decode(&other).unwrap_err().contains("not an Acclimate stream state"));
+    }
+
+    #[test]
+    fn inconsistent_headers_are_refused_even_with_a_valid_checksum() {
+        let reseal = |mut b: Vec<u8>| {
+            b.truncate(b.len() - DIGEST);
+            let d = Sha256::digest(&b);
+            b.extend_from_slice(&d);
+            b
+        };
+        let mut b = encode(&sample(b"session-bytes"));
+        b[40..44].copy_from_slice(&5u32.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("5 frames of 3 floats"));
+        let mut b = encode(&sample(b"session-bytes"));
+        b[44..52].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("the header promises"));
+        let mut b = encode(&sample(b"session-bytes"));
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("version 2"));
+        let mut b = encode(&sample(b"session-bytes"));
+        b[20..28].copy_from_slice(&100u64.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("100 steps"));
+    }
+}
