@@ -154,7 +154,7 @@ fn replay_skips_nan_batch() {
     let o = run(&mixed, &out_mixed);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "replay over a folder with bad batches failed ({}):\n{err}", o.status);
-    assert!(err.contains("replayed 3 of 6 batch(es) (3 skipped)"), "{err}");
+    assert!(err.contains("replayed 3 of 6 batch(es) (3 skipped, 0 update(s) refused"), "{err}");
     assert!(run(&clean, &out_clean).status.success());
     let read = |p: &std::path::Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).expect("record written")).expect("JSON")
