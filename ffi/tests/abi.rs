@@ -235,8 +235,13 @@ fn states_with_nan_or_of_another_model_are_refused_and_the_cli_state_loads() {
     values[0] = f32::NAN;
     let nan = dir.join("nan.state");
     let meta = vec![("method".to_string(), "tent".to_string())];
-    state::save_state(&nan, &fingerprint, &[(bn.scale.clone(), Tensor::f32(scale.shape.clone(), values))], &meta)
-        .unwrap();
+    state::save_non_finite_state_for_tests(
+        &nan,
+        &fingerprint,
+        &[(bn.scale.clone(), Tensor::f32(scale.shape.clone(), values))],
+        &meta,
+    )
+    .unwrap();
     assert_eq!(session.load(&nan), AcclimateStatus::STATE_ERROR);
     let e = last_error();
     assert!(e.contains("NaN") && e.contains(&bn.scale) && e.contains("nan.state"), "{e}");

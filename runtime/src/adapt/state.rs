@@ -193,6 +193,21 @@ pub fn save_state(
     save_state_with(path, fingerprint, tensors, metadata, |f, bytes| f.write_all(bytes))
 }
 
+/// [`save_state`] without its refusal of NaN and infinity: a sealed, checksummed file holding
+/// non-finite values, which only a test that proves loading refuses them needs (the C ABI's
+/// tests, which cannot re-seal a file themselves). Never use it to save a session.
+#[doc(hidden)]
+pub fn save_non_finite_state_for_tests(
+    path: &Path,
+    fingerprint: &str,
+    tensors: &[(String, Tensor)],
+    metadata: &[(String, String)],
+) -> Result<(), StateError> {
+    let bytes = encode_with(fingerprint, tensors, metadata, false)?;
+    write_atomic(path, &bytes, |f, b| f.write_all(b))
+        .map_err(|source| StateError::Write { path: path.to_path_buf(), source })
+}
+
 /// [`save_state`] with the file write injected (tests simulate a failing disk).
 fn save_state_with(
     path: &Path,
@@ -210,6 +225,15 @@ fn encode(
     tensors: &[(String, Tensor)],
     metadata: &[(String, String)],
 ) -> Result<Vec<u8>, StateError> {
+    encode_with(fingerprint, tensors, metadata, true)
+}
+
+fn encode_with(
+    fingerprint: &str,
+    tensors: &[(String, Tensor)],
+    metadata: &[(String, String)],
+    finite_only: bool,
+) -> Result<Vec<u8>, StateError> {
     let mut sorted: BTreeMap<&str, (&[usize], Vec<u8>)> = BTreeMap::new();
     for (name, t) in tensors {
         let data = match (&t.data, t.dtype) {
@@ -222,7 +246,7 @@ fn encode(
             }
         };
         let bad = non_finite(data);
-        if bad > 0 {
+        if finite_only && bad > 0 {
             return Err(StateError::Invalid(format!(
                 "tensor '{name}' holds {bad} non-finite value(s) (NaN or infinity); nothing was written"
             )));
