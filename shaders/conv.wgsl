@@ -58,7 +58,7 @@ struct ConvParams {
     pads: vec4<i32>,
 }
 
-@group(0) @binding(0) var<uniform> p: ConvParams;
+@group(0) @binding(0) var<storage, read> p: ConvParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -241,7 +241,7 @@ struct ConvDxParams {
     pads: vec4<i32>,
 }
 
-@group(0) @binding(0) var<uniform> q: ConvDxParams;
+@group(0) @binding(0) var<storage, read> q: ConvDxParams;
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 

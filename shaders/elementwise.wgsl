@@ -54,8 +54,8 @@ struct BinaryParams {
     sb1: vec4<u32>,
 }
 
-@group(0) @binding(0) var<uniform> up: UnaryParams;
-@group(0) @binding(0) var<uniform> bp: BinaryParams;
+@group(0) @binding(0) var<storage, read> up: UnaryParams;
+@group(0) @binding(0) var<storage, read> bp: BinaryParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
@@ -363,7 +363,7 @@ struct GradParams {
     red_oth1: vec4<u32>,
 }
 
-@group(0) @binding(0) var<uniform> gp: GradParams;
+@group(0) @binding(0) var<storage, read> gp: GradParams;
 // Product kernels bind dy, A, B, dX; sum kernels bind dy, dX.
 @group(0) @binding(2) var<storage, read> ga: array<f32>;
 @group(0) @binding(3) var<storage, read> gb: array<f32>;

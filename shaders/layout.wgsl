@@ -42,8 +42,8 @@ struct PadParams {
     begin1: vec4<i32>,
 }
 
-@group(0) @binding(0) var<uniform> cp: CopyParams;
-@group(0) @binding(0) var<uniform> pp: PadParams;
+@group(0) @binding(0) var<storage, read> cp: CopyParams;
+@group(0) @binding(0) var<storage, read> pp: PadParams;
 @group(0) @binding(1) var<storage, read> src: array<u32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
 
@@ -167,7 +167,7 @@ struct FillParams {
     _p2: u32,
 }
 
-@group(0) @binding(0) var<uniform> zp: FillParams;
+@group(0) @binding(0) var<storage, read> zp: FillParams;
 
 // Zeroes zp.n words (the gradient of elements no output gradient reaches).
 @compute @workgroup_size(256)
@@ -218,7 +218,7 @@ struct FoldParams {
     _p2: u32,
 }
 
-@group(0) @binding(0) var<uniform> fp: FoldParams;
+@group(0) @binding(0) var<storage, read> fp: FoldParams;
 
 @compute @workgroup_size(256)
 fn pad_fold_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

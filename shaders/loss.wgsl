@@ -37,10 +37,10 @@ struct FillParams {
     value: f32,
 }
 
-@group(0) @binding(0) var<uniform> rp: RowParams;
-@group(0) @binding(0) var<uniform> sp: SumParams;
-@group(0) @binding(0) var<uniform> ep: EwcParams;
-@group(0) @binding(0) var<uniform> fp: FillParams;
+@group(0) @binding(0) var<storage, read> rp: RowParams;
+@group(0) @binding(0) var<storage, read> sp: SumParams;
+@group(0) @binding(0) var<storage, read> ep: EwcParams;
+@group(0) @binding(0) var<storage, read> fp: FillParams;
 
 // Row kernels: z is binding 1.
 @group(0) @binding(1) var<storage, read> z: array<f32>;

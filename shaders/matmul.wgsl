@@ -55,7 +55,7 @@ struct MatmulParams {
     c_bs: vec4<u32>,
 }
 
-@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(0) var<storage, read> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read> c: array<f32>;
@@ -166,7 +166,7 @@ struct ReduceParams {
     stride1: vec4<u32>,
 }
 
-@group(0) @binding(0) var<uniform> rp: ReduceParams;
+@group(0) @binding(0) var<storage, read> rp: ReduceParams;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 

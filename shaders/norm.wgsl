@@ -13,7 +13,7 @@ struct BnParams {
     eps: f32,
 }
 
-@group(0) @binding(0) var<uniform> p: BnParams;
+@group(0) @binding(0) var<storage, read> p: BnParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> scale: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -61,7 +61,7 @@ struct BnTrainParams {
 
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> tp: BnTrainParams;
+@group(0) @binding(0) var<storage, read> tp: BnTrainParams;
 // bn_stats bindings
 @group(0) @binding(1) var<storage, read> sx: array<f32>;
 @group(0) @binding(2) var<storage, read_write> run_mean: array<f32>;

@@ -62,11 +62,11 @@ struct FillParams {
     value: f32,
 }
 
-@group(0) @binding(0) var<uniform> sp: SgdParams;
-@group(0) @binding(0) var<uniform> ap: AdamParams;
-@group(0) @binding(0) var<uniform> stp: StateParams;
-@group(0) @binding(0) var<uniform> cp: CommitParams;
-@group(0) @binding(0) var<uniform> fp: FillParams;
+@group(0) @binding(0) var<storage, read> sp: SgdParams;
+@group(0) @binding(0) var<storage, read> ap: AdamParams;
+@group(0) @binding(0) var<storage, read> stp: StateParams;
+@group(0) @binding(0) var<storage, read> cp: CommitParams;
+@group(0) @binding(0) var<storage, read> fp: FillParams;
 
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
@@ -264,7 +264,7 @@ struct CheckParams {
     offset: u32,
 }
 
-@group(0) @binding(0) var<uniform> gp: CheckParams;
+@group(0) @binding(0) var<storage, read> gp: CheckParams;
 @group(0) @binding(2) var<storage, read> checked: array<f32>;
 
 @compute @workgroup_size(256)

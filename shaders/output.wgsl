@@ -27,7 +27,10 @@ struct OutParams {
     z: f32,
 }
 
-@group(0) @binding(0) var<uniform> op: OutParams;
+// Read-only storage, not uniform: lavapipe recompiles a kernel whose loops or branches read a
+// uniform block each time a submit binds it (see runtime/src/gpu/params.rs). adapter_logits, at
+// the 8-storage-buffer limit, takes the same block as a uniform one below.
+@group(0) @binding(0) var<storage, read> op: OutParams;
 
 var<workgroup> red: array<f32, 256>;
 var<workgroup> total: f32;
@@ -480,9 +483,22 @@ fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(6) var<storage, read> ad_dw: array<f32>;
 @group(0) @binding(7) var<storage, read> ad_db: array<f32>;
 @group(0) @binding(8) var<storage, read_write> ad_out: array<f32>;
+// Eight storage buffers already (WebGPU's default per-stage limit), so the parameter block stays a
+// uniform one here; it is read only through workgroup memory (ad_params), which lavapipe cannot
+// inline, so the shader is compiled once (the rule in runtime/src/gpu/params.rs).
+@group(0) @binding(0) var<uniform> ad_op: OutParams;
+var<workgroup> ad_params: OutParams;
 
 @compute @workgroup_size(64)
-fn adapter_logits(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn adapter_logits(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    if t == 0u {
+        ad_params = ad_op;
+    }
+    let op = workgroupUniformLoad(&ad_params);
     let idx = gid.x + gid.y * nwg.x * 64u;
     let c = op.c;
     let d = op.d;

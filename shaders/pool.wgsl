@@ -38,8 +38,8 @@ struct GlobalParams {
     _p1: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: PoolParams;
-@group(0) @binding(0) var<uniform> gp: GlobalParams;
+@group(0) @binding(0) var<storage, read> p: PoolParams;
+@group(0) @binding(0) var<storage, read> gp: GlobalParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 

@@ -18,7 +18,7 @@ struct ReduceParams {
     red_s1: vec4<u32>,
 }
 
-@group(0) @binding(0) var<uniform> p: ReduceParams;
+@group(0) @binding(0) var<storage, read> p: ReduceParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
@@ -115,7 +115,7 @@ struct MeanGradParams {
     dy_strides1: vec4<u32>,
 }
 
-@group(0) @binding(0) var<uniform> gp: MeanGradParams;
+@group(0) @binding(0) var<storage, read> gp: MeanGradParams;
 @group(0) @binding(1) var<storage, read> gy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> gx: array<f32>;
 

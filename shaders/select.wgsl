@@ -21,8 +21,10 @@ struct VecParams {
     scale: f32,
 }
 
-@group(0) @binding(0) var<uniform> sp: SelectParams;
-@group(0) @binding(0) var<uniform> vp: VecParams;
+// Read-only storage, not uniform: lavapipe recompiled eata_select per ETA step (0.5 MB each) when
+// its loop bounds came from a uniform block (see runtime/src/gpu/params.rs).
+@group(0) @binding(0) var<storage, read> sp: SelectParams;
+@group(0) @binding(0) var<storage, read> vp: VecParams;
 
 // eata_select
 @group(0) @binding(1) var<storage, read> probs: array<f32>;
@@ -55,20 +57,11 @@ fn wg_sum(t: u32, v: f32) -> f32 {
     return total;
 }
 
-// eata_select's loop bounds, read through workgroup memory: lavapipe (Mesa 22.3) compiles a new
-// variant of a shader whose loop bounds come straight from a uniform block each time a command
-// buffer binds it, and keeps every variant (0.5 MB per ETA step, the stream leak of issue #11).
-var<workgroup> select_dims: vec2<u32>;
-
 @compute @workgroup_size(256)
 fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
     let t = lid.x;
-    if t == 0u {
-        select_dims = vec2<u32>(sp.b, sp.c);
-    }
-    let dims = workgroupUniformLoad(&select_dims);
-    let b = dims.x;
-    let c = dims.y;
+    let b = sp.b;
+    let c = sp.c;
     let m_valid = mstate[c] != 0.0;
     var m_norm2 = 0.0;
     for (var k = 0u; k < c; k++) {
@@ -245,7 +238,7 @@ struct SlotParams {
     slots: u32,
     rho: f32,
 }
-@group(0) @binding(0) var<uniform> qp: SlotParams;
+@group(0) @binding(0) var<storage, read> qp: SlotParams;
 @group(0) @binding(1) var<storage, read> qg: array<f32>;
 @group(0) @binding(2) var<storage, read_write> qnorms: array<f32>;
 

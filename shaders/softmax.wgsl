@@ -19,7 +19,7 @@ struct SoftmaxParams {
     _p0: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: SoftmaxParams;
+@group(0) @binding(0) var<storage, read> p: SoftmaxParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 

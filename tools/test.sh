@@ -18,11 +18,14 @@ echo "== fuzz smoke (loader, frame, config: 20 s each on the test build)"
 bash tools/fuzz.sh --profile dev --target all --seconds 20
 
 
-# Memory soak, short: 2,000 MNIST digits through the tiny test net in frame mode (the default
-# preset) with the dev binary `cargo test` just built; fails when RSS grows by more than 10 % after
-# 200 warm-up frames. The full 10,000-frame soak on the USPS net: bash tools/soak.sh (batch mode:
-# SOAK_CONFIG=tools/soak-batch.toml).
-echo "== stream memory soak (2,000 frames)"
-SOAK_BIN=target/debug/acclimate SOAK_MODEL=tests/fixtures/tta/tiny_tent_sgd/model.onnx \
-  SOAK_PREPROCESS=size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25 SOAK_SOURCE=--no-source \
-  SOAK_WARMUP=200 SOAK_INTERVAL=0.2 SOAK_OUT=target/soak-ci bash tools/soak.sh 2000
+# Memory soak, short: 2,000 MNIST digits through the tiny test net, with the dev binary `cargo
+# test` just built, in frame mode (the default preset), in batch mode with ETA (a training step per
+# batch) and with LAME (the output stage per batch), each about 10 s; each fails when RSS grows by
+# more than 10 % after 200 warm-up frames. The full 10,000-frame soak on the USPS net:
+# bash tools/soak.sh (SOAK_CONFIG=tools/soak-batch.toml, tools/soak-lame.toml for the others).
+for soak_config in "" tools/soak-batch.toml tools/soak-lame.toml; do
+  echo "== stream memory soak (2,000 frames, ${soak_config:-frame mode})"
+  SOAK_BIN=target/debug/acclimate SOAK_MODEL=tests/fixtures/tta/tiny_tent_sgd/model.onnx \
+    SOAK_PREPROCESS=size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25 SOAK_SOURCE=--no-source \
+    SOAK_CONFIG="$soak_config" SOAK_WARMUP=200 SOAK_INTERVAL=0.2 SOAK_OUT=target/soak-ci bash tools/soak.sh 2000
+done

@@ -3,10 +3,10 @@
 //! Every WGSL kernel lives in `shaders/` at the repository root, one file per kernel family, and is
 //! compiled into the binary with `include_str!`. Pipelines are created lazily and cached by
 //! [`KernelKey`] (shader, entry point, override constants), so one pipeline serves every node that
-//! uses the same kernel variant; shapes travel in a uniform buffer, never in the source.
+//! uses the same kernel variant; shapes travel in a parameter buffer, never in the source.
 
 mod params;
-pub use params::Params;
+pub use params::{PARAMS_USAGE, Params, params_offset_alignment};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -115,7 +115,7 @@ impl Shader {
 /// A kernel variant: which entry point of which shader, with which pipeline-overridable constants.
 ///
 /// Override values are integers (op codes, tile switches); anything that varies per node goes in
-/// the uniform [`Params`] instead, so the number of pipelines stays small.
+/// the [`Params`] block instead, so the number of pipelines stays small.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {
     pub shader: Shader,
@@ -420,6 +420,55 @@ mod tests {
                 panic!("{} does not validate:\n{}", shader.file_name(), e.emit_to_string(src));
             }
         }
+    }
+
+    /// Every kernel takes its parameter block from a read-only storage buffer, within WebGPU's
+    /// default `max_storage_buffers_per_shader_stage` (8, which downlevel adapters also offer);
+    /// only a kernel already at that limit keeps a uniform block, and then copies it into a
+    /// workgroup variable of the same type (read through `workgroupUniformLoad`). Lavapipe
+    /// recompiles kernels that read a uniform block directly each time a submit binds them (see
+    /// `gpu::params`).
+    #[test]
+    fn every_kernel_reads_params_from_storage_within_the_default_limit() {
+        let limit = wgpu::Limits::default().max_storage_buffers_per_shader_stage as usize;
+        let mut wrong = Vec::new();
+        for shader in Shader::ALL {
+            let src = shader.source();
+            let module = naga::front::wgsl::parse_str(src).expect("parses (see the test above)");
+            let info =
+                naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+                    .validate(&module)
+                    .expect("validates (see the test above)");
+            for (i, ep) in module.entry_points.iter().enumerate() {
+                let uses = info.get_entry_point(i);
+                let used: Vec<&naga::GlobalVariable> =
+                    module.global_variables.iter().filter(|(h, _)| !uses[*h].is_empty()).map(|(_, v)| v).collect();
+                let storage: std::collections::BTreeSet<_> = used
+                    .iter()
+                    .filter(|v| matches!(v.space, naga::AddressSpace::Storage { .. }))
+                    .filter_map(|v| v.binding.as_ref().map(|b| (b.group, b.binding)))
+                    .collect();
+                let name = format!("{}::{}", shader.file_name(), ep.name);
+                if storage.len() > limit {
+                    wrong.push(format!("{name} binds {} storage buffers, over {limit}", storage.len()));
+                }
+                for u in used.iter().filter(|v| v.space == naga::AddressSpace::Uniform) {
+                    let staged = used.iter().any(|v| v.space == naga::AddressSpace::WorkGroup && v.ty == u.ty);
+                    if storage.len() < limit {
+                        wrong.push(format!(
+                            "{name} reads {:?} from a uniform block; make it var<storage, read>",
+                            u.name
+                        ));
+                    } else if !staged {
+                        wrong.push(format!(
+                            "{name} reads {:?} from a uniform block without a workgroup copy of it",
+                            u.name
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     /// `Shader::ALL` lists every file in `shaders/`, so no kernel escapes the validation above.

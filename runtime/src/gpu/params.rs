@@ -1,12 +1,47 @@
-//! Uniform parameter blocks.
+//! Parameter blocks.
 //!
-//! Every kernel reads its shapes and scalars from one uniform struct. The WGSL structs use only
-//! 4-byte scalars (`u32`, `i32`, `f32`) and 16-byte vectors (`vec4<u32>`, `vec4<i32>`,
-//! `vec4<f32>`); under WGSL's uniform layout rules a scalar packs at 4-byte alignment and a
-//! `vec4` at 16, which is exactly what [`Params`] reproduces when fields are pushed in declaration
-//! order.
+//! Every kernel reads its shapes and scalars from one struct at `@binding(0)`. The WGSL structs use
+//! only 4-byte scalars (`u32`, `i32`, `f32`) and 16-byte vectors (`vec4<u32>`, `vec4<i32>`,
+//! `vec4<f32>`); a scalar packs at 4-byte alignment and a `vec4` at 16, which is exactly what
+//! [`Params`] reproduces when fields are pushed in declaration order. WGSL lays a struct out the
+//! same way in every address space (the uniform space only adds constraints these structs meet),
+//! so the bytes are right whether a kernel declares the block `var<storage, read>` or
+//! `var<uniform>`.
+//!
+//! # Why a storage buffer, not a uniform block
+//!
+//! lavapipe (Mesa 22.3, the software Vulkan driver of CI and of machines without a GPU) "inlines
+//! uniforms": when a command buffer binds a pipeline whose loop bounds or branches read a uniform
+//! block, it compiles the shader again with the bound values as constants, and keeps that
+//! compilation until the pipeline is destroyed. It does so at every bind for as long as the result
+//! is at most half the size of the original, and stops for good for that pipeline the first time
+//! it is not. Pipelines live as long as the context, and small fixed shapes (a batch of 16 rows of
+//! 10 classes) pay off every time, so each step of a stream grew the process by 0.5–2 MB per such
+//! kernel (issue #11); shapes that vary (LAME's window filling up one frame at a time in frame
+//! mode) switch it off early, which is why only some streams grew. Loads
+//! from storage buffers are never inlined. The rule, checked for every entry point by
+//! `every_kernel_reads_params_from_storage_within_the_default_limit`:
+//!
+//! - a kernel declares its parameter block `var<storage, read>`;
+//! - a kernel that already binds as many other storage buffers as WebGPU's default
+//!   `max_storage_buffers_per_shader_stage` (8) allows keeps `var<uniform>`, but copies the block
+//!   into a workgroup variable and reads it only through `workgroupUniformLoad` (a value that went
+//!   through workgroup memory cannot be inlined either).
+//!
+//! The host binds one buffer usable both ways ([`PARAMS_USAGE`], offsets aligned for both, see
+//! [`params_offset_alignment`]), so which of the two a kernel declares is the shader's business.
 
-/// Builder for the bytes of one uniform block, in WGSL declaration order.
+/// Usage of the buffer holding the parameter blocks of a program's dispatches: bound as a
+/// read-only storage buffer by most kernels, as a uniform block by those at the storage limit.
+pub const PARAMS_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::UNIFORM);
+
+/// Alignment of each dispatch's block inside the parameter buffer: a valid offset for a storage and
+/// for a uniform binding, and at least 16 (a uniform struct's size is a multiple of 16).
+pub fn params_offset_alignment(limits: &wgpu::Limits) -> u64 {
+    (limits.min_uniform_buffer_offset_alignment.max(limits.min_storage_buffer_offset_alignment).max(16)) as u64
+}
+
+/// Builder for the bytes of one parameter block, in WGSL declaration order.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Params {
     words: Vec<u32>,
@@ -82,7 +117,8 @@ impl Params {
         self.vec4i(a).vec4i(b)
     }
 
-    /// The block's bytes, padded to a multiple of 16 as a uniform struct's size is.
+    /// The block's bytes, padded to a multiple of 16 (a uniform struct's size is; a
+    /// storage binding may be larger than its struct).
     pub fn bytes(&self) -> Vec<u8> {
         let mut w = self.words.clone();
         while !w.len().is_multiple_of(4) || w.is_empty() {

@@ -5,7 +5,7 @@
 //! 2. [`lower_forward`] lowers each remaining node to dispatches of its op family, into a
 //!    [`Program`] (values, weights, items);
 //! 3. [`Compiled::compile`] assigns buffers by lifetime (aliases share storage; a buffer returns to
-//!    a pool after its last reader) and creates the uniform block and bind groups up front.
+//!    a pool after its last reader) and creates the parameter buffer and bind groups up front.
 //!
 //! Running it is then: write the inputs, record every dispatch into one compute pass of one
 //! command encoder, copy the outputs to staging buffers, submit once, read back.

@@ -294,8 +294,12 @@ impl Compiled {
             })
             .collect::<Result<_, GpuError>>()?;
 
-        // Uniform block and bind groups.
-        let align = limits.min_uniform_buffer_offset_alignment.max(16) as u64;
+        // Parameter blocks and bind groups. The blocks go into one buffer bound at binding 0 of
+        // every dispatch as a read-only storage buffer (a uniform block only for kernels at the
+        // storage-buffer limit): lavapipe compiles a new variant of a kernel, per submit and kept
+        // for the pipeline's life, when its loops or branches read a uniform block (see
+        // `gpu::params` for the rule and its check).
+        let align = crate::gpu::params_offset_alignment(&limits);
         let all: Vec<(usize, &Dispatch)> = program
             .items
             .iter()
@@ -303,26 +307,26 @@ impl Compiled {
             .flat_map(|(k, it)| it.dispatches.iter().map(move |d| (k, d)))
             .filter(|(_, d)| d.workgroups.iter().all(|&w| w > 0))
             .collect();
-        let mut uniform_bytes: Vec<u8> = Vec::new();
+        let mut params_bytes: Vec<u8> = Vec::new();
         let mut offsets = Vec::with_capacity(all.len());
         for (_, d) in &all {
-            let off = round_up(uniform_bytes.len() as u64, align);
-            uniform_bytes.resize(off as usize, 0);
+            let off = round_up(params_bytes.len() as u64, align);
+            params_bytes.resize(off as usize, 0);
             offsets.push(off);
-            uniform_bytes.extend_from_slice(&d.params.bytes());
+            params_bytes.extend_from_slice(&d.params.bytes());
         }
-        uniform_bytes.resize(uniform_bytes.len().max(16), 0);
+        params_bytes.resize(params_bytes.len().max(16), 0);
         ctx.check_buffer(
             || format!("the parameter block of {} dispatches", all.len()),
-            uniform_bytes.len() as u64,
+            params_bytes.len() as u64,
             false,
         )?;
-        let uniform = {
+        let params = {
             use wgpu::util::DeviceExt;
             ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
-                contents: &uniform_bytes,
-                usage: wgpu::BufferUsages::UNIFORM,
+                contents: &params_bytes,
+                usage: crate::gpu::PARAMS_USAGE,
             })
         };
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -340,7 +344,7 @@ impl Compiled {
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &uniform,
+                    buffer: &params,
                     offset: *off,
                     size: std::num::NonZeroU64::new(d.params.bytes().len() as u64),
                 }),

@@ -29,23 +29,24 @@ pub fn run_dispatches(
     let wbufs: Vec<wgpu::Buffer> = weights.iter().map(|v| make("weight", v)).collect();
     let sbufs: Vec<wgpu::Buffer> =
         scratch.iter().map(|&b| make("scratch", &vec![0.0; (b as usize).div_ceil(4).max(1)])).collect();
-    let align = ctx.limits().min_uniform_buffer_offset_alignment.max(16) as usize;
+    // One buffer of parameter blocks, bound as plans bind it (see `gpu::params`).
+    let align = crate::gpu::params_offset_alignment(&ctx.limits()) as usize;
     let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
     let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("standalone") });
     let mut recorded = Vec::new();
-    let mut uniform_bytes: Vec<u8> = Vec::new();
+    let mut params_bytes: Vec<u8> = Vec::new();
     let mut offsets = Vec::new();
     for d in dispatches {
-        let off = uniform_bytes.len().div_ceil(align) * align;
-        uniform_bytes.resize(off, 0);
+        let off = params_bytes.len().div_ceil(align) * align;
+        params_bytes.resize(off, 0);
         offsets.push(off as u64);
-        uniform_bytes.extend_from_slice(&d.params.bytes());
+        params_bytes.extend_from_slice(&d.params.bytes());
     }
-    uniform_bytes.resize(uniform_bytes.len().max(16), 0);
-    let uniform = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+    params_bytes.resize(params_bytes.len().max(16), 0);
+    let params = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("params"),
-        contents: &uniform_bytes,
-        usage: wgpu::BufferUsages::UNIFORM,
+        contents: &params_bytes,
+        usage: crate::gpu::PARAMS_USAGE,
     });
     for (d, off) in dispatches.iter().zip(&offsets) {
         if d.workgroups.contains(&0) {
@@ -55,7 +56,7 @@ pub fn run_dispatches(
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &uniform,
+                buffer: &params,
                 offset: *off,
                 size: std::num::NonZeroU64::new(d.params.bytes().len() as u64),
             }),

@@ -14,22 +14,19 @@ fn stream_rss_kib() -> u64 {
         .expect("VmRSS in /proc/self/status")
 }
 
-/// The child of `stream_memory_flat`: streams 400 MNIST-sized gray frames through the tiny net
-/// (ETA, the default preset's method, in batches of 4) and prints RSS and the preprocessor's
-/// bind-group count every 50 frames.
-fn stream_memory_child() {
+/// The child of the `*stream_memory_flat` tests: streams 400 MNIST-sized gray frames through the
+/// tiny net with the adaptation `config` (and the source model's prediction of each frame when
+/// `source`), and prints RSS and the preprocessor's bind-group count every 50 frames.
+fn stream_memory_child(config: &str, source: bool) {
     use acclimate::adapt::config::AdaptConfig;
     use acclimate::stream::frame::Frame;
     use acclimate::stream::policy::{StreamOptions, StreamSession};
     let ctx = common::gpu().expect("adapter");
     let model = acclimate::Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx"))
         .expect("tiny model");
-    let cfg = AdaptConfig::from_toml_str(
-        "[adapt]\nmethod = \"eta\"\n[optimizer]\nkind = \"sgd\"\nlr = 0.01\n[stream]\nmode = \"batch\"\nbatch = 4\n",
-    )
-    .expect("config");
+    let cfg = AdaptConfig::from_toml_str(config).expect("config");
     let spec = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25".parse().expect("spec");
-    let options = StreamOptions { top_k: 5, source_prediction: true };
+    let options = StreamOptions { top_k: 5, source_prediction: source };
     let mut stream = StreamSession::new(&ctx, model, cfg, spec, options).expect("stream");
     let frames: Vec<Frame> = (0..10)
         .map(|i| {
@@ -49,23 +46,23 @@ fn stream_memory_child() {
     }
 }
 
-/// `acclimate stream` grew by about 0.9 MB per frame (127 → 1,880 MB over 2,000 MNIST frames):
-/// the preprocessing kernel (and ETA's selection kernel, once per step) took loop bounds from a
-/// uniform block, and lavapipe compiles a new variant of such a shader, with the values inlined,
-/// each time a submit binds it, keeping every one. A stream of a few hundred tiny frames must now
-/// stay flat: no bind group created after the first frame, and RSS (measured in a child process
-/// of its own, so other tests' allocations do not count) within 10 % (or 8 MiB) between frames
-/// 100 and 400. The old code grew by about 260 MB here.
-#[test]
-fn stream_memory_flat() {
+/// ETA in batches of 4, the configuration of `stream_memory_flat`.
+const STREAM_ETA_BATCH: &str =
+    "[adapt]\nmethod = \"eta\"\n[optimizer]\nkind = \"sgd\"\nlr = 0.01\n[stream]\nmode = \"batch\"\nbatch = 4\n";
+
+/// Runs `test` (a test of this binary) again as a child process that streams with `config` (see
+/// `stream_memory_child`), and asserts that the stream stayed flat: no bind group created after the
+/// first frame, and RSS (measured in a process of its own, so other tests' allocations do not
+/// count) within 10 % (or 8 MiB) between frames 100 and 400.
+fn stream_memory_flat_case(test: &str, config: &str, source: bool) {
     if std::env::var_os(STREAM_MEMORY_CHILD).is_some() {
-        stream_memory_child();
+        stream_memory_child(config, source);
         return;
     }
     let Some(_ctx) = common::gpu() else { return };
     let exe = std::env::current_exe().expect("test binary");
     let out = std::process::Command::new(exe)
-        .args(["--exact", "regression::stream_memory_flat", "--nocapture", "--test-threads=1"])
+        .args(["--exact", &format!("regression::{test}"), "--nocapture", "--test-threads=1"])
         .env(STREAM_MEMORY_CHILD, "1")
         .output()
         .expect("child test process");
@@ -91,9 +88,38 @@ fn stream_memory_flat() {
     let growth = end.1.saturating_sub(warm.1);
     assert!(
         growth <= (warm.1 / 10).max(8 * 1024),
-        "RSS grew by {growth} KiB over 300 frames after warm-up ({} → {} KiB):\n{stdout}",
+        "{test}: RSS grew by {growth} KiB over 300 frames after warm-up ({} → {} KiB):\n{stdout}",
         warm.1,
         end.1
+    );
+}
+
+/// `acclimate stream` grew by about 0.9 MB per frame (127 → 1,880 MB over 2,000 MNIST frames):
+/// the preprocessing kernel (and ETA's selection kernel, once per step) took loop bounds from a
+/// uniform block, and lavapipe compiles a new variant of such a shader, with the values inlined,
+/// each time a submit binds it, keeping every one. A stream of a few hundred tiny frames must now
+/// stay flat: no bind group created after the first frame, and RSS (measured in a child process
+/// of its own, so other tests' allocations do not count) within 10 % (or 8 MiB) between frames
+/// 100 and 400. The old code grew by about 260 MB here.
+#[test]
+fn stream_memory_flat() {
+    stream_memory_flat_case("stream_memory_flat", STREAM_ETA_BATCH, true);
+}
+
+/// LAME in batch mode grew by about 2 MB per batch (144 → 229 MB over 1,000 MNIST frames of
+/// `tools/soak.sh` in batches of 16 on the tiny net, 140 → 237 MB on the USPS net): its kernels
+/// in shaders/output.wgsl loop over the batch's rows and classes up to bounds from a uniform
+/// block. lavapipe recompiles a pipeline with the bound values inlined each time a command buffer
+/// binds it, as long as that shrinks the shader by half, keeps every compilation, and stops
+/// inlining that pipeline for good only the first time it does not pay off. A fixed batch size
+/// pays off every time; frame mode (a window that fills up one frame at a time) did not. Every
+/// kernel now reads its parameter block from a storage buffer, which is never inlined.
+#[test]
+fn lame_stream_memory_flat() {
+    stream_memory_flat_case(
+        "lame_stream_memory_flat",
+        "[adapt]\nmethod = \"lame\"\n[stream]\nmode = \"batch\"\nbatch = 8\n",
+        false,
     );
 }
 
