@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         required_limits: adapter.limits(),
         ..Default::default()
     }))?;
-    let ctx = GpuContext::from_device(device, queue, info);
+    let ctx = GpuContext::from_device(device, queue).with_adapter_info(info);
     let mut engine = Engine::new(&ctx, model);
 
     let x = match args.next() {

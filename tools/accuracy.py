@@ -8,7 +8,7 @@ are scored against the labels. Four datasets, built by tools/corrupt_mnist.py: c
 noise 5, defocus blur 5, and a label-correlated order of the clean digits.
 
 The accuracies come from the PyTorch reference (tools/tta_reference.py `run`); the Rust runtime
-matches it per step to ~1e-6 (runtime/tests/tta_reference.rs), and this script measures that
+matches it per step to ~1e-6 (cli/tests/tta_reference.rs), and this script measures that
 agreement on real data on a prefix of the clean stream (`--runtime-prefix`: the first 4
 batches, 256 digits) or, given hours of software-GPU time, on everything (`--runtime-full`).
 

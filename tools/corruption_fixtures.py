@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Reference fixtures for the shift-schedule corruptions (runtime/src/stream/corrupt.rs).
+"""Reference fixtures for the shift-schedule corruptions (cli/src/stream/corrupt.rs).
 
 Runs the `imagecorruptions` package (v1.1.2, the ImageNet-C code packaged for arbitrary image
-sizes) on three small test images and writes what runtime/tests/stream_corrupt.rs compares
+sizes) on three small test images and writes what cli/tests/stream_corrupt.rs compares
 against into tests/fixtures/corrupt/:
 
   inputs/<image>.png                the clean images: digit32 (MNIST test digit 0, PIL bilinear

@@ -1,6 +1,6 @@
 """ONNX Runtime's answers for NaN and infinite values, one single-node model per case.
 
-Writes ``runtime/tests/fixtures/nan/<case>.onnx`` and ``runtime/tests/fixtures/nan/cases.json``:
+Writes ``cli/tests/fixtures/nan/<case>.onnx`` and ``cli/tests/fixtures/nan/cases.json``:
 for every case the model file, its inputs and ONNX Runtime's outputs (CPU execution provider,
 graph optimisations disabled, as ``acclimate::reference`` runs it with ``unoptimized``: ONNX
 Runtime's rewrites change non-finite arithmetic, e.g. its NCHWc convolution skips padded taps that

@@ -39,7 +39,7 @@ for f in "$model" "$images" "$labels"; do
 done
 if [ ! -x "$bin" ]; then
   echo "soak: building $bin" >&2
-  cargo build --release -p acclimate --bin acclimate >&2
+  cargo build --release -p acclimate-cli --bin acclimate >&2
 fi
 if [ "$warmup" -ge "$frames" ]; then
   echo "soak: warm-up ($warmup frames) must be shorter than the run ($frames frames)" >&2

@@ -54,7 +54,7 @@ pub struct Target {
 
 impl Target {
     /// Loads the seeds (`repo` is the repository root: `assets/`, `models/`,
-    /// `runtime/tests/data/onnx/`) and prepares the external-data folder under `work`.
+    /// `tests/data/onnx/`) and prepares the external-data folder under `work`.
     pub fn new(kind: Kind, repo: &Path, work: &Path) -> Result<Target, String> {
         let loader = match kind {
             Kind::Loader => Some(loader::Loader::new(repo, work)?),

@@ -125,7 +125,7 @@ const OP_TYPES: [&str; 40] = [
 impl Loader {
     pub fn new(repo: &Path, work: &Path) -> Result<Loader, String> {
         let mut files: Vec<PathBuf> = Vec::new();
-        for dir in ["assets", "models", "runtime/tests/data/onnx"] {
+        for dir in ["assets", "models", "tests/data/onnx"] {
             let Ok(entries) = std::fs::read_dir(repo.join(dir)) else { continue };
             for e in entries.flatten() {
                 let p = e.path();

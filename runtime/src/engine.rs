@@ -11,10 +11,21 @@ use crate::ir::Graph;
 use crate::plan::{Plan, PlanError, WeightStore};
 use crate::tensor::{DType, Tensor};
 
-/// A loaded, validated ONNX model.
+/// A loaded, validated ONNX model: decoded once, checked op by op (an unsupported op or attribute
+/// is an error here, naming the op, node and opset), shared cheaply (`clone` shares the weights).
+///
+/// ```no_run
+/// let model = acclimate::Model::load("mobilenetv2.onnx".as_ref())?;
+/// assert_eq!(model.input_shape(), vec![None, Some(3), Some(224), Some(224)]); // batch is symbolic
+/// assert_eq!(model.num_classes(), Some(1000));
+/// println!("{} BatchNorm layers to adapt", model.batch_norms().len());
+/// # Ok::<(), acclimate::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Model {
+    #[doc(hidden)]
     pub graph: Arc<Graph>,
+    #[doc(hidden)]
     pub path: Option<PathBuf>,
 }
 
@@ -26,13 +37,59 @@ impl Model {
         Ok(Model { graph: Arc::new(graph), path: Some(path.to_path_buf()) })
     }
 
+    /// Decodes a model held in memory (an app asset). External tensor data cannot be resolved
+    /// without a folder: such a model must be loaded from its file.
     pub fn from_bytes(bytes: &[u8]) -> Result<Model, Error> {
         Ok(Model { graph: Arc::new(Graph::from_bytes(bytes)?), path: None })
     }
 
+    #[doc(hidden)]
     pub fn from_graph(graph: Graph) -> Model {
         Model { graph: Arc::new(graph), path: None }
     }
+
+    /// The file the model was loaded from (`None` from [`Model::from_bytes`]).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The name of the model's first input (the image).
+    pub fn input_name(&self) -> &str {
+        self.graph.inputs.first().map(|i| i.name.as_str()).unwrap_or("")
+    }
+
+    /// The first input's declared shape, one entry per dimension: `Some(n)` when fixed, `None`
+    /// when symbolic (usually the batch). Empty when the model declares no shape.
+    pub fn input_shape(&self) -> Vec<Option<usize>> {
+        declared(self.graph.inputs.first().and_then(|i| i.dims.as_deref()))
+    }
+
+    /// The first output's declared shape, as [`Model::input_shape`].
+    pub fn output_shape(&self) -> Vec<Option<usize>> {
+        declared(self.graph.outputs.first().and_then(|o| o.dims.as_deref()))
+    }
+
+    /// The class count: the last dimension of the first output, when the model fixes it.
+    pub fn num_classes(&self) -> Option<usize> {
+        self.output_shape().last().copied().flatten()
+    }
+
+    /// The BatchNormalization layers whose parameters are initializers, in graph order: the
+    /// layers test-time adaptation normalises and trains (a model without any can still use the
+    /// output stages, LAME and label-shift correction).
+    pub fn batch_norms(&self) -> Vec<crate::ir::BatchNormInfo> {
+        self.graph.batch_norms()
+    }
+}
+
+fn declared(dims: Option<&[crate::ir::Dim]>) -> Vec<Option<usize>> {
+    dims.unwrap_or(&[])
+        .iter()
+        .map(|d| match d {
+            crate::ir::Dim::Fixed(n) => Some(*n),
+            crate::ir::Dim::Dynamic(_) => None,
+        })
+        .collect()
 }
 
 /// What [`Engine::run`] does with an input that holds NaN or infinite values.
@@ -62,7 +119,17 @@ pub fn check_finite(name: &str, shape: &[usize], data: &[f32]) -> Result<(), Pla
     }
 }
 
-/// Runs a model on the GPU.
+/// Runs a model on the GPU: weights uploaded once, one compiled plan per set of input shapes
+/// (any batch size), one command buffer per run. No adaptation: see [`crate::Session`].
+///
+/// ```no_run
+/// use acclimate::{Engine, GpuContext, Model, Tensor};
+/// let ctx = GpuContext::new()?;
+/// let mut engine = Engine::new(&ctx, Model::load("svhn.onnx".as_ref())?);
+/// let batch = Tensor::f32(vec![16, 3, 32, 32], vec![0.0; 16 * 3 * 32 * 32]);
+/// let logits = engine.run(&[batch])?.remove(0); // [16, 10]
+/// # Ok::<(), acclimate::Error>(())
+/// ```
 pub struct Engine {
     ctx: GpuContext,
     model: Model,
@@ -72,6 +139,8 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// An engine for `model` on `ctx`'s device (nothing is compiled or uploaded before the first
+    /// run).
     pub fn new(ctx: &GpuContext, model: Model) -> Engine {
         Engine {
             ctx: ctx.clone(),
@@ -87,19 +156,23 @@ impl Engine {
         self.non_finite = policy;
     }
 
+    /// What [`Engine::run`] does with NaN or infinite input values.
     pub fn non_finite_inputs(&self) -> NonFinite {
         self.non_finite
     }
 
+    /// The model this engine runs.
     pub fn model(&self) -> &Model {
         &self.model
     }
 
+    /// The GPU context this engine runs on.
     pub fn context(&self) -> &GpuContext {
         &self.ctx
     }
 
     /// The plan for these input shapes, built on first use.
+    #[doc(hidden)]
     pub fn plan(&mut self, shapes: &[Vec<usize>]) -> Result<&Plan, Error> {
         if !self.plans.contains_key(shapes) {
             let plan = Plan::build(&self.ctx, &self.model.graph, &mut self.weights, shapes)?;

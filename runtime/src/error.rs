@@ -14,7 +14,4 @@ pub enum Error {
     Gpu(#[from] crate::gpu::GpuError),
     #[error(transparent)]
     Npy(#[from] crate::npy::NpyError),
-    #[cfg(feature = "ort")]
-    #[error(transparent)]
-    Reference(#[from] crate::reference::ReferenceError),
 }

@@ -577,7 +577,7 @@ mod spec_string {
 
 /// The default preset (the text of a config file): what `acclimate demo`, `acclimate stream`
 /// without `--config` and the C ABI without an `[adapt]` section adapt with.
-pub const DEFAULT_PRESET: &str = include_str!("../cli/demo.toml");
+pub const DEFAULT_PRESET: &str = include_str!("default_preset.toml");
 
 /// The `[optimizer]` section (hyperparameters as in `torch.optim`).
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]

@@ -179,7 +179,7 @@ fn step_record(session: &mut Session, x: &Tensor, ema: bool, sar: bool) -> Resul
     let stats =
         if ema { Some(session.statistics()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect()) } else { None };
     let (selected, weights) = match pred.selected {
-        Some((s, w)) => (Some(s), Some(w)),
+        Some(sel) => (Some(sel.samples), Some(sel.weights)),
         None => (None, None),
     };
     let (ema, reset) = if sar { (Some(pred.ema), Some(pred.reset)) } else { (None, None) };

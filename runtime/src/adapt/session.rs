@@ -56,15 +56,37 @@ pub enum AdaptError {
     State(#[from] StateError),
 }
 
-/// One step's result.
+/// The samples of a batch a filtering method (ETA, EATA, wisdom of crowds) trained on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selection {
+    /// Indices into the batch, ascending.
+    pub samples: Vec<usize>,
+    /// Each selected sample's loss weight (ETA/EATA: exp(E0 − E); 1 where the method does not
+    /// reweight).
+    pub weights: Vec<f32>,
+}
+
+/// What a batch gives back: its logits (before this batch's update) and what the step did.
+///
+/// ```no_run
+/// # fn f(session: &mut acclimate::Session, batch: &acclimate::Tensor) -> Result<(), Box<dyn std::error::Error>> {
+/// let p = session.step(batch)?;
+/// let classes = p.logits.shape[1];
+/// let top1: Vec<usize> = p.logits.to_f32_vec().chunks(classes)
+///     .map(|row| (0..classes).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0))
+///     .collect();
+/// if p.skipped { eprintln!("update refused: a value would have been NaN or infinite"); }
+/// # let _ = top1; Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Prediction {
     /// Logits of the batch before this batch's update.
     pub logits: Tensor,
     /// The loss of the first step on this batch (methods with a gradient step).
     pub loss: Option<f32>,
-    /// ETA/EATA: the selected samples of the first step and their weights exp(E0 − E).
-    pub selected: Option<(Vec<usize>, Vec<f32>)>,
+    /// ETA/EATA/WoC: the samples the first step trained on and their weights; `None` for methods
+    /// that do not select.
+    pub selected: Option<Selection>,
     /// SAR: the EMA of the second-pass loss after this batch.
     pub ema: Option<f32>,
     /// SAR: whether the model was reset to the source after this batch.
@@ -485,7 +507,7 @@ impl Session {
         Ok(Prediction {
             logits: out.logits,
             loss: out.loss,
-            selected: out.selected,
+            selected: out.selected.map(|(samples, weights)| Selection { samples, weights }),
             ema,
             reset,
             probs: out.probs,

@@ -146,9 +146,13 @@ impl KernelKey {
 /// scopes as well, so its errors reach the caller as values whichever handler is installed.
 #[derive(Clone)]
 pub struct GpuContext {
+    /// The device everything is allocated on.
     pub device: wgpu::Device,
+    /// The queue everything is submitted on.
     pub queue: wgpu::Queue,
-    pub adapter_info: wgpu::AdapterInfo,
+    /// The adapter, when known (an app's own device comes without it unless
+    /// [`GpuContext::with_adapter_info`] adds it).
+    pub adapter_info: Option<wgpu::AdapterInfo>,
     inner: Arc<Inner>,
 }
 
@@ -183,7 +187,7 @@ impl Health {
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuContext").field("adapter", &self.adapter_info.name).finish()
+        f.debug_struct("GpuContext").field("adapter", &self.adapter_summary()).finish()
     }
 }
 
@@ -219,7 +223,7 @@ impl GpuContext {
             })
             .await
             .map_err(|e| GpuError::Device { adapter: info.name.clone(), reason: e.to_string() })?;
-        let ctx = Self::from_device(device, queue, info);
+        let ctx = Self::from_device(device, queue).with_adapter_info(info);
         ctx.install_error_handlers();
         Ok(ctx)
     }
@@ -234,17 +238,32 @@ impl GpuContext {
     /// [`GpuContext::install_error_handlers`]; one with its own forwards to
     /// [`GpuContext::report_device_lost`] and [`GpuContext::report_error`] from them, so that
     /// Acclimate's next call returns the error instead of touching a dead device.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, adapter_info: wgpu::AdapterInfo) -> GpuContext {
+    ///
+    /// ```no_run
+    /// # async fn open(adapter: acclimate::wgpu::Adapter) -> Result<(), Box<dyn std::error::Error>> {
+    /// let (device, queue) = adapter.request_device(&Default::default()).await?;
+    /// let ctx = acclimate::GpuContext::from_device(device, queue).with_adapter_info(adapter.get_info());
+    /// ctx.install_error_handlers();
+    /// # Ok(()) }
+    /// ```
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> GpuContext {
         GpuContext {
             device,
             queue,
-            adapter_info,
+            adapter_info: None,
             inner: Arc::new(Inner {
                 modules: Mutex::new(HashMap::new()),
                 pipelines: Mutex::new(HashMap::new()),
                 health: Arc::new(Health::default()),
             }),
         }
+    }
+
+    /// Records the adapter the device came from (shown by [`GpuContext::adapter_summary`] and in
+    /// logs and reports).
+    pub fn with_adapter_info(mut self, info: wgpu::AdapterInfo) -> GpuContext {
+        self.adapter_info = Some(info);
+        self
     }
 
     /// Installs this context's uncaptured-error handler and device-lost callback on the device,
@@ -330,7 +349,10 @@ impl GpuContext {
 
     /// A one-line description of the adapter: name, backend and device type.
     pub fn adapter_summary(&self) -> String {
-        format!("{} ({:?}, {:?})", self.adapter_info.name, self.adapter_info.backend, self.adapter_info.device_type)
+        match &self.adapter_info {
+            Some(info) => format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type),
+            None => "the application's device (adapter not given)".to_string(),
+        }
     }
 
     pub fn limits(&self) -> wgpu::Limits {

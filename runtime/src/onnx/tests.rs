@@ -11,7 +11,7 @@ use crate::tensor::{DType, Data, Tensor};
 // ---------------------------------------------------------------------------------------------
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/onnx").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/onnx").join(name)
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

@@ -1,0 +1,563 @@
+//! Forward-latency measurement of the GPU engine and the ONNX Runtime reference, in one run so
+//! the numbers share a machine state.
+//!
+//! The GPU time is the whole [`Engine::run`]: input upload, one queue submit, and the blocking
+//! readback of every output. That is what an application pays per call; timing the dispatches
+//! alone would flatter the GPU on small batches where transfers dominate. Plans (pipelines,
+//! buffers) are built before timing starts, as an application builds them once.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use acclimate::engine::{Engine, Model};
+use acclimate::error::Error;
+use acclimate::gpu::GpuContext;
+use acclimate::ir::Graph;
+use acclimate::onnx::{self, DimSpec, ValueInfo};
+use acclimate::tensor::Tensor;
+
+/// A backend that can be measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Acclimate's WGSL kernels through wgpu.
+    Gpu,
+    /// ONNX Runtime's CPU execution provider (feature `ort`).
+    Ort,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Gpu => "gpu",
+            Backend::Ort => "ort",
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] Error),
+    #[error(transparent)]
+    Reference(#[from] crate::reference::ReferenceError),
+    #[error("{0}")]
+    Shape(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<onnx::OnnxError> for BenchError {
+    fn from(e: onnx::OnnxError) -> Self {
+        BenchError::Model(e.into())
+    }
+}
+
+impl From<acclimate::ir::IrError> for BenchError {
+    fn from(e: acclimate::ir::IrError) -> Self {
+        BenchError::Model(e.into())
+    }
+}
+
+/// Summary of a latency sample, in milliseconds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stats {
+    pub iters: usize,
+    pub median_ms: f64,
+    pub p10_ms: f64,
+    pub p90_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+    /// Sample standard deviation (n − 1); 0 for a single sample.
+    pub stddev_ms: f64,
+}
+
+impl Stats {
+    /// Summarises samples; `None` when there are none.
+    pub fn from_samples(samples_ms: &[f64]) -> Option<Stats> {
+        if samples_ms.is_empty() {
+            return None;
+        }
+        let mut s = samples_ms.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        // Linear interpolation between closest ranks, so the median of an even sample is the mean
+        // of the middle two.
+        let q = |p: f64| {
+            let x = p * (n - 1) as f64;
+            let lo = x.floor() as usize;
+            let hi = x.ceil() as usize;
+            s[lo] + (s[hi] - s[lo]) * (x - lo as f64)
+        };
+        let mean = s.iter().sum::<f64>() / n as f64;
+        let var = if n > 1 { s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64 } else { 0.0 };
+        Some(Stats {
+            iters: n,
+            median_ms: q(0.5),
+            p10_ms: q(0.1),
+            p90_ms: q(0.9),
+            min_ms: s[0],
+            max_ms: s[n - 1],
+            mean_ms: mean,
+            stddev_ms: var.sqrt(),
+        })
+    }
+}
+
+/// Calls `f` `warmup` times untimed, then `iters` times timed (at least once).
+pub fn measure<E>(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<Stats, E> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut samples = Vec::with_capacity(iters.max(1));
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(Stats::from_samples(&samples).unwrap_or_else(|| unreachable!("at least one sample was taken")))
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub batches: Vec<usize>,
+    pub backends: Vec<Backend>,
+    pub warmup: usize,
+    pub iters: usize,
+    /// The non-batch dimensions of the input (e.g. `[3, 48, 192]`); required when the model
+    /// declares any of them dynamic.
+    pub shape: Option<Vec<usize>>,
+    /// ONNX Runtime intra-op threads; `None` means one per logical core.
+    pub ort_threads: Option<usize>,
+    pub seed: u64,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            batches: vec![1],
+            backends: vec![Backend::Gpu, Backend::Ort],
+            warmup: 3,
+            iters: 20,
+            shape: None,
+            ort_threads: None,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// One measured (backend, batch) pair.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchCase {
+    pub backend: Backend,
+    pub batch: usize,
+    pub input_shape: Vec<usize>,
+    pub stats: Stats,
+    /// Samples per second at the median latency.
+    pub throughput: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub input: String,
+    pub declared_shape: String,
+    /// The adapter's name, backend and device type, when the GPU was measured.
+    pub gpu_adapter: Option<String>,
+    /// What the GPU time covers.
+    pub gpu_timing: Option<String>,
+    pub ort_threads: Option<usize>,
+    pub warmup: usize,
+    pub iters: usize,
+    pub cases: Vec<BenchCase>,
+}
+
+const GPU_TIMING: &str = "full Engine::run: input upload + one queue submit + blocking readback of the outputs";
+
+fn dim_string(d: &DimSpec) -> String {
+    match d {
+        DimSpec::Fixed(n) => n.to_string(),
+        DimSpec::Sym(s) => s.clone(),
+        DimSpec::Unknown => "?".into(),
+    }
+}
+
+/// The declared shape of a graph input, symbolic dimensions by name.
+pub fn declared_shape(info: &ValueInfo) -> String {
+    match &info.shape {
+        Some(d) => format!("[{}]", d.iter().map(dim_string).collect::<Vec<_>>().join(", ")),
+        None => "[unknown]".into(),
+    }
+}
+
+/// The concrete input shape for `batch`: the first dimension is the batch; the others come from
+/// `shape` or, when fixed, from the model's declaration.
+pub fn input_shape(info: &ValueInfo, batch: usize, shape: Option<&[usize]>) -> Result<Vec<usize>, BenchError> {
+    let name = &info.name;
+    let Some(dims) = &info.shape else {
+        return match shape {
+            Some(s) => Ok(std::iter::once(batch).chain(s.iter().copied()).collect()),
+            None => Err(BenchError::Shape(format!(
+                "input '{name}' declares no shape; give its non-batch dimensions with --shape (e.g. --shape 3,224,224)"
+            ))),
+        };
+    };
+    let Some((first, rest)) = dims.split_first() else {
+        return Err(BenchError::Shape(format!("input '{name}' is a scalar; there is no batch dimension to vary")));
+    };
+    if let DimSpec::Fixed(n) = first
+        && *n as usize != batch
+    {
+        return Err(BenchError::Shape(format!(
+            "input '{name}' {} fixes the batch dimension to {n}; batch {batch} cannot run",
+            declared_shape(info)
+        )));
+    }
+    let mut out = vec![batch];
+    match shape {
+        Some(s) => {
+            if s.len() != rest.len() {
+                return Err(BenchError::Shape(format!(
+                    "--shape gives {} dimension(s) but input '{name}' {} has {} besides the batch",
+                    s.len(),
+                    declared_shape(info),
+                    rest.len()
+                )));
+            }
+            for (i, (d, &v)) in rest.iter().zip(s).enumerate() {
+                if let DimSpec::Fixed(n) = d
+                    && *n as usize != v
+                {
+                    return Err(BenchError::Shape(format!(
+                        "--shape sets dimension {} of input '{name}' to {v}, but the model fixes it to {n}",
+                        i + 1
+                    )));
+                }
+            }
+            out.extend_from_slice(s);
+        }
+        None => {
+            for (i, d) in rest.iter().enumerate() {
+                match d {
+                    DimSpec::Fixed(n) => out.push(*n as usize),
+                    _ => {
+                        return Err(BenchError::Shape(format!(
+                            "input '{name}' {} has dynamic dimension {} ('{}'); give the non-batch dimensions \
+                             with --shape (e.g. --shape 3,48,192)",
+                            declared_shape(info),
+                            i + 1,
+                            dim_string(d)
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    if out.contains(&0) {
+        return Err(BenchError::Shape(format!("input '{name}': shape {out:?} has a zero dimension")));
+    }
+    Ok(out)
+}
+
+/// Deterministic inputs in [-2, 2), the range of normalised image values (SplitMix64).
+pub fn random_input(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let data = (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            -2.0 + 4.0 * ((z >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect();
+    Tensor::f32(shape.to_vec(), data)
+}
+
+/// The measured backends, opened once.
+struct Runners {
+    gpu: Option<Engine>,
+    ort: Option<crate::reference::OrtSession>,
+}
+
+/// Measures every (batch, backend) pair of `cfg` on the model at `path`.
+pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
+    if cfg.backends.is_empty() {
+        return Err(BenchError::Config("--backend needs at least one of gpu, ort".into()));
+    }
+    let (raw, input, shapes) = load_for_bench(path, cfg)?;
+
+    let mut runners = Runners { gpu: None, ort: None };
+    let mut gpu_adapter = None;
+    // ONNX Runtime first: a missing library should fail before the GPU is opened.
+    let ort_threads =
+        if cfg.backends.contains(&Backend::Ort) { Some(open_ort(path, cfg, &mut runners)?) } else { None };
+    if cfg.backends.contains(&Backend::Gpu) {
+        let graph = Graph::from_raw(raw)?;
+        let ctx = GpuContext::new().map_err(Error::from)?;
+        gpu_adapter = Some(ctx.adapter_summary());
+        let model = Model { graph: Arc::new(graph), path: Some(path.to_path_buf()) };
+        runners.gpu = Some(Engine::new(&ctx, model));
+    }
+
+    let mut cases = Vec::new();
+    for (&batch, shape) in cfg.batches.iter().zip(&shapes) {
+        let x = random_input(shape, cfg.seed ^ batch as u64);
+        for &backend in &cfg.backends {
+            let stats = match backend {
+                Backend::Gpu => {
+                    let Some(engine) = runners.gpu.as_mut() else {
+                        continue;
+                    };
+                    engine.plan(std::slice::from_ref(shape))?;
+                    log::info!("bench: gpu batch {batch}: plan built, measuring");
+                    let inputs = std::slice::from_ref(&x);
+                    measure(cfg.warmup, cfg.iters, || engine.run(inputs).map(drop))?
+                }
+                Backend::Ort => match measure_ort(&mut runners, &x, cfg)? {
+                    Some(stats) => stats,
+                    None => continue,
+                },
+            };
+            let throughput = batch as f64 / (stats.median_ms / 1e3);
+            cases.push(BenchCase { backend, batch, input_shape: shape.clone(), stats, throughput });
+        }
+    }
+    Ok(BenchReport {
+        model: path.display().to_string(),
+        input: input.name.clone(),
+        declared_shape: declared_shape(&input),
+        gpu_timing: gpu_adapter.as_ref().map(|_| GPU_TIMING.to_string()),
+        gpu_adapter,
+        ort_threads,
+        warmup: cfg.warmup,
+        iters: cfg.iters.max(1),
+        cases,
+    })
+}
+
+/// Decodes the model and resolves the input shape of every batch size before anything is
+/// opened, so a bad `--batch` or `--shape` fails fast.
+fn load_for_bench(path: &Path, cfg: &BenchConfig) -> Result<(onnx::RawModel, ValueInfo, Vec<Vec<usize>>), BenchError> {
+    if cfg.batches.is_empty() || cfg.batches.contains(&0) {
+        return Err(BenchError::Config("--batch needs one or more positive batch sizes".into()));
+    }
+    let raw = onnx::load_model(path)?;
+    let input = match raw.graph.inputs.as_slice() {
+        [one] => one.clone(),
+        other => {
+            return Err(BenchError::Config(format!(
+                "bench feeds models with exactly one input; this one has {}",
+                other.len()
+            )));
+        }
+    };
+    let shapes = cfg.batches.iter().map(|&b| input_shape(&input, b, cfg.shape.as_deref())).collect::<Result<_, _>>()?;
+    Ok((raw, input, shapes))
+}
+
+/// Opens the ONNX Runtime session; returns its intra-op thread count.
+fn open_ort(path: &Path, cfg: &BenchConfig, runners: &mut Runners) -> Result<usize, BenchError> {
+    let threads = cfg.ort_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let opts = crate::reference::OrtOptions { intra_threads: Some(threads), ..Default::default() };
+    runners.ort = Some(crate::reference::OrtSession::with_options(path, opts)?);
+    Ok(threads)
+}
+
+fn measure_ort(runners: &mut Runners, x: &Tensor, cfg: &BenchConfig) -> Result<Option<Stats>, BenchError> {
+    let Some(session) = runners.ort.as_mut() else {
+        return Ok(None);
+    };
+    let inputs = std::slice::from_ref(x);
+    Ok(Some(measure(cfg.warmup, cfg.iters, || session.run(inputs).map(drop))?))
+}
+
+impl BenchReport {
+    /// A human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("model: {}\ninput: '{}' {}\n", self.model, self.input, self.declared_shape));
+        if let Some(a) = &self.gpu_adapter {
+            s.push_str(&format!("gpu: {a}\n     time = {GPU_TIMING}\n"));
+        }
+        if let Some(t) = self.ort_threads {
+            s.push_str(&format!("ort: ONNX Runtime CPU execution provider, {t} intra-op thread(s)\n"));
+        }
+        s.push_str(&format!(
+            "{} warm-up + {} timed iterations per row, random inputs in [-2, 2)\n\n",
+            self.warmup, self.iters
+        ));
+        s.push_str(&format!(
+            "{:<7} {:>5}  {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}  {:>10}\n",
+            "backend", "batch", "median ms", "p10 ms", "p90 ms", "min ms", "max ms", "stddev", "samples/s"
+        ));
+        for c in &self.cases {
+            let t = &c.stats;
+            s.push_str(&format!(
+                "{:<7} {:>5}  {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9.3}  {:>10.1}\n",
+                c.backend.to_string(),
+                c.batch,
+                t.median_ms,
+                t.p10_ms,
+                t.p90_ms,
+                t.min_ms,
+                t.max_ms,
+                t.stddev_ms,
+                c.throughput
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(dims: Vec<DimSpec>) -> ValueInfo {
+        ValueInfo { name: "x".into(), dtype: Some(acclimate::tensor::DType::F32), shape: Some(dims) }
+    }
+
+    #[test]
+    fn stats_of_a_known_sample() {
+        let s = Stats::from_samples(&[4.0, 1.0, 3.0, 2.0, 5.0]).unwrap();
+        assert_eq!((s.median_ms, s.min_ms, s.max_ms, s.mean_ms), (3.0, 1.0, 5.0, 3.0));
+        assert!((s.p10_ms - 1.4).abs() < 1e-12 && (s.p90_ms - 4.6).abs() < 1e-12, "{s:?}");
+        assert!((s.stddev_ms - 2.5f64.sqrt()).abs() < 1e-12);
+        assert_eq!(Stats::from_samples(&[2.0, 4.0]).unwrap().median_ms, 3.0);
+        assert!(Stats::from_samples(&[]).is_none());
+    }
+
+    #[test]
+    fn shapes_from_declaration_and_override() {
+        let fixed = info(vec![DimSpec::Sym("N".into()), DimSpec::Fixed(3), DimSpec::Fixed(32), DimSpec::Fixed(32)]);
+        assert_eq!(input_shape(&fixed, 4, None).unwrap(), vec![4, 3, 32, 32]);
+        assert!(input_shape(&fixed, 4, Some(&[3, 32, 31])).unwrap_err().to_string().contains("fixes it to 32"));
+        assert!(input_shape(&fixed, 4, Some(&[3, 32])).is_err());
+
+        let ocr = info(vec![DimSpec::Unknown, DimSpec::Fixed(3), DimSpec::Sym("?".into()), DimSpec::Sym("?".into())]);
+        let e = input_shape(&ocr, 1, None).unwrap_err().to_string();
+        assert!(e.contains("--shape") && e.contains("dimension 2"), "{e}");
+        assert_eq!(input_shape(&ocr, 8, Some(&[3, 48, 192])).unwrap(), vec![8, 3, 48, 192]);
+
+        let batch1 = info(vec![DimSpec::Fixed(1), DimSpec::Fixed(10)]);
+        assert!(input_shape(&batch1, 16, None).unwrap_err().to_string().contains("batch 16"));
+    }
+
+    #[test]
+    fn random_input_is_deterministic_and_in_range() {
+        let a = random_input(&[2, 3], 7);
+        assert_eq!(a, random_input(&[2, 3], 7));
+        assert_ne!(a, random_input(&[2, 3], 8));
+        assert!(a.to_f32_vec().iter().all(|v| (-2.0..2.0).contains(v)));
+    }
+}
+
+/// One batch size of an adaptation benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdaptCase {
+    pub batch: usize,
+    /// The plain forward pass (source statistics), as in [`run`].
+    pub forward: Stats,
+    /// One adaptation step: forward with the method's statistics, loss, reverse pass, optimizer
+    /// update, readback of logits and loss.
+    pub step: Stats,
+    pub step_over_forward: f64,
+    /// Transient GPU memory of the step program (activations kept for the reverse pass,
+    /// gradients, scratch) after lifetime-based reuse.
+    pub step_transient_bytes: u64,
+    /// Persistent buffers (weights, statistics, optimizer state).
+    pub resident_bytes: u64,
+    /// Transient memory of the forward plan, for comparison.
+    pub forward_transient_bytes: u64,
+    pub step_dispatches: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AdaptReport {
+    pub model: String,
+    pub method: String,
+    pub gpu_adapter: String,
+    pub warmup: usize,
+    pub iters: usize,
+    pub cases: Vec<AdaptCase>,
+}
+
+/// Measures an adaptation method's step beside the forward pass on the GPU. Steps run on random
+/// inputs with the method's defaults (tent: SGD, lr 2.5e-4, momentum 0.9).
+pub fn run_adapt(path: &Path, method: acclimate::adapt::Method, cfg: &BenchConfig) -> Result<AdaptReport, BenchError> {
+    use acclimate::adapt::{AdaptConfig, Session};
+    let (raw, _, shapes) = load_for_bench(path, cfg)?;
+    let graph = Arc::new(Graph::from_raw(raw)?);
+    let ctx = GpuContext::new().map_err(Error::from)?;
+    let model = Model { graph, path: Some(path.to_path_buf()) };
+    let mut config = AdaptConfig::default();
+    config.adapt.method = method;
+    let mut engine = Engine::new(&ctx, model.clone());
+    let mut session = Session::new(&ctx, model, config).map_err(|e| BenchError::Config(e.to_string()))?;
+    let mut cases = Vec::new();
+    for (&batch, shape) in cfg.batches.iter().zip(&shapes) {
+        let x = random_input(shape, cfg.seed ^ batch as u64);
+        let forward_transient_bytes = engine.plan(std::slice::from_ref(shape))?.activation_bytes;
+        let inputs = std::slice::from_ref(&x);
+        let forward = measure(cfg.warmup, cfg.iters, || engine.run(inputs).map(drop))?;
+        let (step_transient_bytes, step_dispatches) =
+            session.step_footprint(shape).map_err(|e| BenchError::Config(e.to_string()))?;
+        let step = measure(cfg.warmup, cfg.iters, || session.step(&x).map(drop))
+            .map_err(|e| BenchError::Config(e.to_string()))?;
+        cases.push(AdaptCase {
+            batch,
+            step_over_forward: step.median_ms / forward.median_ms,
+            forward,
+            step,
+            step_transient_bytes,
+            resident_bytes: session.resident_bytes(),
+            forward_transient_bytes,
+            step_dispatches,
+        });
+    }
+    Ok(AdaptReport {
+        model: path.display().to_string(),
+        method: method.name().to_string(),
+        gpu_adapter: ctx.adapter_summary(),
+        warmup: cfg.warmup,
+        iters: cfg.iters.max(1),
+        cases,
+    })
+}
+
+impl AdaptReport {
+    pub fn to_table(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut s = format!(
+            "model: {}\nmethod: {}\ngpu: {}\n     forward = Engine::run; step = Session::step (forward, loss, reverse pass, optimizer, readback)\n{} warm-up + {} timed iterations per row\n\n",
+            self.model, self.method, self.gpu_adapter, self.warmup, self.iters
+        );
+        s.push_str(&format!(
+            "{:>5}  {:>11} {:>11} {:>9}  {:>15} {:>15} {:>13} {:>10}\n",
+            "batch", "forward ms", "step ms", "step/fwd", "step temp MiB", "fwd temp MiB", "resident MiB", "dispatches"
+        ));
+        for c in &self.cases {
+            s.push_str(&format!(
+                "{:>5}  {:>11.3} {:>11.3} {:>9.2}  {:>15.2} {:>15.2} {:>13.2} {:>10}\n",
+                c.batch,
+                c.forward.median_ms,
+                c.step.median_ms,
+                c.step_over_forward,
+                mib(c.step_transient_bytes),
+                mib(c.forward_transient_bytes),
+                mib(c.resident_bytes),
+                c.step_dispatches
+            ));
+        }
+        s
+    }
+}

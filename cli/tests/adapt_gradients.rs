@@ -1,0 +1,102 @@
+//! The whole reverse pass of an adaptation step — entropy loss, every op's backward, and
+//! BatchNormalization's backward through its statistics in each mode — against central finite
+//! differences of the forward pass.
+//!
+//! One TENT step with plain SGD (lr 1, no momentum) leaves θ − ∂L/∂θ in the parameters, so the
+//! gradient the GPU computed is the parameter change. The reference is (L(θ+h) − L(θ−h)) / 2h with
+//! L the mean entropy of the logits of a forward-only session in the same statistics mode,
+//! evaluated in f64 on the CPU from the GPU's f32 logits.
+
+mod common;
+
+use std::sync::Arc;
+
+use acclimate::GpuContext;
+use acclimate::adapt::{AdaptConfig, Session};
+use acclimate::ir::Graph;
+use acclimate::{Model, Tensor};
+use acclimate_test_macros::gpu_test;
+
+/// The reference tiny net (conv, grouped strided conv, depthwise conv, residual Add,
+/// GlobalAveragePool, Gemm) with its Relu and Clip turned into Sigmoid: finite differences need a
+/// smooth function (a step of h across a ReLU kink is not a derivative). The kinks themselves are
+/// covered exactly by the PyTorch trajectories (tta_reference.rs) and the op tests.
+fn tiny() -> Graph {
+    let mut g = Graph::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx")).unwrap();
+    for n in &mut g.nodes {
+        if n.op_type == "Relu" || n.op_type == "Clip" {
+            n.op = acclimate::ops::Op::Unary(acclimate::ops::elementwise::Unary::Sigmoid);
+            n.op_type = "Sigmoid".into();
+            n.inputs.truncate(1);
+        }
+    }
+    assert!(g.nodes.iter().filter(|n| n.op_type == "Sigmoid").count() == 3);
+    g
+}
+
+fn entropy(logits: &Tensor) -> f64 {
+    let c = logits.shape[1];
+    let v = logits.to_f32_vec();
+    let rows: Vec<f64> = v
+        .chunks(c)
+        .map(|z| {
+            let m = z.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+            let lse = m + z.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            -z.iter().map(|&x| ((x as f64 - lse).exp()) * (x as f64 - lse)).sum::<f64>()
+        })
+        .collect();
+    rows.iter().sum::<f64>() / rows.len() as f64
+}
+
+fn config(method: &str, norm: &str) -> AdaptConfig {
+    AdaptConfig::from_toml_str(&format!(
+        "[adapt]\nmethod = \"{method}\"\nnorm = \"{norm}\"\n[optimizer]\nkind = \"sgd\"\nlr = 1.0\nmomentum = 0.0\n"
+    ))
+    .unwrap()
+}
+
+/// Loss of a forward pass in `norm` mode with parameter `name[idx]` shifted by `delta`.
+fn loss_at(ctx: &acclimate::GpuContext, norm: &str, name: &str, idx: usize, delta: f32, x: &Tensor) -> f64 {
+    let mut g = tiny();
+    let mut t = (*g.initializers[name]).clone();
+    if let acclimate::tensor::Data::F32(v) = &mut t.data {
+        v[idx] += delta;
+    }
+    g.initializers.insert(name.to_string(), Arc::new(t));
+    let method = if norm == "source" {
+        "source"
+    } else if norm == "ema" {
+        "rbn"
+    } else {
+        "norm"
+    };
+    let mut s = Session::new(ctx, Model::from_graph(g), config(method, norm)).unwrap();
+    entropy(&s.step(x).unwrap().logits)
+}
+
+#[gpu_test]
+fn step_gradients_match_finite_differences_in_every_statistics_mode(ctx: GpuContext) {
+    let x = Tensor::f32(vec![4, 3, 8, 8], common::random_f32(4 * 3 * 64, 11, -2.0, 2.0));
+    let h = 1e-2f32;
+    let mut failures = Vec::new();
+    for norm in ["batch", "alpha", "ema", "source"] {
+        let mut s = Session::new(&ctx, Model::from_graph(tiny()), config("tent", norm)).unwrap();
+        let before = s.parameters().unwrap();
+        s.step(&x).unwrap();
+        let after = s.parameters().unwrap();
+        for ((name, b), (_, a)) in before.iter().zip(&after) {
+            let g: Vec<f64> = b.to_f32_vec().iter().zip(a.to_f32_vec()).map(|(b, a)| (*b - a) as f64).collect();
+            let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+            for idx in [0, g.len() - 1] {
+                let fd =
+                    (loss_at(&ctx, norm, name, idx, h, &x) - loss_at(&ctx, norm, name, idx, -h, &x)) / (2.0 * h as f64);
+                let err = (fd - g[idx]).abs();
+                eprintln!("{norm:6} {name:12}[{idx}] gpu {:+.6e} fd {:+.6e}", g[idx], fd);
+                if err > 2e-3 * scale + 1e-5 {
+                    failures.push(format!("{norm} {name}[{idx}]: gpu {:.6e} vs fd {:.6e}", g[idx], fd));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

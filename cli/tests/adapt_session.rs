@@ -1,0 +1,124 @@
+//! Adaptation sessions end to end on the SVHN network: saving and restoring state, rejection of
+//! truncated and foreign state files (leaving the session as it was), reset, NaN batches,
+//! episodic mode and determinism.
+
+mod common;
+
+use acclimate::GpuContext;
+use acclimate::adapt::{AdaptConfig, Session};
+use acclimate::{Model, Tensor};
+use acclimate_test_macros::gpu_test;
+
+fn digits(from: usize, n: usize) -> Tensor {
+    let all = acclimate::npy::read_f32(&common::asset("mnist32_first64.npy")).unwrap();
+    let per = 3 * 32 * 32;
+    Tensor::f32(vec![n, 3, 32, 32], all.to_f32_vec()[from * per..(from + n) * per].to_vec())
+}
+
+fn tent() -> AdaptConfig {
+    AdaptConfig::from_toml_str("[adapt]\nmethod = \"tent\"\n[optimizer]\nkind = \"adam\"\nlr = 0.001\n").unwrap()
+}
+
+fn session(ctx: &acclimate::GpuContext, cfg: AdaptConfig) -> Session {
+    Session::new(ctx, Model::load(&common::asset("svhn.onnx")).unwrap(), cfg).unwrap()
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("acclimate-session-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[gpu_test]
+fn saved_state_resumes_exactly_and_bad_files_change_nothing(ctx: GpuContext) {
+    let mut a = session(&ctx, tent());
+    a.step(&digits(0, 8)).unwrap();
+    a.step(&digits(8, 8)).unwrap();
+    let path = tmp("state.safetensors");
+    a.save_state(&path).unwrap();
+    let next_a = a.step(&digits(16, 8)).unwrap();
+
+    // A fresh session restored from the file continues exactly where `a` was (Adam moments and
+    // step count included).
+    let mut b = session(&ctx, tent());
+    b.load_state(&path).unwrap();
+    assert_eq!(b.steps_taken(), 2);
+    let next_b = b.step(&digits(16, 8)).unwrap();
+    assert_eq!(next_a.logits.to_f32_vec(), next_b.logits.to_f32_vec());
+    assert_eq!(a.parameters().unwrap(), b.parameters().unwrap());
+
+    // Truncated files are rejected and the session is untouched.
+    let bytes = std::fs::read(&path).unwrap();
+    let before = b.parameters().unwrap();
+    let stats_before = b.statistics().unwrap();
+    for cut in [0, 7, 8, 100, bytes.len() / 2, bytes.len() - 1] {
+        let bad = tmp("truncated.safetensors");
+        std::fs::write(&bad, &bytes[..cut]).unwrap();
+        let err = b.load_state(&bad).unwrap_err().to_string();
+        assert!(!err.is_empty());
+        assert_eq!(b.parameters().unwrap(), before, "cut at {cut} changed the parameters");
+        assert_eq!(b.statistics().unwrap(), stats_before);
+    }
+
+    // A state saved for another model is rejected by its fingerprint.
+    let usps = Model::load(&common::asset("usps.onnx")).unwrap();
+    let mut other = Session::new(&ctx, usps, tent()).unwrap();
+    let x = Tensor::f32(vec![4, 1, 16, 16], common::random_f32(4 * 256, 3, -1.0, 1.0));
+    other.step(&x).unwrap();
+    let foreign = tmp("foreign.safetensors");
+    other.save_state(&foreign).unwrap();
+    let err = b.load_state(&foreign).unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("fingerprint") || err.contains("model"), "{err}");
+    assert_eq!(b.parameters().unwrap(), before);
+    std::fs::remove_dir_all(path.parent().unwrap()).ok();
+}
+
+#[gpu_test]
+fn reset_restores_the_source_and_steps_are_deterministic(ctx: GpuContext) {
+    let mut s = session(&ctx, tent());
+    let source = s.parameters().unwrap();
+    let first = s.step(&digits(0, 8)).unwrap();
+    assert!(first.loss.unwrap() > 0.0);
+    assert_ne!(s.parameters().unwrap(), source, "a TENT step moves the BN affine parameters");
+    s.step(&digits(8, 8)).unwrap();
+    s.reset().unwrap();
+    assert_eq!(s.parameters().unwrap(), source);
+    assert_eq!(s.steps_taken(), 0);
+    // After a reset the same batch gives bit-identical results (deterministic reductions,
+    // optimizer state cleared).
+    let again = s.step(&digits(0, 8)).unwrap();
+    assert_eq!(first.logits.to_f32_vec(), again.logits.to_f32_vec());
+    assert_eq!(first.loss, again.loss);
+}
+
+#[gpu_test]
+fn non_finite_batches_are_rejected_without_an_update(ctx: GpuContext) {
+    let mut s = session(&ctx, tent());
+    let before = s.parameters().unwrap();
+    let mut x = digits(0, 4).to_f32_vec();
+    x[17] = f32::NAN;
+    x[100] = f32::INFINITY;
+    let err = s.step(&Tensor::f32(vec![4, 3, 32, 32], x)).unwrap_err().to_string();
+    assert!(err.contains("NaN or infinite"), "{err}");
+    assert_eq!(s.parameters().unwrap(), before);
+    assert_eq!(s.steps_taken(), 0);
+    // The session goes on.
+    s.step(&digits(0, 4)).unwrap();
+}
+
+#[gpu_test]
+fn episodic_mode_resets_before_every_batch(ctx: GpuContext) {
+    let mut cfg = tent();
+    cfg.adapt.episodic = true;
+    let mut s = session(&ctx, cfg);
+    let a = s.step(&digits(0, 8)).unwrap();
+    s.step(&digits(8, 8)).unwrap();
+    let b = s.step(&digits(0, 8)).unwrap();
+    assert_eq!(a.logits.to_f32_vec(), b.logits.to_f32_vec(), "each batch starts from the source model");
+}
+
+#[gpu_test]
+fn a_model_without_batchnorm_is_refused_plainly(ctx: GpuContext) {
+    let err = Session::new(&ctx, Model::load(&common::asset("mnist.onnx")).unwrap(), tent()).err().unwrap().to_string();
+    assert!(err.contains("no BatchNormalization"), "{err}");
+}

@@ -1,0 +1,194 @@
+//! Bad models and bad inputs end as errors that say what is wrong, never as panics.
+//!
+//! Each case asserts both that loading or running fails and what the message names, so a
+//! regression to a generic message (or to a panic, which fails the test by itself) is caught.
+
+mod common;
+
+use acclimate::GpuContext;
+use acclimate::onnx::proto;
+use acclimate::{Engine, Model, Tensor};
+use acclimate_test_macros::gpu_test;
+use prost::Message;
+
+/// A float32 value with a fixed shape; a negative dimension becomes the symbolic "N".
+fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
+    use proto::tensor_shape_proto::{Dimension, dimension::Value};
+    let dim = dims
+        .iter()
+        .map(|&d| Dimension {
+            value: Some(if d < 0 { Value::DimParam("N".into()) } else { Value::DimValue(d) }),
+            ..Default::default()
+        })
+        .collect();
+    proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(proto::TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> proto::NodeProto {
+    proto::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// An opset-13 model with input "x" [N, 4] and output "y" [N, 4].
+fn model_bytes(nodes: Vec<proto::NodeProto>) -> Vec<u8> {
+    proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
+        producer_name: Some("acclimate-negative-tests".into()),
+        graph: Some(proto::GraphProto {
+            name: Some("g".into()),
+            node: nodes,
+            input: vec![value_info("x", &[-1, 4])],
+            output: vec![value_info("y", &[-1, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn relu_model() -> Vec<u8> {
+    model_bytes(vec![node("Relu", "relu0", &["x"], &["y"])])
+}
+
+fn load_err(bytes: &[u8]) -> String {
+    match Model::from_bytes(bytes) {
+        Ok(_) => panic!("a bad model ({} bytes) loaded", bytes.len()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn the_valid_tiny_model_loads() {
+    // Guards the cases below: they must fail because of what they break, not because the builder
+    // makes broken models.
+    Model::from_bytes(&relu_model()).expect("the reference tiny model loads");
+}
+
+#[test]
+fn truncated_models_are_errors() {
+    let svhn = std::fs::read(common::asset("svhn.onnx")).expect("read svhn.onnx");
+    for k in 1..7 {
+        let cut = svhn.len() * k / 7;
+        let msg = load_err(&svhn[..cut]);
+        assert!(!msg.is_empty(), "svhn.onnx cut at {k}/7");
+        println!("svhn.onnx cut at {k}/7 ({cut} bytes): {msg}");
+    }
+    // Every strict prefix of a small model: the graph is its last field, so none is complete.
+    let tiny = relu_model();
+    for cut in 0..tiny.len() {
+        load_err(&tiny[..cut]);
+    }
+}
+
+#[test]
+fn random_bytes_are_errors() {
+    for seed in 0..64u64 {
+        let len = (seed as usize * 37) % 3000;
+        let bytes: Vec<u8> = common::random_f32(len, seed, 0.0, 256.0).into_iter().map(|v| v as u8).collect();
+        load_err(&bytes);
+    }
+}
+
+#[test]
+fn unsupported_op_is_named_with_node_and_opset() {
+    let mut einsum = node("Einsum", "my_einsum", &["x", "x"], &["y"]);
+    einsum.attribute.push(proto::AttributeProto {
+        name: Some("equation".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::String as i32),
+        s: Some(b"ij,ij->ij".to_vec()),
+        ..Default::default()
+    });
+    let msg = load_err(&model_bytes(vec![einsum]));
+    for part in ["Einsum", "my_einsum", "opset 13"] {
+        assert!(msg.contains(part), "'{part}' missing from: {msg}");
+    }
+}
+
+#[test]
+fn undefined_tensor_is_named() {
+    let msg = load_err(&model_bytes(vec![node("Add", "adder", &["x", "ghost"], &["y"])]));
+    for part in ["adder", "ghost"] {
+        assert!(msg.contains(part), "'{part}' missing from: {msg}");
+    }
+}
+
+#[test]
+fn missing_file_is_named() {
+    let path = std::env::temp_dir().join("acclimate-no-such-dir/missing.onnx");
+    let msg = Model::load(&path).expect_err("a missing file loaded").to_string();
+    assert!(msg.contains("missing.onnx"), "{msg}");
+}
+
+#[gpu_test]
+fn wrong_inputs_are_errors(ctx: GpuContext) {
+    let mut engine = Engine::new(&ctx, Model::load(&common::asset("svhn.onnx")).expect("load svhn.onnx"));
+    let run_err = |engine: &mut Engine, inputs: &[Tensor]| match engine.run(inputs) {
+        Ok(_) => panic!("ran with inputs {:?}", inputs.iter().map(|t| &t.shape).collect::<Vec<_>>()),
+        Err(e) => e.to_string(),
+    };
+    let img = |shape: Vec<usize>| {
+        let n = shape.iter().product();
+        Tensor::f32(shape, common::random_f32(n, 1, -2.0, 2.0))
+    };
+
+    let rank = run_err(&mut engine, &[img(vec![3, 32, 32])]);
+    assert!(rank.contains("input") && rank.contains("[3, 32, 32]"), "{rank}");
+    let fixed = run_err(&mut engine, &[img(vec![2, 3, 32, 31])]);
+    assert!(fixed.contains("input") && fixed.contains("[2, 3, 32, 31]"), "{fixed}");
+    let channels = run_err(&mut engine, &[img(vec![1, 1, 32, 32])]);
+    assert!(channels.contains("[1, 1, 32, 32]"), "{channels}");
+
+    let ints = Tensor::i64(vec![1, 3, 32, 32], vec![0; 3 * 32 * 32]);
+    let dtype = run_err(&mut engine, &[ints]);
+    assert!(dtype.contains("int64") && dtype.contains("float32"), "{dtype}");
+
+    let none = run_err(&mut engine, &[]);
+    assert!(none.contains("1 input(s), 0 given"), "{none}");
+    let two = run_err(&mut engine, &[img(vec![1, 3, 32, 32]), img(vec![1, 3, 32, 32])]);
+    assert!(two.contains("1 input(s), 2 given"), "{two}");
+    for msg in [&rank, &fixed, &channels, &dtype, &none, &two] {
+        println!("{msg}");
+    }
+
+    // The engine is still usable after the errors.
+    let y = engine.run(&[img(vec![2, 3, 32, 32])]).expect("a good input runs after bad ones");
+    assert_eq!(y[0].shape, vec![2, 10]);
+}
+
+#[test]
+fn reference_backend_errors_are_errors() {
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "ORT_DYLIB_PATH is not set: point it at libonnxruntime.so.1.31.1 from the pip wheel onnxruntime==1.31.1 \
+         (tools/test.sh sets it)"
+    );
+    use acclimate_cli::reference::OrtSession;
+    let missing = OrtSession::new(&std::env::temp_dir().join("acclimate-no-such-dir/m.onnx"))
+        .expect_err("a missing model loaded")
+        .to_string();
+    assert!(missing.contains("m.onnx"), "{missing}");
+
+    let mut ort = OrtSession::new(&common::asset("svhn.onnx")).unwrap_or_else(|e| panic!("{e}"));
+    let shape = ort.run(&[Tensor::f32(vec![1, 3, 32, 31], vec![0.0; 3 * 32 * 31])]);
+    assert!(shape.is_err(), "ONNX Runtime accepted a [1, 3, 32, 31] input");
+    let dtype = ort.run(&[Tensor::i64(vec![1, 3, 32, 32], vec![0; 3 * 32 * 32])]).expect_err("int64 input ran");
+    assert!(dtype.to_string().contains("int64"), "{dtype}");
+    let count = ort.run(&[]).expect_err("no input ran").to_string();
+    assert!(count.contains("1 input") && count.contains("0 given"), "{count}");
+}

@@ -1,0 +1,112 @@
+//! The GPU engine against ONNX Runtime on the real models: MobileNetV2 (ImageNet), the SVHN digit
+//! network and RapidOCR's text-direction classifier (a Paddle export, dynamic H and W), at batch
+//! sizes 1 and 8, on fixed-seed inputs in [-2, 2) (the range of normalised image values).
+//!
+//! Criterion per output: max|gpu − ort| ≤ 1e-4·max|ort| + 1e-5, and the same top-1 class for every
+//! sample. The relative term allows float32 reassociation across thousands of accumulations
+//! (ONNX Runtime also fuses BatchNormalization into Conv; we do not); the absolute term covers
+//! outputs near zero. Needs `ORT_DYLIB_PATH` (tools/test.sh sets it); without it the test fails.
+
+mod common;
+
+use acclimate::{Engine, Model, Tensor};
+use acclimate_cli::reference::OrtSession;
+
+const REL: f32 = 1e-4;
+const ABS: f32 = 1e-5;
+
+fn ort_session(path: &std::path::Path) -> OrtSession {
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "ORT_DYLIB_PATH is not set: point it at libonnxruntime.so.1.31.1 from the pip wheel onnxruntime==1.31.1, \
+         e.g. .venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 (tools/test.sh sets it)"
+    );
+    OrtSession::new(path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Index of the largest value of each row (the last axis after the batch).
+fn top1(t: &Tensor) -> Vec<usize> {
+    let v = t.to_f32_vec();
+    let rows = t.shape.first().copied().unwrap_or(1).max(1);
+    let cols = v.len() / rows;
+    v.chunks(cols.max(1))
+        .map(|r| r.iter().enumerate().fold(0, |best, (i, &x)| if x > r[best] { i } else { best }))
+        .collect()
+}
+
+/// Compares one case; returns a failure description, and prints the measured error and bound.
+fn compare(label: &str, gpu: &[Tensor], ort: &[Tensor]) -> Option<String> {
+    if gpu.len() != ort.len() {
+        return Some(format!("{label}: {} GPU outputs, {} ONNX Runtime outputs", gpu.len(), ort.len()));
+    }
+    let mut failures = Vec::new();
+    for (k, (g, o)) in gpu.iter().zip(ort).enumerate() {
+        if g.shape != o.shape {
+            failures.push(format!("{label} output {k}: shape {:?} vs {:?}", g.shape, o.shape));
+            continue;
+        }
+        let (gv, ov) = (g.to_f32_vec(), o.to_f32_vec());
+        let max_ref = ov.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err =
+            gv.iter().zip(&ov).fold(0f32, |m, (a, b)| if (a - b).abs() > m || a.is_nan() { (a - b).abs() } else { m });
+        let bound = REL * max_ref + ABS;
+        let (tg, to) = (top1(g), top1(o));
+        let same = tg.iter().zip(&to).filter(|(a, b)| a == b).count();
+        println!(
+            "parity {label} output {k}: max|gpu-ort| = {err:.3e}, bound = {bound:.3e} (max|ort| = {max_ref:.4}), \
+             top-1 identical {same}/{}",
+            to.len()
+        );
+        if err.is_nan() || err > bound {
+            failures.push(format!("{label} output {k}: max|gpu-ort| = {err:.3e} > bound {bound:.3e}"));
+        }
+        if tg != to {
+            failures.push(format!("{label} output {k}: top-1 differs: gpu {tg:?}, ort {to:?}"));
+        }
+    }
+    (!failures.is_empty()).then(|| failures.join("\n"))
+}
+
+fn parity(model: &str, chw: [usize; 3], seed: u64) {
+    let Some(ctx) = common::gpu() else { return };
+    let path = common::asset(model);
+    let mut ort = ort_session(&path);
+    let mut engine = Engine::new(&ctx, Model::load(&path).unwrap_or_else(|e| panic!("{model}: {e}")));
+    let mut failures = Vec::new();
+    for batch in [1usize, 8] {
+        let shape = vec![batch, chw[0], chw[1], chw[2]];
+        let n = shape.iter().product();
+        let x = Tensor::f32(shape.clone(), common::random_f32(n, seed + batch as u64, -2.0, 2.0));
+        let label = format!("{model} {shape:?}");
+        let o = ort.run(std::slice::from_ref(&x)).unwrap_or_else(|e| panic!("{label}: ONNX Runtime: {e}"));
+        let g = engine.run(std::slice::from_ref(&x)).unwrap_or_else(|e| panic!("{label}: GPU: {e}"));
+        failures.extend(compare(&label, &g, &o));
+    }
+    assert!(failures.is_empty(), "GPU and ONNX Runtime disagree:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn mobilenetv2_matches_onnxruntime() {
+    parity("mobilenetv2.onnx", [3, 224, 224], 100);
+}
+
+#[test]
+fn svhn_matches_onnxruntime() {
+    parity("svhn.onnx", [3, 32, 32], 200);
+}
+
+#[test]
+fn ocr_cls_matches_onnxruntime() {
+    parity("ocr_cls.onnx", [3, 48, 192], 300);
+}
+
+#[test]
+fn the_criterion_can_fail() {
+    let a = Tensor::f32(vec![2, 3], vec![1.0, 5.0, 2.0, 0.5, 0.1, 0.2]);
+    let check =
+        |label: &str, data: Vec<f32>| compare(label, &[Tensor::f32(vec![2, 3], data)], std::slice::from_ref(&a));
+    assert!(check("same", vec![1.0, 5.0, 2.0, 0.5, 0.1, 0.2]).is_none());
+    assert!(check("off by 1e-3", vec![1.0, 5.001, 2.0, 0.5, 0.1, 0.2]).is_some());
+    assert!(check("top-1", vec![1.0, 5.0, 2.0, 0.1, 0.5, 0.2]).is_some());
+    assert!(check("nan", vec![f32::NAN, 5.0, 2.0, 0.5, 0.1, 0.2]).is_some());
+}

@@ -1,0 +1,208 @@
+//! The stream policy against an independent replay of what it must do: the frames preprocessed
+//! on the CPU (`preprocess_cpu`) and fed to a plain `Session` in the documented order (frame
+//! mode: predict each frame with EMA statistics, a step on the window every `adapt_every`
+//! frames; batch mode: a step per batch). Plus the threaded runner's latest-frame policy and a
+//! bad frame in the middle of a stream.
+
+mod common;
+
+use acclimate::GpuContext;
+use acclimate::adapt::config::{AdaptConfig, NormMode};
+use acclimate::adapt::session::Session;
+use acclimate::stream::frame::Frame;
+use acclimate::stream::policy::{StreamError, StreamOptions, StreamRunner, StreamSession};
+use acclimate::stream::preprocess::{PreprocessSpec, preprocess_cpu};
+use acclimate::{Engine, Model, Tensor};
+use acclimate_test_macros::gpu_test;
+
+const SPEC: &str = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25";
+
+fn model() -> Model {
+    Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx")).expect("tiny model")
+}
+
+fn config(extra: &str) -> AdaptConfig {
+    AdaptConfig::from_toml_str(&format!(
+        "[adapt]\nmethod = \"tent\"\n[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n{extra}"
+    ))
+    .expect("config")
+}
+
+/// Odd-sized RGB frames with different content, so resize and every step matter.
+fn frames(n: usize) -> Vec<Frame> {
+    (0..n)
+        .map(|i| {
+            let (w, h) = (11 + (i % 3) as u32, 9 + (i % 2) as u32);
+            let px = common::random_f32((w * h * 3) as usize, 100 + i as u64, 0.0, 255.0);
+            Frame::rgb8(w, h, px.iter().map(|v| *v as u8).collect()).with_timestamp(1000 * i as i64)
+        })
+        .collect()
+}
+
+fn cpu_rows(fs: &[Frame]) -> Vec<Vec<f32>> {
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    fs.iter().map(|f| preprocess_cpu(f, &spec).expect("cpu preprocess")).collect()
+}
+
+fn batch(rows: &[Vec<f32>]) -> Tensor {
+    Tensor::f32(vec![rows.len(), 3, 8, 8], rows.concat())
+}
+
+fn softmax(row: &[f32]) -> Vec<f32> {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = row.iter().map(|v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+fn assert_close(what: &str, got: &[(usize, f32)], want: &[f32]) {
+    // The top classes must be the reference's, with their probabilities.
+    for &(c, p) in got {
+        assert!((p - want[c]).abs() <= 1e-4, "{what}: class {c} probability {p} vs reference {}", want[c]);
+    }
+    let best = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    assert!((got[0].1 - best).abs() <= 1e-4, "{what}: top-1 {:?} vs reference max {best}", got[0]);
+}
+
+#[gpu_test]
+fn frame_mode_predicts_each_frame_and_steps_on_the_window(ctx: GpuContext) {
+    let cfg = config("[stream]\nmode = \"frame\"\nwindow = 3\nadapt_every = 2\n");
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let options = StreamOptions { top_k: 3, source_prediction: true };
+    let mut stream = StreamSession::new(&ctx, model(), cfg.clone(), spec, options).expect("stream");
+    let fs = frames(7);
+    let rows = cpu_rows(&fs);
+    // The reference: the same session API, driven by hand.
+    let mut reference = Session::new(&ctx, model(), cfg).expect("session");
+    let mut source = Engine::new(&ctx, model());
+    let mut window: Vec<Vec<f32>> = Vec::new();
+    let mut since = 0;
+    let mut steps = 0;
+    for (i, f) in fs.iter().enumerate() {
+        let got = stream.push(f).expect("push");
+        assert_eq!(got.len(), 1, "frame mode returns one result per frame");
+        let r = &got[0];
+        assert_eq!((r.index, r.timestamp_us), (i as u64, 1000 * i as i64));
+        let x = batch(&rows[i..=i]);
+        let want = reference.predict(&x, NormMode::Ema).expect("predict");
+        assert_close(&format!("frame {i}"), &r.top_k, &softmax(&want.logits.to_f32_vec()));
+        let src = source.run(std::slice::from_ref(&x)).expect("source")[0].to_f32_vec();
+        let sp = softmax(&src);
+        let (sc, spv) = r.source_top.expect("source prediction");
+        assert!((spv - sp[sc]).abs() <= 1e-4 && sp.iter().all(|&v| v <= spv + 1e-6), "frame {i} source");
+        window.push(rows[i].clone());
+        if window.len() > 3 {
+            window.remove(0);
+        }
+        since += 1;
+        let step_due = since >= 2 && window.len() >= 2;
+        assert_eq!(r.adapted, step_due, "frame {i}: step taken");
+        if step_due {
+            let s = reference.step(&batch(&window)).expect("step");
+            let (a, b) = (r.loss.unwrap(), s.loss.unwrap());
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "frame {i}: loss {a} vs {b}");
+            since = 0;
+            steps += 1;
+        }
+    }
+    assert_eq!(stream.steps(), steps);
+    assert!(steps >= 3);
+    // The adapted parameters ended where the reference's did.
+    let (p, q) = (stream.session().parameters().unwrap(), reference.parameters().unwrap());
+    for ((n, a), (_, b)) in p.iter().zip(&q) {
+        for (x, y) in a.to_f32_vec().iter().zip(b.to_f32_vec()) {
+            assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{n}: {x} vs {y}");
+        }
+    }
+}
+
+#[gpu_test]
+fn batch_mode_groups_frames_and_flushes_the_rest(ctx: GpuContext) {
+    let cfg = config("[stream]\nmode = \"batch\"\nbatch = 4\n");
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let mut stream = StreamSession::new(&ctx, model(), cfg.clone(), spec, StreamOptions::default()).expect("stream");
+    let fs = frames(10);
+    let rows = cpu_rows(&fs);
+    let mut reference = Session::new(&ctx, model(), cfg).expect("session");
+    let mut results = Vec::new();
+    for (i, f) in fs.iter().enumerate() {
+        let got = stream.push(f).expect("push");
+        let expect = if i % 4 == 3 { 4 } else { 0 };
+        assert_eq!(got.len(), expect, "after frame {i}");
+        results.extend(got);
+    }
+    let tail = stream.finish().expect("finish");
+    assert_eq!(tail.len(), 2);
+    results.extend(tail);
+    assert_eq!(results.iter().map(|r| r.index).collect::<Vec<_>>(), (0..10).collect::<Vec<u64>>());
+    for chunk in [0..4, 4..8, 8..10] {
+        let want = reference.step(&batch(&rows[chunk.clone()])).expect("step");
+        let logits = want.logits.to_f32_vec();
+        let c = want.logits.shape[1];
+        for (k, i) in chunk.enumerate() {
+            assert_close(&format!("frame {i}"), &results[i].top_k, &softmax(&logits[k * c..(k + 1) * c]));
+            assert!(results[i].adapted);
+        }
+    }
+    assert_eq!(stream.steps(), 3);
+}
+
+#[gpu_test]
+fn a_bad_frame_is_an_error_and_the_stream_goes_on(ctx: GpuContext) {
+    let cfg = config("[stream]\nmode = \"frame\"\n");
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let mut stream = StreamSession::new(&ctx, model(), cfg, spec, StreamOptions::default()).expect("stream");
+    let fs = frames(2);
+    stream.push(&fs[0]).expect("first frame");
+    let short = Frame::rgb8(12, 10, vec![0; 12 * 10 * 3 - 5]);
+    match stream.push(&short) {
+        Err(StreamError::Frame { index: 1, source }) => {
+            let msg = source.to_string();
+            assert!(msg.contains("355") && msg.contains("360"), "{msg}");
+        }
+        other => panic!("expected a frame error, got {other:?}"),
+    }
+    let r = stream.push(&fs[1]).expect("the stream goes on");
+    assert_eq!(r[0].index, 2);
+}
+
+#[gpu_test]
+fn a_model_that_takes_another_input_size_is_refused(ctx: GpuContext) {
+    let spec: PreprocessSpec = "size=16,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25".parse().unwrap();
+    let err = StreamSession::new(&ctx, model(), config(""), spec, StreamOptions::default()).err().expect("refused");
+    assert!(matches!(err, StreamError::Input { .. }), "{err}");
+}
+
+#[gpu_test]
+fn the_runner_keeps_the_latest_frame_and_counts_drops(ctx: GpuContext) {
+    let cfg = config("[stream]\nmode = \"frame\"\nwindow = 4\nadapt_every = 4\n");
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let stream = StreamSession::new(&ctx, model(), cfg, spec, StreamOptions::default()).expect("stream");
+    let runner = StreamRunner::spawn(stream);
+    let producer = runner.frames.clone();
+    let fs = frames(40);
+    let n = fs.len();
+    // A producer far faster than the GPU: every frame pushed at once from another thread.
+    let t = std::thread::spawn(move || {
+        for f in fs {
+            producer.push(f);
+        }
+        producer.drops()
+    });
+    let pushed_drops = t.join().unwrap();
+    let drops = runner.frames.drops();
+    assert!(drops >= pushed_drops);
+    let results = runner.results;
+    let frames_sender = runner.frames.clone();
+    frames_sender.close();
+    let mut got = Vec::new();
+    for r in results.iter() {
+        got.push(r.expect("result"));
+    }
+    // Every frame is either predicted or counted as dropped, indices increase, and the newest
+    // frame always made it.
+    assert_eq!(got.len() as u64 + frames_sender.drops(), n as u64, "{} results, {} drops", got.len(), drops);
+    assert!(got.windows(2).all(|w| w[0].index < w[1].index));
+    assert_eq!(got.last().unwrap().index, n as u64 - 1);
+    assert!(frames_sender.drops() > 0, "a producer this fast must have dropped frames");
+}

@@ -1,5 +1,0 @@
-//! The `acclimate` command-line tool; see `acclimate --help` and [`acclimate::cli`].
-
-fn main() -> std::process::ExitCode {
-    acclimate::cli::main()
-}
