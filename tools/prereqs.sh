@@ -20,7 +20,8 @@ apt_get() {
 mesa_major() { dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | cut -d. -f1; }
 
 codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
-have_lvp() { ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; }
+# Mesa 22 names it lvp_icd.x86_64.json, Mesa 25 lvp_icd.json.
+have_lvp() { ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; }
 
 need=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
