@@ -36,6 +36,6 @@ pub mod stream;
 pub mod tensor;
 
 pub use engine::{Engine, Model, NonFinite};
-pub use error::Error;
+pub use error::{Error, ErrorKind, Result};
 pub use gpu::GpuContext;
 pub use tensor::{DType, Tensor};

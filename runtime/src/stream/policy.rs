@@ -41,7 +41,7 @@ pub enum StreamError {
     #[error("frames {first}..={last}: {source}")]
     Adapt { first: u64, last: u64, source: AdaptError },
     #[error("source model: {0}")]
-    Source(crate::Error),
+    Source(Box<crate::Error>),
     #[error("the preprocessed input has shape {got:?}, the model takes {expected}")]
     Input { got: Vec<usize>, expected: String },
     #[error("the model has no output to predict from")]
@@ -258,7 +258,7 @@ impl StreamSession {
 
     fn source_top(&mut self, x: &Tensor) -> Result<Option<Vec<(usize, f32)>>, StreamError> {
         let Some(engine) = self.source.as_mut() else { return Ok(None) };
-        let outs = engine.run(std::slice::from_ref(x)).map_err(StreamError::Source)?;
+        let outs = engine.run(std::slice::from_ref(x)).map_err(|e| StreamError::Source(Box::new(e)))?;
         let Some(logits) = outs.into_iter().next() else { return Err(StreamError::NoOutput) };
         let probs = softmax_rows(&logits);
         let c = probs.shape.last().copied().unwrap_or(1).max(1);
