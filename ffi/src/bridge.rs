@@ -9,7 +9,6 @@ use std::time::Instant;
 
 /// What went wrong, as the ABI's status codes distinguish it: the library's own classification.
 pub use acclimate::ErrorKind as Kind;
-use acclimate::adapt::AdaptError;
 use acclimate::adapt::config::{AdaptConfig, DEFAULT_PRESET, StreamMode};
 use acclimate::ir::Dim;
 use acclimate::stream::frame::Frame;
@@ -62,7 +61,7 @@ fn shared_context() -> Result<GpuContext, Failure> {
     if let Some(ctx) = slot.as_ref() {
         return Ok(ctx.clone());
     }
-    let ctx = GpuContext::new().map_err(acclimate::Error::from)?;
+    let ctx = GpuContext::new()?;
     *slot = Some(ctx.clone());
     Ok(ctx)
 }
@@ -161,15 +160,15 @@ impl Stream {
     }
 
     pub fn save_state(&self, path: &Path) -> Result<(), Failure> {
-        self.stream.save_state(path).map_err(adapt_failure)
+        self.stream.save_state(path).map_err(Failure::from)
     }
 
     pub fn load_state(&mut self, path: &Path) -> Result<(), Failure> {
-        self.stream.load_state(path).map_err(adapt_failure)
+        self.stream.load_state(path).map_err(Failure::from)
     }
 
     pub fn reset(&mut self) -> Result<(), Failure> {
-        self.stream.reset().map_err(adapt_failure)
+        self.stream.reset().map_err(Failure::from)
     }
 
     pub fn stats(&self) -> Stats {
@@ -190,12 +189,7 @@ fn model_failure(path: &Path, e: acclimate::Error) -> Failure {
     Failure::new(e.kind(), format!("model {}: {e}", path.display()))
 }
 
-fn adapt_failure(e: AdaptError) -> Failure {
-    acclimate::Error::from(e).into()
-}
-
-fn stream_failure(e: StreamError) -> Failure {
-    let e = acclimate::Error::from(e);
+fn stream_failure(e: acclimate::Error) -> Failure {
     match &e {
         acclimate::Error::Stream(StreamError::Input { .. }) => {
             Failure::new(e.kind(), format!("config: preprocess.spec: {e}"))

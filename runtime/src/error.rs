@@ -128,7 +128,7 @@ impl Error {
             Error::Ir(IrError::UnsupportedOp(op)) => Some(op),
             Error::Plan(p) => of_plan(p),
             Error::Adapt(a) => of_adapt(a),
-            Error::Stream(StreamError::Adapt { source, .. }) => of_adapt(source),
+            Error::Stream(StreamError::Adapt { source, .. }) => source.op_error(),
             Error::Stream(StreamError::Source(e)) => e.op_error(),
             _ => None,
         }
@@ -237,7 +237,7 @@ fn frame_kind(e: &FrameError) -> ErrorKind {
 fn stream_kind(e: &StreamError) -> ErrorKind {
     match e {
         StreamError::Frame { source, .. } => frame_kind(source),
-        StreamError::Adapt { source, .. } => adapt_kind(source),
+        StreamError::Adapt { source, .. } => source.kind(),
         StreamError::Source(e) => e.kind(),
         // The [preprocess] spec makes frames of another shape than the model takes.
         StreamError::Input { .. } => ErrorKind::Config,
