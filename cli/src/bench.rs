@@ -302,7 +302,7 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         if cfg.backends.contains(&Backend::Ort) { Some(open_ort(path, cfg, &mut runners)?) } else { None };
     if cfg.backends.contains(&Backend::Gpu) {
         let graph = Graph::from_raw(raw)?;
-        let ctx = GpuContext::new().map_err(Error::from)?;
+        let ctx = GpuContext::new()?;
         gpu_adapter = Some(ctx.adapter_summary());
         let model = Model { graph: Arc::new(graph), path: Some(path.to_path_buf()) };
         runners.gpu = Some(Engine::new(&ctx, model));
@@ -497,7 +497,7 @@ pub fn run_adapt(path: &Path, method: acclimate::adapt::Method, cfg: &BenchConfi
     use acclimate::adapt::{AdaptConfig, Session};
     let (raw, _, shapes) = load_for_bench(path, cfg)?;
     let graph = Arc::new(Graph::from_raw(raw)?);
-    let ctx = GpuContext::new().map_err(Error::from)?;
+    let ctx = GpuContext::new()?;
     let model = Model { graph, path: Some(path.to_path_buf()) };
     let mut config = AdaptConfig::default();
     config.adapt.method = method;

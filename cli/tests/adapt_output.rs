@@ -538,7 +538,7 @@ fn batch(name: &str, i: usize) -> Tensor {
     acclimate::npy::read_f32(&fixture(name).join(format!("batches/{i:03}.npy"))).expect("fixture batch")
 }
 
-fn session(ctx: &GpuContext, model: &std::path::Path, toml: &str) -> Result<Session, acclimate::adapt::AdaptError> {
+fn session(ctx: &GpuContext, model: &std::path::Path, toml: &str) -> acclimate::Result<Session> {
     let cfg = AdaptConfig::from_toml_str(toml).expect("config");
     Session::new(ctx, Model::load(model).expect("model"), cfg)
 }

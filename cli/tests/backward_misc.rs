@@ -54,8 +54,8 @@ fn ints(v: &[i64]) -> Arg {
     Arg::Const(Tensor::i64(vec![v.len()], v.to_vec()))
 }
 
-type Lower<'a> = &'a dyn Fn(&mut Lowering) -> Result<(), String>;
-type LowerBackward<'a> = &'a dyn Fn(&mut BackwardLowering) -> Result<(), String>;
+type Lower<'a> = &'a dyn Fn(&mut Lowering) -> acclimate::ops::OpResult<()>;
+type LowerBackward<'a> = &'a dyn Fn(&mut BackwardLowering) -> acclimate::ops::OpResult<()>;
 /// f64 forward reference: all inputs (constants included, empty when absent) to all outputs.
 type Reference<'a> = &'a dyn Fn(&[Vec<f64>]) -> Vec<Vec<f64>>;
 
@@ -119,7 +119,7 @@ fn run_case(ctx: &GpuContext, case: &Case<'_>, accumulate: bool) -> Result<Grads
         max_workgroup_storage: 16384,
         max_invocations: 256,
     };
-    (case.forward)(&mut fwd)?;
+    (case.forward)(&mut fwd).map_err(|e| e.to_string())?;
     run_dispatches(ctx, &mut values, &weights, &fwd.scratch, &fwd.dispatches).map_err(|e| e.to_string())?;
 
     let grad_outputs: Vec<Option<Operand>> = case
@@ -159,7 +159,7 @@ fn run_case(ctx: &GpuContext, case: &Case<'_>, accumulate: bool) -> Result<Grads
         max_workgroup_storage: 16384,
         max_invocations: 256,
     };
-    (case.backward)(&mut b)?;
+    (case.backward)(&mut b).map_err(|e| e.to_string())?;
     run_dispatches(ctx, &mut values, &weights, &b.scratch, &b.dispatches).map_err(|e| e.to_string())?;
     let got = grad_inputs
         .iter()

@@ -7,7 +7,8 @@ mod common;
 
 use acclimate::GpuContext;
 use acclimate::onnx::proto;
-use acclimate::{Engine, Model, Tensor};
+use acclimate::ops::{OpReason, Stage};
+use acclimate::{Engine, ErrorKind, Model, Tensor};
 use acclimate_test_macros::gpu_test;
 use prost::Message;
 
@@ -121,6 +122,44 @@ fn unsupported_op_is_named_with_node_and_opset() {
 }
 
 #[test]
+fn unsupported_op_is_a_model_error_whose_op_error_names_op_node_and_opset() {
+    let e = Model::from_bytes(&model_bytes(vec![node("Einsum", "my_einsum", &["x", "x"], &["y"])]))
+        .expect_err("a model with an Einsum node loaded");
+    assert_eq!(e.kind(), ErrorKind::Model, "{e}");
+    let op = e.op_error().unwrap_or_else(|| panic!("no OpError behind: {e:?}"));
+    assert_eq!((op.op.as_str(), op.node.as_str(), op.opset), ("Einsum", "my_einsum", 13));
+    assert_eq!((op.stage, op.shapes.as_ref()), (Stage::Parse, None));
+    assert_eq!(op.reason, OpReason::UnknownOp("Einsum".into()));
+    assert_eq!(e.to_string(), "unsupported op Einsum (node 'my_einsum', opset 13): unsupported op type Einsum");
+
+    // An attribute value outside what the op supports: typed as such, still a model error.
+    let mut pool = node("MaxPool", "pool0", &["x"], &["y"]);
+    pool.attribute.push(proto::AttributeProto {
+        name: Some("kernel_shape".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Ints as i32),
+        ints: vec![2],
+        ..Default::default()
+    });
+    pool.attribute.push(proto::AttributeProto {
+        name: Some("storage_order".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+        i: Some(1),
+        ..Default::default()
+    });
+    let e = Model::from_bytes(&model_bytes(vec![pool])).expect_err("MaxPool storage_order=1 loaded");
+    assert_eq!(e.kind(), ErrorKind::Model, "{e}");
+    let op = e.op_error().expect("an OpError");
+    assert_eq!((op.op.as_str(), op.node.as_str()), ("MaxPool", "pool0"));
+    assert!(matches!(&op.reason, OpReason::Unsupported(r) if r.contains("storage_order=1")), "{:?}", op.reason);
+}
+
+#[test]
+fn a_missing_model_file_is_an_io_error() {
+    let e = Model::load(&std::env::temp_dir().join("acclimate-no-such-dir/missing.onnx")).expect_err("loaded");
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+}
+
+#[test]
 fn undefined_tensor_is_named() {
     let msg = load_err(&model_bytes(vec![node("Add", "adder", &["x", "ghost"], &["y"])]));
     for part in ["adder", "ghost"] {
@@ -164,6 +203,11 @@ fn wrong_inputs_are_errors(ctx: GpuContext) {
     assert!(two.contains("1 input(s), 2 given"), "{two}");
     for msg in [&rank, &fixed, &channels, &dtype, &none, &two] {
         println!("{msg}");
+    }
+    // All of them are the caller's inputs, not the model's fault.
+    for inputs in [vec![img(vec![3, 32, 32])], vec![Tensor::i64(vec![1, 3, 32, 32], vec![0; 3 * 32 * 32])], vec![]] {
+        let e = engine.run(&inputs).expect_err("bad inputs ran");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
     }
 
     // The engine is still usable after the errors.

@@ -156,7 +156,7 @@ fn a_bad_frame_is_an_error_and_the_stream_goes_on(ctx: GpuContext) {
     stream.push(&fs[0]).expect("first frame");
     let short = Frame::rgb8(12, 10, vec![0; 12 * 10 * 3 - 5]);
     match stream.push(&short) {
-        Err(StreamError::Frame { index: 1, source }) => {
+        Err(acclimate::Error::Stream(StreamError::Frame { index: 1, source })) => {
             let msg = source.to_string();
             assert!(msg.contains("355") && msg.contains("360"), "{msg}");
         }
@@ -170,7 +170,7 @@ fn a_bad_frame_is_an_error_and_the_stream_goes_on(ctx: GpuContext) {
 fn a_model_that_takes_another_input_size_is_refused(ctx: GpuContext) {
     let spec: PreprocessSpec = "size=16,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25".parse().unwrap();
     let err = StreamSession::new(&ctx, model(), config(""), spec, StreamOptions::default()).err().expect("refused");
-    assert!(matches!(err, StreamError::Input { .. }), "{err}");
+    assert!(matches!(err, acclimate::Error::Stream(StreamError::Input { .. })), "{err}");
 }
 
 #[gpu_test]

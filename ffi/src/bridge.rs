@@ -7,28 +7,13 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// What went wrong, as the ABI's status codes distinguish it: the library's own classification.
+pub use acclimate::ErrorKind as Kind;
 use acclimate::adapt::config::{AdaptConfig, DEFAULT_PRESET, StreamMode};
-use acclimate::adapt::{AdaptError, state::StateError};
-use acclimate::gpu::GpuError;
-use acclimate::ir::{Dim, IrError};
-use acclimate::onnx::OnnxError;
-use acclimate::plan::PlanError;
-use acclimate::stream::frame::{Frame, FrameError};
+use acclimate::ir::Dim;
+use acclimate::stream::frame::Frame;
 use acclimate::stream::policy::{StreamError, StreamOptions, StreamSession};
 use acclimate::{GpuContext, Model};
-
-/// What went wrong, as the ABI's status codes distinguish it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    InvalidArgument,
-    Model,
-    Config,
-    Frame,
-    State,
-    Gpu,
-    Io,
-    Internal,
-}
 
 /// A failed call: its kind and the message `acclimate_last_error` returns.
 #[derive(Debug)]
@@ -40,6 +25,12 @@ pub struct Failure {
 impl Failure {
     pub fn new(kind: Kind, message: impl Into<String>) -> Failure {
         Failure { kind, message: message.into() }
+    }
+}
+
+impl From<acclimate::Error> for Failure {
+    fn from(e: acclimate::Error) -> Failure {
+        Failure::new(e.kind(), e.to_string())
     }
 }
 
@@ -70,7 +61,7 @@ fn shared_context() -> Result<GpuContext, Failure> {
     if let Some(ctx) = slot.as_ref() {
         return Ok(ctx.clone());
     }
-    let ctx = GpuContext::new().map_err(|e| Failure::new(Kind::Gpu, e.to_string()))?;
+    let ctx = GpuContext::new()?;
     *slot = Some(ctx.clone());
     Ok(ctx)
 }
@@ -169,15 +160,15 @@ impl Stream {
     }
 
     pub fn save_state(&self, path: &Path) -> Result<(), Failure> {
-        self.stream.save_state(path).map_err(adapt_failure)
+        self.stream.save_state(path).map_err(Failure::from)
     }
 
     pub fn load_state(&mut self, path: &Path) -> Result<(), Failure> {
-        self.stream.load_state(path).map_err(adapt_failure)
+        self.stream.load_state(path).map_err(Failure::from)
     }
 
     pub fn reset(&mut self) -> Result<(), Failure> {
-        self.stream.reset().map_err(adapt_failure)
+        self.stream.reset().map_err(Failure::from)
     }
 
     pub fn stats(&self) -> Stats {
@@ -195,49 +186,17 @@ pub fn elapsed_ms(since: Instant) -> f32 {
 }
 
 fn model_failure(path: &Path, e: acclimate::Error) -> Failure {
-    let kind = match &e {
-        acclimate::Error::Onnx(OnnxError::Io { .. }) | acclimate::Error::Ir(IrError::Onnx(OnnxError::Io { .. })) => {
-            Kind::Io
+    Failure::new(e.kind(), format!("model {}: {e}", path.display()))
+}
+
+fn stream_failure(e: acclimate::Error) -> Failure {
+    match &e {
+        acclimate::Error::Stream(StreamError::Input { .. }) => {
+            Failure::new(e.kind(), format!("config: preprocess.spec: {e}"))
         }
-        acclimate::Error::Gpu(_) | acclimate::Error::Plan(PlanError::Gpu(_)) => Kind::Gpu,
-        _ => Kind::Model,
-    };
-    Failure::new(kind, format!("model {}: {e}", path.display()))
-}
-
-fn gpu_failure(e: &GpuError) -> Failure {
-    Failure::new(Kind::Gpu, e.to_string())
-}
-
-fn adapt_failure(e: AdaptError) -> Failure {
-    let kind = match &e {
-        AdaptError::Gpu(_) | AdaptError::Plan(PlanError::Gpu(_)) => Kind::Gpu,
-        AdaptError::State(StateError::Read { .. } | StateError::Write { .. }) => Kind::Io,
-        AdaptError::State(_) => Kind::State,
-        // The method cannot adapt this model, or the config names files that do not fit it.
-        AdaptError::NoBatchNorm(_)
-        | AdaptError::NothingAdapted(_)
-        | AdaptError::Classes
-        | AdaptError::Fisher(_)
-        | AdaptError::Output(_) => Kind::Config,
-        AdaptError::Rank { .. } | AdaptError::Plan(_) => Kind::Model,
-        AdaptError::NonFinite { .. } | AdaptError::EmptyBatch(_) | AdaptError::DType(_) => Kind::Frame,
-        #[allow(unreachable_patterns)]
-        _ => Kind::Internal,
-    };
-    Failure::new(kind, e.to_string())
-}
-
-fn stream_failure(e: StreamError) -> Failure {
-    match e {
-        StreamError::Frame { source: FrameError::Gpu(g), .. } => gpu_failure(&g),
-        StreamError::Frame { .. } => Failure::new(Kind::Frame, e.to_string()),
-        StreamError::Adapt { source, .. } => adapt_failure(source),
-        // The [preprocess] spec makes frames of another shape than the model takes.
-        StreamError::Input { .. } => Failure::new(Kind::Config, format!("config: preprocess.spec: {e}")),
-        StreamError::NoOutput => Failure::new(Kind::Model, e.to_string()),
-        StreamError::Source(inner) => model_failure(Path::new("(source)"), inner),
-        #[allow(unreachable_patterns)]
-        _ => Failure::new(Kind::Internal, e.to_string()),
+        acclimate::Error::Stream(StreamError::Source(inner)) => {
+            Failure::new(e.kind(), format!("model (source): {inner}"))
+        }
+        _ => e.into(),
     }
 }

@@ -607,6 +607,42 @@ mod tests {
         assert_eq!(last_error(), "probe: a b");
     }
 
+    #[test]
+    fn each_error_kind_has_its_status() {
+        use acclimate::ErrorKind as K;
+        let codes = [
+            (K::InvalidArgument, 1),
+            (K::Model, 2),
+            (K::Config, 3),
+            (K::Frame, 4),
+            (K::State, 5),
+            (K::Gpu, 6),
+            (K::Io, 7),
+            (K::Internal, 8),
+        ];
+        for (kind, code) in codes {
+            assert_eq!(status(kind) as u32, code, "{kind:?}");
+            assert_eq!(run("probe", || Err(Failure::new(kind, "x"))) as u32, code, "{kind:?} through run");
+        }
+    }
+
+    #[test]
+    fn library_errors_reach_c_as_their_kind() {
+        let dir = std::env::temp_dir().join(format!("acclimate-ffi-kinds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = "[preprocess]\nspec = \"size=32\"\n";
+        let missing = Stream::open(&dir.join("missing.onnx"), config).err().expect("a missing model opened");
+        assert_eq!(status(missing.kind), AcclimateStatus::IO_ERROR, "{}", missing.message);
+        assert!(missing.message.contains("missing.onnx"), "{}", missing.message);
+        let garbage = dir.join("garbage.onnx");
+        std::fs::write(&garbage, b"not a model").unwrap();
+        let bad = Stream::open(&garbage, config).err().expect("a garbage model opened");
+        assert_eq!(status(bad.kind), AcclimateStatus::MODEL_ERROR, "{}", bad.message);
+        let spec = Stream::open(&garbage, "[preprocess]\nspec = \"size=abc\"\n").err().expect("a bad spec passed");
+        assert_eq!(status(spec.kind), AcclimateStatus::CONFIG_ERROR, "{}", spec.message);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn raw(format: u32, width: u32, height: u32, planes: [AcclimatePlane; 3]) -> RawFrame {
         RawFrame { width, height, format, planes, rotation: 0, mirror: 0, timestamp_ns: 5_000 }
     }

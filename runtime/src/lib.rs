@@ -18,7 +18,7 @@
 //! | [`Preprocess`] | how frames become the model's input (`"size=224,mean=…,std=…"`) |
 //! | [`Stream`] | a model adapting on a stream of frames (the frame or batch protocol); [`FrameResult`] per frame |
 //! | [`Tensor`] | a host tensor (shape + data) |
-//! | [`Error`], [`Result`] | the one error type, with a variant per layer |
+//! | [`Error`], [`ErrorKind`], [`Result`] | the one error type, a variant per layer; [`Error::kind`] says what to do about it |
 //!
 //! State (what adaptation learned) is saved and loaded with [`Session::save_state`] /
 //! [`Session::load_state`] (a `Stream` through [`Stream::session_mut`]): a safetensors file bound
@@ -86,7 +86,7 @@ pub use adapt::config::AdaptConfig as Config;
 pub use adapt::config::Method;
 pub use adapt::session::{Prediction, Session};
 pub use engine::{Engine, Model, NonFinite};
-pub use error::Error;
+pub use error::{Error, ErrorKind, Result};
 pub use gpu::GpuContext;
 pub use ir::BatchNormInfo as BatchNorm;
 pub use stream::frame::{Frame, PixelFormat, Plane, Rotation};
@@ -96,6 +96,3 @@ pub use tensor::{DType, Tensor};
 /// The wgpu this crate is built on, for apps that hand their own device to
 /// [`GpuContext::from_device`].
 pub use wgpu;
-
-/// The result of every fallible call of the facade.
-pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -158,7 +158,7 @@ fn video_demo(args: &DemoArgs, assets: &Path, video: &Path) -> Result<String, Cl
     // the accuracy columns then read as agreement with the clean predictions.
     let clean_labels: Option<Vec<u32>> = match &args.clean {
         Some(clean) => {
-            let ctx = GpuContext::new().map_err(acclimate::Error::from)?;
+            let ctx = GpuContext::new()?;
             let mut engine = Engine::new(&ctx, Model::load(&model_path)?);
             let mut pre = Preprocessor::new(&ctx, spec.clone());
             let mut src =

@@ -112,7 +112,12 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
             None => ops.push(OpCount { op: n.op_type.clone(), count: 1 }),
         }
         if let Err(reason) = Op::parse(n, raw.opset) {
-            unsupported.push(Unsupported { op: n.op_type.clone(), node: n.name.clone(), opset: raw.opset, reason });
+            unsupported.push(Unsupported {
+                op: n.op_type.clone(),
+                node: n.name.clone(),
+                opset: raw.opset,
+                reason: reason.to_string(),
+            });
         }
     }
     // Weights are initializers, or (Paddle exports such as the RapidOCR models) Constant nodes

@@ -312,7 +312,7 @@ pub fn run_model(
         BackendArg::Gpu => {
             let model = Model::load(model)?;
             let name = model.graph.outputs.first().map(|o| o.name.clone()).unwrap_or_default();
-            let ctx = GpuContext::new().map_err(acclimate::Error::from)?;
+            let ctx = GpuContext::new()?;
             let desc = format!("gpu: {}", ctx.adapter_summary());
             let mut engine = Engine::new(&ctx, model);
             engine.set_non_finite_inputs(non_finite);

@@ -22,7 +22,7 @@ pub fn replay_cmd(
 ) -> Result<(), CliError> {
     let cfg = AdaptConfig::from_file(config).map_err(|e| CliError::Usage(e.to_string()))?;
     let model = Model::load(model)?;
-    let ctx = GpuContext::new().map_err(acclimate::Error::from)?;
+    let ctx = GpuContext::new()?;
     let mut session = Session::new(&ctx, model, cfg).map_err(|e| CliError::Usage(e.to_string()))?;
     if let Some(p) = load_state {
         session.load_state(p).map_err(|e| CliError::Usage(e.to_string()))?;
@@ -86,7 +86,7 @@ pub fn fisher_cmd(model: &Path, batches: &Path, out: &Path, config: Option<&Path
     cfg.eata.fisher_batches = Some(batches.to_path_buf());
     cfg.eata.fisher_file = None;
     let model = Model::load(model)?;
-    let ctx = GpuContext::new().map_err(acclimate::Error::from)?;
+    let ctx = GpuContext::new()?;
     let session = Session::new(&ctx, model, cfg).map_err(|e| CliError::Usage(e.to_string()))?;
     session.save_fisher(out).map_err(|e| CliError::Usage(e.to_string()))?;
     eprintln!("wrote the Fisher of {} parameters to {}", session.adapted_parameters().len(), out.display());

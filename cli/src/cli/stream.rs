@@ -236,7 +236,7 @@ pub fn run_planned_with_labels(
     labels: Option<&[u32]>,
 ) -> Result<StreamRun, CliError> {
     let model = Model::load(model_path)?;
-    let ctx = GpuContext::new().map_err(acclimate::Error::from)?;
+    let ctx = GpuContext::new()?;
     let device = ctx.adapter_summary();
     let method = config.adapt.method.name().to_string();
     let mode = format!("{:?}", config.stream.mode).to_lowercase();

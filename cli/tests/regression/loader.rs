@@ -284,7 +284,7 @@ fn frame_plane_extent_of_empty_frame() {
 fn reshape_target_product_overflow() {
     use acclimate::ops::layout::reshape_shape;
     for target in [vec![1i64 << 62, 4], vec![-1, 1 << 62, 8], vec![i64::MAX, i64::MAX]] {
-        let err = reshape_shape(&[2, 4], &target, false).expect_err("cannot hold 8 elements");
+        let err = reshape_shape(&[2, 4], &target, false).expect_err("cannot hold 8 elements").to_string();
         assert!(err.contains("too many elements") || err.contains("cannot reshape"), "{target:?}: {err}");
     }
     assert_eq!(reshape_shape(&[2, 4], &[-1, 2], false).unwrap(), vec![4, 2]);
@@ -312,7 +312,7 @@ fn conv_attribute_overflow() {
         ("dilations", ConvAttrs { dilations: Some(vec![usize::MAX, 1]), ..base.clone() }),
         ("pads", ConvAttrs { pads: Some(vec![usize::MAX, 0, 1, 1]), ..base.clone() }),
     ] {
-        let err = ConvGeometry::new(&a, &x, &w).expect_err(what);
+        let err = ConvGeometry::new(&a, &x, &w).expect_err(what).to_string();
         assert!(err.contains("overflow") || err.contains("more than usize::MAX"), "{what}: {err}");
     }
     // SAME padding of a window near usize::MAX wide: absurd but representable; no panic.

@@ -257,12 +257,11 @@ fn stream_engine_gpu(e: &acclimate::Error) -> Option<&acclimate::gpu::GpuError> 
     }
 }
 
-/// The GPU error inside an adaptation error.
-fn stream_adapt_gpu(e: &acclimate::adapt::session::AdaptError) -> Option<&acclimate::gpu::GpuError> {
-    use acclimate::adapt::session::AdaptError;
-    use acclimate::plan::PlanError;
+/// The GPU error of a session's error: whichever layer hit it, the conversion into
+/// `acclimate::Error` lifts it to `Error::Gpu`.
+fn stream_adapt_gpu(e: &acclimate::Error) -> Option<&acclimate::gpu::GpuError> {
     match e {
-        AdaptError::Gpu(g) | AdaptError::Plan(PlanError::Gpu(g)) => Some(g),
+        acclimate::Error::Gpu(g) => Some(g),
         _ => None,
     }
 }

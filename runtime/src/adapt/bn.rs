@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::ir::Graph;
-use crate::ops::{BufRef, Lowering, OpResult, Operand};
+use crate::ops::{BufRef, Lowering, OpReason, OpResult, Operand};
 use crate::plan::{LowerHook, Program};
 
 /// Which statistics a BatchNormalization layer normalises with (tta-methods.md §0.3, §7).
@@ -31,7 +31,9 @@ impl StatsMode {
             StatsMode::Ema { momentum } => (momentum, 1.0 - momentum, momentum, 1.0 - momentum, true),
             StatsMode::Alpha { alpha } => {
                 if m < 2 {
-                    return Err("BN-alpha needs at least 2 values per channel for the unbiased batch variance".into());
+                    return Err(OpReason::Shape(
+                        "BN-alpha needs at least 2 values per channel for the unbiased batch variance".into(),
+                    ));
                 }
                 (alpha, 1.0 - alpha, alpha * m as f32 / (m as f32 - 1.0), 1.0 - alpha, false)
             }
@@ -109,7 +111,10 @@ impl LowerHook for BnHook {
         Some((|| {
             let x = l.input(0, "X")?.clone();
             if x.shape.len() < 2 {
-                return Err(format!("BatchNormalization input must have rank >= 2, got {:?}", x.shape));
+                return Err(OpReason::Shape(format!(
+                    "BatchNormalization input must have rank >= 2, got {:?}",
+                    x.shape
+                )));
             }
             let (batch, channels) = (x.shape[0], x.shape[1]);
             let plane: usize = x.shape[2..].iter().product();
@@ -132,7 +137,7 @@ impl LowerHook for BnHook {
             let var = l.input(4, "input_var")?.clone();
             for (what, p) in [("scale", &scale), ("B", &bias), ("input_mean", &mean), ("input_var", &var)] {
                 if !matches!(p.buf, BufRef::Weight(_)) {
-                    return Err(format!("{what} must be a constant to use batch statistics"));
+                    return Err(OpReason::Unsupported(format!("{what} must be a constant to use batch statistics")));
                 }
             }
             let stats = program.value(4 * channels as u64 * 4);

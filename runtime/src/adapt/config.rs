@@ -788,11 +788,11 @@ impl AdaptConfig {
         self.eata.e_margin
     }
 
-    pub fn from_toml_str(src: &str) -> Result<AdaptConfig, ConfigError> {
-        AdaptConfig::parse(src, "<string>")
+    pub fn from_toml_str(src: &str) -> crate::Result<AdaptConfig> {
+        Ok(AdaptConfig::parse(src, "<string>")?)
     }
 
-    pub fn from_file(path: &Path) -> Result<AdaptConfig, ConfigError> {
+    pub fn from_file(path: &Path) -> crate::Result<AdaptConfig> {
         let src =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut config = AdaptConfig::parse(&src, &path.display().to_string())?;
@@ -821,8 +821,8 @@ impl AdaptConfig {
     }
 
     /// Checks every value's range and the combinations PyTorch rejects.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_as("<config>")
+    pub fn validate(&self) -> crate::Result<()> {
+        Ok(self.validate_as("<config>")?)
     }
 
     fn validate_as(&self, origin: &str) -> Result<(), ConfigError> {
@@ -1104,7 +1104,10 @@ eps = 1e-6
         let e = AdaptConfig::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("bad.toml") && e.contains("`optimizer.lr`"), "{e}");
         let e = AdaptConfig::from_file(&dir.join("missing.toml")).unwrap_err();
-        assert!(matches!(e, ConfigError::Read { .. }) && e.to_string().contains("missing.toml"), "{e}");
+        assert!(
+            matches!(e, crate::Error::Config(ConfigError::Read { .. })) && e.to_string().contains("missing.toml"),
+            "{e}"
+        );
         let good = dir.join("good.toml");
         std::fs::write(&good, "[adapt]\nmethod = \"norm\"\n").unwrap();
         assert_eq!(AdaptConfig::from_file(&good).unwrap().adapt.method, Method::Norm);

@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::session::{AdaptError, Session};
+use super::session::Session;
 use crate::gpu::GpuError;
 use crate::npy::{self, NpyError};
-use crate::plan::PlanError;
 use crate::tensor::Tensor;
 
 /// One batch's record.
@@ -121,11 +120,8 @@ pub enum ReplayError {
 
 /// Whether `e` says the device itself failed (lost, or a result that could not be read back), so
 /// no later batch can run either; every other error belongs to the batch.
-fn device_failure(e: &AdaptError) -> bool {
-    let gpu = match e {
-        AdaptError::Gpu(g) | AdaptError::Plan(PlanError::Gpu(g)) => g,
-        _ => return false,
-    };
+fn device_failure(e: &crate::Error) -> bool {
+    let crate::Error::Gpu(gpu) = e else { return false };
     matches!(gpu, GpuError::DeviceLost { .. } | GpuError::Readback(_) | GpuError::Uncaptured(_))
 }
 
@@ -173,7 +169,7 @@ pub fn replay(session: &mut Session, dir: &Path) -> Result<ReplayLog, ReplayErro
 }
 
 /// Steps on `x` and reads back what the record holds.
-fn step_record(session: &mut Session, x: &Tensor, ema: bool, sar: bool) -> Result<StepRecord, AdaptError> {
+fn step_record(session: &mut Session, x: &Tensor, ema: bool, sar: bool) -> crate::Result<StepRecord> {
     let pred = session.step(x)?;
     let params = session.parameters()?.into_iter().map(|(n, t)| (n, t.to_f32_vec())).collect();
     let stats =

@@ -124,7 +124,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(ctx: &GpuContext, model: Model, config: AdaptConfig) -> Result<Session, AdaptError> {
+    pub fn new(ctx: &GpuContext, model: Model, config: AdaptConfig) -> crate::Result<Session> {
         let graph = &model.graph;
         let bns = graph.batch_norms();
         let method = config.adapt.method;
@@ -137,7 +137,7 @@ impl Session {
         };
         let source_model = matches!(method, Method::Source | Method::Lame);
         if bns.is_empty() && (!source_model || norm != NormMode::Source) {
-            return Err(AdaptError::NoBatchNorm(format!("{method:?}").to_lowercase()));
+            return Err(AdaptError::NoBatchNorm(format!("{method:?}").to_lowercase()).into());
         }
         let mut adapted = Vec::new();
         if method.updates_parameters() {
@@ -154,7 +154,8 @@ impl Session {
                 return Err(AdaptError::NothingAdapted(format!(
                     "include {:?}, exclude {:?}",
                     config.adapt.include, config.adapt.exclude
-                )));
+                ))
+                .into());
             }
         }
         let objective = match method {
@@ -219,10 +220,10 @@ impl Session {
     /// EATA's Fisher information, once, before adaptation (tta-methods.md §2): on clean batches,
     /// in batch-statistics mode, the square of each batch-mean cross-entropy gradient with argmax
     /// pseudo-labels, averaged over the batches. Parameters do not change.
-    pub fn compute_fisher(&mut self, dir: &Path) -> Result<(), AdaptError> {
+    pub fn compute_fisher(&mut self, dir: &Path) -> crate::Result<()> {
         let files = super::replay::batch_files(dir).map_err(|e| AdaptError::Fisher(e.to_string()))?;
         if files.is_empty() {
-            return Err(AdaptError::Fisher(format!("no .npy batches in {}", dir.display())));
+            return Err(AdaptError::Fisher(format!("no .npy batches in {}", dir.display())).into());
         }
         // Start from zero: the pass accumulates squared gradients into the Fisher buffers.
         for name in self.fisher_names() {
@@ -260,7 +261,8 @@ impl Session {
                     "the Fisher of {} has {bad} NaN or infinite value(s): a batch in {} overflows inside the network",
                     name.trim_start_matches("eata:fisher:"),
                     dir.display()
-                )));
+                ))
+                .into());
             }
         }
         for (name, t) in fisher {
@@ -279,7 +281,7 @@ impl Session {
 
     /// EATA's Fisher information by adapted parameter name (zeros before it was computed or
     /// loaded).
-    pub fn fisher(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
+    pub fn fisher(&self) -> crate::Result<Vec<(String, Tensor)>> {
         let params = self.parameters()?;
         let mut out = Vec::new();
         for (name, p) in params {
@@ -299,7 +301,7 @@ impl Session {
 
     /// Saves the Fisher (one tensor per adapted parameter) as a safetensors file tied to this
     /// model's fingerprint, for `eata.fisher_file`.
-    pub fn save_fisher(&self, path: &Path) -> Result<(), AdaptError> {
+    pub fn save_fisher(&self, path: &Path) -> crate::Result<()> {
         let tensors: Vec<(String, Tensor)> =
             self.fisher()?.into_iter().map(|(n, t)| (format!("eata:fisher:{n}"), t)).collect();
         let meta = vec![("content".to_string(), "eata-fisher".to_string())];
@@ -309,14 +311,15 @@ impl Session {
 
     /// Loads a Fisher saved by [`Session::save_fisher`] for the same model. Every adapted
     /// parameter must be present with its size; on any error nothing changes.
-    pub fn load_fisher(&mut self, path: &Path) -> Result<(), AdaptError> {
+    pub fn load_fisher(&mut self, path: &Path) -> crate::Result<()> {
         let fp = self.fingerprint().to_string();
         let loaded = state::load_state(path, &fp)?;
         if loaded.metadata.get("content").map(String::as_str) != Some("eata-fisher") {
             return Err(AdaptError::Fisher(format!(
                 "{} is not a saved Fisher (save one with save_fisher)",
                 path.display()
-            )));
+            ))
+            .into());
         }
         let mut writes = Vec::new();
         for (name, p) in self.parameters()? {
@@ -330,7 +333,8 @@ impl Session {
                     path.display(),
                     t.numel(),
                     p.numel()
-                )));
+                ))
+                .into());
             }
             writes.push((key, t.to_f32_vec()));
         }
@@ -402,7 +406,7 @@ impl Session {
     /// `norm`: the stream's per-frame prediction uses [`NormMode::Ema`] (RBN statistics, updated
     /// by every call), which works for single frames where batch statistics do not. The
     /// adapted parameters are the same buffers the steps update.
-    pub fn predict(&mut self, batch: &Tensor, norm: NormMode) -> Result<Prediction, AdaptError> {
+    pub fn predict(&mut self, batch: &Tensor, norm: NormMode) -> crate::Result<Prediction> {
         let data = self.check_batch(batch)?;
         let mode = match norm {
             NormMode::Source => StatsMode::Source,
@@ -457,7 +461,7 @@ impl Session {
     }
 
     /// Predicts `batch` and adapts on it; returns the pre-update prediction.
-    pub fn step(&mut self, batch: &Tensor) -> Result<Prediction, AdaptError> {
+    pub fn step(&mut self, batch: &Tensor) -> crate::Result<Prediction> {
         let data = self.check_batch(batch)?;
         // Build (and so validate) the plan before touching any state.
         self.plan(&batch.shape)?;
@@ -485,7 +489,7 @@ impl Session {
                 batch.shape
             );
         }
-        let Some(out) = first else { return Err(AdaptError::Plan(PlanError::Program("no step ran".into()))) };
+        let Some(out) = first else { return Err(PlanError::Program("no step ran".into()).into()) };
         let mut reset = false;
         if let Some((loss2, kept)) = out.second {
             // SAR's recovery (tta-methods.md §3): the EMA moves only when the second pass kept a
@@ -517,7 +521,7 @@ impl Session {
     }
 
     /// Restores parameters, normalization statistics and optimizer state to the source model.
-    pub fn reset(&mut self) -> Result<(), AdaptError> {
+    pub fn reset(&mut self) -> crate::Result<()> {
         let graph = self.model.graph.clone();
         for (name, buf) in &self.store.buffers {
             if let Some(t) = graph.initializers.get(name) {
@@ -576,14 +580,14 @@ impl Session {
     }
 
     /// The current values of the adapted parameters, by ONNX initializer name.
-    pub fn parameters(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
-        self.read_named(&self.adapted_parameters())
+    pub fn parameters(&self) -> crate::Result<Vec<(String, Tensor)>> {
+        Ok(self.read_named(&self.adapted_parameters())?)
     }
 
     /// The current normalization statistics (running mean and variance of every layer).
-    pub fn statistics(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
+    pub fn statistics(&self) -> crate::Result<Vec<(String, Tensor)>> {
         let names: Vec<String> = self.bns.iter().flat_map(|b| [b.mean.clone(), b.var.clone()]).collect();
-        self.read_named(&names)
+        Ok(self.read_named(&names)?)
     }
 
     /// Everything that makes up the adapted state: parameters, statistics, optimizer state.
@@ -607,7 +611,7 @@ impl Session {
     }
 
     /// Saves the adapted state atomically (see [`super::state`]).
-    pub fn save_state(&self, path: &Path) -> Result<(), AdaptError> {
+    pub fn save_state(&self, path: &Path) -> crate::Result<()> {
         let tensors = self.read_named(&self.state_names())?;
         let meta = vec![
             ("method".to_string(), self.state_method()),
@@ -628,7 +632,7 @@ impl Session {
     /// A state without a `method` entry is refused too: every version that wrote state files
     /// wrote it, so its absence means a hand-made or damaged file, and the tensors one method
     /// keeps (optimizer moments, EATA's Fisher, LAME's prior) mean nothing to another.
-    pub fn load_state(&mut self, path: &Path) -> Result<(), AdaptError> {
+    pub fn load_state(&mut self, path: &Path) -> crate::Result<()> {
         let fp = self.fingerprint().to_string();
         let loaded = state::load_state(path, &fp)?;
         let ours = self.state_method();
@@ -699,7 +703,7 @@ impl Session {
     }
 
     /// Transient GPU bytes and dispatch count of the step plan for `shape` (built if needed).
-    pub fn step_footprint(&mut self, shape: &[usize]) -> Result<(u64, usize), AdaptError> {
+    pub fn step_footprint(&mut self, shape: &[usize]) -> crate::Result<(u64, usize)> {
         let p = self.plan(shape)?;
         Ok((p.transient_bytes, p.dispatch_count))
     }

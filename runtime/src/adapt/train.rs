@@ -16,7 +16,7 @@ use super::loss;
 use super::optim::{self, OptimizerSpec};
 use crate::gpu::GpuContext;
 use crate::ir::Graph;
-use crate::ops::{BackwardLowering, BufRef, GradInput};
+use crate::ops::{BackwardLowering, BufRef, GradInput, OpReason, Stage};
 use crate::plan::{
     Compiled, Forward, GraphOutput, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer,
     staging,
@@ -661,14 +661,12 @@ fn reverse_pass(
         if out_grads.iter().all(|g| g.is_none()) {
             continue;
         }
-        let node_err = |reason: String| PlanError::Node {
-            node: node.name.clone(),
-            op: node.op_type.clone(),
-            shapes: ln.inputs.iter().map(|i| i.as_ref().map(|o| o.shape.clone()).unwrap_or_default()).collect(),
-            reason: format!("reverse pass: {reason}"),
+        let node_err = |reason: OpReason| {
+            let shapes = ln.inputs.iter().map(|i| i.as_ref().map(|o| o.shape.clone()).unwrap_or_default()).collect();
+            PlanError::Node(Box::new(graph.op_error(ln.node, Stage::Backward, shapes, reason)))
         };
         if let Some(saved) = hook.saved.get(&ln.node) {
-            let dy = out_grads[0].ok_or_else(|| node_err("no gradient for Y".into()))?;
+            let dy = out_grads[0].ok_or_else(|| node_err(OpReason::Internal("no gradient for Y".into())))?;
             let mut scratch = Vec::new();
             let dparams = adapted.get(&ln.node).map(|a| {
                 let n = saved.channels as u64 * 4;
@@ -685,10 +683,10 @@ fn reverse_pass(
             continue;
         }
         if matches!(node.op, crate::ops::Op::BatchNorm(_)) {
-            return Err(node_err(
+            return Err(node_err(OpReason::Internal(
                 "BatchNormalization with source statistics on the gradient path must be lowered by the adaptation hook"
                     .into(),
-            ));
+            )));
         }
         // A view passes its gradient through unchanged: share the buffer when it is the first
         // contribution to the input's gradient.

@@ -194,11 +194,11 @@ impl std::fmt::Debug for GpuContext {
 impl GpuContext {
     /// Opens the best adapter wgpu finds (honours `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`), asking for
     /// the adapter's own limits so large activations fit in one binding.
-    pub fn new() -> Result<GpuContext, GpuError> {
+    pub fn new() -> crate::Result<GpuContext> {
         pollster::block_on(Self::new_async())
     }
 
-    pub async fn new_async() -> Result<GpuContext, GpuError> {
+    pub async fn new_async() -> crate::Result<GpuContext> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let power_preference = wgpu::PowerPreference::from_env().unwrap_or(wgpu::PowerPreference::HighPerformance);
         let adapter = instance

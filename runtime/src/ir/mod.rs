@@ -12,8 +12,8 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::onnx::{self, DimSpec, OnnxError, RawModel};
-use crate::ops::Op;
 use crate::ops::shape::ShapeOp;
+use crate::ops::{Op, OpError, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
 
 /// Errors raised while building the IR from a decoded model.
@@ -21,8 +21,9 @@ use crate::tensor::{DType, Tensor};
 pub enum IrError {
     #[error(transparent)]
     Onnx(#[from] OnnxError),
-    #[error("unsupported op {op} (node '{node}', opset {opset}): {reason}")]
-    UnsupportedOp { op: String, node: String, opset: i64, reason: String },
+    /// A node whose op, domain or attributes Acclimate does not support (at [`Stage::Parse`]).
+    #[error(transparent)]
+    UnsupportedOp(Box<OpError>),
     #[error("node '{node}' ({op}) reads '{input}', which no earlier node, graph input or initializer produces")]
     UndefinedInput { node: String, op: String, input: String },
     #[error("tensor '{name}' is produced twice (by node '{node}')")]
@@ -123,6 +124,12 @@ fn dims_of(shape: &Option<Vec<DimSpec>>) -> Option<Vec<Dim>> {
 }
 
 impl Graph {
+    /// `reason` as the failure of node `idx` at `stage`, with its input shapes.
+    pub fn op_error(&self, idx: usize, stage: Stage, shapes: Vec<Vec<usize>>, reason: OpReason) -> OpError {
+        let n = &self.nodes[idx];
+        OpError { op: n.op_type.clone(), node: n.name.clone(), opset: self.opset, shapes: Some(shapes), stage, reason }
+    }
+
     /// Reads, decodes and validates an ONNX file (external data resolved next to it).
     pub fn load(path: &Path) -> Result<Graph, IrError> {
         Graph::from_raw(onnx::load_model(path)?)
@@ -155,11 +162,15 @@ impl Graph {
         }
         let mut nodes = Vec::with_capacity(g.nodes.len());
         for n in &g.nodes {
-            let op = Op::parse(n, opset).map_err(|reason| IrError::UnsupportedOp {
-                op: n.op_type.clone(),
-                node: n.name.clone(),
-                opset,
-                reason,
+            let op = Op::parse(n, opset).map_err(|reason| {
+                IrError::UnsupportedOp(Box::new(OpError {
+                    op: n.op_type.clone(),
+                    node: n.name.clone(),
+                    opset,
+                    shapes: None,
+                    stage: Stage::Parse,
+                    reason,
+                }))
             })?;
             for inp in &n.inputs {
                 if !inp.is_empty() && !defined.contains(inp) {

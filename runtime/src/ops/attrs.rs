@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::OpResult;
+use super::{OpReason, OpResult};
 use crate::onnx::Attr;
 use crate::tensor::Tensor;
 
@@ -32,9 +32,9 @@ impl<'a> Attrs<'a> {
         self.map.contains_key(name)
     }
 
-    fn wrong(&self, name: &str, want: &str) -> String {
-        let got = self.map.get(name).map(kind).unwrap_or("nothing");
-        format!("attribute '{name}' should be {want}, found {got}")
+    fn wrong(&self, name: &str, expected: &'static str) -> OpReason {
+        let found = self.map.get(name).map(kind).unwrap_or("nothing");
+        OpReason::AttributeType { name: name.to_owned(), expected, found }
     }
 
     pub fn int(&self, name: &str, default: i64) -> OpResult<i64> {
@@ -111,7 +111,7 @@ impl<'a> Attrs<'a> {
     pub fn only(&self, known: &[&str]) -> OpResult<()> {
         for n in self.names() {
             if !known.contains(&n) {
-                return Err(format!("attribute '{n}' is not supported"));
+                return Err(OpReason::UnknownAttribute(n.to_owned()));
             }
         }
         Ok(())

@@ -16,7 +16,7 @@
 
 use super::matmul::{GemmDispatch, Operand2d};
 use super::pool::AutoPad;
-use super::{Attrs, BackwardLowering, Input, Lowering, OpResult, required};
+use super::{Attrs, BackwardLowering, Input, Lowering, OpReason, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -44,7 +44,7 @@ fn positive_list(a: &Attrs<'_>, name: &str) -> OpResult<Option<Vec<usize>>> {
             v.iter()
                 .map(|&x| usize::try_from(x).ok().filter(|&x| x > 0))
                 .collect::<Option<Vec<usize>>>()
-                .ok_or_else(|| format!("Conv {name} {v:?} must be positive"))
+                .ok_or_else(|| OpReason::Attribute(format!("Conv {name} {v:?} must be positive")))
         })
         .transpose()
 }
@@ -57,28 +57,37 @@ impl ConvAttrs {
             "VALID" => AutoPad::Valid,
             "SAME_UPPER" => AutoPad::SameUpper,
             "SAME_LOWER" => AutoPad::SameLower,
-            other => return Err(format!("auto_pad '{other}' is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")),
+            other => {
+                return Err(OpReason::Attribute(format!(
+                    "auto_pad '{other}' is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER"
+                )));
+            }
         };
         let group = a.int("group", 1)?;
         let group = usize::try_from(group)
             .ok()
             .filter(|&g| g > 0)
-            .ok_or_else(|| format!("Conv group={group} must be positive"))?;
+            .ok_or_else(|| OpReason::Attribute(format!("Conv group={group} must be positive")))?;
         let pads = a
             .ints("pads")?
             .map(|v| {
                 v.iter()
                     .map(|&x| usize::try_from(x).ok())
                     .collect::<Option<Vec<usize>>>()
-                    .ok_or_else(|| format!("Conv pads {v:?} must be non-negative"))
+                    .ok_or_else(|| OpReason::Attribute(format!("Conv pads {v:?} must be non-negative")))
             })
             .transpose()?;
         if let Some(p) = &pads {
             if p.len() % 2 != 0 {
-                return Err(format!("Conv pads has {} values; it needs a begin and an end per spatial dim", p.len()));
+                return Err(OpReason::Attribute(format!(
+                    "Conv pads has {} values; it needs a begin and an end per spatial dim",
+                    p.len()
+                )));
             }
             if auto_pad != AutoPad::NotSet && p.iter().any(|&x| x != 0) {
-                return Err("Conv: explicit pads cannot be combined with auto_pad other than NOTSET".into());
+                return Err(OpReason::Attribute(
+                    "Conv: explicit pads cannot be combined with auto_pad other than NOTSET".into(),
+                ));
             }
         }
         Ok(ConvAttrs {
@@ -123,14 +132,18 @@ impl ConvGeometry {
     /// Validates X [N, Cin, spatial...], W [Cout, Cin/group, kernel...] and the attributes.
     pub fn new(a: &ConvAttrs, x: &[usize], w: &[usize]) -> OpResult<ConvGeometry> {
         if x.len() < 3 {
-            return Err(format!("Conv input X must have rank >= 3 (N, C, spatial...), got shape {x:?}"));
+            return Err(OpReason::Shape(format!(
+                "Conv input X must have rank >= 3 (N, C, spatial...), got shape {x:?}"
+            )));
         }
         let k = x.len() - 2;
         if k > MAX_SPATIAL {
-            return Err(format!("Conv over {k} spatial dims is not supported (1 to {MAX_SPATIAL})"));
+            return Err(OpReason::Unsupported(format!(
+                "Conv over {k} spatial dims is not supported (1 to {MAX_SPATIAL})"
+            )));
         }
         if w.len() != x.len() {
-            return Err(format!("Conv weight W {w:?} must have the rank of X {x:?}"));
+            return Err(OpReason::Shape(format!("Conv weight W {w:?} must have the rank of X {x:?}")));
         }
         let (batch, cin, input) = (x[0], x[1], x[2..].to_vec());
         let (cout, cin_g, kernel) = (w[0], w[1], w[2..].to_vec());
@@ -138,29 +151,33 @@ impl ConvGeometry {
         // Checked: group, dilations and pads are data from the model file (found by
         // tools/fuzz.sh: group = 2^62 overflowed here).
         if cin_g.checked_mul(g) != Some(cin) {
-            return Err(format!(
+            return Err(OpReason::Shape(format!(
                 "Conv with group={g}: X has {cin} channels but W {w:?} expects {} (W[1] * group)",
                 cin_g.checked_mul(g).map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string())
-            ));
+            )));
         }
         if cout % g != 0 {
-            return Err(format!(
+            return Err(OpReason::Shape(format!(
                 "Conv with group={g}: output channels W[0]={cout} are not divisible by the group count"
-            ));
+            )));
         }
         if kernel.contains(&0) {
-            return Err(format!("Conv weight W {w:?} has an empty kernel dim"));
+            return Err(OpReason::Shape(format!("Conv weight W {w:?} has an empty kernel dim")));
         }
         if let Some(ks) = &a.kernel_shape
             && *ks != kernel
         {
-            return Err(format!("Conv kernel_shape {ks:?} does not match the weight's spatial dims {kernel:?}"));
+            return Err(OpReason::Shape(format!(
+                "Conv kernel_shape {ks:?} does not match the weight's spatial dims {kernel:?}"
+            )));
         }
         let per_dim = |v: &Option<Vec<usize>>, name: &str| -> OpResult<Vec<usize>> {
             match v {
                 None => Ok(vec![1; k]),
                 Some(v) if v.len() == k => Ok(v.clone()),
-                Some(v) => Err(format!("Conv {name} {v:?} has {} values for {k} spatial dims", v.len())),
+                Some(v) => {
+                    Err(OpReason::Shape(format!("Conv {name} {v:?} has {} values for {k} spatial dims", v.len())))
+                }
             }
         };
         let strides = per_dim(&a.strides, "strides")?;
@@ -169,7 +186,11 @@ impl ConvGeometry {
             None => vec![0; 2 * k],
             Some(p) if p.len() == 2 * k => p.clone(),
             Some(p) => {
-                return Err(format!("Conv pads {p:?} has {} values for {k} spatial dims (need {})", p.len(), 2 * k));
+                return Err(OpReason::Shape(format!(
+                    "Conv pads {p:?} has {} values for {k} spatial dims (need {})",
+                    p.len(),
+                    2 * k
+                )));
             }
         };
         let mut output = Vec::with_capacity(k);
@@ -177,22 +198,22 @@ impl ConvGeometry {
         for d in 0..k {
             let (inp, s) = (input[d], strides[d]);
             let overflow = || {
-                format!(
+                OpReason::TooLarge(format!(
                     "Conv window (kernel {}, dilation {}, pads {:?}) overflows in spatial dim {d}",
                     kernel[d],
                     dilations[d],
                     (explicit[d], explicit[d + k])
-                )
+                ))
             };
             let extent =
                 (kernel[d] - 1).checked_mul(dilations[d]).and_then(|e| e.checked_add(1)).ok_or_else(overflow)?;
             let (pb, pe) = a.auto_pad.resolve(inp, s, extent, (explicit[d], explicit[d + k]));
             let padded = inp.checked_add(pb).and_then(|p| p.checked_add(pe)).ok_or_else(overflow)?;
             if padded < extent {
-                return Err(format!(
+                return Err(OpReason::TooLarge(format!(
                     "Conv window of extent {extent} (kernel {} dilation {}) exceeds the padded input size {padded} in spatial dim {d}",
                     kernel[d], dilations[d]
-                ));
+                )));
             }
             output.push((padded - extent) / s + 1);
             pads.push((pb, pe));
@@ -225,14 +246,20 @@ pub fn infer(a: &ConvAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<u
     let w = required(inputs, 1, "W")?;
     for (t, what) in [(x, "X"), (w, "W")] {
         if !t.dtype.is_float() {
-            return Err(format!("Conv {what} has element type {}; only floating-point inputs are supported", t.dtype));
+            return Err(OpReason::DType(format!(
+                "Conv {what} has element type {}; only floating-point inputs are supported",
+                t.dtype
+            )));
         }
     }
     let geo = ConvGeometry::new(a, x.shape, w.shape)?;
     if let Some(Some(b)) = inputs.get(2)
         && b.shape != [geo.cout]
     {
-        return Err(format!("Conv bias B has shape {:?}, expected [{}] (one per output channel)", b.shape, geo.cout));
+        return Err(OpReason::Shape(format!(
+            "Conv bias B has shape {:?}, expected [{}] (one per output channel)",
+            b.shape, geo.cout
+        )));
     }
     Ok(vec![(geo.out_shape(), x.dtype)])
 }
@@ -241,13 +268,15 @@ pub fn infer(a: &ConvAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<u
 fn lanes3(v: &[usize], fill: usize) -> OpResult<Vec<u32>> {
     let mut out = vec![fill as u32; MAX_SPATIAL - v.len()];
     for &x in v {
-        out.push(u32::try_from(x).map_err(|_| format!("Conv dimension {x} exceeds 32 bits"))?);
+        out.push(u32::try_from(x).map_err(|_| OpReason::TooLarge(format!("Conv dimension {x} exceeds 32 bits")))?);
     }
     Ok(out)
 }
 
 fn check_u32(what: &str, n: usize) -> OpResult<u32> {
-    u32::try_from(n).map_err(|_| format!("Conv {what} has {n} elements, more than the kernels' 32-bit indexing covers"))
+    u32::try_from(n).map_err(|_| {
+        OpReason::TooLarge(format!("Conv {what} has {n} elements, more than the kernels' 32-bit indexing covers"))
+    })
 }
 
 pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
@@ -291,7 +320,7 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
     let begin: Vec<usize> = geo.pads.iter().map(|p| p.0).collect();
     let pads: Vec<i32> = lanes3(&begin, 0)?.into_iter().map(|v| v as i32).collect();
     if pads.iter().any(|&v| v < 0) {
-        return Err(format!("Conv pads {begin:?} exceed the kernels' 31-bit range"));
+        return Err(OpReason::TooLarge(format!("Conv pads {begin:?} exceed the kernels' 31-bit range")));
     }
     let params = Params::new()
         .u32(g as u32)
@@ -315,10 +344,10 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
         _ => {
             let z = geo.batch * g;
             if z > MAX_GROUPS {
-                return Err(format!(
+                return Err(OpReason::TooLarge(format!(
                     "Conv batch {} x group {g} = {z} exceeds the {MAX_GROUPS} workgroups of one dispatch",
                     geo.batch
-                ));
+                )));
             }
             (
                 "conv_gemm",
@@ -355,10 +384,10 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
 pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     for (i, what) in [(1, "weight W"), (2, "bias B")] {
         if b.grad_input(i).is_some() {
-            return Err(format!(
+            return Err(OpReason::Internal(format!(
                 "Conv: a gradient for the {what} was requested, but weight gradients are not supported \
                  (Conv weights are frozen; only the data gradient dL/dX flows through Conv)"
-            ));
+            )));
         }
     }
     let Some(gx) = b.grad_input(0).cloned() else {
@@ -370,10 +399,17 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     let dy = b.grad_output(0)?.clone();
     let geo = ConvGeometry::new(a, &x_shape, &w.shape)?;
     if dy.shape != geo.out_shape() {
-        return Err(format!("Conv output gradient has shape {:?}, expected {:?}", dy.shape, geo.out_shape()));
+        return Err(OpReason::Internal(format!(
+            "Conv output gradient has shape {:?}, expected {:?}",
+            dy.shape,
+            geo.out_shape()
+        )));
     }
     if gx.shape != x_shape {
-        return Err(format!("Conv input gradient buffer has shape {:?}, expected {x_shape:?}", gx.shape));
+        return Err(OpReason::Internal(format!(
+            "Conv input gradient buffer has shape {:?}, expected {x_shape:?}",
+            gx.shape
+        )));
     }
     let total = check_u32("input", x_shape.iter().product())?;
     check_u32("weight", w.numel())?;
@@ -410,7 +446,7 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     let begin: Vec<usize> = geo.pads.iter().map(|p| p.0).collect();
     let pads: Vec<i32> = lanes3(&begin, 0)?.into_iter().map(|v| v as i32).collect();
     if pads.iter().any(|&v| v < 0) {
-        return Err(format!("Conv pads {begin:?} exceed the kernels' 31-bit range"));
+        return Err(OpReason::TooLarge(format!("Conv pads {begin:?} exceed the kernels' 31-bit range")));
     }
     let phases: usize = geo.strides.iter().product();
     let params = Params::new()
@@ -436,17 +472,19 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
             // only meets the taps with tap * dilation ≡ r, so no tap is visited in vain.
             let z = geo.batch * g * phases;
             if z > MAX_GROUPS {
-                return Err(format!(
+                return Err(OpReason::TooLarge(format!(
                     "Conv reverse pass: batch {} x group {g} x stride phases {phases} = {z} exceeds the \
                      {MAX_GROUPS} workgroups of one dispatch",
                     geo.batch
-                ));
+                )));
             }
             let widest: usize = geo.input.iter().zip(&geo.strides).map(|(&i, &s)| i.div_ceil(s)).product();
             let tile = super::matmul::TILE;
             let (tiles_x, tiles_y) = (widest.div_ceil(tile), cin_g.div_ceil(tile));
             if tiles_x.max(tiles_y) > MAX_GROUPS {
-                return Err(format!("Conv reverse pass: {widest} positions per phase exceed one dispatch"));
+                return Err(OpReason::TooLarge(format!(
+                    "Conv reverse pass: {widest} positions per phase exceed one dispatch"
+                )));
             }
             ("conv_gemm_dx", [tiles_x as u32, tiles_y as u32, z as u32])
         }
@@ -502,11 +540,16 @@ mod tests {
     #[test]
     fn rejects_inconsistent_shapes_and_attributes() {
         let plain = parse(&[]).unwrap();
-        assert!(ConvGeometry::new(&plain, &[1, 3, 5, 5], &[4, 2, 3, 3]).unwrap_err().contains("channels"));
+        assert!(ConvGeometry::new(&plain, &[1, 3, 5, 5], &[4, 2, 3, 3]).unwrap_err().to_string().contains("channels"));
         let ks = parse(&[("kernel_shape", Attr::Ints(vec![2, 2]))]).unwrap();
-        assert!(ConvGeometry::new(&ks, &[1, 3, 5, 5], &[4, 3, 3, 3]).unwrap_err().contains("kernel_shape"));
-        assert!(ConvGeometry::new(&plain, &[1, 3, 2, 2], &[4, 3, 3, 3]).unwrap_err().contains("exceeds"));
-        assert!(ConvGeometry::new(&plain, &[1, 1, 2, 2, 2, 2], &[1, 1, 1, 1, 1, 1]).unwrap_err().contains("spatial"));
+        assert!(ConvGeometry::new(&ks, &[1, 3, 5, 5], &[4, 3, 3, 3]).unwrap_err().to_string().contains("kernel_shape"));
+        assert!(ConvGeometry::new(&plain, &[1, 3, 2, 2], &[4, 3, 3, 3]).unwrap_err().to_string().contains("exceeds"));
+        assert!(
+            ConvGeometry::new(&plain, &[1, 1, 2, 2, 2, 2], &[1, 1, 1, 1, 1, 1])
+                .unwrap_err()
+                .to_string()
+                .contains("spatial")
+        );
         assert!(parse(&[("auto_pad", Attr::String("SAME".into()))]).is_err());
         assert!(parse(&[("group", Attr::Int(0))]).is_err());
         assert!(parse(&[("auto_pad", Attr::String("VALID".into())), ("pads", Attr::Ints(vec![1, 1]))]).is_err());

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::{
-    Attrs, BackwardLowering, BufRef, Input, Lowering, OpResult, Operand, broadcast_shapes, broadcast_strides,
+    Attrs, BackwardLowering, BufRef, Input, Lowering, OpReason, OpResult, Operand, broadcast_shapes, broadcast_strides,
     check_rank, f32_out, required, u32s,
 };
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
@@ -55,7 +55,7 @@ impl Unary {
             "Neg" => Unary::Neg,
             "Abs" => Unary::Abs,
             "Sqrt" => Unary::Sqrt,
-            other => return Err(format!("{other} is not a unary activation")),
+            other => return Err(OpReason::Internal(format!("{other} is not a unary activation"))),
         })
     }
 
@@ -133,7 +133,7 @@ impl BinaryKind {
             "Div" => BinaryKind::Div,
             "Pow" => BinaryKind::Pow,
             "PRelu" => BinaryKind::PRelu,
-            other => return Err(format!("{other} is not a binary op")),
+            other => return Err(OpReason::Internal(format!("{other} is not a binary op"))),
         })
     }
 
@@ -172,13 +172,13 @@ impl BinaryKind {
             BinaryKind::Mul => a.wrapping_mul(b),
             BinaryKind::Div => {
                 if b == 0 {
-                    return Err("integer division by zero in a constant subgraph".into());
+                    return Err(OpReason::Value("integer division by zero in a constant subgraph".into()));
                 }
                 a.wrapping_div(b)
             }
             BinaryKind::Pow => {
                 if b < 0 {
-                    return Err("negative integer exponent in a constant subgraph".into());
+                    return Err(OpReason::Value("negative integer exponent in a constant subgraph".into()));
                 }
                 a.wrapping_pow(b.min(u32::MAX as i64) as u32)
             }
@@ -203,7 +203,7 @@ pub fn infer_prelu(inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DT
     let s = required(inputs, 1, "slope")?;
     let out = broadcast_shapes(x.shape, s.shape)?;
     if out != x.shape {
-        return Err(format!("slope of shape {:?} does not broadcast to X {:?}", s.shape, x.shape));
+        return Err(OpReason::Shape(format!("slope of shape {:?} does not broadcast to X {:?}", s.shape, x.shape)));
     }
     Ok(f32_out(out))
 }
@@ -220,7 +220,7 @@ pub fn infer_binary(kind: BinaryKind, inputs: &[Option<Input<'_>>]) -> OpResult<
 }
 
 pub fn eval_unary(u: &Unary, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
-    let x = inputs.first().copied().flatten().ok_or("missing input X")?;
+    let x = inputs.first().copied().flatten().ok_or_else(|| OpReason::MissingInput { index: 0, what: "X".into() })?;
     // Shape arithmetic negates and takes absolute values of integer sizes: keep them integers.
     if let (Data::I64(v), Unary::Neg | Unary::Abs) = (&x.data, u) {
         let f = if *u == Unary::Neg { i64::wrapping_neg } else { i64::wrapping_abs };
@@ -235,7 +235,7 @@ pub fn eval_unary(u: &Unary, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>
 fn clip_bounds(min: Option<&Tensor>, max: Option<&Tensor>) -> OpResult<Unary> {
     let scalar = |t: &Tensor, what: &str| -> OpResult<f32> {
         if t.numel() != 1 {
-            return Err(format!("Clip {what} must be a scalar, got shape {:?}", t.shape));
+            return Err(OpReason::Shape(format!("Clip {what} must be a scalar, got shape {:?}", t.shape)));
         }
         Ok(t.to_f32_vec()[0])
     };
@@ -246,7 +246,7 @@ fn clip_bounds(min: Option<&Tensor>, max: Option<&Tensor>) -> OpResult<Unary> {
 }
 
 pub fn eval_clip_inputs(inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
-    let x = inputs.first().copied().flatten().ok_or("missing input X")?;
+    let x = inputs.first().copied().flatten().ok_or_else(|| OpReason::MissingInput { index: 0, what: "X".into() })?;
     let u = clip_bounds(inputs.get(1).copied().flatten(), inputs.get(2).copied().flatten())?;
     match &x.data {
         Data::I64(v) => {
@@ -262,8 +262,8 @@ pub fn eval_clip_inputs(inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
 }
 
 pub fn eval_binary(kind: BinaryKind, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
-    let a = inputs.first().copied().flatten().ok_or("missing input A")?;
-    let b = inputs.get(1).copied().flatten().ok_or("missing input B")?;
+    let a = inputs.first().copied().flatten().ok_or_else(|| OpReason::MissingInput { index: 0, what: "A".into() })?;
+    let b = inputs.get(1).copied().flatten().ok_or_else(|| OpReason::MissingInput { index: 1, what: "B".into() })?;
     let out = broadcast_shapes(&a.shape, &b.shape)?;
     let sa = broadcast_strides(&a.shape, &out);
     let sb = broadcast_strides(&b.shape, &out);
@@ -327,11 +327,9 @@ pub fn lower_unary(u: &Unary, l: &mut Lowering) -> OpResult<()> {
 fn constant_bound(inputs: &[Option<Operand>], i: usize, what: &str) -> OpResult<Option<Arc<Tensor>>> {
     match inputs.get(i).and_then(|x| x.as_ref()) {
         None => Ok(None),
-        Some(op) => Ok(Some(
-            op.value
-                .clone()
-                .ok_or_else(|| format!("Clip {what} must be a constant (it depends on the model input)"))?,
-        )),
+        Some(op) => Ok(Some(op.value.clone().ok_or_else(|| {
+            OpReason::Unsupported(format!("Clip {what} must be a constant (it depends on the model input)"))
+        })?)),
     }
 }
 
@@ -415,7 +413,7 @@ pub fn backward_clip_inputs(b: &mut BackwardLowering) -> OpResult<()> {
 fn unary_grad(u: &Unary, from_output: bool, b: &mut BackwardLowering) -> OpResult<()> {
     for i in 1..b.grad_inputs.len() {
         if b.grad_input(i).is_some() {
-            return Err(format!("input {i} of an activation (a Clip bound) carries no gradient"));
+            return Err(OpReason::Internal(format!("input {i} of an activation (a Clip bound) carries no gradient")));
         }
     }
     let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
@@ -431,16 +429,18 @@ fn unary_grad(u: &Unary, from_output: bool, b: &mut BackwardLowering) -> OpResul
     };
     let n = dy.numel();
     if saved.numel() != n || gx.shape.iter().product::<usize>() != n {
-        return Err(format!(
+        return Err(OpReason::Internal(format!(
             "activation gradient shapes disagree: dY {:?}, saved {:?}, dX {:?}",
             dy.shape, saved.shape, gx.shape
-        ));
+        )));
     }
     if n > u32::MAX as usize {
-        return Err(format!("activation gradient has {n} elements, more than a 32-bit index covers"));
+        return Err(OpReason::TooLarge(format!(
+            "activation gradient has {n} elements, more than a 32-bit index covers"
+        )));
     }
     if from_output && matches!(u, Unary::HardSwish | Unary::Log | Unary::Abs) {
-        return Err(format!("{u:?}'s gradient needs its input, not its output"));
+        return Err(OpReason::Internal(format!("{u:?}'s gradient needs its input, not its output")));
     }
     let (code, alpha, beta) = u.code();
     b.dispatch(
@@ -491,22 +491,28 @@ pub fn backward_binary(kind: BinaryKind, b: &mut BackwardLowering) -> OpResult<(
     let dy = b.grad_output(0)?.clone();
     check_rank(&dy.shape)?;
     if kind == BinaryKind::PRelu && b.grad_input(1).is_some() {
-        return Err("PRelu's slope is a frozen weight and gets no gradient".into());
+        return Err(OpReason::Internal("PRelu's slope is a frozen weight and gets no gradient".into()));
     }
     let shapes = [b.input(0, "A")?.shape.clone(), b.input(1, "B")?.shape.clone()];
     let bufs = [b.input(0, "A")?.buf, b.input(1, "B")?.buf];
     let n_out = dy.numel();
     if n_out > u32::MAX as usize {
-        return Err(format!("binary gradient over {n_out} elements exceeds a 32-bit index"));
+        return Err(OpReason::TooLarge(format!("binary gradient over {n_out} elements exceeds a 32-bit index")));
     }
     if broadcast_shapes(&shapes[0], &shapes[1])? != dy.shape {
-        return Err(format!("dY shape {:?} is not the broadcast of {:?} and {:?}", dy.shape, shapes[0], shapes[1]));
+        return Err(OpReason::Internal(format!(
+            "dY shape {:?} is not the broadcast of {:?} and {:?}",
+            dy.shape, shapes[0], shapes[1]
+        )));
     }
     for side in 0..2 {
         let Some(gx) = b.grad_input(side).cloned() else { continue };
         let (own, other) = (&shapes[side], &shapes[1 - side]);
         if gx.shape.iter().product::<usize>() != own.iter().product::<usize>() {
-            return Err(format!("gradient buffer of shape {:?} for an operand of shape {own:?}", gx.shape));
+            return Err(OpReason::Internal(format!(
+                "gradient buffer of shape {:?} for an operand of shape {own:?}",
+                gx.shape
+            )));
         }
         let n: usize = own.iter().product();
         if n == 0 || n_out == 0 {

@@ -14,7 +14,8 @@
 //! and Pad's border gradients fold back onto the elements they were copied from.
 
 use super::{
-    Attrs, BackwardLowering, BufRef, Input, Lowering, MAX_RANK, OpResult, Operand, contiguous_strides, norm_axis, u32s,
+    Attrs, BackwardLowering, BufRef, Input, Lowering, MAX_RANK, OpReason, OpResult, Operand, contiguous_strides,
+    norm_axis, u32s,
 };
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::onnx::RawNode;
@@ -150,7 +151,7 @@ impl LayoutOp {
                 a.only(&["allowzero"])?;
                 let allowzero = a.int("allowzero", 0)?;
                 if !(allowzero == 0 || allowzero == 1) {
-                    return Err(format!("Reshape allowzero must be 0 or 1, got {allowzero}"));
+                    return Err(OpReason::Attribute(format!("Reshape allowzero must be 0 or 1, got {allowzero}")));
                 }
                 LayoutOp::Reshape { allowzero: allowzero == 1 }
             }
@@ -170,7 +171,7 @@ impl LayoutOp {
                     LayoutOp::Squeeze { axes }
                 } else {
                     if axes == IntsArg::Absent {
-                        return Err("Unsqueeze needs the 'axes' attribute".into());
+                        return Err(OpReason::MissingAttribute { op: "Unsqueeze", name: "axes" });
                     }
                     LayoutOp::Unsqueeze { axes }
                 }
@@ -192,13 +193,13 @@ impl LayoutOp {
             }
             "Concat" => {
                 a.only(&["axis"])?;
-                let axis = a.opt_int("axis")?.ok_or("Concat needs the 'axis' attribute")?;
+                let axis = a.opt_int("axis")?.ok_or(OpReason::MissingAttribute { op: "Concat", name: "axis" })?;
                 LayoutOp::Concat { axis }
             }
             "Split" => {
                 let outputs = node.outputs.len();
                 if outputs == 0 {
-                    return Err("Split has no outputs".into());
+                    return Err(OpReason::Attribute("Split has no outputs".into()));
                 }
                 let (split, num_outputs) = if opset < 13 {
                     a.only(&["axis", "split"])?;
@@ -212,12 +213,16 @@ impl LayoutOp {
                         None => None,
                         Some(n) if n >= 1 && n as usize == outputs => Some(n as usize),
                         Some(n) => {
-                            return Err(format!("Split num_outputs is {n} but the node has {outputs} outputs"));
+                            return Err(OpReason::Attribute(format!(
+                                "Split num_outputs is {n} but the node has {outputs} outputs"
+                            )));
                         }
                     };
                     let has_split_input = node.inputs.get(1).is_some_and(|s| !s.is_empty());
                     if n.is_some() && has_split_input {
-                        return Err("Split takes either the 'split' input or 'num_outputs', not both".into());
+                        return Err(OpReason::Attribute(
+                            "Split takes either the 'split' input or 'num_outputs', not both".into(),
+                        ));
                     }
                     (IntsArg::Input(1), n)
                 };
@@ -226,8 +231,8 @@ impl LayoutOp {
             "Slice" => {
                 if opset < 10 {
                     a.only(&["starts", "ends", "axes"])?;
-                    let starts = a.ints("starts")?.ok_or("Slice needs the 'starts' attribute")?;
-                    let ends = a.ints("ends")?.ok_or("Slice needs the 'ends' attribute")?;
+                    let starts = a.ints("starts")?.ok_or(OpReason::MissingAttribute { op: "Slice", name: "starts" })?;
+                    let ends = a.ints("ends")?.ok_or(OpReason::MissingAttribute { op: "Slice", name: "ends" })?;
                     LayoutOp::Slice {
                         starts: IntsArg::Attr(starts),
                         ends: IntsArg::Attr(ends),
@@ -250,13 +255,15 @@ impl LayoutOp {
                     "reflect" => PadMode::Reflect,
                     "edge" => PadMode::Edge,
                     "wrap" => {
-                        return Err("Pad mode 'wrap' is not supported (constant, reflect and edge are)".into());
+                        return Err(OpReason::Unsupported(
+                            "Pad mode 'wrap' is not supported (constant, reflect and edge are)".into(),
+                        ));
                     }
-                    other => return Err(format!("unknown Pad mode '{other}'")),
+                    other => return Err(OpReason::Attribute(format!("unknown Pad mode '{other}'"))),
                 };
                 if opset < 11 {
                     a.only(&["mode", "pads", "value"])?;
-                    let pads = a.ints("pads")?.ok_or("Pad needs the 'pads' attribute")?;
+                    let pads = a.ints("pads")?.ok_or(OpReason::MissingAttribute { op: "Pad", name: "pads" })?;
                     LayoutOp::Pad {
                         mode,
                         pads: IntsArg::Attr(pads),
@@ -269,7 +276,7 @@ impl LayoutOp {
                     LayoutOp::Pad { mode, pads: IntsArg::Input(1), value: PadValue::Input(2), axes }
                 }
             }
-            other => return Err(format!("{other} is not a layout op")),
+            other => return Err(OpReason::Internal(format!("{other} is not a layout op"))),
         })
     }
 
@@ -306,10 +313,14 @@ impl LayoutOp {
         let args: Vec<Option<Arg<'_>>> =
             inputs.iter().map(|i| i.map(|t| Arg { shape: &t.shape, value: Some(t) })).collect();
         let r = self.resolve(&args)?;
-        let x = inputs.first().copied().flatten().ok_or("missing input 0")?;
+        let x = inputs
+            .first()
+            .copied()
+            .flatten()
+            .ok_or_else(|| OpReason::MissingInput { index: 0, what: "data".into() })?;
         let mut outs = match &r.movement {
             Movement::View => {
-                let shape = r.shapes.first().cloned().ok_or("no output shape")?;
+                let shape = r.shapes.first().cloned().ok_or_else(|| OpReason::Internal("no output shape".into()))?;
                 vec![Tensor { dtype: x.dtype, shape, data: x.data.clone() }]
             }
             Movement::Copies(copies) => {
@@ -318,7 +329,7 @@ impl LayoutOp {
                 let srcs: Vec<&Tensor> = data
                     .iter()
                     .enumerate()
-                    .map(|(i, t)| t.ok_or_else(|| format!("missing input {i}")))
+                    .map(|(i, t)| t.ok_or_else(|| OpReason::MissingInput { index: i, what: "data".into() }))
                     .collect::<OpResult<_>>()?;
                 eval_copies(&srcs, &r.shapes, copies)?
             }
@@ -372,11 +383,13 @@ impl LayoutOp {
 
     /// Resolves attribute-like inputs against concrete shapes: output shapes and data movement.
     fn resolve(&self, args: &[Option<Arg<'_>>]) -> OpResult<Resolved> {
-        let x = args.first().copied().flatten().ok_or("missing input 0 (data)")?;
+        let x =
+            args.first().copied().flatten().ok_or_else(|| OpReason::MissingInput { index: 0, what: "data".into() })?;
         let view = |shape: Vec<usize>| Ok(Resolved { shapes: vec![shape], movement: Movement::View });
         match self {
             LayoutOp::Reshape { allowzero } => {
-                let target = ints_input(args, 1, "Reshape shape")?.ok_or("Reshape needs its 'shape' input")?;
+                let target = ints_input(args, 1, "Reshape shape")?
+                    .ok_or_else(|| OpReason::Attribute("Reshape needs its 'shape' input".into()))?;
                 view(reshape_shape(x.shape, &target, *allowzero)?)
             }
             LayoutOp::Flatten { axis } => view(flatten_shape(x.shape, *axis)?),
@@ -385,17 +398,23 @@ impl LayoutOp {
                 view(squeeze_shape(x.shape, axes.as_deref())?)
             }
             LayoutOp::Unsqueeze { axes } => {
-                let axes = resolve_ints(axes, args, "Unsqueeze axes")?.ok_or("Unsqueeze needs axes")?;
+                let axes = resolve_ints(axes, args, "Unsqueeze axes")?
+                    .ok_or_else(|| OpReason::Attribute("Unsqueeze needs axes".into()))?;
                 view(unsqueeze_shape(x.shape, &axes)?)
             }
             LayoutOp::Identity => view(x.shape.to_vec()),
             LayoutOp::Dropout { .. } => {
                 if let Some(t) = args.get(2).copied().flatten() {
-                    let v = t
-                        .value
-                        .ok_or("Dropout training_mode must be a constant (only inference-mode dropout is supported)")?;
+                    let v = t.value.ok_or_else(|| {
+                        OpReason::Unsupported(
+                            "Dropout training_mode must be a constant (only inference-mode dropout is supported)"
+                                .into(),
+                        )
+                    })?;
                     if v.to_i64_vec().iter().any(|&b| b != 0) {
-                        return Err("Dropout in training mode is not supported (inference only)".into());
+                        return Err(OpReason::Unsupported(
+                            "Dropout in training mode is not supported (inference only)".into(),
+                        ));
                     }
                 }
                 view(x.shape.to_vec())
@@ -405,7 +424,10 @@ impl LayoutOp {
                 let shapes: Vec<&[usize]> = args
                     .iter()
                     .enumerate()
-                    .map(|(i, a)| a.map(|a| a.shape).ok_or_else(|| format!("Concat input {i} is missing")))
+                    .map(|(i, a)| {
+                        a.map(|a| a.shape)
+                            .ok_or_else(|| OpReason::MissingInput { index: i, what: "Concat input".into() })
+                    })
                     .collect::<OpResult<_>>()?;
                 resolve_concat(&shapes, *axis)
             }
@@ -414,23 +436,31 @@ impl LayoutOp {
                 resolve_split(x.shape, *axis, split.as_deref(), *num_outputs, *outputs)
             }
             LayoutOp::Slice { starts, ends, axes, steps } => {
-                let starts = resolve_ints(starts, args, "Slice starts")?.ok_or("Slice needs starts")?;
-                let ends = resolve_ints(ends, args, "Slice ends")?.ok_or("Slice needs ends")?;
+                let starts = resolve_ints(starts, args, "Slice starts")?
+                    .ok_or_else(|| OpReason::Attribute("Slice needs starts".into()))?;
+                let ends = resolve_ints(ends, args, "Slice ends")?
+                    .ok_or_else(|| OpReason::Attribute("Slice needs ends".into()))?;
                 let axes = resolve_ints(axes, args, "Slice axes")?;
                 let steps = resolve_ints(steps, args, "Slice steps")?;
                 resolve_slice(x.shape, &starts, &ends, axes.as_deref(), steps.as_deref())
             }
             LayoutOp::Pad { mode, pads, value, axes } => {
-                let pads = resolve_ints(pads, args, "Pad pads")?.ok_or("Pad needs pads")?;
+                let pads = resolve_ints(pads, args, "Pad pads")?
+                    .ok_or_else(|| OpReason::Attribute("Pad needs pads".into()))?;
                 let axes = resolve_ints(axes, args, "Pad axes")?;
                 let value = match value {
                     PadValue::Attr(v) => f64::from(*v),
                     PadValue::Input(i) => match args.get(*i).copied().flatten() {
                         None => 0.0,
                         Some(a) => {
-                            let t = a.value.ok_or("Pad constant_value must be a constant")?;
+                            let t = a
+                                .value
+                                .ok_or_else(|| OpReason::Unsupported("Pad constant_value must be a constant".into()))?;
                             if t.numel() != 1 {
-                                return Err(format!("Pad constant_value must be a scalar, got shape {:?}", t.shape));
+                                return Err(OpReason::Shape(format!(
+                                    "Pad constant_value must be a scalar, got shape {:?}",
+                                    t.shape
+                                )));
                             }
                             match &t.data {
                                 Data::F32(v) => f64::from(v[0]),
@@ -450,14 +480,12 @@ fn ints_input(args: &[Option<Arg<'_>>], i: usize, what: &str) -> OpResult<Option
     match args.get(i).copied().flatten() {
         None => Ok(None),
         Some(a) => {
-            let t = a
-                .value
-                .ok_or_else(|| format!("{what} must be a constant (an initializer or computable from shapes)"))?;
+            let t = a.value.ok_or_else(|| OpReason::NotConstant { what: what.to_owned() })?;
             if t.dtype.is_float() {
-                return Err(format!("{what} must be an integer tensor, got {}", t.dtype));
+                return Err(OpReason::DType(format!("{what} must be an integer tensor, got {}", t.dtype)));
             }
             if t.shape.len() > 1 {
-                return Err(format!("{what} must be 1-D, got shape {:?}", t.shape));
+                return Err(OpReason::Shape(format!("{what} must be 1-D, got shape {:?}", t.shape)));
             }
             Ok(Some(t.to_i64_vec()))
         }
@@ -478,7 +506,7 @@ fn norm_axes(axes: &[i64], rank: usize) -> OpResult<Vec<usize>> {
     for &a in axes {
         let n = norm_axis(a, rank)?;
         if rank == 0 || out.contains(&n) {
-            return Err(format!("axes {axes:?} are invalid for rank {rank}"));
+            return Err(OpReason::Shape(format!("axes {axes:?} are invalid for rank {rank}")));
         }
         out.push(n);
     }
@@ -495,13 +523,13 @@ pub fn reshape_shape(input: &[usize], target: &[i64], allowzero: bool) -> OpResu
     fn product(dims: impl Iterator<Item = usize>) -> Option<usize> {
         dims.into_iter().try_fold(1usize, |a, d| a.checked_mul(d))
     }
-    let total =
-        product(input.iter().copied()).ok_or_else(|| format!("Reshape input {input:?} has too many elements"))?;
+    let total = product(input.iter().copied())
+        .ok_or_else(|| OpReason::TooLarge(format!("Reshape input {input:?} has too many elements")))?;
     if target.iter().filter(|&&d| d == -1).count() > 1 {
-        return Err(format!("Reshape target {target:?} has more than one -1"));
+        return Err(OpReason::Shape(format!("Reshape target {target:?} has more than one -1")));
     }
     if allowzero && target.contains(&0) && target.contains(&-1) {
-        return Err(format!("Reshape target {target:?} has both 0 and -1 with allowzero=1"));
+        return Err(OpReason::Shape(format!("Reshape target {target:?} has both 0 and -1 with allowzero=1")));
     }
     let mut out: Vec<usize> = Vec::with_capacity(target.len());
     let mut infer_at = None;
@@ -513,29 +541,31 @@ pub fn reshape_shape(input: &[usize], target: &[i64], allowzero: bool) -> OpResu
             }
             0 if !allowzero => {
                 let v = input.get(i).ok_or_else(|| {
-                    format!(
+                    OpReason::Shape(format!(
                         "Reshape target {target:?} copies dimension {i}, but the input {input:?} has rank {}",
                         input.len()
-                    )
+                    ))
                 })?;
                 out.push(*v);
             }
             d if d >= 0 => out.push(d as usize),
             d => {
-                return Err(format!("Reshape target {target:?} has the invalid dimension {d}"));
+                return Err(OpReason::Shape(format!("Reshape target {target:?} has the invalid dimension {d}")));
             }
         }
     }
     if let Some(i) = infer_at {
         let known = product(out.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, d)| *d))
-            .ok_or_else(|| format!("Reshape target {target:?} has too many elements"))?;
+            .ok_or_else(|| OpReason::TooLarge(format!("Reshape target {target:?} has too many elements")))?;
         if known == 0 || !total.is_multiple_of(known) {
-            return Err(format!("cannot reshape {input:?} to {target:?}: the -1 dimension is not determined"));
+            return Err(OpReason::Shape(format!(
+                "cannot reshape {input:?} to {target:?}: the -1 dimension is not determined"
+            )));
         }
         out[i] = total / known;
     }
     if product(out.iter().copied()) != Some(total) {
-        return Err(format!("cannot reshape {input:?} ({total} elements) to {target:?}"));
+        return Err(OpReason::Shape(format!("cannot reshape {input:?} ({total} elements) to {target:?}")));
     }
     Ok(out)
 }
@@ -544,7 +574,7 @@ pub fn flatten_shape(input: &[usize], axis: i64) -> OpResult<Vec<usize>> {
     let r = dim_i64(input.len());
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a > r {
-        return Err(format!("Flatten axis {axis} is out of range for rank {r}"));
+        return Err(OpReason::Shape(format!("Flatten axis {axis} is out of range for rank {r}")));
     }
     let a = a as usize;
     Ok(vec![input[..a].iter().product(), input[a..].iter().product()])
@@ -557,7 +587,7 @@ pub fn squeeze_shape(input: &[usize], axes: Option<&[i64]>) -> OpResult<Vec<usiz
             let axes = norm_axes(axes, input.len())?;
             for &a in &axes {
                 if input[a] != 1 {
-                    return Err(format!("Squeeze axis {a} has size {}, not 1", input[a]));
+                    return Err(OpReason::Shape(format!("Squeeze axis {a} has size {}, not 1", input[a])));
                 }
             }
             Ok(input.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| *d).collect())
@@ -574,7 +604,7 @@ pub fn unsqueeze_shape(input: &[usize], axes: &[i64]) -> OpResult<Vec<usize>> {
         if axes.contains(&j) {
             out.push(1);
         } else {
-            out.push(*dims.next().ok_or("Unsqueeze axes are inconsistent")?);
+            out.push(*dims.next().ok_or_else(|| OpReason::Shape("Unsqueeze axes are inconsistent".into()))?);
         }
     }
     Ok(out)
@@ -589,13 +619,13 @@ fn resolve_transpose(input: &[usize], perm: Option<&[i64]>) -> OpResult<Resolved
             let mut out = Vec::with_capacity(rank);
             for &d in p {
                 if d < 0 || d as usize >= rank || seen[d as usize] {
-                    return Err(format!("Transpose perm {p:?} is not a permutation of 0..{rank}"));
+                    return Err(OpReason::Shape(format!("Transpose perm {p:?} is not a permutation of 0..{rank}")));
                 }
                 seen[d as usize] = true;
                 out.push(d as usize);
             }
             if out.len() != rank {
-                return Err(format!("Transpose perm {p:?} is not a permutation of 0..{rank}"));
+                return Err(OpReason::Shape(format!("Transpose perm {p:?} is not a permutation of 0..{rank}")));
             }
             out
         }
@@ -615,10 +645,10 @@ fn resolve_transpose(input: &[usize], perm: Option<&[i64]>) -> OpResult<Resolved
 }
 
 fn resolve_concat(inputs: &[&[usize]], axis: i64) -> OpResult<Resolved> {
-    let first = *inputs.first().ok_or("Concat has no inputs")?;
+    let first = *inputs.first().ok_or_else(|| OpReason::Shape("Concat has no inputs".into()))?;
     let rank = first.len();
     if rank == 0 {
-        return Err("Concat of scalars is not defined".into());
+        return Err(OpReason::Shape("Concat of scalars is not defined".into()));
     }
     let axis = norm_axis(axis, rank)?;
     let mut out = first.to_vec();
@@ -626,7 +656,7 @@ fn resolve_concat(inputs: &[&[usize]], axis: i64) -> OpResult<Resolved> {
     for s in inputs {
         let same = s.len() == rank && s.iter().zip(first).enumerate().all(|(d, (a, b))| d == axis || a == b);
         if !same {
-            return Err(format!("Concat inputs {inputs:?} differ outside axis {axis}"));
+            return Err(OpReason::Shape(format!("Concat inputs {inputs:?} differ outside axis {axis}")));
         }
         out[axis] += s[axis];
     }
@@ -657,15 +687,15 @@ fn resolve_split(
 ) -> OpResult<Resolved> {
     let axis = norm_axis(axis, input.len())?;
     if input.is_empty() {
-        return Err("Split of a scalar is not defined".into());
+        return Err(OpReason::Shape("Split of a scalar is not defined".into()));
     }
     let dim = input[axis];
     let sizes: Vec<usize> = match (split, num_outputs) {
         (Some(s), _) => {
             if s.len() != outputs || s.iter().any(|&v| v < 0) || s.iter().sum::<i64>() != dim_i64(dim) {
-                return Err(format!(
+                return Err(OpReason::Shape(format!(
                     "Split sizes {s:?} do not divide axis {axis} of size {dim} into {outputs} outputs"
-                ));
+                )));
             }
             s.iter().map(|&v| v as usize).collect()
         }
@@ -673,7 +703,7 @@ fn resolve_split(
             // Opset 18: chunks of ceil(dim / n), the last one smaller.
             let chunk = dim.div_ceil(n);
             if chunk * (n - 1) > dim {
-                return Err(format!("Split cannot cut an axis of size {dim} into {n} outputs"));
+                return Err(OpReason::Shape(format!("Split cannot cut an axis of size {dim} into {n} outputs")));
             }
             let mut v = vec![chunk; n - 1];
             v.push(dim - chunk * (n - 1));
@@ -681,7 +711,9 @@ fn resolve_split(
         }
         (None, None) => {
             if !dim.is_multiple_of(outputs) {
-                return Err(format!("Split cannot cut an axis of size {dim} into {outputs} equal parts"));
+                return Err(OpReason::Shape(format!(
+                    "Split cannot cut an axis of size {dim} into {outputs} equal parts"
+                )));
             }
             vec![dim / outputs; outputs]
         }
@@ -720,9 +752,9 @@ fn resolve_slice(
     let axes: Vec<i64> = axes.map(|a| a.to_vec()).unwrap_or_else(|| (0..n as i64).collect());
     let steps: Vec<i64> = steps.map(|s| s.to_vec()).unwrap_or_else(|| vec![1; n]);
     if ends.len() != n || axes.len() != n || steps.len() != n {
-        return Err(format!(
+        return Err(OpReason::Shape(format!(
             "Slice starts {starts:?}, ends {ends:?}, axes {axes:?} and steps {steps:?} differ in length"
-        ));
+        )));
     }
     let axes = norm_axes(&axes, rank)?;
     let in_strides = contiguous_strides(input);
@@ -732,7 +764,7 @@ fn resolve_slice(
     for i in 0..n {
         let (a, step) = (axes[i], steps[i]);
         if step == 0 {
-            return Err("Slice step 0 is not allowed".into());
+            return Err(OpReason::Shape("Slice step 0 is not allowed".into()));
         }
         let dim = dim_i64(input[a]);
         let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
@@ -771,7 +803,10 @@ fn resolve_pad(input: &[usize], pads: &[i64], axes: Option<&[i64]>, mode: PadMod
         None => (0..rank).collect(),
     };
     if pads.len() != 2 * axes.len() {
-        return Err(format!("Pad pads {pads:?} should have {} values (begin and end per axis)", 2 * axes.len()));
+        return Err(OpReason::Shape(format!(
+            "Pad pads {pads:?} should have {} values (begin and end per axis)",
+            2 * axes.len()
+        )));
     }
     let mut begin = vec![0i64; rank];
     let mut out = input.to_vec();
@@ -779,10 +814,13 @@ fn resolve_pad(input: &[usize], pads: &[i64], axes: Option<&[i64]>, mode: PadMod
         let (b, e) = (pads[k], pads[k + axes.len()]);
         let d = dim_i64(input[a]).saturating_add(b).saturating_add(e);
         if d < 0 {
-            return Err(format!("Pad pads {pads:?} remove more than axis {a} of size {} holds", input[a]));
+            return Err(OpReason::Shape(format!(
+                "Pad pads {pads:?} remove more than axis {a} of size {} holds",
+                input[a]
+            )));
         }
         if mode != PadMode::Constant && input[a] == 0 && d > 0 {
-            return Err(format!("Pad mode {mode:?} cannot pad the empty axis {a}"));
+            return Err(OpReason::Shape(format!("Pad mode {mode:?} cannot pad the empty axis {a}")));
         }
         begin[a] = b;
         out[a] = d as usize;
@@ -814,7 +852,7 @@ fn pad_source(o: i64, begin: i64, m: i64, mode: PadMode) -> Option<i64> {
 
 /// Runs strided copies on the host over the data inputs (attribute-like inputs left out).
 fn eval_copies(data_inputs: &[&Tensor], shapes: &[Vec<usize>], copies: &[StridedCopy]) -> OpResult<Vec<Tensor>> {
-    let first = data_inputs.first().ok_or("missing input 0")?;
+    let first = data_inputs.first().ok_or_else(|| OpReason::MissingInput { index: 0, what: "data".into() })?;
     let all_f32 = data_inputs.iter().all(|t| matches!(t.data, Data::F32(_)));
     let all_i64 = data_inputs.iter().all(|t| matches!(t.data, Data::I64(_)));
     let outs: Vec<Data> = if all_f32 {
@@ -831,7 +869,7 @@ fn eval_copies(data_inputs: &[&Tensor], shapes: &[Vec<usize>], copies: &[Strided
         run_copies(&srcs, shapes, copies)?.into_iter().map(Data::I64).collect()
     } else {
         let types: Vec<String> = data_inputs.iter().map(|t| t.dtype.to_string()).collect();
-        return Err(format!("inputs of different element types ({})", types.join(", ")));
+        return Err(OpReason::DType(format!("inputs of different element types ({})", types.join(", "))));
     };
     Ok(outs
         .into_iter()
@@ -847,8 +885,11 @@ fn run_copies<T: Copy + Default>(
 ) -> OpResult<Vec<Vec<T>>> {
     let mut outs: Vec<Vec<T>> = shapes.iter().map(|s| vec![T::default(); s.iter().product()]).collect();
     for c in copies {
-        let src = srcs.get(c.input).ok_or_else(|| format!("missing input {}", c.input))?;
-        let dst = outs.get_mut(c.output).ok_or_else(|| format!("missing output {}", c.output))?;
+        let src =
+            srcs.get(c.input).ok_or_else(|| OpReason::Internal(format!("copy reads missing input {}", c.input)))?;
+        let dst = outs
+            .get_mut(c.output)
+            .ok_or_else(|| OpReason::Internal(format!("copy writes missing output {}", c.output)))?;
         let n: usize = c.shape.iter().product();
         for i in 0..n {
             let (mut rem, mut s, mut d) = (i, c.src_offset, c.dst_offset);
@@ -858,8 +899,11 @@ fn run_copies<T: Copy + Default>(
                 s += idx as i64 * c.src_strides[k];
                 d += idx * c.dst_strides[k];
             }
-            let v = usize::try_from(s).ok().and_then(|s| src.get(s)).ok_or("strided copy reads out of range")?;
-            *dst.get_mut(d).ok_or("strided copy writes out of range")? = *v;
+            let v = usize::try_from(s)
+                .ok()
+                .and_then(|s| src.get(s))
+                .ok_or_else(|| OpReason::Internal("strided copy reads out of range".into()))?;
+            *dst.get_mut(d).ok_or_else(|| OpReason::Internal("strided copy writes out of range".into()))? = *v;
         }
     }
     Ok(outs)
@@ -914,11 +958,13 @@ fn coalesce(c: &StridedCopy) -> (Vec<usize>, Vec<i64>, Vec<usize>) {
 }
 
 fn to_i32(v: i64, what: &str) -> OpResult<i32> {
-    i32::try_from(v).map_err(|_| format!("{what} {v} exceeds the 32-bit index range of the copy kernel"))
+    i32::try_from(v)
+        .map_err(|_| OpReason::TooLarge(format!("{what} {v} exceeds the 32-bit index range of the copy kernel")))
 }
 
 fn to_u32(v: usize, what: &str) -> OpResult<u32> {
-    u32::try_from(v).map_err(|_| format!("{what} {v} exceeds the 32-bit index range of the copy kernel"))
+    u32::try_from(v)
+        .map_err(|_| OpReason::TooLarge(format!("{what} {v} exceeds the 32-bit index range of the copy kernel")))
 }
 
 fn lower_copies(l: &mut Lowering, shapes: &[Vec<usize>], copies: &[StridedCopy]) -> OpResult<()> {
@@ -944,7 +990,10 @@ fn copy_params(c: &StridedCopy) -> OpResult<Params> {
     let n: usize = c.shape.iter().product();
     let (shape, ss, ds) = coalesce(c);
     if shape.len() > MAX_RANK {
-        return Err(format!("a copy of rank {} (after merging contiguous dimensions) exceeds {MAX_RANK}", shape.len()));
+        return Err(OpReason::TooLarge(format!(
+            "a copy of rank {} (after merging contiguous dimensions) exceeds {MAX_RANK}",
+            shape.len()
+        )));
     }
     let ss: Vec<i32> = ss.iter().map(|&s| to_i32(s, "source stride")).collect::<OpResult<_>>()?;
     let ds: Vec<u32> = ds.iter().map(|&s| to_u32(s, "destination stride")).collect::<OpResult<_>>()?;
@@ -962,7 +1011,10 @@ fn lower_pad(l: &mut Lowering, out: &[usize], begin: &[i64], mode: PadMode, valu
     let x = l.input(0, "data")?.clone();
     let y = l.output(0)?.buf;
     if out.len() > MAX_RANK {
-        return Err(format!("Pad of rank {} exceeds the supported maximum of {MAX_RANK}", out.len()));
+        return Err(OpReason::TooLarge(format!(
+            "Pad of rank {} exceeds the supported maximum of {MAX_RANK}",
+            out.len()
+        )));
     }
     let n: usize = out.iter().product();
     if n == 0 {
@@ -1005,7 +1057,9 @@ impl LayoutOp {
         let r = self.resolve(&args)?;
         let data = self.copy_sources().min(b.grad_inputs.len());
         if let Some(i) = (data..b.grad_inputs.len()).find(|&i| b.grad_input(i).is_some()) {
-            return Err(format!("input {i} is attribute-like (shape, axes, indices or pads) and carries no gradient"));
+            return Err(OpReason::Internal(format!(
+                "input {i} is attribute-like (shape, axes, indices or pads) and carries no gradient"
+            )));
         }
         match r.movement {
             Movement::View => backward_view(b),
@@ -1045,11 +1099,11 @@ fn backward_view(b: &mut BackwardLowering) -> OpResult<()> {
     let dy = b.grad_output(0)?.clone();
     let n = numel(&dy.shape);
     if numel(&gx.shape) != n {
-        return Err(format!("view gradient shapes disagree: dY {:?}, dX {:?}", dy.shape, gx.shape));
+        return Err(OpReason::Internal(format!("view gradient shapes disagree: dY {:?}, dX {:?}", dy.shape, gx.shape)));
     }
     if dy.buf == gx.buf {
         if gx.accumulate {
-            return Err("a view cannot add its gradient into the buffer that holds it".into());
+            return Err(OpReason::Internal("a view cannot add its gradient into the buffer that holds it".into()));
         }
         return Ok(());
     }
@@ -1076,7 +1130,8 @@ fn reverse_copy(c: &StridedCopy) -> OpResult<StridedCopy> {
         read_strides.push(rs);
         write_strides.push(ws as usize);
     }
-    let dst_offset = usize::try_from(write_off).map_err(|_| "a reversed copy starts before its buffer".to_string())?;
+    let dst_offset = usize::try_from(write_off)
+        .map_err(|_| OpReason::Internal("a reversed copy starts before its buffer".into()))?;
     Ok(StridedCopy {
         input: c.output,
         output: c.input,
@@ -1097,7 +1152,10 @@ fn backward_copies(b: &mut BackwardLowering, copies: &[StridedCopy]) -> OpResult
         let x_shape = b.input(j, "data")?.shape.clone();
         let n = numel(&x_shape);
         if numel(&gx.shape) != n {
-            return Err(format!("gradient of shape {:?} for input {j} of shape {x_shape:?}", gx.shape));
+            return Err(OpReason::Internal(format!(
+                "gradient of shape {:?} for input {j} of shape {x_shape:?}",
+                gx.shape
+            )));
         }
         let mut mine = Vec::new();
         for c in copies.iter().filter(|c| c.input == j && numel(&c.shape) > 0) {
@@ -1129,13 +1187,16 @@ fn backward_pad(b: &mut BackwardLowering, out: &[usize], begin: &[i64], mode: Pa
     let x_shape = b.input(0, "data")?.shape.clone();
     let n = numel(&x_shape);
     if dy.shape != out || numel(&gx.shape) != n {
-        return Err(format!(
+        return Err(OpReason::Internal(format!(
             "Pad gradient shapes disagree: X {x_shape:?}, dY {:?} (expected {out:?}), dX {:?}",
             dy.shape, gx.shape
-        ));
+        )));
     }
     if out.len() > MAX_RANK {
-        return Err(format!("Pad of rank {} exceeds the supported maximum of {MAX_RANK}", out.len()));
+        return Err(OpReason::TooLarge(format!(
+            "Pad of rank {} exceeds the supported maximum of {MAX_RANK}",
+            out.len()
+        )));
     }
     if n == 0 {
         return Ok(());

@@ -12,7 +12,7 @@
 //! result is bit-reproducible.
 
 use super::{
-    Attrs, BackwardLowering, BufRef, Dispatch, GradInput, Input, Lowering, OpResult, broadcast_shapes,
+    Attrs, BackwardLowering, BufRef, Dispatch, GradInput, Input, Lowering, OpReason, OpResult, broadcast_shapes,
     broadcast_strides, contiguous_strides, f32_out, required,
 };
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
@@ -111,7 +111,7 @@ fn merge_batch_dims(shape: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec
 }
 
 fn u32_checked(v: usize, what: &str) -> OpResult<u32> {
-    u32::try_from(v).map_err(|_| format!("{what} ({v}) exceeds the kernel's 32-bit indexing"))
+    u32::try_from(v).map_err(|_| OpReason::TooLarge(format!("{what} ({v}) exceeds the kernel's 32-bit indexing")))
 }
 
 impl GemmDispatch {
@@ -134,21 +134,21 @@ impl GemmDispatch {
             strides.push(c.batch_strides.clone());
         }
         if strides.iter().any(|s| s.len() != self.batch_shape.len()) {
-            return Err("matmul: batch strides do not match the batch rank".into());
+            return Err(OpReason::Internal("matmul: batch strides do not match the batch rank".into()));
         }
         let (batch_shape, bs) = merge_batch_dims(&self.batch_shape, &strides);
         if batch_shape.len() > MAX_BATCH_DIMS {
-            return Err(format!(
+            return Err(OpReason::Shape(format!(
                 "matmul batch shape {:?} needs {} independent batch dims after merging; the kernel supports {MAX_BATCH_DIMS}",
                 self.batch_shape,
                 batch_shape.len()
-            ));
+            )));
         }
         let batch: usize = batch_shape.iter().product();
         if batch > MAX_GROUPS {
-            return Err(format!(
+            return Err(OpReason::TooLarge(format!(
                 "matmul batch of {batch} matrices exceeds the {MAX_GROUPS} workgroups of one dispatch"
-            ));
+            )));
         }
         let total = batch * self.m * self.n;
         u32_checked(total, "matmul output size")?;
@@ -193,22 +193,25 @@ fn to_u32s(v: &[usize]) -> OpResult<Vec<u32>> {
 /// Gemm's A, B (and optional C) shapes into (M, K, N), checking they agree.
 fn gemm_dims(a: &GemmAttrs, sa: &[usize], sb: &[usize]) -> OpResult<(usize, usize, usize)> {
     if sa.len() != 2 || sb.len() != 2 {
-        return Err(format!("Gemm needs 2-D A and B, got shapes {sa:?} and {sb:?}"));
+        return Err(OpReason::Shape(format!("Gemm needs 2-D A and B, got shapes {sa:?} and {sb:?}")));
     }
     let (m, k) = if a.trans_a { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
     let (kb, n) = if a.trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
     if k != kb {
-        return Err(format!(
+        return Err(OpReason::Shape(format!(
             "Gemm inner dimensions differ: A {sa:?} (transA={}) and B {sb:?} (transB={})",
             a.trans_a as u8, a.trans_b as u8
-        ));
+        )));
     }
     Ok((m, k, n))
 }
 
 fn check_f32(x: &Input<'_>, what: &str) -> OpResult<()> {
     if !x.dtype.is_float() {
-        return Err(format!("{what} has element type {}; only floating-point inputs are supported", x.dtype));
+        return Err(OpReason::DType(format!(
+            "{what} has element type {}; only floating-point inputs are supported",
+            x.dtype
+        )));
     }
     Ok(())
 }
@@ -222,7 +225,7 @@ pub fn infer_gemm(a: &GemmAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(
     if let Some(Some(c)) = inputs.get(2) {
         check_f32(c, "C")?;
         if c.shape.len() > 2 || broadcast_shapes(c.shape, &[m, n]).ok().as_deref() != Some(&[m, n][..]) {
-            return Err(format!("Gemm C of shape {:?} does not broadcast to ({m}, {n})", c.shape));
+            return Err(OpReason::Shape(format!("Gemm C of shape {:?} does not broadcast to ({m}, {n})", c.shape)));
         }
     }
     Ok(f32_out(vec![m, n]))
@@ -231,7 +234,7 @@ pub fn infer_gemm(a: &GemmAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(
 /// MatMul's operand shapes with numpy's 1-D promotion: (batch dims of A, M, K), (batch of B, K, N).
 fn matmul_dims(sa: &[usize], sb: &[usize]) -> OpResult<(Vec<usize>, usize, usize, usize)> {
     if sa.is_empty() || sb.is_empty() {
-        return Err(format!("MatMul operands must have rank 1 or more, got shapes {sa:?} and {sb:?}"));
+        return Err(OpReason::Shape(format!("MatMul operands must have rank 1 or more, got shapes {sa:?} and {sb:?}")));
     }
     let (a_batch, m, k) = match sa.len() {
         1 => (&sa[..0], 1, sa[0]),
@@ -242,10 +245,10 @@ fn matmul_dims(sa: &[usize], sb: &[usize]) -> OpResult<(Vec<usize>, usize, usize
         r => (&sb[..r - 2], sb[r - 2], sb[r - 1]),
     };
     if k != kb {
-        return Err(format!("MatMul inner dimensions differ: A {sa:?} and B {sb:?}"));
+        return Err(OpReason::Shape(format!("MatMul inner dimensions differ: A {sa:?} and B {sb:?}")));
     }
     let batch = broadcast_shapes(a_batch, b_batch)
-        .map_err(|_| format!("MatMul batch dims of A {sa:?} and B {sb:?} do not broadcast"))?;
+        .map_err(|_| OpReason::Shape(format!("MatMul batch dims of A {sa:?} and B {sb:?} do not broadcast")))?;
     Ok((batch, m, k, n))
 }
 
@@ -408,16 +411,16 @@ fn reduce_broadcast(
     out: &GradInput,
 ) -> OpResult<()> {
     if target.len() > full.len() || full.len() > super::MAX_RANK {
-        return Err(format!(
+        return Err(OpReason::Unsupported(format!(
             "gradient reduction from {full:?} to {target:?} is not supported (rank above {})",
             super::MAX_RANK
-        ));
+        )));
     }
     let lead = full.len() - target.len();
     let kept: Vec<usize> = (0..full.len()).map(|d| if d < lead { 1 } else { target[d - lead] }).collect();
     let reduced: Vec<usize> = full.iter().zip(&kept).map(|(&f, &k)| if k == f { 1 } else { f }).collect();
     if kept.iter().zip(full).any(|(&k, &f)| k != f && k != 1) {
-        return Err(format!("gradient reduction: {target:?} does not broadcast to {full:?}"));
+        return Err(OpReason::Internal(format!("gradient reduction: {target:?} does not broadcast to {full:?}")));
     }
     let strides: Vec<usize> = contiguous_strides(full).into_iter().map(|s| s * inner).collect();
     let total = u32_checked(kept.iter().product::<usize>() * inner, "gradient size")?;
@@ -443,7 +446,10 @@ fn reduce_broadcast(
 
 fn check_grad_shape(g: &GradInput, want: &[usize], what: &str) -> OpResult<()> {
     if g.shape != want {
-        return Err(format!("gradient buffer of {what} has shape {:?}, expected {want:?}", g.shape));
+        return Err(OpReason::Internal(format!(
+            "gradient buffer of {what} has shape {:?}, expected {want:?}",
+            g.shape
+        )));
     }
     Ok(())
 }
@@ -458,7 +464,7 @@ pub fn backward_gemm(attrs: &GemmAttrs, b: &mut BackwardLowering) -> OpResult<()
     let dy = b.grad_output(0)?.clone();
     let (m, k, n) = gemm_dims(attrs, &a.shape, &bm.shape)?;
     if dy.shape != [m, n] {
-        return Err(format!("Gemm output gradient has shape {:?}, expected [{m}, {n}]", dy.shape));
+        return Err(OpReason::Internal(format!("Gemm output gradient has shape {:?}, expected [{m}, {n}]", dy.shape)));
     }
     let (a_rs, a_cs) = if attrs.trans_a { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if attrs.trans_b { (1, k) } else { (n, 1) };
@@ -508,7 +514,10 @@ pub fn backward_matmul(b: &mut BackwardLowering) -> OpResult<()> {
         out_shape.push(n);
     }
     if dy.shape != out_shape {
-        return Err(format!("MatMul output gradient has shape {:?}, expected {out_shape:?}", dy.shape));
+        return Err(OpReason::Internal(format!(
+            "MatMul output gradient has shape {:?}, expected {out_shape:?}",
+            dy.shape
+        )));
     }
     let entries: usize = batch.iter().product();
     let a_rank = a.shape.len().saturating_sub(2);

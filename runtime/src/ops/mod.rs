@@ -29,14 +29,124 @@ pub mod softmax;
 
 use std::sync::Arc;
 
+use thiserror::Error;
+
 use crate::gpu::{KernelKey, Params};
 use crate::onnx::RawNode;
 use crate::tensor::{DType, Tensor};
 pub use attrs::Attrs;
 
-/// Why an op could not be parsed, inferred, evaluated or lowered. The plan layer adds the node
-/// name, op type and input shapes.
-pub type OpResult<T> = Result<T, String>;
+/// Why an op could not be parsed, inferred, evaluated or lowered. An op does not know its node:
+/// the ir and plan layers wrap the reason into an [`OpError`] naming op, node, opset and shapes.
+pub type OpResult<T> = Result<T, OpReason>;
+
+/// What an op found wrong. Variants with a `String` hold a sentence naming the attribute, input,
+/// shape or value at fault; their variant says which kind of fault it is.
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum OpReason {
+    /// The op type is not one Acclimate implements.
+    #[error("unsupported op type {0}")]
+    UnknownOp(String),
+    #[error("op {op} from domain '{domain}' is not supported")]
+    Domain { op: String, domain: String },
+    /// An attribute of another ONNX type than the op's definition gives it.
+    #[error("attribute '{name}' should be {expected}, found {found}")]
+    AttributeType { name: String, expected: &'static str, found: &'static str },
+    /// An attribute the op's definition has but Acclimate does not implement, or one it lacks.
+    #[error("attribute '{0}' is not supported")]
+    UnknownAttribute(String),
+    /// A required attribute is absent.
+    #[error("{op} needs the '{name}' attribute")]
+    MissingAttribute { op: &'static str, name: &'static str },
+    /// An attribute value outside what ONNX or Acclimate accepts.
+    #[error("{0}")]
+    Attribute(String),
+    /// A required input is absent (`what` names its role, as the ONNX definition does).
+    #[error("missing input {index} ({what})")]
+    MissingInput { index: usize, what: String },
+    #[error("missing output {0}")]
+    MissingOutput(usize),
+    /// An input name that no earlier node, graph input or initializer defines.
+    #[error("input '{0}' is not defined")]
+    UndefinedInput(String),
+    /// An attribute-like input (shape, axes, pads, ...) that depends on the model input.
+    #[error("{what} must be a constant (an initializer or computable from shapes)")]
+    NotConstant { what: String },
+    #[error("axis {axis} is out of range for rank {rank}")]
+    Axis { axis: i64, rank: usize },
+    #[error("shapes {a:?} and {b:?} do not broadcast")]
+    Broadcast { a: Vec<usize>, b: Vec<usize> },
+    #[error("rank {0} exceeds the supported maximum of {MAX_RANK}")]
+    Rank(usize),
+    /// Input shapes (or ranks) the op's definition does not accept.
+    #[error("{0}")]
+    Shape(String),
+    /// An element type the op does not accept, or that cannot run where it would.
+    #[error("{0}")]
+    DType(String),
+    /// Valid ONNX outside what Acclimate implements (a mode, an optional output, training mode).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A size beyond the kernels' 32-bit indexing, the rank they handle, or the folding limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A value of a constant subgraph the op cannot compute with (division by zero, index out of
+    /// range, an empty Range).
+    #[error("{0}")]
+    Value(String),
+    /// The planner and the op disagree (a gradient buffer of the wrong shape, a shape op left
+    /// unfolded): a bug in Acclimate, not in the model.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Where in the pipeline an op failed; it chooses the message's wording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Parsing the node at load time ([`Op::parse`]): the op is not supported as written.
+    Parse,
+    /// Shape inference, constant folding and specialisation to concrete input shapes.
+    Infer,
+    /// Lowering the forward pass to dispatches.
+    Lower,
+    /// Lowering the reverse pass of an adaptation step.
+    Backward,
+}
+
+/// An op's failure at one node of a graph.
+#[derive(Clone, Debug, PartialEq, Error)]
+#[error("{}", self.describe())]
+pub struct OpError {
+    /// The ONNX op type (`Conv`, `Reshape`, ...).
+    pub op: String,
+    /// The node's name.
+    pub node: String,
+    /// The model's default-domain opset.
+    pub opset: i64,
+    /// The shapes of the node's inputs (an empty shape for an absent or unknown input); `None`
+    /// at [`Stage::Parse`], before any shape is known.
+    pub shapes: Option<Vec<Vec<usize>>>,
+    pub stage: Stage,
+    pub reason: OpReason,
+}
+
+impl OpError {
+    fn describe(&self) -> String {
+        let OpError { op, node, opset, shapes, stage, reason } = self;
+        match (stage, shapes) {
+            (Stage::Parse, _) | (_, None) => format!("unsupported op {op} (node '{node}', opset {opset}): {reason}"),
+            (Stage::Backward, Some(shapes)) => {
+                format!("node '{node}' ({op}) with input shapes {shapes:?}: reverse pass: {reason}")
+            }
+            (_, Some(shapes)) => format!("node '{node}' ({op}) with input shapes {shapes:?}: {reason}"),
+        }
+    }
+
+    /// Whether the failure is Acclimate's own (planner and op disagree) rather than the model's.
+    pub fn is_internal(&self) -> bool {
+        matches!(self.reason, OpReason::Internal(_))
+    }
+}
 
 /// A parsed operator with validated attributes.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,10 +195,10 @@ impl Op {
             "Constant" | "Shape" | "Gather" | "ConstantOfShape" | "Cast" | "Range" => {
                 Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?)
             }
-            other => return Err(format!("unsupported op type {other}")),
+            other => return Err(OpReason::UnknownOp(other.to_owned())),
         };
         if !(node.domain.is_empty() || node.domain == "ai.onnx") {
-            return Err(format!("op {} from domain '{}' is not supported", node.op_type, node.domain));
+            return Err(OpReason::Domain { op: node.op_type.clone(), domain: node.domain.clone() });
         }
         Ok(op)
     }
@@ -149,7 +259,7 @@ impl Op {
             Op::ReduceMean(a) => reduce::lower(a, l),
             Op::Softmax(a) => softmax::lower(a, l),
             Op::Layout(op) => op.lower(l),
-            Op::Shape(_) => Err("shape ops must be folded to constants before lowering".into()),
+            Op::Shape(_) => Err(OpReason::Internal("shape ops must be folded to constants before lowering".into())),
         }
     }
 }
@@ -166,13 +276,13 @@ pub struct Input<'a> {
 impl<'a> Input<'a> {
     /// The constant value of an attribute-like input (Reshape's shape, Slice's starts, ...).
     pub fn constant(&self, what: &str) -> OpResult<&'a Tensor> {
-        self.value.ok_or_else(|| format!("{what} must be a constant (an initializer or computable from shapes)"))
+        self.value.ok_or_else(|| OpReason::NotConstant { what: what.to_owned() })
     }
 }
 
 /// The `i`th input, or an error naming it when it is missing.
 pub fn required<'b, 'a>(inputs: &'b [Option<Input<'a>>], i: usize, what: &str) -> OpResult<&'b Input<'a>> {
-    inputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("missing input {i} ({what})"))
+    inputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| OpReason::MissingInput { index: i, what: what.to_owned() })
 }
 
 /// A buffer a dispatch binds.
@@ -226,11 +336,14 @@ pub struct Lowering {
 
 impl Lowering {
     pub fn input(&self, i: usize, what: &str) -> OpResult<&Operand> {
-        self.inputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("missing input {i} ({what})"))
+        self.inputs
+            .get(i)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| OpReason::MissingInput { index: i, what: what.to_owned() })
     }
 
     pub fn output(&self, i: usize) -> OpResult<&Operand> {
-        self.outputs.get(i).ok_or_else(|| format!("missing output {i}"))
+        self.outputs.get(i).ok_or(OpReason::MissingOutput(i))
     }
 
     /// Requests a scratch buffer of `bytes` bytes for this node's dispatches.
@@ -255,7 +368,7 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> OpResult<Vec<usize>> {
             (x, y) if x == y => x,
             (1, y) => y,
             (x, 1) => x,
-            _ => return Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+            _ => return Err(OpReason::Broadcast { a: a.to_vec(), b: b.to_vec() }),
         };
     }
     Ok(out)
@@ -288,7 +401,7 @@ pub fn norm_axis(axis: i64, rank: usize) -> OpResult<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a >= r.max(1) {
-        return Err(format!("axis {axis} is out of range for rank {rank}"));
+        return Err(OpReason::Axis { axis, rank });
     }
     Ok(a as usize)
 }
@@ -303,7 +416,7 @@ pub const MAX_RANK: usize = 8;
 
 pub fn check_rank(shape: &[usize]) -> OpResult<()> {
     if shape.len() > MAX_RANK {
-        return Err(format!("rank {} exceeds the supported maximum of {MAX_RANK}", shape.len()));
+        return Err(OpReason::Rank(shape.len()));
     }
     Ok(())
 }
@@ -349,16 +462,22 @@ pub struct BackwardLowering {
 
 impl BackwardLowering {
     pub fn input(&self, i: usize, what: &str) -> OpResult<&Operand> {
-        self.inputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("missing input {i} ({what})"))
+        self.inputs
+            .get(i)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| OpReason::MissingInput { index: i, what: what.to_owned() })
     }
 
     pub fn output(&self, i: usize) -> OpResult<&Operand> {
-        self.outputs.get(i).ok_or_else(|| format!("missing output {i}"))
+        self.outputs.get(i).ok_or(OpReason::MissingOutput(i))
     }
 
     /// dL/dY of output `i` (an error if none flows: the planner only calls backward when one does).
     pub fn grad_output(&self, i: usize) -> OpResult<&Operand> {
-        self.grad_outputs.get(i).and_then(|x| x.as_ref()).ok_or_else(|| format!("no gradient for output {i}"))
+        self.grad_outputs
+            .get(i)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| OpReason::Internal(format!("no gradient for output {i}")))
     }
 
     /// The gradient wanted for input `i`, if any.
@@ -416,13 +535,15 @@ impl Op {
             Op::Conv(a) => conv::backward(a, b),
             Op::Gemm(a) => matmul::backward_gemm(a, b),
             Op::MatMul => matmul::backward_matmul(b),
-            Op::BatchNorm(_) => Err("BatchNormalization's reverse pass belongs to the training lowering".into()),
+            Op::BatchNorm(_) => {
+                Err(OpReason::Internal("BatchNormalization's reverse pass belongs to the training lowering".into()))
+            }
             Op::Pool(a) => pool::backward(a, b),
             Op::GlobalAveragePool => pool::backward_global(b),
             Op::ReduceMean(a) => reduce::backward(a, b),
             Op::Softmax(a) => softmax::backward(a, b),
             Op::Layout(l) => l.backward(b),
-            Op::Shape(_) => Err("shape arithmetic carries no gradient".into()),
+            Op::Shape(_) => Err(OpReason::Internal("shape arithmetic carries no gradient".into())),
         }
     }
 }

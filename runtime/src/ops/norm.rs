@@ -4,7 +4,7 @@
 //! every run: test-time adaptation rewrites those buffers on the GPU, so nothing here may fold
 //! them into constants or into a neighbouring convolution.
 
-use super::{Attrs, Input, Lowering, OpResult, required};
+use super::{Attrs, Input, Lowering, OpReason, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -20,27 +20,29 @@ impl BatchNormAttrs {
         // In training mode Y is normalised with the batch's own statistics, not the running ones,
         // so treating it as inference would silently compute something else.
         if a.int("training_mode", 0)? != 0 {
-            return Err(format!(
+            return Err(OpReason::Unsupported(format!(
                 "BatchNormalization with training_mode=1 ({outputs} output(s) declared) normalises with batch \
                  statistics and updates running statistics; only inference (training_mode=0, one output Y) is supported"
-            ));
+            )));
         }
         // Before opset 14 the extra outputs (mean, var, saved_mean, saved_var) are what marks training mode.
         if outputs > 1 {
-            return Err(format!(
+            return Err(OpReason::Unsupported(format!(
                 "BatchNormalization declares {outputs} outputs: the running/saved statistics outputs exist only in \
                  training mode; only inference with the single output Y is supported"
-            ));
+            )));
         }
         let spatial = a.int("spatial", 1)?;
         if spatial != 1 {
-            return Err(format!(
+            return Err(OpReason::Unsupported(format!(
                 "BatchNormalization spatial={spatial} (per-activation statistics) is not supported; only spatial=1"
-            ));
+            )));
         }
         let epsilon = a.float("epsilon", 1e-5)?;
         if !(epsilon.is_finite() && epsilon >= 0.0) {
-            return Err(format!("BatchNormalization epsilon {epsilon} must be a finite non-negative number"));
+            return Err(OpReason::Attribute(format!(
+                "BatchNormalization epsilon {epsilon} must be a finite non-negative number"
+            )));
         }
         Ok(BatchNormAttrs { epsilon })
     }
@@ -49,7 +51,9 @@ impl BatchNormAttrs {
 /// Channel count of `x` (N, C, D1, ..., Dn) and the size of one channel's plane D1*...*Dn.
 fn channels(x: &[usize]) -> OpResult<(usize, usize)> {
     if x.len() < 2 {
-        return Err(format!("BatchNormalization input must have rank >= 2 (N, C, ...), got shape {x:?}"));
+        return Err(OpReason::Shape(format!(
+            "BatchNormalization input must have rank >= 2 (N, C, ...), got shape {x:?}"
+        )));
     }
     Ok((x[1], x[2..].iter().product()))
 }
@@ -60,10 +64,13 @@ pub fn infer(_a: &BatchNormAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<
     for (i, what) in [(1, "scale"), (2, "B"), (3, "input_mean"), (4, "input_var")] {
         let p = required(inputs, i, what)?;
         if p.shape != [c] {
-            return Err(format!("{what} has shape {:?}, expected [{c}] (one value per channel)", p.shape));
+            return Err(OpReason::Shape(format!(
+                "{what} has shape {:?}, expected [{c}] (one value per channel)",
+                p.shape
+            )));
         }
         if !p.dtype.is_float() {
-            return Err(format!("{what} is {}, expected a float tensor", p.dtype));
+            return Err(OpReason::DType(format!("{what} is {}, expected a float tensor", p.dtype)));
         }
     }
     Ok(vec![(x.shape.to_vec(), x.dtype)])
@@ -80,7 +87,9 @@ pub fn lower(a: &BatchNormAttrs, l: &mut Lowering) -> OpResult<()> {
     bufs.push(l.output(0)?.buf);
     let n: usize = shape.iter().product();
     if n > u32::MAX as usize {
-        return Err(format!("BatchNormalization input has {n} elements, more than a 32-bit index covers"));
+        return Err(OpReason::TooLarge(format!(
+            "BatchNormalization input has {n} elements, more than a 32-bit index covers"
+        )));
     }
     l.dispatch(
         KernelKey::new(Shader::Norm, "batchnorm_main"),

@@ -8,7 +8,7 @@
 //! The reverse passes are gathers (one thread per input element over the windows covering it),
 //! so they need no atomics either; MaxPool's first records each window's argmax from X.
 
-use super::{Attrs, BackwardLowering, Input, Lowering, OpResult, required};
+use super::{Attrs, BackwardLowering, Input, Lowering, OpReason, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -66,11 +66,16 @@ pub struct PoolAttrs {
 fn positive(a: &Attrs<'_>, name: &str, k: usize) -> OpResult<Vec<usize>> {
     match a.ints(name)? {
         None => Ok(vec![1; k]),
-        Some(v) if v.len() != k => Err(format!("{name} has {} values, expected {k} (one per spatial dim)", v.len())),
+        Some(v) if v.len() != k => {
+            Err(OpReason::Attribute(format!("{name} has {} values, expected {k} (one per spatial dim)", v.len())))
+        }
         Some(v) => v
             .iter()
             .map(|&x| {
-                usize::try_from(x).ok().filter(|&x| x > 0).ok_or_else(|| format!("{name} {v:?} must be positive"))
+                usize::try_from(x)
+                    .ok()
+                    .filter(|&x| x > 0)
+                    .ok_or_else(|| OpReason::Attribute(format!("{name} {v:?} must be positive")))
             })
             .collect(),
     }
@@ -83,25 +88,31 @@ impl PoolAttrs {
         if max {
             a.only(&["auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order", "strides"])?;
             if outputs > 1 {
-                return Err("MaxPool's second output (Indices) is not supported; declare only Y".into());
+                return Err(OpReason::Unsupported(
+                    "MaxPool's second output (Indices) is not supported; declare only Y".into(),
+                ));
             }
             let order = a.int("storage_order", 0)?;
             if order != 0 {
-                return Err(format!("MaxPool storage_order={order} is not supported (only 0, row major)"));
+                return Err(OpReason::Unsupported(format!(
+                    "MaxPool storage_order={order} is not supported (only 0, row major)"
+                )));
             }
         } else {
             a.only(&["auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape", "pads", "strides"])?;
         }
         let kernel: Vec<usize> = a
             .ints("kernel_shape")?
-            .ok_or_else(|| format!("{op_type} needs the kernel_shape attribute"))?
+            .ok_or_else(|| OpReason::Attribute(format!("{op_type} needs the kernel_shape attribute")))?
             .iter()
             .map(|&x| usize::try_from(x).ok().filter(|&x| x > 0))
             .collect::<Option<_>>()
-            .ok_or_else(|| format!("{op_type} kernel_shape must be positive"))?;
+            .ok_or_else(|| OpReason::Attribute(format!("{op_type} kernel_shape must be positive")))?;
         let k = kernel.len();
         if k == 0 || k > MAX_SPATIAL {
-            return Err(format!("{op_type} over {k} spatial dims is not supported (1 to {MAX_SPATIAL})"));
+            return Err(OpReason::Unsupported(format!(
+                "{op_type} over {k} spatial dims is not supported (1 to {MAX_SPATIAL})"
+            )));
         }
         let strides = positive(a, "strides", k)?;
         let dilations = positive(a, "dilations", k)?;
@@ -110,39 +121,47 @@ impl PoolAttrs {
             "VALID" => AutoPad::Valid,
             "SAME_UPPER" => AutoPad::SameUpper,
             "SAME_LOWER" => AutoPad::SameLower,
-            other => return Err(format!("auto_pad '{other}' is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")),
+            other => {
+                return Err(OpReason::Attribute(format!(
+                    "auto_pad '{other}' is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER"
+                )));
+            }
         };
         let pads: Vec<usize> = match a.ints("pads")? {
             None => vec![0; 2 * k],
             Some(v) if v.len() != 2 * k => {
-                return Err(format!("pads has {} values, expected {} (begin and end per spatial dim)", v.len(), 2 * k));
+                return Err(OpReason::Attribute(format!(
+                    "pads has {} values, expected {} (begin and end per spatial dim)",
+                    v.len(),
+                    2 * k
+                )));
             }
             Some(v) => v
                 .iter()
                 .map(|&x| usize::try_from(x).ok())
                 .collect::<Option<_>>()
-                .ok_or_else(|| format!("pads {v:?} must be non-negative"))?,
+                .ok_or_else(|| OpReason::Attribute(format!("pads {v:?} must be non-negative")))?,
         };
         // ONNX sizes SAME padding from the dilated window; ONNX Runtime from the undilated one, so
         // the two disagree on the output shape and neither can be matched without breaking the other.
         if matches!(auto_pad, AutoPad::SameUpper | AutoPad::SameLower) && dilations.iter().any(|&d| d > 1) {
-            return Err(format!(
+            return Err(OpReason::Unsupported(format!(
                 "{op_type} with auto_pad SAME_* and dilations {dilations:?} is not supported (the ONNX spec and \
                  ONNX Runtime disagree on its output shape); use explicit pads"
-            ));
+            )));
         }
         if auto_pad != AutoPad::NotSet && pads.iter().any(|&p| p != 0) {
-            return Err("explicit pads cannot be combined with auto_pad other than NOTSET".into());
+            return Err(OpReason::Attribute("explicit pads cannot be combined with auto_pad other than NOTSET".into()));
         }
         let ceil_mode = match a.int("ceil_mode", 0)? {
             0 => false,
             1 => true,
-            v => return Err(format!("ceil_mode={v} is not 0 or 1")),
+            v => return Err(OpReason::Attribute(format!("ceil_mode={v} is not 0 or 1"))),
         };
         let count_include_pad = match a.int("count_include_pad", 0)? {
             0 => false,
             1 => true,
-            v => return Err(format!("count_include_pad={v} is not 0 or 1")),
+            v => return Err(OpReason::Attribute(format!("count_include_pad={v} is not 0 or 1"))),
         };
         Ok(PoolAttrs { max, kernel, strides, dilations, pads, auto_pad, ceil_mode, count_include_pad })
     }
@@ -154,12 +173,12 @@ impl PoolAttrs {
     /// Output spatial sizes and the (begin, end) pads actually applied, for spatial input `input`.
     pub fn geometry(&self, input: &[usize]) -> OpResult<Geometry> {
         if input.len() != self.kernel.len() {
-            return Err(format!(
+            return Err(OpReason::Shape(format!(
                 "{} with a {}-D kernel needs {} spatial dims, got {input:?}",
                 self.name(),
                 self.kernel.len(),
                 self.kernel.len()
-            ));
+            )));
         }
         let k = self.kernel.len();
         let mut out = Vec::with_capacity(k);
@@ -170,13 +189,13 @@ impl PoolAttrs {
             let (pb, pe) = self.auto_pad.resolve(inp, s, extent, (self.pads[d], self.pads[d + k]));
             let padded = inp + pb + pe;
             if padded < extent {
-                return Err(format!(
+                return Err(OpReason::TooLarge(format!(
                     "{} window of extent {extent} (kernel {} dilation {}) exceeds the padded input size {padded} \
                      in spatial dim {d}",
                     self.name(),
                     self.kernel[d],
                     self.dilations[d]
-                ));
+                )));
             }
             let span = padded - extent;
             let o = if matches!(self.auto_pad, AutoPad::SameUpper | AutoPad::SameLower) {
@@ -201,7 +220,7 @@ impl PoolAttrs {
 
 fn nc_spatial<'s>(what: &str, x: &'s [usize]) -> OpResult<(usize, usize, &'s [usize])> {
     if x.len() < 3 {
-        return Err(format!("{what} input must have rank >= 3 (N, C, spatial...), got shape {x:?}"));
+        return Err(OpReason::Shape(format!("{what} input must have rank >= 3 (N, C, spatial...), got shape {x:?}")));
     }
     Ok((x[0], x[1], &x[2..]))
 }
@@ -232,7 +251,7 @@ fn lanes3(v: &[usize], fill: usize) -> Vec<u32> {
 
 fn check_u32(what: &str, n: usize) -> OpResult<()> {
     if n > u32::MAX as usize {
-        return Err(format!("{what} has {n} elements, more than a 32-bit index covers"));
+        return Err(OpReason::TooLarge(format!("{what} has {n} elements, more than a 32-bit index covers")));
     }
     Ok(())
 }
@@ -304,13 +323,13 @@ pub fn backward(a: &PoolAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     let mut want = x.shape[..2].to_vec();
     want.extend(&out);
     if dy.shape != want || gx.shape.iter().product::<usize>() != x.numel() {
-        return Err(format!(
+        return Err(OpReason::Internal(format!(
             "{} gradient shapes disagree: X {:?}, dY {:?} (expected {want:?}), dX {:?}",
             a.name(),
             x.shape,
             dy.shape,
             gx.shape
-        ));
+        )));
     }
     let (n_in, n_out) = (x.numel(), dy.numel());
     if n_in == 0 {
@@ -350,10 +369,10 @@ pub fn backward_global(b: &mut BackwardLowering) -> OpResult<()> {
     let (n, c, spatial) = nc_spatial("GlobalAveragePool", &x.shape)?;
     check_u32("the GlobalAveragePool input", x.numel())?;
     if dy.numel() != n * c || gx.shape.iter().product::<usize>() != x.numel() {
-        return Err(format!(
+        return Err(OpReason::Internal(format!(
             "GlobalAveragePool gradient shapes disagree: X {:?}, dY {:?}, dX {:?}",
             x.shape, dy.shape, gx.shape
-        ));
+        )));
     }
     let plane: usize = spatial.iter().product();
     if x.numel() == 0 {
@@ -416,13 +435,13 @@ mod tests {
             ("auto_pad", Attr::String("SAME_UPPER".into())),
         ]);
         let e = PoolAttrs::parse("AveragePool", &Attrs::new(&m), 1).unwrap_err();
-        assert!(e.contains("SAME"), "{e}");
+        assert!(matches!(&e, OpReason::Unsupported(r) if r.contains("SAME")), "{e}");
     }
 
     #[test]
     fn indices_output_is_rejected() {
         let m = attrs(&[("kernel_shape", Attr::Ints(vec![2, 2]))]);
         let e = PoolAttrs::parse("MaxPool", &Attrs::new(&m), 2).unwrap_err();
-        assert!(e.contains("Indices"), "{e}");
+        assert!(matches!(&e, OpReason::Unsupported(r) if r.contains("Indices")), "{e}");
     }
 }

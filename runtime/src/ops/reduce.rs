@@ -4,7 +4,9 @@
 //! reductions loop over the reduced elements in one thread per output; long ones give each output
 //! a workgroup that strides over the elements and combines the partial sums in a tree.
 
-use super::{Attrs, BackwardLowering, Input, Lowering, MAX_RANK, OpResult, contiguous_strides, required, u32s};
+use super::{
+    Attrs, BackwardLowering, Input, Lowering, MAX_RANK, OpReason, OpResult, contiguous_strides, required, u32s,
+};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::{DType, Tensor};
 
@@ -34,7 +36,7 @@ impl ReduceMeanAttrs {
             match a.int(name, default)? {
                 0 => Ok(false),
                 1 => Ok(true),
-                v => Err(format!("{name}={v} is not 0 or 1")),
+                v => Err(OpReason::Attribute(format!("{name}={v} is not 0 or 1"))),
             }
         };
         Ok(ReduceMeanAttrs {
@@ -50,9 +52,11 @@ impl ReduceMeanAttrs {
         let list: Vec<i64> = if self.axes_input {
             match axes {
                 None => Vec::new(),
-                Some(t) if t.dtype != DType::I64 => return Err(format!("axes input is {}, expected int64", t.dtype)),
+                Some(t) if t.dtype != DType::I64 => {
+                    return Err(OpReason::DType(format!("axes input is {}, expected int64", t.dtype)));
+                }
                 Some(t) if t.shape.len() > 1 => {
-                    return Err(format!("axes input has shape {:?}, expected 1-D", t.shape));
+                    return Err(OpReason::Shape(format!("axes input has shape {:?}, expected 1-D", t.shape)));
                 }
                 Some(t) => t.to_i64_vec(),
             }
@@ -67,10 +71,10 @@ impl ReduceMeanAttrs {
             let r = rank as i64;
             let a = if ax < 0 { ax + r } else { ax };
             if a < 0 || a >= r {
-                return Err(format!("axis {ax} is out of range for rank {rank}"));
+                return Err(OpReason::Axis { axis: ax, rank });
             }
             if std::mem::replace(&mut mask[a as usize], true) {
-                return Err(format!("axis {ax} appears more than once in axes {list:?}"));
+                return Err(OpReason::Attribute(format!("axis {ax} appears more than once in axes {list:?}")));
             }
         }
         Ok(mask)
@@ -93,7 +97,7 @@ pub fn infer(a: &ReduceMeanAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<
     let x = required(inputs, 0, "data")?;
     let axes = match inputs.get(1).and_then(|i| i.as_ref()) {
         Some(i) if a.axes_input => Some(i.constant("ReduceMean axes")?),
-        Some(_) => return Err("ReduceMean takes axes as an input only from opset 18".into()),
+        Some(_) => return Err(OpReason::Unsupported("ReduceMean takes axes as an input only from opset 18".into())),
         None => None,
     };
     let mask = a.reduced(x.shape.len(), axes)?;
@@ -104,15 +108,15 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
     let x = l.input(0, "data")?.clone();
     let y = l.output(0)?.clone();
     let axes = match l.inputs.get(1).and_then(|i| i.as_ref()) {
-        Some(op) => Some(
-            op.value.clone().ok_or("ReduceMean axes must be a constant (an initializer or computable from shapes)")?,
-        ),
+        Some(op) => Some(op.value.clone().ok_or_else(|| OpReason::NotConstant { what: "ReduceMean axes".into() })?),
         None => None,
     };
     let mask = a.reduced(x.shape.len(), axes.as_deref())?;
     let n_in = x.numel();
     if n_in > u32::MAX as usize {
-        return Err(format!("ReduceMean input has {n_in} elements, more than a 32-bit index covers"));
+        return Err(OpReason::TooLarge(format!(
+            "ReduceMean input has {n_in} elements, more than a 32-bit index covers"
+        )));
     }
     // Unit dims change no index, and dropping them keeps both dim lists within MAX_RANK.
     let strides = contiguous_strides(&x.shape);
@@ -130,12 +134,18 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
         }
     }
     if kept.len() > MAX_RANK || red.len() > MAX_RANK {
-        return Err(format!("ReduceMean over rank {} exceeds the supported maximum of {MAX_RANK}", x.shape.len()));
+        return Err(OpReason::TooLarge(format!(
+            "ReduceMean over rank {} exceeds the supported maximum of {MAX_RANK}",
+            x.shape.len()
+        )));
     }
     let n_out: usize = kept.iter().product();
     let n_red: usize = red.iter().product();
     if n_out == 0 || n_red == 0 {
-        return Err(format!("ReduceMean of an empty tensor (shape {:?}) is not supported", x.shape));
+        return Err(OpReason::Unsupported(format!(
+            "ReduceMean of an empty tensor (shape {:?}) is not supported",
+            x.shape
+        )));
     }
     let params = Params::new()
         .u32(n_out as u32)
@@ -158,24 +168,26 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
 pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
     if b.grad_input(1).is_some() {
-        return Err("ReduceMean's axes input carries no gradient".into());
+        return Err(OpReason::Internal("ReduceMean's axes input carries no gradient".into()));
     }
     let dy = b.grad_output(0)?.clone();
     let x = b.input(0, "data")?.clone();
-    let axes = b.inputs.get(1).and_then(|i| i.as_ref()).map(|op| {
-        op.value.clone().ok_or("ReduceMean axes must be a constant (an initializer or computable from shapes)")
-    });
+    let axes = b
+        .inputs
+        .get(1)
+        .and_then(|i| i.as_ref())
+        .map(|op| op.value.clone().ok_or_else(|| OpReason::NotConstant { what: "ReduceMean axes".into() }));
     let axes = axes.transpose()?;
     let mask = a.reduced(x.shape.len(), axes.as_deref())?;
     let n = x.numel();
     if n > u32::MAX as usize {
-        return Err(format!("ReduceMean input has {n} elements, more than a 32-bit index covers"));
+        return Err(OpReason::TooLarge(format!("ReduceMean input has {n} elements, more than a 32-bit index covers")));
     }
     if dy.shape != out_shape(a, &x.shape, &mask) || gx.shape.iter().product::<usize>() != n {
-        return Err(format!(
+        return Err(OpReason::Internal(format!(
             "ReduceMean gradient shapes disagree: X {:?}, dY {:?}, dX {:?}",
             x.shape, dy.shape, gx.shape
-        ));
+        )));
     }
     if n == 0 {
         return Ok(());
@@ -193,7 +205,10 @@ pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         }
     }
     if runs.len() > MAX_RANK {
-        return Err(format!("ReduceMean over rank {} exceeds the supported maximum of {MAX_RANK}", x.shape.len()));
+        return Err(OpReason::TooLarge(format!(
+            "ReduceMean over rank {} exceeds the supported maximum of {MAX_RANK}",
+            x.shape.len()
+        )));
     }
     let mut strides = vec![0usize; runs.len()];
     let mut s = 1;

@@ -5,7 +5,7 @@
 //! host [`Tensor`] holds them: floats as `f32`, integers and booleans as `i64`, with `dtype`
 //! recording the declared type.
 
-use super::{Attrs, Input, OpResult, norm_axis, required};
+use super::{Attrs, Input, OpReason, OpResult, norm_axis, required};
 use crate::onnx::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use crate::tensor::{DType, Data, Tensor};
 
@@ -57,7 +57,9 @@ fn check_size(shape: &[usize], what: &str) -> OpResult<usize> {
     let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     match n {
         Some(n) if n <= MAX_FOLDED_ELEMENTS => Ok(n),
-        _ => Err(format!("{what} would create a tensor of shape {shape:?}, more than {MAX_FOLDED_ELEMENTS} elements")),
+        _ => Err(OpReason::TooLarge(format!(
+            "{what} would create a tensor of shape {shape:?}, more than {MAX_FOLDED_ELEMENTS} elements"
+        ))),
     }
 }
 
@@ -80,7 +82,10 @@ impl ShapeOp {
                     None => Tensor::f32(vec![1], vec![0.0]),
                     Some(t) if t.numel() == 1 => t,
                     Some(t) => {
-                        return Err(format!("ConstantOfShape value must hold one element, got shape {:?}", t.shape));
+                        return Err(OpReason::Attribute(format!(
+                            "ConstantOfShape value must hold one element, got shape {:?}",
+                            t.shape
+                        )));
                     }
                 };
                 ShapeOp::ConstantOfShape(value)
@@ -89,18 +94,17 @@ impl ShapeOp {
                 // saturate (19+) and round_mode (24+) only concern float8/float4 targets, which
                 // are rejected below.
                 a.only(&["to", "saturate", "round_mode"])?;
-                let code = a.opt_int("to")?.ok_or("Cast needs the 'to' attribute")?;
-                let to = i32::try_from(code)
-                    .ok()
-                    .and_then(DType::from_onnx)
-                    .ok_or_else(|| format!("Cast to {} is not supported", onnx_type_name(code)))?;
+                let code = a.opt_int("to")?.ok_or(OpReason::MissingAttribute { op: "Cast", name: "to" })?;
+                let to = i32::try_from(code).ok().and_then(DType::from_onnx).ok_or_else(|| {
+                    OpReason::Unsupported(format!("Cast to {} is not supported", onnx_type_name(code)))
+                })?;
                 ShapeOp::Cast { to }
             }
             "Range" => {
                 a.only(&[])?;
                 ShapeOp::Range
             }
-            other => return Err(format!("{other} is not a shape op")),
+            other => return Err(OpReason::Internal(format!("{other} is not a shape op"))),
         })
     }
 
@@ -125,7 +129,7 @@ impl ShapeOp {
                 let data = required(inputs, 0, "data")?;
                 let indices = required(inputs, 1, "indices")?;
                 if indices.dtype.is_float() {
-                    return Err(format!("Gather indices must be integers, got {}", indices.dtype));
+                    return Err(OpReason::DType(format!("Gather indices must be integers, got {}", indices.dtype)));
                 }
                 let (shape, _, _, _) = gather_shape(data.shape, indices.shape, *axis)?;
                 Ok(vec![(shape, data.dtype)])
@@ -145,7 +149,7 @@ impl ShapeOp {
 
     pub fn eval(&self, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
         let get = |i: usize, what: &str| -> OpResult<&Tensor> {
-            inputs.get(i).copied().flatten().ok_or_else(|| format!("missing input {i} ({what})"))
+            inputs.get(i).copied().flatten().ok_or_else(|| OpReason::MissingInput { index: i, what: what.to_owned() })
         };
         let t = match self {
             ShapeOp::Constant(t) => t.clone(),
@@ -170,10 +174,10 @@ impl ShapeOp {
 fn parse_constant(a: &Attrs<'_>) -> OpResult<Tensor> {
     let names: Vec<&str> = a.names().collect();
     if names.len() != 1 {
-        return Err(format!("Constant must have exactly one value attribute, found {names:?}"));
+        return Err(OpReason::Attribute(format!("Constant must have exactly one value attribute, found {names:?}")));
     }
     Ok(match names[0] {
-        "value" => a.tensor("value")?.ok_or("Constant value is missing")?,
+        "value" => a.tensor("value")?.ok_or_else(|| OpReason::Attribute("Constant value is missing".into()))?,
         "value_float" => Tensor::f32(vec![], vec![a.float("value_float", 0.0)?]),
         "value_floats" => {
             let v = a.floats("value_floats")?.unwrap_or_default();
@@ -184,9 +188,11 @@ fn parse_constant(a: &Attrs<'_>) -> OpResult<Tensor> {
             let v = a.ints("value_ints")?.unwrap_or_default();
             Tensor::i64(vec![v.len()], v)
         }
-        "sparse_value" => return Err("Constant with a sparse_value is not supported".into()),
-        "value_string" | "value_strings" => return Err("string constants are not supported".into()),
-        other => return Err(format!("Constant attribute '{other}' is not supported")),
+        "sparse_value" => return Err(OpReason::Unsupported("Constant with a sparse_value is not supported".into())),
+        "value_string" | "value_strings" => {
+            return Err(OpReason::Unsupported("string constants are not supported".into()));
+        }
+        other => return Err(OpReason::Unsupported(format!("Constant attribute '{other}' is not supported"))),
     })
 }
 
@@ -203,7 +209,7 @@ fn shape_tensor(shape: &[usize], start: i64, end: Option<i64>) -> Tensor {
 /// Output shape of Gather and the (outer, axis size, inner) extents of `data`.
 fn gather_shape(data: &[usize], indices: &[usize], axis: i64) -> OpResult<(Vec<usize>, usize, usize, usize)> {
     if data.is_empty() {
-        return Err("Gather on a scalar is not defined".into());
+        return Err(OpReason::Shape("Gather on a scalar is not defined".into()));
     }
     let axis = norm_axis(axis, data.len())?;
     let mut out = data[..axis].to_vec();
@@ -214,7 +220,7 @@ fn gather_shape(data: &[usize], indices: &[usize], axis: i64) -> OpResult<(Vec<u
 
 fn gather(data: &Tensor, indices: &Tensor, axis: i64) -> OpResult<Tensor> {
     if indices.dtype.is_float() {
-        return Err(format!("Gather indices must be integers, got {}", indices.dtype));
+        return Err(OpReason::DType(format!("Gather indices must be integers, got {}", indices.dtype)));
     }
     let (shape, outer, dim, inner) = gather_shape(&data.shape, &indices.shape, axis)?;
     check_size(&shape, "Gather")?;
@@ -224,7 +230,7 @@ fn gather(data: &Tensor, indices: &Tensor, axis: i64) -> OpResult<Tensor> {
         .map(|i| {
             let j = if i < 0 { i + dim as i64 } else { i };
             if j < 0 || j >= dim as i64 {
-                return Err(format!("Gather index {i} is out of range for an axis of size {dim}"));
+                return Err(OpReason::Value(format!("Gather index {i} is out of range for an axis of size {dim}")));
             }
             Ok(j as usize)
         })
@@ -249,14 +255,14 @@ fn gather(data: &Tensor, indices: &Tensor, axis: i64) -> OpResult<Tensor> {
 /// ConstantOfShape's input: a 1-D tensor of non-negative dims (empty: a scalar output).
 fn const_shape(t: &Tensor) -> OpResult<Vec<usize>> {
     if t.dtype.is_float() || t.shape.len() > 1 {
-        return Err(format!(
+        return Err(OpReason::Shape(format!(
             "ConstantOfShape input must be a 1-D integer tensor, got {} of shape {:?}",
             t.dtype, t.shape
-        ));
+        )));
     }
     t.to_i64_vec()
         .into_iter()
-        .map(|d| usize::try_from(d).map_err(|_| format!("ConstantOfShape dimension {d} is negative")))
+        .map(|d| usize::try_from(d).map_err(|_| OpReason::Value(format!("ConstantOfShape dimension {d} is negative"))))
         .collect()
 }
 
@@ -299,14 +305,14 @@ pub fn cast(t: &Tensor, to: DType) -> Tensor {
 fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> OpResult<Tensor> {
     for (t, what) in [(start, "start"), (limit, "limit"), (delta, "delta")] {
         if t.numel() != 1 {
-            return Err(format!("Range {what} must be a scalar, got shape {:?}", t.shape));
+            return Err(OpReason::Shape(format!("Range {what} must be a scalar, got shape {:?}", t.shape)));
         }
     }
     match (&start.data, &limit.data, &delta.data) {
         (Data::I64(s), Data::I64(l), Data::I64(d)) => {
             let (s, l, d) = (s[0], l[0], d[0]);
             if d == 0 {
-                return Err("Range delta is 0".into());
+                return Err(OpReason::Value("Range delta is 0".into()));
             }
             let span = i128::from(l) - i128::from(s);
             let d128 = i128::from(d);
@@ -320,11 +326,15 @@ fn range(start: &Tensor, limit: &Tensor, delta: &Tensor) -> OpResult<Tensor> {
         _ => {
             let (s, l, d) = (start.to_f32_vec()[0] as f64, limit.to_f32_vec()[0] as f64, delta.to_f32_vec()[0] as f64);
             if d == 0.0 || !d.is_finite() || !s.is_finite() || !l.is_finite() {
-                return Err(format!("Range start {s}, limit {l}, delta {d} do not define a finite sequence"));
+                return Err(OpReason::Value(format!(
+                    "Range start {s}, limit {l}, delta {d} do not define a finite sequence"
+                )));
             }
             let n = ((l - s) / d).ceil().max(0.0);
             if n > MAX_FOLDED_ELEMENTS as f64 {
-                return Err(format!("Range would create {n} elements, more than {MAX_FOLDED_ELEMENTS}"));
+                return Err(OpReason::TooLarge(format!(
+                    "Range would create {n} elements, more than {MAX_FOLDED_ELEMENTS}"
+                )));
             }
             let n = n as usize;
             let t = Tensor::f32(vec![n], (0..n).map(|i| (s + i as f64 * d) as f32).collect());

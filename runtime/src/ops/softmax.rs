@@ -4,7 +4,7 @@
 //! along the single axis (inner = product of the later dims); before 13 the input is coerced to
 //! 2-D at `axis`, so a row is everything from `axis` on, contiguous (inner = 1).
 
-use super::{Attrs, BackwardLowering, Input, Lowering, OpResult, norm_axis, required};
+use super::{Attrs, BackwardLowering, Input, Lowering, OpReason, OpResult, norm_axis, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -54,7 +54,7 @@ pub fn lower(a: &SoftmaxAttrs, l: &mut Lowering) -> OpResult<()> {
     let y = l.output(0)?.clone();
     let n = x.numel();
     if n > u32::MAX as usize {
-        return Err(format!("Softmax input has {n} elements, more than a 32-bit index covers"));
+        return Err(OpReason::TooLarge(format!("Softmax input has {n} elements, more than a 32-bit index covers")));
     }
     let (outer, len, inner) = a.layout(&x.shape)?;
     let rows = outer * inner;
@@ -76,10 +76,13 @@ pub fn backward(a: &SoftmaxAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     let y = b.output(0)?.clone();
     let n = y.numel();
     if n > u32::MAX as usize {
-        return Err(format!("Softmax input has {n} elements, more than a 32-bit index covers"));
+        return Err(OpReason::TooLarge(format!("Softmax input has {n} elements, more than a 32-bit index covers")));
     }
     if dy.shape != y.shape || gx.shape.iter().product::<usize>() != n {
-        return Err(format!("Softmax gradient shapes disagree: Y {:?}, dY {:?}, dX {:?}", y.shape, dy.shape, gx.shape));
+        return Err(OpReason::Internal(format!(
+            "Softmax gradient shapes disagree: Y {:?}, dY {:?}, dX {:?}",
+            y.shape, dy.shape, gx.shape
+        )));
     }
     if n == 0 {
         return Ok(());

@@ -21,7 +21,7 @@ use thiserror::Error;
 
 use crate::gpu::{GpuContext, GpuError};
 use crate::ir::Graph;
-use crate::ops::{BufRef, Lowering, OpResult, Operand};
+use crate::ops::{BufRef, Lowering, OpError, OpReason, OpResult, Operand, Stage};
 use crate::tensor::Tensor;
 pub use program::{Compiled, Item, Program, WeightDecl, WeightInit, WeightStore};
 pub use specialize::{Specialized, specialize};
@@ -29,8 +29,9 @@ pub use specialize::{Specialized, specialize};
 /// Errors raised while building or running a plan.
 #[derive(Debug, Error)]
 pub enum PlanError {
-    #[error("node '{node}' ({op}) with input shapes {shapes:?}: {reason}")]
-    Node { node: String, op: String, shapes: Vec<Vec<usize>>, reason: String },
+    /// An op failed at one node while specialising or lowering the graph.
+    #[error(transparent)]
+    Node(Box<OpError>),
     #[error("the model takes {expected} input(s), {got} given")]
     InputCount { expected: usize, got: usize },
     #[error("input '{name}' should have shape {expected}, got {got:?}")]
@@ -125,15 +126,10 @@ pub fn lower_forward(
     let mut nodes = Vec::new();
     for step in &spec.steps {
         let node = &graph.nodes[step.node];
-        let node_err = |reason: String| PlanError::Node {
-            node: node.name.clone(),
-            op: node.op_type.clone(),
-            shapes: step
-                .inputs
-                .iter()
-                .map(|n| spec.values.get(n).map(|v| v.shape.clone()).unwrap_or_default())
-                .collect(),
-            reason,
+        let node_err = |reason: OpReason| {
+            let shapes =
+                step.inputs.iter().map(|n| spec.values.get(n).map(|v| v.shape.clone()).unwrap_or_default()).collect();
+            PlanError::Node(Box::new(graph.op_error(step.node, Stage::Lower, shapes, reason)))
         };
         let mut ins = Vec::new();
         for name in &step.inputs {
@@ -147,7 +143,9 @@ pub fn lower_forward(
                 let w = program.weight(name, || WeightInit::Tensor(k.clone()), shared);
                 ins.push(Some(Operand { buf: BufRef::Weight(w), shape: info.shape.clone(), value: Some(k.clone()) }));
             } else {
-                let v = *value_of.get(name).ok_or_else(|| node_err(format!("input '{name}' has no buffer")))?;
+                let v = *value_of
+                    .get(name)
+                    .ok_or_else(|| node_err(OpReason::Internal(format!("input '{name}' has no buffer"))))?;
                 ins.push(Some(Operand { buf: BufRef::Value(v), shape: info.shape.clone(), value: None }));
             }
         }
@@ -157,7 +155,9 @@ pub fn lower_forward(
             let shape = spec.values.get(name).map(|v| v.shape.clone()).unwrap_or_default();
             let v = match (alias, oi, ins.first()) {
                 (true, 0, Some(Some(Operand { buf: BufRef::Value(src), .. }))) => program.alias(*src),
-                (true, 0, _) => return Err(node_err("a view of a constant should have been folded".into())),
+                (true, 0, _) => {
+                    return Err(node_err(OpReason::Internal("a view of a constant should have been folded".into())));
+                }
                 _ => {
                     let what =
                         || format!("output '{name}' of node '{}' ({}), shape {shape:?},", node.name, node.op_type);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::PlanError;
 use crate::ir::{Dim, Graph};
-use crate::ops::{Input, Op};
+use crate::ops::{Input, Op, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
 
 /// What is known about a tensor after specialisation.
@@ -43,9 +43,8 @@ pub struct Specialized {
     pub output_names: Vec<String>,
 }
 
-fn node_err(graph: &Graph, idx: usize, shapes: Vec<Vec<usize>>, reason: String) -> PlanError {
-    let n = &graph.nodes[idx];
-    PlanError::Node { node: n.name.clone(), op: n.op_type.clone(), shapes, reason }
+fn node_err(graph: &Graph, idx: usize, shapes: Vec<Vec<usize>>, reason: OpReason) -> PlanError {
+    PlanError::Node(Box::new(graph.op_error(idx, Stage::Infer, shapes, reason)))
 }
 
 /// Checks `shape` against the declared dims of a graph input.
@@ -108,7 +107,7 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
             || infos.iter().map(|i| i.as_ref().map(|v| v.shape.clone()).unwrap_or_default()).collect::<Vec<_>>();
         for (name, info) in node.inputs.iter().zip(&infos) {
             if !name.is_empty() && info.is_none() {
-                return Err(node_err(graph, idx, shapes_of(), format!("input '{name}' is not defined")));
+                return Err(node_err(graph, idx, shapes_of(), OpReason::UndefinedInput(name.clone())));
             }
         }
         let ins: Vec<Option<Input<'_>>> = infos
@@ -147,8 +146,11 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
                 graph,
                 idx,
                 shapes_of(),
-                "this op is supported only on constant inputs (shape arithmetic), but an input depends on the model input"
-                    .into(),
+                OpReason::Unsupported(
+                    "this op is supported only on constant inputs (shape arithmetic), but an input depends on the model \
+                     input"
+                        .into(),
+                ),
             ));
         }
         for (name, info) in node.inputs.iter().zip(&infos) {
@@ -160,7 +162,7 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
                     graph,
                     idx,
                     shapes_of(),
-                    format!("input '{name}' is {} at run time; only float32 runs on the GPU", v.dtype),
+                    OpReason::DType(format!("input '{name}' is {} at run time; only float32 runs on the GPU", v.dtype)),
                 ));
             }
         }
@@ -179,7 +181,9 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
                     graph,
                     idx,
                     shapes_of(),
-                    format!("output '{name}' would be {dtype} at run time; only float32 runs on the GPU"),
+                    OpReason::DType(format!(
+                        "output '{name}' would be {dtype} at run time; only float32 runs on the GPU"
+                    )),
                 ));
             }
             values.insert(name.clone(), ValueInfo { shape, dtype, konst: None, shape_dependent: false });

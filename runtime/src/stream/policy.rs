@@ -26,7 +26,7 @@ use thiserror::Error;
 use super::frame::Frame;
 use super::preprocess::{FrameError, PreprocessSpec, Preprocessor};
 use crate::adapt::config::{AdaptConfig, Method, NormMode, StreamMode};
-use crate::adapt::session::{AdaptError, Prediction, Session};
+use crate::adapt::session::{Prediction, Session};
 use crate::engine::{Engine, Model};
 use crate::gpu::GpuContext;
 use crate::tensor::Tensor;
@@ -39,9 +39,9 @@ pub enum StreamError {
     #[error("frame {index}: {source}")]
     Frame { index: u64, source: FrameError },
     #[error("frames {first}..={last}: {source}")]
-    Adapt { first: u64, last: u64, source: AdaptError },
+    Adapt { first: u64, last: u64, source: Box<crate::Error> },
     #[error("source model: {0}")]
-    Source(crate::Error),
+    Source(Box<crate::Error>),
     #[error("the preprocessed input has shape {got:?}, the model takes {expected}")]
     Input { got: Vec<usize>, expected: String },
     #[error("the model has no output to predict from")]
@@ -160,7 +160,7 @@ impl StreamSession {
         config: AdaptConfig,
         spec: PreprocessSpec,
         options: StreamOptions,
-    ) -> Result<StreamSession, StreamError> {
+    ) -> crate::Result<StreamSession> {
         let pre = Preprocessor::new(ctx, spec);
         let frame_shape = pre.output_shape(1);
         if let Some(dims) = model.graph.inputs.first().and_then(|i| i.dims.as_ref()) {
@@ -169,12 +169,15 @@ impl StreamSession {
             let ok = fixed.len() == frame_shape.len()
                 && fixed.iter().zip(&frame_shape).skip(1).all(|(d, &s)| d.is_none_or(|d| d == s));
             if !ok {
-                return Err(StreamError::Input { got: frame_shape, expected: format!("{dims:?}") });
+                return Err(StreamError::Input { got: frame_shape, expected: format!("{dims:?}") }.into());
             }
         }
         let source = options.source_prediction.then(|| Engine::new(ctx, model.clone()));
-        let session =
-            Session::new(ctx, model, config).map_err(|source| StreamError::Adapt { first: 0, last: 0, source })?;
+        let session = Session::new(ctx, model, config).map_err(|e| StreamError::Adapt {
+            first: 0,
+            last: 0,
+            source: Box::new(e),
+        })?;
         let frame_len = frame_shape.iter().product();
         Ok(StreamSession {
             session,
@@ -258,7 +261,7 @@ impl StreamSession {
 
     fn source_top(&mut self, x: &Tensor) -> Result<Option<Vec<(usize, f32)>>, StreamError> {
         let Some(engine) = self.source.as_mut() else { return Ok(None) };
-        let outs = engine.run(std::slice::from_ref(x)).map_err(StreamError::Source)?;
+        let outs = engine.run(std::slice::from_ref(x)).map_err(|e| StreamError::Source(Box::new(e)))?;
         let Some(logits) = outs.into_iter().next() else { return Err(StreamError::NoOutput) };
         let probs = softmax_rows(&logits);
         let c = probs.shape.last().copied().unwrap_or(1).max(1);
@@ -268,26 +271,26 @@ impl StreamSession {
     /// Pushes one frame. Frame mode returns its result; batch mode returns the results of a
     /// batch when this frame completes it (else nothing). A bad frame is an error for that
     /// frame only.
-    pub fn push(&mut self, frame: &Frame) -> Result<Vec<FrameResult>, StreamError> {
+    pub fn push(&mut self, frame: &Frame) -> crate::Result<Vec<FrameResult>> {
         let arrived = Instant::now();
         let index = self.next_index;
         self.next_index += 1;
         let x = self.pre.run(std::slice::from_ref(frame)).map_err(|source| StreamError::Frame { index, source })?;
         let row = x.to_f32_vec();
         let meta = Pending { index, timestamp_us: frame.timestamp_us, arrived };
-        match self.mode() {
-            StreamMode::Frame => self.push_frame(meta, row).map(|r| vec![r]),
+        Ok(match self.mode() {
+            StreamMode::Frame => vec![self.push_frame(meta, row)?],
             StreamMode::Batch => {
                 self.pending.push((meta, row));
-                if self.pending.len() >= self.session.config().stream.batch { self.flush() } else { Ok(Vec::new()) }
+                if self.pending.len() >= self.session.config().stream.batch { self.flush()? } else { Vec::new() }
             }
-        }
+        })
     }
 
     /// Batch mode: predicts and adapts on the frames of an incomplete last batch. Frame mode:
     /// nothing to do.
-    pub fn finish(&mut self) -> Result<Vec<FrameResult>, StreamError> {
-        if self.pending.is_empty() { Ok(Vec::new()) } else { self.flush() }
+    pub fn finish(&mut self) -> crate::Result<Vec<FrameResult>> {
+        if self.pending.is_empty() { Ok(Vec::new()) } else { Ok(self.flush()?) }
     }
 
     fn push_frame(&mut self, meta: Pending, row: Vec<f32>) -> Result<FrameResult, StreamError> {
@@ -300,7 +303,7 @@ impl StreamSession {
         while self.ring.len() > window {
             self.ring.pop_front();
         }
-        let adapt_err = |source| StreamError::Adapt { first: index, last: index, source };
+        let adapt_err = |e| StreamError::Adapt { first: index, last: index, source: Box::new(e) };
         let (probs, adapted, loss, skipped) = if self.output_only() {
             // LAME: the frame's prediction is its row of the output stage over the window.
             let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
@@ -324,8 +327,11 @@ impl StreamSession {
                 let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
                 let batch = self.batch_tensor(&rows);
                 let first = index + 1 - rows.len() as u64;
-                let step =
-                    self.session.step(&batch).map_err(|source| StreamError::Adapt { first, last: index, source })?;
+                let step = self.session.step(&batch).map_err(|e| StreamError::Adapt {
+                    first,
+                    last: index,
+                    source: Box::new(e),
+                })?;
                 self.since_step = 0;
                 self.steps += 1;
                 adapted = true;
@@ -352,7 +358,7 @@ impl StreamSession {
         let rows: Vec<&[f32]> = pending.iter().map(|(_, r)| r.as_slice()).collect();
         let x = self.batch_tensor(&rows);
         let source = self.source_top(&x)?;
-        let p = self.session.step(&x).map_err(|source| StreamError::Adapt { first, last, source })?;
+        let p = self.session.step(&x).map_err(|e| StreamError::Adapt { first, last, source: Box::new(e) })?;
         let adapted = self.session.config().adapt.method.updates_parameters();
         if adapted {
             self.steps += 1;
@@ -426,7 +432,7 @@ impl FrameSender {
 pub struct StreamRunner {
     pub frames: FrameSender,
     /// Results (and per-frame errors) in frame order.
-    pub results: Receiver<Result<FrameResult, StreamError>>,
+    pub results: Receiver<crate::Result<FrameResult>>,
     worker: JoinHandle<StreamSession>,
 }
 
@@ -434,7 +440,7 @@ impl StreamRunner {
     /// Starts the worker thread.
     pub fn spawn(mut stream: StreamSession) -> StreamRunner {
         let slot = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
-        let (tx, rx): (Sender<Result<FrameResult, StreamError>>, _) = channel();
+        let (tx, rx): (Sender<crate::Result<FrameResult>>, _) = channel();
         let worker_slot = slot.clone();
         let worker = std::thread::spawn(move || {
             let mut seen_drops = 0u64;
@@ -478,8 +484,8 @@ impl StreamRunner {
     }
 
     /// Closes the stream, waits for the worker and returns the session with its adapted state.
-    pub fn join(self) -> Result<StreamSession, StreamError> {
+    pub fn join(self) -> crate::Result<StreamSession> {
         self.frames.close();
-        self.worker.join().map_err(|_| StreamError::Worker)
+        self.worker.join().map_err(|_| StreamError::Worker.into())
     }
 }

@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 
 use super::StreamSession;
-use crate::adapt::session::AdaptError;
 use crate::adapt::state::{self, StateError};
 
 const MAGIC: &[u8; 8] = b"ACCLSTRM";
@@ -188,9 +187,9 @@ fn at(e: StateError, path: &Path) -> StateError {
     }
 }
 
-fn at_adapt(e: AdaptError, path: &Path) -> AdaptError {
+fn at_session(e: crate::Error, path: &Path) -> crate::Error {
     match e {
-        AdaptError::State(s) => AdaptError::State(at(s, path)),
+        crate::Error::State(s) => crate::Error::State(at(s, path)),
         other => other,
     }
 }
@@ -198,7 +197,7 @@ fn at_adapt(e: AdaptError, path: &Path) -> AdaptError {
 impl StreamSession {
     /// Saves the stream's whole state (the session's, the window, the frame and step counters)
     /// atomically to `path`; see the [module](self) for what it holds.
-    pub fn save_state(&self, path: &Path) -> Result<(), AdaptError> {
+    pub fn save_state(&self, path: &Path) -> crate::Result<()> {
         if !self.pending.is_empty() {
             return Err(StateError::Invalid(format!(
                 "{} frame(s) of an incomplete batch are pending: save after the batch completes, or after finish()",
@@ -208,7 +207,7 @@ impl StreamSession {
         }
         let write_err = |source| StateError::Write { path: path.to_path_buf(), source };
         let scratch = Scratch::create(&parent_dir(path), None).map_err(write_err)?;
-        self.session.save_state(&scratch.0).map_err(|e| at_adapt(e, path))?;
+        self.session.save_state(&scratch.0).map_err(|e| at_session(e, path))?;
         let session = fs::read(&scratch.0).map_err(write_err)?;
         drop(scratch);
         let bytes = encode(&Decoded {
@@ -227,7 +226,7 @@ impl StreamSession {
     /// preprocessing (or a plain session state: the session's part only, the window emptied).
     /// The frames after it predict as they did after the save. On any error the stream is as it
     /// was.
-    pub fn load_state(&mut self, path: &Path) -> Result<(), AdaptError> {
+    pub fn load_state(&mut self, path: &Path) -> crate::Result<()> {
         let read_err = |source| StateError::Read { path: path.to_path_buf(), source };
         let bytes = fs::read(path).map_err(read_err)?;
         if !bytes.starts_with(MAGIC) {
@@ -240,7 +239,7 @@ impl StreamSession {
         }
         let corrupt = |reason: String| StateError::Corrupt { path: path.to_path_buf(), reason };
         let d = decode(&bytes).map_err(corrupt)?;
-        let mismatch = |what: String| AdaptError::State(StateError::Mismatch(what));
+        let mismatch = |what: String| crate::Error::State(StateError::Mismatch(what));
         if d.frame_len != self.frame_len {
             return Err(mismatch(format!(
                 "the stream state's frames have {} values each, this stream's preprocessing makes {}",
@@ -270,8 +269,8 @@ impl StreamSession {
                 path: std::env::temp_dir().join(".acclimate-stream-session.tmp"),
                 source,
             })?;
-        self.check_session_part(&scratch.0).map_err(|e| at_adapt(e, path))?;
-        self.session.load_state(&scratch.0).map_err(|e| at_adapt(e, path))?;
+        self.check_session_part(&scratch.0).map_err(|e| at_session(e, path))?;
+        self.session.load_state(&scratch.0).map_err(|e| at_session(e, path))?;
         self.ring = d.rows.into();
         self.pending.clear();
         self.since_step = d.since_step as usize;
@@ -285,7 +284,7 @@ impl StreamSession {
     /// indices and the step count go on.
     ///
     /// [`Session::reset`]: crate::adapt::Session::reset
-    pub fn reset(&mut self) -> Result<(), AdaptError> {
+    pub fn reset(&mut self) -> crate::Result<()> {
         self.session.reset()?;
         self.ring.clear();
         self.pending.clear();
@@ -295,7 +294,7 @@ impl StreamSession {
 
     /// Refuses a session state that belongs to another model or holds a NaN or an infinity
     /// before the session applies any of it.
-    fn check_session_part(&self, file: &Path) -> Result<(), AdaptError> {
+    fn check_session_part(&self, file: &Path) -> crate::Result<()> {
         let loaded = state::load_state(file, &state::fingerprint(&self.session.model().graph))?;
         for (name, t) in &loaded.tensors {
             if t.as_f32().is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
