@@ -800,6 +800,59 @@ eps = 1e-6
     }
 
     #[test]
+    fn method_sections_and_method_checks_keep_their_messages() {
+        for (src, message) in [
+            (
+                "[adapt]\nmethod = \"eata\"\n",
+                "<string>: `eata.fisher_batches` = (missing): EATA needs the Fisher: give clean batches (fisher_batches) or a saved Fisher (fisher_file)",
+            ),
+            (
+                "[adapt]\nmethod = \"eata+woc\"\n",
+                "<string>: `eata.fisher_batches` = (missing): EATA needs the Fisher: give clean batches (fisher_batches) or a saved Fisher (fisher_file)",
+            ),
+            (
+                "[eata]\nfisher_batches = \"a\"\nfisher_file = \"b\"\n",
+                "<string>: `eata.fisher_file` = (both set): give either fisher_batches or fisher_file, not both",
+            ),
+            ("[woc]\nlambda = -1.0\n", "<string>: `woc.lambda` = -1: must be a finite number >= 0"),
+            ("[sar]\nreset_threshold = inf\n", "<string>: `sar.reset_threshold` = inf: must be finite"),
+            ("[lame]\nknn = 0\n", "<string>: `lame.knn` = 0: must be at least 1"),
+            (
+                "[label_shift]\nmode = \"bbse\"\n",
+                "<string>: `label_shift.confusion` = (missing): mode \"bbse\" needs the source confusion matrix (a [C, C] float32 .npy)",
+            ),
+        ] {
+            assert_eq!(err(src), message, "{src}");
+        }
+        let e = err("[label_shift]\nmomentum = 1e-50\n");
+        assert!(e.contains("`label_shift.momentum`") && e.contains("below float32's smallest normal number"), "{e}");
+        // ETA has no Fisher, and EATA without the penalty needs none.
+        for src in ["[adapt]\nmethod = \"eta\"\n", "[adapt]\nmethod = \"eata\"\n[eata]\nfisher_alpha = 0.0\n"] {
+            AdaptConfig::from_toml_str(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+        }
+    }
+
+    #[test]
+    fn every_sections_paths_resolve_against_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("acclimate-config-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("paths.toml");
+        std::fs::write(
+            &p,
+            "[eata]\nfisher_batches = \"clean\"\n[label_shift]\nmode = \"bbse\"\nconfusion = \"c.npy\"\nadapter = \"/abs/a.onnx\"\nsource_prior = \"p.npy\"\n",
+        )
+        .unwrap();
+        let c = AdaptConfig::from_file(&p).unwrap();
+        assert_eq!(c.eata.fisher_batches, Some(dir.join("clean")));
+        assert_eq!(c.label_shift.confusion, Some(dir.join("c.npy")));
+        assert_eq!(c.label_shift.adapter, Some(PathBuf::from("/abs/a.onnx")), "absolute paths stay");
+        assert_eq!(c.label_shift.source_prior, Some(SourcePrior::File(dir.join("p.npy"))));
+        std::fs::write(&p, "[eata]\nfisher_file = \"f.safetensors\"\n").unwrap();
+        assert_eq!(AdaptConfig::from_file(&p).unwrap().eata.fisher_file, Some(dir.join("f.safetensors")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn preprocess_section_holds_the_cli_spec_string() {
         let spec = "size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197";
         let c = AdaptConfig::from_toml_str(&format!("[preprocess]\nspec = \"{spec}\"\n")).unwrap();

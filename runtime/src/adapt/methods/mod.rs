@@ -417,3 +417,43 @@ pub(crate) fn value_operand(o: &Option<Operand>) -> Option<(usize, Vec<usize>)> 
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapt::config::Method;
+
+    #[test]
+    fn registry_discriminants_are_dense_and_names_unique() {
+        for (i, m) in Method::ALL.iter().enumerate() {
+            assert_eq!(*m as u32 as usize, i, "{m}: the C ABI passes methods by discriminant");
+        }
+        let mut names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Method::ALL.len());
+    }
+
+    #[test]
+    fn a_method_that_updates_parameters_has_an_objective_and_the_others_none() {
+        // A graph whose output declares 10 classes, so that the default E0 resolves.
+        let graph = Graph {
+            opset: 13,
+            producer: String::new(),
+            nodes: Vec::new(),
+            initializers: Default::default(),
+            inputs: Vec::new(),
+            outputs: vec![crate::ir::TensorInfo {
+                name: "y".into(),
+                dtype: None,
+                dims: Some(vec![Dim::Fixed(1), Dim::Fixed(10)]),
+            }],
+        };
+        for m in Method::ALL {
+            let mut config = AdaptConfig::default();
+            config.adapt.method = m;
+            let objective = m.def().objective(&config, &graph).unwrap_or_else(|e| panic!("{m}: {e}"));
+            assert_eq!(objective.is_some(), m.updates_parameters(), "{m}");
+        }
+    }
+}

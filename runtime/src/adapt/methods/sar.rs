@@ -292,3 +292,40 @@ pub fn sam_restore(theta: BufRef, old: BufRef, n: usize) -> Dispatch {
         workgroups: [n.div_ceil(64) as u32, 1, 1],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recovery(threshold: f32, clears_ema: bool) -> Recovery {
+        Recovery { ema: None, threshold, clears_ema }
+    }
+
+    #[test]
+    fn recovery_moves_only_on_kept_finite_second_losses() {
+        let mut r = recovery(0.2, false);
+        // A program without a second pass reports nothing.
+        assert_eq!(r.after_batch(None), BatchEnd { ema: None, reset: false });
+        assert_eq!(r.after_batch(Some((0.5, 3))), BatchEnd { ema: Some(0.5), reset: false });
+        // Nothing kept, or a NaN loss (the reference's mean over an empty selection): no move.
+        assert_eq!(r.after_batch(Some((0.1, 0))), BatchEnd { ema: Some(0.5), reset: false });
+        assert_eq!(r.after_batch(Some((f32::NAN, 2))).ema, Some(0.5));
+        let e = r.after_batch(Some((0.3, 1))).ema.unwrap();
+        assert!((e - (0.9 * 0.5 + 0.1 * 0.3)).abs() < 1e-7, "{e}");
+    }
+
+    #[test]
+    fn recovery_resets_below_the_threshold_and_keeps_or_clears_the_ema() {
+        // The authors' code keeps the EMA, so the model resets again until it recovers.
+        let mut r = recovery(0.29, false);
+        assert_eq!(r.after_batch(Some((0.3, 4))), BatchEnd { ema: Some(0.3), reset: false });
+        let end = r.after_batch(Some((0.0, 4)));
+        assert!(end.reset && (end.ema.unwrap() - 0.27).abs() < 1e-7, "{end:?}");
+        assert!(r.after_batch(Some((0.3, 4))).reset, "0.9·0.27 + 0.03 = 0.273 is still below 0.29");
+        // The harness clears it: the next batch starts the EMA afresh.
+        let mut r = recovery(0.29, true);
+        r.after_batch(Some((0.3, 4)));
+        assert_eq!(r.after_batch(Some((0.0, 4))), BatchEnd { ema: None, reset: true });
+        assert_eq!(r.after_batch(Some((0.3, 4))), BatchEnd { ema: Some(0.3), reset: false });
+    }
+}
