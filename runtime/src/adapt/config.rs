@@ -53,8 +53,8 @@ pub use super::methods::woc::WocSection;
 use super::methods::{AdaptMethod, Section};
 use crate::stream::preprocess::PreprocessSpec;
 
-/// Defines [`Method`] and [`AdaptConfig`] from the method registry
-/// ([`super::methods::registry`]): a variant per method, a field per method section.
+/// Defines [`Method`] and [`AdaptConfig`] from the method registry (`registry!` in
+/// [`super::methods`]): a variant per method, a field per method section.
 macro_rules! define_config {
     (
         methods { $( $(#[$mdoc:meta])* $variant:ident = $disc:literal, $name:literal, $def:path; )* }

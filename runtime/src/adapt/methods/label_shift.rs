@@ -6,7 +6,7 @@
 //! the EMA estimate to the learned adapter ([`super::adapter`]) instead.
 //!
 //! The EMA estimate lives in the weight buffer [`PRIOR_BUFFER`], starts at p_s, survives between
-//! batches (and in saved states), and returns to p_s when the session resets ([`reset_value`]).
+//! batches (and in saved states), and returns to p_s when the session resets.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

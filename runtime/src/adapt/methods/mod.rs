@@ -4,18 +4,18 @@
 //! The step program ([`super::train::StepPlan::build`]) is a generic driver: forward, output
 //! stages, then, for a method that adapts, the method's [`Objective`] (`select` → `loss` → the
 //! reverse pass → `gradients` → `parameter`) and the guarded optimizer update. A method is an
-//! [`AdaptMethod`] (normalization default, cross-section checks, objective, output stage, set-up,
-//! per-session state), found through [`Method::def`](super::config::Method::def).
+//! `AdaptMethod` (normalization default, cross-section checks, objective, output stage, set-up,
+//! per-session state), found through `Method::def`.
 //!
 //! # Adding a method
 //!
-//! 1. Write `methods/<name>.rs`: a `pub(crate) static` implementing [`AdaptMethod`] (override
+//! 1. Write `methods/<name>.rs`: a `pub(crate) static` implementing `AdaptMethod` (override
 //!    only the hooks it needs: `updates_parameters` + `objective` for a gradient method), its
 //!    [`Objective`] if it takes steps (`select` returns the per-sample loss coefficients; the
 //!    default `loss` is the entropy weighted by them), and, if it has a `[<name>]` section, the
 //!    section struct with `#[serde(deny_unknown_fields, default)]`, a `Default` and a
-//!    [`Section`] impl (`validate` names the key in every error).
-//! 2. Add one line to [`registry!`] below: `Variant = <next discriminant>, "<name>",
+//!    `Section` impl (`validate` names the key in every error).
+//! 2. Add one line to `registry!` below: `Variant = <next discriminant>, "<name>",
 //!    $crate::adapt::methods::<name>::<STATIC>;` under `methods`, plus `<name>:
 //!    $crate::adapt::methods::<name>::<Section>,` under `sections` if it has one. That line
 //!    creates the [`Method`](super::config::Method) variant (config name, C discriminant) and the
@@ -25,7 +25,7 @@
 //!    fixture for the method goes into `tools/tta_reference.py` and `tests/tta_reference.rs`.
 //!
 //! Persistent buffers a method keeps between batches (weights created with `shared = true`) are
-//! named `<prefix>:...`; list the prefix in [`AdaptMethod::state_prefixes`] so that saved states
+//! named `<prefix>:...`; list the prefix in `AdaptMethod::state_prefixes` so that saved states
 //! carry them. Changes that need a new hook add it to the trait with a default that does
 //! nothing, so that no other method changes.
 
