@@ -84,7 +84,7 @@ pub mod tensor;
 
 pub use adapt::config::AdaptConfig as Config;
 pub use adapt::config::Method;
-pub use adapt::session::{Prediction, Session};
+pub use adapt::session::{Prediction, Selection, Session};
 pub use engine::{Engine, Model, NonFinite};
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::GpuContext;

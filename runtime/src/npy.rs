@@ -23,6 +23,18 @@ pub enum NpyError {
     Shape { path: PathBuf, shape: Vec<u64> },
 }
 
+/// The `.npy` files of `dir` in lexicographic order of file name.
+pub fn batch_files(dir: &Path) -> Result<Vec<PathBuf>, NpyError> {
+    let read_err = |source| NpyError::Read { path: dir.to_path_buf(), source };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "npy"))
+        .collect();
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
 /// Reads a float32 `.npy` file.
 pub fn read_f32(path: &Path) -> Result<Tensor, NpyError> {
     let read_err = |source| NpyError::Read { path: path.to_path_buf(), source };

@@ -29,11 +29,11 @@
 //! (tta-methods.md §1). Unknown sections and keys are errors, so a typo never silently falls
 //! back to a default.
 //!
-//! Adding a method's section later (`[eata]`, `[sar]`, ...) means one struct with
-//! `#[serde(deny_unknown_fields, default)]` and its own `validate`, one field of
-//! [`AdaptConfig`], and a call in [`AdaptConfig::validate`]; adding a method means one
-//! [`Method`] variant with its default normalization. The enums carry explicit discriminants so
-//! that a C binding can pass them as integers that never change meaning.
+//! The method sections (`[eata]`, `[woc]`, `[sar]`, `[lame]`, `[label_shift]`) live in their
+//! methods' files under [`super::methods`]; [`Method`] and [`AdaptConfig`] are generated from
+//! the registry there, so adding a method or its section is one line of it (see
+//! [`super::methods`]). The enums carry explicit discriminants so that a C binding can pass them
+//! as integers that never change meaning.
 //!
 //! Optimizer hyperparameters are `f64` because PyTorch's are Python floats: the bias corrections
 //! and `1 − β` terms are formed in double precision before the update runs in `f32`
@@ -41,88 +41,86 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use super::methods::eata::EataSection;
+pub use super::methods::label_shift::{LabelShiftMode, LabelShiftSection, SourcePrior};
+pub use super::methods::lame::{Affinity, LameSection};
+pub use super::methods::sar::SarSection;
+pub use super::methods::woc::WocSection;
+use super::methods::{AdaptMethod, Section};
 use crate::stream::preprocess::PreprocessSpec;
 
-/// A named adaptation method (a preset of normalization mode, loss and optimizer).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[repr(u32)]
-pub enum Method {
-    /// The source model, unchanged: running statistics, no updates.
-    Source = 0,
-    /// Test-batch normalization statistics, no parameter updates (BN-adapt, Schneider et al. 2020).
-    Norm = 1,
-    /// Robust BN (RoTTA): EMA of test statistics, no parameter updates.
-    Rbn = 2,
-    /// TENT: batch statistics, mean-entropy minimisation over the BN affine parameters.
-    Tent = 3,
-    /// ETA (Niu et al. 2022): TENT on reliable, non-redundant samples, weighted by exp(E0 − E).
-    Eta = 4,
-    /// EATA: ETA plus the Fisher-weighted anchor β·Σ F·(θ − θ*)².
-    Eata = 5,
-    /// Wisdom-of-crowds selection (Lee et al. 2023) with the diversity term.
-    Woc = 6,
-    /// SAR (Niu et al. 2023): entropy filter, sharpness-aware step, recovery by reset.
-    Sar = 7,
-    /// EATA with the wisdom-of-crowds filter ANDed into its sample selection (EATA's loss).
-    #[serde(rename = "eata+woc")]
-    EataWoc = 8,
-    /// LAME (Boudiaf et al. 2022): the source model unchanged, its probabilities corrected by
-    /// Laplacian smoothing over the batch's features (see [`super::output`]).
-    Lame = 9,
+/// Defines [`Method`] and [`AdaptConfig`] from the method registry (`registry!` in
+/// [`super::methods`]): a variant per method, a field per method section.
+macro_rules! define_config {
+    (
+        methods { $( $(#[$mdoc:meta])* $variant:ident = $disc:literal, $name:literal, $def:path; )* }
+        sections { $( $(#[$sdoc:meta])* $field:ident: $section:ty, )* }
+    ) => {
+        /// A named adaptation method (a preset of normalization mode, loss and optimizer),
+        /// implemented in its file under [`super::methods`].
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+        #[repr(u32)]
+        pub enum Method {
+            $( $(#[$mdoc])* #[serde(rename = $name)] $variant = $disc, )*
+        }
+
+        impl Method {
+            pub const ALL: [Method; [$(Method::$variant),*].len()] = [$(Method::$variant),*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( Method::$variant => $name, )*
+                }
+            }
+
+            /// The method's implementation.
+            pub(crate) fn def(self) -> &'static dyn AdaptMethod {
+                match self {
+                    $( Method::$variant => &$def, )*
+                }
+            }
+        }
+
+        /// The whole config file: `[adapt]`, `[optimizer]`, one section per method that has
+        /// one (from the registry), `[stream]` and the optional `[preprocess]`.
+        #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct AdaptConfig {
+            pub adapt: AdaptSection,
+            pub optimizer: OptimizerConfig,
+            $( $(#[$sdoc])* pub $field: $section, )*
+            pub stream: StreamSection,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub preprocess: Option<PreprocessSection>,
+        }
+
+        impl AdaptConfig {
+            fn sections(&self) -> Vec<&dyn Section> {
+                vec![$( &self.$field as &dyn Section ),*]
+            }
+
+            fn sections_mut(&mut self) -> Vec<&mut dyn Section> {
+                vec![$( &mut self.$field as &mut dyn Section ),*]
+            }
+        }
+    };
 }
 
+super::methods::registry!(define_config);
+
 impl Method {
-    pub const ALL: [Method; 10] = [
-        Method::Source,
-        Method::Norm,
-        Method::Rbn,
-        Method::Tent,
-        Method::Eta,
-        Method::Eata,
-        Method::Woc,
-        Method::Sar,
-        Method::EataWoc,
-        Method::Lame,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Source => "source",
-            Method::Norm => "norm",
-            Method::Rbn => "rbn",
-            Method::Tent => "tent",
-            Method::Eta => "eta",
-            Method::Eata => "eata",
-            Method::Woc => "woc",
-            Method::Sar => "sar",
-            Method::EataWoc => "eata+woc",
-            Method::Lame => "lame",
-        }
-    }
-
     /// The normalization statistics the method's reference implementation uses.
     pub fn default_norm(self) -> NormMode {
-        match self {
-            Method::Source | Method::Lame => NormMode::Source,
-            Method::Norm | Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc => {
-                NormMode::Batch
-            }
-            Method::Rbn => NormMode::Ema,
-        }
+        self.def().default_norm()
     }
 
     /// Whether the method takes gradient steps on parameters (and so needs an optimizer).
     pub fn updates_parameters(self) -> bool {
-        match self {
-            Method::Source | Method::Norm | Method::Rbn | Method::Lame => false,
-            Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc => true,
-        }
+        self.def().updates_parameters()
     }
 }
 
@@ -176,15 +174,16 @@ impl OptimizerKind {
     }
 }
 
+/// `Display` and `FromStr` by [`name`](Method::name) for a config enum with an `ALL` list.
 macro_rules! named_enum {
     ($t:ty, $what:literal) => {
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.name())
             }
         }
 
-        impl FromStr for $t {
+        impl ::std::str::FromStr for $t {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, String> {
                 Self::ALL.iter().copied().find(|m| m.name() == s).ok_or_else(|| {
@@ -195,12 +194,11 @@ macro_rules! named_enum {
         }
     };
 }
+pub(crate) use named_enum;
 
 named_enum!(Method, "method");
 named_enum!(NormMode, "normalization mode");
 named_enum!(OptimizerKind, "optimizer");
-named_enum!(Affinity, "LAME affinity");
-named_enum!(LabelShiftMode, "label-shift mode");
 
 /// The `[adapt]` section.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -262,255 +260,6 @@ impl AdaptSection {
             if list.iter().any(|s| s.is_empty()) {
                 return Err(Invalid::new(key, format!("{list:?}"), "an empty substring would match every node"));
             }
-        }
-        Ok(())
-    }
-}
-
-/// The `[eata]` section (ETA and EATA; tta-methods.md §2).
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EataSection {
-    /// The entropy threshold E0 (absolute); `None`: 0.4·ln C.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub e_margin: Option<f32>,
-    /// ε of the redundancy filter |cos(m, p)| < ε.
-    pub d_margin: f32,
-    /// β of the Fisher penalty (EATA only).
-    pub fisher_alpha: f32,
-    /// A folder of clean float32 `.npy` batches the Fisher is computed from (EATA).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fisher_batches: Option<PathBuf>,
-    /// A Fisher saved earlier (`Session::save_fisher`, `acclimate fisher`): a safetensors file
-    /// with one tensor per adapted parameter, checked against the model's fingerprint.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fisher_file: Option<PathBuf>,
-}
-
-impl Default for EataSection {
-    fn default() -> Self {
-        EataSection { e_margin: None, d_margin: 0.05, fisher_alpha: 2000.0, fisher_batches: None, fisher_file: None }
-    }
-}
-
-impl EataSection {
-    fn validate(&self) -> Result<(), Invalid> {
-        if let Some(e) = self.e_margin
-            && !(e.is_finite() && e > 0.0)
-        {
-            return Err(Invalid::new("eata.e_margin", e, "must be a finite number > 0"));
-        }
-        if !(self.d_margin.is_finite() && self.d_margin > 0.0) {
-            return Err(Invalid::new("eata.d_margin", self.d_margin, "must be a finite number > 0"));
-        }
-        if !(self.fisher_alpha.is_finite() && self.fisher_alpha >= 0.0) {
-            return Err(Invalid::new("eata.fisher_alpha", self.fisher_alpha, "must be a finite number >= 0"));
-        }
-        Ok(())
-    }
-}
-
-/// The `[sar]` section.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SarSection {
-    /// E0 of both entropy filters (absolute); `None`: 0.4·ln C.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub e_margin: Option<f32>,
-    /// ρ of the sharpness-aware perturbation.
-    pub rho: f32,
-    /// Reset to the source when the EMA of the second-pass loss falls below this.
-    pub reset_threshold: f32,
-    /// Whether a reset also clears the EMA. The authors' code does not (the model keeps
-    /// resetting until the EMA recovers); the mariodoebler harness does.
-    pub reset_clears_ema: bool,
-}
-
-impl Default for SarSection {
-    fn default() -> Self {
-        SarSection { e_margin: None, rho: 0.05, reset_threshold: 0.2, reset_clears_ema: false }
-    }
-}
-
-/// The `[woc]` section.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WocSection {
-    /// λ of the diversity term −λ·H(mean prediction).
-    pub lambda: f32,
-}
-
-impl Default for WocSection {
-    fn default() -> Self {
-        WocSection { lambda: 0.5 }
-    }
-}
-
-/// LAME's affinity between the L2-normalised features of a batch (tta-methods.md §5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[repr(u32)]
-pub enum Affinity {
-    /// Dense exp(−d²/2σ²), σ the mean distance to the k-th nearest point counting the point itself.
-    Rbf = 0,
-    /// 1 for the k nearest other points of each row (self excluded, not symmetrised).
-    Knn = 1,
-    /// The Gram matrix Z·Zᵀ.
-    Linear = 2,
-}
-
-impl Affinity {
-    pub const ALL: [Affinity; 3] = [Affinity::Rbf, Affinity::Knn, Affinity::Linear];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Affinity::Rbf => "rbf",
-            Affinity::Knn => "knn",
-            Affinity::Linear => "linear",
-        }
-    }
-}
-
-/// The `[lame]` section (method `lame`; tta-methods.md §5).
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LameSection {
-    pub affinity: Affinity,
-    /// k of the kNN affinity and of the rbf bandwidth.
-    pub knn: usize,
-    /// λ of the Laplacian term.
-    pub lambda: f32,
-    /// Most fixed-point iterations per batch.
-    pub max_steps: u32,
-    /// `"auto"`: the input of the graph's final Gemm/MatMul; otherwise a tensor name.
-    pub features: String,
-}
-
-impl Default for LameSection {
-    fn default() -> Self {
-        LameSection { affinity: Affinity::Rbf, knn: 5, lambda: 1.0, max_steps: 100, features: "auto".into() }
-    }
-}
-
-/// How the output probabilities are corrected for a shift of the label distribution
-/// (tta-methods.md §6, §6b).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-#[repr(u32)]
-pub enum LabelShiftMode {
-    /// No correction.
-    #[default]
-    None = 0,
-    /// Online: an EMA of the batch-mean predictions, each batch corrected with the estimate
-    /// of the batches before it.
-    Ema = 1,
-    /// MLLS / EM (Saerens et al. 2002) on each batch.
-    Em = 2,
-    /// Black-box shift estimation (Lipton et al. 2018) on each batch, from a source confusion matrix.
-    Bbse = 3,
-    /// The learned label-shift adapter (Park et al. 2023) fed the EMA estimate.
-    Adapter = 4,
-}
-
-impl LabelShiftMode {
-    pub const ALL: [LabelShiftMode; 5] =
-        [LabelShiftMode::None, LabelShiftMode::Ema, LabelShiftMode::Em, LabelShiftMode::Bbse, LabelShiftMode::Adapter];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            LabelShiftMode::None => "none",
-            LabelShiftMode::Ema => "ema",
-            LabelShiftMode::Em => "em",
-            LabelShiftMode::Bbse => "bbse",
-            LabelShiftMode::Adapter => "adapter",
-        }
-    }
-}
-
-/// The source label distribution p_s: inline values or a float32 `.npy` file of C values.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum SourcePrior {
-    Values(Vec<f32>),
-    File(PathBuf),
-}
-
-/// The `[label_shift]` section: a correction of any method's output probabilities.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LabelShiftSection {
-    pub mode: LabelShiftMode,
-    /// m of the estimate's EMA q̂ ← m·q̂ + (1 − m)·mean prediction (`ema`, `adapter`); f64 as
-    /// the optimizer's hyperparameters, so that 1 − m is formed in double precision.
-    pub momentum: f64,
-    /// `adapter`: the adapter network (ONNX; input `prior` [1, C]; outputs `gamma` [1, D],
-    /// `beta` [1, D], `delta_w` [C, D], `delta_b` [1, C]).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapter: Option<PathBuf>,
-    /// `bbse`: the source confusion matrix, a float32 `.npy` [C, C], entry (i, j) the count or
-    /// probability of predicting i for a source sample of class j.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub confusion: Option<PathBuf>,
-    /// p_s; uniform when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub source_prior: Option<SourcePrior>,
-}
-
-impl Default for LabelShiftSection {
-    fn default() -> Self {
-        LabelShiftSection {
-            mode: LabelShiftMode::None,
-            momentum: 0.9,
-            adapter: None,
-            confusion: None,
-            source_prior: None,
-        }
-    }
-}
-
-impl LameSection {
-    fn validate(&self) -> Result<(), Invalid> {
-        if self.knn < 1 {
-            return Err(Invalid::new("lame.knn", self.knn, "must be at least 1"));
-        }
-        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
-            return Err(Invalid::new("lame.lambda", self.lambda, "must be a finite number >= 0"));
-        }
-        if self.max_steps < 1 {
-            return Err(Invalid::new("lame.max_steps", self.max_steps, "must be at least 1"));
-        }
-        if self.features.is_empty() {
-            return Err(Invalid::new("lame.features", "\"\"", "give a tensor name or \"auto\""));
-        }
-        Ok(())
-    }
-}
-
-impl LabelShiftSection {
-    fn validate(&self) -> Result<(), Invalid> {
-        unit_interval("label_shift.momentum", self.momentum, true)?;
-        if self.mode == LabelShiftMode::Adapter && self.adapter.is_none() {
-            return Err(Invalid::new(
-                "label_shift.adapter",
-                "(missing)",
-                "mode \"adapter\" needs the adapter's ONNX file",
-            ));
-        }
-        if self.mode == LabelShiftMode::Bbse && self.confusion.is_none() {
-            return Err(Invalid::new(
-                "label_shift.confusion",
-                "(missing)",
-                "mode \"bbse\" needs the source confusion matrix (a [C, C] float32 .npy)",
-            ));
-        }
-        if let Some(SourcePrior::Values(v)) = &self.source_prior
-            && (v.is_empty() || v.iter().any(|p| !(p.is_finite() && *p > 0.0)))
-        {
-            return Err(Invalid::new(
-                "label_shift.source_prior",
-                format!("{v:?}"),
-                "every class needs a finite probability > 0",
-            ));
         }
         Ok(())
     }
@@ -673,23 +422,6 @@ impl OptimizerConfig {
     }
 }
 
-/// The whole config file. Later sections (`[eata]`, `[sar]`, `[woc]`, `[lame]`, `[label_shift]`,
-/// `[stream]`) become further fields here.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdaptConfig {
-    pub adapt: AdaptSection,
-    pub optimizer: OptimizerConfig,
-    pub eata: EataSection,
-    pub woc: WocSection,
-    pub sar: SarSection,
-    pub stream: StreamSection,
-    pub lame: LameSection,
-    pub label_shift: LabelShiftSection,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub preprocess: Option<PreprocessSection>,
-}
-
 /// Why a config could not be read or is not acceptable. `origin` is the file path, or
 /// `<string>` for [`AdaptConfig::from_toml_str`].
 #[derive(Debug, Error)]
@@ -707,14 +439,14 @@ pub enum ConfigError {
 }
 
 /// A validation failure before the origin is known.
-struct Invalid {
+pub(crate) struct Invalid {
     key: &'static str,
     value: String,
     reason: String,
 }
 
 impl Invalid {
-    fn new(key: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> Invalid {
+    pub(crate) fn new(key: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> Invalid {
         Invalid { key, value: value.to_string(), reason: reason.into() }
     }
 
@@ -731,7 +463,7 @@ impl Invalid {
 /// A value the kernels receive as `f32` must mean the same there: finite in `f32` (1e300 passes a
 /// check in `f64` and becomes +inf on the GPU), and not flushed to zero (a non-zero value below
 /// `f32::MIN_POSITIVE`, 1.2e-38, is subnormal, which many GPUs flush to 0).
-fn gpu_f32(key: &'static str, v: f64) -> Result<(), Invalid> {
+pub(crate) fn gpu_f32(key: &'static str, v: f64) -> Result<(), Invalid> {
     let f = v as f32;
     if !f.is_finite() {
         return Err(Invalid::new(
@@ -764,7 +496,7 @@ pub const MAX_STREAM_FRAMES: usize = 4096;
 /// the methods' papers take 1, and 100 already makes a batch 100 times slower.
 pub const MAX_STEPS_PER_BATCH: usize = 100;
 
-fn unit_interval(key: &'static str, v: f64, closed: bool) -> Result<(), Invalid> {
+pub(crate) fn unit_interval(key: &'static str, v: f64, closed: bool) -> Result<(), Invalid> {
     let ok = v.is_finite() && v >= 0.0 && if closed { v <= 1.0 } else { v < 1.0 };
     if ok { Ok(()) } else { Err(Invalid::new(key, v, if closed { "must be in [0, 1]" } else { "must be in [0, 1)" })) }
 }
@@ -798,22 +530,11 @@ impl AdaptConfig {
         let mut config = AdaptConfig::parse(&src, &path.display().to_string())?;
         // Paths in a config file are relative to the file, not to wherever the program runs.
         if let Some(dir) = path.parent() {
-            let prior_file = match &mut config.label_shift.source_prior {
-                Some(SourcePrior::File(f)) => Some(f),
-                _ => None,
-            };
-            for p in [
-                &mut config.eata.fisher_batches,
-                &mut config.eata.fisher_file,
-                &mut config.label_shift.adapter,
-                &mut config.label_shift.confusion,
-            ]
-            .into_iter()
-            .flatten()
-            .chain(prior_file)
-            {
-                if p.is_relative() {
-                    *p = dir.join(&*p);
+            for section in config.sections_mut() {
+                for p in section.paths() {
+                    if p.is_relative() {
+                        *p = dir.join(&*p);
+                    }
                 }
             }
         }
@@ -828,19 +549,8 @@ impl AdaptConfig {
     fn validate_as(&self, origin: &str) -> Result<(), ConfigError> {
         self.adapt.validate().map_err(|e| e.at(origin))?;
         self.optimizer.validate().map_err(|e| e.at(origin))?;
-        self.eata.validate().map_err(|e| e.at(origin))?;
-        self.lame.validate().map_err(|e| e.at(origin))?;
-        self.label_shift.validate().map_err(|e| e.at(origin))?;
-        if !(self.sar.rho.is_finite() && self.sar.rho >= 0.0) {
-            return Err(Invalid::new("sar.rho", self.sar.rho, "must be a finite number >= 0").at(origin));
-        }
-        if let Some(e) = self.sar.e_margin
-            && !(e.is_finite() && e > 0.0)
-        {
-            return Err(Invalid::new("sar.e_margin", e, "must be a finite number > 0").at(origin));
-        }
-        if !self.sar.reset_threshold.is_finite() {
-            return Err(Invalid::new("sar.reset_threshold", self.sar.reset_threshold, "must be finite").at(origin));
+        for section in self.sections() {
+            section.validate().map_err(|e| e.at(origin))?;
         }
         for (key, v) in [
             ("stream.batch", self.stream.batch),
@@ -863,29 +573,7 @@ impl AdaptConfig {
                 .at(origin));
             }
         }
-        gpu_f32("label_shift.momentum", self.label_shift.momentum).map_err(|e| e.at(origin))?;
-        if !(self.woc.lambda.is_finite() && self.woc.lambda >= 0.0) {
-            return Err(Invalid::new("woc.lambda", self.woc.lambda, "must be a finite number >= 0").at(origin));
-        }
-        let eata = matches!(self.adapt.method, Method::Eata | Method::EataWoc);
-        if eata && self.eata.fisher_alpha > 0.0 && self.eata.fisher_batches.is_none() && self.eata.fisher_file.is_none()
-        {
-            return Err(Invalid::new(
-                "eata.fisher_batches",
-                "(missing)",
-                "EATA needs the Fisher: give clean batches (fisher_batches) or a saved Fisher (fisher_file)",
-            )
-            .at(origin));
-        }
-        if self.eata.fisher_batches.is_some() && self.eata.fisher_file.is_some() {
-            return Err(Invalid::new(
-                "eata.fisher_file",
-                "(both set)",
-                "give either fisher_batches or fisher_file, not both",
-            )
-            .at(origin));
-        }
-        Ok(())
+        self.adapt.method.def().validate(self).map_err(|e| e.at(origin))
     }
 
     /// The config as TOML (every key written out, so it records the defaults in effect).
@@ -1111,6 +799,59 @@ eps = 1e-6
         let good = dir.join("good.toml");
         std::fs::write(&good, "[adapt]\nmethod = \"norm\"\n").unwrap();
         assert_eq!(AdaptConfig::from_file(&good).unwrap().adapt.method, Method::Norm);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn method_sections_and_method_checks_keep_their_messages() {
+        for (src, message) in [
+            (
+                "[adapt]\nmethod = \"eata\"\n",
+                "<string>: `eata.fisher_batches` = (missing): EATA needs the Fisher: give clean batches (fisher_batches) or a saved Fisher (fisher_file)",
+            ),
+            (
+                "[adapt]\nmethod = \"eata+woc\"\n",
+                "<string>: `eata.fisher_batches` = (missing): EATA needs the Fisher: give clean batches (fisher_batches) or a saved Fisher (fisher_file)",
+            ),
+            (
+                "[eata]\nfisher_batches = \"a\"\nfisher_file = \"b\"\n",
+                "<string>: `eata.fisher_file` = (both set): give either fisher_batches or fisher_file, not both",
+            ),
+            ("[woc]\nlambda = -1.0\n", "<string>: `woc.lambda` = -1: must be a finite number >= 0"),
+            ("[sar]\nreset_threshold = inf\n", "<string>: `sar.reset_threshold` = inf: must be finite"),
+            ("[lame]\nknn = 0\n", "<string>: `lame.knn` = 0: must be at least 1"),
+            (
+                "[label_shift]\nmode = \"bbse\"\n",
+                "<string>: `label_shift.confusion` = (missing): mode \"bbse\" needs the source confusion matrix (a [C, C] float32 .npy)",
+            ),
+        ] {
+            assert_eq!(err(src), message, "{src}");
+        }
+        let e = err("[label_shift]\nmomentum = 1e-50\n");
+        assert!(e.contains("`label_shift.momentum`") && e.contains("below float32's smallest normal number"), "{e}");
+        // ETA has no Fisher, and EATA without the penalty needs none.
+        for src in ["[adapt]\nmethod = \"eta\"\n", "[adapt]\nmethod = \"eata\"\n[eata]\nfisher_alpha = 0.0\n"] {
+            AdaptConfig::from_toml_str(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+        }
+    }
+
+    #[test]
+    fn every_sections_paths_resolve_against_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("acclimate-config-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("paths.toml");
+        std::fs::write(
+            &p,
+            "[eata]\nfisher_batches = \"clean\"\n[label_shift]\nmode = \"bbse\"\nconfusion = \"c.npy\"\nadapter = \"/abs/a.onnx\"\nsource_prior = \"p.npy\"\n",
+        )
+        .unwrap();
+        let c = AdaptConfig::from_file(&p).unwrap();
+        assert_eq!(c.eata.fisher_batches, Some(dir.join("clean")));
+        assert_eq!(c.label_shift.confusion, Some(dir.join("c.npy")));
+        assert_eq!(c.label_shift.adapter, Some(PathBuf::from("/abs/a.onnx")), "absolute paths stay");
+        assert_eq!(c.label_shift.source_prior, Some(SourcePrior::File(dir.join("p.npy"))));
+        std::fs::write(&p, "[eata]\nfisher_file = \"f.safetensors\"\n").unwrap();
+        assert_eq!(AdaptConfig::from_file(&p).unwrap().eata.fisher_file, Some(dir.join("f.safetensors")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::session::Session;
 use crate::gpu::GpuError;
+pub use crate::npy::batch_files;
 use crate::npy::{self, NpyError};
 use crate::tensor::Tensor;
 
@@ -95,18 +96,6 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     let data = t.to_f32_vec();
     let cols = t.shape.last().copied().unwrap_or(1).max(1);
     data.chunks(cols).map(|c| c.to_vec()).collect()
-}
-
-/// The `.npy` files of `dir` in lexicographic order of file name.
-pub fn batch_files(dir: &Path) -> Result<Vec<PathBuf>, NpyError> {
-    let read_err = |source| NpyError::Read { path: dir.to_path_buf(), source };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(read_err)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "npy"))
-        .collect();
-    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-    Ok(files)
 }
 
 /// Errors of a replay that prevent it from starting.

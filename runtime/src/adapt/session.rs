@@ -6,55 +6,21 @@
 //! buffers between steps; they are read back only when asked for.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-use thiserror::Error;
 
 use super::bn::StatsMode;
 use super::config::{AdaptConfig, Method, NormMode};
-use super::eata::EataSpec;
+pub use super::error::AdaptError;
+use super::methods::{self, AfterBatch, Host, Objective, eata, label_shift};
 use super::optim::OptimizerSpec;
 use super::state::{self, StateError};
-use super::train::{AdaptedBn, Objective, StepOutput, StepPlan, StepSpec};
+use super::train::{AdaptedBn, StepOutput, StepPlan, StepSpec};
 use crate::engine::Model;
-use crate::gpu::{GpuContext, GpuError};
+use crate::gpu::GpuContext;
 use crate::ir::BatchNormInfo;
 use crate::plan::{PlanError, WeightStore, read_buffer, staging};
 use crate::tensor::{DType, Tensor};
-
-/// Errors of an adaptation session.
-#[derive(Debug, Error)]
-pub enum AdaptError {
-    #[error("the model has no BatchNormalization layers with constant parameters: method '{0}' cannot adapt it")]
-    NoBatchNorm(String),
-    #[error("no BatchNormalization layer is left to adapt after include/exclude ({0})")]
-    NothingAdapted(String),
-    #[error(
-        "batch of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); the batch was skipped and nothing was updated"
-    )]
-    NonFinite { shape: Vec<usize>, count: usize, first: usize },
-    #[error(
-        "batch of shape {0:?} is empty: a step needs at least one sample (the batch statistics of an empty batch are NaN)"
-    )]
-    EmptyBatch(Vec<usize>),
-    #[error("the model's output does not declare a fixed class count: set eata.e_margin explicitly")]
-    Classes,
-    #[error("Fisher batches: {0}")]
-    Fisher(String),
-    #[error("the batch is {0}; adaptation takes float32")]
-    DType(DType),
-    #[error("the model takes one input of rank {expected}, the batch has shape {got:?}")]
-    Rank { expected: usize, got: Vec<usize> },
-    #[error(transparent)]
-    Output(#[from] super::output::OutputError),
-    #[error(transparent)]
-    Plan(#[from] PlanError),
-    #[error(transparent)]
-    Gpu(#[from] GpuError),
-    #[error(transparent)]
-    State(#[from] StateError),
-}
 
 /// The samples of a batch a filtering method (ETA, EATA, wisdom of crowds) trained on.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -69,7 +35,7 @@ pub struct Selection {
 /// What a batch gives back: its logits (before this batch's update) and what the step did.
 ///
 /// ```no_run
-/// # fn f(session: &mut acclimate::Session, batch: &acclimate::Tensor) -> Result<(), Box<dyn std::error::Error>> {
+/// # fn f(session: &mut acclimate::Session, batch: &acclimate::Tensor) -> acclimate::Result<()> {
 /// let p = session.step(batch)?;
 /// let classes = p.logits.shape[1];
 /// let top1: Vec<usize> = p.logits.to_f32_vec().chunks(classes)
@@ -117,8 +83,8 @@ pub struct Session {
     steps_taken: u64,
     /// Steps (and RBN statistics updates) the parameter guard refused.
     steps_skipped: u64,
-    /// SAR: the EMA of the second-pass loss (the recovery signal).
-    sar_ema: Option<f32>,
+    /// The method's state between batches (SAR's recovery), if it keeps one.
+    after: Option<Box<dyn AfterBatch>>,
     /// The model's fingerprint (a hash of every weight), computed on first save or load.
     fingerprint: std::sync::OnceLock<String>,
 }
@@ -135,8 +101,8 @@ impl Session {
             NormMode::Ema => StatsMode::Ema { momentum: config.adapt.norm_momentum },
             NormMode::Alpha => StatsMode::Alpha { alpha: config.adapt.norm_alpha },
         };
-        let source_model = matches!(method, Method::Source | Method::Lame);
-        if bns.is_empty() && (!source_model || norm != NormMode::Source) {
+        let def = method.def();
+        if bns.is_empty() && (!def.source_model() || norm != NormMode::Source) {
             return Err(AdaptError::NoBatchNorm(format!("{method:?}").to_lowercase()).into());
         }
         let mut adapted = Vec::new();
@@ -158,41 +124,11 @@ impl Session {
                 .into());
             }
         }
-        let objective = match method {
-            Method::Eta | Method::Eata | Method::Sar | Method::EataWoc => {
-                let configured = if method == Method::Sar { config.sar.e_margin } else { config.adapt_e_margin() };
-                let e_margin = match configured {
-                    Some(e) => e,
-                    None => {
-                        let classes = graph
-                            .outputs
-                            .first()
-                            .and_then(|o| o.dims.as_ref())
-                            .and_then(|d| d.last())
-                            .and_then(|d| if let crate::ir::Dim::Fixed(n) = d { Some(*n) } else { None })
-                            .ok_or(AdaptError::Classes)?;
-                        0.4 * (classes as f32).ln()
-                    }
-                };
-                if method == Method::Sar {
-                    Objective::Sar { e_margin, rho: config.sar.rho }
-                } else {
-                    let with_fisher = matches!(method, Method::Eata | Method::EataWoc);
-                    let fisher_alpha = if with_fisher { config.eata.fisher_alpha } else { 0.0 };
-                    Objective::Eata(EataSpec {
-                        e_margin,
-                        d_margin: config.eata.d_margin,
-                        fisher_alpha,
-                        woc: method == Method::EataWoc,
-                    })
-                }
-            }
-            Method::Woc => Objective::Woc { lambda: config.woc.lambda },
-            _ => Objective::MeanEntropy,
-        };
+        let objective = def.objective(&config, graph)?;
         let output = super::output::OutputSpec::from_config(&config, graph)?.map(Arc::new);
         let optimizer = OptimizerSpec::from_config(&config.optimizer);
         let spec = StepSpec { mode, adapted, optimizer, objective, output };
+        let after = def.after_batch(&config);
         let mut session = Session {
             ctx: ctx.clone(),
             model,
@@ -204,158 +140,37 @@ impl Session {
             bns,
             steps_taken: 0,
             steps_skipped: 0,
-            sar_ema: None,
+            after,
             fingerprint: std::sync::OnceLock::new(),
         };
-        if matches!(method, Method::Eata | Method::EataWoc) {
-            if let Some(dir) = session.config.eata.fisher_batches.clone() {
-                session.compute_fisher(&dir)?;
-            } else if let Some(file) = session.config.eata.fisher_file.clone() {
-                session.load_fisher(&file)?;
-            }
-        }
+        let config = session.config.clone();
+        def.prepare(&mut session, &config)?;
         Ok(session)
     }
 
     /// EATA's Fisher information, once, before adaptation (tta-methods.md §2): on clean batches,
     /// in batch-statistics mode, the square of each batch-mean cross-entropy gradient with argmax
     /// pseudo-labels, averaged over the batches. Parameters do not change.
-    pub fn compute_fisher(&mut self, dir: &Path) -> crate::Result<()> {
-        let files = super::replay::batch_files(dir).map_err(|e| AdaptError::Fisher(e.to_string()))?;
-        if files.is_empty() {
-            return Err(AdaptError::Fisher(format!("no .npy batches in {}", dir.display())).into());
-        }
-        // Start from zero: the pass accumulates squared gradients into the Fisher buffers.
-        for name in self.fisher_names() {
-            if let Some(buf) = self.store.get(&name) {
-                self.ctx.queue.write_buffer(buf, 0, &vec![0u8; buf.size() as usize]);
-            }
-        }
-        let spec = StepSpec { mode: StatsMode::Batch, objective: Objective::Fisher, ..self.spec.clone() };
-        let mut plans: HashMap<Vec<usize>, StepPlan> = HashMap::new();
-        for f in &files {
-            let x = crate::npy::read_f32(f).map_err(|e| AdaptError::Fisher(e.to_string()))?;
-            self.check_batch(&x).map_err(|e| AdaptError::Fisher(format!("{}: {e}", f.display())))?;
-            if !plans.contains_key(&x.shape) {
-                let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &x.shape, &spec)?;
-                plans.insert(x.shape.clone(), p);
-            }
-            plans[&x.shape].run(&self.ctx, x.as_f32().unwrap_or(&[]))?;
-        }
-        // Average over the batches (the reference divides the sum once, after the last batch).
-        let names: Vec<String> = self.adapted_parameters().iter().map(|n| format!("eata:fisher:{n}")).collect();
-        let scale = 1.0 / files.len() as f32;
-        let fisher = self.read_named(&names)?;
-        // A batch that overflows inside the network leaves NaN or infinity in the squared
-        // gradients; EATA's penalty would then poison every step. Refuse it here, at set-up.
-        for (name, t) in &fisher {
-            let bad = t.to_f32_vec().iter().filter(|v| !(*v * scale).is_finite()).count();
-            if bad > 0 {
-                for n in &names {
-                    if let Some(buf) = self.store.get(n) {
-                        self.ctx.queue.write_buffer(buf, 0, &vec![0u8; buf.size() as usize]);
-                    }
-                }
-                self.ctx.queue.submit([]);
-                return Err(AdaptError::Fisher(format!(
-                    "the Fisher of {} has {bad} NaN or infinite value(s): a batch in {} overflows inside the network",
-                    name.trim_start_matches("eata:fisher:"),
-                    dir.display()
-                ))
-                .into());
-            }
-        }
-        for (name, t) in fisher {
-            if let Some(buf) = self.store.get(&name) {
-                let v: Vec<f32> = t.to_f32_vec().iter().map(|x| x * scale).collect();
-                self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
-            }
-        }
-        self.ctx.queue.submit([]);
-        Ok(())
-    }
-
-    fn fisher_names(&self) -> Vec<String> {
-        self.adapted_parameters().iter().map(|n| format!("eata:fisher:{n}")).collect()
+    pub fn compute_fisher(&mut self, dir: &Path) -> Result<(), AdaptError> {
+        eata::compute_fisher(self, dir)
     }
 
     /// EATA's Fisher information by adapted parameter name (zeros before it was computed or
     /// loaded).
-    pub fn fisher(&self) -> crate::Result<Vec<(String, Tensor)>> {
-        let params = self.parameters()?;
-        let mut out = Vec::new();
-        for (name, p) in params {
-            let key = format!("eata:fisher:{name}");
-            let values = match self.store.get(&key) {
-                Some(_) => self
-                    .read_named(std::slice::from_ref(&key))?
-                    .pop()
-                    .map(|(_, t)| t.to_f32_vec())
-                    .unwrap_or_else(|| vec![0.0; p.numel()]),
-                None => vec![0.0; p.numel()],
-            };
-            out.push((name, Tensor::f32(p.shape.clone(), values[..p.numel().min(values.len())].to_vec())));
-        }
-        Ok(out)
+    pub fn fisher(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
+        eata::fisher(self)
     }
 
     /// Saves the Fisher (one tensor per adapted parameter) as a safetensors file tied to this
     /// model's fingerprint, for `eata.fisher_file`.
-    pub fn save_fisher(&self, path: &Path) -> crate::Result<()> {
-        let tensors: Vec<(String, Tensor)> =
-            self.fisher()?.into_iter().map(|(n, t)| (format!("eata:fisher:{n}"), t)).collect();
-        let meta = vec![("content".to_string(), "eata-fisher".to_string())];
-        state::save_state(path, self.fingerprint(), &tensors, &meta)?;
-        Ok(())
+    pub fn save_fisher(&self, path: &Path) -> Result<(), AdaptError> {
+        eata::save_fisher(self, path)
     }
 
     /// Loads a Fisher saved by [`Session::save_fisher`] for the same model. Every adapted
     /// parameter must be present with its size; on any error nothing changes.
-    pub fn load_fisher(&mut self, path: &Path) -> crate::Result<()> {
-        let fp = self.fingerprint().to_string();
-        let loaded = state::load_state(path, &fp)?;
-        if loaded.metadata.get("content").map(String::as_str) != Some("eata-fisher") {
-            return Err(AdaptError::Fisher(format!(
-                "{} is not a saved Fisher (save one with save_fisher)",
-                path.display()
-            ))
-            .into());
-        }
-        let mut writes = Vec::new();
-        for (name, p) in self.parameters()? {
-            let key = format!("eata:fisher:{name}");
-            let t = loaded.get(&key).ok_or_else(|| {
-                AdaptError::Fisher(format!("{} has no Fisher for the adapted parameter {name}", path.display()))
-            })?;
-            if t.numel() != p.numel() {
-                return Err(AdaptError::Fisher(format!(
-                    "{}: the Fisher of {name} has {} values, the parameter {}",
-                    path.display(),
-                    t.numel(),
-                    p.numel()
-                ))
-                .into());
-            }
-            writes.push((key, t.to_f32_vec()));
-        }
-        for (key, v) in writes {
-            match self.store.get(&key) {
-                Some(buf) => self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v)),
-                None => {
-                    use wgpu::util::DeviceExt;
-                    let b = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some(&key),
-                        contents: bytemuck::cast_slice(&v),
-                        usage: wgpu::BufferUsages::STORAGE
-                            | wgpu::BufferUsages::COPY_DST
-                            | wgpu::BufferUsages::COPY_SRC,
-                    });
-                    self.store.buffers.insert(key, b);
-                }
-            }
-        }
-        self.ctx.queue.submit([]);
-        Ok(())
+    pub fn load_fisher(&mut self, path: &Path) -> Result<(), AdaptError> {
+        eata::load_fisher(self, path)
     }
 
     pub fn config(&self) -> &AdaptConfig {
@@ -416,7 +231,7 @@ impl Session {
         };
         let key = (batch.shape.clone(), norm);
         if !self.predict_plans.contains_key(&key) {
-            let spec = StepSpec { mode, adapted: Vec::new(), objective: Objective::MeanEntropy, ..self.spec.clone() };
+            let spec = StepSpec { mode, adapted: Vec::new(), objective: None, ..self.spec.clone() };
             let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &batch.shape, &spec)?;
             self.predict_plans.insert(key.clone(), p);
         }
@@ -490,24 +305,14 @@ impl Session {
             );
         }
         let Some(out) = first else { return Err(PlanError::Program("no step ran".into()).into()) };
-        let mut reset = false;
-        if let Some((loss2, kept)) = out.second {
-            // SAR's recovery (tta-methods.md §3): the EMA moves only when the second pass kept a
-            // sample (the reference's loss is NaN otherwise); below the threshold, reset.
-            if kept > 0 && loss2.is_finite() {
-                self.sar_ema = Some(match self.sar_ema {
-                    None => loss2,
-                    Some(e) => 0.9 * e + 0.1 * loss2,
-                });
-            }
-            if self.sar_ema.is_some_and(|e| e < self.config.sar.reset_threshold) {
-                let ema = self.sar_ema;
-                self.reset()?;
-                self.sar_ema = if self.config.sar.reset_clears_ema { None } else { ema };
-                reset = true;
-            }
+        let end = match self.after.as_mut() {
+            Some(after) => after.after_batch(out.second),
+            None => methods::BatchEnd::default(),
+        };
+        if end.reset {
+            self.reset()?;
         }
-        let ema = if out.second.is_some() { self.sar_ema } else { None };
+        let (ema, reset) = (end.ema, end.reset);
         Ok(Prediction {
             logits: out.logits,
             loss: out.loss,
@@ -526,7 +331,7 @@ impl Session {
         for (name, buf) in &self.store.buffers {
             if let Some(t) = graph.initializers.get(name) {
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&t.to_f32_vec()));
-            } else if name == super::output::PRIOR_BUFFER {
+            } else if name == label_shift::PRIOR_BUFFER {
                 // The label-shift estimate restarts from the source prior.
                 let c = (buf.size() / 4) as usize;
                 let ps =
@@ -598,7 +403,11 @@ impl Session {
             .store
             .buffers
             .keys()
-            .filter(|k| k.starts_with("opt:") || k.starts_with("eata:") || *k == super::output::PRIOR_BUFFER)
+            .filter(|k| {
+                k.starts_with("opt:")
+                    || Method::ALL.iter().flat_map(|m| m.def().state_prefixes()).any(|p| k.starts_with(p))
+                    || *k == label_shift::PRIOR_BUFFER
+            })
             .cloned()
             .collect();
         opt.sort();
@@ -706,5 +515,74 @@ impl Session {
     pub fn step_footprint(&mut self, shape: &[usize]) -> crate::Result<(u64, usize)> {
         let p = self.plan(shape)?;
         Ok((p.transient_bytes, p.dispatch_count))
+    }
+}
+
+/// A method's set-up reaches its session through this (EATA's Fisher).
+impl Host for Session {
+    fn adapted_parameters(&self) -> Vec<String> {
+        Session::adapted_parameters(self)
+    }
+
+    fn parameters(&self) -> Result<Vec<(String, Tensor)>, AdaptError> {
+        self.read_named(&self.adapted_parameters())
+    }
+
+    fn read(&self, names: &[String]) -> Result<Vec<(String, Tensor)>, AdaptError> {
+        self.read_named(names)
+    }
+
+    fn has_buffer(&self, name: &str) -> bool {
+        self.store.get(name).is_some()
+    }
+
+    fn zero(&mut self, name: &str) {
+        if let Some(buf) = self.store.get(name) {
+            self.ctx.queue.write_buffer(buf, 0, &vec![0u8; buf.size() as usize]);
+        }
+    }
+
+    fn write(&mut self, name: &str, values: &[f32]) {
+        match self.store.get(name) {
+            Some(buf) => self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(values)),
+            None => {
+                use wgpu::util::DeviceExt;
+                let b = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(name),
+                    contents: bytemuck::cast_slice(values),
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                });
+                self.store.buffers.insert(name.to_string(), b);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        self.ctx.queue.submit([]);
+    }
+
+    fn fingerprint(&self) -> &str {
+        Session::fingerprint(self)
+    }
+
+    fn run_pass(
+        &mut self,
+        mode: StatsMode,
+        objective: Arc<dyn Objective>,
+        batches: &mut dyn Iterator<Item = Result<(PathBuf, Tensor), AdaptError>>,
+        rejected: &dyn Fn(&Path, AdaptError) -> AdaptError,
+    ) -> Result<(), AdaptError> {
+        let spec = StepSpec { mode, objective: Some(objective), output: None, ..self.spec.clone() };
+        let mut plans: HashMap<Vec<usize>, StepPlan> = HashMap::new();
+        for batch in batches {
+            let (f, x) = batch?;
+            self.check_batch(&x).map_err(|e| rejected(&f, e))?;
+            if !plans.contains_key(&x.shape) {
+                let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &x.shape, &spec)?;
+                plans.insert(x.shape.clone(), p);
+            }
+            plans[&x.shape].run(&self.ctx, x.as_f32().unwrap_or(&[]))?;
+        }
+        Ok(())
     }
 }

@@ -1,35 +1,27 @@
 //! The adaptation step as one program: forward with the session's normalization statistics, the
-//! loss, the reverse pass from the loss down to the adapted BatchNormalization parameters, and
-//! the optimizer update — recorded into one command encoder, with a single readback of the
-//! (pre-update) logits and the loss.
+//! output stages, the method's loss, the reverse pass from the loss down to the adapted
+//! BatchNormalization parameters, and the optimizer update — recorded into one command encoder,
+//! with a single readback of the (pre-update) logits and the loss.
 //!
-//! Only what the reverse pass reads stays alive past its forward use: the planner references a
-//! forward tensor from a backward dispatch exactly when that op's backward reads it, and the
-//! program's lifetime analysis does the rest. Nodes upstream of the first adapted layer get no
-//! reverse pass at all, and frozen weights get no gradient buffers.
+//! [`StepPlan::build`] is the driver every method shares; what differs between methods is their
+//! [`Objective`] (`super::methods`), called at fixed points of the program: its selection and
+//! loss, a change of the gradients after the reverse pass ([`super::reverse`]), and per-parameter
+//! terms ahead of the guarded update.
 
-use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use super::bn::{self, BnHook, StatsMode};
-use super::eata;
-use super::loss;
+use super::bn::{BnHook, StatsMode};
+use super::methods::{Deferred, Objective, Param, StepCx};
 use super::optim::{self, OptimizerSpec};
+pub use super::reverse::AdaptedBn;
+use super::reverse::{bytes_of, err, parameter, reverse_pass};
 use crate::gpu::GpuContext;
 use crate::ir::Graph;
-use crate::ops::{BackwardLowering, BufRef, GradInput, OpReason, Stage};
+use crate::ops::BufRef;
 use crate::plan::{
-    Compiled, Forward, GraphOutput, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer,
-    staging,
+    Compiled, GraphOutput, Item, PlanError, Program, WeightInit, WeightStore, lower_forward, read_buffer, staging,
 };
 use crate::tensor::Tensor;
-
-/// One adapted BatchNormalization layer.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdaptedBn {
-    pub node: usize,
-    pub scale: String,
-    pub bias: String,
-}
 
 /// What a step program does.
 #[derive(Clone, Debug)]
@@ -38,31 +30,10 @@ pub struct StepSpec {
     /// Adapted layers; empty for a forward-only program (source, norm, rbn).
     pub adapted: Vec<AdaptedBn>,
     pub optimizer: OptimizerSpec,
-    pub objective: Objective,
-    /// LAME / label-shift stages after the forward pass ([`super::output`]); not run by the
-    /// Fisher pass.
-    pub output: Option<std::sync::Arc<super::output::OutputSpec>>,
-}
-
-/// What a step minimises, and what it does with the gradient.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Objective {
-    /// Mean entropy over the batch (TENT).
-    MeanEntropy,
-    /// ETA/EATA: weighted entropy over the selected samples, plus the Fisher penalty when
-    /// `fisher_alpha` > 0; no step when nothing is selected.
-    Eata(super::eata::EataSpec),
-    /// The EATA Fisher pass: cross-entropy with argmax pseudo-labels; the gradient's square is
-    /// added to the Fisher buffers and no parameter changes.
-    Fisher,
-    /// SAR (tta-methods.md §3): entropy filter, sharpness-aware step (ascend by ρ·g/‖g‖, second
-    /// forward and re-filter within the first selection, gradient there, restore, base step).
-    Sar { e_margin: f32, rho: f32 },
-    /// Wisdom of crowds (tta-methods.md §4): the original model (source scale and bias, the
-    /// batch's statistics) runs too, without gradients; mean entropy over the samples whose
-    /// confidence in the original model's class did not fall, minus λ·H(mean prediction of the
-    /// whole batch). No step when no sample is kept.
-    Woc { lambda: f32 },
+    /// What a step with adapted layers minimises (the method's, or EATA's Fisher pass).
+    pub objective: Option<Arc<dyn Objective>>,
+    /// LAME / label-shift stages after the forward pass ([`super::output`]).
+    pub output: Option<Arc<super::output::OutputSpec>>,
 }
 
 /// A compiled step for one input shape.
@@ -74,9 +45,10 @@ pub struct StepPlan {
     loss: Option<usize>,
     staging_logits: wgpu::Buffer,
     staging_loss: wgpu::Buffer,
-    /// ETA/EATA: the selection buffer [flags (B), weights (B)] and its staging buffer.
+    /// A selection read back (ETA/EATA, WoC): [flags (B), weights (B)], and its staging buffer.
     selection: Option<(usize, wgpu::Buffer)>,
-    /// SAR: the second-pass loss and selection ([flags (B), |S|]) with one staging buffer each.
+    /// A second pass read back (SAR): its loss and selection ([flags (B), |S|]) with one staging
+    /// buffer each.
     second: Option<(usize, usize, wgpu::Buffer, wgpu::Buffer)>,
     /// The output stage's values (probabilities, prior) with their staging buffers, and the
     /// gate of its running estimate.
@@ -125,14 +97,6 @@ pub struct StepOutput {
 /// Name of the guard's state buffer in forward-only programs that commit RBN statistics.
 pub const GUARD_STATE: &str = "guard:state";
 
-fn bytes_of(shape: &[usize]) -> u64 {
-    (shape.iter().product::<usize>() as u64 * 4).max(4)
-}
-
-fn err(msg: impl Into<String>) -> PlanError {
-    PlanError::Program(msg.into())
-}
-
 impl StepPlan {
     pub fn build(
         ctx: &GpuContext,
@@ -155,7 +119,7 @@ impl StepPlan {
         // The output stage reads the forward's logits and features right after the forward,
         // so those buffers need not outlive the reverse pass.
         let output = match &spec.output {
-            Some(o) if spec.objective != Objective::Fisher => {
+            Some(o) => {
                 let stage = super::output::lower(ctx, graph, &fwd, o, logits_v, &logits_shape, &mut program)
                     .map_err(|e| err(e.to_string()))?;
                 Some((stage, logits_shape.get(1).copied().unwrap_or(1)))
@@ -165,14 +129,12 @@ impl StepPlan {
         let mut loss_v = None;
         let mut params = Vec::new();
         let mut selection: Option<usize> = None;
-        let mut sar_first: Option<usize> = None;
         let mut second: Option<(usize, usize)> = None;
         // The parameter guard (optim.rs): every program that changes persistent state opens with
         // `guard_begin` and ends with the checks of everything it would commit, then the commits.
         let commits = std::mem::take(&mut hook.commits);
         // Method state computed ahead and committed with the step: (value, offset, weight, n).
-        let mut deferred: Vec<(usize, usize, usize, usize)> =
-            output.as_ref().and_then(|(stage, _)| stage.deferred).into_iter().collect();
+        let mut deferred: Vec<Deferred> = output.as_ref().and_then(|(stage, _)| stage.deferred).into_iter().collect();
         let guard_state = if training {
             Some(program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true))
         } else if !commits.is_empty() || !deferred.is_empty() {
@@ -212,253 +174,49 @@ impl StepPlan {
             let (loss, dlogits) = (program.value(4), program.value(bytes_of(&logits_shape)));
             loss_v = Some(loss);
             let state = guard_state.ok_or_else(|| err("a training program has an optimizer state"))?;
+            let objective = spec.objective.as_ref().ok_or_else(|| err("a training program has an objective"))?;
+            let mut cx = StepCx {
+                ctx,
+                graph,
+                fwd: &fwd,
+                shape,
+                program: &mut program,
+                mode: spec.mode,
+                adapted: &spec.adapted,
+                logits: logits_v,
+                logits_shape: &logits_shape,
+                b,
+                c,
+                state,
+                loss,
+                dlogits,
+                deferred: &mut deferred,
+                selection: None,
+                second: None,
+                carried: None,
+            };
             let mut scratch = Vec::new();
             let mut dispatches = Vec::new();
-            let coeff = match spec.objective {
-                Objective::MeanEntropy | Objective::Fisher => BufRef::Weight(program.weight(
-                    &format!("adapt:mean_coeff:{b}"),
-                    || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0 / b as f32; b]))),
-                    true,
-                )),
-                Objective::Eata(e) => {
-                    // sel: [flags (B), weights (B), the next m (C + 1)] (select.wgsl).
-                    let (probs, ent, coeff, sel) = (
-                        program.value(bytes_of(&logits_shape)),
-                        program.value(b as u64 * 4),
-                        program.value(b as u64 * 4),
-                        program.value((2 * b + c + 1) as u64 * 4),
-                    );
-                    let m = program.weight("eata:m", || WeightInit::Zeros(c + 1), true);
-                    deferred.push((sel, 2 * b, m, c + 1));
-                    dispatches.extend(loss::softmax_stats(
-                        BufRef::Value(logits_v),
-                        b,
-                        c,
-                        BufRef::Value(probs),
-                        BufRef::Value(ent),
-                    ));
-                    let mask = if e.woc {
-                        // eata+woc: the WoC flags (the original model's class kept its
-                        // confidence) gate EATA's filters; EATA's loss and m follow the result.
-                        let mut hook0 = BnHook::new(StatsMode::Batch, false);
-                        hook0.source_affine = true;
-                        let (_, logits0) = forward_on_same_input(ctx, graph, &fwd, shape, &mut program, &mut hook0)?;
-                        let (probs0, ent0, coeff0, sel0) = (
-                            program.value(bytes_of(&logits_shape)),
-                            program.value(b as u64 * 4),
-                            program.value(b as u64 * 4),
-                            program.value(2 * b as u64 * 4),
-                        );
-                        dispatches.extend(loss::softmax_stats(
-                            BufRef::Value(logits0),
-                            b,
-                            c,
-                            BufRef::Value(probs0),
-                            BufRef::Value(ent0),
-                        ));
-                        dispatches.push(eata::woc_select(
-                            BufRef::Value(probs),
-                            BufRef::Value(probs0),
-                            BufRef::Value(coeff0),
-                            BufRef::Value(sel0),
-                            BufRef::Weight(state),
-                            b,
-                            c,
-                        ));
-                        BufRef::Value(sel0)
-                    } else {
-                        BufRef::Weight(program.weight(
-                            &format!("adapt:ones:{b}"),
-                            || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0; b]))),
-                            true,
-                        ))
-                    };
-                    dispatches.push(eata::select(
-                        &e,
-                        BufRef::Value(probs),
-                        BufRef::Value(ent),
-                        BufRef::Weight(m),
-                        BufRef::Value(coeff),
-                        BufRef::Value(sel),
-                        BufRef::Weight(state),
-                        mask,
-                        b,
-                        c,
-                    ));
-                    program.pinned_end.push(sel);
-                    selection = Some(sel);
-                    BufRef::Value(coeff)
-                }
-                Objective::Sar { e_margin, .. } => {
-                    let (probs, ent, coeff, sel) = (
-                        program.value(bytes_of(&logits_shape)),
-                        program.value(b as u64 * 4),
-                        program.value(b as u64 * 4),
-                        program.value((b as u64 + 1) * 4),
-                    );
-                    let ones = program.weight(
-                        &format!("adapt:ones:{b}"),
-                        || WeightInit::Tensor(std::sync::Arc::new(Tensor::f32(vec![b], vec![1.0; b]))),
-                        true,
-                    );
-                    dispatches.extend(loss::softmax_stats(
-                        BufRef::Value(logits_v),
-                        b,
-                        c,
-                        BufRef::Value(probs),
-                        BufRef::Value(ent),
-                    ));
-                    dispatches.push(eata::entropy_filter(
-                        e_margin,
-                        BufRef::Value(ent),
-                        BufRef::Weight(ones),
-                        BufRef::Value(coeff),
-                        BufRef::Value(sel),
-                        b,
-                    ));
-                    sar_first = Some(sel);
-                    BufRef::Value(coeff)
-                }
-                Objective::Woc { .. } => {
-                    // The original model: the same graph in batch-statistics mode with the source
-                    // affine parameters, reading the same input buffer.
-                    let mut hook0 = BnHook::new(StatsMode::Batch, false);
-                    hook0.source_affine = true;
-                    let (_, logits0) = forward_on_same_input(ctx, graph, &fwd, shape, &mut program, &mut hook0)?;
-                    let (probs, probs0, ent, ent0, coeff, sel) = (
-                        program.value(bytes_of(&logits_shape)),
-                        program.value(bytes_of(&logits_shape)),
-                        program.value(b as u64 * 4),
-                        program.value(b as u64 * 4),
-                        program.value(b as u64 * 4),
-                        program.value(2 * b as u64 * 4),
-                    );
-                    dispatches.extend(loss::softmax_stats(
-                        BufRef::Value(logits_v),
-                        b,
-                        c,
-                        BufRef::Value(probs),
-                        BufRef::Value(ent),
-                    ));
-                    dispatches.extend(loss::softmax_stats(
-                        BufRef::Value(logits0),
-                        b,
-                        c,
-                        BufRef::Value(probs0),
-                        BufRef::Value(ent0),
-                    ));
-                    dispatches.push(eata::woc_select(
-                        BufRef::Value(probs),
-                        BufRef::Value(probs0),
-                        BufRef::Value(coeff),
-                        BufRef::Value(sel),
-                        BufRef::Weight(state),
-                        b,
-                        c,
-                    ));
-                    program.pinned_end.push(sel);
-                    selection = Some(sel);
-                    BufRef::Value(coeff)
-                }
-            };
-            if spec.objective == Objective::Fisher {
-                let labels = program.value(b as u64 * 4);
-                dispatches.push(eata::argmax_rows(BufRef::Value(logits_v), BufRef::Value(labels), b, c));
-                dispatches.extend(loss::cross_entropy_loss(
-                    BufRef::Value(logits_v),
-                    BufRef::Value(labels),
-                    coeff,
-                    b,
-                    c,
-                    BufRef::Value(loss),
-                    BufRef::Value(dlogits),
-                    false,
-                    &mut scratch,
-                ));
-            } else {
-                dispatches.extend(loss::entropy_loss(
-                    BufRef::Value(logits_v),
-                    coeff,
-                    b,
-                    c,
-                    BufRef::Value(loss),
-                    BufRef::Value(dlogits),
-                    false,
-                    &mut scratch,
-                ));
-            }
-            if let Objective::Woc { lambda } = spec.objective {
-                // − λ·H(p̄) over the whole batch (the diversity term), into the same loss and dz.
-                dispatches.extend(loss::diversity_loss(
-                    BufRef::Value(logits_v),
-                    lambda,
-                    b,
-                    c,
-                    BufRef::Value(loss),
-                    BufRef::Value(dlogits),
-                    true,
-                    &mut scratch,
-                ));
-            }
-            program.items.push(Item { label: "loss".into(), dispatches, scratch });
-            let mut param_grads = reverse_pass(ctx, graph, &fwd, &hook, spec, logits_v, dlogits, &mut program)?;
-            if let (Objective::Sar { e_margin, rho }, Some(sel1)) = (spec.objective, sar_first) {
-                let (g2, loss2, sel2) = sam_second_pass(
-                    ctx,
-                    graph,
-                    &fwd,
-                    shape,
-                    spec.mode,
-                    &param_grads,
-                    sel1,
-                    e_margin,
-                    rho,
-                    b,
-                    c,
-                    &logits_shape,
-                    &mut program,
-                    spec,
-                )?;
-                param_grads = g2;
-                second = Some((loss2, sel2));
-            }
+            let coeff = objective.select(&mut cx, &mut dispatches)?;
+            objective.loss(&mut cx, coeff, &mut dispatches, &mut scratch)?;
+            cx.program.items.push(Item { label: "loss".into(), dispatches, scratch });
+            let grads = reverse_pass(ctx, graph, &fwd, &hook, &spec.adapted, logits_v, dlogits, cx.program)?;
+            let param_grads = objective.gradients(&mut cx, grads)?;
             let mut dispatches = Vec::new();
             let mut scratch = Vec::new();
             for (name, grad) in &param_grads {
-                let (p, n) = parameter(&program, name)?;
-                let fisher = format!("eata:fisher:{name}");
-                match spec.objective {
-                    Objective::Fisher => {
-                        let f = program.weight(&fisher, || WeightInit::Zeros(n), true);
-                        dispatches.push(eata::fisher_accumulate(BufRef::Value(*grad), BufRef::Weight(f), n));
-                    }
-                    Objective::Eata(e) if e.fisher_alpha > 0.0 => {
-                        // β·Σ F·(θ − θ*)², θ* the source values, in the same backward.
-                        let f = program.weight(&fisher, || WeightInit::Zeros(n), true);
-                        let init = program.weights[p].init.clone();
-                        let anchor = program.weight(&format!("eata:anchor:{name}"), || init, true);
-                        dispatches.extend(loss::ewc_penalty(
-                            BufRef::Weight(p),
-                            BufRef::Weight(anchor),
-                            BufRef::Weight(f),
-                            e.fisher_alpha,
-                            n,
-                            BufRef::Value(loss),
-                            BufRef::Value(*grad),
-                            true,
-                            &mut scratch,
-                        ));
-                    }
-                    _ => {}
-                }
+                let (weight, n) = parameter(cx.program, name)?;
+                let param = Param { name, weight, n, grad: *grad };
+                objective.parameter(&mut cx, param, &mut dispatches, &mut scratch)?;
             }
-            if spec.objective != Objective::Fisher {
+            let program = &mut *cx.program;
+            if objective.updates() {
                 // The guard's checks of every update and of the RBN statistics, before anything
                 // is written; then one optimizer update per adapted tensor, the step counter and
                 // the statistics, each a no-op when a check tripped.
                 let mut updates = Vec::new();
                 for (name, grad) in &param_grads {
-                    let (p, n) = parameter(&program, name)?;
+                    let (p, n) = parameter(program, name)?;
                     // Only the moments the optimizer keeps (none for plain SGD, the momentum
                     // buffer for SGD with momentum, m and v for Adam); unused bindings may alias
                     // any buffer.
@@ -488,14 +246,16 @@ impl StepPlan {
                 dispatches.extend(updates);
                 dispatches.extend(optim::commit(BufRef::Weight(state)));
                 dispatches.extend(stats_commits(state));
-                dispatches.extend(deferred_commits(state, &deferred));
+                dispatches.extend(deferred_commits(state, cx.deferred));
             } else {
                 dispatches.extend(stats_checks(state));
                 dispatches.extend(stats_commits(state));
-                dispatches.extend(deferred_commits(state, &deferred));
+                dispatches.extend(deferred_commits(state, cx.deferred));
             }
             program.items.push(Item { label: "update".into(), dispatches, scratch });
             program.pinned_end.push(loss);
+            selection = cx.selection;
+            second = cx.second;
         } else if let Some(state) = guard_state {
             let mut dispatches = stats_checks(state);
             dispatches.extend(stats_commits(state));
@@ -615,275 +375,13 @@ impl StepPlan {
     }
 }
 
-/// Builds the reverse pass into `program`; returns each adapted parameter's gradient value.
-#[allow(clippy::too_many_arguments)]
-fn reverse_pass(
-    ctx: &GpuContext,
-    graph: &Graph,
-    fwd: &Forward,
-    hook: &BnHook,
-    spec: &StepSpec,
-    logits: usize,
-    dlogits: usize,
-    program: &mut Program,
-) -> Result<Vec<(String, usize)>, PlanError> {
-    let limits = ctx.limits();
-    let adapted: HashMap<usize, &AdaptedBn> = spec.adapted.iter().map(|a| (a.node, a)).collect();
-    let value_id = |o: &Option<crate::ops::Operand>| match o {
-        Some(crate::ops::Operand { buf: BufRef::Value(v), .. }) => Some(*v),
-        _ => None,
-    };
-    // Values that depend on an adapted parameter: only they carry gradients.
-    let mut requires: HashSet<usize> = HashSet::new();
-    for ln in &fwd.nodes {
-        let depends = adapted.contains_key(&ln.node)
-            || ln.inputs.iter().any(|i| value_id(i).is_some_and(|v| requires.contains(&v)));
-        if depends {
-            for o in &ln.outputs {
-                if let BufRef::Value(v) = o.buf {
-                    requires.insert(v);
-                }
-            }
-        }
-    }
-    if !requires.contains(&logits) {
-        return Err(err("no adapted parameter influences the model's output"));
-    }
-    let mut grads: HashMap<usize, usize> = HashMap::from([(logits, dlogits)]);
-    let mut param_grads = Vec::new();
-    for ln in fwd.nodes.iter().rev() {
-        let node = &graph.nodes[ln.node];
-        let out_grads: Vec<Option<usize>> = ln
-            .outputs
-            .iter()
-            .map(|o| if let BufRef::Value(v) = o.buf { grads.get(&v).copied() } else { None })
-            .collect();
-        if out_grads.iter().all(|g| g.is_none()) {
-            continue;
-        }
-        let node_err = |reason: OpReason| {
-            let shapes = ln.inputs.iter().map(|i| i.as_ref().map(|o| o.shape.clone()).unwrap_or_default()).collect();
-            PlanError::Node(Box::new(graph.op_error(ln.node, Stage::Backward, shapes, reason)))
-        };
-        if let Some(saved) = hook.saved.get(&ln.node) {
-            let dy = out_grads[0].ok_or_else(|| node_err(OpReason::Internal("no gradient for Y".into())))?;
-            let mut scratch = Vec::new();
-            let dparams = adapted.get(&ln.node).map(|a| {
-                let n = saved.channels as u64 * 4;
-                let (ds, db) = (program.value(n), program.value(n));
-                param_grads.push((a.scale.clone(), ds));
-                param_grads.push((a.bias.clone(), db));
-                (ds, db)
-            });
-            let dx = value_id(&ln.inputs[0])
-                .filter(|v| requires.contains(v))
-                .map(|v| grad_for(&mut grads, v, program, bytes_of(&saved.x.shape)));
-            let dispatches = bn::backward(saved, dy, dparams, dx, &mut scratch).map_err(node_err)?;
-            program.items.push(Item { label: format!("{} backward", node.name), dispatches, scratch });
-            continue;
-        }
-        if matches!(node.op, crate::ops::Op::BatchNorm(_)) {
-            return Err(node_err(OpReason::Internal(
-                "BatchNormalization with source statistics on the gradient path must be lowered by the adaptation hook"
-                    .into(),
-            )));
-        }
-        // A view passes its gradient through unchanged: share the buffer when it is the first
-        // contribution to the input's gradient.
-        if node.op.is_alias()
-            && let Some(v) = value_id(&ln.inputs[0]).filter(|v| requires.contains(v))
-            && !grads.contains_key(&v)
-            && let Some(g) = out_grads[0]
-        {
-            let a = program.alias(g);
-            grads.insert(v, a);
-            continue;
-        }
-        let mut grad_inputs = Vec::new();
-        for inp in &ln.inputs {
-            grad_inputs.push(match value_id(inp).filter(|v| requires.contains(v)) {
-                Some(v) => {
-                    let shape = inp.as_ref().map(|o| o.shape.clone()).unwrap_or_default();
-                    let (g, accumulate) = grad_for(&mut grads, v, program, bytes_of(&shape));
-                    Some(GradInput { buf: BufRef::Value(g), shape, accumulate })
-                }
-                None => None,
-            });
-        }
-        let mut b = BackwardLowering {
-            node: node.name.clone(),
-            inputs: ln.inputs.clone(),
-            outputs: ln.outputs.clone(),
-            grad_outputs: ln
-                .outputs
-                .iter()
-                .zip(&out_grads)
-                .map(|(o, g)| {
-                    g.map(|g| crate::ops::Operand { buf: BufRef::Value(g), shape: o.shape.clone(), value: None })
-                })
-                .collect(),
-            grad_inputs,
-            dispatches: Vec::new(),
-            scratch: Vec::new(),
-            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
-            max_invocations: limits.max_compute_invocations_per_workgroup,
-        };
-        node.op.lower_backward(&mut b).map_err(node_err)?;
-        program.items.push(Item {
-            label: format!("{} backward", node.name),
-            dispatches: b.dispatches,
-            scratch: b.scratch,
-        });
-    }
-    Ok(param_grads)
-}
-
-/// The gradient buffer of value `v`: `(buffer, accumulate)`. The first contribution overwrites a
-/// fresh buffer; later ones (a fanned-out tensor) add into it.
-fn grad_for(grads: &mut HashMap<usize, usize>, v: usize, program: &mut Program, bytes: u64) -> (usize, bool) {
-    match grads.get(&v) {
-        Some(&g) => (g, true),
-        None => {
-            let g = program.value(bytes);
-            grads.insert(v, g);
-            (g, false)
-        }
-    }
-}
-
-/// The gradients at SAR's perturbed point (by parameter name), the second loss and selection.
-type SecondPass = (Vec<(String, usize)>, usize, usize);
-
-/// SAR's sharpness-aware half of the step: global gradient norm, ascent to θ + ρ·g/‖g‖, a second
-/// forward (same statistics mode) and re-filter within the first selection, the entropy over it,
-/// the reverse pass there, and the restore of θ. Returns the gradients at the perturbed point
-/// (for the base optimizer), the second loss and the second selection.
-#[allow(clippy::too_many_arguments)]
-fn sam_second_pass(
-    ctx: &GpuContext,
-    graph: &Graph,
-    fwd: &Forward,
-    shape: &[usize],
-    mode: StatsMode,
-    grads: &[(String, usize)],
-    sel1: usize,
-    e_margin: f32,
-    rho: f32,
-    b: usize,
-    c: usize,
-    logits_shape: &[usize],
-    program: &mut Program,
-    spec: &StepSpec,
-) -> Result<SecondPass, PlanError> {
-    let mut params = Vec::new();
-    for (name, g) in grads {
-        let (p, n) = parameter(program, name)?;
-        params.push((p, *g, n));
-    }
-    let norms = program.value(params.len() as u64 * 4);
-    let olds: Vec<usize> = params.iter().map(|&(_, _, n)| program.value(n as u64 * 4)).collect();
-    let mut dispatches = Vec::new();
-    for (slot, &(_, g, n)) in params.iter().enumerate() {
-        dispatches.push(eata::sumsq(BufRef::Value(g), BufRef::Value(norms), n, slot));
-    }
-    for (&(p, g, n), &old) in params.iter().zip(&olds) {
-        dispatches.push(eata::sam_perturb(
-            BufRef::Weight(p),
-            BufRef::Value(g),
-            BufRef::Value(old),
-            BufRef::Value(norms),
-            n,
-            params.len(),
-            rho,
-        ));
-    }
-    program.items.push(Item { label: "sam ascent".into(), dispatches, scratch: vec![] });
-    // The second forward reads the same input buffer, at the perturbed parameters.
-    let mut hook2 = BnHook::new(mode, true);
-    let (fwd2, logits2) = forward_on_same_input(ctx, graph, fwd, shape, program, &mut hook2)?;
-    let (probs, ent, coeff, sel2, loss2, dlogits2) = (
-        program.value(bytes_of(logits_shape)),
-        program.value(b as u64 * 4),
-        program.value(b as u64 * 4),
-        program.value((b as u64 + 1) * 4),
-        program.value(4),
-        program.value(bytes_of(logits_shape)),
-    );
-    let mut scratch = Vec::new();
-    let mut dispatches = loss::softmax_stats(BufRef::Value(logits2), b, c, BufRef::Value(probs), BufRef::Value(ent));
-    dispatches.push(eata::entropy_filter(
-        e_margin,
-        BufRef::Value(ent),
-        BufRef::Value(sel1),
-        BufRef::Value(coeff),
-        BufRef::Value(sel2),
-        b,
-    ));
-    dispatches.extend(loss::entropy_loss(
-        BufRef::Value(logits2),
-        BufRef::Value(coeff),
-        b,
-        c,
-        BufRef::Value(loss2),
-        BufRef::Value(dlogits2),
-        false,
-        &mut scratch,
-    ));
-    program.items.push(Item { label: "sam second loss".into(), dispatches, scratch });
-    let grads2 = reverse_pass(ctx, graph, &fwd2, &hook2, spec, logits2, dlogits2, program)?;
-    let dispatches = params
-        .iter()
-        .zip(&olds)
-        .map(|(&(p, _, n), &old)| eata::sam_restore(BufRef::Weight(p), BufRef::Value(old), n))
-        .collect();
-    program.items.push(Item { label: "sam restore".into(), dispatches, scratch: vec![] });
-    program.pinned_end.push(loss2);
-    program.pinned_end.push(sel2);
-    Ok((grads2, loss2, sel2))
-}
-
-/// Lowers one more forward pass of `graph` into `program` reading the first pass's input buffer
-/// (WoC's original model, SAR's pass at the perturbed point); returns it and its logits value.
-fn forward_on_same_input(
-    ctx: &GpuContext,
-    graph: &Graph,
-    first: &Forward,
-    shape: &[usize],
-    program: &mut Program,
-    hook: &mut BnHook,
-) -> Result<(Forward, usize), PlanError> {
-    let fwd = lower_forward(ctx, graph, &[shape.to_vec()], program, hook)?;
-    let input = fwd.inputs[0].1;
-    program.pinned_start.retain(|&v| v != input);
-    program.values[input].alias_of = Some(first.inputs[0].1);
-    let logits = match fwd.outputs.first() {
-        Some((_, GraphOutput::Value { id, .. })) => *id,
-        _ => return Err(err("the model's output is a constant")),
-    };
-    Ok((fwd, logits))
-}
-
 /// The parameter guard's commits of method state computed ahead ((value, offset, weight, n):
 /// EATA's m, the label-shift estimate), each a no-op when the step was refused.
-fn deferred_commits(state: usize, deferred: &[(usize, usize, usize, usize)]) -> Vec<crate::ops::Dispatch> {
+fn deferred_commits(state: usize, deferred: &[Deferred]) -> Vec<crate::ops::Dispatch> {
     deferred
         .iter()
         .map(|&(src, offset, dst, n)| {
             optim::commit_copy(BufRef::Weight(state), BufRef::Value(src), offset, BufRef::Weight(dst), n)
         })
         .collect()
-}
-
-/// The weight id and element count of adapted parameter `name`.
-fn parameter(program: &Program, name: &str) -> Result<(usize, usize), PlanError> {
-    let p = program
-        .weights
-        .iter()
-        .position(|w| w.name == name)
-        .ok_or_else(|| err(format!("parameter {name} has no buffer")))?;
-    let n = match &program.weights[p].init {
-        WeightInit::Tensor(t) => t.numel(),
-        WeightInit::Zeros(n) => *n,
-    };
-    Ok((p, n))
 }
