@@ -120,6 +120,12 @@ impl Data {
 }
 
 /// A dense row-major tensor held on the host.
+///
+/// ```
+/// let x = acclimate::Tensor::f32(vec![2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+/// assert_eq!(x.shape, [2, 3]);
+/// assert_eq!(x.to_f32_vec()[4], 4.0);
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     pub dtype: DType,

@@ -86,7 +86,26 @@ macro_rules! define_config {
         }
 
         /// The whole config file: `[adapt]`, `[optimizer]`, one section per method that has
-        /// one (from the registry), `[stream]` and the optional `[preprocess]`.
+        /// one (from the registry), `[stream]` and the optional `[preprocess]`. Every key left
+        /// out takes its default; unknown keys and out-of-range values are errors that name the
+        /// key.
+        ///
+        /// ```
+        /// let config = acclimate::Config::from_toml_str(r#"
+        ///     [adapt]
+        ///     method = "eta"
+        ///     [optimizer]
+        ///     kind = "adam"
+        ///     lr = 5e-3
+        ///     [stream]
+        ///     window = 32
+        ///     [preprocess]
+        ///     spec = "size=32,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197"
+        /// "#)?;
+        /// assert_eq!(config.adapt.method, acclimate::Method::Eta);
+        /// assert!(acclimate::Config::from_toml_str("[optimizer]\nlr = -1").is_err());
+        /// # Ok::<(), acclimate::Error>(())
+        /// ```
         #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
         #[serde(deny_unknown_fields, default)]
         pub struct AdaptConfig {

@@ -69,7 +69,25 @@ pub struct Prediction {
     pub skipped: bool,
 }
 
-/// An adaptation session over one model.
+/// A model adapting on batches: each [`Session::step`] returns the batch's predictions and
+/// updates the model as the config's method says (normalization statistics, a gradient step on
+/// the BatchNorm parameters, output stages), in one GPU submission. What it learned is saved and
+/// restored with [`Session::save_state`] / [`Session::load_state`], and dropped with
+/// [`Session::reset`].
+///
+/// ```no_run
+/// use acclimate::{Config, GpuContext, Model, Session, Tensor};
+/// let ctx = GpuContext::new()?;
+/// let config = Config::from_toml_str("[adapt]\nmethod = \"tent\"")?;
+/// let mut session = Session::new(&ctx, Model::load("svhn.onnx".as_ref())?, config)?;
+/// let batch = Tensor::f32(vec![16, 3, 32, 32], vec![0.0; 16 * 3 * 32 * 32]);
+/// let p = session.step(&batch)?; // logits before the update, then one TENT step
+/// println!("loss {:?}, steps so far {}", p.loss, session.steps_taken());
+/// session.save_state("tent.safetensors".as_ref())?;
+/// session.reset()?; // back to the source model
+/// session.load_state("tent.safetensors".as_ref())?; // and to the adapted one
+/// # Ok::<(), acclimate::Error>(())
+/// ```
 pub struct Session {
     ctx: GpuContext,
     model: Model,

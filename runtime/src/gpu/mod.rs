@@ -144,6 +144,15 @@ impl KernelKey {
 /// [`GpuError::Uncaptured`] by the next call that runs or reads back anything
 /// ([`GpuContext::check`]). Acclimate's own buffer creation and submits are wrapped in error
 /// scopes as well, so its errors reach the caller as values whichever handler is installed.
+///
+/// Cloning is cheap and shares the device, the queue and the compiled pipelines: open one
+/// context per app and hand it to every engine, session and stream.
+///
+/// ```no_run
+/// let ctx = acclimate::GpuContext::new()?; // WGPU_BACKEND / WGPU_ADAPTER_NAME pick the adapter
+/// println!("running on {}", ctx.adapter_summary());
+/// # Ok::<(), acclimate::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct GpuContext {
     /// The device everything is allocated on.

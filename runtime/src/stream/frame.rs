@@ -192,7 +192,23 @@ pub enum FrameError {
     Gpu(#[from] GpuError),
 }
 
-/// One frame.
+/// One camera frame as it arrives: its bytes, pixel format, planes with their strides, rotation
+/// and mirroring. Preprocessing (to the model's input) runs on the GPU.
+///
+/// ```
+/// use acclimate::{Frame, Plane, Rotation};
+/// // A packed RGBA frame, tightly packed rows.
+/// let rgba = Frame::rgba8(4, 2, vec![0; 4 * 2 * 4]);
+/// // Android's YUV_420_888 as CameraX delivers it: padded rows, chroma pixel stride 2
+/// // (U and V interleaved in one buffer), and the sensor rotated by 90°.
+/// let (w, h, row) = (4u32, 2u32, 8usize);
+/// let data = vec![128u8; row * 2 + row];
+/// let y = Plane::new(0, row, 1);
+/// let u = Plane::new(row * 2, row, 2);
+/// let v = Plane::new(row * 2 + 1, row, 2);
+/// let frame = Frame::yuv_420_888(w, h, data, y, u, v).with_rotation(Rotation::R90);
+/// # let _ = (rgba, frame);
+/// ```
 #[derive(Clone, Debug)]
 pub struct Frame {
     /// Width in pixels as stored (before rotation).

@@ -50,7 +50,9 @@ pub enum StreamError {
     Worker,
 }
 
-/// One frame's result.
+/// One frame's result: its index in the stream, the top-k classes with their probabilities,
+/// the source model's top-1 when [`StreamOptions::source_prediction`] asked for it, the latency,
+/// and whether a step ran after it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FrameResult {
     /// The frame's position in the stream (counting every pushed frame, dropped ones included).
@@ -102,7 +104,27 @@ struct Pending {
     arrived: Instant,
 }
 
-/// A model adapting on a stream of frames.
+/// A model adapting on a stream of frames. `[stream]` in the config picks the protocol: frame
+/// mode (the default, what a phone runs: each frame's prediction at once, a step every
+/// `adapt_every` frames on the window of recent frames) or batch mode (frames are gathered into
+/// batches; each batch is predicted and adapted on together).
+///
+/// ```no_run
+/// use acclimate::{Config, Frame, GpuContext, Model, Stream, StreamOptions};
+/// let ctx = GpuContext::new()?;
+/// let model = Model::load("svhn.onnx".as_ref())?;
+/// let mut stream = Stream::new(&ctx, model, Config::default(), "size=32".parse()?, StreamOptions::default())?;
+/// for _ in 0..100 {
+///     let frame = Frame::rgb8(64, 64, vec![90; 64 * 64 * 3]); // from the camera
+///     for r in stream.push(&frame)? {
+///         println!("frame {}: {:?}", r.index, r.top_k);
+///     }
+/// }
+/// for r in stream.finish()? { // batch mode: the last, partial batch
+///     println!("frame {}: {:?}", r.index, r.top_k);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct StreamSession {
     session: Session,
     pre: Preprocessor,

@@ -80,6 +80,13 @@ pub enum SpecError {
 /// - `mean=a/b/c`, `std=a/b/c`: one value per channel (defaults 0 and 1), `std > 0`;
 /// - `scale=s` (default 1/255): the factor from 0–255 pixel values to the values `mean` and `std`
 ///   refer to; `scale=1` feeds models that take raw 0–255 inputs.
+///
+/// ```
+/// let imagenet: acclimate::Preprocess = "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225".parse()?;
+/// assert!("size=32,std=0".parse::<acclimate::Preprocess>().is_err()); // std must be > 0
+/// # let _ = imagenet;
+/// # Ok::<(), acclimate::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreprocessSpec {
     resize: u32,
