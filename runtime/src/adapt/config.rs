@@ -75,10 +75,13 @@ pub enum Method {
     /// LAME (Boudiaf et al. 2022): the source model unchanged, its probabilities corrected by
     /// Laplacian smoothing over the batch's features (see [`super::output`]).
     Lame = 9,
+    /// ROID (Marsden et al. 2024): certainty- and diversity-weighted soft likelihood ratio,
+    /// weight ensembling toward the source, prior-corrected outputs (see [`super::roid`]).
+    Roid = 10,
 }
 
 impl Method {
-    pub const ALL: [Method; 10] = [
+    pub const ALL: [Method; 11] = [
         Method::Source,
         Method::Norm,
         Method::Rbn,
@@ -89,6 +92,7 @@ impl Method {
         Method::Sar,
         Method::EataWoc,
         Method::Lame,
+        Method::Roid,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +107,7 @@ impl Method {
             Method::Sar => "sar",
             Method::EataWoc => "eata+woc",
             Method::Lame => "lame",
+            Method::Roid => "roid",
         }
     }
 
@@ -110,9 +115,14 @@ impl Method {
     pub fn default_norm(self) -> NormMode {
         match self {
             Method::Source | Method::Lame => NormMode::Source,
-            Method::Norm | Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc => {
-                NormMode::Batch
-            }
+            Method::Norm
+            | Method::Tent
+            | Method::Eta
+            | Method::Eata
+            | Method::Woc
+            | Method::Sar
+            | Method::EataWoc
+            | Method::Roid => NormMode::Batch,
             Method::Rbn => NormMode::Ema,
         }
     }
@@ -121,7 +131,9 @@ impl Method {
     pub fn updates_parameters(self) -> bool {
         match self {
             Method::Source | Method::Norm | Method::Rbn | Method::Lame => false,
-            Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc => true,
+            Method::Tent | Method::Eta | Method::Eata | Method::Woc | Method::Sar | Method::EataWoc | Method::Roid => {
+                true
+            }
         }
     }
 }
@@ -343,6 +355,67 @@ pub struct WocSection {
 impl Default for WocSection {
     fn default() -> Self {
         WocSection { lambda: 0.5 }
+    }
+}
+
+/// The `[roid]` section (defaults: the authors' `conf.py`, tta-universal.md §1.1).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoidSection {
+    /// T of the weights exp(d̂·ĉ/T).
+    pub temperature: f64,
+    /// m_p of the class-probability EMA.
+    pub momentum_probs: f64,
+    /// α_s of the ensembling θ ← α_s·θ + (1 − α_s)·θ_src; 1 turns it off.
+    pub momentum_src: f64,
+    /// The certainty and diversity weights; off: plain SLR over the batch.
+    pub weighting: bool,
+    /// Multiply the returned logits by the smoothed batch prior.
+    pub prior_correction: bool,
+    /// The augmentation-consistency term: needs GPU augmentation kernels the runtime does not
+    /// have; only `false` (the authors' `USE_CONSISTENCY=False`) is accepted.
+    pub consistency: bool,
+    /// The loss's divisor B_cfg (the reference's `TEST.BATCH_SIZE`); absent: each batch's size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+}
+
+impl Default for RoidSection {
+    fn default() -> Self {
+        RoidSection {
+            temperature: 1.0 / 3.0,
+            momentum_probs: 0.9,
+            momentum_src: 0.99,
+            weighting: true,
+            prior_correction: true,
+            consistency: false,
+            batch_size: None,
+        }
+    }
+}
+
+impl RoidSection {
+    fn validate(&self) -> Result<(), Invalid> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Invalid::new("roid.temperature", self.temperature, "must be a finite number > 0"));
+        }
+        for (key, v) in [("roid.momentum_probs", self.momentum_probs), ("roid.momentum_src", self.momentum_src)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Invalid::new(key, v, "must be in [0, 1]"));
+            }
+        }
+        if self.consistency {
+            return Err(Invalid::new(
+                "roid.consistency",
+                true,
+                "the augmentation-consistency term needs GPU augmentation kernels, which the runtime does not have; \
+                 ROID runs with the authors' USE_CONSISTENCY=False",
+            ));
+        }
+        if self.batch_size == Some(0) {
+            return Err(Invalid::new("roid.batch_size", 0, "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -682,6 +755,7 @@ pub struct AdaptConfig {
     pub optimizer: OptimizerConfig,
     pub eata: EataSection,
     pub woc: WocSection,
+    pub roid: RoidSection,
     pub sar: SarSection,
     pub stream: StreamSection,
     pub lame: LameSection,
@@ -867,6 +941,7 @@ impl AdaptConfig {
         if !(self.woc.lambda.is_finite() && self.woc.lambda >= 0.0) {
             return Err(Invalid::new("woc.lambda", self.woc.lambda, "must be a finite number >= 0").at(origin));
         }
+        self.roid.validate().map_err(|e| e.at(origin))?;
         let eata = matches!(self.adapt.method, Method::Eata | Method::EataWoc);
         if eata && self.eata.fisher_alpha > 0.0 && self.eata.fisher_batches.is_none() && self.eata.fisher_file.is_none()
         {

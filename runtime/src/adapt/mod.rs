@@ -13,6 +13,7 @@ pub mod loss;
 pub mod optim;
 pub mod output;
 pub mod replay;
+pub mod roid;
 pub mod session;
 pub mod state;
 pub mod train;

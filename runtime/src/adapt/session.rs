@@ -165,6 +165,7 @@ impl Session {
                 }
             }
             Method::Woc => Objective::Woc { lambda: config.woc.lambda },
+            Method::Roid => Objective::Roid(super::roid::RoidSpec::from_config(&config.roid)),
             _ => Objective::MeanEntropy,
         };
         let output = super::output::OutputSpec::from_config(&config, graph)?.map(Arc::new);
@@ -506,6 +507,9 @@ impl Session {
                 let ps =
                     self.spec.output.as_ref().map(|o| o.source_prior_for(c)).unwrap_or_else(|| vec![1.0 / c as f32; c]);
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&ps));
+            } else if name == super::roid::CLASS_PROBS {
+                let c = (buf.size() / 4) as usize;
+                self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&vec![1.0 / c as f32; c]));
             } else if name.starts_with("opt:") {
                 let zeros = vec![0u8; buf.size() as usize];
                 self.ctx.queue.write_buffer(buf, 0, &zeros);
@@ -572,7 +576,12 @@ impl Session {
             .store
             .buffers
             .keys()
-            .filter(|k| k.starts_with("opt:") || k.starts_with("eata:") || *k == super::output::PRIOR_BUFFER)
+            .filter(|k| {
+                k.starts_with("opt:")
+                    || k.starts_with("eata:")
+                    || *k == super::output::PRIOR_BUFFER
+                    || *k == super::roid::CLASS_PROBS
+            })
             .cloned()
             .collect();
         opt.sort();

@@ -14,6 +14,7 @@ use super::bn::{self, BnHook, StatsMode};
 use super::eata;
 use super::loss;
 use super::optim::{self, OptimizerSpec};
+use super::roid::{self, RoidSpec};
 use crate::gpu::GpuContext;
 use crate::ir::Graph;
 use crate::ops::{BackwardLowering, BufRef, GradInput};
@@ -63,6 +64,9 @@ pub enum Objective {
     /// confidence in the original model's class did not fall, minus λ·H(mean prediction of the
     /// whole batch). No step when no sample is kept.
     Woc { lambda: f32 },
+    /// ROID (tta-universal.md §1, without the consistency term): weighted soft likelihood ratio,
+    /// ensembling toward the source after the step, prior-corrected returned logits.
+    Roid(RoidSpec),
 }
 
 /// A compiled step for one input shape.
@@ -152,11 +156,25 @@ impl StepPlan {
             Some((_, GraphOutput::Value { id, shape })) => (*id, shape.clone()),
             _ => return Err(err("the model's first output is a constant; nothing to adapt")),
         };
+        // ROID: the probabilities once, for its weights and the prior-corrected logits it returns.
+        let (mut returned, mut roid_stats) = (logits_v, None);
+        if let (Objective::Roid(r), &[b, c]) = (spec.objective, &logits_shape[..]) {
+            let (probs, ent) = (program.value(bytes_of(&logits_shape)), program.value(b as u64 * 4));
+            let mut dispatches =
+                loss::softmax_stats(BufRef::Value(logits_v), b, c, BufRef::Value(probs), BufRef::Value(ent));
+            if r.prior_correction {
+                let (d, out, _) = roid::lower_prior(&mut program, logits_v, probs, b, c);
+                dispatches.push(d);
+                returned = out;
+            }
+            program.items.push(Item { label: "roid probabilities".into(), dispatches, scratch: vec![] });
+            roid_stats = Some((probs, ent));
+        }
         // The output stage reads the forward's logits and features right after the forward,
         // so those buffers need not outlive the reverse pass.
         let output = match &spec.output {
             Some(o) if spec.objective != Objective::Fisher => {
-                let stage = super::output::lower(ctx, graph, &fwd, o, logits_v, &logits_shape, &mut program)
+                let stage = super::output::lower(ctx, graph, &fwd, o, returned, &logits_shape, &mut program)
                     .map_err(|e| err(e.to_string()))?;
                 Some((stage, logits_shape.get(1).copied().unwrap_or(1)))
             }
@@ -319,6 +337,26 @@ impl StepPlan {
                     sar_first = Some(sel);
                     BufRef::Value(coeff)
                 }
+                Objective::Roid(r) => {
+                    let (probs, ent) = roid_stats.ok_or_else(|| err("ROID needs logits of shape [batch, classes]"))?;
+                    let l = roid::lower_objective(
+                        &mut program,
+                        &r,
+                        logits_v,
+                        probs,
+                        ent,
+                        b,
+                        c,
+                        state,
+                        loss,
+                        dlogits,
+                        &mut scratch,
+                    );
+                    dispatches.extend(l.dispatches);
+                    deferred.push(l.deferred);
+                    selection = Some(l.sel);
+                    BufRef::Value(l.sel)
+                }
                 Objective::Woc { .. } => {
                     // The original model: the same graph in batch-statistics mode with the source
                     // affine parameters, reading the same input buffer.
@@ -375,7 +413,7 @@ impl StepPlan {
                     false,
                     &mut scratch,
                 ));
-            } else {
+            } else if !matches!(spec.objective, Objective::Roid(_)) {
                 dispatches.extend(loss::entropy_loss(
                     BufRef::Value(logits_v),
                     coeff,
@@ -457,6 +495,7 @@ impl StepPlan {
                 // is written; then one optimizer update per adapted tensor, the step counter and
                 // the statistics, each a no-op when a check tripped.
                 let mut updates = Vec::new();
+                let mut tensors = Vec::new();
                 for (name, grad) in &param_grads {
                     let (p, n) = parameter(&program, name)?;
                     // Only the moments the optimizer keeps (none for plain SGD, the momentum
@@ -473,6 +512,7 @@ impl StepPlan {
                     } else {
                         m
                     };
+                    tensors.push((p, *grad, m, v, n));
                     let (p, g, m, v, st) = (
                         BufRef::Weight(p),
                         BufRef::Value(*grad),
@@ -483,6 +523,11 @@ impl StepPlan {
                     dispatches.extend(optim::check(&spec.optimizer, p, g, m, v, st, n));
                     updates.extend(optim::step(&spec.optimizer, p, g, m, v, st, n));
                     params.push(name.clone());
+                }
+                if let Objective::Roid(r) = spec.objective {
+                    let (checks, writes) = roid::lower_ensembling(&mut program, &r, &spec.optimizer, state, &tensors);
+                    dispatches.extend(checks);
+                    updates.extend(writes);
                 }
                 dispatches.extend(stats_checks(state));
                 dispatches.extend(updates);
@@ -517,7 +562,7 @@ impl StepPlan {
                 classes,
             }),
             guard: guard_state.map(|g| (g, staging(ctx, optim::STATE_LEN as u64 * 4))),
-            logits: (logits_v, logits_shape),
+            logits: (returned, logits_shape),
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
             transient_bytes: compiled.transient_bytes,
