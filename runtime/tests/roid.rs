@@ -144,6 +144,10 @@ fn kernels_match_the_pytorch_reference() {
         worst = worst.max(assert_close(&what("dL/dz"), &v[8], &floats(&case["grad"]), 1e-5, 1e-7));
         worst = worst.max(assert_close(&what("corrected logits"), &v[9], &floats(&case["corrected"]), 1e-6, 1e-7));
         worst = worst.max(assert_close(&what("π̃"), &v[10], &floats(&case["smoothed_prior"]), 1e-6, 1e-7));
+        // SLR_i of every sample (coefficient 1), written into a caller's buffer.
+        let mut w = vec![v[0].clone(), vec![1.0; b], vec![f32::NAN; b], vec![f32::NAN; b * c]];
+        run(&ctx, &mut w, &[], &[roid::slr_rows(V(0), V(1), V(2), V(3), b, c, 1.0, false)]);
+        worst = worst.max(assert_close(&what("SLR_i"), &w[2], &floats(&case["slr"]), 1e-5, 1e-6));
     }
     assert!(degenerate >= 2, "the fixture exercises the undefined-weights guard ({degenerate} cases)");
     eprintln!("ROID kernels: worst relative error {worst:.2e}");
@@ -368,4 +372,41 @@ fn consistency_term_is_refused_with_the_reason() {
     assert!(err.to_string().contains("roid.momentum_src"), "{err}");
     let ok = AdaptConfig::from_toml_str("[adapt]\nmethod = \"roid\"\n").expect("defaults");
     assert_eq!(RoidSpec::from_config(&ok.roid), RoidSpec::default());
+}
+
+fn roid_session(ctx: &GpuContext, dir: &Path) -> Session {
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
+    Session::new(ctx, Model::load(&model_of(dir)).expect("model"), cfg).expect("session")
+}
+
+fn batch(dir: &Path, i: usize) -> acclimate::tensor::Tensor {
+    acclimate::npy::read_f32(&dir.join(format!("batches/{i:03}.npy"))).expect("batch")
+}
+
+/// What a step returns and leaves behind, bit for bit.
+fn outcome(s: &mut Session, x: &acclimate::tensor::Tensor) -> (Vec<f32>, Option<f32>, Value, Vec<Vec<f32>>) {
+    let p = s.step(x).expect("step");
+    let params = s.parameters().expect("parameters").into_iter().map(|(_, t)| t.to_f32_vec()).collect();
+    (p.logits.to_f32_vec(), p.loss, serde_json::to_value(&p.selected).unwrap(), params)
+}
+
+/// The class-probability EMA is part of the adapted state: a saved and reloaded session takes
+/// exactly the next step the original takes (ē steers the weights), and a reset brings ē back
+/// to uniform with everything else.
+#[test]
+fn class_probability_ema_is_saved_loaded_and_reset() {
+    let Some(ctx) = common::gpu() else { return };
+    let dir = fixtures().join("tiny_roid_adam");
+    let mut a = roid_session(&ctx, &dir);
+    let first = outcome(&mut a, &batch(&dir, 0));
+    outcome(&mut a, &batch(&dir, 1));
+    let tmp = std::env::temp_dir().join(format!("acclimate-roid-{}.safetensors", std::process::id()));
+    a.save_state(&tmp).expect("save");
+    let mut b = roid_session(&ctx, &dir);
+    b.load_state(&tmp).expect("load");
+    std::fs::remove_file(&tmp).ok();
+    let x2 = batch(&dir, 2);
+    assert_eq!(outcome(&mut a, &x2), outcome(&mut b, &x2), "the reloaded session's next step");
+    a.reset().expect("reset");
+    assert_eq!(outcome(&mut a, &batch(&dir, 0)), first, "the first step after a reset");
 }

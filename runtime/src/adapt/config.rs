@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [adapt]
-//! method = "tent"          # source | norm | rbn | tent
+//! method = "tent"          # source | norm | rbn | tent | eta | eata | woc | sar | eata+woc | lame | roid
 //! norm = "batch"           # source | batch | ema | alpha (default: the method's own)
 //! norm_momentum = 0.05     # ema
 //! norm_alpha = 0.1         # alpha
@@ -399,6 +399,7 @@ impl RoidSection {
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return Err(Invalid::new("roid.temperature", self.temperature, "must be a finite number > 0"));
         }
+        gpu_f32("roid.temperature", self.temperature)?;
         for (key, v) in [("roid.momentum_probs", self.momentum_probs), ("roid.momentum_src", self.momentum_src)] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(Invalid::new(key, v, "must be in [0, 1]"));
