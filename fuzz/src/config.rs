@@ -10,7 +10,7 @@ use rand::RngExt;
 use rand::rngs::Xoshiro256PlusPlus;
 
 /// Every section and key of the config file, with a value of the kind it takes.
-const KEYS: [(&str, &str, Kind); 38] = [
+const KEYS: [(&str, &str, Kind); 45] = [
     ("adapt", "method", Kind::Method),
     ("adapt", "norm", Kind::Word(&["source", "batch", "ema", "alpha", "bogus"])),
     ("adapt", "norm_momentum", Kind::Float),
