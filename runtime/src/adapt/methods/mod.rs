@@ -1,9 +1,11 @@
 //! The adaptation methods and output stages, one file each: its config section (struct,
 //! defaults, validation), its lowering into the step program, and its logic between batches.
 //!
-//! The step program ([`super::train::StepPlan::build`]) is a generic driver: forward, output
-//! stages, then, for a method that adapts, the method's [`Objective`] (`select` → `loss` → the
-//! reverse pass → `gradients` → `parameter`) and the guarded optimizer update. A method is an
+//! The step program ([`super::train::StepPlan::build`]) is a generic driver: forward, the
+//! objective's `after_forward` (ROID's returned logits), output stages, then, for a method that
+//! adapts, the method's [`Objective`] (`select` → `loss` → the reverse pass → `gradients` →
+//! `parameter`) and the guarded optimizer update (with the objective's `after_update` checks and
+//! writes: ROID's ensembling). A method is an
 //! `AdaptMethod` (normalization default, cross-section checks, objective, output stage, set-up,
 //! per-session state), found through `Method::def`.
 //!
