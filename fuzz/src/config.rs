@@ -10,7 +10,7 @@ use rand::RngExt;
 use rand::rngs::Xoshiro256PlusPlus;
 
 /// Every section and key of the config file, with a value of the kind it takes.
-const KEYS: [(&str, &str, Kind); 38] = [
+const KEYS: [(&str, &str, Kind); 45] = [
     ("adapt", "method", Kind::Method),
     ("adapt", "norm", Kind::Word(&["source", "batch", "ema", "alpha", "bogus"])),
     ("adapt", "norm_momentum", Kind::Float),
@@ -37,6 +37,13 @@ const KEYS: [(&str, &str, Kind); 38] = [
     ("sar", "reset_threshold", Kind::Float),
     ("sar", "reset_clears_ema", Kind::Bool),
     ("woc", "lambda", Kind::Float),
+    ("roid", "temperature", Kind::Float),
+    ("roid", "momentum_probs", Kind::Float),
+    ("roid", "momentum_src", Kind::Float),
+    ("roid", "weighting", Kind::Bool),
+    ("roid", "prior_correction", Kind::Bool),
+    ("roid", "consistency", Kind::Bool),
+    ("roid", "batch_size", Kind::Int),
     ("stream", "mode", Kind::Word(&["frame", "batch", "video"])),
     ("stream", "batch", Kind::Int),
     ("stream", "window", Kind::Int),
@@ -83,8 +90,8 @@ const INTS: [&str; 14] = [
     "8",
     "1_000",
 ];
-const METHODS: [&str; 13] =
-    ["source", "norm", "rbn", "tent", "eta", "eata", "woc", "sar", "eata+woc", "lame", "TENT", "", "cotta"];
+const METHODS: [&str; 14] =
+    ["source", "norm", "rbn", "tent", "eta", "eata", "woc", "sar", "eata+woc", "lame", "roid", "TENT", "", "cotta"];
 
 fn value(kind: Kind, rng: &mut Xoshiro256PlusPlus) -> String {
     let one = |rng: &mut Xoshiro256PlusPlus, v: &[&str]| v[rng.random_range(0..v.len())].to_string();

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [adapt]
-//! method = "tent"          # source | norm | rbn | tent
+//! method = "tent"          # source | norm | rbn | tent | eta | eata | woc | sar | eata+woc | lame | roid
 //! norm = "batch"           # source | batch | ema | alpha (default: the method's own)
 //! norm_momentum = 0.05     # ema
 //! norm_alpha = 0.1         # alpha

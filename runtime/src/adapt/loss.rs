@@ -36,7 +36,7 @@ fn row_dispatch(entry: &'static str, params: Params, buffers: Vec<BufRef>, b: us
 }
 
 /// `loss ← scale·Σ terms[0..n]` (or `+=` with `accumulate`), in one workgroup.
-fn sum_terms(terms: BufRef, n: usize, scale: f32, loss: BufRef, accumulate: bool) -> Dispatch {
+pub(crate) fn sum_terms(terms: BufRef, n: usize, scale: f32, loss: BufRef, accumulate: bool) -> Dispatch {
     Dispatch {
         key: KernelKey::new(Shader::Loss, "sum_terms"),
         params: Params::new().u32(n as u32).u32(accumulate as u32).f32(scale),

@@ -355,6 +355,8 @@ impl Session {
                 let ps =
                     self.spec.output.as_ref().map(|o| o.source_prior_for(c)).unwrap_or_else(|| vec![1.0 / c as f32; c]);
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&ps));
+            } else if let Some(v) = self.config.adapt.method.def().reset_value(name, (buf.size() / 4) as usize) {
+                self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
             } else if name.starts_with("opt:") {
                 let zeros = vec![0u8; buf.size() as usize];
                 self.ctx.queue.write_buffer(buf, 0, &zeros);

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use super::bn::{BnHook, StatsMode};
-use super::methods::{Deferred, Objective, Param, StepCx};
+use super::methods::{AfterForward, Deferred, Objective, Param, StepCx, Updated};
 use super::optim::{self, OptimizerSpec};
 pub use super::reverse::AdaptedBn;
 use super::reverse::{bytes_of, err, parameter, reverse_pass};
@@ -116,11 +116,18 @@ impl StepPlan {
             Some((_, GraphOutput::Value { id, shape })) => (*id, shape.clone()),
             _ => return Err(err("the model's first output is a constant; nothing to adapt")),
         };
+        // What the objective computes from the logits before anything else (ROID: the
+        // probabilities, and the prior-corrected logits it returns).
+        let forwarded = match &spec.objective {
+            Some(objective) if training => objective.after_forward(&mut program, logits_v, &logits_shape)?,
+            _ => AfterForward::default(),
+        };
+        let returned = forwarded.returned.unwrap_or(logits_v);
         // The output stage reads the forward's logits and features right after the forward,
         // so those buffers need not outlive the reverse pass.
         let output = match &spec.output {
             Some(o) => {
-                let stage = super::output::lower(ctx, graph, &fwd, o, logits_v, &logits_shape, &mut program)
+                let stage = super::output::lower(ctx, graph, &fwd, o, returned, &logits_shape, &mut program)
                     .map_err(|e| err(e.to_string()))?;
                 Some((stage, logits_shape.get(1).copied().unwrap_or(1)))
             }
@@ -184,6 +191,7 @@ impl StepPlan {
                 mode: spec.mode,
                 adapted: &spec.adapted,
                 logits: logits_v,
+                forwarded: &forwarded.values,
                 logits_shape: &logits_shape,
                 b,
                 c,
@@ -209,12 +217,13 @@ impl StepPlan {
                 let param = Param { name, weight, n, grad: *grad };
                 objective.parameter(&mut cx, param, &mut dispatches, &mut scratch)?;
             }
-            let program = &mut *cx.program;
             if objective.updates() {
                 // The guard's checks of every update and of the RBN statistics, before anything
                 // is written; then one optimizer update per adapted tensor, the step counter and
                 // the statistics, each a no-op when a check tripped.
                 let mut updates = Vec::new();
+                let mut updated = Vec::new();
+                let program = &mut *cx.program;
                 for (name, grad) in &param_grads {
                     let (p, n) = parameter(program, name)?;
                     // Only the moments the optimizer keeps (none for plain SGD, the momentum
@@ -231,6 +240,7 @@ impl StepPlan {
                     } else {
                         m
                     };
+                    updated.push(Updated { weight: p, grad: *grad, m, v, n });
                     let (p, g, m, v, st) = (
                         BufRef::Weight(p),
                         BufRef::Value(*grad),
@@ -242,6 +252,9 @@ impl StepPlan {
                     updates.extend(optim::step(&spec.optimizer, p, g, m, v, st, n));
                     params.push(name.clone());
                 }
+                let (checks, writes) = objective.after_update(&mut cx, &spec.optimizer, &updated)?;
+                dispatches.extend(checks);
+                updates.extend(writes);
                 dispatches.extend(stats_checks(state));
                 dispatches.extend(updates);
                 dispatches.extend(optim::commit(BufRef::Weight(state)));
@@ -252,8 +265,8 @@ impl StepPlan {
                 dispatches.extend(stats_commits(state));
                 dispatches.extend(deferred_commits(state, cx.deferred));
             }
-            program.items.push(Item { label: "update".into(), dispatches, scratch });
-            program.pinned_end.push(loss);
+            cx.program.items.push(Item { label: "update".into(), dispatches, scratch });
+            cx.program.pinned_end.push(loss);
             selection = cx.selection;
             second = cx.second;
         } else if let Some(state) = guard_state {
@@ -277,7 +290,7 @@ impl StepPlan {
                 classes,
             }),
             guard: guard_state.map(|g| (g, staging(ctx, optim::STATE_LEN as u64 * 4))),
-            logits: (logits_v, logits_shape),
+            logits: (returned, logits_shape),
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
             transient_bytes: compiled.transient_bytes,

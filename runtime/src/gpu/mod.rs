@@ -56,10 +56,12 @@ pub enum Shader {
     Select,
     Output,
     Preprocess,
+    /// ROID; compiled after `optim.wgsl`, whose candidate functions its guard checks call.
+    Roid,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 13] = [
+    pub const ALL: [Shader; 14] = [
         Shader::Elementwise,
         Shader::Conv,
         Shader::Matmul,
@@ -73,6 +75,7 @@ impl Shader {
         Shader::Select,
         Shader::Output,
         Shader::Preprocess,
+        Shader::Roid,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -90,6 +93,7 @@ impl Shader {
             Shader::Select => "select.wgsl",
             Shader::Output => "output.wgsl",
             Shader::Preprocess => "preprocess.wgsl",
+            Shader::Roid => "roid.wgsl",
         }
     }
 
@@ -108,6 +112,9 @@ impl Shader {
             Shader::Select => include_str!("../../../shaders/select.wgsl"),
             Shader::Output => include_str!("../../../shaders/output.wgsl"),
             Shader::Preprocess => include_str!("../../../shaders/preprocess.wgsl"),
+            Shader::Roid => {
+                concat!(include_str!("../../../shaders/optim.wgsl"), include_str!("../../../shaders/roid.wgsl"))
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The adaptation methods and output stages, one file each: its config section (struct,
 //! defaults, validation), its lowering into the step program, and its logic between batches.
 //!
-//! The step program ([`super::train::StepPlan::build`]) is a generic driver: forward, output
-//! stages, then, for a method that adapts, the method's [`Objective`] (`select` → `loss` → the
-//! reverse pass → `gradients` → `parameter`) and the guarded optimizer update. A method is an
+//! The step program ([`super::train::StepPlan::build`]) is a generic driver: forward, the
+//! objective's `after_forward` (ROID's returned logits), output stages, then, for a method that
+//! adapts, the method's [`Objective`] (`select` → `loss` → the reverse pass → `gradients` →
+//! `parameter`) and the guarded optimizer update (with the objective's `after_update` checks and
+//! writes: ROID's ensembling). A method is an
 //! `AdaptMethod` (normalization default, cross-section checks, objective, output stage, set-up,
 //! per-session state), found through `Method::def`.
 //!
@@ -35,6 +37,7 @@ pub mod label_shift;
 pub mod lame;
 pub mod norm;
 pub mod rbn;
+pub mod roid;
 pub mod sar;
 pub mod source;
 pub mod tent;
@@ -49,6 +52,7 @@ use super::config::{AdaptConfig, Invalid, NormMode};
 use super::error::AdaptError;
 pub use super::error::OutputError;
 use super::loss;
+use super::optim::OptimizerSpec;
 use super::reverse::AdaptedBn;
 use crate::gpu::GpuContext;
 use crate::gpu::{KernelKey, Params, Shader};
@@ -85,6 +89,9 @@ macro_rules! registry {
                 /// LAME (Boudiaf et al. 2022): the source model unchanged, its probabilities corrected by
                 /// Laplacian smoothing over the batch's features (see [`super::output`]).
                 Lame = 9, "lame", $crate::adapt::methods::lame::LAME;
+                /// ROID (Marsden et al. 2024): certainty- and diversity-weighted soft likelihood ratio,
+                /// weight ensembling toward the source, prior-corrected outputs.
+                Roid = 10, "roid", $crate::adapt::methods::roid::ROID;
             }
             sections {
                 /// `[eata]`: ETA and EATA (and eata+woc).
@@ -95,6 +102,8 @@ macro_rules! registry {
                 sar: $crate::adapt::methods::sar::SarSection,
                 /// `[lame]`: method `lame`.
                 lame: $crate::adapt::methods::lame::LameSection,
+                /// `[roid]`.
+                roid: $crate::adapt::methods::roid::RoidSection,
                 /// `[label_shift]`: a correction of any method's output probabilities.
                 label_shift: $crate::adapt::methods::label_shift::LabelShiftSection,
             }
@@ -150,6 +159,12 @@ pub(crate) trait AdaptMethod: Sync {
     /// carry them).
     fn state_prefixes(&self) -> &'static [&'static str] {
         &[]
+    }
+
+    /// The value a persistent buffer of the method (`len` floats) restarts from on
+    /// [`Session::reset`](super::session::Session::reset); `None` leaves it as it is.
+    fn reset_value(&self, _name: &str, _len: usize) -> Option<Vec<f32>> {
+        None
     }
 
     /// Once, when the session is created (EATA's Fisher).
@@ -224,6 +239,27 @@ pub struct Param<'a> {
     pub grad: usize,
 }
 
+/// One tensor the optimizer updates, as [`Objective::after_update`] sees it: its weight, its
+/// gradient value, and the weights of its moments (aliases of the parameter for the moments the
+/// optimizer does not keep), with its element count.
+#[derive(Clone, Copy, Debug)]
+pub struct Updated {
+    pub weight: usize,
+    pub grad: usize,
+    pub m: usize,
+    pub v: usize,
+    pub n: usize,
+}
+
+/// What [`Objective::after_forward`] adds to the step program.
+#[derive(Clone, Debug, Default)]
+pub struct AfterForward {
+    /// The logits the step returns, and the output stages read, instead of the forward's [B, C].
+    pub returned: Option<usize>,
+    /// Values the objective's later phases read ([`StepCx::forwarded`]).
+    pub values: Vec<usize>,
+}
+
 /// Method state computed ahead and committed by the parameter guard at the end of the program:
 /// (value, offset in it, the weight it goes to, element count).
 pub type Deferred = (usize, usize, usize, usize);
@@ -241,6 +277,8 @@ pub struct StepCx<'a> {
     pub adapted: &'a [AdaptedBn],
     /// The logits value [B, C] of the first forward pass.
     pub logits: usize,
+    /// The values [`Objective::after_forward`] handed on (ROID's probabilities and entropies).
+    pub forwarded: &'a [usize],
     pub logits_shape: &'a [usize],
     pub b: usize,
     pub c: usize,
@@ -261,6 +299,18 @@ pub struct StepCx<'a> {
 
 /// What a gradient step minimises, lowered into the step program.
 pub trait Objective: fmt::Debug + Send + Sync {
+    /// Right after the forward pass, ahead of the output stages (its own items): values the
+    /// later phases read, and the logits the step returns instead of the forward's (ROID's
+    /// prior correction).
+    fn after_forward(
+        &self,
+        _program: &mut Program,
+        _logits: usize,
+        _logits_shape: &[usize],
+    ) -> Result<AfterForward, PlanError> {
+        Ok(AfterForward::default())
+    }
+
     /// Dispatches ahead of the loss (in the step's `loss` item): softmax statistics, sample
     /// filters, another forward pass. Returns the per-sample coefficients of the loss [B].
     fn select(&self, cx: &mut StepCx<'_>, dispatches: &mut Vec<Dispatch>) -> Result<BufRef, PlanError>;
@@ -303,6 +353,18 @@ pub trait Objective: fmt::Debug + Send + Sync {
         _scratch: &mut Vec<u64>,
     ) -> Result<(), PlanError> {
         Ok(())
+    }
+
+    /// Given every tensor the optimizer updates: guard checks, recorded with the optimizer's before
+    /// anything is written, and writes, recorded after its updates (ROID's ensembling toward the
+    /// source). Each write must be a no-op when the guard's flag is up.
+    fn after_update(
+        &self,
+        _cx: &mut StepCx<'_>,
+        _optimizer: &OptimizerSpec,
+        _updated: &[Updated],
+    ) -> Result<(Vec<Dispatch>, Vec<Dispatch>), PlanError> {
+        Ok((Vec::new(), Vec::new()))
     }
 
     /// Whether the optimizer applies the gradients (false for a pass that only measures them).
