@@ -14,6 +14,8 @@ bash tools/setup.sh
 source tools/env.sh
 echo "== cargo test (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
 cargo test --workspace "$@"
+echo "== phone targets (type-check of the library and the C ABI)"
+bash tools/phone_check.sh
 echo "== fuzz smoke (loader, frame, config: 20 s each on the test build)"
 bash tools/fuzz.sh --profile dev --target all --seconds 20
 
