@@ -89,7 +89,7 @@ pub struct Session {
     store: WeightStore,
     plans: HashMap<Vec<usize>, StepPlan>,
     /// Forward-only plans of [`Session::predict`], by shape and statistics mode.
-    predict_plans: HashMap<(Vec<usize>, NormMode), StepPlan>,
+    predict_plans: HashMap<(Vec<usize>, String), StepPlan>,
     spec: StepSpec,
     bns: Vec<BatchNormInfo>,
     steps_taken: u64,
@@ -350,6 +350,16 @@ impl Session {
         &self.bns
     }
 
+    /// Makes gradient steps normalise with `mode` instead of the method's own statistics (the
+    /// frame protocol steps with the statistics its frames are predicted with); plans built for
+    /// the old mode are dropped.
+    pub fn set_step_stats(&mut self, mode: StatsMode) {
+        if format!("{mode:?}") != format!("{:?}", self.spec.mode) {
+            self.spec.mode = mode;
+            self.plans.clear();
+        }
+    }
+
     /// Whether steps update the running statistics (EMA / RBN mode).
     pub fn updates_statistics(&self) -> bool {
         matches!(self.spec.mode, StatsMode::Ema { .. })
@@ -381,14 +391,20 @@ impl Session {
     /// by every call), which works for single frames where batch statistics do not. The
     /// adapted parameters are the same buffers the steps update.
     pub fn predict(&mut self, batch: &Tensor, norm: NormMode) -> Result<Prediction, AdaptError> {
-        let data = self.check_batch(batch)?;
         let mode = match norm {
             NormMode::Source => StatsMode::Source,
             NormMode::Batch => StatsMode::Batch,
             NormMode::Ema => StatsMode::Ema { momentum: self.config.adapt.norm_momentum },
             NormMode::Alpha => StatsMode::Alpha { alpha: self.config.adapt.norm_alpha },
         };
-        let key = (batch.shape.clone(), norm);
+        self.predict_with(batch, mode)
+    }
+
+    /// [`Session::predict`] with any statistics mode (the frame protocol's
+    /// [`StatsMode::Frame`]).
+    pub fn predict_with(&mut self, batch: &Tensor, mode: StatsMode) -> Result<Prediction, AdaptError> {
+        let data = self.check_batch(batch)?;
+        let key = (batch.shape.clone(), format!("{mode:?}"));
         if !self.predict_plans.contains_key(&key) {
             let spec = StepSpec { mode, adapted: Vec::new(), objective: Objective::MeanEntropy, ..self.spec.clone() };
             let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &batch.shape, &spec)?;
@@ -506,7 +522,7 @@ impl Session {
                 let ps =
                     self.spec.output.as_ref().map(|o| o.source_prior_for(c)).unwrap_or_else(|| vec![1.0 / c as f32; c]);
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&ps));
-            } else if name.starts_with("opt:") {
+            } else if name.starts_with("opt:") || name.starts_with(super::bn::FRAME_EVIDENCE_PREFIX) {
                 let zeros = vec![0u8; buf.size() as usize];
                 self.ctx.queue.write_buffer(buf, 0, &zeros);
                 if name == "opt:state" {
@@ -572,7 +588,12 @@ impl Session {
             .store
             .buffers
             .keys()
-            .filter(|k| k.starts_with("opt:") || k.starts_with("eata:") || *k == super::output::PRIOR_BUFFER)
+            .filter(|k| {
+                k.starts_with("opt:")
+                    || k.starts_with("eata:")
+                    || k.starts_with(super::bn::FRAME_EVIDENCE_PREFIX)
+                    || *k == super::output::PRIOR_BUFFER
+            })
             .cloned()
             .collect();
         opt.sort();
