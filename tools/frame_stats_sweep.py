@@ -221,6 +221,8 @@ def main():
     elif which == 'planes':
         for p in [12544, 3136, 784, 196, 49]:
             evaluate(rbn(net, w=(planes >= p).astype(float)), f'rbn only on maps >= {p}')
+        for p in [196, 49]:
+            evaluate(rbn(net, w=(planes <= p).astype(float)), f'rbn only on maps <= {p}')
     elif which == 'alpha':
         evaluate(anchored(net, planes, 0.02, 0.02), 'anchored a=0.02')
         evaluate(anchored(net, planes, 0.05, 0.05), 'anchored a=0.05')

@@ -387,9 +387,10 @@ impl Session {
     }
 
     /// Predicts `batch` with the current parameters WITHOUT a gradient step, normalising with
-    /// `norm`: the stream's per-frame prediction uses [`NormMode::Ema`] (RBN statistics, updated
-    /// by every call), which works for single frames where batch statistics do not. The
-    /// adapted parameters are the same buffers the steps update.
+    /// `norm` ([`NormMode::Ema`]: RBN statistics, updated by every call). The adapted parameters
+    /// are the same buffers the steps update. The stream's frame mode uses
+    /// [`Session::predict_with`] and the frame statistics instead: RBN fed one frame at a time
+    /// drifts to the scene's own statistics (stream/policy.rs).
     pub fn predict(&mut self, batch: &Tensor, norm: NormMode) -> Result<Prediction, AdaptError> {
         let mode = match norm {
             NormMode::Source => StatsMode::Source,

@@ -128,7 +128,7 @@ pub struct StreamSession {
 /// (MobileNetV2, the carphone clip clean and compressed, 120 frames; agreement of the clean
 /// clip's predictions with the unadapted model's, then of the compressed clip's with the clean
 /// predictions, where the unadapted model has 23.3 %): the statistics of one scene's frames are
-/// its content, not a domain, and every weight tried loses — 0.02 on every layer 89.2 % / 5.8 %;
+/// its content, not a domain, and every weight tried loses — 0.02 on every layer 85.8 % / 6.7 %;
 /// 0.005 with the 7×7 layers kept at the source 98.3 % / 20.0 %; the variance alone at 0.05
 /// 97.5 % / 19.2 %; RBN (an EMA of single frames, momentum 0.05) 0 % / 0 %. A caller that has
 /// evidence of a covariate shift (a shift score) can raise it through [`StatsMode::Frame`].
@@ -136,8 +136,8 @@ pub const FRAME_ALPHA: f32 = 0.0;
 
 /// Layers whose map has fewer values per channel than this keep the source statistics in frame
 /// mode whatever the weight: MobileNetV2's 7×7 maps (49 values) hold one frame's class
-/// evidence, and their frame statistics alone collapse it (RBN on only those layers: 0 %
-/// agreement on the clean clip).
+/// evidence, and their frame statistics collapse it (RBN on only the 14×14 and 7×7 layers: 0.8 %
+/// agreement with the unadapted model on the clean clip; `frame_stats_sweep.py planes`).
 pub const FRAME_MIN_PLANE: usize = 64;
 
 /// The frame protocol's statistics for a stream with evidence window `window` (frames);
