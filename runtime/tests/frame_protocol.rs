@@ -141,12 +141,7 @@ fn stepping(method: &str) -> AdaptConfig {
     ))
 }
 
-/// Open (issue 14, item 5): TENT's own steps drift on one scene's frames even with the frame
-/// statistics (measured: 77.5 % on the clean clip, 7.5 % on the compressed one where the
-/// unadapted model has 25.0 %): the mean-entropy gradient of near-identical frames has no
-/// filter and nothing pulls it back to the source.
 #[test]
-#[ignore = "open: TENT's steps drift on a single scene (77.5 % / 7.5 %, see the doc comment)"]
 fn frame_protocol_holds_for_tent() {
     let Some(ctx) = common::gpu() else { return };
     check(&ctx, "tent", &stepping("tent"));

@@ -1,7 +1,7 @@
 //! The stream policy against an independent replay of what it must do: the frames preprocessed
 //! on the CPU (`preprocess_cpu`) and fed to a plain `Session` in the documented order (frame
 //! mode: predict each frame with the source-anchored frame statistics, a step on the window
-//! every `adapt_every` frames with the same statistics; batch mode: a step per batch). Plus the threaded runner's latest-frame policy and a
+//! every `adapt_every` frames; batch mode: a step per batch). Plus the threaded runner's latest-frame policy and a
 //! bad frame in the middle of a stream.
 
 mod common;
@@ -73,7 +73,6 @@ fn frame_mode_predicts_each_frame_and_steps_on_the_window() {
     let rows = cpu_rows(&fs);
     // The reference: the same session API, driven by hand.
     let mut reference = Session::new(&ctx, model(), cfg).expect("session");
-    reference.set_step_stats(frame_stats(3, false));
     let mut source = Engine::new(&ctx, model());
     let mut window: Vec<Vec<f32>> = Vec::new();
     let mut since = 0;
@@ -84,7 +83,7 @@ fn frame_mode_predicts_each_frame_and_steps_on_the_window() {
         let r = &got[0];
         assert_eq!((r.index, r.timestamp_us), (i as u64, 1000 * i as i64));
         let x = batch(&rows[i..=i]);
-        let want = reference.predict_with(&x, frame_stats(3, true)).expect("predict");
+        let want = reference.predict_with(&x, frame_stats(3)).expect("predict");
         assert_close(&format!("frame {i}"), &r.top_k, &softmax(&want.logits.to_f32_vec()));
         let src = source.run(std::slice::from_ref(&x)).expect("source")[0].to_f32_vec();
         let sp = softmax(&src);

@@ -26,10 +26,8 @@ pub enum StatsMode {
     /// ramped in over the first `window` frames; a frame never normalises with its own
     /// statistics. Layers whose map has fewer than `min_plane` values per channel and frame keep
     /// the source statistics. The evidence lives in `frame:est:<running mean name>` and is
-    /// committed through the parameter guard (only when `update`: a gradient step on the window
-    /// normalises as the frames' predictions did but adds no evidence); the model's running
-    /// statistics are never written.
-    Frame { alpha_mean: f32, alpha_var: f32, window: u32, min_plane: usize, update: bool },
+    /// committed through the parameter guard; the model's running statistics are never written.
+    Frame { alpha_mean: f32, alpha_var: f32, window: u32, min_plane: usize },
 }
 
 impl StatsMode {
@@ -180,7 +178,7 @@ impl LowerHook for BnHook {
                 mode: self.mode,
             };
             let y = l.output(0)?.buf;
-            if let StatsMode::Frame { alpha_mean, alpha_var, min_plane, update, .. } = self.mode {
+            if let StatsMode::Frame { alpha_mean, alpha_var, min_plane, .. } = self.mode {
                 // The source statistics as the model has them, in buffers no update writes (an
                 // EMA-mode gradient step would write the model's own running statistics).
                 let source = |p: &Operand, program: &mut Program| -> OpResult<BufRef> {
@@ -207,9 +205,7 @@ impl LowerHook for BnHook {
                     vec![x.buf, scale.buf, bias.buf, BufRef::Value(stats), y],
                     grid_1d(x.numel(), 256),
                 );
-                if update {
-                    self.frame_commits.push((next, BufRef::Weight(evidence), evidence_len));
-                }
+                self.frame_commits.push((next, BufRef::Weight(evidence), evidence_len));
                 self.saved.insert(node, saved);
                 return Ok(());
             }

@@ -350,16 +350,6 @@ impl Session {
         &self.bns
     }
 
-    /// Makes gradient steps normalise with `mode` instead of the method's own statistics (the
-    /// frame protocol steps with the statistics its frames are predicted with); plans built for
-    /// the old mode are dropped.
-    pub fn set_step_stats(&mut self, mode: StatsMode) {
-        if format!("{mode:?}") != format!("{:?}", self.spec.mode) {
-            self.spec.mode = mode;
-            self.plans.clear();
-        }
-    }
-
     /// Whether steps update the running statistics (EMA / RBN mode).
     pub fn updates_statistics(&self) -> bool {
         matches!(self.spec.mode, StatsMode::Ema { .. })
