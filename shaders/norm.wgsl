@@ -55,7 +55,8 @@ struct BnTrainParams {
     b_var: f32,
     write_back: u32,
     accumulate: u32,
-    _p0: u32,
+    // bn_frame: the evidence window W in frames.
+    window: u32,
     _p1: u32,
 }
 
@@ -120,6 +121,66 @@ fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
         if tp.write_back != 0u {
             run_mean[c] = mean_u;
             run_var[c] = var_u;
+        }
+    }
+}
+
+// bn_frame: the frame protocol's source-anchored statistics (adapt/bn.rs `StatsMode::Frame`).
+// `fest` holds the evidence of the frames seen so far, [M1 (C), M2 (C), V (C), n]: running
+// averages of each frame's channel mean, squared mean and biased variance, over the last W
+// frames (rate max(1/W, 1/(n + 1)): a plain average until W frames, then an EMA). The layer
+// normalises with
+//     mean_u = src_mean + a_mean * r * (M1 - src_mean)
+//     var_u  = src_var  + a_var  * r * (V + max(M2 - M1^2, 0) - src_var),   r = min(n, W) / W
+// i.e. the evidence BEFORE this frame, never this frame's own statistics, blended into the
+// source's with at most weight a: one frame cannot move its own prediction, and no run of
+// frames can take more than a of the source away. V + (M2 - M1^2) is the population variance
+// (within-frame plus between-frame), which the within-frame variance alone underestimates.
+// The next evidence goes to `fnext` (committed by the parameter guard); stats gets
+// [mean_B, var_B, mean_u, var_u] as bn_stats writes it.
+@group(0) @binding(5) var<storage, read> fest: array<f32>;
+@group(0) @binding(6) var<storage, read_write> fnext: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = wid.x;
+    let t = lid.x;
+    let m = tp.n * tp.plane;
+    var acc = 0.0;
+    for (var i = t; i < m; i += WG) {
+        acc += sx[element(i, c)];
+    }
+    red[t] = acc;
+    tree(t);
+    let mean = red[0] / f32(m);
+    workgroupBarrier();
+    var acc2 = 0.0;
+    for (var i = t; i < m; i += WG) {
+        let d = sx[element(i, c)] - mean;
+        acc2 += d * d;
+    }
+    red[t] = acc2;
+    tree(t);
+    if t == 0u {
+        let var_b = red[0] / f32(m);
+        let cc = tp.channels;
+        let w = f32(max(tp.window, 1u));
+        let seen = fest[3u * cc];
+        let r = min(seen, w) / w;
+        let m1 = fest[c];
+        let m2 = fest[cc + c];
+        let v = fest[2u * cc + c];
+        let var_est = v + max(m2 - m1 * m1, 0.0);
+        stats[c] = mean;
+        stats[cc + c] = var_b;
+        stats[2u * cc + c] = run_mean[c] + tp.a_mean * r * (m1 - run_mean[c]);
+        stats[3u * cc + c] = run_var[c] + tp.a_var * r * (var_est - run_var[c]);
+        let rate = max(1.0 / w, 1.0 / (seen + 1.0));
+        fnext[c] = m1 + rate * (mean - m1);
+        fnext[cc + c] = m2 + rate * (mean * mean - m2);
+        fnext[2u * cc + c] = v + rate * (var_b - v);
+        if c == 0u {
+            fnext[3u * cc] = seen + 1.0;
         }
     }
 }

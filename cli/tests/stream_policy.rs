@@ -1,16 +1,16 @@
 //! The stream policy against an independent replay of what it must do: the frames preprocessed
 //! on the CPU (`preprocess_cpu`) and fed to a plain `Session` in the documented order (frame
-//! mode: predict each frame with EMA statistics, a step on the window every `adapt_every`
-//! frames; batch mode: a step per batch). Plus the threaded runner's latest-frame policy and a
+//! mode: predict each frame with the source-anchored frame statistics, a step on the window
+//! every `adapt_every` frames; batch mode: a step per batch). Plus the threaded runner's latest-frame policy and a
 //! bad frame in the middle of a stream.
 
 mod common;
 
 use acclimate::GpuContext;
-use acclimate::adapt::config::{AdaptConfig, NormMode};
+use acclimate::adapt::config::AdaptConfig;
 use acclimate::adapt::session::Session;
 use acclimate::stream::frame::Frame;
-use acclimate::stream::policy::{StreamError, StreamOptions, StreamRunner, StreamSession};
+use acclimate::stream::policy::{StreamError, StreamOptions, StreamRunner, StreamSession, frame_stats};
 use acclimate::stream::preprocess::{PreprocessSpec, preprocess_cpu};
 use acclimate::{Engine, Model, Tensor};
 use acclimate_test_macros::gpu_test;
@@ -84,7 +84,7 @@ fn frame_mode_predicts_each_frame_and_steps_on_the_window(ctx: GpuContext) {
         let r = &got[0];
         assert_eq!((r.index, r.timestamp_us), (i as u64, 1000 * i as i64));
         let x = batch(&rows[i..=i]);
-        let want = reference.predict(&x, NormMode::Ema).expect("predict");
+        let want = reference.predict_with(&x, frame_stats(3)).expect("predict");
         assert_close(&format!("frame {i}"), &r.top_k, &softmax(&want.logits.to_f32_vec()));
         let src = source.run(std::slice::from_ref(&x)).expect("source")[0].to_f32_vec();
         let sp = softmax(&src);

@@ -419,3 +419,34 @@ fn device_lost_is_an_error() {
     assert!(lost(stream_engine_gpu(&e)), "{e}");
     assert!(ctx.is_lost());
 }
+
+/// Frame mode with RBN and no gradient step moved MobileNetV2 from the source's class at frame 0
+/// of the clean carphone clip to near-uniform outputs (top-1 probability 0.01–0.03) by frame 9:
+/// the EMA of single frames' statistics became the scene's own statistics and normalised its
+/// content away. Each of the first 10 frames must keep the unadapted model's class.
+#[test]
+fn frame_mode_rbn_keeps_source_class_on_clean_clip() {
+    use acclimate::adapt::config::AdaptConfig;
+    use acclimate::stream::policy::{StreamOptions, StreamSession};
+    use acclimate_cli::stream::source::Source;
+    let Some(ctx) = common::gpu() else { return };
+    let model = acclimate::Model::load(&common::asset("mobilenetv2.onnx")).expect("mobilenetv2");
+    let cfg = AdaptConfig::from_toml_str("[adapt]\nmethod = \"rbn\"\n[stream]\nmode = \"frame\"\nwindow = 8\n")
+        .expect("config");
+    let spec = "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225".parse().expect("spec");
+    let options = StreamOptions { top_k: 1, source_prediction: true };
+    let mut stream = StreamSession::new(&ctx, model, cfg, spec, options).expect("stream");
+    let clip = common::asset("video/carphone_pristine.y4m");
+    let mut source = Source::open(&format!("video:{}", clip.display())).expect("clip");
+    for i in 0..10 {
+        let frame = source.next_frame().expect("10 frames").expect("frame").frame;
+        let r = stream.push(&frame).expect("push").remove(0);
+        let (class, p) = r.source_top.expect("source prediction");
+        assert_eq!(r.class(), class, "frame {i}: adapted class {:?} vs unadapted {class} ({p:.3})", r.top_k[0]);
+        assert!(
+            r.top_k[0].1 >= 0.5 * p,
+            "frame {i}: top-1 probability {:.3} collapsed (unadapted {p:.3})",
+            r.top_k[0].1
+        );
+    }
+}

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::ir::Graph;
 use crate::ops::{BufRef, Lowering, OpReason, OpResult, Operand};
-use crate::plan::{LowerHook, Program};
+use crate::plan::{LowerHook, Program, WeightInit};
 
 /// Which statistics a BatchNormalization layer normalises with (tta-methods.md §0.3, §7).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -20,6 +20,14 @@ pub enum StatsMode {
     Ema { momentum: f32 },
     /// BN-α: (1−α)·source + α·batch with the unbiased batch variance; nothing is updated.
     Alpha { alpha: f32 },
+    /// The frame protocol's source-anchored statistics (`bn_frame` in `shaders/norm.wgsl`): the
+    /// source statistics moved toward the evidence of the previous frames (running averages of
+    /// their statistics over the last `window` frames) by at most `alpha_mean` / `alpha_var`,
+    /// ramped in over the first `window` frames; a frame never normalises with its own
+    /// statistics. Layers whose map has fewer than `min_plane` values per channel and frame keep
+    /// the source statistics. The evidence lives in `frame:est:<running mean name>` and is
+    /// committed through the parameter guard; the model's running statistics are never written.
+    Frame { alpha_mean: f32, alpha_var: f32, window: u32, min_plane: usize },
 }
 
 impl StatsMode {
@@ -37,9 +45,21 @@ impl StatsMode {
                 }
                 (alpha, 1.0 - alpha, alpha * m as f32 / (m as f32 - 1.0), 1.0 - alpha, false)
             }
+            // The statistics a frame is normalised with do not depend on the frame: for the
+            // reverse pass they are constants, as the source's are.
+            StatsMode::Frame { .. } => (0.0, 1.0, 0.0, 1.0, false),
         })
     }
 }
+
+/// Name of the frame-evidence buffer of the layer whose running mean is `mean`:
+/// [M1 (C), M2 (C), V (C), frames seen], zeros before the first frame.
+pub fn frame_evidence_name(mean: &str) -> String {
+    format!("{FRAME_EVIDENCE_PREFIX}{mean}")
+}
+
+/// Prefix of the frame-evidence buffers (part of a session's saved state, zeroed by reset).
+pub const FRAME_EVIDENCE_PREFIX: &str = "frame:est:";
 
 /// What the forward pass saved for one BatchNormalization layer's reverse pass.
 #[derive(Clone, Debug)]
@@ -70,6 +90,8 @@ pub struct BnHook {
     /// RBN layers whose running statistics the program must commit at its end (the parameter
     /// guard decides whether they are finite first): `bn_stats` no longer writes them back.
     pub commits: Vec<StatsCommit>,
+    /// Frame-mode layers' deferred evidence updates: (value, evidence weight, length).
+    pub frame_commits: Vec<(usize, BufRef, usize)>,
 }
 
 /// One RBN layer's deferred statistics update: running mean and variance ← `stats`' used
@@ -84,11 +106,19 @@ pub struct StatsCommit {
 
 impl BnHook {
     pub fn new(mode: StatsMode, always: bool) -> BnHook {
-        BnHook { mode, always, source_affine: false, saved: HashMap::new(), commits: Vec::new() }
+        BnHook {
+            mode,
+            always,
+            source_affine: false,
+            saved: HashMap::new(),
+            commits: Vec::new(),
+            frame_commits: Vec::new(),
+        }
     }
 }
 
 fn params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool) -> Params {
+    let window = if let StatsMode::Frame { window, .. } = s.mode { window } else { 0 };
     Params::new()
         .u32(s.batch as u32)
         .u32(s.channels as u32)
@@ -100,6 +130,7 @@ fn params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool) -> Param
         .f32(a.3)
         .u32(a.4 as u32)
         .u32(accumulate as u32)
+        .u32(window)
 }
 
 impl LowerHook for BnHook {
@@ -152,6 +183,43 @@ impl LowerHook for BnHook {
                 mode: self.mode,
             };
             let y = l.output(0)?.buf;
+            if let StatsMode::Frame { alpha_mean, alpha_var, min_plane, .. } = self.mode {
+                // The source statistics as the model has them, in buffers no update writes (an
+                // EMA-mode gradient step would write the model's own running statistics).
+                let source = |p: &Operand, program: &mut Program| -> OpResult<BufRef> {
+                    let BufRef::Weight(w) = p.buf else {
+                        return Err(OpReason::Unsupported(
+                            "frame statistics need constant BatchNormalization parameters".into(),
+                        ));
+                    };
+                    let (name, init) = (program.weights[w].name.clone(), program.weights[w].init.clone());
+                    Ok(BufRef::Weight(program.weight(&format!("frame:source:{name}"), || init, true)))
+                };
+                let (src_mean, src_var) = (source(&mean, program)?, source(&var, program)?);
+                let BufRef::Weight(mw) = mean.buf else {
+                    return Err(OpReason::NotConstant { what: "input_mean".into() });
+                };
+                let evidence_len = 3 * channels + 1;
+                let evidence_name = frame_evidence_name(&program.weights[mw].name);
+                let evidence = program.weight(&evidence_name, || WeightInit::Zeros(evidence_len), true);
+                let next = program.value(evidence_len as u64 * 4);
+                let (a_mean, a_var) = if plane < min_plane { (0.0, 0.0) } else { (alpha_mean, alpha_var) };
+                l.dispatch(
+                    KernelKey::new(Shader::Norm, "bn_frame"),
+                    params(&saved, (a_mean, 0.0, a_var, 0.0, false), false),
+                    vec![x.buf, src_mean, src_var, BufRef::Value(stats), BufRef::Weight(evidence), BufRef::Value(next)],
+                    [channels as u32, 1, 1],
+                );
+                l.dispatch(
+                    KernelKey::new(Shader::Norm, "bn_apply"),
+                    params(&saved, coef, false),
+                    vec![x.buf, scale.buf, bias.buf, BufRef::Value(stats), y],
+                    grid_1d(x.numel(), 256),
+                );
+                self.frame_commits.push((next, BufRef::Weight(evidence), evidence_len));
+                self.saved.insert(node, saved);
+                return Ok(());
+            }
             l.dispatch(
                 KernelKey::new(Shader::Norm, "bn_stats"),
                 params(&saved, coef, false),

@@ -95,7 +95,7 @@ pub struct Session {
     store: WeightStore,
     plans: HashMap<Vec<usize>, StepPlan>,
     /// Forward-only plans of [`Session::predict`], by shape and statistics mode.
-    predict_plans: HashMap<(Vec<usize>, NormMode), StepPlan>,
+    predict_plans: HashMap<(Vec<usize>, String), StepPlan>,
     spec: StepSpec,
     bns: Vec<BatchNormInfo>,
     steps_taken: u64,
@@ -236,18 +236,25 @@ impl Session {
     }
 
     /// Predicts `batch` with the current parameters WITHOUT a gradient step, normalising with
-    /// `norm`: the stream's per-frame prediction uses [`NormMode::Ema`] (RBN statistics, updated
-    /// by every call), which works for single frames where batch statistics do not. The
-    /// adapted parameters are the same buffers the steps update.
+    /// `norm` ([`NormMode::Ema`]: RBN statistics, updated by every call). The adapted parameters
+    /// are the same buffers the steps update. The stream's frame mode uses
+    /// [`Session::predict_with`] and the frame statistics instead: RBN fed one frame at a time
+    /// drifts to the scene's own statistics (stream/policy.rs).
     pub fn predict(&mut self, batch: &Tensor, norm: NormMode) -> crate::Result<Prediction> {
-        let data = self.check_batch(batch)?;
         let mode = match norm {
             NormMode::Source => StatsMode::Source,
             NormMode::Batch => StatsMode::Batch,
             NormMode::Ema => StatsMode::Ema { momentum: self.config.adapt.norm_momentum },
             NormMode::Alpha => StatsMode::Alpha { alpha: self.config.adapt.norm_alpha },
         };
-        let key = (batch.shape.clone(), norm);
+        self.predict_with(batch, mode)
+    }
+
+    /// [`Session::predict`] with any statistics mode (the frame protocol's
+    /// [`StatsMode::Frame`]).
+    pub fn predict_with(&mut self, batch: &Tensor, mode: StatsMode) -> crate::Result<Prediction> {
+        let data = self.check_batch(batch)?;
+        let key = (batch.shape.clone(), format!("{mode:?}"));
         if !self.predict_plans.contains_key(&key) {
             let spec = StepSpec { mode, adapted: Vec::new(), objective: None, ..self.spec.clone() };
             let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &batch.shape, &spec)?;
@@ -357,7 +364,7 @@ impl Session {
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&ps));
             } else if let Some(v) = self.config.adapt.method.def().reset_value(name, (buf.size() / 4) as usize) {
                 self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
-            } else if name.starts_with("opt:") {
+            } else if name.starts_with("opt:") || name.starts_with(super::bn::FRAME_EVIDENCE_PREFIX) {
                 let zeros = vec![0u8; buf.size() as usize];
                 self.ctx.queue.write_buffer(buf, 0, &zeros);
                 if name == "opt:state" {
@@ -426,6 +433,7 @@ impl Session {
             .filter(|k| {
                 k.starts_with("opt:")
                     || Method::ALL.iter().flat_map(|m| m.def().state_prefixes()).any(|p| k.starts_with(p))
+                    || k.starts_with(super::bn::FRAME_EVIDENCE_PREFIX)
                     || *k == label_shift::PRIOR_BUFFER
             })
             .cloned()

@@ -140,11 +140,12 @@ impl StepPlan {
         // The parameter guard (optim.rs): every program that changes persistent state opens with
         // `guard_begin` and ends with the checks of everything it would commit, then the commits.
         let commits = std::mem::take(&mut hook.commits);
+        let frame_commits = std::mem::take(&mut hook.frame_commits);
         // Method state computed ahead and committed with the step: (value, offset, weight, n).
         let mut deferred: Vec<Deferred> = output.as_ref().and_then(|(stage, _)| stage.deferred).into_iter().collect();
         let guard_state = if training {
             Some(program.weight("opt:state", || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true))
-        } else if !commits.is_empty() || !deferred.is_empty() {
+        } else if !commits.is_empty() || !frame_commits.is_empty() || !deferred.is_empty() {
             Some(program.weight(GUARD_STATE, || WeightInit::Tensor(std::sync::Arc::new(optim::initial_state())), true))
         } else {
             None
@@ -165,12 +166,22 @@ impl StepPlan {
                 .map(|c| {
                     optim::guard_check(BufRef::Weight(state), BufRef::Value(c.stats), 2 * c.channels, 2 * c.channels)
                 })
+                .chain(
+                    frame_commits
+                        .iter()
+                        .map(|&(v, _, n)| optim::guard_check(BufRef::Weight(state), BufRef::Value(v), 0, n)),
+                )
                 .collect()
         };
         let stats_commits = |state: usize| -> Vec<crate::ops::Dispatch> {
             commits
                 .iter()
                 .map(|c| optim::commit_stats(BufRef::Weight(state), BufRef::Value(c.stats), c.mean, c.var, c.channels))
+                .chain(
+                    frame_commits
+                        .iter()
+                        .map(|&(v, dst, n)| optim::commit_copy(BufRef::Weight(state), BufRef::Value(v), 0, dst, n)),
+                )
                 .collect()
         };
         if training {
