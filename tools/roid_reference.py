@@ -11,11 +11,11 @@ Needs torch (not in CI; fixtures are committed):
 
 Writes
 - `tiny_roid_*/` scenarios in the format of tools/tta_reference.py (replayed by
-  runtime/tests/tta_reference.rs): the returned (prior-corrected) logits, the loss, the kept
+  cli/tests/tta_reference.rs): the returned (prior-corrected) logits, the loss, the kept
   samples and their weights, and the BN parameters after the step *and* the ensembling;
 - `roid_kernels.json`: the ROID pieces on given logits (weights, SLR loss and its gradient, the
   class-probability EMA, the prior correction) and the optimizer step followed by the weight
-  ensembling on given tensors (runtime/tests/roid.rs checks the kernels against them).
+  ensembling on given tensors (cli/tests/roid.rs checks the kernels against them).
 
 One step, as the authors' `forward_and_adapt` (tta-universal.md §1.4):
 1. z = f_θ(x), BN with the batch's statistics (gradients through them);

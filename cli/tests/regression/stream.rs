@@ -450,3 +450,57 @@ fn frame_mode_rbn_keeps_source_class_on_clean_clip() {
         );
     }
 }
+
+/// The default preset's frame-mode step on MobileNetV2 (a window of 32 frames: one activation
+/// [32, 96, 112, 112] is 154 MB, over lavapipe's 128 MiB binding limit) stopped the stream with
+/// an error at frame 31. A window whose step does not fit now steps on the most recent frames that
+/// do, exactly as a stream whose window is that cap would.
+#[test]
+fn frame_step_over_the_binding_limit_steps_on_fewer_frames() {
+    use acclimate::adapt::config::AdaptConfig;
+    use acclimate::stream::frame::Frame;
+    use acclimate::stream::policy::{StreamOptions, StreamSession};
+    use acclimate::{Model, Preprocess};
+    let Some(ctx) = common::gpu() else { return };
+    let model = Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx")).expect("model");
+    let spec: Preprocess = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25".parse().expect("spec");
+    let config = |window: usize| {
+        AdaptConfig::from_toml_str(&format!(
+            "[adapt]\nmethod = \"tent\"\n[stream]\nmode = \"frame\"\nwindow = {window}\nadapt_every = 32\n"
+        ))
+        .expect("config")
+    };
+    let frames: Vec<Frame> = (0..40)
+        .map(|i| {
+            let px = common::random_f32(8 * 8 * 3, 1000 + i, 0.0, 255.0);
+            Frame::rgb8(8, 8, px.into_iter().map(|v| v as u8).collect())
+        })
+        .collect();
+    let run = |ctx: &acclimate::GpuContext, window: usize| {
+        let mut s = StreamSession::new(ctx, model.clone(), config(window), spec.clone(), StreamOptions::default())
+            .expect("stream");
+        let mut stepped = Vec::new();
+        for f in &frames {
+            for r in s.push(f).expect("every frame is predicted") {
+                if r.adapted {
+                    stepped.push(r.index);
+                }
+            }
+        }
+        (s.session().parameters().expect("parameters"), s.step_frames_cap(), stepped)
+    };
+    // 16 KiB buffers: a step on 32 frames needs a 24,576-byte input (and more), so it cannot run.
+    let small = stream_limited_ctx(16 << 10, 16 << 10);
+    let (params, cap, stepped) = run(&small, 32);
+    assert_eq!(stepped, vec![31], "the step at frame 31 ran");
+    let cap = cap.expect("the window was capped");
+    assert!((2..32).contains(&cap), "cap {cap}");
+    // The same stream with a window of `cap` frames, on the unlimited device.
+    let (want, none, _) = run(&ctx, cap);
+    assert_eq!(none, None);
+    for ((name, got), (_, want)) in params.iter().zip(&want) {
+        let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
+        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6, "{name}: parameters differ by {worst} from the stream whose window is {cap}");
+    }
+}

@@ -32,7 +32,7 @@ use crate::adapt::bn::StatsMode;
 use crate::adapt::config::{AdaptConfig, Method, NormMode, StreamMode};
 use crate::adapt::session::{Prediction, Session};
 use crate::engine::{Engine, Model};
-use crate::gpu::GpuContext;
+use crate::gpu::{GpuContext, GpuError};
 use crate::tensor::Tensor;
 
 mod checkpoint;
@@ -136,6 +136,9 @@ pub struct StreamSession {
     options: StreamOptions,
     /// Frame mode: the preprocessed frames of the window, oldest first.
     ring: VecDeque<Vec<f32>>,
+    /// Frame mode: the most recent frames a step takes when the whole window does not fit the
+    /// device ([`StreamSession::step_frames_cap`]).
+    step_cap: Option<usize>,
     since_step: usize,
     /// Batch mode: the frames of the batch being filled, and their preprocessed rows.
     pending: Vec<(Pending, Vec<f32>)>,
@@ -248,6 +251,7 @@ impl StreamSession {
             source,
             options,
             ring: VecDeque::new(),
+            step_cap: None,
             since_step: 0,
             pending: Vec::new(),
             next_index: 0,
@@ -388,14 +392,7 @@ impl StreamSession {
                 && self.since_step >= adapt_every
                 && self.ring.len() >= 2
             {
-                let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
-                let batch = self.batch_tensor(&rows);
-                let first = index + 1 - rows.len() as u64;
-                let step = self.session.step(&batch).map_err(|e| StreamError::Adapt {
-                    first,
-                    last: index,
-                    source: Box::new(e),
-                })?;
+                let step = self.step_on_window(index)?;
                 self.since_step = 0;
                 self.steps += 1;
                 adapted = true;
@@ -414,6 +411,39 @@ impl StreamSession {
             loss,
             skipped,
         })
+    }
+
+    /// Frame mode's step on the most recent frames of the window. A window whose step does not
+    /// fit the device (an activation over `max_storage_buffer_binding_size`: MobileNetV2's
+    /// [32, 96, 112, 112] is 154 MB where lavapipe allows 128 MiB) steps on the most recent
+    /// frames that fit instead, halving until it does (at least 2), and remembers the cap; the
+    /// limit is checked before anything is allocated or written, so a refused size changes
+    /// nothing.
+    fn step_on_window(&mut self, index: u64) -> Result<crate::adapt::session::Prediction, StreamError> {
+        loop {
+            let take = self.step_cap.map_or(self.ring.len(), |cap| cap.min(self.ring.len()));
+            let rows: Vec<&[f32]> = self.ring.iter().skip(self.ring.len() - take).map(|r| r.as_slice()).collect();
+            let batch = self.batch_tensor(&rows);
+            let first = index + 1 - take as u64;
+            match self.session.step(&batch) {
+                Err(crate::Error::Gpu(GpuError::TooLarge { what, bytes, limit, .. })) if take > 2 => {
+                    let cap = take / 2;
+                    log::warn!(
+                        "frame mode: a step on {take} frames needs {what} of {bytes} bytes (device limit {limit}); \
+                         stepping on the last {cap} frames of the window from now on"
+                    );
+                    self.step_cap = Some(cap);
+                }
+                Err(e) => return Err(StreamError::Adapt { first, last: index, source: Box::new(e) }),
+                Ok(p) => return Ok(p),
+            }
+        }
+    }
+
+    /// The most frames a frame-mode step takes, when the device's limits made it smaller than
+    /// the window (`None`: the whole window).
+    pub fn step_frames_cap(&self) -> Option<usize> {
+        self.step_cap
     }
 
     fn flush(&mut self) -> Result<Vec<FrameResult>, StreamError> {
