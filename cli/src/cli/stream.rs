@@ -155,7 +155,7 @@ pub fn stream_cmd(args: &StreamArgs) -> Result<StreamRun, CliError> {
     let mut config = match &args.config {
         Some(p) => AdaptConfig::from_file(p).map_err(usage)?,
         // The default preset: the method that did best on the SVHN→MNIST shift (docs/accuracy.md).
-        None => AdaptConfig::from_toml_str(super::demo::DEFAULT_PRESET).map_err(usage)?,
+        None => AdaptConfig::from_toml_str(acclimate::adapt::config::DEFAULT_PRESET).map_err(usage)?,
     };
     config.validate().map_err(usage)?;
     let spec: PreprocessSpec = match (args.preprocess.is_empty(), &config.preprocess) {
