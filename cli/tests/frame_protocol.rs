@@ -140,12 +140,18 @@ fn stepping(method: &str) -> AdaptConfig {
     ))
 }
 
+/// Ignored by default: minutes on lavapipe (it passed on the 2-core VM, Mesa 25.0.7, 2026-12-06);
+/// the stepping mechanism is the video demo config's, which runs by default.
 #[gpu_test]
+#[ignore = "minutes on lavapipe; same mechanism as the video demo config test; run with --ignored"]
 fn frame_protocol_holds_for_tent(ctx: GpuContext) {
     check(&ctx, "tent", &stepping("tent"));
 }
 
+/// Ignored by default: the same config as `demo_video.toml` (ETA, SGD 2.5e-4, window 8, a step
+/// every 8), which runs by default; minutes on lavapipe.
 #[gpu_test]
+#[ignore = "duplicates the video demo config test; minutes on lavapipe; run with --ignored"]
 fn frame_protocol_holds_for_eta(ctx: GpuContext) {
     check(&ctx, "eta", &stepping("eta"));
 }
