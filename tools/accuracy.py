@@ -294,7 +294,7 @@ def runtime_config(cfg, fisher_file):
 
 def ensure_binary():
     if not BINARY.exists():
-        raise SystemExit(f"[accuracy] {BINARY} is missing: cargo build --release -p acclimate")
+        raise SystemExit(f"[accuracy] {BINARY} is missing: cargo build --release -p acclimate-cli")
 
 
 def fisher_file():
