@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 for target in aarch64-linux-android aarch64-apple-ios; do
   if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
-    if ! rustup target add "$target" >/dev/null 2>&1; then
+    if ! timeout 300 rustup target add "$target" >/dev/null 2>&1; then
       echo "SKIP $target: rustup could not add the target (offline?)"
       continue
     fi
