@@ -75,7 +75,7 @@ class Net:
         g = m.graph
         inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         new_nodes = []
-        self.layers = []  # (name, C, src_mean, src_var, plane placeholder)
+        self.layers = []  # per BatchNorm: name, channels C, source mean and variance (float64), eps
         extra_inputs, extra_outputs = [], []
         for n in g.node:
             if n.op_type != 'BatchNormalization':
