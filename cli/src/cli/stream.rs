@@ -255,11 +255,16 @@ pub fn run_planned_with_labels(
     let mut running = Running::default();
     let started = Instant::now();
     let mut errors = 0usize;
+    let mut auto_tally: Option<report::AutoSummary> = None;
     let mut handle = |results: Vec<FrameResult>,
                       meta: &[(Option<u32>, String)],
                       records: &mut Vec<RunRecord>,
                       running: &mut Running|
      -> Result<(), CliError> {
+        // One decision of method auto per batch (frame mode: per window step).
+        if let Some(d) = results.iter().find_map(|r| r.auto.as_ref()) {
+            auto_tally.get_or_insert_with(Default::default).add(d);
+        }
         for r in results {
             let (label, segment) = meta.get(r.index as usize).cloned().unwrap_or((None, String::new()));
             let (pred, prob) = r.top_k.first().copied().unwrap_or((0, 0.0));
@@ -295,6 +300,7 @@ pub fn run_planned_with_labels(
                     "adapted": r.adapted,
                     "loss": r.loss,
                     "skipped": r.skipped,
+                    "auto": r.auto,
                 });
                 writeln!(w, "{line}").map_err(|e| usage(format!("cannot write --jsonl: {e}")))?;
             }
@@ -370,6 +376,7 @@ pub fn run_planned_with_labels(
     summary.errors = errors;
     summary.steps = stream.steps();
     summary.skipped_steps = stream.skipped_steps();
+    summary.auto = auto_tally;
     if let Some(p) = &args.summary_json {
         write_atomic(p, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     }
@@ -431,6 +438,10 @@ pub fn summary_text(s: &Summary) -> String {
                 pct(seg.source_accuracy)
             );
         }
+    }
+    if let Some(a) = &s.auto {
+        out += &a.line();
+        out.push('\n');
     }
     if s.skipped_steps > 0 {
         out += &format!(

@@ -92,6 +92,50 @@ pub struct Summary {
     /// Updates the parameter guard refused (they would have written NaN or infinity), filled
     /// in by the caller.
     pub skipped_steps: u64,
+    /// Method `auto`: what it decided over the run, filled in by the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoSummary>,
+}
+
+/// What method `auto` decided over a run (one decision per batch; frame mode: per window step).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AutoSummary {
+    /// Batches (frame mode: window steps) it decided on.
+    pub decisions: u64,
+    /// Of those, judged label-correlated: no step, LAME smoothing over the source statistics.
+    pub correlated: u64,
+    /// Of those, with an ETA step on the batch's statistics.
+    pub stepped: u64,
+    /// Collapse resets to the source.
+    pub resets: u64,
+    /// Mean share of a decision's batch predicted as the source statistics predict it.
+    pub source_agreement: f64,
+}
+
+impl AutoSummary {
+    /// Adds one decision.
+    pub fn add(&mut self, d: &acclimate::adapt::methods::auto::Diagnostics) {
+        self.source_agreement =
+            (self.source_agreement * self.decisions as f64 + d.source_agreement as f64) / (self.decisions + 1) as f64;
+        self.decisions += 1;
+        self.correlated += d.correlated as u64;
+        self.stepped += d.stepped as u64;
+        self.resets += d.reset as u64;
+    }
+
+    /// One line for the terminal: what `auto` decided.
+    pub fn line(&self) -> String {
+        format!(
+            "auto: {} decisions: {} adapted (ETA step, source-anchored statistics), {} label-correlated \
+             (no step; LAME smoothing over the source model: {}), {} collapse reset(s); agreement with the source model {:.1} %",
+            self.decisions,
+            self.stepped,
+            self.correlated,
+            if self.correlated > 0 { "on" } else { "never needed" },
+            self.resets,
+            100.0 * self.source_agreement
+        )
+    }
 }
 
 /// Errors of writing the report.
@@ -215,6 +259,7 @@ pub fn summarize(
         errors: 0,
         steps: 0,
         skipped_steps: 0,
+        auto: None,
     }
 }
 

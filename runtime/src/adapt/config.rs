@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [adapt]
-//! method = "tent"          # source | norm | rbn | tent | eta | eata | woc | sar | eata+woc | lame | roid
+//! method = "tent"          # auto (the default) | source | norm | rbn | tent | eta | eata | woc | sar | eata+woc | lame | roid
 //! norm = "batch"           # source | batch | ema | alpha (default: the method's own)
 //! norm_momentum = 0.05     # ema
 //! norm_alpha = 0.1         # alpha
@@ -25,9 +25,10 @@
 //! spec = "size=32,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197"   # the C ABI); as --preprocess
 //! ```
 //!
-//! Every key is optional; an absent key takes the TENT ImageNet-C default above
-//! (tta-methods.md §1). Unknown sections and keys are errors, so a typo never silently falls
-//! back to a default.
+//! Every key is optional. The method defaults to `auto` (which picks its own statistics and
+//! optimizer, `[auto]` in [`super::methods::auto`]); the other keys' defaults are TENT's ImageNet-C
+//! ones above (tta-methods.md §1), used by the methods that take them. Unknown sections and keys
+//! are errors, so a typo never silently falls back to a default.
 //!
 //! The method sections (`[eata]`, `[woc]`, `[sar]`, `[lame]`, `[label_shift]`) live in their
 //! methods' files under [`super::methods`]; [`Method`] and [`AdaptConfig`] are generated from
@@ -244,7 +245,7 @@ pub struct AdaptSection {
 impl Default for AdaptSection {
     fn default() -> Self {
         AdaptSection {
-            method: Method::Tent,
+            method: Method::Auto,
             norm: None,
             norm_momentum: 0.05,
             norm_alpha: 0.1,
@@ -653,10 +654,11 @@ mod tests {
     }
 
     #[test]
-    fn empty_file_gives_tent_defaults() {
+    fn empty_file_gives_auto_and_tent_defaults() {
         let c = AdaptConfig::from_toml_str("").unwrap();
         assert_eq!(c, AdaptConfig::default());
-        assert_eq!(c.adapt.method, Method::Tent);
+        assert_eq!(c.adapt.method, Method::Auto);
+        let c = AdaptConfig::from_toml_str("[adapt]\nmethod = \"tent\"").unwrap();
         assert_eq!(c.adapt.norm_mode(), NormMode::Batch);
         assert_eq!(c.optimizer.kind, OptimizerKind::Sgd);
         assert_eq!(c.optimizer.lr, 0.00025);
@@ -702,7 +704,7 @@ eps = 1e-6
         assert_eq!(c.optimizer.betas, [0.8, 0.99]);
         assert_eq!(c.optimizer.weight_decay, 0.01);
         // Integers are accepted where floats are expected.
-        let c = AdaptConfig::from_toml_str("[optimizer]\nlr = 1\nmomentum = 0").unwrap();
+        let c = AdaptConfig::from_toml_str("[adapt]\nmethod = \"tent\"\n[optimizer]\nlr = 1\nmomentum = 0").unwrap();
         assert_eq!((c.optimizer.lr, c.optimizer.momentum), (1.0, 0.0));
     }
 
@@ -721,6 +723,7 @@ eps = 1e-6
     #[test]
     fn round_trips_through_toml() {
         let mut c = AdaptConfig::default();
+        c.adapt.method = Method::Tent;
         c.adapt.norm = Some(NormMode::Ema);
         c.adapt.exclude = vec!["head".into()];
         c.optimizer.kind = OptimizerKind::Adam;
@@ -794,9 +797,9 @@ eps = 1e-6
         for src in [
             "[adapt]\nnorm_alpha = 1.0",
             "[adapt]\nnorm_alpha = 0.0",
-            "[optimizer]\nnesterov = true",
-            "[optimizer]\nmomentum = 0.0",
-            "[optimizer]\nbetas = [0.0, 0.0]",
+            "[adapt]\nmethod = \"tent\"\n[optimizer]\nnesterov = true",
+            "[adapt]\nmethod = \"tent\"\n[optimizer]\nmomentum = 0.0",
+            "[adapt]\nmethod = \"tent\"\n[optimizer]\nbetas = [0.0, 0.0]",
         ] {
             AdaptConfig::from_toml_str(src).unwrap_or_else(|e| panic!("{src}: {e}"));
         }
@@ -907,7 +910,7 @@ eps = 1e-6
     #[test]
     fn default_preset_is_a_valid_config() {
         let c = AdaptConfig::from_toml_str(DEFAULT_PRESET).unwrap();
-        assert_eq!(c.adapt.method, Method::Eta);
+        assert_eq!(c.adapt.method, Method::Auto);
         assert!(c.preprocess.is_none());
     }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::bn::StatsMode;
 use super::config::{AdaptConfig, Method, NormMode};
 pub use super::error::AdaptError;
+use super::methods::auto::{self, Decision, Diagnostics};
 use super::methods::{self, AfterBatch, Host, Objective, eata, label_shift};
 use super::optim::OptimizerSpec;
 use super::state::{self, StateError};
@@ -60,6 +61,8 @@ pub struct Prediction {
     /// The output stage's probabilities [B, C] (LAME, label-shift corrections); `None`
     /// without one (the probabilities are then softmax(logits)).
     pub probs: Option<Tensor>,
+    /// Method `auto`: what it saw in the batch and what it decided.
+    pub auto: Option<Diagnostics>,
     /// The label-distribution estimate q̂ the batch was corrected with (label-shift modes).
     pub prior: Option<Vec<f32>>,
     /// The parameter guard refused this batch's update: a parameter, optimizer moment or
@@ -105,6 +108,18 @@ pub struct Session {
     after: Option<Box<dyn AfterBatch>>,
     /// The model's fingerprint (a hash of every weight), computed on first save or load.
     fingerprint: std::sync::OnceLock<String>,
+    /// Method `auto`'s second program family and decision state.
+    auto: Option<AutoState>,
+}
+
+/// Method `auto` (see [`methods::auto`]): the source-statistics programs with LAME smoothing its
+/// decisions come from, and the decision state.
+struct AutoState {
+    spec: StepSpec,
+    plans: HashMap<Vec<usize>, StepPlan>,
+    decision: Option<Decision>,
+    /// The model has BatchNormalization layers to adapt.
+    adapts: bool,
 }
 
 impl Session {
@@ -120,11 +135,14 @@ impl Session {
             NormMode::Alpha => StatsMode::Alpha { alpha: config.adapt.norm_alpha },
         };
         let def = method.def();
+        // auto on a model without BatchNormalization runs the source model (and its smoothing).
+        let plain = method == Method::Auto && bns.is_empty();
+        let (mode, norm) = if plain { (StatsMode::Source, NormMode::Source) } else { (mode, norm) };
         if bns.is_empty() && (!def.source_model() || norm != NormMode::Source) {
             return Err(AdaptError::NoBatchNorm(format!("{method:?}").to_lowercase()).into());
         }
         let mut adapted = Vec::new();
-        if method.updates_parameters() {
+        if method.updates_parameters() && !plain {
             for bn in &bns {
                 let inc = config.adapt.include.is_empty()
                     || config.adapt.include.iter().any(|s| bn.node.contains(s.as_str()));
@@ -142,10 +160,35 @@ impl Session {
                 .into());
             }
         }
-        let objective = def.objective(&config, graph)?;
+        let objective = if plain { None } else { def.objective(&config, graph)? };
         let output = super::output::OutputSpec::from_config(&config, graph)?.map(Arc::new);
-        let optimizer = OptimizerSpec::from_config(&config.optimizer);
-        let spec = StepSpec { mode, adapted, optimizer, objective, output };
+        let optimizer = match method {
+            Method::Auto => OptimizerSpec::from_config(&auto::optimizer(&config)),
+            _ => OptimizerSpec::from_config(&config.optimizer),
+        };
+        let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false };
+        let auto = if method == Method::Auto {
+            // LAME needs the input of a final Gemm/MatMul; a model without one is smoothed by
+            // nothing (its correlated batches are still kept from the batch statistics).
+            let smoothing = match Method::Lame.def().output_stage(&config, graph) {
+                Ok(stage) => stage.map(|s| Arc::new(super::output::OutputSpec { stages: vec![s], source_prior: None })),
+                Err(e) => {
+                    log::info!("method auto: no LAME smoothing for this model ({e})");
+                    None
+                }
+            };
+            let spec = StepSpec {
+                mode: StatsMode::Source,
+                adapted: Vec::new(),
+                optimizer: spec.optimizer.clone(),
+                objective: None,
+                output: smoothing,
+                source_affine: true,
+            };
+            Some(AutoState { spec, plans: HashMap::new(), decision: None, adapts: !plain })
+        } else {
+            None
+        };
         let after = def.after_batch(&config);
         let mut session = Session {
             ctx: ctx.clone(),
@@ -160,6 +203,7 @@ impl Session {
             steps_skipped: 0,
             after,
             fingerprint: std::sync::OnceLock::new(),
+            auto,
         };
         let config = session.config.clone();
         def.prepare(&mut session, &config)?;
@@ -229,7 +273,13 @@ impl Session {
 
     fn plan(&mut self, shape: &[usize]) -> Result<&StepPlan, AdaptError> {
         if !self.plans.contains_key(shape) {
-            let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, shape, &self.spec)?;
+            let mut spec = self.spec.clone();
+            if self.config.adapt.method == Method::Auto && !spec.adapted.is_empty() {
+                // auto's step: the source statistics weigh as a prior of `source_samples` samples.
+                let b = shape.first().copied().unwrap_or(1) as f32;
+                spec.mode = StatsMode::Alpha { alpha: b / (self.config.auto.source_samples + b) };
+            }
+            let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, shape, &spec)?;
             self.plans.insert(shape.to_vec(), p);
         }
         Ok(&self.plans[shape])
@@ -277,6 +327,7 @@ impl Session {
             probs: out.probs,
             prior: out.prior,
             skipped: out.skipped,
+            auto: None,
         })
     }
 
@@ -302,6 +353,11 @@ impl Session {
 
     /// Predicts `batch` and adapts on it; returns the pre-update prediction.
     pub fn step(&mut self, batch: &Tensor) -> crate::Result<Prediction> {
+        if let Some(mut state) = self.auto.take() {
+            let r = self.auto_step(&mut state, batch);
+            self.auto = Some(state);
+            return r;
+        }
         let data = self.check_batch(batch)?;
         // Build (and so validate) the plan before touching any state.
         self.plan(&batch.shape)?;
@@ -347,7 +403,90 @@ impl Session {
             probs: out.probs,
             prior: out.prior,
             skipped: skipped > 0,
+            auto: None,
         })
+    }
+
+    /// Method `auto`'s batch: the source-statistics prediction (LAME-smoothed) decides whether
+    /// the batch takes an ETA step with its own statistics (see [`methods::auto`]).
+    fn auto_step(&mut self, state: &mut AutoState, batch: &Tensor) -> crate::Result<Prediction> {
+        let data = self.check_batch(batch)?;
+        let shape = batch.shape.clone();
+        // Build (and so validate) both programs before touching any state.
+        if !state.plans.contains_key(&shape) {
+            let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &shape, &state.spec)?;
+            state.plans.insert(shape.clone(), p);
+        }
+        if state.adapts {
+            self.plan(&shape)?;
+        }
+        let a = state.plans[&shape].run_with(&self.ctx, data, true)?;
+        let c = a.logits.shape.last().copied().unwrap_or(1).max(1);
+        let source = auto::softmax(&a.logits.to_f32_vec(), c);
+        let section = self.config.auto.clone();
+        let decision = state.decision.get_or_insert_with(|| Decision::initial(c, section.prior_samples as f64));
+        if decision.marginal.len() != c {
+            *decision = Decision::initial(c, section.prior_samples as f64);
+        }
+        let rho = decision.observe(&source, &section);
+        let smooth = !state.adapts || !auto::stepped_branch(decision);
+        let (mut p, stepped) = if smooth {
+            let p = Prediction {
+                probs: if decision.judged && decision.correlated { a.probs } else { None },
+                logits: a.logits,
+                loss: None,
+                selected: None,
+                ema: None,
+                reset: false,
+                prior: None,
+                skipped: a.skipped,
+                auto: None,
+            };
+            (p, false)
+        } else {
+            let out = self.plans[&shape].run_with(&self.ctx, data, true)?;
+            self.steps_taken += out.stepped as u64;
+            if out.skipped {
+                self.steps_skipped += 1;
+                log::warn!(
+                    "the parameter guard skipped a step on a batch of shape {shape:?}: the update would have written NaN or infinity"
+                );
+            }
+            let p = Prediction {
+                logits: out.logits,
+                loss: out.loss,
+                selected: out.selected.map(|(samples, weights)| Selection { samples, weights }),
+                ema: None,
+                reset: false,
+                probs: out.probs,
+                prior: out.prior,
+                skipped: out.skipped,
+                auto: None,
+            };
+            (p, out.stepped)
+        };
+        let returned = match &p.probs {
+            Some(probs) => probs.to_f32_vec().chunks(c).map(|r| r.iter().map(|&v| v as f64).collect()).collect(),
+            None => auto::softmax(&p.logits.to_f32_vec(), c),
+        };
+        // The state continues from what its buffer holds (f32), so that a session loaded from a
+        // saved state decides exactly as the one that saved it.
+        let decision = Decision::from_buffer(&decision.to_buffer()).unwrap_or_else(|| decision.clone());
+        let diag = auto::diagnose(rho, &decision, stepped, &source, &returned, section.collapse_ratio);
+        if diag.reset && state.adapts {
+            log::warn!(
+                "method auto: the adapted predictions collapsed (mean entropy {:.3} of ln C against the source's {:.3}): back to the source parameters",
+                diag.mean_entropy,
+                diag.source_mean_entropy
+            );
+            self.reset()?;
+            p.reset = true;
+        }
+        self.write(auto::STATE, &decision.to_buffer());
+        self.ctx.queue.submit([]);
+        state.decision = Some(decision);
+        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, ..diag });
+        Ok(p)
     }
 
     /// Restores parameters, normalization statistics and optimizer state to the source model.
@@ -375,6 +514,27 @@ impl Session {
         }
         self.ctx.queue.submit([]);
         self.steps_taken = 0;
+        if let Some(state) = self.auto.as_mut() {
+            state.decision = None;
+        }
+        Ok(())
+    }
+
+    /// Method `auto`'s decision state as the store holds it (after a load or a reset).
+    fn sync_auto(&mut self) -> Result<(), AdaptError> {
+        if self.auto.is_none() {
+            return Ok(());
+        }
+        let decision = match self.store.get(auto::STATE) {
+            Some(_) => {
+                let v = self.read_named(&[auto::STATE.to_string()])?;
+                v.first().and_then(|(_, t)| Decision::from_buffer(&t.to_f32_vec()))
+            }
+            None => None,
+        };
+        if let Some(state) = self.auto.as_mut() {
+            state.decision = decision;
+        }
         Ok(())
     }
 
@@ -531,6 +691,7 @@ impl Session {
         }
         self.ctx.queue.submit([]);
         self.steps_taken = loaded.steps_taken;
+        self.sync_auto()?;
         Ok(())
     }
 

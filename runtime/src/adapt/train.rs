@@ -34,6 +34,9 @@ pub struct StepSpec {
     pub objective: Option<Arc<dyn Objective>>,
     /// LAME / label-shift stages after the forward pass ([`super::output`]).
     pub output: Option<Arc<super::output::OutputSpec>>,
+    /// Normalise with the source scale and bias instead of the adapted ones (the unadapted model
+    /// method `auto` judges the stream with).
+    pub source_affine: bool,
 }
 
 /// A compiled step for one input shape.
@@ -110,7 +113,8 @@ impl StepPlan {
         }
         let training = !spec.adapted.is_empty();
         let mut program = Program::default();
-        let mut hook = BnHook::new(spec.mode, training);
+        let mut hook = BnHook::new(spec.mode, training || spec.source_affine);
+        hook.source_affine = spec.source_affine;
         let fwd = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook)?;
         let (logits_v, logits_shape) = match fwd.outputs.first() {
             Some((_, GraphOutput::Value { id, shape })) => (*id, shape.clone()),

@@ -78,6 +78,9 @@ pub struct FrameResult {
     /// RBN statistics update) because it would have written NaN or infinity: the session is as
     /// it was before. Counted by [`StreamSession::skipped_steps`].
     pub skipped: bool,
+    /// Method `auto`: the diagnostics and decision of the batch (frame mode: of the window step
+    /// that ran with this frame).
+    pub auto: Option<crate::adapt::methods::auto::Diagnostics>,
 }
 
 impl FrameResult {
@@ -372,7 +375,7 @@ impl StreamSession {
             self.ring.pop_front();
         }
         let adapt_err = |e| StreamError::Adapt { first: index, last: index, source: Box::new(e) };
-        let (probs, adapted, loss, skipped) = if self.output_only() {
+        let (probs, adapted, loss, skipped, auto) = if self.output_only() {
             // LAME: the frame's prediction is its row of the output stage over the window.
             let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
             let batch = self.batch_tensor(&rows);
@@ -380,7 +383,7 @@ impl StreamSession {
             let probs = probabilities(&p);
             let c = probs.shape.last().copied().unwrap_or(1).max(1);
             let last = probs.to_f32_vec()[(rows.len() - 1) * c..rows.len() * c].to_vec();
-            (last, false, None, p.skipped)
+            (last, false, None, p.skipped, None)
         } else {
             let p = self.session.predict_with(&x, self.frame_norm()).map_err(adapt_err)?;
             let probs = probabilities(&p).to_f32_vec();
@@ -388,18 +391,21 @@ impl StreamSession {
             let mut adapted = false;
             let mut loss = None;
             let mut skipped = p.skipped;
+            let mut auto = None;
             if self.session.config().adapt.method.updates_parameters()
                 && self.since_step >= adapt_every
                 && self.ring.len() >= 2
             {
                 let step = self.step_on_window(index)?;
                 self.since_step = 0;
-                self.steps += 1;
-                adapted = true;
+                // auto decides per window whether a gradient step runs.
+                adapted = step.auto.as_ref().is_none_or(|d| d.stepped);
+                self.steps += adapted as u64;
                 loss = step.loss;
                 skipped |= step.skipped;
+                auto = step.auto;
             }
-            (probs, adapted, loss, skipped)
+            (probs, adapted, loss, skipped, auto)
         };
         Ok(FrameResult {
             index,
@@ -410,6 +416,7 @@ impl StreamSession {
             adapted,
             loss,
             skipped,
+            auto,
         })
     }
 
@@ -453,7 +460,10 @@ impl StreamSession {
         let x = self.batch_tensor(&rows);
         let source = self.source_top(&x)?;
         let p = self.session.step(&x).map_err(|e| StreamError::Adapt { first, last, source: Box::new(e) })?;
-        let adapted = self.session.config().adapt.method.updates_parameters();
+        let adapted = match &p.auto {
+            Some(d) => d.stepped,
+            None => self.session.config().adapt.method.updates_parameters(),
+        };
         if adapted {
             self.steps += 1;
         }
@@ -472,6 +482,7 @@ impl StreamSession {
                 adapted,
                 loss: p.loss,
                 skipped: p.skipped,
+                auto: p.auto.clone(),
             })
             .collect())
     }

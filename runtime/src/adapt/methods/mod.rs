@@ -32,6 +32,7 @@
 //! nothing, so that no other method changes.
 
 pub mod adapter;
+pub mod auto;
 pub mod eata;
 pub mod label_shift;
 pub mod lame;
@@ -92,6 +93,9 @@ macro_rules! registry {
                 /// ROID (Marsden et al. 2024): certainty- and diversity-weighted soft likelihood ratio,
                 /// weight ensembling toward the source, prior-corrected outputs.
                 Roid = 10, "roid", $crate::adapt::methods::roid::ROID;
+                /// The default: per batch, from the stream's label correlation, an ETA step on the batch's
+                /// statistics or LAME over the source statistics; a reset on collapse (see [`auto`]).
+                Auto = 11, "auto", $crate::adapt::methods::auto::AUTO;
             }
             sections {
                 /// `[eata]`: ETA and EATA (and eata+woc).
@@ -104,6 +108,8 @@ macro_rules! registry {
                 lame: $crate::adapt::methods::lame::LameSection,
                 /// `[roid]`.
                 roid: $crate::adapt::methods::roid::RoidSection,
+                /// `[auto]`.
+                auto: $crate::adapt::methods::auto::AutoSection,
                 /// `[label_shift]`: a correction of any method's output probabilities.
                 label_shift: $crate::adapt::methods::label_shift::LabelShiftSection,
             }

@@ -1,0 +1,168 @@
+//! Method `auto` against its PyTorch reference (`tools/auto_reference.py`, fixtures
+//! `tests/fixtures/tta/tiny_auto{,_reset}`): per batch the decision (label-correlation score,
+//! smoothed score, correlated, stepped, reset), the returned logits and LAME probabilities, the
+//! selection and every adapted parameter, within 1e-4 relative as the other methods' references.
+//! Also: the default config is `auto`, it runs on a model without BatchNormalization, and its
+//! decision state survives a save and load.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use acclimate::adapt::config::{AdaptConfig, Method};
+use acclimate::adapt::session::Session;
+use acclimate::npy::{batch_files, read_f32};
+use acclimate::{GpuContext, Model, Tensor};
+use acclimate_test_macros::gpu_test;
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    common::repo_root().join("tests/fixtures/tta").join(name)
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap()],
+        other => panic!("unexpected JSON {other}"),
+    }
+}
+
+fn check_close(what: &str, got: &[f64], want: &[f64], errors: &mut Vec<String>) {
+    if got.len() != want.len() {
+        errors.push(format!("{what}: {} values, expected {}", got.len(), want.len()));
+        return;
+    }
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-2);
+    let err = got.iter().zip(want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    if !(err / scale <= 1e-4 || err <= 1e-6) {
+        errors.push(format!("{what}: max error {err:.3e} ({:.3e} relative)", err / scale));
+    }
+}
+
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_f32_vec().iter().map(|&v| v as f64).collect()
+}
+
+fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
+    assert_eq!(cfg.adapt.method, Method::Auto);
+    let mut session = Session::new(ctx, Model::load(&dir.join("model.onnx")).unwrap(), cfg).unwrap();
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let want = want["steps"].as_array().unwrap();
+    let files = batch_files(&dir.join("batches")).unwrap();
+    assert_eq!(files.len(), want.len());
+    let mut errors = Vec::new();
+    for (i, (f, w)) in files.iter().zip(want).enumerate() {
+        let p = session.step(&read_f32(f).unwrap()).unwrap();
+        let d = p.auto.clone().expect("auto reports its diagnostics");
+        match (&w["rho"], d.label_correlation) {
+            (Value::Null, None) => {}
+            (Value::Number(r), Some(ours)) => {
+                check_close(&format!("batch {i} rho"), &[ours as f64], &[r.as_f64().unwrap()], &mut errors)
+            }
+            (r, ours) => errors.push(format!("batch {i}: rho {ours:?}, reference {r}")),
+        }
+        check_close(
+            &format!("batch {i} smoothed rho"),
+            &[d.label_correlation_smoothed as f64],
+            &[w["smoothed"].as_f64().unwrap()],
+            &mut errors,
+        );
+        for (what, ours, theirs) in [
+            ("correlated", d.correlated, &w["correlated"]),
+            ("stepped", d.stepped, &w["stepped"]),
+            ("reset", d.reset, &w["reset"]),
+        ] {
+            if Value::Bool(ours) != *theirs {
+                errors.push(format!("batch {i}: {what} {ours}, reference {theirs}"));
+            }
+        }
+        check_close(&format!("batch {i} logits"), &f64s(&p.logits), &floats(&w["logits"]), &mut errors);
+        match (&p.probs, &w["probs"]) {
+            (None, Value::Null) => {}
+            (Some(t), v @ Value::Array(_)) => check_close(&format!("batch {i} probs"), &f64s(t), &floats(v), &mut errors),
+            (ours, theirs) => errors.push(format!("batch {i}: probs {:?} vs reference {theirs}", ours.is_some())),
+        }
+        let selected: Option<Vec<usize>> = p.selected.as_ref().map(|s| s.samples.clone());
+        let want_sel: Option<Vec<usize>> =
+            w["selected"].as_array().map(|a| a.iter().map(|v| v.as_u64().unwrap() as usize).collect());
+        if selected != want_sel {
+            errors.push(format!("batch {i}: selected {selected:?}, reference {want_sel:?}"));
+        }
+        for (name, t) in session.parameters().unwrap() {
+            check_close(&format!("batch {i} param {name}"), &f64s(&t), &floats(&w["params"][&name]), &mut errors);
+        }
+    }
+    errors
+}
+
+#[gpu_test]
+fn auto_matches_the_pytorch_reference(ctx: GpuContext) {
+    let errors = run_fixture(&ctx, &fixture("tiny_auto"));
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+#[gpu_test]
+fn auto_collapse_reset_matches_the_pytorch_reference(ctx: GpuContext) {
+    let errors = run_fixture(&ctx, &fixture("tiny_auto_reset"));
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+#[test]
+fn default_config_is_auto() {
+    assert_eq!(AdaptConfig::default().adapt.method, Method::Auto);
+    assert_eq!(AdaptConfig::from_toml_str("").unwrap().adapt.method, Method::Auto);
+    // auto chooses its optimizer and statistics: a config that sets them is refused, naming why.
+    let e = AdaptConfig::from_toml_str("[optimizer]\nlr = 0.1").unwrap_err().to_string();
+    assert!(e.contains("auto.lr"), "{e}");
+    let e = AdaptConfig::from_toml_str("[adapt]\nnorm = \"source\"").unwrap_err().to_string();
+    assert!(e.contains("adapt.norm"), "{e}");
+}
+
+/// The MNIST network has no BatchNormalization: auto runs the source model (every other
+/// adapting method refuses such a model).
+#[gpu_test]
+fn auto_runs_the_source_model_without_batch_norm(ctx: GpuContext) {
+    let model = Model::load(&common::asset("mnist.onnx")).unwrap();
+    assert!(model.batch_norms().is_empty());
+    let shape: Vec<usize> = model.input_shape().iter().map(|d| d.unwrap_or(20)).collect();
+    let n: usize = shape.iter().product();
+    let x = Tensor::f32(shape.clone(), (0..n).map(|i| ((i * 37) % 101) as f32 / 101.0).collect());
+    let mut session = Session::new(&ctx, model.clone(), AdaptConfig::default()).unwrap();
+    let p = session.step(&x).unwrap();
+    let mut engine = acclimate::Engine::new(&ctx, model);
+    let want = engine.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    let d = p.auto.expect("diagnostics");
+    assert!(!d.stepped);
+    if p.probs.is_none() {
+        let err = f64s(&p.logits).iter().zip(f64s(&want)).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-4, "auto without BatchNorm differs from the source model by {err}");
+    }
+    assert_eq!(session.steps_taken(), 0);
+}
+
+/// Regression: the decision state (marginal, smoothed score) is part of the saved state, so a
+/// loaded session decides the next batch as the one that saved it.
+#[gpu_test]
+fn auto_decision_state_survives_save_and_load(ctx: GpuContext) {
+    let dir = fixture("tiny_auto");
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).unwrap();
+    let model = Model::load(&dir.join("model.onnx")).unwrap();
+    let files = batch_files(&dir.join("batches")).unwrap();
+    let mut a = Session::new(&ctx, model.clone(), cfg.clone()).unwrap();
+    for f in &files[..4] {
+        a.step(&read_f32(f).unwrap()).unwrap();
+    }
+    let tmp = std::env::temp_dir().join(format!("acclimate-auto-state-{}.safetensors", std::process::id()));
+    a.save_state(&tmp).unwrap();
+    let mut b = Session::new(&ctx, model, cfg).unwrap();
+    b.load_state(&tmp).unwrap();
+    let _ = std::fs::remove_file(&tmp);
+    for f in &files[4..] {
+        let x = read_f32(f).unwrap();
+        let (pa, pb) = (a.step(&x).unwrap(), b.step(&x).unwrap());
+        assert_eq!(pa.auto, pb.auto, "{}", f.display());
+        assert_eq!(pa.logits.to_f32_vec(), pb.logits.to_f32_vec());
+    }
+}

@@ -1,0 +1,437 @@
+//! `auto`: the default method. It decides per batch, from what the stream shows and without ever
+//! seeing a label, how much to adapt:
+//!
+//! 1. Every batch (frame mode: every window a step is due on) is first predicted by the
+//!    **source model** (source statistics and source BatchNorm parameters, whatever was adapted
+//!    since), with LAME's Laplacian smoothing over the batch's features as the output stage (one
+//!    GPU submission). Judging the stream with the unadapted model keeps the judgement
+//!    independent of what adaptation did. From those predictions:
+//!    - the **label-correlation score** ρ = max(0, (Ĥ − H_b)/Ĥ): H_b is the entropy of the
+//!      batch's top-1 histogram, Ĥ the entropy an i.i.d. batch of the same size would show if
+//!      drawn from the long-run top-1 marginal of the source predictions (that marginal's entropy
+//!      less the Miller–Madow bias (k − 1)/2B; the marginal starts as `prior_samples` uniform
+//!      pseudo-counts). A batch of one class has ρ near 1, an i.i.d. batch near 0 (measured
+//!      on SVHN→MNIST: 90th percentile 0.08 on the i.i.d. test order, median 0.54 on the
+//!      Dirichlet-0.1 order). ρ is smoothed over batches with `correlation_momentum`.
+//!    - **agreement with the source statistics**, the returned predictions' **collapse** (the
+//!      entropy of their mean, relative to the source's) and the share of their top class.
+//! 2. **Labels correlated** (smoothed ρ > `correlation_threshold`): the batch statistics would
+//!    normalise one class as if it were the whole distribution (−10 points for every
+//!    batch-statistics method on the correlated order, docs/accuracy.md), so no statistics are
+//!    taken from the batch and no gradient step runs: the source model's LAME-smoothed
+//!    prediction is returned (LAME's own behaviour, its best case: +18 points there).
+//! 3. **Otherwise** the batch takes an ETA step (reliable, non-redundant samples, entropy weights;
+//!    Adam at `lr`, ε = `d_margin`, E0 = 0.4·ln C) and its pre-update prediction is returned:
+//!    the preset that did best on every i.i.d. row. It normalises with source-anchored
+//!    statistics: the source's weigh as a prior of `source_samples` samples, so a batch of B
+//!    contributes α = B/(N + B) of its own (BN-α with the unbiased variance; 0.1 at B = 64).
+//!    Batch statistics alone cost this network 3 points before adaptation pays; α = 0.1 gains
+//!    from the first batches (docs/accuracy.md).
+//! 4. **Collapse**: when the adapted predictions' mean has less than `collapse_ratio` of the
+//!    source predictions' mean entropy on a batch that is not label-correlated, the parameters
+//!    and optimizer return to the source (the statistics of the stream are kept).
+//!
+//! A model without BatchNormalization has nothing to adapt: `auto` then runs the source model,
+//! with the LAME smoothing when labels are correlated. The decision state (marginal, smoothed ρ)
+//! lives in the persistent buffer [`STATE`], saved and loaded with the session's state.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::eata::{EataObjective, EataSpec};
+use super::{AdaptMethod, Objective, Section, entropy_margin};
+use crate::adapt::config::{AdaptConfig, Invalid, NormMode, OptimizerConfig, OptimizerKind};
+use crate::adapt::error::AdaptError;
+use crate::ir::Graph;
+
+/// The persistent decision state: [pseudo-count, smoothed ρ, correlated (0/1), judged (0/1),
+/// marginal (C)].
+pub const STATE: &str = "auto:state";
+
+/// A batch smaller than this tells nothing about its label distribution: ρ keeps its value. Until
+/// a batch this large was judged, `auto` takes no step (the source model predicts): the first
+/// small batches cannot show whether their labels are correlated.
+pub const MIN_CORRELATION_BATCH: usize = 16;
+
+/// The `[auto]` section.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoSection {
+    /// Adam's learning rate of the ETA step.
+    pub lr: f64,
+    /// ETA's entropy threshold E0 (absolute); `None`: 0.4·ln C.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub e_margin: Option<f32>,
+    /// ε of ETA's redundancy filter.
+    pub d_margin: f32,
+    /// The weight of the source statistics in the step's normalisation, as a prior of this many
+    /// samples: a batch of B normalises with B/(N + B) of its own statistics (BN-α).
+    pub source_samples: f32,
+    /// The smoothed label-correlation score above which no step runs and LAME smooths the
+    /// source-statistics prediction.
+    pub correlation_threshold: f32,
+    /// ρ ← m·ρ + (1 − m)·ρ_batch.
+    pub correlation_momentum: f32,
+    /// Uniform pseudo-predictions the long-run marginal starts with.
+    pub prior_samples: f32,
+    /// Reset to the source when the adapted predictions' mean entropy falls below this share of
+    /// the source predictions'.
+    pub collapse_ratio: f32,
+}
+
+impl Default for AutoSection {
+    fn default() -> Self {
+        AutoSection {
+            lr: 5e-3,
+            e_margin: None,
+            d_margin: 0.4,
+            source_samples: 576.0,
+            correlation_threshold: 0.2,
+            correlation_momentum: 0.5,
+            prior_samples: 128.0,
+            collapse_ratio: 0.35,
+        }
+    }
+}
+
+impl Section for AutoSection {
+    fn validate(&self) -> Result<(), Invalid> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Invalid::new("auto.lr", self.lr, "must be a finite number > 0"));
+        }
+        if let Some(e) = self.e_margin
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(Invalid::new("auto.e_margin", e, "must be a finite number > 0"));
+        }
+        if !(self.d_margin.is_finite() && self.d_margin > 0.0) {
+            return Err(Invalid::new("auto.d_margin", self.d_margin, "must be a finite number > 0"));
+        }
+        for (key, v) in [
+            ("auto.correlation_threshold", self.correlation_threshold),
+            ("auto.correlation_momentum", self.correlation_momentum),
+            ("auto.collapse_ratio", self.collapse_ratio),
+        ] {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                return Err(Invalid::new(key, v, "must be in [0, 1]"));
+            }
+        }
+        if !(self.source_samples.is_finite() && self.source_samples >= 0.0) {
+            return Err(Invalid::new("auto.source_samples", self.source_samples, "must be a finite number >= 0"));
+        }
+        if !(self.prior_samples.is_finite() && self.prior_samples > 0.0) {
+            return Err(Invalid::new("auto.prior_samples", self.prior_samples, "must be a finite number > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// The optimizer `auto` steps with.
+pub fn optimizer(config: &AdaptConfig) -> OptimizerConfig {
+    OptimizerConfig { kind: OptimizerKind::Adam, lr: config.auto.lr, ..OptimizerConfig::default() }
+}
+
+pub(crate) struct Auto;
+
+pub(crate) static AUTO: Auto = Auto;
+
+impl AdaptMethod for Auto {
+    fn default_norm(&self) -> NormMode {
+        NormMode::Batch
+    }
+
+    fn updates_parameters(&self) -> bool {
+        true
+    }
+
+    fn source_model(&self) -> bool {
+        true
+    }
+
+    fn validate(&self, config: &AdaptConfig) -> Result<(), Invalid> {
+        if config.optimizer != OptimizerConfig::default() {
+            return Err(Invalid::new(
+                "optimizer",
+                "(set)",
+                "method auto steps with Adam at auto.lr: set [auto] lr, or choose a method to set [optimizer]",
+            ));
+        }
+        if config.adapt.norm.is_some() {
+            return Err(Invalid::new(
+                "adapt.norm",
+                config.adapt.norm_mode(),
+                "method auto chooses the statistics per batch: remove adapt.norm",
+            ));
+        }
+        if config.adapt.steps != 1 || config.adapt.episodic {
+            return Err(Invalid::new(
+                "adapt.steps",
+                config.adapt.steps,
+                "method auto takes at most one step per batch and is not episodic",
+            ));
+        }
+        Ok(())
+    }
+
+    fn objective(&self, config: &AdaptConfig, graph: &Graph) -> Result<Option<Arc<dyn Objective>>, AdaptError> {
+        let spec = EataSpec {
+            e_margin: entropy_margin(config.auto.e_margin, graph)?,
+            d_margin: config.auto.d_margin,
+            fisher_alpha: 0.0,
+            woc: false,
+        };
+        Ok(Some(Arc::new(EataObjective(spec))))
+    }
+
+    fn state_prefixes(&self) -> &'static [&'static str] {
+        // ETA's moving average m is part of the step's state.
+        &["auto:", "eata:"]
+    }
+
+    fn reset_value(&self, name: &str, len: usize) -> Option<Vec<f32>> {
+        (name == STATE).then(|| Decision::initial(len.saturating_sub(4), 1.0).to_buffer())
+    }
+}
+
+/// What `auto` saw in a batch and what it decided.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Diagnostics {
+    /// The batch's label-correlation score ρ ∈ [0, 1] (`None`: batch too small to tell).
+    pub label_correlation: Option<f32>,
+    /// ρ smoothed over batches: the score the decision compares with the threshold.
+    pub label_correlation_smoothed: f32,
+    /// Labels judged correlated: no step, LAME-smoothed source-statistics prediction.
+    pub correlated: bool,
+    /// No batch large enough to judge the labels yet: no step, the source model's prediction.
+    pub unjudged: bool,
+    /// A gradient step updated the parameters on this batch.
+    pub stepped: bool,
+    /// Share of the batch whose returned top-1 equals the source-statistics prediction's.
+    pub source_agreement: f32,
+    /// Entropy of the returned predictions' mean, over ln C (1: spread over every class).
+    pub mean_entropy: f32,
+    /// The source-statistics predictions' mean entropy, over ln C.
+    pub source_mean_entropy: f32,
+    /// Share of the batch in its most frequent returned class.
+    pub top_share: f32,
+    /// The returned predictions collapsed against the source's: the session was reset.
+    pub reset: bool,
+}
+
+/// `auto`'s host-side decision state, mirrored in [`STATE`] so that a saved state carries it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Top-1 counts of the source model's predictions so far (plus the uniform prior).
+    pub marginal: Vec<f64>,
+    pub count: f64,
+    pub smoothed: f64,
+    pub correlated: bool,
+    /// A batch of at least [`MIN_CORRELATION_BATCH`] was judged.
+    pub judged: bool,
+}
+
+fn entropy(p: &[f64]) -> f64 {
+    -p.iter().filter(|&&v| v > 0.0).map(|&v| v * v.ln()).sum::<f64>()
+}
+
+/// Row-wise softmax of `logits` [B, C] in f64.
+pub fn softmax(logits: &[f32], c: usize) -> Vec<Vec<f64>> {
+    logits
+        .chunks(c)
+        .map(|row| {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / s).collect()
+        })
+        .collect()
+}
+
+/// First index of the largest value (the stream's top-1 convention).
+pub fn argmax(row: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Entropy of the mean of `rows`, over ln C.
+fn mean_entropy(rows: &[Vec<f64>], c: usize) -> f64 {
+    let mut mean = vec![0.0; c];
+    for r in rows {
+        for (m, v) in mean.iter_mut().zip(r) {
+            *m += v / rows.len() as f64;
+        }
+    }
+    if c > 1 { entropy(&mean) / (c as f64).ln() } else { 1.0 }
+}
+
+/// Whether the batch went to the ETA step (its returned predictions are the adapted model's).
+pub fn stepped_branch(decision: &Decision) -> bool {
+    decision.judged && !decision.correlated
+}
+
+impl Decision {
+    /// The state before any batch: `prior` uniform pseudo-predictions over `classes`.
+    pub fn initial(classes: usize, prior: f64) -> Decision {
+        let c = classes.max(1);
+        Decision { marginal: vec![prior / c as f64; c], count: prior, smoothed: 0.0, correlated: false, judged: false }
+    }
+
+    pub fn to_buffer(&self) -> Vec<f32> {
+        let mut v =
+            vec![self.count as f32, self.smoothed as f32, self.correlated as u8 as f32, self.judged as u8 as f32];
+        v.extend(self.marginal.iter().map(|&m| m as f32));
+        v
+    }
+
+    /// The state a buffer written by [`Decision::to_buffer`] holds (`None`: not one).
+    pub fn from_buffer(v: &[f32]) -> Option<Decision> {
+        if v.len() < 5 || v.iter().any(|x| !x.is_finite()) || v[0] <= 0.0 {
+            return None;
+        }
+        Some(Decision {
+            count: v[0] as f64,
+            smoothed: v[1] as f64,
+            correlated: v[2] >= 0.5,
+            judged: v[3] >= 0.5,
+            marginal: v[4..].iter().map(|&m| m as f64).collect(),
+        })
+    }
+
+    /// The label-correlation score of a batch with source-statistics probabilities `probs`
+    /// against the marginal so far (`None` below [`MIN_CORRELATION_BATCH`]).
+    pub fn correlation(&self, probs: &[Vec<f64>]) -> Option<f64> {
+        let (b, c) = (probs.len(), self.marginal.len());
+        if b < MIN_CORRELATION_BATCH {
+            return None;
+        }
+        let mut hist = vec![0.0; c];
+        for r in probs {
+            hist[argmax(r)] += 1.0 / b as f64;
+        }
+        let reference: Vec<f64> = self.marginal.iter().map(|m| m / self.count).collect();
+        let k = reference.iter().filter(|&&v| v > 1e-3).count().max(1) as f64;
+        let expected = (entropy(&reference) - (k - 1.0) / (2.0 * b as f64)).max(1e-6);
+        Some(((expected - entropy(&hist)) / expected).clamp(0.0, 1.0))
+    }
+
+    /// Takes a batch's source-statistics probabilities into account: ρ, its smoothed value, the
+    /// decision, then the marginal. Returns the batch's ρ.
+    pub fn observe(&mut self, probs: &[Vec<f64>], section: &AutoSection) -> Option<f64> {
+        let rho = self.correlation(probs);
+        if let Some(r) = rho {
+            let m = section.correlation_momentum as f64;
+            self.smoothed = m * self.smoothed + (1.0 - m) * r;
+            self.correlated = self.smoothed > section.correlation_threshold as f64;
+            self.judged = true;
+        }
+        // Top-1 counts, as the batch's histogram is: the entropy of averaged soft probabilities is
+        // systematically higher than a histogram's and would read every batch as concentrated.
+        for r in probs {
+            if let Some(m) = self.marginal.get_mut(argmax(r)) {
+                *m += 1.0;
+            }
+        }
+        self.count += probs.len() as f64;
+        rho
+    }
+}
+
+/// The diagnostics of a batch whose returned probabilities are `returned` and whose
+/// source-statistics probabilities are `source`.
+pub fn diagnose(
+    rho: Option<f64>,
+    decision: &Decision,
+    stepped: bool,
+    source: &[Vec<f64>],
+    returned: &[Vec<f64>],
+    collapse_ratio: f32,
+) -> Diagnostics {
+    let c = decision.marginal.len();
+    let b = returned.len().max(1);
+    let agree = source.iter().zip(returned).filter(|(s, r)| argmax(s) == argmax(r)).count();
+    let mut counts = vec![0usize; c];
+    for r in returned {
+        counts[argmax(r).min(c - 1)] += 1;
+    }
+    let (h, hs) = (mean_entropy(returned, c), mean_entropy(source, c));
+    let reset = stepped_branch(decision) && h < collapse_ratio as f64 * hs;
+    Diagnostics {
+        label_correlation: rho.map(|r| r as f32),
+        label_correlation_smoothed: decision.smoothed as f32,
+        correlated: decision.correlated,
+        unjudged: !decision.judged,
+        stepped,
+        source_agreement: agree as f32 / b as f32,
+        mean_entropy: h as f32,
+        source_mean_entropy: hs as f32,
+        top_share: counts.iter().max().copied().unwrap_or(0) as f32 / b as f32,
+        reset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_hot(classes: &[usize], c: usize) -> Vec<Vec<f64>> {
+        classes
+            .iter()
+            .map(|&k| (0..c).map(|i| if i == k { 0.91 } else { 0.01 }).collect())
+            .collect()
+    }
+
+    #[test]
+    fn correlation_separates_one_class_batches_from_balanced_ones() {
+        let d = Decision::initial(10, 128.0);
+        let balanced: Vec<usize> = (0..64).map(|i| i % 10).collect();
+        let rho = d.correlation(&one_hot(&balanced, 10)).unwrap();
+        assert!(rho < 0.05, "balanced batch: {rho}");
+        let rho = d.correlation(&one_hot(&[3; 64], 10)).unwrap();
+        assert!(rho > 0.95, "one class: {rho}");
+        assert_eq!(d.correlation(&one_hot(&[3; 8], 10)), None);
+    }
+
+    #[test]
+    fn a_collapsed_marginal_does_not_look_correlated() {
+        // A model that predicts two classes on a whole i.i.d. stream (heavy blur): the marginal
+        // learns it, so a batch with the same two classes is not label-correlated.
+        let section = AutoSection::default();
+        let mut d = Decision::initial(10, 128.0);
+        let two: Vec<usize> = (0..64).map(|i| if i % 3 == 0 { 1 } else { 7 }).collect();
+        for _ in 0..40 {
+            d.observe(&one_hot(&two, 10), &section);
+        }
+        assert!(!d.correlated, "smoothed {}", d.smoothed);
+    }
+
+    #[test]
+    fn state_buffer_round_trips() {
+        let mut d = Decision::initial(4, 128.0);
+        d.observe(&one_hot(&[1; 20], 4), &AutoSection::default());
+        let back = Decision::from_buffer(&d.to_buffer()).unwrap();
+        assert_eq!(back.correlated, d.correlated);
+        assert!((back.smoothed - d.smoothed).abs() < 1e-6);
+        assert!((back.count - d.count).abs() < 1e-3);
+        assert!(back.judged);
+        assert_eq!(Decision::from_buffer(&[0.0, 0.0, 0.0, 0.0, 1.0]), None);
+        assert_eq!(Decision::from_buffer(&[f32::NAN, 0.0, 0.0, 0.0, 1.0]), None);
+    }
+
+    #[test]
+    fn collapse_is_judged_against_the_source() {
+        let mut d = Decision::initial(10, 128.0);
+        d.judged = true;
+        let src = one_hot(&(0..64).map(|i| i % 10).collect::<Vec<_>>(), 10);
+        let collapsed = one_hot(&[4; 64], 10);
+        let diag = diagnose(Some(0.0), &d, true, &src, &collapsed, 0.35);
+        assert!(diag.reset && diag.top_share == 1.0 && diag.source_agreement < 0.2);
+        let diag = diagnose(Some(0.0), &d, true, &src, &src, 0.35);
+        assert!(!diag.reset && diag.source_agreement == 1.0);
+    }
+}

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""PyTorch reference of method `auto` (runtime/src/adapt/methods/auto.rs), its fixtures, and its
+accuracy on the SVHN->MNIST sets (docs/accuracy.md).
+
+Per batch, as the runtime does it:
+  1. the source model (source statistics, source BN parameters) -> source logits z_s;
+     LAME (tools/tta_output.py, the [lame] defaults) over the input of the final Gemm -> p_lame;
+  2. rho = max(0, (H_exp - H(hist)) / H_exp), hist the batch's top-1 histogram of softmax(z_s),
+     H_exp = H(r) - (k - 1) / 2B with r the top-1 marginal so far (prior_samples uniform
+     pseudo-counts plus the source model's top-1 counts), k = #{r > 1e-3};
+     none below 16 samples; rho_s <- m rho_s + (1 - m) rho; correlated = rho_s > threshold;
+     then the marginal takes the batch; until a batch of 16 was judged: the source model's
+     prediction, no step;
+  3. correlated: return z_s and p_lame, no step; otherwise an ETA step (BN-alpha statistics with
+     alpha = B / (source_samples + B), the unbiased batch variance; Adam at
+     lr, E0, d_margin; tools/tta_reference.py run_eata's rules) returning its pre-update logits;
+  4. collapse: when not correlated and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
+     parameters and optimizer return to the source (the decision state stays).
+
+    python tools/auto_reference.py --fixtures tests/fixtures/tta      # tiny_auto, tiny_auto_reset
+    python tools/auto_reference.py --accuracy                          # needs assets/accuracy/
+"""
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_torch import OnnxTorch  # noqa: E402
+import tta_output  # noqa: E402
+import tta_reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "correlation_threshold": 0.2, "correlation_momentum": 0.5,
+            "prior_samples": 128.0, "collapse_ratio": 0.35}
+MIN_BATCH = 16
+
+
+def entropy(p):
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def mean_entropy(p):
+    c = p.shape[1]
+    return entropy(p.double().mean(0)) / math.log(c) if c > 1 else 1.0
+
+
+def run_auto(model_path, cfg, batches):
+    a = {**DEFAULTS, **cfg.get("auto", {})}
+    proto = onnx.load(str(model_path))
+    feats_name = tta_output.features_name(proto, "auto")
+    net = OnnxTorch(model_path, "source", 0.05, 0.1, adapted=lambda name: True)
+    params = dict(net.adapted_parameters())
+    source_params = {k: p.detach().clone() for k, p in params.items()}
+    opt_cfg = {"kind": "adam", "lr": a["lr"], "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+               "momentum": 0.9, "dampening": 0.0, "nesterov": False}
+    opt = tta_reference.make_optimizer(list(params.values()), opt_cfg)
+    c = None
+    marg, count, smoothed, correlated, judged = None, float(a["prior_samples"]), 0.0, False, False
+    m = None
+    steps = []
+    for xb in batches:
+        x = torch.tensor(xb)
+        b = x.shape[0]
+        net.norm, net.use_source = "source", True
+        with torch.no_grad():
+            zs = net(x)
+            feats = tta_output.tensor_of(net, xb, feats_name)
+        net.use_source = False
+        c = zs.shape[1]
+        if marg is None:
+            marg = torch.full((c,), a["prior_samples"] / c, dtype=torch.float64)
+        ps = zs.double().softmax(1)
+        p_lame, _, _ = tta_output.lame(zs.softmax(1), feats, tta_output.LAME_DEFAULTS)
+        rho = None
+        if b >= MIN_BATCH:
+            hist = torch.bincount(ps.argmax(1), minlength=c).double() / b
+            ref = marg / count
+            k = max(int((ref > 1e-3).sum()), 1)
+            expected = max(entropy(ref) - (k - 1) / (2 * b), 1e-6)
+            rho = min(max((expected - entropy(hist)) / expected, 0.0), 1.0)
+            smoothed = a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho
+            correlated = smoothed > a["correlation_threshold"]
+            judged = True
+        marg += torch.bincount(ps.argmax(1), minlength=c).double()
+        count += b
+        rec = {"source_logits": tta_reference.f32(zs), "rho": rho, "smoothed": smoothed, "correlated": correlated,
+               "unjudged": not judged}
+        if not judged:
+            rec.update(logits=tta_reference.f32(zs), stepped=False)
+            returned = ps
+        elif correlated:
+            rec.update(logits=tta_reference.f32(zs), probs=tta_reference.f32(p_lame), stepped=False)
+            returned = p_lame.double()
+        else:
+            net.norm, net.alpha = "alpha", b / (a["source_samples"] + b)
+            z = net(x)
+            e0 = a.get("e_margin", 0.4 * math.log(c))
+            ent = tta_reference.entropy(z)
+            ids1 = torch.where(ent < e0)[0]
+            if m is not None and len(ids1) > 0:
+                cos = F.cosine_similarity(m.unsqueeze(0), z[ids1].softmax(1), dim=1)
+                sel = ids1[torch.where(cos.abs() < a["d_margin"])[0]]
+            else:
+                sel = ids1
+            if len(sel) > 0:
+                new_p = z[sel].softmax(1).detach()
+                m = new_p.mean(0) if m is None else 0.9 * m + 0.1 * new_p.mean(0)
+                w = torch.exp(e0 - ent[sel].detach())
+                loss = (ent[sel] * w).mean(0)
+                loss.backward()
+                opt.step()
+            opt.zero_grad()
+            rec.update(logits=tta_reference.f32(z), stepped=len(sel) > 0, selected=[int(i) for i in sel])
+            returned = z.detach().double().softmax(1)
+        reset = judged and (not correlated) and mean_entropy(returned) < a["collapse_ratio"] * mean_entropy(ps)
+        if reset:
+            with torch.no_grad():
+                for k_, p in params.items():
+                    p.copy_(source_params[k_])
+            opt = tta_reference.make_optimizer(list(params.values()), opt_cfg)
+            m = None
+        rec["reset"] = reset
+        rec["params"] = {k_: tta_reference.f32(p) for k_, p in params.items()}
+        steps.append(rec)
+    return {"steps": steps}
+
+
+def fixtures(out):
+    """tiny_auto: mixed batches, then batches of one source class (the decision turns to
+    correlated and back); tiny_auto_reset: collapse_ratio 1, so an adapted batch whose mean
+    prediction is less spread than the source's resets."""
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = out / "_tiny_auto.onnx"
+    tta_reference.tiny_model(tiny, seed=5)  # a seed whose model predicts several classes
+    rng = np.random.default_rng(7)
+    pool = (rng.normal(0, 1, (600, 3, 8, 8)) * 2 + rng.normal(0, 2, (600, 3, 1, 1))).astype(np.float32)
+    with torch.no_grad():
+        top = OnnxTorch(tiny, "source")(torch.tensor(pool)).argmax(1).numpy()
+    one = pool[top == 4]
+    mixed = pool
+    b = 20
+    assert len(one) >= 3 * b and len(mixed) >= 4 * b, np.bincount(top)
+    batches = [mixed[4 * b:4 * b + 8], mixed[0:b], mixed[b:2 * b], one[0:b], one[b:2 * b], one[2 * b:3 * b], mixed[2 * b:3 * b],
+               mixed[3 * b:4 * b], mixed[:8]]
+    auto = {"e_margin": 1.45, "d_margin": 0.9995, "lr": 0.02, "correlation_threshold": 0.5}
+    for name, extra in (("tiny_auto", {}), ("tiny_auto_reset", {"collapse_ratio": 0.9, "lr": 0.5})):
+        cfg = {"adapt": {"method": "auto"}, "auto": {**auto, **extra}}
+        d = out / name
+        if d.exists():
+            shutil.rmtree(d)
+        (d / "batches").mkdir(parents=True)
+        shutil.copy(tiny, d / "model.onnx")
+        for i, x in enumerate(batches):
+            np.save(d / "batches" / f"{i:03d}.npy", x)
+        (d / "config.toml").write_text(tta_reference.toml(cfg))
+        res = run_auto(d / "model.onnx", cfg, batches)
+        (d / "expected.json").write_text(json.dumps(res))
+        print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["stepped"], s["reset"]) for s in res["steps"]])
+    tiny.unlink()
+
+
+def accuracy(sets, n, batch=64):
+    model = ROOT / "assets" / "svhn.onnx"
+    for ds in sets:
+        x = np.load(ROOT / "assets" / "accuracy" / f"{ds}.npy", mmap_mode="r")[:n]
+        y = np.load(ROOT / "assets" / "accuracy" / f"{ds}_labels.npy")[:n]
+        batches = [np.array(x[i:i + batch]) for i in range(0, len(x), batch)]
+        res = run_auto(model, {"adapt": {"method": "auto"}}, batches)
+        correct, corr, stepped, resets = 0, 0, 0, 0
+        for i, s in enumerate(res["steps"]):
+            p = np.array(s["probs"] if "probs" in s else s["logits"])
+            correct += int((p.argmax(1) == y[i * batch:(i + 1) * batch]).sum())
+            corr += s["correlated"]
+            stepped += s["stepped"]
+            resets += s["reset"]
+        print(f"{ds} n={len(x)}: auto {100 * correct / len(x):.2f} % "
+              f"(batches {len(batches)}: correlated {corr}, stepped {stepped}, resets {resets})", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fixtures", type=Path)
+    ap.add_argument("--accuracy", nargs="*")
+    ap.add_argument("-n", type=int, default=10000)
+    args = ap.parse_args()
+    if args.fixtures:
+        fixtures(args.fixtures)
+    if args.accuracy is not None:
+        torch.set_num_threads(1)
+        accuracy(args.accuracy or ["clean", "gaussian_noise5", "defocus_blur5", "correlated"], args.n)
+
+
+if __name__ == "__main__":
+    main()
