@@ -195,11 +195,12 @@ pub struct BenchCase {
     pub stats: Stats,
     /// Samples per second at the median latency.
     pub throughput: f64,
-    /// FLOPs of one forward pass, counted from the plan (the same count for every backend).
-    pub flops: u64,
-    pub flops_by_family: FlopCount,
+    /// FLOPs of one forward pass, counted from the plan (the same count for every backend);
+    /// `None` when only ONNX Runtime ran a model Acclimate cannot plan.
+    pub flops: Option<u64>,
+    pub flops_by_family: Option<FlopCount>,
     /// `flops` / median time.
-    pub gflops: f64,
+    pub gflops: Option<f64>,
     /// Compute dispatches per forward (GPU only).
     pub dispatches: Option<usize>,
     /// Bytes of the buffers the engine allocated for this batch size: weights + activations
@@ -342,7 +343,15 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         return Err(BenchError::Config("--backend needs at least one of gpu, ort".into()));
     }
     let (raw, input, shapes) = load_for_bench(path, cfg)?;
-    let graph = Arc::new(Graph::from_raw(raw)?);
+    // ONNX Runtime alone still measures a model Acclimate cannot load; it just gets no FLOPs.
+    let graph = match Graph::from_raw(raw) {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) if !cfg.backends.contains(&Backend::Gpu) => {
+            log::warn!("bench: no FLOP count: {e}");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     let mut runners = Runners { gpu: None, ort: None };
     let mut gpu_adapter = None;
@@ -357,7 +366,8 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         }
         let ctx = GpuContext::new()?;
         gpu_adapter = Some(ctx.adapter_summary());
-        let model = Model { graph: graph.clone(), path: Some(path.to_path_buf()) };
+        let graph = graph.clone().ok_or_else(|| BenchError::Config("the GPU needs the model's graph".into()))?;
+        let model = Model { graph, path: Some(path.to_path_buf()) };
         runners.gpu = Some(Engine::new(&ctx, model));
         ctx_opened = Some(ctx);
     }
@@ -365,7 +375,10 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
     let mut cases = Vec::new();
     for (&batch, shape) in cfg.batches.iter().zip(&shapes) {
         let x = random_input(shape, cfg.seed ^ batch as u64);
-        let counted = acclimate::plan::forward_flops(&graph, std::slice::from_ref(shape)).map_err(Error::from)?;
+        let counted = match &graph {
+            Some(g) => Some(acclimate::plan::forward_flops(g, std::slice::from_ref(shape)).map_err(Error::from)?),
+            None => None,
+        };
         for &backend in &cfg.backends {
             let (stats, dispatches, peak_bytes) = match backend {
                 Backend::Gpu => {
@@ -389,9 +402,9 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
                 backend,
                 batch,
                 input_shape: shape.clone(),
-                flops: counted.total(),
+                flops: counted.map(|c| c.total()),
                 flops_by_family: counted,
-                gflops: gflops(counted.total(), stats.median_ms),
+                gflops: counted.map(|c| gflops(c.total(), stats.median_ms)),
                 stats,
                 throughput,
                 dispatches,
@@ -492,7 +505,7 @@ impl BenchReport {
         for c in &self.cases {
             let t = &c.stats;
             s.push_str(&format!(
-                "{:<7} {:>5}  {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9.3}  {:>10.1} {:>9.3} {:>8.2} {:>7} {:>10} {:>9}\n",
+                "{:<7} {:>5}  {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9.3}  {:>10.1} {:>9} {:>8} {:>7} {:>10} {:>9}\n",
                 c.backend.to_string(),
                 c.batch,
                 t.median_ms,
@@ -502,9 +515,9 @@ impl BenchReport {
                 t.max_ms,
                 t.stddev_ms,
                 c.throughput,
-                c.flops as f64 / 1e9,
-                c.gflops,
-                pct(c.gflops, self.peak_gflops.filter(|_| c.backend == Backend::Gpu)),
+                c.flops.map_or("-".into(), |f| format!("{:.3}", f as f64 / 1e9)),
+                c.gflops.map_or("-".into(), |g| format!("{g:.2}")),
+                pct(c.gflops.unwrap_or(0.0), self.peak_gflops.filter(|_| c.backend == Backend::Gpu && c.gflops.is_some())),
                 c.dispatches.map_or("-".into(), |d| d.to_string()),
                 c.peak_bytes.map_or("-".into(), |b| format!("{:.2}", mib(b))),
             ));
@@ -800,7 +813,8 @@ fn gemm_graph(n: usize) -> Result<Graph, BenchError> {
     use acclimate::onnx::{RawGraph, RawModel, RawNode};
     use acclimate::tensor::DType;
     let b = random_input(&[n, n], 0xb);
-    let info = |name: &str, shape: Option<Vec<DimSpec>>| ValueInfo { name: name.into(), dtype: Some(DType::F32), shape };
+    let info =
+        |name: &str, shape: Option<Vec<DimSpec>>| ValueInfo { name: name.into(), dtype: Some(DType::F32), shape };
     let square = vec![DimSpec::Fixed(n as u64), DimSpec::Fixed(n as u64)];
     let raw = RawModel {
         ir_version: 8,

@@ -322,14 +322,16 @@ fn bench_json_counts_the_tiny_network_by_hand() {
     // Forward, per node: conv1 2·512·27+512, bn1 2·512, relu 512; conv2 (2 groups, stride 2)
     // 2·192·18+192, bn2 384, relu 192; conv3 (depthwise) 2·192·9+192, bn3 384, clip 192,
     // add 192; global pool 192; Gemm 2·10·6+10.
-    let fwd = serde_json::json!({"conv": 38912, "gemm": 130, "norm": 1792, "pool": 192, "elementwise": 1088, "other": 0});
+    let fwd =
+        serde_json::json!({"conv": 38912, "gemm": 130, "norm": 1792, "pool": 192, "elementwise": 1088, "other": 0});
     // Step (TENT: batch statistics, SGD with momentum on the 32 BN parameters): the forward, +3
     // per BN element for the statistics (896 elements); the loss 10 per logit; the reverse pass
     // through Gemm (data gradient 120), the pool (192), Add (2 gradients, 384), Clip (384), bn3
     // (9·192), conv3's data gradient (2·192·9) added into r2's (+192), relu2 (384), bn2 (9·192),
     // conv2's data gradient (2·192·18), relu1 (1024), bn1's parameters only (5·512); conv1
     // needs no gradient. The optimizer: 4 per parameter.
-    let step = serde_json::json!({"conv": 49280, "gemm": 250, "norm": 10496, "pool": 384, "elementwise": 3456, "other": 228});
+    let step =
+        serde_json::json!({"conv": 49280, "gemm": 250, "norm": 10496, "pool": 384, "elementwise": 3456, "other": 228});
     let c = &v["cases"][0];
     assert_eq!(c["forward_flops_by_family"], fwd, "{c}");
     assert_eq!(c["step_flops_by_family"], step, "{c}");
@@ -342,7 +344,10 @@ fn bench_json_counts_the_tiny_network_by_hand() {
     let (fm, sm) = (c["forward"]["median_ms"].as_f64().unwrap(), c["step"]["median_ms"].as_f64().unwrap());
     assert!((c["step_over_forward"].as_f64().unwrap() - sm / fm).abs() < 1e-9, "{c}");
     assert!((c["step_gflops"].as_f64().unwrap() - 64094.0 / (sm * 1e6)).abs() < 1e-9, "{c}");
-    assert!(v["peak_gflops"].as_f64().is_some_and(|g| g > 0.0) && v["peak"]["n"] == 1024 && v["peak"]["reps"] == 1, "{v}");
+    assert!(
+        v["peak_gflops"].as_f64().is_some_and(|g| g > 0.0) && v["peak"]["n"] == 1024 && v["peak"]["reps"] == 1,
+        "{v}"
+    );
     assert!(v["gpu_driver"].as_str().is_some_and(|d| !d.is_empty()), "{v}");
     let st = &v["start"];
     assert!(st["cold_ms"].as_f64().is_some_and(|t| t > 0.0) && st["warm_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");

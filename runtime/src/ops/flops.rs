@@ -267,8 +267,11 @@ mod tests {
         );
         assert_eq!(count(&dw, &[1, 8, 6, 6]).conv, 2 * 72 * 9);
         // Two groups of a 1×1 conv: [1,4,5,5] → [1,6,5,5] = 150 outputs of 2 taps each.
-        let grouped =
-            graph(&[1, 4, 5, 5], &[("w", vec![6, 2, 1, 1])], vec![("Conv", &["x", "w"], "y", vec![("group", Attr::Int(2))])]);
+        let grouped = graph(
+            &[1, 4, 5, 5],
+            &[("w", vec![6, 2, 1, 1])],
+            vec![("Conv", &["x", "w"], "y", vec![("group", Attr::Int(2))])],
+        );
         assert_eq!(count(&grouped, &[1, 4, 5, 5]).conv, 2 * 150 * 2);
     }
 
@@ -313,8 +316,14 @@ mod tests {
                 ("Gemm", &["f", "fw", "fb"], "y", vec![("transB", Attr::Int(1))]),
             ],
         );
-        let want =
-            FlopCount { conv: 2 * 48 * 18, norm: 2 * 48, elementwise: 48, pool: 12 * 4 + 12, gemm: 2 * 5 * 3 + 5, other: 0 };
+        let want = FlopCount {
+            conv: 2 * 48 * 18,
+            norm: 2 * 48,
+            elementwise: 48,
+            pool: 12 * 4 + 12,
+            gemm: 2 * 5 * 3 + 5,
+            other: 0,
+        };
         let got = count(&g, &[1, 2, 4, 4]);
         assert_eq!(got, want);
         assert_eq!(got.total(), 1728 + 96 + 48 + 60 + 35);
@@ -335,11 +344,10 @@ mod tests {
         // Frozen weights (TENT): the data gradient only, as many FLOPs as the forward.
         assert_eq!(conv.backward_flops(&ins, &[y], &[Some(false), None]).conv, 2 * 36 * 2);
         // Adding into another consumer's gradient costs one add per input element.
-        assert_eq!(conv.backward_flops(&ins, &[y], &[Some(true), None]), FlopCount {
-            conv: 2 * 36 * 2,
-            elementwise: 18,
-            ..Default::default()
-        });
+        assert_eq!(
+            conv.backward_flops(&ins, &[y], &[Some(true), None]),
+            FlopCount { conv: 2 * 36 * 2, elementwise: 18, ..Default::default() }
+        );
         // Data and weight gradients: twice the forward.
         assert_eq!(conv.backward_flops(&ins, &[y], &[Some(false), Some(false)]).conv, 4 * 36 * 2);
         assert_eq!(conv.backward_flops(&ins, &[y], &[None, None]).total(), 0);
