@@ -13,7 +13,9 @@
 # Environment: BENCH_MODELS (default "svhn mobilenetv2", files assets/<name>.onnx),
 #   BENCH_BATCHES_<NAME> (e.g. BENCH_BATCHES_SVHN=1,16,64) overrides one model's batches,
 #   BENCH_WARMUP / BENCH_ITERS (default 1 / 5; --full: 3 / 20), BENCH_PEAK_REPS (default 8;
-#   --full: 50), PYTHON (default .venv/bin/python), ACCLIMATE_BIN (skip the build, use this binary).
+#   --full: 50), BENCH_CPU_THREADS (ONNX Runtime's and PyTorch's CPU threads; default every core:
+#   on a machine shared with other jobs, 1 keeps their spinning thread pools from stalling),
+#   PYTHON (default .venv/bin/python), ACCLIMATE_BIN (skip the build, use this binary).
 # Raw results stay in DIR (default target/bench-peers/<UTC time>) as JSON.
 # The drivers' own shader caches are disabled for the run, so the cold start is cold.
 set -euo pipefail
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --full) full=1 ;;
     --out) out="$2"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "bench_peers.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -40,6 +42,8 @@ else
 fi
 models="${BENCH_MODELS:-svhn mobilenetv2}"
 py="${PYTHON:-.venv/bin/python}"
+cpu_threads=()
+if [ -n "${BENCH_CPU_THREADS:-}" ]; then cpu_threads=(--threads "$BENCH_CPU_THREADS"); fi
 out="${out:-${CARGO_TARGET_DIR:-target}/bench-peers/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 
@@ -73,10 +77,12 @@ for m in $models; do
     "$bin" bench "$model" --adapt tent --batch "$b" --warmup "$warmup" --iters "$iters" \
     --peak-reps "$peak_reps" --json > "$out/$m.acclimate.json"
   echo "   onnxruntime" >&2
-  "$py" tools/bench_ort.py "$model" --batch "$b" --warmup "$warmup" --iters "$iters" > "$out/$m.ort.jsonl"
+  "$py" tools/bench_ort.py "$model" --batch "$b" --warmup "$warmup" --iters "$iters" "${cpu_threads[@]}" \
+    > "$out/$m.ort.jsonl"
   if [ "$have_torch" = 1 ]; then
     echo "   pytorch" >&2
-    "$py" tools/bench_torch.py "$model" --batch "$b" --warmup "$warmup" --iters "$iters" > "$out/$m.torch.jsonl"
+    "$py" tools/bench_torch.py "$model" --batch "$b" --warmup "$warmup" --iters "$iters" "${cpu_threads[@]}" \
+      > "$out/$m.torch.jsonl"
   fi
 done
 

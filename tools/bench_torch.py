@@ -125,7 +125,10 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's own choice)")
     a = ap.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     name = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     device = torch.device(name)
     torch.backends.cuda.matmul.allow_tf32 = False
