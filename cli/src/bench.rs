@@ -1,6 +1,33 @@
 //! Forward-latency measurement of the GPU engine and the ONNX Runtime reference, in one run so
 //! the numbers share a machine state.
 //!
+//! Besides latency every row reports the work done, so a number can be judged against the
+//! adapter (JSON field names in brackets; they are stable):
+//!
+//! - **FLOPs and achieved GFLOP/s** [`flops`, `gflops`; with `--adapt`: `forward_flops`,
+//!   `step_flops`, `forward_gflops`, `step_gflops`, and the split by op family in
+//!   `*_flops_by_family`]: counted from the plan the GPU runs (`acclimate::ops::flops` has the
+//!   convention: a multiply-add is 2 FLOPs, depthwise and grouped convolutions count only their
+//!   taps, elementwise ops 1 per element, ...). A step counts what its program dispatches:
+//!   forward with batch statistics, loss, the reverse pass through the layers that need it, the
+//!   optimizer. GFLOP/s = FLOPs / median time.
+//! - **The adapter's peak** [`peak_gflops`, details in `peak`]: a 1024³ MatMul through the same
+//!   plan and kernel the models use (`shaders/matmul.wgsl`), after one warm-up run, timed as
+//!   `peak.reps` runs recorded into one submit. Measured in the same run as the rows.
+//! - **Dispatches** [`dispatches`; `forward_dispatches`, `step_dispatches`]: compute dispatches
+//!   recorded per forward and per step.
+//! - **Peak GPU memory** [`peak_bytes`; `forward_peak_bytes`, `step_peak_bytes`]: the bytes of
+//!   the buffers the engine (forward) or the adaptation session (step) allocates: persistent
+//!   buffers (weights, statistics, optimizer moments) plus the program's transient buffers
+//!   (activations, saved tensors, gradients, scratch) after lifetime-based reuse. The uniform
+//!   parameter buffer, readback staging buffers and the driver's own allocations are not counted.
+//! - **Start** [`start.cold_ms`, `start.warm_ms`]: model load + plan + pipeline compilation of a
+//!   fresh session (the step's plan too with `--adapt`), once with an empty pipeline cache and
+//!   once with the cache the first start wrote (`acclimate::gpu` on the pipeline cache). Opening
+//!   the device is not included. A driver's own shader cache (Mesa's
+//!   `MESA_SHADER_CACHE_DISABLE`, NVIDIA's `__GL_SHADER_DISK_CACHE`) can make the cold start warm:
+//!   disable it for an honest cold figure (`tools/bench_peers.sh` does).
+//!
 //! The GPU time is the whole [`Engine::run`]: input upload, one queue submit, and the blocking
 //! readback of every output. That is what an application pays per call; timing the dispatches
 //! alone would flatter the GPU on small batches where transfers dominate. Plans (pipelines,
@@ -18,6 +45,7 @@ use acclimate::error::Error;
 use acclimate::gpu::GpuContext;
 use acclimate::ir::Graph;
 use acclimate::onnx::{self, DimSpec, ValueInfo};
+use acclimate::ops::flops::FlopCount;
 use acclimate::tensor::Tensor;
 
 /// A backend that can be measured.
@@ -126,6 +154,10 @@ pub fn measure<E>(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<(),
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
+    /// Runs of the peak GEMM timed in one submit; `None` skips the peak.
+    pub peak_reps: Option<usize>,
+    /// Measure cold and warm session start.
+    pub start: bool,
     pub batches: Vec<usize>,
     pub backends: Vec<Backend>,
     pub warmup: usize,
@@ -141,6 +173,8 @@ pub struct BenchConfig {
 impl Default for BenchConfig {
     fn default() -> Self {
         BenchConfig {
+            peak_reps: Some(DEFAULT_PEAK_REPS),
+            start: true,
             batches: vec![1],
             backends: vec![Backend::Gpu, Backend::Ort],
             warmup: 3,
@@ -161,6 +195,17 @@ pub struct BenchCase {
     pub stats: Stats,
     /// Samples per second at the median latency.
     pub throughput: f64,
+    /// FLOPs of one forward pass, counted from the plan (the same count for every backend);
+    /// `None` when only ONNX Runtime ran a model Acclimate cannot plan.
+    pub flops: Option<u64>,
+    pub flops_by_family: Option<FlopCount>,
+    /// `flops` / median time.
+    pub gflops: Option<f64>,
+    /// Compute dispatches per forward (GPU only).
+    pub dispatches: Option<usize>,
+    /// Bytes of the buffers the engine allocated for this batch size: weights + activations
+    /// after reuse (GPU only).
+    pub peak_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -175,6 +220,10 @@ pub struct BenchReport {
     pub ort_threads: Option<usize>,
     pub warmup: usize,
     pub iters: usize,
+    /// The adapter's measured GEMM GFLOP/s (see [`PeakGemm`]); `None` when not measured.
+    pub peak_gflops: Option<f64>,
+    pub peak: Option<PeakGemm>,
+    pub start: Option<StartTimes>,
     pub cases: Vec<BenchCase>,
 }
 
@@ -294,43 +343,79 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         return Err(BenchError::Config("--backend needs at least one of gpu, ort".into()));
     }
     let (raw, input, shapes) = load_for_bench(path, cfg)?;
+    // ONNX Runtime alone still measures a model Acclimate cannot load; it just gets no FLOPs.
+    let graph = match Graph::from_raw(raw) {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) if !cfg.backends.contains(&Backend::Gpu) => {
+            log::warn!("bench: no FLOP count: {e}");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     let mut runners = Runners { gpu: None, ort: None };
     let mut gpu_adapter = None;
+    let mut ctx_opened = None;
     // ONNX Runtime first: a missing library should fail before the GPU is opened.
     let ort_threads =
         if cfg.backends.contains(&Backend::Ort) { Some(open_ort(path, cfg, &mut runners)?) } else { None };
+    let mut start = None;
     if cfg.backends.contains(&Backend::Gpu) {
-        let graph = Graph::from_raw(raw)?;
+        if cfg.start {
+            start = Some(measure_start(path, &shapes[0], None)?);
+        }
         let ctx = GpuContext::new()?;
         gpu_adapter = Some(ctx.adapter_summary());
-        let model = Model { graph: Arc::new(graph), path: Some(path.to_path_buf()) };
+        let graph = graph.clone().ok_or_else(|| BenchError::Config("the GPU needs the model's graph".into()))?;
+        let model = Model { graph, path: Some(path.to_path_buf()) };
         runners.gpu = Some(Engine::new(&ctx, model));
+        ctx_opened = Some(ctx);
     }
 
     let mut cases = Vec::new();
     for (&batch, shape) in cfg.batches.iter().zip(&shapes) {
         let x = random_input(shape, cfg.seed ^ batch as u64);
+        let counted = match &graph {
+            Some(g) => Some(acclimate::plan::forward_flops(g, std::slice::from_ref(shape)).map_err(Error::from)?),
+            None => None,
+        };
         for &backend in &cfg.backends {
-            let stats = match backend {
+            let (stats, dispatches, peak_bytes) = match backend {
                 Backend::Gpu => {
                     let Some(engine) = runners.gpu.as_mut() else {
                         continue;
                     };
-                    engine.plan(std::slice::from_ref(shape))?;
+                    let plan = engine.plan(std::slice::from_ref(shape))?;
+                    let (dispatches, activations) = (plan.dispatch_count, plan.activation_bytes);
                     log::info!("bench: gpu batch {batch}: plan built, measuring");
                     let inputs = std::slice::from_ref(&x);
-                    measure(cfg.warmup, cfg.iters, || engine.run(inputs).map(drop))?
+                    let stats = measure(cfg.warmup, cfg.iters, || engine.run(inputs).map(drop))?;
+                    (stats, Some(dispatches), Some(engine.resident_bytes() + activations))
                 }
                 Backend::Ort => match measure_ort(&mut runners, &x, cfg)? {
-                    Some(stats) => stats,
+                    Some(stats) => (stats, None, None),
                     None => continue,
                 },
             };
             let throughput = batch as f64 / (stats.median_ms / 1e3);
-            cases.push(BenchCase { backend, batch, input_shape: shape.clone(), stats, throughput });
+            cases.push(BenchCase {
+                backend,
+                batch,
+                input_shape: shape.clone(),
+                flops: counted.map(|c| c.total()),
+                flops_by_family: counted,
+                gflops: counted.map(|c| gflops(c.total(), stats.median_ms)),
+                stats,
+                throughput,
+                dispatches,
+                peak_bytes,
+            });
         }
     }
+    let peak = match (&ctx_opened, cfg.peak_reps) {
+        (Some(ctx), Some(reps)) => Some(peak_gemm(ctx, reps)?),
+        _ => None,
+    };
     Ok(BenchReport {
         model: path.display().to_string(),
         input: input.name.clone(),
@@ -340,6 +425,9 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
         ort_threads,
         warmup: cfg.warmup,
         iters: cfg.iters.max(1),
+        peak_gflops: peak.as_ref().map(|p| p.gflops),
+        peak,
+        start,
         cases,
     })
 }
@@ -392,17 +480,32 @@ impl BenchReport {
             s.push_str(&format!("ort: ONNX Runtime CPU execution provider, {t} intra-op thread(s)\n"));
         }
         s.push_str(&format!(
-            "{} warm-up + {} timed iterations per row, random inputs in [-2, 2)\n\n",
+            "{} warm-up + {} timed iterations per row, random inputs in [-2, 2)\n",
             self.warmup, self.iters
         ));
+        s.push_str(&header_lines(self.peak.as_ref(), self.start.as_ref()));
+        s.push('\n');
         s.push_str(&format!(
-            "{:<7} {:>5}  {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}  {:>10}\n",
-            "backend", "batch", "median ms", "p10 ms", "p90 ms", "min ms", "max ms", "stddev", "samples/s"
+            "{:<7} {:>5}  {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}  {:>10} {:>9} {:>8} {:>7} {:>10} {:>9}\n",
+            "backend",
+            "batch",
+            "median ms",
+            "p10 ms",
+            "p90 ms",
+            "min ms",
+            "max ms",
+            "stddev",
+            "samples/s",
+            "GFLOP",
+            "GFLOP/s",
+            "% peak",
+            "dispatches",
+            "peak MiB"
         ));
         for c in &self.cases {
             let t = &c.stats;
             s.push_str(&format!(
-                "{:<7} {:>5}  {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9.3}  {:>10.1}\n",
+                "{:<7} {:>5}  {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9.3}  {:>10.1} {:>9} {:>8} {:>7} {:>10} {:>9}\n",
                 c.backend.to_string(),
                 c.batch,
                 t.median_ms,
@@ -411,7 +514,12 @@ impl BenchReport {
                 t.min_ms,
                 t.max_ms,
                 t.stddev_ms,
-                c.throughput
+                c.throughput,
+                c.flops.map_or("-".into(), |f| format!("{:.3}", f as f64 / 1e9)),
+                c.gflops.map_or("-".into(), |g| format!("{g:.2}")),
+                pct(c.gflops.unwrap_or(0.0), self.peak_gflops.filter(|_| c.backend == Backend::Gpu && c.gflops.is_some())),
+                c.dispatches.map_or("-".into(), |d| d.to_string()),
+                c.peak_bytes.map_or("-".into(), |b| format!("{:.2}", mib(b))),
             ));
         }
         s
@@ -471,14 +579,29 @@ pub struct AdaptCase {
     /// update, readback of logits and loss.
     pub step: Stats,
     pub step_over_forward: f64,
+    /// FLOPs of one forward and of one step, as their programs dispatch them.
+    pub forward_flops: u64,
+    pub step_flops: u64,
+    pub forward_flops_by_family: FlopCount,
+    pub step_flops_by_family: FlopCount,
+    /// FLOPs / median time.
+    pub forward_gflops: f64,
+    pub step_gflops: f64,
+    pub forward_dispatches: usize,
+    pub step_dispatches: usize,
+    /// Bytes of every buffer the forward needs: the engine's weights plus its activations after
+    /// reuse.
+    pub forward_peak_bytes: u64,
+    /// Bytes of every buffer the step needs: the session's persistent buffers plus the step's
+    /// transient ones.
+    pub step_peak_bytes: u64,
     /// Transient GPU memory of the step program (activations kept for the reverse pass,
     /// gradients, scratch) after lifetime-based reuse.
     pub step_transient_bytes: u64,
-    /// Persistent buffers (weights, statistics, optimizer state).
+    /// Persistent buffers of the session (weights, statistics, optimizer state).
     pub resident_bytes: u64,
     /// Transient memory of the forward plan, for comparison.
     pub forward_transient_bytes: u64,
-    pub step_dispatches: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -486,78 +609,341 @@ pub struct AdaptReport {
     pub model: String,
     pub method: String,
     pub gpu_adapter: String,
+    /// The driver as the adapter names it (e.g. "llvmpipe" / "Mesa 25.0.7-...").
+    pub gpu_driver: String,
     pub warmup: usize,
     pub iters: usize,
+    pub peak_gflops: Option<f64>,
+    pub peak: Option<PeakGemm>,
+    pub start: Option<StartTimes>,
     pub cases: Vec<AdaptCase>,
 }
 
 /// Measures an adaptation method's step beside the forward pass on the GPU. Steps run on random
 /// inputs with the method's defaults (tent: SGD, lr 2.5e-4, momentum 0.9).
 pub fn run_adapt(path: &Path, method: acclimate::adapt::Method, cfg: &BenchConfig) -> Result<AdaptReport, BenchError> {
-    use acclimate::adapt::{AdaptConfig, Session};
+    use acclimate::adapt::Session;
     let (raw, _, shapes) = load_for_bench(path, cfg)?;
+    let start = if cfg.start { Some(measure_start(path, &shapes[0], Some(method))?) } else { None };
     let graph = Arc::new(Graph::from_raw(raw)?);
     let ctx = GpuContext::new()?;
     let model = Model { graph, path: Some(path.to_path_buf()) };
-    let mut config = AdaptConfig::default();
-    config.adapt.method = method;
     let mut engine = Engine::new(&ctx, model.clone());
-    let mut session = Session::new(&ctx, model, config).map_err(|e| BenchError::Config(e.to_string()))?;
+    let mut session = Session::new(&ctx, model, adapt_config(method)).map_err(|e| BenchError::Config(e.to_string()))?;
+    let cfg_err = |e: Error| BenchError::Config(e.to_string());
     let mut cases = Vec::new();
     for (&batch, shape) in cfg.batches.iter().zip(&shapes) {
         let x = random_input(shape, cfg.seed ^ batch as u64);
-        let forward_transient_bytes = engine.plan(std::slice::from_ref(shape))?.activation_bytes;
+        let plan = engine.plan(std::slice::from_ref(shape))?;
+        let (forward_transient_bytes, forward_dispatches, fwd_flops) =
+            (plan.activation_bytes, plan.dispatch_count, plan.flops);
+        let forward_peak_bytes = engine.resident_bytes() + forward_transient_bytes;
         let inputs = std::slice::from_ref(&x);
         let forward = measure(cfg.warmup, cfg.iters, || engine.run(inputs).map(drop))?;
-        let (step_transient_bytes, step_dispatches) =
-            session.step_footprint(shape).map_err(|e| BenchError::Config(e.to_string()))?;
-        let step = measure(cfg.warmup, cfg.iters, || session.step(&x).map(drop))
-            .map_err(|e| BenchError::Config(e.to_string()))?;
+        let (step_transient_bytes, step_dispatches) = session.step_footprint(shape).map_err(cfg_err)?;
+        let step_flops = session.step_flops(shape).map_err(cfg_err)?;
+        let step = measure(cfg.warmup, cfg.iters, || session.step(&x).map(drop)).map_err(cfg_err)?;
+        let resident_bytes = session.resident_bytes();
         cases.push(AdaptCase {
             batch,
             step_over_forward: step.median_ms / forward.median_ms,
+            forward_flops: fwd_flops.total(),
+            step_flops: step_flops.total(),
+            forward_flops_by_family: fwd_flops,
+            step_flops_by_family: step_flops,
+            forward_gflops: gflops(fwd_flops.total(), forward.median_ms),
+            step_gflops: gflops(step_flops.total(), step.median_ms),
             forward,
             step,
-            step_transient_bytes,
-            resident_bytes: session.resident_bytes(),
-            forward_transient_bytes,
+            forward_dispatches,
             step_dispatches,
+            forward_peak_bytes,
+            step_peak_bytes: resident_bytes + step_transient_bytes,
+            step_transient_bytes,
+            resident_bytes,
+            forward_transient_bytes,
         });
     }
+    let peak = match cfg.peak_reps {
+        Some(reps) => Some(peak_gemm(&ctx, reps)?),
+        None => None,
+    };
     Ok(AdaptReport {
         model: path.display().to_string(),
         method: method.name().to_string(),
         gpu_adapter: ctx.adapter_summary(),
+        gpu_driver: driver_string(&ctx),
         warmup: cfg.warmup,
         iters: cfg.iters.max(1),
+        peak_gflops: peak.as_ref().map(|p| p.gflops),
+        peak,
+        start,
         cases,
     })
 }
 
+fn adapt_config(method: acclimate::adapt::Method) -> acclimate::adapt::AdaptConfig {
+    let mut config = acclimate::adapt::AdaptConfig::default();
+    config.adapt.method = method;
+    config
+}
+
 impl AdaptReport {
     pub fn to_table(&self) -> String {
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let mut s = format!(
-            "model: {}\nmethod: {}\ngpu: {}\n     forward = Engine::run; step = Session::step (forward, loss, reverse pass, optimizer, readback)\n{} warm-up + {} timed iterations per row\n\n",
-            self.model, self.method, self.gpu_adapter, self.warmup, self.iters
+            "model: {}\nmethod: {}\ngpu: {} [{}]\n     forward = Engine::run; step = Session::step (forward, loss, reverse pass, optimizer, readback)\n{} warm-up + {} timed iterations per row\n",
+            self.model, self.method, self.gpu_adapter, self.gpu_driver, self.warmup, self.iters
         );
+        s.push_str(&header_lines(self.peak.as_ref(), self.start.as_ref()));
+        s.push('\n');
         s.push_str(&format!(
-            "{:>5}  {:>11} {:>11} {:>9}  {:>15} {:>15} {:>13} {:>10}\n",
-            "batch", "forward ms", "step ms", "step/fwd", "step temp MiB", "fwd temp MiB", "resident MiB", "dispatches"
+            "{:>5}  {:>11} {:>11} {:>9}  {:>9} {:>9} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9} {:>9} {:>9}\n",
+            "batch",
+            "forward ms",
+            "step ms",
+            "step/fwd",
+            "fwd GF/s",
+            "step GF/s",
+            "fwd %pk",
+            "stp %pk",
+            "fwd disp",
+            "step disp",
+            "fwd MiB",
+            "step MiB",
+            "fwd GFLOP",
+            "stp GFLOP"
         ));
         for c in &self.cases {
             s.push_str(&format!(
-                "{:>5}  {:>11.3} {:>11.3} {:>9.2}  {:>15.2} {:>15.2} {:>13.2} {:>10}\n",
+                "{:>5}  {:>11.3} {:>11.3} {:>9.2}  {:>9.3} {:>9.3} {:>7} {:>7}  {:>9} {:>9}  {:>9.2} {:>9.2} {:>9.4} {:>9.4}\n",
                 c.batch,
                 c.forward.median_ms,
                 c.step.median_ms,
                 c.step_over_forward,
-                mib(c.step_transient_bytes),
-                mib(c.forward_transient_bytes),
-                mib(c.resident_bytes),
-                c.step_dispatches
+                c.forward_gflops,
+                c.step_gflops,
+                pct(c.forward_gflops, self.peak_gflops),
+                pct(c.step_gflops, self.peak_gflops),
+                c.forward_dispatches,
+                c.step_dispatches,
+                mib(c.forward_peak_bytes),
+                mib(c.step_peak_bytes),
+                c.forward_flops as f64 / 1e9,
+                c.step_flops as f64 / 1e9,
             ));
         }
+        s.push_str(
+            "\nMiB = every buffer the engine (forward) or session (step) allocates: weights, statistics and optimizer \
+             state plus transient buffers after reuse\n",
+        );
         s
     }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Achieved GFLOP/s of `flops` done in `ms`.
+pub fn gflops(flops: u64, ms: f64) -> f64 {
+    if ms > 0.0 { flops as f64 / (ms * 1e6) } else { 0.0 }
+}
+
+fn pct(gflops: f64, peak: Option<f64>) -> String {
+    match peak {
+        Some(p) if p > 0.0 => format!("{:.1}", 100.0 * gflops / p),
+        _ => "-".into(),
+    }
+}
+
+fn header_lines(peak: Option<&PeakGemm>, start: Option<&StartTimes>) -> String {
+    let mut s = String::new();
+    if let Some(p) = peak {
+        s.push_str(&format!(
+            "peak: {:.3} GFLOP/s ({}³ MatMul, {}, {} runs in one submit after a warm-up: {:.3} ms each)\n",
+            p.gflops, p.n, p.kernel, p.reps, p.ms_per_gemm
+        ));
+    }
+    if let Some(t) = start {
+        s.push_str(&format!(
+            "start (batch {}, {}): cold {:.1} ms, warm {:.1} ms; {} pipelines, {}\n",
+            t.batch,
+            t.covers,
+            t.cold_ms,
+            t.warm_ms,
+            t.pipelines,
+            if t.cache_supported {
+                format!("pipeline cache {} bytes", t.cache_bytes)
+            } else {
+                "no pipeline cache on this backend".into()
+            }
+        ));
+    }
+    s
+}
+
+/// The driver as the adapter reports it.
+pub fn driver_string(ctx: &GpuContext) -> String {
+    match &ctx.adapter_info {
+        Some(i) if i.driver_info.is_empty() => i.driver.clone(),
+        Some(i) => format!("{} {}", i.driver, i.driver_info),
+        None => "unknown".into(),
+    }
+}
+
+/// Edge of the square MatMul that measures the adapter's peak.
+pub const PEAK_N: usize = 1024;
+pub const DEFAULT_PEAK_REPS: usize = 8;
+
+/// The adapter's GEMM ceiling as Acclimate reaches it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeakGemm {
+    pub gflops: f64,
+    pub n: usize,
+    /// Runs timed (recorded into one command buffer, one submit, one wait).
+    pub reps: usize,
+    pub ms_per_gemm: f64,
+    /// Which kernel ran.
+    pub kernel: String,
+}
+
+/// A graph of one MatMul `[n, n] @ [n, n]` with a constant right operand, as a model's Gemm or
+/// 1×1 convolution would run.
+fn gemm_graph(n: usize) -> Result<Graph, BenchError> {
+    use acclimate::onnx::{RawGraph, RawModel, RawNode};
+    use acclimate::tensor::DType;
+    let b = random_input(&[n, n], 0xb);
+    let info =
+        |name: &str, shape: Option<Vec<DimSpec>>| ValueInfo { name: name.into(), dtype: Some(DType::F32), shape };
+    let square = vec![DimSpec::Fixed(n as u64), DimSpec::Fixed(n as u64)];
+    let raw = RawModel {
+        ir_version: 8,
+        opset: 17,
+        producer: "acclimate bench".into(),
+        graph: RawGraph {
+            name: "peak_gemm".into(),
+            nodes: vec![RawNode {
+                name: "gemm".into(),
+                op_type: "MatMul".into(),
+                domain: String::new(),
+                inputs: vec!["a".into(), "b".into()],
+                outputs: vec!["y".into()],
+                attrs: Default::default(),
+            }],
+            initializers: vec![("b".into(), b)],
+            inputs: vec![info("a", Some(square.clone()))],
+            outputs: vec![info("y", Some(square))],
+        },
+    };
+    Ok(Graph::from_raw(raw)?)
+}
+
+/// Times a 1024³ MatMul through the plan (so through the kernel the models' MatMul, Gemm and 1×1
+/// convolutions use), after checking a few entries against a CPU dot product so a broken kernel
+/// cannot report a fast peak.
+pub fn peak_gemm(ctx: &GpuContext, reps: usize) -> Result<PeakGemm, BenchError> {
+    let n = PEAK_N;
+    let reps = reps.max(1);
+    let graph = gemm_graph(n)?;
+    let b = match graph.initializers.get("b") {
+        Some(t) => t.to_f32_vec(),
+        None => return Err(BenchError::Config("peak GEMM: the constant operand is missing".into())),
+    };
+    let mut engine = Engine::new(ctx, Model::from_graph(graph));
+    let a = random_input(&[n, n], 0xa);
+    let y = engine.run(std::slice::from_ref(&a))?.remove(0).to_f32_vec();
+    let av = a.to_f32_vec();
+    for (i, j) in [(0, 0), (1, 517), (511, 3), (1023, 1023), (700, 64)] {
+        let want: f64 = (0..n).map(|k| av[i * n + k] as f64 * b[k * n + j] as f64).sum();
+        let got = y[i * n + j] as f64;
+        if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
+            return Err(BenchError::Config(format!(
+                "peak GEMM: the GPU's y[{i},{j}] = {got} but the CPU computes {want}; not timing a wrong kernel"
+            )));
+        }
+    }
+    let shapes = [vec![n, n]];
+    let plan = engine.plan(&shapes)?;
+    plan.write_inputs(ctx, &[av.as_slice()]).map_err(Error::from)?;
+    let submit = |runs: usize| -> Result<f64, BenchError> {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        for _ in 0..runs {
+            plan.record(&mut enc);
+        }
+        let t = Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        ctx.device
+            .poll(acclimate::wgpu::PollType::wait_indefinitely())
+            .map_err(|e| BenchError::Config(format!("peak GEMM: waiting for the GPU failed: {e}")))?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    submit(1)?;
+    let ms = submit(reps)?;
+    ctx.check().map_err(Error::from)?;
+    let ms_per_gemm = ms / reps as f64;
+    Ok(PeakGemm {
+        gflops: gflops(2 * (n as u64).pow(3), ms_per_gemm),
+        n,
+        reps,
+        ms_per_gemm,
+        kernel: format!("plan's MatMul: {} dispatch(es) of shaders/matmul.wgsl", plan.dispatch_count),
+    })
+}
+
+/// Session start, cold and warm.
+#[derive(Clone, Debug, Serialize)]
+pub struct StartTimes {
+    pub batch: usize,
+    /// Model load + forward plan (+ the step's plan with `--adapt`), pipelines compiled, with an
+    /// empty pipeline cache.
+    pub cold_ms: f64,
+    /// The same in a fresh device, with the pipeline cache the cold start wrote.
+    pub warm_ms: f64,
+    pub covers: String,
+    /// Pipelines compiled by one start.
+    pub pipelines: usize,
+    /// Whether the backend persists pipelines (Vulkan).
+    pub cache_supported: bool,
+    /// Bytes of compiled pipelines the warm start loaded.
+    pub cache_bytes: usize,
+}
+
+/// Starts a session twice on fresh devices: with an empty pipeline cache in a scratch directory,
+/// then with the cache the first start left there.
+pub fn measure_start(
+    path: &Path,
+    shape: &[usize],
+    method: Option<acclimate::adapt::Method>,
+) -> Result<StartTimes, BenchError> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("acclimate-bench-start-{}-{nanos}", std::process::id()));
+    let once = || -> Result<(f64, usize, Option<acclimate::gpu::PipelineCacheStatus>), BenchError> {
+        let ctx = GpuContext::new()?;
+        let t = Instant::now();
+        let status = ctx.enable_pipeline_cache(&dir);
+        let model = Model::load(path)?;
+        let mut engine = Engine::new(&ctx, model.clone());
+        engine.plan(&[shape.to_vec()])?;
+        if let Some(m) = method {
+            let mut session = acclimate::adapt::Session::new(&ctx, model, adapt_config(m))
+                .map_err(|e| BenchError::Config(e.to_string()))?;
+            session.step_footprint(shape).map_err(|e| BenchError::Config(e.to_string()))?;
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        ctx.save_pipeline_cache().map_err(Error::from)?;
+        Ok((ms, ctx.pipeline_count(), status))
+    };
+    let result = once().and_then(|cold| Ok((cold, once()?)));
+    std::fs::remove_dir_all(&dir).ok();
+    let ((cold_ms, pipelines, status), (warm_ms, _, warm)) = result?;
+    Ok(StartTimes {
+        batch: shape[0],
+        cold_ms,
+        warm_ms,
+        covers: if method.is_some() { "model load + forward and step plans" } else { "model load + forward plan" }
+            .into(),
+        pipelines,
+        cache_supported: status.is_some(),
+        cache_bytes: warm.map_or(0, |w| w.loaded_bytes),
+    })
 }

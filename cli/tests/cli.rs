@@ -305,6 +305,78 @@ fn bench_reports_both_backends() {
     assert!(e.contains("--shape"), "{e}");
 }
 
+/// `bench --json` on the tiny fixture network (conv, grouped conv, depthwise conv, three BN,
+/// ReLU, Clip, a residual Add, global pooling, Gemm) at batch 2: the FLOPs are the hand counts of
+/// `acclimate::ops::flops`'s convention, and every documented field is there with a sane value.
+#[test]
+fn bench_json_counts_the_tiny_network_by_hand() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tiny = common::repo_root().join("tests/fixtures/tta/tiny_tent_adam/model.onnx");
+    let base = ["bench", s(&tiny), "--batch", "2", "--warmup", "0", "--iters", "1", "--peak-reps", "1", "--json"];
+    let mut adapt = base.to_vec();
+    adapt.extend(["--adapt", "tent"]);
+    let v: Value = serde_json::from_str(&ok(&adapt)).expect("JSON");
+
+    // Forward, per node: conv1 2·512·27+512, bn1 2·512, relu 512; conv2 (2 groups, stride 2)
+    // 2·192·18+192, bn2 384, relu 192; conv3 (depthwise) 2·192·9+192, bn3 384, clip 192,
+    // add 192; global pool 192; Gemm 2·10·6+10.
+    let fwd =
+        serde_json::json!({"conv": 38912, "gemm": 130, "norm": 1792, "pool": 192, "elementwise": 1088, "other": 0});
+    // Step (TENT: batch statistics, SGD with momentum on the 32 BN parameters): the forward, +3
+    // per BN element for the statistics (896 elements); the loss 10 per logit; the reverse pass
+    // through Gemm (data gradient 120), the pool (192), Add (2 gradients, 384), Clip (384), bn3
+    // (9·192), conv3's data gradient (2·192·9) added into r2's (+192), relu2 (384), bn2 (9·192),
+    // conv2's data gradient (2·192·18), relu1 (1024), bn1's parameters only (5·512); conv1
+    // needs no gradient. The optimizer: 4 per parameter.
+    let step =
+        serde_json::json!({"conv": 49280, "gemm": 250, "norm": 10496, "pool": 384, "elementwise": 3456, "other": 228});
+    let c = &v["cases"][0];
+    assert_eq!(c["forward_flops_by_family"], fwd, "{c}");
+    assert_eq!(c["step_flops_by_family"], step, "{c}");
+    assert_eq!((c["forward_flops"].as_u64(), c["step_flops"].as_u64()), (Some(42114), Some(64094)), "{c}");
+    let (fd, sd) = (c["forward_dispatches"].as_u64().unwrap_or(0), c["step_dispatches"].as_u64().unwrap_or(0));
+    assert!(fd > 0 && sd > fd, "{c}");
+    let (fb, sb) = (c["forward_peak_bytes"].as_u64().unwrap_or(0), c["step_peak_bytes"].as_u64().unwrap_or(0));
+    assert!(fb > 0 && sb > c["step_transient_bytes"].as_u64().unwrap_or(u64::MAX), "{c}");
+    assert_eq!(sb, c["step_transient_bytes"].as_u64().unwrap() + c["resident_bytes"].as_u64().unwrap(), "{c}");
+    let (fm, sm) = (c["forward"]["median_ms"].as_f64().unwrap(), c["step"]["median_ms"].as_f64().unwrap());
+    assert!((c["step_over_forward"].as_f64().unwrap() - sm / fm).abs() < 1e-9, "{c}");
+    assert!((c["step_gflops"].as_f64().unwrap() - 64094.0 / (sm * 1e6)).abs() < 1e-9, "{c}");
+    assert!(
+        v["peak_gflops"].as_f64().is_some_and(|g| g > 0.0) && v["peak"]["n"] == 1024 && v["peak"]["reps"] == 1,
+        "{v}"
+    );
+    assert!(v["gpu_driver"].as_str().is_some_and(|d| !d.is_empty()), "{v}");
+    let st = &v["start"];
+    assert!(st["cold_ms"].as_f64().is_some_and(|t| t > 0.0) && st["warm_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+    assert!(st["pipelines"].as_u64().is_some_and(|n| n > 0) && st["batch"] == 2, "{v}");
+    if st["cache_supported"] == true {
+        assert!(st["cache_bytes"].as_u64().is_some_and(|b| b > 0), "the warm start loaded no cache: {v}");
+    }
+
+    // The forward-only report: the same count on both backends, dispatches and memory on the GPU's.
+    require_ort();
+    let mut fwd_only = base.to_vec();
+    fwd_only.extend(["--backend", "gpu,ort", "--no-start"]);
+    let v: Value = serde_json::from_str(&ok(&fwd_only)).expect("JSON");
+    assert!(v["start"].is_null() && v["peak_gflops"].as_f64().is_some(), "{v}");
+    let cases = v["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 2, "{v}");
+    for c in cases {
+        assert_eq!(c["flops"], 42114, "{c}");
+        assert_eq!(c["flops_by_family"], fwd, "{c}");
+        let gpu = c["backend"] == "gpu";
+        assert_eq!(c["dispatches"].as_u64().is_some_and(|d| d > 0), gpu, "{c}");
+        assert_eq!(c["peak_bytes"].as_u64().is_some_and(|b| b > 0), gpu, "{c}");
+    }
+    let mut quick = base.to_vec();
+    quick.extend(["--backend", "ort", "--no-peak"]);
+    let v: Value = serde_json::from_str(&ok(&quick)).expect("JSON");
+    assert!(v["peak"].is_null() && v["start"].is_null(), "an ONNX Runtime-only bench opened the GPU: {v}");
+}
+
 /// `replay`: the JSON record, saving state and resuming from it, and one-line errors for a
 /// truncated state file and an unknown config key.
 #[test]

@@ -17,4 +17,5 @@ mod regression {
     include!("regression/guard.rs");
     include!("regression/state.rs");
     include!("regression/stream.rs");
+    include!("regression/pipeline_cache.rs");
 }

@@ -171,6 +171,12 @@ impl Engine {
         &self.ctx
     }
 
+    /// Bytes of the persistent buffers this engine uploaded (weights and folded constants),
+    /// shared by all its plans.
+    pub fn resident_bytes(&self) -> u64 {
+        self.weights.buffers.values().map(|b| b.size()).sum()
+    }
+
     /// The plan for these input shapes, built on first use.
     #[doc(hidden)]
     pub fn plan(&mut self, shapes: &[Vec<usize>]) -> Result<&Plan, Error> {

@@ -170,7 +170,18 @@ pub enum Command {
         /// step time, step/forward ratio, and the step's GPU memory. GPU only.
         #[arg(long)]
         adapt: Option<String>,
-        /// Print machine-readable JSON instead of a table.
+        /// Skip measuring the adapter's peak (a 1024³ MatMul; seconds on a software GPU).
+        #[arg(long)]
+        no_peak: bool,
+        /// Runs of the peak MatMul timed in one submit (more on a fast GPU, where one run is
+        /// shorter than a submit's overhead).
+        #[arg(long, default_value_t = bench::DEFAULT_PEAK_REPS)]
+        peak_reps: usize,
+        /// Skip measuring session start (cold and warm pipeline cache).
+        #[arg(long)]
+        no_start: bool,
+        /// Print machine-readable JSON instead of a table (field names in the README's
+        /// performance section).
         #[arg(long)]
         json: bool,
     },
@@ -422,23 +433,67 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Fisher { model, batches, out, config } => {
             replay::fisher_cmd(&model, &batches, &out, config.as_deref())
         }
-        Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, adapt: Some(method), json } => {
+        Command::Bench {
+            model,
+            batch,
+            backend,
+            warmup,
+            iters,
+            shape,
+            ort_threads,
+            adapt: Some(method),
+            no_peak,
+            peak_reps,
+            no_start,
+            json,
+        } => {
             let method: acclimate::adapt::Method = serde_json::from_value(serde_json::Value::String(method.clone()))
                 .map_err(|_| CliError::Usage(format!("--adapt: unknown method '{method}'")))?;
-            let cfg = BenchConfig { batches: batch, warmup, iters, shape, ort_threads, ..BenchConfig::default() };
+            let cfg = BenchConfig {
+                batches: batch,
+                warmup,
+                iters,
+                shape,
+                ort_threads,
+                peak_reps: (!no_peak).then_some(peak_reps),
+                start: !no_start,
+                ..BenchConfig::default()
+            };
             let _ = backend;
             let report = bench::run_adapt(&model, method, &cfg)?;
             if json { print(&(serde_json::to_string_pretty(&report)? + "\n")) } else { print(&report.to_table()) }
         }
-        Command::Bench { model, batch, backend, warmup, iters, shape, ort_threads, adapt: None, json } => {
+        Command::Bench {
+            model,
+            batch,
+            backend,
+            warmup,
+            iters,
+            shape,
+            ort_threads,
+            adapt: None,
+            no_peak,
+            peak_reps,
+            no_start,
+            json,
+        } => {
             let mut backends: Vec<bench::Backend> = Vec::new();
             for b in backend.into_iter().map(bench::Backend::from) {
                 if !backends.contains(&b) {
                     backends.push(b);
                 }
             }
-            let cfg =
-                BenchConfig { batches: batch, backends, warmup, iters, shape, ort_threads, ..BenchConfig::default() };
+            let cfg = BenchConfig {
+                batches: batch,
+                backends,
+                warmup,
+                iters,
+                shape,
+                ort_threads,
+                peak_reps: (!no_peak).then_some(peak_reps),
+                start: !no_start,
+                ..BenchConfig::default()
+            };
             bench_cmd(&model, &cfg, json)
         }
     }
@@ -452,6 +507,7 @@ pub fn one_line(msg: &str) -> String {
 /// The binary's entry point: logging, argument parsing, one-line errors, exit status.
 pub fn main() -> ExitCode {
     ensure_runtime_dir();
+    default_pipeline_cache();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("acclimate=warn")).init();
     std::panic::set_hook(Box::new(|info| {
         // A panic is a bug in acclimate; still one line, and no backtrace dump on the user.
@@ -513,3 +569,16 @@ fn ensure_runtime_dir() {
 
 #[cfg(not(unix))]
 fn ensure_runtime_dir() {}
+
+/// The command-line tool keeps compiled pipelines under the user's cache directory (the library
+/// leaves that to the application: `acclimate::gpu` explains why), unless
+/// `ACCLIMATE_PIPELINE_CACHE` names another directory or `off`.
+fn default_pipeline_cache() {
+    if std::env::var_os(acclimate::gpu::PIPELINE_CACHE_ENV).is_some() {
+        return;
+    }
+    if let Some(dir) = acclimate::gpu::default_pipeline_cache_dir() {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var(acclimate::gpu::PIPELINE_CACHE_ENV, dir) };
+    }
+}

@@ -172,6 +172,9 @@ impl LowerHook for BnHook {
                 }
             }
             let stats = program.value(4 * channels as u64 * 4);
+            if self.mode != StatsMode::Source {
+                program.flops.norm += crate::ops::flops::BN_BATCH_STATS * (batch * channels * plane) as u64;
+            }
             let saved = SavedBn {
                 x: x.clone(),
                 scale: scale.clone(),

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use super::bn::{self, BnHook};
 use crate::gpu::GpuContext;
 use crate::ir::Graph;
-use crate::ops::{BackwardLowering, BufRef, GradInput, OpReason, Stage};
+use crate::ops::{BackwardLowering, BufRef, GradInput, OpReason, Stage, flops};
 use crate::plan::{Forward, GraphOutput, Item, PlanError, Program, WeightInit, lower_forward};
 
 /// One adapted BatchNormalization layer.
@@ -94,6 +94,10 @@ pub(crate) fn reverse_pass(
             let dx = value_id(&ln.inputs[0])
                 .filter(|v| requires.contains(v))
                 .map(|v| grad_for(&mut grads, v, program, bytes_of(&saved.x.shape)));
+            let elems = (saved.batch * saved.channels * saved.plane) as u64;
+            program.flops.norm += elems
+                * (if dparams.is_some() { flops::BN_BACKWARD_PARAMS } else { 0 }
+                    + if dx.is_some() { flops::BN_BACKWARD_DX } else { 0 });
             let dispatches = bn::backward(saved, dy, dparams, dx, &mut scratch).map_err(node_err)?;
             program.items.push(Item { label: format!("{} backward", node.name), dispatches, scratch });
             continue;
@@ -144,6 +148,11 @@ pub(crate) fn reverse_pass(
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
         };
+        let in_shapes: Vec<Option<&[usize]>> =
+            ln.inputs.iter().map(|i| i.as_ref().map(|o| o.shape.as_slice())).collect();
+        let out_shapes: Vec<&[usize]> = ln.outputs.iter().map(|o| o.shape.as_slice()).collect();
+        let wanted: Vec<Option<bool>> = b.grad_inputs.iter().map(|g| g.as_ref().map(|g| g.accumulate)).collect();
+        program.flops += node.op.backward_flops(&in_shapes, &out_shapes, &wanted);
         node.op.lower_backward(&mut b).map_err(node_err)?;
         program.items.push(Item {
             label: format!("{} backward", node.name),

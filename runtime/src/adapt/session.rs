@@ -700,6 +700,23 @@ impl Session {
         self.store.buffers.values().map(|b| b.size()).sum()
     }
 
+    /// FLOPs of one [`Session::step`] on a batch of `shape` (its plan built if needed): forward,
+    /// loss, reverse pass and optimizer as the program dispatches them, times the configured
+    /// steps per batch.
+    pub fn step_flops(&mut self, shape: &[usize]) -> crate::Result<crate::ops::flops::FlopCount> {
+        let steps = if self.spec.adapted.is_empty() { 1 } else { self.config.adapt.steps.max(1) } as u64;
+        let f = self.plan(shape)?.flops;
+        let scale = |x: u64| x * steps;
+        Ok(crate::ops::flops::FlopCount {
+            conv: scale(f.conv),
+            gemm: scale(f.gemm),
+            norm: scale(f.norm),
+            pool: scale(f.pool),
+            elementwise: scale(f.elementwise),
+            other: scale(f.other),
+        })
+    }
+
     /// Transient GPU bytes and dispatch count of the step plan for `shape` (built if needed).
     pub fn step_footprint(&mut self, shape: &[usize]) -> crate::Result<(u64, usize)> {
         let p = self.plan(shape)?;

@@ -61,6 +61,9 @@ pub struct StepPlan {
     /// buffer; `None` for programs that change no persistent state.
     guard: Option<(usize, wgpu::Buffer)>,
     pub dispatch_count: usize,
+    /// FLOPs of one step: forward, loss, reverse pass and optimizer as this program dispatches
+    /// them ([`crate::ops::flops`] has the convention).
+    pub flops: crate::ops::flops::FlopCount,
     /// Transient GPU memory of the step (activations kept for the reverse pass, gradients,
     /// scratch), after lifetime-based reuse.
     pub transient_bytes: u64,
@@ -223,6 +226,7 @@ impl StepPlan {
             let coeff = objective.select(&mut cx, &mut dispatches)?;
             objective.loss(&mut cx, coeff, &mut dispatches, &mut scratch)?;
             cx.program.items.push(Item { label: "loss".into(), dispatches, scratch });
+            cx.program.flops.other += crate::ops::flops::LOSS_PER_LOGIT * (b * c) as u64;
             let grads = reverse_pass(ctx, graph, &fwd, &hook, &spec.adapted, logits_v, dlogits, cx.program)?;
             let param_grads = objective.gradients(&mut cx, grads)?;
             let mut dispatches = Vec::new();
@@ -256,6 +260,7 @@ impl StepPlan {
                         m
                     };
                     updated.push(Updated { weight: p, grad: *grad, m, v, n });
+                    program.flops.other += crate::ops::flops::optimizer_per_param(moments) * n as u64;
                     let (p, g, m, v, st) = (
                         BufRef::Weight(p),
                         BufRef::Value(*grad),
@@ -308,6 +313,7 @@ impl StepPlan {
             logits: (returned, logits_shape),
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
+            flops: program.flops,
             transient_bytes: compiled.transient_bytes,
             params,
             compiled,

@@ -5,7 +5,9 @@
 //! [`KernelKey`] (shader, entry point, override constants), so one pipeline serves every node that
 //! uses the same kernel variant; shapes travel in a parameter buffer, never in the source.
 
+mod cache;
 mod params;
+pub use cache::{PIPELINE_CACHE_ENV, PipelineCacheStatus, default_pipeline_cache_dir};
 pub use params::{PARAMS_USAGE, Params, params_offset_alignment};
 
 use std::collections::HashMap;
@@ -38,6 +40,8 @@ pub enum GpuError {
     DeviceLost { reason: String },
     #[error("GPU error outside any error scope (reported by wgpu after the call that caused it): {0}")]
     Uncaptured(String),
+    #[error("pipeline cache: {0}")]
+    PipelineCache(String),
 }
 
 /// One WGSL source file of `shaders/`.
@@ -176,6 +180,7 @@ struct Inner {
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
     health: Arc<Health>,
+    disk_cache: Mutex<Option<cache::DiskCache>>,
 }
 
 /// What the device-lost callback and the uncaptured-error handler recorded.
@@ -231,7 +236,7 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("acclimate"),
-                required_features: wgpu::Features::empty(),
+                required_features: adapter.features() & wgpu::Features::PIPELINE_CACHE,
                 required_limits: limits,
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
@@ -241,6 +246,9 @@ impl GpuContext {
             .map_err(|e| GpuError::Device { adapter: info.name.clone(), reason: e.to_string() })?;
         let ctx = Self::from_device(device, queue).with_adapter_info(info);
         ctx.install_error_handlers();
+        if let Some(dir) = cache::dir_from_env() {
+            ctx.enable_pipeline_cache(&dir);
+        }
         Ok(ctx)
     }
 
@@ -271,6 +279,7 @@ impl GpuContext {
                 modules: Mutex::new(HashMap::new()),
                 pipelines: Mutex::new(HashMap::new()),
                 health: Arc::new(Health::default()),
+                disk_cache: Mutex::new(None),
             }),
         }
     }
@@ -389,7 +398,7 @@ impl GpuContext {
             module: &module,
             entry_point: Some(key.entry),
             compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
-            cache: None,
+            cache: self.pipeline_cache_handle().as_ref(),
         });
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Validation {

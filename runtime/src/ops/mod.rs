@@ -19,6 +19,7 @@
 pub mod attrs;
 pub mod conv;
 pub mod elementwise;
+pub mod flops;
 pub mod layout;
 pub mod matmul;
 pub mod norm;

@@ -21,6 +21,7 @@ use thiserror::Error;
 
 use crate::gpu::{GpuContext, GpuError};
 use crate::ir::Graph;
+use crate::ops::flops::FlopCount;
 use crate::ops::{BufRef, Lowering, OpError, OpReason, OpResult, Operand, Stage};
 use crate::tensor::Tensor;
 pub use program::{Compiled, Item, Program, WeightDecl, WeightInit, WeightStore};
@@ -187,6 +188,7 @@ pub fn lower_forward(
             }
             program.items.push(Item { label: node.name.clone(), dispatches: l.dispatches, scratch: l.scratch });
             item_idx = Some(program.items.len() - 1);
+            program.flops += step_flops(&node.op, &ins, &outs);
         }
         nodes.push(LoweredNode { node: step.node, item: item_idx, inputs: ins, outputs: outs });
     }
@@ -202,6 +204,27 @@ pub fn lower_forward(
         }
     }
     Ok(Forward { spec, value_of, nodes, inputs, outputs })
+}
+
+fn step_flops(op: &crate::ops::Op, ins: &[Option<Operand>], outs: &[Operand]) -> FlopCount {
+    let ins: Vec<Option<&[usize]>> = ins.iter().map(|i| i.as_ref().map(|o| o.shape.as_slice())).collect();
+    let outs: Vec<&[usize]> = outs.iter().map(|o| o.shape.as_slice()).collect();
+    op.flops(&ins, &outs)
+}
+
+/// FLOPs of the inference forward pass for `shapes`, as [`Plan::build`] counts them, without a
+/// GPU (shapes come from [`specialize`]; constant subgraphs fold away and count nothing).
+pub fn forward_flops(graph: &Graph, shapes: &[Vec<usize>]) -> Result<FlopCount, PlanError> {
+    let spec = specialize(graph, shapes)?;
+    let mut total = FlopCount::default();
+    for step in &spec.steps {
+        let shape = |n: &String| spec.values.get(n).map(|v| v.shape.as_slice());
+        let ins: Vec<Option<&[usize]>> =
+            step.inputs.iter().map(|n| if n.is_empty() { None } else { shape(n) }).collect();
+        let outs: Vec<&[usize]> = step.outputs.iter().map(|n| shape(n).unwrap_or(&[])).collect();
+        total += graph.nodes[step.node].op.flops(&ins, &outs);
+    }
+    Ok(total)
 }
 
 /// Where a graph output comes from when a plan runs.
@@ -222,6 +245,8 @@ pub struct Plan {
     pub activation_bytes_unshared: u64,
     pub dispatch_count: usize,
     pub node_count: usize,
+    /// FLOPs of one run ([`crate::ops::flops`] has the convention).
+    pub flops: FlopCount,
 }
 
 impl std::fmt::Debug for Plan {
@@ -286,6 +311,7 @@ impl Plan {
             activation_bytes_unshared: compiled.transient_bytes_unshared,
             dispatch_count: compiled.dispatch_count(),
             node_count: fwd.spec.steps.len(),
+            flops: program.flops,
             compiled,
         })
     }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::gpu::{GpuContext, GpuError};
+use crate::ops::flops::FlopCount;
 use crate::ops::{BufRef, Dispatch};
 use crate::tensor::Tensor;
 
@@ -61,6 +62,9 @@ pub struct Program {
     pub pinned_start: Vec<usize>,
     /// Values read after the last item (outputs).
     pub pinned_end: Vec<usize>,
+    /// FLOPs of the items, added by whoever lowers them ([`crate::ops::flops`] has the
+    /// convention); the benchmark's achieved GFLOP/s divide this by time.
+    pub flops: FlopCount,
 }
 
 impl Program {
