@@ -39,9 +39,7 @@ if [ ! -f "$jna_jar" ] || ! ls "$jna_lib"/libjnidispatch*.so >/dev/null 2>&1; th
   jna_lib=$deps/usr/lib/$multiarch/jni
 fi
 
-echo "== host library, bindings generator, reference (cargo build -p acclimate-ffi)"
-cargo build --quiet -p acclimate-ffi --features bindgen --lib --bin uniffi-bindgen --example camera_reference
-echo "== bindings: committed Kotlin and Swift against a fresh generation"
+echo "== host library, generator and reference; committed Kotlin and Swift against a fresh generation"
 bash tools/bindings.sh >/dev/null
 echo "== reference predictions (the library on packed frames)"
 rm -rf "$work/reference" "$work/scratch"
@@ -63,5 +61,7 @@ if [ ! -f "$jar" ]; then
 fi
 
 echo "== Kotlin suite on the JVM ($(java -version 2>&1 | head -1))"
-java -Djna.library.path="$target/debug" -Djna.boot.library.path="$jna_lib" -Djna.nosys=false \
+# Debian's JNA looks for its native part (libjnidispatch.system.so) in /usr/lib/jni and
+# /usr/lib/<multiarch>/jni, then through System.loadLibrary: java.library.path finds an unpacked one.
+java -Djna.library.path="$target/debug/deps" -Djna.nosys=false -Djava.library.path="$jna_lib" \
   -cp "$jar:$jna_jar" SessionTestKt "$model" "$work/reference" "$work/scratch"

@@ -11,9 +11,21 @@ cd "$(dirname "$0")/.."
 bless=0
 [ "${1:-}" = --bless ] && bless=1
 target=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --quiet -p acclimate-ffi --features bindgen --lib --bin uniffi-bindgen
-lib=$target/debug/libacclimate_ffi.so
-[ "$(uname)" = Darwin ] && lib=$target/debug/libacclimate_ffi.dylib
+# The library, the generator (ffi/src/bin) and android/host-test.sh's reference (ffi/examples),
+# built with exactly the package selection and features of tools/test.sh's `cargo test
+# --workspace --features acclimate-ffi/bindgen`, so that after it this is a no-op: any other
+# selection unifies the dependencies' features differently and rebuilds wgpu and the library
+# (minutes on CI's two cores). ACCLIMATE_BINDINGS_BUILD=package builds acclimate-ffi alone
+# (faster on its own while developing, in a separate feature set).
+if [ "${ACCLIMATE_BINDINGS_BUILD:-workspace}" = package ]; then
+  cargo build --quiet -p acclimate-ffi --features bindgen --lib --bins --examples
+else
+  cargo test --quiet --workspace --features acclimate-ffi/bindgen --no-run 2>/dev/null ||
+    cargo test --quiet --workspace --features acclimate-ffi/bindgen --no-run
+fi
+suffix=so
+[ "$(uname)" = Darwin ] && suffix=dylib
+lib=$target/debug/deps/libacclimate_ffi.$suffix
 gen=$target/bindings
 rm -rf "$gen"
 for language in kotlin swift; do
