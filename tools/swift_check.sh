@@ -20,6 +20,7 @@ bash tools/bindings.sh >/dev/null
 echo "== Swift parse (tree-sitter-swift)"
 mapfile -t swift < <(find ios -name '*.swift' ! -path '*/build/*' ! -path '*.xcframework/*' | sort)
 "$python" tools/swift_parse.py "${swift[@]}" \
+  --expect ios/Package.swift:package \
   --expect ios/Sources/Acclimate/Acclimate.swift:Session \
   --expect ios/Sources/Acclimate/Acclimate.swift:pushFrame \
   --expect ios/Sources/Acclimate/Acclimate.swift:saveState \
@@ -30,7 +31,9 @@ echo "== FFI header: gcc, and its functions against the library's exports"
 work=$target/swift-check
 mkdir -p "$work"
 printf '#include "acclimateFFI.h"\nint main(void) { return 0; }\n' >"$work/header.c"
-gcc -std=c11 -Wall -Wextra -Werror -I ios/include "$work/header.c" -o "$work/header"
+# _Nonnull/_Nullable are clang's nullability qualifiers (Xcode compiles the header with clang);
+# gcc has none, so they are defined away here and everything else is compiled as written.
+gcc -std=c11 -Wall -Wextra -Werror -D_Nonnull= -D_Nullable= -I ios/include "$work/header.c" -o "$work/header"
 declared=$(grep -oE '\b(uniffi|ffi)_acclimate_ffi_[A-Za-z0-9_]+\(' ios/include/acclimateFFI.h | tr -d '(' | sort -u)
 exported=$(nm -D --defined-only "$target/debug/libacclimate_ffi.so" | awk '{print $3}' | sort -u)
 missing=$(comm -23 <(echo "$declared") <(echo "$exported"))

@@ -25,7 +25,7 @@ import tree_sitter_swift
 # (also indented, inside types).
 ATTRIBUTE_ONLY_IF = re.compile(rb"^#if swift\(>=5\.8\)\n[ \t]*@_documentation\(visibility: private\)\n#endif\n", re.M)
 
-DECLS = {"class_declaration", "function_declaration", "protocol_declaration", "init_declaration"}
+DECLS = {"class_declaration", "function_declaration", "protocol_declaration", "init_declaration", "property_declaration"}
 
 
 def problems(tree, source):
@@ -46,7 +46,7 @@ def problems(tree, source):
 
 
 def declared(tree, source):
-    """Names declared by class/struct/enum/extension/protocol/function declarations."""
+    """Names declared by class/struct/enum/extension/protocol/function/property declarations."""
     names = set()
     stack = [tree.root_node]
     while stack:

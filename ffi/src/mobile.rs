@@ -334,7 +334,8 @@ pub fn version() -> String {
 fn frame(layout: &FrameLayout, planes: [&[u8]; 3]) -> Result<acclimate::Frame, String> {
     let format = LibraryFormat::from(layout.format);
     let mut ins = Vec::with_capacity(3);
-    for (i, data) in planes.into_iter().enumerate() {
+    // Planes past the format's count (and their strides) are not looked at.
+    for (i, data) in planes.into_iter().enumerate().take(format.plane_count()) {
         let strides = layout.strides.get(i).copied().unwrap_or(PlaneStrides { row_stride: 0, pixel_stride: 0 });
         let label = bridge::plane_label(format, i);
         ins.push(PlaneIn {
@@ -398,7 +399,7 @@ mod tests {
         let y = [0u8; 16];
         let neg = vec![PlaneStrides { row_stride: -4, pixel_stride: 0 }];
         let e = frame(&layout(PixelFormat::Gray8, 4, 4, neg), [&y, &[], &[]]).unwrap_err();
-        assert_eq!(e, "Gray8 planes[0] (Y): row_stride is -4; it must not be negative");
+        assert_eq!(e, "Gray8 planes[0] (gray): row_stride is -4; it must not be negative");
         let e = frame(&layout(PixelFormat::Nv12, 4, 4, vec![]), [&y, &y[..7], &[]]).unwrap_err();
         assert!(e.starts_with("Nv12 planes[1] (UV)") && e.ends_with("reach byte 8, but len is 7"), "{e}");
         let mut bad = layout(PixelFormat::Rgba8, 2, 2, vec![]);
