@@ -1,8 +1,10 @@
 //! The one place the bindings touch the library, shared by the C ABI (`lib.rs`) and the Kotlin and
 //! Swift bindings (`mobile.rs`): building a stream session from a model and a config text, turning
 //! planes and strides into a checked [`Frame`], pushing frames, state, and the classification of
-//! the library's errors into the bindings' status kinds. Everything here goes through
-//! `acclimate`'s facade, so both bindings check frames and word their errors the same way.
+//! the library's errors into the bindings' status kinds. Both bindings go through this module, so
+//! they check frames and word their errors the same way; it uses `acclimate`'s facade names where
+//! the facade has them (the default preset, the output's dims and the stream's error variants are
+//! still reached below it).
 
 use std::path::Path;
 use std::sync::Mutex;
