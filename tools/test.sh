@@ -13,9 +13,15 @@ echo "== assets"
 bash tools/setup.sh
 source tools/env.sh
 echo "== cargo test (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
-cargo test --workspace "$@"
+# With the bindings generator (acclimate-ffi's `bindgen` feature), so the Kotlin and Swift checks
+# below reuse this build (tools/bindings.sh).
+cargo test --workspace --features acclimate-ffi/bindgen "$@"
 echo "== phone targets (type-check of the library and the C ABI)"
 bash tools/phone_check.sh
+echo "== Android: the Kotlin API on the host JVM (android/host-test.sh)"
+bash android/host-test.sh
+echo "== iOS: the Swift bindings parsed, their C header compiled (tools/swift_check.sh)"
+bash tools/swift_check.sh
 echo "== fuzz smoke (loader, frame, config: 20 s each on the test build)"
 bash tools/fuzz.sh --profile dev --target all --seconds 20
 

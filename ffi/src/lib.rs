@@ -1,5 +1,7 @@
 //! The C ABI of Acclimate: a session from an ONNX model and a TOML config, camera frames in,
 //! one prediction per frame out, adaptation in between; the adapted state saved and loaded.
+//! The Kotlin and Swift bindings (`mobile.rs`, through UniFFI) expose the same session beside it;
+//! both go through `bridge.rs`, so frames are checked and errors classified the same way.
 //!
 //! `include/acclimate.h` is generated from this file by cbindgen (`cbindgen.toml`); the test
 //! `tests/header.rs` regenerates it and fails on any difference. Rules every function keeps:
@@ -20,9 +22,12 @@ use std::ptr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use acclimate::stream::frame::{Frame, PixelFormat, Plane, Rotation};
+use acclimate::{Frame, PixelFormat};
+
+uniffi::setup_scaffolding!("acclimate");
 
 mod bridge;
+mod mobile;
 
 use bridge::{Failure, Kind, Stream};
 
@@ -294,7 +299,7 @@ pub unsafe extern "C" fn acclimate_session_new(
         let text = unsafe { CStr::from_ptr(config_toml) }
             .to_str()
             .map_err(|e| Failure::new(Kind::Config, format!("config: the text is not UTF-8 ({e})")))?;
-        let stream = Stream::open(&path, text)?;
+        let stream = Stream::open(&path, text, false)?;
         let session = Box::new(AcclimateSession { inner: Mutex::new(stream) });
         // SAFETY: as above.
         unsafe { out.write_unaligned(Box::into_raw(session)) };
@@ -371,8 +376,8 @@ unsafe fn read_frame(p: *const AcclimateFrame) -> RawFrame {
     }
 }
 
-/// Copies a C frame into the library's [`Frame`], reading each plane only within its `len`.
-/// The library validates the rest (sizes, strides against the format) again on its side.
+/// Copies a C frame into the library's [`Frame`] through [`bridge::build_frame`] (the checks the
+/// Kotlin and Swift bindings share), reading each plane only within its `len`.
 fn to_frame(raw: &RawFrame) -> Result<Frame, String> {
     let format = match raw.format {
         0 => PixelFormat::Rgba8,
@@ -384,72 +389,22 @@ fn to_frame(raw: &RawFrame) -> Result<Frame, String> {
         6 => PixelFormat::I420,
         v => return Err(format!("format {v} is not an AcclimatePixelFormat (0 to 6)")),
     };
-    let rotation = match raw.rotation {
-        0 => Rotation::R0,
-        90 => Rotation::R90,
-        180 => Rotation::R180,
-        270 => Rotation::R270,
-        r => return Err(format!("rotation {r} is not 0, 90, 180 or 270 (clockwise degrees)")),
-    };
-    if raw.width == 0 || raw.height == 0 {
-        return Err(format!("the frame is {}x{}; both sizes must be at least 1", raw.width, raw.height));
-    }
-    let (w, h) = (raw.width as usize, raw.height as usize);
     let mut planes = Vec::with_capacity(3);
-    let mut spans: Vec<(*const u8, usize)> = Vec::with_capacity(3);
-    let mut total = 0usize;
-    for (i, name) in format.plane_names().iter().enumerate() {
-        let p = raw.planes[i];
-        let what = format!("{format:?} planes[{i}] ({name})");
+    for (i, p) in raw.planes.iter().take(format.plane_count()).enumerate() {
         if p.data.is_null() {
-            return Err(format!("{what}: data is NULL"));
+            return Err(format!("{}: data is NULL", bridge::plane_label(format, i)));
         }
-        let sample = format.sample_bytes(i);
-        let (cols, rows) = if format.is_yuv() && i > 0 { (w.div_ceil(2), h.div_ceil(2)) } else { (w, h) };
-        let pixel_stride = if p.pixel_stride == 0 { sample } else { p.pixel_stride as usize };
-        if pixel_stride < sample {
-            return Err(format!(
-                "{what}: pixel_stride {pixel_stride} is smaller than the {sample} byte(s) of one sample"
-            ));
+        if p.len > isize::MAX as usize {
+            return Err(format!("{}: len {} is more than a buffer can hold", bridge::plane_label(format, i), p.len));
         }
-        let overflow = || format!("{what}: the strides overflow");
-        let row_bytes =
-            (cols - 1).checked_mul(pixel_stride).and_then(|b| b.checked_add(sample)).ok_or_else(overflow)?;
-        let row_stride = if p.row_stride == 0 {
-            cols.checked_mul(pixel_stride).ok_or_else(overflow)?
-        } else {
-            p.row_stride as usize
-        };
-        if rows > 1 && row_stride < row_bytes {
-            return Err(format!(
-                "{what}: row_stride {row_stride} is smaller than the {row_bytes} bytes one row of {cols} samples spans"
-            ));
-        }
-        let needed = (rows - 1).checked_mul(row_stride).and_then(|b| b.checked_add(row_bytes)).ok_or_else(overflow)?;
-        if needed > p.len {
-            return Err(format!(
-                "{what}: {rows} rows of row_stride {row_stride} and {cols} samples of pixel_stride {pixel_stride} \
-                 reach byte {needed}, but len is {}",
-                p.len
-            ));
-        }
-        if needed > isize::MAX as usize {
-            return Err(overflow());
-        }
-        planes.push(Plane::new(total, row_stride, pixel_stride));
-        spans.push((p.data, needed));
-        total = total.checked_add(needed).ok_or_else(overflow)?;
+        // SAFETY: non-NULL, at most isize::MAX bytes, and by the contract `len` bytes are
+        // readable from `data` for the duration of the call.
+        let data = unsafe { std::slice::from_raw_parts(p.data, p.len) };
+        planes.push(bridge::PlaneIn { data, row_stride: p.row_stride as usize, pixel_stride: p.pixel_stride as usize });
     }
-    let mut data = Vec::with_capacity(total);
-    for (ptr, len) in spans {
-        // SAFETY: non-NULL, and by the contract `len` bytes (checked ≤ the plane's len) are
-        // readable from it for the duration of the call.
-        data.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
-    }
-    Ok(Frame::new(raw.width, raw.height, format, planes, data)
-        .with_rotation(rotation)
-        .with_mirror(raw.mirror != 0)
-        .with_timestamp(raw.timestamp_ns / 1000))
+    let frame =
+        bridge::build_frame(i64::from(raw.width), i64::from(raw.height), format, &planes, i64::from(raw.rotation))?;
+    Ok(frame.with_mirror(raw.mirror != 0).with_timestamp(raw.timestamp_ns / 1000))
 }
 
 /// Runs the frame protocol on one frame and returns its prediction at once: the frame is
@@ -488,15 +443,7 @@ pub unsafe extern "C" fn acclimate_session_push_frame(
         with_session(session, |s| {
             // SAFETY: non-NULL, an AcclimateFrame by the contract.
             let raw = unsafe { read_frame(frame) };
-            let f = match to_frame(&raw) {
-                Ok(f) => f,
-                Err(reason) => {
-                    let index = s.stats().frames;
-                    s.skip();
-                    return Err(Failure::new(Kind::Frame, format!("frame {index}: {reason}")));
-                }
-            };
-            let p = s.push(&f)?;
+            let p = s.push_built(to_frame(&raw))?;
             let mut pred = zero;
             pred.frame_index = p.frame_index;
             pred.k = p.top_k.len().min(ACCLIMATE_MAX_TOP_K) as u32;
@@ -582,6 +529,7 @@ pub unsafe extern "C" fn acclimate_session_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use acclimate::Plane;
 
     fn last_error() -> String {
         // SAFETY: acclimate_last_error never returns NULL and its string lives until the next failure.
@@ -631,14 +579,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("acclimate-ffi-kinds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = "[preprocess]\nspec = \"size=32\"\n";
-        let missing = Stream::open(&dir.join("missing.onnx"), config).err().expect("a missing model opened");
+        let missing = Stream::open(&dir.join("missing.onnx"), config, false).err().expect("a missing model opened");
         assert_eq!(status(missing.kind), AcclimateStatus::IO_ERROR, "{}", missing.message);
         assert!(missing.message.contains("missing.onnx"), "{}", missing.message);
         let garbage = dir.join("garbage.onnx");
         std::fs::write(&garbage, b"not a model").unwrap();
-        let bad = Stream::open(&garbage, config).err().expect("a garbage model opened");
+        let bad = Stream::open(&garbage, config, false).err().expect("a garbage model opened");
         assert_eq!(status(bad.kind), AcclimateStatus::MODEL_ERROR, "{}", bad.message);
-        let spec = Stream::open(&garbage, "[preprocess]\nspec = \"size=abc\"\n").err().expect("a bad spec passed");
+        let spec =
+            Stream::open(&garbage, "[preprocess]\nspec = \"size=abc\"\n", false).err().expect("a bad spec passed");
         assert_eq!(status(spec.kind), AcclimateStatus::CONFIG_ERROR, "{}", spec.message);
         std::fs::remove_dir_all(&dir).unwrap();
     }
