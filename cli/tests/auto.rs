@@ -81,7 +81,9 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
         check_close(&format!("batch {i} logits"), &f64s(&p.logits), &floats(&w["logits"]), &mut errors);
         match (&p.probs, &w["probs"]) {
             (None, Value::Null) => {}
-            (Some(t), v @ Value::Array(_)) => check_close(&format!("batch {i} probs"), &f64s(t), &floats(v), &mut errors),
+            (Some(t), v @ Value::Array(_)) => {
+                check_close(&format!("batch {i} probs"), &f64s(t), &floats(v), &mut errors)
+            }
             (ours, theirs) => errors.push(format!("batch {i}: probs {:?} vs reference {theirs}", ours.is_some())),
         }
         let selected: Option<Vec<usize>> = p.selected.as_ref().map(|s| s.samples.clone());

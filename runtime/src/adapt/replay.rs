@@ -33,7 +33,7 @@ pub struct StepRecord {
     /// SAR: the EMA of the second-pass loss after the batch (`null` until a sample is kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ema: Option<Option<f32>>,
-    /// SAR: whether the model was reset to the source after the batch.
+    /// SAR and auto: whether the model was reset to the source after the batch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reset: Option<bool>,
     /// Output stages (LAME, label shift): the returned probabilities, one row per sample.
@@ -167,7 +167,12 @@ fn step_record(session: &mut Session, x: &Tensor, ema: bool, sar: bool) -> crate
         Some(sel) => (Some(sel.samples), Some(sel.weights)),
         None => (None, None),
     };
-    let (ema, reset) = if sar { (Some(pred.ema), Some(pred.reset)) } else { (None, None) };
+    let (ema, reset) = match (sar, &pred.auto) {
+        (true, _) => (Some(pred.ema), Some(pred.reset)),
+        // auto: its collapse reset.
+        (false, Some(_)) => (None, Some(pred.reset)),
+        (false, None) => (None, None),
+    };
     Ok(StepRecord {
         logits: rows(&pred.logits),
         loss: pred.loss,

@@ -380,10 +380,7 @@ mod tests {
     use super::*;
 
     fn one_hot(classes: &[usize], c: usize) -> Vec<Vec<f64>> {
-        classes
-            .iter()
-            .map(|&k| (0..c).map(|i| if i == k { 0.91 } else { 0.01 }).collect())
-            .collect()
+        classes.iter().map(|&k| (0..c).map(|i| if i == k { 0.91 } else { 0.01 }).collect()).collect()
     }
 
     #[test]
