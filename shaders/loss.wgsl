@@ -37,9 +37,17 @@ struct FillParams {
     value: f32,
 }
 
-@group(0) @binding(0) var<storage, read> rp: RowParams;
+@group(0) @binding(0) var<uniform> rp_in: RowParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> rp: RowParams;
 @group(0) @binding(0) var<storage, read> sp: SumParams;
-@group(0) @binding(0) var<storage, read> ep: EwcParams;
+@group(0) @binding(0) var<uniform> ep_in: EwcParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> ep: EwcParams;
 @group(0) @binding(0) var<storage, read> fp: FillParams;
 
 // Row kernels: z is binding 1.
@@ -138,6 +146,10 @@ fn row_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 @compute @workgroup_size(256)
 fn softmax_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -157,6 +169,10 @@ fn softmax_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 @compute @workgroup_size(256)
 fn softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -172,6 +188,10 @@ fn softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256)
 fn entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -201,6 +221,10 @@ fn entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256)
 fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -236,7 +260,11 @@ fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 // Per class j (one thread each): pbar_j = mean_i p_ij, logmean_j = log pbar_j and
 // term_j = pbar_j log pbar_j, both 0 where pbar_j = 0 (the limit; every p_ij is then 0 too).
 @compute @workgroup_size(256)
-fn diversity_mean(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn diversity_mean(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let j = gid.x + gid.y * nwg.x * WG;
     if (j >= rp.c) {
         return;
@@ -255,6 +283,10 @@ fn diversity_mean(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 @compute @workgroup_size(256)
 fn diversity_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -294,7 +326,11 @@ fn sum_terms(@builtin(local_invocation_index) lid: u32) {
 
 // EWC: grad += 2 lambda F (theta - theta*); term = F (theta - theta*)^2.
 @compute @workgroup_size(256)
-fn ewc(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn ewc(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        ep = ep_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * WG;
     if (i >= ep.n) {
         return;

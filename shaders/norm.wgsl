@@ -13,7 +13,11 @@ struct BnParams {
     eps: f32,
 }
 
-@group(0) @binding(0) var<storage, read> p: BnParams;
+@group(0) @binding(0) var<uniform> p_in: BnParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> p: BnParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> scale: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -22,7 +26,11 @@ struct BnParams {
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
 @compute @workgroup_size(256)
-fn batchnorm_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batchnorm_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= p.n { return; }
     let c = (i / p.plane) % p.channels;
@@ -62,7 +70,11 @@ struct BnTrainParams {
 
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<storage, read> tp: BnTrainParams;
+@group(0) @binding(0) var<uniform> tp_in: BnTrainParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> tp: BnTrainParams;
 // bn_stats bindings
 @group(0) @binding(1) var<storage, read> sx: array<f32>;
 @group(0) @binding(2) var<storage, read_write> run_mean: array<f32>;
@@ -90,7 +102,11 @@ fn tree(t: u32) {
 }
 
 @compute @workgroup_size(256)
-fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let c = wid.x;
     let t = lid.x;
     let m = tp.n * tp.plane;
@@ -142,7 +158,11 @@ fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
 @group(0) @binding(6) var<storage, read_write> fnext: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let c = wid.x;
     let t = lid.x;
     let m = tp.n * tp.plane;
@@ -193,7 +213,11 @@ fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
 @group(0) @binding(5) var<storage, read_write> ay: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= tp.n * tp.channels * tp.plane { return; }
     let c = (i / tp.plane) % tp.channels;
@@ -212,7 +236,11 @@ fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
 @group(0) @binding(7) var<storage, read_write> coef: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let c = wid.x;
     let t = lid.x;
     let m = tp.n * tp.plane;
@@ -256,7 +284,11 @@ fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(wor
 @group(0) @binding(6) var<storage, read_write> bdx: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn bn_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= tp.n * tp.channels * tp.plane { return; }
     let c = (i / tp.plane) % tp.channels;

@@ -62,8 +62,16 @@ struct FillParams {
     value: f32,
 }
 
-@group(0) @binding(0) var<storage, read> sp: SgdParams;
-@group(0) @binding(0) var<storage, read> ap: AdamParams;
+@group(0) @binding(0) var<uniform> sp_in: SgdParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> sp: SgdParams;
+@group(0) @binding(0) var<uniform> ap_in: AdamParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> ap: AdamParams;
 @group(0) @binding(0) var<storage, read> stp: StateParams;
 @group(0) @binding(0) var<storage, read> cp: CommitParams;
 @group(0) @binding(0) var<storage, read> fp: FillParams;
@@ -151,7 +159,11 @@ fn adam_candidate(i: u32, t: f32) -> vec3<f32> {
 }
 
 @compute @workgroup_size(256)
-fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || state[1] == 0.0) {
         return;
@@ -160,7 +172,11 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
 }
 
 @compute @workgroup_size(256)
-fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || state[1] == 0.0) {
         return;
@@ -171,7 +187,11 @@ fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 }
 
 @compute @workgroup_size(256)
-fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        ap = ap_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= ap.n || state[1] == 0.0) {
         return;
@@ -224,7 +244,11 @@ fn guard_begin() {
 }
 
 @compute @workgroup_size(256)
-fn sgd_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || !gate_open()) {
         return;
@@ -235,7 +259,11 @@ fn sgd_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 }
 
 @compute @workgroup_size(256)
-fn sgd_momentum_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_momentum_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || !gate_open()) {
         return;
@@ -247,7 +275,11 @@ fn sgd_momentum_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 }
 
 @compute @workgroup_size(256)
-fn adam_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn adam_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        ap = ap_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= ap.n || !gate_open()) {
         return;
@@ -264,11 +296,19 @@ struct CheckParams {
     offset: u32,
 }
 
-@group(0) @binding(0) var<storage, read> gp: CheckParams;
+@group(0) @binding(0) var<uniform> gp_in: CheckParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> gp: CheckParams;
 @group(0) @binding(2) var<storage, read> checked: array<f32>;
 
 @compute @workgroup_size(256)
-fn guard_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn guard_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= gp.n) {
         return;
@@ -287,7 +327,11 @@ fn guard_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @group(0) @binding(3) var<storage, read_write> cdst: array<f32>;
 
 @compute @workgroup_size(256)
-fn guard_commit_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn guard_commit_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= gp.n || cstate[2] != 0.0) {
         return;
@@ -300,7 +344,11 @@ fn guard_commit_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 @group(0) @binding(4) var<storage, read_write> crun_var: array<f32>;
 
 @compute @workgroup_size(256)
-fn guard_commit_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn guard_commit_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let c = flat(gid, nwg);
     if (c >= gp.n || cstate[2] != 0.0) {
         return;

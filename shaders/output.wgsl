@@ -30,7 +30,11 @@ struct OutParams {
 // Read-only storage, not uniform: lavapipe recompiles a kernel whose loops or branches read a
 // uniform block each time a submit binds it (see runtime/src/gpu/params.rs). adapter_logits, at
 // the 8-storage-buffer limit, takes the same block as a uniform one below.
-@group(0) @binding(0) var<storage, read> op: OutParams;
+@group(0) @binding(0) var<uniform> op_in: OutParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> op: OutParams;
 
 var<workgroup> red: array<f32, 256>;
 var<workgroup> total: f32;
@@ -66,7 +70,11 @@ fn usable(v: f32) -> bool {
 @group(0) @binding(2) var<storage, read_write> ln_z: array<f32>;
 
 @compute @workgroup_size(64)
-fn lame_normalize(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn lame_normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= op.n {
         return;
@@ -88,7 +96,11 @@ fn lame_normalize(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(2) var<storage, read_write> la_d: array<f32>;
 
 @compute @workgroup_size(64)
-fn lame_affinity(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn lame_affinity(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let idx = gid.x + gid.y * nwg.x * 64u;
     let n = op.n;
     if idx >= n * n {
@@ -153,7 +165,11 @@ fn kth_pair(i: u32, k: u32, skip: u32) -> u32 {
 }
 
 @compute @workgroup_size(256)
-fn lame_kernel(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn lame_kernel(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     if op.flag == 2u {
@@ -236,7 +252,11 @@ fn lame_row(i: u32, use_pair: bool) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     let c = op.c;
@@ -303,7 +323,11 @@ fn le_candidate(k: u32) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn ls_prior_ema(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn ls_prior_ema(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let c = op.c;
     var bad = 0u;
@@ -336,7 +360,11 @@ fn ls_prior_ema(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read_write> lc_out: array<f32>;
 
 @compute @workgroup_size(64)
-fn ls_correct(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn ls_correct(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     let c = op.c;
     if i >= op.n {
@@ -367,7 +395,11 @@ fn ls_correct(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(5) var<storage, read_write> lm_info: array<f32>;
 
 @compute @workgroup_size(256)
-fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     let c = op.c;
@@ -430,7 +462,11 @@ fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(5) var<storage, read_write> lb_tmp: array<f32>;
 
 @compute @workgroup_size(256)
-fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     let c = op.c;

@@ -23,7 +23,11 @@ struct VecParams {
 
 // Read-only storage, not uniform: lavapipe recompiled eata_select per ETA step (0.5 MB each) when
 // its loop bounds came from a uniform block (see runtime/src/gpu/params.rs).
-@group(0) @binding(0) var<storage, read> sp: SelectParams;
+@group(0) @binding(0) var<uniform> sp_in: SelectParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> sp: SelectParams;
 @group(0) @binding(0) var<storage, read> vp: VecParams;
 
 // eata_select
@@ -58,7 +62,11 @@ fn wg_sum(t: u32, v: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let b = sp.b;
     let c = sp.c;
@@ -137,7 +145,11 @@ fn m_candidate(k: u32, b: u32, c: u32, n: f32, m_valid: bool) -> f32 {
 @group(0) @binding(2) var<storage, read_write> labels: array<f32>;
 
 @compute @workgroup_size(64)
-fn argmax_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn argmax_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= sp.b { return; }
     var best = 0u;
@@ -173,7 +185,11 @@ fn fisher_accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(5) var<storage, read_write> wopt_state: array<f32>;
 
 @compute @workgroup_size(256)
-fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let b = sp.b;
     let c = sp.c;
@@ -214,7 +230,11 @@ fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read_write> fsel: array<f32>;
 
 @compute @workgroup_size(256)
-fn entropy_filter(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn entropy_filter(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     var count = 0.0;
     for (var i = t; i < sp.b; i += WG) {
@@ -238,12 +258,20 @@ struct SlotParams {
     slots: u32,
     rho: f32,
 }
-@group(0) @binding(0) var<storage, read> qp: SlotParams;
+@group(0) @binding(0) var<uniform> qp_in: SlotParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> qp: SlotParams;
 @group(0) @binding(1) var<storage, read> qg: array<f32>;
 @group(0) @binding(2) var<storage, read_write> qnorms: array<f32>;
 
 @compute @workgroup_size(256)
-fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        qp = qp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     var s = 0.0;
     for (var i = t; i < qp.n; i += WG) {
@@ -263,7 +291,11 @@ fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read> pnorms: array<f32>;
 
 @compute @workgroup_size(64)
-fn sam_perturb(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn sam_perturb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        qp = qp_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= qp.n { return; }
     var s = 0.0;
@@ -280,7 +312,11 @@ fn sam_perturb(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(2) var<storage, read> rold: array<f32>;
 
 @compute @workgroup_size(64)
-fn sam_restore(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn sam_restore(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        qp = qp_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= qp.n { return; }
     rtheta[i] = rold[i];

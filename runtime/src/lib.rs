@@ -87,7 +87,7 @@ pub use adapt::config::Method;
 pub use adapt::session::{Prediction, Selection, Session};
 pub use engine::{Engine, Model, NonFinite};
 pub use error::{Error, ErrorKind, Result};
-pub use gpu::GpuContext;
+pub use gpu::{GpuContext, LimitsProfile};
 pub use ir::BatchNormInfo as BatchNorm;
 pub use stream::frame::{Frame, PixelFormat, Plane, Rotation};
 pub use stream::policy::{FrameResult, StreamOptions, StreamSession as Stream};
