@@ -60,10 +60,11 @@ var<workgroup> ep: EwcParams;
 @group(0) @binding(3) var<storage, read_write> terms3: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dz4: array<f32>;
 // cross_entropy_rows: labels, coefficients, terms, dz.
-@group(0) @binding(2) var<storage, read> labels2: array<f32>;
-@group(0) @binding(3) var<storage, read> coeff3: array<f32>;
-@group(0) @binding(4) var<storage, read_write> terms4: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dz5: array<f32>;
+// [labels (B), coefficients (B)], packed by layout.wgsl's gather3: downlevel limits allow 4
+// storage buffers per kernel.
+@group(0) @binding(2) var<storage, read> labels_coeff2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> terms3x: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dz4x: array<f32>;
 // diversity_mean: probabilities in, log of the batch mean and the per-class terms out.
 @group(0) @binding(1) var<storage, read> probs_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> logmean2: array<f32>;
@@ -74,12 +75,12 @@ var<workgroup> ep: EwcParams;
 // sum_terms: terms in, the 1-element loss out.
 @group(0) @binding(1) var<storage, read> terms_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> loss: array<f32>;
-// ewc: theta, theta*, Fisher, the parameter gradient, per-element terms.
+// ewc: theta, [theta* (n), Fisher (n)] packed by layout.wgsl's gather3 (downlevel limits allow 4
+// storage buffers per kernel), the parameter gradient, per-element terms.
 @group(0) @binding(1) var<storage, read> theta: array<f32>;
-@group(0) @binding(2) var<storage, read> theta_star: array<f32>;
-@group(0) @binding(3) var<storage, read> fisher: array<f32>;
-@group(0) @binding(4) var<storage, read_write> pgrad: array<f32>;
-@group(0) @binding(5) var<storage, read_write> terms5: array<f32>;
+@group(0) @binding(2) var<storage, read> star_fisher: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pgrad: array<f32>;
+@group(0) @binding(4) var<storage, read_write> terms4e: array<f32>;
 // fill
 @group(0) @binding(1) var<storage, read_write> fill_buf: array<f32>;
 
@@ -232,10 +233,10 @@ fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let base = row * rp.c;
     let ms = row_max_sum(base, lid);
     let log_s = log(ms.y);
-    let y = labels2[row];
+    let y = labels_coeff2[row];
     let valid = y >= 0.0 && y < f32(rp.c) && floor(y) == y;
     let yi = select(0u, u32(y), valid);
-    let ci = coeff3[row];
+    let ci = labels_coeff2[rp.b + row];
     for (var j = lid; j < rp.c; j = j + WG) {
         let p = exp(z[base + j] - ms.x) / ms.y;
         var g = ci * (p - select(0.0, 1.0, j == yi));
@@ -243,16 +244,16 @@ fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
             g = rp.nan;
         }
         if (rp.accumulate != 0u) {
-            dz5[base + j] = dz5[base + j] + g;
+            dz4x[base + j] = dz4x[base + j] + g;
         } else {
-            dz5[base + j] = g;
+            dz4x[base + j] = g;
         }
     }
     if (lid == 0u) {
         if (valid) {
-            terms4[row] = ci * -((z[base + yi] - ms.x) - log_s);
+            terms3x[row] = ci * -((z[base + yi] - ms.x) - log_s);
         } else {
-            terms4[row] = rp.nan;
+            terms3x[row] = rp.nan;
         }
     }
 }
@@ -335,10 +336,10 @@ fn ewc(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     if (i >= ep.n) {
         return;
     }
-    let d = theta[i] - theta_star[i];
-    let f = fisher[i];
+    let d = theta[i] - star_fisher[i];
+    let f = star_fisher[ep.n + i];
     pgrad[i] = pgrad[i] + ep.two_lambda * (f * d);
-    terms5[i] = f * (d * d);
+    terms4e[i] = f * (d * d);
 }
 
 @compute @workgroup_size(256)

@@ -15,8 +15,9 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read_write> state: array<f32>;
 @group(0) @binding(2) var<storage, read_write> param: array<f32>;
 @group(0) @binding(3) var<storage, read> grad: array<f32>;
+// SGD's momentum buffer, or Adam's moments [m (n), v (n)] in one buffer: downlevel (phone) limits
+// allow 4 storage buffers per kernel.
 @group(0) @binding(4) var<storage, read_write> m1: array<f32>;
-@group(0) @binding(5) var<storage, read_write> m2: array<f32>;
 
 // `fill` binds the buffer it writes as binding 1.
 @group(0) @binding(1) var<storage, read_write> fill_buf: array<f32>;
@@ -150,7 +151,7 @@ fn adam_candidate(i: u32, t: f32) -> vec3<f32> {
     } else {
         m = g - (g - m0) * (1.0 - ap.w1);
     }
-    let v = m2[i] * ap.beta2 + (ap.w2 * g) * g;
+    let v = m1[ap.n + i] * ap.beta2 + (ap.w2 * g) * g;
     let bias_correction1 = -expm1_neg(t * ap.ln_beta1);
     let bias_correction2 = -expm1_neg(t * ap.ln_beta2);
     let step_size = ap.lr / bias_correction1;
@@ -198,7 +199,7 @@ fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     }
     let r = adam_candidate(i, state[0] + 1.0);
     m1[i] = r.y;
-    m2[i] = r.z;
+    m1[ap.n + i] = r.z;
     param[i] = r.x;
 }
 

@@ -315,15 +315,21 @@ fn roid_ensemble(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 @group(0) @binding(5) var<storage, read> ck_coef5: array<f32>;
 @group(0) @binding(5) var<storage, read> ck_src5: array<f32>;
 @group(0) @binding(6) var<storage, read> ck_coef6: array<f32>;
-@group(0) @binding(6) var<storage, read> ck_src6: array<f32>;
-@group(0) @binding(7) var<storage, read> ck_coef7: array<f32>;
 
 fn roid_ensemble_bad(p: f32, s: f32, a: f32, one_minus_a: f32) -> bool {
     return non_finite(a * p + one_minus_a * s);
 }
 
 @compute @workgroup_size(256)
-fn roid_sgd_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn roid_sgd_ensemble_check(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if i >= sp.n {
         return;
@@ -338,8 +344,15 @@ fn roid_sgd_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @built
 }
 
 @compute @workgroup_size(256)
-fn roid_sgd_momentum_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>,
-                                    @builtin(num_workgroups) nwg: vec3<u32>) {
+fn roid_sgd_momentum_ensemble_check(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if i >= sp.n {
         return;
@@ -354,7 +367,15 @@ fn roid_sgd_momentum_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32
 }
 
 @compute @workgroup_size(256)
-fn roid_adam_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn roid_adam_ensemble_check(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        ap = ap_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if i >= ap.n {
         return;
@@ -363,7 +384,7 @@ fn roid_adam_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @buil
     if gate_open() {
         p = adam_candidate(i, bitcast<f32>(atomicLoad(&gstate[0])) + 1.0).x;
     }
-    if roid_ensemble_bad(p, ck_src6[i], ck_coef7[0], ck_coef7[1]) {
+    if roid_ensemble_bad(p, ck_src5[i], ck_coef6[0], ck_coef6[1]) {
         trip();
     }
 }

@@ -78,6 +78,8 @@ pub mod ops;
 #[doc(hidden)]
 pub mod plan;
 #[doc(hidden)]
+pub mod selftest;
+#[doc(hidden)]
 pub mod stream;
 #[doc(hidden)]
 pub mod tensor;
@@ -88,6 +90,7 @@ pub use adapt::session::{Prediction, Selection, Session};
 pub use engine::{Engine, Model, NonFinite};
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::{GpuContext, LimitsProfile};
+pub use selftest::SelfTestReport;
 pub use ir::BatchNormInfo as BatchNorm;
 pub use stream::frame::{Frame, PixelFormat, Plane, Rotation};
 pub use stream::policy::{FrameResult, StreamOptions, StreamSession as Stream};

@@ -109,6 +109,9 @@ pub struct Session {
 
 impl Session {
     pub fn new(ctx: &GpuContext, model: Model, config: AdaptConfig) -> crate::Result<Session> {
+        if config.gpu.self_test {
+            ctx.self_test_once()?;
+        }
         let graph = &model.graph;
         let bns = graph.batch_norms();
         let method = config.adapt.method;
