@@ -389,10 +389,9 @@ fn ls_correct(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invo
 @group(0) @binding(2) var<storage, read> lm_ps: array<f32>;
 // [C]: the estimate
 @group(0) @binding(3) var<storage, read_write> lm_q: array<f32>;
-// [N]: row normalisers
+// [N + 2]: row normalisers, then [iterations run, last Σ|q' − q|] (one buffer: downlevel limits
+// allow 4 storage buffers per kernel)
 @group(0) @binding(4) var<storage, read_write> lm_z: array<f32>;
-// [iterations run, last Σ|q' − q|]
-@group(0) @binding(5) var<storage, read_write> lm_info: array<f32>;
 
 @compute @workgroup_size(256)
 fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
@@ -444,8 +443,8 @@ fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation
         }
     }
     if t == 0u {
-        lm_info[0] = f32(iterations);
-        lm_info[1] = diff;
+        lm_z[n] = f32(iterations);
+        lm_z[n + 1u] = diff;
     }
 }
 
@@ -454,12 +453,19 @@ fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation
 // from the source confusion matrix; q = ŵ ⊙ p_s / Σ(ŵ ⊙ p_s), or p_s when that sum is not
 // positive (every weight clipped).
 @group(0) @binding(1) var<storage, read> lb_p: array<f32>;
-@group(0) @binding(2) var<storage, read> lb_m: array<f32>;
-@group(0) @binding(3) var<storage, read> lb_ps: array<f32>;
 // [C]: the estimate
-@group(0) @binding(4) var<storage, read_write> lb_q: array<f32>;
-// [N + C]: each row's argmax, then μ̂
-@group(0) @binding(5) var<storage, read_write> lb_tmp: array<f32>;
+@group(0) @binding(2) var<storage, read_write> lb_q: array<f32>;
+// [N + C + C·C + C]: each row's argmax, then μ̂, then M and p_s (copied in by layout.wgsl's
+// gather3: downlevel limits allow 4 storage buffers per kernel)
+@group(0) @binding(3) var<storage, read_write> lb_tmp: array<f32>;
+
+fn lb_m(i: u32) -> f32 {
+    return lb_tmp[op.n + op.c + i];
+}
+
+fn lb_ps(k: u32) -> f32 {
+    return lb_tmp[op.n + op.c + op.c * op.c + k];
+}
 
 @compute @workgroup_size(256)
 fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
@@ -495,15 +501,15 @@ fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocati
     for (var k = t; k < c; k += WG) {
         var w = 0.0;
         for (var j = 0u; j < c; j++) {
-            w += lb_m[k * c + j] * lb_tmp[n + j];
+            w += lb_m(k * c + j) * lb_tmp[n + j];
         }
-        let wp = max(w, 0.0) * lb_ps[k];
+        let wp = max(w, 0.0) * lb_ps(k);
         lb_q[k] = wp;
         part += wp;
     }
     let s = wg_sum(t, part);
     for (var k = t; k < c; k += WG) {
-        lb_q[k] = select(lb_ps[k], lb_q[k] / s, usable(s));
+        lb_q[k] = select(lb_ps(k), lb_q[k] / s, usable(s));
     }
 }
 
