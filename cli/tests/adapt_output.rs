@@ -328,7 +328,7 @@ fn em_and_bbse_match_f64(ctx: GpuContext) {
     // Clipping everything (μ̂ outside the confusion matrix's cone) falls back to p_s.
     let diag = vec![1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
     let neg: Vec<f32> = output::bbse_matrix(&diag, c).unwrap().iter().map(|v| -v).collect();
-    let mut values = vec![p.clone(), neg, ps.clone(), vec![0.0; c], vec![0.0; n + c]];
+    let mut values = vec![p.clone(), neg, ps.clone(), vec![0.0; c], vec![0.0; n + 2 * c + c * c]];
     run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("BBSE runs");
     assert_eq!(values[3], ps, "every weight clipped: the estimate is p_s");
 }
