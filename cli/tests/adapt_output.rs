@@ -308,7 +308,8 @@ fn em_and_bbse_match_f64(ctx: GpuContext) {
     ];
     let m = output::bbse_matrix(&conf, c).expect("invertible");
     let mut values = vec![p.clone(), m.clone(), ps.clone(), vec![0.0; c], vec![0.0; n + 2 * c + c * c]];
-    let ds = output::bbse(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), BufRef::Value(4), n, c);
+    let ds =
+        output::bbse(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), BufRef::Value(4), n, c);
     run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("BBSE runs");
     // Host: solve (CᵀC + 1e-8 I) w = Cᵀ μ by normal equations in f64 (independent of the
     // runtime's explicit inverse), clip, reweight.

@@ -45,11 +45,7 @@ const WITHIN_BUDGET: &[&str] = &[
 
 /// Scenarios whose kernels still exceed the downlevel storage budget (see the README's
 /// "Phone GPUs" section for the list of kernels).
-const OVER_BUDGET: &[&str] = &[
-    "tiny_lame_rbf",
-    "tiny_ls_adapter",
-    "tiny_roid_sgd_nesterov",
-];
+const OVER_BUDGET: &[&str] = &["tiny_lame_rbf", "tiny_ls_adapter", "tiny_roid_sgd_nesterov"];
 
 /// The downlevel context (ACCLIMATE_ALLOW_NO_GPU=1 skips, as `#[gpu_test]` does).
 fn downlevel() -> Option<GpuContext> {
@@ -89,7 +85,8 @@ fn close(what: &str, got: &[f64], want: &[f64], errors: &mut Vec<String>) {
         return;
     }
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-2);
-    let err = got.iter().zip(want).fold(0.0f64, |m, (a, b)| if a.is_nan() && b.is_nan() { m } else { m.max((a - b).abs()) });
+    let err =
+        got.iter().zip(want).fold(0.0f64, |m, (a, b)| if a.is_nan() && b.is_nan() { m } else { m.max((a - b).abs()) });
     if !(err / scale <= 1e-4 || err <= 1e-6) {
         errors.push(format!("{what}: max error {err:.3e} = {:.3e} relative (> 1e-4)", err / scale));
     }
@@ -132,7 +129,12 @@ fn the_downlevel_context_has_exactly_the_downlevel_limits(ctx: GpuContext) {
     // Where the adapter offers more, the request is downlevel's value exactly.
     let adapter = ctx.limits();
     for (name, g, w, a) in [
-        ("max_storage_buffer_binding_size", got.max_storage_buffer_binding_size, want.max_storage_buffer_binding_size, adapter.max_storage_buffer_binding_size),
+        (
+            "max_storage_buffer_binding_size",
+            got.max_storage_buffer_binding_size,
+            want.max_storage_buffer_binding_size,
+            adapter.max_storage_buffer_binding_size,
+        ),
         ("max_buffer_size", got.max_buffer_size, want.max_buffer_size, adapter.max_buffer_size),
     ] {
         assert_eq!(g, w.min(a), "{name}");
@@ -208,7 +210,9 @@ fn methods_over_the_storage_budget_are_refused_with_the_pipeline_named() {
         };
         for msg in msgs {
             assert!(
-                msg.contains("pipeline") && msg.contains(".wgsl::") && msg.contains("max_storage_buffers_per_shader_stage"),
+                msg.contains("pipeline")
+                    && msg.contains(".wgsl::")
+                    && msg.contains("max_storage_buffers_per_shader_stage"),
                 "{name}: {msg}"
             );
         }
@@ -251,7 +255,11 @@ fn compare_streams(mode: &str, extra: &str, ctx: &GpuContext, dl: &GpuContext) {
     assert!(a.iter().any(|r| r.1), "{mode}: no step ran");
     for (x, y) in a.iter().zip(&b) {
         assert_eq!((x.0, x.1), (y.0, y.1), "{mode}: frame index and step");
-        assert_eq!(x.2.iter().map(|p| p.0).collect::<Vec<_>>(), y.2.iter().map(|p| p.0).collect::<Vec<_>>(), "{mode}: classes");
+        assert_eq!(
+            x.2.iter().map(|p| p.0).collect::<Vec<_>>(),
+            y.2.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "{mode}: classes"
+        );
         for (p, q) in x.2.iter().zip(&y.2).chain(x.3.iter().zip(&y.3)) {
             assert!((p.1 - q.1).abs() <= 1e-4, "{mode}: frame {} probability {} vs {}", x.0, p.1, q.1);
         }
@@ -264,7 +272,6 @@ fn a_stream_in_frame_and_batch_mode_matches_the_default_limits(ctx: GpuContext) 
     compare_streams("frame", "[stream]\nmode = \"frame\"\nwindow = 3\nadapt_every = 2\n", &ctx, &dl);
     compare_streams("batch", "[stream]\nmode = \"batch\"\nbatch = 3\n", &ctx, &dl);
 }
-
 
 /// The start-up self-test passes on this GPU under both limits, and stops at the stage whose
 /// reference is moved (so it can fail), naming the stage and the error.

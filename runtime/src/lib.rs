@@ -9,6 +9,7 @@
 //! | name | what it is |
 //! |---|---|
 //! | [`GpuContext`] | the wgpu device and queue (opened by Acclimate, or the app's own: [`GpuContext::from_device`]) |
+//! | [`LimitsProfile`], [`SelfTestReport`] | phone GPUs: [`GpuContext::with_limits`] opens the device with `wgpu::Limits::downlevel_defaults()` (or `ACCLIMATE_LIMITS=downlevel`); [`GpuContext::self_test`] checks the driver against a CPU reference |
 //! | [`Model`] | a loaded, validated ONNX model: [`Model::input_shape`], [`Model::num_classes`], [`Model::batch_norms`] |
 //! | [`Engine`] | plain inference: tensors in, logits out |
 //! | [`Config`] | the adaptation config (the TOML file: `[adapt]`, `[optimizer]`, `[stream]`, `[preprocess]`, …) |
@@ -90,8 +91,8 @@ pub use adapt::session::{Prediction, Selection, Session};
 pub use engine::{Engine, Model, NonFinite};
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::{GpuContext, LimitsProfile};
-pub use selftest::SelfTestReport;
 pub use ir::BatchNormInfo as BatchNorm;
+pub use selftest::SelfTestReport;
 pub use stream::frame::{Frame, PixelFormat, Plane, Rotation};
 pub use stream::policy::{FrameResult, StreamOptions, StreamSession as Stream};
 pub use stream::preprocess::PreprocessSpec as Preprocess;

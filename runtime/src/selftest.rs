@@ -142,7 +142,13 @@ impl Golden {
                 name: Some("acclimate-self-test".into()),
                 node: [
                     node("Conv", "conv", &["x", "conv.w", "conv.b"], "conv", vec![ints("pads", &[1, 1, 1, 1])]),
-                    node("BatchNormalization", "bn", &["conv", "bn.weight", "bn.bias", "bn.mean", "bn.var"], "bn", vec![]),
+                    node(
+                        "BatchNormalization",
+                        "bn",
+                        &["conv", "bn.weight", "bn.bias", "bn.mean", "bn.var"],
+                        "bn",
+                        vec![],
+                    ),
                     node("Relu", "relu", &["bn"], "relu", vec![]),
                     node("GlobalAveragePool", "pool", &["relu"], "pool", vec![]),
                     node("Flatten", "flatten", &["pool"], "flat", vec![]),
@@ -239,7 +245,8 @@ fn head(g: &Golden, conv: Vec<f64>, stats: (&[f64], &[f64]), affine: (&[f64], &[
         })
         .collect();
     let relu: Vec<f64> = bn.iter().map(|&v| v.max(0.0)).collect();
-    let pool: Vec<f64> = (0..N * C).map(|i| relu[i * plane..(i + 1) * plane].iter().sum::<f64>() / plane as f64).collect();
+    let pool: Vec<f64> =
+        (0..N * C).map(|i| relu[i * plane..(i + 1) * plane].iter().sum::<f64>() / plane as f64).collect();
     let mut logits = vec![0.0; N * K];
     for n in 0..N {
         for k in 0..K {

@@ -582,7 +582,9 @@ mod tests {
                 let storage: std::collections::BTreeMap<_, _> = used
                     .iter()
                     .filter(|v| matches!(v.space, naga::AddressSpace::Storage { .. }))
-                    .filter_map(|v| v.binding.as_ref().map(|b| ((b.group, b.binding), v.name.clone().unwrap_or_default())))
+                    .filter_map(|v| {
+                        v.binding.as_ref().map(|b| ((b.group, b.binding), v.name.clone().unwrap_or_default()))
+                    })
                     .collect();
                 let name = format!("{}::{}", shader.file_name(), ep.name);
                 let known = OVER_DOWNLEVEL_BUDGET.contains(&name.as_str());
@@ -599,11 +601,8 @@ mod tests {
                 }
                 let mut layouter = naga::proc::Layouter::default();
                 layouter.update(module.to_ctx()).expect("layouts of a validated module");
-                let shared: u32 = used
-                    .iter()
-                    .filter(|v| v.space == naga::AddressSpace::WorkGroup)
-                    .map(|v| layouter[v.ty].size)
-                    .sum();
+                let shared: u32 =
+                    used.iter().filter(|v| v.space == naga::AddressSpace::WorkGroup).map(|v| layouter[v.ty].size).sum();
                 if shared > downlevel.max_compute_workgroup_storage_size {
                     wrong.push(format!(
                         "{name} uses {shared} B of workgroup storage, over {}",
