@@ -231,7 +231,10 @@ fn frames(n: usize) -> Vec<Frame> {
         .collect()
 }
 
-fn run_stream(ctx: &GpuContext, extra: &str, n: usize) -> Vec<(u64, bool, Vec<(usize, f32)>, Option<(usize, f32)>)> {
+/// One frame's result: index, whether a step ran, top-k, the source model's top-1.
+type Row = (u64, bool, Vec<(usize, f32)>, Option<(usize, f32)>);
+
+fn run_stream(ctx: &GpuContext, extra: &str, n: usize) -> Vec<Row> {
     let cfg = AdaptConfig::from_toml_str(&format!(
         "[adapt]\nmethod = \"tent\"\n[optimizer]\nkind = \"sgd\"\nlr = 0.05\nmomentum = 0.9\n{extra}"
     ))

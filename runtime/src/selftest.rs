@@ -285,7 +285,7 @@ fn tent_step(g: &Golden) -> (Vec<f64>, f64, Vec<f64>, Vec<f64>) {
     let r = head(g, conv.clone(), (&mean, &var), (&scale, &bias));
     // L = mean_i H_i, H_i = -Σ p log p; dL/dz_ij = -p_ij (log p_ij + H_i) / N.
     let mut loss = 0.0;
-    let mut dz = vec![0.0; N * K];
+    let mut dz = [0.0; N * K];
     for n in 0..N {
         let p = &r.probs[n * K..(n + 1) * K];
         let h: f64 = -p.iter().map(|&v| v * v.ln()).sum::<f64>();
@@ -323,13 +323,14 @@ pub fn compare_stage(stage: &str, got: &[f32], want: &[f64], tolerance: f64) -> 
     let mut worst = (0.0f64, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let e = (g as f64 - w).abs();
-        // NaN compares false: a non-finite value is always the worst.
-        if !(e <= worst.0) {
-            worst = (if e.is_finite() { e } else { f64::INFINITY }, i);
+        // A NaN or an infinity is always the worst.
+        let e = if e.is_finite() { e } else { f64::INFINITY };
+        if e > worst.0 {
+            worst = (e, i);
         }
     }
     let rel = worst.0 / scale;
-    if !(rel <= tolerance) {
+    if rel > tolerance {
         return Err(GpuError::SelfTest {
             stage: stage.to_string(),
             detail: format!(
