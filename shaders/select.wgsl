@@ -21,8 +21,9 @@ struct VecParams {
     scale: f32,
 }
 
-// Read-only storage, not uniform: lavapipe recompiled eata_select per ETA step (0.5 MB each) when
-// its loop bounds came from a uniform block (see runtime/src/gpu/params.rs).
+// Uniform, but read only through workgroup memory: lavapipe recompiled eata_select per ETA step
+// (0.5 MB each) when its loop bounds came straight from a uniform block (see
+// runtime/src/gpu/params.rs).
 @group(0) @binding(0) var<uniform> sp_in: SelectParams;
 // Staged through workgroup memory at the top of every entry point that reads it (see
 // runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
