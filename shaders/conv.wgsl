@@ -58,7 +58,11 @@ struct ConvParams {
     pads: vec4<i32>,
 }
 
-@group(0) @binding(0) var<storage, read> p: ConvParams;
+@group(0) @binding(0) var<uniform> p_in: ConvParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> p: ConvParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -119,6 +123,10 @@ fn conv_gemm(
     @builtin(local_invocation_index) lidx: u32,
     @builtin(workgroup_id) wid: vec3<u32>,
 ) {
+    if lidx == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
     let img = wid.z / p.groups;
@@ -191,7 +199,11 @@ fn conv_gemm(
 }
 
 @compute @workgroup_size(256)
-fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= p.total { return; }
     let pos = i % p.p;

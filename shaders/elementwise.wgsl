@@ -363,7 +363,11 @@ struct GradParams {
     red_oth1: vec4<u32>,
 }
 
-@group(0) @binding(0) var<storage, read> gp: GradParams;
+@group(0) @binding(0) var<uniform> gp_in: GradParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> gp: GradParams;
 // Product kernels bind dy, A, B, dX; sum kernels bind dy, dX.
 @group(0) @binding(2) var<storage, read> ga: array<f32>;
 @group(0) @binding(3) var<storage, read> gb: array<f32>;
@@ -441,7 +445,11 @@ fn store_grad2(j: u32, v: f32) {
 }
 
 @compute @workgroup_size(256)
-fn binary_grad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn binary_grad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let j = flat(gid, nwg);
     if j >= gp.n { return; }
     let base = kept_base(j);
@@ -455,7 +463,11 @@ fn binary_grad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
 }
 
 @compute @workgroup_size(256)
-fn binary_grad_sum_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn binary_grad_sum_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let j = flat(gid, nwg);
     if j >= gp.n { return; }
     let base = kept_base(j).x;
@@ -489,6 +501,10 @@ fn binary_grad_wg_main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
 ) {
+    if t == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let j = wid.x + wid.y * nwg.x;
     // Uniform per workgroup, so the barriers in tree_sum stay in uniform control flow.
     if j >= gp.n { return; }
@@ -509,6 +525,10 @@ fn binary_grad_sum_wg_main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
 ) {
+    if t == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let j = wid.x + wid.y * nwg.x;
     if j >= gp.n { return; }
     let base = kept_base(j).x;

@@ -244,3 +244,63 @@ fn pad_fold_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     }
     store_grad(i, acc);
 }
+
+// Packing for kernels over the downlevel budget of 4 storage buffers per stage (phone GPUs,
+// `wgpu::Limits::downlevel_defaults()`): gather3 copies up to three small buffers into one at
+// word offsets, scatter2 copies two ranges of one buffer out, so a kernel binds one packed buffer
+// where it would bind several. Words move unchanged, so results stay bit-identical.
+// A source with n = 0 is not read (bind any buffer there).
+struct PackParams {
+    n0: u32,
+    n1: u32,
+    n2: u32,
+    _p0: u32,
+    off0: u32,
+    off1: u32,
+    off2: u32,
+    _p1: u32,
+}
+
+// Four storage buffers besides the block: it is a uniform block, staged through workgroup
+// memory (see runtime/src/gpu/params.rs).
+@group(0) @binding(0) var<uniform> kp_in: PackParams;
+var<workgroup> kp: PackParams;
+@group(0) @binding(1) var<storage, read> pk_a: array<u32>;
+@group(0) @binding(2) var<storage, read> pk_b: array<u32>;
+@group(0) @binding(3) var<storage, read> pk_c: array<u32>;
+@group(0) @binding(4) var<storage, read_write> pk_dst: array<u32>;
+
+@compute @workgroup_size(256)
+fn gather3(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        kp = kp_in;
+    }
+    workgroupBarrier();
+    let i = flat(gid, nwg);
+    if i < kp.n0 { pk_dst[kp.off0 + i] = pk_a[i]; }
+    if i < kp.n1 { pk_dst[kp.off1 + i] = pk_b[i]; }
+    if i < kp.n2 { pk_dst[kp.off2 + i] = pk_c[i]; }
+}
+
+@group(0) @binding(1) var<storage, read> sc_src: array<u32>;
+@group(0) @binding(2) var<storage, read_write> sc_a: array<u32>;
+@group(0) @binding(3) var<storage, read_write> sc_b: array<u32>;
+
+@compute @workgroup_size(256)
+fn scatter2(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        kp = kp_in;
+    }
+    workgroupBarrier();
+    let i = flat(gid, nwg);
+    if i < kp.n0 { sc_a[i] = sc_src[kp.off0 + i]; }
+    if i < kp.n1 { sc_b[i] = sc_src[kp.off1 + i]; }
+}

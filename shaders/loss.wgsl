@@ -37,9 +37,17 @@ struct FillParams {
     value: f32,
 }
 
-@group(0) @binding(0) var<storage, read> rp: RowParams;
+@group(0) @binding(0) var<uniform> rp_in: RowParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> rp: RowParams;
 @group(0) @binding(0) var<storage, read> sp: SumParams;
-@group(0) @binding(0) var<storage, read> ep: EwcParams;
+@group(0) @binding(0) var<uniform> ep_in: EwcParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> ep: EwcParams;
 @group(0) @binding(0) var<storage, read> fp: FillParams;
 
 // Row kernels: z is binding 1.
@@ -52,10 +60,11 @@ struct FillParams {
 @group(0) @binding(3) var<storage, read_write> terms3: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dz4: array<f32>;
 // cross_entropy_rows: labels, coefficients, terms, dz.
-@group(0) @binding(2) var<storage, read> labels2: array<f32>;
-@group(0) @binding(3) var<storage, read> coeff3: array<f32>;
-@group(0) @binding(4) var<storage, read_write> terms4: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dz5: array<f32>;
+// [labels (B), coefficients (B)], packed by layout.wgsl's gather3: downlevel limits allow 4
+// storage buffers per kernel.
+@group(0) @binding(2) var<storage, read> labels_coeff2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> terms3x: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dz4x: array<f32>;
 // diversity_mean: probabilities in, log of the batch mean and the per-class terms out.
 @group(0) @binding(1) var<storage, read> probs_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> logmean2: array<f32>;
@@ -66,12 +75,12 @@ struct FillParams {
 // sum_terms: terms in, the 1-element loss out.
 @group(0) @binding(1) var<storage, read> terms_in: array<f32>;
 @group(0) @binding(2) var<storage, read_write> loss: array<f32>;
-// ewc: theta, theta*, Fisher, the parameter gradient, per-element terms.
+// ewc: theta, [theta* (n), Fisher (n)] packed by layout.wgsl's gather3 (downlevel limits allow 4
+// storage buffers per kernel), the parameter gradient, per-element terms.
 @group(0) @binding(1) var<storage, read> theta: array<f32>;
-@group(0) @binding(2) var<storage, read> theta_star: array<f32>;
-@group(0) @binding(3) var<storage, read> fisher: array<f32>;
-@group(0) @binding(4) var<storage, read_write> pgrad: array<f32>;
-@group(0) @binding(5) var<storage, read_write> terms5: array<f32>;
+@group(0) @binding(2) var<storage, read> star_fisher: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pgrad: array<f32>;
+@group(0) @binding(4) var<storage, read_write> terms4e: array<f32>;
 // fill
 @group(0) @binding(1) var<storage, read_write> fill_buf: array<f32>;
 
@@ -138,6 +147,10 @@ fn row_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 @compute @workgroup_size(256)
 fn softmax_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -157,6 +170,10 @@ fn softmax_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 @compute @workgroup_size(256)
 fn softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -172,6 +189,10 @@ fn softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256)
 fn entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -201,6 +222,10 @@ fn entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256)
 fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -208,10 +233,10 @@ fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let base = row * rp.c;
     let ms = row_max_sum(base, lid);
     let log_s = log(ms.y);
-    let y = labels2[row];
+    let y = labels_coeff2[row];
     let valid = y >= 0.0 && y < f32(rp.c) && floor(y) == y;
     let yi = select(0u, u32(y), valid);
-    let ci = coeff3[row];
+    let ci = labels_coeff2[rp.b + row];
     for (var j = lid; j < rp.c; j = j + WG) {
         let p = exp(z[base + j] - ms.x) / ms.y;
         var g = ci * (p - select(0.0, 1.0, j == yi));
@@ -219,16 +244,16 @@ fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
             g = rp.nan;
         }
         if (rp.accumulate != 0u) {
-            dz5[base + j] = dz5[base + j] + g;
+            dz4x[base + j] = dz4x[base + j] + g;
         } else {
-            dz5[base + j] = g;
+            dz4x[base + j] = g;
         }
     }
     if (lid == 0u) {
         if (valid) {
-            terms4[row] = ci * -((z[base + yi] - ms.x) - log_s);
+            terms3x[row] = ci * -((z[base + yi] - ms.x) - log_s);
         } else {
-            terms4[row] = rp.nan;
+            terms3x[row] = rp.nan;
         }
     }
 }
@@ -236,7 +261,11 @@ fn cross_entropy_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 // Per class j (one thread each): pbar_j = mean_i p_ij, logmean_j = log pbar_j and
 // term_j = pbar_j log pbar_j, both 0 where pbar_j = 0 (the limit; every p_ij is then 0 too).
 @compute @workgroup_size(256)
-fn diversity_mean(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn diversity_mean(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let j = gid.x + gid.y * nwg.x * WG;
     if (j >= rp.c) {
         return;
@@ -255,6 +284,10 @@ fn diversity_mean(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 @compute @workgroup_size(256)
 fn diversity_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        rp = rp_in;
+    }
+    workgroupBarrier();
     let row = row_of(wid, nwg);
     if (row >= rp.b) {
         return;
@@ -294,15 +327,19 @@ fn sum_terms(@builtin(local_invocation_index) lid: u32) {
 
 // EWC: grad += 2 lambda F (theta - theta*); term = F (theta - theta*)^2.
 @compute @workgroup_size(256)
-fn ewc(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn ewc(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        ep = ep_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * WG;
     if (i >= ep.n) {
         return;
     }
-    let d = theta[i] - theta_star[i];
-    let f = fisher[i];
+    let d = theta[i] - star_fisher[i];
+    let f = star_fisher[ep.n + i];
     pgrad[i] = pgrad[i] + ep.two_lambda * (f * d);
-    terms5[i] = f * (d * d);
+    terms4e[i] = f * (d * d);
 }
 
 @compute @workgroup_size(256)

@@ -55,7 +55,11 @@ struct MatmulParams {
     c_bs: vec4<u32>,
 }
 
-@group(0) @binding(0) var<storage, read> p: MatmulParams;
+@group(0) @binding(0) var<uniform> p_in: MatmulParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read> c: array<f32>;
@@ -72,6 +76,10 @@ fn matmul_main(
     @builtin(local_invocation_index) lidx: u32,
     @builtin(workgroup_id) wid: vec3<u32>,
 ) {
+    if lidx == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
 

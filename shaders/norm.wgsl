@@ -13,22 +13,31 @@ struct BnParams {
     eps: f32,
 }
 
-@group(0) @binding(0) var<storage, read> p: BnParams;
+@group(0) @binding(0) var<uniform> p_in: BnParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> p: BnParams;
+// Four storage buffers at most (downlevel limits): scale, bias and mean arrive packed by
+// layout.wgsl's gather3 as [scale (C), bias (C), mean (C)].
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> scale: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read> mean: array<f32>;
-@group(0) @binding(5) var<storage, read> variance: array<f32>;
-@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<storage, read> sbm: array<f32>;
+@group(0) @binding(3) var<storage, read> variance: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 @compute @workgroup_size(256)
-fn batchnorm_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn batchnorm_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= p.n { return; }
     let c = (i / p.plane) % p.channels;
     // sqrt then divide, not inverseSqrt: inverseSqrt may be an approximation on some drivers.
     let inv_std = 1.0 / sqrt(variance[c] + p.eps);
-    y[i] = (x[i] - mean[c]) * inv_std * scale[c] + bias[c];
+    let cc = p.channels;
+    y[i] = (x[i] - sbm[2u * cc + c]) * inv_std * sbm[c] + sbm[cc + c];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -62,7 +71,11 @@ struct BnTrainParams {
 
 const WG: u32 = 256u;
 
-@group(0) @binding(0) var<storage, read> tp: BnTrainParams;
+@group(0) @binding(0) var<uniform> tp_in: BnTrainParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> tp: BnTrainParams;
 // bn_stats bindings
 @group(0) @binding(1) var<storage, read> sx: array<f32>;
 @group(0) @binding(2) var<storage, read_write> run_mean: array<f32>;
@@ -90,7 +103,11 @@ fn tree(t: u32) {
 }
 
 @compute @workgroup_size(256)
-fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let c = wid.x;
     let t = lid.x;
     let m = tp.n * tp.plane;
@@ -138,17 +155,25 @@ fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
 // (within-frame plus between-frame), which the within-frame variance alone underestimates.
 // The next evidence goes to `fnext` (committed by the parameter guard); stats gets
 // [mean_B, var_B, mean_u, var_u] as bn_stats writes it.
-@group(0) @binding(5) var<storage, read> fest: array<f32>;
-@group(0) @binding(6) var<storage, read_write> fnext: array<f32>;
+// Four storage buffers at most (downlevel limits): the source statistics and the evidence
+// arrive packed by gather3 as [src_mean (C), src_var (C), M1 (C), M2 (C), V (C), n].
+@group(0) @binding(1) var<storage, read> fx: array<f32>;
+@group(0) @binding(2) var<storage, read> fsrc: array<f32>;
+@group(0) @binding(3) var<storage, read_write> fstats: array<f32>;
+@group(0) @binding(4) var<storage, read_write> fnext: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let c = wid.x;
     let t = lid.x;
     let m = tp.n * tp.plane;
     var acc = 0.0;
     for (var i = t; i < m; i += WG) {
-        acc += sx[element(i, c)];
+        acc += fx[element(i, c)];
     }
     red[t] = acc;
     tree(t);
@@ -156,7 +181,7 @@ fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
     workgroupBarrier();
     var acc2 = 0.0;
     for (var i = t; i < m; i += WG) {
-        let d = sx[element(i, c)] - mean;
+        let d = fx[element(i, c)] - mean;
         acc2 += d * d;
     }
     red[t] = acc2;
@@ -165,16 +190,16 @@ fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
         let var_b = red[0] / f32(m);
         let cc = tp.channels;
         let w = f32(max(tp.window, 1u));
-        let seen = fest[3u * cc];
+        let seen = fsrc[5u * cc];
         let r = min(seen, w) / w;
-        let m1 = fest[c];
-        let m2 = fest[cc + c];
-        let v = fest[2u * cc + c];
+        let m1 = fsrc[2u * cc + c];
+        let m2 = fsrc[3u * cc + c];
+        let v = fsrc[4u * cc + c];
         let var_est = v + max(m2 - m1 * m1, 0.0);
-        stats[c] = mean;
-        stats[cc + c] = var_b;
-        stats[2u * cc + c] = run_mean[c] + tp.a_mean * r * (m1 - run_mean[c]);
-        stats[3u * cc + c] = run_var[c] + tp.a_var * r * (var_est - run_var[c]);
+        fstats[c] = mean;
+        fstats[cc + c] = var_b;
+        fstats[2u * cc + c] = fsrc[c] + tp.a_mean * r * (m1 - fsrc[c]);
+        fstats[3u * cc + c] = fsrc[cc + c] + tp.a_var * r * (var_est - fsrc[cc + c]);
         let rate = max(1.0 / w, 1.0 / (seen + 1.0));
         fnext[c] = m1 + rate * (mean - m1);
         fnext[cc + c] = m2 + rate * (mean * mean - m2);
@@ -186,37 +211,45 @@ fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
 }
 
 // bn_apply bindings
+// Four storage buffers at most (downlevel limits): packed by gather3 as
+// [scale (C), bias (C), mean_B, var_B, mean_u, var_u (C each)].
 @group(0) @binding(1) var<storage, read> ax: array<f32>;
-@group(0) @binding(2) var<storage, read> ascale: array<f32>;
-@group(0) @binding(3) var<storage, read> abias: array<f32>;
-@group(0) @binding(4) var<storage, read> astats: array<f32>;
-@group(0) @binding(5) var<storage, read_write> ay: array<f32>;
+@group(0) @binding(2) var<storage, read> apk: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ay: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= tp.n * tp.channels * tp.plane { return; }
     let c = (i / tp.plane) % tp.channels;
-    let inv_std = 1.0 / sqrt(astats[3u * tp.channels + c] + tp.eps);
-    ay[i] = (ax[i] - astats[2u * tp.channels + c]) * inv_std * ascale[c] + abias[c];
+    let cc = tp.channels;
+    let inv_std = 1.0 / sqrt(apk[5u * cc + c] + tp.eps);
+    ay[i] = (ax[i] - apk[4u * cc + c]) * inv_std * apk[c] + apk[cc + c];
 }
 
 // bn_backward_reduce bindings: per channel, dbeta = sum(dy), dgamma = sum(dy * xhat_u), and the
 // two coefficients of dx (k1, k2 below) into coef [2C].
+// Four storage buffers at most (downlevel limits): one packed buffer, filled by gather3 with
+// [scale (C), mean_B, var_B, mean_u, var_u (C each)], gets coef (2C), dscale (C) and dbias (C)
+// after them; scatter2 copies dscale and dbias out to the gradients.
 @group(0) @binding(1) var<storage, read> rx: array<f32>;
 @group(0) @binding(2) var<storage, read> rdy: array<f32>;
-@group(0) @binding(3) var<storage, read> rscale: array<f32>;
-@group(0) @binding(4) var<storage, read> rstats: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dscale: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(7) var<storage, read_write> coef: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rpk: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let c = wid.x;
     let t = lid.x;
     let m = tp.n * tp.plane;
-    let mean_u = rstats[2u * tp.channels + c];
+    let mean_u = rpk[3u * tp.channels + c];
     var s1 = 0.0;
     for (var i = t; i < m; i += WG) {
         s1 += rdy[element(i, c)];
@@ -234,34 +267,38 @@ fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(wor
     tree(t);
     if t == 0u {
         let sum_dy_xc = red[0];
-        let var_u = rstats[3u * tp.channels + c];
+        let var_u = rpk[4u * tp.channels + c];
         let inv_std = 1.0 / sqrt(var_u + tp.eps);
-        let g = rscale[c];
-        dbias[c] = sum_dy;
-        dscale[c] = sum_dy_xc * inv_std;
+        let g = rpk[c];
+        rpk[8u * tp.channels + c] = sum_dy;
+        rpk[7u * tp.channels + c] = sum_dy_xc * inv_std;
         // dL/dmean_u and dL/dvar_u through xhat; the chain to x goes through mean_B and var_B.
         let d_mean_u = -g * inv_std * sum_dy;
         let d_var_u = -0.5 * g * sum_dy_xc * inv_std * inv_std * inv_std;
-        coef[c] = d_mean_u * tp.a_mean / f32(m);
-        coef[tp.channels + c] = d_var_u * tp.a_var * 2.0 / f32(m);
+        rpk[5u * tp.channels + c] = d_mean_u * tp.a_mean / f32(m);
+        rpk[6u * tp.channels + c] = d_var_u * tp.a_var * 2.0 / f32(m);
     }
 }
 
 // bn_backward_dx bindings: dx = g * dy / s + k1 + k2 * (x - mean_B).
+// The packed buffer of bn_backward_reduce: [scale, mean_B, var_B, mean_u, var_u, k1, k2, ...].
 @group(0) @binding(1) var<storage, read> bx: array<f32>;
 @group(0) @binding(2) var<storage, read> bdy: array<f32>;
-@group(0) @binding(3) var<storage, read> bscale: array<f32>;
-@group(0) @binding(4) var<storage, read> bstats: array<f32>;
-@group(0) @binding(5) var<storage, read> bcoef: array<f32>;
-@group(0) @binding(6) var<storage, read_write> bdx: array<f32>;
+@group(0) @binding(3) var<storage, read> bpk: array<f32>;
+@group(0) @binding(4) var<storage, read_write> bdx: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn bn_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= tp.n * tp.channels * tp.plane { return; }
     let c = (i / tp.plane) % tp.channels;
-    let inv_std = 1.0 / sqrt(bstats[3u * tp.channels + c] + tp.eps);
-    let v = bscale[c] * bdy[i] * inv_std + bcoef[c] + bcoef[tp.channels + c] * (bx[i] - bstats[c]);
+    let cc = tp.channels;
+    let inv_std = 1.0 / sqrt(bpk[4u * cc + c] + tp.eps);
+    let v = bpk[c] * bdy[i] * inv_std + bpk[5u * cc + c] + bpk[6u * cc + c] * (bx[i] - bpk[cc + c]);
     if tp.accumulate != 0u {
         bdx[i] = bdx[i] + v;
     } else {

@@ -15,8 +15,9 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read_write> state: array<f32>;
 @group(0) @binding(2) var<storage, read_write> param: array<f32>;
 @group(0) @binding(3) var<storage, read> grad: array<f32>;
+// SGD's momentum buffer, or Adam's moments [m (n), v (n)] in one buffer: downlevel (phone) limits
+// allow 4 storage buffers per kernel.
 @group(0) @binding(4) var<storage, read_write> m1: array<f32>;
-@group(0) @binding(5) var<storage, read_write> m2: array<f32>;
 
 // `fill` binds the buffer it writes as binding 1.
 @group(0) @binding(1) var<storage, read_write> fill_buf: array<f32>;
@@ -62,8 +63,16 @@ struct FillParams {
     value: f32,
 }
 
-@group(0) @binding(0) var<storage, read> sp: SgdParams;
-@group(0) @binding(0) var<storage, read> ap: AdamParams;
+@group(0) @binding(0) var<uniform> sp_in: SgdParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> sp: SgdParams;
+@group(0) @binding(0) var<uniform> ap_in: AdamParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> ap: AdamParams;
 @group(0) @binding(0) var<storage, read> stp: StateParams;
 @group(0) @binding(0) var<storage, read> cp: CommitParams;
 @group(0) @binding(0) var<storage, read> fp: FillParams;
@@ -142,7 +151,7 @@ fn adam_candidate(i: u32, t: f32) -> vec3<f32> {
     } else {
         m = g - (g - m0) * (1.0 - ap.w1);
     }
-    let v = m2[i] * ap.beta2 + (ap.w2 * g) * g;
+    let v = m1[ap.n + i] * ap.beta2 + (ap.w2 * g) * g;
     let bias_correction1 = -expm1_neg(t * ap.ln_beta1);
     let bias_correction2 = -expm1_neg(t * ap.ln_beta2);
     let step_size = ap.lr / bias_correction1;
@@ -151,7 +160,11 @@ fn adam_candidate(i: u32, t: f32) -> vec3<f32> {
 }
 
 @compute @workgroup_size(256)
-fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || state[1] == 0.0) {
         return;
@@ -160,7 +173,11 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
 }
 
 @compute @workgroup_size(256)
-fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || state[1] == 0.0) {
         return;
@@ -171,14 +188,18 @@ fn sgd_momentum_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 }
 
 @compute @workgroup_size(256)
-fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        ap = ap_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= ap.n || state[1] == 0.0) {
         return;
     }
     let r = adam_candidate(i, state[0] + 1.0);
     m1[i] = r.y;
-    m2[i] = r.z;
+    m1[ap.n + i] = r.z;
     param[i] = r.x;
 }
 
@@ -224,7 +245,11 @@ fn guard_begin() {
 }
 
 @compute @workgroup_size(256)
-fn sgd_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || !gate_open()) {
         return;
@@ -235,7 +260,11 @@ fn sgd_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 }
 
 @compute @workgroup_size(256)
-fn sgd_momentum_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn sgd_momentum_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= sp.n || !gate_open()) {
         return;
@@ -247,7 +276,11 @@ fn sgd_momentum_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 }
 
 @compute @workgroup_size(256)
-fn adam_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn adam_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        ap = ap_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= ap.n || !gate_open()) {
         return;
@@ -264,11 +297,19 @@ struct CheckParams {
     offset: u32,
 }
 
-@group(0) @binding(0) var<storage, read> gp: CheckParams;
+@group(0) @binding(0) var<uniform> gp_in: CheckParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> gp: CheckParams;
 @group(0) @binding(2) var<storage, read> checked: array<f32>;
 
 @compute @workgroup_size(256)
-fn guard_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn guard_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= gp.n) {
         return;
@@ -287,7 +328,11 @@ fn guard_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @group(0) @binding(3) var<storage, read_write> cdst: array<f32>;
 
 @compute @workgroup_size(256)
-fn guard_commit_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn guard_commit_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if (i >= gp.n || cstate[2] != 0.0) {
         return;
@@ -300,7 +345,11 @@ fn guard_commit_copy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 @group(0) @binding(4) var<storage, read_write> crun_var: array<f32>;
 
 @compute @workgroup_size(256)
-fn guard_commit_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn guard_commit_stats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        gp = gp_in;
+    }
+    workgroupBarrier();
     let c = flat(gid, nwg);
     if (c >= gp.n || cstate[2] != 0.0) {
         return;

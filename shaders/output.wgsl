@@ -30,7 +30,11 @@ struct OutParams {
 // Read-only storage, not uniform: lavapipe recompiles a kernel whose loops or branches read a
 // uniform block each time a submit binds it (see runtime/src/gpu/params.rs). adapter_logits, at
 // the 8-storage-buffer limit, takes the same block as a uniform one below.
-@group(0) @binding(0) var<storage, read> op: OutParams;
+@group(0) @binding(0) var<uniform> op_in: OutParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> op: OutParams;
 
 var<workgroup> red: array<f32, 256>;
 var<workgroup> total: f32;
@@ -66,7 +70,11 @@ fn usable(v: f32) -> bool {
 @group(0) @binding(2) var<storage, read_write> ln_z: array<f32>;
 
 @compute @workgroup_size(64)
-fn lame_normalize(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn lame_normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= op.n {
         return;
@@ -88,7 +96,11 @@ fn lame_normalize(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(2) var<storage, read_write> la_d: array<f32>;
 
 @compute @workgroup_size(64)
-fn lame_affinity(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn lame_affinity(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let idx = gid.x + gid.y * nwg.x * 64u;
     let n = op.n;
     if idx >= n * n {
@@ -153,7 +165,11 @@ fn kth_pair(i: u32, k: u32, skip: u32) -> u32 {
 }
 
 @compute @workgroup_size(256)
-fn lame_kernel(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn lame_kernel(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     if op.flag == 2u {
@@ -236,7 +252,11 @@ fn lame_row(i: u32, use_pair: bool) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     let c = op.c;
@@ -303,7 +323,11 @@ fn le_candidate(k: u32) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn ls_prior_ema(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn ls_prior_ema(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let c = op.c;
     var bad = 0u;
@@ -336,7 +360,11 @@ fn ls_prior_ema(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read_write> lc_out: array<f32>;
 
 @compute @workgroup_size(64)
-fn ls_correct(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn ls_correct(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     let c = op.c;
     if i >= op.n {
@@ -361,13 +389,16 @@ fn ls_correct(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(2) var<storage, read> lm_ps: array<f32>;
 // [C]: the estimate
 @group(0) @binding(3) var<storage, read_write> lm_q: array<f32>;
-// [N]: row normalisers
+// [N + 2]: row normalisers, then [iterations run, last Σ|q' − q|] (one buffer: downlevel limits
+// allow 4 storage buffers per kernel)
 @group(0) @binding(4) var<storage, read_write> lm_z: array<f32>;
-// [iterations run, last Σ|q' − q|]
-@group(0) @binding(5) var<storage, read_write> lm_info: array<f32>;
 
 @compute @workgroup_size(256)
-fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     let c = op.c;
@@ -412,8 +443,8 @@ fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>) {
         }
     }
     if t == 0u {
-        lm_info[0] = f32(iterations);
-        lm_info[1] = diff;
+        lm_z[n] = f32(iterations);
+        lm_z[n + 1u] = diff;
     }
 }
 
@@ -422,15 +453,26 @@ fn ls_em(@builtin(local_invocation_id) lid: vec3<u32>) {
 // from the source confusion matrix; q = ŵ ⊙ p_s / Σ(ŵ ⊙ p_s), or p_s when that sum is not
 // positive (every weight clipped).
 @group(0) @binding(1) var<storage, read> lb_p: array<f32>;
-@group(0) @binding(2) var<storage, read> lb_m: array<f32>;
-@group(0) @binding(3) var<storage, read> lb_ps: array<f32>;
 // [C]: the estimate
-@group(0) @binding(4) var<storage, read_write> lb_q: array<f32>;
-// [N + C]: each row's argmax, then μ̂
-@group(0) @binding(5) var<storage, read_write> lb_tmp: array<f32>;
+@group(0) @binding(2) var<storage, read_write> lb_q: array<f32>;
+// [N + C + C·C + C]: each row's argmax, then μ̂, then M and p_s (copied in by layout.wgsl's
+// gather3: downlevel limits allow 4 storage buffers per kernel)
+@group(0) @binding(3) var<storage, read_write> lb_tmp: array<f32>;
+
+fn lb_m(i: u32) -> f32 {
+    return lb_tmp[op.n + op.c + i];
+}
+
+fn lb_ps(k: u32) -> f32 {
+    return lb_tmp[op.n + op.c + op.c * op.c + k];
+}
 
 @compute @workgroup_size(256)
-fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        op = op_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let n = op.n;
     let c = op.c;
@@ -459,15 +501,15 @@ fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>) {
     for (var k = t; k < c; k += WG) {
         var w = 0.0;
         for (var j = 0u; j < c; j++) {
-            w += lb_m[k * c + j] * lb_tmp[n + j];
+            w += lb_m(k * c + j) * lb_tmp[n + j];
         }
-        let wp = max(w, 0.0) * lb_ps[k];
+        let wp = max(w, 0.0) * lb_ps(k);
         lb_q[k] = wp;
         part += wp;
     }
     let s = wg_sum(t, part);
     for (var k = t; k < c; k += WG) {
-        lb_q[k] = select(lb_ps[k], lb_q[k] / s, usable(s));
+        lb_q[k] = select(lb_ps(k), lb_q[k] / s, usable(s));
     }
 }
 
@@ -483,9 +525,9 @@ fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(6) var<storage, read> ad_dw: array<f32>;
 @group(0) @binding(7) var<storage, read> ad_db: array<f32>;
 @group(0) @binding(8) var<storage, read_write> ad_out: array<f32>;
-// Eight storage buffers already (WebGPU's default per-stage limit), so the parameter block stays a
-// uniform one here; it is read only through workgroup memory (ad_params), which lavapipe cannot
-// inline, so the shader is compiled once (the rule in runtime/src/gpu/params.rs).
+// Eight storage buffers, over the downlevel budget of 4 (not restructured yet: the adapter head
+// fails under downlevel limits). The parameter block is a uniform one read only through workgroup
+// memory (ad_params), which lavapipe cannot inline (the rule in runtime/src/gpu/params.rs).
 @group(0) @binding(0) var<uniform> ad_op: OutParams;
 var<workgroup> ad_params: OutParams;
 

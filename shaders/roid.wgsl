@@ -43,8 +43,16 @@ struct RoidVecParams {
     n: u32,
 }
 
-@group(0) @binding(0) var<storage, read> roid_p: RoidParams;
-@group(0) @binding(0) var<storage, read> roid_vp: RoidVecParams;
+@group(0) @binding(0) var<uniform> roid_p_in: RoidParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> roid_p: RoidParams;
+@group(0) @binding(0) var<uniform> roid_vp_in: RoidVecParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> roid_vp: RoidVecParams;
 
 var<workgroup> roid_red: array<f32, 256>;
 
@@ -84,7 +92,11 @@ fn roid_reduce(t: u32, v: f32, op: u32) -> f32 {
 @group(0) @binding(6) var<storage, read_write> w_opt: array<f32>;
 
 @compute @workgroup_size(256)
-fn roid_weights(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn roid_weights(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        roid_p = roid_p_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let b = roid_p.b;
     let c = roid_p.c;
@@ -186,6 +198,10 @@ fn roid_slr_elem(p: f32) -> vec2<f32> {
 @compute @workgroup_size(256)
 fn roid_slr_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        roid_p = roid_p_in;
+    }
+    workgroupBarrier();
     let row = wid.x + wid.y * nwg.x;
     if row >= roid_p.b {
         return;
@@ -242,7 +258,11 @@ fn roid_slr_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 @group(0) @binding(4) var<storage, read_write> r_prior: array<f32>;
 
 @compute @workgroup_size(256)
-fn roid_prior(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn roid_prior(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        roid_p = roid_p_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let b = roid_p.b;
     let c = roid_p.c;
@@ -276,7 +296,11 @@ fn roid_prior(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read> e_coef: array<f32>;
 
 @compute @workgroup_size(256)
-fn roid_ensemble(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn roid_ensemble(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        roid_vp = roid_vp_in;
+    }
+    workgroupBarrier();
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= roid_vp.n || e_state[2] != 0.0 {
         return;
@@ -291,15 +315,21 @@ fn roid_ensemble(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 @group(0) @binding(5) var<storage, read> ck_coef5: array<f32>;
 @group(0) @binding(5) var<storage, read> ck_src5: array<f32>;
 @group(0) @binding(6) var<storage, read> ck_coef6: array<f32>;
-@group(0) @binding(6) var<storage, read> ck_src6: array<f32>;
-@group(0) @binding(7) var<storage, read> ck_coef7: array<f32>;
 
 fn roid_ensemble_bad(p: f32, s: f32, a: f32, one_minus_a: f32) -> bool {
     return non_finite(a * p + one_minus_a * s);
 }
 
 @compute @workgroup_size(256)
-fn roid_sgd_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn roid_sgd_ensemble_check(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if i >= sp.n {
         return;
@@ -314,8 +344,15 @@ fn roid_sgd_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @built
 }
 
 @compute @workgroup_size(256)
-fn roid_sgd_momentum_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>,
-                                    @builtin(num_workgroups) nwg: vec3<u32>) {
+fn roid_sgd_momentum_ensemble_check(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if i >= sp.n {
         return;
@@ -330,7 +367,15 @@ fn roid_sgd_momentum_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32
 }
 
 @compute @workgroup_size(256)
-fn roid_adam_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn roid_adam_ensemble_check(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        ap = ap_in;
+    }
+    workgroupBarrier();
     let i = flat(gid, nwg);
     if i >= ap.n {
         return;
@@ -339,7 +384,7 @@ fn roid_adam_ensemble_check(@builtin(global_invocation_id) gid: vec3<u32>, @buil
     if gate_open() {
         p = adam_candidate(i, bitcast<f32>(atomicLoad(&gstate[0])) + 1.0).x;
     }
-    if roid_ensemble_bad(p, ck_src6[i], ck_coef7[0], ck_coef7[1]) {
+    if roid_ensemble_bad(p, ck_src5[i], ck_coef6[0], ck_coef6[1]) {
         trip();
     }
 }

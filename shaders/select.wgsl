@@ -21,25 +21,33 @@ struct VecParams {
     scale: f32,
 }
 
-// Read-only storage, not uniform: lavapipe recompiled eata_select per ETA step (0.5 MB each) when
-// its loop bounds came from a uniform block (see runtime/src/gpu/params.rs).
-@group(0) @binding(0) var<storage, read> sp: SelectParams;
+// Uniform, but read only through workgroup memory: lavapipe recompiled eata_select per ETA step
+// (0.5 MB each) when its loop bounds came straight from a uniform block (see
+// runtime/src/gpu/params.rs).
+@group(0) @binding(0) var<uniform> sp_in: SelectParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> sp: SelectParams;
 @group(0) @binding(0) var<storage, read> vp: VecParams;
 
-// eata_select
+// eata_select: four storage buffers (downlevel limits); the inputs arrive packed by
+// layout.wgsl's gather3 and the coefficients leave through scatter2.
 @group(0) @binding(1) var<storage, read> probs: array<f32>;
-@group(0) @binding(2) var<storage, read> entropy: array<f32>;
-// [m (C), m_valid]; read only: the step's commit writes the next m (see the end of eata_select)
-@group(0) @binding(3) var<storage, read> mstate: array<f32>;
-// per-sample loss coefficients: w_i / |S| for selected samples, 0 otherwise
-@group(0) @binding(4) var<storage, read_write> coeff: array<f32>;
-// [selected flag (B), weight (B), next m (C), next m_valid], the first 2B read back for
-// reporting
-@group(0) @binding(5) var<storage, read_write> sel: array<f32>;
+// [entropy (B), m (C), m_valid, mask (B)]: m is read only (the step's commit writes the next m,
+// see the end of eata_select); mask is a prior filter ANDed in (the WoC flags for eata+woc, ones
+// otherwise)
+@group(0) @binding(2) var<storage, read> sin: array<f32>;
+// [selected flag (B), weight (B), next m (C), next m_valid, coefficient (B)], the first 2B read
+// back for reporting; the coefficients w_i / |S| for selected samples (0 otherwise) are copied
+// out to the loss's buffer
+@group(0) @binding(3) var<storage, read_write> sel: array<f32>;
 // the optimizer's [step_count, gate]: the gate closes when nothing is selected
-@group(0) @binding(6) var<storage, read_write> opt_state: array<f32>;
-// a prior filter ANDed in (the WoC flags for eata+woc; ones otherwise)
-@group(0) @binding(7) var<storage, read> smask: array<f32>;
+@group(0) @binding(4) var<storage, read_write> opt_state: array<f32>;
+
+fn mstate(k: u32) -> f32 {
+    return sin[sp.b + k];
+}
 
 var<workgroup> red: array<f32, 256>;
 
@@ -58,26 +66,30 @@ fn wg_sum(t: u32, v: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
-fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let b = sp.b;
     let c = sp.c;
-    let m_valid = mstate[c] != 0.0;
+    let m_valid = mstate(c) != 0.0;
     var m_norm2 = 0.0;
     for (var k = 0u; k < c; k++) {
-        m_norm2 += mstate[k] * mstate[k];
+        m_norm2 += mstate(k) * mstate(k);
     }
     var count = 0.0;
     for (var i = t; i < b; i += WG) {
-        let e = entropy[i];
-        var keep = smask[i] != 0.0 && e < sp.e0;
+        let e = sin[i];
+        var keep = sin[b + c + 1u + i] != 0.0 && e < sp.e0;
         if keep && m_valid {
             // torch.nn.functional.cosine_similarity with its eps of 1e-8.
             var dot = 0.0;
             var p_norm2 = 0.0;
             for (var k = 0u; k < c; k++) {
                 let p = probs[i * c + k];
-                dot += mstate[k] * p;
+                dot += mstate(k) * p;
                 p_norm2 += p * p;
             }
             let cosine = dot / max(sqrt(m_norm2) * sqrt(p_norm2), 1e-8);
@@ -92,7 +104,7 @@ fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
     storageBarrier();
     workgroupBarrier();
     for (var i = t; i < b; i += WG) {
-        coeff[i] = select(0.0, sel[b + i] / n, sel[i] != 0.0);
+        sel[2u * b + c + 1u + i] = select(0.0, sel[b + i] / n, sel[i] != 0.0);
     }
     // m <- 0.9 m + 0.1 mean of the selected probabilities (m <- the mean when unset); unchanged
     // when nothing was selected. The parameter guard (optim.wgsl) defers the write: the new
@@ -107,10 +119,10 @@ fn eata_select(@builtin(local_invocation_id) lid: vec3<u32>) {
     let n_bad = wg_sum(t, bad);
     let moves = n > 0.0 && n_bad == 0.0;
     for (var k = t; k < c; k += WG) {
-        sel[2u * b + k] = select(mstate[k], m_candidate(k, b, c, n, m_valid), moves);
+        sel[2u * b + k] = select(mstate(k), m_candidate(k, b, c, n, m_valid), moves);
     }
     if t == 0u {
-        sel[2u * b + c] = select(mstate[c], 1.0, moves);
+        sel[2u * b + c] = select(mstate(c), 1.0, moves);
         opt_state[1] = select(0.0, 1.0, moves);
         if n_bad != 0.0 {
             opt_state[2] = 1.0;
@@ -129,7 +141,7 @@ fn m_candidate(k: u32, b: u32, c: u32, n: f32, m_valid: bool) -> f32 {
         s += sel[i] * probs[i * c + k];
     }
     let mean = s / n;
-    return select(mean, 0.9 * mstate[k] + 0.1 * mean, m_valid);
+    return select(mean, 0.9 * mstate(k) + 0.1 * mean, m_valid);
 }
 
 // argmax_rows: pseudo-labels (first maximum), as f32 class indices.
@@ -137,7 +149,11 @@ fn m_candidate(k: u32, b: u32, c: u32, n: f32, m_valid: bool) -> f32 {
 @group(0) @binding(2) var<storage, read_write> labels: array<f32>;
 
 @compute @workgroup_size(64)
-fn argmax_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn argmax_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= sp.b { return; }
     var best = 0u;
@@ -166,14 +182,19 @@ fn fisher_accumulate(@builtin(global_invocation_id) gid: vec3<u32>) {
 // woc_select (wisdom of crowds, Lee et al. 2023, as in UniEnt's OSTTA): keep sample i iff the
 // adapted model's probability of the ORIGINAL model's argmax class has not fallen below the
 // original model's (ties kept). One workgroup; coefficients 1/|S| for the kept samples.
+// Four storage buffers (downlevel limits): wsel is [flags (B), flags (B), coefficients (B)], the
+// coefficients copied out to the loss's buffer by layout.wgsl's scatter2.
 @group(0) @binding(1) var<storage, read> wprobs: array<f32>;
 @group(0) @binding(2) var<storage, read> wprobs0: array<f32>;
-@group(0) @binding(3) var<storage, read_write> wcoeff: array<f32>;
-@group(0) @binding(4) var<storage, read_write> wsel: array<f32>;
-@group(0) @binding(5) var<storage, read_write> wopt_state: array<f32>;
+@group(0) @binding(3) var<storage, read_write> wsel: array<f32>;
+@group(0) @binding(4) var<storage, read_write> wopt_state: array<f32>;
 
 @compute @workgroup_size(256)
-fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     let b = sp.b;
     let c = sp.c;
@@ -195,7 +216,7 @@ fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>) {
     }
     let n = wg_sum(t, count);
     for (var i = t; i < b; i += WG) {
-        wcoeff[i] = select(0.0, 1.0 / n, wsel[i] != 0.0);
+        wsel[2u * b + i] = select(0.0, 1.0 / n, wsel[i] != 0.0);
     }
     if t == 0u {
         wopt_state[1] = select(0.0, 1.0, n > 0.0);
@@ -214,7 +235,11 @@ fn woc_select(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read_write> fsel: array<f32>;
 
 @compute @workgroup_size(256)
-fn entropy_filter(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn entropy_filter(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        sp = sp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     var count = 0.0;
     for (var i = t; i < sp.b; i += WG) {
@@ -238,12 +263,20 @@ struct SlotParams {
     slots: u32,
     rho: f32,
 }
-@group(0) @binding(0) var<storage, read> qp: SlotParams;
+@group(0) @binding(0) var<uniform> qp_in: SlotParams;
+// Staged through workgroup memory at the top of every entry point that reads it (see
+// runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
+// per stage of downlevel (phone) limits, that lavapipe cannot inline.
+var<workgroup> qp: SlotParams;
 @group(0) @binding(1) var<storage, read> qg: array<f32>;
 @group(0) @binding(2) var<storage, read_write> qnorms: array<f32>;
 
 @compute @workgroup_size(256)
-fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        qp = qp_in;
+    }
+    workgroupBarrier();
     let t = lid.x;
     var s = 0.0;
     for (var i = t; i < qp.n; i += WG) {
@@ -263,7 +296,11 @@ fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>) {
 @group(0) @binding(4) var<storage, read> pnorms: array<f32>;
 
 @compute @workgroup_size(64)
-fn sam_perturb(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn sam_perturb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        qp = qp_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= qp.n { return; }
     var s = 0.0;
@@ -280,7 +317,11 @@ fn sam_perturb(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(2) var<storage, read> rold: array<f32>;
 
 @compute @workgroup_size(64)
-fn sam_restore(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn sam_restore(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        qp = qp_in;
+    }
+    workgroupBarrier();
     let i = gid.x;
     if i >= qp.n { return; }
     rtheta[i] = rold[i];

@@ -463,7 +463,8 @@ impl RefOpt {
     }
 }
 
-/// GPU buffers of one parameter: values [state, param, grad, m, v].
+/// GPU buffers of one parameter: values [state, param, grad, moments, unused]; Adam's moments
+/// are [m (n), v (n)] in one buffer.
 struct GpuOpt {
     spec: OptimizerSpec,
     values: Vec<Vec<f32>>,
@@ -480,7 +481,13 @@ impl GpuOpt {
         let n = p0.len();
         GpuOpt {
             spec,
-            values: vec![optim::initial_state().to_f32_vec(), p0.to_vec(), vec![0.0; n], vec![0.0; n], vec![0.0; n]],
+            values: vec![
+                optim::initial_state().to_f32_vec(),
+                p0.to_vec(),
+                vec![0.0; n],
+                vec![0.0; n * spec.moment_buffers().max(1)],
+                vec![0.0; n],
+            ],
         }
     }
 
@@ -553,10 +560,10 @@ fn optimizers_match_torch_rules_over_several_steps(ctx: GpuContext) {
             reference.step(&mut p, &f64s(&g));
             assert_close(&format!("{spec:?} step {k} param"), &gpu.values[1], &p, 1e-6, 1e-6);
             if spec.moment_buffers() >= 1 {
-                assert_close(&format!("{spec:?} step {k} m"), &gpu.values[3], &reference.m, 1e-6, 1e-7);
+                assert_close(&format!("{spec:?} step {k} m"), &gpu.values[3][..n], &reference.m, 1e-6, 1e-7);
             }
             if spec.moment_buffers() == 2 {
-                assert_close(&format!("{spec:?} step {k} v"), &gpu.values[4], &reference.v, 1e-6, 1e-9);
+                assert_close(&format!("{spec:?} step {k} v"), &gpu.values[3][n..], &reference.v, 1e-6, 1e-9);
             }
             assert_eq!(gpu.values[0], vec![(k + 1) as f32, 1.0, 0.0], "{spec:?}: state after step {k}");
         }
@@ -714,16 +721,16 @@ fn reset_restarts_from_a_first_step(ctx: GpuContext) {
 fn several_tensors_share_one_step_counter(ctx: GpuContext) {
     let spec = adam(1e-2, 0.9, 0.999, 1e-8, 0.01);
     let (na, nb) = (7, 300);
-    // values: [state, pa, ga, ma, va, pb, gb, mb, vb]
+    // values: [state, pa, ga, [ma, va], unused, pb, gb, [mb, vb], unused]
     let mut values = vec![
         optim::initial_state().to_f32_vec(),
         random_f32(na, 1, -1.0, 1.0),
         vec![0.0; na],
-        vec![0.0; na],
+        vec![0.0; 2 * na],
         vec![0.0; na],
         random_f32(nb, 2, -1.0, 1.0),
         vec![0.0; nb],
-        vec![0.0; nb],
+        vec![0.0; 2 * nb],
         vec![0.0; nb],
     ];
     let (mut ra, mut rb) = (RefOpt::new(spec, na), RefOpt::new(spec, nb));
@@ -757,8 +764,7 @@ fn adam_bias_corrections_are_accurate_at_any_step(ctx: GpuContext) {
         for t0 in [0u32, 1, 9, 999, 99_999] {
             let spec = adam(1.0, b1, b2, 1e-8, 0.0);
             let mut gpu = GpuOpt::new(spec, &vec![0.0; n]);
-            gpu.values[3] = m0.clone();
-            gpu.values[4] = v0.clone();
+            gpu.values[3] = [m0.clone(), v0.clone()].concat();
             run(&ctx, &mut gpu.values, &[], &optim::set_state(S, t0, true));
             gpu.step(&ctx, &g);
             let mut reference = RefOpt { spec, t: t0 as u64, m: f64s(&m0), v: f64s(&v0) };

@@ -285,19 +285,18 @@ fn em_and_bbse_match_f64(ctx: GpuContext) {
         (0..n * c).map(|idx| noise[idx] as f64 + if idx % c == (idx / c) % c { 2.0 } else { 0.0 }).collect();
     let p: Vec<f32> = softmax_rows(&z, c).iter().map(|&v| v as f32).collect();
     let ps = vec![0.4f32, 0.3, 0.2, 0.1];
-    // EM: values p, ps, q, z, info.
-    let mut values = vec![p.clone(), ps.clone(), vec![0.0; c], vec![0.0; n], vec![0.0; 2]];
-    let ds =
-        [output::em(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), BufRef::Value(4), n, c)];
+    // EM: values p, ps, q, [z (n), iterations, last change].
+    let mut values = vec![p.clone(), ps.clone(), vec![0.0; c], vec![0.0; n + 2]];
+    let ds = [output::em(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), n, c)];
     run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("EM runs");
     let (q, iterations) = em_host(&f64s(&p), &f64s(&ps), n, c);
     assert!(iterations > 2 && iterations < output::EM_MAX_ITERATIONS as usize, "host EM took {iterations} iterations");
-    let gpu_iterations = values[4][0] as usize;
+    let gpu_iterations = values[3][n] as usize;
     assert!(
         gpu_iterations.abs_diff(iterations) <= 3,
         "EM: {gpu_iterations} iterations on the GPU, {iterations} in f64"
     );
-    assert!(values[4][1] < output::EM_TOLERANCE, "EM stopped with a change of {}", values[4][1]);
+    assert!(values[3][n + 1] < output::EM_TOLERANCE, "EM stopped with a change of {}", values[3][n + 1]);
     assert_close("EM estimate", &values[2], &q, 1e-4, 1e-6);
     assert!((values[2].iter().sum::<f32>() - 1.0).abs() < 1e-5);
     // BBSE: a confusion matrix (counts, row = predicted, column = true) with off-diagonal mass.
@@ -308,9 +307,9 @@ fn em_and_bbse_match_f64(ctx: GpuContext) {
         2.0, 1.0, 4.0, 15.0,
     ];
     let m = output::bbse_matrix(&conf, c).expect("invertible");
-    let mut values = vec![p.clone(), m.clone(), ps.clone(), vec![0.0; c], vec![0.0; n + c]];
+    let mut values = vec![p.clone(), m.clone(), ps.clone(), vec![0.0; c], vec![0.0; n + 2 * c + c * c]];
     let ds =
-        [output::bbse(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), BufRef::Value(4), n, c)];
+        output::bbse(BufRef::Value(0), BufRef::Value(1), BufRef::Value(2), BufRef::Value(3), BufRef::Value(4), n, c);
     run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("BBSE runs");
     // Host: solve (CᵀC + 1e-8 I) w = Cᵀ μ by normal equations in f64 (independent of the
     // runtime's explicit inverse), clip, reweight.
@@ -330,7 +329,7 @@ fn em_and_bbse_match_f64(ctx: GpuContext) {
     // Clipping everything (μ̂ outside the confusion matrix's cone) falls back to p_s.
     let diag = vec![1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0];
     let neg: Vec<f32> = output::bbse_matrix(&diag, c).unwrap().iter().map(|v| -v).collect();
-    let mut values = vec![p.clone(), neg, ps.clone(), vec![0.0; c], vec![0.0; n + c]];
+    let mut values = vec![p.clone(), neg, ps.clone(), vec![0.0; c], vec![0.0; n + 2 * c + c * c]];
     run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("BBSE runs");
     assert_eq!(values[3], ps, "every weight clipped: the estimate is p_s");
 }

@@ -223,7 +223,7 @@ fn optimizer_of(case: &Value) -> OptimizerSpec {
 }
 
 /// One step as a ROID program records it: guard begin, the optimizer's checks and the
-/// ensembling's, the update, the ensembling, the commit. Buffers: 0 param, 1 grad, 2 m, 3 v,
+/// ensembling's, the update, the ensembling, the commit. Buffers: 0 param, 1 grad, 2 moments, 3 unused,
 /// 4 state, 5 source, 6 [α, 1 − α].
 fn ensemble_step(spec: &OptimizerSpec, n: usize) -> Vec<Dispatch> {
     let (p, g, m, v, st, src, coef) = (V(0), V(1), V(2), V(3), V(4), V(5), V(6));
@@ -249,7 +249,8 @@ fn ensembling_after_the_optimizer_matches_the_pytorch_reference(ctx: GpuContext)
         let mut values = vec![
             p0,
             vec![0.0; n],
-            vec![0.0; n],
+            // The moments: Adam keeps [m (n), v (n)] in one buffer.
+            vec![0.0; n * spec.moment_buffers().max(1)],
             vec![0.0; n],
             initial_state().to_f32_vec(),
             f32s(&case["source"]),

@@ -233,6 +233,20 @@ const char *acclimate_version(void);
 const char *acclimate_last_error(void);
 
 /*
+ Runs the GPU self-test on the device sessions share: a tiny golden network (convolution,
+ batch normalization, ReLU, global pooling, Gemm, softmax) and one TENT gradient step on the
+ GPU, each stage compared with a CPU reference. OK: the GPU computed every stage right, and
+ `*stages_out` (when not NULL) is the number of stages checked. GPU_ERROR: the driver computed
+ a stage wrong (or no GPU opened); `acclimate_last_error()` names the stage and its error, and
+ the app should not adapt on this GPU. `[gpu] self_test = true` in a session's config runs the
+ same test before the session opens.
+
+ # Safety
+ `stages_out` is NULL or points to writable storage for one `uint32_t`.
+ */
+enum AcclimateStatus acclimate_gpu_self_test(uint32_t *stages_out);
+
+/*
  Opens `model_path` (ONNX) and builds a session from `config_toml`, the text of a config
  file: it must hold `[preprocess]` with `spec = "..."` (the string `acclimate stream
  --preprocess` takes); every key it leaves out takes the library's default, and with no

@@ -72,6 +72,12 @@ fn shared_context() -> Result<GpuContext, Failure> {
     Ok(ctx)
 }
 
+/// Runs the GPU self-test on the shared context (`GpuContext::self_test`): the number of stages
+/// that matched the CPU reference, or the failure naming the wrong stage.
+pub fn self_test() -> Result<usize, Failure> {
+    Ok(shared_context()?.self_test()?.stages.len())
+}
+
 /// Forgets the shared context after a GPU failure (a lost device stays lost).
 pub fn forget_context() {
     *CONTEXT.lock().unwrap_or_else(|e| e.into_inner()) = None;

@@ -270,6 +270,28 @@ pub extern "C" fn acclimate_last_error() -> *const c_char {
     LAST_ERROR.try_with(|e| e.borrow().as_ptr()).unwrap_or(EMPTY.as_ptr())
 }
 
+/// Runs the GPU self-test on the device sessions share: a tiny golden network (convolution,
+/// batch normalization, ReLU, global pooling, Gemm, softmax) and one TENT gradient step on the
+/// GPU, each stage compared with a CPU reference. OK: the GPU computed every stage right, and
+/// `*stages_out` (when not NULL) is the number of stages checked. GPU_ERROR: the driver computed
+/// a stage wrong (or no GPU opened); `acclimate_last_error()` names the stage and its error, and
+/// the app should not adapt on this GPU. `[gpu] self_test = true` in a session's config runs the
+/// same test before the session opens.
+///
+/// # Safety
+/// `stages_out` is NULL or points to writable storage for one `uint32_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn acclimate_gpu_self_test(stages_out: *mut u32) -> AcclimateStatus {
+    run("acclimate_gpu_self_test", || {
+        let stages = bridge::self_test()?;
+        if !stages_out.is_null() {
+            // SAFETY: non-NULL, writable by the contract; unaligned writes are fine.
+            unsafe { stages_out.write_unaligned(stages as u32) };
+        }
+        Ok(())
+    })
+}
+
 /// Opens `model_path` (ONNX) and builds a session from `config_toml`, the text of a config
 /// file: it must hold `[preprocess]` with `spec = "..."` (the string `acclimate stream
 /// --preprocess` takes); every key it leaves out takes the library's default, and with no

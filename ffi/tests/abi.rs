@@ -277,3 +277,15 @@ fn states_with_nan_or_of_another_model_are_refused_and_the_cli_state_loads() {
     let want = twin.push(&rgba_frame(&picture, 32, 32));
     assert_ne!(loaded.probs, want.probs, "the plain state changed nothing");
 }
+
+/// The GPU self-test through the ABI: OK on this GPU with every stage counted, and a NULL count
+/// pointer is allowed.
+#[test]
+fn the_gpu_self_test_passes_through_the_abi() {
+    let Some(_ctx) = gpu() else { return };
+    let mut stages = 0u32;
+    let status = unsafe { acclimate_gpu_self_test(&mut stages) };
+    assert_eq!(status, AcclimateStatus::OK, "{}", last_error());
+    assert!(stages >= 10, "{stages} stages");
+    assert_eq!(unsafe { acclimate_gpu_self_test(ptr::null_mut()) }, AcclimateStatus::OK, "{}", last_error());
+}

@@ -9,11 +9,13 @@
 //! | name | what it is |
 //! |---|---|
 //! | [`GpuContext`] | the wgpu device and queue (opened by Acclimate, or the app's own: [`GpuContext::from_device`]) |
+//! | [`LimitsProfile`], [`SelfTestReport`] | phone GPUs: [`GpuContext::with_limits`] opens the device with `wgpu::Limits::downlevel_defaults()` (or `ACCLIMATE_LIMITS=downlevel`); [`GpuContext::self_test`] checks the driver against a CPU reference |
 //! | [`Model`] | a loaded, validated ONNX model: [`Model::input_shape`], [`Model::num_classes`], [`Model::batch_norms`] |
 //! | [`Engine`] | plain inference: tensors in, logits out |
 //! | [`Config`] | the adaptation config (the TOML file: `[adapt]`, `[optimizer]`, `[stream]`, `[preprocess]`, …) |
 //! | [`Session`] | a model adapting on batches: [`Session::step`], [`Session::predict`], state, reset |
 //! | [`Prediction`] | what a batch gives back (plain fields) |
+//! | [`AutoDiagnostics`] | what the default method `auto` saw in a batch and decided ([`Prediction::auto`], [`FrameResult::auto`]) |
 //! | [`Frame`], [`PixelFormat`], [`Plane`], [`Rotation`] | a camera frame as it arrives (RGBA/BGRA/RGB/gray, NV12/NV21/I420, strides, rotation) |
 //! | [`Preprocess`] | how frames become the model's input (`"size=224,mean=…,std=…"`) |
 //! | [`Stream`] | a model adapting on a stream of frames (the frame or batch protocol); [`FrameResult`] per frame |
@@ -78,17 +80,21 @@ pub mod ops;
 #[doc(hidden)]
 pub mod plan;
 #[doc(hidden)]
+pub mod selftest;
+#[doc(hidden)]
 pub mod stream;
 #[doc(hidden)]
 pub mod tensor;
 
 pub use adapt::config::AdaptConfig as Config;
 pub use adapt::config::Method;
+pub use adapt::methods::auto::Diagnostics as AutoDiagnostics;
 pub use adapt::session::{Prediction, Selection, Session};
 pub use engine::{Engine, Model, NonFinite};
 pub use error::{Error, ErrorKind, Result};
-pub use gpu::GpuContext;
+pub use gpu::{GpuContext, LimitsProfile};
 pub use ir::BatchNormInfo as BatchNorm;
+pub use selftest::SelfTestReport;
 pub use stream::frame::{Frame, PixelFormat, Plane, Rotation};
 pub use stream::policy::{FrameResult, StreamOptions, StreamSession as Stream};
 pub use stream::preprocess::PreprocessSpec as Preprocess;

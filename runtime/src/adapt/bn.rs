@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::ir::Graph;
+use crate::ops::layout::{gather, scatter};
 use crate::ops::{BufRef, Lowering, OpReason, OpResult, Operand};
 use crate::plan::{LowerHook, Program, WeightInit};
 
@@ -207,18 +208,24 @@ impl LowerHook for BnHook {
                 let evidence = program.weight(&evidence_name, || WeightInit::Zeros(evidence_len), true);
                 let next = program.value(evidence_len as u64 * 4);
                 let (a_mean, a_var) = if plane < min_plane { (0.0, 0.0) } else { (alpha_mean, alpha_var) };
+                // Downlevel limits allow 4 storage buffers per kernel: bn_frame reads the source
+                // statistics and the evidence packed into one.
+                let sources = l.scratch((2 * channels + evidence_len) as u64 * 4);
+                dispatch(
+                    l,
+                    gather(
+                        &[(src_mean, channels), (src_var, channels), (BufRef::Weight(evidence), evidence_len)],
+                        sources,
+                        0,
+                    ),
+                );
                 l.dispatch(
                     KernelKey::new(Shader::Norm, "bn_frame"),
                     params(&saved, (a_mean, 0.0, a_var, 0.0, false), false),
-                    vec![x.buf, src_mean, src_var, BufRef::Value(stats), BufRef::Weight(evidence), BufRef::Value(next)],
+                    vec![x.buf, sources, BufRef::Value(stats), BufRef::Value(next)],
                     [channels as u32, 1, 1],
                 );
-                l.dispatch(
-                    KernelKey::new(Shader::Norm, "bn_apply"),
-                    params(&saved, coef, false),
-                    vec![x.buf, scale.buf, bias.buf, BufRef::Value(stats), y],
-                    grid_1d(x.numel(), 256),
-                );
+                apply(l, &saved, coef, (scale.buf, bias.buf), y);
                 self.frame_commits.push((next, BufRef::Weight(evidence), evidence_len));
                 self.saved.insert(node, saved);
                 return Ok(());
@@ -229,12 +236,7 @@ impl LowerHook for BnHook {
                 vec![x.buf, mean.buf, var.buf, BufRef::Value(stats)],
                 [channels as u32, 1, 1],
             );
-            l.dispatch(
-                KernelKey::new(Shader::Norm, "bn_apply"),
-                params(&saved, coef, false),
-                vec![x.buf, scale.buf, bias.buf, BufRef::Value(stats), y],
-                grid_1d(x.numel(), 256),
-            );
+            apply(l, &saved, coef, (scale.buf, bias.buf), y);
             if write_back {
                 self.commits.push(StatsCommit { stats, mean: mean.buf, var: var.buf, channels });
             }
@@ -242,6 +244,24 @@ impl LowerHook for BnHook {
             Ok(())
         })())
     }
+}
+
+fn dispatch(l: &mut Lowering, d: crate::ops::Dispatch) {
+    l.dispatch(d.key, d.params, d.buffers, d.workgroups);
+}
+
+/// bn_apply, after packing [scale, bias, statistics] into one buffer (downlevel limits allow 4
+/// storage buffers per kernel).
+fn apply(l: &mut Lowering, s: &SavedBn, coef: (f32, f32, f32, f32, bool), affine: (BufRef, BufRef), y: BufRef) {
+    let c = s.channels;
+    let packed = l.scratch(6 * c as u64 * 4);
+    dispatch(l, gather(&[(affine.0, c), (affine.1, c), (BufRef::Value(s.stats), 4 * c)], packed, 0));
+    l.dispatch(
+        KernelKey::new(Shader::Norm, "bn_apply"),
+        params(s, coef, false),
+        vec![s.x.buf, packed, y],
+        grid_1d(s.x.numel(), 256),
+    );
 }
 
 /// The reverse pass of one layer: dscale and dbias (when the layer is adapted) and dx (when the
@@ -256,28 +276,28 @@ pub fn backward(
     let m = s.batch * s.plane;
     let coef = s.mode.coefficients(m)?;
     let mut out = Vec::new();
-    // The reduce kernel always writes dscale/dbias; frozen layers get them into scratch.
-    let (ds, db) = match dparams {
-        Some((a, b)) => (BufRef::Value(a), BufRef::Value(b)),
-        None => {
-            scratch.push(s.channels as u64 * 4);
-            scratch.push(s.channels as u64 * 4);
-            (BufRef::Scratch(scratch.len() - 2), BufRef::Scratch(scratch.len() - 1))
-        }
-    };
-    scratch.push(2 * s.channels as u64 * 4);
+    // Downlevel limits allow 4 storage buffers per kernel, so both kernels share one packed
+    // buffer: [scale (C), statistics (4C)] gathered here, then [k1, k2 (C each), dscale, dbias]
+    // written by the reduce.
+    let c = s.channels;
+    scratch.push(9 * c as u64 * 4);
     let k = BufRef::Scratch(scratch.len() - 1);
+    out.push(gather(&[(s.scale.buf, c), (BufRef::Value(s.stats), 4 * c)], k, 0));
     out.push(crate::ops::Dispatch {
         key: KernelKey::new(Shader::Norm, "bn_backward_reduce"),
         params: params(s, coef, false),
-        buffers: vec![s.x.buf, BufRef::Value(dy), s.scale.buf, BufRef::Value(s.stats), ds, db, k],
-        workgroups: [s.channels as u32, 1, 1],
+        buffers: vec![s.x.buf, BufRef::Value(dy), k],
+        workgroups: [c as u32, 1, 1],
     });
+    // The reduce always writes dscale and dbias; only an adapted layer's go anywhere.
+    if let Some((ds, db)) = dparams {
+        out.push(scatter(k, (BufRef::Value(ds), 7 * c, c), (BufRef::Value(db), 8 * c, c)));
+    }
     if let Some((dx, accumulate)) = dx {
         out.push(crate::ops::Dispatch {
             key: KernelKey::new(Shader::Norm, "bn_backward_dx"),
             params: params(s, coef, accumulate),
-            buffers: vec![s.x.buf, BufRef::Value(dy), s.scale.buf, BufRef::Value(s.stats), k, BufRef::Value(dx)],
+            buffers: vec![s.x.buf, BufRef::Value(dy), k, BufRef::Value(dx)],
             workgroups: grid_1d(s.x.numel(), 256),
         });
     }

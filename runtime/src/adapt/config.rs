@@ -116,6 +116,8 @@ macro_rules! define_config {
             pub stream: StreamSection,
             #[serde(skip_serializing_if = "Option::is_none")]
             pub preprocess: Option<PreprocessSection>,
+            #[serde(skip_serializing_if = "GpuSection::is_default")]
+            pub gpu: GpuSection,
         }
 
         impl AdaptConfig {
@@ -296,6 +298,21 @@ pub enum StreamMode {
     /// Frames are grouped into batches of `batch`, each predicted and adapted on as a batch
     /// (the protocol of the TTA literature).
     Batch,
+}
+
+/// The `[gpu]` section: checks of the GPU a session or stream runs on.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuSection {
+    /// Run [`crate::GpuContext::self_test`] before the session opens (once per context), and
+    /// refuse the GPU when it computes a stage wrong.
+    pub self_test: bool,
+}
+
+impl GpuSection {
+    fn is_default(&self) -> bool {
+        *self == GpuSection::default()
+    }
 }
 
 /// The `[stream]` section (`acclimate stream`, `acclimate demo` and the stream API).

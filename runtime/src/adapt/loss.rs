@@ -15,6 +15,7 @@
 //! Entropies use log-softmax, never log(softmax + ε) (tta-methods.md §0.1).
 
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
+use crate::ops::layout::gather;
 use crate::ops::{BufRef, Dispatch};
 
 fn scratch_buf(scratch: &mut Vec<u64>, floats: usize) -> BufRef {
@@ -86,8 +87,11 @@ pub fn cross_entropy_loss(
     scratch: &mut Vec<u64>,
 ) -> Vec<Dispatch> {
     let terms = scratch_buf(scratch, b);
+    // Labels and coefficients in one buffer: downlevel limits allow 4 storage buffers per kernel.
+    let packed = scratch_buf(scratch, 2 * b);
     vec![
-        row_dispatch("cross_entropy_rows", row_params(b, c, accumulate, 1.0), vec![z, labels, coeff, terms, dz], b),
+        gather(&[(labels, b), (coeff, b)], packed, 0),
+        row_dispatch("cross_entropy_rows", row_params(b, c, accumulate, 1.0), vec![z, packed, terms, dz], b),
         sum_terms(terms, b, 1.0, loss, accumulate),
     ]
 }
@@ -142,11 +146,14 @@ pub fn ewc_penalty(
     scratch: &mut Vec<u64>,
 ) -> Vec<Dispatch> {
     let terms = scratch_buf(scratch, n);
+    // θ* and F in one buffer: downlevel limits allow 4 storage buffers per kernel.
+    let packed = scratch_buf(scratch, 2 * n);
     vec![
+        gather(&[(theta_star, n), (fisher, n)], packed, 0),
         Dispatch {
             key: KernelKey::new(Shader::Loss, "ewc"),
             params: Params::new().u32(n as u32).f32((2.0 * lambda as f64) as f32),
-            buffers: vec![theta, theta_star, fisher, grad, terms],
+            buffers: vec![theta, packed, grad, terms],
             workgroups: grid_1d(n, 256),
         },
         sum_terms(terms, n, lambda, loss, accumulate),

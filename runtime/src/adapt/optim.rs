@@ -81,8 +81,9 @@ impl OptimizerSpec {
         }
     }
 
-    /// How many moment buffers (each the size of the parameter) [`step`] binds: 0 for plain SGD,
-    /// 1 for SGD with momentum (the momentum buffer, `m`), 2 for Adam (`m`, `v`).
+    /// How many moment values per parameter value the optimizer keeps: 0 for plain SGD, 1 for SGD
+    /// with momentum (the momentum buffer, `m`), 2 for Adam (`m` and `v`, both in the one buffer
+    /// `m` as [m (n), v (n)], since downlevel limits allow 4 storage buffers per kernel).
     pub fn moment_buffers(&self) -> usize {
         match *self {
             OptimizerSpec::Sgd { momentum: 0.0, .. } => 0,
@@ -99,9 +100,9 @@ pub fn initial_state() -> Tensor {
     Tensor::f32(vec![STATE_LEN], s)
 }
 
-/// The update of one parameter tensor of `n` values. `m` and `v` are the moment buffers (`n`
-/// values each, zero before the first step); only the first [`OptimizerSpec::moment_buffers`] of
-/// them are bound, so the others may be any buffer. `grad` is read, never cleared: the reverse
+/// The update of one parameter tensor of `n` values. `m` is the moment buffer
+/// ([`OptimizerSpec::moment_buffers`] times `n` values, zero before the first step), bound only
+/// when there are moments; `v` is not bound (kept for callers that name both). `grad` is read, never cleared: the reverse
 /// pass overwrites it every step.
 pub fn step(
     spec: &OptimizerSpec,
@@ -144,10 +145,12 @@ pub fn step(
                 .f32(ln(b2) as f32)
                 .f32(eps as f32)
                 .f32(weight_decay as f32);
+            // `m` holds both moments, [m (n), v (n)]: downlevel limits allow 4 storage buffers.
+            let _ = v;
             vec![Dispatch {
                 key: KernelKey::new(Shader::Optim, "adam_step"),
                 params,
-                buffers: vec![state, param, grad, m, v],
+                buffers: vec![state, param, grad, m],
                 workgroups,
             }]
         }
@@ -250,9 +253,13 @@ pub fn reset_state(state: BufRef) -> Vec<Dispatch> {
     set_state(state, 0, true)
 }
 
-/// Zeroes one parameter's moment buffers (those [`step`] binds for this spec).
-pub fn reset_moments(spec: &OptimizerSpec, m: BufRef, v: BufRef, n: usize) -> Vec<Dispatch> {
-    [m, v].into_iter().take(spec.moment_buffers()).map(|b| fill(b, n, 0.0)).collect()
+/// Zeroes one parameter's moments (the buffer `m`, [`OptimizerSpec::moment_buffers`] times `n`
+/// values; `v` is not used).
+pub fn reset_moments(spec: &OptimizerSpec, m: BufRef, _v: BufRef, n: usize) -> Vec<Dispatch> {
+    match spec.moment_buffers() {
+        0 => Vec::new(),
+        k => vec![fill(m, k * n, 0.0)],
+    }
 }
 
 /// Sets `n` values of `buf` to `value`.

@@ -124,6 +124,9 @@ struct AutoState {
 
 impl Session {
     pub fn new(ctx: &GpuContext, model: Model, config: AdaptConfig) -> crate::Result<Session> {
+        if config.gpu.self_test {
+            ctx.self_test_once()?;
+        }
         let graph = &model.graph;
         let bns = graph.batch_norms();
         let method = config.adapt.method;
@@ -168,19 +171,31 @@ impl Session {
         };
         let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false };
         let auto = if method == Method::Auto {
-            // LAME needs the input of a final Gemm/MatMul; a model without one is smoothed by
-            // nothing (its correlated batches are still kept from the batch statistics).
-            let smoothing = match Method::Lame.def().output_stage(&config, graph) {
-                Ok(stage) => stage.map(|s| Arc::new(super::output::OutputSpec { stages: vec![s], source_prior: None })),
-                Err(e) => {
-                    log::info!("method auto: no LAME smoothing for this model ({e})");
-                    None
+            // LAME needs the input of a final Gemm/MatMul, and its iteration kernel more storage
+            // buffers than phone GPUs guarantee; without it, correlated batches still keep out of
+            // the batch statistics and the steps (the source model predicts them).
+            let buffers = ctx.limits().max_storage_buffers_per_shader_stage;
+            let smoothing = if buffers < methods::lame::STORAGE_BUFFERS {
+                log::info!(
+                    "method auto: no LAME smoothing on this device ({buffers} storage buffers per shader stage, LAME needs {})",
+                    methods::lame::STORAGE_BUFFERS
+                );
+                None
+            } else {
+                match Method::Lame.def().output_stage(&config, graph) {
+                    Ok(stage) => {
+                        stage.map(|s| Arc::new(super::output::OutputSpec { stages: vec![s], source_prior: None }))
+                    }
+                    Err(e) => {
+                        log::info!("method auto: no LAME smoothing for this model ({e})");
+                        None
+                    }
                 }
             };
             let spec = StepSpec {
                 mode: StatsMode::Source,
                 adapted: Vec::new(),
-                optimizer: spec.optimizer.clone(),
+                optimizer: spec.optimizer,
                 objective: None,
                 output: smoothing,
                 source_affine: true,

@@ -248,17 +248,15 @@ impl StepPlan {
                     // Only the moments the optimizer keeps (none for plain SGD, the momentum
                     // buffer for SGD with momentum, m and v for Adam); unused bindings may alias
                     // any buffer.
+                    // Adam's m and v share one buffer, [m (n), v (n)]: downlevel limits allow
+                    // 4 storage buffers per kernel.
                     let moments = spec.optimizer.moment_buffers();
                     let m = if moments >= 1 {
-                        program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(n), true)
+                        program.weight(&format!("opt:m:{name}"), || WeightInit::Zeros(moments * n), true)
                     } else {
                         p
                     };
-                    let v = if moments >= 2 {
-                        program.weight(&format!("opt:v:{name}"), || WeightInit::Zeros(n), true)
-                    } else {
-                        m
-                    };
+                    let v = m;
                     updated.push(Updated { weight: p, grad: *grad, m, v, n });
                     program.flops.other += crate::ops::flops::optimizer_per_param(moments) * n as u64;
                     let (p, g, m, v, st) = (

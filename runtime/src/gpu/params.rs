@@ -20,13 +20,15 @@
 //! kernel (issue #11); shapes that vary (LAME's window filling up one frame at a time in frame
 //! mode) switch it off early, which is why only some streams grew. Loads
 //! from storage buffers are never inlined. The rule, checked for every entry point by
-//! `every_kernel_reads_params_from_storage_within_the_default_limit`:
+//! `every_entry_point_fits_downlevel_limits`:
 //!
-//! - a kernel declares its parameter block `var<storage, read>`;
-//! - a kernel that already binds as many other storage buffers as WebGPU's default
-//!   `max_storage_buffers_per_shader_stage` (8) allows keeps `var<uniform>`, but copies the block
-//!   into a workgroup variable and reads it only through `workgroupUniformLoad` (a value that went
-//!   through workgroup memory cannot be inlined either).
+//! - a kernel declares its parameter block `var<storage, read>`, unless that would take it over
+//!   the 4 storage buffers per stage of `wgpu::Limits::downlevel_defaults()` (phone GPUs);
+//! - such a kernel declares it `var<uniform>` (uniform blocks do not count against that limit),
+//!   and its entry points copy it into a workgroup variable of the same type first thing and read
+//!   only that copy (a value that went through workgroup memory cannot be inlined either);
+//!   `every_entry_point_fits_downlevel_limits` also checks that no entry point reads such a copy
+//!   without loading it.
 //!
 //! The host binds one buffer usable both ways ([`PARAMS_USAGE`], offsets aligned for both, see
 //! [`params_offset_alignment`]), so which of the two a kernel declares is the shader's business.

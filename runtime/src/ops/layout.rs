@@ -14,8 +14,8 @@
 //! and Pad's border gradients fold back onto the elements they were copied from.
 
 use super::{
-    Attrs, BackwardLowering, BufRef, Input, Lowering, MAX_RANK, OpReason, OpResult, Operand, contiguous_strides,
-    norm_axis, u32s,
+    Attrs, BackwardLowering, BufRef, Dispatch, Input, Lowering, MAX_RANK, OpReason, OpResult, Operand,
+    contiguous_strides, norm_axis, u32s,
 };
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::onnx::RawNode;
@@ -1253,6 +1253,45 @@ fn backward_pad(b: &mut BackwardLowering, out: &[usize], begin: &[i64], mode: Pa
         cur_shape = next_shape;
     }
     Ok(())
+}
+
+/// Copies up to three buffers, each `(buffer, words)`, one after the other into `dst` starting at
+/// word `offset` (layout.wgsl `gather3`), so that a kernel binds one packed buffer where it would
+/// bind several: downlevel (phone) limits allow 4 storage buffers per shader stage. A pure copy
+/// of the words, so results stay bit-identical.
+pub fn gather(srcs: &[(BufRef, usize)], dst: BufRef, offset: usize) -> Dispatch {
+    debug_assert!(!srcs.is_empty() && srcs.len() <= 3, "gather takes one to three sources");
+    let mut n = [0u32; 3];
+    let mut off = [0u32; 3];
+    let mut bufs = Vec::with_capacity(4);
+    let mut at = offset;
+    for i in 0..3 {
+        // An unused slot binds the first source again and copies nothing.
+        let (b, words) = srcs.get(i).copied().unwrap_or((srcs[0].0, 0));
+        n[i] = words as u32;
+        off[i] = at as u32;
+        at += words;
+        bufs.push(b);
+    }
+    bufs.push(dst);
+    let most = srcs.iter().map(|s| s.1).max().unwrap_or(0);
+    Dispatch {
+        key: KernelKey::new(Shader::Layout, "gather3"),
+        params: Params::new().vec4u(&n).vec4u(&off),
+        buffers: bufs,
+        workgroups: grid_1d(most, 256),
+    }
+}
+
+/// Copies two ranges of `src`, `(word offset, words)` each, out to `a` and `b` (layout.wgsl
+/// `scatter2`): the reverse of [`gather`].
+pub fn scatter(src: BufRef, a: (BufRef, usize, usize), b: (BufRef, usize, usize)) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Layout, "scatter2"),
+        params: Params::new().vec4u(&[a.2 as u32, b.2 as u32]).vec4u(&[a.1 as u32, b.1 as u32]),
+        buffers: vec![src, a.0, b.0],
+        workgroups: grid_1d(a.2.max(b.2), 256),
+    }
 }
 
 #[cfg(test)]

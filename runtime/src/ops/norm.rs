@@ -80,11 +80,13 @@ pub fn lower(a: &BatchNormAttrs, l: &mut Lowering) -> OpResult<()> {
     let x = l.input(0, "X")?;
     let (xbuf, shape) = (x.buf, x.shape.clone());
     let (c, plane) = channels(&shape)?;
-    let mut bufs = vec![xbuf];
-    for (i, what) in [(1, "scale"), (2, "B"), (3, "input_mean"), (4, "input_var")] {
-        bufs.push(l.input(i, what)?.buf);
-    }
-    bufs.push(l.output(0)?.buf);
+    let (scale, bias) = (l.input(1, "scale")?.buf, l.input(2, "B")?.buf);
+    let (mean, var) = (l.input(3, "input_mean")?.buf, l.input(4, "input_var")?.buf);
+    let y = l.output(0)?.buf;
+    // Downlevel limits allow 4 storage buffers per kernel: scale, B and mean go in one.
+    let packed = l.scratch(3 * c as u64 * 4);
+    let pack = super::layout::gather(&[(scale, c), (bias, c), (mean, c)], packed, 0);
+    l.dispatch(pack.key, pack.params, pack.buffers, pack.workgroups);
     let n: usize = shape.iter().product();
     if n > u32::MAX as usize {
         return Err(OpReason::TooLarge(format!(
@@ -94,7 +96,7 @@ pub fn lower(a: &BatchNormAttrs, l: &mut Lowering) -> OpResult<()> {
     l.dispatch(
         KernelKey::new(Shader::Norm, "batchnorm_main"),
         Params::new().u32(n as u32).u32(c as u32).u32(plane as u32).f32(a.epsilon),
-        bufs,
+        vec![xbuf, packed, var, y],
         grid_1d(n, 256),
     );
     Ok(())

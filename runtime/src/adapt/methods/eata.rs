@@ -23,6 +23,7 @@ use crate::adapt::reverse::bytes_of;
 use crate::adapt::state;
 use crate::gpu::{KernelKey, Params, Shader};
 use crate::ir::Graph;
+use crate::ops::layout::{gather, scatter};
 use crate::ops::{BufRef, Dispatch};
 use crate::plan::{PlanError, WeightInit};
 use crate::tensor::Tensor;
@@ -167,13 +168,15 @@ pub struct EataObjective(pub EataSpec);
 impl Objective for EataObjective {
     fn select(&self, cx: &mut StepCx<'_>, dispatches: &mut Vec<Dispatch>) -> Result<BufRef, PlanError> {
         let (b, c) = (cx.b, cx.c);
-        // sel: [flags (B), weights (B), the next m (C + 1)] (select.wgsl).
+        // sel: [flags (B), weights (B), the next m (C + 1), coefficients (B)] (select.wgsl).
         let (probs, ent, coeff, sel) = (
             cx.program.value(bytes_of(cx.logits_shape)),
             cx.program.value(b as u64 * 4),
             cx.program.value(b as u64 * 4),
-            cx.program.value((2 * b + c + 1) as u64 * 4),
+            cx.program.value((3 * b + c + 1) as u64 * 4),
         );
+        // eata_select's packed inputs [entropy (B), m (C + 1), mask (B)].
+        let packed = cx.program.value((2 * b + c + 1) as u64 * 4);
         let m = cx.program.weight("eata:m", || WeightInit::Zeros(c + 1), true);
         cx.deferred.push((sel, 2 * b, m, c + 1));
         dispatches.extend(loss::softmax_stats(
@@ -191,7 +194,7 @@ impl Objective for EataObjective {
                 cx.program.value(bytes_of(cx.logits_shape)),
                 cx.program.value(b as u64 * 4),
                 cx.program.value(b as u64 * 4),
-                cx.program.value(2 * b as u64 * 4),
+                cx.program.value(3 * b as u64 * 4),
             );
             dispatches.extend(loss::softmax_stats(
                 BufRef::Value(logits0),
@@ -200,7 +203,7 @@ impl Objective for EataObjective {
                 BufRef::Value(probs0),
                 BufRef::Value(ent0),
             ));
-            dispatches.push(woc::woc_select(
+            dispatches.extend(woc::woc_select(
                 BufRef::Value(probs),
                 BufRef::Value(probs0),
                 BufRef::Value(coeff0),
@@ -213,7 +216,7 @@ impl Objective for EataObjective {
         } else {
             ones(cx.program, b)
         };
-        dispatches.push(select(
+        dispatches.extend(select(
             &self.0,
             BufRef::Value(probs),
             BufRef::Value(ent),
@@ -222,6 +225,7 @@ impl Objective for EataObjective {
             BufRef::Value(sel),
             BufRef::Weight(cx.state),
             mask,
+            BufRef::Value(packed),
             b,
             c,
         ));
@@ -421,8 +425,10 @@ pub(crate) fn load_fisher(host: &mut dyn Host, path: &Path) -> Result<(), AdaptE
 }
 
 /// Selection over `probs` [B, C] and `entropy` [B] among the samples whose `mask` [B] is nonzero:
-/// writes `coeff` [B], `sel` [2B] (flags, then weights), updates `mstate` [C + 1] (m, then a
-/// validity flag) from the selected samples, and sets the optimizer gate.
+/// writes `coeff` [B], `sel` [3B + C + 1] (flags, weights, the next [m, validity flag] from the
+/// selected samples, coefficients), and sets the optimizer gate. Downlevel limits allow 4 storage
+/// buffers per kernel, so entropy, `mstate` [C + 1] and mask are first packed into `packed`
+/// [2B + C + 1], and the coefficients go through `sel` to `coeff`.
 #[allow(clippy::too_many_arguments)]
 pub fn select(
     spec: &EataSpec,
@@ -433,15 +439,20 @@ pub fn select(
     sel: BufRef,
     opt_state: BufRef,
     mask: BufRef,
+    packed: BufRef,
     b: usize,
     c: usize,
-) -> Dispatch {
-    Dispatch {
-        key: KernelKey::new(Shader::Select, "eata_select"),
-        params: Params::new().u32(b as u32).u32(c as u32).f32(spec.e_margin).f32(spec.d_margin),
-        buffers: vec![probs, entropy, mstate, coeff, sel, opt_state, mask],
-        workgroups: [1, 1, 1],
-    }
+) -> Vec<Dispatch> {
+    vec![
+        gather(&[(entropy, b), (mstate, c + 1), (mask, b)], packed, 0),
+        Dispatch {
+            key: KernelKey::new(Shader::Select, "eata_select"),
+            params: Params::new().u32(b as u32).u32(c as u32).f32(spec.e_margin).f32(spec.d_margin),
+            buffers: vec![probs, packed, sel, opt_state],
+            workgroups: [1, 1, 1],
+        },
+        scatter(sel, (coeff, 2 * b + c + 1, b), (coeff, 0, 0)),
+    ]
 }
 
 /// Pseudo-labels: the first argmax of each row of `logits` [B, C], as f32 class indices.

@@ -250,21 +250,26 @@ pub fn correct(probs: BufRef, q: BufRef, ps: BufRef, out: BufRef, n: usize, c: u
     )
 }
 
-/// EM (MLLS) on `probs` [N, C]: writes the estimate `q` [C] and `info` [2] (iterations, last
-/// change); `z` [N] is a temporary.
-pub fn em(probs: BufRef, ps: BufRef, q: BufRef, z: BufRef, info: BufRef, n: usize, c: usize) -> Dispatch {
+/// EM (MLLS) on `probs` [N, C]: writes the estimate `q` [C]; `z_info` [N + 2] holds the row
+/// normalisers, then the iterations run and the last change (one buffer: downlevel limits allow
+/// 4 storage buffers per kernel).
+pub fn em(probs: BufRef, ps: BufRef, q: BufRef, z_info: BufRef, n: usize, c: usize) -> Dispatch {
     output_dispatch(
         "ls_em",
         output_params(n, c, 0, EM_MAX_ITERATIONS as usize, 0, EM_TOLERANCE, 0.0),
-        vec![probs, ps, q, z, info],
+        vec![probs, ps, q, z_info],
         [1, 1, 1],
     )
 }
 
 /// BBSE on `probs` [N, C] with `matrix` = (CᵀC + 1e-8·I)⁻¹Cᵀ: writes the estimate `q` [C];
-/// `tmp` [N + C] is a temporary.
-pub fn bbse(probs: BufRef, matrix: BufRef, ps: BufRef, q: BufRef, tmp: BufRef, n: usize, c: usize) -> Dispatch {
-    output_dispatch("ls_bbse", output_params(n, c, 0, 0, 0, 0.0, 0.0), vec![probs, matrix, ps, q, tmp], [1, 1, 1])
+/// `tmp` [N + 2C + C·C] is a temporary, into which `matrix` and `ps` are copied first
+/// (downlevel limits allow 4 storage buffers per kernel).
+pub fn bbse(probs: BufRef, matrix: BufRef, ps: BufRef, q: BufRef, tmp: BufRef, n: usize, c: usize) -> Vec<Dispatch> {
+    vec![
+        crate::ops::layout::gather(&[(matrix, c * c), (ps, c)], tmp, n + c),
+        output_dispatch("ls_bbse", output_params(n, c, 0, 0, 0, 0.0, 0.0), vec![probs, q, tmp], [1, 1, 1]),
+    ]
 }
 
 /// p_s as configured (normalised), or `None` for uniform.
@@ -346,10 +351,9 @@ impl Stage for Correction {
             }
             Correction::Em => {
                 let q = cx.program.value(c as u64 * 4);
-                let info = cx.temp(8);
-                let z = cx.temp((b * 4) as u64);
+                let z_info = cx.temp(((b + 2) * 4) as u64);
                 let ps = cx.source_prior_weight();
-                cx.dispatches.push(em(cx.current, ps, BufRef::Value(q), z, info, b, c));
+                cx.dispatches.push(em(cx.current, ps, BufRef::Value(q), z_info, b, c));
                 q
             }
             Correction::Bbse { matrix, classes } => {
@@ -364,9 +368,9 @@ impl Stage for Correction {
                     false,
                 );
                 let q = cx.program.value(c as u64 * 4);
-                let tmp = cx.temp(((b + c) * 4) as u64);
+                let tmp = cx.temp(((b + 2 * c + c * c) * 4) as u64);
                 let ps = cx.source_prior_weight();
-                cx.dispatches.push(bbse(cx.current, BufRef::Weight(m), ps, BufRef::Value(q), tmp, b, c));
+                cx.dispatches.extend(bbse(cx.current, BufRef::Weight(m), ps, BufRef::Value(q), tmp, b, c));
                 q
             }
         };

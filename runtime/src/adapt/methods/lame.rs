@@ -81,6 +81,10 @@ impl Section for LameSection {
     }
 }
 
+/// Storage buffers `lame_iterate` (`shaders/output.wgsl`) binds: over the 4 of
+/// `wgpu::Limits::downlevel_defaults()` (the runtime's WGSL check lists it).
+pub const STORAGE_BUFFERS: u32 = 6;
+
 pub(crate) struct Lame;
 
 pub(crate) static LAME: Lame = Lame;

@@ -17,6 +17,7 @@ use crate::adapt::loss;
 use crate::adapt::reverse::{bytes_of, forward_on_same_input};
 use crate::gpu::{KernelKey, Params, Shader};
 use crate::ir::Graph;
+use crate::ops::layout::scatter;
 use crate::ops::{BufRef, Dispatch};
 use crate::plan::PlanError;
 
@@ -78,7 +79,7 @@ impl Objective for WocObjective {
             p.value(b as u64 * 4),
             p.value(b as u64 * 4),
             p.value(b as u64 * 4),
-            p.value(2 * b as u64 * 4),
+            p.value(3 * b as u64 * 4),
         );
         dispatches.extend(loss::softmax_stats(
             BufRef::Value(cx.logits),
@@ -94,7 +95,7 @@ impl Objective for WocObjective {
             BufRef::Value(probs0),
             BufRef::Value(ent0),
         ));
-        dispatches.push(woc_select(
+        dispatches.extend(woc_select(
             BufRef::Value(probs),
             BufRef::Value(probs0),
             BufRef::Value(coeff),
@@ -151,7 +152,9 @@ pub(crate) fn original_logits(cx: &mut StepCx<'_>) -> Result<usize, PlanError> {
 }
 
 /// WoC selection: keep sample i iff `probs`[i, c0] ≥ `probs0`[i, c0] with c0 the original model's
-/// argmax; writes `coeff` (1/|S| for kept samples), `sel` [flags (B), ones (B)] and the gate.
+/// argmax; writes `coeff` (1/|S| for kept samples), `sel` [flags (B), ones (B), coefficients (B)]
+/// and the gate. The coefficients go through `sel` and are copied out after: downlevel limits
+/// allow 4 storage buffers per kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn woc_select(
     probs: BufRef,
@@ -161,11 +164,14 @@ pub fn woc_select(
     opt_state: BufRef,
     b: usize,
     c: usize,
-) -> Dispatch {
-    Dispatch {
-        key: KernelKey::new(Shader::Select, "woc_select"),
-        params: Params::new().u32(b as u32).u32(c as u32).f32(0.0).f32(0.0),
-        buffers: vec![probs, probs0, coeff, sel, opt_state],
-        workgroups: [1, 1, 1],
-    }
+) -> Vec<Dispatch> {
+    vec![
+        Dispatch {
+            key: KernelKey::new(Shader::Select, "woc_select"),
+            params: Params::new().u32(b as u32).u32(c as u32).f32(0.0).f32(0.0),
+            buffers: vec![probs, probs0, sel, opt_state],
+            workgroups: [1, 1, 1],
+        },
+        scatter(sel, (coeff, 2 * b, b), (coeff, 0, 0)),
+    ]
 }
