@@ -35,7 +35,8 @@ printf '#include "acclimateFFI.h"\nint main(void) { return 0; }\n' >"$work/heade
 # gcc has none, so they are defined away here and everything else is compiled as written.
 gcc -std=c11 -Wall -Wextra -Werror -D_Nonnull= -D_Nullable= -I ios/include "$work/header.c" -o "$work/header"
 declared=$(grep -oE '\b(uniffi|ffi)_acclimate_ffi_[A-Za-z0-9_]+\(' ios/include/acclimateFFI.h | tr -d '(' | sort -u)
-exported=$(nm -D --defined-only "$target/debug/libacclimate_ffi.so" | awk '{print $3}' | sort -u)
+# `cargo test` leaves the cdylib under deps/ only (tools/bindings.sh reads the same file).
+exported=$(nm -D --defined-only "$target/debug/deps/libacclimate_ffi.so" | awk '{print $3}' | sort -u)
 missing=$(comm -23 <(echo "$declared") <(echo "$exported"))
 if [ -n "$missing" ]; then
   echo "FAIL: ios/include/acclimateFFI.h declares functions the library does not export:" >&2

@@ -119,7 +119,8 @@ fn frame_protocol_holds_for_the_default_preset(ctx: GpuContext) {
     check(&ctx, "default preset", &cfg);
 }
 
-/// `acclimate demo --video`'s embedded config (ETA, SGD 2.5e-4, window 8, a step every 8).
+/// `acclimate demo --video`'s embedded config (`auto`, window 8: too small to judge, so no step
+/// runs and the frames keep the source model's predictions).
 #[gpu_test]
 fn frame_protocol_holds_for_the_video_demo_config(ctx: GpuContext) {
     check(&ctx, "demo_video.toml", &config(VIDEO_DEMO));
@@ -141,17 +142,16 @@ fn stepping(method: &str) -> AdaptConfig {
 }
 
 /// Ignored by default: minutes on lavapipe (it passed on the 2-core VM, Mesa 25.0.7, 2026-12-06);
-/// the stepping mechanism is the video demo config's, which runs by default.
+/// the stepping mechanism is ETA's, which runs by default.
 #[gpu_test]
-#[ignore = "minutes on lavapipe; same mechanism as the video demo config test; run with --ignored"]
+#[ignore = "minutes on lavapipe; same stepping mechanism as the ETA test; run with --ignored"]
 fn frame_protocol_holds_for_tent(ctx: GpuContext) {
     check(&ctx, "tent", &stepping("tent"));
 }
 
-/// Ignored by default: the same config as `demo_video.toml` (ETA, SGD 2.5e-4, window 8, a step
-/// every 8), which runs by default; minutes on lavapipe.
+/// ETA, SGD 2.5e-4, window 8, a step every 8 (the video demo's config before `auto`): the frame
+/// protocol with gradient steps on the window, run by default.
 #[gpu_test]
-#[ignore = "duplicates the video demo config test; minutes on lavapipe; run with --ignored"]
 fn frame_protocol_holds_for_eta(ctx: GpuContext) {
     check(&ctx, "eta", &stepping("eta"));
 }
