@@ -591,4 +591,9 @@ fn demo_runs_on_embedded_defaults() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("frames 64") && text.contains("source"), "{text}");
     assert!(out.join("report.html").exists() && out.join("summary.json").exists());
+    // The default method says what it decided: one batch of 64, judged and stepped on.
+    assert!(text.contains("accuracy: adapted (auto)") && text.contains("auto: 1 decisions: 1 adapted"), "{text}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["auto"]["decisions"], 1, "{summary}");
 }

@@ -106,6 +106,9 @@ pub struct AutoSummary {
     pub correlated: u64,
     /// Of those, with an ETA step on the batch's statistics.
     pub stepped: u64,
+    /// Of those, before any batch of 16 or more could be judged (no step, the source model).
+    #[serde(default)]
+    pub unjudged: u64,
     /// Collapse resets to the source.
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
@@ -120,6 +123,7 @@ impl AutoSummary {
         self.decisions += 1;
         self.correlated += d.correlated as u64;
         self.stepped += d.stepped as u64;
+        self.unjudged += d.unjudged as u64;
         self.resets += d.reset as u64;
     }
 
@@ -127,11 +131,14 @@ impl AutoSummary {
     pub fn line(&self) -> String {
         format!(
             "auto: {} decisions: {} adapted (ETA step, source-anchored statistics), {} label-correlated \
-             (no step; LAME smoothing over the source model: {}), {} collapse reset(s); agreement with the source model {:.1} %",
+             (no step; LAME smoothing over the source model: {}), {} too small to judge (fewer than {} frames: \
+             no step), {} collapse reset(s); agreement with the source model {:.1} %",
             self.decisions,
             self.stepped,
             self.correlated,
             if self.correlated > 0 { "on" } else { "never needed" },
+            self.unjudged,
+            acclimate::adapt::methods::auto::MIN_CORRELATION_BATCH,
             self.resets,
             100.0 * self.source_agreement
         )
