@@ -47,6 +47,7 @@ const WITHIN_BUDGET: &[&str] = &[
     "tiny_lame_rbf_ls_ema",
     "tiny_ls_adapter",
     "tiny_ls_adapter_nt_lame",
+    "tiny_roid_switches",
 ];
 
 /// Scenarios whose kernels still exceed the downlevel storage budget (see the README's
