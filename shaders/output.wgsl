@@ -28,8 +28,8 @@ struct OutParams {
 }
 
 // Read-only storage, not uniform: lavapipe recompiles a kernel whose loops or branches read a
-// uniform block each time a submit binds it (see runtime/src/gpu/params.rs). adapter_logits, at
-// the 8-storage-buffer limit, takes the same block as a uniform one below.
+// uniform block each time a submit binds it (see runtime/src/gpu/params.rs). adapter_logits
+// takes the same block as a uniform one of its own below.
 @group(0) @binding(0) var<uniform> op_in: OutParams;
 // Staged through workgroup memory at the top of every entry point that reads it (see
 // runtime/src/gpu/params.rs): a uniform block, so it does not count against the 4 storage buffers
@@ -221,32 +221,31 @@ fn lame_kernel(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invo
 @group(0) @binding(2) var<storage, read> li_w: array<f32>;
 // Y [N, C]: the output probabilities
 @group(0) @binding(3) var<storage, read_write> li_y: array<f32>;
-// λ·W·Y [N, C]
-@group(0) @binding(4) var<storage, read_write> li_pair: array<f32>;
-// log(P + 1e-10) [N, C]
-@group(0) @binding(5) var<storage, read_write> li_lp: array<f32>;
-// [iterations run, final E]
-@group(0) @binding(6) var<storage, read_write> li_info: array<f32>;
+// [λ·W·Y [N, C] | log(P + 1e-10) [N, C] | iterations run, final E]: one buffer, as downlevel
+// limits allow 4 storage buffers per kernel
+@group(0) @binding(4) var<storage, read_write> li_work: array<f32>;
 
 // Writes row i of Y = softmax(lp + pair·use_pair); returns the row's share of E.
 fn lame_row(i: u32, use_pair: bool) -> f32 {
     let c = op.c;
     let lambda = op.x;
+    // row i of lp, which follows pair in li_work
+    let lp = op.n * c + i * c;
     var m = -3.4028235e38;
     for (var k = 0u; k < c; k++) {
-        let e = li_lp[i * c + k] + select(0.0, li_pair[i * c + k], use_pair);
+        let e = li_work[lp + k] + select(0.0, li_work[i * c + k], use_pair);
         m = max(m, e);
     }
     var s = 0.0;
     for (var k = 0u; k < c; k++) {
-        s += exp(li_lp[i * c + k] + select(0.0, li_pair[i * c + k], use_pair) - m);
+        s += exp(li_work[lp + k] + select(0.0, li_work[i * c + k], use_pair) - m);
     }
     var energy = 0.0;
     for (var k = 0u; k < c; k++) {
-        let pair = select(0.0, li_pair[i * c + k], use_pair);
-        let y = exp(li_lp[i * c + k] + pair - m) / s;
+        let pair = select(0.0, li_work[i * c + k], use_pair);
+        let y = exp(li_work[lp + k] + pair - m) / s;
         li_y[i * c + k] = y;
-        energy += -li_lp[i * c + k] * y - lambda * pair * y + y * log(max(y, 1e-20));
+        energy += -li_work[lp + k] * y - lambda * pair * y + y * log(max(y, 1e-20));
     }
     return energy;
 }
@@ -262,7 +261,7 @@ fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_inv
     let c = op.c;
     let lambda = op.x;
     for (var idx = t; idx < n * c; idx += WG) {
-        li_lp[idx] = log(li_p[idx] + 1e-10);
+        li_work[n * c + idx] = log(li_p[idx] + 1e-10);
     }
     sync();
     for (var i = t; i < n; i += WG) {
@@ -280,7 +279,7 @@ fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_inv
             for (var j = 0u; j < n; j++) {
                 s += li_w[i * n + j] * li_y[j * c + k];
             }
-            li_pair[idx] = lambda * s;
+            li_work[idx] = lambda * s;
         }
         sync();
         var part = 0.0;
@@ -295,8 +294,8 @@ fn lame_iterate(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_inv
         old_e = e;
     }
     if t == 0u {
-        li_info[0] = f32(iterations);
-        li_info[1] = e;
+        li_work[2u * n * c] = f32(iterations);
+        li_work[2u * n * c + 1u] = e;
     }
 }
 
@@ -519,15 +518,12 @@ fn ls_bbse(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocati
 // MatMul); flag = 0 no bias, 1 a bias per class, 2 one scalar.
 @group(0) @binding(1) var<storage, read> ad_h: array<f32>;
 @group(0) @binding(2) var<storage, read> ad_w: array<f32>;
-@group(0) @binding(3) var<storage, read> ad_b: array<f32>;
-@group(0) @binding(4) var<storage, read> ad_gamma: array<f32>;
-@group(0) @binding(5) var<storage, read> ad_beta: array<f32>;
-@group(0) @binding(6) var<storage, read> ad_dw: array<f32>;
-@group(0) @binding(7) var<storage, read> ad_db: array<f32>;
-@group(0) @binding(8) var<storage, read_write> ad_out: array<f32>;
-// Eight storage buffers, over the downlevel budget of 4 (not restructured yet: the adapter head
-// fails under downlevel limits). The parameter block is a uniform one read only through workgroup
-// memory (ad_params), which lavapipe cannot inline (the rule in runtime/src/gpu/params.rs).
+// [γ (D) | β (D) | ΔW (C·D) | Δb (C) | b (C, 1 or none, by flag)], copied in by layout.wgsl's
+// gather3: downlevel limits allow 4 storage buffers per kernel
+@group(0) @binding(3) var<storage, read> ad_pk: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ad_out: array<f32>;
+// The parameter block is a uniform one read only through workgroup memory (ad_params), which
+// lavapipe cannot inline (the rule in runtime/src/gpu/params.rs).
 @group(0) @binding(0) var<uniform> ad_op: OutParams;
 var<workgroup> ad_params: OutParams;
 
@@ -549,17 +545,19 @@ fn adapter_logits(
     }
     let i = idx / c;
     let k = idx % c;
+    let dw = 2u * d;
+    let db = dw + c * d;
     var s = 0.0;
     for (var j = 0u; j < d; j++) {
         let w = select(ad_w[k * d + j], ad_w[j * c + k], op.k == 1u);
-        let x = ad_gamma[j] * ad_h[i * d + j] + ad_beta[j];
-        s += (op.x * w + ad_dw[k * d + j]) * x;
+        let x = ad_pk[j] * ad_h[i * d + j] + ad_pk[d + j];
+        s += (op.x * w + ad_pk[dw + k * d + j]) * x;
     }
     var bias = 0.0;
     if op.flag == 1u {
-        bias = op.y * ad_b[k];
+        bias = op.y * ad_pk[db + c + k];
     } else if op.flag == 2u {
-        bias = op.y * ad_b[0];
+        bias = op.y * ad_pk[db + c];
     }
-    ad_out[idx] = s + (bias + ad_db[k]);
+    ad_out[idx] = s + (bias + ad_pk[db + k]);
 }

@@ -80,16 +80,23 @@ fn roid_reduce(t: u32, v: f32, op: u32) -> f32 {
 
 // ---- roid_weights ------------------------------------------------------------------------------
 @group(0) @binding(1) var<storage, read> w_probs: array<f32>;
-@group(0) @binding(2) var<storage, read> w_entropy: array<f32>;
-// ē [C]; read only: the step's commit writes ē' (sel[2B ..]) under the guard.
-@group(0) @binding(3) var<storage, read> w_ema: array<f32>;
 // per-sample loss coefficients: w_i for kept samples, 0 for dropped ones
-@group(0) @binding(4) var<storage, read_write> w_coeff: array<f32>;
-// [kept flag (B), w (B), ē' (C), d̂ (B), ĉ (B)]; the first 2B are read back for reporting
-@group(0) @binding(5) var<storage, read_write> w_sel: array<f32>;
+@group(0) @binding(2) var<storage, read_write> w_coeff: array<f32>;
+// [kept flag (B), w (B), ē' (C), d̂ (B), ĉ (B), H(p) (B), ē (C)]; the first 2B are read back for
+// reporting. H(p) and ē are copied in by layout.wgsl's gather3 (downlevel limits allow 4 storage
+// buffers per kernel); ē stays as it is: the step's commit writes ē' into it under the guard.
+@group(0) @binding(3) var<storage, read_write> w_sel: array<f32>;
 // the optimizer's state [step_count, gate, non_finite]: the gate closes when the weights are
 // undefined
-@group(0) @binding(6) var<storage, read_write> w_opt: array<f32>;
+@group(0) @binding(4) var<storage, read_write> w_opt: array<f32>;
+
+fn w_entropy(i: u32) -> f32 {
+    return w_sel[4u * roid_p.b + roid_p.c + i];
+}
+
+fn w_ema(k: u32) -> f32 {
+    return w_sel[5u * roid_p.b + roid_p.c + k];
+}
 
 @compute @workgroup_size(256)
 fn roid_weights(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
@@ -108,8 +115,8 @@ fn roid_weights(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_inv
         for (var i = 0u; i < b; i++) {
             s += w_probs[i * c + k];
         }
-        let next = roid_p.momentum * w_ema[k] + roid_p.one_minus_momentum * (s / f32(b));
-        w_sel[2u * b + k] = select(w_ema[k], next, roid_p.flag != 0u);
+        let next = roid_p.momentum * w_ema(k) + roid_p.one_minus_momentum * (s / f32(b));
+        w_sel[2u * b + k] = select(w_ema(k), next, roid_p.flag != 0u);
     }
     if roid_p.flag == 0u {
         for (var i = t; i < b; i += 256u) {
@@ -122,7 +129,7 @@ fn roid_weights(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_inv
     // cosine_similarity divides each vector by its norm clamped at eps, then sums the products.
     var e2 = 0.0;
     for (var k = t; k < c; k += 256u) {
-        e2 += w_ema[k] * w_ema[k];
+        e2 += w_ema(k) * w_ema(k);
     }
     let e_norm = max(sqrt(roid_reduce(t, e2, 0u)), 1e-8);
     // Each thread owns samples t, t + 256, ...: what it stores in w_sel it alone reads back.
@@ -139,10 +146,10 @@ fn roid_weights(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_inv
         let p_norm = max(sqrt(p2), 1e-8);
         var dot = 0.0;
         for (var k = 0u; k < c; k++) {
-            dot += (w_ema[k] / e_norm) * (w_probs[i * c + k] / p_norm);
+            dot += (w_ema(k) / e_norm) * (w_probs[i * c + k] / p_norm);
         }
         let d = 1.0 - dot;
-        let cert = -w_entropy[i];
+        let cert = -w_entropy(i);
         w_sel[dbase + i] = d;
         w_sel[cbase + i] = cert;
         dmin = min(dmin, d);

@@ -148,13 +148,13 @@ struct LameRun {
 }
 
 fn run_lame(ctx: &GpuContext, h: &[f32], p: &[f32], n: usize, c: usize, d: usize, spec: &LameSpec) -> LameRun {
-    // values: h, p, y, info; scratch: z, dmat, w, pair, lp.
-    let mut values = vec![h.to_vec(), p.to_vec(), vec![0.0; n * c], vec![0.0; 2]];
-    let scratch = [(n * d * 4) as u64, (n * n * 4) as u64, (n * n * 4) as u64, (n * c * 4) as u64, (n * c * 4) as u64];
-    let temps = [BufRef::Scratch(0), BufRef::Scratch(1), BufRef::Scratch(2), BufRef::Scratch(3), BufRef::Scratch(4)];
-    let ds = output::lame(spec, BufRef::Value(0), BufRef::Value(1), n, c, d, temps, BufRef::Value(2), BufRef::Value(3));
+    // values: h, p, y, work (read back for the iteration count); scratch: z, dmat, w.
+    let mut values = vec![h.to_vec(), p.to_vec(), vec![0.0; n * c], vec![0.0; output::lame_work_len(n, c)]];
+    let scratch = [(n * d * 4) as u64, (n * n * 4) as u64, (n * n * 4) as u64];
+    let temps = [BufRef::Scratch(0), BufRef::Scratch(1), BufRef::Scratch(2), BufRef::Value(3)];
+    let ds = output::lame(spec, BufRef::Value(0), BufRef::Value(1), n, c, d, temps, BufRef::Value(2));
     run_dispatches(ctx, &mut values, &[], &scratch, &ds).expect("LAME dispatches run");
-    LameRun { y: values[2].clone(), iterations: values[3][0] as usize }
+    LameRun { y: values[2].clone(), iterations: values[3][2 * n * c] as usize }
 }
 
 fn spec(affinity: Affinity, knn: usize, lambda: f32, max_steps: u32) -> LameSpec {
@@ -416,7 +416,8 @@ fn adapter_logits_match_f64_in_both_layouts(ctx: GpuContext) {
     let dw = common::random_f32(c * d, 6, -0.2, 0.2);
     let db = common::random_f32(c, 7, -0.2, 0.2);
     let (alpha, beta_c) = (0.5f32, 2.0f32);
-    let want = |scalar_bias: Option<f64>| -> Vec<f64> {
+    // The bias: None, one per class (`bias`) or one scalar.
+    let want = |b: Option<Option<f64>>| -> Vec<f64> {
         let mut out = vec![0.0; n * c];
         for i in 0..n {
             for k in 0..c {
@@ -426,7 +427,7 @@ fn adapter_logits_match_f64_in_both_layouts(ctx: GpuContext) {
                             * (gamma[j] as f64 * h[i * d + j] as f64 + beta[j] as f64)
                     })
                     .sum();
-                let b = scalar_bias.unwrap_or(bias[k] as f64);
+                let b = b.map_or(0.0, |b| b.unwrap_or(bias[k] as f64));
                 out[i * c + k] = s + beta_c as f64 * b + db[k] as f64;
             }
         }
@@ -434,14 +435,15 @@ fn adapter_logits_match_f64_in_both_layouts(ctx: GpuContext) {
     };
     let w_dc: Vec<f32> = (0..c * d).map(|idx| w_cd[(idx % c) * d + idx / c]).collect();
     for (layout, w, b, scalar) in [
-        (WeightLayout::ClassMajor, &w_cd, bias.clone(), false),
-        (WeightLayout::FeatureMajor, &w_dc, bias.clone(), false),
-        (WeightLayout::FeatureMajor, &w_dc, vec![0.25], true),
+        (WeightLayout::ClassMajor, &w_cd, Some(bias.clone()), false),
+        (WeightLayout::FeatureMajor, &w_dc, Some(bias.clone()), false),
+        (WeightLayout::FeatureMajor, &w_dc, Some(vec![0.25]), true),
+        (WeightLayout::ClassMajor, &w_cd, None, false),
     ] {
         let mut values = vec![
             h.clone(),
             w.clone(),
-            b.clone(),
+            b.clone().unwrap_or_else(|| vec![0.0]),
             gamma.clone(),
             beta.clone(),
             dw.clone(),
@@ -449,24 +451,27 @@ fn adapter_logits_match_f64_in_both_layouts(ctx: GpuContext) {
             vec![0.0; n * c],
         ];
         let v = BufRef::Value;
-        let ds = [output::adapter_logits(
+        let bias_ref = b.as_ref().map(|_| (v(2), scalar));
+        let packed = (output::adapter_pack_len(c, d, bias_ref) * 4) as u64;
+        let ds = output::adapter_logits(
             v(0),
             v(1),
             layout,
             alpha,
-            Some((v(2), scalar)),
+            bias_ref,
             beta_c,
             [v(3), v(4), v(5), v(6)],
+            BufRef::Scratch(0),
             v(7),
             n,
             c,
             d,
-        )];
-        run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("adapter logits run");
+        );
+        run_dispatches(&ctx, &mut values, &[], &[packed], &ds).expect("adapter logits run");
         assert_close(
-            &format!("{layout:?} scalar bias {scalar}"),
+            &format!("{layout:?} bias {} scalar {scalar}", b.is_some()),
             &values[7],
-            &want(scalar.then_some(0.25)),
+            &want(b.map(|_| scalar.then_some(0.25))),
             1e-5,
             1e-6,
         );
@@ -703,7 +708,8 @@ fn shipped_mnist_adapter_matches_onnxruntime(ctx: GpuContext) {
     values.extend(outs.iter().map(|t| t.to_f32_vec()));
     values.push(vec![f32::NAN; n * c]);
     let v = BufRef::Value;
-    let ds = [output::adapter_logits(
+    let packed = (output::adapter_pack_len(c, d, Some((v(2), false))) * 4) as u64;
+    let ds = output::adapter_logits(
         v(0),
         v(1),
         WeightLayout::ClassMajor,
@@ -711,12 +717,13 @@ fn shipped_mnist_adapter_matches_onnxruntime(ctx: GpuContext) {
         Some((v(2), false)),
         attrs.beta,
         [v(3), v(4), v(5), v(6)],
+        BufRef::Scratch(0),
         v(7),
         n,
         c,
         d,
-    )];
-    run_dispatches(&ctx, &mut values, &[], &[], &ds).expect("adapter logits run");
+    );
+    run_dispatches(&ctx, &mut values, &[], &[packed], &ds).expect("adapter logits run");
     let want_logits = f64s(&ls_adapter_fixture("expected_logits.npy").to_f32_vec());
     eprintln!("modulated logits: error {:.2e} of max |expected|", relative_to_max(&values[7], &want_logits));
     assert_close("modulated logits", &values[7], &want_logits, 1e-4, 0.0);

@@ -101,7 +101,7 @@ fn run_case(ctx: &GpuContext, case: &Value) -> (Vec<Vec<f32>>, usize, usize) {
     ];
     let mut scratch = Vec::new();
     let mut d = loss::softmax_stats(V(0), b, c, V(1), V(2));
-    d.push(roid::weights(&spec, V(1), V(2), V(3), V(4), V(5), V(6), b, c));
+    d.extend(roid::weights(&spec, V(1), V(2), V(3), V(4), V(5), V(6), b, c));
     let scale = (1.0 / spec.batch_size.unwrap_or(b) as f64) as f32;
     d.extend(roid::slr_loss(V(0), V(4), b, c, scale, V(7), V(8), false, &mut scratch));
     d.push(roid::prior(V(0), V(1), V(9), V(10), b, c));
@@ -134,7 +134,7 @@ fn kernels_match_the_pytorch_reference(ctx: GpuContext) {
         let is_degenerate = case["degenerate"].as_bool().unwrap();
         if case["weighting"].as_bool().unwrap() && !is_degenerate {
             worst = worst.max(assert_close(&what("d̂"), &sel[2 * b + c..3 * b + c], &floats(&case["div"]), 1e-5, 1e-6));
-            worst = worst.max(assert_close(&what("ĉ"), &sel[3 * b + c..], &floats(&case["cert"]), 1e-5, 1e-6));
+            worst = worst.max(assert_close(&what("ĉ"), &sel[3 * b + c..4 * b + c], &floats(&case["cert"]), 1e-5, 1e-6));
         }
         // The guard: undefined weights close the gate (no gradient step) and drop every sample.
         assert_eq!(v[6][1] == 0.0, is_degenerate, "{}", what("gate"));

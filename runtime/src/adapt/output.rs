@@ -34,12 +34,12 @@ use crate::ops::BufRef;
 use crate::plan::{Forward, Item, Program};
 
 pub use super::error::OutputError;
-pub use super::methods::adapter::{Adapter, WeightLayout, adapter_logits};
+pub use super::methods::adapter::{Adapter, WeightLayout, adapter_logits, adapter_pack_len};
 pub use super::methods::label_shift::{
     BBSE_RIDGE, Correction, EM_MAX_ITERATIONS, EM_TOLERANCE, GATE_BUFFER, PRIOR_BUFFER, bbse, bbse_matrix, correct, em,
     prior_ema,
 };
-pub use super::methods::lame::{Features, LameSpec, lame};
+pub use super::methods::lame::{Features, LameSpec, lame, lame_work_len};
 
 /// Everything the output stage of a step does.
 #[derive(Clone, Debug)]

@@ -171,9 +171,9 @@ impl Session {
         };
         let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false };
         let auto = if method == Method::Auto {
-            // LAME needs the input of a final Gemm/MatMul, and its iteration kernel more storage
-            // buffers than phone GPUs guarantee; without it, correlated batches still keep out of
-            // the batch statistics and the steps (the source model predicts them).
+            // LAME needs the input of a final Gemm/MatMul, and its iteration kernel 4 storage
+            // buffers (more than WebGL2-class devices offer); without it, correlated batches still
+            // keep out of the batch statistics and the steps (the source model predicts them).
             let buffers = ctx.limits().max_storage_buffers_per_shader_stage;
             let smoothing = if buffers < methods::lame::STORAGE_BUFFERS {
                 log::info!(

@@ -15,6 +15,7 @@ use crate::adapt::error::OutputError;
 use crate::adapt::loss;
 use crate::gpu::grid_1d;
 use crate::ir::{Dim, Graph};
+use crate::ops::layout::gather;
 use crate::ops::{BufRef, Dispatch, Op, Operand};
 use crate::plan::{Forward, GraphOutput, Item, NoHook, WeightInit, lower_forward};
 use crate::tensor::Tensor;
@@ -120,7 +121,8 @@ impl Stage for Adapter {
         let modulated = program.value(bc);
         let probs1 = program.value(bc);
         let ent1 = program.value(b as u64 * 4);
-        cx.dispatches.push(adapter_logits(
+        let packed = cx.temp((adapter_pack_len(c, d, layer.bias) * 4) as u64);
+        cx.dispatches.extend(adapter_logits(
             BufRef::Value(layer.h),
             layer.w,
             layer.layout,
@@ -128,6 +130,7 @@ impl Stage for Adapter {
             layer.bias,
             layer.beta,
             [outs[0], outs[1], outs[2], outs[3]],
+            packed,
             BufRef::Value(modulated),
             b,
             c,
@@ -328,7 +331,24 @@ fn final_layer(graph: &Graph, fwd: &Forward, logits: usize, c: usize) -> Result<
     Ok(layer)
 }
 
-/// The adapter's final layer: `out` [N, C] = (α·W + ΔW)(γ ⊙ h + β) + β_C·b + Δb.
+/// Words of [`adapter_logits`]' packed buffer: [γ (D) | β (D) | ΔW (C·D) | Δb (C) | b (C, 1 or
+/// none)].
+pub fn adapter_pack_len(c: usize, d: usize, bias: Option<(BufRef, bool)>) -> usize {
+    2 * d + c * d + c + bias_len(c, bias)
+}
+
+fn bias_len(c: usize, bias: Option<(BufRef, bool)>) -> usize {
+    match bias {
+        None => 0,
+        Some((_, false)) => c,
+        Some((_, true)) => 1,
+    }
+}
+
+/// The adapter's final layer: `out` [N, C] = (α·W + ΔW)(γ ⊙ h + β) + β_C·b + Δb. `packed`
+/// ([`adapter_pack_len`] words) is a temporary: γ, β, ΔW, Δb and b are copied into it (two
+/// `gather3` word copies, so results stay bit-identical) because downlevel (phone) limits allow
+/// the kernel 4 storage buffers.
 #[allow(clippy::too_many_arguments)]
 pub fn adapter_logits(
     h: BufRef,
@@ -338,21 +358,30 @@ pub fn adapter_logits(
     bias: Option<(BufRef, bool)>,
     beta_c: f32,
     adapter: [BufRef; 4],
+    packed: BufRef,
     out: BufRef,
     n: usize,
     c: usize,
     d: usize,
-) -> Dispatch {
+) -> Vec<Dispatch> {
     let [gamma, beta, dw, db] = adapter;
-    let (b, flag) = match bias {
-        None => (w, 0),
-        Some((b, false)) => (b, 1),
-        Some((b, true)) => (b, 2),
+    let flag = match bias {
+        None => 0,
+        Some((_, false)) => 1,
+        Some((_, true)) => 2,
     };
-    output_dispatch(
-        "adapter_logits",
-        output_params(n, c, d, layout as usize, flag, alpha, beta_c),
-        vec![h, w, b, gamma, beta, dw, db, out],
-        grid_1d(n * c, 64),
-    )
+    let mut tail = vec![(db, c)];
+    if let Some((b, _)) = bias {
+        tail.push((b, bias_len(c, bias)));
+    }
+    vec![
+        gather(&[(gamma, d), (beta, d), (dw, c * d)], packed, 0),
+        gather(&tail, packed, 2 * d + c * d),
+        output_dispatch(
+            "adapter_logits",
+            output_params(n, c, d, layout as usize, flag, alpha, beta_c),
+            vec![h, w, packed, out],
+            grid_1d(n * c, 64),
+        ),
+    ]
 }

@@ -81,9 +81,11 @@ impl Section for LameSection {
     }
 }
 
-/// Storage buffers `lame_iterate` (`shaders/output.wgsl`) binds: over the 4 of
-/// `wgpu::Limits::downlevel_defaults()` (the runtime's WGSL check lists it).
-pub const STORAGE_BUFFERS: u32 = 6;
+/// Storage buffers `lame_iterate` (`shaders/output.wgsl`) binds: within the 4 of
+/// `wgpu::Limits::downlevel_defaults()` (its scratch and counters share one buffer, see
+/// [`lame`]), so `auto` smooths on phone GPUs too; a device with fewer (WebGL2 offers none)
+/// runs `auto` without LAME.
+pub const STORAGE_BUFFERS: u32 = 4;
 
 pub(crate) struct Lame;
 
@@ -113,15 +115,13 @@ impl Stage for LameSpec {
         let bc = (b * c * 4) as u64;
         let (h, d) = lame_features(cx.graph, cx.fwd, &self.features, b).map_err(OutputError::Features)?;
         let y = cx.program.value(bc);
-        let info = cx.program.value(8);
         let temps = [
             cx.temp((b * d * 4) as u64),
             cx.temp((b * b * 4) as u64),
             cx.temp((b * b * 4) as u64),
-            cx.temp(bc),
-            cx.temp(bc),
+            cx.temp((lame_work_len(b, c) * 4) as u64),
         ];
-        let ds = lame(self, BufRef::Value(h), cx.current, b, c, d, temps, BufRef::Value(y), BufRef::Value(info));
+        let ds = lame(self, BufRef::Value(h), cx.current, b, c, d, temps, BufRef::Value(y));
         cx.dispatches.extend(ds);
         cx.current = BufRef::Value(y);
         Ok(())
@@ -213,9 +213,16 @@ fn lame_features(graph: &Graph, fwd: &Forward, features: &Features, b: usize) ->
     Ok((v, shape.iter().skip(1).product()))
 }
 
-/// LAME on `probs` [N, C] with features `h` [N, D]: writes `y` [N, C] and `info` [2]
-/// (iterations run, final energy). `z` [N·D], `dmat` [N·N], `w` [N·N], `pair` and `lp` [N·C]
-/// are temporaries.
+/// Floats in LAME's `work` buffer for `n` samples and `c` classes: [pair N·C | lp N·C | iterations
+/// run, final energy] (one buffer: `lame_iterate` stays within the 4 storage buffers of
+/// `wgpu::Limits::downlevel_defaults()`).
+pub fn lame_work_len(n: usize, c: usize) -> usize {
+    2 * n * c + 2
+}
+
+/// LAME on `probs` [N, C] with features `h` [N, D]: writes `y` [N, C]. `z` [N·D], `dmat` [N·N],
+/// `w` [N·N] and `work` [[`lame_work_len`]] are temporaries; `work` ends with the iterations run
+/// and the final energy (at 2·N·C and 2·N·C + 1).
 #[allow(clippy::too_many_arguments)]
 pub fn lame(
     spec: &LameSpec,
@@ -224,11 +231,10 @@ pub fn lame(
     n: usize,
     c: usize,
     d: usize,
-    temps: [BufRef; 5],
+    temps: [BufRef; 4],
     y: BufRef,
-    info: BufRef,
 ) -> Vec<Dispatch> {
-    let [z, dmat, w, pair, lp] = temps;
+    let [z, dmat, w, work] = temps;
     let flag = spec.affinity as u32;
     vec![
         output_dispatch(
@@ -242,7 +248,7 @@ pub fn lame(
         output_dispatch(
             "lame_iterate",
             output_params(n, c, d, spec.max_steps as usize, 0, spec.lambda, 0.0),
-            vec![probs, w, y, pair, lp, info],
+            vec![probs, w, y, work],
             [1, 1, 1],
         ),
     ]

@@ -34,6 +34,7 @@ use crate::adapt::optim::{self, OptimizerSpec};
 use crate::adapt::reverse::{bytes_of, err};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::ir::Graph;
+use crate::ops::layout::gather;
 use crate::ops::{BufRef, Dispatch};
 use crate::plan::{Item, PlanError, Program, WeightInit};
 use crate::tensor::Tensor;
@@ -104,7 +105,9 @@ fn params(b: usize, c: usize, flag: bool, x: f32, momentum: f64) -> Params {
 
 /// The weights over `probs` [B, C] and `entropy` [B] (from [`loss::softmax_stats`]) with ē in
 /// `ema` [C]: writes `coeff` [B] (w_i, 0 for dropped samples), `sel` [kept flags (B), w (B),
-/// ē' (C), d̂ (B), ĉ (B)] and closes the gate in `opt_state` when the weights are undefined.
+/// ē' (C), d̂ (B), ĉ (B), then the copies of `entropy` and `ema` the kernel reads] and closes the
+/// gate in `opt_state` when the weights are undefined. `entropy` and `ema` are copied into `sel`
+/// first (a word copy: the kernel binds 4 storage buffers, as downlevel limits allow).
 #[allow(clippy::too_many_arguments)]
 pub fn weights(
     spec: &RoidSpec,
@@ -116,18 +119,21 @@ pub fn weights(
     opt_state: BufRef,
     b: usize,
     c: usize,
-) -> Dispatch {
-    Dispatch {
-        key: KernelKey::new(Shader::Roid, "roid_weights"),
-        params: params(b, c, spec.weighting, spec.temperature as f32, spec.momentum_probs),
-        buffers: vec![probs, entropy, ema, coeff, sel, opt_state],
-        workgroups: [1, 1, 1],
-    }
+) -> Vec<Dispatch> {
+    vec![
+        gather(&[(entropy, b), (ema, c)], sel, 4 * b + c),
+        Dispatch {
+            key: KernelKey::new(Shader::Roid, "roid_weights"),
+            params: params(b, c, spec.weighting, spec.temperature as f32, spec.momentum_probs),
+            buffers: vec![probs, coeff, sel, opt_state],
+            workgroups: [1, 1, 1],
+        },
+    ]
 }
 
 /// Floats of the `sel` buffer of [`weights`].
 pub fn sel_len(b: usize, c: usize) -> usize {
-    4 * b + c
+    5 * b + 2 * c
 }
 
 /// The per-sample SLR terms `terms` [B] (c_i·SLR_i) and dL/dz into `dz` [B, C] for
@@ -364,7 +370,7 @@ impl Objective for RoidObjective {
             || WeightInit::Tensor(Arc::new(Tensor::f32(vec![c], vec![1.0 / c as f32; c]))),
             true,
         );
-        dispatches.push(weights(
+        dispatches.extend(weights(
             &self.0,
             BufRef::Value(probs),
             BufRef::Value(ent),
