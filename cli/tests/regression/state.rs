@@ -256,3 +256,53 @@ fn replay_load_state_reports_refused_states() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Adam's m and v moved into one buffer (`opt:m:<p>` = [m, v]) to fit phone GPUs' 4 storage
+/// buffers; a state saved before that (separate `opt:m:<p>` and `opt:v:<p>`) was then written
+/// half into the packed buffer, v left stale: silently wrong. It must load exactly as the same
+/// state saved in the new layout.
+#[gpu_test]
+fn adam_state_saved_with_separate_moments_loads_exactly(ctx: acclimate::GpuContext) {
+    use acclimate::adapt::state;
+    let dir = state_dir("adam-split");
+    let mut a = state_session(&ctx, "tent");
+    a.step(&state_digits(0, 8)).unwrap();
+    a.step(&state_digits(8, 8)).unwrap();
+    let new = dir.join("new.safetensors");
+    a.save_state(&new).unwrap();
+    // The same state in the old layout.
+    let fp = state::fingerprint(&a.model().graph);
+    let loaded = state::load_state(&new, &fp).unwrap();
+    let mut old_tensors = Vec::new();
+    let mut split = 0;
+    for (name, t) in loaded.tensors {
+        match name.strip_prefix("opt:m:") {
+            Some(p) => {
+                let d = t.to_f32_vec();
+                let n = d.len() / 2;
+                old_tensors.push((name.clone(), acclimate::Tensor::f32(vec![n], d[..n].to_vec())));
+                old_tensors.push((format!("opt:v:{p}"), acclimate::Tensor::f32(vec![n], d[n..].to_vec())));
+                split += 1;
+            }
+            None => old_tensors.push((name, t)),
+        }
+    }
+    assert!(split > 0, "the Adam state has no moments");
+    let old = dir.join("old.safetensors");
+    let meta = vec![("method".to_string(), "tent".to_string()), ("steps_taken".to_string(), "2".to_string())];
+    state::save_state(&old, &fp, &old_tensors, &meta).unwrap();
+    let x = state_digits(16, 8);
+    let mut b_new = state_session(&ctx, "tent");
+    b_new.load_state(&new).unwrap();
+    let mut b_old = state_session(&ctx, "tent");
+    // A session that already ran (its packed buffer exists) and a fresh one both load it.
+    b_old.step(&state_digits(24, 8)).unwrap();
+    b_old.load_state(&old).unwrap();
+    let (pn, po) = (b_new.step(&x).unwrap(), b_old.step(&x).unwrap());
+    assert_eq!(pn.logits.to_f32_vec(), po.logits.to_f32_vec());
+    let (qn, qo) = (b_new.parameters().unwrap(), b_old.parameters().unwrap());
+    for ((n1, t1), (_, t2)) in qn.iter().zip(&qo) {
+        assert_eq!(t1.to_f32_vec(), t2.to_f32_vec(), "{n1} after a step from the old-layout state");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -665,9 +665,10 @@ impl Session {
                 .into());
             }
         }
+        let tensors = migrate_adam_moments(loaded.tensors);
         // Validate every tensor against what it replaces before writing anything.
         let mut writes: Vec<(String, Arc<Tensor>)> = Vec::new();
-        for (name, t) in loaded.tensors {
+        for (name, t) in tensors {
             let expected = self.model.graph.initializers.get(&name).map(|s| s.numel());
             if let Some(n) = expected
                 && n != t.numel()
@@ -737,6 +738,37 @@ impl Session {
         let p = self.plan(shape)?;
         Ok((p.transient_bytes, p.dispatch_count))
     }
+}
+
+/// States saved before Adam's moments shared one buffer hold `opt:m:<p>` and `opt:v:<p>`, n values
+/// each; the step now keeps `opt:m:<p>` = [m (n), v (n)] (4 storage buffers per kernel on phones).
+/// Such a pair becomes the one tensor, so that a state a user saved still loads, exactly.
+fn migrate_adam_moments(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    let m_len: HashMap<String, usize> =
+        tensors.iter().filter_map(|(n, t)| n.strip_prefix("opt:m:").map(|p| (p.to_string(), t.numel()))).collect();
+    let v_of: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter_map(|(n, t)| {
+            let p = n.strip_prefix("opt:v:")?;
+            (m_len.get(p) == Some(&t.numel())).then(|| (p.to_string(), t.clone()))
+        })
+        .collect();
+    tensors
+        .into_iter()
+        .filter_map(|(name, t)| {
+            if name.strip_prefix("opt:v:").is_some_and(|p| v_of.contains_key(p)) {
+                return None;
+            }
+            match name.strip_prefix("opt:m:").and_then(|p| v_of.get(p)) {
+                Some(v) => {
+                    let mut data = t.to_f32_vec();
+                    data.extend(v.to_f32_vec());
+                    Some((name, Tensor::f32(vec![data.len()], data)))
+                }
+                None => Some((name, t)),
+            }
+        })
+        .collect()
 }
 
 /// A method's set-up reaches its session through this (EATA's Fisher).
