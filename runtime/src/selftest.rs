@@ -86,25 +86,7 @@ impl Golden {
     /// output a session adapts on.
     fn model(&self, stages: bool) -> crate::Result<Model> {
         use prost::Message;
-        let vi = |name: &str, dims: &[i64]| proto::ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(proto::TypeProto {
-                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                    elem_type: Some(1),
-                    shape: Some(proto::TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|&d| proto::tensor_shape_proto::Dimension {
-                                value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let vi = crate::onnx::float_value_info;
         let init = |name: &str, dims: &[i64], v: &[f32]| proto::TensorProto {
             name: Some(name.into()),
             dims: dims.to_vec(),

@@ -330,25 +330,7 @@ fn model_too_large_for_buffer_limit() {
     let Some(_ctx) = common::gpu() else { return };
     // y = x · W with W [4, 70000]: 1,120,000 bytes of weight behind a 4-float input.
     let k = 70_000i64;
-    let vi = |name: &str, dims: &[i64]| proto::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(proto::TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| proto::tensor_shape_proto::Dimension {
-                            value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let vi = acclimate::onnx::float_value_info;
     let bytes = proto::ModelProto {
         ir_version: Some(8),
         opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],

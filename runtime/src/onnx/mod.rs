@@ -32,6 +32,30 @@ pub use load::{
     tensor_from_proto, tensor_to_proto,
 };
 
+/// A float32 tensor's `ValueInfoProto` with fixed dimensions (graph inputs and outputs of the
+/// models the runtime and its tests build in code).
+pub fn float_value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
+    proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: Some(proto::tensor_proto::DataType::Float as i32),
+                shape: Some(proto::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| proto::tensor_shape_proto::Dimension {
+                            value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A decoded, validated model: what the IR builder starts from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawModel {
