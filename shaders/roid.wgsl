@@ -315,13 +315,33 @@ fn roid_ensemble(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     e_param[i] = e_coef[0] * e_param[i] + e_coef[1] * e_src[i];
 }
 
-// The checks bind what the optimizer's check binds (state, param, grad, its moments), then the
-// source and [a, 1 - a]; the optimizer's candidate is the value its update will write, or the
-// parameter itself when the gate is closed (no gradient step: the ensembling still runs).
-@group(0) @binding(4) var<storage, read> ck_src4: array<f32>;
-@group(0) @binding(5) var<storage, read> ck_coef5: array<f32>;
-@group(0) @binding(5) var<storage, read> ck_src5: array<f32>;
-@group(0) @binding(6) var<storage, read> ck_coef6: array<f32>;
+// The checks bind what the optimizer's check binds (state, param, grad, its moments), with the
+// gradient binding holding [grad (n), θ_src (n), a, 1 - a] (roid_pack writes it): downlevel
+// limits allow 4 storage buffers per stage, and Adam's check already binds 4. The optimizer's
+// candidate is the value its update will write, or the parameter itself when the gate is closed
+// (no gradient step: the ensembling still runs).
+@group(0) @binding(1) var<storage, read> pk_grad: array<f32>;
+@group(0) @binding(2) var<storage, read> pk_src: array<f32>;
+@group(0) @binding(3) var<storage, read> pk_coef: array<f32>;
+@group(0) @binding(4) var<storage, read_write> pk_out: array<f32>;
+
+// roid_pack: grad, source, [a, 1 - a], out = [grad (n), source (n), a, 1 - a].
+@compute @workgroup_size(256)
+fn roid_pack(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        roid_vp = roid_vp_in;
+    }
+    workgroupBarrier();
+    let i = gid.x + gid.y * nwg.x * 256u;
+    let n = roid_vp.n;
+    if i < n {
+        pk_out[i] = pk_grad[i];
+        pk_out[n + i] = pk_src[i];
+    }
+    if i < 2u {
+        pk_out[2u * n + i] = pk_coef[i];
+    }
+}
 
 fn roid_ensemble_bad(p: f32, s: f32, a: f32, one_minus_a: f32) -> bool {
     return non_finite(a * p + one_minus_a * s);
@@ -345,7 +365,7 @@ fn roid_sgd_ensemble_check(
     if gate_open() {
         p = sgd_candidate(i);
     }
-    if roid_ensemble_bad(p, ck_src4[i], ck_coef5[0], ck_coef5[1]) {
+    if roid_ensemble_bad(p, grad[sp.n + i], grad[2u * sp.n], grad[2u * sp.n + 1u]) {
         trip();
     }
 }
@@ -368,7 +388,7 @@ fn roid_sgd_momentum_ensemble_check(
     if gate_open() {
         p = sgd_momentum_candidate(i, atomicLoad(&gstate[0]) == 0u).x;
     }
-    if roid_ensemble_bad(p, ck_src5[i], ck_coef6[0], ck_coef6[1]) {
+    if roid_ensemble_bad(p, grad[sp.n + i], grad[2u * sp.n], grad[2u * sp.n + 1u]) {
         trip();
     }
 }
@@ -391,7 +411,7 @@ fn roid_adam_ensemble_check(
     if gate_open() {
         p = adam_candidate(i, bitcast<f32>(atomicLoad(&gstate[0])) + 1.0).x;
     }
-    if roid_ensemble_bad(p, ck_src5[i], ck_coef6[0], ck_coef6[1]) {
+    if roid_ensemble_bad(p, grad[ap.n + i], grad[2u * ap.n], grad[2u * ap.n + 1u]) {
         trip();
     }
 }

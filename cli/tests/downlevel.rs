@@ -5,9 +5,8 @@
 //! variants, within the PyTorch-reference tolerance of `tta_reference.rs` (1e-4 relative), and
 //! with the committed PyTorch reference logits of `tests/fixtures/tta/`.
 //!
-//! Methods whose kernels still bind more than 4 storage buffers are listed in
-//! [`OVER_BUDGET`]: they must fail to open with a GPU error naming the pipeline (never a crash,
-//! never wrong numbers); moving one into [`WITHIN_BUDGET`] is how its restructuring is tested.
+//! Every entry point fits the budget (`gpu::tests::every_entry_point_fits_downlevel_limits`
+//! checks each with naga), so every scenario runs here.
 
 mod common;
 
@@ -25,7 +24,7 @@ use serde_json::Value;
 
 /// One scenario per method and output stage (tiny fixture models: the whole file stays short on
 /// lavapipe).
-const WITHIN_BUDGET: &[&str] = &[
+const SCENARIOS: &[&str] = &[
     "tiny_source_b8",
     "tiny_norm_b8",
     "tiny_alpha_b1",
@@ -48,11 +47,9 @@ const WITHIN_BUDGET: &[&str] = &[
     "tiny_ls_adapter",
     "tiny_ls_adapter_nt_lame",
     "tiny_roid_switches",
+    "tiny_roid_adam",
+    "tiny_roid_sgd_nesterov",
 ];
-
-/// Scenarios whose kernels still exceed the downlevel storage budget (see the README's
-/// "Phone GPUs" section for the list of kernels).
-const OVER_BUDGET: &[&str] = &["tiny_roid_sgd_nesterov"];
 
 /// The downlevel context (ACCLIMATE_ALLOW_NO_GPU=1 skips, as `#[gpu_test]` does).
 fn downlevel() -> Option<GpuContext> {
@@ -157,13 +154,13 @@ fn a_bad_limits_profile_is_refused_by_name() {
     assert_eq!("adapter".parse::<LimitsProfile>().unwrap(), LimitsProfile::Adapter);
 }
 
-/// Every method within the budget: the replay on downlevel limits matches the replay on the
+/// Every method: the replay on downlevel limits matches the replay on the
 /// default limits, and its logits match the PyTorch reference.
 #[gpu_test]
 fn every_method_matches_the_default_limits_and_the_reference(ctx: GpuContext) {
     let Some(dl) = downlevel() else { return };
     let mut errors = Vec::new();
-    for name in WITHIN_BUDGET {
+    for name in SCENARIOS {
         let dir = fixture(name);
         let mut on_dl = match session(&dl, &dir) {
             Ok(s) => s,
@@ -186,44 +183,6 @@ fn every_method_matches_the_default_limits_and_the_reference(ctx: GpuContext) {
         errors.extend(errs.into_iter().map(|e| format!("{name}: {e}")));
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
-}
-
-/// The methods not restructured yet fail with a GPU error that names the pipeline and the limit
-/// (never wrong numbers, never a crash).
-#[test]
-fn methods_over_the_storage_budget_are_refused_with_the_pipeline_named() {
-    let Some(dl) = downlevel() else { return };
-    for name in OVER_BUDGET {
-        let dir = fixture(name);
-        // A pipeline that cannot be created refuses the session, or (built lazily) skips every
-        // batch with the error recorded in the replay log.
-        let msgs: Vec<String> = match session(&dl, &dir) {
-            Err(e) => {
-                assert_eq!(e.kind(), ErrorKind::Gpu, "{name}: {e}");
-                vec![e.to_string()]
-            }
-            Ok(mut s) => {
-                let log = serde_json::to_value(replay(&mut s, &dir.join("batches")).expect("replay")).unwrap();
-                let steps = log["steps"].as_array().unwrap();
-                assert!(!steps.is_empty(), "{name}: no batches");
-                steps
-                    .iter()
-                    .map(|s| match s["skipped"].as_str() {
-                        Some(m) => m.to_string(),
-                        None => panic!("{name}: a batch ran under downlevel limits: move it to WITHIN_BUDGET\n{s}"),
-                    })
-                    .collect()
-            }
-        };
-        for msg in msgs {
-            assert!(
-                msg.contains("pipeline")
-                    && msg.contains(".wgsl::")
-                    && msg.contains("max_storage_buffers_per_shader_stage"),
-                "{name}: {msg}"
-            );
-        }
-    }
 }
 
 const SPEC: &str = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25";

@@ -224,12 +224,13 @@ fn optimizer_of(case: &Value) -> OptimizerSpec {
 
 /// One step as a ROID program records it: guard begin, the optimizer's checks and the
 /// ensembling's, the update, the ensembling, the commit. Buffers: 0 param, 1 grad, 2 moments, 3 unused,
-/// 4 state, 5 source, 6 [α, 1 − α].
+/// 4 state, 5 source, 6 [α, 1 − α], 7 the packed [grad, source, α, 1 − α] (2n + 2).
 fn ensemble_step(spec: &OptimizerSpec, n: usize) -> Vec<Dispatch> {
-    let (p, g, m, v, st, src, coef) = (V(0), V(1), V(2), V(3), V(4), V(5), V(6));
+    let (p, g, m, v, st, src, coef, packed) = (V(0), V(1), V(2), V(3), V(4), V(5), V(6), V(7));
     let mut d = vec![optim::guard_begin(st)];
     d.extend(optim::check(spec, p, g, m, v, st, n));
-    d.extend(roid::ensemble_check(spec, p, g, m, v, st, src, coef, n));
+    d.push(roid::pack(g, src, coef, packed, n));
+    d.extend(roid::ensemble_check(spec, p, packed, m, v, st, n));
     d.extend(optim::step(spec, p, g, m, v, st, n));
     d.push(roid::ensemble(st, p, src, coef, n));
     d.extend(optim::commit(st));
@@ -255,6 +256,7 @@ fn ensembling_after_the_optimizer_matches_the_pytorch_reference(ctx: GpuContext)
             initial_state().to_f32_vec(),
             f32s(&case["source"]),
             roid::ensemble_coefficients(alpha).to_f32_vec(),
+            vec![f32::NAN; 2 * n + 2],
         ];
         let d = ensemble_step(&spec, n);
         for (s, (g, want)) in
@@ -283,7 +285,7 @@ fn ensembling_is_under_the_parameter_guard(ctx: GpuContext) {
     let adam = OptimizerSpec::Adam { lr: 0.01, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 };
     let n = 4;
     let fresh = |grad: Vec<f32>, coef: Vec<f32>, state: Vec<f32>, p: Vec<f32>| {
-        vec![p, grad, vec![0.5; n], vec![0.25; n], state, vec![2.0, -1.0, 0.5, 3.0e38], coef]
+        vec![p, grad, vec![0.5; n], vec![0.25; n], state, vec![2.0, -1.0, 0.5, 3.0e38], coef, vec![f32::NAN; 2 * n + 2]]
     };
     let p = vec![1.0, 2.0, -3.0, 3.0e38];
     let d = ensemble_step(&adam, n);

@@ -559,16 +559,6 @@ mod tests {
     /// and every uniform block is copied into a workgroup variable of the same type before use:
     /// lavapipe recompiles kernels whose loops or branches read a uniform block directly each
     /// time a submit binds them (see `gpu::params`).
-    /// Entry points not restructured yet for the downlevel storage budget (LAME, the label-shift
-    /// adapter head and ROID): sessions that use them fail under downlevel
-    /// limits with the pipeline named (cli/tests/downlevel.rs). The list only shrinks: the test
-    /// below fails when one of them fits, and for any other entry point over the budget.
-    const OVER_DOWNLEVEL_BUDGET: [&str; 3] = [
-        "roid.wgsl::roid_sgd_ensemble_check",
-        "roid.wgsl::roid_sgd_momentum_ensemble_check",
-        "roid.wgsl::roid_adam_ensemble_check",
-    ];
-
     #[test]
     fn every_entry_point_fits_downlevel_limits() {
         let downlevel = wgpu::Limits::downlevel_defaults();
@@ -593,11 +583,7 @@ mod tests {
                     })
                     .collect();
                 let name = format!("{}::{}", shader.file_name(), ep.name);
-                let known = OVER_DOWNLEVEL_BUDGET.contains(&name.as_str());
-                if known && storage.len() <= limit {
-                    wrong.push(format!("{name} now fits the downlevel budget: take it off OVER_DOWNLEVEL_BUDGET"));
-                }
-                if storage.len() > limit && !known {
+                if storage.len() > limit {
                     let names: Vec<&str> = storage.values().map(|n| n.as_str()).collect();
                     wrong.push(format!(
                         "{name} binds {} storage buffers ({}), over {limit}",

@@ -204,22 +204,33 @@ pub fn ensemble(state: BufRef, param: BufRef, src: BufRef, coef: BufRef, n: usiz
     }
 }
 
+/// [grad (n), θ_src (n), α, 1 − α] into `out` (2n + 2 floats), the gradient binding of
+/// [`ensemble_check`]: downlevel limits allow 4 storage buffers per kernel, and Adam's check
+/// already binds 4 (state, parameter, gradient, moments).
+pub fn pack(grad: BufRef, src: BufRef, coef: BufRef, out: BufRef, n: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Roid, "roid_pack"),
+        params: Params::new().u32(n as u32),
+        buffers: vec![grad, src, coef, out],
+        workgroups: grid_1d(n.max(2), 256),
+    }
+}
+
 /// The guard's check of one tensor's update followed by the ensembling: the optimizer's candidate
-/// (the parameter itself when the gate is closed), ensembled, must be finite. Record it with the
-/// optimizer's checks ([`optim::check`]), before any update.
-#[allow(clippy::too_many_arguments)]
+/// (the parameter itself when the gate is closed), ensembled, must be finite. `packed` is what
+/// [`pack`] wrote ([grad, θ_src, α, 1 − α]); it stands where the optimizer's check binds the
+/// gradient. Record it with the optimizer's checks ([`optim::check`]), after [`pack`] and before
+/// any update.
 pub fn ensemble_check(
     spec: &OptimizerSpec,
     param: BufRef,
-    grad: BufRef,
+    packed: BufRef,
     m: BufRef,
     v: BufRef,
     state: BufRef,
-    src: BufRef,
-    coef: BufRef,
     n: usize,
 ) -> Vec<Dispatch> {
-    optim::step(spec, param, grad, m, v, state, n)
+    optim::step(spec, param, packed, m, v, state, n)
         .into_iter()
         .map(|mut d| {
             let entry = match d.key.entry {
@@ -228,7 +239,6 @@ pub fn ensemble_check(
                 _ => "roid_adam_ensemble_check",
             };
             d.key = KernelKey::new(Shader::Roid, entry);
-            d.buffers.extend([src, coef]);
             d
         })
         .collect()
@@ -431,17 +441,9 @@ impl Objective for RoidObjective {
             let name = source_name(&program.weights[u.weight].name);
             let src = program.weight(&name, || init, true);
             let (pb, sb, cb) = (BufRef::Weight(u.weight), BufRef::Weight(src), BufRef::Weight(coef));
-            checks.extend(ensemble_check(
-                optimizer,
-                pb,
-                BufRef::Value(u.grad),
-                BufRef::Weight(u.m),
-                BufRef::Weight(u.v),
-                st,
-                sb,
-                cb,
-                u.n,
-            ));
+            let packed = BufRef::Value(program.value((2 * u.n + 2) as u64 * 4));
+            checks.push(pack(BufRef::Value(u.grad), sb, cb, packed, u.n));
+            checks.extend(ensemble_check(optimizer, pb, packed, BufRef::Weight(u.m), BufRef::Weight(u.v), st, u.n));
             writes.push(ensemble(st, pb, sb, cb, u.n));
         }
         Ok((checks, writes))
@@ -453,18 +455,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ensemble_check_binds_the_optimizer_buffers_then_source_and_coefficients() {
-        let [p, g, m, v, st, src, coef] = [0, 1, 2, 3, 4, 5, 6].map(BufRef::Value);
+    fn ensemble_check_binds_the_optimizer_buffers_with_the_packed_gradient() {
+        let [p, packed, m, v, st] = [0, 1, 2, 3, 4].map(BufRef::Value);
         let sgd = OptimizerSpec::Sgd { lr: 0.1, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 };
-        let d = ensemble_check(&sgd, p, g, m, v, st, src, coef, 7);
+        let d = ensemble_check(&sgd, p, packed, m, v, st, 7);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].key.entry, "roid_sgd_ensemble_check");
-        assert_eq!(d[0].buffers, vec![st, p, g, src, coef]);
+        assert_eq!(d[0].buffers, vec![st, p, packed]);
         let adam = OptimizerSpec::Adam { lr: 0.1, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 };
-        let d = ensemble_check(&adam, p, g, m, v, st, src, coef, 7);
+        let d = ensemble_check(&adam, p, packed, m, v, st, 7);
         assert_eq!(d[0].key.entry, "roid_adam_ensemble_check");
-        // Adam keeps both moments in `m` (downlevel limits allow 4 storage buffers).
-        assert_eq!(d[0].buffers, vec![st, p, g, m, src, coef]);
+        // Adam keeps both moments in `m`; with the packed gradient that is 4 storage buffers,
+        // the downlevel limit.
+        assert_eq!(d[0].buffers, vec![st, p, packed, m]);
     }
 
     #[test]
