@@ -64,28 +64,40 @@ fn assert_close(what: &str, got: &[(usize, f32)], want: &[f32]) {
     assert!((got[0].1 - best).abs() <= 1e-4, "{what}: top-1 {:?} vs reference max {best}", got[0]);
 }
 
-#[gpu_test]
-fn frame_mode_predicts_each_frame_and_steps_on_the_window(ctx: GpuContext) {
-    let cfg = config("[stream]\nmode = \"frame\"\nwindow = 3\nadapt_every = 2\n");
+/// Frame mode against the session API driven by hand, with both step timings: `inline` steps
+/// right after the frame that makes one due (the next frame sees its update); `background` runs
+/// that step beside the next frames and lands its update just before frame k + `adapt_every`
+/// (the frames between see the parameters before it, exactly: the update waits for its gate).
+fn frame_mode_against_the_session(ctx: &GpuContext, timing: &str) {
+    let cfg = config(&format!("[stream]\nmode = \"frame\"\nwindow = 3\nadapt_every = 2\nsteps = \"{timing}\"\n"));
+    let background = timing == "background";
     let spec: PreprocessSpec = SPEC.parse().unwrap();
     let options = StreamOptions { top_k: 3, source_prediction: true };
-    let mut stream = StreamSession::new(&ctx, model(), cfg.clone(), spec, options).expect("stream");
-    let fs = frames(7);
+    let mut stream = StreamSession::new(ctx, model(), cfg.clone(), spec, options).expect("stream");
+    assert_eq!(stream.background_steps(), background);
+    let fs = frames(9);
     let rows = cpu_rows(&fs);
     // The reference: the same session API, driven by hand.
-    let mut reference = Session::new(&ctx, model(), cfg).expect("session");
-    let mut source = Engine::new(&ctx, model());
+    let mut reference = Session::new(ctx, model(), cfg).expect("session");
+    let mut source = Engine::new(ctx, model());
     let mut window: Vec<Vec<f32>> = Vec::new();
     let mut since = 0;
     let mut steps = 0;
+    // Background: the step started at frame k, landing before frame `due`, with its window.
+    let mut pending: Option<(usize, Vec<Vec<f32>>)> = None;
     for (i, f) in fs.iter().enumerate() {
         let got = stream.push(f).expect("push");
         assert_eq!(got.len(), 1, "frame mode returns one result per frame");
         let r = &got[0];
         assert_eq!((r.index, r.timestamp_us), (i as u64, 1000 * i as i64));
+        let mut landed = None;
+        if let Some((due, w)) = pending.take_if(|(due, _)| *due == i) {
+            assert_eq!(due, i);
+            landed = Some(reference.step(&batch(&w)).expect("step"));
+        }
         let x = batch(&rows[i..=i]);
         let want = reference.predict_with(&x, frame_stats(3)).expect("predict");
-        assert_close(&format!("frame {i}"), &r.top_k, &softmax(&want.logits.to_f32_vec()));
+        assert_close(&format!("{timing} frame {i}"), &r.top_k, &softmax(&want.logits.to_f32_vec()));
         let src = source.run(std::slice::from_ref(&x)).expect("source")[0].to_f32_vec();
         let sp = softmax(&src);
         let (sc, spv) = r.source_top.expect("source prediction");
@@ -96,14 +108,25 @@ fn frame_mode_predicts_each_frame_and_steps_on_the_window(ctx: GpuContext) {
         }
         since += 1;
         let step_due = since >= 2 && window.len() >= 2;
-        assert_eq!(r.adapted, step_due, "frame {i}: step taken");
         if step_due {
-            let s = reference.step(&batch(&window)).expect("step");
-            let (a, b) = (r.loss.unwrap(), s.loss.unwrap());
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "frame {i}: loss {a} vs {b}");
             since = 0;
             steps += 1;
+            if background {
+                pending = Some((i + 2, window.clone()));
+            } else {
+                landed = Some(reference.step(&batch(&window)).expect("step"));
+            }
         }
+        assert_eq!(r.adapted, landed.is_some(), "{timing} frame {i}: step reported");
+        if let Some(s) = landed {
+            let (a, b) = (r.loss.unwrap(), s.loss.unwrap());
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{timing} frame {i}: loss {a} vs {b}");
+        }
+    }
+    // The step still in flight lands with finish().
+    stream.finish().expect("finish");
+    if let Some((_, w)) = pending {
+        reference.step(&batch(&w)).expect("step");
     }
     assert_eq!(stream.steps(), steps);
     assert!(steps >= 3);
@@ -111,9 +134,19 @@ fn frame_mode_predicts_each_frame_and_steps_on_the_window(ctx: GpuContext) {
     let (p, q) = (stream.session().parameters().unwrap(), reference.parameters().unwrap());
     for ((n, a), (_, b)) in p.iter().zip(&q) {
         for (x, y) in a.to_f32_vec().iter().zip(b.to_f32_vec()) {
-            assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{n}: {x} vs {y}");
+            assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{timing} {n}: {x} vs {y}");
         }
     }
+}
+
+#[gpu_test]
+fn frame_mode_predicts_each_frame_and_steps_on_the_window(ctx: GpuContext) {
+    frame_mode_against_the_session(&ctx, "inline");
+}
+
+#[gpu_test]
+fn frame_mode_background_steps_land_adapt_every_frames_later(ctx: GpuContext) {
+    frame_mode_against_the_session(&ctx, "background");
 }
 
 #[gpu_test]

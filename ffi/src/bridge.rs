@@ -208,11 +208,7 @@ impl Stream {
     }
 
     pub fn stats(&self) -> Stats {
-        Stats {
-            frames: self.stream.frames(),
-            steps: self.stream.steps(),
-            steps_skipped: self.stream.session().steps_skipped(),
-        }
+        Stats { frames: self.stream.frames(), steps: self.stream.steps(), steps_skipped: self.stream.skipped_steps() }
     }
 }
 

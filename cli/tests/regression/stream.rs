@@ -446,9 +446,9 @@ fn frame_step_over_the_binding_limit_steps_on_fewer_frames() {
     let Some(ctx) = common::gpu() else { return };
     let model = Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx")).expect("model");
     let spec: Preprocess = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25".parse().expect("spec");
-    let config = |window: usize| {
+    let config = |window: usize, timing: &str| {
         AdaptConfig::from_toml_str(&format!(
-            "[adapt]\nmethod = \"tent\"\n[stream]\nmode = \"frame\"\nwindow = {window}\nadapt_every = 32\n"
+            "[adapt]\nmethod = \"tent\"\n[stream]\nmode = \"frame\"\nwindow = {window}\nadapt_every = 32\nsteps = \"{timing}\"\n"
         ))
         .expect("config")
     };
@@ -458,9 +458,10 @@ fn frame_step_over_the_binding_limit_steps_on_fewer_frames() {
             Frame::rgb8(8, 8, px.into_iter().map(|v| v as u8).collect())
         })
         .collect();
-    let run = |ctx: &acclimate::GpuContext, window: usize| {
-        let mut s = StreamSession::new(ctx, model.clone(), config(window), spec.clone(), StreamOptions::default())
-            .expect("stream");
+    let run = |ctx: &acclimate::GpuContext, window: usize, timing: &str| {
+        let mut s =
+            StreamSession::new(ctx, model.clone(), config(window, timing), spec.clone(), StreamOptions::default())
+                .expect("stream");
         let mut stepped = Vec::new();
         for f in &frames {
             for r in s.push(f).expect("every frame is predicted") {
@@ -469,20 +470,27 @@ fn frame_step_over_the_binding_limit_steps_on_fewer_frames() {
                 }
             }
         }
-        (s.session().parameters().expect("parameters"), s.step_frames_cap(), stepped)
+        // A background step still in flight lands.
+        s.finish().expect("finish");
+        (s.session().parameters().expect("parameters"), s.step_frames_cap(), stepped, s.steps())
     };
     // 16 KiB buffers: a step on 32 frames needs a 24,576-byte input (and more), so it cannot run.
     let small = stream_limited_ctx(16 << 10, 16 << 10);
-    let (params, cap, stepped) = run(&small, 32);
-    assert_eq!(stepped, vec![31], "the step at frame 31 ran");
-    let cap = cap.expect("the window was capped");
-    assert!((2..32).contains(&cap), "cap {cap}");
-    // The same stream with a window of `cap` frames, on the unlimited device.
-    let (want, none, _) = run(&ctx, cap);
-    assert_eq!(none, None);
-    for ((name, got), (_, want)) in params.iter().zip(&want) {
-        let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
-        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(worst <= 1e-6, "{name}: parameters differ by {worst} from the stream whose window is {cap}");
+    for timing in ["inline", "background"] {
+        let (params, cap, stepped, steps) = run(&small, 32, timing);
+        assert_eq!(steps, 1, "{timing}: the step due at frame 31 ran");
+        if timing == "inline" {
+            assert_eq!(stepped, vec![31], "the step at frame 31 ran with it");
+        }
+        let cap = cap.expect("the window was capped");
+        assert!((2..32).contains(&cap), "cap {cap}");
+        // The same stream with a window of `cap` frames, on the unlimited device.
+        let (want, none, _, _) = run(&ctx, cap, timing);
+        assert_eq!(none, None);
+        for ((name, got), (_, want)) in params.iter().zip(&want) {
+            let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
+            let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "{timing}: {name}: parameters differ by {worst} from the stream whose window is {cap}");
+        }
     }
 }

@@ -326,12 +326,31 @@ pub struct StreamSection {
     pub window: usize,
     /// Frame mode: one gradient step every this many frames (once the window holds two frames).
     pub adapt_every: usize,
+    /// Frame mode: when a step's update reaches the predictions ([`StepTiming`]).
+    pub steps: StepTiming,
 }
 
 impl Default for StreamSection {
     fn default() -> Self {
-        StreamSection { mode: StreamMode::Frame, batch: 64, window: 64, adapt_every: 16 }
+        StreamSection { mode: StreamMode::Frame, batch: 64, window: 64, adapt_every: 16, steps: StepTiming::Background }
     }
+}
+
+/// Frame mode: how a gradient step shares the GPU with the frames' predictions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StepTiming {
+    /// The step due after frame k runs on a worker thread, its GPU work submitted in chunks of
+    /// about one frame's forward pass between the frames' predictions; its update lands just
+    /// before frame k + `adapt_every` is predicted. No prediction waits for a whole step: a
+    /// frame waits at most for one chunk (and, at the landing frame, for what is left of the
+    /// step). Predictions are deterministic: frames k + 1 … k + `adapt_every` − 1 see the
+    /// parameters before the step, whatever the timing.
+    #[default]
+    Background,
+    /// The step runs right after frame k's prediction, in the same call (frame k's result
+    /// waits for the whole step; frame k + 1 sees its update).
+    Inline,
 }
 
 /// The `[preprocess]` section: how frames become the model's input, written as the same string

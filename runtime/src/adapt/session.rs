@@ -110,6 +110,8 @@ pub struct Session {
     fingerprint: std::sync::OnceLock<String>,
     /// Method `auto`'s second program family and decision state.
     auto: Option<AutoState>,
+    /// Frame mode's background steps: how the steps share the GPU with the predictions.
+    pacer: Option<Arc<super::train::Pacer>>,
 }
 
 /// Method `auto` (see [`methods::auto`]): the source-statistics programs with LAME smoothing its
@@ -219,6 +221,7 @@ impl Session {
             after,
             fingerprint: std::sync::OnceLock::new(),
             auto,
+            pacer: None,
         };
         let config = session.config.clone();
         def.prepare(&mut session, &config)?;
@@ -346,6 +349,25 @@ impl Session {
         })
     }
 
+    /// A forward-only program for `shape` with statistics `mode` on this session's buffers (its
+    /// parameters and statistics as the steps leave them), to run apart from the session: frame
+    /// mode predicts with it while a step runs on another thread.
+    pub(crate) fn forward_plan(&mut self, shape: &[usize], mode: StatsMode) -> crate::Result<StepPlan> {
+        let spec = StepSpec { mode, adapted: Vec::new(), objective: None, ..self.spec.clone() };
+        Ok(StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, shape, &spec)?)
+    }
+
+    /// Whether predictions run an output stage (LAME, label shift) whose running state the steps
+    /// also write.
+    pub(crate) fn has_output_stage(&self) -> bool {
+        self.spec.output.is_some()
+    }
+
+    /// Paces the GPU work of the next steps (`None`: each step one submission).
+    pub(crate) fn set_pacer(&mut self, pacer: Option<Arc<super::train::Pacer>>) {
+        self.pacer = pacer;
+    }
+
     fn check_batch<'a>(&self, batch: &'a Tensor) -> Result<&'a [f32], AdaptError> {
         let data = batch.as_f32().ok_or(AdaptError::DType(batch.dtype))?;
         if batch.dtype != DType::F32 {
@@ -385,7 +407,7 @@ impl Session {
         let (mut skipped, mut stepped) = (0u64, 0u64);
         for s in 0..steps {
             // The output stage's estimate moves once per batch, with the returned prediction.
-            let out = plan.run_with(&self.ctx, data, s == 0)?;
+            let out = plan.run_paced(&self.ctx, data, s == 0, self.pacer.as_deref())?;
             skipped += out.skipped as u64;
             stepped += out.stepped as u64;
             if first.is_none() {
@@ -435,7 +457,7 @@ impl Session {
         if state.adapts {
             self.plan(&shape)?;
         }
-        let a = state.plans[&shape].run_with(&self.ctx, data, true)?;
+        let a = state.plans[&shape].run_paced(&self.ctx, data, true, self.pacer.as_deref())?;
         let c = a.logits.shape.last().copied().unwrap_or(1).max(1);
         let source = auto::softmax(&a.logits.to_f32_vec(), c);
         let section = self.config.auto.clone();
@@ -459,7 +481,7 @@ impl Session {
             };
             (p, false)
         } else {
-            let out = self.plans[&shape].run_with(&self.ctx, data, true)?;
+            let out = self.plans[&shape].run_paced(&self.ctx, data, true, self.pacer.as_deref())?;
             self.steps_taken += out.stepped as u64;
             if out.skipped {
                 self.steps_skipped += 1;

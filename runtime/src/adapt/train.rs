@@ -326,6 +326,26 @@ impl StepPlan {
     /// [`StepPlan::run`]; `update_state` false holds the output stage's running estimate (the
     /// later steps on a batch, whose predictions are not returned).
     pub fn run_with(&self, ctx: &GpuContext, x: &[f32], update_state: bool) -> Result<StepOutput, PlanError> {
+        self.run_paced(ctx, x, update_state, None)
+    }
+
+    /// A proxy of the program's GPU work (its dispatches' workgroups, see [`Pacer`]).
+    pub fn work(&self) -> u64 {
+        self.compiled.dispatch_work().iter().sum()
+    }
+
+    /// [`StepPlan::run_with`], its GPU work paced by `pacer` when given: everything before the
+    /// first item that writes the model's persistent state is submitted in chunks of about
+    /// [`Pacer::chunk`] work, each waited for before the next is submitted (so another thread's
+    /// submissions, a stream's predictions, wait for at most one chunk); then the pacer's gate
+    /// is waited for, and the rest (the writes, the readbacks) is submitted at once.
+    pub fn run_paced(
+        &self,
+        ctx: &GpuContext,
+        x: &[f32],
+        update_state: bool,
+        pacer: Option<&Pacer>,
+    ) -> Result<StepOutput, PlanError> {
         if x.len() != self.input_shape.iter().product::<usize>() {
             return Err(PlanError::InputData { name: "input".into(), shape: self.input_shape.clone(), len: x.len() });
         }
@@ -334,9 +354,32 @@ impl StepPlan {
             let gate = [if update_state { 1.0f32 } else { 0.0 }];
             ctx.queue.write_buffer(&self.compiled.weight_buffers[g], 0, bytemuck::cast_slice(&gate));
         }
+        let n = self.compiled.dispatch_count();
+        let mut start = 0;
+        if let Some(pacer) = pacer {
+            let gated = self.compiled.first_dispatch_of(|label| WRITES_MODEL_STATE.contains(&label)).unwrap_or(n);
+            let work = self.compiled.dispatch_work();
+            let chunk = pacer.chunk(work[..gated].iter().sum());
+            while start < gated {
+                let (mut end, mut sum) = (start, 0u64);
+                while end < gated && (end == start || sum + work[end] <= chunk) {
+                    sum += work[end];
+                    end += 1;
+                }
+                let mut encoder =
+                    ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step chunk") });
+                self.compiled.record_range(&mut encoder, "step chunk", start..end);
+                let index = ctx.queue.submit([encoder.finish()]);
+                ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(
+                    |e| ctx.check().err().unwrap_or(crate::gpu::GpuError::Readback(format!("a step chunk: {e}"))),
+                )?;
+                start = end;
+            }
+            pacer.gate.wait();
+        }
         let mut encoder =
             ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("adapt step") });
-        self.compiled.record(&mut encoder, "adapt step");
+        self.compiled.record_range(&mut encoder, "adapt step", start..n);
         let lb = bytes_of(&self.logits.1).div_ceil(4) * 4;
         encoder.copy_buffer_to_buffer(self.compiled.value_buffer(self.logits.0), 0, &self.staging_logits, 0, lb);
         if let Some(l) = self.loss {
@@ -404,6 +447,61 @@ impl StepPlan {
             None => (false, false),
         };
         Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped })
+    }
+}
+
+/// Labels of the program items that write what a prediction reads (parameters, statistics,
+/// method state): SAR's ascent moves the parameters, the update and the guard's commit write
+/// parameters, statistics and deferred state. A paced step ([`StepPlan::run_paced`]) submits
+/// nothing from the first of them on before its gate opens.
+pub const WRITES_MODEL_STATE: [&str; 3] = ["sam ascent", "update", "guard commit"];
+
+/// A one-shot gate: closed until [`Latch::open`], then open for good.
+#[derive(Debug, Default)]
+pub struct Latch {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Latch {
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    pub fn is_open(&self) -> bool {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn wait(&self) {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*g {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// How a step shares the GPU queue with a stream's predictions (frame mode's background steps):
+/// its work before the state writes goes in chunks of about one prediction's work, or of the
+/// step's `1/spread` when that is larger (so a step still ends within `spread` predictions when
+/// chunks and predictions alternate); its writes wait for `gate`.
+#[derive(Debug)]
+pub struct Pacer {
+    /// The work of one prediction ([`StepPlan::work`] of the frame's program).
+    pub prediction: u64,
+    /// Predictions the step may spread over (`adapt_every`).
+    pub spread: u64,
+    pub gate: Latch,
+}
+
+impl Pacer {
+    pub fn new(prediction: u64, spread: u64) -> Pacer {
+        Pacer { prediction: prediction.max(1), spread: spread.max(1), gate: Latch::default() }
+    }
+
+    /// The work per submission for a program with `total` work before its writes.
+    pub fn chunk(&self, total: u64) -> u64 {
+        self.prediction.max(total.div_ceil(self.spread))
     }
 }
 

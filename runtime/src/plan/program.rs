@@ -137,11 +137,15 @@ pub(crate) struct Recorded {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
+    /// The program item it belongs to.
+    item: usize,
 }
 
 /// A compiled program: pipelines, bind groups and buffers, ready to record.
 pub struct Compiled {
     dispatches: Vec<Recorded>,
+    /// The labels of the program's items (what [`Compiled::first_dispatch_of`] looks for).
+    item_labels: Vec<String>,
     value_buffers: Vec<wgpu::Buffer>,
     pub weight_buffers: Vec<wgpu::Buffer>,
     /// Bytes of transient buffers after lifetime-based reuse (values and scratch).
@@ -387,13 +391,14 @@ impl Compiled {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups });
+            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups, item: *k });
         }
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Validation { what: "program bind groups".into(), reason: err.to_string() }.into());
         }
         Ok(Compiled {
             dispatches: recorded,
+            item_labels: program.items.iter().map(|i| i.label.clone()).collect(),
             value_buffers,
             weight_buffers,
             transient_bytes,
@@ -411,9 +416,25 @@ impl Compiled {
 
     /// Records every dispatch into one compute pass of `encoder`.
     pub fn record(&self, encoder: &mut wgpu::CommandEncoder, label: &str) {
+        self.record_range(encoder, label, 0..self.dispatches.len());
+    }
+
+    /// The index of the first dispatch of the first item whose label `is` accepts.
+    pub fn first_dispatch_of(&self, is: impl Fn(&str) -> bool) -> Option<usize> {
+        self.dispatches.iter().position(|d| is(&self.item_labels[d.item]))
+    }
+
+    /// A proxy of each dispatch's GPU work: its workgroup count (for splitting a program into
+    /// submissions of about equal work; see `adapt::train::Pacer`).
+    pub fn dispatch_work(&self) -> Vec<u64> {
+        self.dispatches.iter().map(|d| d.workgroups.iter().map(|&w| w as u64).product()).collect()
+    }
+
+    /// Records the dispatches `range` into one compute pass of `encoder`.
+    pub fn record_range(&self, encoder: &mut wgpu::CommandEncoder, label: &str, range: std::ops::Range<usize>) {
         let mut pass =
             encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
-        for d in &self.dispatches {
+        for d in &self.dispatches[range] {
             pass.set_pipeline(&d.pipeline);
             pass.set_bind_group(0, &d.bind_group, &[]);
             pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);

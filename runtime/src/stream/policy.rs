@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -29,8 +29,9 @@ use thiserror::Error;
 use super::frame::Frame;
 use super::preprocess::{FrameError, PreprocessSpec, Preprocessor};
 use crate::adapt::bn::StatsMode;
-use crate::adapt::config::{AdaptConfig, Method, NormMode, StreamMode};
+use crate::adapt::config::{AdaptConfig, Method, NormMode, StepTiming, StreamMode};
 use crate::adapt::session::{Prediction, Session};
+use crate::adapt::train::{Pacer, StepPlan};
 use crate::engine::{Engine, Model};
 use crate::gpu::{GpuContext, GpuError};
 use crate::tensor::Tensor;
@@ -133,7 +134,20 @@ struct Pending {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct StreamSession {
-    session: Session,
+    /// Behind a lock: frame mode's background steps run on a worker thread.
+    session: Arc<Mutex<Session>>,
+    /// The session's config (read without the lock).
+    config: AdaptConfig,
+    ctx: GpuContext,
+    /// Frame mode with background steps ([`StepTiming::Background`]): the frames' forward
+    /// program, on the session's buffers, run beside a step in flight.
+    background: bool,
+    predictor: Option<StepPlan>,
+    inflight: Option<InFlight>,
+    /// Statistics updates of the predictor the guard refused (added to the session's count).
+    predictor_skips: u64,
+    /// The session's count of refused updates as of the last landed step.
+    session_skips: u64,
     pre: Preprocessor,
     source: Option<Engine>,
     options: StreamOptions,
@@ -149,6 +163,32 @@ pub struct StreamSession {
     frame_len: usize,
     frame_shape: Vec<usize>,
     steps: u64,
+}
+
+/// A frame-mode step running on a worker thread ([`StepTiming::Background`]).
+struct InFlight {
+    handle: JoinHandle<(Result<Prediction, StreamError>, Option<usize>)>,
+    pacer: Arc<Pacer>,
+    /// Set by the worker once it has released the session: whether a gradient step ran.
+    done: Arc<(Mutex<Option<bool>>, Condvar)>,
+    /// The frame before whose prediction the step lands.
+    due: u64,
+}
+
+impl InFlight {
+    /// Lets the step write its update and waits until it has released the session; returns
+    /// whether a gradient step ran.
+    fn settle(&self) -> bool {
+        self.pacer.gate.open();
+        let (lock, cv) = &*self.done;
+        let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(stepped) = *g {
+                return stepped;
+            }
+            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// The most a frame-mode prediction's mean and variance move from the source statistics toward
@@ -234,11 +274,19 @@ impl StreamSession {
             }
         }
         let source = options.source_prediction.then(|| Engine::new(ctx, model.clone()));
-        let session = Session::new(ctx, model, config).map_err(|e| StreamError::Adapt {
+        let session = Session::new(ctx, model, config.clone()).map_err(|e| StreamError::Adapt {
             first: 0,
             last: 0,
             source: Box::new(e),
         })?;
+        // Background steps need a prediction that reads nothing a step writes before its update:
+        // no output stage (its running estimate moves with every step), no episodic reset.
+        let background = config.stream.mode == StreamMode::Frame
+            && config.stream.steps == StepTiming::Background
+            && config.adapt.method.updates_parameters()
+            && config.adapt.method != Method::Lame
+            && !config.adapt.episodic
+            && !session.has_output_stage();
         // The step on the window keeps the method's batch statistics over the window. Stepping
         // with the frame statistics (the source's) instead, to match the predictions, collapsed
         // ETA (SGD 2.5e-4, demo_video.toml) and TENT to one class within a step or two (77.5 %
@@ -249,7 +297,14 @@ impl StreamSession {
 
         let frame_len = frame_shape.iter().product();
         Ok(StreamSession {
-            session,
+            session: Arc::new(Mutex::new(session)),
+            config,
+            ctx: ctx.clone(),
+            background,
+            predictor: None,
+            inflight: None,
+            predictor_skips: 0,
+            session_skips: 0,
             pre,
             source,
             options,
@@ -269,13 +324,46 @@ impl StreamSession {
         &self.pre
     }
 
-    /// The adaptation session (parameters, state files, reset).
-    pub fn session(&self) -> &Session {
-        &self.session
+    /// The adaptation session (parameters, state files, reset). A background step in flight
+    /// (frame mode) writes its update first and is waited for: what the session shows includes
+    /// every step started so far.
+    pub fn session(&self) -> MutexGuard<'_, Session> {
+        if let Some(f) = &self.inflight {
+            f.settle();
+        }
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn session_mut(&mut self) -> &mut Session {
-        &mut self.session
+    /// [`StreamSession::session`], to change it (load a state, reset).
+    pub fn session_mut(&mut self) -> MutexGuard<'_, Session> {
+        self.session()
+    }
+
+    /// The session, with no step in flight (the caller holds the stream mutably, so none starts).
+    fn locked(&self) -> MutexGuard<'_, Session> {
+        self.session()
+    }
+
+    /// Whether this stream's steps run in the background ([`StepTiming::Background`]).
+    pub fn background_steps(&self) -> bool {
+        self.background
+    }
+
+    /// Waits for the step in flight (if any), letting it write its update now; returns its
+    /// outcome and counts its step.
+    fn land(&mut self) -> Option<Result<Prediction, StreamError>> {
+        let f = self.inflight.take()?;
+        f.pacer.gate.open();
+        let (result, cap) = f.handle.join().unwrap_or_else(|_| (Err(StreamError::Worker), None));
+        if cap.is_some() {
+            self.step_cap = cap;
+        }
+        if let Ok(p) = &result {
+            self.steps += p.auto.as_ref().is_none_or(|d| d.stepped) as u64;
+        }
+        let skips = self.locked().steps_skipped();
+        self.session_skips = skips;
+        Some(result)
     }
 
     /// Gradient steps taken on the stream.
@@ -286,7 +374,12 @@ impl StreamSession {
     /// Updates the parameter guard refused on this stream's session (steps and statistics
     /// updates that would have written NaN or infinity; see [`FrameResult::skipped`]).
     pub fn skipped_steps(&self) -> u64 {
-        self.session.steps_skipped()
+        // With a step in flight: the count as of the last landing (asking must not land it).
+        let session = match &self.inflight {
+            Some(_) => self.session_skips,
+            None => self.locked().steps_skipped(),
+        };
+        session + self.predictor_skips
     }
 
     /// Frames pushed so far (the next frame's index).
@@ -301,14 +394,14 @@ impl StreamSession {
     }
 
     fn mode(&self) -> StreamMode {
-        self.session.config().stream.mode
+        self.config.stream.mode
     }
 
     /// The statistics a single frame is predicted with: source-anchored ([`frame_stats`]), unless
     /// the method predicts with the source statistics (source, lame) or the config names BN-α or
     /// the source statistics.
     fn frame_norm(&self) -> StatsMode {
-        let cfg = self.session.config();
+        let cfg = &self.config;
         match (cfg.adapt.method, cfg.adapt.norm) {
             (Method::Source, None) | (_, Some(NormMode::Source)) => StatsMode::Source,
             (_, Some(NormMode::Alpha)) => StatsMode::Alpha { alpha: cfg.adapt.norm_alpha },
@@ -317,7 +410,7 @@ impl StreamSession {
     }
 
     fn output_only(&self) -> bool {
-        self.session.config().adapt.method == Method::Lame
+        self.config.adapt.method == Method::Lame
     }
 
     fn batch_tensor(&self, rows: &[&[f32]]) -> Tensor {
@@ -353,20 +446,26 @@ impl StreamSession {
             StreamMode::Frame => vec![self.push_frame(meta, row)?],
             StreamMode::Batch => {
                 self.pending.push((meta, row));
-                if self.pending.len() >= self.session.config().stream.batch { self.flush()? } else { Vec::new() }
+                if self.pending.len() >= self.config.stream.batch { self.flush()? } else { Vec::new() }
             }
         })
     }
 
     /// Batch mode: predicts and adapts on the frames of an incomplete last batch. Frame mode:
-    /// nothing to do.
+    /// lands a background step still in flight (its update is in the session afterwards).
     pub fn finish(&mut self) -> crate::Result<Vec<FrameResult>> {
+        if let Some(r) = self.land() {
+            r?;
+        }
         if self.pending.is_empty() { Ok(Vec::new()) } else { Ok(self.flush()?) }
     }
 
     fn push_frame(&mut self, meta: Pending, row: Vec<f32>) -> Result<FrameResult, StreamError> {
-        let window = self.session.config().stream.window;
-        let adapt_every = self.session.config().stream.adapt_every;
+        if self.background {
+            return self.push_frame_background(meta, row);
+        }
+        let window = self.config.stream.window;
+        let adapt_every = self.config.stream.adapt_every;
         let index = meta.index;
         let x = self.batch_tensor(&[&row]);
         let source_top = self.source_top(&x)?.and_then(|v| v.into_iter().next());
@@ -379,24 +478,26 @@ impl StreamSession {
             // LAME: the frame's prediction is its row of the output stage over the window.
             let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
             let batch = self.batch_tensor(&rows);
-            let p = self.session.step(&batch).map_err(adapt_err)?;
+            let p = self.locked().step(&batch).map_err(adapt_err)?;
             let probs = probabilities(&p);
             let c = probs.shape.last().copied().unwrap_or(1).max(1);
             let last = probs.to_f32_vec()[(rows.len() - 1) * c..rows.len() * c].to_vec();
             (last, false, None, p.skipped, None)
         } else {
-            let p = self.session.predict_with(&x, self.frame_norm()).map_err(adapt_err)?;
+            let norm = self.frame_norm();
+            let p = self.locked().predict_with(&x, norm).map_err(adapt_err)?;
             let probs = probabilities(&p).to_f32_vec();
             self.since_step += 1;
             let mut adapted = false;
             let mut loss = None;
             let mut skipped = p.skipped;
             let mut auto = None;
-            if self.session.config().adapt.method.updates_parameters()
-                && self.since_step >= adapt_every
-                && self.ring.len() >= 2
-            {
-                let step = self.step_on_window(index)?;
+            if self.config.adapt.method.updates_parameters() && self.since_step >= adapt_every && self.ring.len() >= 2 {
+                let rows: Vec<Vec<f32>> = self.ring.iter().cloned().collect();
+                let session = self.session.clone();
+                let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
+                let step = step_on_window(&mut guard, &rows, &self.frame_shape, &mut self.step_cap, index)?;
+                drop(guard);
                 self.since_step = 0;
                 // auto decides per window whether a gradient step runs.
                 adapted = step.auto.as_ref().is_none_or(|d| d.stepped);
@@ -420,37 +521,85 @@ impl StreamSession {
         })
     }
 
-    /// Frame mode's step on the most recent frames of the window. A window whose step does not
-    /// fit the device (an activation over `max_storage_buffer_binding_size`: MobileNetV2's
-    /// [32, 96, 112, 112] is 154 MB where lavapipe allows 128 MiB) steps on the most recent
-    /// frames that fit instead, halving until it does (at least 2), and remembers the cap; the
-    /// limit is checked before anything is allocated or written, so a refused size changes
-    /// nothing.
-    fn step_on_window(&mut self, index: u64) -> Result<crate::adapt::session::Prediction, StreamError> {
-        loop {
-            let take = self.step_cap.map_or(self.ring.len(), |cap| cap.min(self.ring.len()));
-            let rows: Vec<&[f32]> = self.ring.iter().skip(self.ring.len() - take).map(|r| r.as_slice()).collect();
-            let batch = self.batch_tensor(&rows);
-            let first = index + 1 - take as u64;
-            match self.session.step(&batch) {
-                Err(crate::Error::Gpu(GpuError::TooLarge { what, bytes, limit, .. })) if take > 2 => {
-                    let cap = take / 2;
-                    log::warn!(
-                        "frame mode: a step on {take} frames needs {what} of {bytes} bytes (device limit {limit}); \
-                         stepping on the last {cap} frames of the window from now on"
-                    );
-                    self.step_cap = Some(cap);
-                }
-                Err(e) => return Err(StreamError::Adapt { first, last: index, source: Box::new(e) }),
-                Ok(p) => return Ok(p),
-            }
-        }
-    }
-
     /// The most frames a frame-mode step takes, when the device's limits made it smaller than
     /// the window (`None`: the whole window).
     pub fn step_frames_cap(&self) -> Option<usize> {
         self.step_cap
+    }
+
+    /// Frame mode with background steps: lands the step due before this frame, predicts the
+    /// frame with the predictor (beside any step in flight), and starts the next step when one
+    /// is due.
+    fn push_frame_background(&mut self, meta: Pending, row: Vec<f32>) -> Result<FrameResult, StreamError> {
+        let (window, adapt_every) = (self.config.stream.window, self.config.stream.adapt_every);
+        let index = meta.index;
+        let landed = match self.inflight.as_ref().is_some_and(|f| f.due <= index) {
+            true => self.land().transpose()?,
+            false => None,
+        };
+        let x = self.batch_tensor(&[&row]);
+        let source_top = self.source_top(&x)?.and_then(|v| v.into_iter().next());
+        let adapt_err = |e: crate::Error| StreamError::Adapt { first: index, last: index, source: Box::new(e) };
+        if self.predictor.is_none() {
+            let norm = self.frame_norm();
+            let plan = self.locked().forward_plan(&x.shape, norm).map_err(adapt_err)?;
+            self.predictor = Some(plan);
+        }
+        let predictor = self.predictor.as_ref().expect("built above");
+        let out = predictor.run(&self.ctx, &row).map_err(|e| adapt_err(e.into()))?;
+        let work = predictor.work();
+        if out.skipped {
+            self.predictor_skips += 1;
+            log::warn!("non-finite statistics from frame {index}: the statistics update was skipped");
+        }
+        let probs = out.probs.unwrap_or_else(|| softmax_rows(&out.logits)).to_f32_vec();
+        self.ring.push_back(row);
+        while self.ring.len() > window {
+            self.ring.pop_front();
+        }
+        self.since_step += 1;
+        if self.since_step >= adapt_every && self.ring.len() >= 2 {
+            // The previous step landed at the latest above (due = its start + adapt_every).
+            if let Some(r) = self.land() {
+                r?;
+            }
+            let rows: Vec<Vec<f32>> = self.ring.iter().cloned().collect();
+            let pacer = Arc::new(Pacer::new(work, adapt_every as u64));
+            let done = Arc::new((Mutex::new(None), Condvar::new()));
+            let (session, shape, mut cap) = (self.session.clone(), self.frame_shape.clone(), self.step_cap);
+            let (worker_pacer, worker_done) = (pacer.clone(), done.clone());
+            let handle = std::thread::spawn(move || {
+                let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+                s.set_pacer(Some(worker_pacer.clone()));
+                let r = step_on_window(&mut s, &rows, &shape, &mut cap, index);
+                s.set_pacer(None);
+                drop(s);
+                // A failed step must not hold the gate's waiters: open it for them.
+                worker_pacer.gate.open();
+                let stepped = r.as_ref().is_ok_and(|p| p.auto.as_ref().is_none_or(|d| d.stepped));
+                let (lock, cv) = &*worker_done;
+                *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(stepped);
+                cv.notify_all();
+                (r, cap)
+            });
+            self.inflight = Some(InFlight { handle, pacer, done, due: index + adapt_every as u64 });
+            self.since_step = 0;
+        }
+        let (adapted, loss, skipped, auto) = match landed {
+            Some(p) => (p.auto.as_ref().is_none_or(|d| d.stepped), p.loss, p.skipped || out.skipped, p.auto),
+            None => (false, None, out.skipped, None),
+        };
+        Ok(FrameResult {
+            index,
+            timestamp_us: meta.timestamp_us,
+            top_k: top_k(&probs, self.options.top_k),
+            source_top,
+            latency_ms: meta.arrived.elapsed().as_secs_f32() * 1000.0,
+            adapted,
+            loss,
+            skipped,
+            auto,
+        })
     }
 
     fn flush(&mut self) -> Result<Vec<FrameResult>, StreamError> {
@@ -459,10 +608,10 @@ impl StreamSession {
         let rows: Vec<&[f32]> = pending.iter().map(|(_, r)| r.as_slice()).collect();
         let x = self.batch_tensor(&rows);
         let source = self.source_top(&x)?;
-        let p = self.session.step(&x).map_err(|e| StreamError::Adapt { first, last, source: Box::new(e) })?;
+        let p = self.locked().step(&x).map_err(|e| StreamError::Adapt { first, last, source: Box::new(e) })?;
         let adapted = match &p.auto {
             Some(d) => d.stepped,
-            None => self.session.config().adapt.method.updates_parameters(),
+            None => self.config.adapt.method.updates_parameters(),
         };
         if adapted {
             self.steps += 1;
@@ -485,6 +634,47 @@ impl StreamSession {
                 auto: p.auto.clone(),
             })
             .collect())
+    }
+}
+
+impl Drop for StreamSession {
+    /// A step in flight finishes (its update lands) before the stream goes away.
+    fn drop(&mut self) {
+        let _ = self.land();
+    }
+}
+
+/// Frame mode's step on the most recent frames of `rows` (the window). A window whose step does
+/// not fit the device (an activation over `max_storage_buffer_binding_size`: MobileNetV2's
+/// [32, 96, 112, 112] is 154 MB where lavapipe allows 128 MiB) steps on the most recent frames
+/// that fit instead, halving until it does (at least 2), and remembers the cap in `cap`; the
+/// limit is checked before anything is allocated or written, so a refused size changes nothing.
+fn step_on_window(
+    session: &mut Session,
+    rows: &[Vec<f32>],
+    frame_shape: &[usize],
+    cap: &mut Option<usize>,
+    index: u64,
+) -> Result<Prediction, StreamError> {
+    loop {
+        let take = cap.map_or(rows.len(), |c| c.min(rows.len()));
+        let mut shape = frame_shape.to_vec();
+        shape[0] = take;
+        let data: Vec<f32> = rows[rows.len() - take..].iter().flatten().copied().collect();
+        let batch = Tensor::f32(shape, data);
+        let first = index + 1 - take as u64;
+        match session.step(&batch) {
+            Err(crate::Error::Gpu(GpuError::TooLarge { what, bytes, limit, .. })) if take > 2 => {
+                let c = take / 2;
+                log::warn!(
+                    "frame mode: a step on {take} frames needs {what} of {bytes} bytes (device limit {limit}); \
+                     stepping on the last {c} frames of the window from now on"
+                );
+                *cap = Some(c);
+            }
+            Err(e) => return Err(StreamError::Adapt { first, last: index, source: Box::new(e) }),
+            Ok(p) => return Ok(p),
+        }
     }
 }
 

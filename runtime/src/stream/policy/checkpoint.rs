@@ -207,12 +207,14 @@ impl StreamSession {
         }
         let write_err = |source| StateError::Write { path: path.to_path_buf(), source };
         let scratch = Scratch::create(&parent_dir(path), None).map_err(write_err)?;
-        self.session.save_state(&scratch.0).map_err(|e| at_session(e, path))?;
+        // A background step in flight writes its update first (and counts as taken).
+        let pending = self.inflight.as_ref().is_some_and(|f| f.settle()) as u64;
+        self.session().save_state(&scratch.0).map_err(|e| at_session(e, path))?;
         let session = fs::read(&scratch.0).map_err(write_err)?;
         drop(scratch);
         let bytes = encode(&Decoded {
             frames: self.next_index,
-            steps: self.steps,
+            steps: self.steps + pending,
             since_step: self.since_step as u64,
             frame_len: self.frame_len,
             rows: self.ring.iter().cloned().collect(),
@@ -227,11 +229,13 @@ impl StreamSession {
     /// The frames after it predict as they did after the save. On any error the stream is as it
     /// was.
     pub fn load_state(&mut self, path: &Path) -> crate::Result<()> {
+        // A background step in flight lands first (its outcome is superseded by the state).
+        let _ = self.land();
         let read_err = |source| StateError::Read { path: path.to_path_buf(), source };
         let bytes = fs::read(path).map_err(read_err)?;
         if !bytes.starts_with(MAGIC) {
             self.check_session_part(path)?;
-            self.session.load_state(path)?;
+            self.locked().load_state(path)?;
             self.ring.clear();
             self.pending.clear();
             self.since_step = 0;
@@ -246,7 +250,7 @@ impl StreamSession {
                 d.frame_len, self.frame_len
             )));
         }
-        let window = self.session.config().stream.window;
+        let window = self.config.stream.window;
         if d.rows.len() > window {
             return Err(mismatch(format!(
                 "the stream state holds a window of {} frames, this stream's stream.window is {window}",
@@ -270,7 +274,7 @@ impl StreamSession {
                 source,
             })?;
         self.check_session_part(&scratch.0).map_err(|e| at_session(e, path))?;
-        self.session.load_state(&scratch.0).map_err(|e| at_session(e, path))?;
+        self.locked().load_state(&scratch.0).map_err(|e| at_session(e, path))?;
         self.ring = d.rows.into();
         self.pending.clear();
         self.since_step = d.since_step as usize;
@@ -285,7 +289,9 @@ impl StreamSession {
     ///
     /// [`Session::reset`]: crate::adapt::Session::reset
     pub fn reset(&mut self) -> crate::Result<()> {
-        self.session.reset()?;
+        // A background step in flight lands first; the reset undoes it.
+        let _ = self.land();
+        self.locked().reset()?;
         self.ring.clear();
         self.pending.clear();
         self.since_step = 0;
@@ -295,7 +301,7 @@ impl StreamSession {
     /// Refuses a session state that belongs to another model or holds a NaN or an infinity
     /// before the session applies any of it.
     fn check_session_part(&self, file: &Path) -> crate::Result<()> {
-        let loaded = state::load_state(file, &state::fingerprint(&self.session.model().graph))?;
+        let loaded = state::load_state(file, &state::fingerprint(&self.locked().model().graph))?;
         for (name, t) in &loaded.tensors {
             if t.as_f32().is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
                 return Err(StateError::Tensor {
