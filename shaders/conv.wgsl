@@ -129,8 +129,10 @@ fn conv_gemm(
     workgroupBarrier();
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
-    let img = wid.z / p.groups;
-    let g = wid.z - img * p.groups;
+    // in_dims.w: the first z workgroup of this piece of a dispatch split along z.
+    let z = wid.z + p.in_dims.w;
+    let img = z / p.groups;
+    let g = z - img * p.groups;
     let kvol = p.kernel.x * p.kernel.y * p.kernel.z;
     let in_plane = p.in_dims.x * p.in_dims.y * p.in_dims.z;
     let x_base = (img * p.cin + g * p.cin_g) * in_plane;
@@ -326,8 +328,10 @@ fn conv_gemm_dx(
 ) {
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
-    let ph = wid.z % q.phases;
-    let ig = wid.z / q.phases;
+    // in_dims.w: the first z workgroup of this piece of a dispatch split along z.
+    let z = wid.z + q.in_dims.w;
+    let ph = z % q.phases;
+    let ig = z / q.phases;
     let img = ig / q.groups;
     let g = ig - img * q.groups;
     let r = split3(ph, q.strides.y, q.strides.z);

@@ -68,19 +68,21 @@ fn assert_close(what: &str, got: &[(usize, f32)], want: &[f32]) {
 /// right after the frame that makes one due (the next frame sees its update); `background` runs
 /// that step beside the next frames and lands its update just before frame k + `adapt_every`
 /// (the frames between see the parameters before it, exactly: the update waits for its gate).
-fn frame_mode_against_the_session(ctx: &GpuContext, timing: &str) {
-    let cfg = config(&format!("[stream]\nmode = \"frame\"\nwindow = 3\nadapt_every = 2\nsteps = \"{timing}\"\n"));
+fn frame_mode_against_the_session(ctx: &GpuContext, timing: &str, window: usize, every: usize, n: usize) {
+    let cfg = config(&format!(
+        "[stream]\nmode = \"frame\"\nwindow = {window}\nadapt_every = {every}\nsteps = \"{timing}\"\n"
+    ));
     let background = timing == "background";
     let spec: PreprocessSpec = SPEC.parse().unwrap();
     let options = StreamOptions { top_k: 3, source_prediction: true };
     let mut stream = StreamSession::new(ctx, model(), cfg.clone(), spec, options).expect("stream");
     assert_eq!(stream.background_steps(), background);
-    let fs = frames(9);
+    let fs = frames(n);
     let rows = cpu_rows(&fs);
     // The reference: the same session API, driven by hand.
     let mut reference = Session::new(ctx, model(), cfg).expect("session");
     let mut source = Engine::new(ctx, model());
-    let mut window: Vec<Vec<f32>> = Vec::new();
+    let mut ring: Vec<Vec<f32>> = Vec::new();
     let mut since = 0;
     let mut steps = 0;
     // Background: the step started at frame k, landing before frame `due`, with its window.
@@ -96,25 +98,25 @@ fn frame_mode_against_the_session(ctx: &GpuContext, timing: &str) {
             landed = Some(reference.step(&batch(&w)).expect("step"));
         }
         let x = batch(&rows[i..=i]);
-        let want = reference.predict_with(&x, frame_stats(3)).expect("predict");
+        let want = reference.predict_with(&x, frame_stats(window)).expect("predict");
         assert_close(&format!("{timing} frame {i}"), &r.top_k, &softmax(&want.logits.to_f32_vec()));
         let src = source.run(std::slice::from_ref(&x)).expect("source")[0].to_f32_vec();
         let sp = softmax(&src);
         let (sc, spv) = r.source_top.expect("source prediction");
         assert!((spv - sp[sc]).abs() <= 1e-4 && sp.iter().all(|&v| v <= spv + 1e-6), "frame {i} source");
-        window.push(rows[i].clone());
-        if window.len() > 3 {
-            window.remove(0);
+        ring.push(rows[i].clone());
+        if ring.len() > window {
+            ring.remove(0);
         }
         since += 1;
-        let step_due = since >= 2 && window.len() >= 2;
+        let step_due = since >= every && ring.len() >= 2;
         if step_due {
             since = 0;
             steps += 1;
             if background {
-                pending = Some((i + 2, window.clone()));
+                pending = Some((i + every, ring.clone()));
             } else {
-                landed = Some(reference.step(&batch(&window)).expect("step"));
+                landed = Some(reference.step(&batch(&ring)).expect("step"));
             }
         }
         assert_eq!(r.adapted, landed.is_some(), "{timing} frame {i}: step reported");
@@ -141,12 +143,21 @@ fn frame_mode_against_the_session(ctx: &GpuContext, timing: &str) {
 
 #[gpu_test]
 fn frame_mode_predicts_each_frame_and_steps_on_the_window(ctx: GpuContext) {
-    frame_mode_against_the_session(&ctx, "inline");
+    frame_mode_against_the_session(&ctx, "inline", 3, 2, 9);
 }
 
 #[gpu_test]
 fn frame_mode_background_steps_land_adapt_every_frames_later(ctx: GpuContext) {
-    frame_mode_against_the_session(&ctx, "background");
+    frame_mode_against_the_session(&ctx, "background", 3, 2, 9);
+}
+
+/// Windows of up to 9 frames: a paced step splits its convolutions along the batch into pieces
+/// of `PACED_Z_PIECE` (4) images (9 = 4 + 4 + 1; the grouped, strided layer's reverse pass 9 × 2
+/// groups × 4 stride phases), which must compute exactly what the whole dispatch does.
+#[gpu_test]
+fn background_steps_with_split_convolutions_match_the_session(ctx: GpuContext) {
+    assert_eq!(acclimate::adapt::train::PACED_Z_PIECE, 4);
+    frame_mode_against_the_session(&ctx, "background", 9, 4, 22);
 }
 
 #[gpu_test]

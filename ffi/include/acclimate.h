@@ -190,11 +190,14 @@ typedef struct AcclimatePrediction {
    */
   float probs[ACCLIMATE_MAX_TOP_K];
   /*
-   A gradient step ran after this frame's prediction (on the window of the last frames).
+   A gradient step landed with this frame: its update reached the parameters just before
+   this frame's prediction (`[stream] steps = "background"`, the default: a step starts
+   every `adapt_every` frames on the window and lands `adapt_every` frames later), or ran
+   right after it (`steps = "inline"`).
    */
   bool stepped;
   /*
-   Milliseconds from the call's entry to its return (the step included when one ran).
+   Milliseconds from the call's entry to its return (an inline step included).
    */
   float latency_ms;
 } AcclimatePrediction;
@@ -282,8 +285,9 @@ enum AcclimateStatus acclimate_session_num_classes(const struct AcclimateSession
 /*
  Runs the frame protocol on one frame and returns its prediction at once: the frame is
  preprocessed as `[preprocess]` says, predicted with the adapted model, added to the window,
- and every `adapt_every` frames a gradient step runs on the window before the call returns
- (`stepped`). A malformed frame is `ACCLIMATE_FRAME_ERROR`; the session is unchanged (the
+ and every `adapt_every` frames a gradient step starts on the window; it runs on a worker
+ thread beside the next frames and lands `adapt_every` frames later (`stepped`), or, with
+ `[stream] steps = "inline"`, runs before the call returns. A malformed frame is `ACCLIMATE_FRAME_ERROR`; the session is unchanged (the
  frame still takes an index) and takes the next frame. On error `*out` is zeroed.
 
  # Safety

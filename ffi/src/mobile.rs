@@ -177,9 +177,12 @@ pub struct Prediction {
     pub classes: Vec<i32>,
     /// Their probabilities.
     pub probabilities: Vec<f32>,
-    /// A gradient step ran after this frame's prediction (on the window of the last frames).
+    /// A gradient step landed with this frame: its update reached the parameters just before
+    /// this frame's prediction (`[stream] steps = "background"`, the default: a step starts
+    /// every `adapt_every` frames on the window and lands `adapt_every` frames later), or ran
+    /// right after it (`steps = "inline"`).
     pub stepped: bool,
-    /// Milliseconds from the call's entry to its return (the step included when one ran).
+    /// Milliseconds from the call's entry to its return (an inline step included).
     pub latency_ms: f32,
     /// The unadapted model's top class on this frame, for sessions opened with `compareSource`.
     pub source_class: Option<i32>,
@@ -260,8 +263,9 @@ impl Session {
 
     /// Runs the frame protocol on one frame and returns its prediction: the frame is
     /// preprocessed as `[preprocess]` says, predicted with the adapted model, added to the
-    /// window, and every `adapt_every` frames a gradient step runs before the call returns
-    /// (`stepped`). The planes are read during the call only (`plane1`/`plane2` are ignored by
+    /// window, and every `adapt_every` frames a gradient step starts on the window, running on a
+    /// worker thread beside the next frames and landing `adapt_every` frames later (`stepped`;
+    /// `[stream] steps = "inline"` runs it before the call returns). The planes are read during the call only (`plane1`/`plane2` are ignored by
     /// formats with fewer planes: pass empty buffers). A malformed frame throws
     /// `AcclimateError::Frame`; the session is unchanged (the frame still takes an index).
     pub fn push_frame(

@@ -136,6 +136,7 @@ fn digits_demo(args: &DemoArgs, assets: &Path) -> Result<String, CliError> {
         summary_json: Some(dir.join("summary.json")),
         progress: args.progress,
         source_prediction: true,
+        fps: None,
     };
     let spec: PreprocessSpec = SVHN_SPEC.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
     let run = stream::run_planned(&stream_args, &mut config, spec, &mut source, plan, &stream_args.model)?;
@@ -193,6 +194,7 @@ fn video_demo(args: &DemoArgs, assets: &Path, video: &Path) -> Result<String, Cl
         summary_json: Some(dir.join("summary.json")),
         progress: args.progress,
         source_prediction: true,
+        fps: None,
     };
     let mut source = Source::open(&stream_args.source).map_err(|e| CliError::Usage(e.to_string()))?;
     let n = clean_labels.as_ref().map_or(limit.min(1 << 20), |l| l.len());

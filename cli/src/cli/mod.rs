@@ -273,6 +273,10 @@ pub enum Command {
         /// the adapted stream's own throughput).
         #[arg(long)]
         no_source: bool,
+        /// Hand the frames over at this rate, as a camera does (frames per second); the
+        /// default hands each over as soon as the previous result is back.
+        #[arg(long, value_parser = parse_fps)]
+        fps: Option<f64>,
     },
     /// The demo on embedded defaults: the SVHN network adapting on MNIST digits through
     /// corruptions and a class-correlated segment; or MobileNetV2 on a video with --video.
@@ -405,6 +409,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             summary_json,
             quiet,
             no_source,
+            fps,
         } => {
             let args = stream::StreamArgs {
                 model,
@@ -421,6 +426,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 summary_json,
                 progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 source_prediction: !no_source,
+                fps,
             };
             let run = stream::stream_cmd(&args)?;
             print(&stream::summary_text(&run.summary))
@@ -580,5 +586,13 @@ fn default_pipeline_cache() {
     if let Some(dir) = acclimate::gpu::default_pipeline_cache_dir() {
         // SAFETY: called first thing in main, before any other thread exists.
         unsafe { std::env::set_var(acclimate::gpu::PIPELINE_CACHE_ENV, dir) };
+    }
+}
+
+/// `--fps`: a positive, finite rate.
+fn parse_fps(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a frame rate (a positive number of frames per second)")),
     }
 }

@@ -39,6 +39,9 @@ pub struct StreamArgs {
     /// Also run the unadapted model on every frame (the source accuracy); off for throughput
     /// measurements of the adapted model alone.
     pub source_prediction: bool,
+    /// Hand frames over at this rate (a camera's), each at its time or at once when the stream
+    /// is behind; `None`: back to back.
+    pub fps: Option<f64>,
 }
 
 /// One planned frame of the stream: which sample (`None`: the next frame of a video), which
@@ -347,6 +350,13 @@ pub fn run_planned_with_labels(
             let out = corrupt::apply(&img, c, sev, &mut schedule::frame_rng(args.seed, pos as u64)).map_err(usage)?;
             let ts = sample.frame.timestamp_us;
             sample.frame = Frame::rgb8(out.width(), out.height(), out.into_raw()).with_timestamp(ts);
+        }
+        if let Some(fps) = args.fps {
+            // A camera: frame `pos` exists from pos / fps on (latency counts from then).
+            let at = started + std::time::Duration::from_secs_f64(pos as f64 / fps);
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
         }
         match stream.push(&sample.frame) {
             Ok(rs) => handle(rs, &meta, &mut records, &mut running)?,

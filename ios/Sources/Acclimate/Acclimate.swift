@@ -623,8 +623,9 @@ public protocol SessionProtocol: AnyObject, Sendable {
     /**
      * Runs the frame protocol on one frame and returns its prediction: the frame is
      * preprocessed as `[preprocess]` says, predicted with the adapted model, added to the
-     * window, and every `adapt_every` frames a gradient step runs before the call returns
-     * (`stepped`). The planes are read during the call only (`plane1`/`plane2` are ignored by
+     * window, and every `adapt_every` frames a gradient step starts on the window, running on a
+     * worker thread beside the next frames and landing `adapt_every` frames later (`stepped`;
+     * `[stream] steps = "inline"` runs it before the call returns). The planes are read during the call only (`plane1`/`plane2` are ignored by
      * formats with fewer planes: pass empty buffers). A malformed frame throws
      * `AcclimateError::Frame`; the session is unchanged (the frame still takes an index).
      */
@@ -767,8 +768,9 @@ open func numClasses()throws  -> Int32  {
     /**
      * Runs the frame protocol on one frame and returns its prediction: the frame is
      * preprocessed as `[preprocess]` says, predicted with the adapted model, added to the
-     * window, and every `adapt_every` frames a gradient step runs before the call returns
-     * (`stepped`). The planes are read during the call only (`plane1`/`plane2` are ignored by
+     * window, and every `adapt_every` frames a gradient step starts on the window, running on a
+     * worker thread beside the next frames and landing `adapt_every` frames later (`stepped`;
+     * `[stream] steps = "inline"` runs it before the call returns). The planes are read during the call only (`plane1`/`plane2` are ignored by
      * formats with fewer planes: pass empty buffers). A malformed frame throws
      * `AcclimateError::Frame`; the session is unchanged (the frame still takes an index).
      */
@@ -1094,11 +1096,14 @@ public struct Prediction: Equatable, Hashable {
      */
     public var probabilities: [Float]
     /**
-     * A gradient step ran after this frame's prediction (on the window of the last frames).
+     * A gradient step landed with this frame: its update reached the parameters just before
+     * this frame's prediction (`[stream] steps = "background"`, the default: a step starts
+     * every `adapt_every` frames on the window and lands `adapt_every` frames later), or ran
+     * right after it (`steps = "inline"`).
      */
     public var stepped: Bool
     /**
-     * Milliseconds from the call's entry to its return (the step included when one ran).
+     * Milliseconds from the call's entry to its return (an inline step included).
      */
     public var latencyMs: Float
     /**
@@ -1124,10 +1129,13 @@ public struct Prediction: Equatable, Hashable {
          * Their probabilities.
          */probabilities: [Float], 
         /**
-         * A gradient step ran after this frame's prediction (on the window of the last frames).
+         * A gradient step landed with this frame: its update reached the parameters just before
+         * this frame's prediction (`[stream] steps = "background"`, the default: a step starts
+         * every `adapt_every` frames on the window and lands `adapt_every` frames later), or ran
+         * right after it (`steps = "inline"`).
          */stepped: Bool, 
         /**
-         * Milliseconds from the call's entry to its return (the step included when one ran).
+         * Milliseconds from the call's entry to its return (an inline step included).
          */latencyMs: Float, 
         /**
          * The unadapted model's top class on this frame, for sessions opened with `compareSource`.
@@ -1721,7 +1729,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_acclimate_ffi_checksum_method_session_num_classes() != 32726) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_acclimate_ffi_checksum_method_session_push_frame() != 7948) {
+    if (uniffi_acclimate_ffi_checksum_method_session_push_frame() != 51746) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_acclimate_ffi_checksum_method_session_reset() != 8682) {

@@ -171,7 +171,7 @@ impl Session {
             Method::Auto => OptimizerSpec::from_config(&auto::optimizer(&config)),
             _ => OptimizerSpec::from_config(&config.optimizer),
         };
-        let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false };
+        let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false, z_piece: 0 };
         let auto = if method == Method::Auto {
             // LAME needs the input of a final Gemm/MatMul, and its iteration kernel 4 storage
             // buffers (more than WebGL2-class devices offer); without it, correlated batches still
@@ -201,6 +201,7 @@ impl Session {
                 objective: None,
                 output: smoothing,
                 source_affine: true,
+                z_piece: 0,
             };
             Some(AutoState { spec, plans: HashMap::new(), decision: None, adapts: !plain })
         } else {
@@ -296,6 +297,9 @@ impl Session {
                 // auto's step: the source statistics weigh as a prior of `source_samples` samples.
                 let b = shape.first().copied().unwrap_or(1) as f32;
                 spec.mode = StatsMode::Alpha { alpha: b / (self.config.auto.source_samples + b) };
+            }
+            if self.pacer.is_some() {
+                spec.z_piece = super::train::PACED_Z_PIECE;
             }
             let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, shape, &spec)?;
             self.plans.insert(shape.to_vec(), p);
@@ -451,7 +455,9 @@ impl Session {
         let shape = batch.shape.clone();
         // Build (and so validate) both programs before touching any state.
         if !state.plans.contains_key(&shape) {
-            let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &shape, &state.spec)?;
+            let z_piece = if self.pacer.is_some() { super::train::PACED_Z_PIECE } else { 0 };
+            let spec = StepSpec { z_piece, ..state.spec.clone() };
+            let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &shape, &spec)?;
             state.plans.insert(shape.clone(), p);
         }
         if state.adapts {

@@ -37,11 +37,24 @@ pub struct StepSpec {
     /// Normalise with the source scale and bias instead of the adapted ones (the unadapted model
     /// method `auto` judges the stream with).
     pub source_affine: bool,
+    /// Split long dispatches along z into pieces of at most this many workgroups (0: never; see
+    /// [`Program::z_piece`]): paced steps.
+    pub z_piece: u32,
 }
+
+/// [`StepSpec::z_piece`] of paced steps: 4 images (× groups, × stride phases) per convolution
+/// dispatch. On lavapipe a batch-64 convolution of the SVHN network is one 400–600 ms dispatch
+/// (its first layer's reverse pass), where a frame's forward pass takes 30 ms; in pieces of 4
+/// the longest is about 37 ms (pieces of 8: a p95 latency 2.2× the median at 3 frames/s, of
+/// 4: 1.4×; README "Steps that never stall a prediction").
+pub const PACED_Z_PIECE: u32 = 4;
 
 /// A compiled step for one input shape.
 pub struct StepPlan {
     compiled: Compiled,
+    /// Paced runs ([`StepPlan::run_paced`]): the chunks' measured milliseconds, the least seen
+    /// per chunk (a chunk may also wait for a prediction queued ahead of it).
+    chunk_ms: std::sync::Mutex<Vec<f64>>,
     input: usize,
     pub input_shape: Vec<usize>,
     logits: (usize, Vec<usize>),
@@ -115,7 +128,7 @@ impl StepPlan {
             return Err(err(format!("adaptation needs a model with one input, this one has {}", graph.inputs.len())));
         }
         let training = !spec.adapted.is_empty();
-        let mut program = Program::default();
+        let mut program = Program { z_piece: spec.z_piece, ..Program::default() };
         let mut hook = BnHook::new(spec.mode, training || spec.source_affine);
         hook.source_affine = spec.source_affine;
         let fwd = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook)?;
@@ -295,6 +308,7 @@ impl StepPlan {
         }
         let compiled = Compiled::compile(ctx, &program, store)?;
         Ok(StepPlan {
+            chunk_ms: Default::default(),
             input: fwd.inputs[0].1,
             input_shape: shape.to_vec(),
             staging_logits: staging(ctx, bytes_of(&logits_shape)),
@@ -359,23 +373,63 @@ impl StepPlan {
         if let Some(pacer) = pacer {
             let gated = self.compiled.first_dispatch_of(|label| WRITES_MODEL_STATE.contains(&label)).unwrap_or(n);
             let work = self.compiled.dispatch_work();
-            let chunk = pacer.chunk(work[..gated].iter().sum());
+            let pieces = self.compiled.dispatch_pieces();
+            let mut ranges = Vec::new();
             while start < gated {
                 let (mut end, mut sum) = (start, 0u64);
-                while end < gated && (end == start || sum + work[end] <= chunk) {
+                // A piece of a split dispatch is long whatever its workgroup count says: alone.
+                while end < gated
+                    && (end == start || (sum + work[end] <= pacer.prediction && !pieces[end] && !pieces[end - 1]))
+                {
                     sum += work[end];
                     end += 1;
                 }
+                ranges.push(start..end);
+                start = end;
+            }
+            // The chunks' costs: measured on an earlier run, else their share of the work at
+            // the prediction's measured speed.
+            let measured = self.chunk_ms.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let costs: Vec<f64> = match measured.len() == ranges.len() {
+                true => measured,
+                false => ranges
+                    .iter()
+                    .map(|r| work[r.clone()].iter().sum::<u64>() as f64 / pacer.prediction as f64 * pacer.prediction_ms)
+                    .collect(),
+            };
+            pacer.plan(costs.iter().sum(), ranges.len() as u64);
+            let begun = std::time::Instant::now();
+            let chunks = ranges.len();
+            let mut took = Vec::with_capacity(chunks);
+            for (range, &cost) in ranges.into_iter().zip(&costs) {
+                pacer.before_chunk(cost);
+                let t = std::time::Instant::now();
                 let mut encoder =
                     ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step chunk") });
-                self.compiled.record_range(&mut encoder, "step chunk", start..end);
+                self.compiled.record_range(&mut encoder, "step chunk", range.clone());
                 let index = ctx.queue.submit([encoder.finish()]);
                 ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(
                     |e| ctx.check().err().unwrap_or(crate::gpu::GpuError::Readback(format!("a step chunk: {e}"))),
                 )?;
-                start = end;
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                if ms > 4.0 * pacer.prediction_ms {
+                    log::debug!("long step chunk {range:?}: {ms:.1} ms ({})", self.compiled.describe(range.clone()));
+                }
+                took.push(ms);
             }
-            pacer.gate.wait();
+            {
+                let mut m = self.chunk_ms.lock().unwrap_or_else(|e| e.into_inner());
+                if m.len() == took.len() {
+                    m.iter_mut().zip(&took).for_each(|(a, &b)| *a = a.min(b));
+                } else {
+                    *m = took;
+                }
+            }
+            log::debug!(
+                "paced step: {chunks} chunks of {gated} dispatches in {:.1} ms; waiting for the gate",
+                begun.elapsed().as_secs_f64() * 1e3
+            );
+            pacer.wait_release();
         }
         let mut encoder =
             ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("adapt step") });
@@ -481,28 +535,149 @@ impl Latch {
     }
 }
 
-/// How a step shares the GPU queue with a stream's predictions (frame mode's background steps):
-/// its work before the state writes goes in chunks of about one prediction's work, or of the
-/// step's `1/spread` when that is larger (so a step still ends within `spread` predictions when
-/// chunks and predictions alternate); its writes wait for `gate`.
+/// How a step shares the GPU queue with a stream's predictions (frame mode's background steps).
+///
+/// The step's work before its writes is split into chunks of about one prediction's work
+/// ([`StepPlan::work`] of the frame's program), each submitted alone and waited for. Between
+/// frames the chunks run freely (the GPU is otherwise idle). While a frame is being processed
+/// ([`Pacer::frame_begin`] … [`Pacer::frame_end`]) the chunks run on a budget: each frame
+/// grants its share of what is left of the step, `left / frames until the step lands` (in
+/// milliseconds: each chunk's time measured on the plan's earlier runs, else estimated from its
+/// work at the prediction's speed), and ends once the step has used it. A stream that keeps
+/// the GPU busy so spreads each step evenly over its frames, and the step is done by the frame
+/// it lands before. The writes wait for the gate ([`Pacer::release`]).
 #[derive(Debug)]
 pub struct Pacer {
-    /// The work of one prediction ([`StepPlan::work`] of the frame's program).
+    /// The work of one chunk: one prediction's ([`StepPlan::work`]).
     pub prediction: u64,
-    /// Predictions the step may spread over (`adapt_every`).
-    pub spread: u64,
-    pub gate: Latch,
+    /// A prediction's measured time (ms).
+    pub prediction_ms: f64,
+    idle_prior: f64,
+    gate: Latch,
+    sched: std::sync::Mutex<Schedule>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Schedule {
+    /// A frame is being processed.
+    busy: bool,
+    /// Milliseconds of chunks the step may still run while this frame is processed.
+    budget: f64,
+    /// Chunks planned and not submitted, and their estimated milliseconds.
+    left: u64,
+    left_ms: f64,
+    /// Milliseconds of chunks run between frames: in the current gap, and over the gaps seen.
+    gap_ms: f64,
+    gaps_ms: f64,
+    gaps: u64,
+    /// A frame has ended since the step started (the next begin closes a gap).
+    ended: bool,
 }
 
 impl Pacer {
-    pub fn new(prediction: u64, spread: u64) -> Pacer {
-        Pacer { prediction: prediction.max(1), spread: spread.max(1), gate: Latch::default() }
+    /// `idle_ms`: the GPU time a step got between two frames on this stream so far (the
+    /// previous step's [`Pacer::idle_ms`]; 0 when unknown).
+    pub fn new(prediction: u64, prediction_ms: f64, idle_ms: f64) -> Pacer {
+        Pacer {
+            prediction: prediction.max(1),
+            prediction_ms: prediction_ms.max(1e-3),
+            idle_prior: idle_ms.max(0.0),
+            gate: Latch::default(),
+            sched: Default::default(),
+            cv: Default::default(),
+        }
     }
 
-    /// The work per submission for a program with `total` work before its writes.
-    pub fn chunk(&self, total: u64) -> u64 {
-        self.prediction.max(total.div_ceil(self.spread))
+    fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn idle(s: &Schedule, prior: f64) -> f64 {
+        if s.gaps > 0 { s.gaps_ms / s.gaps as f64 } else { prior }
+    }
+
+    /// The GPU time the step got per gap between frames (ms): how much of a step the frames'
+    /// gaps absorb.
+    pub fn idle_ms(&self) -> f64 {
+        Self::idle(&self.schedule(), self.idle_prior)
+    }
+
+    /// A frame starts, `frames_left` frames (≥ 1, this one included) before the step lands:
+    /// grants this frame its share of what the gaps before the landing will not absorb.
+    pub fn frame_begin(&self, frames_left: u64) {
+        let mut s = self.schedule();
+        if s.ended && s.left > 0 {
+            // A gap in which the step could run to its end says nothing of the gaps' length.
+            s.gaps_ms += s.gap_ms;
+            s.gaps += 1;
+        }
+        s.gap_ms = 0.0;
+        s.busy = true;
+        s.budget = share(s.left_ms, frames_left, Self::idle(&s, self.idle_prior));
+        self.cv.notify_all();
+    }
+
+    /// The frame is done once the step has used its share (the last chunk may still run);
+    /// until the next frame begins, chunks run freely.
+    pub fn frame_end(&self) {
+        let mut s = self.schedule();
+        while s.budget > 0.0 && s.left > 0 && !self.gate.is_open() {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.busy = false;
+        s.budget = 0.0;
+        s.ended = true;
+        self.cv.notify_all();
+    }
+
+    /// The step plans `n` more chunks of `ms` milliseconds in all.
+    fn plan(&self, ms: f64, n: u64) {
+        let mut s = self.schedule();
+        s.left += n;
+        s.left_ms += ms;
+    }
+
+    /// Waits until the next chunk (of `ms` estimated) may be submitted, and counts it.
+    fn before_chunk(&self, ms: f64) {
+        let mut s = self.schedule();
+        while s.busy && s.budget <= 0.0 && !self.gate.is_open() {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.busy {
+            s.budget -= ms;
+        } else {
+            s.gap_ms += ms;
+        }
+        s.left = s.left.saturating_sub(1);
+        s.left_ms = (s.left_ms - ms).max(0.0);
+        self.cv.notify_all();
+    }
+
+    /// Lets every chunk run and the writes happen: the step lands now.
+    pub fn release(&self) {
+        self.gate.open();
+        let _s = self.schedule();
+        self.cv.notify_all();
+    }
+
+    /// Waits for [`Pacer::release`].
+    fn wait_release(&self) {
+        self.gate.wait();
+    }
+
+    /// Whether the step may write.
+    pub fn released(&self) -> bool {
+        self.gate.is_open()
+    }
+}
+
+/// A frame's share of a step's `left_ms` when it lands `frames_left` frames on (this one
+/// included) and each gap between frames gives the step `idle_ms`: what the gaps will not
+/// absorb, spread over the frames.
+fn share(left_ms: f64, frames_left: u64, idle_ms: f64) -> f64 {
+    let fl = frames_left.max(1) as f64;
+    (left_ms - (fl - 1.0) * idle_ms).max(0.0) / fl
 }
 
 /// The parameter guard's commits of method state computed ahead ((value, offset, weight, n):
@@ -514,4 +689,52 @@ fn deferred_commits(state: usize, deferred: &[Deferred]) -> Vec<crate::ops::Disp
             optim::commit_copy(BufRef::Weight(state), BufRef::Value(src), offset, BufRef::Weight(dst), n)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_takes_its_share_of_what_the_gaps_do_not_absorb() {
+        // No idle time (frames back to back): an even split; the last frame takes the rest.
+        assert_eq!(share(300.0, 15, 0.0), 20.0);
+        assert_eq!(share(40.0, 1, 0.0), 40.0);
+        // Gaps of 50 ms absorb 14 × 50 = 700 ms of a 1000 ms step: 300 ms over 15 frames.
+        assert_eq!(share(1000.0, 15, 50.0), 20.0);
+        // Gaps that absorb the whole step: no share.
+        assert_eq!(share(300.0, 15, 50.0), 0.0);
+        // frames_left 0 is treated as 1.
+        assert_eq!(share(10.0, 0, 5.0), 10.0);
+    }
+
+    #[test]
+    fn chunks_wait_for_a_busy_frames_budget_and_run_freely_between_frames() {
+        let pacer = std::sync::Arc::new(Pacer::new(1, 1.0, 0.0));
+        pacer.plan(4.0, 4);
+        // Between frames: no wait, the chunk counts as the gap's.
+        pacer.before_chunk(1.0);
+        // A frame 3 frames before the landing: 3 ms left, no idle known → 1 ms now.
+        pacer.frame_begin(3);
+        pacer.before_chunk(1.0);
+        // The budget is spent: the next chunk waits until the frame ends.
+        let p = pacer.clone();
+        let waiter = std::thread::spawn(move || p.before_chunk(1.0));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "a chunk ran beyond the frame's budget");
+        pacer.frame_end();
+        waiter.join().unwrap();
+        // The chunk that waited ran after the frame ended, in the gap: 1 ms of idle time per gap
+        // (the chunk before the first frame was in no gap between frames: not counted).
+        pacer.frame_begin(2);
+        assert_eq!(pacer.idle_ms(), 1.0);
+        pacer.frame_end();
+        // Release: nothing waits any more.
+        pacer.frame_begin(1);
+        pacer.release();
+        pacer.before_chunk(1.0);
+        pacer.before_chunk(1.0);
+        pacer.frame_end();
+        assert!(pacer.released());
+    }
 }

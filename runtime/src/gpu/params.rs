@@ -47,6 +47,10 @@ pub fn params_offset_alignment(limits: &wgpu::Limits) -> u64 {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Params {
     words: Vec<u32>,
+    /// The word that holds the dispatch's first z workgroup (0 as built): a dispatch whose
+    /// workgroups along z are independent (one image, group or phase each) may be split along z
+    /// into pieces, each with its first z written here (see `plan::Program::z_piece`).
+    z_base: Option<usize>,
 }
 
 impl Params {
@@ -117,6 +121,27 @@ impl Params {
         assert!(v.len() <= 8, "vec8 takes at most 8 lanes");
         let (a, b) = v.split_at(v.len().min(4));
         self.vec4i(a).vec4i(b)
+    }
+
+    /// Marks the last word pushed (0) as the z base ([`Params::z_base`]).
+    pub fn z_base_in_last_word(mut self) -> Params {
+        debug_assert_eq!(self.words.last(), Some(&0), "the z base starts at 0");
+        self.z_base = Some(self.words.len() - 1);
+        self
+    }
+
+    /// Whether the dispatch may be split along z.
+    pub fn splits_along_z(&self) -> bool {
+        self.z_base.is_some()
+    }
+
+    /// The block of the piece of a split dispatch whose first z workgroup is `base`.
+    pub fn with_z_base(&self, base: u32) -> Params {
+        let mut p = self.clone();
+        if let Some(i) = p.z_base {
+            p.words[i] = base;
+        }
+        p
     }
 
     /// The block's bytes, padded to a multiple of 16 (a uniform struct's size is; a

@@ -65,6 +65,11 @@ pub struct Program {
     /// FLOPs of the items, added by whoever lowers them ([`crate::ops::flops`] has the
     /// convention); the benchmark's achieved GFLOP/s divide this by time.
     pub flops: FlopCount,
+    /// When not 0: dispatches that may be split along z ([`crate::gpu::Params::splits_along_z`])
+    /// with more z workgroups than this are recorded as pieces of at most this many, so that a
+    /// paced step (frame mode's background steps) has no long single dispatch for a prediction
+    /// to wait behind.
+    pub z_piece: u32,
 }
 
 impl Program {
@@ -139,6 +144,8 @@ pub(crate) struct Recorded {
     workgroups: [u32; 3],
     /// The program item it belongs to.
     item: usize,
+    /// A piece of a dispatch split along z ([`Program::z_piece`]).
+    piece: bool,
 }
 
 /// A compiled program: pipelines, bind groups and buffers, ready to record.
@@ -308,16 +315,32 @@ impl Compiled {
         // for the pipeline's life, when its loops or branches read a uniform block (see
         // `gpu::params` for the rule and its check).
         let align = crate::gpu::params_offset_alignment(&limits);
-        let all: Vec<(usize, &Dispatch)> = program
+        let piece = program.z_piece;
+        let all: Vec<(usize, Dispatch, bool)> = program
             .items
             .iter()
             .enumerate()
             .flat_map(|(k, it)| it.dispatches.iter().map(move |d| (k, d)))
             .filter(|(_, d)| d.workgroups.iter().all(|&w| w > 0))
+            .flat_map(|(k, d)| {
+                let z = d.workgroups[2];
+                if piece == 0 || z <= piece || !d.params.splits_along_z() {
+                    return vec![(k, d.clone(), false)];
+                }
+                (0..z.div_ceil(piece))
+                    .map(|i| {
+                        let base = i * piece;
+                        let mut part = d.clone();
+                        part.params = d.params.with_z_base(base);
+                        part.workgroups[2] = piece.min(z - base);
+                        (k, part, true)
+                    })
+                    .collect()
+            })
             .collect();
         let mut params_bytes: Vec<u8> = Vec::new();
         let mut offsets = Vec::with_capacity(all.len());
-        for (_, d) in &all {
+        for (_, d, _) in &all {
             let off = round_up(params_bytes.len() as u64, align);
             params_bytes.resize(off as usize, 0);
             offsets.push(off);
@@ -340,7 +363,7 @@ impl Compiled {
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut recorded = Vec::with_capacity(all.len());
         let max_wg = limits.max_compute_workgroups_per_dimension;
-        for ((k, d), off) in all.iter().zip(&offsets) {
+        for ((k, d, piece), off) in all.iter().zip(&offsets) {
             let item = &program.items[*k];
             if let Some(w) = d.workgroups.iter().find(|&&w| w > max_wg) {
                 return Err(PlanError::Program(format!(
@@ -391,7 +414,7 @@ impl Compiled {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups, item: *k });
+            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups, item: *k, piece: *piece });
         }
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Validation { what: "program bind groups".into(), reason: err.to_string() }.into());
@@ -428,6 +451,21 @@ impl Compiled {
     /// submissions of about equal work; see `adapt::train::Pacer`).
     pub fn dispatch_work(&self) -> Vec<u64> {
         self.dispatches.iter().map(|d| d.workgroups.iter().map(|&w| w as u64).product()).collect()
+    }
+
+    /// The items and workgroups of the dispatches `range` (for logs).
+    pub fn describe(&self, range: std::ops::Range<usize>) -> String {
+        self.dispatches[range]
+            .iter()
+            .map(|d| format!("{} {:?}", self.item_labels[d.item], d.workgroups))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Whether each dispatch is a piece of one split along z (a long dispatch: pieces are
+    /// submitted alone when paced).
+    pub fn dispatch_pieces(&self) -> Vec<bool> {
+        self.dispatches.iter().map(|d| d.piece).collect()
     }
 
     /// Records the dispatches `range` into one compute pass of `encoder`.

@@ -136,8 +136,9 @@ struct Pending {
 pub struct StreamSession {
     /// Behind a lock: frame mode's background steps run on a worker thread.
     session: Arc<Mutex<Session>>,
-    /// The session's config (read without the lock).
+    /// The session's config and model graph (read without the lock).
     config: AdaptConfig,
+    graph: Arc<crate::ir::Graph>,
     ctx: GpuContext,
     /// Frame mode with background steps ([`StepTiming::Background`]): the frames' forward
     /// program, on the session's buffers, run beside a step in flight.
@@ -148,6 +149,10 @@ pub struct StreamSession {
     predictor_skips: u64,
     /// The session's count of refused updates as of the last landed step.
     session_skips: u64,
+    /// The least time a frame's forward took with no step beside it (ms).
+    prediction_ms: f64,
+    /// The GPU time the last background step got between two frames (ms, [`Pacer::idle_ms`]).
+    idle_ms: f64,
     pre: Preprocessor,
     source: Option<Engine>,
     options: StreamOptions,
@@ -173,13 +178,16 @@ struct InFlight {
     done: Arc<(Mutex<Option<bool>>, Condvar)>,
     /// The frame before whose prediction the step lands.
     due: u64,
+    /// A stream state was saved while it ran: it is in that state, so the frame it lands
+    /// before does not report it (a stream loaded from the state reports nothing there either).
+    silenced: std::sync::atomic::AtomicBool,
 }
 
 impl InFlight {
     /// Lets the step write its update and waits until it has released the session; returns
     /// whether a gradient step ran.
     fn settle(&self) -> bool {
-        self.pacer.gate.open();
+        self.pacer.release();
         let (lock, cv) = &*self.done;
         let mut g = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -274,6 +282,7 @@ impl StreamSession {
             }
         }
         let source = options.source_prediction.then(|| Engine::new(ctx, model.clone()));
+        let graph = model.graph.clone();
         let session = Session::new(ctx, model, config.clone()).map_err(|e| StreamError::Adapt {
             first: 0,
             last: 0,
@@ -299,12 +308,15 @@ impl StreamSession {
         Ok(StreamSession {
             session: Arc::new(Mutex::new(session)),
             config,
+            graph,
             ctx: ctx.clone(),
             background,
             predictor: None,
             inflight: None,
             predictor_skips: 0,
             session_skips: 0,
+            prediction_ms: 0.0,
+            idle_ms: 0.0,
             pre,
             source,
             options,
@@ -353,7 +365,8 @@ impl StreamSession {
     /// outcome and counts its step.
     fn land(&mut self) -> Option<Result<Prediction, StreamError>> {
         let f = self.inflight.take()?;
-        f.pacer.gate.open();
+        self.idle_ms = f.pacer.idle_ms();
+        f.pacer.release();
         let (result, cap) = f.handle.join().unwrap_or_else(|_| (Err(StreamError::Worker), None));
         if cap.is_some() {
             self.step_cap = cap;
@@ -533,10 +546,16 @@ impl StreamSession {
     fn push_frame_background(&mut self, meta: Pending, row: Vec<f32>) -> Result<FrameResult, StreamError> {
         let (window, adapt_every) = (self.config.stream.window, self.config.stream.adapt_every);
         let index = meta.index;
-        let landed = match self.inflight.as_ref().is_some_and(|f| f.due <= index) {
-            true => self.land().transpose()?,
-            false => None,
+        let landed = match self.inflight.as_ref().filter(|f| f.due <= index) {
+            Some(f) => {
+                log::debug!("frame {index}: landing the step (finished: {})", f.handle.is_finished());
+                let silenced = f.silenced.load(std::sync::atomic::Ordering::SeqCst);
+                self.land().transpose()?.filter(|_| !silenced)
+            }
+            None => None,
         };
+        // A step in flight takes this frame's share of its chunks while the frame runs.
+        let busy = self.inflight.as_ref().map(|f| FrameBusy::begin(f.pacer.clone(), f.due - index));
         let x = self.batch_tensor(&[&row]);
         let source_top = self.source_top(&x)?.and_then(|v| v.into_iter().next());
         let adapt_err = |e: crate::Error| StreamError::Adapt { first: index, last: index, source: Box::new(e) };
@@ -546,7 +565,13 @@ impl StreamSession {
             self.predictor = Some(plan);
         }
         let predictor = self.predictor.as_ref().expect("built above");
+        let t = Instant::now();
         let out = predictor.run(&self.ctx, &row).map_err(|e| adapt_err(e.into()))?;
+        let took = t.elapsed().as_secs_f64() * 1e3;
+        if busy.is_none() {
+            // The prediction's own time (no step chunk beside it): the unit of the step's chunks.
+            self.prediction_ms = if self.prediction_ms > 0.0 { self.prediction_ms.min(took) } else { took };
+        }
         let work = predictor.work();
         if out.skipped {
             self.predictor_skips += 1;
@@ -564,7 +589,7 @@ impl StreamSession {
                 r?;
             }
             let rows: Vec<Vec<f32>> = self.ring.iter().cloned().collect();
-            let pacer = Arc::new(Pacer::new(work, adapt_every as u64));
+            let pacer = Arc::new(Pacer::new(work, self.prediction_ms, self.idle_ms));
             let done = Arc::new((Mutex::new(None), Condvar::new()));
             let (session, shape, mut cap) = (self.session.clone(), self.frame_shape.clone(), self.step_cap);
             let (worker_pacer, worker_done) = (pacer.clone(), done.clone());
@@ -575,20 +600,23 @@ impl StreamSession {
                 s.set_pacer(None);
                 drop(s);
                 // A failed step must not hold the gate's waiters: open it for them.
-                worker_pacer.gate.open();
+                worker_pacer.release();
                 let stepped = r.as_ref().is_ok_and(|p| p.auto.as_ref().is_none_or(|d| d.stepped));
                 let (lock, cv) = &*worker_done;
                 *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(stepped);
                 cv.notify_all();
                 (r, cap)
             });
-            self.inflight = Some(InFlight { handle, pacer, done, due: index + adapt_every as u64 });
+            let silenced = Default::default();
+            self.inflight = Some(InFlight { handle, pacer, done, due: index + adapt_every as u64, silenced });
             self.since_step = 0;
         }
         let (adapted, loss, skipped, auto) = match landed {
             Some(p) => (p.auto.as_ref().is_none_or(|d| d.stepped), p.loss, p.skipped || out.skipped, p.auto),
             None => (false, None, out.skipped, None),
         };
+        // The frame's share of the step in flight is part of its latency.
+        drop(busy);
         Ok(FrameResult {
             index,
             timestamp_us: meta.timestamp_us,
@@ -634,6 +662,22 @@ impl StreamSession {
                 auto: p.auto.clone(),
             })
             .collect())
+    }
+}
+
+/// A frame in progress beside a background step ([`Pacer::frame_begin`]), ended on drop.
+struct FrameBusy(Arc<Pacer>);
+
+impl FrameBusy {
+    fn begin(pacer: Arc<Pacer>, frames_left: u64) -> FrameBusy {
+        pacer.frame_begin(frames_left);
+        FrameBusy(pacer)
+    }
+}
+
+impl Drop for FrameBusy {
+    fn drop(&mut self) {
+        self.0.frame_end();
     }
 }
 

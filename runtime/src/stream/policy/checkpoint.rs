@@ -207,8 +207,15 @@ impl StreamSession {
         }
         let write_err = |source| StateError::Write { path: path.to_path_buf(), source };
         let scratch = Scratch::create(&parent_dir(path), None).map_err(write_err)?;
-        // A background step in flight writes its update first (and counts as taken).
-        let pending = self.inflight.as_ref().is_some_and(|f| f.settle()) as u64;
+        // A background step in flight writes its update first and counts as taken; the frame it
+        // lands before will not report it, as a stream loaded from this state will not.
+        let pending = match &self.inflight {
+            Some(f) => {
+                f.silenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                f.settle() as u64
+            }
+            None => 0,
+        };
         self.session().save_state(&scratch.0).map_err(|e| at_session(e, path))?;
         let session = fs::read(&scratch.0).map_err(write_err)?;
         drop(scratch);
@@ -229,12 +236,12 @@ impl StreamSession {
     /// The frames after it predict as they did after the save. On any error the stream is as it
     /// was.
     pub fn load_state(&mut self, path: &Path) -> crate::Result<()> {
-        // A background step in flight lands first (its outcome is superseded by the state).
-        let _ = self.land();
         let read_err = |source| StateError::Read { path: path.to_path_buf(), source };
         let bytes = fs::read(path).map_err(read_err)?;
         if !bytes.starts_with(MAGIC) {
             self.check_session_part(path)?;
+            // A background step in flight lands first (the state supersedes it).
+            let _ = self.land();
             self.locked().load_state(path)?;
             self.ring.clear();
             self.pending.clear();
@@ -274,6 +281,9 @@ impl StreamSession {
                 source,
             })?;
         self.check_session_part(&scratch.0).map_err(|e| at_session(e, path))?;
+        // A background step in flight lands first (the state supersedes it). The checks above
+        // did not touch the session, so a file they refuse leaves the step in flight as it was.
+        let _ = self.land();
         self.locked().load_state(&scratch.0).map_err(|e| at_session(e, path))?;
         self.ring = d.rows.into();
         self.pending.clear();
@@ -301,7 +311,7 @@ impl StreamSession {
     /// Refuses a session state that belongs to another model or holds a NaN or an infinity
     /// before the session applies any of it.
     fn check_session_part(&self, file: &Path) -> crate::Result<()> {
-        let loaded = state::load_state(file, &state::fingerprint(&self.locked().model().graph))?;
+        let loaded = state::load_state(file, &state::fingerprint(&self.graph))?;
         for (name, t) in &loaded.tensors {
             if t.as_f32().is_some_and(|v| v.iter().any(|x| !x.is_finite())) {
                 return Err(StateError::Tensor {

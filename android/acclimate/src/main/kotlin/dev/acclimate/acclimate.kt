@@ -863,7 +863,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_acclimate_ffi_checksum_method_session_num_classes() and 0xFFFF) != 32726) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_acclimate_ffi_checksum_method_session_push_frame() and 0xFFFF) != 7948) {
+    if ((lib.uniffi_acclimate_ffi_checksum_method_session_push_frame() and 0xFFFF) != 51746) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_acclimate_ffi_checksum_method_session_reset() and 0xFFFF) != 8682) {
@@ -1324,8 +1324,9 @@ public interface SessionInterface {
     /**
      * Runs the frame protocol on one frame and returns its prediction: the frame is
      * preprocessed as `[preprocess]` says, predicted with the adapted model, added to the
-     * window, and every `adapt_every` frames a gradient step runs before the call returns
-     * (`stepped`). The planes are read during the call only (`plane1`/`plane2` are ignored by
+     * window, and every `adapt_every` frames a gradient step starts on the window, running on a
+     * worker thread beside the next frames and landing `adapt_every` frames later (`stepped`;
+     * `[stream] steps = "inline"` runs it before the call returns). The planes are read during the call only (`plane1`/`plane2` are ignored by
      * formats with fewer planes: pass empty buffers). A malformed frame throws
      * `AcclimateError::Frame`; the session is unchanged (the frame still takes an index).
      */
@@ -1515,8 +1516,9 @@ open class Session: Disposable, AutoCloseable, SessionInterface
     /**
      * Runs the frame protocol on one frame and returns its prediction: the frame is
      * preprocessed as `[preprocess]` says, predicted with the adapted model, added to the
-     * window, and every `adapt_every` frames a gradient step runs before the call returns
-     * (`stepped`). The planes are read during the call only (`plane1`/`plane2` are ignored by
+     * window, and every `adapt_every` frames a gradient step starts on the window, running on a
+     * worker thread beside the next frames and landing `adapt_every` frames later (`stepped`;
+     * `[stream] steps = "inline"` runs it before the call returns). The planes are read during the call only (`plane1`/`plane2` are ignored by
      * formats with fewer planes: pass empty buffers). A malformed frame throws
      * `AcclimateError::Frame`; the session is unchanged (the frame still takes an index).
      */
@@ -1809,12 +1811,15 @@ data class Prediction (
     var `probabilities`: List<kotlin.Float>
     , 
     /**
-     * A gradient step ran after this frame's prediction (on the window of the last frames).
+     * A gradient step landed with this frame: its update reached the parameters just before
+     * this frame's prediction (`[stream] steps = "background"`, the default: a step starts
+     * every `adapt_every` frames on the window and lands `adapt_every` frames later), or ran
+     * right after it (`steps = "inline"`).
      */
     var `stepped`: kotlin.Boolean
     , 
     /**
-     * Milliseconds from the call's entry to its return (the step included when one ran).
+     * Milliseconds from the call's entry to its return (an inline step included).
      */
     var `latencyMs`: kotlin.Float
     , 
