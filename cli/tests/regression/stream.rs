@@ -472,20 +472,26 @@ fn frame_step_over_the_binding_limit_steps_on_fewer_frames() {
         }
         // A background step still in flight lands.
         s.finish().expect("finish");
-        (s.session().parameters().expect("parameters"), s.step_frames_cap(), stepped, s.steps())
+        (s.session().parameters().expect("parameters"), s.step_frames_cap(), stepped, s.steps(), s.background_steps())
     };
     // 16 KiB buffers: a step on 32 frames needs a 24,576-byte input (and more), so it cannot run.
     let small = stream_limited_ctx(16 << 10, 16 << 10);
-    for timing in ["inline", "background"] {
-        let (params, cap, stepped, steps) = run(&small, 32, timing);
+    // Background steps keep the window in one GPU buffer: on the 16 KiB device it does not fit
+    // and the steps run inline. 30 KiB holds the window (24,576 bytes) but not the step's first
+    // activation at 32 frames ([32, 4, 8, 8]: 32,768 bytes): the background step, reading its
+    // frames from the GPU snapshot, is capped the same way.
+    let medium = stream_limited_ctx(30 << 10, 30 << 10);
+    for (device, timing, background) in [(&small, "inline", false), (&small, "background", false), (&medium, "background", true)] {
+        let (params, cap, stepped, steps, bg) = run(device, 32, timing);
+        assert_eq!(bg, background, "{timing}: background steps");
         assert_eq!(steps, 1, "{timing}: the step due at frame 31 ran");
-        if timing == "inline" {
+        if !bg {
             assert_eq!(stepped, vec![31], "the step at frame 31 ran with it");
         }
         let cap = cap.expect("the window was capped");
         assert!((2..32).contains(&cap), "cap {cap}");
         // The same stream with a window of `cap` frames, on the unlimited device.
-        let (want, none, _, _) = run(&ctx, cap, timing);
+        let (want, none, _, _, _) = run(&ctx, cap, timing);
         assert_eq!(none, None);
         for ((name, got), (_, want)) in params.iter().zip(&want) {
             let (g, w) = (got.to_f32_vec(), want.to_f32_vec());

@@ -16,7 +16,7 @@ use super::methods::auto::{self, Decision, Diagnostics};
 use super::methods::{self, AfterBatch, Host, Objective, eata, label_shift};
 use super::optim::OptimizerSpec;
 use super::state::{self, StateError};
-use super::train::{AdaptedBn, StepOutput, StepPlan, StepSpec};
+use super::train::{AdaptedBn, StepInput, StepOutput, StepPlan, StepSpec};
 use crate::engine::Model;
 use crate::gpu::GpuContext;
 use crate::ir::BatchNormInfo;
@@ -394,24 +394,32 @@ impl Session {
 
     /// Predicts `batch` and adapts on it; returns the pre-update prediction.
     pub fn step(&mut self, batch: &Tensor) -> crate::Result<Prediction> {
+        let data = self.check_batch(batch)?;
+        self.step_input(StepInput::Host(data), &batch.shape)
+    }
+
+    /// [`Session::step`] on a batch of shape `shape` that `input` holds (frame mode's window,
+    /// already on the GPU: [`StepInput::Gpu`]). A GPU input is not checked for NaN here: the
+    /// stream's preprocessing makes finite values from any pixels.
+    pub(crate) fn step_input(&mut self, input: StepInput<'_>, shape: &[usize]) -> crate::Result<Prediction> {
         if let Some(mut state) = self.auto.take() {
-            let r = self.auto_step(&mut state, batch);
+            let r = self.auto_step(&mut state, input, shape);
             self.auto = Some(state);
             return r;
         }
-        let data = self.check_batch(batch)?;
+        let batch_shape = shape.to_vec();
         // Build (and so validate) the plan before touching any state.
-        self.plan(&batch.shape)?;
+        self.plan(&batch_shape)?;
         if self.config.adapt.episodic {
             self.reset()?;
         }
         let steps = if self.spec.adapted.is_empty() { 1 } else { self.config.adapt.steps.max(1) };
-        let plan = &self.plans[&batch.shape];
+        let plan = &self.plans[&batch_shape];
         let mut first: Option<StepOutput> = None;
         let (mut skipped, mut stepped) = (0u64, 0u64);
         for s in 0..steps {
             // The output stage's estimate moves once per batch, with the returned prediction.
-            let out = plan.run_paced(&self.ctx, data, s == 0, self.pacer.as_deref())?;
+            let out = plan.run_paced(&self.ctx, input, s == 0, self.pacer.as_deref())?;
             skipped += out.skipped as u64;
             stepped += out.stepped as u64;
             if first.is_none() {
@@ -422,8 +430,7 @@ impl Session {
         if skipped > 0 {
             self.steps_skipped += skipped;
             log::warn!(
-                "the parameter guard skipped {skipped} step(s) on a batch of shape {:?}: the update would have written NaN or infinity",
-                batch.shape
+                "the parameter guard skipped {skipped} step(s) on a batch of shape {batch_shape:?}: the update would have written NaN or infinity"
             );
         }
         let Some(out) = first else { return Err(PlanError::Program("no step ran".into()).into()) };
@@ -450,9 +457,8 @@ impl Session {
 
     /// Method `auto`'s batch: the source-statistics prediction (LAME-smoothed) decides whether
     /// the batch takes an ETA step with its own statistics (see [`methods::auto`]).
-    fn auto_step(&mut self, state: &mut AutoState, batch: &Tensor) -> crate::Result<Prediction> {
-        let data = self.check_batch(batch)?;
-        let shape = batch.shape.clone();
+    fn auto_step(&mut self, state: &mut AutoState, input: StepInput<'_>, shape: &[usize]) -> crate::Result<Prediction> {
+        let shape = shape.to_vec();
         // Build (and so validate) both programs before touching any state.
         if !state.plans.contains_key(&shape) {
             let z_piece = if self.pacer.is_some() { super::train::PACED_Z_PIECE } else { 0 };
@@ -463,7 +469,7 @@ impl Session {
         if state.adapts {
             self.plan(&shape)?;
         }
-        let a = state.plans[&shape].run_paced(&self.ctx, data, true, self.pacer.as_deref())?;
+        let a = state.plans[&shape].run_paced(&self.ctx, input, true, self.pacer.as_deref())?;
         let c = a.logits.shape.last().copied().unwrap_or(1).max(1);
         let source = auto::softmax(&a.logits.to_f32_vec(), c);
         let section = self.config.auto.clone();
@@ -487,7 +493,7 @@ impl Session {
             };
             (p, false)
         } else {
-            let out = self.plans[&shape].run_paced(&self.ctx, data, true, self.pacer.as_deref())?;
+            let out = self.plans[&shape].run_paced(&self.ctx, input, true, self.pacer.as_deref())?;
             self.steps_taken += out.stepped as u64;
             if out.skipped {
                 self.steps_skipped += 1;

@@ -340,7 +340,7 @@ impl StepPlan {
     /// [`StepPlan::run`]; `update_state` false holds the output stage's running estimate (the
     /// later steps on a batch, whose predictions are not returned).
     pub fn run_with(&self, ctx: &GpuContext, x: &[f32], update_state: bool) -> Result<StepOutput, PlanError> {
-        self.run_paced(ctx, x, update_state, None)
+        self.run_paced(ctx, StepInput::Host(x), update_state, None)
     }
 
     /// A proxy of the program's GPU work (its dispatches' workgroups, see [`Pacer`]).
@@ -356,14 +356,38 @@ impl StepPlan {
     pub fn run_paced(
         &self,
         ctx: &GpuContext,
-        x: &[f32],
+        input: StepInput<'_>,
         update_state: bool,
         pacer: Option<&Pacer>,
     ) -> Result<StepOutput, PlanError> {
-        if x.len() != self.input_shape.iter().product::<usize>() {
-            return Err(PlanError::InputData { name: "input".into(), shape: self.input_shape.clone(), len: x.len() });
+        let len = self.input_shape.iter().product::<usize>();
+        let dst = self.compiled.value_buffer(self.input);
+        match input {
+            StepInput::Host(x) => {
+                if x.len() != len {
+                    return Err(PlanError::InputData {
+                        name: "input".into(),
+                        shape: self.input_shape.clone(),
+                        len: x.len(),
+                    });
+                }
+                ctx.queue.write_buffer(dst, 0, bytemuck::cast_slice(x));
+            }
+            StepInput::Gpu { buffer, offset } => {
+                let bytes = len as u64 * 4;
+                if offset % 4 != 0 || buffer.size() < offset + bytes {
+                    return Err(PlanError::Program(format!(
+                        "a GPU input of {bytes} bytes at offset {offset} of a {}-byte buffer",
+                        buffer.size()
+                    )));
+                }
+                // A copy on the GPU, ahead of the program in the queue.
+                let mut encoder =
+                    ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step input") });
+                encoder.copy_buffer_to_buffer(buffer, offset, dst, 0, bytes);
+                ctx.queue.submit([encoder.finish()]);
+            }
         }
-        ctx.queue.write_buffer(self.compiled.value_buffer(self.input), 0, bytemuck::cast_slice(x));
         if let Some(g) = self.output.as_ref().and_then(|o| o.stage.gate) {
             let gate = [if update_state { 1.0f32 } else { 0.0 }];
             ctx.queue.write_buffer(&self.compiled.weight_buffers[g], 0, bytemuck::cast_slice(&gate));
@@ -502,6 +526,16 @@ impl StepPlan {
         };
         Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped })
     }
+}
+
+/// Where a step's (or a prediction's) input comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum StepInput<'a> {
+    /// Floats on the host, uploaded (their count is the input's).
+    Host(&'a [f32]),
+    /// Already on the GPU: the input's floats from byte `offset` of `buffer` on (a storage or
+    /// copy-source buffer), copied on the GPU: frame mode's ring of preprocessed frames.
+    Gpu { buffer: &'a wgpu::Buffer, offset: u64 },
 }
 
 /// Labels of the program items that write what a prediction reads (parameters, statistics,

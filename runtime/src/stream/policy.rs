@@ -31,7 +31,7 @@ use super::preprocess::{FrameError, PreprocessSpec, Preprocessor};
 use crate::adapt::bn::StatsMode;
 use crate::adapt::config::{AdaptConfig, Method, NormMode, StepTiming, StreamMode};
 use crate::adapt::session::{Prediction, Session};
-use crate::adapt::train::{Pacer, StepPlan};
+use crate::adapt::train::{Pacer, StepInput, StepPlan};
 use crate::engine::{Engine, Model};
 use crate::gpu::{GpuContext, GpuError};
 use crate::tensor::Tensor;
@@ -144,6 +144,8 @@ pub struct StreamSession {
     /// program, on the session's buffers, run beside a step in flight.
     background: bool,
     predictor: Option<StepPlan>,
+    /// Background steps: the window on the GPU (made on the first frame).
+    gpu_ring: Option<GpuRing>,
     inflight: Option<InFlight>,
     /// Statistics updates of the predictor the guard refused (added to the session's count).
     predictor_skips: u64,
@@ -168,6 +170,59 @@ pub struct StreamSession {
     frame_len: usize,
     frame_shape: Vec<usize>,
     steps: u64,
+}
+
+/// Frame mode's window on the GPU (background steps): the preprocessed frames in a ring of
+/// `capacity` rows, the snapshot a step reads, and a one-row staging buffer for the source
+/// model's comparison. Made once per stream.
+struct GpuRing {
+    rows: wgpu::Buffer,
+    snapshot: wgpu::Buffer,
+    row_staging: wgpu::Buffer,
+    capacity: usize,
+    /// The next slot written and how many slots hold frames.
+    head: usize,
+    len: usize,
+}
+
+impl GpuRing {
+    fn new(ctx: &GpuContext, capacity: usize, row_bytes: u64) -> Result<GpuRing, GpuError> {
+        let bytes = capacity as u64 * row_bytes;
+        ctx.check_buffer(|| format!("the window of {capacity} frames"), bytes, true)?;
+        let make = |label: &str, usage: wgpu::BufferUsages| {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use wgpu::BufferUsages as U;
+        Ok(GpuRing {
+            rows: make("frame ring", U::STORAGE | U::COPY_SRC | U::COPY_DST),
+            snapshot: make("window snapshot", U::STORAGE | U::COPY_SRC | U::COPY_DST),
+            row_staging: crate::plan::staging(ctx, row_bytes),
+            capacity,
+            head: 0,
+            len: 0,
+        })
+    }
+}
+
+/// The frames a frame-mode step takes: host rows (inline steps) or a GPU snapshot of the ring
+/// (background steps), oldest first.
+enum Window<'a> {
+    Host(&'a [Vec<f32>]),
+    Gpu { snapshot: &'a wgpu::Buffer, count: usize },
+}
+
+impl Window<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Window::Host(rows) => rows.len(),
+            Window::Gpu { count, .. } => *count,
+        }
+    }
 }
 
 /// A frame-mode step running on a worker thread ([`StepTiming::Background`]).
@@ -296,6 +351,18 @@ impl StreamSession {
             && config.adapt.method != Method::Lame
             && !config.adapt.episodic
             && !session.has_output_stage();
+        // ... and a window that fits one GPU buffer (the ring the frames are preprocessed into).
+        let ring_bytes = (config.stream.window.max(1) * frame_shape.iter().product::<usize>()) as u64 * 4;
+        let limits = ctx.limits();
+        let fits = ring_bytes <= limits.max_buffer_size && ring_bytes <= limits.max_storage_buffer_binding_size as u64;
+        if background && !fits {
+            log::info!(
+                "frame mode: a window of {} frames ({ring_bytes} bytes) does not fit one buffer on this device: \
+                 steps run inline",
+                config.stream.window
+            );
+        }
+        let background = background && fits;
         // The step on the window keeps the method's batch statistics over the window. Stepping
         // with the frame statistics (the source's) instead, to match the predictions, collapsed
         // ETA (SGD 2.5e-4, demo_video.toml) and TENT to one class within a step or two (77.5 %
@@ -312,6 +379,7 @@ impl StreamSession {
             ctx: ctx.clone(),
             background,
             predictor: None,
+            gpu_ring: None,
             inflight: None,
             predictor_skips: 0,
             session_skips: 0,
@@ -356,7 +424,9 @@ impl StreamSession {
         self.session()
     }
 
-    /// Whether this stream's steps run in the background ([`StepTiming::Background`]).
+    /// Whether this stream's steps run in the background ([`StepTiming::Background`]): frame
+    /// mode asked for it, the method has gradient steps and no output stage, no episodic reset,
+    /// and the window fits one GPU buffer.
     pub fn background_steps(&self) -> bool {
         self.background
     }
@@ -452,9 +522,13 @@ impl StreamSession {
         let arrived = Instant::now();
         let index = self.next_index;
         self.next_index += 1;
+        let meta = Pending { index, timestamp_us: frame.timestamp_us, arrived };
+        if self.background {
+            // The frame stays on the GPU: preprocessed into the window's ring, predicted from there.
+            return Ok(vec![self.push_frame_background(meta, frame)?]);
+        }
         let x = self.pre.run(std::slice::from_ref(frame)).map_err(|source| StreamError::Frame { index, source })?;
         let row = x.to_f32_vec();
-        let meta = Pending { index, timestamp_us: frame.timestamp_us, arrived };
         Ok(match self.mode() {
             StreamMode::Frame => vec![self.push_frame(meta, row)?],
             StreamMode::Batch => {
@@ -474,9 +548,6 @@ impl StreamSession {
     }
 
     fn push_frame(&mut self, meta: Pending, row: Vec<f32>) -> Result<FrameResult, StreamError> {
-        if self.background {
-            return self.push_frame_background(meta, row);
-        }
         let window = self.config.stream.window;
         let adapt_every = self.config.stream.adapt_every;
         let index = meta.index;
@@ -509,7 +580,8 @@ impl StreamSession {
                 let rows: Vec<Vec<f32>> = self.ring.iter().cloned().collect();
                 let session = self.session.clone();
                 let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
-                let step = step_on_window(&mut guard, &rows, &self.frame_shape, &mut self.step_cap, index)?;
+                let step =
+                    step_on_window(&mut guard, Window::Host(&rows), &self.frame_shape, &mut self.step_cap, index)?;
                 drop(guard);
                 self.since_step = 0;
                 // auto decides per window whether a gradient step runs.
@@ -540,11 +612,12 @@ impl StreamSession {
         self.step_cap
     }
 
-    /// Frame mode with background steps: lands the step due before this frame, predicts the
-    /// frame with the predictor (beside any step in flight), and starts the next step when one
-    /// is due.
-    fn push_frame_background(&mut self, meta: Pending, row: Vec<f32>) -> Result<FrameResult, StreamError> {
-        let (window, adapt_every) = (self.config.stream.window, self.config.stream.adapt_every);
+    /// Frame mode with background steps: lands the step due before this frame, preprocesses
+    /// the frame into its slot of the window's ring on the GPU, predicts it from there with the
+    /// predictor (beside any step in flight; only the logits come back), and starts the next
+    /// step when one is due, on a snapshot of the ring taken on the GPU.
+    fn push_frame_background(&mut self, meta: Pending, frame: &Frame) -> Result<FrameResult, StreamError> {
+        let (window, adapt_every) = (self.config.stream.window.max(1), self.config.stream.adapt_every);
         let index = meta.index;
         let landed = match self.inflight.as_ref().filter(|f| f.due <= index) {
             Some(f) => {
@@ -556,17 +629,47 @@ impl StreamSession {
         };
         // A step in flight takes this frame's share of its chunks while the frame runs.
         let busy = self.inflight.as_ref().map(|f| FrameBusy::begin(f.pacer.clone(), f.due - index));
-        let x = self.batch_tensor(&[&row]);
-        let source_top = self.source_top(&x)?.and_then(|v| v.into_iter().next());
         let adapt_err = |e: crate::Error| StreamError::Adapt { first: index, last: index, source: Box::new(e) };
+        let row_bytes = self.frame_len as u64 * 4;
+        if self.gpu_ring.is_none() {
+            self.gpu_ring = Some(GpuRing::new(&self.ctx, window, row_bytes).map_err(|e| adapt_err(e.into()))?);
+        }
+        let ring = self.gpu_ring.as_ref().expect("made above");
+        let slot = ring.head;
+        let mut encoder =
+            self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("frame into ring") });
+        self.pre
+            .record(&mut encoder, std::slice::from_ref(frame), &ring.rows, slot)
+            .map_err(|source| StreamError::Frame { index, source })?;
+        let offset = slot as u64 * row_bytes;
+        let source_top = match self.source.is_some() {
+            // The unadapted model runs on the host's copy of the frame (a comparison, not the
+            // frame path).
+            true => {
+                encoder.copy_buffer_to_buffer(&ring.rows, offset, &ring.row_staging, 0, row_bytes);
+                self.ctx.queue.submit([encoder.finish()]);
+                let row = crate::plan::read_buffer(&self.ctx, &ring.row_staging, self.frame_len)
+                    .map_err(|e| adapt_err(e.into()))?;
+                let x = self.batch_tensor(&[&row]);
+                self.source_top(&x)?.and_then(|v| v.into_iter().next())
+            }
+            false => {
+                self.ctx.queue.submit([encoder.finish()]);
+                None
+            }
+        };
         if self.predictor.is_none() {
             let norm = self.frame_norm();
-            let plan = self.locked().forward_plan(&x.shape, norm).map_err(adapt_err)?;
+            let shape = self.frame_shape.clone();
+            let plan = self.locked().forward_plan(&shape, norm).map_err(adapt_err)?;
             self.predictor = Some(plan);
         }
         let predictor = self.predictor.as_ref().expect("built above");
+        let ring = self.gpu_ring.as_mut().expect("made above");
         let t = Instant::now();
-        let out = predictor.run(&self.ctx, &row).map_err(|e| adapt_err(e.into()))?;
+        let out = predictor
+            .run_paced(&self.ctx, StepInput::Gpu { buffer: &ring.rows, offset }, true, None)
+            .map_err(|e| adapt_err(e.into()))?;
         let took = t.elapsed().as_secs_f64() * 1e3;
         if busy.is_none() {
             // The prediction's own time (no step chunk beside it): the unit of the step's chunks.
@@ -578,17 +681,41 @@ impl StreamSession {
             log::warn!("non-finite statistics from frame {index}: the statistics update was skipped");
         }
         let probs = out.probs.unwrap_or_else(|| softmax_rows(&out.logits)).to_f32_vec();
-        self.ring.push_back(row);
-        while self.ring.len() > window {
-            self.ring.pop_front();
-        }
+        ring.head = (slot + 1) % window;
+        ring.len = (ring.len + 1).min(window);
         self.since_step += 1;
-        if self.since_step >= adapt_every && self.ring.len() >= 2 {
-            // The previous step landed at the latest above (due = its start + adapt_every).
+        if self.since_step >= adapt_every && ring.len >= 2 {
+            // The previous step landed at the latest above (due = its start + adapt_every); it
+            // must have, before its snapshot is overwritten.
             if let Some(r) = self.land() {
                 r?;
             }
-            let rows: Vec<Vec<f32>> = self.ring.iter().cloned().collect();
+            let ring = self.gpu_ring.as_ref().expect("made above");
+            // The window, oldest first, into the snapshot the step reads (on the GPU, ahead of
+            // the next frames' writes into the ring).
+            let count = ring.len;
+            let mut encoder =
+                self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("window") });
+            let oldest = (ring.head + window - count) % window;
+            let first = count.min(window - oldest);
+            encoder.copy_buffer_to_buffer(
+                &ring.rows,
+                oldest as u64 * row_bytes,
+                &ring.snapshot,
+                0,
+                first as u64 * row_bytes,
+            );
+            if first < count {
+                encoder.copy_buffer_to_buffer(
+                    &ring.rows,
+                    0,
+                    &ring.snapshot,
+                    first as u64 * row_bytes,
+                    (count - first) as u64 * row_bytes,
+                );
+            }
+            self.ctx.queue.submit([encoder.finish()]);
+            let snapshot = ring.snapshot.clone();
             let pacer = Arc::new(Pacer::new(work, self.prediction_ms, self.idle_ms));
             let done = Arc::new((Mutex::new(None), Condvar::new()));
             let (session, shape, mut cap) = (self.session.clone(), self.frame_shape.clone(), self.step_cap);
@@ -596,7 +723,8 @@ impl StreamSession {
             let handle = std::thread::spawn(move || {
                 let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
                 s.set_pacer(Some(worker_pacer.clone()));
-                let r = step_on_window(&mut s, &rows, &shape, &mut cap, index);
+                let window = Window::Gpu { snapshot: &snapshot, count };
+                let r = step_on_window(&mut s, window, &shape, &mut cap, index);
                 s.set_pacer(None);
                 drop(s);
                 // A failed step must not hold the gate's waiters: open it for them.
@@ -628,6 +756,61 @@ impl StreamSession {
             skipped,
             auto,
         })
+    }
+
+    /// The window's frames, oldest first (read back from the GPU ring in background mode).
+    pub(crate) fn window_rows(&self) -> crate::Result<Vec<Vec<f32>>> {
+        let Some(ring) = self.gpu_ring.as_ref().filter(|_| self.background) else {
+            return Ok(self.ring.iter().cloned().collect());
+        };
+        let window = ring.capacity;
+        let row_bytes = self.frame_len as u64 * 4;
+        let oldest = (ring.head + window - ring.len) % window;
+        let staging = crate::plan::staging(&self.ctx, (ring.len.max(1) as u64) * row_bytes);
+        let mut encoder =
+            self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("window readback") });
+        for i in 0..ring.len {
+            let slot = (oldest + i) % window;
+            encoder.copy_buffer_to_buffer(
+                &ring.rows,
+                slot as u64 * row_bytes,
+                &staging,
+                i as u64 * row_bytes,
+                row_bytes,
+            );
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        let all = crate::plan::read_buffer(&self.ctx, &staging, ring.len * self.frame_len)?;
+        Ok(all.chunks(self.frame_len.max(1)).map(|r| r.to_vec()).collect())
+    }
+
+    /// Replaces the window's frames (oldest first; at most `window`).
+    pub(crate) fn set_window_rows(&mut self, rows: Vec<Vec<f32>>) -> crate::Result<()> {
+        if !self.background {
+            self.ring = rows.into();
+            return Ok(());
+        }
+        let window = self.config.stream.window.max(1);
+        let row_bytes = self.frame_len as u64 * 4;
+        if self.gpu_ring.is_none() {
+            self.gpu_ring = Some(GpuRing::new(&self.ctx, window, row_bytes)?);
+        }
+        let ring = self.gpu_ring.as_mut().expect("made above");
+        for (i, r) in rows.iter().enumerate() {
+            self.ctx.queue.write_buffer(&ring.rows, i as u64 * row_bytes, bytemuck::cast_slice(r));
+        }
+        ring.len = rows.len().min(window);
+        ring.head = ring.len % window;
+        Ok(())
+    }
+
+    /// Empties the window.
+    pub(crate) fn clear_window(&mut self) {
+        self.ring.clear();
+        if let Some(r) = self.gpu_ring.as_mut() {
+            r.head = 0;
+            r.len = 0;
+        }
     }
 
     fn flush(&mut self) -> Result<Vec<FrameResult>, StreamError> {
@@ -695,19 +878,29 @@ impl Drop for StreamSession {
 /// limit is checked before anything is allocated or written, so a refused size changes nothing.
 fn step_on_window(
     session: &mut Session,
-    rows: &[Vec<f32>],
+    window: Window<'_>,
     frame_shape: &[usize],
     cap: &mut Option<usize>,
     index: u64,
 ) -> Result<Prediction, StreamError> {
+    let count = window.len();
+    let frame_len: usize = frame_shape[1..].iter().product();
     loop {
-        let take = cap.map_or(rows.len(), |c| c.min(rows.len()));
+        let take = cap.map_or(count, |c| c.min(count));
         let mut shape = frame_shape.to_vec();
         shape[0] = take;
-        let data: Vec<f32> = rows[rows.len() - take..].iter().flatten().copied().collect();
-        let batch = Tensor::f32(shape, data);
         let first = index + 1 - take as u64;
-        match session.step(&batch) {
+        let r = match &window {
+            Window::Host(rows) => {
+                let data: Vec<f32> = rows[count - take..].iter().flatten().copied().collect();
+                session.step(&Tensor::f32(shape, data))
+            }
+            Window::Gpu { snapshot, .. } => {
+                let offset = ((count - take) * frame_len * 4) as u64;
+                session.step_input(StepInput::Gpu { buffer: snapshot, offset }, &shape)
+            }
+        };
+        match r {
             Err(crate::Error::Gpu(GpuError::TooLarge { what, bytes, limit, .. })) if take > 2 => {
                 let c = take / 2;
                 log::warn!(

@@ -224,7 +224,7 @@ impl StreamSession {
             steps: self.steps + pending,
             since_step: self.since_step as u64,
             frame_len: self.frame_len,
-            rows: self.ring.iter().cloned().collect(),
+            rows: self.window_rows()?,
             session: &session,
         });
         write_atomic(path, &bytes).map_err(write_err)?;
@@ -243,7 +243,7 @@ impl StreamSession {
             // A background step in flight lands first (the state supersedes it).
             let _ = self.land();
             self.locked().load_state(path)?;
-            self.ring.clear();
+            self.clear_window();
             self.pending.clear();
             self.since_step = 0;
             return Ok(());
@@ -285,7 +285,7 @@ impl StreamSession {
         // did not touch the session, so a file they refuse leaves the step in flight as it was.
         let _ = self.land();
         self.locked().load_state(&scratch.0).map_err(|e| at_session(e, path))?;
-        self.ring = d.rows.into();
+        self.set_window_rows(d.rows)?;
         self.pending.clear();
         self.since_step = d.since_step as usize;
         self.next_index = d.frames;
@@ -302,7 +302,7 @@ impl StreamSession {
         // A background step in flight lands first; the reset undoes it.
         let _ = self.land();
         self.locked().reset()?;
-        self.ring.clear();
+        self.clear_window();
         self.pending.clear();
         self.since_step = 0;
         Ok(())
