@@ -100,6 +100,9 @@ fn summarize_counts_by_hand() {
     // 8 + 0.65·2.
     assert!((s.latency_median_ms - 4.5).abs() < 1e-9);
     assert!((s.latency_p95_ms - 9.3).abs() < 1e-9);
+    // p99: h = 6.93, 8 + 0.93·2; the longest 10.
+    assert!((s.latency_p99_ms - 9.86).abs() < 1e-9);
+    assert_eq!(s.latency_max_ms, 10.0);
     assert_eq!(s.per_segment.len(), 2);
     let clean = &s.per_segment[0];
     assert_eq!((clean.name.as_str(), clean.frames), ("clean", 4));
@@ -130,6 +133,8 @@ fn summary_json_keys() {
         "drops",
         "latency_median_ms",
         "latency_p95_ms",
+        "latency_p99_ms",
+        "latency_max_ms",
         "per_segment",
         "method",
         "model",

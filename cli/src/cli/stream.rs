@@ -433,8 +433,8 @@ fn log_line(bar: &Option<indicatif::ProgressBar>, msg: &str) {
 pub fn summary_text(s: &Summary) -> String {
     let pct = |v: Option<f64>| v.map(|v| format!("{v:.2} %")).unwrap_or_else(|| "—".into());
     let mut out = format!(
-        "frames {}  ({:.1} frames/s, {} dropped, latency median {:.1} ms, p95 {:.1} ms)\n",
-        s.frames, s.fps, s.drops, s.latency_median_ms, s.latency_p95_ms
+        "frames {}  ({:.1} frames/s, {} dropped, latency median {:.1} ms, p95 {:.1} ms, max {:.1} ms)\n",
+        s.frames, s.fps, s.drops, s.latency_median_ms, s.latency_p95_ms, s.latency_max_ms
     );
     out += &format!("accuracy: adapted ({}) {}   source {}\n", s.method, pct(s.accuracy), pct(s.source_accuracy));
     if s.per_segment.len() > 1 {

@@ -73,6 +73,12 @@ pub struct Summary {
     pub latency_median_ms: f64,
     /// 95th-percentile latency (ms), same rule.
     pub latency_p95_ms: f64,
+    /// 99th-percentile latency (ms), same rule.
+    #[serde(default)]
+    pub latency_p99_ms: f64,
+    /// The longest latency (ms).
+    #[serde(default)]
+    pub latency_max_ms: f64,
     /// Wall time of the run (seconds).
     pub elapsed_s: f64,
     /// Segments in order of first appearance.
@@ -248,6 +254,8 @@ pub fn summarize(
         agreement: pct(total.agree, total.both),
         latency_median_ms: percentile(&latencies, 0.5),
         latency_p95_ms: percentile(&latencies, 0.95),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_max_ms: latencies.last().copied().unwrap_or(0.0),
         elapsed_s,
         per_segment: segments
             .into_iter()
@@ -613,6 +621,7 @@ fn summary_table(s: &Summary) -> String {
         ("agreement adapted = source", fmt_pct(s.agreement)),
         ("latency median", format!("{:.2} ms", s.latency_median_ms)),
         ("latency p95", format!("{:.2} ms", s.latency_p95_ms)),
+        ("latency p99 / max", format!("{:.2} / {:.2} ms", s.latency_p99_ms, s.latency_max_ms)),
         ("wall time", format!("{:.2} s", s.elapsed_s)),
     ];
     let mut t = String::from("<table class=\"summary\">\n");

@@ -354,7 +354,7 @@ impl StreamSession {
         // ... and a window that fits one GPU buffer (the ring the frames are preprocessed into).
         let ring_bytes = (config.stream.window.max(1) * frame_shape.iter().product::<usize>()) as u64 * 4;
         let limits = ctx.limits();
-        let fits = ring_bytes <= limits.max_buffer_size && ring_bytes <= limits.max_storage_buffer_binding_size as u64;
+        let fits = ring_bytes <= limits.max_buffer_size && ring_bytes <= limits.max_storage_buffer_binding_size;
         if background && !fits {
             log::info!(
                 "frame mode: a window of {} frames ({ring_bytes} bytes) does not fit one buffer on this device: \
@@ -437,7 +437,7 @@ impl StreamSession {
         let f = self.inflight.take()?;
         self.idle_ms = f.pacer.idle_ms();
         f.pacer.release();
-        let (result, cap) = f.handle.join().unwrap_or_else(|_| (Err(StreamError::Worker), None));
+        let (result, cap) = f.handle.join().unwrap_or((Err(StreamError::Worker), None));
         if cap.is_some() {
             self.step_cap = cap;
         }
@@ -721,18 +721,17 @@ impl StreamSession {
             let (session, shape, mut cap) = (self.session.clone(), self.frame_shape.clone(), self.step_cap);
             let (worker_pacer, worker_done) = (pacer.clone(), done.clone());
             let handle = std::thread::spawn(move || {
+                // Whatever happens (a failed step, even a panic), the frames waiting on the step's
+                // budget or its end are let go.
+                let mut finished = Finished { pacer: worker_pacer.clone(), done: worker_done, stepped: false };
                 let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-                s.set_pacer(Some(worker_pacer.clone()));
+                s.set_pacer(Some(worker_pacer));
                 let window = Window::Gpu { snapshot: &snapshot, count };
                 let r = step_on_window(&mut s, window, &shape, &mut cap, index);
                 s.set_pacer(None);
                 drop(s);
-                // A failed step must not hold the gate's waiters: open it for them.
-                worker_pacer.release();
-                let stepped = r.as_ref().is_ok_and(|p| p.auto.as_ref().is_none_or(|d| d.stepped));
-                let (lock, cv) = &*worker_done;
-                *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(stepped);
-                cv.notify_all();
+                finished.stepped = r.as_ref().is_ok_and(|p| p.auto.as_ref().is_none_or(|d| d.stepped));
+                drop(finished);
                 (r, cap)
             });
             let silenced = Default::default();
@@ -845,6 +844,23 @@ impl StreamSession {
                 auto: p.auto.clone(),
             })
             .collect())
+    }
+}
+
+/// The end of a background step's worker (on drop, also when it panics): the pacer is released
+/// and the step's outcome published for [`InFlight::settle`], after the session's lock is free.
+struct Finished {
+    pacer: Arc<Pacer>,
+    done: Arc<(Mutex<Option<bool>>, Condvar)>,
+    stepped: bool,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.pacer.release();
+        let (lock, cv) = &*self.done;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.stepped);
+        cv.notify_all();
     }
 }
 
