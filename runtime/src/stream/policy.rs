@@ -11,6 +11,10 @@
 //!   window, as the method's reference does; see [`StreamSession::new`] for why not the frame
 //!   statistics).
 //!   Output-only methods (LAME) predict each frame from the window it closes.
+//!   With background steps ([`StepTiming::Background`], the default) the step runs on a worker
+//!   thread beside the next frames, paced so that no prediction waits behind a whole step
+//!   ([`crate::adapt::train::Pacer`]), and lands just before frame k + `adapt_every`; the frames
+//!   then stay on the GPU (preprocessed into a ring buffer the predictor and the steps read).
 //! - **batch** mode groups frames into batches of `batch` and predicts and adapts per batch,
 //!   the protocol of the TTA literature; a frame's result arrives when its batch is complete.
 //!
@@ -70,8 +74,9 @@ pub struct FrameResult {
     pub source_top: Option<(usize, f32)>,
     /// From the frame's arrival to its result (batch mode includes the wait for the batch).
     pub latency_ms: f32,
-    /// Whether a gradient step ran with this frame (frame mode: right after it; batch mode: on
-    /// its batch).
+    /// Whether a gradient step came with this frame. Frame mode with background steps (the
+    /// default): a step landed just before this frame's prediction (it started `adapt_every`
+    /// frames earlier); inline steps: one ran right after it. Batch mode: on its batch.
     pub adapted: bool,
     /// The loss of that step, if one ran.
     pub loss: Option<f32>,
