@@ -53,6 +53,8 @@ struct MatmulParams {
     a_bs: vec4<u32>,
     b_bs: vec4<u32>,
     c_bs: vec4<u32>,
+    // The first batch index (z workgroup) of this piece of a dispatch split along z.
+    z_base: u32,
 }
 
 @group(0) @binding(0) var<uniform> p_in: MatmulParams;
@@ -83,7 +85,8 @@ fn matmul_main(
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
 
-    var rem = wid.z;
+    let z = wid.z + p.z_base;
+    var rem = z;
     var a_off = 0u;
     var b_off = 0u;
     var c_off = 0u;
@@ -136,7 +139,7 @@ fn matmul_main(
         workgroupBarrier();
     }
 
-    let out_off = wid.z * p.m * p.n;
+    let out_off = z * p.m * p.n;
     for (var i = 0u; i < 4u; i++) {
         let gm = row0 + lid.y * 4u + i;
         if gm >= p.m { break; }

@@ -414,19 +414,20 @@ impl StepPlan {
             // The chunks' costs: measured on an earlier run, else their share of the work at
             // the prediction's measured speed.
             let measured = self.chunk_ms.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let costs: Vec<f64> = match measured.len() == ranges.len() {
-                true => measured,
-                false => ranges
+            let estimated = measured.len() != ranges.len();
+            let costs: Vec<f64> = match estimated {
+                false => measured,
+                true => ranges
                     .iter()
                     .map(|r| work[r.clone()].iter().sum::<u64>() as f64 / pacer.prediction as f64 * pacer.prediction_ms)
                     .collect(),
             };
-            pacer.plan(costs.iter().sum(), ranges.len() as u64);
+            pacer.plan(costs.iter().sum(), ranges.len() as u64, estimated);
             let begun = std::time::Instant::now();
             let chunks = ranges.len();
             let mut took = Vec::with_capacity(chunks);
             for (range, &cost) in ranges.into_iter().zip(&costs) {
-                pacer.before_chunk(cost);
+                pacer.before_chunk(cost, estimated);
                 let t = std::time::Instant::now();
                 let mut encoder =
                     ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step chunk") });
@@ -438,6 +439,9 @@ impl StepPlan {
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 if ms > 4.0 * pacer.prediction_ms {
                     log::debug!("long step chunk {range:?}: {ms:.1} ms ({})", self.compiled.describe(range.clone()));
+                }
+                if estimated {
+                    pacer.after_chunk(cost, ms);
                 }
                 took.push(ms);
             }
@@ -598,9 +602,14 @@ struct Schedule {
     busy: bool,
     /// Milliseconds of chunks the step may still run while this frame is processed.
     budget: f64,
-    /// Chunks planned and not submitted, and their estimated milliseconds.
+    /// Chunks planned and not submitted, and their milliseconds: measured on an earlier run of
+    /// their plan, or estimated from their work (scaled by `real_ms / estimated_ms` of the
+    /// estimated chunks run so far).
     left: u64,
-    left_ms: f64,
+    left_measured_ms: f64,
+    left_estimated_ms: f64,
+    estimated_ms: f64,
+    real_ms: f64,
     /// Milliseconds of chunks run between frames: in the current gap, and over the gaps seen.
     gap_ms: f64,
     gaps_ms: f64,
@@ -627,6 +636,15 @@ impl Pacer {
         self.sched.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// How much longer estimated chunks take than estimated, from those run so far.
+    fn scale(s: &Schedule) -> f64 {
+        if s.estimated_ms > 0.0 && s.real_ms > 0.0 { s.real_ms / s.estimated_ms } else { 1.0 }
+    }
+
+    fn left_ms(s: &Schedule) -> f64 {
+        s.left_measured_ms + s.left_estimated_ms * Self::scale(s)
+    }
+
     fn idle(s: &Schedule, prior: f64) -> f64 {
         if s.gaps > 0 { s.gaps_ms / s.gaps as f64 } else { prior }
     }
@@ -648,7 +666,7 @@ impl Pacer {
         }
         s.gap_ms = 0.0;
         s.busy = true;
-        s.budget = share(s.left_ms, frames_left, Self::idle(&s, self.idle_prior));
+        s.budget = share(Self::left_ms(&s), frames_left, Self::idle(&s, self.idle_prior));
         self.cv.notify_all();
     }
 
@@ -665,27 +683,45 @@ impl Pacer {
         self.cv.notify_all();
     }
 
-    /// The step plans `n` more chunks of `ms` milliseconds in all.
-    fn plan(&self, ms: f64, n: u64) {
+    /// The step plans `n` more chunks of `ms` milliseconds in all (`estimated`: from their work,
+    /// not measured).
+    fn plan(&self, ms: f64, n: u64, estimated: bool) {
         let mut s = self.schedule();
         s.left += n;
-        s.left_ms += ms;
+        if estimated {
+            s.left_estimated_ms += ms;
+        } else {
+            s.left_measured_ms += ms;
+        }
     }
 
-    /// Waits until the next chunk (of `ms` estimated) may be submitted, and counts it.
-    fn before_chunk(&self, ms: f64) {
+    /// Waits until the next chunk (of `ms`, estimated or measured) may be submitted, and counts
+    /// it.
+    fn before_chunk(&self, ms: f64, estimated: bool) {
         let mut s = self.schedule();
         while s.busy && s.budget <= 0.0 && !self.gate.is_open() {
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
+        let cost = if estimated { ms * Self::scale(&s) } else { ms };
         if s.busy {
-            s.budget -= ms;
+            s.budget -= cost;
         } else {
-            s.gap_ms += ms;
+            s.gap_ms += cost;
         }
         s.left = s.left.saturating_sub(1);
-        s.left_ms = (s.left_ms - ms).max(0.0);
+        if estimated {
+            s.left_estimated_ms = (s.left_estimated_ms - ms).max(0.0);
+        } else {
+            s.left_measured_ms = (s.left_measured_ms - ms).max(0.0);
+        }
         self.cv.notify_all();
+    }
+
+    /// An estimated chunk of `estimated` ms took `real` ms: the estimates left are scaled.
+    fn after_chunk(&self, estimated: f64, real: f64) {
+        let mut s = self.schedule();
+        s.estimated_ms += estimated;
+        s.real_ms += real;
     }
 
     /// Lets every chunk run and the writes happen: the step lands now.
@@ -745,15 +781,15 @@ mod tests {
     #[test]
     fn chunks_wait_for_a_busy_frames_budget_and_run_freely_between_frames() {
         let pacer = std::sync::Arc::new(Pacer::new(1, 1.0, 0.0));
-        pacer.plan(4.0, 4);
+        pacer.plan(4.0, 4, false);
         // Between frames: no wait, the chunk counts as the gap's.
-        pacer.before_chunk(1.0);
+        pacer.before_chunk(1.0, false);
         // A frame 3 frames before the landing: 3 ms left, no idle known → 1 ms now.
         pacer.frame_begin(3);
-        pacer.before_chunk(1.0);
+        pacer.before_chunk(1.0, false);
         // The budget is spent: the next chunk waits until the frame ends.
         let p = pacer.clone();
-        let waiter = std::thread::spawn(move || p.before_chunk(1.0));
+        let waiter = std::thread::spawn(move || p.before_chunk(1.0, false));
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!waiter.is_finished(), "a chunk ran beyond the frame's budget");
         pacer.frame_end();
@@ -766,9 +802,28 @@ mod tests {
         // Release: nothing waits any more.
         pacer.frame_begin(1);
         pacer.release();
-        pacer.before_chunk(1.0);
-        pacer.before_chunk(1.0);
+        pacer.before_chunk(1.0, false);
+        pacer.before_chunk(1.0, false);
         pacer.frame_end();
         assert!(pacer.released());
+    }
+
+    #[test]
+    fn estimated_chunks_are_rescaled_by_how_long_they_really_took() {
+        let pacer = Pacer::new(1, 1.0, 0.0);
+        // 4 estimated chunks of 1 ms; the first really took 3 ms: 3 left at 3× = 9 ms.
+        pacer.plan(4.0, 4, true);
+        pacer.before_chunk(1.0, true);
+        pacer.after_chunk(1.0, 3.0);
+        pacer.frame_begin(3);
+        let s = pacer.schedule();
+        assert_eq!(Pacer::left_ms(&s), 9.0);
+        assert_eq!(s.budget, 3.0);
+        drop(s);
+        // A chunk taken in the frame costs its estimate rescaled.
+        pacer.before_chunk(1.0, true);
+        assert_eq!(pacer.schedule().budget, 0.0);
+        pacer.release();
+        pacer.frame_end();
     }
 }

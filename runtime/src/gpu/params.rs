@@ -51,6 +51,9 @@ pub struct Params {
     /// workgroups along z are independent (one image, group or phase each) may be split along z
     /// into pieces, each with its first z written here (see `plan::Program::z_piece`).
     z_base: Option<usize>,
+    /// The dispatch's arithmetic (2 per multiply-add), where the lowering knows it: a better
+    /// measure of its time than its workgroup count (see `Compiled::dispatch_work`).
+    work: Option<u64>,
 }
 
 impl Params {
@@ -130,18 +133,40 @@ impl Params {
         self
     }
 
+    /// Records the dispatch's arithmetic ([`Params::work`]): 2 × the product of `dims` (the
+    /// multiply-adds), saturating.
+    pub fn work_hint(mut self, dims: &[usize]) -> Params {
+        self.work = Some(dims.iter().fold(2u64, |a, &d| a.saturating_mul(d as u64)));
+        self
+    }
+
+    /// [`Params::work`] set to `ops`.
+    fn with_work(mut self, ops: u64) -> Params {
+        self.work = Some(ops);
+        self
+    }
+
+    /// The dispatch's arithmetic, when the lowering gave it.
+    pub fn work(&self) -> Option<u64> {
+        self.work
+    }
+
     /// Whether the dispatch may be split along z.
     pub fn splits_along_z(&self) -> bool {
         self.z_base.is_some()
     }
 
-    /// The block of the piece of a split dispatch whose first z workgroup is `base`.
-    pub fn with_z_base(&self, base: u32) -> Params {
+    /// The block of the piece of a split dispatch whose first z workgroup is `base`, with `zs` of
+    /// the dispatch's `z` workgroups (its work scaled to them).
+    pub fn z_piece(&self, base: u32, zs: u32, z: u32) -> Params {
         let mut p = self.clone();
         if let Some(i) = p.z_base {
             p.words[i] = base;
         }
-        p
+        match self.work {
+            Some(w) => p.with_work((w as u128 * zs as u128 / z.max(1) as u128) as u64),
+            None => p,
+        }
     }
 
     /// The block's bytes, padded to a multiple of 16 (a uniform struct's size is; a

@@ -337,7 +337,8 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
         .vec4u(&lanes3(&geo.kernel, 1)?)
         .vec4u(&lanes3(&geo.strides, 1)?)
         .vec4u(&lanes3(&geo.dilations, 1)?)
-        .vec4i(&pads);
+        .vec4i(&pads)
+        .work_hint(&[geo.batch, geo.cout, p, cin_g, kvol]);
     // Without a bias the binding still has to hold a buffer: W is read-only in this dispatch too.
     let bias_buf = bias.as_ref().map(|b| b.buf).unwrap_or(w.buf);
     let (entry, groups) = match geo.route() {
@@ -466,7 +467,8 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         .vec4u(&lanes3(&geo.kernel, 1)?)
         .vec4u(&lanes3(&geo.strides, 1)?)
         .vec4u(&lanes3(&geo.dilations, 1)?)
-        .vec4i(&pads);
+        .vec4i(&pads)
+        .work_hint(&[geo.batch, geo.cout, p_out, cin_g, geo.kernel.iter().product()]);
     let (entry, groups) = match geo.route() {
         ConvRoute::Depthwise => ("conv_depthwise_dx", grid_1d(total as usize, 256)),
         _ => {

@@ -171,7 +171,10 @@ impl GemmDispatch {
             .vec4u(&to_u32s(&batch_shape)?)
             .vec4u(&to_u32s(&bs[0])?)
             .vec4u(&to_u32s(&bs[1])?)
-            .vec4u(&to_u32s(&c_bs)?);
+            .vec4u(&to_u32s(&c_bs)?)
+            .u32(0)
+            .z_base_in_last_word()
+            .work_hint(&[batch, self.m, self.n, self.k]);
         let mut key = KernelKey::new(Shader::Matmul, "matmul_main").with("HAS_BIAS", self.c.is_some() as i32);
         // Only the reverse pass accumulates; forward pipelines keep their override-free key.
         if self.accumulate {

@@ -146,6 +146,8 @@ pub(crate) struct Recorded {
     item: usize,
     /// A piece of a dispatch split along z ([`Program::z_piece`]).
     piece: bool,
+    /// Its arithmetic, or 256 per workgroup where the lowering gave none.
+    work: u64,
 }
 
 /// A compiled program: pipelines, bind groups and buffers, ready to record.
@@ -331,8 +333,9 @@ impl Compiled {
                     .map(|i| {
                         let base = i * piece;
                         let mut part = d.clone();
-                        part.params = d.params.with_z_base(base);
-                        part.workgroups[2] = piece.min(z - base);
+                        let zs = piece.min(z - base);
+                        part.params = d.params.z_piece(base, zs, z);
+                        part.workgroups[2] = zs;
                         (k, part, true)
                     })
                     .collect()
@@ -414,7 +417,9 @@ impl Compiled {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups, item: *k, piece: *piece });
+            let groups: u64 = d.workgroups.iter().map(|&w| w as u64).product();
+            let work = d.params.work().unwrap_or(groups * 256);
+            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups, item: *k, piece: *piece, work });
         }
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Validation { what: "program bind groups".into(), reason: err.to_string() }.into());
@@ -447,10 +452,11 @@ impl Compiled {
         self.dispatches.iter().position(|d| is(&self.item_labels[d.item]))
     }
 
-    /// A proxy of each dispatch's GPU work: its workgroup count (for splitting a program into
+    /// A proxy of each dispatch's GPU work: its arithmetic where the lowering gave it
+    /// (convolutions, matrix products), else 256 per workgroup (for splitting a program into
     /// submissions of about equal work; see `adapt::train::Pacer`).
     pub fn dispatch_work(&self) -> Vec<u64> {
-        self.dispatches.iter().map(|d| d.workgroups.iter().map(|&w| w as u64).product()).collect()
+        self.dispatches.iter().map(|d| d.work).collect()
     }
 
     /// The items and workgroups of the dispatches `range` (for logs).
