@@ -119,6 +119,100 @@ fn softmax_wg_main(
 }
 
 // ------------------------------------------------------------------------------------------------
+// softmax_topk: per row of `len` logits (inner 1; `_p0` = k), the k most probable classes and
+// their softmax probabilities, written [k class indices (as f32), k probabilities] per row: all a
+// stream's frame needs to come back from the GPU. Probabilities as softmax_wg_main computes them;
+// equal probabilities keep class order (the lower index first), as the host's stable sort does.
+// k is at most 32 and at most len.
+// ------------------------------------------------------------------------------------------------
+
+var<workgroup> topk_v: array<f32, 256>;
+var<workgroup> topk_i: array<u32, 256>;
+var<workgroup> topk_chosen: array<u32, 32>;
+
+const NONE: u32 = 0xffffffffu;
+
+// Whether (vb, ib) ranks before (va, ia): larger probability, then lower index; NONE never.
+fn topk_before(vb: f32, ib: u32, va: f32, ia: u32) -> bool {
+    if ib == NONE { return false; }
+    if ia == NONE { return true; }
+    return vb > va || (vb == va && ib < ia);
+}
+
+@compute @workgroup_size(256)
+fn softmax_topk(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let r = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup, so the barriers below stay in uniform control flow.
+    if r >= p.rows { return; }
+    let base = r * p.len;
+    var m = -3.40282347e38;
+    for (var j = t; j < p.len; j += WG) {
+        m = max_nan(m, x[base + j]);
+    }
+    partial[t] = m;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            partial[t] = max_nan(partial[t], partial[t + s]);
+        }
+        workgroupBarrier();
+    }
+    let row_max = partial[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var j = t; j < p.len; j += WG) {
+        sum += exp(x[base + j] - row_max);
+    }
+    partial[t] = sum;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        if t < s {
+            partial[t] += partial[t + s];
+        }
+        workgroupBarrier();
+    }
+    let row_sum = partial[0];
+    let k = min(min(p._p0, p.len), 32u);
+    let out = r * 2u * k;
+    for (var q = 0u; q < k; q++) {
+        var bv = 0.0;
+        var bi = NONE;
+        for (var j = t; j < p.len; j += WG) {
+            var taken = false;
+            for (var c = 0u; c < q; c++) {
+                if topk_chosen[c] == j { taken = true; }
+            }
+            if taken { continue; }
+            let v = finish(x[base + j], row_max, row_sum);
+            if topk_before(v, j, bv, bi) {
+                bv = v;
+                bi = j;
+            }
+        }
+        topk_v[t] = bv;
+        topk_i[t] = bi;
+        workgroupBarrier();
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            if t < s && topk_before(topk_v[t + s], topk_i[t + s], topk_v[t], topk_i[t]) {
+                topk_v[t] = topk_v[t + s];
+                topk_i[t] = topk_i[t + s];
+            }
+            workgroupBarrier();
+        }
+        if t == 0u {
+            topk_chosen[q] = topk_i[0];
+            y[out + q] = f32(topk_i[0]);
+            y[out + k + q] = topk_v[0];
+        }
+        workgroupBarrier();
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Reverse pass, from the saved output y (buffers: y, dy, dX):
 //   softmax:    dx = y * (dy - Σ dy·y)
 //   logsoftmax: dx = dy - exp(y) * Σ dy

@@ -171,7 +171,7 @@ impl Session {
             Method::Auto => OptimizerSpec::from_config(&auto::optimizer(&config)),
             _ => OptimizerSpec::from_config(&config.optimizer),
         };
-        let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false, z_piece: 0 };
+        let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false, z_piece: 0, top_k: 0 };
         let auto = if method == Method::Auto {
             // LAME needs the input of a final Gemm/MatMul, and its iteration kernel 4 storage
             // buffers (more than WebGL2-class devices offer); without it, correlated batches still
@@ -202,6 +202,7 @@ impl Session {
                 output: smoothing,
                 source_affine: true,
                 z_piece: 0,
+                top_k: 0,
             };
             Some(AutoState { spec, plans: HashMap::new(), decision: None, adapts: !plain })
         } else {
@@ -356,8 +357,8 @@ impl Session {
     /// A forward-only program for `shape` with statistics `mode` on this session's buffers (its
     /// parameters and statistics as the steps leave them), to run apart from the session: frame
     /// mode predicts with it while a step runs on another thread.
-    pub(crate) fn forward_plan(&mut self, shape: &[usize], mode: StatsMode) -> crate::Result<StepPlan> {
-        let spec = StepSpec { mode, adapted: Vec::new(), objective: None, ..self.spec.clone() };
+    pub(crate) fn forward_plan(&mut self, shape: &[usize], mode: StatsMode, top_k: usize) -> crate::Result<StepPlan> {
+        let spec = StepSpec { mode, adapted: Vec::new(), objective: None, top_k, ..self.spec.clone() };
         Ok(StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, shape, &spec)?)
     }
 

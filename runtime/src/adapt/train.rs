@@ -40,6 +40,10 @@ pub struct StepSpec {
     /// Split long dispatches along z into pieces of at most this many workgroups (0: never; see
     /// [`Program::z_piece`]): paced steps.
     pub z_piece: u32,
+    /// Forward-only programs without an output stage: read back only the `top_k` most probable
+    /// classes of each row and their probabilities, computed on the GPU
+    /// ([`StepOutput::top`]), instead of the logits (0: the logits).
+    pub top_k: usize,
 }
 
 /// [`StepSpec::z_piece`] of paced steps: 4 images (× groups, × stride phases) per convolution
@@ -52,6 +56,9 @@ pub const PACED_Z_PIECE: u32 = 4;
 /// A compiled step for one input shape.
 pub struct StepPlan {
     compiled: Compiled,
+    /// [`StepSpec::top_k`]: the value holding [k indices, k probabilities] per row, k, and its
+    /// staging buffer (read back instead of the logits).
+    top: Option<(usize, usize, wgpu::Buffer)>,
     /// Paced runs ([`StepPlan::run_paced`]): the chunks' measured milliseconds, the least seen
     /// per chunk (a chunk may also wait for a prediction queued ahead of it).
     chunk_ms: std::sync::Mutex<Vec<f64>>,
@@ -108,6 +115,9 @@ pub struct StepOutput {
     /// The parameter guard refused the step: something it would have written (a parameter, an
     /// optimizer moment, a running statistic) was NaN or infinite, so nothing was written.
     pub skipped: bool,
+    /// Programs built with [`StepSpec::top_k`]: per row, the most probable classes (most
+    /// probable first) and their probabilities; `logits` is then empty (never read back).
+    pub top: Option<Vec<Vec<(usize, f32)>>>,
     /// The optimizer updated the parameters (its gate stayed open: something was selected and
     /// nothing was refused). False for programs without a gradient step.
     pub stepped: bool,
@@ -150,6 +160,18 @@ impl StepPlan {
                 let stage = super::output::lower(ctx, graph, &fwd, o, returned, &logits_shape, &mut program)
                     .map_err(|e| err(e.to_string()))?;
                 Some((stage, logits_shape.get(1).copied().unwrap_or(1)))
+            }
+            _ => None,
+        };
+        // Only the top-k of a forward-only program's rows comes back.
+        let top = match (spec.top_k, &logits_shape[..]) {
+            (k, &[b, c]) if k > 0 && spec.adapted.is_empty() && output.is_none() => {
+                let k = crate::ops::softmax::top_k_of(k, c);
+                let out = program.value((b * 2 * k) as u64 * 4);
+                program.pinned_end.push(out);
+                let d = crate::ops::softmax::top_k(BufRef::Value(returned), BufRef::Value(out), b, c, k);
+                program.items.push(Item { label: "top-k".into(), dispatches: vec![d], scratch: vec![] });
+                Some((out, k, staging(ctx, (b * 2 * k) as u64 * 4)))
             }
             _ => None,
         };
@@ -323,6 +345,7 @@ impl StepPlan {
             }),
             guard: guard_state.map(|g| (g, staging(ctx, optim::STATE_LEN as u64 * 4))),
             logits: (returned, logits_shape),
+            top,
             loss: loss_v,
             dispatch_count: compiled.dispatch_count(),
             flops: program.flops,
@@ -462,8 +485,22 @@ impl StepPlan {
         let mut encoder =
             ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("adapt step") });
         self.compiled.record_range(&mut encoder, "adapt step", start..n);
-        let lb = bytes_of(&self.logits.1).div_ceil(4) * 4;
-        encoder.copy_buffer_to_buffer(self.compiled.value_buffer(self.logits.0), 0, &self.staging_logits, 0, lb);
+        match &self.top {
+            Some((v, k, st)) => {
+                let bytes = (self.input_shape[0] * 2 * k) as u64 * 4;
+                encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*v), 0, st, 0, bytes);
+            }
+            None => {
+                let lb = bytes_of(&self.logits.1).div_ceil(4) * 4;
+                encoder.copy_buffer_to_buffer(
+                    self.compiled.value_buffer(self.logits.0),
+                    0,
+                    &self.staging_logits,
+                    0,
+                    lb,
+                );
+            }
+        }
         if let Some(l) = self.loss {
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(l), 0, &self.staging_loss, 0, 4);
         }
@@ -486,8 +523,18 @@ impl StepPlan {
             encoder.copy_buffer_to_buffer(&self.compiled.weight_buffers[*g], 0, st, 0, optim::STATE_LEN as u64 * 4);
         }
         ctx.queue.submit([encoder.finish()]);
-        let n: usize = self.logits.1.iter().product();
-        let logits = Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?);
+        let (logits, top) = match &self.top {
+            Some((_, k, st)) => {
+                let rows = self.input_shape[0];
+                let raw = read_buffer(ctx, st, rows * 2 * k)?;
+                let top = raw.chunks(2 * k).map(|r| (0..*k).map(|q| (r[q] as usize, r[k + q])).collect()).collect();
+                (Tensor::f32(vec![0], Vec::new()), Some(top))
+            }
+            None => {
+                let n: usize = self.logits.1.iter().product();
+                (Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?), None)
+            }
+        };
         let loss = match self.loss {
             Some(_) => Some(read_buffer(ctx, &self.staging_loss, 1)?[0]),
             None => None,
@@ -528,7 +575,7 @@ impl StepPlan {
             }
             None => (false, false),
         };
-        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped })
+        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped, top })
     }
 }
 

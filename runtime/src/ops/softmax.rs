@@ -4,7 +4,7 @@
 //! along the single axis (inner = product of the later dims); before 13 the input is coerced to
 //! 2-D at `axis`, so a row is everything from `axis` on, contiguous (inner = 1).
 
-use super::{Attrs, BackwardLowering, Input, Lowering, OpReason, OpResult, norm_axis, required};
+use super::{Attrs, BackwardLowering, BufRef, Dispatch, Input, Lowering, OpReason, OpResult, norm_axis, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
@@ -99,4 +99,21 @@ pub fn backward(a: &SoftmaxAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         b.dispatch(key("softmax_backward_thread_main"), params, buffers, grid_1d(rows, 256));
     }
     Ok(())
+}
+
+/// The `k` most probable classes of each of `rows` rows of `len` logits and their softmax
+/// probabilities, written to `out` as [k class indices (as f32), k probabilities] per row
+/// (`softmax_topk`; `k` is clamped to 1..=min(32, len)). What a stream's frame needs to read back.
+pub fn top_k(logits: BufRef, out: BufRef, rows: usize, len: usize, k: usize) -> Dispatch {
+    Dispatch {
+        key: KernelKey::new(Shader::Softmax, "softmax_topk").with("LOG", 0),
+        params: Params::new().u32(rows as u32).u32(len as u32).u32(1).u32(top_k_of(k, len) as u32),
+        buffers: vec![logits, out],
+        workgroups: grid_1d(rows, 1),
+    }
+}
+
+/// The k [`top_k`] computes for a request of `k` over `len` classes.
+pub fn top_k_of(k: usize, len: usize) -> usize {
+    k.clamp(1, 32).min(len.max(1))
 }

@@ -666,7 +666,9 @@ impl StreamSession {
         if self.predictor.is_none() {
             let norm = self.frame_norm();
             let shape = self.frame_shape.clone();
-            let plan = self.locked().forward_plan(&shape, norm).map_err(adapt_err)?;
+            // Only the frame's top-k comes back from the GPU (up to 32 classes; more: the logits).
+            let k = if self.options.top_k <= 32 { self.options.top_k.max(1) } else { 0 };
+            let plan = self.locked().forward_plan(&shape, norm, k).map_err(adapt_err)?;
             self.predictor = Some(plan);
         }
         let predictor = self.predictor.as_ref().expect("built above");
@@ -685,7 +687,13 @@ impl StreamSession {
             self.predictor_skips += 1;
             log::warn!("non-finite statistics from frame {index}: the statistics update was skipped");
         }
-        let probs = out.probs.unwrap_or_else(|| softmax_rows(&out.logits)).to_f32_vec();
+        let top = match out.top.and_then(|t| t.into_iter().next()) {
+            Some(top) => top,
+            None => {
+                let probs = out.probs.unwrap_or_else(|| softmax_rows(&out.logits)).to_f32_vec();
+                top_k(&probs, self.options.top_k)
+            }
+        };
         ring.head = (slot + 1) % window;
         ring.len = (ring.len + 1).min(window);
         self.since_step += 1;
@@ -752,7 +760,7 @@ impl StreamSession {
         Ok(FrameResult {
             index,
             timestamp_us: meta.timestamp_us,
-            top_k: top_k(&probs, self.options.top_k),
+            top_k: top,
             source_top,
             latency_ms: meta.arrived.elapsed().as_secs_f32() * 1000.0,
             adapted,
