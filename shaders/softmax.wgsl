@@ -71,17 +71,9 @@ fn softmax_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
 const WG: u32 = 256u;
 var<workgroup> partial: array<f32, 256>;
 
-@compute @workgroup_size(256)
-fn softmax_wg_main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) t: u32,
-) {
-    let r = wid.x + wid.y * nwg.x;
-    // Uniform per workgroup, so the barriers below stay in uniform control flow.
-    if r >= p.rows { return; }
-    let base = row_base(r);
-
+// The maximum and the sum of exp(x - max) of the row at `base` (stride p.inner), by fixed-order
+// tree reductions over the workgroup. Call from uniform control flow (it has barriers).
+fn wg_row_max_sum(base: u32, t: u32) -> vec2<f32> {
     var m = -3.40282347e38;
     for (var j = t; j < p.len; j += WG) {
         m = max_nan(m, x[base + j * p.inner]);
@@ -97,7 +89,6 @@ fn softmax_wg_main(
     let row_max = partial[0];
     // Everyone must read the maximum before the slots are reused for the sum.
     workgroupBarrier();
-
     var sum = 0.0;
     for (var j = t; j < p.len; j += WG) {
         sum += exp(x[base + j * p.inner] - row_max);
@@ -111,6 +102,25 @@ fn softmax_wg_main(
         workgroupBarrier();
     }
     let row_sum = partial[0];
+    // And before the caller's next use of the slots.
+    workgroupBarrier();
+    return vec2<f32>(row_max, row_sum);
+}
+
+@compute @workgroup_size(256)
+fn softmax_wg_main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let r = wid.x + wid.y * nwg.x;
+    // Uniform per workgroup, so the barriers below stay in uniform control flow.
+    if r >= p.rows { return; }
+    let base = row_base(r);
+
+    let ms = wg_row_max_sum(base, t);
+    let row_max = ms.x;
+    let row_sum = ms.y;
 
     for (var j = t; j < p.len; j += WG) {
         let k = base + j * p.inner;
@@ -148,34 +158,11 @@ fn softmax_topk(
     let r = wid.x + wid.y * nwg.x;
     // Uniform per workgroup, so the barriers below stay in uniform control flow.
     if r >= p.rows { return; }
-    let base = r * p.len;
-    var m = -3.40282347e38;
-    for (var j = t; j < p.len; j += WG) {
-        m = max_nan(m, x[base + j]);
-    }
-    partial[t] = m;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            partial[t] = max_nan(partial[t], partial[t + s]);
-        }
-        workgroupBarrier();
-    }
-    let row_max = partial[0];
-    workgroupBarrier();
-    var sum = 0.0;
-    for (var j = t; j < p.len; j += WG) {
-        sum += exp(x[base + j] - row_max);
-    }
-    partial[t] = sum;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if t < s {
-            partial[t] += partial[t + s];
-        }
-        workgroupBarrier();
-    }
-    let row_sum = partial[0];
+    // p.inner is 1 (top_k in ops/softmax.rs).
+    let base = row_base(r);
+    let ms = wg_row_max_sum(base, t);
+    let row_max = ms.x;
+    let row_sum = ms.y;
     let k = min(min(p._p0, p.len), 32u);
     let out = r * 2u * k;
     for (var q = 0u; q < k; q++) {
