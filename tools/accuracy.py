@@ -45,13 +45,28 @@ RUNTIME = DATA / "runtime"
 MODEL = ROOT / "assets" / "svhn.onnx"
 BINARY = ROOT / "target" / "release" / "acclimate"
 FISHER_DIR = DATA / "fisher"
+# The full-set reference tables (the four sets of the first measurement).
 DATASETS = ("clean", "gaussian_noise5", "defocus_blur5", "correlated")
+# The runtime's grid: every row of the issue's table, in the order they are run.
+GRID_DATASETS = ("clean", "gaussian_noise5", "correlated", "longtail", "mixed", "defocus_blur_c5")
+# Sets measured by the reference only (all their digits): a runtime grid row costs ~11 minutes of
+# lavapipe here.
+REFERENCE_ONLY = ("gaussian_noise3", "defocus_blur_c3", "defocus_blur5", "correlated001")
+ALL_DATASETS = tuple(dict.fromkeys(DATASETS + GRID_DATASETS + REFERENCE_ONLY))
 TITLES = {
     "clean": "Clean MNIST (test-set order)",
     "gaussian_noise5": "Gaussian noise, severity 5",
-    "defocus_blur5": "Defocus blur, severity 5",
+    "gaussian_noise3": "Gaussian noise, severity 3",
+    "defocus_blur5": "Defocus blur, severity 5 (ImageNet-C's radius 10)",
+    "defocus_blur_c3": "Defocus blur, CIFAR-10-C severity 3 (radius 0.5)",
+    "defocus_blur_c5": "Defocus blur, CIFAR-10-C severity 5 (radius 1.5)",
+    "mixed": "Mixed domains (noise 3, blur c3, noise 5, blur c5; switching every 128 digits)",
     "correlated": "Label-correlated order (Dirichlet, δ = 0.1)",
+    "correlated001": "Label-correlated order (Dirichlet, δ = 0.01)",
+    "longtail": "Long-tailed label shift (imbalance 100, 2,460 digits, shuffled)",
 }
+# Batches of the runtime grid: the first 1,024 digits of every set.
+GRID_BATCHES = 16
 BATCH = 64
 PREFIX_BATCHES = 4
 CLASSES = 10
@@ -213,7 +228,14 @@ def reference(dataset, cfg, label="", n_batches=None, quiet=False):
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     t = time.time()
-    out = run(MODEL, cfg, batches_of(x, n))
+    if cfg["adapt"]["method"] == "auto":
+        from auto_reference import run_auto
+        out = run_auto(MODEL, cfg, batches_of(x, n))
+    elif cfg["adapt"]["method"] == "roid":
+        from roid_reference import run_roid
+        out = run_roid(MODEL, cfg, batches_of(x, n))
+    else:
+        out = run(MODEL, cfg, batches_of(x, n))
     seconds = time.time() - t
     pred = np.concatenate([predictions(s) for s in out["steps"]])
     labels = y[:len(pred)]
@@ -225,7 +247,8 @@ def reference(dataset, cfg, label="", n_batches=None, quiet=False):
         "pred": pred.tolist(),
         "first_steps": [{k: s[k] for k in ("logits", "probs") if k in s} for s in out["steps"][:KEEP_LOGITS]],
         "resets": sum(1 for s in out["steps"] if s.get("reset")),
-        "selected": sum(len(s["selected"]) for s in out["steps"]) if "selected" in out["steps"][0] else None,
+        "selected": (sum(len(s.get("selected", [])) for s in out["steps"])
+                     if any("selected" in s for s in out["steps"]) else None),
     }
     path.write_text(json.dumps(rec))
     if not quiet:
@@ -415,6 +438,113 @@ def run_runtime_full(datasets):
             (RUNTIME / "full.json").write_text(json.dumps(results, indent=1))
 
 
+def grid_configs():
+    """The runtime grid's methods (the issue's list, plus the best preset): tta-methods.md's
+    presets as in the reference tables; ROID with the authors' CIFAR optimizer (Adam 1e-3,
+    tta-universal.md); `auto` with no key set, as a user gets it."""
+    from roid_reference import config as roid_config
+    p = presets()
+    return [("auto", {"adapt": {"method": "auto"}}), ("source", p["source"]), ("norm", p["norm"]), ("tent", p["tent"]),
+            ("eta", p["eta"]), ("eta, Adam 5e-3", _cfg("eta", lr=5e-3, eata=eata_section())),
+            ("eata+woc", p["eata+woc"]), ("sar", p["sar"]), ("lame", p["lame"]),
+            ("source + label shift (ema)", p["source + label shift (ema)"]), ("roid", roid_config(kind="adam", lr=1e-3))]
+
+
+def run_runtime_grid(datasets, n_batches=GRID_BATCHES):
+    """Every grid method on the runtime over the first `n_batches` batches of every set, with
+    the PyTorch reference on the same batches for the agreement column."""
+    ensure_binary()
+    out = RUNTIME / "grid.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    ff = None
+    for d in datasets:
+        x, y = load(d)
+        batch_dir = write_batches(RUNTIME / f"grid{n_batches}" / d, x, min(n_batches, math.ceil(len(x) / BATCH)))
+        for label, cfg in grid_configs():
+            if "eata" in cfg and cfg["eata"].get("fisher_alpha", 0) > 0:
+                ff = ff or fisher_file()
+            slug = hashlib.sha256(label.encode()).hexdigest()[:8]
+            steps, info = replay(label, runtime_config(cfg, ff), batch_dir, RUNTIME / f"grid{n_batches}" / "runs" / d / slug)
+            rec = {"dataset": d, "label": label, "batches": n_batches}
+            if steps is None:
+                rec["error"] = info
+                print(f"  {d:16s} {label:28s} runtime error: {info}", flush=True)
+            else:
+                ref = reference(d, cfg, label, n_batches=n_batches, quiet=True)
+                pred = np.concatenate([predictions(s) for s in steps])
+                labels = y[:len(pred)]
+                rec.update(accuracy=float((pred == labels).mean()), digits=len(pred),
+                           accuracy_256=float((pred[:256] == labels[:256]).mean()),
+                           reference_accuracy=ref["accuracy"],
+                           agree=int((pred == np.asarray(ref["pred"])).sum()), seconds=info,
+                           decisions=auto_decisions(steps) if label == "auto" else None)
+                print(f"  {d:16s} {label:28s} runtime {rec['accuracy'] * 100:6.2f} % (first 256: "
+                      f"{rec['accuracy_256'] * 100:6.2f} %; reference {ref['accuracy'] * 100:6.2f} %, top-1 agreement "
+                      f"{rec['agree']}/{len(pred)}), {info:.0f} s", flush=True)
+            results[f"{d}/{label}"] = rec
+            out.write_text(json.dumps(results, indent=1))
+
+
+MNIST_IDX = ("idx:" + str(ROOT / "assets" / "mnist" / "t10k-images-idx3-ubyte") + ","
+             + str(ROOT / "assets" / "mnist" / "t10k-labels-idx1-ubyte"))
+SVHN_PREPROCESS = "size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970"
+MNIST_PREPROCESS = "size=28,channels=1,mean=0.1307,std=0.3081"
+FRAME = {"mode": "frame", "window": 64, "adapt_every": 16}
+
+
+def stream_runs():
+    """(row, model, stream arguments, config) of the stream rows: frame mode (the stream's
+    defaults: a window of 64 frames, a step every 16, background steps) and the no-shift control.
+    The shifts are the CLI's own (`--corrupt`, `--order`), applied on the fly to the digits the
+    stream reads and resizes itself."""
+    svhn = ["--source", MNIST_IDX, "--preprocess", SVHN_PREPROCESS]
+    mnist = ["--source", MNIST_IDX, "--preprocess", MNIST_PREPROCESS]
+    auto_frame = {"adapt": {"method": "auto"}, "stream": FRAME}
+    return [
+        ("frame / clean / auto", MODEL, svhn, auto_frame),
+        ("frame / Dirichlet 0.1 / auto", MODEL, svhn + ["--order", "dirichlet:0.1"], auto_frame),
+        ("no shift: MNIST net / batch / auto", ROOT / "assets" / "mnist.onnx", mnist,
+         {"adapt": {"method": "auto"}, "stream": {"mode": "batch", "batch": 64}}),
+        ("no shift: MNIST net / frame / auto", ROOT / "assets" / "mnist.onnx", mnist, auto_frame),
+        ("no shift: MNIST net / Dirichlet 0.1 / batch / auto", ROOT / "assets" / "mnist.onnx",
+         mnist + ["--order", "dirichlet:0.1"], {"adapt": {"method": "auto"}, "stream": {"mode": "batch", "batch": 64}}),
+    ]
+
+
+def run_runtime_stream(limit=GRID_BATCHES * BATCH):
+    """The stream rows on the runtime (`acclimate stream`, first `limit` frames)."""
+    from tta_reference import toml
+    ensure_binary()
+    out = RUNTIME / "stream.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for row, model, args, cfg in stream_runs():
+        folder = RUNTIME / "stream" / hashlib.sha256(row.encode()).hexdigest()[:8]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.toml").write_text(toml(cfg))
+        cmd = [str(BINARY), "stream", str(model), *args, "--config", str(folder / "config.toml"), "--limit", str(limit),
+               "--summary-json", str(folder / "summary.json"), "--quiet", "--seed", "0"]
+        prev = results.get(row)
+        if prev and prev.get("command") == cmd and (folder / "summary.json").exists():
+            continue
+        t = time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            results[row] = {"command": cmd, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""}
+            print(f"  {row:48s} error: {results[row]['error']}", flush=True)
+        else:
+            sm = json.loads((folder / "summary.json").read_text())
+            results[row] = {"command": cmd, "config": cfg, "seconds": time.time() - t, "summary": sm}
+            print(f"  {row:48s} adapted {sm['accuracy']:.2f} % source {sm['source_accuracy']:.2f} % "
+                  f"({sm['frames']} frames, {sm['steps']} steps, {time.time() - t:.0f} s)", flush=True)
+        out.write_text(json.dumps(results, indent=1))
+
+
+def auto_decisions(steps):
+    """How many of a replay's batches `auto` judged correlated, stepped on, reset."""
+    diag = [s.get("auto") or {} for s in steps]
+    return {k: sum(1 for a in diag if a.get(k)) for k in ("correlated", "label_shift", "stepped", "reset", "unjudged")}
+
+
 # ----------------------------------------------------------------------------- report
 
 def cached(dataset, cfg):
@@ -482,31 +612,127 @@ def report():
         print("\nClosest preset config:\n\n```toml\n" + __import__("tta_reference").toml(best[1]) + "```")
 
 
+GRID_SHORT = {
+    "clean": "clean", "gaussian_noise3": "noise 3", "gaussian_noise5": "noise 5", "defocus_blur_c3": "blur c3",
+    "defocus_blur_c5": "blur c5", "defocus_blur5": "blur 5 (ImageNet radius)", "mixed": "mixed domains",
+    "correlated": "Dirichlet 0.1", "correlated001": "Dirichlet 0.01", "longtail": "long-tailed",
+}
+
+
+def grid_report():
+    """The runtime's tables (markdown) from assets/accuracy/runtime/{grid,stream}.json."""
+    lines = []
+    grid = json.loads((RUNTIME / "grid.json").read_text()) if (RUNTIME / "grid.json").exists() else {}
+    labels = [label for label, _ in grid_configs()]
+    for key_, title in (("accuracy", f"first {GRID_BATCHES * BATCH:,} digits"), ("accuracy_256", "first 256 digits")):
+        lines.append(f"\n#### Runtime, batch mode, {title} (accuracy %; **bold**: the row's best; auto − source, "
+                     "auto − best)\n")
+        lines.append("| set | " + " | ".join(labels) + " | auto − source | auto − best |")
+        lines.append("|---|" + "---|" * (len(labels) + 2))
+        for d in GRID_DATASETS:
+            cells = {lab: grid.get(f"{d}/{lab}") for lab in labels}
+            vals = {lab: c[key_] * 100 for lab, c in cells.items() if c and key_ in c}
+            if not vals:
+                continue
+            best = max(vals.values())
+            row = []
+            for lab in labels:
+                if lab not in vals:
+                    c = cells[lab]
+                    row.append("refused" if c and "error" in c else "—")
+                    continue
+                v = f"{vals[lab]:.2f}"
+                row.append(f"**{v}**" if abs(vals[lab] - best) < 1e-9 else v)
+            da = f"{vals['auto'] - vals['source']:+.2f}" if "auto" in vals and "source" in vals else "—"
+            db = f"{vals['auto'] - best:+.2f}" if "auto" in vals else "—"
+            lines.append(f"| {GRID_SHORT[d]} | " + " | ".join(row) + f" | {da} | {db} |")
+    agree = [(k, c) for k, c in grid.items() if "agree" in c]
+    same = sum(c["agree"] for _, c in agree)
+    total = sum(c["digits"] for _, c in agree)
+    off = [f"{k} ({c['agree']}/{c['digits']})" for k, c in agree if c["agree"] != c["digits"]]
+    lines.append(f"\nTop-1 agreement with the PyTorch reference on the same batches: {same:,}/{total:,} predictions "
+                 f"over {len(agree)} runs" + (f"; differing: {', '.join(off)}." if off else " (every run identical)."))
+    errs = [f"{k}: {c['error']}" for k, c in grid.items() if "error" in c]
+    if errs:
+        lines.append("\nRefused: " + "; ".join(errs))
+    dec = [(d, grid.get(f"{d}/auto", {}).get("decisions")) for d in GRID_DATASETS]
+    dec = [(d, x) for d, x in dec if x]
+    if dec:
+        lines.append("\n`auto`'s decisions per set (16 batches): " + "; ".join(
+            f"{GRID_SHORT[d]} {x['stepped']} stepped, {x['correlated']} correlated, "
+            f"{x.get('label_shift', 0)} label-shifted" + (f", {x['reset']} reset" if x.get("reset") else "")
+            for d, x in dec) + ".")
+    stream = json.loads((RUNTIME / "stream.json").read_text()) if (RUNTIME / "stream.json").exists() else {}
+    if stream:
+        lines.append("\n#### Runtime, streams (`acclimate stream`, first 1,024 frames; the source model runs beside)\n")
+        lines.append("| row | adapted % | source % | steps | auto's decisions | frames/s |")
+        lines.append("|---|---|---|---|---|---|")
+        for row, _, _, _ in stream_runs():
+            r = stream.get(row)
+            if not r:
+                continue
+            if "error" in r:
+                lines.append(f"| {row} | refused: {r['error']} | | | | |")
+                continue
+            sm = r["summary"]
+            a = sm.get("auto")
+            dec = (f"{a['decisions']}: {a['stepped']} stepped, {a['correlated']} correlated, "
+                   f"{a.get('label_shift', 0)} label-shifted, {a['unjudged']} unjudged") if a else "—"
+            lines.append(f"| {row} | {sm['accuracy']:.2f} | {sm['source_accuracy']:.2f} | {sm['steps']} | {dec} "
+                         f"| {sm['fps']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_doc():
+    """Replaces the generated part of docs/accuracy.md (between its markers) with grid_report()."""
+    doc = ROOT / "docs" / "accuracy.md"
+    text = doc.read_text()
+    begin, end = "<!-- runtime tables: generated by tools/accuracy.py --write-doc -->", "<!-- end of runtime tables -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"[accuracy] {doc} lacks the markers {begin!r} … {end!r}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(head + begin + "\n" + grid_report() + end + tail)
+    print(f"[accuracy] wrote the runtime tables into {doc}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reference", action="store_true", help="the tables' reference runs on every dataset")
     ap.add_argument("--search", action="store_true", help="the hyperparameter search on the clean set")
     ap.add_argument("--runtime-prefix", action="store_true", help="runtime vs reference on the first 4 clean batches")
     ap.add_argument("--runtime-full", action="store_true", help="every table run on the runtime (hours on lavapipe)")
+    ap.add_argument("--runtime-grid", action="store_true",
+                    help=f"every method of the grid on the runtime, first {GRID_BATCHES} batches of every set")
+    ap.add_argument("--runtime-stream", action="store_true", help="the frame-mode rows and the no-shift control")
     ap.add_argument("--report", action="store_true", help="print the markdown tables from the cache")
-    ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of " + ", ".join(DATASETS))
+    ap.add_argument("--write-doc", action="store_true", help="write the runtime tables into docs/accuracy.md")
+    ap.add_argument("--datasets", default=None, help="comma-separated subset of " + ", ".join(ALL_DATASETS))
     args = ap.parse_args()
-    datasets = [d for d in args.datasets.split(",") if d]
-    unknown = [d for d in datasets if d not in DATASETS]
+    datasets = [d for d in args.datasets.split(",") if d] if args.datasets else None
+    unknown = [d for d in datasets or [] if d not in ALL_DATASETS]
     if unknown:
-        ap.error(f"unknown dataset(s) {unknown}; choose from {', '.join(DATASETS)}")
+        ap.error(f"unknown dataset(s) {unknown}; choose from {', '.join(ALL_DATASETS)}")
     if not MODEL.exists():
         raise SystemExit(f"[accuracy] {MODEL} is missing: run tools/setup.sh")
-    if not any((args.reference, args.search, args.runtime_prefix, args.runtime_full, args.report)):
-        ap.error("choose at least one of --reference, --search, --runtime-prefix, --runtime-full, --report")
+    if not any((args.reference, args.search, args.runtime_prefix, args.runtime_full, args.runtime_grid,
+                args.runtime_stream, args.report, args.write_doc)):
+        ap.error("choose at least one of --reference, --search, --runtime-prefix, --runtime-full, --runtime-grid, "
+                 "--report")
     if args.search:
         run_search()
     if args.reference:
-        run_reference(datasets)
+        run_reference(datasets or DATASETS)
     if args.runtime_prefix:
         run_runtime_prefix()
     if args.runtime_full:
-        run_runtime_full(datasets)
+        run_runtime_full(datasets or DATASETS)
+    if args.runtime_grid:
+        run_runtime_grid(datasets or GRID_DATASETS)
+    if args.runtime_stream:
+        run_runtime_stream()
+    if args.write_doc:
+        write_doc()
     if args.report:
         report()
 

@@ -11,11 +11,16 @@ Per batch, as the runtime does it:
      none below 16 samples; rho_s <- m rho_s + (1 - m) rho; correlated = rho_s > threshold;
      then the marginal takes the batch; until a batch of 16 was judged: the source model's
      prediction, no step;
-  3. correlated: return z_s and p_lame, no step; otherwise an ETA step (BN-alpha statistics with
-     alpha = B / (source_samples + B), the unbiased batch variance; Adam at
+  3. skew = 1 - H(r)/ln C of the marginal after the batch; shifted = judged, not correlated,
+     count >= 10 C and skew > label_shift_threshold; q_used = q, q <- m q + (1 - m) mean(softmax(z_s))
+     (q uniform at first, rounded to f32 after every batch as the runtime stores it);
+  4. correlated: return z_s and p_lame, no step; shifted: return z_s and softmax(z_s) * q_used
+     renormalised, no step; otherwise an ETA step (BN-alpha statistics with
+     alpha = B / (N + B), N = source_samples / (1 + n / source_decay), n the samples of the batches
+     adapted on so far (then n += B), the unbiased batch variance; Adam at
      lr, E0, d_margin; tools/tta_reference.py run_eata's rules) returning its pre-update logits;
-  4. collapse: when not correlated and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
-     parameters and optimizer return to the source (the decision state stays).
+  5. collapse: when stepped and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
+     parameters and optimizer return to the source and n to 0 (the decision state and q stay).
 
     python tools/auto_reference.py --fixtures tests/fixtures/tta      # tiny_auto, tiny_auto_reset
     python tools/auto_reference.py --accuracy                          # needs assets/accuracy/
@@ -38,9 +43,10 @@ import tta_output  # noqa: E402
 import tta_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "correlation_threshold": 0.2, "correlation_momentum": 0.5,
-            "prior_samples": 128.0, "collapse_ratio": 0.35}
+DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "source_decay": 1024.0, "correlation_threshold": 0.2, "correlation_momentum": 0.5,
+            "prior_samples": 128.0, "collapse_ratio": 0.35, "label_shift_threshold": 0.1, "label_shift_momentum": 0.9}
 MIN_BATCH = 16
+MIN_SAMPLES_PER_CLASS = 10.0
 
 
 def entropy(p):
@@ -66,6 +72,8 @@ def run_auto(model_path, cfg, batches):
     c = None
     marg, count, smoothed, correlated, judged = None, float(a["prior_samples"]), 0.0, False, False
     m = None
+    q = None
+    evidence = 0.0
     steps = []
     for xb in batches:
         x = torch.tensor(xb)
@@ -92,16 +100,33 @@ def run_auto(model_path, cfg, batches):
             judged = True
         marg += torch.bincount(ps.argmax(1), minlength=c).double()
         count += b
+        skew = max(1.0 - entropy(marg / count) / math.log(c), 0.0) if c > 1 else 0.0
+        shifted = judged and not correlated and count >= MIN_SAMPLES_PER_CLASS * c and skew > a["label_shift_threshold"]
+        if q is None:
+            q = torch.full((c,), 1.0 / c, dtype=torch.float64)
+        q_used = q
+        q = (a["label_shift_momentum"] * q + (1 - a["label_shift_momentum"]) * ps.mean(0)).float().double()
         rec = {"source_logits": tta_reference.f32(zs), "rho": rho, "smoothed": smoothed, "correlated": correlated,
-               "unjudged": not judged}
+               "unjudged": not judged, "label_skew": skew, "label_shift": shifted}
         if not judged:
             rec.update(logits=tta_reference.f32(zs), stepped=False)
             returned = ps
         elif correlated:
             rec.update(logits=tta_reference.f32(zs), probs=tta_reference.f32(p_lame), stepped=False)
             returned = p_lame.double()
+        elif shifted:
+            r_ = ps * q_used
+            s_ = r_.sum(1, keepdim=True)
+            p_ls = torch.where((s_ > 0) & torch.isfinite(s_), r_ / s_, ps)
+            rec.update(logits=tta_reference.f32(zs), probs=tta_reference.f32(p_ls), stepped=False)
+            returned = p_ls
         else:
-            net.norm, net.alpha = "alpha", b / (a["source_samples"] + b)
+            decay = a["source_decay"]
+            n_src = a["source_samples"] / (1.0 + evidence / decay if decay > 0 else 1.0)
+            alpha = float(np.float32(b / (n_src + b)))
+            net.norm, net.alpha = "alpha", alpha
+            evidence += b
+            rec["alpha"] = alpha
             z = net(x)
             e0 = a.get("e_margin", 0.4 * math.log(c))
             ent = tta_reference.entropy(z)
@@ -121,13 +146,14 @@ def run_auto(model_path, cfg, batches):
             opt.zero_grad()
             rec.update(logits=tta_reference.f32(z), stepped=len(sel) > 0, selected=[int(i) for i in sel])
             returned = z.detach().double().softmax(1)
-        reset = judged and (not correlated) and mean_entropy(returned) < a["collapse_ratio"] * mean_entropy(ps)
+        reset = judged and not correlated and not shifted and mean_entropy(returned) < a["collapse_ratio"] * mean_entropy(ps)
         if reset:
             with torch.no_grad():
                 for k_, p in params.items():
                     p.copy_(source_params[k_])
             opt = tta_reference.make_optimizer(list(params.values()), opt_cfg)
             m = None
+            evidence = 0.0
         rec["reset"] = reset
         rec["params"] = {k_: tta_reference.f32(p) for k_, p in params.items()}
         steps.append(rec)
@@ -153,7 +179,9 @@ def fixtures(out):
     assert len(one) >= 3 * b and len(mixed) >= 4 * b, np.bincount(top)
     batches = [mixed[4 * b:4 * b + 8], mixed[0:b], mixed[b:2 * b], one[0:b], one[b:2 * b], one[2 * b:3 * b], mixed[2 * b:3 * b],
                mixed[3 * b:4 * b], mixed[:8]]
-    auto = {"e_margin": 1.45, "d_margin": 0.9995, "lr": 0.02, "correlation_threshold": 0.5}
+    # source_decay 10: the source prior falls fast enough that the second step normalises with a
+    # visibly different alpha (0.034 -> 0.094), which the GPU must pick up between runs.
+    auto = {"e_margin": 1.45, "d_margin": 0.9995, "lr": 0.02, "correlation_threshold": 0.5, "source_decay": 10.0}
     for name, extra in (("tiny_auto", {}), ("tiny_auto_reset", {"collapse_ratio": 0.9, "lr": 0.5})):
         cfg = {"adapt": {"method": "auto"}, "auto": {**auto, **extra}}
         d = out / name
@@ -177,15 +205,16 @@ def accuracy(sets, n, batch=64):
         y = np.load(ROOT / "assets" / "accuracy" / f"{ds}_labels.npy")[:n]
         batches = [np.array(x[i:i + batch]) for i in range(0, len(x), batch)]
         res = run_auto(model, {"adapt": {"method": "auto"}}, batches)
-        correct, corr, stepped, resets = 0, 0, 0, 0
+        correct, corr, shifted, stepped, resets = 0, 0, 0, 0, 0
         for i, s in enumerate(res["steps"]):
             p = np.array(s["probs"] if "probs" in s else s["logits"])
             correct += int((p.argmax(1) == y[i * batch:(i + 1) * batch]).sum())
             corr += s["correlated"]
+            shifted += s["label_shift"]
             stepped += s["stepped"]
             resets += s["reset"]
         print(f"{ds} n={len(x)}: auto {100 * correct / len(x):.2f} % "
-              f"(batches {len(batches)}: correlated {corr}, stepped {stepped}, resets {resets})", flush=True)
+              f"(batches {len(batches)}: correlated {corr}, label-shifted {shifted}, stepped {stepped}, resets {resets})", flush=True)
 
 
 def main():

@@ -10,9 +10,22 @@ gray copied to RGB, ToTensor, Normalize with the SVHN mean/std), saved as one fl
   gaussian_noise5 imagecorruptions' gaussian_noise, severity 5, on the 32x32 RGB uint8 digit,
                   before normalisation (the package draws from numpy's global generator: it is
                   seeded once, then the digits are corrupted in test-set order)
-  defocus_blur5   imagecorruptions' defocus_blur, severity 5 (deterministic)
+  gaussian_noise3 the same at severity 3 (the global generator re-seeded with NOISE3_SEED)
+  defocus_blur5   imagecorruptions' defocus_blur, severity 5 (deterministic): ImageNet-C's disk
+                  of radius 10, which leaves a blob of a 32-pixel digit
+  defocus_blur_c3 defocus blur with CIFAR-10-C's parameters for 32-pixel images (Hendrycks &
+  defocus_blur_c5 Dietterich's CIFAR recipe: disk radius and anti-aliasing 0.5/0.6 at severity 3,
+                  1.5/0.1 at severity 5), built from imagecorruptions' `disk` kernel and
+                  OpenCV's filter2D per channel, as its ImageNet defocus_blur is
+  mixed           the corruption changes every 128 digits, cycling gaussian_noise3,
+                  defocus_blur_c3, gaussian_noise5, defocus_blur_c5 (digit i taken from the set
+                  of its segment, so the labels keep the test-set order)
   correlated      the clean digits reordered by Dirichlet label-correlated sampling (RoTTA's
                   temporal sampler, NOTE's non-i.i.d. protocol) with delta = 0.1, seeded
+  correlated001   the same with delta = 0.01 (most classes in one run)
+  longtail        a label-shifted subsample: class k keeps its first 1000 * 0.01^(r_k / 9)
+                  test digits (imbalance 100, the long-tailed CIFAR rule; r_k a seeded
+                  permutation of the classes), shuffled i.i.d. with a seeded generator
   fisher/         2000 clean MNIST *training* digits (the first 2000) in 32 batch files of 64
                   (the last 16): the clean set EATA's Fisher is computed from. No SVHN images
                   ship with the assets, so the Fisher anchors the model on unlabelled clean digits.
@@ -45,13 +58,23 @@ MNIST = ROOT / "assets" / "mnist"
 NOISE_SEED = 2024
 DIRICHLET_SEED = 2024
 DIRICHLET_DELTA = 0.1
+DIRICHLET_DELTA_STRONG = 0.01
+NOISE3_SEED = 2027
+LONGTAIL_SEED = 2024
+LONGTAIL_IMBALANCE = 100.0
+LONGTAIL_HEAD = 1000
+MIXED_SEGMENT = 128
+# CIFAR-10-C's defocus_blur (radius, alias_blur) by severity.
+CIFAR_DEFOCUS = {3: (0.5, 0.6), 5: (1.5, 0.1)}
 FISHER_COUNT = 2000
 BATCH = 64
 SEVERITY = 5
 # Bump when the recipe changes so a stale cache is rebuilt.
-RECIPE = 1
+RECIPE = 2
 
-DATASETS = ("clean", "gaussian_noise5", "defocus_blur5", "correlated")
+DATASETS = ("clean", "gaussian_noise3", "gaussian_noise5", "defocus_blur_c3", "defocus_blur_c5", "defocus_blur5",
+            "mixed", "correlated", "correlated001", "longtail")
+MIXED_CYCLE = ("gaussian_noise3", "defocus_blur_c3", "gaussian_noise5", "defocus_blur_c5")
 
 
 def dirichlet_order(labels: np.ndarray, delta: float, rng: np.random.Generator, slots: int | None = None) -> np.ndarray:
@@ -80,16 +103,44 @@ def dirichlet_order(labels: np.ndarray, delta: float, rng: np.random.Generator, 
     return order
 
 
-def corrupt_all(rgb_u8: np.ndarray, name: str) -> np.ndarray:
-    """Apply one imagecorruptions corruption at SEVERITY to [N, 32, 32, 3] uint8 images."""
+def corrupt_all(rgb_u8: np.ndarray, name: str, severity: int = SEVERITY) -> np.ndarray:
+    """Apply one imagecorruptions corruption at `severity` to [N, 32, 32, 3] uint8 images."""
     try:
         from imagecorruptions import corrupt
     except ImportError:
         raise SystemExit("corrupt_mnist.py needs the imagecorruptions package (pip install imagecorruptions==1.1.2)")
     out = np.empty_like(rgb_u8)
     for i, img in enumerate(rgb_u8):
-        out[i] = corrupt(img, severity=SEVERITY, corruption_name=name)
+        out[i] = corrupt(img, severity=severity, corruption_name=name)
     return out
+
+
+def cifar_defocus_all(rgb_u8: np.ndarray, severity: int) -> np.ndarray:
+    """CIFAR-10-C's defocus blur at `severity` on [N, 32, 32, 3] uint8 images: imagecorruptions'
+    disk kernel with CIFAR's radius and anti-aliasing, filter2D per channel, clipped, truncated
+    to uint8 as imagecorruptions' `corrupt` does."""
+    import cv2
+    from imagecorruptions.corruptions import disk
+    radius, alias = CIFAR_DEFOCUS[severity]
+    kernel = disk(radius=radius, alias_blur=alias)
+    out = np.empty_like(rgb_u8)
+    for i, img in enumerate(rgb_u8):
+        x = img / 255.0
+        ch = np.stack([cv2.filter2D(x[:, :, d], -1, kernel) for d in range(3)], axis=2)
+        out[i] = np.uint8(np.clip(ch, 0, 1) * 255)
+    return out
+
+
+def longtail_subsample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the long-tailed subsample (see the module doc), in a shuffled order."""
+    classes = int(labels.max()) + 1
+    rank = rng.permutation(classes)
+    ids = []
+    for c in range(classes):
+        n = int(LONGTAIL_HEAD * (1.0 / LONGTAIL_IMBALANCE) ** (rank[c] / (classes - 1)))
+        ids.extend(np.flatnonzero(labels == c)[:n].tolist())
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids[rng.permutation(len(ids))]
 
 
 def to_input(rgb_u8: np.ndarray) -> np.ndarray:
@@ -120,8 +171,11 @@ def versions() -> dict:
 
 
 def recipe() -> dict:
-    return {"recipe": RECIPE, "noise_seed": NOISE_SEED, "dirichlet_seed": DIRICHLET_SEED,
-            "dirichlet_delta": DIRICHLET_DELTA, "severity": SEVERITY, "fisher_count": FISHER_COUNT, "batch": BATCH}
+    return {"recipe": RECIPE, "noise_seed": NOISE_SEED, "noise3_seed": NOISE3_SEED, "dirichlet_seed": DIRICHLET_SEED,
+            "dirichlet_delta": DIRICHLET_DELTA, "dirichlet_delta_strong": DIRICHLET_DELTA_STRONG,
+            "cifar_defocus": {str(k): list(v) for k, v in CIFAR_DEFOCUS.items()}, "mixed_cycle": list(MIXED_CYCLE),
+            "mixed_segment": MIXED_SEGMENT, "longtail": [LONGTAIL_SEED, LONGTAIL_IMBALANCE, LONGTAIL_HEAD],
+            "severity": SEVERITY, "fisher_count": FISHER_COUNT, "batch": BATCH}
 
 
 def up_to_date() -> bool:
@@ -149,10 +203,25 @@ def build() -> None:
     print("[corrupt_mnist] gaussian_noise severity 5", flush=True)
     np.random.seed(NOISE_SEED)
     sets["gaussian_noise5"] = (to_input(corrupt_all(rgb, "gaussian_noise")), labels, None)
+    print("[corrupt_mnist] gaussian_noise severity 3", flush=True)
+    np.random.seed(NOISE3_SEED)
+    sets["gaussian_noise3"] = (to_input(corrupt_all(rgb, "gaussian_noise", 3)), labels, None)
     print("[corrupt_mnist] defocus_blur severity 5", flush=True)
     sets["defocus_blur5"] = (to_input(corrupt_all(rgb, "defocus_blur")), labels, None)
+    for sev in sorted(CIFAR_DEFOCUS):
+        print(f"[corrupt_mnist] defocus_blur, CIFAR-10-C severity {sev}", flush=True)
+        sets[f"defocus_blur_c{sev}"] = (to_input(cifar_defocus_all(rgb, sev)), labels, None)
+    segment = (np.arange(len(labels)) // MIXED_SEGMENT) % len(MIXED_CYCLE)
+    mixed = np.empty_like(clean)
+    for k, name in enumerate(MIXED_CYCLE):
+        mixed[segment == k] = sets[name][0][segment == k]
+    sets["mixed"] = (mixed, labels, None)
     order = dirichlet_order(labels, DIRICHLET_DELTA, np.random.default_rng(DIRICHLET_SEED))
     sets["correlated"] = (clean[order], labels[order], order)
+    order = dirichlet_order(labels, DIRICHLET_DELTA_STRONG, np.random.default_rng(DIRICHLET_SEED))
+    sets["correlated001"] = (clean[order], labels[order], order)
+    order = longtail_subsample(labels, np.random.default_rng(LONGTAIL_SEED))
+    sets["longtail"] = (clean[order], labels[order], order)
 
     files = {}
     for name, (x, y, perm) in sets.items():
@@ -175,12 +244,17 @@ def build() -> None:
         np.save(p, fisher[i:i + BATCH])
         files[f"fisher/{p.name}"] = sha256(p)
 
-    run_lengths = np.diff(np.flatnonzero(np.diff(labels[order]) != 0), prepend=-1, append=len(order) - 1)
+    def mean_run(y):
+        return float(np.diff(np.flatnonzero(np.diff(y) != 0), prepend=-1, append=len(y) - 1).mean())
     manifest = {"recipe": recipe(), "versions": versions(), "files": files,
-                "correlated_mean_run_length": float(run_lengths.mean())}
+                "correlated_mean_run_length": mean_run(sets["correlated"][1]),
+                "correlated001_mean_run_length": mean_run(sets["correlated001"][1]),
+                "longtail_class_counts": np.bincount(sets["longtail"][1], minlength=10).tolist()}
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"[corrupt_mnist] wrote {len(files)} files to {OUT} "
-          f"(correlated: mean run of one class {manifest['correlated_mean_run_length']:.1f} digits)")
+          f"(mean run of one class: correlated {manifest['correlated_mean_run_length']:.1f}, "
+          f"correlated001 {manifest['correlated001_mean_run_length']:.1f} digits; "
+          f"longtail {len(sets['longtail'][1])} digits)")
 
 
 def main() -> int:

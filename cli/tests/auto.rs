@@ -1,6 +1,7 @@
 //! Method `auto` against its PyTorch reference (`tools/auto_reference.py`, fixtures
 //! `tests/fixtures/tta/tiny_auto{,_reset}`): per batch the decision (label-correlation score,
-//! smoothed score, correlated, stepped, reset), the returned logits and LAME probabilities, the
+//! smoothed score, correlated, label skew and label shift, stepped, reset), the returned logits,
+//! the LAME probabilities and the prior-corrected probabilities of label-shifted batches, the
 //! selection and every adapted parameter, within 1e-4 relative as the other methods' references.
 //! Also: the default config is `auto`, it runs on a model without BatchNormalization, and its
 //! decision state survives a save and load.
@@ -69,8 +70,22 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
             &[w["smoothed"].as_f64().unwrap()],
             &mut errors,
         );
+        match (&w["alpha"], d.alpha) {
+            (Value::Null, None) => {}
+            (Value::Number(r), Some(ours)) => {
+                check_close(&format!("batch {i} alpha"), &[ours as f64], &[r.as_f64().unwrap()], &mut errors)
+            }
+            (r, ours) => errors.push(format!("batch {i}: alpha {ours:?}, reference {r}")),
+        }
+        check_close(
+            &format!("batch {i} label skew"),
+            &[d.label_skew as f64],
+            &[w["label_skew"].as_f64().unwrap()],
+            &mut errors,
+        );
         for (what, ours, theirs) in [
             ("correlated", d.correlated, &w["correlated"]),
+            ("label_shift", d.label_shift, &w["label_shift"]),
             ("stepped", d.stepped, &w["stepped"]),
             ("reset", d.reset, &w["reset"]),
         ] {
@@ -144,8 +159,9 @@ fn auto_runs_the_source_model_without_batch_norm(ctx: GpuContext) {
     assert_eq!(session.steps_taken(), 0);
 }
 
-/// Regression: the decision state (marginal, smoothed score) is part of the saved state, so a
-/// loaded session decides the next batch as the one that saved it.
+/// Regression: the decision state (marginal, smoothed score) and the label-shift estimate are part
+/// of the saved state, so a loaded session decides and corrects the next batches as the one that
+/// saved it (batches 7 and 8 are label-shifted: their probabilities use q̂ from before the save).
 #[gpu_test]
 fn auto_decision_state_survives_save_and_load(ctx: GpuContext) {
     let dir = fixture("tiny_auto");
@@ -166,6 +182,7 @@ fn auto_decision_state_survives_save_and_load(ctx: GpuContext) {
         let (pa, pb) = (a.step(&x).unwrap(), b.step(&x).unwrap());
         assert_eq!(pa.auto, pb.auto, "{}", f.display());
         assert_eq!(pa.logits.to_f32_vec(), pb.logits.to_f32_vec());
+        assert_eq!(pa.probs.map(|t| t.to_f32_vec()), pb.probs.map(|t| t.to_f32_vec()), "{}", f.display());
     }
 }
 
@@ -185,4 +202,45 @@ fn auto_runs_under_the_downlevel_limits_with_lame() {
     assert!(ctx.limits().max_storage_buffers_per_shader_stage >= acclimate::adapt::methods::lame::STORAGE_BUFFERS);
     let errors = run_fixture(&ctx, &fixture("tiny_auto"));
     assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// Regression: a state saved before `auto` kept its class-prior estimate and its evidence
+/// (`auto:prior`, `auto:evidence`) lacks both. Loading it must start them as a reset does, not
+/// keep the loading session's own values: the session then decides and corrects exactly as a
+/// fresh session that loads the same file.
+#[gpu_test]
+fn an_auto_state_without_prior_and_evidence_starts_them_afresh(ctx: GpuContext) {
+    use acclimate::adapt::state;
+    let dir = fixture("tiny_auto");
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).unwrap();
+    let model = Model::load(&dir.join("model.onnx")).unwrap();
+    let files = batch_files(&dir.join("batches")).unwrap();
+    let tmp = std::env::temp_dir().join(format!("acclimate-auto-old-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (full, old) = (tmp.join("full.safetensors"), tmp.join("old.safetensors"));
+    let mut a = Session::new(&ctx, model.clone(), cfg.clone()).unwrap();
+    for f in &files[..4] {
+        a.step(&read_f32(f).unwrap()).unwrap();
+    }
+    a.save_state(&full).unwrap();
+    let loaded = state::load_state(&full, &state::fingerprint(&a.model().graph)).unwrap();
+    assert!(loaded.tensors.iter().any(|(n, _)| n == "auto:prior"));
+    let kept: Vec<_> = loaded.tensors.into_iter().filter(|(n, _)| n != "auto:prior" && n != "auto:evidence").collect();
+    let meta = [("method".to_string(), "auto".to_string()), ("steps_taken".to_string(), a.steps_taken().to_string())];
+    state::save_state(&old, &loaded.fingerprint, &kept, &meta).unwrap();
+    // b has its own estimate and evidence from other batches; c has none.
+    let mut b = Session::new(&ctx, model.clone(), cfg.clone()).unwrap();
+    for f in &files[..7] {
+        b.step(&read_f32(f).unwrap()).unwrap();
+    }
+    b.load_state(&old).unwrap();
+    let mut c = Session::new(&ctx, model, cfg).unwrap();
+    c.load_state(&old).unwrap();
+    let _ = std::fs::remove_dir_all(&tmp);
+    for f in &files[4..] {
+        let x = read_f32(f).unwrap();
+        let (pb, pc) = (b.step(&x).unwrap(), c.step(&x).unwrap());
+        assert_eq!(pb.auto, pc.auto, "{}", f.display());
+        assert_eq!(pb.probs.map(|t| t.to_f32_vec()), pc.probs.map(|t| t.to_f32_vec()), "{}", f.display());
+    }
 }

@@ -125,10 +125,18 @@ fn frame_mode_against_the_session(ctx: &GpuContext, timing: &str, window: usize,
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{timing} frame {i}: loss {a} vs {b}");
         }
     }
-    // The step still in flight lands with finish().
+    // The step still in flight lands with finish(), which reports it (regression: its outcome,
+    // auto's decision included, was lost with no frame left to carry it).
     stream.finish().expect("finish");
-    if let Some((_, w)) = pending {
-        reference.step(&batch(&w)).expect("step");
+    let at_end = stream.finished_step().cloned();
+    match pending {
+        Some((_, w)) => {
+            let s = reference.step(&batch(&w)).expect("step");
+            let l = at_end.expect("finish() reports the step it landed");
+            let (a, b) = (l.loss.unwrap(), s.loss.unwrap());
+            assert!(l.adapted && (a - b).abs() <= 1e-4 * b.abs().max(1.0), "{timing}: final step loss {a} vs {b}");
+        }
+        None => assert_eq!(at_end, None, "{timing}: no step was in flight at the end"),
     }
     assert_eq!(stream.steps(), steps);
     assert!(steps >= 3);

@@ -96,7 +96,7 @@ pub use gpu::{GpuContext, LimitsProfile};
 pub use ir::BatchNormInfo as BatchNorm;
 pub use selftest::SelfTestReport;
 pub use stream::frame::{Frame, PixelFormat, Plane, Rotation};
-pub use stream::policy::{FrameResult, StreamOptions, StreamSession as Stream};
+pub use stream::policy::{FrameResult, LandedStep, StreamOptions, StreamSession as Stream};
 pub use stream::preprocess::PreprocessSpec as Preprocess;
 pub use tensor::{DType, Tensor};
 /// The wgpu this crate is built on, for apps that hand their own device to

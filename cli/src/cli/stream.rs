@@ -373,6 +373,10 @@ pub fn run_planned_with_labels(
             log_line(&bar, &format!("warning: {e}"));
         }
     }
+    // The step the end of the stream landed: no frame reports it, its decision still counts.
+    if let Some(d) = stream.finished_step().and_then(|l| l.auto.as_ref()) {
+        auto_tally.get_or_insert_with(Default::default).add(d);
+    }
     if let Some(b) = &bar {
         b.finish();
     }

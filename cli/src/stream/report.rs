@@ -110,6 +110,9 @@ pub struct AutoSummary {
     pub decisions: u64,
     /// Of those, judged label-correlated: no step, LAME smoothing over the source statistics.
     pub correlated: u64,
+    /// Of those, judged label-shifted: no step, the source model corrected by the class prior.
+    #[serde(default)]
+    pub label_shift: u64,
     /// Of those, with an ETA step on the batch's statistics.
     pub stepped: u64,
     /// Of those, before any batch of 16 or more could be judged (no step, the source model).
@@ -128,6 +131,7 @@ impl AutoSummary {
             (self.source_agreement * self.decisions as f64 + d.source_agreement as f64) / (self.decisions + 1) as f64;
         self.decisions += 1;
         self.correlated += d.correlated as u64;
+        self.label_shift += d.label_shift as u64;
         self.stepped += d.stepped as u64;
         self.unjudged += d.unjudged as u64;
         self.resets += d.reset as u64;
@@ -137,12 +141,15 @@ impl AutoSummary {
     pub fn line(&self) -> String {
         format!(
             "auto: {} decisions: {} adapted (ETA step, source-anchored statistics), {} label-correlated \
-             (no step; LAME smoothing over the source model: {}), {} too small to judge (fewer than {} frames: \
+             (no step; LAME smoothing over the source model: {}), {} label-shifted (no step; prior correction \
+             over the source model: {}), {} too small to judge (fewer than {} frames: \
              no step), {} collapse reset(s); agreement with the source model {:.1} %",
             self.decisions,
             self.stepped,
             self.correlated,
             if self.correlated > 0 { "on" } else { "never needed" },
+            self.label_shift,
+            if self.label_shift > 0 { "on" } else { "never needed" },
             self.unjudged,
             acclimate::adapt::methods::auto::MIN_CORRELATION_BATCH,
             self.resets,

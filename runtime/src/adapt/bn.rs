@@ -44,7 +44,8 @@ impl StatsMode {
                         "BN-alpha needs at least 2 values per channel for the unbiased batch variance".into(),
                     ));
                 }
-                (alpha, 1.0 - alpha, alpha * m as f32 / (m as f32 - 1.0), 1.0 - alpha, false)
+                let [a0, a1, a2, a3] = alpha_coefficients(alpha, m as u32);
+                (a0, a1, a2, a3, false)
             }
             // The statistics a frame is normalised with do not depend on the frame: for the
             // reverse pass they are constants, as the source's are.
@@ -120,7 +121,7 @@ impl BnHook {
 
 fn params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool) -> Params {
     let window = if let StatsMode::Frame { window, .. } = s.mode { window } else { 0 };
-    Params::new()
+    let p = Params::new()
         .u32(s.batch as u32)
         .u32(s.channels as u32)
         .u32(s.plane as u32)
@@ -131,7 +132,18 @@ fn params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool) -> Param
         .f32(a.3)
         .u32(a.4 as u32)
         .u32(accumulate as u32)
-        .u32(window)
+        .u32(window);
+    // BN-α's α may be set again between runs (`Compiled::set_bn_alpha`): words 4–7.
+    match s.mode {
+        StatsMode::Alpha { .. } => p.bn_alpha_at(4, (s.batch * s.plane) as u32),
+        _ => p,
+    }
+}
+
+/// BN-α's coefficients (a_mean, b_mean, a_var, b_var) for `m` values per channel, exactly as
+/// the lowering computes them.
+pub fn alpha_coefficients(alpha: f32, m: u32) -> [f32; 4] {
+    [alpha, 1.0 - alpha, alpha * m as f32 / (m as f32 - 1.0), 1.0 - alpha]
 }
 
 impl LowerHook for BnHook {

@@ -45,6 +45,9 @@ pub struct StepRecord {
     /// The parameter guard refused the batch's update (it would have written NaN or infinity:
     /// a batch that overflows inside the network); the session is as it was before the batch.
     pub step_refused: bool,
+    /// Method `auto`: what it saw in the batch and what it decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto: Option<crate::adapt::methods::auto::Diagnostics>,
 }
 
 /// One batch file of the folder: its step, or why it was skipped.
@@ -185,5 +188,6 @@ fn step_record(session: &mut Session, x: &Tensor, ema: bool, sar: bool) -> crate
         probs: pred.probs.as_ref().map(rows),
         prior: pred.prior,
         step_refused: pred.skipped,
+        auto: pred.auto,
     })
 }

@@ -120,6 +120,10 @@ struct AutoState {
     spec: StepSpec,
     plans: HashMap<Vec<usize>, StepPlan>,
     decision: Option<Decision>,
+    /// The label-shift estimate q̂ ([`auto::PRIOR`]); `None`: uniform.
+    prior: Option<Vec<f64>>,
+    /// The samples adapted on since the start or the last reset ([`auto::EVIDENCE`]).
+    evidence: f64,
     /// The model has BatchNormalization layers to adapt.
     adapts: bool,
 }
@@ -204,7 +208,7 @@ impl Session {
                 z_piece: 0,
                 top_k: 0,
             };
-            Some(AutoState { spec, plans: HashMap::new(), decision: None, adapts: !plain })
+            Some(AutoState { spec, plans: HashMap::new(), decision: None, prior: None, evidence: 0.0, adapts: !plain })
         } else {
             None
         };
@@ -479,10 +483,24 @@ impl Session {
             *decision = Decision::initial(c, section.prior_samples as f64);
         }
         let rho = decision.observe(&source, &section);
-        let smooth = !state.adapts || !auto::stepped_branch(decision);
+        let prior = match state.prior.take() {
+            Some(q) if q.len() == c => q,
+            _ => vec![1.0 / c as f64; c],
+        };
+        let shifted = decision.label_shifted(&section);
+        let smooth = !state.adapts || !auto::stepped_branch(decision, &section);
+        let mut alpha = None;
         let (mut p, stepped) = if smooth {
+            let probs = if decision.judged && decision.correlated {
+                a.probs
+            } else if shifted {
+                let rows = auto::correct_prior(&source, &prior);
+                Some(Tensor::f32(vec![rows.len(), c], rows.iter().flatten().map(|&v| v as f32).collect()))
+            } else {
+                None
+            };
             let p = Prediction {
-                probs: if decision.judged && decision.correlated { a.probs } else { None },
+                probs,
                 logits: a.logits,
                 loss: None,
                 selected: None,
@@ -494,6 +512,9 @@ impl Session {
             };
             (p, false)
         } else {
+            alpha = Some(auto::alpha(&section, shape[0], state.evidence));
+            self.plans[&shape].set_bn_alpha(&self.ctx, alpha.unwrap_or(0.0));
+            state.evidence += shape[0] as f64;
             let out = self.plans[&shape].run_paced(&self.ctx, input, true, self.pacer.as_deref())?;
             self.steps_taken += out.stepped as u64;
             if out.skipped {
@@ -522,7 +543,11 @@ impl Session {
         // The state continues from what its buffer holds (f32), so that a session loaded from a
         // saved state decides exactly as the one that saved it.
         let decision = Decision::from_buffer(&decision.to_buffer()).unwrap_or_else(|| decision.clone());
-        let diag = auto::diagnose(rho, &decision, stepped, &source, &returned, section.collapse_ratio);
+        let prior: Vec<f64> = auto::update_prior(&prior, &source, section.label_shift_momentum as f64)
+            .into_iter()
+            .map(|q| q as f32 as f64)
+            .collect();
+        let diag = auto::diagnose(rho, &decision, stepped, &source, &returned, &section);
         if diag.reset && state.adapts {
             log::warn!(
                 "method auto: the adapted predictions collapsed (mean entropy {:.3} of ln C against the source's {:.3}): back to the source parameters",
@@ -531,11 +556,15 @@ impl Session {
             );
             self.reset()?;
             p.reset = true;
+            state.evidence = 0.0;
         }
         self.write(auto::STATE, &decision.to_buffer());
+        self.write(auto::PRIOR, &prior.iter().map(|&q| q as f32).collect::<Vec<_>>());
+        self.write(auto::EVIDENCE, &[state.evidence as f32]);
         self.ctx.queue.submit([]);
         state.decision = Some(decision);
-        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, ..diag });
+        state.prior = Some(prior);
+        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, alpha, ..diag });
         Ok(p)
     }
 
@@ -566,6 +595,8 @@ impl Session {
         self.steps_taken = 0;
         if let Some(state) = self.auto.as_mut() {
             state.decision = None;
+            state.prior = None;
+            state.evidence = 0.0;
         }
         Ok(())
     }
@@ -582,8 +613,27 @@ impl Session {
             }
             None => None,
         };
+        let prior = match self.store.get(auto::PRIOR) {
+            Some(_) => {
+                let v = self.read_named(&[auto::PRIOR.to_string()])?;
+                v.first()
+                    .map(|(_, t)| t.to_f32_vec())
+                    .filter(|q| q.iter().all(|x| x.is_finite() && *x >= 0.0))
+                    .map(|q| q.into_iter().map(f64::from).collect())
+            }
+            None => None,
+        };
+        let evidence = match self.store.get(auto::EVIDENCE) {
+            Some(_) => {
+                let v = self.read_named(&[auto::EVIDENCE.to_string()])?;
+                v.first().and_then(|(_, t)| t.to_f32_vec().first().copied()).filter(|n| n.is_finite() && *n >= 0.0)
+            }
+            None => None,
+        };
         if let Some(state) = self.auto.as_mut() {
             state.decision = decision;
+            state.prior = prior;
+            state.evidence = evidence.unwrap_or(0.0) as f64;
         }
         Ok(())
     }
@@ -737,6 +787,18 @@ impl Session {
                             | wgpu::BufferUsages::COPY_SRC,
                     });
                     self.store.buffers.insert(name.clone(), b);
+                }
+            }
+        }
+        // A state saved before `auto` kept its class-prior estimate and its evidence has neither:
+        // they start as after a reset, instead of keeping this session's values.
+        if self.auto.is_some() {
+            for name in [auto::PRIOR, auto::EVIDENCE] {
+                if !writes.iter().any(|(n, _)| n == name)
+                    && let Some(buf) = self.store.get(name)
+                    && let Some(v) = self.config.adapt.method.def().reset_value(name, (buf.size() / 4) as usize)
+                {
+                    self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
                 }
             }
         }

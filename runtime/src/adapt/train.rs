@@ -366,6 +366,12 @@ impl StepPlan {
         self.run_paced(ctx, StepInput::Host(x), update_state, None)
     }
 
+    /// Sets α of the program's BN-α layers for its next runs (method `auto`'s falling source
+    /// prior); returns how many parameter blocks changed (0: the program has no BN-α layer).
+    pub fn set_bn_alpha(&self, ctx: &GpuContext, alpha: f32) -> usize {
+        self.compiled.set_bn_alpha(&ctx.queue, alpha)
+    }
+
     /// A proxy of the program's GPU work (its dispatches' workgroups, see [`Pacer`]).
     pub fn work(&self) -> u64 {
         self.compiled.dispatch_work().iter().sum()

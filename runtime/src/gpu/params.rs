@@ -54,6 +54,10 @@ pub struct Params {
     /// The dispatch's arithmetic (2 per multiply-add), where the lowering knows it: a better
     /// measure of its time than its workgroup count (see `Compiled::dispatch_work`).
     work: Option<u64>,
+    /// BN-α's statistics coefficients [α, 1 − α, α·m/(m − 1), 1 − α] from this word on, for `m`
+    /// values per channel: a program may set α again between runs
+    /// (`Compiled::set_bn_alpha`).
+    alpha: Option<(usize, u32)>,
 }
 
 impl Params {
@@ -131,6 +135,19 @@ impl Params {
         debug_assert_eq!(self.words.last(), Some(&0), "the z base starts at 0");
         self.z_base = Some(self.words.len() - 1);
         self
+    }
+
+    /// Marks the 4 words from `first` as BN-α's coefficients for `m` values per channel
+    /// ([`Params::alpha_slot`]).
+    pub fn bn_alpha_at(mut self, first: usize, m: u32) -> Params {
+        debug_assert!(first + 4 <= self.words.len(), "the coefficients are pushed first");
+        self.alpha = Some((first, m));
+        self
+    }
+
+    /// (first word, values per channel) of BN-α's coefficients, when the block has them.
+    pub fn alpha_slot(&self) -> Option<(usize, u32)> {
+        self.alpha
     }
 
     /// Records the dispatch's arithmetic ([`Params::work`]): 2 × the product of `dims` (the

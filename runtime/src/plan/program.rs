@@ -161,6 +161,10 @@ pub struct Compiled {
     pub transient_bytes: u64,
     /// What the same values would take with one buffer each.
     pub transient_bytes_unshared: u64,
+    /// The parameter blocks' buffer, and the byte offsets of BN-α coefficients in it with their
+    /// values per channel ([`Compiled::set_bn_alpha`]).
+    params: wgpu::Buffer,
+    alpha_slots: Vec<(u64, u32)>,
 }
 
 const ALIGN: u64 = 256;
@@ -343,10 +347,14 @@ impl Compiled {
             .collect();
         let mut params_bytes: Vec<u8> = Vec::new();
         let mut offsets = Vec::with_capacity(all.len());
+        let mut alpha_slots = Vec::new();
         for (_, d, _) in &all {
             let off = round_up(params_bytes.len() as u64, align);
             params_bytes.resize(off as usize, 0);
             offsets.push(off);
+            if let Some((word, m)) = d.params.alpha_slot() {
+                alpha_slots.push((off + 4 * word as u64, m));
+            }
             params_bytes.extend_from_slice(&d.params.bytes());
         }
         params_bytes.resize(params_bytes.len().max(16), 0);
@@ -360,7 +368,12 @@ impl Compiled {
             ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
                 contents: &params_bytes,
-                usage: crate::gpu::PARAMS_USAGE,
+                // BN-α blocks are written again between runs (`set_bn_alpha`).
+                usage: if alpha_slots.is_empty() {
+                    crate::gpu::PARAMS_USAGE
+                } else {
+                    crate::gpu::PARAMS_USAGE | wgpu::BufferUsages::COPY_DST
+                },
             })
         };
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -431,7 +444,19 @@ impl Compiled {
             weight_buffers,
             transient_bytes,
             transient_bytes_unshared: unshared,
+            params,
+            alpha_slots,
         })
+    }
+
+    /// Sets α of every BN-α dispatch (forward statistics, normalisation and reverse pass) for
+    /// the next submissions; returns how many blocks it wrote. Programs without BN-α: 0.
+    pub fn set_bn_alpha(&self, queue: &wgpu::Queue, alpha: f32) -> usize {
+        for &(off, m) in &self.alpha_slots {
+            let c = crate::adapt::bn::alpha_coefficients(alpha, m);
+            queue.write_buffer(&self.params, off, bytemuck::cast_slice(&c));
+        }
+        self.alpha_slots.len()
     }
 
     pub fn dispatch_count(&self) -> usize {

@@ -89,6 +89,20 @@ pub struct FrameResult {
     pub auto: Option<crate::adapt::methods::auto::Diagnostics>,
 }
 
+/// A background step that [`StreamSession::finish`] landed: no frame was left to report it, so
+/// its outcome is kept here ([`StreamSession::finished_step`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LandedStep {
+    /// Whether a gradient step updated the parameters (`auto` may decide not to step).
+    pub adapted: bool,
+    /// The step's loss, if one ran.
+    pub loss: Option<f32>,
+    /// The parameter guard refused its update.
+    pub skipped: bool,
+    /// Method `auto`: the window's diagnostics and decision.
+    pub auto: Option<crate::adapt::methods::auto::Diagnostics>,
+}
+
 impl FrameResult {
     /// The predicted class.
     pub fn class(&self) -> usize {
@@ -152,6 +166,8 @@ pub struct StreamSession {
     /// Background steps: the window on the GPU (made on the first frame).
     gpu_ring: Option<GpuRing>,
     inflight: Option<InFlight>,
+    /// The step `finish` landed with no frame left to report it.
+    finished_step: Option<LandedStep>,
     /// Statistics updates of the predictor the guard refused (added to the session's count).
     predictor_skips: u64,
     /// The session's count of refused updates as of the last landed step.
@@ -386,6 +402,7 @@ impl StreamSession {
             predictor: None,
             gpu_ring: None,
             inflight: None,
+            finished_step: None,
             predictor_skips: 0,
             session_skips: 0,
             prediction_ms: 0.0,
@@ -452,6 +469,12 @@ impl StreamSession {
         let skips = self.locked().steps_skipped();
         self.session_skips = skips;
         Some(result)
+    }
+
+    /// The background step that [`StreamSession::finish`] landed, which no frame reported
+    /// (`None`: there was none, or a saved state already held it).
+    pub fn finished_step(&self) -> Option<&LandedStep> {
+        self.finished_step.as_ref()
     }
 
     /// Gradient steps taken on the stream.
@@ -545,9 +568,20 @@ impl StreamSession {
 
     /// Batch mode: predicts and adapts on the frames of an incomplete last batch. Frame mode:
     /// lands a background step still in flight (its update is in the session afterwards).
+    /// Such a step is reported by [`StreamSession::finished_step`] (unless a saved state
+    /// already holds it).
     pub fn finish(&mut self) -> crate::Result<Vec<FrameResult>> {
+        let silenced = self.inflight.as_ref().is_some_and(|f| f.silenced.load(std::sync::atomic::Ordering::SeqCst));
         if let Some(r) = self.land() {
-            r?;
+            let p = r?;
+            if !silenced {
+                self.finished_step = Some(LandedStep {
+                    adapted: p.auto.as_ref().is_none_or(|d| d.stepped),
+                    loss: p.loss,
+                    skipped: p.skipped,
+                    auto: p.auto,
+                });
+            }
         }
         if self.pending.is_empty() { Ok(Vec::new()) } else { Ok(self.flush()?) }
     }

@@ -20,20 +20,34 @@
 //!    batch-statistics method on the correlated order, docs/accuracy.md), so no statistics are
 //!    taken from the batch and no gradient step runs: the source model's LAME-smoothed
 //!    prediction is returned (LAME's own behaviour, its best case: +18 points there).
-//! 3. **Otherwise** the batch takes an ETA step (reliable, non-redundant samples, entropy weights;
+//! 3. **Labels shifted** (not correlated, but the long-run top-1 marginal of the source
+//!    predictions is skewed: its skew 1 − H(marginal)/ln C exceeds `label_shift_threshold` once
+//!    the marginal holds at least [`MIN_SAMPLES_PER_CLASS`] predictions per class): a stream whose
+//!    class mix differs from the training set's (a long-tailed scene, a camera that mostly sees a
+//!    few classes), or a corruption that pushes the source model's predictions onto a few
+//!    classes. Batch statistics and entropy steps drift toward the frequent classes there (every
+//!    batch-statistics method lost 1–3 points on the long-tailed digits), so no step runs and
+//!    the source model's probabilities are returned corrected by label-shift EMA's estimate of
+//!    the class prior (p·q̂, renormalised; q̂ ← m·q̂ + (1 − m)·mean(p) over the source
+//!    predictions of every batch, `label_shift_momentum`).
+//! 4. **Otherwise** the batch takes an ETA step (reliable, non-redundant samples, entropy weights;
 //!    Adam at `lr`, ε = `d_margin`, E0 = 0.4·ln C) and its pre-update prediction is returned:
 //!    the preset that did best on every i.i.d. row. It normalises with source-anchored
-//!    statistics: the source's weigh as a prior of `source_samples` samples, so a batch of B
-//!    contributes α = B/(N + B) of its own (BN-α with the unbiased variance; 0.1 at B = 64).
-//!    Batch statistics alone cost this network 3 points before adaptation pays; α = 0.1 gains
-//!    from the first batches (docs/accuracy.md).
-//! 4. **Collapse**: when the adapted predictions' mean has less than `collapse_ratio` of the
+//!    statistics: the source's weigh as a prior of N samples, so a batch of B contributes
+//!    α = B/(N + B) of its own (BN-α with the unbiased variance). N falls as the stream's own
+//!    evidence grows: N = `source_samples` / (1 + n/`source_decay`), n the samples of the
+//!    batches adapted on since the start or the last reset (α = 0.1 at B = 64 on the first
+//!    batch, 0.18 after 1,024 samples, 0.5 after 9,216). Batch statistics alone cost this
+//!    network 3 points before adaptation pays, and the source prior gains from the first
+//!    batches; over a long stream batch statistics win (docs/accuracy.md).
+//! 5. **Collapse**: when the adapted predictions' mean has less than `collapse_ratio` of the
 //!    source predictions' mean entropy on a batch that is not label-correlated, the parameters
 //!    and optimizer return to the source (the statistics of the stream are kept).
 //!
 //! A model without BatchNormalization has nothing to adapt: `auto` then runs the source model,
-//! with the LAME smoothing when labels are correlated. The decision state (marginal, smoothed ρ)
-//! lives in the persistent buffer [`STATE`], saved and loaded with the session's state.
+//! with the LAME smoothing when labels are correlated and the prior correction when they are
+//! shifted. The decision state (marginal, smoothed ρ) lives in the persistent buffer [`STATE`],
+//! the label-shift estimate q̂ in [`PRIOR`]; both are saved and loaded with the session's state.
 
 use std::sync::Arc;
 
@@ -48,6 +62,18 @@ use crate::ir::Graph;
 /// The persistent decision state: [pseudo-count, smoothed ρ, correlated (0/1), judged (0/1),
 /// marginal (C)].
 pub const STATE: &str = "auto:state";
+
+/// The label-shift estimate q̂ (C values, uniform before the first batch).
+pub const PRIOR: &str = "auto:prior";
+
+/// [n]: the samples of the batches adapted on since the start or the last reset, the evidence
+/// the source prior N falls with.
+pub const EVIDENCE: &str = "auto:evidence";
+
+/// The long-run marginal is judged for a label shift once it holds this many predictions per
+/// class (its prior pseudo-counts included): fewer leave a skew that sampling alone explains
+/// when there are many classes.
+pub const MIN_SAMPLES_PER_CLASS: f64 = 10.0;
 
 /// A batch smaller than this tells nothing about its label distribution: ρ keeps its value. Until
 /// a batch this large was judged, `auto` takes no step (the source model predicts): the first
@@ -65,9 +91,12 @@ pub struct AutoSection {
     pub e_margin: Option<f32>,
     /// ε of ETA's redundancy filter.
     pub d_margin: f32,
-    /// The weight of the source statistics in the step's normalisation, as a prior of this many
-    /// samples: a batch of B normalises with B/(N + B) of its own statistics (BN-α).
+    /// The weight of the source statistics in the step's normalisation at the start, as a prior
+    /// of this many samples: a batch of B normalises with B/(N + B) of its own statistics (BN-α).
     pub source_samples: f32,
+    /// The adapted samples after which the source prior weighs half of `source_samples`:
+    /// N = source_samples / (1 + n/source_decay). 0 keeps N fixed.
+    pub source_decay: f32,
     /// The smoothed label-correlation score above which no step runs and LAME smooths the
     /// source-statistics prediction.
     pub correlation_threshold: f32,
@@ -78,6 +107,11 @@ pub struct AutoSection {
     /// Reset to the source when the adapted predictions' mean entropy falls below this share of
     /// the source predictions'.
     pub collapse_ratio: f32,
+    /// The skew 1 − H(marginal)/ln C of the long-run top-1 marginal above which the labels are
+    /// judged shifted: no step, the source predictions corrected by the estimated class prior.
+    pub label_shift_threshold: f32,
+    /// q̂ ← m·q̂ + (1 − m)·mean(p) of the label-shift estimate.
+    pub label_shift_momentum: f32,
 }
 
 impl Default for AutoSection {
@@ -87,10 +121,13 @@ impl Default for AutoSection {
             e_margin: None,
             d_margin: 0.4,
             source_samples: 576.0,
+            source_decay: 1024.0,
             correlation_threshold: 0.2,
             correlation_momentum: 0.5,
             prior_samples: 128.0,
             collapse_ratio: 0.35,
+            label_shift_threshold: 0.1,
+            label_shift_momentum: 0.9,
         }
     }
 }
@@ -112,6 +149,8 @@ impl Section for AutoSection {
             ("auto.correlation_threshold", self.correlation_threshold),
             ("auto.correlation_momentum", self.correlation_momentum),
             ("auto.collapse_ratio", self.collapse_ratio),
+            ("auto.label_shift_threshold", self.label_shift_threshold),
+            ("auto.label_shift_momentum", self.label_shift_momentum),
         ] {
             if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
                 return Err(Invalid::new(key, v, "must be in [0, 1]"));
@@ -119,6 +158,9 @@ impl Section for AutoSection {
         }
         if !(self.source_samples.is_finite() && self.source_samples >= 0.0) {
             return Err(Invalid::new("auto.source_samples", self.source_samples, "must be a finite number >= 0"));
+        }
+        if !(self.source_decay.is_finite() && self.source_decay >= 0.0) {
+            return Err(Invalid::new("auto.source_decay", self.source_decay, "must be a finite number >= 0"));
         }
         if !(self.prior_samples.is_finite() && self.prior_samples > 0.0) {
             return Err(Invalid::new("auto.prior_samples", self.prior_samples, "must be a finite number > 0"));
@@ -190,7 +232,12 @@ impl AdaptMethod for Auto {
     }
 
     fn reset_value(&self, name: &str, len: usize) -> Option<Vec<f32>> {
-        (name == STATE).then(|| Decision::initial(len.saturating_sub(4), 1.0).to_buffer())
+        match name {
+            STATE => Some(Decision::initial(len.saturating_sub(4), 1.0).to_buffer()),
+            PRIOR => Some(vec![1.0 / len.max(1) as f32; len]),
+            EVIDENCE => Some(vec![0.0; len]),
+            _ => None,
+        }
     }
 }
 
@@ -203,6 +250,12 @@ pub struct Diagnostics {
     pub label_correlation_smoothed: f32,
     /// Labels judged correlated: no step, LAME-smoothed source-statistics prediction.
     pub correlated: bool,
+    /// The skew 1 − H/ln C of the long-run top-1 marginal of the source predictions (0: every
+    /// class equally often).
+    pub label_skew: f32,
+    /// Labels judged shifted (not correlated; skewed marginal): no step, the source prediction
+    /// corrected by the estimated class prior.
+    pub label_shift: bool,
     /// No batch large enough to judge the labels yet: no step, the source model's prediction.
     pub unjudged: bool,
     /// A gradient step updated the parameters on this batch.
@@ -217,6 +270,8 @@ pub struct Diagnostics {
     pub top_share: f32,
     /// The returned predictions collapsed against the source's: the session was reset.
     pub reset: bool,
+    /// BN-α's α the step normalised with (`None`: no step on this batch).
+    pub alpha: Option<f32>,
 }
 
 /// `auto`'s host-side decision state, mirrored in [`STATE`] so that a saved state carries it.
@@ -271,8 +326,38 @@ fn mean_entropy(rows: &[Vec<f64>], c: usize) -> f64 {
 }
 
 /// Whether the batch went to the ETA step (its returned predictions are the adapted model's).
-pub fn stepped_branch(decision: &Decision) -> bool {
-    decision.judged && !decision.correlated
+pub fn stepped_branch(decision: &Decision, section: &AutoSection) -> bool {
+    decision.judged && !decision.correlated && !decision.label_shifted(section)
+}
+
+/// BN-α's α for a batch of `b` after `evidence` adapted samples: B/(N + B) with
+/// N = source_samples / (1 + evidence/source_decay).
+pub fn alpha(section: &AutoSection, b: usize, evidence: f64) -> f32 {
+    let decay = section.source_decay as f64;
+    let n = section.source_samples as f64 / if decay > 0.0 { 1.0 + evidence / decay } else { 1.0 };
+    (b as f64 / (n + b as f64)) as f32
+}
+
+/// p·q̂ renormalised per row (a uniform source prior): label-shift correction. A row whose
+/// product does not sum to a finite value > 0 stays as it was.
+pub fn correct_prior(rows: &[Vec<f64>], prior: &[f64]) -> Vec<Vec<f64>> {
+    rows.iter()
+        .map(|r| {
+            let v: Vec<f64> = r.iter().zip(prior).map(|(p, q)| p * q).collect();
+            let s: f64 = v.iter().sum();
+            if s > 0.0 && s.is_finite() { v.into_iter().map(|x| x / s).collect() } else { r.clone() }
+        })
+        .collect()
+}
+
+/// q̂ after a batch whose source probabilities are `probs`: m·q̂ + (1 − m)·mean(probs).
+pub fn update_prior(prior: &[f64], probs: &[Vec<f64>], momentum: f64) -> Vec<f64> {
+    let b = probs.len().max(1) as f64;
+    prior
+        .iter()
+        .enumerate()
+        .map(|(k, q)| momentum * q + (1.0 - momentum) * probs.iter().map(|r| r[k]).sum::<f64>() / b)
+        .collect()
 }
 
 impl Decision {
@@ -301,6 +386,25 @@ impl Decision {
             judged: v[3] >= 0.5,
             marginal: v[4..].iter().map(|&m| m as f64).collect(),
         })
+    }
+
+    /// 1 − H(marginal)/ln C: 0 when every class is predicted equally often.
+    pub fn skew(&self) -> f64 {
+        let c = self.marginal.len();
+        if c < 2 || self.count <= 0.0 {
+            return 0.0;
+        }
+        let r: Vec<f64> = self.marginal.iter().map(|m| m / self.count).collect();
+        (1.0 - entropy(&r) / (c as f64).ln()).max(0.0)
+    }
+
+    /// Labels judged shifted: a batch was judged, they are not correlated, the marginal holds
+    /// [`MIN_SAMPLES_PER_CLASS`] predictions per class and its skew exceeds the threshold.
+    pub fn label_shifted(&self, section: &AutoSection) -> bool {
+        self.judged
+            && !self.correlated
+            && self.count >= MIN_SAMPLES_PER_CLASS * self.marginal.len() as f64
+            && self.skew() > section.label_shift_threshold as f64
     }
 
     /// The label-correlation score of a batch with source-statistics probabilities `probs`
@@ -350,7 +454,7 @@ pub fn diagnose(
     stepped: bool,
     source: &[Vec<f64>],
     returned: &[Vec<f64>],
-    collapse_ratio: f32,
+    section: &AutoSection,
 ) -> Diagnostics {
     let c = decision.marginal.len();
     let b = returned.len().max(1);
@@ -360,11 +464,13 @@ pub fn diagnose(
         counts[argmax(r).min(c - 1)] += 1;
     }
     let (h, hs) = (mean_entropy(returned, c), mean_entropy(source, c));
-    let reset = stepped_branch(decision) && h < collapse_ratio as f64 * hs;
+    let reset = stepped_branch(decision, section) && h < section.collapse_ratio as f64 * hs;
     Diagnostics {
         label_correlation: rho.map(|r| r as f32),
         label_correlation_smoothed: decision.smoothed as f32,
         correlated: decision.correlated,
+        label_skew: decision.skew() as f32,
+        label_shift: decision.label_shifted(section),
         unjudged: !decision.judged,
         stepped,
         source_agreement: agree as f32 / b as f32,
@@ -372,6 +478,7 @@ pub fn diagnose(
         source_mean_entropy: hs as f32,
         top_share: counts.iter().max().copied().unwrap_or(0) as f32 / b as f32,
         reset,
+        alpha: None,
     }
 }
 
@@ -405,6 +512,49 @@ mod tests {
             d.observe(&one_hot(&two, 10), &section);
         }
         assert!(!d.correlated, "smoothed {}", d.smoothed);
+        // ... but a shifted one: no step, the prior correction.
+        assert!(d.label_shifted(&section) && !stepped_branch(&d, &section), "skew {}", d.skew());
+    }
+
+    #[test]
+    fn a_balanced_stream_is_not_label_shifted() {
+        let section = AutoSection::default();
+        let mut d = Decision::initial(10, 128.0);
+        let balanced: Vec<usize> = (0..64).map(|i| (i * 7) % 10).collect();
+        for _ in 0..20 {
+            d.observe(&one_hot(&balanced, 10), &section);
+        }
+        assert!(d.skew() < 0.01 && !d.label_shifted(&section) && stepped_branch(&d, &section));
+        // Many classes: a skew that sampling alone explains is not judged before the marginal
+        // holds 10 predictions per class.
+        let mut d = Decision::initial(1000, 128.0);
+        let spread: Vec<usize> = (0..64).map(|i| (i * 37) % 1000).collect();
+        for _ in 0..20 {
+            d.observe(&one_hot(&spread, 1000), &section);
+        }
+        assert!(d.skew() > 0.1 && !d.label_shifted(&section), "skew {}", d.skew());
+    }
+
+    #[test]
+    fn the_source_prior_falls_with_the_adapted_samples() {
+        let s = AutoSection::default();
+        assert!((alpha(&s, 64, 0.0) - 0.1).abs() < 1e-6);
+        // After source_decay samples N is halved: 64 / (288 + 64).
+        assert!((alpha(&s, 64, 1024.0) - 64.0 / 352.0).abs() < 1e-6);
+        assert!((alpha(&s, 64, 9216.0) - 0.5).abs() < 1e-6);
+        let fixed = AutoSection { source_decay: 0.0, ..AutoSection::default() };
+        assert!((alpha(&fixed, 64, 1e6) - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn prior_correction_renormalises_and_keeps_degenerate_rows() {
+        let rows = vec![vec![0.5, 0.5], vec![1.0, 0.0]];
+        let out = correct_prior(&rows, &[0.8, 0.2]);
+        assert!((out[0][0] - 0.8).abs() < 1e-12 && (out[0][1] - 0.2).abs() < 1e-12);
+        assert_eq!(out[1], vec![1.0, 0.0]);
+        assert_eq!(correct_prior(&[vec![0.0, 1.0]], &[1.0, 0.0]), vec![vec![0.0, 1.0]]);
+        let q = update_prior(&[0.5, 0.5], &rows, 0.9);
+        assert!((q[0] - (0.45 + 0.1 * 0.75)).abs() < 1e-12 && (q[1] - (0.45 + 0.1 * 0.25)).abs() < 1e-12);
     }
 
     #[test]
@@ -426,9 +576,10 @@ mod tests {
         d.judged = true;
         let src = one_hot(&(0..64).map(|i| i % 10).collect::<Vec<_>>(), 10);
         let collapsed = one_hot(&[4; 64], 10);
-        let diag = diagnose(Some(0.0), &d, true, &src, &collapsed, 0.35);
+        let section = AutoSection::default();
+        let diag = diagnose(Some(0.0), &d, true, &src, &collapsed, &section);
         assert!(diag.reset && diag.top_share == 1.0 && diag.source_agreement < 0.2);
-        let diag = diagnose(Some(0.0), &d, true, &src, &src, 0.35);
+        let diag = diagnose(Some(0.0), &d, true, &src, &src, &section);
         assert!(!diag.reset && diag.source_agreement == 1.0);
     }
 }
