@@ -665,7 +665,7 @@ def grid_report():
     stream = json.loads((RUNTIME / "stream.json").read_text()) if (RUNTIME / "stream.json").exists() else {}
     if stream:
         lines.append("\n#### Runtime, streams (`acclimate stream`, first 1,024 frames; the source model runs beside)\n")
-        lines.append("| row | adapted % | source % | steps | auto's decisions | frames/s |")
+        lines.append("| row | adapted % | source % | steps | auto's decisions | frames/s (other jobs on the cores) |")
         lines.append("|---|---|---|---|---|---|")
         for row, _, _, _ in stream_runs():
             r = stream.get(row)

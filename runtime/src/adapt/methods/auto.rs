@@ -37,7 +37,7 @@
 //!    α = B/(N + B) of its own (BN-α with the unbiased variance). N falls as the stream's own
 //!    evidence grows: N = `source_samples` / (1 + n/`source_decay`), n the samples of the
 //!    batches adapted on since the start or the last reset (α = 0.1 at B = 64 on the first
-//!    batch, 0.18 after 1,024 samples, 0.5 after 9,216). Batch statistics alone cost this
+//!    batch, 0.18 after 1,024 samples, 0.5 after 8,192). Batch statistics alone cost this
 //!    network 3 points before adaptation pays, and the source prior gains from the first
 //!    batches; over a long stream batch statistics win (docs/accuracy.md).
 //! 5. **Collapse**: when the adapted predictions' mean has less than `collapse_ratio` of the
@@ -541,7 +541,7 @@ mod tests {
         assert!((alpha(&s, 64, 0.0) - 0.1).abs() < 1e-6);
         // After source_decay samples N is halved: 64 / (288 + 64).
         assert!((alpha(&s, 64, 1024.0) - 64.0 / 352.0).abs() < 1e-6);
-        assert!((alpha(&s, 64, 9216.0) - 0.5).abs() < 1e-6);
+        assert!((alpha(&s, 64, 8192.0) - 0.5).abs() < 1e-6);
         let fixed = AutoSection { source_decay: 0.0, ..AutoSection::default() };
         assert!((alpha(&fixed, 64, 1e6) - 0.1).abs() < 1e-6);
     }
