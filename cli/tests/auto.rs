@@ -41,6 +41,16 @@ fn check_close(what: &str, got: &[f64], want: &[f64], errors: &mut Vec<String>) 
     }
 }
 
+/// A value the reference records as `null` when absent (ρ of a small batch, α of a batch with no
+/// step): both absent, or both present and close.
+fn check_optional(what: &str, ours: Option<f32>, theirs: &Value, errors: &mut Vec<String>) {
+    match (theirs, ours) {
+        (Value::Null, None) => {}
+        (Value::Number(r), Some(o)) => check_close(what, &[o as f64], &[r.as_f64().unwrap()], errors),
+        (r, o) => errors.push(format!("{what}: {o:?}, reference {r}")),
+    }
+}
+
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_f32_vec().iter().map(|&v| v as f64).collect()
 }
@@ -57,26 +67,14 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
     for (i, (f, w)) in files.iter().zip(want).enumerate() {
         let p = session.step(&read_f32(f).unwrap()).unwrap();
         let d = p.auto.clone().expect("auto reports its diagnostics");
-        match (&w["rho"], d.label_correlation) {
-            (Value::Null, None) => {}
-            (Value::Number(r), Some(ours)) => {
-                check_close(&format!("batch {i} rho"), &[ours as f64], &[r.as_f64().unwrap()], &mut errors)
-            }
-            (r, ours) => errors.push(format!("batch {i}: rho {ours:?}, reference {r}")),
-        }
+        check_optional(&format!("batch {i} rho"), d.label_correlation, &w["rho"], &mut errors);
         check_close(
             &format!("batch {i} smoothed rho"),
             &[d.label_correlation_smoothed as f64],
             &[w["smoothed"].as_f64().unwrap()],
             &mut errors,
         );
-        match (&w["alpha"], d.alpha) {
-            (Value::Null, None) => {}
-            (Value::Number(r), Some(ours)) => {
-                check_close(&format!("batch {i} alpha"), &[ours as f64], &[r.as_f64().unwrap()], &mut errors)
-            }
-            (r, ours) => errors.push(format!("batch {i}: alpha {ours:?}, reference {r}")),
-        }
+        check_optional(&format!("batch {i} alpha"), d.alpha, &w["alpha"], &mut errors);
         check_close(
             &format!("batch {i} label skew"),
             &[d.label_skew as f64],

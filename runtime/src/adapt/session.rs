@@ -543,10 +543,12 @@ impl Session {
         // The state continues from what its buffer holds (f32), so that a session loaded from a
         // saved state decides exactly as the one that saved it.
         let decision = Decision::from_buffer(&decision.to_buffer()).unwrap_or_else(|| decision.clone());
-        let prior: Vec<f64> = auto::update_prior(&prior, &source, section.label_shift_momentum as f64)
+        let next: Vec<f64> = auto::update_prior(&prior, &source, section.label_shift_momentum as f64)
             .into_iter()
             .map(|q| q as f32 as f64)
             .collect();
+        // A batch whose source probabilities are not finite leaves the estimate as it was.
+        let prior = if next.iter().all(|q| q.is_finite()) { next } else { prior };
         let diag = auto::diagnose(rho, &decision, stepped, &source, &returned, &section);
         if diag.reset && state.adapts {
             log::warn!(
