@@ -157,22 +157,28 @@ fn auto_runs_the_source_model_without_batch_norm(ctx: GpuContext) {
     assert_eq!(session.steps_taken(), 0);
 }
 
+/// The `tiny_auto` fixture's batch files, and a fresh session of its model and config that took
+/// a step on each of the first `n`.
+fn tiny_auto_after(ctx: &GpuContext, n: usize) -> (Vec<PathBuf>, Session) {
+    let dir = fixture("tiny_auto");
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).unwrap();
+    let mut session = Session::new(ctx, Model::load(&dir.join("model.onnx")).unwrap(), cfg).unwrap();
+    let files = batch_files(&dir.join("batches")).unwrap();
+    for f in &files[..n] {
+        session.step(&read_f32(f).unwrap()).unwrap();
+    }
+    (files, session)
+}
+
 /// Regression: the decision state (marginal, smoothed score) and the label-shift estimate are part
 /// of the saved state, so a loaded session decides and corrects the next batches as the one that
 /// saved it (batches 7 and 8 are label-shifted: their probabilities use q̂ from before the save).
 #[gpu_test]
 fn auto_decision_state_survives_save_and_load(ctx: GpuContext) {
-    let dir = fixture("tiny_auto");
-    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).unwrap();
-    let model = Model::load(&dir.join("model.onnx")).unwrap();
-    let files = batch_files(&dir.join("batches")).unwrap();
-    let mut a = Session::new(&ctx, model.clone(), cfg.clone()).unwrap();
-    for f in &files[..4] {
-        a.step(&read_f32(f).unwrap()).unwrap();
-    }
+    let (files, mut a) = tiny_auto_after(&ctx, 4);
     let tmp = std::env::temp_dir().join(format!("acclimate-auto-state-{}.safetensors", std::process::id()));
     a.save_state(&tmp).unwrap();
-    let mut b = Session::new(&ctx, model, cfg).unwrap();
+    let (_, mut b) = tiny_auto_after(&ctx, 0);
     b.load_state(&tmp).unwrap();
     let _ = std::fs::remove_file(&tmp);
     for f in &files[4..] {
@@ -209,17 +215,10 @@ fn auto_runs_under_the_downlevel_limits_with_lame() {
 #[gpu_test]
 fn an_auto_state_without_prior_and_evidence_starts_them_afresh(ctx: GpuContext) {
     use acclimate::adapt::state;
-    let dir = fixture("tiny_auto");
-    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).unwrap();
-    let model = Model::load(&dir.join("model.onnx")).unwrap();
-    let files = batch_files(&dir.join("batches")).unwrap();
     let tmp = std::env::temp_dir().join(format!("acclimate-auto-old-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let (full, old) = (tmp.join("full.safetensors"), tmp.join("old.safetensors"));
-    let mut a = Session::new(&ctx, model.clone(), cfg.clone()).unwrap();
-    for f in &files[..4] {
-        a.step(&read_f32(f).unwrap()).unwrap();
-    }
+    let (files, a) = tiny_auto_after(&ctx, 4);
     a.save_state(&full).unwrap();
     let loaded = state::load_state(&full, &state::fingerprint(&a.model().graph)).unwrap();
     assert!(loaded.tensors.iter().any(|(n, _)| n == "auto:prior"));
@@ -227,12 +226,9 @@ fn an_auto_state_without_prior_and_evidence_starts_them_afresh(ctx: GpuContext) 
     let meta = [("method".to_string(), "auto".to_string()), ("steps_taken".to_string(), a.steps_taken().to_string())];
     state::save_state(&old, &loaded.fingerprint, &kept, &meta).unwrap();
     // b has its own estimate and evidence from other batches; c has none.
-    let mut b = Session::new(&ctx, model.clone(), cfg.clone()).unwrap();
-    for f in &files[..7] {
-        b.step(&read_f32(f).unwrap()).unwrap();
-    }
+    let (_, mut b) = tiny_auto_after(&ctx, 7);
     b.load_state(&old).unwrap();
-    let mut c = Session::new(&ctx, model, cfg).unwrap();
+    let (_, mut c) = tiny_auto_after(&ctx, 0);
     c.load_state(&old).unwrap();
     let _ = std::fs::remove_dir_all(&tmp);
     for f in &files[4..] {
