@@ -210,6 +210,48 @@ fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
     }
 }
 
+// bn_shift: one layer's covariate-shift score for method auto's diagnostics (adapt/bn.rs
+// `ShiftScores`): the mean over the channels of
+//     KL(N(mean_B, var_B + eps) || N(mean_s, var_s + eps))
+//       = ((var_B + eps + (mean_B - mean_s)^2) / (var_s + eps) - 1 - ln((var_B + eps) / (var_s + eps))) / 2,
+// the current batch's statistics (bn_stats' [mean_B, var_B, ...]) against the layer's stored
+// ones, written to shift[slot]. One workgroup, a fixed-order tree over the channels.
+struct BnShiftParams {
+    channels: u32,
+    slot: u32,
+    eps: f32,
+    _p0: u32,
+}
+
+@group(0) @binding(0) var<uniform> hp_in: BnShiftParams;
+var<workgroup> hp: BnShiftParams;
+@group(0) @binding(1) var<storage, read> hstats: array<f32>;
+@group(0) @binding(2) var<storage, read> hmean: array<f32>;
+@group(0) @binding(3) var<storage, read> hvar: array<f32>;
+@group(0) @binding(4) var<storage, read_write> shift: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_shift(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        hp = hp_in;
+    }
+    workgroupBarrier();
+    let t = lid.x;
+    let cc = hp.channels;
+    var acc = 0.0;
+    for (var c = t; c < cc; c += WG) {
+        let vb = hstats[cc + c] + hp.eps;
+        let vs = hvar[c] + hp.eps;
+        let d = hstats[c] - hmean[c];
+        acc += 0.5 * ((vb + d * d) / vs - 1.0 - log(vb / vs));
+    }
+    red[t] = acc;
+    tree(t);
+    if t == 0u {
+        shift[hp.slot] = red[0] / f32(cc);
+    }
+}
+
 // bn_apply bindings
 // Four storage buffers at most (downlevel limits): packed by gather3 as
 // [scale (C), bias (C), mean_B, var_B, mean_u, var_u (C each)].

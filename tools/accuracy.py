@@ -503,6 +503,7 @@ def stream_runs():
     return [
         ("frame / clean / auto", MODEL, svhn, auto_frame),
         ("frame / Dirichlet 0.1 / auto", MODEL, svhn + ["--order", "dirichlet:0.1"], auto_frame),
+        ("frame / Dirichlet 0.01 / auto", MODEL, svhn + ["--order", "dirichlet:0.01"], auto_frame),
         ("no shift: MNIST net / batch / auto", ROOT / "assets" / "mnist.onnx", mnist,
          {"adapt": {"method": "auto"}, "stream": {"mode": "batch", "batch": 64}}),
         ("no shift: MNIST net / frame / auto", ROOT / "assets" / "mnist.onnx", mnist, auto_frame),
@@ -677,7 +678,9 @@ def grid_report():
             sm = r["summary"]
             a = sm.get("auto")
             dec = (f"{a['decisions']}: {a['stepped']} stepped, {a['correlated']} correlated, "
-                   f"{a.get('label_shift', 0)} label-shifted, {a['unjudged']} unjudged") if a else "—"
+                   f"{a.get('label_shift', 0)} label-shifted, {a['unjudged']} unjudged"
+                   + (f"; {a['prior_corrected_frames']} frames re-ranked by the recent classes"
+                      if a.get("prior_corrected_frames") else "")) if a else "—"
             lines.append(f"| {row} | {sm['accuracy']:.2f} | {sm['source_accuracy']:.2f} | {sm['steps']} | {dec} "
                          f"| {sm['fps']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -19,7 +19,9 @@ Per batch, as the runtime does it:
      alpha = B / (N + B), N = source_samples / (1 + n / source_decay), n the samples of the batches
      adapted on so far (then n += B), the unbiased batch variance; Adam at
      lr, E0, d_margin; tools/tta_reference.py run_eata's rules) returning its pre-update logits;
-  5. collapse: when stepped and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
+  5. the covariate-shift score of the source forward (`covariate_shift` below: what the GPU computes
+     in bn_shift), reported, not decided on;
+  6. collapse: when stepped and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
      parameters and optimizer return to the source and n to 0 (the decision state and q stay).
 
     python tools/auto_reference.py --fixtures tests/fixtures/tta      # tiny_auto, tiny_auto_reset
@@ -59,6 +61,24 @@ def mean_entropy(p):
     return entropy(p.double().mean(0)) / math.log(c) if c > 1 else 1.0
 
 
+def covariate_shift(net):
+    """The mean over the BN layers of the mean over their channels of
+    KL(N(mean_B, var_B + eps) || N(mean_s, var_s + eps)), the layers' inputs captured in the source
+    forward (biased batch variance; the stored statistics are the source's: auto never writes them).
+    None without a BN layer."""
+    scores = []
+    for n in net.bn_nodes:
+        x = net.capture[n.name][0].double()
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        dims = [0] + list(range(2, x.dim()))
+        var_b, mean_b = torch.var_mean(x, dim=dims, unbiased=False)
+        vb = var_b + eps
+        vs = net.tensor(n.input[4]).double() + eps
+        d = mean_b - net.tensor(n.input[3]).double()
+        scores.append(float((0.5 * ((vb + d * d) / vs - 1.0 - torch.log(vb / vs))).mean()))
+    return sum(scores) / len(scores) if scores else None
+
+
 def run_auto(model_path, cfg, batches):
     a = {**DEFAULTS, **cfg.get("auto", {})}
     proto = onnx.load(str(model_path))
@@ -79,8 +99,11 @@ def run_auto(model_path, cfg, batches):
         x = torch.tensor(xb)
         b = x.shape[0]
         net.norm, net.use_source = "source", True
+        net.capture = {}
         with torch.no_grad():
             zs = net(x)
+            shift = covariate_shift(net)
+            net.capture = None
             feats = tta_output.tensor_of(net, xb, feats_name)
         net.use_source = False
         c = zs.shape[1]
@@ -107,7 +130,8 @@ def run_auto(model_path, cfg, batches):
         q_used = q
         q = (a["label_shift_momentum"] * q + (1 - a["label_shift_momentum"]) * ps.mean(0)).float().double()
         rec = {"source_logits": tta_reference.f32(zs), "rho": rho, "smoothed": smoothed, "correlated": correlated,
-               "unjudged": not judged, "label_skew": skew, "label_shift": shifted}
+               "unjudged": not judged, "label_skew": skew, "label_shift": shifted,
+               "covariate_shift": shift}
         if not judged:
             rec.update(logits=tta_reference.f32(zs), stepped=False)
             returned = ps

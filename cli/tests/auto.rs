@@ -1,6 +1,7 @@
 //! Method `auto` against its PyTorch reference (`tools/auto_reference.py`, fixtures
 //! `tests/fixtures/tta/tiny_auto{,_reset}`): per batch the decision (label-correlation score,
-//! smoothed score, correlated, label skew and label shift, stepped, reset), the returned logits,
+//! smoothed score, correlated, label skew and label shift, stepped, reset, the covariate-shift
+//! score computed on the GPU), the returned logits,
 //! the LAME probabilities and the prior-corrected probabilities of label-shifted batches, the
 //! selection and every adapted parameter, within 1e-4 relative as the other methods' references.
 //! Also: the default config is `auto`, it runs on a model without BatchNormalization, and its
@@ -75,6 +76,7 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
             &mut errors,
         );
         check_optional(&format!("batch {i} alpha"), d.alpha, &w["alpha"], &mut errors);
+        check_optional(&format!("batch {i} covariate shift"), d.covariate_shift, &w["covariate_shift"], &mut errors);
         check_close(
             &format!("batch {i} label skew"),
             &[d.label_skew as f64],
@@ -150,6 +152,7 @@ fn auto_runs_the_source_model_without_batch_norm(ctx: GpuContext) {
     let want = engine.run(std::slice::from_ref(&x)).unwrap().remove(0);
     let d = p.auto.expect("diagnostics");
     assert!(!d.stepped);
+    assert_eq!(d.covariate_shift, None, "no BatchNormalization layer, no covariate-shift score");
     if p.probs.is_none() {
         let err = f64s(&p.logits).iter().zip(f64s(&want)).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
         assert!(err < 1e-4, "auto without BatchNorm differs from the source model by {err}");

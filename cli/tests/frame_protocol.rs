@@ -119,8 +119,9 @@ fn frame_protocol_holds_for_the_default_preset(ctx: GpuContext) {
     check(&ctx, "default preset", &cfg);
 }
 
-/// `acclimate demo --video`'s embedded config (`auto`, window 8: too small to judge, so no step
-/// runs and the frames keep the source model's predictions).
+/// `acclimate demo --video`'s embedded config (`auto`, a window of 16 judged every 8 frames: the
+/// single-scene clip's windows are label-correlated, so no step runs and the frames are re-ranked
+/// by the recent classes).
 #[gpu_test]
 fn frame_protocol_holds_for_the_video_demo_config(ctx: GpuContext) {
     check(&ctx, "demo_video.toml", &config(VIDEO_DEMO));

@@ -258,3 +258,112 @@ fn the_runner_keeps_the_latest_frame_and_counts_drops(ctx: GpuContext) {
     assert_eq!(got.last().unwrap().index, n as u64 - 1);
     assert!(frames_sender.drops() > 0, "a producer this fast must have dropped frames");
 }
+
+/// Method auto in frame mode: once a window step judges the labels correlated, each frame's
+/// top classes are re-ranked by the recent frames' classes (p·r^γ, r ← m·r + (1 − m)·p̃ over
+/// every frame's renormalised top classes), from the frame the decision is known at (inline:
+/// the next; background: the frame the step lands before). Checked against the same stream with
+/// the correction off (`frame_prior_power = 0`) and the rule applied here by hand; the first 16
+/// frames are one image (a correlated window), the rest alternate among seven.
+fn frame_prior_against_the_uncorrected_stream(ctx: &GpuContext, timing: &str) {
+    let model =
+        || Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_auto/model.onnx")).expect("tiny auto model");
+    let cfg = |power: f32| {
+        AdaptConfig::from_toml_str(&format!(
+            "[adapt]\nmethod = \"auto\"\n[auto]\nframe_prior_power = {power}\nframe_prior_momentum = 0.5\n\
+             [stream]\nmode = \"frame\"\nwindow = 16\nadapt_every = 16\nsteps = \"{timing}\"\n"
+        ))
+        .expect("config")
+    };
+    let all = frames(8);
+    let fs: Vec<&Frame> = (0..48).map(|i| if i < 16 { &all[0] } else { &all[1 + i % 7] }).collect();
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let options = StreamOptions { top_k: 5, source_prediction: false };
+    let run = |power: f32| {
+        let mut stream = StreamSession::new(ctx, model(), cfg(power), spec.clone(), options.clone()).expect("stream");
+        assert_eq!(stream.background_steps(), timing == "background");
+        fs.iter().map(|f| stream.push(f).expect("push").remove(0)).collect::<Vec<_>>()
+    };
+    let (plain, corrected) = (run(0.0), run(2.0));
+    let mut r = [0.2f64; 5];
+    let mut correlated = false;
+    let mut changed = 0;
+    for (i, (p, c)) in plain.iter().zip(&corrected).enumerate() {
+        assert!(!p.prior_corrected, "frame {i}: nothing is corrected with the power at 0");
+        if timing == "background"
+            && let Some(d) = &p.auto
+        {
+            correlated = d.correlated && !d.unjudged;
+        }
+        assert_eq!(c.prior_corrected, correlated, "frame {i}");
+        let total: f64 = p.top_k.iter().map(|t| t.1 as f64).sum();
+        let mut want: Vec<(usize, f64)> = match correlated {
+            true => {
+                let w: Vec<f64> = p.top_k.iter().map(|&(k, q)| q as f64 * r[k] * r[k]).collect();
+                let s: f64 = w.iter().sum();
+                p.top_k.iter().zip(&w).map(|(&(k, _), &v)| (k, v / s * total)).collect()
+            }
+            false => p.top_k.iter().map(|&(k, q)| (k, q as f64)).collect(),
+        };
+        want.sort_by(|a, b| b.1.total_cmp(&a.1));
+        assert_eq!(c.top_k.iter().map(|t| t.0).collect::<Vec<_>>(), want.iter().map(|t| t.0).collect::<Vec<_>>());
+        for (got, w) in c.top_k.iter().zip(&want) {
+            assert!((got.1 as f64 - w.1).abs() < 1e-6, "frame {i}: {:?} vs {want:?}", c.top_k);
+        }
+        changed += (c.top_k[0].0 != p.top_k[0].0) as usize;
+        r.iter_mut().for_each(|v| *v *= 0.5);
+        for &(k, q) in &p.top_k {
+            r[k] += 0.5 * q as f64 / total;
+        }
+        if timing == "inline"
+            && let Some(d) = &p.auto
+        {
+            correlated = d.correlated && !d.unjudged;
+        }
+    }
+    assert!(plain[15].auto.as_ref().is_some_and(|d| d.correlated) || timing == "background");
+    assert!(corrected.iter().filter(|c| c.prior_corrected).count() >= 16, "the correction never ran");
+    assert!(changed > 0, "the correction changed no frame's class: the test shows nothing");
+}
+
+#[gpu_test]
+fn auto_reranks_frames_by_the_recent_classes_when_labels_are_correlated(ctx: GpuContext) {
+    frame_prior_against_the_uncorrected_stream(&ctx, "inline");
+}
+
+#[gpu_test]
+fn auto_reranks_background_frames_from_the_landed_decision(ctx: GpuContext) {
+    frame_prior_against_the_uncorrected_stream(&ctx, "background");
+}
+
+/// Regression: the recent-class prior and the latest decision are part of a stream's saved
+/// state (version 2), so a stream loaded mid-way re-ranks the next frames exactly as the one that
+/// saved it (without them the loaded stream predicted uncorrected frames until the next window
+/// step).
+#[gpu_test]
+fn a_loaded_stream_keeps_the_recent_class_prior(ctx: GpuContext) {
+    let model =
+        || Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_auto/model.onnx")).expect("tiny auto model");
+    let cfg = AdaptConfig::from_toml_str(
+        "[adapt]\nmethod = \"auto\"\n[stream]\nmode = \"frame\"\nwindow = 16\nadapt_every = 16\nsteps = \"inline\"\n",
+    )
+    .expect("config");
+    let all = frames(8);
+    let fs: Vec<&Frame> = (0..28).map(|i| if i < 16 { &all[0] } else { &all[1 + i % 7] }).collect();
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let options = StreamOptions { top_k: 3, source_prediction: false };
+    let mut a = StreamSession::new(&ctx, model(), cfg.clone(), spec.clone(), options.clone()).expect("stream");
+    for f in &fs[..20] {
+        a.push(f).expect("push");
+    }
+    let path = std::env::temp_dir().join(format!("acclimate-frame-prior-{}.state", std::process::id()));
+    a.save_state(&path).expect("save");
+    let mut b = StreamSession::new(&ctx, model(), cfg, spec, options).expect("stream");
+    b.load_state(&path).expect("load");
+    let _ = std::fs::remove_file(&path);
+    for (i, f) in fs.iter().enumerate().skip(20) {
+        let (ra, rb) = (a.push(f).expect("push").remove(0), b.push(f).expect("push").remove(0));
+        assert!(ra.prior_corrected, "frame {i}: the window of one image was judged correlated");
+        assert_eq!((ra.top_k, ra.prior_corrected), (rb.top_k, rb.prior_corrected), "frame {i}");
+    }
+}

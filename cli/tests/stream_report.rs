@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use acclimate_cli::stream::report::{RunRecord, Summary, percentile, render_html, summarize, write_html};
+use acclimate::AutoDiagnostics;
+use acclimate_cli::stream::report::{AutoSummary, RunRecord, Summary, percentile, render_html, summarize, write_html};
 
 struct TempDir(PathBuf);
 
@@ -199,6 +200,60 @@ fn html_without_labels_plots_agreement() {
     assert_self_contained(&html);
     assert!(html.contains("no accuracy to plot"));
     assert_eq!(html.matches("<svg").count(), 1);
+}
+
+fn diagnostics(stepped: bool, covariate_shift: Option<f32>) -> AutoDiagnostics {
+    AutoDiagnostics {
+        label_correlation: Some(0.1),
+        label_correlation_smoothed: 0.05,
+        correlated: false,
+        label_skew: 0.02,
+        label_shift: false,
+        unjudged: false,
+        stepped,
+        source_agreement: 0.75,
+        mean_entropy: 0.9,
+        source_mean_entropy: 0.95,
+        top_share: 0.2,
+        reset: false,
+        alpha: stepped.then_some(0.1),
+        covariate_shift,
+    }
+}
+
+/// Method auto's decisions: the tally (the covariate-shift mean over the decisions that have a
+/// score) and, on the page, its line and both plots of the scores.
+#[test]
+fn html_shows_what_auto_decided() {
+    let recs = records();
+    let mut s = summarize(&recs, 2.0, 0, "auto", "m", "d");
+    let mut a = AutoSummary::default();
+    a.add(0, &diagnostics(true, Some(0.5)));
+    a.add(4, &diagnostics(false, Some(1.5)));
+    a.add(8, &diagnostics(true, None));
+    assert_eq!((a.decisions, a.stepped, a.covariate_shift), (3, 2, Some(1.0)));
+    assert!(a.line().contains("covariate shift (mean KL of the BatchNorm statistics from the source's) 1.000"));
+    assert!(!a.line().contains("re-ranked"));
+    a.prior_corrected_frames = 7;
+    assert!(a.line().contains("7 frame(s) re-ranked by the recent frames' classes"), "{}", a.line());
+    s.auto = Some(a.clone());
+    let html = render_html(&s, &recs, "auto").unwrap();
+    assert_self_contained(&html);
+    assert!(html.contains("<h2>Method auto</h2>") && html.contains("2 adapted"), "{html}");
+    assert!(html.contains("Method auto: scores per decision"));
+    assert!(html.contains("Covariate shift: mean KL"));
+    assert_eq!(html.matches("<svg").count(), 6);
+    // The timeline is not part of the summary's JSON.
+    let json = serde_json::to_string(&a).unwrap();
+    assert!(!json.contains("timeline") && json.contains("\"covariate_shift\":1.0"), "{json}");
+
+    // Without a BatchNorm layer there is no covariate-shift score, and no plot of it.
+    let mut a = AutoSummary::default();
+    a.add(0, &diagnostics(false, None));
+    assert!(a.covariate_shift.is_none() && !a.line().contains("covariate shift"));
+    s.auto = Some(a);
+    let html = render_html(&s, &recs, "auto").unwrap();
+    assert!(html.contains("Method auto: scores per decision") && !html.contains("Covariate shift: mean KL"));
 }
 
 #[test]

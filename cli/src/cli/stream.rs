@@ -265,8 +265,12 @@ pub fn run_planned_with_labels(
                       running: &mut Running|
      -> Result<(), CliError> {
         // One decision of method auto per batch (frame mode: per window step).
-        if let Some(d) = results.iter().find_map(|r| r.auto.as_ref()) {
-            auto_tally.get_or_insert_with(Default::default).add(d);
+        if let Some((i, d)) = results.iter().find_map(|r| r.auto.as_ref().map(|d| (r.index as usize, d))) {
+            auto_tally.get_or_insert_with(Default::default).add(i, d);
+        }
+        let corrected = results.iter().filter(|r| r.prior_corrected).count() as u64;
+        if corrected > 0 {
+            auto_tally.get_or_insert_with(Default::default).prior_corrected_frames += corrected;
         }
         for r in results {
             let (label, segment) = meta.get(r.index as usize).cloned().unwrap_or((None, String::new()));
@@ -304,6 +308,7 @@ pub fn run_planned_with_labels(
                     "loss": r.loss,
                     "skipped": r.skipped,
                     "auto": r.auto,
+                    "prior_corrected": r.prior_corrected,
                 });
                 writeln!(w, "{line}").map_err(|e| usage(format!("cannot write --jsonl: {e}")))?;
             }
@@ -375,7 +380,7 @@ pub fn run_planned_with_labels(
     }
     // The step the end of the stream landed: no frame reports it, its decision still counts.
     if let Some(d) = stream.finished_step().and_then(|l| l.auto.as_ref()) {
-        auto_tally.get_or_insert_with(Default::default).add(d);
+        auto_tally.get_or_insert_with(Default::default).add(records.len(), d);
     }
     if let Some(b) = &bar {
         b.finish();

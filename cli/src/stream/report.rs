@@ -122,13 +122,47 @@ pub struct AutoSummary {
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
     pub source_agreement: f64,
+    /// Frame mode: frames whose top classes the recent-class prior re-ranked (the latest decision
+    /// judged the labels correlated).
+    #[serde(default)]
+    pub prior_corrected_frames: u64,
+    /// Mean covariate-shift score of the decisions that have one (a model with BatchNormalization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covariate_shift: Option<f64>,
+    /// Every decision's scores, in stream order (the report's plot; the JSONL has them all).
+    #[serde(skip)]
+    pub timeline: Vec<AutoPoint>,
+}
+
+/// One decision of method `auto` on the report's plot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoPoint {
+    /// The stream position of the frame the decision was reported with.
+    pub frame: usize,
+    pub covariate_shift: Option<f32>,
+    pub label_correlation: f32,
+    pub label_skew: f32,
+    pub alpha: Option<f32>,
+    pub source_agreement: f32,
 }
 
 impl AutoSummary {
-    /// Adds one decision.
-    pub fn add(&mut self, d: &acclimate::adapt::methods::auto::Diagnostics) {
+    /// Adds one decision, reported with the frame at stream position `frame`.
+    pub fn add(&mut self, frame: usize, d: &acclimate::adapt::methods::auto::Diagnostics) {
         self.source_agreement =
             (self.source_agreement * self.decisions as f64 + d.source_agreement as f64) / (self.decisions + 1) as f64;
+        if let Some(k) = d.covariate_shift {
+            let scored = self.timeline.iter().filter(|p| p.covariate_shift.is_some()).count() as f64;
+            self.covariate_shift = Some((self.covariate_shift.unwrap_or(0.0) * scored + k as f64) / (scored + 1.0));
+        }
+        self.timeline.push(AutoPoint {
+            frame,
+            covariate_shift: d.covariate_shift,
+            label_correlation: d.label_correlation_smoothed,
+            label_skew: d.label_skew,
+            alpha: d.alpha,
+            source_agreement: d.source_agreement,
+        });
         self.decisions += 1;
         self.correlated += d.correlated as u64;
         self.label_shift += d.label_shift as u64;
@@ -154,7 +188,13 @@ impl AutoSummary {
             acclimate::adapt::methods::auto::MIN_CORRELATION_BATCH,
             self.resets,
             100.0 * self.source_agreement
-        )
+        ) + &match self.prior_corrected_frames {
+            0 => String::new(),
+            n => format!("; {n} frame(s) re-ranked by the recent frames' classes (labels correlated)"),
+        } + &match self.covariate_shift {
+            Some(k) => format!("; covariate shift (mean KL of the BatchNorm statistics from the source's) {k:.3}"),
+            None => String::new(),
+        }
     }
 }
 
@@ -405,6 +445,19 @@ fn line_chart(
     lines: &[(&str, RGBColor, &[f64])],
     starts: &[(f64, String)],
 ) -> Result<String, ReportError> {
+    line_chart_to(what, caption, y_desc, 100.0, x, lines, starts)
+}
+
+/// [`line_chart`] with the y axis from 0 to `y_max`.
+fn line_chart_to(
+    what: &'static str,
+    caption: &str,
+    y_desc: &str,
+    y_max: f64,
+    x: &[f64],
+    lines: &[(&str, RGBColor, &[f64])],
+    starts: &[(f64, String)],
+) -> Result<String, ReportError> {
     let err = plot_err(what);
     let mut svg = String::new();
     {
@@ -417,23 +470,28 @@ fn line_chart(
             .caption(caption, ("sans-serif", 17))
             .x_label_area_size(38)
             .y_label_area_size(48)
-            .build_cartesian_2d(x0..x1, 0f64..100f64)
+            .build_cartesian_2d(x0..x1, 0f64..y_max)
             .map_err(&err)?;
+        let decimals = if y_max >= 20.0 { 0 } else { 2 };
         chart
             .configure_mesh()
             .x_desc("frame")
             .y_desc(y_desc)
             .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.decimals$}"))
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(&err)?;
         for (xs, name) in starts {
             chart
-                .draw_series(std::iter::once(PathElement::new(vec![(*xs, 0.0), (*xs, 100.0)], BLACK.mix(0.35))))
+                .draw_series(std::iter::once(PathElement::new(vec![(*xs, 0.0), (*xs, y_max)], BLACK.mix(0.35))))
                 .map_err(&err)?;
             chart
-                .draw_series(std::iter::once(Text::new(name.clone(), (*xs, 99.0), ("sans-serif", 11).into_font())))
+                .draw_series(std::iter::once(Text::new(
+                    name.clone(),
+                    (*xs, 0.99 * y_max),
+                    ("sans-serif", 11).into_font(),
+                )))
                 .map_err(&err)?;
         }
         for &(name, colour, ys) in lines {
@@ -711,12 +769,61 @@ pub fn render_html(summary: &Summary, records: &[RunRecord], title: &str) -> Res
         body += &segment_table(summary);
         body += "<h2>Latency</h2>\n";
         body += &latency_chart(&kept, summary)?;
+        if let Some(a) = &summary.auto {
+            body += &auto_section(a, &starts)?;
+        }
     }
     Ok(format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{}</title>\n<style>{STYLE}</style>\n\
          </head>\n<body>\n{body}</body>\n</html>\n",
         escape(title)
     ))
+}
+
+/// Method `auto`'s decisions: the tally, and its scores over the stream.
+fn auto_section(a: &AutoSummary, starts: &[(f64, String)]) -> Result<String, ReportError> {
+    let mut out = format!("<h2>Method auto</h2>\n<p>{}</p>\n", escape(&a.line()));
+    if a.timeline.is_empty() {
+        return Ok(out);
+    }
+    // Thinned as the accuracy curves are: the page stays small on long runs.
+    let n = a.timeline.len();
+    let points: Vec<&AutoPoint> = a.timeline.iter().enumerate().filter(|(i, _)| keep(*i, n)).map(|(_, p)| p).collect();
+    let x: Vec<f64> = points.iter().map(|p| p.frame as f64).collect();
+    let pct = |f: fn(&AutoPoint) -> Option<f32>| -> Vec<f64> {
+        points.iter().map(|p| f(p).map_or(f64::NAN, |v| 100.0 * v as f64)).collect()
+    };
+    let (rho, skew, alpha, agree) = (
+        pct(|p| Some(p.label_correlation)),
+        pct(|p| Some(p.label_skew)),
+        pct(|p| p.alpha),
+        pct(|p| Some(p.source_agreement)),
+    );
+    let lines: Vec<(&str, RGBColor, &[f64])> = vec![
+        ("label correlation (smoothed)", RGBColor(214, 39, 40), &rho),
+        ("label skew", RGBColor(148, 103, 189), &skew),
+        ("BN-α α of the step", RGBColor(44, 160, 44), &alpha),
+        ("agreement with the source model", ADAPTED, &agree),
+    ];
+    out += "<p class=\"note\">One point per decision (a batch, or a window step in frame mode). Labels are \
+            judged correlated above the correlation threshold and shifted above the skew threshold; a step \
+            normalises with α of the batch's own statistics.</p>\n";
+    out += &line_chart("auto scores", "Method auto: scores per decision", "%", &x, &lines, starts)?;
+    let shift: Vec<f64> = points.iter().map(|p| p.covariate_shift.map_or(f64::NAN, |v| v as f64)).collect();
+    let top = shift.iter().copied().filter(|v| v.is_finite()).fold(0.0f64, f64::max);
+    if top > 0.0 {
+        let lines: Vec<(&str, RGBColor, &[f64])> = vec![("covariate shift", SOURCE, &shift)];
+        out += &line_chart_to(
+            "covariate shift",
+            "Covariate shift: mean KL of the BatchNorm statistics from the source's",
+            "KL (nats)",
+            1.1 * top,
+            &x,
+            &lines,
+            starts,
+        )?;
+    }
+    Ok(out)
 }
 
 fn capitalise(s: &str) -> String {

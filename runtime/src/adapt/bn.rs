@@ -94,6 +94,20 @@ pub struct BnHook {
     pub commits: Vec<StatsCommit>,
     /// Frame-mode layers' deferred evidence updates: (value, evidence weight, length).
     pub frame_commits: Vec<(usize, BufRef, usize)>,
+    /// Each layer's covariate-shift score, computed after its statistics (`bn_shift`).
+    pub shift: Option<ShiftScores>,
+}
+
+/// Where the layers' covariate-shift scores go: one float per BatchNormalization layer, in the
+/// order they are lowered, in the value `out` (method auto's judging forward: the batch's
+/// statistics against the source's, [`crate::adapt::methods::auto::Diagnostics`]).
+#[derive(Clone, Debug)]
+pub struct ShiftScores {
+    pub out: usize,
+    /// Slots in `out`.
+    pub layers: usize,
+    /// Slots written so far.
+    pub written: usize,
 }
 
 /// One RBN layer's deferred statistics update: running mean and variance ← `stats`' used
@@ -115,6 +129,7 @@ impl BnHook {
             saved: HashMap::new(),
             commits: Vec::new(),
             frame_commits: Vec::new(),
+            shift: None,
         }
     }
 }
@@ -248,6 +263,16 @@ impl LowerHook for BnHook {
                 vec![x.buf, mean.buf, var.buf, BufRef::Value(stats)],
                 [channels as u32, 1, 1],
             );
+            if let Some(shift) = self.shift.as_mut().filter(|s| s.written < s.layers) {
+                l.dispatch(
+                    KernelKey::new(Shader::Norm, "bn_shift"),
+                    Params::new().u32(channels as u32).u32(shift.written as u32).f32(attrs.epsilon),
+                    vec![BufRef::Value(stats), mean.buf, var.buf, BufRef::Value(shift.out)],
+                    [1, 1, 1],
+                );
+                shift.written += 1;
+                program.flops.norm += 8 * channels as u64;
+            }
             apply(l, &saved, coef, (scale.buf, bias.buf), y);
             if write_back {
                 self.commits.push(StatsCommit { stats, mean: mean.buf, var: var.buf, channels });

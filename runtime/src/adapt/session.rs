@@ -175,7 +175,17 @@ impl Session {
             Method::Auto => OptimizerSpec::from_config(&auto::optimizer(&config)),
             _ => OptimizerSpec::from_config(&config.optimizer),
         };
-        let spec = StepSpec { mode, adapted, optimizer, objective, output, source_affine: false, z_piece: 0, top_k: 0 };
+        let spec = StepSpec {
+            mode,
+            adapted,
+            optimizer,
+            objective,
+            output,
+            source_affine: false,
+            z_piece: 0,
+            top_k: 0,
+            shift_score: false,
+        };
         let auto = if method == Method::Auto {
             // LAME needs the input of a final Gemm/MatMul, and its iteration kernel 4 storage
             // buffers (more than WebGL2-class devices offer); without it, correlated batches still
@@ -207,6 +217,7 @@ impl Session {
                 source_affine: true,
                 z_piece: 0,
                 top_k: 0,
+                shift_score: true,
             };
             Some(AutoState { spec, plans: HashMap::new(), decision: None, prior: None, evidence: 0.0, adapts: !plain })
         } else {
@@ -477,6 +488,7 @@ impl Session {
         let a = state.plans[&shape].run_paced(&self.ctx, input, true, self.pacer.as_deref())?;
         let c = a.logits.shape.last().copied().unwrap_or(1).max(1);
         let source = auto::softmax(&a.logits.to_f32_vec(), c);
+        let covariate_shift = a.shift.as_deref().and_then(auto::covariate_shift);
         let section = self.config.auto.clone();
         let decision = state.decision.get_or_insert_with(|| Decision::initial(c, section.prior_samples as f64));
         if decision.marginal.len() != c {
@@ -566,7 +578,7 @@ impl Session {
         self.ctx.queue.submit([]);
         state.decision = Some(decision);
         state.prior = Some(prior);
-        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, alpha, ..diag });
+        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, alpha, covariate_shift, ..diag });
         Ok(p)
     }
 

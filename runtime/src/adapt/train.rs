@@ -44,6 +44,9 @@ pub struct StepSpec {
     /// classes of each row and their probabilities, computed on the GPU
     /// ([`StepOutput::top`]), instead of the logits (0: the logits).
     pub top_k: usize,
+    /// Compute each BatchNormalization layer's covariate-shift score on the GPU and read the
+    /// scores back ([`StepOutput::shift`]): method auto's judging forward.
+    pub shift_score: bool,
 }
 
 /// [`StepSpec::z_piece`] of paced steps: 4 images (× groups, × stride phases) per convolution
@@ -70,6 +73,9 @@ pub struct StepPlan {
     staging_loss: wgpu::Buffer,
     /// A selection read back (ETA/EATA, WoC): [flags (B), weights (B)], and its staging buffer.
     selection: Option<(usize, wgpu::Buffer)>,
+    /// [`StepSpec::shift_score`]: the value holding the layers' scores, how many, and its staging
+    /// buffer.
+    shift: Option<(usize, usize, wgpu::Buffer)>,
     /// A second pass read back (SAR): its loss and selection ([flags (B), |S|]) with one staging
     /// buffer each.
     second: Option<(usize, usize, wgpu::Buffer, wgpu::Buffer)>,
@@ -121,6 +127,9 @@ pub struct StepOutput {
     /// The optimizer updated the parameters (its gate stayed open: something was selected and
     /// nothing was refused). False for programs without a gradient step.
     pub stepped: bool,
+    /// [`StepSpec::shift_score`]: per BatchNormalization layer (in the graph's order), the mean
+    /// over its channels of KL(batch statistics ‖ stored statistics) (`bn_shift`).
+    pub shift: Option<Vec<f32>>,
 }
 
 /// Name of the guard's state buffer in forward-only programs that commit RBN statistics.
@@ -141,6 +150,14 @@ impl StepPlan {
         let mut program = Program { z_piece: spec.z_piece, ..Program::default() };
         let mut hook = BnHook::new(spec.mode, training || spec.source_affine);
         hook.source_affine = spec.source_affine;
+        if spec.shift_score {
+            let layers = graph.nodes.iter().filter(|n| matches!(n.op, crate::ops::Op::BatchNorm(_))).count();
+            if layers > 0 {
+                let out = program.value(layers as u64 * 4);
+                program.pinned_end.push(out);
+                hook.shift = Some(super::bn::ShiftScores { out, layers, written: 0 });
+            }
+        }
         let fwd = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook)?;
         let (logits_v, logits_shape) = match fwd.outputs.first() {
             Some((_, GraphOutput::Value { id, shape })) => (*id, shape.clone()),
@@ -328,8 +345,10 @@ impl StepPlan {
             dispatches.extend(deferred_commits(state, &deferred));
             program.items.push(Item { label: "guard commit".into(), dispatches, scratch: vec![] });
         }
+        let shift = hook.shift.as_ref().filter(|s| s.written > 0).map(|s| (s.out, s.written));
         let compiled = Compiled::compile(ctx, &program, store)?;
         Ok(StepPlan {
+            shift: shift.map(|(v, n)| (v, n, staging(ctx, n as u64 * 4))),
             chunk_ms: Default::default(),
             input: fwd.inputs[0].1,
             input_shape: shape.to_vec(),
@@ -364,6 +383,11 @@ impl StepPlan {
     /// later steps on a batch, whose predictions are not returned).
     pub fn run_with(&self, ctx: &GpuContext, x: &[f32], update_state: bool) -> Result<StepOutput, PlanError> {
         self.run_paced(ctx, StepInput::Host(x), update_state, None)
+    }
+
+    /// The class count: the last dimension of the logits.
+    pub fn output_classes(&self) -> usize {
+        self.logits.1.last().copied().unwrap_or(1).max(1)
     }
 
     /// Sets α of the program's BN-α layers for its next runs (method `auto`'s falling source
@@ -528,6 +552,9 @@ impl StepPlan {
         if let Some((g, st)) = &self.guard {
             encoder.copy_buffer_to_buffer(&self.compiled.weight_buffers[*g], 0, st, 0, optim::STATE_LEN as u64 * 4);
         }
+        if let Some((v, n, st)) = &self.shift {
+            encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*v), 0, st, 0, *n as u64 * 4);
+        }
         ctx.queue.submit([encoder.finish()]);
         let (logits, top) = match &self.top {
             Some((_, k, st)) => {
@@ -581,7 +608,11 @@ impl StepPlan {
             }
             None => (false, false),
         };
-        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped, top })
+        let shift = match &self.shift {
+            Some((_, n, st)) => Some(read_buffer(ctx, st, *n)?),
+            None => None,
+        };
+        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped, top, shift })
     }
 }
 

@@ -87,6 +87,10 @@ pub struct FrameResult {
     /// Method `auto`: the diagnostics and decision of the batch (frame mode: of the window step
     /// that ran with this frame).
     pub auto: Option<crate::adapt::methods::auto::Diagnostics>,
+    /// Frame mode, method `auto`: the latest decision judged the labels correlated, so `top_k`
+    /// was re-ranked by the recent frames' classes
+    /// ([`FramePrior`](crate::adapt::methods::auto::FramePrior)).
+    pub prior_corrected: bool,
 }
 
 /// A background step that [`StreamSession::finish`] landed: no frame was left to report it, so
@@ -191,6 +195,18 @@ pub struct StreamSession {
     frame_len: usize,
     frame_shape: Vec<usize>,
     steps: u64,
+    /// Frame mode, method `auto`: the recent-class prior (made on the first frame, when the
+    /// class count is known) and whether the latest decision judged the labels correlated.
+    frame_prior: FramePriorState,
+}
+
+/// [`StreamSession`]'s recent-class prior (frame mode, method `auto`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct FramePriorState {
+    /// Frame mode with method `auto` and a correction power above 0.
+    pub on: bool,
+    pub prior: Option<crate::adapt::methods::auto::FramePrior>,
+    pub correlated: bool,
 }
 
 /// Frame mode's window on the GPU (background steps): the preprocessed frames in a ring of
@@ -393,6 +409,9 @@ impl StreamSession {
         // batch statistics are far too large.
 
         let frame_len = frame_shape.iter().product();
+        let frame_prior_on = config.stream.mode == StreamMode::Frame
+            && config.adapt.method == Method::Auto
+            && config.auto.frame_prior_power > 0.0;
         Ok(StreamSession {
             session: Arc::new(Mutex::new(session)),
             config,
@@ -418,7 +437,43 @@ impl StreamSession {
             frame_len,
             frame_shape,
             steps: 0,
+            frame_prior: FramePriorState { on: frame_prior_on, ..Default::default() },
         })
+    }
+
+    /// Classes a frame's prediction is taken among before [`StreamSession::frame_prior_top`]
+    /// keeps the `top_k` reported ones.
+    fn internal_top_k(&self) -> usize {
+        match self.frame_prior.on {
+            true => self.options.top_k.max(crate::adapt::methods::auto::FramePrior::TOP),
+            false => self.options.top_k,
+        }
+    }
+
+    /// Frame mode, method `auto`: notes the decision of a window step.
+    fn note_decision(&mut self, d: Option<&crate::adapt::methods::auto::Diagnostics>) {
+        if let Some(d) = d {
+            self.frame_prior.correlated = d.correlated && !d.unjudged;
+        }
+    }
+
+    /// Frame mode, method `auto`: `top` (the frame's [`StreamSession::internal_top_k`] classes
+    /// of `classes`) re-ranked by the recent-class prior when the latest decision judged the
+    /// labels correlated; the prior then takes the frame. Returns the `top_k` classes to report
+    /// and whether they were re-ranked.
+    fn frame_prior_top(&mut self, top: Vec<(usize, f32)>, classes: usize) -> (Vec<(usize, f32)>, bool) {
+        let k = self.options.top_k;
+        let state = &mut self.frame_prior;
+        if !state.on {
+            return (top, false);
+        }
+        let auto = &self.config.auto;
+        let prior = state.prior.get_or_insert_with(|| crate::adapt::methods::auto::FramePrior::new(classes));
+        let corrected = state.correlated;
+        let mut out = if corrected { prior.correct(&top, auto.frame_prior_power) } else { top.clone() };
+        prior.observe(&top, auto.frame_prior_momentum);
+        out.truncate(k);
+        (out, corrected)
     }
 
     /// The frame preprocessor (its GPU objects are reused from frame to frame).
@@ -597,6 +652,9 @@ impl StreamSession {
             self.ring.pop_front();
         }
         let adapt_err = |e| StreamError::Adapt { first: index, last: index, source: Box::new(e) };
+        // The frame's reported classes: re-ranked by auto's recent-class prior on the frame path.
+        let (mut reported, mut prior_corrected) = (Vec::new(), false);
+        let frame_path = !self.output_only();
         let (probs, adapted, loss, skipped, auto) = if self.output_only() {
             // LAME: the frame's prediction is its row of the output stage over the window.
             let rows: Vec<&[f32]> = self.ring.iter().map(|r| r.as_slice()).collect();
@@ -615,6 +673,10 @@ impl StreamSession {
             let mut loss = None;
             let mut skipped = p.skipped;
             let mut auto = None;
+            let c = self.output_classes(probs.len());
+            let (top, corrected) = self.frame_prior_top(top_k(&probs, self.internal_top_k()), c);
+            prior_corrected = corrected;
+            reported = top;
             if self.config.adapt.method.updates_parameters() && self.since_step >= adapt_every && self.ring.len() >= 2 {
                 let rows: Vec<Vec<f32>> = self.ring.iter().cloned().collect();
                 let session = self.session.clone();
@@ -629,19 +691,24 @@ impl StreamSession {
                 loss = step.loss;
                 skipped |= step.skipped;
                 auto = step.auto;
+                self.note_decision(auto.as_ref());
             }
             (probs, adapted, loss, skipped, auto)
         };
+        if !frame_path {
+            reported = top_k(&probs, self.options.top_k);
+        }
         Ok(FrameResult {
             index,
             timestamp_us: meta.timestamp_us,
-            top_k: top_k(&probs, self.options.top_k),
+            top_k: reported,
             source_top,
             latency_ms: meta.arrived.elapsed().as_secs_f32() * 1000.0,
             adapted,
             loss,
             skipped,
             auto,
+            prior_corrected,
         })
     }
 
@@ -701,10 +768,12 @@ impl StreamSession {
             let norm = self.frame_norm();
             let shape = self.frame_shape.clone();
             // Only the frame's top-k comes back from the GPU (up to 32 classes; more: the logits).
-            let k = if self.options.top_k <= 32 { self.options.top_k.max(1) } else { 0 };
+            let k = self.internal_top_k();
+            let k = if k <= 32 { k.max(1) } else { 0 };
             let plan = self.locked().forward_plan(&shape, norm, k).map_err(adapt_err)?;
             self.predictor = Some(plan);
         }
+        let internal_k = self.internal_top_k();
         let predictor = self.predictor.as_ref().expect("built above");
         let ring = self.gpu_ring.as_mut().expect("made above");
         let t = Instant::now();
@@ -721,17 +790,22 @@ impl StreamSession {
             self.predictor_skips += 1;
             log::warn!("non-finite statistics from frame {index}: the statistics update was skipped");
         }
+        let classes = predictor.output_classes();
         let top = match out.top.and_then(|t| t.into_iter().next()) {
             Some(top) => top,
             None => {
                 let probs = out.probs.unwrap_or_else(|| softmax_rows(&out.logits)).to_f32_vec();
-                top_k(&probs, self.options.top_k)
+                top_k(&probs, internal_k)
             }
         };
         ring.head = (slot + 1) % window;
         ring.len = (ring.len + 1).min(window);
+        let ring_len = ring.len;
+        // The decision of the step that landed before this frame counts for it.
+        self.note_decision(landed.as_ref().and_then(|p| p.auto.as_ref()));
+        let (top, prior_corrected) = self.frame_prior_top(top, classes);
         self.since_step += 1;
-        if self.since_step >= adapt_every && ring.len >= 2 {
+        if self.since_step >= adapt_every && ring_len >= 2 {
             // The previous step landed at the latest above (due = its start + adapt_every); it
             // must have, before its snapshot is overwritten.
             if let Some(r) = self.land() {
@@ -801,7 +875,22 @@ impl StreamSession {
             loss,
             skipped,
             auto,
+            prior_corrected,
         })
+    }
+
+    /// The model's class count as its output declares it, else `fallback` (a frame's
+    /// probabilities).
+    fn output_classes(&self, fallback: usize) -> usize {
+        self.graph
+            .outputs
+            .first()
+            .and_then(|o| o.dims.as_deref())
+            .and_then(|d| match d.last() {
+                Some(crate::ir::Dim::Fixed(n)) => Some(*n),
+                _ => None,
+            })
+            .unwrap_or(fallback)
     }
 
     /// The window's frames, oldest first (read back from the GPU ring in background mode).
@@ -889,6 +978,7 @@ impl StreamSession {
                 loss: p.loss,
                 skipped: p.skipped,
                 auto: p.auto.clone(),
+                prior_corrected: false,
             })
             .collect())
     }

@@ -14,7 +14,11 @@
 //!      on SVHN→MNIST: 90th percentile 0.08 on the i.i.d. test order, median 0.54 on the
 //!      Dirichlet-0.1 order). ρ is smoothed over batches with `correlation_momentum`.
 //!    - **agreement with the source statistics**, the returned predictions' **collapse** (the
-//!      entropy of their mean, relative to the source's) and the share of their top class.
+//!      entropy of their mean, relative to the source's) and the share of their top class;
+//!    - the **covariate-shift score**, computed on the GPU in the same pass (`bn_shift`): the
+//!      mean over the BatchNorm layers of KL(batch statistics ‖ source statistics) per channel.
+//!      It is reported, not decided on: on SVHN→MNIST the sets where the source prior should
+//!      fall faster score lower than clean digits (docs/accuracy.md).
 //! 2. **Labels correlated** (smoothed ρ > `correlation_threshold`): the batch statistics would
 //!    normalise one class as if it were the whole distribution (−10 points for every
 //!    batch-statistics method on the correlated order, docs/accuracy.md), so no statistics are
@@ -112,6 +116,12 @@ pub struct AutoSection {
     pub label_shift_threshold: f32,
     /// q̂ ← m·q̂ + (1 − m)·mean(p) of the label-shift estimate.
     pub label_shift_momentum: f32,
+    /// Frame mode: the recent-class prior's momentum, r ← m·r + (1 − m)·p̃ after every frame
+    /// ([`FramePrior`]).
+    pub frame_prior_momentum: f32,
+    /// Frame mode, labels judged correlated: a frame's top classes are re-weighted by the
+    /// recent-class prior to this power (p·r^γ). 0 turns the correction off.
+    pub frame_prior_power: f32,
 }
 
 impl Default for AutoSection {
@@ -128,6 +138,8 @@ impl Default for AutoSection {
             collapse_ratio: 0.35,
             label_shift_threshold: 0.1,
             label_shift_momentum: 0.9,
+            frame_prior_momentum: 0.5,
+            frame_prior_power: 2.0,
         }
     }
 }
@@ -151,6 +163,7 @@ impl Section for AutoSection {
             ("auto.collapse_ratio", self.collapse_ratio),
             ("auto.label_shift_threshold", self.label_shift_threshold),
             ("auto.label_shift_momentum", self.label_shift_momentum),
+            ("auto.frame_prior_momentum", self.frame_prior_momentum),
         ] {
             if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
                 return Err(Invalid::new(key, v, "must be in [0, 1]"));
@@ -161,6 +174,9 @@ impl Section for AutoSection {
         }
         if !(self.source_decay.is_finite() && self.source_decay >= 0.0) {
             return Err(Invalid::new("auto.source_decay", self.source_decay, "must be a finite number >= 0"));
+        }
+        if !(self.frame_prior_power.is_finite() && self.frame_prior_power >= 0.0) {
+            return Err(Invalid::new("auto.frame_prior_power", self.frame_prior_power, "must be a finite number >= 0"));
         }
         if !(self.prior_samples.is_finite() && self.prior_samples > 0.0) {
             return Err(Invalid::new("auto.prior_samples", self.prior_samples, "must be a finite number > 0"));
@@ -272,6 +288,14 @@ pub struct Diagnostics {
     pub reset: bool,
     /// BN-α's α the step normalised with (`None`: no step on this batch).
     pub alpha: Option<f32>,
+    /// The covariate-shift score: the mean over the BatchNormalization layers of the mean over
+    /// their channels of KL(N(batch mean, batch variance) ‖ N(source mean, source variance)),
+    /// with the statistics of the layers' inputs in the source model's forward pass, computed on
+    /// the GPU in that pass (`bn_shift` in `shaders/norm.wgsl`). 0 when the batch looks like the
+    /// source data to every layer; it also grows with the sampling noise of a small batch and
+    /// with label correlation (one class's statistics are not the data's). `None`: a model
+    /// without BatchNormalization.
+    pub covariate_shift: Option<f32>,
 }
 
 /// `auto`'s host-side decision state, mirrored in [`STATE`] so that a saved state carries it.
@@ -448,6 +472,74 @@ impl Decision {
 
 /// The diagnostics of a batch whose returned probabilities are `returned` and whose
 /// source-statistics probabilities are `source`.
+/// Frame mode's recent-class prior: what `auto` does for single frames when the window's labels
+/// are judged correlated. A frame cannot be smoothed with its batch as LAME smooths one (it has
+/// none), but on a correlated stream the last frames' classes are the likeliest: the frame's top
+/// classes are re-weighted by r^γ, r the running average of the previous frames' top-class
+/// probabilities (each frame's top classes renormalised to sum to 1; r starts uniform). Only the
+/// top classes take part, because only they come back from the GPU; their total probability is
+/// kept. Measured with the source model on the first 4,096 SVHN→MNIST frames (top 5, m = 0.5):
+/// Dirichlet 0.1 order 77.39 → 87.35 % (γ = 1: 85.62), Dirichlet 0.01 68.77 → 78.69 %; on the
+/// i.i.d. order the correction would cost 12.8 points (γ = 2), which is why it waits for the
+/// decision. On the compressed carphone clip (MobileNetV2) it raises agreement with the clean
+/// clip's predictions from 23.3 to 26.7 % while keeping 95.8 % of the clean clip's predictions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FramePrior {
+    /// r per class ([`FramePrior::new`]: uniform over the model's classes).
+    pub r: Vec<f64>,
+}
+
+impl FramePrior {
+    /// Top classes a corrected frame is re-ranked among (at least).
+    pub const TOP: usize = 5;
+
+    pub fn new(classes: usize) -> FramePrior {
+        let c = classes.max(1);
+        FramePrior { r: vec![1.0 / c as f64; c] }
+    }
+
+    fn at(&self, class: usize) -> f64 {
+        self.r.get(class).copied().unwrap_or(0.0)
+    }
+
+    /// `top` (class, probability) re-weighted by r^`power`, renormalised to the same total and
+    /// sorted most probable first (ties: the original order). Unchanged when the weights vanish
+    /// or are not finite.
+    pub fn correct(&self, top: &[(usize, f32)], power: f32) -> Vec<(usize, f32)> {
+        let total: f64 = top.iter().map(|&(_, p)| p as f64).sum();
+        let w: Vec<f64> = top.iter().map(|&(c, p)| p as f64 * self.at(c).powf(power as f64)).collect();
+        let sum: f64 = w.iter().sum();
+        if !(sum > 0.0 && sum.is_finite() && total.is_finite()) {
+            return top.to_vec();
+        }
+        let mut out: Vec<(usize, f32)> =
+            top.iter().zip(&w).map(|(&(c, _), &v)| (c, (v / sum * total) as f32)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out
+    }
+
+    /// r ← m·r + (1 − m)·p̃, p̃ the frame's `top` probabilities renormalised to sum to 1 (a frame
+    /// whose probabilities are not finite or sum to 0 leaves r as it was).
+    pub fn observe(&mut self, top: &[(usize, f32)], momentum: f32) {
+        let total: f64 = top.iter().map(|&(_, p)| p as f64).sum();
+        if !(total > 0.0 && total.is_finite()) || top.iter().any(|&(c, _)| c >= self.r.len()) {
+            return;
+        }
+        let m = momentum as f64;
+        self.r.iter_mut().for_each(|v| *v *= m);
+        for &(c, p) in top {
+            self.r[c] += (1.0 - m) * p as f64 / total;
+        }
+    }
+}
+
+/// [`Diagnostics::covariate_shift`] from the layers' scores: their mean (f64), `None` without a
+/// layer or when a score is not finite (a model whose stored variance is negative).
+pub fn covariate_shift(layers: &[f32]) -> Option<f32> {
+    let mean = layers.iter().map(|&v| v as f64).sum::<f64>() / layers.len() as f64;
+    (!layers.is_empty() && mean.is_finite()).then_some(mean as f32)
+}
+
 pub fn diagnose(
     rho: Option<f64>,
     decision: &Decision,
@@ -479,6 +571,7 @@ pub fn diagnose(
         top_share: counts.iter().max().copied().unwrap_or(0) as f32 / b as f32,
         reset,
         alpha: None,
+        covariate_shift: None,
     }
 }
 
@@ -533,6 +626,31 @@ mod tests {
             d.observe(&one_hot(&spread, 1000), &section);
         }
         assert!(d.skew() > 0.1 && !d.label_shifted(&section), "skew {}", d.skew());
+    }
+
+    /// The recent-class prior's update and correction, computed by hand.
+    #[test]
+    fn the_frame_prior_reranks_by_the_recent_classes() {
+        let mut fp = FramePrior::new(4);
+        assert_eq!(fp.r, vec![0.25; 4]);
+        // Top classes renormalised to [class 0: 0.25, class 2: 0.75], then r = 0.5 r + 0.5 p̃.
+        fp.observe(&[(2, 0.375), (0, 0.125)], 0.5);
+        assert_eq!(fp.r, vec![0.25, 0.125, 0.5, 0.125]);
+        // w = p r²: class 1 0.5 · 0.125² = 0.0078125, class 2 0.3 · 0.5² = 0.075; their total 0.8
+        // is kept: class 2 0.075/0.0828125 · 0.8, class 1 the rest.
+        let c = fp.correct(&[(1, 0.5), (2, 0.3)], 2.0);
+        assert_eq!(c.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+        assert!((c[0].1 - 0.724_528_3).abs() < 1e-6 && (c[1].1 - 0.075_471_7).abs() < 1e-6, "{c:?}");
+        // γ = 0: nothing changes.
+        assert_eq!(fp.correct(&[(1, 0.5), (2, 0.3)], 0.0), vec![(1, 0.5), (2, 0.3)]);
+        // Non-finite or empty frames, and classes the prior does not have, leave it as it was.
+        let before = fp.clone();
+        fp.observe(&[(1, f32::NAN)], 0.5);
+        fp.observe(&[], 0.5);
+        fp.observe(&[(9, 0.9)], 0.5);
+        assert_eq!(fp, before);
+        let c = fp.correct(&[(1, f32::NAN), (2, 0.3)], 2.0);
+        assert!(c[0].0 == 1 && c[0].1.is_nan() && c[1] == (2, 0.3), "{c:?}");
     }
 
     #[test]

@@ -13,8 +13,13 @@
 //! ```text
 //! "ACCLSTRM" | u32 version | u64 frames | u64 steps | u64 since_step | u32 frame_len | u32 rows
 //! | u64 session_len | the session's state file (safetensors, see adapt::state), session_len bytes
-//! | rows × frame_len f32 (the window, oldest first) | SHA-256 of everything before it
+//! | rows × frame_len f32 (the window, oldest first)
+//! | u32 correlated | u32 classes | classes × f64 (method auto's recent-class prior in frame mode:
+//!   whether the latest decision judged the labels correlated, and the prior; 0 classes: none yet)
+//! | SHA-256 of everything before it
 //! ```
+//!
+//! Version 1 files (without the recent-class prior) load with a fresh prior.
 //!
 //! Not included: SAR's loss EMA (the session keeps it outside its state file), the count of
 //! steps the parameter guard skipped, and batch mode's frames of an incomplete batch (saving
@@ -33,12 +38,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use super::StreamSession;
+use super::{FramePriorState, StreamSession};
 use crate::adapt::state::{self, StateError};
 
 const MAGIC: &[u8; 8] = b"ACCLSTRM";
 /// The layout version this build writes and reads.
-const STREAM_STATE_VERSION: u32 = 1;
+const STREAM_STATE_VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8 + 8 + 8 + 4 + 4 + 8;
 const DIGEST: usize = 32;
 
@@ -51,6 +56,10 @@ struct Decoded<'a> {
     frame_len: usize,
     rows: Vec<Vec<f32>>,
     session: &'a [u8],
+    /// Method auto's recent-class prior (frame mode): the latest decision's "correlated" and the
+    /// prior (empty: none yet).
+    correlated: bool,
+    prior: Vec<f64>,
 }
 
 fn encode(d: &Decoded<'_>) -> Vec<u8> {
@@ -68,6 +77,11 @@ fn encode(d: &Decoded<'_>) -> Vec<u8> {
         for v in row {
             out.extend_from_slice(&v.to_le_bytes());
         }
+    }
+    out.extend_from_slice(&(d.correlated as u32).to_le_bytes());
+    out.extend_from_slice(&(d.prior.len() as u32).to_le_bytes());
+    for v in &d.prior {
+        out.extend_from_slice(&v.to_le_bytes());
     }
     let digest = Sha256::digest(&out);
     out.extend_from_slice(&digest);
@@ -89,24 +103,37 @@ fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
     let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap_or([0; 4]));
     let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap_or([0; 8]));
     let version = u32_at(8);
-    if version != STREAM_STATE_VERSION {
-        return Err(format!("stream state version {version}; this build reads version {STREAM_STATE_VERSION}"));
+    if !(1..=STREAM_STATE_VERSION).contains(&version) {
+        return Err(format!("stream state version {version}; this build reads versions 1 to {STREAM_STATE_VERSION}"));
     }
     let (frames, steps, since_step) = (u64_at(12), u64_at(20), u64_at(28));
     let (frame_len, rows, session_len) = (u32_at(36) as usize, u32_at(40) as usize, u64_at(44));
     let window_bytes = rows.checked_mul(frame_len).and_then(|n| n.checked_mul(4));
-    let expected = window_bytes
+    let window_end = window_bytes
         .and_then(|w| usize::try_from(session_len).ok().and_then(|s| s.checked_add(w)))
         .and_then(|n| n.checked_add(HEADER));
-    if expected != Some(body.len()) {
-        return Err(format!(
-            "the header promises a {session_len}-byte session state and {rows} frames of {frame_len} floats, \
+    let promised = |prior: &str| {
+        format!(
+            "the header promises a {session_len}-byte session state and {rows} frames of {frame_len} floats{prior}, \
              the file holds {} bytes for them",
             body.len() - HEADER
-        ));
+        )
+    };
+    // Version 2: the recent-class prior after the window.
+    let (correlated, classes) = match (version, window_end) {
+        (2.., Some(end)) if body.len() >= end + 8 => (u32_at(end), u32_at(end + 4) as usize),
+        (2.., _) => return Err(promised(" and a recent-class prior")),
+        _ => (0, 0),
+    };
+    let prior_bytes = if version >= 2 { classes.checked_mul(8).and_then(|n| n.checked_add(8)) } else { Some(0) };
+    let expected = window_end.zip(prior_bytes).and_then(|(n, p)| n.checked_add(p));
+    if expected != Some(body.len()) {
+        return Err(promised(&if version >= 2 { format!(" and a prior of {classes} classes") } else { String::new() }));
     }
+    let prior_bytes = prior_bytes.unwrap_or(0);
     let session_end = HEADER + session_len as usize;
-    let window = &body[session_end..];
+    let window_end = body.len() - prior_bytes;
+    let window = &body[session_end..window_end];
     let rows = if frame_len == 0 {
         vec![Vec::new(); rows]
     } else {
@@ -118,7 +145,28 @@ fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
     if steps > frames || since_step > frames {
         return Err(format!("{steps} steps and {since_step} frames since the last one, of {frames} frames in all"));
     }
-    Ok(Decoded { frames, steps, since_step, frame_len, rows, session: &body[HEADER..session_end] })
+    if correlated > 1 {
+        return Err(format!("the recent-class prior's correlated flag is {correlated}, not 0 or 1"));
+    }
+    let prior: Vec<f64> = body[window_end..]
+        .get(8..)
+        .unwrap_or(&[])
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    if prior.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+        return Err("the recent-class prior holds a negative, NaN or infinite value".into());
+    }
+    Ok(Decoded {
+        frames,
+        steps,
+        since_step,
+        frame_len,
+        rows,
+        session: &body[HEADER..session_end],
+        correlated: correlated == 1,
+        prior,
+    })
 }
 
 /// A scratch file for the session's part of a stream state, removed when dropped.
@@ -226,6 +274,8 @@ impl StreamSession {
             frame_len: self.frame_len,
             rows: self.window_rows()?,
             session: &session,
+            correlated: self.frame_prior.correlated,
+            prior: self.frame_prior.prior.as_ref().map(|p| p.r.clone()).unwrap_or_default(),
         });
         write_atomic(path, &bytes).map_err(write_err)?;
         Ok(())
@@ -246,6 +296,7 @@ impl StreamSession {
             self.clear_window();
             self.pending.clear();
             self.since_step = 0;
+            self.frame_prior = FramePriorState { on: self.frame_prior.on, ..Default::default() };
             return Ok(());
         }
         let corrupt = |reason: String| StateError::Corrupt { path: path.to_path_buf(), reason };
@@ -290,6 +341,11 @@ impl StreamSession {
         self.since_step = d.since_step as usize;
         self.next_index = d.frames;
         self.steps = d.steps;
+        self.frame_prior = FramePriorState {
+            on: self.frame_prior.on,
+            correlated: d.correlated,
+            prior: (!d.prior.is_empty()).then_some(crate::adapt::methods::auto::FramePrior { r: d.prior }),
+        };
         Ok(())
     }
 
@@ -305,6 +361,7 @@ impl StreamSession {
         self.clear_window();
         self.pending.clear();
         self.since_step = 0;
+        self.frame_prior = FramePriorState { on: self.frame_prior.on, ..Default::default() };
         Ok(())
     }
 
@@ -338,15 +395,59 @@ mod tests {
             frame_len: 3,
             rows: vec![vec![1.0, -2.0, 0.5], vec![0.0, f32::MIN_POSITIVE, 3.25]],
             session,
+            correlated: true,
+            prior: vec![0.5, 0.25, 0.25],
         }
+    }
+
+    fn reseal(mut b: Vec<u8>) -> Vec<u8> {
+        b.truncate(b.len() - DIGEST);
+        let d = Sha256::digest(&b);
+        b.extend_from_slice(&d);
+        b
     }
 
     #[test]
     fn stream_state_round_trips() {
         let bytes = encode(&sample(b"session-bytes"));
         assert_eq!(decode(&bytes).unwrap(), sample(b"session-bytes"));
-        let empty = Decoded { rows: Vec::new(), frames: 0, steps: 0, since_step: 0, ..sample(b"") };
+        let empty = Decoded {
+            rows: Vec::new(),
+            frames: 0,
+            steps: 0,
+            since_step: 0,
+            correlated: false,
+            prior: Vec::new(),
+            ..sample(b"")
+        };
         assert_eq!(decode(&encode(&empty)).unwrap(), empty);
+    }
+
+    /// A version-1 file (no recent-class prior after the window) still loads, with no prior.
+    #[test]
+    fn version_1_stream_states_load_without_a_prior() {
+        let v2 = encode(&Decoded { correlated: false, prior: Vec::new(), ..sample(b"session-bytes") });
+        let mut v1 = v2[..v2.len() - DIGEST - 8].to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&[0; DIGEST]);
+        let v1 = reseal(v1);
+        let d = decode(&v1).unwrap();
+        assert_eq!(d, Decoded { correlated: false, prior: Vec::new(), ..sample(b"session-bytes") });
+    }
+
+    #[test]
+    fn a_bad_recent_class_prior_is_refused() {
+        let bytes = encode(&sample(b"session-bytes"));
+        let prior_at = bytes.len() - DIGEST - 3 * 8;
+        let mut b = bytes.clone();
+        b[prior_at..prior_at + 8].copy_from_slice(&f64::NAN.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("recent-class prior holds"));
+        let mut b = bytes.clone();
+        b[prior_at - 8..prior_at - 4].copy_from_slice(&7u32.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("correlated flag is 7"));
+        let mut b = bytes.clone();
+        b[prior_at - 4..prior_at].copy_from_slice(&4u32.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("a prior of 4 classes"));
     }
 
     #[test]
@@ -368,12 +469,6 @@ mod tests {
 
     #[test]
     fn inconsistent_headers_are_refused_even_with_a_valid_checksum() {
-        let reseal = |mut b: Vec<u8>| {
-            b.truncate(b.len() - DIGEST);
-            let d = Sha256::digest(&b);
-            b.extend_from_slice(&d);
-            b
-        };
         let mut b = encode(&sample(b"session-bytes"));
         b[40..44].copy_from_slice(&5u32.to_le_bytes());
         assert!(decode(&reseal(b)).unwrap_err().contains("5 frames of 3 floats"));
@@ -381,8 +476,8 @@ mod tests {
         b[44..52].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode(&reseal(b)).unwrap_err().contains("the header promises"));
         let mut b = encode(&sample(b"session-bytes"));
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
-        assert!(decode(&reseal(b)).unwrap_err().contains("version 2"));
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("version 3"));
         let mut b = encode(&sample(b"session-bytes"));
         b[20..28].copy_from_slice(&100u64.to_le_bytes());
         assert!(decode(&reseal(b)).unwrap_err().contains("100 steps"));
