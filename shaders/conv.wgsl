@@ -201,17 +201,21 @@ fn conv_gemm(
 }
 
 @compute @workgroup_size(256)
-fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
     if pli == 0u {
         p = p_in;
     }
     workgroupBarrier();
-    let i = gid.x + gid.y * nwg.x * 256u;
+    // One image per z workgroup (in_dims.w: the first z workgroup of this piece of a dispatch
+    // split along z), so that a paced step can split the dispatch along the batch.
+    let img = wid.z + p.in_dims.w;
+    let j = gid.x + gid.y * nwg.x * 256u;
+    let per_image = p.cout * p.p;
+    if j >= per_image { return; }
+    let i = img * per_image + j;
     if i >= p.total { return; }
-    let pos = i % p.p;
-    let nc = i / p.p;
-    let oc = nc % p.cout;
-    let img = nc / p.cout;
+    let pos = j % p.p;
+    let oc = j / p.p;
     // Output channel oc reads input channel oc / multiplier.
     let ci = oc / p.cout_g;
     let in_plane = p.in_dims.x * p.in_dims.y * p.in_dims.z;
@@ -429,13 +433,17 @@ fn conv_gemm_dx(
 }
 
 @compute @workgroup_size(256)
-fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
+fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    // One image per z workgroup (in_dims.w: the first z workgroup of this piece of a dispatch
+    // split along z).
+    let img = wid.z + q.in_dims.w;
+    let j = gid.x + gid.y * nwg.x * 256u;
+    let per_image = q.cin * q.p_in;
+    if j >= per_image { return; }
+    let i = img * per_image + j;
     if i >= q.total { return; }
-    let pos = i % q.p_in;
-    let nc = i / q.p_in;
-    let ci = nc % q.cin;
-    let img = nc / q.cin;
+    let pos = j % q.p_in;
+    let ci = j / q.p_in;
     // Input channel ci feeds output channels ci * mult .. ci * mult + mult - 1.
     let mult = q.cout_g;
     let at = vec3<i32>(split3(pos, q.in_dims.y, q.in_dims.z)) + q.pads.xyz;

@@ -48,9 +48,10 @@ FISHER_DIR = DATA / "fisher"
 # The full-set reference tables (the four sets of the first measurement).
 DATASETS = ("clean", "gaussian_noise5", "defocus_blur5", "correlated")
 # The runtime's grid: every row of the table, in the order they are run.
-GRID_DATASETS = ("clean", "gaussian_noise5", "correlated", "longtail", "mixed", "defocus_blur_c5")
-# Sets measured by the reference only (all their digits): a runtime grid row costs ~11 minutes of
-# lavapipe here.
+GRID_DATASETS = ("clean", "gaussian_noise3", "gaussian_noise5", "defocus_blur_c3", "defocus_blur_c5", "defocus_blur5", "mixed",
+                 "correlated", "correlated001", "longtail")
+# Sets whose whole-set numbers come from the reference only (the runtime's grid covers their first
+# 1,024 digits: a grid row costs ~11 minutes of lavapipe here).
 REFERENCE_ONLY = ("gaussian_noise3", "defocus_blur_c3", "defocus_blur5", "correlated001")
 ALL_DATASETS = tuple(dict.fromkeys(DATASETS + GRID_DATASETS + REFERENCE_ONLY))
 TITLES = {

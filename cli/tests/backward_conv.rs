@@ -9,7 +9,9 @@
 //! Each case runs its backward twice in one submission: once overwriting a NaN-filled gradient
 //! buffer (so a position the kernel forgets to write fails) and once with `accumulate` into a
 //! buffer pre-filled with known values (which must end up as prefill + gradient). The whole
-//! submission is then repeated and must give bit-identical results (no atomics, fixed order).
+//! submission is then repeated and must give bit-identical results (no atomics, fixed order),
+//! and run once more with every dispatch that may be split along z recorded in pieces of one z
+//! workgroup (what a paced step does), which must give the same bits.
 
 mod common;
 
@@ -138,6 +140,32 @@ fn check_backward(
     let mut again = values.clone();
     run_dispatches(ctx, &mut again, &weights, &scratch, &dispatches)
         .unwrap_or_else(|e| panic!("{case}: second GPU run failed: {e}"));
+
+    // A paced step records the dispatches that may be split along z in pieces (one z workgroup
+    // each here): they must compute bit for bit what the whole dispatches do.
+    let pieces: Vec<_> = dispatches
+        .iter()
+        .flat_map(|d| match d.params.splits_along_z() {
+            true => (0..d.workgroups[2])
+                .map(|z| {
+                    let mut part = d.clone();
+                    part.params = d.params.z_piece(z, 1, d.workgroups[2]);
+                    part.workgroups[2] = 1;
+                    part
+                })
+                .collect(),
+            false => vec![d.clone()],
+        })
+        .collect();
+    if pieces.len() > dispatches.len() {
+        let mut split = values.clone();
+        run_dispatches(ctx, &mut split, &weights, &scratch, &pieces)
+            .unwrap_or_else(|e| panic!("{case}: GPU run of the split dispatches failed: {e}"));
+        for (i, (a, b)) in results.iter().zip(&split).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{case}: value {i} differs when the dispatches are split along z");
+        }
+    }
 
     for (n, (j, fd)) in want.iter().enumerate() {
         let scale = fd.iter().fold(0.0f64, |m, v| m.max(v.abs()));

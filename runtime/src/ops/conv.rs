@@ -279,6 +279,18 @@ fn check_u32(what: &str, n: usize) -> OpResult<u32> {
     })
 }
 
+/// The depthwise kernels' grid: `per_image` invocations (flat, as [`grid_1d`]) per image, one
+/// image per z workgroup, so that a paced step can split the dispatch along the batch.
+fn per_image_grid(per_image: usize, batch: usize) -> OpResult<[u32; 3]> {
+    if batch > MAX_GROUPS {
+        return Err(OpReason::TooLarge(format!(
+            "a depthwise Conv on a batch of {batch} exceeds the {MAX_GROUPS} workgroups of one dispatch"
+        )));
+    }
+    let [x, y, _] = grid_1d(per_image, 256);
+    Ok([x, y, batch.max(1) as u32])
+}
+
 pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
     let x = l.input(0, "X")?.clone();
     let w = l.input(1, "W")?.clone();
@@ -342,7 +354,7 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
     // Without a bias the binding still has to hold a buffer: W is read-only in this dispatch too.
     let bias_buf = bias.as_ref().map(|b| b.buf).unwrap_or(w.buf);
     let (entry, groups) = match geo.route() {
-        ConvRoute::Depthwise => ("conv_depthwise", grid_1d(total as usize, 256)),
+        ConvRoute::Depthwise => ("conv_depthwise", per_image_grid(geo.cout * p, geo.batch)?),
         _ => {
             let z = geo.batch * g;
             if z > MAX_GROUPS {
@@ -470,7 +482,7 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         .vec4i(&pads)
         .work_hint(&[geo.batch, geo.cout, p_out, cin_g, geo.kernel.iter().product()]);
     let (entry, groups) = match geo.route() {
-        ConvRoute::Depthwise => ("conv_depthwise_dx", grid_1d(total as usize, 256)),
+        ConvRoute::Depthwise => ("conv_depthwise_dx", per_image_grid(geo.cin * p_in, geo.batch)?),
         _ => {
             // Input positions split into stride phases (x + pad ≡ r mod s per dim); each phase
             // only meets the taps with tap * dilation ≡ r, so no tap is visited in vain.
