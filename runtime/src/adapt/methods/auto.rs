@@ -481,8 +481,8 @@ impl Decision {
 /// kept. Measured with the source model on the first 4,096 SVHN→MNIST frames (top 5, m = 0.5):
 /// Dirichlet 0.1 order 77.39 → 87.35 % (γ = 1: 85.62), Dirichlet 0.01 68.77 → 78.69 %; on the
 /// i.i.d. order the correction would cost 12.8 points (γ = 2), which is why it waits for the
-/// decision. On the compressed carphone clip (MobileNetV2) it raises agreement with the clean
-/// clip's predictions from 23.3 to 26.7 % while keeping 95.8 % of the clean clip's predictions.
+/// decision. On the compressed carphone clip (MobileNetV2, one scene) it is neutral within a
+/// frame or two (docs/accuracy.md).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FramePrior {
     /// r per class ([`FramePrior::new`]: uniform over the model's classes).
