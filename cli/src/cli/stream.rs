@@ -264,9 +264,15 @@ pub fn run_planned_with_labels(
                       records: &mut Vec<RunRecord>,
                       running: &mut Running|
      -> Result<(), CliError> {
-        // One decision of method auto per batch (frame mode: per window step).
-        if let Some((i, d)) = results.iter().find_map(|r| r.auto.as_ref().map(|d| (r.index as usize, d))) {
-            auto_tally.get_or_insert_with(Default::default).add(i, d);
+        // One decision of method auto per batch (frame mode: per window step). Every frame of a
+        // batch carries its batch's decision, and a batch too large for the device comes back
+        // decided in parts: a decision starts wherever the diagnostics change.
+        for (k, r) in results.iter().enumerate() {
+            if let Some(d) = &r.auto
+                && (k == 0 || results[k - 1].auto.as_ref() != Some(d))
+            {
+                auto_tally.get_or_insert_with(Default::default).add(r.index as usize, d);
+            }
         }
         let corrected = results.iter().filter(|r| r.prior_corrected).count() as u64;
         if corrected > 0 {

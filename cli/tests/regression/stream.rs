@@ -500,3 +500,57 @@ fn frame_step_over_the_binding_limit_steps_on_fewer_frames() {
         }
     }
 }
+
+/// `acclimate stream` without `--config` (batch mode, batches of 64) on MobileNetV2 lost every
+/// frame on lavapipe: a batch's [64, 96, 112, 112] activation is over the 128 MiB binding limit,
+/// so each batch was an error. A batch that does not fit the device is now predicted and adapted
+/// on in parts that do (halving), exactly as a stream whose batch is that size; the source
+/// model's comparison too.
+#[test]
+fn batch_over_the_binding_limit_runs_in_parts() {
+    use acclimate::adapt::config::AdaptConfig;
+    use acclimate::stream::frame::Frame;
+    use acclimate::stream::policy::{StreamOptions, StreamSession};
+    use acclimate::{Model, Preprocess};
+    let Some(ctx) = common::gpu() else { return };
+    let model = Model::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx")).expect("model");
+    let spec: Preprocess = "size=8,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25".parse().expect("spec");
+    let config = |batch: usize| {
+        AdaptConfig::from_toml_str(&format!("[adapt]\nmethod = \"tent\"\n[stream]\nmode = \"batch\"\nbatch = {batch}\n"))
+            .expect("config")
+    };
+    let frames: Vec<Frame> = (0..40)
+        .map(|i| {
+            let px = common::random_f32(8 * 8 * 3, 2000 + i, 0.0, 255.0);
+            Frame::rgb8(8, 8, px.into_iter().map(|v| v as u8).collect())
+        })
+        .collect();
+    let run = |ctx: &acclimate::GpuContext, batch: usize| {
+        let options = StreamOptions { top_k: 3, source_prediction: true };
+        let mut s = StreamSession::new(ctx, model.clone(), config(batch), spec.clone(), options).expect("stream");
+        let mut results = Vec::new();
+        for f in &frames {
+            results.extend(s.push(f).expect("every batch is predicted"));
+        }
+        results.extend(s.finish().expect("finish"));
+        (s.session().parameters().expect("parameters"), s.batch_frames_cap(), results, s.steps())
+    };
+    // 16 KiB buffers: a batch of 32 needs a 24,576-byte input (and more).
+    let small = stream_limited_ctx(16 << 10, 16 << 10);
+    let (params, cap, results, steps) = run(&small, 32);
+    let cap = cap.expect("the batch was split");
+    assert!((1..32).contains(&cap), "cap {cap}");
+    assert_eq!(results.iter().map(|r| r.index).collect::<Vec<_>>(), (0..40).collect::<Vec<u64>>());
+    assert!(results.iter().all(|r| r.source_top.is_some()), "the source model ran on every part");
+    // The same stream with batches of `cap` frames, on the unlimited device.
+    let (want, none, want_results, want_steps) = run(&ctx, cap);
+    assert_eq!((none, steps), (None, want_steps));
+    for (a, b) in results.iter().zip(&want_results) {
+        assert_eq!((a.top_k[0].0, a.source_top.map(|s| s.0)), (b.top_k[0].0, b.source_top.map(|s| s.0)), "frame {}", a.index);
+    }
+    for ((name, got), (_, want)) in params.iter().zip(&want) {
+        let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
+        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6, "{name}: parameters differ by {worst} from the stream whose batch is {cap}");
+    }
+}

@@ -188,6 +188,9 @@ pub struct StreamSession {
     /// Frame mode: the most recent frames a step takes when the whole window does not fit the
     /// device ([`StreamSession::step_frames_cap`]).
     step_cap: Option<usize>,
+    /// Batch mode: the most frames predicted and adapted on at once when a whole batch does not
+    /// fit the device ([`StreamSession::batch_frames_cap`]).
+    batch_cap: Option<usize>,
     since_step: usize,
     /// Batch mode: the frames of the batch being filled, and their preprocessed rows.
     pending: Vec<(Pending, Vec<f32>)>,
@@ -431,6 +434,7 @@ impl StreamSession {
             options,
             ring: VecDeque::new(),
             step_cap: None,
+            batch_cap: None,
             since_step: 0,
             pending: Vec::new(),
             next_index: 0,
@@ -948,8 +952,41 @@ impl StreamSession {
         }
     }
 
+    /// Batch mode: predicts and adapts on the pending frames, as one batch, or in parts of
+    /// [`StreamSession::batch_frames_cap`] frames when a whole batch does not fit the device.
     fn flush(&mut self) -> Result<Vec<FrameResult>, StreamError> {
         let pending = std::mem::take(&mut self.pending);
+        let mut out = Vec::with_capacity(pending.len());
+        let mut start = 0;
+        while start < pending.len() {
+            let take = self.batch_cap.map_or(pending.len() - start, |c| c.min(pending.len() - start));
+            match self.flush_part(&pending[start..start + take]) {
+                Err(e) if take > 1 && too_large(&e).is_some() => {
+                    let c = take / 2;
+                    log::warn!(
+                        "batch mode: a batch of {take} frames does not fit the device ({}); predicting and \
+                         adapting on parts of {c} frames from now on",
+                        too_large(&e).map(|g| g.to_string()).unwrap_or_default()
+                    );
+                    self.batch_cap = Some(c);
+                }
+                Err(e) => return Err(e),
+                Ok(rs) => {
+                    out.extend(rs);
+                    start += take;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The most frames a batch-mode batch is predicted and adapted on at once, when the device's
+    /// limits made it smaller than `[stream] batch` (`None`: the whole batch).
+    pub fn batch_frames_cap(&self) -> Option<usize> {
+        self.batch_cap
+    }
+
+    fn flush_part(&mut self, pending: &[(Pending, Vec<f32>)]) -> Result<Vec<FrameResult>, StreamError> {
         let (first, last) = (pending[0].0.index, pending[pending.len() - 1].0.index);
         let rows: Vec<&[f32]> = pending.iter().map(|(_, r)| r.as_slice()).collect();
         let x = self.batch_tensor(&rows);
@@ -1065,6 +1102,18 @@ fn step_on_window(
             Err(e) => return Err(StreamError::Adapt { first, last: index, source: Box::new(e) }),
             Ok(p) => return Ok(p),
         }
+    }
+}
+
+/// The device-limit error of `e` when a batch was too large for the device (a buffer over its
+/// binding or buffer size limit), else `None`.
+fn too_large(e: &StreamError) -> Option<&GpuError> {
+    match e {
+        StreamError::Adapt { source, .. } | StreamError::Source(source) => match source.as_ref() {
+            crate::Error::Gpu(g @ GpuError::TooLarge { .. }) => Some(g),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
