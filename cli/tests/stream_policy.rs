@@ -367,3 +367,82 @@ fn a_loaded_stream_keeps_the_recent_class_prior(ctx: GpuContext) {
         assert_eq!((ra.top_k, ra.prior_corrected), (rb.top_k, rb.prior_corrected), "frame {i}");
     }
 }
+
+/// Method auto in frame mode on a label-shifted stream (60 % of the digits are ones, the rest
+/// spread over the other classes, in no order): once a window step judges the labels shifted,
+/// each frame's top classes are corrected by auto's class-prior estimate q̂ (p·q̂ over the top
+/// classes, their total kept), as a label-shifted batch is. The MNIST network has no
+/// BatchNormalization, so no step ever runs and every frame's uncorrected prediction is the
+/// unadapted model's, computed here with the engine; q̂ is the session's after each decision.
+#[gpu_test]
+fn auto_corrects_frames_by_the_class_prior_when_labels_are_shifted(ctx: GpuContext) {
+    use acclimate_cli::stream::source::Source;
+    let images = common::asset("mnist/t10k-images-idx3-ubyte");
+    let labels = common::asset("mnist/t10k-labels-idx1-ubyte");
+    let mut source = Source::open(&format!("idx:{},{}", images.display(), labels.display())).expect("MNIST");
+    let (mut ones, mut others) = (Vec::new(), Vec::new());
+    while let Some(s) = source.next_frame() {
+        let s = s.expect("digit");
+        match s.label {
+            Some(1) if ones.len() < 120 => ones.push(s.frame),
+            Some(l) if l != 1 && others.len() < 80 => others.push(s.frame),
+            _ => {}
+        }
+        if ones.len() == 120 && others.len() == 80 {
+            break;
+        }
+    }
+    // 3 ones, 2 others, repeated: every window of 16 holds about the stream's own mix.
+    let fs: Vec<Frame> = (0..200)
+        .map(|i| if i % 5 < 3 { ones[3 * (i / 5) + i % 5].clone() } else { others[2 * (i / 5) + i % 5 - 3].clone() })
+        .collect();
+    let spec: PreprocessSpec = "size=28,channels=1,mean=0.1307,std=0.3081".parse().unwrap();
+    let model = Model::load(&common::asset("mnist.onnx")).expect("MNIST network");
+    let cfg = AdaptConfig::from_toml_str(
+        "[adapt]\nmethod = \"auto\"\n[auto]\nprior_samples = 1.0\n\
+         [stream]\nmode = \"frame\"\nwindow = 16\nadapt_every = 16\nsteps = \"inline\"\n",
+    )
+    .expect("config");
+    let options = StreamOptions { top_k: 5, source_prediction: false };
+    let mut stream = StreamSession::new(&ctx, model.clone(), cfg, spec.clone(), options).expect("stream");
+    let mut engine = Engine::new(&ctx, model);
+    let mut q: Option<Vec<f64>> = None;
+    let (mut corrected, mut changed) = (0, 0);
+    for (i, f) in fs.iter().enumerate() {
+        let r = stream.push(f).expect("push").remove(0);
+        let x = preprocess_cpu(f, &spec).expect("preprocess");
+        let logits = engine.run(&[Tensor::f32(vec![1, 1, 28, 28], x)]).expect("forward").remove(0).to_f32_vec();
+        let p = softmax(&logits);
+        let mut plain: Vec<(usize, f32)> = p.iter().copied().enumerate().collect();
+        plain.sort_by(|a, b| b.1.total_cmp(&a.1));
+        plain.truncate(5);
+        assert_eq!(r.prior_corrected, q.is_some(), "frame {i}");
+        let want: Vec<(usize, f64)> = match &q {
+            Some(q) => {
+                let total: f64 = plain.iter().map(|t| t.1 as f64).sum();
+                let w: Vec<f64> = plain.iter().map(|&(k, v)| v as f64 * q[k]).collect();
+                let s: f64 = w.iter().sum();
+                let mut out: Vec<(usize, f64)> = plain.iter().zip(&w).map(|(&(k, _), &v)| (k, v / s * total)).collect();
+                out.sort_by(|a, b| b.1.total_cmp(&a.1));
+                out
+            }
+            None => plain.iter().map(|&(k, v)| (k, v as f64)).collect(),
+        };
+        assert_eq!(
+            r.top_k.iter().map(|t| t.0).collect::<Vec<_>>(),
+            want.iter().map(|t| t.0).collect::<Vec<_>>(),
+            "frame {i}"
+        );
+        for (got, w) in r.top_k.iter().zip(&want) {
+            assert!((got.1 as f64 - w.1).abs() < 1e-4, "frame {i}: {:?} vs {want:?}", r.top_k);
+        }
+        corrected += r.prior_corrected as usize;
+        changed += (r.top_k[0].0 != plain[0].0) as usize;
+        if let Some(d) = &r.auto {
+            assert!(!d.stepped && !d.correlated, "frame {i}: {d:?}");
+            q = d.label_shift.then(|| stream.session().auto_label_prior().expect("q̂"));
+        }
+    }
+    assert!(corrected >= 50, "only {corrected} frames corrected: the stream was not judged label-shifted in time");
+    eprintln!("{corrected} frames corrected, {changed} changed class");
+}

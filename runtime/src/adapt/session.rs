@@ -306,6 +306,13 @@ impl Session {
         self.steps_skipped
     }
 
+    /// Method `auto`: its current estimate q̂ of the stream's class prior (label-shift EMA over
+    /// the source predictions of every batch it decided on; saved as [`auto::PRIOR`]). `None`
+    /// for other methods and before `auto`'s first batch.
+    pub fn auto_label_prior(&self) -> Option<Vec<f64>> {
+        self.auto.as_ref().and_then(|a| a.prior.clone())
+    }
+
     fn plan(&mut self, shape: &[usize]) -> Result<&StepPlan, AdaptError> {
         if !self.plans.contains_key(shape) {
             let mut spec = self.spec.clone();

@@ -87,9 +87,10 @@ pub struct FrameResult {
     /// Method `auto`: the diagnostics and decision of the batch (frame mode: of the window step
     /// that ran with this frame).
     pub auto: Option<crate::adapt::methods::auto::Diagnostics>,
-    /// Frame mode, method `auto`: the latest decision judged the labels correlated, so `top_k`
-    /// was re-ranked by the recent frames' classes
-    /// ([`FramePrior`](crate::adapt::methods::auto::FramePrior)).
+    /// Frame mode, method `auto`: `top_k` was re-ranked by a prior, because the latest decision
+    /// judged the labels correlated (the recent frames' classes,
+    /// [`FramePrior`](crate::adapt::methods::auto::FramePrior)) or shifted (auto's estimate q̂ of
+    /// the stream's class prior, as a label-shifted batch is corrected).
     pub prior_corrected: bool,
 }
 
@@ -206,10 +207,12 @@ pub struct StreamSession {
 /// [`StreamSession`]'s recent-class prior (frame mode, method `auto`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct FramePriorState {
-    /// Frame mode with method `auto` and a correction power above 0.
+    /// Frame mode with method `auto`.
     pub on: bool,
     pub prior: Option<crate::adapt::methods::auto::FramePrior>,
     pub correlated: bool,
+    /// The latest decision judged the labels shifted: the session's class-prior estimate q̂ then.
+    pub label_prior: Option<Vec<f64>>,
 }
 
 /// Frame mode's window on the GPU (background steps): the preprocessed frames in a ring of
@@ -412,9 +415,7 @@ impl StreamSession {
         // batch statistics are far too large.
 
         let frame_len = frame_shape.iter().product();
-        let frame_prior_on = config.stream.mode == StreamMode::Frame
-            && config.adapt.method == Method::Auto
-            && config.auto.frame_prior_power > 0.0;
+        let frame_prior_on = config.stream.mode == StreamMode::Frame && config.adapt.method == Method::Auto;
         Ok(StreamSession {
             session: Arc::new(Mutex::new(session)),
             config,
@@ -454,17 +455,28 @@ impl StreamSession {
         }
     }
 
-    /// Frame mode, method `auto`: notes the decision of a window step.
-    fn note_decision(&mut self, d: Option<&crate::adapt::methods::auto::Diagnostics>) {
+    /// Frame mode, method `auto`: notes the decision of a window step, with the session's
+    /// class-prior estimate after it (`label_prior`, read only when the decision needs it).
+    fn note_decision(
+        &mut self,
+        d: Option<&crate::adapt::methods::auto::Diagnostics>,
+        label_prior: impl FnOnce() -> Option<Vec<f64>>,
+    ) {
         if let Some(d) = d {
-            self.frame_prior.correlated = d.correlated && !d.unjudged;
+            let state = &mut self.frame_prior;
+            state.correlated = d.correlated && !d.unjudged;
+            state.label_prior = match d.label_shift && !state.correlated && state.on {
+                true => label_prior(),
+                false => None,
+            };
         }
     }
 
     /// Frame mode, method `auto`: `top` (the frame's [`StreamSession::internal_top_k`] classes
     /// of `classes`) re-ranked by the recent-class prior when the latest decision judged the
-    /// labels correlated; the prior then takes the frame. Returns the `top_k` classes to report
-    /// and whether they were re-ranked.
+    /// labels correlated, or by the class-prior estimate q̂ when it judged them shifted; the
+    /// recent-class prior then takes the frame. Returns the `top_k` classes to report and whether
+    /// they were re-ranked.
     fn frame_prior_top(&mut self, top: Vec<(usize, f32)>, classes: usize) -> (Vec<(usize, f32)>, bool) {
         let k = self.options.top_k;
         let state = &mut self.frame_prior;
@@ -473,8 +485,11 @@ impl StreamSession {
         }
         let auto = &self.config.auto;
         let prior = state.prior.get_or_insert_with(|| crate::adapt::methods::auto::FramePrior::new(classes));
-        let corrected = state.correlated;
-        let mut out = if corrected { prior.correct(&top, auto.frame_prior_power) } else { top.clone() };
+        let (mut out, corrected) = match (&state.label_prior, state.correlated) {
+            (_, true) if auto.frame_prior_power > 0.0 => (prior.correct(&top, auto.frame_prior_power), true),
+            (Some(q), false) => (crate::adapt::methods::auto::reweight(q, &top, 1.0), true),
+            _ => (top.clone(), false),
+        };
         prior.observe(&top, auto.frame_prior_momentum);
         out.truncate(k);
         (out, corrected)
@@ -687,6 +702,7 @@ impl StreamSession {
                 let mut guard = session.lock().unwrap_or_else(|e| e.into_inner());
                 let step =
                     step_on_window(&mut guard, Window::Host(&rows), &self.frame_shape, &mut self.step_cap, index)?;
+                let q = guard.auto_label_prior();
                 drop(guard);
                 self.since_step = 0;
                 // auto decides per window whether a gradient step runs.
@@ -695,7 +711,7 @@ impl StreamSession {
                 loss = step.loss;
                 skipped |= step.skipped;
                 auto = step.auto;
-                self.note_decision(auto.as_ref());
+                self.note_decision(auto.as_ref(), || q);
             }
             (probs, adapted, loss, skipped, auto)
         };
@@ -805,8 +821,12 @@ impl StreamSession {
         ring.head = (slot + 1) % window;
         ring.len = (ring.len + 1).min(window);
         let ring_len = ring.len;
-        // The decision of the step that landed before this frame counts for it.
-        self.note_decision(landed.as_ref().and_then(|p| p.auto.as_ref()));
+        // The decision of the step that landed before this frame counts for it (the step is
+        // done: the session is free).
+        let session = self.session.clone();
+        self.note_decision(landed.as_ref().and_then(|p| p.auto.as_ref()), || {
+            session.lock().unwrap_or_else(|e| e.into_inner()).auto_label_prior()
+        });
         let (top, prior_corrected) = self.frame_prior_top(top, classes);
         self.since_step += 1;
         if self.since_step >= adapt_every && ring_len >= 2 {

@@ -48,6 +48,10 @@
 //!    source predictions' mean entropy on a batch that is not label-correlated, the parameters
 //!    and optimizer return to the source (the statistics of the stream are kept).
 //!
+//! 6. **Frame mode** (a prediction per frame, a decision per window step): after a window judged
+//!    correlated, each frame's top classes are re-ranked by the recent frames' classes
+//!    ([`FramePrior`]); after one judged label-shifted, they are corrected by q̂ ([`reweight`]).
+//!
 //! A model without BatchNormalization has nothing to adapt: `auto` then runs the source model,
 //! with the LAME smoothing when labels are correlated and the prior correction when they are
 //! shifted. The decision state (marginal, smoothed ρ) lives in the persistent buffer [`STATE`],
@@ -498,24 +502,11 @@ impl FramePrior {
         FramePrior { r: vec![1.0 / c as f64; c] }
     }
 
-    fn at(&self, class: usize) -> f64 {
-        self.r.get(class).copied().unwrap_or(0.0)
-    }
-
     /// `top` (class, probability) re-weighted by r^`power`, renormalised to the same total and
     /// sorted most probable first (ties: the original order). Unchanged when the weights vanish
     /// or are not finite.
     pub fn correct(&self, top: &[(usize, f32)], power: f32) -> Vec<(usize, f32)> {
-        let total: f64 = top.iter().map(|&(_, p)| p as f64).sum();
-        let w: Vec<f64> = top.iter().map(|&(c, p)| p as f64 * self.at(c).powf(power as f64)).collect();
-        let sum: f64 = w.iter().sum();
-        if !(sum > 0.0 && sum.is_finite() && total.is_finite()) {
-            return top.to_vec();
-        }
-        let mut out: Vec<(usize, f32)> =
-            top.iter().zip(&w).map(|(&(c, _), &v)| (c, (v / sum * total) as f32)).collect();
-        out.sort_by(|a, b| b.1.total_cmp(&a.1));
-        out
+        reweight(&self.r, top, power)
     }
 
     /// r ← m·r + (1 − m)·p̃, p̃ the frame's `top` probabilities renormalised to sum to 1 (a frame
@@ -531,6 +522,23 @@ impl FramePrior {
             self.r[c] += (1.0 - m) * p as f64 / total;
         }
     }
+}
+
+/// `top` (class, probability) re-weighted by `r[class]`^`power` (0 for a class `r` lacks),
+/// renormalised to the same total and sorted most probable first (ties: the original order).
+/// Unchanged when the weights vanish or are not finite. Frame mode's corrections: the recent-class
+/// prior ([`FramePrior::correct`]) and, on label-shifted streams, the class-prior estimate q̂.
+pub fn reweight(r: &[f64], top: &[(usize, f32)], power: f32) -> Vec<(usize, f32)> {
+    let total: f64 = top.iter().map(|&(_, p)| p as f64).sum();
+    let w: Vec<f64> =
+        top.iter().map(|&(c, p)| p as f64 * r.get(c).copied().unwrap_or(0.0).powf(power as f64)).collect();
+    let sum: f64 = w.iter().sum();
+    if !(sum > 0.0 && sum.is_finite() && total.is_finite()) {
+        return top.to_vec();
+    }
+    let mut out: Vec<(usize, f32)> = top.iter().zip(&w).map(|(&(c, _), &v)| (c, (v / sum * total) as f32)).collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
 }
 
 /// [`Diagnostics::covariate_shift`] from the layers' scores: their mean (f64), `None` without a

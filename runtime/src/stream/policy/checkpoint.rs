@@ -14,8 +14,10 @@
 //! "ACCLSTRM" | u32 version | u64 frames | u64 steps | u64 since_step | u32 frame_len | u32 rows
 //! | u64 session_len | the session's state file (safetensors, see adapt::state), session_len bytes
 //! | rows × frame_len f32 (the window, oldest first)
-//! | u32 correlated | u32 classes | classes × f64 (method auto's recent-class prior in frame mode:
-//!   whether the latest decision judged the labels correlated, and the prior; 0 classes: none yet)
+//! | u32 correlated | u32 classes | classes × f64 | u32 n | n × f64 (method auto in frame mode:
+//!   whether the latest decision judged the labels correlated, the recent-class prior (0
+//!   classes: none yet), and the class-prior estimate its frames are corrected with when the
+//!   latest decision judged the labels shifted (n = 0: not shifted))
 //! | SHA-256 of everything before it
 //! ```
 //!
@@ -60,6 +62,7 @@ struct Decoded<'a> {
     /// prior (empty: none yet).
     correlated: bool,
     prior: Vec<f64>,
+    label_prior: Vec<f64>,
 }
 
 fn encode(d: &Decoded<'_>) -> Vec<u8> {
@@ -81,6 +84,10 @@ fn encode(d: &Decoded<'_>) -> Vec<u8> {
     out.extend_from_slice(&(d.correlated as u32).to_le_bytes());
     out.extend_from_slice(&(d.prior.len() as u32).to_le_bytes());
     for v in &d.prior {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(&(d.label_prior.len() as u32).to_le_bytes());
+    for v in &d.label_prior {
         out.extend_from_slice(&v.to_le_bytes());
     }
     let digest = Sha256::digest(&out);
@@ -125,10 +132,25 @@ fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
         (2.., _) => return Err(promised(" and a recent-class prior")),
         _ => (0, 0),
     };
-    let prior_bytes = if version >= 2 { classes.checked_mul(8).and_then(|n| n.checked_add(8)) } else { Some(0) };
+    // The class-prior estimate's count, after the recent-class prior.
+    let label_at = window_end.and_then(|e| classes.checked_mul(8).and_then(|n| n.checked_add(e + 8)));
+    let label_classes = match (version, label_at) {
+        (2.., Some(at)) if body.len() >= at + 4 => u32_at(at) as usize,
+        (2.., _) => return Err(promised(&format!(" and a prior of {classes} classes"))),
+        _ => 0,
+    };
+    let prior_bytes = if version >= 2 {
+        classes.checked_add(label_classes).and_then(|n| n.checked_mul(8)).and_then(|n| n.checked_add(12))
+    } else {
+        Some(0)
+    };
     let expected = window_end.zip(prior_bytes).and_then(|(n, p)| n.checked_add(p));
     if expected != Some(body.len()) {
-        return Err(promised(&if version >= 2 { format!(" and a prior of {classes} classes") } else { String::new() }));
+        return Err(promised(&if version >= 2 {
+            format!(" and priors of {classes} and {label_classes} classes")
+        } else {
+            String::new()
+        }));
     }
     let prior_bytes = prior_bytes.unwrap_or(0);
     let session_end = HEADER + session_len as usize;
@@ -148,14 +170,15 @@ fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
     if correlated > 1 {
         return Err(format!("the recent-class prior's correlated flag is {correlated}, not 0 or 1"));
     }
-    let prior: Vec<f64> = body[window_end..]
-        .get(8..)
-        .unwrap_or(&[])
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
-    if prior.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
-        return Err("the recent-class prior holds a negative, NaN or infinite value".into());
+    let floats = |b: &[u8]| -> Vec<f64> {
+        b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+    };
+    let (prior, label_prior) = match body.get(window_end + 8..) {
+        Some(rest) if version >= 2 => (floats(&rest[..classes * 8]), floats(&rest[classes * 8 + 4..])),
+        _ => (Vec::new(), Vec::new()),
+    };
+    if prior.iter().chain(&label_prior).any(|v| !(v.is_finite() && *v >= 0.0)) {
+        return Err("a frame-mode class prior holds a negative, NaN or infinite value".into());
     }
     Ok(Decoded {
         frames,
@@ -166,6 +189,7 @@ fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
         session: &body[HEADER..session_end],
         correlated: correlated == 1,
         prior,
+        label_prior,
     })
 }
 
@@ -276,6 +300,7 @@ impl StreamSession {
             session: &session,
             correlated: self.frame_prior.correlated,
             prior: self.frame_prior.prior.as_ref().map(|p| p.r.clone()).unwrap_or_default(),
+            label_prior: self.frame_prior.label_prior.clone().unwrap_or_default(),
         });
         write_atomic(path, &bytes).map_err(write_err)?;
         Ok(())
@@ -345,6 +370,7 @@ impl StreamSession {
             on: self.frame_prior.on,
             correlated: d.correlated,
             prior: (!d.prior.is_empty()).then_some(crate::adapt::methods::auto::FramePrior { r: d.prior }),
+            label_prior: (!d.label_prior.is_empty()).then_some(d.label_prior),
         };
         Ok(())
     }
@@ -397,6 +423,7 @@ mod tests {
             session,
             correlated: true,
             prior: vec![0.5, 0.25, 0.25],
+            label_prior: vec![0.125, 0.875],
         }
     }
 
@@ -418,6 +445,7 @@ mod tests {
             since_step: 0,
             correlated: false,
             prior: Vec::new(),
+            label_prior: Vec::new(),
             ..sample(b"")
         };
         assert_eq!(decode(&encode(&empty)).unwrap(), empty);
@@ -426,28 +454,38 @@ mod tests {
     /// A version-1 file (no recent-class prior after the window) still loads, with no prior.
     #[test]
     fn version_1_stream_states_load_without_a_prior() {
-        let v2 = encode(&Decoded { correlated: false, prior: Vec::new(), ..sample(b"session-bytes") });
-        let mut v1 = v2[..v2.len() - DIGEST - 8].to_vec();
+        let bare =
+            || Decoded { correlated: false, prior: Vec::new(), label_prior: Vec::new(), ..sample(b"session-bytes") };
+        let v2 = encode(&bare());
+        let mut v1 = v2[..v2.len() - DIGEST - 12].to_vec();
         v1[8..12].copy_from_slice(&1u32.to_le_bytes());
         v1.extend_from_slice(&[0; DIGEST]);
         let v1 = reseal(v1);
         let d = decode(&v1).unwrap();
-        assert_eq!(d, Decoded { correlated: false, prior: Vec::new(), ..sample(b"session-bytes") });
+        assert_eq!(d, bare());
     }
 
     #[test]
-    fn a_bad_recent_class_prior_is_refused() {
+    fn a_bad_frame_class_prior_is_refused() {
         let bytes = encode(&sample(b"session-bytes"));
-        let prior_at = bytes.len() - DIGEST - 3 * 8;
+        let prior_at = bytes.len() - DIGEST - 2 * 8 - 4 - 3 * 8;
         let mut b = bytes.clone();
         b[prior_at..prior_at + 8].copy_from_slice(&f64::NAN.to_le_bytes());
-        assert!(decode(&reseal(b)).unwrap_err().contains("recent-class prior holds"));
+        assert!(decode(&reseal(b)).unwrap_err().contains("class prior holds"));
         let mut b = bytes.clone();
         b[prior_at - 8..prior_at - 4].copy_from_slice(&7u32.to_le_bytes());
         assert!(decode(&reseal(b)).unwrap_err().contains("correlated flag is 7"));
         let mut b = bytes.clone();
         b[prior_at - 4..prior_at].copy_from_slice(&4u32.to_le_bytes());
-        assert!(decode(&reseal(b)).unwrap_err().contains("a prior of 4 classes"));
+        // The count no longer matches what follows.
+        assert!(decode(&reseal(b)).unwrap_err().contains("the header promises"));
+        let mut b = bytes.clone();
+        let label_at = bytes.len() - DIGEST - 2 * 8;
+        b[label_at..label_at + 8].copy_from_slice(&(-1.0f64).to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("class prior holds"));
+        let mut b = bytes.clone();
+        b[label_at - 4..label_at].copy_from_slice(&3u32.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("priors of 3 and 3 classes"));
     }
 
     #[test]
