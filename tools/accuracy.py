@@ -680,7 +680,7 @@ def grid_report():
             a = sm.get("auto")
             dec = (f"{a['decisions']}: {a['stepped']} stepped, {a['correlated']} correlated, "
                    f"{a.get('label_shift', 0)} label-shifted, {a['unjudged']} unjudged"
-                   + (f"; {a['prior_corrected_frames']} frames re-ranked by the recent classes"
+                   + (f"; {a['prior_corrected_frames']} frames corrected by a class prior"
                       if a.get("prior_corrected_frames") else "")) if a else "—"
             lines.append(f"| {row} | {sm['accuracy']:.2f} | {sm['source_accuracy']:.2f} | {sm['steps']} | {dec} "
                          f"| {sm['fps']:.1f} |")

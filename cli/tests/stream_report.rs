@@ -233,9 +233,9 @@ fn html_shows_what_auto_decided() {
     a.add(8, &diagnostics(true, None));
     assert_eq!((a.decisions, a.stepped, a.covariate_shift), (3, 2, Some(1.0)));
     assert!(a.line().contains("covariate shift (mean KL of the BatchNorm statistics from the source's) 1.000"));
-    assert!(!a.line().contains("re-ranked"));
+    assert!(!a.line().contains("class prior"));
     a.prior_corrected_frames = 7;
-    assert!(a.line().contains("7 frame(s) re-ranked by the recent frames' classes"), "{}", a.line());
+    assert!(a.line().contains("7 frame(s) corrected by a class prior"), "{}", a.line());
     s.auto = Some(a.clone());
     let html = render_html(&s, &recs, "auto").unwrap();
     assert_self_contained(&html);

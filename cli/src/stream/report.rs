@@ -122,8 +122,8 @@ pub struct AutoSummary {
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
     pub source_agreement: f64,
-    /// Frame mode: frames whose top classes the recent-class prior re-ranked (the latest decision
-    /// judged the labels correlated).
+    /// Frame mode: frames whose top classes a class prior corrected (the latest decision judged
+    /// the labels correlated or shifted: `FrameResult::prior_corrected`).
     #[serde(default)]
     pub prior_corrected_frames: u64,
     /// Mean covariate-shift score of the decisions that have one (a model with BatchNormalization).
@@ -190,7 +190,10 @@ impl AutoSummary {
             100.0 * self.source_agreement
         ) + &match self.prior_corrected_frames {
             0 => String::new(),
-            n => format!("; {n} frame(s) re-ranked by the recent frames' classes (labels correlated)"),
+            n => format!(
+                "; {n} frame(s) corrected by a class prior (the recent frames' classes when labels are \
+                 correlated, the estimated class prior when they are shifted)"
+            ),
         } + &match self.covariate_shift {
             Some(k) => format!("; covariate shift (mean KL of the BatchNorm statistics from the source's) {k:.3}"),
             None => String::new(),
