@@ -200,7 +200,8 @@ pub struct StreamSession {
     frame_shape: Vec<usize>,
     steps: u64,
     /// Frame mode, method `auto`: the recent-class prior (made on the first frame, when the
-    /// class count is known) and whether the latest decision judged the labels correlated.
+    /// class count is known), whether the latest decision judged the labels correlated, and the
+    /// class-prior estimate when it judged them shifted.
     frame_prior: FramePriorState,
 }
 
@@ -692,8 +693,7 @@ impl StreamSession {
             let mut loss = None;
             let mut skipped = p.skipped;
             let mut auto = None;
-            let c = self.output_classes(probs.len());
-            let (top, corrected) = self.frame_prior_top(top_k(&probs, self.internal_top_k()), c);
+            let (top, corrected) = self.frame_prior_top(top_k(&probs, self.internal_top_k()), probs.len());
             prior_corrected = corrected;
             reported = top;
             if self.config.adapt.method.updates_parameters() && self.since_step >= adapt_every && self.ring.len() >= 2 {
@@ -901,20 +901,6 @@ impl StreamSession {
             auto,
             prior_corrected,
         })
-    }
-
-    /// The model's class count as its output declares it, else `fallback` (a frame's
-    /// probabilities).
-    fn output_classes(&self, fallback: usize) -> usize {
-        self.graph
-            .outputs
-            .first()
-            .and_then(|o| o.dims.as_deref())
-            .and_then(|d| match d.last() {
-                Some(crate::ir::Dim::Fixed(n)) => Some(*n),
-                _ => None,
-            })
-            .unwrap_or(fallback)
     }
 
     /// The window's frames, oldest first (read back from the GPU ring in background mode).
