@@ -46,7 +46,8 @@ import tta_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "source_decay": 1024.0, "correlation_threshold": 0.2, "correlation_momentum": 0.5,
-            "prior_samples": 128.0, "collapse_ratio": 0.35, "label_shift_threshold": 0.1, "label_shift_momentum": 0.9}
+            "prior_samples": 128.0, "collapse_ratio": 0.35, "label_shift_threshold": 0.1, "label_shift_momentum": 0.9,
+            "concentration_threshold": 0.4, "uncertain_entropy": 0.4}
 MIN_BATCH = 16
 MIN_SAMPLES_PER_CLASS = 10.0
 
@@ -54,6 +55,24 @@ MIN_SAMPLES_PER_CLASS = 10.0
 def entropy(p):
     p = p[p > 0]
     return float(-(p * p.log()).sum())
+
+
+def expected_entropy(q, b):
+    """E[H] of the top-1 histogram of b i.i.d. draws from the distribution q, exactly: class k's
+    count is Binomial(b, q_k), so E[H] = sum_k sum_{n=1..b} P(N_k = n) * -(n/b) ln(n/b), the
+    binomial probabilities in log space (log C(b, n) accumulated). Miller-Madow's ln C - (C-1)/2b
+    is only right when b >> C; with 1000 classes and a window of 16 it goes negative."""
+    total = 0.0
+    for qk in q.tolist():
+        if qk <= 0.0 or qk >= 1.0:
+            continue
+        lq, l1q = math.log(qk), math.log1p(-qk)
+        logc = 0.0
+        for n in range(1, b + 1):
+            logc += math.log(b - n + 1) - math.log(n)
+            f = n / b
+            total -= math.exp(logc + n * lq + (b - n) * l1q) * f * math.log(f)
+    return total
 
 
 def mean_entropy(p):
@@ -112,13 +131,20 @@ def run_auto(model_path, cfg, batches):
         ps = zs.double().softmax(1)
         p_lame, _, _ = tta_output.lame(zs.softmax(1), feats, tta_output.LAME_DEFAULTS)
         rho = None
+        source_entropy = float((-(ps * ps.clamp_min(1e-300).log()).sum(1)).mean()) / math.log(c) if c > 1 else 0.0
+        vague = source_entropy > a["uncertain_entropy"]
         if b >= MIN_BATCH:
             hist = torch.bincount(ps.argmax(1), minlength=c).double() / b
-            ref = marg / count
-            k = max(int((ref > 1e-3).sum()), 1)
-            expected = max(entropy(ref) - (k - 1) / (2 * b), 1e-6)
-            rho = min(max((expected - entropy(hist)) / expected, 0.0), 1.0)
-            smoothed = a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho
+            h_b = entropy(hist)
+            expected = max(expected_entropy(marg / count, b), 1e-6)
+            rho = min(max((expected - h_b) / expected, 0.0), 1.0)
+            balanced = max(expected_entropy(torch.full((c,), 1.0 / c, dtype=torch.float64), b), 1e-6)
+            rho_u = min(max((balanced - h_b) / balanced, 0.0), 1.0)
+            if not vague:
+                rho = min(max(rho, rho_u * a["correlation_threshold"] / a["concentration_threshold"]), 1.0)
+            # The first judged batch starts the average: smoothing toward 0 would weigh an
+            # i.i.d. batch that never came.
+            smoothed = a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho if judged else rho
             correlated = smoothed > a["correlation_threshold"]
             judged = True
         marg += torch.bincount(ps.argmax(1), minlength=c).double()
@@ -132,7 +158,11 @@ def run_auto(model_path, cfg, batches):
         rec = {"source_logits": tta_reference.f32(zs), "rho": rho, "smoothed": smoothed, "correlated": correlated,
                "unjudged": not judged, "label_skew": skew, "label_shift": shifted,
                "covariate_shift": shift}
-        if not judged:
+        # The source's predictions on average as uncertain as ETA's reliability threshold: an
+        # output stage would sharpen noise (no smoothing, no prior correction).
+        uncertain = judged and (correlated or shifted) and vague
+        rec.update(uncertain=uncertain, source_entropy=source_entropy)
+        if not judged or uncertain:
             rec.update(logits=tta_reference.f32(zs), stepped=False)
             returned = ps
         elif correlated:
@@ -205,8 +235,13 @@ def fixtures(out):
                mixed[3 * b:4 * b], mixed[:8]]
     # source_decay 10: the source prior falls fast enough that the second step normalises with a
     # visibly different alpha (0.034 -> 0.094), which the GPU must pick up between runs.
-    auto = {"e_margin": 1.45, "d_margin": 0.9995, "lr": 0.02, "correlation_threshold": 0.5, "source_decay": 10.0}
-    for name, extra in (("tiny_auto", {}), ("tiny_auto_reset", {"collapse_ratio": 0.9, "lr": 0.5})):
+    # The tiny model's predictions are vague (0.49-0.70 of ln C). uncertain_entropy 0.65 (tiny_auto):
+    # batches 3-6 are correlated and get LAME's smoothing, 7 is label-shifted and gets the prior
+    # correction, 8 is label-shifted but vague: the source's predictions as they are. 0.52
+    # (tiny_auto_reset): so too the vague correlated batches 3, 5 and 6; 4 gets LAME's smoothing.
+    auto = {"e_margin": 1.45, "d_margin": 0.9995, "lr": 0.02, "correlation_threshold": 0.5, "source_decay": 10.0,
+            "uncertain_entropy": 0.65}
+    for name, extra in (("tiny_auto", {}), ("tiny_auto_reset", {"collapse_ratio": 0.9, "lr": 0.5, "uncertain_entropy": 0.52})):
         cfg = {"adapt": {"method": "auto"}, "auto": {**auto, **extra}}
         d = out / name
         if d.exists():
@@ -218,7 +253,8 @@ def fixtures(out):
         (d / "config.toml").write_text(tta_reference.toml(cfg))
         res = run_auto(d / "model.onnx", cfg, batches)
         (d / "expected.json").write_text(json.dumps(res))
-        print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["stepped"], s["reset"]) for s in res["steps"]])
+        print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["stepped"], s["reset"], round(s["source_entropy"], 2), s["uncertain"])
+                     for s in res["steps"]])
     tiny.unlink()
 
 

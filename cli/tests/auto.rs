@@ -78,6 +78,12 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
         check_optional(&format!("batch {i} alpha"), d.alpha, &w["alpha"], &mut errors);
         check_optional(&format!("batch {i} covariate shift"), d.covariate_shift, &w["covariate_shift"], &mut errors);
         check_close(
+            &format!("batch {i} source entropy"),
+            &[d.source_entropy as f64],
+            &[w["source_entropy"].as_f64().unwrap()],
+            &mut errors,
+        );
+        check_close(
             &format!("batch {i} label skew"),
             &[d.label_skew as f64],
             &[w["label_skew"].as_f64().unwrap()],
@@ -88,6 +94,7 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
             ("label_shift", d.label_shift, &w["label_shift"]),
             ("stepped", d.stepped, &w["stepped"]),
             ("reset", d.reset, &w["reset"]),
+            ("uncertain", d.uncertain, &w["uncertain"]),
         ] {
             if Value::Bool(ours) != *theirs {
                 errors.push(format!("batch {i}: {what} {ours}, reference {theirs}"));

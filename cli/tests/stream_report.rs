@@ -215,6 +215,8 @@ fn diagnostics(stepped: bool, covariate_shift: Option<f32>) -> AutoDiagnostics {
         mean_entropy: 0.9,
         source_mean_entropy: 0.95,
         top_share: 0.2,
+        source_entropy: 0.1,
+        uncertain: false,
         reset: false,
         alpha: stepped.then_some(0.1),
         covariate_shift,

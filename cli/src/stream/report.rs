@@ -118,6 +118,10 @@ pub struct AutoSummary {
     /// Of those, before any batch of 16 or more could be judged (no step, the source model).
     #[serde(default)]
     pub unjudged: u64,
+    /// Of the correlated or label-shifted ones, with source predictions too uncertain for an
+    /// output stage (returned as they are).
+    #[serde(default)]
+    pub uncertain: u64,
     /// Collapse resets to the source.
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
@@ -168,6 +172,7 @@ impl AutoSummary {
         self.label_shift += d.label_shift as u64;
         self.stepped += d.stepped as u64;
         self.unjudged += d.unjudged as u64;
+        self.uncertain += d.uncertain as u64;
         self.resets += d.reset as u64;
     }
 
@@ -188,7 +193,13 @@ impl AutoSummary {
             acclimate::adapt::methods::auto::MIN_CORRELATION_BATCH,
             self.resets,
             100.0 * self.source_agreement
-        ) + &match self.prior_corrected_frames {
+        ) + &match self.uncertain {
+            0 => String::new(),
+            n => format!(
+                "; {n} of the correlated or label-shifted decision(s) returned the source model's predictions \
+                 as they are (too uncertain to smooth or correct)"
+            ),
+        } + &match self.prior_corrected_frames {
             0 => String::new(),
             n => format!(
                 "; {n} frame(s) corrected by a class prior (the recent frames' classes when labels are \

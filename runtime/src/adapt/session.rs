@@ -507,10 +507,13 @@ impl Session {
             _ => vec![1.0 / c as f64; c],
         };
         let shifted = decision.label_shifted(&section);
+        let source_entropy = auto::mean_row_entropy(&source, c);
         let smooth = !state.adapts || !auto::stepped_branch(decision, &section);
         let mut alpha = None;
         let (mut p, stepped) = if smooth {
-            let probs = if decision.judged && decision.correlated {
+            let probs = if auto::output_stage_off(decision, &section, source_entropy) {
+                None
+            } else if decision.judged && decision.correlated {
                 a.probs
             } else if shifted {
                 let rows = auto::correct_prior(&source, &prior);

@@ -465,8 +465,9 @@ impl StreamSession {
     ) {
         if let Some(d) = d {
             let state = &mut self.frame_prior;
-            state.correlated = d.correlated && !d.unjudged;
-            state.label_prior = match d.label_shift && !state.correlated && state.on {
+            // Source predictions too uncertain for an output stage: frames are not corrected.
+            state.correlated = d.correlated && !d.unjudged && !d.uncertain;
+            state.label_prior = match d.label_shift && !d.correlated && !d.uncertain && state.on {
                 true => label_prior(),
                 false => None,
             };
