@@ -446,3 +446,26 @@ fn auto_corrects_frames_by_the_class_prior_when_labels_are_shifted(ctx: GpuConte
     assert!(corrected >= 50, "only {corrected} frames corrected: the stream was not judged label-shifted in time");
     eprintln!("{corrected} frames corrected, {changed} changed class");
 }
+
+/// Regression (issue 15): the first step of each window size compiled its shaders on the step's
+/// thread, and the frame that step lands before waited for them (~7 s of lavapipe time at
+/// MobileNetV2's first step). The stream now compiles the steps' pipelines on a thread of its own
+/// from the first frame: once it is done, the steps on every window size (9, 18 and 24 frames
+/// here; paced, their convolutions split along the batch) compile no pipeline of their own.
+#[gpu_test]
+fn background_steps_find_their_pipelines_compiled_ahead(ctx: GpuContext) {
+    let cfg = config("[stream]\nmode = \"frame\"\nwindow = 24\nadapt_every = 9\n");
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let mut stream = StreamSession::new(&ctx, model(), cfg, spec, StreamOptions::default()).expect("stream");
+    let fs = frames(40);
+    stream.push(&fs[0]).expect("first frame");
+    let warmed = stream.wait_for_warm_up().expect("the first frame starts the warm-up");
+    assert!(warmed > 0, "the step programs need pipelines the prediction does not");
+    let before = ctx.pipeline_count();
+    for f in &fs[1..] {
+        stream.push(f).expect("push");
+    }
+    stream.finish().expect("finish");
+    assert_eq!(stream.steps(), 4, "steps on 9, 18, 24 and 24 frames");
+    assert_eq!(ctx.pipeline_count(), before, "a step compiled a pipeline the warm-up did not");
+}

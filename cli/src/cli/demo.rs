@@ -24,13 +24,18 @@ const VIDEO_CONFIG: &str = include_str!("demo_video.toml");
 const SVHN_SPEC: &str = "size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970";
 const IMAGENET_SPEC: &str = "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225";
 
-/// The digits demo's stream: (segment name, corruption, frames). The class-correlated segment
-/// takes the next digits in a Dirichlet (δ = 0.1) label order.
+/// The class-correlated segment takes its digits from a pool this many times its length.
+const CORRELATED_POOL: usize = 10;
+
+/// The digits demo's stream: (segment name, corruption, frames), two batches of 64 each, so that
+/// no batch straddles two segments. The class-correlated segment is the start of a Dirichlet
+/// (δ = 0.1) label order over the next [`CORRELATED_POOL`]·128 digits: a few classes, each for
+/// tens of frames.
 const DIGIT_SEGMENTS: [(&str, Option<&str>, usize); 4] = [
-    ("clean", None, 96),
-    ("gaussian_noise:3", Some("gaussian_noise:3"), 96),
-    ("defocus_blur:2", Some("defocus_blur:2"), 96),
-    ("class-correlated", None, 96),
+    ("clean", None, 128),
+    ("gaussian_noise:3", Some("gaussian_noise:3"), 128),
+    ("defocus_blur:2", Some("defocus_blur:2"), 128),
+    ("class-correlated", None, 128),
 ];
 
 /// What `acclimate demo` takes.
@@ -106,14 +111,17 @@ fn digits_demo(args: &DemoArgs, assets: &Path) -> Result<String, CliError> {
             Some(s) => s.parse::<schedule::Segment>().map_err(|e| CliError::Usage(e.to_string()))?.shift,
             None => None,
         };
-        let indices: Vec<usize> = if name == "class-correlated" {
-            let sub: Vec<u32> = all_labels[next..next + n].to_vec();
+        let (indices, used): (Vec<usize>, usize) = if name == "class-correlated" {
+            // A camera that sees a few classes for a while: the first n digits of a Dirichlet
+            // (δ = 0.1) order over 10·n digits, so that a class lasts tens of frames.
+            let pool = (CORRELATED_POOL * n).min(all_labels.len().saturating_sub(next));
+            let sub: Vec<u32> = all_labels[next..next + pool].to_vec();
             let order: OrderSpec = "dirichlet:0.1".parse().map_err(|e| CliError::Usage(format!("{e}")))?;
-            schedule::order(&sub, &order, 7).into_iter().map(|i| next + i).collect()
+            (schedule::order(&sub, &order, 7).into_iter().take(n).map(|i| next + i).collect(), pool)
         } else {
-            (next..next + n).collect()
+            ((next..next + n).collect(), n)
         };
-        next += n;
+        next += used;
         for i in indices {
             plan.push(Planned { index: Some(i), segment: name.to_string(), shift });
         }

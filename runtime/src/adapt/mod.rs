@@ -25,4 +25,4 @@ pub mod state;
 pub mod train;
 
 pub use config::{AdaptConfig, Method, NormMode, OptimizerKind};
-pub use session::{AdaptError, Prediction, Session};
+pub use session::{AdaptError, Prediction, Session, StepWarmer};

@@ -19,7 +19,7 @@ use super::state::{self, StateError};
 use super::train::{AdaptedBn, StepInput, StepOutput, StepPlan, StepSpec};
 use crate::engine::Model;
 use crate::gpu::GpuContext;
-use crate::ir::BatchNormInfo;
+use crate::ir::{BatchNormInfo, Graph};
 use crate::plan::{PlanError, WeightStore, read_buffer, staging};
 use crate::tensor::{DType, Tensor};
 
@@ -116,6 +116,33 @@ pub struct Session {
 
 /// Method `auto` (see [`methods::auto`]): the source-statistics programs with LAME smoothing its
 /// decisions come from, and the decision state.
+/// The step programs' pipelines to compile ahead ([`Session::step_warmer`]).
+pub struct StepWarmer {
+    ctx: GpuContext,
+    graph: Arc<Graph>,
+    jobs: Vec<(Vec<usize>, StepSpec)>,
+}
+
+impl StepWarmer {
+    /// Compiles them; returns how many pipelines were new to the context. A program that cannot
+    /// be lowered (a window too large for the device) is skipped: the step itself reports it.
+    pub fn run(self) -> usize {
+        let mut n = 0;
+        for (shape, spec) in &self.jobs {
+            match StepPlan::warm(&self.ctx, &self.graph, shape, spec) {
+                Ok(k) => n += k,
+                Err(e) => log::debug!("warming the step pipelines for {shape:?}: {e}"),
+            }
+        }
+        n
+    }
+
+    /// The batch shapes it compiles for, with repeats (one per program).
+    pub fn shapes(&self) -> Vec<Vec<usize>> {
+        self.jobs.iter().map(|(s, _)| s.clone()).collect()
+    }
+}
+
 struct AutoState {
     spec: StepSpec,
     plans: HashMap<Vec<usize>, StepPlan>,
@@ -313,21 +340,52 @@ impl Session {
         self.auto.as_ref().and_then(|a| a.prior.clone())
     }
 
+    /// The spec of the step program for a batch of `shape` (`paced`: run by a [`super::train::Pacer`], its
+    /// long dispatches split along the batch).
+    fn step_spec(&self, shape: &[usize], paced: bool) -> StepSpec {
+        let mut spec = self.spec.clone();
+        if self.config.adapt.method == Method::Auto && !spec.adapted.is_empty() {
+            // auto's step: the source statistics weigh as a prior of `source_samples` samples.
+            let b = shape.first().copied().unwrap_or(1) as f32;
+            spec.mode = StatsMode::Alpha { alpha: b / (self.config.auto.source_samples + b) };
+        }
+        if paced {
+            spec.z_piece = super::train::PACED_Z_PIECE;
+        }
+        spec
+    }
+
     fn plan(&mut self, shape: &[usize]) -> Result<&StepPlan, AdaptError> {
         if !self.plans.contains_key(shape) {
-            let mut spec = self.spec.clone();
-            if self.config.adapt.method == Method::Auto && !spec.adapted.is_empty() {
-                // auto's step: the source statistics weigh as a prior of `source_samples` samples.
-                let b = shape.first().copied().unwrap_or(1) as f32;
-                spec.mode = StatsMode::Alpha { alpha: b / (self.config.auto.source_samples + b) };
-            }
-            if self.pacer.is_some() {
-                spec.z_piece = super::train::PACED_Z_PIECE;
-            }
+            let spec = self.step_spec(shape, self.pacer.is_some());
             let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, shape, &spec)?;
             self.plans.insert(shape.to_vec(), p);
         }
         Ok(&self.plans[shape])
+    }
+
+    /// What compiles, on any thread, the pipelines of the step programs a batch of each of
+    /// `shapes` will run (method `auto`: its judging program too) and that this session has not
+    /// built yet (`paced`: as a [`super::train::Pacer`] runs them). The frame stream starts one ahead of its
+    /// first steps: shader compilation took ~7 s of lavapipe time at MobileNetV2's first step,
+    /// and the frame that step lands before waited for it.
+    pub fn step_warmer(&self, shapes: &[Vec<usize>], paced: bool) -> StepWarmer {
+        let mut jobs = Vec::new();
+        for shape in shapes {
+            if let Some(state) = &self.auto {
+                if !state.plans.contains_key(shape) {
+                    let z_piece = if paced { super::train::PACED_Z_PIECE } else { 0 };
+                    jobs.push((shape.clone(), StepSpec { z_piece, ..state.spec.clone() }));
+                }
+                if !state.adapts {
+                    continue;
+                }
+            }
+            if !self.plans.contains_key(shape) {
+                jobs.push((shape.clone(), self.step_spec(shape, paced)));
+            }
+        }
+        StepWarmer { ctx: self.ctx.clone(), graph: self.model.graph.clone(), jobs }
     }
 
     /// Predicts `batch` with the current parameters WITHOUT a gradient step, normalising with

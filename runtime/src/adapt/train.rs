@@ -143,6 +143,31 @@ impl StepPlan {
         shape: &[usize],
         spec: &StepSpec,
     ) -> Result<StepPlan, PlanError> {
+        Self::build_or_warm(ctx, graph, Some(store), shape, spec)?
+            .ok_or_else(|| err("the step program was lowered but not built"))
+    }
+
+    /// Compiles the pipelines of the step program [`StepPlan::build`] would build for `shape`
+    /// into the context's cache, without creating a buffer or touching any weight: a later build
+    /// of the same program compiles nothing. The stream runs it on a thread of its own ahead of
+    /// the first steps ([`crate::adapt::Session::step_warmer`]), so that no frame waits for a
+    /// step's shader compilation. Returns how many of the program's pipelines were not compiled
+    /// yet.
+    pub fn warm(ctx: &GpuContext, graph: &Graph, shape: &[usize], spec: &StepSpec) -> Result<usize, PlanError> {
+        let before = ctx.pipeline_count();
+        Self::build_or_warm(ctx, graph, None, shape, spec)?;
+        Ok(ctx.pipeline_count().saturating_sub(before))
+    }
+
+    /// [`StepPlan::build`] with a store; without one, the lowering only, then the pipelines of
+    /// every dispatch compiled ([`StepPlan::warm`]).
+    fn build_or_warm(
+        ctx: &GpuContext,
+        graph: &Graph,
+        store: Option<&mut WeightStore>,
+        shape: &[usize],
+        spec: &StepSpec,
+    ) -> Result<Option<StepPlan>, PlanError> {
         if graph.inputs.len() != 1 {
             return Err(err(format!("adaptation needs a model with one input, this one has {}", graph.inputs.len())));
         }
@@ -346,8 +371,14 @@ impl StepPlan {
             program.items.push(Item { label: "guard commit".into(), dispatches, scratch: vec![] });
         }
         let shift = hook.shift.as_ref().filter(|s| s.written > 0).map(|s| (s.out, s.written));
+        let Some(store) = store else {
+            for d in program.items.iter().flat_map(|item| &item.dispatches) {
+                ctx.pipeline(&d.key)?;
+            }
+            return Ok(None);
+        };
         let compiled = Compiled::compile(ctx, &program, store)?;
-        Ok(StepPlan {
+        Ok(Some(StepPlan {
             shift: shift.map(|(v, n)| (v, n, staging(ctx, n as u64 * 4))),
             chunk_ms: Default::default(),
             input: fwd.inputs[0].1,
@@ -371,7 +402,7 @@ impl StepPlan {
             transient_bytes: compiled.transient_bytes,
             params,
             compiled,
-        })
+        }))
     }
 
     /// Runs the step on `x`: one encoder, one submit, one readback.

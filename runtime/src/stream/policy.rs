@@ -168,6 +168,9 @@ pub struct StreamSession {
     /// program, on the session's buffers, run beside a step in flight.
     background: bool,
     predictor: Option<StepPlan>,
+    /// Frame mode, background steps: the thread compiling the step programs' pipelines ahead of
+    /// the first steps ([`Session::step_warmer`]); it yields how many it compiled.
+    warming: Option<std::thread::JoinHandle<usize>>,
     /// Background steps: the window on the GPU (made on the first frame).
     gpu_ring: Option<GpuRing>,
     inflight: Option<InFlight>,
@@ -424,6 +427,7 @@ impl StreamSession {
             ctx: ctx.clone(),
             background,
             predictor: None,
+            warming: None,
             gpu_ring: None,
             inflight: None,
             finished_step: None,
@@ -733,6 +737,31 @@ impl StreamSession {
         })
     }
 
+    /// The batch shapes of the frame-mode steps, as the window fills: `adapt_every`,
+    /// 2·`adapt_every`, … frames up to the window (each capped by [`StreamSession::step_frames_cap`]).
+    fn step_shapes(&self) -> Vec<Vec<usize>> {
+        let (window, every) = (self.config.stream.window.max(1), self.config.stream.adapt_every.max(1));
+        let mut out: Vec<Vec<usize>> = Vec::new();
+        let mut n = 0;
+        while n < window {
+            n = (n + every).min(window);
+            let take = self.step_cap.map_or(n, |c| c.min(n)).max(2);
+            let mut shape = self.frame_shape.clone();
+            shape[0] = take;
+            if !out.contains(&shape) {
+                out.push(shape);
+            }
+        }
+        out
+    }
+
+    /// Waits for the thread that compiles the steps' pipelines ahead (frame mode, background
+    /// steps) and returns how many it compiled; `None` when none was started or it was waited
+    /// for already.
+    pub fn wait_for_warm_up(&mut self) -> Option<usize> {
+        self.warming.take().and_then(|h| h.join().ok())
+    }
+
     /// The most frames a frame-mode step takes, when the device's limits made it smaller than
     /// the window (`None`: the whole window).
     pub fn step_frames_cap(&self) -> Option<usize> {
@@ -793,6 +822,11 @@ impl StreamSession {
             let k = if k <= 32 { k.max(1) } else { 0 };
             let plan = self.locked().forward_plan(&shape, norm, k).map_err(adapt_err)?;
             self.predictor = Some(plan);
+            // The steps' pipelines compile on a thread of their own from here on, so that the
+            // frame a step lands before does not wait for its shaders.
+            let shapes = self.step_shapes();
+            let warmer = self.locked().step_warmer(&shapes, true);
+            self.warming = Some(std::thread::spawn(move || warmer.run()));
         }
         let internal_k = self.internal_top_k();
         let predictor = self.predictor.as_ref().expect("built above");
