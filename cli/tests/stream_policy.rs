@@ -454,18 +454,25 @@ fn auto_corrects_frames_by_the_class_prior_when_labels_are_shifted(ctx: GpuConte
 /// here; paced, their convolutions split along the batch) compile no pipeline of their own.
 #[gpu_test]
 fn background_steps_find_their_pipelines_compiled_ahead(ctx: GpuContext) {
-    let cfg = config("[stream]\nmode = \"frame\"\nwindow = 24\nadapt_every = 9\n");
-    let spec: PreprocessSpec = SPEC.parse().unwrap();
-    let mut stream = StreamSession::new(&ctx, model(), cfg, spec, StreamOptions::default()).expect("stream");
-    let fs = frames(40);
-    stream.push(&fs[0]).expect("first frame");
-    let warmed = stream.wait_for_warm_up().expect("the first frame starts the warm-up");
-    assert!(warmed > 0, "the step programs need pipelines the prediction does not");
-    let before = ctx.pipeline_count();
-    for f in &fs[1..] {
-        stream.push(f).expect("push");
+    let frame = "[stream]\nmode = \"frame\"\nwindow = 24\nadapt_every = 9\n";
+    let auto = AdaptConfig::from_toml_str(&format!("[adapt]\nmethod = \"auto\"\n{frame}")).expect("auto");
+    // TENT steps on every window; auto judges each window with its own program first.
+    for (name, cfg) in [("tent", config(frame)), ("auto", auto)] {
+        let ctx = if name == "tent" { ctx.clone() } else { common::gpu().expect("a second context") };
+        let spec: PreprocessSpec = SPEC.parse().unwrap();
+        let mut stream = StreamSession::new(&ctx, model(), cfg, spec, StreamOptions::default()).expect("stream");
+        let fs = frames(40);
+        stream.push(&fs[0]).expect("first frame");
+        let warmed = stream.wait_for_warm_up().expect("the first frame starts the warm-up");
+        assert!(warmed > 0, "{name}: the step programs need pipelines the prediction does not");
+        let before = ctx.pipeline_count();
+        for f in &fs[1..] {
+            stream.push(f).expect("push");
+        }
+        stream.finish().expect("finish");
+        if name == "tent" {
+            assert_eq!(stream.steps(), 4, "steps on 9, 18, 24 and 24 frames");
+        }
+        assert_eq!(ctx.pipeline_count(), before, "{name}: a step compiled a pipeline the warm-up did not");
     }
-    stream.finish().expect("finish");
-    assert_eq!(stream.steps(), 4, "steps on 9, 18, 24 and 24 frames");
-    assert_eq!(ctx.pipeline_count(), before, "a step compiled a pipeline the warm-up did not");
 }
