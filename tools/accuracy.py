@@ -541,10 +541,39 @@ def run_runtime_stream(limit=GRID_BATCHES * BATCH):
         out.write_text(json.dumps(results, indent=1))
 
 
+def run_runtime_auto_whole(datasets):
+    """`auto` (no key set) on whole sets with the runtime (`acclimate replay`), beside the
+    PyTorch reference on the same batches; cached in assets/accuracy/runtime/auto_whole.json."""
+    ensure_binary()
+    out = RUNTIME / "auto_whole.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    cfg = dict(grid_configs())["auto"]
+    for d in datasets:
+        x, y = load(d)
+        n = math.ceil(len(x) / BATCH)
+        batch_dir = write_batches(RUNTIME / "whole" / d, x, n)
+        steps, info = replay("auto", runtime_config(cfg, None), batch_dir, RUNTIME / "whole" / "runs" / d)
+        if steps is None:
+            results[d] = {"dataset": d, "error": info}
+            print(f"  {d:16s} auto (whole set) runtime error: {info}", flush=True)
+        else:
+            ref = reference(d, cfg, "auto", quiet=True)
+            pred = np.concatenate([predictions(s) for s in steps])
+            labels = y[:len(pred)]
+            results[d] = {"dataset": d, "digits": len(pred), "accuracy": float((pred == labels).mean()),
+                          "reference_accuracy": ref["accuracy"], "agree": int((pred == np.asarray(ref["pred"])).sum()),
+                          "seconds": info, "decisions": auto_decisions(steps)}
+            print(f"  {d:16s} auto (whole set) runtime {results[d]['accuracy'] * 100:6.2f} % (reference "
+                  f"{ref['accuracy'] * 100:6.2f} %, top-1 agreement {results[d]['agree']}/{len(pred)}), {info:.0f} s",
+                  flush=True)
+        out.write_text(json.dumps(results, indent=1))
+
+
 def auto_decisions(steps):
     """How many of a replay's batches `auto` judged correlated, stepped on, reset."""
     diag = [s.get("auto") or {} for s in steps]
-    return {k: sum(1 for a in diag if a.get(k)) for k in ("correlated", "label_shift", "stepped", "reset", "unjudged")}
+    return {k: sum(1 for a in diag if a.get(k))
+            for k in ("correlated", "label_shift", "stepped", "reset", "unjudged", "uncertain")}
 
 
 # ----------------------------------------------------------------------------- report
@@ -664,6 +693,26 @@ def grid_report():
             f"{GRID_SHORT[d]} {x['stepped']} stepped, {x['correlated']} correlated, "
             f"{x.get('label_shift', 0)} label-shifted" + (f", {x['reset']} reset" if x.get("reset") else "")
             for d, x in dec) + ".")
+    whole = json.loads((RUNTIME / "auto_whole.json").read_text()) if (RUNTIME / "auto_whole.json").exists() else {}
+    if whole:
+        lines.append("\n#### Runtime, `auto` on whole sets (`acclimate replay`, batches of 64; the reference beside)\n")
+        lines.append("| set | digits | runtime % | reference % | top-1 agreement | decisions | seconds (other jobs on "
+                     "the cores) |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for d in GRID_DATASETS:
+            r = whole.get(d)
+            if not r:
+                continue
+            if "error" in r:
+                lines.append(f"| {GRID_SHORT[d]} | refused: {r['error']} | | | | | |")
+                continue
+            x = r["decisions"]
+            dec = (f"{x['stepped']} stepped, {x['correlated']} correlated, {x.get('label_shift', 0)} label-shifted"
+                   + (f", {x['uncertain']} vague" if x.get("uncertain") else "")
+                   + (f", {x['reset']} reset" if x.get("reset") else ""))
+            lines.append(f"| {GRID_SHORT[d]} | {r['digits']:,} | {r['accuracy'] * 100:.2f} | "
+                         f"{r['reference_accuracy'] * 100:.2f} | {r['agree']:,}/{r['digits']:,} | {dec} | "
+                         f"{r['seconds']:.0f} |")
     stream = json.loads((RUNTIME / "stream.json").read_text()) if (RUNTIME / "stream.json").exists() else {}
     if stream:
         lines.append("\n#### Runtime, streams (`acclimate stream`, first 1,024 frames; the source model runs beside)\n")
@@ -709,6 +758,8 @@ def main():
     ap.add_argument("--runtime-grid", action="store_true",
                     help=f"every method of the grid on the runtime, first {GRID_BATCHES} batches of every set")
     ap.add_argument("--runtime-stream", action="store_true", help="the frame-mode rows and the no-shift control")
+    ap.add_argument("--runtime-auto-whole", action="store_true",
+                    help="auto on whole sets with the runtime (about 20 minutes a set that steps, on lavapipe)")
     ap.add_argument("--report", action="store_true", help="print the markdown tables from the cache")
     ap.add_argument("--write-doc", action="store_true", help="write the runtime tables into docs/accuracy.md")
     ap.add_argument("--datasets", default=None, help="comma-separated subset of " + ", ".join(ALL_DATASETS))
@@ -720,7 +771,7 @@ def main():
     if not MODEL.exists():
         raise SystemExit(f"[accuracy] {MODEL} is missing: run tools/setup.sh")
     if not any((args.reference, args.search, args.runtime_prefix, args.runtime_full, args.runtime_grid,
-                args.runtime_stream, args.report, args.write_doc)):
+                args.runtime_stream, args.runtime_auto_whole, args.report, args.write_doc)):
         ap.error("choose at least one of --reference, --search, --runtime-prefix, --runtime-full, --runtime-grid, "
                  "--report")
     if args.search:
@@ -735,6 +786,8 @@ def main():
         run_runtime_grid(datasets or GRID_DATASETS)
     if args.runtime_stream:
         run_runtime_stream()
+    if args.runtime_auto_whole:
+        run_runtime_auto_whole(datasets or GRID_DATASETS)
     if args.write_doc:
         write_doc()
     if args.report:

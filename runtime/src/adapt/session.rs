@@ -114,8 +114,6 @@ pub struct Session {
     pacer: Option<Arc<super::train::Pacer>>,
 }
 
-/// Method `auto` (see [`methods::auto`]): the source-statistics programs with LAME smoothing its
-/// decisions come from, and the decision state.
 /// The step programs' pipelines to compile ahead ([`Session::step_warmer`]).
 pub struct StepWarmer {
     ctx: GpuContext,
@@ -143,6 +141,8 @@ impl StepWarmer {
     }
 }
 
+/// Method `auto` (see [`methods::auto`]): the source-statistics programs with LAME smoothing its
+/// decisions come from, and the decision state.
 struct AutoState {
     spec: StepSpec,
     plans: HashMap<Vec<usize>, StepPlan>,
@@ -366,9 +366,9 @@ impl Session {
 
     /// What compiles, on any thread, the pipelines of the step programs a batch of each of
     /// `shapes` will run (method `auto`: its judging program too) and that this session has not
-    /// built yet (`paced`: as a [`super::train::Pacer`] runs them). The frame stream starts one ahead of its
-    /// first steps: shader compilation took ~7 s of lavapipe time at MobileNetV2's first step,
-    /// and the frame that step lands before waited for it.
+    /// built yet (`paced`: as a [`super::train::Pacer`] runs them). The frame stream runs one
+    /// when it is made (background steps), so that no step compiles a pipeline on its way to
+    /// landing.
     pub fn step_warmer(&self, shapes: &[Vec<usize>], paced: bool) -> StepWarmer {
         let mut jobs = Vec::new();
         for shape in shapes {

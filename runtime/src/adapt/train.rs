@@ -149,10 +149,9 @@ impl StepPlan {
 
     /// Compiles the pipelines of the step program [`StepPlan::build`] would build for `shape`
     /// into the context's cache, without creating a buffer or touching any weight: a later build
-    /// of the same program compiles nothing. The stream runs it on a thread of its own ahead of
-    /// the first steps ([`crate::adapt::Session::step_warmer`]), so that no frame waits for a
-    /// step's shader compilation. Returns how many of the program's pipelines were not compiled
-    /// yet.
+    /// of the same program compiles nothing. The frame stream runs it when it is made
+    /// ([`crate::adapt::Session::step_warmer`]). Returns how many of the program's pipelines
+    /// were not compiled yet.
     pub fn warm(ctx: &GpuContext, graph: &Graph, shape: &[usize], spec: &StepSpec) -> Result<usize, PlanError> {
         let before = ctx.pipeline_count();
         Self::build_or_warm(ctx, graph, None, shape, spec)?;

@@ -168,9 +168,9 @@ pub struct StreamSession {
     /// program, on the session's buffers, run beside a step in flight.
     background: bool,
     predictor: Option<StepPlan>,
-    /// Frame mode, background steps: the thread compiling the step programs' pipelines ahead of
-    /// the first steps ([`Session::step_warmer`]); it yields how many it compiled.
-    warming: Option<std::thread::JoinHandle<usize>>,
+    /// Frame mode, background steps: how many pipelines of the step programs were compiled when
+    /// the stream was made ([`Session::step_warmer`]).
+    warmed: Option<usize>,
     /// Background steps: the window on the GPU (made on the first frame).
     gpu_ring: Option<GpuRing>,
     inflight: Option<InFlight>,
@@ -410,6 +410,16 @@ impl StreamSession {
             );
         }
         let background = background && fits;
+        // The step programs' pipelines are created now, with the stream, rather than by the first
+        // step of each window size on the step's thread, where a driver that compiles at pipeline
+        // creation (Vulkan and Metal drivers of GPUs) makes the frame that step lands before wait
+        // for the compiler. Lavapipe compiles at a pipeline's first dispatch instead: there the
+        // creation costs 0.3 s at the start of a MobileNetV2 ETA stream and the first run of
+        // each step still carries the compilation (README, "Steps that never stall").
+        let warmed = background.then(|| {
+            let shapes = step_shapes(config.stream.window, config.stream.adapt_every, &frame_shape);
+            session.step_warmer(&shapes, true).run()
+        });
         // The step on the window keeps the method's batch statistics over the window. Stepping
         // with the frame statistics (the source's) instead, to match the predictions, collapsed
         // ETA (SGD 2.5e-4, demo_video.toml) and TENT to one class within a step or two (77.5 %
@@ -427,7 +437,7 @@ impl StreamSession {
             ctx: ctx.clone(),
             background,
             predictor: None,
-            warming: None,
+            warmed,
             gpu_ring: None,
             inflight: None,
             finished_step: None,
@@ -737,29 +747,10 @@ impl StreamSession {
         })
     }
 
-    /// The batch shapes of the frame-mode steps, as the window fills: `adapt_every`,
-    /// 2·`adapt_every`, … frames up to the window (each capped by [`StreamSession::step_frames_cap`]).
-    fn step_shapes(&self) -> Vec<Vec<usize>> {
-        let (window, every) = (self.config.stream.window.max(1), self.config.stream.adapt_every.max(1));
-        let mut out: Vec<Vec<usize>> = Vec::new();
-        let mut n = 0;
-        while n < window {
-            n = (n + every).min(window);
-            let take = self.step_cap.map_or(n, |c| c.min(n)).max(2);
-            let mut shape = self.frame_shape.clone();
-            shape[0] = take;
-            if !out.contains(&shape) {
-                out.push(shape);
-            }
-        }
-        out
-    }
-
-    /// Waits for the thread that compiles the steps' pipelines ahead (frame mode, background
-    /// steps) and returns how many it compiled; `None` when none was started or it was waited
-    /// for already.
-    pub fn wait_for_warm_up(&mut self) -> Option<usize> {
-        self.warming.take().and_then(|h| h.join().ok())
+    /// Frame mode with background steps: how many pipelines of the step programs the stream
+    /// compiled when it was made, ahead of its first steps (`None`: other modes).
+    pub fn warmed_pipelines(&self) -> Option<usize> {
+        self.warmed
     }
 
     /// The most frames a frame-mode step takes, when the device's limits made it smaller than
@@ -822,11 +813,6 @@ impl StreamSession {
             let k = if k <= 32 { k.max(1) } else { 0 };
             let plan = self.locked().forward_plan(&shape, norm, k).map_err(adapt_err)?;
             self.predictor = Some(plan);
-            // The steps' pipelines compile on a thread of their own from here on, so that the
-            // frame a step lands before does not wait for its shaders.
-            let shapes = self.step_shapes();
-            let warmer = self.locked().step_warmer(&shapes, true);
-            self.warming = Some(std::thread::spawn(move || warmer.run()));
         }
         let internal_k = self.internal_top_k();
         let predictor = self.predictor.as_ref().expect("built above");
@@ -1144,6 +1130,23 @@ fn step_on_window(
             Ok(p) => return Ok(p),
         }
     }
+}
+
+/// The batch shapes of the frame-mode steps as the window fills: `adapt_every`, 2·`adapt_every`,
+/// … frames up to `window` (at least 2: a step needs two frames).
+fn step_shapes(window: usize, adapt_every: usize, frame_shape: &[usize]) -> Vec<Vec<usize>> {
+    let (window, every) = (window.max(1), adapt_every.max(1));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut n = 0;
+    while n < window {
+        n = (n + every).min(window);
+        let mut shape = frame_shape.to_vec();
+        shape[0] = n.max(2);
+        if !out.contains(&shape) {
+            out.push(shape);
+        }
+    }
+    out
 }
 
 /// The device-limit error of `e` when a batch was too large for the device (a buffer over its
