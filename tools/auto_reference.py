@@ -50,6 +50,7 @@ DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "source_decay"
             "concentration_threshold": 0.4, "uncertain_entropy": 0.4}
 MIN_BATCH = 16
 MIN_SAMPLES_PER_CLASS = 10.0
+FULL_START_BATCH = 32
 
 
 def entropy(p):
@@ -144,7 +145,8 @@ def run_auto(model_path, cfg, batches):
                 rho = min(max(rho, rho_u * a["correlation_threshold"] / a["concentration_threshold"]), 1.0)
             # The first judged batch starts the average: smoothing toward 0 would weigh an
             # i.i.d. batch that never came.
-            smoothed = a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho if judged else rho
+            smoothed = (a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho if judged
+                        else rho * min(1.0, b / FULL_START_BATCH))
             correlated = smoothed > a["correlation_threshold"]
             judged = True
         marg += torch.bincount(ps.argmax(1), minlength=c).double()

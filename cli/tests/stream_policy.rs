@@ -400,10 +400,8 @@ fn auto_corrects_frames_by_the_class_prior_when_labels_are_shifted(ctx: GpuConte
         .collect();
     let spec: PreprocessSpec = "size=28,channels=1,mean=0.1307,std=0.3081".parse().unwrap();
     let model = Model::load(&common::asset("mnist.onnx")).expect("MNIST network");
-    // The first window (10 of 16 frames one class) scores 0.37 and the smoothed score starts from
-    // it: at the default threshold (0.2) a first window cannot be told from a correlated one.
     let cfg = AdaptConfig::from_toml_str(
-        "[adapt]\nmethod = \"auto\"\n[auto]\nprior_samples = 1.0\ncorrelation_threshold = 0.4\n\
+        "[adapt]\nmethod = \"auto\"\n[auto]\nprior_samples = 1.0\n\
          [stream]\nmode = \"frame\"\nwindow = 16\nadapt_every = 16\nsteps = \"inline\"\n",
     )
     .expect("config");

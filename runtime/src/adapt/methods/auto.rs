@@ -19,7 +19,8 @@
 //!      correlated once the marginal has learnt it (Dirichlet 0.01, first 1,024 digits: 11
 //!      batches of one class, 5 of them judged label-shifted without ρ_b; 87.60 → 97.17 %). ρ is
 //!      smoothed over batches with `correlation_momentum`, from the first judged batch's value
-//!      (Dirichlet 0.1: the first batch no longer steps; 90.43 → 92.48 %).
+//!      (weighed min(1, B/[`FULL_START_BATCH`]); Dirichlet 0.1: the first batch no longer
+//!      steps; 90.43 → 92.48 %).
 //!    - **agreement with the source statistics**, the returned predictions' **collapse** (the
 //!      entropy of their mean, relative to the source's) and the share of their top class;
 //!    - the **covariate-shift score**, computed on the GPU in the same pass (`bn_shift`): the
@@ -98,6 +99,10 @@ pub const MIN_SAMPLES_PER_CLASS: f64 = 10.0;
 /// a batch this large was judged, `auto` takes no step (the source model predicts): the first
 /// small batches cannot show whether their labels are correlated.
 pub const MIN_CORRELATION_BATCH: usize = 16;
+
+/// A first judged batch of at least this many samples starts the smoothed correlation score
+/// with its own ρ; a smaller one with ρ·B/FULL_START_BATCH.
+pub const FULL_START_BATCH: usize = 32;
 
 /// The `[auto]` section.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -563,9 +568,12 @@ impl Decision {
         let rho = self.correlation(probs, section);
         if let Some(r) = rho {
             let m = section.correlation_momentum as f64;
-            // The first judged batch starts the average: smoothing toward 0 would weigh an
-            // i.i.d. batch that never came.
-            self.smoothed = if self.judged { m * self.smoothed + (1.0 - m) * r } else { r };
+            // The first judged batch starts the average (smoothing toward 0 would weigh an i.i.d.
+            // batch that never came), with the weight min(1, B/FULL_START_BATCH): a small
+            // window's ρ is noisy (16 i.i.d. digits through the C ABI's default preset scored
+            // above the threshold), and 0.5 is what it had before.
+            let start = (probs.len() as f64 / FULL_START_BATCH as f64).min(1.0);
+            self.smoothed = if self.judged { m * self.smoothed + (1.0 - m) * r } else { r * start };
             self.correlated = self.smoothed > section.correlation_threshold as f64;
             self.judged = true;
         }
@@ -787,6 +795,10 @@ mod tests {
         assert!(d.correlated);
         d.observe(&one_hot(&(0..64).map(|i| i % 10).collect::<Vec<_>>(), 10), &s);
         assert!((d.smoothed - 0.5 * rho).abs() < 0.05, "{} {rho}", d.smoothed);
+        // A first window of 16 starts it at ρ·16/32: a small window's ρ is noisy.
+        let mut d = Decision::initial(10, 128.0);
+        let rho = d.observe(&one_hot(&[2; 16], 10), &s).unwrap();
+        assert_eq!(d.smoothed, rho * 0.5);
     }
 
     /// Source predictions near chance get no output stage, whatever the decision.
