@@ -134,11 +134,6 @@ impl StepWarmer {
         }
         n
     }
-
-    /// The batch shapes it compiles for, with repeats (one per program).
-    pub fn shapes(&self) -> Vec<Vec<usize>> {
-        self.jobs.iter().map(|(s, _)| s.clone()).collect()
-    }
 }
 
 /// Method `auto` (see [`methods::auto`]): the source-statistics programs with LAME smoothing its
