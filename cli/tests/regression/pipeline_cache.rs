@@ -120,3 +120,70 @@ fn pipeline_cache_damaged_or_foreign_file_is_ignored_not_an_error(_ctx: acclimat
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Threads compiling the same kernel at once (a background step warmer beside the frame path,
+/// two sessions on one context) all get the one pipeline the context keeps. Before the fix the
+/// last compiled replaced the first in the context's map: a session that had cached bind groups
+/// made from the first one's automatic layout then dispatched them with the second, a validation
+/// error ("Exclusive pipelines don't match", CI's `states_with_nan_or_of_another_model_are_refused`
+/// in ffi/tests/abi.rs, which runs two sessions beside other tests on one device).
+#[gpu_test]
+fn concurrent_compiles_of_one_kernel_hand_out_one_pipeline(ctx: acclimate::GpuContext) {
+    use acclimate::gpu::{KernelKey, Shader};
+    use std::sync::{Arc, Barrier};
+    const THREADS: usize = 8;
+    // A kernel never compiled on this fresh context: every thread misses.
+    let key = KernelKey::new(Shader::Preprocess, "preprocess");
+    {
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let got: Vec<acclimate::wgpu::ComputePipeline> = (0..THREADS)
+            .map(|_| {
+                let (ctx, key, barrier) = (ctx.clone(), key.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    ctx.pipeline(&key).expect("pipeline")
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        let kept = ctx.pipeline(&key).expect("pipeline");
+        for (i, p) in got.iter().enumerate() {
+            assert!(*p == kept, "thread {i} got a pipeline the context does not hand out for preprocess");
+        }
+        // And what breaks otherwise: a bind group from the kept pipeline's layout, dispatched
+        // with every thread's pipeline, raises no validation error.
+        let layout = kept.get_bind_group_layout(0);
+        let buffer = |size: u64| {
+            ctx.device.create_buffer(&acclimate::wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: acclimate::wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let (a, b, c) = (buffer(256), buffer(256), buffer(256));
+        let bg = ctx.device.create_bind_group(&acclimate::wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &[
+                acclimate::wgpu::BindGroupEntry { binding: 0, resource: a.as_entire_binding() },
+                acclimate::wgpu::BindGroupEntry { binding: 1, resource: b.as_entire_binding() },
+                acclimate::wgpu::BindGroupEntry { binding: 2, resource: c.as_entire_binding() },
+            ],
+        });
+        let scope = ctx.device.push_error_scope(acclimate::wgpu::ErrorFilter::Validation);
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        for p in &got {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(p);
+            pass.set_bind_group(0, &bg, &[]);
+            // Zero workgroups: validated, nothing runs.
+            pass.dispatch_workgroups(0, 1, 1);
+        }
+        drop(encoder.finish());
+        let err = pollster::block_on(scope.pop());
+        assert!(err.is_none(), "{err:?}");
+    }
+}

@@ -484,8 +484,12 @@ impl GpuContext {
                 reason: err.to_string(),
             });
         }
-        self.inner.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), pipeline.clone());
-        Ok(pipeline)
+        // Another thread (a step warmer, a second session on this context) may have compiled the
+        // same kernel meanwhile. The first one stored stays the only one handed out: bind groups
+        // made from an automatic layout only work with the pipeline that layout came from, and
+        // callers cache bind groups across calls.
+        let mut pipelines = self.inner.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(pipelines.entry(key.clone()).or_insert(pipeline).clone())
     }
 
     fn module(&self, shader: Shader) -> Result<wgpu::ShaderModule, GpuError> {
