@@ -126,12 +126,18 @@ impl StepWarmer {
     /// be lowered (a window too large for the device) is skipped: the step itself reports it.
     pub fn run(self) -> usize {
         let mut n = 0;
+        let begun = std::time::Instant::now();
         for (shape, spec) in &self.jobs {
             match StepPlan::warm(&self.ctx, &self.graph, shape, spec) {
                 Ok(k) => n += k,
                 Err(e) => log::debug!("warming the step pipelines for {shape:?}: {e}"),
             }
         }
+        log::debug!(
+            "step pipelines for {} programs warmed in {:.1} ms ({n} new)",
+            self.jobs.len(),
+            begun.elapsed().as_secs_f64() * 1e3
+        );
         n
     }
 }
