@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ DATA = ROOT / "assets" / "accuracy"
 RESULTS = DATA / "results"
 RUNTIME = DATA / "runtime"
 MODEL = ROOT / "assets" / "svhn.onnx"
-BINARY = ROOT / "target" / "release" / "acclimate"
+# ACCLIMATE_BIN: a frozen copy of the binary, for long runs beside a rebuilding tree.
+BINARY = Path(os.environ["ACCLIMATE_BIN"]) if os.environ.get("ACCLIMATE_BIN") else ROOT / "target" / "release" / "acclimate"
 FISHER_DIR = DATA / "fisher"
 # The full-set reference tables (the four sets of the first measurement).
 DATASETS = ("clean", "gaussian_noise5", "defocus_blur5", "correlated")

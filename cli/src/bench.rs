@@ -46,6 +46,7 @@ use acclimate::gpu::GpuContext;
 use acclimate::ir::Graph;
 use acclimate::onnx::{self, DimSpec, ValueInfo};
 use acclimate::ops::flops::FlopCount;
+use acclimate::plan::profile::{Clock, Profile};
 use acclimate::tensor::Tensor;
 
 /// A backend that can be measured.
@@ -168,6 +169,8 @@ pub struct BenchConfig {
     /// ONNX Runtime intra-op threads; `None` means one per logical core.
     pub ort_threads: Option<usize>,
     pub seed: u64,
+    /// Time every dispatch alone this many times (GPU only; `None`: no profile).
+    pub profile_runs: Option<usize>,
 }
 
 impl Default for BenchConfig {
@@ -182,6 +185,7 @@ impl Default for BenchConfig {
             shape: None,
             ort_threads: None,
             seed: 0x5eed,
+            profile_runs: None,
         }
     }
 }
@@ -206,6 +210,8 @@ pub struct BenchCase {
     /// Bytes of the buffers the engine allocated for this batch size: weights + activations
     /// after reuse (GPU only).
     pub peak_bytes: Option<u64>,
+    /// Every dispatch timed alone (GPU, `--profile`).
+    pub profile: Option<Profile>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -380,7 +386,7 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
             None => None,
         };
         for &backend in &cfg.backends {
-            let (stats, dispatches, peak_bytes) = match backend {
+            let (stats, dispatches, peak_bytes, profile) = match backend {
                 Backend::Gpu => {
                     let Some(engine) = runners.gpu.as_mut() else {
                         continue;
@@ -390,10 +396,19 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
                     log::info!("bench: gpu batch {batch}: plan built, measuring");
                     let inputs = std::slice::from_ref(&x);
                     let stats = measure(cfg.warmup, cfg.iters, || engine.run(inputs).map(drop))?;
-                    (stats, Some(dispatches), Some(engine.resident_bytes() + activations))
+                    let profile = match cfg.profile_runs {
+                        Some(runs) => {
+                            let ctx = engine.context().clone();
+                            let data = x.to_f32_vec();
+                            let plan = engine.plan(std::slice::from_ref(shape))?;
+                            Some(plan.profile(&ctx, &[&data], runs, None).map_err(Error::from)?)
+                        }
+                        None => None,
+                    };
+                    (stats, Some(dispatches), Some(engine.resident_bytes() + activations), profile)
                 }
                 Backend::Ort => match measure_ort(&mut runners, &x, cfg)? {
-                    Some(stats) => (stats, None, None),
+                    Some(stats) => (stats, None, None, None),
                     None => continue,
                 },
             };
@@ -409,6 +424,7 @@ pub fn run(path: &Path, cfg: &BenchConfig) -> Result<BenchReport, BenchError> {
                 throughput,
                 dispatches,
                 peak_bytes,
+                profile,
             });
         }
     }
@@ -522,6 +538,11 @@ impl BenchReport {
                 c.peak_bytes.map_or("-".into(), |b| format!("{:.2}", mib(b))),
             ));
         }
+        for c in &self.cases {
+            if let Some(p) = &c.profile {
+                s.push_str(&profile_table(&format!("forward, batch {}", c.batch), p, c.stats.median_ms));
+            }
+        }
         s
     }
 }
@@ -602,6 +623,9 @@ pub struct AdaptCase {
     pub resident_bytes: u64,
     /// Transient memory of the forward plan, for comparison.
     pub forward_transient_bytes: u64,
+    /// Every dispatch of the forward and of the step timed alone (`--profile`).
+    pub forward_profile: Option<Profile>,
+    pub step_profile: Option<Profile>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -644,6 +668,15 @@ pub fn run_adapt(path: &Path, method: acclimate::adapt::Method, cfg: &BenchConfi
         let step_flops = session.step_flops(shape).map_err(cfg_err)?;
         let step = measure(cfg.warmup, cfg.iters, || session.step(&x).map(drop)).map_err(cfg_err)?;
         let resident_bytes = session.resident_bytes();
+        let (forward_profile, step_profile) = match cfg.profile_runs {
+            Some(runs) => {
+                let data = x.to_f32_vec();
+                let plan = engine.plan(std::slice::from_ref(shape))?;
+                let forward = plan.profile(&ctx, &[&data], runs, None).map_err(Error::from)?;
+                (Some(forward), Some(session.profile_step(&x, runs).map_err(cfg_err)?))
+            }
+            None => (None, None),
+        };
         cases.push(AdaptCase {
             batch,
             step_over_forward: step.median_ms / forward.median_ms,
@@ -662,6 +695,8 @@ pub fn run_adapt(path: &Path, method: acclimate::adapt::Method, cfg: &BenchConfi
             step_transient_bytes,
             resident_bytes,
             forward_transient_bytes,
+            forward_profile,
+            step_profile,
         });
     }
     let peak = match cfg.peak_reps {
@@ -736,8 +771,61 @@ impl AdaptReport {
             "\nMiB = every buffer the engine (forward) or session (step) allocates: weights, statistics and optimizer \
              state plus transient buffers after reuse\n",
         );
+        for c in &self.cases {
+            if let Some(p) = &c.forward_profile {
+                s.push_str(&profile_table(&format!("forward, batch {}", c.batch), p, c.forward.median_ms));
+            }
+            if let Some(p) = &c.step_profile {
+                s.push_str(&profile_table(&format!("{} step, batch {}", self.method, c.batch), p, c.step.median_ms));
+            }
+        }
         s
     }
+}
+
+/// Kernels shown per profile table, and the slowest dispatches listed after them.
+const PROFILE_KERNELS: usize = 12;
+const PROFILE_SLOWEST: usize = 8;
+
+/// A profile as text: its clock, the sum of its dispatches against the measured `run_ms`, the
+/// kernels by time and the slowest dispatches.
+pub fn profile_table(title: &str, p: &Profile, run_ms: f64) -> String {
+    let clock = match p.clock {
+        Clock::Timestamps => "GPU timestamps around each dispatch",
+        Clock::Host => "host time around each dispatch submitted alone (submission overhead included)",
+    };
+    let total = p.total_ms();
+    let mut s = format!(
+        "\nprofile, {title}: {} dispatches, {total:.3} ms summed (the whole run: {run_ms:.3} ms); {clock}; median of {} run(s)\n",
+        p.dispatches.len(),
+        p.runs
+    );
+    s.push_str(&format!("  {:<44} {:>6} {:>11} {:>7} {:>9}\n", "kernel", "count", "ms", "share", "GFLOP/s"));
+    let kernels = p.by_kernel();
+    for k in kernels.iter().take(PROFILE_KERNELS) {
+        s.push_str(&format!(
+            "  {:<44} {:>6} {:>11.3} {:>6.1}% {:>9}\n",
+            k.kernel,
+            k.dispatches,
+            k.ms,
+            100.0 * k.share,
+            k.gflops.map_or("-".into(), |g| format!("{g:.2}"))
+        ));
+    }
+    if kernels.len() > PROFILE_KERNELS {
+        let rest: f64 = kernels[PROFILE_KERNELS..].iter().map(|k| k.ms).sum();
+        s.push_str(&format!(
+            "  {:<44} {:>6} {:>11.3}\n",
+            format!("{} other kernels", kernels.len() - PROFILE_KERNELS),
+            "",
+            rest
+        ));
+    }
+    s.push_str("  slowest dispatches:\n");
+    for d in p.slowest(PROFILE_SLOWEST) {
+        s.push_str(&format!("  {:>11.3} ms  {} {:?}  {}\n", d.ms, d.kernel, d.workgroups, d.item));
+    }
+    s
 }
 
 fn mib(b: u64) -> f64 {

@@ -377,6 +377,54 @@ fn bench_json_counts_the_tiny_network_by_hand() {
     assert!(v["peak"].is_null() && v["start"].is_null(), "an ONNX Runtime-only bench opened the GPU: {v}");
 }
 
+/// `bench --profile`: every dispatch of the forward and of the step timed, in the JSON and in
+/// the table.
+#[test]
+fn bench_profile_times_every_dispatch() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let tiny = common::repo_root().join("tests/fixtures/tta/tiny_tent_adam/model.onnx");
+    let args = [
+        "bench",
+        s(&tiny),
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--no-peak",
+        "--no-start",
+        "--adapt",
+        "tent",
+    ];
+    let mut json = args.to_vec();
+    json.extend(["--profile", "2", "--json"]);
+    let v: Value = serde_json::from_str(&ok(&json)).expect("JSON");
+    let c = &v["cases"][0];
+    for (profile, count) in [("forward_profile", "forward_dispatches"), ("step_profile", "step_dispatches")] {
+        let p = &c[profile];
+        assert_eq!(p["runs"], 2, "{p}");
+        assert!(p["clock"] == "timestamps" || p["clock"] == "host", "{p}");
+        let d = p["dispatches"].as_array().expect("dispatches");
+        assert_eq!(Some(d.len() as u64), c[count].as_u64(), "{profile}");
+        assert!(d.iter().all(|x| x["kernel"].as_str().is_some_and(|k| k.contains(".wgsl::"))), "{p}");
+    }
+    // The step's own stages are named.
+    let items: Vec<&str> =
+        c["step_profile"]["dispatches"].as_array().unwrap().iter().filter_map(|d| d["item"].as_str()).collect();
+    assert!(items.contains(&"loss") && items.contains(&"update"), "{items:?}");
+    let mut table = args.to_vec();
+    table.push("--profile");
+    let t = ok(&table);
+    assert!(t.contains("profile, forward, batch 2") && t.contains("profile, tent step, batch 2"), "{t}");
+    assert!(t.contains("slowest dispatches") && t.contains("share"), "{t}");
+    // Without --profile there is none.
+    let v: Value = serde_json::from_str(&ok(&[&args[..], &["--json"]].concat())).expect("JSON");
+    assert!(v["cases"][0]["forward_profile"].is_null(), "{v}");
+}
+
 /// `replay`: the JSON record, saving state and resuming from it, and one-line errors for a
 /// truncated state file and an unknown config key.
 #[test]

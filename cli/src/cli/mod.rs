@@ -180,6 +180,11 @@ pub enum Command {
         /// Skip measuring session start (cold and warm pipeline cache).
         #[arg(long)]
         no_start: bool,
+        /// Also time every dispatch of the forward (and of the step with --adapt) alone, this
+        /// many runs (default 3) each, and print where the time goes per kernel: GPU timestamps
+        /// where the adapter has them, else host time around each dispatch submitted alone.
+        #[arg(long, num_args = 0..=1, default_missing_value = "3", value_name = "RUNS")]
+        profile: Option<usize>,
         /// Print machine-readable JSON instead of a table (field names in the README's
         /// performance section).
         #[arg(long)]
@@ -451,6 +456,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             no_peak,
             peak_reps,
             no_start,
+            profile,
             json,
         } => {
             let method: acclimate::adapt::Method = serde_json::from_value(serde_json::Value::String(method.clone()))
@@ -463,6 +469,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 ort_threads,
                 peak_reps: (!no_peak).then_some(peak_reps),
                 start: !no_start,
+                profile_runs: profile,
                 ..BenchConfig::default()
             };
             let _ = backend;
@@ -481,6 +488,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             no_peak,
             peak_reps,
             no_start,
+            profile,
             json,
         } => {
             let mut backends: Vec<bench::Backend> = Vec::new();
@@ -498,6 +506,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 ort_threads,
                 peak_reps: (!no_peak).then_some(peak_reps),
                 start: !no_start,
+                profile_runs: profile,
                 ..BenchConfig::default()
             };
             bench_cmd(&model, &cfg, json)

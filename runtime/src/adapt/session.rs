@@ -480,6 +480,18 @@ impl Session {
         self.step_input(StepInput::Host(data), &batch.shape)
     }
 
+    /// Takes a step on `batch` ([`Session::step`]), then times each dispatch of the step
+    /// program alone `runs` times and keeps each one's median ([`crate::plan::profile`]). The
+    /// timed runs are steps too: they update the parameters again (a benchmark's session).
+    /// Method `auto` profiles its gradient step, so only a batch it steps on has one.
+    pub fn profile_step(&mut self, batch: &Tensor, runs: usize) -> crate::Result<crate::plan::profile::Profile> {
+        self.step(batch)?;
+        let plan = self.plans.get(&batch.shape).ok_or_else(|| {
+            PlanError::Program(format!("no step program ran on the batch of shape {:?}", batch.shape))
+        })?;
+        Ok(plan.compiled.profile(&self.ctx, runs, None)?)
+    }
+
     /// [`Session::step`] on a batch of shape `shape` that `input` holds (frame mode's window,
     /// already on the GPU: [`StepInput::Gpu`]). A GPU input is not checked for NaN here: the
     /// stream's preprocessing makes finite values from any pixels.

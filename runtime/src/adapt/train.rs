@@ -58,7 +58,7 @@ pub const PACED_Z_PIECE: u32 = 4;
 
 /// A compiled step for one input shape.
 pub struct StepPlan {
-    compiled: Compiled,
+    pub(crate) compiled: Compiled,
     /// [`StepSpec::top_k`]: the value holding [k indices, k probabilities] per row, k, and its
     /// staging buffer (read back instead of the logits).
     top: Option<(usize, usize, wgpu::Buffer)>,

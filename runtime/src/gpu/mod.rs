@@ -313,7 +313,9 @@ impl GpuContext {
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("acclimate"),
-                required_features: adapter.features() & wgpu::Features::PIPELINE_CACHE,
+                // Timestamp queries only for profiles (`plan::profile`); unused otherwise.
+                required_features: adapter.features()
+                    & (wgpu::Features::PIPELINE_CACHE | wgpu::Features::TIMESTAMP_QUERY),
                 required_limits: limits,
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,

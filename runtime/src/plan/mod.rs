@@ -10,6 +10,7 @@
 //! Running it is then: write the inputs, record every dispatch into one compute pass of one
 //! command encoder, copy the outputs to staging buffers, submit once, read back.
 
+pub mod profile;
 pub mod program;
 pub mod specialize;
 pub mod standalone;
@@ -333,6 +334,19 @@ impl Plan {
             ctx.queue.write_buffer(self.compiled.value_buffer(*v), 0, bytemuck::cast_slice(data));
         }
         Ok(())
+    }
+
+    /// Writes `inputs`, then times each dispatch of the plan alone `runs` times and keeps each
+    /// one's median, on `clock` (`None`: the best the device has; [`profile`]).
+    pub fn profile(
+        &self,
+        ctx: &GpuContext,
+        inputs: &[&[f32]],
+        runs: usize,
+        clock: Option<profile::Clock>,
+    ) -> Result<profile::Profile, PlanError> {
+        self.write_inputs(ctx, inputs)?;
+        Ok(self.compiled.profile(ctx, runs, clock)?)
     }
 
     /// Runs the plan: inputs in, every graph output back. One encoder, one submit.

@@ -148,6 +148,10 @@ pub(crate) struct Recorded {
     piece: bool,
     /// Its arithmetic, or 256 per workgroup where the lowering gave none.
     work: u64,
+    /// Its arithmetic where the lowering gave it.
+    flops: Option<u64>,
+    /// `file.wgsl::entry` (profiles).
+    kernel: String,
 }
 
 /// A compiled program: pipelines, bind groups and buffers, ready to record.
@@ -431,8 +435,19 @@ impl Compiled {
                 entries: &entries,
             });
             let groups: u64 = d.workgroups.iter().map(|&w| w as u64).product();
-            let work = d.params.work().unwrap_or(groups * 256);
-            recorded.push(Recorded { pipeline, bind_group, workgroups: d.workgroups, item: *k, piece: *piece, work });
+            let flops = d.params.work();
+            let work = flops.unwrap_or(groups * 256);
+            let kernel = format!("{}::{}", d.key.shader.file_name(), d.key.entry);
+            recorded.push(Recorded {
+                pipeline,
+                bind_group,
+                workgroups: d.workgroups,
+                item: *k,
+                piece: *piece,
+                work,
+                flops,
+                kernel,
+            });
         }
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Validation { what: "program bind groups".into(), reason: err.to_string() }.into());
@@ -497,6 +512,29 @@ impl Compiled {
     /// submitted alone when paced).
     pub fn dispatch_pieces(&self) -> Vec<bool> {
         self.dispatches.iter().map(|d| d.piece).collect()
+    }
+
+    /// Dispatch `i`'s item label, kernel, workgroups and counted arithmetic (profiles).
+    pub(crate) fn dispatch_info(&self, i: usize) -> (String, String, [u32; 3], Option<u64>) {
+        let d = &self.dispatches[i];
+        (self.item_labels[d.item].clone(), d.kernel.clone(), d.workgroups, d.flops)
+    }
+
+    /// Records dispatch `i` alone in a compute pass stamped by `writes` (profiles).
+    pub(crate) fn record_one_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        i: usize,
+        writes: wgpu::ComputePassTimestampWrites<'_>,
+    ) {
+        let d = &self.dispatches[i];
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("profile"),
+            timestamp_writes: Some(writes),
+        });
+        pass.set_pipeline(&d.pipeline);
+        pass.set_bind_group(0, &d.bind_group, &[]);
+        pass.dispatch_workgroups(d.workgroups[0], d.workgroups[1], d.workgroups[2]);
     }
 
     /// Records the dispatches `range` into one compute pass of `encoder`.
