@@ -159,6 +159,61 @@ fn matmul_main(
     }
 }
 
+// matmul_rows: the same product for a few rows of A (M <= 16: a classifier at a small batch,
+// the reverse pass of one), where a 64x64 tile would compute up to 64 times the outputs it
+// writes. One invocation per output column n computes every row; ROWS = M, fixed per pipeline
+// so the row loop unrolls. Each output sums over k in order 0..K-1 with one accumulator, as
+// matmul_main's does, so both kernels give the same values.
+//
+// Grid: x = ceil(N / 256), y = 1, z = batch.
+override ROWS: u32 = 1u;
+const MAX_ROWS: u32 = 16u;
+
+@compute @workgroup_size(256)
+fn matmul_rows(
+    @builtin(local_invocation_index) lidx: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    if lidx == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
+    let z = wid.z + p.z_base;
+    var rem = z;
+    var a_off = 0u;
+    var b_off = 0u;
+    var c_off = 0u;
+    for (var d = i32(p.batch_rank) - 1; d >= 0; d--) {
+        let s = p.batch_shape[d];
+        let i = rem % s;
+        rem = rem / s;
+        a_off += i * p.a_bs[d];
+        b_off += i * p.b_bs[d];
+        c_off += i * p.c_bs[d];
+    }
+    let gn = wid.x * 256u + lidx;
+    if gn >= p.n { return; }
+    var acc: array<f32, MAX_ROWS>;
+    for (var k = 0u; k < p.k; k++) {
+        let bv = b[b_off + k * p.b_rs + gn * p.b_cs];
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r] += a[a_off + r * p.a_rs + k * p.a_cs] * bv;
+        }
+    }
+    let out_off = z * p.m * p.n;
+    for (var r = 0u; r < ROWS; r++) {
+        var v = p.alpha * acc[r];
+        if HAS_BIAS != 0u {
+            v += p.beta * c[c_off + r * p.c_rs + gn * p.c_cs];
+        }
+        let o = out_off + r * p.n + gn;
+        if ACCUM != 0u {
+            v += out[o];
+        }
+        out[o] = v;
+    }
+}
+
 struct ReduceParams {
     // Destination elements, the unreduced trailing block carried along, the number of leading
     // dims described below, and the number of entries summed per destination element.

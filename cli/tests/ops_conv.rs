@@ -589,6 +589,26 @@ impl GemmCase {
     }
 }
 
+/// Products of at most 16 rows run `matmul_rows` (one invocation per column), larger ones the
+/// 64×64 tiles of `matmul_main`: both sides of the boundary, with every attribute the rows
+/// kernel must honour (transposes, alpha, beta, broadcast C, batches).
+#[gpu_test]
+fn matmul_rows_kernel_and_tiles_on_both_sides_of_16_rows(ctx: GpuContext) {
+    matmul_case(&ctx, "1 row: a classifier at batch 1", &[1, 300], &[300, 270], false, 31);
+    matmul_case(&ctx, "16 rows", &[16, 33], &[33, 300], true, 32);
+    matmul_case(&ctx, "17 rows", &[17, 33], &[33, 300], true, 33);
+    matmul_case(&ctx, "batched rows", &[3, 2, 9], &[9, 260], true, 34);
+    let cases = [
+        gemm("1 row, transB, bias (batch-1 fully connected)", &[1, 130], &[300, 130]).tb().c(&[300]),
+        gemm("16 rows, transA transB alpha beta", &[19, 16], &[45, 19]).ta().tb().alpha(0.5).beta(-2.0).c(&[16, 1]),
+        gemm("17 rows, transA transB alpha beta", &[19, 17], &[45, 19]).ta().tb().alpha(0.5).beta(-2.0).c(&[17, 1]),
+        gemm("3 rows, C [3, N]", &[3, 5], &[5, 7]).c(&[3, 7]).beta(0.25),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        c.run(&ctx, 400 + 10 * i as u64);
+    }
+}
+
 #[gpu_test]
 fn gemm_attributes_and_bias_broadcasts(ctx: GpuContext) {
     let cases = [

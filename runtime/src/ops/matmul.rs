@@ -18,6 +18,11 @@ use super::{
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::DType;
 
+/// Products with at most this many rows (M) run `matmul_rows` (`MAX_ROWS` in matmul.wgsl).
+pub const ROWS_KERNEL_MAX: usize = 16;
+/// Columns per workgroup of `matmul_rows`.
+const ROWS_GROUP: usize = 256;
+
 /// Output tile edge of `matmul_main` (and of `conv.wgsl`'s `conv_gemm`).
 pub const TILE: usize = 64;
 
@@ -175,17 +180,25 @@ impl GemmDispatch {
             .u32(0)
             .z_base_in_last_word()
             .work_hint(&[batch, self.m, self.n, self.k]);
-        let mut key = KernelKey::new(Shader::Matmul, "matmul_main").with("HAS_BIAS", self.c.is_some() as i32);
+        // A few rows: one invocation per column computes all of them (`matmul_rows`) instead of
+        // 64×64 tiles that compute up to 64× the outputs they write.
+        let rows = self.m <= ROWS_KERNEL_MAX;
+        let mut key = if rows {
+            KernelKey::new(Shader::Matmul, "matmul_rows").with("ROWS", self.m as i32)
+        } else {
+            KernelKey::new(Shader::Matmul, "matmul_main")
+        }
+        .with("HAS_BIAS", self.c.is_some() as i32);
         // Only the reverse pass accumulates; forward pipelines keep their override-free key.
         if self.accumulate {
             key = key.with("ACCUM", 1);
         }
-        Ok(Dispatch {
-            key,
-            params,
-            buffers: vec![self.a.buf, self.b.buf, c.buf, self.out],
-            workgroups: [self.n.div_ceil(TILE) as u32, self.m.div_ceil(TILE) as u32, batch as u32],
-        })
+        let workgroups = if rows {
+            [u32_checked(self.n.div_ceil(ROWS_GROUP), "matmul workgroups")?, 1, batch as u32]
+        } else {
+            [self.n.div_ceil(TILE) as u32, self.m.div_ceil(TILE) as u32, batch as u32]
+        };
+        Ok(Dispatch { key, params, buffers: vec![self.a.buf, self.b.buf, c.buf, self.out], workgroups })
     }
 }
 
