@@ -233,6 +233,78 @@ fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgr
     y[i] = acc;
 }
 
+// conv_depthwise_plain: conv_depthwise without a bias (a convolution BatchNorm follows), with its
+// parameters in a storage block read in place: x, w, y and the parameters are its four storage
+// buffers (downlevel limits), so it needs no uniform block staged through workgroup memory. That
+// staging's barrier made lavapipe run every workgroup as coroutines (`acclimate bench
+// --profile`). Same arithmetic in the same order as conv_depthwise, so the same values; the
+// helpers below are window_origin, tap_offset and load_x reading the parameters they are given.
+@group(0) @binding(0) var<storage, read> dq: ConvParams;
+@group(0) @binding(3) var<storage, read_write> dy_plain: array<f32>;
+
+fn dw_origin(q: ConvParams, pos: u32) -> vec3<i32> {
+    let hw = q.out_dims.y * q.out_dims.z;
+    var od = 0u;
+    var r = pos;
+    if DIMS == 3u {
+        od = pos / hw;
+        r = pos - od * hw;
+    }
+    let oh = r / q.out_dims.z;
+    let ow = r - oh * q.out_dims.z;
+    return vec3<i32>(
+        i32(od * q.strides.x) - q.pads.x,
+        i32(oh * q.strides.y) - q.pads.y,
+        i32(ow * q.strides.z) - q.pads.z,
+    );
+}
+
+fn dw_tap(q: ConvParams, t: u32) -> vec3<i32> {
+    let khw = q.kernel.y * q.kernel.z;
+    var kd = 0u;
+    var r = t;
+    if DIMS == 3u {
+        kd = t / khw;
+        r = t - kd * khw;
+    }
+    let kh = r / q.kernel.z;
+    let kw = r - kh * q.kernel.z;
+    return vec3<i32>(i32(kd * q.dilations.x), i32(kh * q.dilations.y), i32(kw * q.dilations.z));
+}
+
+fn dw_load(q: ConvParams, plane: u32, at: vec3<i32>) -> f32 {
+    let dims = vec3<i32>(q.in_dims.xyz);
+    if any(at < vec3<i32>(0)) || any(at >= dims) {
+        return 0.0;
+    }
+    let u = vec3<u32>(at);
+    return x[plane + (u.x * q.in_dims.y + u.y) * q.in_dims.z + u.z];
+}
+
+@compute @workgroup_size(256)
+fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = dq;
+    let img = wid.z + q.in_dims.w;
+    let j = gid.x + gid.y * nwg.x * 256u;
+    let per_image = q.cout * q.p;
+    if j >= per_image { return; }
+    let i = img * per_image + j;
+    if i >= q.total { return; }
+    let pos = j % q.p;
+    let oc = j / q.p;
+    let ci = oc / q.cout_g;
+    let in_plane = q.in_dims.x * q.in_dims.y * q.in_dims.z;
+    let plane = (img * q.cin + ci) * in_plane;
+    let origin = dw_origin(q, pos);
+    let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
+    let w_base = oc * kvol;
+    var acc = 0.0;
+    for (var t = 0u; t < kvol; t++) {
+        acc += w[w_base + t] * dw_load(q, plane, origin + dw_tap(q, t));
+    }
+    dy_plain[i] = acc;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reverse pass
 // ---------------------------------------------------------------------------------------------

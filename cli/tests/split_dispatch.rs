@@ -77,6 +77,13 @@ fn a_batched_matmul_split_along_z_computes_what_the_whole_dispatch_does(ctx: Gpu
 /// whole dispatch does.
 #[gpu_test]
 fn a_depthwise_conv_split_along_the_batch_computes_what_the_whole_dispatch_does(ctx: GpuContext) {
+    depthwise_split_case(&ctx, true);
+    // Without a bias: conv_depthwise_plain, whose parameters (the z base among them) are read in
+    // place from a storage block.
+    depthwise_split_case(&ctx, false);
+}
+
+fn depthwise_split_case(ctx: &GpuContext, with_bias: bool) {
     use acclimate::onnx::Attr;
     use acclimate::ops::conv::{ConvAttrs, lower};
     let (x_shape, w_shape) = ([5usize, 6, 9, 8], [12usize, 1, 3, 3]);
@@ -91,7 +98,7 @@ fn a_depthwise_conv_split_along_the_batch_computes_what_the_whole_dispatch_does(
         inputs: vec![
             Some(Operand { buf: BufRef::Value(0), shape: x_shape.to_vec(), value: None }),
             Some(Operand { buf: BufRef::Weight(0), shape: w_shape.to_vec(), value: None }),
-            Some(Operand { buf: BufRef::Weight(1), shape: vec![12], value: None }),
+            with_bias.then(|| Operand { buf: BufRef::Weight(1), shape: vec![12], value: None }),
         ],
         outputs: vec![Operand { buf: BufRef::Value(1), shape: y_shape.clone(), value: None }],
         dispatches: Vec::new(),
@@ -102,15 +109,16 @@ fn a_depthwise_conv_split_along_the_batch_computes_what_the_whole_dispatch_does(
     lower(&a, &mut l).expect("lowers");
     assert_eq!(l.dispatches.len(), 1);
     let d = &l.dispatches[0];
-    assert_eq!((d.key.entry, d.workgroups[2]), ("conv_depthwise", 5), "one image per z workgroup");
+    let entry = if with_bias { "conv_depthwise" } else { "conv_depthwise_plain" };
+    assert_eq!((d.key.entry, d.workgroups[2]), (entry, 5), "one image per z workgroup");
     let inputs = vec![random_f32(x_shape.iter().product(), 4, -1.0, 1.0), vec![f32::NAN; y_shape.iter().product()]];
     let weights = vec![random_f32(w_shape.iter().product(), 5, -1.0, 1.0), random_f32(12, 6, -1.0, 1.0)];
     let mut whole = inputs.clone();
-    run_dispatches(&ctx, &mut whole, &weights, &l.scratch, std::slice::from_ref(d)).expect("whole");
+    run_dispatches(ctx, &mut whole, &weights, &l.scratch, std::slice::from_ref(d)).expect("whole");
     assert!(whole[1].iter().all(|v| v.is_finite()), "every output written");
     // Output (image 4, channel 7, row 2, column 3) by hand: channel 7 reads input channel 3.
     let (x, w, b) = (&inputs[0], &weights[0], &weights[1]);
-    let mut want = b[7] as f64;
+    let mut want = if with_bias { b[7] as f64 } else { 0.0 };
     for kh in 0..3 {
         for kw in 0..3 {
             let (ih, iw) = (2 * 2 + kh as i64 - 1, 3 * 2 + kw as i64 - 1);
@@ -123,7 +131,7 @@ fn a_depthwise_conv_split_along_the_batch_computes_what_the_whole_dispatch_does(
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     for piece in [1, 2, 4] {
         let mut parts = inputs.clone();
-        run_dispatches(&ctx, &mut parts, &weights, &l.scratch, &split(d, piece)).expect("pieces");
-        assert_eq!(parts[1], whole[1], "pieces of {piece}");
+        run_dispatches(ctx, &mut parts, &weights, &l.scratch, &split(d, piece)).expect("pieces");
+        assert_eq!(parts[1], whole[1], "pieces of {piece} (bias: {with_bias})");
     }
 }

@@ -369,6 +369,17 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
             )
         }
     };
+    // A depthwise convolution without a bias binds three buffers and reads its parameters in place
+    // (conv.wgsl's conv_depthwise_plain says why).
+    if entry == "conv_depthwise" && bias.is_none() {
+        l.dispatch(
+            KernelKey::new(Shader::Conv, "conv_depthwise_plain").with("DIMS", geo.input.len() as i32),
+            params,
+            vec![x.buf, w.buf, y],
+            groups,
+        );
+        return Ok(());
+    }
     l.dispatch(
         KernelKey::new(Shader::Conv, entry)
             .with("HAS_BIAS", bias.is_some() as i32)

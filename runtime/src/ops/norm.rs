@@ -83,9 +83,12 @@ pub fn lower(a: &BatchNormAttrs, l: &mut Lowering) -> OpResult<()> {
     let (scale, bias) = (l.input(1, "scale")?.buf, l.input(2, "B")?.buf);
     let (mean, var) = (l.input(3, "input_mean")?.buf, l.input(4, "input_var")?.buf);
     let y = l.output(0)?.buf;
-    // Downlevel limits allow 4 storage buffers per kernel: scale, B and mean go in one.
-    let packed = l.scratch(3 * c as u64 * 4);
+    // Downlevel limits allow 4 storage buffers per kernel: the four parameters go in one, so the
+    // parameter block can be a storage buffer too (norm.wgsl says why that matters).
+    let packed = l.scratch(4 * c as u64 * 4);
     let pack = super::layout::gather(&[(scale, c), (bias, c), (mean, c)], packed, 0);
+    l.dispatch(pack.key, pack.params, pack.buffers, pack.workgroups);
+    let pack = super::layout::gather(&[(var, c)], packed, 3 * c);
     l.dispatch(pack.key, pack.params, pack.buffers, pack.workgroups);
     let n: usize = shape.iter().product();
     if n > u32::MAX as usize {
@@ -96,7 +99,7 @@ pub fn lower(a: &BatchNormAttrs, l: &mut Lowering) -> OpResult<()> {
     l.dispatch(
         KernelKey::new(Shader::Norm, "batchnorm_main"),
         Params::new().u32(n as u32).u32(c as u32).u32(plane as u32).f32(a.epsilon),
-        vec![xbuf, packed, var, y],
+        vec![xbuf, packed, y],
         grid_1d(n, 256),
     );
     Ok(())
