@@ -249,21 +249,20 @@ fn bn_shift(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocat
 // bn_apply bindings
 // Four storage buffers at most (downlevel limits): packed by gather3 as
 // [scale (C), bias (C), mean_B, var_B, mean_u, var_u (C each)].
+// Three data buffers: the parameters are a storage block read in place, with no staging barrier
+// (batchnorm_main says why; MobileNetV2's TENT step at batch 2 spent 158 ms here with one).
+@group(0) @binding(0) var<storage, read> atp: BnTrainParams;
 @group(0) @binding(1) var<storage, read> ax: array<f32>;
 @group(0) @binding(2) var<storage, read> apk: array<f32>;
 @group(0) @binding(3) var<storage, read_write> ay: array<f32>;
 
 @compute @workgroup_size(256)
-fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
-    if pli == 0u {
-        tp = tp_in;
-    }
-    workgroupBarrier();
+fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 256u;
-    if i >= tp.n * tp.channels * tp.plane { return; }
-    let c = (i / tp.plane) % tp.channels;
-    let cc = tp.channels;
-    let inv_std = 1.0 / sqrt(apk[5u * cc + c] + tp.eps);
+    if i >= atp.n * atp.channels * atp.plane { return; }
+    let c = (i / atp.plane) % atp.channels;
+    let cc = atp.channels;
+    let inv_std = 1.0 / sqrt(apk[5u * cc + c] + atp.eps);
     ay[i] = (ax[i] - apk[4u * cc + c]) * inv_std * apk[c] + apk[cc + c];
 }
 
