@@ -311,6 +311,9 @@ fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
 
 // 1 adds dX into the destination (a fanned-out tensor's other gradient is already there).
 override ACCUM: u32 = 0u;
+// 1 when every stride is 1 (conv_depthwise_dx): each tap's output position is its input
+// offset itself, with no division or remainder per tap. The same taps in the same order.
+override UNIT_STRIDE: u32 = 0u;
 
 struct ConvDxParams {
     groups: u32,
@@ -528,20 +531,29 @@ fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wor
     for (var kd = 0u; kd < q.kernel.x; kd++) {
         let nd = at.x - i32(kd * q.dilations.x);
         if nd < 0 { break; }
-        if u32(nd) % s.x != 0u { continue; }
-        let od = u32(nd) / s.x;
+        var od = u32(nd);
+        if UNIT_STRIDE == 0u {
+            if u32(nd) % s.x != 0u { continue; }
+            od = u32(nd) / s.x;
+        }
         if od >= q.out_dims.x { continue; }
         for (var kh = 0u; kh < q.kernel.y; kh++) {
             let nh = at.y - i32(kh * q.dilations.y);
             if nh < 0 { break; }
-            if u32(nh) % s.y != 0u { continue; }
-            let oh = u32(nh) / s.y;
+            var oh = u32(nh);
+            if UNIT_STRIDE == 0u {
+                if u32(nh) % s.y != 0u { continue; }
+                oh = u32(nh) / s.y;
+            }
             if oh >= q.out_dims.y { continue; }
             for (var kw = 0u; kw < q.kernel.z; kw++) {
                 let nw = at.z - i32(kw * q.dilations.z);
                 if nw < 0 { break; }
-                if u32(nw) % s.z != 0u { continue; }
-                let ow = u32(nw) / s.z;
+                var ow = u32(nw);
+                if UNIT_STRIDE == 0u {
+                    if u32(nw) % s.z != 0u { continue; }
+                    ow = u32(nw) / s.z;
+                }
                 if ow >= q.out_dims.z { continue; }
                 let opos = (od * q.out_dims.y + oh) * q.out_dims.z + ow;
                 let tap = (kd * q.kernel.y + kh) * q.kernel.z + kw;

@@ -484,6 +484,9 @@ fn conv_depthwise() {
             .dilations(&[2, 2])
             .pads(&[2, 1, 2, 1]),
         conv("depthwise 1-D stride 3 asymmetric", &[2, 3, 11], &[3, 1, 4]).group(3).strides(&[3]).pads(&[2, 0]),
+        // Stride 1 everywhere: the UNIT_STRIDE kernel (no division per tap), MobileNetV2's usual case.
+        conv("depthwise stride 1 pad 1", &[2, 5, 6, 7], &[5, 1, 3, 3]).group(5).pads(&[1, 1, 1, 1]),
+        conv("depthwise 3-D stride 1", &[1, 2, 4, 5, 4], &[2, 1, 3, 3, 2]).group(2).pads(&[1, 1, 0, 1, 1, 1]),
     ]);
 }
 

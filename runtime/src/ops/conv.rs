@@ -516,12 +516,11 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
             ("conv_gemm_dx", [tiles_x as u32, tiles_y as u32, z as u32])
         }
     };
-    b.dispatch(
-        KernelKey::new(Shader::Conv, entry).with("ACCUM", gx.accumulate as i32),
-        params,
-        vec![dy.buf, w.buf, gx.buf],
-        groups,
-    );
+    let mut key = KernelKey::new(Shader::Conv, entry).with("ACCUM", gx.accumulate as i32);
+    if entry == "conv_depthwise_dx" && geo.strides.iter().all(|&s| s == 1) {
+        key = key.with("UNIT_STRIDE", 1);
+    }
+    b.dispatch(key, params, vec![dy.buf, w.buf, gx.buf], groups);
     Ok(())
 }
 
