@@ -238,7 +238,7 @@ fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgr
 // buffers (downlevel limits), so it needs no uniform block staged through workgroup memory. That
 // staging's barrier made lavapipe run every workgroup as coroutines (`acclimate bench
 // --profile`). Same arithmetic in the same order as conv_depthwise, so the same values; the
-// helpers below are window_origin, tap_offset and load_x reading the parameters they are given.
+// helpers below are window_origin and load_x reading the parameters they are given.
 @group(0) @binding(0) var<storage, read> dq: ConvParams;
 @group(0) @binding(3) var<storage, read_write> dy_plain: array<f32>;
 
@@ -257,19 +257,6 @@ fn dw_origin(q: ConvParams, pos: u32) -> vec3<i32> {
         i32(oh * q.strides.y) - q.pads.y,
         i32(ow * q.strides.z) - q.pads.z,
     );
-}
-
-fn dw_tap(q: ConvParams, t: u32) -> vec3<i32> {
-    let khw = q.kernel.y * q.kernel.z;
-    var kd = 0u;
-    var r = t;
-    if DIMS == 3u {
-        kd = t / khw;
-        r = t - kd * khw;
-    }
-    let kh = r / q.kernel.z;
-    let kw = r - kh * q.kernel.z;
-    return vec3<i32>(i32(kd * q.dilations.x), i32(kh * q.dilations.y), i32(kw * q.dilations.z));
 }
 
 fn dw_load(q: ConvParams, plane: u32, at: vec3<i32>) -> f32 {
@@ -297,10 +284,18 @@ fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let plane = (img * q.cin + ci) * in_plane;
     let origin = dw_origin(q, pos);
     let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
-    let w_base = oc * kvol;
+    var t = oc * kvol;
     var acc = 0.0;
-    for (var t = 0u; t < kvol; t++) {
-        acc += w[w_base + t] * dw_load(q, plane, origin + dw_tap(q, t));
+    // The taps in conv_depthwise's order (t ascending), walked as nested loops: no division per
+    // tap to split t into (kd, kh, kw).
+    for (var kd = 0u; kd < q.kernel.x; kd++) {
+        for (var kh = 0u; kh < q.kernel.y; kh++) {
+            for (var kw = 0u; kw < q.kernel.z; kw++) {
+                let off = vec3<i32>(i32(kd * q.dilations.x), i32(kh * q.dilations.y), i32(kw * q.dilations.z));
+                acc += w[t] * dw_load(q, plane, origin + off);
+                t++;
+            }
+        }
     }
     dy_plain[i] = acc;
 }
