@@ -72,6 +72,19 @@ var<workgroup> p: MatmulParams;
 var<workgroup> a_tile: array<vec4<f32>, 272>;
 var<workgroup> b_tile: array<vec4<f32>, 256>;
 
+// The element offsets of batch z's A, B and C (z decomposed over the batch dims, last fastest).
+fn batch_offsets(z: u32) -> vec3<u32> {
+    var rem = z;
+    var off = vec3<u32>(0u);
+    for (var d = i32(p.batch_rank) - 1; d >= 0; d--) {
+        let s = p.batch_shape[d];
+        let i = rem % s;
+        rem = rem / s;
+        off += i * vec3<u32>(p.a_bs[d], p.b_bs[d], p.c_bs[d]);
+    }
+    return off;
+}
+
 @compute @workgroup_size(16, 16)
 fn matmul_main(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -86,18 +99,10 @@ fn matmul_main(
     let col0 = wid.x * TILE;
 
     let z = wid.z + p.z_base;
-    var rem = z;
-    var a_off = 0u;
-    var b_off = 0u;
-    var c_off = 0u;
-    for (var d = i32(p.batch_rank) - 1; d >= 0; d--) {
-        let s = p.batch_shape[d];
-        let i = rem % s;
-        rem = rem / s;
-        a_off += i * p.a_bs[d];
-        b_off += i * p.b_bs[d];
-        c_off += i * p.c_bs[d];
-    }
+    let offs = batch_offsets(z);
+    let a_off = offs.x;
+    let b_off = offs.y;
+    let c_off = offs.z;
 
     // A loads walk K fastest (contiguous for row-major A); B loads walk N fastest.
     let a_k = lidx % TILE_K;
@@ -179,18 +184,10 @@ fn matmul_rows(
     }
     workgroupBarrier();
     let z = wid.z + p.z_base;
-    var rem = z;
-    var a_off = 0u;
-    var b_off = 0u;
-    var c_off = 0u;
-    for (var d = i32(p.batch_rank) - 1; d >= 0; d--) {
-        let s = p.batch_shape[d];
-        let i = rem % s;
-        rem = rem / s;
-        a_off += i * p.a_bs[d];
-        b_off += i * p.b_bs[d];
-        c_off += i * p.c_bs[d];
-    }
+    let offs = batch_offsets(z);
+    let a_off = offs.x;
+    let b_off = offs.y;
+    let c_off = offs.z;
     let gn = wid.x * 256u + lidx;
     if gn >= p.n { return; }
     var acc: array<f32, MAX_ROWS>;

@@ -404,6 +404,16 @@ impl Plan {
 /// outside an error scope since the last call becomes the caller's error
 /// ([`GpuContext::check`]), before and after waiting.
 pub fn read_buffer(ctx: &GpuContext, staging: &wgpu::Buffer, n: usize) -> Result<Vec<f32>, GpuError> {
+    read_mapped(ctx, staging, n)
+}
+
+/// The first `n` values of type `T` of `staging` (a MAP_READ buffer a submitted copy fills),
+/// after waiting for the work: [`read_buffer`] for floats, profiles' timestamps as `u64`.
+pub(crate) fn read_mapped<T: bytemuck::Pod>(
+    ctx: &GpuContext,
+    staging: &wgpu::Buffer,
+    n: usize,
+) -> Result<Vec<T>, GpuError> {
     ctx.check()?;
     let slice = staging.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -416,8 +426,9 @@ pub fn read_buffer(ctx: &GpuContext, staging: &wgpu::Buffer, n: usize) -> Result
     rx.recv().map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
     let out = {
         let view = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
-        let all: &[f32] = bytemuck::cast_slice(&view);
-        all[..n.min(all.len())].to_vec()
+        let mut all: Vec<T> = bytemuck::pod_collect_to_vec(&view);
+        all.truncate(n);
+        all
     };
     staging.unmap();
     // An error of the work that produced these values (reported to the handler while waiting).

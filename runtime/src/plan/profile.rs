@@ -201,28 +201,10 @@ impl Compiled {
             encoder.resolve_query_set(&set, 0..queries, &resolved, 0);
             encoder.copy_buffer_to_buffer(&resolved, 0, &staging, 0, bytes);
             ctx.queue.submit([encoder.finish()]);
-            let stamps = read_u64(ctx, &staging)?;
+            let stamps: Vec<u64> = super::read_mapped(ctx, &staging, queries as usize)?;
             out.extend(stamps.chunks(2).map(|p| p[1].saturating_sub(p[0]) as f64 * period_ns / 1e6));
             start = end;
         }
         Ok(out)
     }
-}
-
-fn read_u64(ctx: &GpuContext, staging: &wgpu::Buffer) -> Result<Vec<u64>, GpuError> {
-    let slice = staging.slice(..);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    let failed = |e: String| ctx.check().err().unwrap_or(GpuError::Readback(e));
-    ctx.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| failed(e.to_string()))?;
-    rx.recv().map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
-    let out = {
-        let view = slice.get_mapped_range().map_err(|e| GpuError::Readback(e.to_string()))?;
-        bytemuck::pod_collect_to_vec::<u8, u64>(&view)
-    };
-    staging.unmap();
-    ctx.check()?;
-    Ok(out)
 }
