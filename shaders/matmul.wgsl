@@ -85,6 +85,20 @@ fn batch_offsets(z: u32) -> vec3<u32> {
     return off;
 }
 
+// Output (gm, gn) of the batch at out_off: alpha * sum, plus beta * C (HAS_BIAS), plus what is
+// there (ACCUM).
+fn write_out(out_off: u32, c_off: u32, gm: u32, gn: u32, sum: f32) {
+    var v = p.alpha * sum;
+    if HAS_BIAS != 0u {
+        v += p.beta * c[c_off + gm * p.c_rs + gn * p.c_cs];
+    }
+    let o = out_off + gm * p.n + gn;
+    if ACCUM != 0u {
+        v += out[o];
+    }
+    out[o] = v;
+}
+
 @compute @workgroup_size(16, 16)
 fn matmul_main(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -151,15 +165,7 @@ fn matmul_main(
         for (var j = 0u; j < 4u; j++) {
             let gn = col0 + lid.x * 4u + j;
             if gn >= p.n { break; }
-            var v = p.alpha * acc[i][j];
-            if HAS_BIAS != 0u {
-                v += p.beta * c[c_off + gm * p.c_rs + gn * p.c_cs];
-            }
-            let o = out_off + gm * p.n + gn;
-            if ACCUM != 0u {
-                v += out[o];
-            }
-            out[o] = v;
+            write_out(out_off, c_off, gm, gn, acc[i][j]);
         }
     }
 }
@@ -199,15 +205,7 @@ fn matmul_rows(
     }
     let out_off = z * p.m * p.n;
     for (var r = 0u; r < ROWS; r++) {
-        var v = p.alpha * acc[r];
-        if HAS_BIAS != 0u {
-            v += p.beta * c[c_off + r * p.c_rs + gn * p.c_cs];
-        }
-        let o = out_off + r * p.n + gn;
-        if ACCUM != 0u {
-            v += out[o];
-        }
-        out[o] = v;
+        write_out(out_off, c_off, r, gn, acc[r]);
     }
 }
 
