@@ -183,19 +183,34 @@ fn conv_gemm(
         workgroupBarrier();
     }
 
+    // With a fused tail (activation.wgsl) `bias` is its block: the bias at the constants + 4.
+    let t = tail_base(p.cout);
     for (var i = 0u; i < 4u; i++) {
         let gm = row0 + lid.y * 4u + i;
         if gm >= p.cout_g { break; }
         let oc = g * p.cout_g + gm;
         var b0 = 0.0;
         if HAS_BIAS != 0u {
-            b0 = bias[oc];
+            b0 = bias[select(oc, t + 4u + oc, fused())];
+        }
+        var bn = vec4<f32>(0.0);
+        var k = vec3<f32>(0.0);
+        if fused() {
+            if FUSE_BN != 0u {
+                bn = vec4<f32>(bias[oc], bias[p.cout + oc], bias[2u * p.cout + oc], bias[3u * p.cout + oc]);
+            }
+            k = vec3<f32>(bias[t], bias[t + 1u], bias[t + 2u]);
         }
         let out_base = (img * p.cout + oc) * p.p;
         for (var j = 0u; j < 4u; j++) {
             let gn = col0 + lid.x * 4u + j;
             if gn >= p.p { break; }
-            y[out_base + gn] = acc[i][j] + b0;
+            let v = acc[i][j] + b0;
+            if fused() {
+                y[out_base + gn] = fuse_tail(v, bn, k);
+            } else {
+                y[out_base + gn] = v;
+            }
         }
     }
 }
@@ -238,7 +253,9 @@ fn conv_depthwise(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgr
 // buffers (downlevel limits), so it needs no uniform block staged through workgroup memory. That
 // staging's barrier made lavapipe run every workgroup as coroutines (`acclimate bench
 // --profile`). Same arithmetic in the same order as conv_depthwise, so the same values; the
-// helpers below are window_origin and load_x reading the parameters they are given.
+// helpers below are window_origin and load_x reading the parameters they are given. A depthwise
+// convolution with a fused tail (activation.wgsl) runs here too, bias or not: its weights and
+// bias travel in the tail's block, bound as `w`.
 @group(0) @binding(0) var<storage, read> dq: ConvParams;
 @group(0) @binding(3) var<storage, read_write> dy_plain: array<f32>;
 
@@ -284,7 +301,13 @@ fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let plane = (img * q.cin + ci) * in_plane;
     let origin = dw_origin(q, pos);
     let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
+    // With a fused tail (activation.wgsl) `w` is its block: [BN parameters, eps, lo, hi, 0,
+    // bias (Cout), the weights].
+    let tb = tail_base(q.cout);
     var t = oc * kvol;
+    if fused() {
+        t += tb + 4u + q.cout;
+    }
     var acc = 0.0;
     // The taps in conv_depthwise's order (t ascending), walked as nested loops: no division per
     // tap to split t into (kd, kh, kw).
@@ -296,6 +319,16 @@ fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
                 t++;
             }
         }
+    }
+    if fused() {
+        if HAS_BIAS != 0u {
+            acc += w[tb + 4u + oc];
+        }
+        var bn = vec4<f32>(0.0);
+        if FUSE_BN != 0u {
+            bn = vec4<f32>(w[oc], w[q.cout + oc], w[2u * q.cout + oc], w[3u * q.cout + oc]);
+        }
+        acc = fuse_tail(acc, bn, vec3<f32>(w[tb], w[tb + 1u], w[tb + 2u]));
     }
     dy_plain[i] = acc;
 }

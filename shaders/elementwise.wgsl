@@ -82,30 +82,12 @@ fn unary(v: f32) -> f32 {
     }
 }
 
-fn is_nan(v: f32) -> bool {
-    let b = bitcast<u32>(v);
-    return (b & 0x7f800000u) == 0x7f800000u && (b & 0x007fffffu) != 0u;
-}
-
 fn is_inf(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) == 0x7f800000u;
 }
 
-// r, unless v is NaN: then v itself (its payload kept, as ONNX Runtime's kernels keep it).
-fn nan_or(v: f32, r: f32) -> f32 {
-    return select(r, v, is_nan(v));
-}
-
 fn clamp_nan(v: f32, lo: f32, hi: f32) -> f32 {
     return nan_or(v, clamp(v, lo, hi));
-}
-
-// ONNX Runtime's Clip is min(max(x, lo), hi) with comparisons that fail on a NaN bound, which
-// leaves x unbounded on that side; min > max gives max.
-fn clip_onnx(v: f32, lo: f32, hi: f32) -> f32 {
-    var r = select(max(v, lo), v, is_nan(lo));
-    r = select(min(r, hi), r, is_nan(hi));
-    return nan_or(v, r);
 }
 
 // WGSL leaves log and sqrt of values out of their domain undefined; ONNX follows C. (Functions,

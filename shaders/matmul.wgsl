@@ -86,9 +86,22 @@ fn batch_offsets(z: u32) -> vec3<u32> {
 }
 
 // Output (gm, gn) of the batch at out_off: alpha * sum, plus beta * C (HAS_BIAS), plus what is
-// there (ACCUM).
+// there (ACCUM). A 1x1 convolution with a fused tail (activation.wgsl) binds its block as C:
+// row gm is output channel gm, its bias at the block's constants + 4.
 fn write_out(out_off: u32, c_off: u32, gm: u32, gn: u32, sum: f32) {
     var v = p.alpha * sum;
+    if fused() {
+        let t = tail_base(p.m);
+        if HAS_BIAS != 0u {
+            v += p.beta * c[t + 4u + gm];
+        }
+        var bn = vec4<f32>(0.0);
+        if FUSE_BN != 0u {
+            bn = vec4<f32>(c[gm], c[p.m + gm], c[2u * p.m + gm], c[3u * p.m + gm]);
+        }
+        out[out_off + gm * p.n + gn] = fuse_tail(v, bn, vec3<f32>(c[t], c[t + 1u], c[t + 2u]));
+        return;
+    }
     if HAS_BIAS != 0u {
         v += p.beta * c[c_off + gm * p.c_rs + gn * p.c_cs];
     }

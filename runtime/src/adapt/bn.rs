@@ -96,6 +96,10 @@ pub struct BnHook {
     pub frame_commits: Vec<(usize, BufRef, usize)>,
     /// Each layer's covariate-shift score, computed after its statistics (`bn_shift`).
     pub shift: Option<ShiftScores>,
+    /// The program reads nothing of the forward but its logits (no reverse pass, no output
+    /// stage): convolutions may take the BatchNormalization layers it leaves to the inference
+    /// kernel and their activations into their write-out ([`LowerHook::fusable`]).
+    pub fuse: bool,
 }
 
 /// Where the layers' covariate-shift scores go: one float per BatchNormalization layer, in the
@@ -130,6 +134,7 @@ impl BnHook {
             commits: Vec::new(),
             frame_commits: Vec::new(),
             shift: None,
+            fuse: false,
         }
     }
 }
@@ -162,6 +167,12 @@ pub fn alpha_coefficients(alpha: f32, m: u32) -> [f32; 4] {
 }
 
 impl LowerHook for BnHook {
+    fn fusable(&self, graph: &Graph, node: usize) -> bool {
+        let bn_lowered_here = matches!(graph.nodes[node].op, crate::ops::Op::BatchNorm(_))
+            && (self.mode != StatsMode::Source || self.always || self.shift.is_some());
+        self.fuse && !bn_lowered_here
+    }
+
     fn lower(&mut self, graph: &Graph, node: usize, l: &mut Lowering, program: &mut Program) -> Option<OpResult<()>> {
         let crate::ops::Op::BatchNorm(attrs) = &graph.nodes[node].op else { return None };
         if self.mode == StatsMode::Source && !self.always {

@@ -174,6 +174,7 @@ impl StepPlan {
         let mut program = Program { z_piece: spec.z_piece, ..Program::default() };
         let mut hook = BnHook::new(spec.mode, training || spec.source_affine);
         hook.source_affine = spec.source_affine;
+        hook.fuse = !training && spec.output.is_none() && !spec.shift_score;
         if spec.shift_score {
             let layers = graph.nodes.iter().filter(|n| matches!(n.op, crate::ops::Op::BatchNorm(_))).count();
             if layers > 0 {

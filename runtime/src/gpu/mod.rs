@@ -155,9 +155,15 @@ impl Shader {
 
     pub fn source(self) -> &'static str {
         match self {
-            Shader::Elementwise => include_str!("../../../shaders/elementwise.wgsl"),
-            Shader::Conv => include_str!("../../../shaders/conv.wgsl"),
-            Shader::Matmul => include_str!("../../../shaders/matmul.wgsl"),
+            Shader::Elementwise => {
+                concat!(include_str!("../../../shaders/elementwise.wgsl"), include_str!("../../../shaders/activation.wgsl"))
+            }
+            Shader::Conv => {
+                concat!(include_str!("../../../shaders/conv.wgsl"), include_str!("../../../shaders/activation.wgsl"))
+            }
+            Shader::Matmul => {
+                concat!(include_str!("../../../shaders/matmul.wgsl"), include_str!("../../../shaders/activation.wgsl"))
+            }
             Shader::Pool => include_str!("../../../shaders/pool.wgsl"),
             Shader::Reduce => include_str!("../../../shaders/reduce.wgsl"),
             Shader::Norm => include_str!("../../../shaders/norm.wgsl"),
@@ -652,6 +658,8 @@ mod tests {
             .collect();
         files.sort();
         let mut known: Vec<String> = Shader::ALL.iter().map(|s| s.file_name().to_string()).collect();
+        // Appended to other files, never compiled alone (Shader::source).
+        known.push("activation.wgsl".into());
         known.sort();
         assert_eq!(files, known);
     }

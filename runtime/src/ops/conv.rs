@@ -9,6 +9,11 @@
 //! | [`ConvRoute::Depthwise`] | group == Cin > 1 (one input channel per output channel) | `conv_depthwise`: one invocation per output, K = kernel volume is too small to tile |
 //! | [`ConvRoute::ImplicitGemm`] | everything else | `conv_gemm`: 64x64 output tiles per image and group, im2col gathered into workgroup memory on the fly |
 //!
+//! A forward-only plan may give a convolution a [`Tail`]: the BatchNormalization with fixed
+//! statistics and the Relu or Clip that follow it, applied in the write-out of the same three
+//! kernels (a depthwise one always on `conv_depthwise_plain`, its weights in the tail's block), so
+//! their passes over the tensor do not run. `plan::lower_forward` finds the chains.
+//!
 //! The reverse pass ([`backward`]) produces only the data gradient dL/dX (weights are frozen during
 //! adaptation) as a transposed convolution on the same three routes: `matmul_main` with W
 //! transposed by its strides, `conv_depthwise_dx`, and `conv_gemm_dx`, an implicit GEMM per stride
@@ -16,9 +21,9 @@
 
 use super::matmul::{GemmDispatch, Operand2d};
 use super::pool::AutoPad;
-use super::{Attrs, BackwardLowering, Input, Lowering, OpReason, OpResult, required};
+use super::{Attrs, BackwardLowering, BufRef, Input, Lowering, OpReason, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 
 /// Spatial dims the kernels handle (d, h, w).
 const MAX_SPATIAL: usize = 3;
@@ -291,12 +296,108 @@ fn per_image_grid(per_image: usize, batch: usize) -> OpResult<[u32; 3]> {
     Ok([x, y, batch.max(1) as u32])
 }
 
+/// The activation of a fused [`Tail`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TailAct {
+    None,
+    Relu,
+    /// Clip to [min, max] (ONNX Runtime's comparisons: a NaN bound bounds nothing).
+    Clip { min: f32, max: f32 },
+}
+
+/// What follows a convolution and runs in its write-out instead of as passes of its own
+/// (`shaders/activation.wgsl`): BatchNormalization with fixed statistics, then a Relu or Clip.
+/// The BatchNormalization parameters stay in their own buffers and are read on every run, so an
+/// adapted scale, bias or statistic is used as it is; nothing is folded into the weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tail {
+    /// The BatchNormalization's scale, B, mean and var buffers, and its epsilon.
+    pub bn: Option<([BufRef; 4], f32)>,
+    pub act: TailAct,
+}
+
+impl Tail {
+    /// The `FUSE_BN` and `FUSE_ACT` overrides.
+    fn overrides(&self) -> (i32, i32) {
+        let act = match self.act {
+            TailAct::None => 0,
+            TailAct::Relu => 1,
+            TailAct::Clip { .. } => 2,
+        };
+        (self.bn.is_some() as i32, act)
+    }
+}
+
+/// The constants of a fused tail's block for this convolution, [eps, lo, hi, 0, bias (Cout), the
+/// depthwise weights], or `None` where the convolution cannot take a tail: a grouped 1x1
+/// convolution (its rows are not the output channels), a bias or a depthwise weight (it travels
+/// in the block) that is not a constant. `bias`: `None` without one, `Some(None)` for one computed
+/// at run time.
+pub fn tail_constants(
+    a: &ConvAttrs,
+    x: &[usize],
+    w: &[usize],
+    w_value: Option<&Tensor>,
+    bias: Option<Option<&Tensor>>,
+    tail: &Tail,
+) -> Option<Vec<f32>> {
+    let geo = ConvGeometry::new(a, x, w).ok()?;
+    let route = geo.route();
+    if route == ConvRoute::Matmul && geo.group > 1 {
+        return None;
+    }
+    let (lo, hi) = match tail.act {
+        TailAct::Clip { min, max } => (min, max),
+        _ => (0.0, 0.0),
+    };
+    let mut block = vec![tail.bn.map_or(0.0, |b| b.1), lo, hi, 0.0];
+    match bias {
+        Some(b) => block.extend(b?.to_f32_vec()),
+        None => block.extend(std::iter::repeat_n(0.0, geo.cout)),
+    }
+    if route == ConvRoute::Depthwise {
+        block.extend(w_value?.to_f32_vec());
+    }
+    Some(block)
+}
+
 pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
+    lower_with_tail(a, l, None)
+}
+
+/// [`lower`] with a fused tail whose constants ([`tail_constants`]) are in `consts`.
+pub fn lower_with_tail(a: &ConvAttrs, l: &mut Lowering, tail: Option<(&Tail, BufRef)>) -> OpResult<()> {
     let x = l.input(0, "X")?.clone();
     let w = l.input(1, "W")?.clone();
     let bias = l.inputs.get(2).and_then(|b| b.clone());
     let y = l.output(0)?.buf;
     let geo = ConvGeometry::new(a, &x.shape, &w.shape)?;
+    // The tail's block: the BatchNormalization parameters packed ahead of the constants (every
+    // run: adaptation rewrites them), or the constants alone.
+    let tail = match tail {
+        None => None,
+        Some((t, consts)) => {
+            let block = match t.bn {
+                None => consts,
+                Some(([scale, b, mean, var], _)) => {
+                    let c = geo.cout;
+                    let len = match geo.route() {
+                        ConvRoute::Depthwise => 4 + c + w.numel(),
+                        _ => 4 + c,
+                    };
+                    let packed = l.scratch((4 * c + len) as u64 * 4);
+                    for d in [
+                        super::layout::gather(&[(scale, c), (b, c), (mean, c)], packed, 0),
+                        super::layout::gather(&[(var, c), (consts, len)], packed, 3 * c),
+                    ] {
+                        l.dispatches.push(d);
+                    }
+                    packed
+                }
+            };
+            Some((t.overrides(), block))
+        }
+    };
     check_u32("input", x.numel())?;
     check_u32("weight", w.numel())?;
     let total = check_u32("output", geo.out_shape().iter().product())?;
@@ -326,7 +427,18 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
             out: y,
             accumulate: false,
         };
-        return gemm.emit(l);
+        let Some(((bn, act), block)) = tail else {
+            return gemm.emit(l);
+        };
+        if g > 1 {
+            return Err(OpReason::Internal("a grouped 1x1 convolution cannot take a fused tail".into()));
+        }
+        let mut d = gemm.build()?;
+        // The block in C's binding; the kernel finds the bias in it (HAS_BIAS as set).
+        d.buffers[2] = block;
+        d.key = d.key.with("FUSE_BN", bn).with("FUSE_ACT", act);
+        l.dispatches.push(d);
+        return Ok(());
     }
 
     let begin: Vec<usize> = geo.pads.iter().map(|p| p.0).collect();
@@ -369,6 +481,25 @@ pub fn lower(a: &ConvAttrs, l: &mut Lowering) -> OpResult<()> {
             )
         }
     };
+    if let Some(((bn, act), block)) = tail {
+        // The block replaces the bias: the depthwise weights travel in it too, so the plain
+        // kernel (parameters read in place) serves every fused depthwise convolution.
+        let (entry, buffers) = match entry {
+            "conv_depthwise" => ("conv_depthwise_plain", vec![x.buf, block, y]),
+            _ => (entry, vec![x.buf, w.buf, block, y]),
+        };
+        l.dispatch(
+            KernelKey::new(Shader::Conv, entry)
+                .with("HAS_BIAS", bias.is_some() as i32)
+                .with("DIMS", geo.input.len() as i32)
+                .with("FUSE_BN", bn)
+                .with("FUSE_ACT", act),
+            params,
+            buffers,
+            groups,
+        );
+        return Ok(());
+    }
     // A depthwise convolution without a bias binds three buffers and reads its parameters in place
     // (conv.wgsl's conv_depthwise_plain says why).
     if entry == "conv_depthwise" && bias.is_none() {

@@ -232,7 +232,7 @@ pub fn eval_unary(u: &Unary, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>
 }
 
 /// The bounds of opset-11+ Clip from its optional constant inputs.
-fn clip_bounds(min: Option<&Tensor>, max: Option<&Tensor>) -> OpResult<Unary> {
+pub(crate) fn clip_bounds(min: Option<&Tensor>, max: Option<&Tensor>) -> OpResult<Unary> {
     let scalar = |t: &Tensor, what: &str| -> OpResult<f32> {
         if t.numel() != 1 {
             return Err(OpReason::Shape(format!("Clip {what} must be a scalar, got shape {:?}", t.shape)));

@@ -2,7 +2,9 @@
 //!
 //! The scale, bias, mean and variance stay in their own buffers and the kernel reads them on
 //! every run: test-time adaptation rewrites those buffers on the GPU, so nothing here may fold
-//! them into constants or into a neighbouring convolution.
+//! them into constants or into a neighbouring convolution's weights. A convolution right before
+//! may still apply them in its write-out, reading the same buffers on every run
+//! ([`super::conv::Tail`]); this pass then does not run.
 
 use super::{Attrs, Input, Lowering, OpReason, OpResult, required};
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};

@@ -3,7 +3,13 @@
 //! A plan is built once per set of input shapes and cached by the [`crate::Engine`]. Building it:
 //! 1. [`specialize`] fixes every shape and folds constant subgraphs;
 //! 2. [`lower_forward`] lowers each remaining node to dispatches of its op family, into a
-//!    [`Program`] (values, weights, items);
+//!    [`Program`] (values, weights, items). Where the hook allows it ([`LowerHook::fusable`]: the
+//!    engine's inference plans, forward-only adaptation programs without an output stage), a
+//!    Conv whose output only a BatchNormalization (left to the inference kernel, constant
+//!    parameters) reads, and whose result only a Relu or Clip with constant bounds reads, takes
+//!    them into its write-out ([`crate::ops::conv::Tail`]): one pass over the tensor instead of
+//!    three, and the BatchNormalization's parameters still read from their buffers on every run;
+//!    the intermediate tensors then have no buffer;
 //! 3. [`Compiled::compile`] assigns buffers by lifetime (aliases share storage; a buffer returns to
 //!    a pool after its last reader) and creates the parameter buffer and bind groups up front.
 //!
@@ -23,7 +29,9 @@ use thiserror::Error;
 use crate::gpu::{GpuContext, GpuError};
 use crate::ir::Graph;
 use crate::ops::flops::FlopCount;
-use crate::ops::{BufRef, Lowering, OpError, OpReason, OpResult, Operand, Stage};
+use crate::ops::conv::{Tail, TailAct};
+use crate::ops::elementwise::Unary;
+use crate::ops::{BufRef, Lowering, Op, OpError, OpReason, OpResult, Operand, Stage};
 use crate::tensor::Tensor;
 pub use program::{Compiled, Item, Program, WeightDecl, WeightInit, WeightStore};
 pub use specialize::{Specialized, specialize};
@@ -89,15 +97,132 @@ pub enum GraphOutput {
 /// running statistics). Returning `None` falls back to the op family's inference lowering.
 pub trait LowerHook {
     fn lower(&mut self, graph: &Graph, node: usize, l: &mut Lowering, program: &mut Program) -> Option<OpResult<()>>;
+
+    /// Whether `node` may run fused into the convolution before it (or be that convolution):
+    /// the hook does not lower it itself, and nothing but the forward's outputs is read from the
+    /// program (a reverse pass needs every node's own values). No fusion by default.
+    fn fusable(&self, _graph: &Graph, _node: usize) -> bool {
+        false
+    }
 }
 
-/// The default: every node lowered by its op family.
+/// The default: every node lowered by its op family, convolutions with their tails fused.
 pub struct NoHook;
 
 impl LowerHook for NoHook {
     fn lower(&mut self, _: &Graph, _: usize, _: &mut Lowering, _: &mut Program) -> Option<OpResult<()>> {
         None
     }
+
+    fn fusable(&self, _: &Graph, _: usize) -> bool {
+        true
+    }
+}
+
+/// Every node lowered by its op family and nothing fused (what [`NoHook`] lowers, one pass per
+/// node: the reference the fused plans are tested against).
+pub struct Unfused;
+
+impl LowerHook for Unfused {
+    fn lower(&mut self, _: &Graph, _: usize, _: &mut Lowering, _: &mut Program) -> Option<OpResult<()>> {
+        None
+    }
+}
+
+/// A convolution whose BatchNormalization with fixed statistics and activation run in its
+/// write-out ([`crate::ops::conv::Tail`]).
+struct Fusion {
+    tail: Tail,
+    /// The block's constants ([`crate::ops::conv::tail_constants`]).
+    consts: Vec<f32>,
+    /// Steps lowered with the convolution.
+    absorbed: Vec<usize>,
+    /// The tensor the chain ends with (the convolution writes it).
+    out: String,
+}
+
+/// Finds Conv → BatchNormalization → Relu/Clip chains (either of the last two may be missing)
+/// whose intermediate tensors nothing else reads, keyed by the convolution's step.
+fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> HashMap<usize, Fusion> {
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, step) in spec.steps.iter().enumerate() {
+        for name in step.inputs.iter().filter(|n| !n.is_empty()) {
+            readers.entry(name.as_str()).or_default().push(i);
+        }
+    }
+    let konst = |name: &String| spec.values.get(name).and_then(|v| v.konst.clone());
+    // The one step that reads `name`, as its first input and nowhere else, if nothing else does.
+    let sole_reader = |name: &str| -> Option<usize> {
+        if spec.output_names.iter().any(|o| o == name) {
+            return None;
+        }
+        match readers.get(name).map(|r| r.as_slice()) {
+            Some(&[j]) if spec.steps[j].inputs[0] == name => Some(j),
+            _ => None,
+        }
+    };
+    let mut fusions = HashMap::new();
+    for (i, step) in spec.steps.iter().enumerate() {
+        let Op::Conv(attrs) = &graph.nodes[step.node].op else { continue };
+        if !hook.fusable(graph, step.node) || step.inputs.len() < 2 || step.outputs.len() != 1 {
+            continue;
+        }
+        let mut tail = Tail { bn: None, act: TailAct::None };
+        let mut absorbed = Vec::new();
+        let mut out = step.outputs[0].clone();
+        if let Some(j) = sole_reader(&out) {
+            let s = &spec.steps[j];
+            if let Op::BatchNorm(a) = &graph.nodes[s.node].op
+                && hook.fusable(graph, s.node)
+                && s.inputs.len() == 5
+                && s.inputs[1..].iter().all(|n| konst(n).is_some())
+            {
+                // Buffers are attached when lowering (the weights' ids); the epsilon now.
+                tail.bn = Some(([BufRef::Scratch(usize::MAX); 4], a.epsilon));
+                absorbed.push(j);
+                out = s.outputs[0].clone();
+            }
+        }
+        if let Some(j) = sole_reader(&out) {
+            let s = &spec.steps[j];
+            let bound = |k: usize| s.inputs.get(k).filter(|n| !n.is_empty()).map(|n| konst(n).ok_or(()));
+            let act = match &graph.nodes[s.node].op {
+                Op::Unary(Unary::Relu) => Some(TailAct::Relu),
+                Op::Unary(Unary::Clip { min, max }) => Some(TailAct::Clip { min: *min, max: *max }),
+                Op::ClipInputs => match (bound(1).transpose(), bound(2).transpose()) {
+                    (Ok(lo), Ok(hi)) => match crate::ops::elementwise::clip_bounds(lo.as_deref(), hi.as_deref()) {
+                        Ok(Unary::Clip { min, max }) => Some(TailAct::Clip { min, max }),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(act) = act.filter(|_| hook.fusable(graph, s.node) && s.outputs.len() == 1) {
+                tail.act = act;
+                absorbed.push(j);
+                out = s.outputs[0].clone();
+            }
+        }
+        if absorbed.is_empty() {
+            continue;
+        }
+        let shape = |n: &String| spec.values.get(n).map(|v| v.shape.clone()).unwrap_or_default();
+        let w = &step.inputs[1];
+        let bias = step.inputs.get(2).filter(|n| !n.is_empty()).map(konst);
+        let consts = crate::ops::conv::tail_constants(
+            attrs,
+            &shape(&step.inputs[0]),
+            &shape(w),
+            konst(w).as_deref(),
+            bias.as_ref().map(|b| b.as_deref()),
+            &tail,
+        );
+        if let Some(consts) = consts {
+            fusions.insert(i, Fusion { tail, consts, absorbed, out });
+        }
+    }
+    fusions
 }
 
 /// Bytes of a float32 tensor of `shape`, saturating (an absurd shape then fails the limit check
@@ -125,9 +250,22 @@ pub fn lower_forward(
         value_of.insert(name.clone(), v);
         inputs.push((name.clone(), v, shape.clone()));
     }
+    let mut fusions = find_fusions(graph, &spec, hook);
+    let absorbed: std::collections::HashSet<usize> = fusions.values().flat_map(|f| f.absorbed.clone()).collect();
     let mut nodes = Vec::new();
-    for step in &spec.steps {
+    for (si, step) in spec.steps.iter().enumerate() {
         let node = &graph.nodes[step.node];
+        if absorbed.contains(&si) {
+            // Lowered with its convolution, which wrote the chain's output; its arithmetic still
+            // counts.
+            let shape = |n: &String| spec.values.get(n).map(|v| v.shape.as_slice());
+            let ins: Vec<Option<&[usize]>> =
+                step.inputs.iter().map(|n| if n.is_empty() { None } else { shape(n) }).collect();
+            let outs: Vec<&[usize]> = step.outputs.iter().map(|n| shape(n).unwrap_or(&[])).collect();
+            program.flops += node.op.flops(&ins, &outs);
+            continue;
+        }
+        let fusion = fusions.remove(&si);
         let node_err = |reason: OpReason| {
             let shapes =
                 step.inputs.iter().map(|n| spec.values.get(n).map(|v| v.shape.clone()).unwrap_or_default()).collect();
@@ -155,6 +293,8 @@ pub fn lower_forward(
         let mut outs = Vec::new();
         for (oi, name) in step.outputs.iter().enumerate() {
             let shape = spec.values.get(name).map(|v| v.shape.clone()).unwrap_or_default();
+            // A fused convolution writes the end of its chain (same shape) under that name.
+            let name = fusion.as_ref().map_or(name, |f| &f.out);
             let v = match (alias, oi, ins.first()) {
                 (true, 0, Some(Some(Operand { buf: BufRef::Value(src), .. }))) => program.alias(*src),
                 (true, 0, _) => {
@@ -183,11 +323,35 @@ pub fn lower_forward(
                 max_workgroup_storage: limits.max_compute_workgroup_storage_size,
                 max_invocations: limits.max_compute_invocations_per_workgroup,
             };
-            match hook.lower(graph, step.node, &mut l, program) {
-                Some(r) => r.map_err(node_err)?,
-                None => node.op.lower(&mut l).map_err(node_err)?,
+            let mut label = node.name.clone();
+            match (&fusion, &node.op) {
+                (Some(f), Op::Conv(attrs)) => {
+                    let mut tail = f.tail.clone();
+                    if let Some((bufs, _)) = &mut tail.bn {
+                        // The BatchNormalization's parameters: the weights its lowering would read.
+                        let bn = &spec.steps[f.absorbed[0]];
+                        for (b, name) in bufs.iter_mut().zip(&bn.inputs[1..]) {
+                            let k = spec.values[name].konst.clone().ok_or_else(|| {
+                                node_err(OpReason::Internal(format!("fused '{name}' is not a constant")))
+                            })?;
+                            let shared = !spec.values[name].shape_dependent;
+                            *b = BufRef::Weight(program.weight(name, || WeightInit::Tensor(k), shared));
+                        }
+                    }
+                    let consts = Arc::new(Tensor::f32(vec![f.consts.len()], f.consts.clone()));
+                    let c = program.weight(&format!("fused:{}", node.name), || WeightInit::Tensor(consts), false);
+                    crate::ops::conv::lower_with_tail(attrs, &mut l, Some((&tail, BufRef::Weight(c))))
+                        .map_err(node_err)?;
+                    for &j in &f.absorbed {
+                        label = format!("{label} + {}", graph.nodes[spec.steps[j].node].name);
+                    }
+                }
+                _ => match hook.lower(graph, step.node, &mut l, program) {
+                    Some(r) => r.map_err(node_err)?,
+                    None => node.op.lower(&mut l).map_err(node_err)?,
+                },
             }
-            program.items.push(Item { label: node.name.clone(), dispatches: l.dispatches, scratch: l.scratch });
+            program.items.push(Item { label, dispatches: l.dispatches, scratch: l.scratch });
             item_idx = Some(program.items.len() - 1);
             program.flops += step_flops(&node.op, &ins, &outs);
         }
