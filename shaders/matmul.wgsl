@@ -284,3 +284,57 @@ fn reduce_broadcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     }
     dst[i] = v;
 }
+
+// matmul_direct: matmul_main for CPU adapters (lavapipe, SwiftShader, WARP), which the context
+// compiles in its place (gpu::GpuContext::variant): same grid, 64x64 outputs per workgroup, as
+// 8x8 invocations of 8x8 outputs each, reading A and B straight from their buffers. A CPU
+// "GPU" has caches where workgroup memory would help, and pays for each workgroupBarrier by
+// switching between the invocations it runs as coroutines: matmul_main's two barriers per 16 of
+// K ran MobileNetV2's 1x1 convolutions at 2.1 GFLOP/s on llvmpipe, this kernel at 3.8 (`acclimate
+// bench --profile`; 4x4 outputs per invocation: 3.1). Each output sums over k in order 0..K-1
+// with one accumulator, as matmul_main's does. The one barrier left stages the parameters.
+@compute @workgroup_size(8, 8)
+fn matmul_direct(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lidx: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    if lidx == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
+    let z = wid.z + p.z_base;
+    let offs = batch_offsets(z);
+    let row0 = wid.y * TILE + lid.y * 8u;
+    let col0 = wid.x * TILE + lid.x * 8u;
+    if row0 >= p.m || col0 >= p.n { return; }
+    var ra: array<u32, 8>;
+    var cb: array<u32, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        ra[i] = offs.x + min(row0 + i, p.m - 1u) * p.a_rs;
+        cb[i] = offs.y + min(col0 + i, p.n - 1u) * p.b_cs;
+    }
+    var lo: array<vec4<f32>, 8>;
+    var hi: array<vec4<f32>, 8>;
+    for (var k = 0u; k < p.k; k++) {
+        let ak = k * p.a_cs;
+        let bk = k * p.b_rs;
+        let b0 = vec4<f32>(b[cb[0] + bk], b[cb[1] + bk], b[cb[2] + bk], b[cb[3] + bk]);
+        let b1 = vec4<f32>(b[cb[4] + bk], b[cb[5] + bk], b[cb[6] + bk], b[cb[7] + bk]);
+        for (var i = 0u; i < 8u; i++) {
+            let av = a[ra[i] + ak];
+            lo[i] += av * b0;
+            hi[i] += av * b1;
+        }
+    }
+    let out_off = z * p.m * p.n;
+    for (var i = 0u; i < 8u; i++) {
+        let gm = row0 + i;
+        if gm >= p.m { break; }
+        for (var j = 0u; j < 8u; j++) {
+            let gn = col0 + j;
+            if gn >= p.n { break; }
+            write_out(out_off, offs.z, gm, gn, select(hi[i][j % 4u], lo[i][j], j < 4u));
+        }
+    }
+}

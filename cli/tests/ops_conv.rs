@@ -627,6 +627,34 @@ fn gemm_attributes_and_bias_broadcasts(ctx: GpuContext) {
     }
 }
 
+/// Products of more than 16 rows run `matmul_main`'s 64×64 tiles through workgroup memory, or on
+/// a CPU adapter (lavapipe, so every other test here) `matmul_direct`, the same grid without
+/// workgroup memory (`GpuContext::variant`). Both against the references: strides, transposes,
+/// alpha and beta, broadcast batches and C, several tiles, 1x1 convolutions with and without a
+/// bias.
+#[gpu_test]
+fn tiled_and_direct_matmul_kernels_agree_with_the_references(ctx: GpuContext) {
+    use acclimate::gpu::KernelKey;
+    for cpu in [false, true] {
+        ctx.set_cpu_kernels(Some(cpu));
+        let entry = ctx.variant(&KernelKey::new(Shader::Matmul, "matmul_main")).entry;
+        assert_eq!(entry, if cpu { "matmul_direct" } else { "matmul_main" });
+        let seed = if cpu { 1000 } else { 2000 };
+        matmul_case(&ctx, "several tiles: 130x40 @ 40x70", &[130, 40], &[40, 70], false, seed);
+        matmul_case(&ctx, "[4,1,37,19] @ [1,3,19,45]", &[4, 1, 37, 19], &[1, 3, 19, 45], true, seed + 1);
+        let cases = [
+            gemm("17 rows, transA transB alpha beta", &[19, 17], &[45, 19]).ta().tb().alpha(0.5).beta(-2.0).c(&[17, 1]),
+            gemm("several tiles, transB", &[70, 130], &[80, 130]).tb().c(&[80]),
+            gemm("C [1, N]", &[66, 5], &[5, 7]).c(&[1, 7]),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            c.run(&ctx, seed + 10 + i as u64);
+        }
+        ConvCase::new("1x1 over several tiles", &[2, 40, 9, 9], &[70, 40, 1, 1]).bias().run(&ctx, seed + 20);
+        ConvCase::new("1x1, M = 37", &[1, 19, 6, 7], &[37, 19, 1, 1]).run(&ctx, seed + 21);
+    }
+}
+
 #[gpu_test]
 fn gemm_and_matmul_reject_bad_shapes(ctx: GpuContext) {
     let a = runtime(&[3, 4], 1);

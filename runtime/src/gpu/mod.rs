@@ -241,6 +241,8 @@ struct Inner {
     disk_cache: Mutex<Option<cache::DiskCache>>,
     /// Whether the self-test passed on this device (`[gpu] self_test` runs it once per context).
     self_tested: Mutex<bool>,
+    /// [`GpuContext::set_cpu_kernels`]: 0 from the adapter's type, 1 on, 2 off.
+    cpu_kernels: std::sync::atomic::AtomicU8,
 }
 
 /// What the device-lost callback and the uncaptured-error handler recorded.
@@ -366,6 +368,7 @@ impl GpuContext {
                 health: Arc::new(Health::default()),
                 disk_cache: Mutex::new(None),
                 self_tested: Mutex::new(false),
+                cpu_kernels: std::sync::atomic::AtomicU8::new(0),
             }),
         }
     }
@@ -471,7 +474,41 @@ impl GpuContext {
     }
 
     /// The compute pipeline for `key`, compiled on first use and cached for the context's lifetime.
+    /// Whether kernels with a variant for CPU adapters run it ([`GpuContext::variant`]): by
+    /// default when the adapter is known to be a CPU (lavapipe, SwiftShader, WARP).
+    pub fn cpu_kernels(&self) -> bool {
+        match self.inner.cpu_kernels.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => self.adapter_info.as_ref().is_some_and(|i| i.device_type == wgpu::DeviceType::Cpu),
+        }
+    }
+
+    /// Forces the CPU variants on or off (`None`: from the adapter's type again), for every
+    /// pipeline made afterwards through this context or its clones. Tests use it to run the
+    /// GPU kernels on lavapipe; results are the same either way (same sums in the same order).
+    pub fn set_cpu_kernels(&self, on: Option<bool>) {
+        let v = match on {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        };
+        self.inner.cpu_kernels.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The kernel that runs for `key` on this context: `key` itself, or its variant for CPU
+    /// adapters ([`GpuContext::cpu_kernels`]), which takes the same bindings and grid:
+    /// `matmul_main` → `matmul_direct` (matmul.wgsl says why).
+    pub fn variant(&self, key: &KernelKey) -> KernelKey {
+        let mut k = key.clone();
+        if self.cpu_kernels() && key.shader == Shader::Matmul && key.entry == "matmul_main" {
+            k.entry = "matmul_direct";
+        }
+        k
+    }
+
     pub fn pipeline(&self, key: &KernelKey) -> Result<wgpu::ComputePipeline, GpuError> {
+        let key = &self.variant(key);
         if let Some(p) = self.inner.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(key) {
             return Ok(p.clone());
         }

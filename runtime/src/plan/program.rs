@@ -437,7 +437,7 @@ impl Compiled {
             let groups: u64 = d.workgroups.iter().map(|&w| w as u64).product();
             let flops = d.params.work();
             let work = flops.unwrap_or(groups * 256);
-            let kernel = format!("{}::{}", d.key.shader.file_name(), d.key.entry);
+            let kernel = format!("{}::{}", d.key.shader.file_name(), ctx.variant(&d.key).entry);
             recorded.push(Recorded {
                 pipeline,
                 bind_group,
