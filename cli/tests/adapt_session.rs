@@ -122,3 +122,24 @@ fn a_model_without_batchnorm_is_refused_plainly(ctx: GpuContext) {
     let err = Session::new(&ctx, Model::load(&common::asset("mnist.onnx")).unwrap(), tent()).err().unwrap().to_string();
     assert!(err.contains("no BatchNormalization"), "{err}");
 }
+
+/// On a CPU adapter norm.wgsl's reductions add their tree serially (`GpuContext::variant`): the
+/// same sums in the same order, so TENT steps give bit for bit what the parallel tree gives
+/// (logits, adapted parameters, statistics). The SVHN network at batch 8 runs no other kernel
+/// with a CPU variant.
+#[gpu_test]
+fn cpu_kernel_variants_step_bit_for_bit_like_the_parallel_ones(ctx: GpuContext) {
+    let run = |cpu: bool| {
+        ctx.set_cpu_kernels(Some(cpu));
+        let mut s = session(&ctx, tent());
+        let first = s.step(&digits(0, 8)).unwrap().logits.to_f32_vec();
+        let second = s.step(&digits(8, 8)).unwrap().logits.to_f32_vec();
+        (first, second, s.parameters().unwrap(), s.statistics().unwrap())
+    };
+    let (parallel, serial) = (run(false), run(true));
+    assert_eq!(parallel.0, serial.0, "first step's logits");
+    assert_eq!(parallel.1, serial.1, "second step's logits");
+    assert!(parallel.2 == serial.2, "adapted parameters");
+    assert!(parallel.3 == serial.3, "statistics");
+    assert_ne!(parallel.0, parallel.1, "the first step changed the model");
+}

@@ -497,12 +497,18 @@ impl GpuContext {
     }
 
     /// The kernel that runs for `key` on this context: `key` itself, or its variant for CPU
-    /// adapters ([`GpuContext::cpu_kernels`]), which takes the same bindings and grid:
-    /// `matmul_main` → `matmul_direct` (matmul.wgsl says why).
+    /// adapters ([`GpuContext::cpu_kernels`]), which takes the same bindings and grid and
+    /// computes the same sums in the same order: `matmul_main` → `matmul_direct` (matmul.wgsl
+    /// says why), and norm.wgsl's reductions with `SERIAL_TREE` (norm.wgsl's `tree`).
     pub fn variant(&self, key: &KernelKey) -> KernelKey {
         let mut k = key.clone();
-        if self.cpu_kernels() && key.shader == Shader::Matmul && key.entry == "matmul_main" {
-            k.entry = "matmul_direct";
+        if !self.cpu_kernels() {
+            return k;
+        }
+        match key.shader {
+            Shader::Matmul if key.entry == "matmul_main" => k.entry = "matmul_direct",
+            Shader::Norm => k.overrides.push(("SERIAL_TREE", 1)),
+            _ => {}
         }
         k
     }
