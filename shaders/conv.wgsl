@@ -183,34 +183,103 @@ fn conv_gemm(
         workgroupBarrier();
     }
 
-    // With a fused tail (activation.wgsl) `bias` is its block: the bias at the constants + 4.
-    let t = tail_base(p.cout);
     for (var i = 0u; i < 4u; i++) {
         let gm = row0 + lid.y * 4u + i;
         if gm >= p.cout_g { break; }
-        let oc = g * p.cout_g + gm;
-        var b0 = 0.0;
-        if HAS_BIAS != 0u {
-            b0 = bias[select(oc, t + 4u + oc, fused())];
-        }
-        var bn = vec4<f32>(0.0);
-        var k = vec3<f32>(0.0);
-        if fused() {
-            if FUSE_BN != 0u {
-                bn = vec4<f32>(bias[oc], bias[p.cout + oc], bias[2u * p.cout + oc], bias[3u * p.cout + oc]);
-            }
-            k = vec3<f32>(bias[t], bias[t + 1u], bias[t + 2u]);
-        }
-        let out_base = (img * p.cout + oc) * p.p;
         for (var j = 0u; j < 4u; j++) {
             let gn = col0 + lid.x * 4u + j;
             if gn >= p.p { break; }
-            let v = acc[i][j] + b0;
-            if fused() {
-                y[out_base + gn] = fuse_tail(v, bn, k);
-            } else {
-                y[out_base + gn] = v;
+            write_y(img, g * p.cout_g + gm, gn, acc[i][j]);
+        }
+    }
+}
+
+// Output channel oc at position pos of image img: acc plus the bias, through the fused tail
+// when there is one (activation.wgsl; `bias` is then its block, the bias at the constants + 4).
+fn write_y(img: u32, oc: u32, pos: u32, acc: f32) {
+    let t = tail_base(p.cout);
+    var b0 = 0.0;
+    if HAS_BIAS != 0u {
+        b0 = bias[select(oc, t + 4u + oc, fused())];
+    }
+    var v = acc + b0;
+    if fused() {
+        var bn = vec4<f32>(0.0);
+        if FUSE_BN != 0u {
+            bn = vec4<f32>(bias[oc], bias[p.cout + oc], bias[2u * p.cout + oc], bias[3u * p.cout + oc]);
+        }
+        v = fuse_tail(v, bn, vec3<f32>(bias[t], bias[t + 1u], bias[t + 2u]));
+    }
+    y[(img * p.cout + oc) * p.p + pos] = v;
+}
+
+// conv_gemm_direct: conv_gemm for CPU adapters, which the context compiles in its place
+// (gpu::GpuContext::variant; matmul.wgsl's matmul_direct says why): the same grid, 64x64
+// outputs per workgroup as 8x8 invocations of 8 output channels x 8 positions, X read straight
+// from its buffer. The taps are walked as nested loops (channel, then d, h, w), which is k in
+// order 0..K-1: each output sums in conv_gemm's order with one accumulator.
+@compute @workgroup_size(8, 8)
+fn conv_gemm_direct(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lidx: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    if lidx == 0u {
+        p = p_in;
+    }
+    workgroupBarrier();
+    let z = wid.z + p.in_dims.w;
+    let img = z / p.groups;
+    let g = z - img * p.groups;
+    let row0 = wid.y * TILE + lid.y * 8u;
+    let col0 = wid.x * TILE + lid.x * 8u;
+    if row0 >= p.cout_g || col0 >= p.p { return; }
+    let in_plane = p.in_dims.x * p.in_dims.y * p.in_dims.z;
+    let x_base = (img * p.cin + g * p.cin_g) * in_plane;
+    var wrow: array<u32, 8>;
+    var origin: array<vec3<i32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        wrow[i] = (g * p.cout_g + min(row0 + i, p.cout_g - 1u)) * p.k;
+        origin[i] = window_origin(min(col0 + i, p.p - 1u));
+    }
+    var lo: array<vec4<f32>, 8>;
+    var hi: array<vec4<f32>, 8>;
+    var k = 0u;
+    for (var ci = 0u; ci < p.cin_g; ci++) {
+        let plane = x_base + ci * in_plane;
+        for (var kd = 0u; kd < p.kernel.x; kd++) {
+            for (var kh = 0u; kh < p.kernel.y; kh++) {
+                for (var kw = 0u; kw < p.kernel.z; kw++) {
+                    let off = vec3<i32>(i32(kd * p.dilations.x), i32(kh * p.dilations.y), i32(kw * p.dilations.z));
+                    let b0 = vec4<f32>(
+                        load_x(plane, origin[0] + off),
+                        load_x(plane, origin[1] + off),
+                        load_x(plane, origin[2] + off),
+                        load_x(plane, origin[3] + off),
+                    );
+                    let b1 = vec4<f32>(
+                        load_x(plane, origin[4] + off),
+                        load_x(plane, origin[5] + off),
+                        load_x(plane, origin[6] + off),
+                        load_x(plane, origin[7] + off),
+                    );
+                    for (var i = 0u; i < 8u; i++) {
+                        let av = w[wrow[i] + k];
+                        lo[i] += av * b0;
+                        hi[i] += av * b1;
+                    }
+                    k++;
+                }
             }
+        }
+    }
+    for (var i = 0u; i < 8u; i++) {
+        let gm = row0 + i;
+        if gm >= p.cout_g { break; }
+        for (var j = 0u; j < 8u; j++) {
+            let gn = col0 + j;
+            if gn >= p.p { break; }
+            write_y(img, g * p.cout_g + gm, gn, select(hi[i][j % 4u], lo[i][j], j < 4u));
         }
     }
 }

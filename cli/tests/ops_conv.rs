@@ -629,16 +629,19 @@ fn gemm_attributes_and_bias_broadcasts(ctx: GpuContext) {
 
 /// Products of more than 16 rows run `matmul_main`'s 64×64 tiles through workgroup memory, or on
 /// a CPU adapter (lavapipe, so every other test here) `matmul_direct`, the same grid without
-/// workgroup memory (`GpuContext::variant`). Both against the references: strides, transposes,
-/// alpha and beta, broadcast batches and C, several tiles, 1x1 convolutions with and without a
-/// bias.
+/// workgroup memory (`GpuContext::variant`); implicit-GEMM convolutions `conv_gemm` or
+/// `conv_gemm_direct` likewise. Both against the references: strides, transposes, alpha and
+/// beta, broadcast batches and C, several tiles, 1x1 convolutions with and without a bias;
+/// groups, strides, dilations, padding, 1-D and 3-D convolutions over several tiles.
 #[gpu_test]
-fn tiled_and_direct_matmul_kernels_agree_with_the_references(ctx: GpuContext) {
+fn tiled_and_direct_gemm_kernels_agree_with_the_references(ctx: GpuContext) {
     use acclimate::gpu::KernelKey;
     for cpu in [false, true] {
         ctx.set_cpu_kernels(Some(cpu));
         let entry = ctx.variant(&KernelKey::new(Shader::Matmul, "matmul_main")).entry;
         assert_eq!(entry, if cpu { "matmul_direct" } else { "matmul_main" });
+        let entry = ctx.variant(&KernelKey::new(Shader::Conv, "conv_gemm")).entry;
+        assert_eq!(entry, if cpu { "conv_gemm_direct" } else { "conv_gemm" });
         let seed = if cpu { 1000 } else { 2000 };
         matmul_case(&ctx, "several tiles: 130x40 @ 40x70", &[130, 40], &[40, 70], false, seed);
         matmul_case(&ctx, "[4,1,37,19] @ [1,3,19,45]", &[4, 1, 37, 19], &[1, 3, 19, 45], true, seed + 1);
@@ -652,6 +655,17 @@ fn tiled_and_direct_matmul_kernels_agree_with_the_references(ctx: GpuContext) {
         }
         ConvCase::new("1x1 over several tiles", &[2, 40, 9, 9], &[70, 40, 1, 1]).bias().run(&ctx, seed + 20);
         ConvCase::new("1x1, M = 37", &[1, 19, 6, 7], &[37, 19, 1, 1]).run(&ctx, seed + 21);
+        let convs = [
+            ConvCase::new("implicit GEMM over several tiles", &[2, 8, 10, 10], &[70, 8, 3, 3]).pads(&[1, 1, 1, 1]).bias(),
+            ConvCase::new("group 2, pad 1, bias", &[2, 8, 9, 10], &[6, 4, 3, 3]).group(2).pads(&[1, 1, 1, 1]).bias(),
+            ConvCase::new("strided with asymmetric pads", &[1, 3, 9, 9], &[4, 3, 4, 3]).strides(&[3, 2]).pads(&[1, 0, 2, 1]),
+            ConvCase::new("dilated, pad 2", &[1, 3, 11, 12], &[4, 3, 3, 3]).dilations(&[2, 3]).pads(&[2, 2, 2, 2]).bias(),
+            ConvCase::new("1-D", &[2, 3, 20], &[4, 3, 5]).strides(&[2]).dilations(&[2]).pads(&[2, 1]).bias(),
+            ConvCase::new("3-D", &[1, 2, 5, 6, 7], &[3, 2, 3, 2, 3]).pads(&[1, 0, 1, 1, 1, 0]).strides(&[1, 2, 1]).bias(),
+        ];
+        for (i, c) in convs.iter().enumerate() {
+            c.run(&ctx, seed + 30 + i as u64);
+        }
     }
 }
 
