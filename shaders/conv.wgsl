@@ -604,6 +604,93 @@ fn conv_gemm_dx(
     }
 }
 
+// conv_gemm_dx_direct: conv_gemm_dx for CPU adapters, which the context compiles in its place
+// (gpu::GpuContext::variant; matmul.wgsl's matmul_direct says why): the same grid and phases,
+// 64x64 outputs per workgroup as 8x8 invocations of 8 input channels x 8 positions of the phase,
+// W and dY read straight from their buffers. (co, phase tap) is walked as nested loops in
+// conv_gemm_dx's k order, one accumulator per output: the same sums in the same order.
+@compute @workgroup_size(8, 8)
+fn conv_gemm_dx_direct(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    let z = wid.z + q.in_dims.w;
+    let ph = z % q.phases;
+    let ig = z / q.phases;
+    let img = ig / q.groups;
+    let g = ig - img * q.groups;
+    let r = split3(ph, q.strides.y, q.strides.z);
+    let fd = dim_phase(r.x, q.in_dims.x, q.strides.x, q.kernel.x, q.dilations.x, q.pads.x);
+    let fh = dim_phase(r.y, q.in_dims.y, q.strides.y, q.kernel.y, q.dilations.y, q.pads.y);
+    let fw = dim_phase(r.z, q.in_dims.z, q.strides.z, q.kernel.z, q.dilations.z, q.pads.z);
+    let np = fd.n * fh.n * fw.n;
+    let row0 = wid.y * TILE + lid.y * 8u;
+    let col0 = wid.x * TILE + lid.x * 8u;
+    if col0 >= np || row0 >= q.cin_g { return; }
+    let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
+    let first_tap = vec3<u32>(fd.k0, fh.k0, fw.k0);
+    let tap_step = vec3<u32>(fd.step, fh.step, fw.step);
+    let o_step = vec3<i32>(fd.c, fh.c, fw.c);
+    let w_base = g * q.cout_g * q.cin_g * kvol;
+    let dy_base = (img * q.cout + g * q.cout_g) * q.p_out;
+    let o_max = vec3<i32>(q.out_dims.xyz);
+    var wrow: array<u32, 8>;
+    var o_base: array<vec3<i32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        wrow[i] = w_base + min(row0 + i, q.cin_g - 1u) * kvol;
+        o_base[i] = vec3<i32>(fd.base, fh.base, fw.base) + vec3<i32>(split3(min(col0 + i, np - 1u), fh.n, fw.n));
+    }
+    var lo: array<vec4<f32>, 8>;
+    var hi: array<vec4<f32>, 8>;
+    for (var co = 0u; co < q.cout_g; co++) {
+        let w_co = co * q.cin_g * kvol;
+        let dy_co = dy_base + co * q.p_out;
+        for (var jd = 0u; jd < fd.taps; jd++) {
+            for (var jh = 0u; jh < fh.taps; jh++) {
+                for (var jw = 0u; jw < fw.taps; jw++) {
+                    let j = vec3<u32>(jd, jh, jw);
+                    let tap = first_tap + j * tap_step;
+                    let w_off = w_co + (tap.x * q.kernel.y + tap.y) * q.kernel.z + tap.z;
+                    var bv: array<f32, 8>;
+                    for (var c = 0u; c < 8u; c++) {
+                        let o = o_base[c] - vec3<i32>(j) * o_step;
+                        var v = 0.0;
+                        if all(o >= vec3<i32>(0)) && all(o < o_max) {
+                            let u = vec3<u32>(o);
+                            v = dy[dy_co + (u.x * q.out_dims.y + u.y) * q.out_dims.z + u.z];
+                        }
+                        bv[c] = v;
+                    }
+                    let b0 = vec4<f32>(bv[0], bv[1], bv[2], bv[3]);
+                    let b1 = vec4<f32>(bv[4], bv[5], bv[6], bv[7]);
+                    for (var i = 0u; i < 8u; i++) {
+                        let av = w[wrow[i] + w_off];
+                        lo[i] += av * b0;
+                        hi[i] += av * b1;
+                    }
+                }
+            }
+        }
+    }
+    let x0 = vec3<u32>(fd.x0, fh.x0, fw.x0);
+    for (var i = 0u; i < 8u; i++) {
+        let gm = row0 + i;
+        if gm >= q.cin_g { break; }
+        let plane = (img * q.cin + g * q.cin_g + gm) * q.p_in;
+        for (var j = 0u; j < 8u; j++) {
+            let gn = col0 + j;
+            if gn >= np { break; }
+            let at = x0 + split3(gn, fh.n, fw.n) * q.strides.xyz;
+            let idx = plane + (at.x * q.in_dims.y + at.y) * q.in_dims.z + at.z;
+            var v = select(hi[i][j % 4u], lo[i][j], j < 4u);
+            if ACCUM != 0u {
+                v += dx[idx];
+            }
+            dx[idx] = v;
+        }
+    }
+}
+
 @compute @workgroup_size(256)
 fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     // One image per z workgroup (in_dims.w: the first z workgroup of this piece of a dispatch

@@ -520,6 +520,28 @@ fn conv_larger_than_a_tile() {
     ]);
 }
 
+/// The tiled reverse kernels (`conv_gemm_dx`, `matmul_main`), which real GPUs run, and their CPU
+/// variants (`conv_gemm_dx_direct`, `matmul_direct`; `GpuContext::variant`), which lavapipe runs
+/// in every other case here: strides with dilations (phases without taps), groups, several
+/// tiles, the matmul route, 3-D.
+#[gpu_test]
+fn tiled_and_direct_reverse_kernels(ctx: GpuContext) {
+    let cases = [
+        conv("stride 2 with dilation 2", &[1, 3, 9, 9], &[2, 3, 3, 3]).strides(&[2, 2]).dilations(&[2, 2]),
+        conv("stride 3 with dilation 2", &[1, 2, 10, 8], &[3, 2, 3, 2]).strides(&[3, 2]).dilations(&[2, 3]).pads(&[1, 0, 2, 1]),
+        conv("two groups, pad 1", &[2, 4, 5, 5], &[6, 2, 3, 3]).group(2).pads(&[1, 1, 1, 1]),
+        conv("70 channels, stride 2, 17x17", &[1, 70, 17, 17], &[6, 70, 3, 3]).strides(&[2, 2]).pads(&[1, 1, 1, 1]),
+        conv("1x1 through matmul, 70 channels", &[2, 70, 3, 4], &[7, 70, 1, 1]),
+        conv("3-D strided", &[1, 2, 4, 5, 5], &[3, 2, 2, 3, 3]).strides(&[1, 2, 2]).pads(&[0, 1, 1, 1, 0, 1]),
+    ];
+    for cpu in [false, true] {
+        ctx.set_cpu_kernels(Some(cpu));
+        for (i, c) in cases.iter().enumerate() {
+            c.run(&ctx, 100 * i as u64 + 7 + cpu as u64);
+        }
+    }
+}
+
 #[test]
 fn conv_rejects_weight_gradients() {
     let case = conv("w", &[1, 2, 4, 4], &[3, 2, 3, 3]);

@@ -508,6 +508,7 @@ impl GpuContext {
         match key.shader {
             Shader::Matmul if key.entry == "matmul_main" => k.entry = "matmul_direct",
             Shader::Conv if key.entry == "conv_gemm" => k.entry = "conv_gemm_direct",
+            Shader::Conv if key.entry == "conv_gemm_dx" => k.entry = "conv_gemm_dx_direct",
             Shader::Norm => k.overrides.push(("SERIAL_TREE", 1)),
             _ => {}
         }
