@@ -528,7 +528,10 @@ fn conv_larger_than_a_tile() {
 fn tiled_and_direct_reverse_kernels(ctx: GpuContext) {
     let cases = [
         conv("stride 2 with dilation 2", &[1, 3, 9, 9], &[2, 3, 3, 3]).strides(&[2, 2]).dilations(&[2, 2]),
-        conv("stride 3 with dilation 2", &[1, 2, 10, 8], &[3, 2, 3, 2]).strides(&[3, 2]).dilations(&[2, 3]).pads(&[1, 0, 2, 1]),
+        conv("stride 3 with dilation 2", &[1, 2, 10, 8], &[3, 2, 3, 2])
+            .strides(&[3, 2])
+            .dilations(&[2, 3])
+            .pads(&[1, 0, 2, 1]),
         conv("two groups, pad 1", &[2, 4, 5, 5], &[6, 2, 3, 3]).group(2).pads(&[1, 1, 1, 1]),
         conv("70 channels, stride 2, 17x17", &[1, 70, 17, 17], &[6, 70, 3, 3]).strides(&[2, 2]).pads(&[1, 1, 1, 1]),
         conv("1x1 through matmul, 70 channels", &[2, 70, 3, 4], &[7, 70, 1, 1]),

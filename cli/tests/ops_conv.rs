@@ -656,12 +656,22 @@ fn tiled_and_direct_gemm_kernels_agree_with_the_references(ctx: GpuContext) {
         ConvCase::new("1x1 over several tiles", &[2, 40, 9, 9], &[70, 40, 1, 1]).bias().run(&ctx, seed + 20);
         ConvCase::new("1x1, M = 37", &[1, 19, 6, 7], &[37, 19, 1, 1]).run(&ctx, seed + 21);
         let convs = [
-            ConvCase::new("implicit GEMM over several tiles", &[2, 8, 10, 10], &[70, 8, 3, 3]).pads(&[1, 1, 1, 1]).bias(),
+            ConvCase::new("implicit GEMM over several tiles", &[2, 8, 10, 10], &[70, 8, 3, 3])
+                .pads(&[1, 1, 1, 1])
+                .bias(),
             ConvCase::new("group 2, pad 1, bias", &[2, 8, 9, 10], &[6, 4, 3, 3]).group(2).pads(&[1, 1, 1, 1]).bias(),
-            ConvCase::new("strided with asymmetric pads", &[1, 3, 9, 9], &[4, 3, 4, 3]).strides(&[3, 2]).pads(&[1, 0, 2, 1]),
-            ConvCase::new("dilated, pad 2", &[1, 3, 11, 12], &[4, 3, 3, 3]).dilations(&[2, 3]).pads(&[2, 2, 2, 2]).bias(),
+            ConvCase::new("strided with asymmetric pads", &[1, 3, 9, 9], &[4, 3, 4, 3])
+                .strides(&[3, 2])
+                .pads(&[1, 0, 2, 1]),
+            ConvCase::new("dilated, pad 2", &[1, 3, 11, 12], &[4, 3, 3, 3])
+                .dilations(&[2, 3])
+                .pads(&[2, 2, 2, 2])
+                .bias(),
             ConvCase::new("1-D", &[2, 3, 20], &[4, 3, 5]).strides(&[2]).dilations(&[2]).pads(&[2, 1]).bias(),
-            ConvCase::new("3-D", &[1, 2, 5, 6, 7], &[3, 2, 3, 2, 3]).pads(&[1, 0, 1, 1, 1, 0]).strides(&[1, 2, 1]).bias(),
+            ConvCase::new("3-D", &[1, 2, 5, 6, 7], &[3, 2, 3, 2, 3])
+                .pads(&[1, 0, 1, 1, 1, 0])
+                .strides(&[1, 2, 1])
+                .bias(),
         ];
         for (i, c) in convs.iter().enumerate() {
             c.run(&ctx, seed + 30 + i as u64);

@@ -156,7 +156,10 @@ impl Shader {
     pub fn source(self) -> &'static str {
         match self {
             Shader::Elementwise => {
-                concat!(include_str!("../../../shaders/elementwise.wgsl"), include_str!("../../../shaders/activation.wgsl"))
+                concat!(
+                    include_str!("../../../shaders/elementwise.wgsl"),
+                    include_str!("../../../shaders/activation.wgsl")
+                )
             }
             Shader::Conv => {
                 concat!(include_str!("../../../shaders/conv.wgsl"), include_str!("../../../shaders/activation.wgsl"))

@@ -302,7 +302,10 @@ pub enum TailAct {
     None,
     Relu,
     /// Clip to [min, max] (ONNX Runtime's comparisons: a NaN bound bounds nothing).
-    Clip { min: f32, max: f32 },
+    Clip {
+        min: f32,
+        max: f32,
+    },
 }
 
 /// What follows a convolution and runs in its write-out instead of as passes of its own

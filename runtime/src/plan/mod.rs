@@ -28,9 +28,9 @@ use thiserror::Error;
 
 use crate::gpu::{GpuContext, GpuError};
 use crate::ir::Graph;
-use crate::ops::flops::FlopCount;
 use crate::ops::conv::{Tail, TailAct};
 use crate::ops::elementwise::Unary;
+use crate::ops::flops::FlopCount;
 use crate::ops::{BufRef, Lowering, Op, OpError, OpReason, OpResult, Operand, Stage};
 use crate::tensor::Tensor;
 pub use program::{Compiled, Item, Program, WeightDecl, WeightInit, WeightStore};
