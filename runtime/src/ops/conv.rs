@@ -342,18 +342,19 @@ pub fn tail_constants(
     w: &[usize],
     w_value: Option<&Tensor>,
     bias: Option<Option<&Tensor>>,
-    tail: &Tail,
+    bn_eps: Option<f32>,
+    act: TailAct,
 ) -> Option<Vec<f32>> {
     let geo = ConvGeometry::new(a, x, w).ok()?;
     let route = geo.route();
     if route == ConvRoute::Matmul && geo.group > 1 {
         return None;
     }
-    let (lo, hi) = match tail.act {
+    let (lo, hi) = match act {
         TailAct::Clip { min, max } => (min, max),
         _ => (0.0, 0.0),
     };
-    let mut block = vec![tail.bn.map_or(0.0, |b| b.1), lo, hi, 0.0];
+    let mut block = vec![bn_eps.unwrap_or(0.0), lo, hi, 0.0];
     match bias {
         Some(b) => block.extend(b?.to_f32_vec()),
         None => block.extend(std::iter::repeat_n(0.0, geo.cout)),

@@ -132,7 +132,10 @@ impl LowerHook for Unfused {
 /// A convolution whose BatchNormalization with fixed statistics and activation run in its
 /// write-out ([`crate::ops::conv::Tail`]).
 struct Fusion {
-    tail: Tail,
+    /// The BatchNormalization's epsilon when it is absorbed (its buffers are attached when
+    /// lowering), and the activation.
+    bn_eps: Option<f32>,
+    act: TailAct,
     /// The block's constants ([`crate::ops::conv::tail_constants`]).
     consts: Vec<f32>,
     /// Steps lowered with the convolution.
@@ -167,7 +170,7 @@ fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> Hash
         if !hook.fusable(graph, step.node) || step.inputs.len() < 2 || step.outputs.len() != 1 {
             continue;
         }
-        let mut tail = Tail { bn: None, act: TailAct::None };
+        let (mut bn_eps, mut act) = (None, TailAct::None);
         let mut absorbed = Vec::new();
         let mut out = step.outputs[0].clone();
         if let Some(j) = sole_reader(&out) {
@@ -177,8 +180,7 @@ fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> Hash
                 && s.inputs.len() == 5
                 && s.inputs[1..].iter().all(|n| konst(n).is_some())
             {
-                // Buffers are attached when lowering (the weights' ids); the epsilon now.
-                tail.bn = Some(([BufRef::Scratch(usize::MAX); 4], a.epsilon));
+                bn_eps = Some(a.epsilon);
                 absorbed.push(j);
                 out = s.outputs[0].clone();
             }
@@ -186,7 +188,7 @@ fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> Hash
         if let Some(j) = sole_reader(&out) {
             let s = &spec.steps[j];
             let bound = |k: usize| s.inputs.get(k).filter(|n| !n.is_empty()).map(|n| konst(n).ok_or(()));
-            let act = match &graph.nodes[s.node].op {
+            let found = match &graph.nodes[s.node].op {
                 Op::Unary(Unary::Relu) => Some(TailAct::Relu),
                 Op::Unary(Unary::Clip { min, max }) => Some(TailAct::Clip { min: *min, max: *max }),
                 Op::ClipInputs => match (bound(1).transpose(), bound(2).transpose()) {
@@ -198,8 +200,8 @@ fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> Hash
                 },
                 _ => None,
             };
-            if let Some(act) = act.filter(|_| hook.fusable(graph, s.node) && s.outputs.len() == 1) {
-                tail.act = act;
+            if let Some(found) = found.filter(|_| hook.fusable(graph, s.node) && s.outputs.len() == 1) {
+                act = found;
                 absorbed.push(j);
                 out = s.outputs[0].clone();
             }
@@ -216,10 +218,11 @@ fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> Hash
             &shape(w),
             konst(w).as_deref(),
             bias.as_ref().map(|b| b.as_deref()),
-            &tail,
+            bn_eps,
+            act,
         );
         if let Some(consts) = consts {
-            fusions.insert(i, Fusion { tail, consts, absorbed, out });
+            fusions.insert(i, Fusion { bn_eps, act, consts, absorbed, out });
         }
     }
     fusions
@@ -326,10 +329,11 @@ pub fn lower_forward(
             let mut label = node.name.clone();
             match (&fusion, &node.op) {
                 (Some(f), Op::Conv(attrs)) => {
-                    let mut tail = f.tail.clone();
-                    if let Some((bufs, _)) = &mut tail.bn {
+                    let mut tail = Tail { bn: None, act: f.act };
+                    if let Some(eps) = f.bn_eps {
                         // The BatchNormalization's parameters: the weights its lowering would read.
                         let bn = &spec.steps[f.absorbed[0]];
+                        let mut bufs = [BufRef::Weight(0); 4];
                         for (b, name) in bufs.iter_mut().zip(&bn.inputs[1..]) {
                             let k = spec.values[name].konst.clone().ok_or_else(|| {
                                 node_err(OpReason::Internal(format!("fused '{name}' is not a constant")))
@@ -337,6 +341,7 @@ pub fn lower_forward(
                             let shared = !spec.values[name].shape_dependent;
                             *b = BufRef::Weight(program.weight(name, || WeightInit::Tensor(k), shared));
                         }
+                        tail.bn = Some((bufs, eps));
                     }
                     let consts = Arc::new(Tensor::f32(vec![f.consts.len()], f.consts.clone()));
                     let c = program.weight(&format!("fused:{}", node.name), || WeightInit::Tensor(consts), false);
