@@ -372,10 +372,9 @@ fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
     // With a fused tail (activation.wgsl) `w` is its block: [BN parameters, eps, lo, hi, 0,
     // bias (Cout), the weights].
-    let tb = tail_base(q.cout);
     var t = oc * kvol;
     if fused() {
-        t += tb + 4u + q.cout;
+        t += tail_base(q.cout) + 4u + q.cout;
     }
     var acc = 0.0;
     // The taps in conv_depthwise's order (t ascending), walked as nested loops: no division per
@@ -389,7 +388,14 @@ fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
             }
         }
     }
+    dw_write(q, i, oc, acc);
+}
+
+// Output i (channel oc) of a plain depthwise convolution, through the fused tail if any.
+fn dw_write(q: ConvParams, i: u32, oc: u32, sum: f32) {
+    var acc = sum;
     if fused() {
+        let tb = tail_base(q.cout);
         if HAS_BIAS != 0u {
             acc += w[tb + 4u + oc];
         }
@@ -400,6 +406,66 @@ fn conv_depthwise_plain(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
         acc = fuse_tail(acc, bn, vec3<f32>(w[tb], w[tb + 1u], w[tb + 2u]));
     }
     dy_plain[i] = acc;
+}
+
+// conv_depthwise_rows: conv_depthwise_plain for CPU adapters (the lowering picks it where the
+// context runs CPU variants, ops::conv): DW_RUN consecutive outputs of one output row per
+// invocation, so each tap's weight, window row and bounds are found once for all of them.
+// Same taps in the same order into one accumulator per output: the same values.
+// Grid: grid_1d(Cout * output rows (d, h) * ceil(Wout / DW_RUN), 256) per image, one image per z.
+const DW_RUN: u32 = 4u;
+
+@compute @workgroup_size(256)
+fn conv_depthwise_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = dq;
+    let img = wid.z + q.in_dims.w;
+    let j = gid.x + gid.y * nwg.x * 256u;
+    let runs = (q.out_dims.z + DW_RUN - 1u) / DW_RUN;
+    let rows = q.out_dims.x * q.out_dims.y;
+    if j >= q.cout * rows * runs || img * q.cout * q.p >= q.total { return; }
+    let run = j % runs;
+    let rc = j / runs;
+    let row = rc % rows;
+    let oc = rc / rows;
+    let ci = oc / q.cout_g;
+    let od = row / q.out_dims.y;
+    let oh = row - od * q.out_dims.y;
+    let ow0 = run * DW_RUN;
+    let in_dims = vec3<i32>(q.in_dims.xyz);
+    let plane = (img * q.cin + ci) * q.in_dims.x * q.in_dims.y * q.in_dims.z;
+    let base = vec3<i32>(i32(od * q.strides.x), i32(oh * q.strides.y), i32(ow0 * q.strides.z)) - q.pads.xyz;
+    var t = oc * q.kernel.x * q.kernel.y * q.kernel.z;
+    if fused() {
+        t += tail_base(q.cout) + 4u + q.cout;
+    }
+    var acc = vec4<f32>(0.0);
+    for (var kd = 0u; kd < q.kernel.x; kd++) {
+        let id = base.x + i32(kd * q.dilations.x);
+        for (var kh = 0u; kh < q.kernel.y; kh++) {
+            let ih = base.y + i32(kh * q.dilations.y);
+            let row_ok = id >= 0 && id < in_dims.x && ih >= 0 && ih < in_dims.y;
+            let row_base = plane + (u32(max(id, 0)) * q.in_dims.y + u32(max(ih, 0))) * q.in_dims.z;
+            for (var kw = 0u; kw < q.kernel.z; kw++) {
+                let wt = w[t];
+                t++;
+                let iw0 = base.z + i32(kw * q.dilations.z);
+                var v = vec4<f32>(0.0);
+                for (var o = 0u; o < DW_RUN; o++) {
+                    let iw = iw0 + i32(o * q.strides.z);
+                    if row_ok && iw >= 0 && iw < in_dims.z {
+                        v[o] = x[row_base + u32(iw)];
+                    }
+                }
+                acc += wt * v;
+            }
+        }
+    }
+    let out_base = (img * q.cout + oc) * q.p + row * q.out_dims.z;
+    for (var o = 0u; o < DW_RUN; o++) {
+        let ow = ow0 + o;
+        if ow >= q.out_dims.z { break; }
+        dw_write(q, out_base + ow, oc, acc[o]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -122,6 +122,14 @@ fn agree(case: &str, got: &Tensor, want: &Tensor) {
 /// plan has `saved` fewer. Then rewrites every BatchNorm parameter in the shared store, as an
 /// adaptation step would, and checks both plans again, and that the output moved.
 fn check(ctx: &GpuContext, case: &str, net: &Net, saved: usize) {
+    // The kernels real GPUs run, then lavapipe's own variants (`GpuContext::variant`).
+    for cpu in [false, true] {
+        ctx.set_cpu_kernels(Some(cpu));
+        check_on(ctx, &format!("{case} (CPU variants: {cpu})"), net, saved);
+    }
+}
+
+fn check_on(ctx: &GpuContext, case: &str, net: &Net, saved: usize) {
     let graph = net.graph();
     let shapes = vec![net.x.clone()];
     let mut store = WeightStore::default();

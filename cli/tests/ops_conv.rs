@@ -630,7 +630,8 @@ fn gemm_attributes_and_bias_broadcasts(ctx: GpuContext) {
 /// Products of more than 16 rows run `matmul_main`'s 64×64 tiles through workgroup memory, or on
 /// a CPU adapter (lavapipe, so every other test here) `matmul_direct`, the same grid without
 /// workgroup memory (`GpuContext::variant`); implicit-GEMM convolutions `conv_gemm` or
-/// `conv_gemm_direct` likewise. Both against the references: strides, transposes, alpha and
+/// `conv_gemm_direct` likewise, bias-free depthwise ones `conv_depthwise_plain` or
+/// `conv_depthwise_rows` (picked by the lowering, `Lowering::cpu_kernels`). Both against the references: strides, transposes, alpha and
 /// beta, broadcast batches and C, several tiles, 1x1 convolutions with and without a bias;
 /// groups, strides, dilations, padding, 1-D and 3-D convolutions over several tiles.
 #[gpu_test]
@@ -672,6 +673,18 @@ fn tiled_and_direct_gemm_kernels_agree_with_the_references(ctx: GpuContext) {
                 .pads(&[1, 0, 1, 1, 1, 0])
                 .strides(&[1, 2, 1])
                 .bias(),
+            // Bias-free depthwise: conv_depthwise_plain, or conv_depthwise_rows on a CPU adapter.
+            ConvCase::new("depthwise 3x3 stride 2 pad 1", &[1, 5, 10, 11], &[5, 1, 3, 3])
+                .group(5)
+                .strides(&[2, 2])
+                .pads(&[1, 1, 1, 1]),
+            ConvCase::new("depthwise 5x5 dilated", &[2, 4, 12, 13], &[4, 1, 5, 5])
+                .group(4)
+                .dilations(&[2, 2])
+                .pads(&[4, 4, 4, 4]),
+            ConvCase::new("depthwise multiplier 2", &[1, 3, 6, 7], &[6, 1, 3, 3]).group(3).pads(&[1, 1, 1, 1]),
+            ConvCase::new("1-D depthwise", &[1, 4, 9], &[4, 1, 3]).group(4).pads(&[1, 1]),
+            ConvCase::new("3-D depthwise", &[1, 3, 4, 5, 5], &[3, 1, 3, 3, 3]).group(3).pads(&[1, 1, 1, 1, 1, 1]),
         ];
         for (i, c) in convs.iter().enumerate() {
             c.run(&ctx, seed + 30 + i as u64);

@@ -24,6 +24,7 @@ fn gpu_unary(ctx: &GpuContext, u: Unary, x: &[f32]) -> Vec<f32> {
         scratch: Vec::new(),
         max_workgroup_storage: 16384,
         max_invocations: 256,
+        cpu_kernels: false,
     };
     elementwise::lower_unary(&u, &mut l).expect("lowers");
     let mut values = vec![x.to_vec(), vec![f32::NAN; x.len()]];

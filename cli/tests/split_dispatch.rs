@@ -77,13 +77,15 @@ fn a_batched_matmul_split_along_z_computes_what_the_whole_dispatch_does(ctx: Gpu
 /// whole dispatch does.
 #[gpu_test]
 fn a_depthwise_conv_split_along_the_batch_computes_what_the_whole_dispatch_does(ctx: GpuContext) {
-    depthwise_split_case(&ctx, true);
+    depthwise_split_case(&ctx, true, false);
     // Without a bias: conv_depthwise_plain, whose parameters (the z base among them) are read in
     // place from a storage block.
-    depthwise_split_case(&ctx, false);
+    depthwise_split_case(&ctx, false, false);
+    // The same on a CPU adapter's lowering: conv_depthwise_rows, a run of outputs per invocation.
+    depthwise_split_case(&ctx, false, true);
 }
 
-fn depthwise_split_case(ctx: &GpuContext, with_bias: bool) {
+fn depthwise_split_case(ctx: &GpuContext, with_bias: bool, cpu_kernels: bool) {
     use acclimate::onnx::Attr;
     use acclimate::ops::conv::{ConvAttrs, lower};
     let (x_shape, w_shape) = ([5usize, 6, 9, 8], [12usize, 1, 3, 3]);
@@ -105,11 +107,16 @@ fn depthwise_split_case(ctx: &GpuContext, with_bias: bool) {
         scratch: Vec::new(),
         max_workgroup_storage: 16384,
         max_invocations: 256,
+        cpu_kernels,
     };
     lower(&a, &mut l).expect("lowers");
     assert_eq!(l.dispatches.len(), 1);
     let d = &l.dispatches[0];
-    let entry = if with_bias { "conv_depthwise" } else { "conv_depthwise_plain" };
+    let entry = match (with_bias, cpu_kernels) {
+        (true, _) => "conv_depthwise",
+        (false, false) => "conv_depthwise_plain",
+        (false, true) => "conv_depthwise_rows",
+    };
     assert_eq!((d.key.entry, d.workgroups[2]), (entry, 5), "one image per z workgroup");
     let inputs = vec![random_f32(x_shape.iter().product(), 4, -1.0, 1.0), vec![f32::NAN; y_shape.iter().product()]];
     let weights = vec![random_f32(w_shape.iter().product(), 5, -1.0, 1.0), random_f32(12, 6, -1.0, 1.0)];

@@ -29,6 +29,8 @@ use crate::tensor::{DType, Tensor};
 const MAX_SPATIAL: usize = 3;
 /// Most workgroups a dispatch may have in one dimension on every wgpu backend.
 const MAX_GROUPS: usize = 65535;
+/// Outputs per invocation of `conv_depthwise_rows` (conv.wgsl's `DW_RUN`).
+const DW_RUN: usize = 4;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConvAttrs {
@@ -485,12 +487,25 @@ pub fn lower_with_tail(a: &ConvAttrs, l: &mut Lowering, tail: Option<(&Tail, Buf
             )
         }
     };
+    // The plain depthwise kernel, or on a CPU adapter its variant with a run of outputs per
+    // invocation (conv.wgsl's conv_depthwise_rows) and its own grid.
+    let plain = || -> OpResult<(&'static str, [u32; 3])> {
+        if !l.cpu_kernels {
+            return Ok(("conv_depthwise_plain", groups));
+        }
+        let rows: usize = geo.output[..geo.output.len() - 1].iter().product();
+        let runs = geo.output[geo.output.len() - 1].div_ceil(DW_RUN);
+        Ok(("conv_depthwise_rows", per_image_grid(geo.cout * rows * runs, geo.batch)?))
+    };
     if let Some(((bn, act), block)) = tail {
         // The block replaces the bias: the depthwise weights travel in it too, so the plain
         // kernel (parameters read in place) serves every fused depthwise convolution.
-        let (entry, buffers) = match entry {
-            "conv_depthwise" => ("conv_depthwise_plain", vec![x.buf, block, y]),
-            _ => (entry, vec![x.buf, w.buf, block, y]),
+        let (entry, buffers, groups) = match entry {
+            "conv_depthwise" => {
+                let (entry, groups) = plain()?;
+                (entry, vec![x.buf, block, y], groups)
+            }
+            _ => (entry, vec![x.buf, w.buf, block, y], groups),
         };
         l.dispatch(
             KernelKey::new(Shader::Conv, entry)
@@ -507,8 +522,9 @@ pub fn lower_with_tail(a: &ConvAttrs, l: &mut Lowering, tail: Option<(&Tail, Buf
     // A depthwise convolution without a bias binds three buffers and reads its parameters in place
     // (conv.wgsl's conv_depthwise_plain says why).
     if entry == "conv_depthwise" && bias.is_none() {
+        let (entry, groups) = plain()?;
         l.dispatch(
-            KernelKey::new(Shader::Conv, "conv_depthwise_plain").with("DIMS", geo.input.len() as i32),
+            KernelKey::new(Shader::Conv, entry).with("DIMS", geo.input.len() as i32),
             params,
             vec![x.buf, w.buf, y],
             groups,

@@ -333,6 +333,9 @@ pub struct Lowering {
     /// Device limits that select kernel variants.
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
+    /// The context runs the kernels' CPU variants ([`crate::gpu::GpuContext::cpu_kernels`]):
+    /// those with a grid of their own are picked here.
+    pub cpu_kernels: bool,
 }
 
 impl Lowering {

@@ -325,6 +325,7 @@ pub fn lower_forward(
                 scratch: Vec::new(),
                 max_workgroup_storage: limits.max_compute_workgroup_storage_size,
                 max_invocations: limits.max_compute_invocations_per_workgroup,
+                cpu_kernels: ctx.cpu_kernels(),
             };
             let mut label = node.name.clone();
             match (&fusion, &node.op) {
