@@ -818,3 +818,76 @@ fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wor
     }
     dx[i] = acc;
 }
+
+// conv_depthwise_dx_rows: conv_depthwise_dx for CPU adapters (the lowering picks it where the
+// context runs CPU variants, ops::conv): DW_RUN consecutive input positions of one input row per
+// invocation, so each (d, h) tap row's reach and each tap's index are found once for all of
+// them. Each position adds the taps that reach it in conv_depthwise_dx's order: the same values.
+// Grid: grid_1d(Cin * input rows (d, h) * ceil(Win / DW_RUN), 256) per image, one image per z.
+@compute @workgroup_size(256)
+fn conv_depthwise_dx_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let img = wid.z + q.in_dims.w;
+    let j = gid.x + gid.y * nwg.x * 256u;
+    let runs = (q.in_dims.z + DW_RUN - 1u) / DW_RUN;
+    let rows = q.in_dims.x * q.in_dims.y;
+    if j >= q.cin * rows * runs || img * q.cin * q.p_in >= q.total { return; }
+    let run = j % runs;
+    let rc = j / runs;
+    let row = rc % rows;
+    let ci = rc / rows;
+    let iw0 = run * DW_RUN;
+    let at = vec3<i32>(vec3<u32>(row / q.in_dims.y, row % q.in_dims.y, iw0)) + q.pads.xyz;
+    let mult = q.cout_g;
+    let kvol = q.kernel.x * q.kernel.y * q.kernel.z;
+    let w_base = ci * mult * kvol;
+    let dy_base = (img * q.cout + ci * mult) * q.p_out;
+    let s = q.strides.xyz;
+    var acc = vec4<f32>(0.0);
+    for (var kd = 0u; kd < q.kernel.x; kd++) {
+        let nd = at.x - i32(kd * q.dilations.x);
+        if nd < 0 { break; }
+        var od = u32(nd);
+        if UNIT_STRIDE == 0u {
+            if u32(nd) % s.x != 0u { continue; }
+            od = u32(nd) / s.x;
+        }
+        if od >= q.out_dims.x { continue; }
+        for (var kh = 0u; kh < q.kernel.y; kh++) {
+            let nh = at.y - i32(kh * q.dilations.y);
+            if nh < 0 { break; }
+            var oh = u32(nh);
+            if UNIT_STRIDE == 0u {
+                if u32(nh) % s.y != 0u { continue; }
+                oh = u32(nh) / s.y;
+            }
+            if oh >= q.out_dims.y { continue; }
+            let orow = (od * q.out_dims.y + oh) * q.out_dims.z;
+            for (var kw = 0u; kw < q.kernel.z; kw++) {
+                let tap = (kd * q.kernel.y + kh) * q.kernel.z + kw;
+                for (var o = 0u; o < DW_RUN; o++) {
+                    let nw = at.z + i32(o) - i32(kw * q.dilations.z);
+                    var ow = u32(max(nw, 0));
+                    var ok = nw >= 0;
+                    if UNIT_STRIDE == 0u {
+                        ok = ok && ow % s.z == 0u;
+                        ow = ow / s.z;
+                    }
+                    if ok && ow < q.out_dims.z {
+                        for (var m = 0u; m < mult; m++) {
+                            acc[o] += w[w_base + m * kvol + tap] * dy[dy_base + m * q.p_out + orow + ow];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let base = (img * q.cin + ci) * q.p_in + row * q.in_dims.z;
+    for (var o = 0u; o < DW_RUN; o++) {
+        if iw0 + o >= q.in_dims.z { break; }
+        var v = acc[o];
+        if ACCUM != 0u {
+            v += dx[base + iw0 + o];
+        }
+        dx[base + iw0 + o] = v;
+    }
+}

@@ -86,6 +86,7 @@ fn lowering(ins: &[In], out_shape: &[usize], dy: BufRef, grads: &[(usize, BufRef
         scratch: Vec::new(),
         max_workgroup_storage: 16384,
         max_invocations: 256,
+        cpu_kernels: false,
     }
 }
 
@@ -117,9 +118,10 @@ fn check_backward(
         values.push(pre.clone());
         prefills.push(pre);
     }
-    let mut first = lowering(ins, out_shape, dy, &over);
+    // The kernels the context runs: its CPU variants on lavapipe unless a test turned them off.
+    let mut first = BackwardLowering { cpu_kernels: ctx.cpu_kernels(), ..lowering(ins, out_shape, dy, &over) };
     backward(&mut first).unwrap_or_else(|e| panic!("{case}: backward failed: {e}"));
-    let mut second = lowering(ins, out_shape, dy, &accum);
+    let mut second = BackwardLowering { cpu_kernels: ctx.cpu_kernels(), ..lowering(ins, out_shape, dy, &accum) };
     backward(&mut second).unwrap_or_else(|e| panic!("{case}: accumulating backward failed: {e}"));
     // Both lowerings number their scratch from 0: shift the second's past the first's.
     let shift = first.scratch.len();
@@ -536,6 +538,15 @@ fn tiled_and_direct_reverse_kernels(ctx: GpuContext) {
         conv("70 channels, stride 2, 17x17", &[1, 70, 17, 17], &[6, 70, 3, 3]).strides(&[2, 2]).pads(&[1, 1, 1, 1]),
         conv("1x1 through matmul, 70 channels", &[2, 70, 3, 4], &[7, 70, 1, 1]),
         conv("3-D strided", &[1, 2, 4, 5, 5], &[3, 2, 2, 3, 3]).strides(&[1, 2, 2]).pads(&[0, 1, 1, 1, 0, 1]),
+        // conv_depthwise_dx, or conv_depthwise_dx_rows on a CPU adapter.
+        conv("depthwise stride 2 pad 1", &[2, 4, 7, 7], &[4, 1, 3, 3]).group(4).strides(&[2, 2]).pads(&[1, 1, 1, 1]),
+        conv("depthwise multiplier 2, dilation 2", &[1, 3, 6, 6], &[6, 1, 3, 3])
+            .group(3)
+            .dilations(&[2, 2])
+            .pads(&[2, 1, 2, 1]),
+        conv("depthwise 1-D stride 3 asymmetric", &[2, 3, 11], &[3, 1, 4]).group(3).strides(&[3]).pads(&[2, 0]),
+        conv("depthwise stride 1 pad 1", &[2, 5, 6, 7], &[5, 1, 3, 3]).group(5).pads(&[1, 1, 1, 1]),
+        conv("depthwise 3-D stride 1", &[1, 2, 4, 5, 4], &[2, 1, 3, 3, 2]).group(2).pads(&[1, 1, 0, 1, 1, 1]),
     ];
     for cpu in [false, true] {
         ctx.set_cpu_kernels(Some(cpu));

@@ -159,6 +159,7 @@ fn run_case(ctx: &GpuContext, case: &Case<'_>, accumulate: bool) -> Result<Grads
         scratch: Vec::new(),
         max_workgroup_storage: 16384,
         max_invocations: 256,
+        cpu_kernels: false,
     };
     (case.backward)(&mut b).map_err(|e| e.to_string())?;
     run_dispatches(ctx, &mut values, &weights, &b.scratch, &b.dispatches).map_err(|e| e.to_string())?;

@@ -147,6 +147,7 @@ pub(crate) fn reverse_pass(
             scratch: Vec::new(),
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
+            cpu_kernels: ctx.cpu_kernels(),
         };
         let in_shapes: Vec<Option<&[usize]>> =
             ln.inputs.iter().map(|i| i.as_ref().map(|o| o.shape.as_slice())).collect();

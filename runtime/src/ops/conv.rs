@@ -644,6 +644,13 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         .vec4i(&pads)
         .work_hint(&[geo.batch, geo.cout, p_out, cin_g, geo.kernel.iter().product()]);
     let (entry, groups) = match geo.route() {
+        // On a CPU adapter a run of input positions per invocation (conv.wgsl's
+        // conv_depthwise_dx_rows).
+        ConvRoute::Depthwise if b.cpu_kernels => {
+            let rows: usize = geo.input[..geo.input.len() - 1].iter().product();
+            let runs = geo.input[geo.input.len() - 1].div_ceil(DW_RUN);
+            ("conv_depthwise_dx_rows", per_image_grid(geo.cin * rows * runs, geo.batch)?)
+        }
         ConvRoute::Depthwise => ("conv_depthwise_dx", per_image_grid(geo.cin * p_in, geo.batch)?),
         _ => {
             // Input positions split into stride phases (x + pad ≡ r mod s per dim); each phase
@@ -668,7 +675,7 @@ pub fn backward(a: &ConvAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         }
     };
     let mut key = KernelKey::new(Shader::Conv, entry).with("ACCUM", gx.accumulate as i32);
-    if entry == "conv_depthwise_dx" && geo.strides.iter().all(|&s| s == 1) {
+    if entry.starts_with("conv_depthwise_dx") && geo.strides.iter().all(|&s| s == 1) {
         key = key.with("UNIT_STRIDE", 1);
     }
     b.dispatch(key, params, vec![dy.buf, w.buf, gx.buf], groups);

@@ -462,6 +462,8 @@ pub struct BackwardLowering {
     pub scratch: Vec<u64>,
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
+    /// As [`Lowering::cpu_kernels`].
+    pub cpu_kernels: bool,
 }
 
 impl BackwardLowering {
