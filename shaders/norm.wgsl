@@ -90,7 +90,9 @@ fn element(i: u32, c: u32) -> u32 {
 // level by level in the same order, so the values are the same, behind 2 barriers instead of 9.
 // A CPU adapter runs a workgroup's invocations as coroutines and pays for every barrier with a
 // switch through all of them: MobileNetV2's TENT step at batch 2 on lavapipe spent 737 ms in
-// bn_stats and bn_backward_reduce with the parallel tree, 554 ms with this one.
+// bn_stats and bn_backward_reduce with the parallel tree, 554 ms with this one (and 231 ms with
+// their `_lanes` variants below, which have no barrier in the reduction at all; the kernels
+// that still run with a workgroup per channel keep this one).
 override SERIAL_TREE: u32 = 0u;
 
 fn tree(t: u32) {
@@ -140,18 +142,67 @@ fn bn_stats(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
     red[t] = acc2;
     tree(t);
     if t == 0u {
-        let var_b = red[0] / f32(m);
-        let mean_u = tp.a_mean * mean + tp.b_mean * run_mean[c];
-        let var_u = tp.a_var * var_b + tp.b_var * run_var[c];
-        stats[c] = mean;
-        stats[tp.channels + c] = var_b;
-        stats[2u * tp.channels + c] = mean_u;
-        stats[3u * tp.channels + c] = var_u;
-        if tp.write_back != 0u {
-            run_mean[c] = mean_u;
-            run_var[c] = var_u;
+        stats_out(c, mean, red[0] / f32(m));
+    }
+}
+
+// Channel c's statistics from its batch mean and biased variance.
+fn stats_out(c: u32, mean: f32, var_b: f32) {
+    let mean_u = tp.a_mean * mean + tp.b_mean * run_mean[c];
+    let var_u = tp.a_var * var_b + tp.b_var * run_var[c];
+    stats[c] = mean;
+    stats[tp.channels + c] = var_b;
+    stats[2u * tp.channels + c] = mean_u;
+    stats[3u * tp.channels + c] = var_u;
+    if tp.write_back != 0u {
+        run_mean[c] = mean_u;
+        run_var[c] = var_u;
+    }
+}
+
+// The reductions' variants for CPU adapters (the lowering picks them, adapt/bn.rs): one
+// invocation per channel, LANES channels per workgroup, and no barrier but the parameters'
+// staging. Each invocation forms the WG strided partial sums the parallel kernel's invocations
+// form, in its private array, then adds them in the same tree: the same values.
+const LANES: u32 = 8u;
+
+// The parallel tree of `tree`, on a private array.
+fn tree_private(part: ptr<function, array<f32, 256>>) -> f32 {
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        for (var i = 0u; i < s; i++) {
+            (*part)[i] = (*part)[i] + (*part)[i + s];
         }
     }
+    return (*part)[0];
+}
+
+@compute @workgroup_size(8)
+fn bn_stats_lanes(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
+    let c = wid.x * LANES + lid.x;
+    if c >= tp.channels { return; }
+    let m = tp.n * tp.plane;
+    var part: array<f32, 256>;
+    for (var t = 0u; t < WG; t++) {
+        var acc = 0.0;
+        for (var i = t; i < m; i += WG) {
+            acc += sx[element(i, c)];
+        }
+        part[t] = acc;
+    }
+    let mean = tree_private(&part) / f32(m);
+    for (var t = 0u; t < WG; t++) {
+        var acc2 = 0.0;
+        for (var i = t; i < m; i += WG) {
+            let d = sx[element(i, c)] - mean;
+            acc2 += d * d;
+        }
+        part[t] = acc2;
+    }
+    stats_out(c, mean, tree_private(&part) / f32(m));
 }
 
 // bn_frame: the frame protocol's source-anchored statistics (adapt/bn.rs `StatsMode::Frame`).
@@ -319,18 +370,53 @@ fn bn_backward_reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(wor
     red[t] = s2;
     tree(t);
     if t == 0u {
-        let sum_dy_xc = red[0];
-        let var_u = rpk[4u * tp.channels + c];
-        let inv_std = 1.0 / sqrt(var_u + tp.eps);
-        let g = rpk[c];
-        rpk[8u * tp.channels + c] = sum_dy;
-        rpk[7u * tp.channels + c] = sum_dy_xc * inv_std;
-        // dL/dmean_u and dL/dvar_u through xhat; the chain to x goes through mean_B and var_B.
-        let d_mean_u = -g * inv_std * sum_dy;
-        let d_var_u = -0.5 * g * sum_dy_xc * inv_std * inv_std * inv_std;
-        rpk[5u * tp.channels + c] = d_mean_u * tp.a_mean / f32(m);
-        rpk[6u * tp.channels + c] = d_var_u * tp.a_var * 2.0 / f32(m);
+        reduce_out(c, sum_dy, red[0]);
     }
+}
+
+// Channel c's reverse-pass coefficients from Σ dY and Σ dY·(x − mean_u).
+fn reduce_out(c: u32, sum_dy: f32, sum_dy_xc: f32) {
+    let m = tp.n * tp.plane;
+    let var_u = rpk[4u * tp.channels + c];
+    let inv_std = 1.0 / sqrt(var_u + tp.eps);
+    let g = rpk[c];
+    rpk[8u * tp.channels + c] = sum_dy;
+    rpk[7u * tp.channels + c] = sum_dy_xc * inv_std;
+    // dL/dmean_u and dL/dvar_u through xhat; the chain to x goes through mean_B and var_B.
+    let d_mean_u = -g * inv_std * sum_dy;
+    let d_var_u = -0.5 * g * sum_dy_xc * inv_std * inv_std * inv_std;
+    rpk[5u * tp.channels + c] = d_mean_u * tp.a_mean / f32(m);
+    rpk[6u * tp.channels + c] = d_var_u * tp.a_var * 2.0 / f32(m);
+}
+
+@compute @workgroup_size(8)
+fn bn_backward_reduce_lanes(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
+    let c = wid.x * LANES + lid.x;
+    if c >= tp.channels { return; }
+    let m = tp.n * tp.plane;
+    let mean_u = rpk[3u * tp.channels + c];
+    var part: array<f32, 256>;
+    for (var t = 0u; t < WG; t++) {
+        var s1 = 0.0;
+        for (var i = t; i < m; i += WG) {
+            s1 += rdy[element(i, c)];
+        }
+        part[t] = s1;
+    }
+    let sum_dy = tree_private(&part);
+    for (var t = 0u; t < WG; t++) {
+        var s2 = 0.0;
+        for (var i = t; i < m; i += WG) {
+            let e = element(i, c);
+            s2 += rdy[e] * (rx[e] - mean_u);
+        }
+        part[t] = s2;
+    }
+    reduce_out(c, sum_dy, tree_private(&part));
 }
 
 // bn_backward_dx bindings: dx = g * dy / s + k1 + k2 * (x - mean_B).

@@ -123,10 +123,11 @@ fn a_model_without_batchnorm_is_refused_plainly(ctx: GpuContext) {
     assert!(err.contains("no BatchNormalization"), "{err}");
 }
 
-/// On a CPU adapter norm.wgsl's reductions add their tree serially (`GpuContext::variant`): the
-/// same sums in the same order, so TENT steps give bit for bit what the parallel tree gives
-/// (logits, adapted parameters, statistics). The SVHN network at batch 8 runs no other kernel
-/// with a CPU variant.
+/// On a CPU adapter the kernels run their CPU variants (`GpuContext::variant`,
+/// `Lowering::cpu_kernels`): the BatchNorm reductions one channel per invocation with the tree
+/// in a private array (`bn_stats_lanes`, `bn_backward_reduce_lanes`), the implicit GEMMs without
+/// workgroup memory. The same sums in the same order, so TENT steps give bit for bit what the
+/// parallel kernels give (logits, adapted parameters, statistics) on the SVHN network at batch 8.
 #[gpu_test]
 fn cpu_kernel_variants_step_bit_for_bit_like_the_parallel_ones(ctx: GpuContext) {
     let run = |cpu: bool| {

@@ -268,11 +268,12 @@ impl LowerHook for BnHook {
                 self.saved.insert(node, saved);
                 return Ok(());
             }
+            let (entry, groups) = reduce_kernel("bn_stats", channels, l.cpu_kernels);
             l.dispatch(
-                KernelKey::new(Shader::Norm, "bn_stats"),
+                KernelKey::new(Shader::Norm, entry),
                 params(&saved, coef, false),
                 vec![x.buf, mean.buf, var.buf, BufRef::Value(stats)],
-                [channels as u32, 1, 1],
+                groups,
             );
             if let Some(shift) = self.shift.as_mut().filter(|s| s.written < s.layers) {
                 l.dispatch(
@@ -312,14 +313,29 @@ fn apply(l: &mut Lowering, s: &SavedBn, coef: (f32, f32, f32, f32, bool), affine
     );
 }
 
+/// A per-channel reduction's entry and grid: one workgroup per channel, or on a CPU adapter
+/// (`cpu_kernels`) its `_lanes` variant, one invocation per channel (norm.wgsl says why).
+fn reduce_kernel(entry: &'static str, channels: usize, cpu_kernels: bool) -> (&'static str, [u32; 3]) {
+    match (cpu_kernels, entry) {
+        (true, "bn_stats") => ("bn_stats_lanes", [channels.div_ceil(LANES) as u32, 1, 1]),
+        (true, "bn_backward_reduce") => ("bn_backward_reduce_lanes", [channels.div_ceil(LANES) as u32, 1, 1]),
+        _ => (entry, [channels as u32, 1, 1]),
+    }
+}
+
+/// Channels per workgroup of the `_lanes` reductions (norm.wgsl's `LANES`).
+const LANES: usize = 8;
+
 /// The reverse pass of one layer: dscale and dbias (when the layer is adapted) and dx (when the
-/// layer's input depends on an earlier adapted parameter). `dx` is `(value, accumulate)`.
+/// layer's input depends on an earlier adapted parameter). `dx` is `(value, accumulate)`;
+/// `cpu_kernels` as [`crate::ops::BackwardLowering::cpu_kernels`].
 pub fn backward(
     s: &SavedBn,
     dy: usize,
     dparams: Option<(usize, usize)>,
     dx: Option<(usize, bool)>,
     scratch: &mut Vec<u64>,
+    cpu_kernels: bool,
 ) -> OpResult<Vec<crate::ops::Dispatch>> {
     let m = s.batch * s.plane;
     let coef = s.mode.coefficients(m)?;
@@ -331,11 +347,12 @@ pub fn backward(
     scratch.push(9 * c as u64 * 4);
     let k = BufRef::Scratch(scratch.len() - 1);
     out.push(gather(&[(s.scale.buf, c), (BufRef::Value(s.stats), 4 * c)], k, 0));
+    let (entry, workgroups) = reduce_kernel("bn_backward_reduce", c, cpu_kernels);
     out.push(crate::ops::Dispatch {
-        key: KernelKey::new(Shader::Norm, "bn_backward_reduce"),
+        key: KernelKey::new(Shader::Norm, entry),
         params: params(s, coef, false),
         buffers: vec![s.x.buf, BufRef::Value(dy), k],
-        workgroups: [c as u32, 1, 1],
+        workgroups,
     });
     // The reduce always writes dscale and dbias; only an adapted layer's go anywhere.
     if let Some((ds, db)) = dparams {

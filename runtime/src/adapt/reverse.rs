@@ -98,7 +98,7 @@ pub(crate) fn reverse_pass(
             program.flops.norm += elems
                 * (if dparams.is_some() { flops::BN_BACKWARD_PARAMS } else { 0 }
                     + if dx.is_some() { flops::BN_BACKWARD_DX } else { 0 });
-            let dispatches = bn::backward(saved, dy, dparams, dx, &mut scratch).map_err(node_err)?;
+            let dispatches = bn::backward(saved, dy, dparams, dx, &mut scratch, ctx.cpu_kernels()).map_err(node_err)?;
             program.items.push(Item { label: format!("{} backward", node.name), dispatches, scratch });
             continue;
         }
