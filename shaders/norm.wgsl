@@ -250,27 +250,61 @@ fn bn_frame(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id)
     red[t] = acc2;
     tree(t);
     if t == 0u {
-        let var_b = red[0] / f32(m);
-        let cc = tp.channels;
-        let w = f32(max(tp.window, 1u));
-        let seen = fsrc[5u * cc];
-        let r = min(seen, w) / w;
-        let m1 = fsrc[2u * cc + c];
-        let m2 = fsrc[3u * cc + c];
-        let v = fsrc[4u * cc + c];
-        let var_est = v + max(m2 - m1 * m1, 0.0);
-        fstats[c] = mean;
-        fstats[cc + c] = var_b;
-        fstats[2u * cc + c] = fsrc[c] + tp.a_mean * r * (m1 - fsrc[c]);
-        fstats[3u * cc + c] = fsrc[cc + c] + tp.a_var * r * (var_est - fsrc[cc + c]);
-        let rate = max(1.0 / w, 1.0 / (seen + 1.0));
-        fnext[c] = m1 + rate * (mean - m1);
-        fnext[cc + c] = m2 + rate * (mean * mean - m2);
-        fnext[2u * cc + c] = v + rate * (var_b - v);
-        if c == 0u {
-            fnext[3u * cc] = seen + 1.0;
-        }
+        frame_out(c, mean, red[0] / f32(m));
     }
+}
+
+// Channel c's used statistics and next evidence from this frame's mean and biased variance.
+fn frame_out(c: u32, mean: f32, var_b: f32) {
+    let cc = tp.channels;
+    let w = f32(max(tp.window, 1u));
+    let seen = fsrc[5u * cc];
+    let r = min(seen, w) / w;
+    let m1 = fsrc[2u * cc + c];
+    let m2 = fsrc[3u * cc + c];
+    let v = fsrc[4u * cc + c];
+    let var_est = v + max(m2 - m1 * m1, 0.0);
+    fstats[c] = mean;
+    fstats[cc + c] = var_b;
+    fstats[2u * cc + c] = fsrc[c] + tp.a_mean * r * (m1 - fsrc[c]);
+    fstats[3u * cc + c] = fsrc[cc + c] + tp.a_var * r * (var_est - fsrc[cc + c]);
+    let rate = max(1.0 / w, 1.0 / (seen + 1.0));
+    fnext[c] = m1 + rate * (mean - m1);
+    fnext[cc + c] = m2 + rate * (mean * mean - m2);
+    fnext[2u * cc + c] = v + rate * (var_b - v);
+    if c == 0u {
+        fnext[3u * cc] = seen + 1.0;
+    }
+}
+
+// bn_frame on CPU adapters: one channel per invocation, as bn_stats_lanes (the same values).
+@compute @workgroup_size(8)
+fn bn_frame_lanes(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) pli: u32) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
+    let c = wid.x * LANES + lid.x;
+    if c >= tp.channels { return; }
+    let m = tp.n * tp.plane;
+    var part: array<f32, 256>;
+    for (var t = 0u; t < WG; t++) {
+        var acc = 0.0;
+        for (var i = t; i < m; i += WG) {
+            acc += fx[element(i, c)];
+        }
+        part[t] = acc;
+    }
+    let mean = tree_private(&part) / f32(m);
+    for (var t = 0u; t < WG; t++) {
+        var acc2 = 0.0;
+        for (var i = t; i < m; i += WG) {
+            let d = fx[element(i, c)] - mean;
+            acc2 += d * d;
+        }
+        part[t] = acc2;
+    }
+    frame_out(c, mean, tree_private(&part) / f32(m));
 }
 
 // bn_shift: one layer's covariate-shift score for method auto's diagnostics (adapt/bn.rs

@@ -5,6 +5,7 @@
 mod common;
 
 use acclimate::GpuContext;
+use acclimate::adapt::bn::StatsMode;
 use acclimate::adapt::{AdaptConfig, Session};
 use acclimate::{Model, Tensor};
 use acclimate_test_macros::gpu_test;
@@ -135,12 +136,19 @@ fn cpu_kernel_variants_step_bit_for_bit_like_the_parallel_ones(ctx: GpuContext) 
         let mut s = session(&ctx, tent());
         let first = s.step(&digits(0, 8)).unwrap().logits.to_f32_vec();
         let second = s.step(&digits(8, 8)).unwrap().logits.to_f32_vec();
-        (first, second, s.parameters().unwrap(), s.statistics().unwrap())
+        // Three frames through the frame protocol's statistics (`bn_frame_lanes` on a CPU
+        // adapter), each updating the evidence the next one normalises with.
+        let mode = StatsMode::Frame { alpha_mean: 0.5, alpha_var: 0.5, window: 4, min_plane: 1 };
+        let frames: Vec<Vec<f32>> =
+            (16..19).map(|i| s.predict_with(&digits(i, 1), mode).unwrap().logits.to_f32_vec()).collect();
+        (first, second, s.parameters().unwrap(), s.statistics().unwrap(), frames)
     };
     let (parallel, serial) = (run(false), run(true));
     assert_eq!(parallel.0, serial.0, "first step's logits");
     assert_eq!(parallel.1, serial.1, "second step's logits");
     assert!(parallel.2 == serial.2, "adapted parameters");
     assert!(parallel.3 == serial.3, "statistics");
+    assert_eq!(parallel.4, serial.4, "frame-mode logits");
     assert_ne!(parallel.0, parallel.1, "the first step changed the model");
+    assert_ne!(parallel.4[0], parallel.4[2], "the frame evidence changed the statistics");
 }

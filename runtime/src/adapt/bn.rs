@@ -257,11 +257,12 @@ impl LowerHook for BnHook {
                         0,
                     ),
                 );
+                let (entry, groups) = reduce_kernel("bn_frame", channels, l.cpu_kernels);
                 l.dispatch(
-                    KernelKey::new(Shader::Norm, "bn_frame"),
+                    KernelKey::new(Shader::Norm, entry),
                     params(&saved, (a_mean, 0.0, a_var, 0.0, false), false),
                     vec![x.buf, sources, BufRef::Value(stats), BufRef::Value(next)],
-                    [channels as u32, 1, 1],
+                    groups,
                 );
                 apply(l, &saved, coef, (scale.buf, bias.buf), y);
                 self.frame_commits.push((next, BufRef::Weight(evidence), evidence_len));
@@ -319,6 +320,7 @@ fn reduce_kernel(entry: &'static str, channels: usize, cpu_kernels: bool) -> (&'
     match (cpu_kernels, entry) {
         (true, "bn_stats") => ("bn_stats_lanes", [channels.div_ceil(LANES) as u32, 1, 1]),
         (true, "bn_backward_reduce") => ("bn_backward_reduce_lanes", [channels.div_ceil(LANES) as u32, 1, 1]),
+        (true, "bn_frame") => ("bn_frame_lanes", [channels.div_ceil(LANES) as u32, 1, 1]),
         _ => (entry, [channels as u32, 1, 1]),
     }
 }
