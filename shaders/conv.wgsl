@@ -757,6 +757,17 @@ fn conv_gemm_dx_direct(
     }
 }
 
+// The output index a tap reaches along one dim, from n = x + pad - tap * dilation (n >= 0), or
+// -1 where it reaches none (n not a multiple of the stride, or past the output's size).
+fn tap_reach(n: i32, s: u32, size: u32) -> i32 {
+    var o = u32(n);
+    if UNIT_STRIDE == 0u {
+        if o % s != 0u { return -1; }
+        o = o / s;
+    }
+    return select(i32(o), -1, o >= size);
+}
+
 @compute @workgroup_size(256)
 fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     // One image per z workgroup (in_dims.w: the first z workgroup of this piece of a dispatch
@@ -781,31 +792,19 @@ fn conv_depthwise_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wor
     for (var kd = 0u; kd < q.kernel.x; kd++) {
         let nd = at.x - i32(kd * q.dilations.x);
         if nd < 0 { break; }
-        var od = u32(nd);
-        if UNIT_STRIDE == 0u {
-            if u32(nd) % s.x != 0u { continue; }
-            od = u32(nd) / s.x;
-        }
-        if od >= q.out_dims.x { continue; }
+        let od = tap_reach(nd, s.x, q.out_dims.x);
+        if od < 0 { continue; }
         for (var kh = 0u; kh < q.kernel.y; kh++) {
             let nh = at.y - i32(kh * q.dilations.y);
             if nh < 0 { break; }
-            var oh = u32(nh);
-            if UNIT_STRIDE == 0u {
-                if u32(nh) % s.y != 0u { continue; }
-                oh = u32(nh) / s.y;
-            }
-            if oh >= q.out_dims.y { continue; }
+            let oh = tap_reach(nh, s.y, q.out_dims.y);
+            if oh < 0 { continue; }
             for (var kw = 0u; kw < q.kernel.z; kw++) {
                 let nw = at.z - i32(kw * q.dilations.z);
                 if nw < 0 { break; }
-                var ow = u32(nw);
-                if UNIT_STRIDE == 0u {
-                    if u32(nw) % s.z != 0u { continue; }
-                    ow = u32(nw) / s.z;
-                }
-                if ow >= q.out_dims.z { continue; }
-                let opos = (od * q.out_dims.y + oh) * q.out_dims.z + ow;
+                let ow = tap_reach(nw, s.z, q.out_dims.z);
+                if ow < 0 { continue; }
+                let opos = (u32(od) * q.out_dims.y + u32(oh)) * q.out_dims.z + u32(ow);
                 let tap = (kd * q.kernel.y + kh) * q.kernel.z + kw;
                 for (var m = 0u; m < mult; m++) {
                     acc += w[w_base + m * kvol + tap] * dy[dy_base + m * q.p_out + opos];
@@ -846,35 +845,22 @@ fn conv_depthwise_dx_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     for (var kd = 0u; kd < q.kernel.x; kd++) {
         let nd = at.x - i32(kd * q.dilations.x);
         if nd < 0 { break; }
-        var od = u32(nd);
-        if UNIT_STRIDE == 0u {
-            if u32(nd) % s.x != 0u { continue; }
-            od = u32(nd) / s.x;
-        }
-        if od >= q.out_dims.x { continue; }
+        let od = tap_reach(nd, s.x, q.out_dims.x);
+        if od < 0 { continue; }
         for (var kh = 0u; kh < q.kernel.y; kh++) {
             let nh = at.y - i32(kh * q.dilations.y);
             if nh < 0 { break; }
-            var oh = u32(nh);
-            if UNIT_STRIDE == 0u {
-                if u32(nh) % s.y != 0u { continue; }
-                oh = u32(nh) / s.y;
-            }
-            if oh >= q.out_dims.y { continue; }
-            let orow = (od * q.out_dims.y + oh) * q.out_dims.z;
+            let oh = tap_reach(nh, s.y, q.out_dims.y);
+            if oh < 0 { continue; }
+            let orow = (u32(od) * q.out_dims.y + u32(oh)) * q.out_dims.z;
             for (var kw = 0u; kw < q.kernel.z; kw++) {
                 let tap = (kd * q.kernel.y + kh) * q.kernel.z + kw;
                 for (var o = 0u; o < DW_RUN; o++) {
                     let nw = at.z + i32(o) - i32(kw * q.dilations.z);
-                    var ow = u32(max(nw, 0));
-                    var ok = nw >= 0;
-                    if UNIT_STRIDE == 0u {
-                        ok = ok && ow % s.z == 0u;
-                        ow = ow / s.z;
-                    }
-                    if ok && ow < q.out_dims.z {
+                    let ow = tap_reach(max(nw, 0), s.z, q.out_dims.z);
+                    if nw >= 0 && ow >= 0 {
                         for (var m = 0u; m < mult; m++) {
-                            acc[o] += w[w_base + m * kvol + tap] * dy[dy_base + m * q.p_out + orow + ow];
+                            acc[o] += w[w_base + m * kvol + tap] * dy[dy_base + m * q.p_out + orow + u32(ow)];
                         }
                     }
                 }
