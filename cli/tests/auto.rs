@@ -1,7 +1,9 @@
 //! Method `auto` against its PyTorch reference (`tools/auto_reference.py`, fixtures
 //! `tests/fixtures/tta/tiny_auto{,_reset}`): per batch the decision (label-correlation score,
 //! smoothed score, correlated, label skew and label shift, stepped, reset, the covariate-shift
-//! score computed on the GPU), the returned logits,
+//! score computed on the GPU), the statistics computed on the GPU (agreement with the source
+//! model, the mean-prediction entropies, the top share) against those of the reference's own
+//! predictions, the returned logits,
 //! the LAME probabilities and the prior-corrected probabilities of label-shifted batches, the
 //! selection and every adapted parameter, within 1e-4 relative as the other methods' references.
 //! Also: the default config is `auto`, it runs on a model without BatchNormalization, and its
@@ -12,6 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use acclimate::adapt::config::{AdaptConfig, Method};
+use acclimate::adapt::methods::auto::{self, BatchStats};
 use acclimate::adapt::session::Session;
 use acclimate::npy::{batch_files, read_f32};
 use acclimate::{GpuContext, Model, Tensor};
@@ -83,6 +86,24 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
             &[w["source_entropy"].as_f64().unwrap()],
             &mut errors,
         );
+        // The statistics the GPU computed in the passes (agreement with the source model,
+        // collapse, top share) against those of the reference's own predictions.
+        let c = w["source_logits"][0].as_array().unwrap().len();
+        let source_logits: Vec<f32> = floats(&w["source_logits"]).iter().map(|&v| v as f32).collect();
+        let source = BatchStats::of_rows(&auto::softmax(&source_logits, c), None);
+        let returned_rows = match &w["probs"] {
+            Value::Null => auto::softmax(&floats(&w["logits"]).iter().map(|&v| v as f32).collect::<Vec<_>>(), c),
+            v => floats(v).chunks(c).map(|r| r.to_vec()).collect(),
+        };
+        let returned = BatchStats::of_rows(&returned_rows, Some(&source.top1));
+        for (what, ours, theirs) in [
+            ("agreement with the source", d.source_agreement, returned.agreement),
+            ("top share", d.top_share, returned.top_share),
+            ("mean-prediction entropy", d.mean_entropy, returned.mean_entropy),
+            ("source mean-prediction entropy", d.source_mean_entropy, source.mean_entropy),
+        ] {
+            check_close(&format!("batch {i} {what}"), &[ours as f64], &[theirs], &mut errors);
+        }
         check_close(
             &format!("batch {i} label skew"),
             &[d.label_skew as f64],

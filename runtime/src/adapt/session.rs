@@ -16,7 +16,7 @@ use super::methods::auto::{self, Decision, Diagnostics};
 use super::methods::{self, AfterBatch, Host, Objective, eata, label_shift};
 use super::optim::OptimizerSpec;
 use super::state::{self, StateError};
-use super::train::{AdaptedBn, StepInput, StepOutput, StepPlan, StepSpec};
+use super::train::{AdaptedBn, Diagnose, StepInput, StepOutput, StepPlan, StepSpec};
 use crate::engine::Model;
 use crate::gpu::GpuContext;
 use crate::ir::{BatchNormInfo, Graph};
@@ -213,6 +213,7 @@ impl Session {
             z_piece: 0,
             top_k: 0,
             shift_score: false,
+            diagnostics: Diagnose::Off,
         };
         let auto = if method == Method::Auto {
             // LAME needs the input of a final Gemm/MatMul, and its iteration kernel 4 storage
@@ -246,6 +247,7 @@ impl Session {
                 z_piece: 0,
                 top_k: 0,
                 shift_score: true,
+                diagnostics: Diagnose::Judge,
             };
             Some(AutoState { spec, plans: HashMap::new(), decision: None, prior: None, evidence: 0.0, adapts: !plain })
         } else {
@@ -349,6 +351,8 @@ impl Session {
             // auto's step: the source statistics weigh as a prior of `source_samples` samples.
             let b = shape.first().copied().unwrap_or(1) as f32;
             spec.mode = StatsMode::Alpha { alpha: b / (self.config.auto.source_samples + b) };
+            // Its predictions' statistics against the judging pass's, on the GPU.
+            spec.diagnostics = Diagnose::Returned;
         }
         if paced {
             spec.z_piece = super::train::PACED_Z_PIECE;
@@ -563,38 +567,44 @@ impl Session {
         if state.adapts {
             self.plan(&shape)?;
         }
-        let a = state.plans[&shape].run_paced(&self.ctx, input, true, self.pacer.as_deref())?;
-        let c = a.logits.shape.last().copied().unwrap_or(1).max(1);
-        let source = auto::softmax(&a.logits.to_f32_vec(), c);
+        let judge = &state.plans[&shape];
+        let a = judge.run_paced(&self.ctx, input, true, self.pacer.as_deref())?;
+        let c = judge.output_classes();
+        let missing = || PlanError::Program("method auto's judging pass computed no statistics".into());
+        let source = a.stats.source.clone().ok_or_else(missing)?;
         let covariate_shift = a.shift.as_deref().and_then(auto::covariate_shift);
         let section = self.config.auto.clone();
         let decision = state.decision.get_or_insert_with(|| Decision::initial(c, section.prior_samples as f64));
         if decision.marginal.len() != c {
             *decision = Decision::initial(c, section.prior_samples as f64);
         }
-        let rho = decision.observe(&source, &section);
+        let rho = decision.observe_stats(&source, &section);
         let prior = match state.prior.take() {
             Some(q) if q.len() == c => q,
             _ => vec![1.0 / c as f64; c],
         };
         let shifted = decision.label_shifted(&section);
-        let source_entropy = auto::mean_row_entropy(&source, c);
+        let source_entropy = source.row_entropy;
         let smooth = !state.adapts || !auto::stepped_branch(decision, &section);
         let mut alpha = None;
-        let (mut p, stepped) = if smooth {
-            let probs = if auto::output_stage_off(decision, &section, source_entropy) {
-                None
+        // The statistics of what the batch returns, computed on the GPU with the predictions.
+        let (mut p, stepped, returned) = if smooth {
+            // The source model's predictions are returned: only now are they read back.
+            let (logits, smoothed) = state.plans[&shape].read_predictions(&self.ctx)?;
+            let (probs, returned) = if auto::output_stage_off(decision, &section, source_entropy) {
+                (None, Some(source.against_itself()))
             } else if decision.judged && decision.correlated {
-                a.probs
+                (smoothed, a.stats.smoothed.clone().or_else(|| Some(source.against_itself())))
             } else if shifted {
-                let rows = auto::correct_prior(&source, &prior);
-                Some(Tensor::f32(vec![rows.len(), c], rows.iter().flatten().map(|&v| v as f32).collect()))
+                let rows = auto::correct_prior(&auto::softmax(&logits.to_f32_vec(), c), &prior);
+                let t = Tensor::f32(vec![rows.len(), c], rows.iter().flatten().map(|&v| v as f32).collect());
+                (Some(t), a.stats.corrected.clone())
             } else {
-                None
+                (None, Some(source.against_itself()))
             };
             let p = Prediction {
                 probs,
-                logits: a.logits,
+                logits,
                 loss: None,
                 selected: None,
                 ema: None,
@@ -603,7 +613,7 @@ impl Session {
                 skipped: a.skipped,
                 auto: None,
             };
-            (p, false)
+            (p, false, returned)
         } else {
             alpha = Some(auto::alpha(&section, shape[0], state.evidence));
             self.plans[&shape].set_bn_alpha(&self.ctx, alpha.unwrap_or(0.0));
@@ -627,22 +637,19 @@ impl Session {
                 skipped: out.skipped,
                 auto: None,
             };
-            (p, out.stepped)
+            (p, out.stepped, out.stats.returned)
         };
-        let returned = match &p.probs {
-            Some(probs) => probs.to_f32_vec().chunks(c).map(|r| r.iter().map(|&v| v as f64).collect()).collect(),
-            None => auto::softmax(&p.logits.to_f32_vec(), c),
-        };
+        let returned = returned.ok_or_else(missing)?;
         // The state continues from what its buffer holds (f32), so that a session loaded from a
         // saved state decides exactly as the one that saved it.
         let decision = Decision::from_buffer(&decision.to_buffer()).unwrap_or_else(|| decision.clone());
-        let next: Vec<f64> = auto::update_prior(&prior, &source, section.label_shift_momentum as f64)
+        let next: Vec<f64> = auto::update_prior_mean(&prior, &source.mean, section.label_shift_momentum as f64)
             .into_iter()
             .map(|q| q as f32 as f64)
             .collect();
         // A batch whose source probabilities are not finite leaves the estimate as it was.
         let prior = if next.iter().all(|q| q.is_finite()) { next } else { prior };
-        let diag = auto::diagnose(rho, &decision, stepped, &source, &returned, &section);
+        let diag = auto::diagnose_stats(rho, &decision, stepped, &source, &returned, &section);
         if diag.reset && state.adapts {
             log::warn!(
                 "method auto: the adapted predictions collapsed (mean entropy {:.3} of ln C against the source's {:.3}): back to the source parameters",

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use super::bn::{BnHook, StatsMode};
+use super::methods::auto;
 use super::methods::{AfterForward, Deferred, Objective, Param, StepCx, Updated};
 use super::optim::{self, OptimizerSpec};
 pub use super::reverse::AdaptedBn;
@@ -47,6 +48,24 @@ pub struct StepSpec {
     /// Compute each BatchNormalization layer's covariate-shift score on the GPU and read the
     /// scores back ([`StepOutput::shift`]): method auto's judging forward.
     pub shift_score: bool,
+    /// Method auto's batch statistics computed in the program ([`StepOutput::stats`]).
+    pub diagnostics: Diagnose,
+}
+
+/// Which of method auto's batch statistics ([`auto::BatchStats`]) a program computes on the GPU
+/// after its forward pass and reads back in place of the predictions it judges by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Diagnose {
+    #[default]
+    Off,
+    /// The judging pass: the source predictions' statistics (their top-1 classes kept on the
+    /// GPU in [`auto::REFERENCE_PREFIX`]`B` for the step to compare with), and against them those of the output
+    /// stage's probabilities and of the predictions corrected by the class-prior estimate
+    /// [`auto::PRIOR`]. The logits and the output stage's probabilities are not read back with
+    /// the run: [`StepPlan::read_predictions`] reads them when the batch returns them.
+    Judge,
+    /// A step: its returned predictions' statistics against the judging pass's top-1 classes.
+    Returned,
 }
 
 /// [`StepSpec::z_piece`] of paced steps: 4 images (× groups, × stride phases) per convolution
@@ -76,6 +95,12 @@ pub struct StepPlan {
     /// [`StepSpec::shift_score`]: the value holding the layers' scores, how many, and its staging
     /// buffer.
     shift: Option<(usize, usize, wgpu::Buffer)>,
+    /// [`StepSpec::diagnostics`]: which statistics, the value holding each block, and the
+    /// blocks' staging buffer.
+    stats: Vec<(auto::StatsOf, usize)>,
+    staging_stats: Option<wgpu::Buffer>,
+    /// [`Diagnose::Judge`]: the predictions are read on request ([`StepPlan::read_predictions`]).
+    deferred: bool,
     /// A second pass read back (SAR): its loss and selection ([flags (B), |S|]) with one staging
     /// buffer each.
     second: Option<(usize, usize, wgpu::Buffer, wgpu::Buffer)>,
@@ -130,6 +155,8 @@ pub struct StepOutput {
     /// [`StepSpec::shift_score`]: per BatchNormalization layer (in the graph's order), the mean
     /// over its channels of KL(batch statistics ‖ stored statistics) (`bn_shift`).
     pub shift: Option<Vec<f32>>,
+    /// [`StepSpec::diagnostics`]: the batch statistics computed on the GPU.
+    pub stats: auto::PassStats,
 }
 
 /// Name of the guard's state buffer in forward-only programs that commit RBN statistics.
@@ -217,6 +244,52 @@ impl StepPlan {
             }
             _ => None,
         };
+        // Method auto's statistics of what the pass predicts, before anything else can reuse
+        // the logits' buffer.
+        let mut stats = Vec::new();
+        if spec.diagnostics != Diagnose::Off {
+            let &[b, c] = &logits_shape[..] else {
+                return Err(err(format!("diagnostics need logits of shape [batch, classes], got {logits_shape:?}")));
+            };
+            let reference = BufRef::Weight(program.weight(
+                &format!("{}{b}", auto::REFERENCE_PREFIX),
+                || WeightInit::Zeros(b),
+                true,
+            ));
+            let mut dispatches = Vec::new();
+            let mut block = |program: &mut Program, of: auto::StatsOf, d: &dyn Fn(BufRef) -> crate::ops::Dispatch| {
+                let out = program.value(auto::stats_len(b, c) as u64 * 4);
+                program.pinned_end.push(out);
+                dispatches.push(d(BufRef::Value(out)));
+                stats.push((of, out));
+            };
+            let rows = BufRef::Value(returned);
+            match spec.diagnostics {
+                Diagnose::Judge => {
+                    let logits = BufRef::Value(logits_v);
+                    block(&mut program, auto::StatsOf::Source, &|out| {
+                        auto::stats_dispatch(logits, logits, reference, out, b, c, auto::Rows::Logits, false)
+                    });
+                    if let Some((stage, _)) = &output {
+                        let probs = BufRef::Value(stage.probs);
+                        block(&mut program, auto::StatsOf::Smoothed, &|out| {
+                            auto::stats_dispatch(probs, probs, reference, out, b, c, auto::Rows::Probs, true)
+                        });
+                    }
+                    let uniform = || WeightInit::Tensor(Arc::new(Tensor::f32(vec![c], vec![1.0 / c as f32; c])));
+                    let prior = BufRef::Weight(program.weight(auto::PRIOR, uniform, true));
+                    block(&mut program, auto::StatsOf::Corrected, &|out| {
+                        auto::stats_dispatch(logits, prior, reference, out, b, c, auto::Rows::Corrected, true)
+                    });
+                }
+                Diagnose::Returned => block(&mut program, auto::StatsOf::Returned, &|out| {
+                    auto::stats_dispatch(rows, rows, reference, out, b, c, auto::Rows::Logits, true)
+                }),
+                Diagnose::Off => {}
+            }
+            program.flops.other += (stats.len() * 8 * b * c) as u64;
+            program.items.push(Item { label: "diagnostics".into(), dispatches, scratch: vec![] });
+        }
         let mut loss_v = None;
         let mut params = Vec::new();
         let mut selection: Option<usize> = None;
@@ -378,8 +451,12 @@ impl StepPlan {
             return Ok(None);
         };
         let compiled = Compiled::compile(ctx, &program, store)?;
+        let block_bytes = (auto::stats_len(shape[0], logits_shape.last().copied().unwrap_or(1)) * 4) as u64;
         Ok(Some(StepPlan {
             shift: shift.map(|(v, n)| (v, n, staging(ctx, n as u64 * 4))),
+            staging_stats: (!stats.is_empty()).then(|| staging(ctx, block_bytes * stats.len() as u64)),
+            stats,
+            deferred: spec.diagnostics == Diagnose::Judge,
             chunk_ms: Default::default(),
             input: fwd.inputs[0].1,
             input_shape: shape.to_vec(),
@@ -551,16 +628,8 @@ impl StepPlan {
                 let bytes = (self.input_shape[0] * 2 * k) as u64 * 4;
                 encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*v), 0, st, 0, bytes);
             }
-            None => {
-                let lb = bytes_of(&self.logits.1).div_ceil(4) * 4;
-                encoder.copy_buffer_to_buffer(
-                    self.compiled.value_buffer(self.logits.0),
-                    0,
-                    &self.staging_logits,
-                    0,
-                    lb,
-                );
-            }
+            None if self.deferred => {}
+            None => self.copy_logits(&mut encoder),
         }
         if let Some(l) = self.loss {
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(l), 0, &self.staging_loss, 0, 4);
@@ -573,11 +642,14 @@ impl StepPlan {
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*l), 0, lst, 0, 4);
             encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*s), 0, sst, 0, (b as u64 + 1) * 4);
         }
-        if let Some(o) = &self.output {
-            let v = self.compiled.value_buffer(o.stage.probs);
-            encoder.copy_buffer_to_buffer(v, 0, &o.probs, 0, (b * o.classes) as u64 * 4);
-            if let (Some(q), Some(st)) = (o.stage.prior, &o.prior) {
-                encoder.copy_buffer_to_buffer(self.compiled.value_buffer(q), 0, st, 0, o.classes as u64 * 4);
+        if let Some(o) = self.output.as_ref().filter(|_| !self.deferred) {
+            self.copy_output(&mut encoder, o);
+        }
+        let block = self.stats_block_len();
+        if let Some(st) = &self.staging_stats {
+            for (i, (_, v)) in self.stats.iter().enumerate() {
+                let (bytes, at) = (block as u64 * 4, (i * block) as u64 * 4);
+                encoder.copy_buffer_to_buffer(self.compiled.value_buffer(*v), 0, st, at, bytes);
             }
         }
         if let Some((g, st)) = &self.guard {
@@ -594,10 +666,8 @@ impl StepPlan {
                 let top = raw.chunks(2 * k).map(|r| (0..*k).map(|q| (r[q] as usize, r[k + q])).collect()).collect();
                 (Tensor::f32(vec![0], Vec::new()), Some(top))
             }
-            None => {
-                let n: usize = self.logits.1.iter().product();
-                (Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?), None)
-            }
+            None if self.deferred => (Tensor::f32(vec![0], Vec::new()), None),
+            None => (self.read_logits(ctx)?, None),
         };
         let loss = match self.loss {
             Some(_) => Some(read_buffer(ctx, &self.staging_loss, 1)?[0]),
@@ -620,15 +690,8 @@ impl StepPlan {
             }
             None => None,
         };
-        let (probs, prior) = match &self.output {
-            Some(o) => {
-                let probs = Tensor::f32(vec![b, o.classes], read_buffer(ctx, &o.probs, b * o.classes)?);
-                let prior = match &o.prior {
-                    Some(st) => Some(read_buffer(ctx, st, o.classes)?),
-                    None => None,
-                };
-                (Some(probs), prior)
-            }
+        let (probs, prior) = match self.output.as_ref().filter(|_| !self.deferred) {
+            Some(o) => self.read_output(ctx, o)?,
             None => (None, None),
         };
         let (skipped, stepped) = match &self.guard {
@@ -643,7 +706,74 @@ impl StepPlan {
             Some((_, n, st)) => Some(read_buffer(ctx, st, *n)?),
             None => None,
         };
-        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped, top, shift })
+        let mut stats = auto::PassStats::default();
+        if let Some(st) = &self.staging_stats {
+            let raw = read_buffer(ctx, st, block * self.stats.len())?;
+            let (rows, classes) = (self.input_shape[0], self.output_classes());
+            for ((of, _), chunk) in self.stats.iter().zip(raw.chunks(block)) {
+                let s = auto::BatchStats::from_block(chunk, rows, classes)
+                    .ok_or_else(|| err("a diagnostics block came back short"))?;
+                *stats.get_mut(*of) = Some(s);
+            }
+        }
+        Ok(StepOutput { logits, loss, selected, second, probs, prior, skipped, stepped, top, shift, stats })
+    }
+
+    fn stats_block_len(&self) -> usize {
+        auto::stats_len(self.input_shape[0], self.output_classes())
+    }
+
+    fn copy_logits(&self, encoder: &mut wgpu::CommandEncoder) {
+        let lb = bytes_of(&self.logits.1).div_ceil(4) * 4;
+        encoder.copy_buffer_to_buffer(self.compiled.value_buffer(self.logits.0), 0, &self.staging_logits, 0, lb);
+    }
+
+    fn read_logits(&self, ctx: &GpuContext) -> Result<Tensor, PlanError> {
+        let n: usize = self.logits.1.iter().product();
+        Ok(Tensor::f32(self.logits.1.clone(), read_buffer(ctx, &self.staging_logits, n)?))
+    }
+
+    fn copy_output(&self, encoder: &mut wgpu::CommandEncoder, o: &OutputReadback) {
+        let b = self.input_shape[0];
+        let v = self.compiled.value_buffer(o.stage.probs);
+        encoder.copy_buffer_to_buffer(v, 0, &o.probs, 0, (b * o.classes) as u64 * 4);
+        if let (Some(q), Some(st)) = (o.stage.prior, &o.prior) {
+            encoder.copy_buffer_to_buffer(self.compiled.value_buffer(q), 0, st, 0, o.classes as u64 * 4);
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn read_output(
+        &self,
+        ctx: &GpuContext,
+        o: &OutputReadback,
+    ) -> Result<(Option<Tensor>, Option<Vec<f32>>), PlanError> {
+        let b = self.input_shape[0];
+        let probs = Tensor::f32(vec![b, o.classes], read_buffer(ctx, &o.probs, b * o.classes)?);
+        let prior = match &o.prior {
+            Some(st) => Some(read_buffer(ctx, st, o.classes)?),
+            None => None,
+        };
+        Ok((Some(probs), prior))
+    }
+
+    /// A [`Diagnose::Judge`] program's predictions of its last run, which the run left on the
+    /// GPU: the logits and the output stage's probabilities (`None` without an output stage).
+    /// Valid until the program runs again.
+    pub fn read_predictions(&self, ctx: &GpuContext) -> Result<(Tensor, Option<Tensor>), PlanError> {
+        let mut encoder =
+            ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read predictions") });
+        self.copy_logits(&mut encoder);
+        if let Some(o) = &self.output {
+            self.copy_output(&mut encoder, o);
+        }
+        ctx.queue.submit([encoder.finish()]);
+        let logits = self.read_logits(ctx)?;
+        let probs = match &self.output {
+            Some(o) => self.read_output(ctx, o)?.0,
+            None => None,
+        };
+        Ok((logits, probs))
     }
 }
 

@@ -114,10 +114,12 @@ pub enum Shader {
     Preprocess,
     /// ROID; compiled after `optim.wgsl`, whose candidate functions its guard checks call.
     Roid,
+    /// Method `auto`'s stream diagnostics.
+    Diagnostics,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 14] = [
+    pub const ALL: [Shader; 15] = [
         Shader::Elementwise,
         Shader::Conv,
         Shader::Matmul,
@@ -132,6 +134,7 @@ impl Shader {
         Shader::Output,
         Shader::Preprocess,
         Shader::Roid,
+        Shader::Diagnostics,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -150,6 +153,7 @@ impl Shader {
             Shader::Output => "output.wgsl",
             Shader::Preprocess => "preprocess.wgsl",
             Shader::Roid => "roid.wgsl",
+            Shader::Diagnostics => "diagnostics.wgsl",
         }
     }
 
@@ -177,6 +181,7 @@ impl Shader {
             Shader::Select => include_str!("../../../shaders/select.wgsl"),
             Shader::Output => include_str!("../../../shaders/output.wgsl"),
             Shader::Preprocess => include_str!("../../../shaders/preprocess.wgsl"),
+            Shader::Diagnostics => include_str!("../../../shaders/diagnostics.wgsl"),
             Shader::Roid => {
                 concat!(include_str!("../../../shaders/optim.wgsl"), include_str!("../../../shaders/roid.wgsl"))
             }

@@ -77,7 +77,9 @@ use super::eata::{EataObjective, EataSpec};
 use super::{AdaptMethod, Objective, Section, entropy_margin};
 use crate::adapt::config::{AdaptConfig, Invalid, NormMode, OptimizerConfig, OptimizerKind};
 use crate::adapt::error::AdaptError;
+use crate::gpu::{KernelKey, Params, Shader};
 use crate::ir::Graph;
+use crate::ops::{BufRef, Dispatch};
 
 /// The persistent decision state: [pseudo-count, smoothed ρ, correlated (0/1), judged (0/1),
 /// marginal (C)].
@@ -419,15 +421,175 @@ pub fn argmax(row: &[f64]) -> usize {
     best
 }
 
-/// Entropy of the mean of `rows`, over ln C.
-fn mean_entropy(rows: &[Vec<f64>], c: usize) -> f64 {
-    let mut mean = vec![0.0; c];
-    for r in rows {
-        for (m, v) in mean.iter_mut().zip(r) {
-            *m += v / rows.len() as f64;
+/// What `auto` judges and reports a batch by, reduced from its rows (probabilities) on the GPU in
+/// the pass that made them (`batch_stats` in `shaders/diagnostics.wgsl`, [`stats_dispatch`]):
+/// only this comes back, not the B×C probabilities. [`BatchStats::of_rows`] is the host's
+/// reference (f64).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchStats {
+    /// B.
+    pub rows: usize,
+    /// Top-1 counts per class (the first maximum of each row; a row of NaN counts as class 0).
+    pub hist: Vec<f64>,
+    /// The mean of the rows, per class.
+    pub mean: Vec<f64>,
+    /// The entropy of the mean over ln C (1 when C = 1): the collapse score.
+    pub mean_entropy: f64,
+    /// The mean of the rows' entropies over ln C (0 when C = 1): how uncertain they are.
+    pub row_entropy: f64,
+    /// The share of rows whose top-1 class is the reference's (the source model's); 0 without a
+    /// reference.
+    pub agreement: f64,
+    /// The share of the most frequent top-1 class.
+    pub top_share: f64,
+    /// Each row's top-1 class.
+    pub top1: Vec<usize>,
+}
+
+/// The prefix of the buffer holding the source predictions' top-1 classes of the last judged
+/// batch of B samples (`B` follows): written by the judging pass, read by the step's.
+pub const REFERENCE_PREFIX: &str = "diag:top1:";
+
+/// Whose statistics a block holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsOf {
+    /// The source model's predictions (the judging pass).
+    Source,
+    /// The judging pass's output stage (LAME's smoothing).
+    Smoothed,
+    /// The source predictions corrected by the class-prior estimate q̂.
+    Corrected,
+    /// A step's returned (pre-update) predictions.
+    Returned,
+}
+
+/// The statistics a program computed on the GPU ([`crate::adapt::train::Diagnose`]); every
+/// agreement is taken against the source predictions' top-1 classes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PassStats {
+    pub source: Option<BatchStats>,
+    pub smoothed: Option<BatchStats>,
+    pub corrected: Option<BatchStats>,
+    pub returned: Option<BatchStats>,
+}
+
+impl PassStats {
+    pub fn get_mut(&mut self, of: StatsOf) -> &mut Option<BatchStats> {
+        match of {
+            StatsOf::Source => &mut self.source,
+            StatsOf::Smoothed => &mut self.smoothed,
+            StatsOf::Corrected => &mut self.corrected,
+            StatsOf::Returned => &mut self.returned,
         }
     }
-    if c > 1 { entropy(&mean) / (c as f64).ln() } else { 1.0 }
+}
+
+/// What the rows [`stats_dispatch`] reduces hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Logits: their softmax is reduced (the host's [`softmax`]).
+    Logits,
+    /// Probabilities, reduced as they are (an output stage's).
+    Probs,
+    /// Logits whose softmax is corrected by a class prior ([`correct_prior`]): the weights
+    /// buffer holds q̂.
+    Corrected,
+}
+
+/// The length of the block [`stats_dispatch`] writes for B rows of C classes: the statistics
+/// ([`BatchStats::from_block`] reads the first 2C + 4 values and the top-1 classes) and the
+/// kernel's per-row scratch.
+pub fn stats_len(b: usize, c: usize) -> usize {
+    2 * c + 4 + 4 * b
+}
+
+/// The dispatch that reduces `rows` ([B, C]) to a [`BatchStats`] block in `out`
+/// ([`stats_len`] values): one workgroup, fixed-order sums. `reference` holds B top-1 classes
+/// (as f32): written with the rows' own when `compare` is false (the source pass), compared
+/// with when it is true. `weights`: q̂ for [`Rows::Corrected`], unused otherwise (any buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn stats_dispatch(
+    rows: BufRef,
+    weights: BufRef,
+    reference: BufRef,
+    out: BufRef,
+    b: usize,
+    c: usize,
+    kind: Rows,
+    compare: bool,
+) -> Dispatch {
+    let mode = match kind {
+        Rows::Logits => 0,
+        Rows::Probs => 1,
+        Rows::Corrected => 2,
+    };
+    Dispatch {
+        key: KernelKey::new(Shader::Diagnostics, "batch_stats"),
+        params: Params::new().u32(b as u32).u32(c as u32).u32(mode).u32(compare as u32),
+        buffers: vec![rows, weights, reference, out],
+        workgroups: [1, 1, 1],
+    }
+}
+
+impl BatchStats {
+    /// The statistics in a block [`stats_dispatch`] wrote for `b` rows of `c` classes (`None`:
+    /// the block is shorter than [`stats_len`]).
+    pub fn from_block(block: &[f32], b: usize, c: usize) -> Option<BatchStats> {
+        if block.len() < stats_len(b, c) {
+            return None;
+        }
+        let head = &block[2 * c..2 * c + 4];
+        let top1 =
+            block[2 * c + 4 + 3 * b..2 * c + 4 + 4 * b].iter().map(|&k| (k.max(0.0) as usize).min(c - 1)).collect();
+        Some(BatchStats {
+            rows: b,
+            hist: block[..c].iter().map(|&v| v as f64).collect(),
+            mean: block[c..2 * c].iter().map(|&v| v as f64).collect(),
+            mean_entropy: head[0] as f64,
+            row_entropy: head[1] as f64,
+            agreement: head[2] as f64,
+            top_share: head[3] as f64,
+            top1,
+        })
+    }
+
+    /// These statistics as those of predictions returned as they are: every row agrees with
+    /// itself.
+    pub fn against_itself(&self) -> BatchStats {
+        BatchStats { agreement: if self.rows > 0 { 1.0 } else { 0.0 }, ..self.clone() }
+    }
+
+    /// The host's reference: the statistics of probability rows (f64), the agreement taken
+    /// against `reference`'s top-1 classes.
+    pub fn of_rows(rows: &[Vec<f64>], reference: Option<&[usize]>) -> BatchStats {
+        let c = rows.first().map(|r| r.len()).unwrap_or(0);
+        let b = rows.len();
+        let top1: Vec<usize> = rows.iter().map(|r| argmax(r)).collect();
+        let mut hist = vec![0.0; c];
+        for &k in &top1 {
+            if let Some(h) = hist.get_mut(k) {
+                *h += 1.0;
+            }
+        }
+        let mut mean = vec![0.0; c];
+        for r in rows {
+            for (m, v) in mean.iter_mut().zip(r) {
+                *m += v / b as f64;
+            }
+        }
+        let agree = reference.map(|want| top1.iter().zip(want).filter(|(a, b)| a == b).count()).unwrap_or(0);
+        let n = b.max(1) as f64;
+        BatchStats {
+            rows: b,
+            mean_entropy: if c > 1 { entropy(&mean) / (c as f64).ln() } else { 1.0 },
+            row_entropy: mean_row_entropy(rows, c),
+            agreement: agree as f64 / n,
+            top_share: hist.iter().cloned().fold(0.0, f64::max) / n,
+            hist,
+            mean,
+            top1,
+        }
+    }
 }
 
 /// Whether the source's predictions are too uncertain to judge labels by: their mean entropy
@@ -474,12 +636,12 @@ pub fn correct_prior(rows: &[Vec<f64>], prior: &[f64]) -> Vec<Vec<f64>> {
 
 /// q̂ after a batch whose source probabilities are `probs`: m·q̂ + (1 − m)·mean(probs).
 pub fn update_prior(prior: &[f64], probs: &[Vec<f64>], momentum: f64) -> Vec<f64> {
-    let b = probs.len().max(1) as f64;
-    prior
-        .iter()
-        .enumerate()
-        .map(|(k, q)| momentum * q + (1.0 - momentum) * probs.iter().map(|r| r[k]).sum::<f64>() / b)
-        .collect()
+    update_prior_mean(prior, &BatchStats::of_rows(probs, None).mean, momentum)
+}
+
+/// [`update_prior`] from the batch's mean source probabilities ([`BatchStats::mean`]).
+pub fn update_prior_mean(prior: &[f64], mean: &[f64], momentum: f64) -> Vec<f64> {
+    prior.iter().zip(mean).map(|(q, p)| momentum * q + (1.0 - momentum) * p).collect()
 }
 
 impl Decision {
@@ -538,16 +700,19 @@ impl Decision {
     /// entropy of the batch's top-1 histogram and E[H] the one a batch of the same size drawn
     /// i.i.d. from the marginal (the balanced classes) shows on average ([`expected_entropy`]).
     pub fn correlation(&self, probs: &[Vec<f64>], section: &AutoSection) -> Option<f64> {
-        let (b, c) = (probs.len(), self.marginal.len());
-        if b < MIN_CORRELATION_BATCH {
+        self.correlation_of(&BatchStats::of_rows(probs, None), section)
+    }
+
+    /// [`Decision::correlation`] from a batch's source statistics ([`BatchStats`]: its top-1
+    /// histogram and mean row entropy, as the GPU computes them).
+    pub fn correlation_of(&self, stats: &BatchStats, section: &AutoSection) -> Option<f64> {
+        let (b, c) = (stats.rows, self.marginal.len());
+        if b < MIN_CORRELATION_BATCH || stats.hist.len() != c {
             return None;
         }
-        let mut hist = vec![0.0; c];
-        for r in probs {
-            hist[argmax(r)] += 1.0 / b as f64;
-        }
+        let hist: Vec<f64> = stats.hist.iter().map(|&n| n / b as f64).collect();
         let h = entropy(&hist);
-        let confident = !vague(section, mean_row_entropy(probs, c));
+        let confident = !vague(section, stats.row_entropy);
         let score = |expected: f64| {
             let e = expected.max(1e-6);
             ((e - h) / e).clamp(0.0, 1.0)
@@ -565,32 +730,33 @@ impl Decision {
     /// Takes a batch's source-statistics probabilities into account: ρ, its smoothed value, the
     /// decision, then the marginal. Returns the batch's ρ.
     pub fn observe(&mut self, probs: &[Vec<f64>], section: &AutoSection) -> Option<f64> {
-        let rho = self.correlation(probs, section);
+        self.observe_stats(&BatchStats::of_rows(probs, None), section)
+    }
+
+    /// [`Decision::observe`] from the batch's source statistics ([`BatchStats`]).
+    pub fn observe_stats(&mut self, stats: &BatchStats, section: &AutoSection) -> Option<f64> {
+        let rho = self.correlation_of(stats, section);
         if let Some(r) = rho {
             let m = section.correlation_momentum as f64;
             // The first judged batch starts the average (smoothing toward 0 would weigh an i.i.d.
             // batch that never came), with the weight min(1, B/FULL_START_BATCH): a small
             // window's ρ is noisy (16 i.i.d. digits through the C ABI's default preset scored
             // above the threshold), and 0.5 is what it had before.
-            let start = (probs.len() as f64 / FULL_START_BATCH as f64).min(1.0);
+            let start = (stats.rows as f64 / FULL_START_BATCH as f64).min(1.0);
             self.smoothed = if self.judged { m * self.smoothed + (1.0 - m) * r } else { r * start };
             self.correlated = self.smoothed > section.correlation_threshold as f64;
             self.judged = true;
         }
         // Top-1 counts, as the batch's histogram is: the entropy of averaged soft probabilities is
         // systematically higher than a histogram's and would read every batch as concentrated.
-        for r in probs {
-            if let Some(m) = self.marginal.get_mut(argmax(r)) {
-                *m += 1.0;
-            }
+        for (m, &n) in self.marginal.iter_mut().zip(&stats.hist) {
+            *m += n;
         }
-        self.count += probs.len() as f64;
+        self.count += stats.rows as f64;
         rho
     }
 }
 
-/// The diagnostics of a batch whose returned probabilities are `returned` and whose
-/// source-statistics probabilities are `source`.
 /// Frame mode's recent-class prior: what `auto` does for single frames when the window's labels
 /// are judged correlated. A frame cannot be smoothed with its batch as LAME smooths one (it has
 /// none), but on a correlated stream the last frames' classes are the likeliest: the frame's top
@@ -663,6 +829,8 @@ pub fn covariate_shift(layers: &[f32]) -> Option<f32> {
     (!layers.is_empty() && mean.is_finite()).then_some(mean as f32)
 }
 
+/// The diagnostics of a batch whose returned probabilities are `returned` and whose
+/// source-statistics probabilities are `source`.
 pub fn diagnose(
     rho: Option<f64>,
     decision: &Decision,
@@ -671,15 +839,23 @@ pub fn diagnose(
     returned: &[Vec<f64>],
     section: &AutoSection,
 ) -> Diagnostics {
-    let c = decision.marginal.len();
-    let b = returned.len().max(1);
-    let agree = source.iter().zip(returned).filter(|(s, r)| argmax(s) == argmax(r)).count();
-    let mut counts = vec![0usize; c];
-    for r in returned {
-        counts[argmax(r).min(c - 1)] += 1;
-    }
-    let (h, hs) = (mean_entropy(returned, c), mean_entropy(source, c));
-    let source_entropy = mean_row_entropy(source, c);
+    let source = BatchStats::of_rows(source, None);
+    let returned = BatchStats::of_rows(returned, Some(&source.top1));
+    diagnose_stats(rho, decision, stepped, &source, &returned, section)
+}
+
+/// [`diagnose`] from the batch's statistics ([`BatchStats`]) of the source predictions and of the
+/// returned ones (the latter's agreement taken against the source's top-1 classes).
+pub fn diagnose_stats(
+    rho: Option<f64>,
+    decision: &Decision,
+    stepped: bool,
+    source: &BatchStats,
+    returned: &BatchStats,
+    section: &AutoSection,
+) -> Diagnostics {
+    let (h, hs) = (returned.mean_entropy, source.mean_entropy);
+    let source_entropy = source.row_entropy;
     let reset = stepped_branch(decision, section) && h < section.collapse_ratio as f64 * hs;
     Diagnostics {
         label_correlation: rho.map(|r| r as f32),
@@ -689,10 +865,10 @@ pub fn diagnose(
         label_shift: decision.label_shifted(section),
         unjudged: !decision.judged,
         stepped,
-        source_agreement: agree as f32 / b as f32,
+        source_agreement: returned.agreement as f32,
         mean_entropy: h as f32,
         source_mean_entropy: hs as f32,
-        top_share: counts.iter().max().copied().unwrap_or(0) as f32 / b as f32,
+        top_share: returned.top_share as f32,
         source_entropy: source_entropy as f32,
         uncertain: output_stage_off(decision, section, source_entropy),
         reset,
