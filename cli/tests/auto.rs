@@ -269,3 +269,28 @@ fn an_auto_state_without_prior_and_evidence_starts_them_afresh(ctx: GpuContext) 
         assert_eq!(pb.probs.map(|t| t.to_f32_vec()), pc.probs.map(|t| t.to_f32_vec()), "{}", f.display());
     }
 }
+
+/// Regression: a classifier whose logits come out as [N, C, 1, 1] (a 1×1 convolution and a
+/// global pooling as its head, SqueezeNet's shape) stopped `auto`, the default, with "logits of
+/// shape [batch, classes]" errors. Such logits are [N, C] in memory: the session must decide,
+/// step and return exactly what it does for the same model with [N, C] logits
+/// (`tools/logits_4d_fixture.py` appends the Unsqueeze).
+#[gpu_test]
+fn logits_with_trailing_unit_dimensions_adapt_as_batch_by_classes(ctx: GpuContext) {
+    let dir = fixture("tiny_auto");
+    let cfg = AdaptConfig::from_file(&dir.join("config.toml")).unwrap();
+    let mut flat = Session::new(&ctx, Model::load(&dir.join("model.onnx")).unwrap(), cfg.clone()).unwrap();
+    let model = Model::load(&dir.join("model_logits_nc11.onnx")).unwrap();
+    assert_eq!(model.num_classes(), Some(5), "the class count of [N, 5, 1, 1] logits");
+    let mut nc11 = Session::new(&ctx, model, cfg).unwrap();
+    for f in batch_files(&dir.join("batches")).unwrap() {
+        let x = read_f32(&f).unwrap();
+        let (a, b) = (flat.step(&x).unwrap(), nc11.step(&x).unwrap());
+        assert_eq!(a.auto, b.auto, "{}", f.display());
+        assert_eq!(a.logits.to_f32_vec(), b.logits.to_f32_vec(), "{}", f.display());
+        assert_eq!(b.logits.shape, a.logits.shape, "the logits are reported as [N, C]");
+        assert_eq!(a.probs.map(|t| t.to_f32_vec()), b.probs.map(|t| t.to_f32_vec()), "{}", f.display());
+    }
+    assert!(flat.steps_taken() > 0);
+    assert_eq!(flat.parameters().unwrap(), nc11.parameters().unwrap());
+}

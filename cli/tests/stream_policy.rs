@@ -478,3 +478,39 @@ fn background_steps_find_their_pipelines_compiled_ahead(ctx: GpuContext) {
         assert_eq!(ctx.pipeline_count(), before, "{name}: a step compiled a pipeline the warm-up did not");
     }
 }
+
+/// Regression: a classifier whose logits are [N, C, 1, 1] had each of its classes read as a row
+/// of one class by the stream (top-k, the source comparison), and stopped `auto` with a shape
+/// error. Frame mode (background steps) and batch mode, with the default method and the source
+/// comparison, must report exactly what they report for the same model with [N, C] logits.
+#[gpu_test]
+fn logits_with_trailing_unit_dimensions_stream_as_batch_by_classes(ctx: GpuContext) {
+    let dir = common::repo_root().join("tests/fixtures/tta/tiny_auto");
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let options = StreamOptions { top_k: 3, source_prediction: true };
+    for extra in ["[stream]\nwindow = 16\nadapt_every = 8\n", "[stream]\nmode = \"batch\"\nbatch = 16\n"] {
+        let cfg = AdaptConfig::from_toml_str(extra).unwrap();
+        let run = |file: &str| {
+            let model = Model::load(&dir.join(file)).unwrap();
+            let mut stream = StreamSession::new(&ctx, model, cfg.clone(), spec.clone(), options.clone()).unwrap();
+            let mut out = Vec::new();
+            for f in frames(40) {
+                out.extend(stream.push(&f).unwrap());
+            }
+            out.extend(stream.finish().unwrap());
+            (out, stream.steps())
+        };
+        let ((flat, steps), (nc11, steps_nc11)) = (run("model.onnx"), run("model_logits_nc11.onnx"));
+        assert_eq!(flat.len(), 40);
+        assert_eq!(steps, steps_nc11, "{extra}");
+        for (a, b) in flat.iter().zip(&nc11) {
+            assert_eq!(
+                (&a.top_k, a.source_top, &a.auto),
+                (&b.top_k, b.source_top, &b.auto),
+                "{extra} frame {}",
+                a.index
+            );
+            assert_eq!(a.top_k.len(), 3, "three classes per frame");
+        }
+    }
+}

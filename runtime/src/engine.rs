@@ -69,9 +69,14 @@ impl Model {
         declared(self.graph.outputs.first().and_then(|o| o.dims.as_deref()))
     }
 
-    /// The class count: the last dimension of the first output, when the model fixes it.
+    /// The class count: the last dimension of the first output, when the model fixes it (the
+    /// second of an `[N, C, 1, …, 1]` output, which everything here reads as `[N, C]`).
     pub fn num_classes(&self) -> Option<usize> {
-        self.output_shape().last().copied().flatten()
+        let shape = self.output_shape();
+        match &shape[..] {
+            [_, c, rest @ ..] if !rest.is_empty() && rest.iter().all(|&d| d == Some(1)) => *c,
+            _ => shape.last().copied().flatten(),
+        }
     }
 
     /// The BatchNormalization layers whose parameters are initializers, in graph order: the

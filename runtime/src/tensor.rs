@@ -172,3 +172,13 @@ impl Tensor {
         }
     }
 }
+
+/// A classifier's output shape as [batch, classes]: `[N, C, 1, …, 1]` (a 1×1 convolution and a
+/// global pooling as the head, SqueezeNet's) is `[N, C]`, the same floats in the same order.
+/// Any other shape is returned as it is.
+pub fn class_rows_shape(shape: &[usize]) -> Vec<usize> {
+    match shape {
+        [n, c, rest @ ..] if !rest.is_empty() && rest.iter().all(|&d| d == 1) => vec![*n, *c],
+        _ => shape.to_vec(),
+    }
+}

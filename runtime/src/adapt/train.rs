@@ -212,7 +212,7 @@ impl StepPlan {
         }
         let fwd = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook)?;
         let (logits_v, logits_shape) = match fwd.outputs.first() {
-            Some((_, GraphOutput::Value { id, shape })) => (*id, shape.clone()),
+            Some((_, GraphOutput::Value { id, shape })) => (*id, crate::tensor::class_rows_shape(shape)),
             _ => return Err(err("the model's first output is a constant; nothing to adapt")),
         };
         // What the objective computes from the logits before anything else (ROID: the

@@ -338,8 +338,13 @@ fn probabilities(p: &Prediction) -> Tensor {
     softmax_rows(&p.logits)
 }
 
+/// The class count of a classifier's output of `shape` ([N, C] or [N, C, 1, …, 1]).
+fn classes_of(shape: &[usize]) -> usize {
+    crate::tensor::class_rows_shape(shape).last().copied().unwrap_or(1).max(1)
+}
+
 fn softmax_rows(logits: &Tensor) -> Tensor {
-    let c = logits.shape.last().copied().unwrap_or(1).max(1);
+    let c = classes_of(&logits.shape);
     let mut out = logits.to_f32_vec();
     for row in out.chunks_mut(c) {
         let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -629,7 +634,7 @@ impl StreamSession {
         let outs = engine.run(std::slice::from_ref(x)).map_err(|e| StreamError::Source(Box::new(e)))?;
         let Some(logits) = outs.into_iter().next() else { return Err(StreamError::NoOutput) };
         let probs = softmax_rows(&logits);
-        let c = probs.shape.last().copied().unwrap_or(1).max(1);
+        let c = classes_of(&probs.shape);
         Ok(Some(probs.to_f32_vec().chunks(c).map(|r| top_k(r, 1)[0]).collect()))
     }
 
@@ -696,7 +701,7 @@ impl StreamSession {
             let batch = self.batch_tensor(&rows);
             let p = self.locked().step(&batch).map_err(adapt_err)?;
             let probs = probabilities(&p);
-            let c = probs.shape.last().copied().unwrap_or(1).max(1);
+            let c = classes_of(&probs.shape);
             let last = probs.to_f32_vec()[(rows.len() - 1) * c..rows.len() * c].to_vec();
             (last, false, None, p.skipped, None)
         } else {
@@ -1027,7 +1032,7 @@ impl StreamSession {
             self.steps += 1;
         }
         let probs = probabilities(&p);
-        let c = probs.shape.last().copied().unwrap_or(1).max(1);
+        let c = classes_of(&probs.shape);
         let probs = probs.to_f32_vec();
         Ok(pending
             .iter()

@@ -23,6 +23,12 @@
 //!      steps; 90.43 → 92.48 %).
 //!    - **agreement with the source statistics**, the returned predictions' **collapse** (the
 //!      entropy of their mean, relative to the source's) and the share of their top class;
+//!    - all of these from [`BatchStats`] computed on the GPU in the passes that made the
+//!      predictions ([`stats_dispatch`]): the judging pass reduces the source predictions (the
+//!      top-1 histogram ρ and the marginal come from, their mean q̂ moves toward, their mean
+//!      row entropy) and, against their top-1 classes, LAME's probabilities and the
+//!      q̂-corrected predictions; the step reduces the predictions it returns. The source
+//!      logits come back only for a batch that returns them;
 //!    - the **covariate-shift score**, computed on the GPU in the same pass (`bn_shift`): the
 //!      mean over the BatchNorm layers of KL(batch statistics ‖ source statistics) per channel.
 //!      It is reported, not decided on: on SVHN→MNIST the sets where the source prior should
