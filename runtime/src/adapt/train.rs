@@ -211,8 +211,14 @@ impl StepPlan {
             }
         }
         let fwd = lower_forward(ctx, graph, &[shape.to_vec()], &mut program, &mut hook)?;
-        let (logits_v, logits_shape) = match fwd.outputs.first() {
-            Some((_, GraphOutput::Value { id, shape })) => (*id, crate::tensor::class_rows_shape(shape)),
+        let (logits_v, logits_shape) = match (softmax_logits(graph, &fwd), fwd.outputs.first()) {
+            // A classifier that puts out probabilities adapts on the logits its Softmax reads
+            // (entropies and steps of the softmax of probabilities would be near uniform).
+            (Some((v, shape)), _) => {
+                program.pinned_end.push(v);
+                (v, crate::tensor::class_rows_shape(&shape))
+            }
+            (None, Some((_, GraphOutput::Value { id, shape }))) => (*id, crate::tensor::class_rows_shape(shape)),
             _ => return Err(err("the model's first output is a constant; nothing to adapt")),
         };
         // What the objective computes from the logits before anything else (ROID: the
@@ -775,6 +781,16 @@ impl StepPlan {
         };
         Ok((logits, probs))
     }
+}
+
+/// The logits of a classifier whose first output is their softmax ([`Graph::softmax_head`], over
+/// each sample's classes): their value and shape in `fwd`.
+fn softmax_logits(graph: &Graph, fwd: &crate::plan::Forward) -> Option<(usize, Vec<usize>)> {
+    let (node, input) = graph.softmax_head()?;
+    let crate::ops::Op::Softmax(attrs) = &node.op else { return None };
+    let shape = fwd.spec.values.get(input)?.shape.clone();
+    let v = *fwd.value_of.get(input)?;
+    attrs.normalises_rows(&shape).then_some((v, shape))
 }
 
 /// Where a step's (or a prediction's) input comes from.

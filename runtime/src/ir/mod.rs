@@ -243,6 +243,23 @@ impl Graph {
         out
     }
 
+    /// The Softmax (not LogSoftmax) whose output is the graph's first output, through Identity
+    /// and Dropout nodes, and the name of its input: a classifier that puts out probabilities
+    /// ([`crate::ops::softmax::SoftmaxAttrs::normalises_rows`] says whether it normalises each
+    /// sample's classes, given the input's shape).
+    pub fn softmax_head(&self) -> Option<(&Node, &str)> {
+        let mut name = self.outputs.first()?.name.as_str();
+        for _ in 0..self.nodes.len() {
+            let node = self.nodes.iter().find(|n| n.outputs.first().map(String::as_str) == Some(name))?;
+            match (&node.op, node.op_type.as_str()) {
+                (Op::Softmax(a), _) if !a.log => return node.inputs.first().map(|i| (node, i.as_str())),
+                (_, "Identity" | "Dropout") => name = node.inputs.first()?.as_str(),
+                _ => return None,
+            }
+        }
+        None
+    }
+
     /// Histogram of op types, in order of first appearance.
     pub fn op_histogram(&self) -> Vec<(String, usize)> {
         let mut out: Vec<(String, usize)> = Vec::new();

@@ -30,6 +30,14 @@ impl SoftmaxAttrs {
         })
     }
 
+    /// Whether the op normalises each sample's values together over an input of `shape`
+    /// (`[N, C]` or `[N, C, 1, …, 1]`, the axis the classes): the softmax of a classifier's
+    /// logits.
+    pub fn normalises_rows(&self, shape: &[usize]) -> bool {
+        let total: usize = shape.iter().product();
+        matches!(self.layout(shape), Ok((outer, len, 1)) if shape.len() >= 2 && outer == shape[0] && outer * len == total)
+    }
+
     /// (outer, len, inner): rows are `outer * inner`, each of `len` elements `inner` apart.
     fn layout(&self, shape: &[usize]) -> OpResult<(usize, usize, usize)> {
         let axis = norm_axis(self.axis, shape.len())?;

@@ -633,7 +633,13 @@ impl StreamSession {
         let Some(engine) = self.source.as_mut() else { return Ok(None) };
         let outs = engine.run(std::slice::from_ref(x)).map_err(|e| StreamError::Source(Box::new(e)))?;
         let Some(logits) = outs.into_iter().next() else { return Err(StreamError::NoOutput) };
-        let probs = softmax_rows(&logits);
+        // A model whose output is already the softmax of its logits is not normalised again.
+        let graph = &engine.model().graph;
+        let probabilities = graph.softmax_head().is_some_and(|(node, _)| match &node.op {
+            crate::ops::Op::Softmax(a) => a.normalises_rows(&logits.shape),
+            _ => false,
+        });
+        let probs = if probabilities { logits } else { softmax_rows(&logits) };
         let c = classes_of(&probs.shape);
         Ok(Some(probs.to_f32_vec().chunks(c).map(|r| top_k(r, 1)[0]).collect()))
     }
