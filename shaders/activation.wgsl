@@ -1,6 +1,6 @@
 
 // ---------------------------------------------------------------------------------------------
-// activation.wgsl: appended to elementwise.wgsl, conv.wgsl and matmul.wgsl (gpu::Shader::source).
+// activation.wgsl: appended to elementwise.wgsl, conv.wgsl, matmul.wgsl and norm.wgsl (gpu::Shader::source).
 //
 // NaN-aware activations (elementwise.wgsl's header says why every min, max and clamp is guarded)
 // and the fused tail of a convolution: BatchNormalization with fixed statistics and a Relu or

@@ -60,7 +60,13 @@ struct BnTrainParams {
     accumulate: u32,
     // bn_frame: the evidence window W in frames.
     window: u32,
-    _p1: u32,
+    // bn_apply: the activation applied to its output (activation.wgsl, as the Relu and Clip
+    // passes compute it): 0 none, 1 Relu, 2 Clip to [lo, hi].
+    act: u32,
+    lo: f32,
+    hi: f32,
+    _p2: u32,
+    _p3: u32,
 }
 
 const WG: u32 = 256u;
@@ -366,7 +372,14 @@ fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let c = (i / atp.plane) % atp.channels;
     let cc = atp.channels;
     let inv_std = 1.0 / sqrt(apk[5u * cc + c] + atp.eps);
-    ay[i] = (ax[i] - apk[4u * cc + c]) * inv_std * apk[c] + apk[cc + c];
+    var r = (ax[i] - apk[4u * cc + c]) * inv_std * apk[c] + apk[cc + c];
+    // A Relu or Clip that only this output feeds, fused (forward-only programs, adapt/bn.rs).
+    if atp.act == 1u {
+        r = nan_or(r, max(r, 0.0));
+    } else if atp.act == 2u {
+        r = clip_onnx(r, atp.lo, atp.hi);
+    }
+    ay[i] = r;
 }
 
 // bn_backward_reduce bindings: per channel, dbeta = sum(dy), dgamma = sum(dy * xhat_u), and the

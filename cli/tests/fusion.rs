@@ -251,3 +251,78 @@ fn chains_that_must_not_fuse_keep_their_passes(ctx: GpuContext) {
     net.outputs.push(y);
     check(&ctx, "conv read twice -> BN", &net, 0);
 }
+
+/// Adaptation's BatchNormalization layers (batch, RBN, BN-α and frame statistics, lowered by
+/// `adapt::bn::BnHook`) apply the Relu or Clip that only their output feeds in `bn_apply` in
+/// forward-only programs (`StepSpec::fuse`), against the same programs one pass per node. Each
+/// mode runs three batches on stores of their own (RBN and frame statistics move between runs;
+/// the last batch holds NaN and ±inf), on both kernel variants.
+#[gpu_test]
+fn adapted_batchnorm_with_its_activation(ctx: GpuContext) {
+    use acclimate::adapt::bn::StatsMode;
+    use acclimate::adapt::config::OptimizerConfig;
+    use acclimate::adapt::optim::OptimizerSpec;
+    use acclimate::adapt::train::{Diagnose, StepPlan, StepSpec};
+
+    // conv -> BN -> Relu; conv -> BN -> Clip(0, 6); BN -> Add (not an activation); BN -> Relu
+    // whose BN output is also read by the Add (must not fuse); Clip with a NaN bound.
+    let mut net = Net::new(&[1, 3, 10, 10]);
+    let pad = [("pads", ints(&[1, 1, 1, 1]))];
+    let c1 = net.conv("x", "c1", &[6, 3, 3, 3], true, &pad);
+    let b1 = net.bn(&c1, "b1", 6);
+    let r1 = net.node("Relu", &[&b1], "r1", &[]);
+    let c2 = net.conv(&r1, "c2", &[6, 6, 3, 3], false, &pad);
+    let b2 = net.bn(&c2, "b2", 6);
+    let r2 = net.clip(&b2, "r2", 0.0, 6.0);
+    let c3 = net.conv(&r2, "c3", &[6, 6, 1, 1], false, &[]);
+    let b3 = net.bn(&c3, "b3", 6);
+    let r3 = net.node("Relu", &[&b3], "r3", &[]);
+    let a = net.node("Add", &[&b3, &r3], "a", &[]);
+    let b4 = net.bn(&a, "b4", 6);
+    let y = net.clip(&b4, "y", f32::NAN, 1.5);
+    net.outputs.push(y);
+    let graph = net.graph();
+    let modes = [
+        StatsMode::Batch,
+        StatsMode::Ema { momentum: 0.1 },
+        StatsMode::Alpha { alpha: 0.3 },
+        acclimate::stream::policy::frame_stats(4),
+    ];
+    for mode in modes {
+        for cpu in [false, true] {
+            ctx.set_cpu_kernels(Some(cpu));
+            let case = format!("{mode:?} (CPU variants: {cpu})");
+            let spec = |fuse| StepSpec {
+                mode,
+                adapted: Vec::new(),
+                optimizer: OptimizerSpec::from_config(&OptimizerConfig::default()),
+                objective: None,
+                output: None,
+                source_affine: false,
+                z_piece: 0,
+                top_k: 0,
+                shift_score: false,
+                diagnostics: Diagnose::Off,
+                fuse,
+            };
+            let (mut sf, mut su) = (WeightStore::default(), WeightStore::default());
+            let fused = StepPlan::build(&ctx, &graph, &mut sf, &net.x, &spec(true)).expect("fused program");
+            let unfused = StepPlan::build(&ctx, &graph, &mut su, &net.x, &spec(false)).expect("unfused program");
+            // b1 + r1, b2 + r2, b4 + y; b3's output is read twice.
+            assert_eq!(unfused.dispatch_count - fused.dispatch_count, 3, "{case}");
+            let n: usize = net.x.iter().product();
+            for run in 0..3u64 {
+                let mut x = common::random_f32(n, 200 + run, -2.0, 2.0);
+                if run == 2 {
+                    for (i, v) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0].into_iter().enumerate() {
+                        x[(i * 37 + 5) % n] = v;
+                    }
+                }
+                let (a, b) = (fused.run(&ctx, &x).expect("fused"), unfused.run(&ctx, &x).expect("unfused"));
+                agree(&format!("{case}, batch {run}"), &a.logits, &b.logits);
+                assert_eq!(a.skipped, b.skipped, "{case}, batch {run}: the guard decides alike");
+            }
+        }
+    }
+    ctx.set_cpu_kernels(None);
+}

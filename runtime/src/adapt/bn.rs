@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::ir::Graph;
+use crate::ops::conv::TailAct;
 use crate::ops::layout::{gather, scatter};
 use crate::ops::{BufRef, Lowering, OpReason, OpResult, Operand};
 use crate::plan::{LowerHook, Program, WeightInit};
@@ -100,6 +101,10 @@ pub struct BnHook {
     /// stage): convolutions may take the BatchNormalization layers it leaves to the inference
     /// kernel and their activations into their write-out ([`LowerHook::fusable`]).
     pub fuse: bool,
+    /// The program reads nothing of the forward but what no reverse pass needs: the layers
+    /// lowered here may apply the Relu or Clip that only their output feeds in `bn_apply`
+    /// ([`LowerHook::fuses_activation`]).
+    pub fuse_activation: bool,
 }
 
 /// Where the layers' covariate-shift scores go: one float per BatchNormalization layer, in the
@@ -135,11 +140,22 @@ impl BnHook {
             frame_commits: Vec::new(),
             shift: None,
             fuse: false,
+            fuse_activation: false,
         }
     }
 }
 
 fn params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool) -> Params {
+    act_params(s, a, accumulate, TailAct::None)
+}
+
+/// [`params`] with `bn_apply`'s fused activation.
+fn act_params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool, act: TailAct) -> Params {
+    let (code, lo, hi) = match act {
+        TailAct::None => (0, 0.0, 0.0),
+        TailAct::Relu => (1, 0.0, 0.0),
+        TailAct::Clip { min, max } => (2, min, max),
+    };
     let window = if let StatsMode::Frame { window, .. } = s.mode { window } else { 0 };
     let p = Params::new()
         .u32(s.batch as u32)
@@ -152,7 +168,12 @@ fn params(s: &SavedBn, a: (f32, f32, f32, f32, bool), accumulate: bool) -> Param
         .f32(a.3)
         .u32(a.4 as u32)
         .u32(accumulate as u32)
-        .u32(window);
+        .u32(window)
+        .u32(code)
+        .f32(lo)
+        .f32(hi)
+        .u32(0)
+        .u32(0);
     // BN-α's α may be set again between runs (`Compiled::set_bn_alpha`): words 4–7.
     match s.mode {
         StatsMode::Alpha { .. } => p.bn_alpha_at(4, (s.batch * s.plane) as u32),
@@ -174,6 +195,42 @@ impl LowerHook for BnHook {
     }
 
     fn lower(&mut self, graph: &Graph, node: usize, l: &mut Lowering, program: &mut Program) -> Option<OpResult<()>> {
+        self.lower_bn(graph, node, l, program, TailAct::None)
+    }
+
+    fn fuses_activation(&self, graph: &Graph, node: usize) -> bool {
+        self.fuse_activation && self.lowers(graph, node)
+    }
+
+    fn lower_with_activation(
+        &mut self,
+        graph: &Graph,
+        node: usize,
+        l: &mut Lowering,
+        program: &mut Program,
+        act: TailAct,
+    ) -> OpResult<()> {
+        self.lower_bn(graph, node, l, program, act)
+            .unwrap_or_else(|| Err(OpReason::Internal("a fused activation after a layer not lowered here".into())))
+    }
+}
+
+impl BnHook {
+    /// Whether `node` is a BatchNormalization this hook lowers (the others keep the inference
+    /// kernel).
+    fn lowers(&self, graph: &Graph, node: usize) -> bool {
+        matches!(graph.nodes[node].op, crate::ops::Op::BatchNorm(_)) && (self.mode != StatsMode::Source || self.always)
+    }
+
+    /// The layer's lowering, `act` applied to its output by `bn_apply`.
+    fn lower_bn(
+        &mut self,
+        graph: &Graph,
+        node: usize,
+        l: &mut Lowering,
+        program: &mut Program,
+        act: TailAct,
+    ) -> Option<OpResult<()>> {
         let crate::ops::Op::BatchNorm(attrs) = &graph.nodes[node].op else { return None };
         if self.mode == StatsMode::Source && !self.always {
             return None;
@@ -264,7 +321,7 @@ impl LowerHook for BnHook {
                     vec![x.buf, sources, BufRef::Value(stats), BufRef::Value(next)],
                     groups,
                 );
-                apply(l, &saved, coef, (scale.buf, bias.buf), y);
+                apply(l, &saved, coef, (scale.buf, bias.buf), y, act);
                 self.frame_commits.push((next, BufRef::Weight(evidence), evidence_len));
                 self.saved.insert(node, saved);
                 return Ok(());
@@ -286,7 +343,7 @@ impl LowerHook for BnHook {
                 shift.written += 1;
                 program.flops.norm += 8 * channels as u64;
             }
-            apply(l, &saved, coef, (scale.buf, bias.buf), y);
+            apply(l, &saved, coef, (scale.buf, bias.buf), y, act);
             if write_back {
                 self.commits.push(StatsCommit { stats, mean: mean.buf, var: var.buf, channels });
             }
@@ -302,13 +359,20 @@ fn dispatch(l: &mut Lowering, d: crate::ops::Dispatch) {
 
 /// bn_apply, after packing [scale, bias, statistics] into one buffer (downlevel limits allow 4
 /// storage buffers per kernel).
-fn apply(l: &mut Lowering, s: &SavedBn, coef: (f32, f32, f32, f32, bool), affine: (BufRef, BufRef), y: BufRef) {
+fn apply(
+    l: &mut Lowering,
+    s: &SavedBn,
+    coef: (f32, f32, f32, f32, bool),
+    affine: (BufRef, BufRef),
+    y: BufRef,
+    act: TailAct,
+) {
     let c = s.channels;
     let packed = l.scratch(6 * c as u64 * 4);
     dispatch(l, gather(&[(affine.0, c), (affine.1, c), (BufRef::Value(s.stats), 4 * c)], packed, 0));
     l.dispatch(
         KernelKey::new(Shader::Norm, "bn_apply"),
-        params(s, coef, false),
+        act_params(s, coef, false, act),
         vec![s.x.buf, packed, y],
         grid_1d(s.x.numel(), 256),
     );

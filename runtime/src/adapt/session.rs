@@ -214,6 +214,7 @@ impl Session {
             top_k: 0,
             shift_score: false,
             diagnostics: Diagnose::Off,
+            fuse: true,
         };
         let auto = if method == Method::Auto {
             // LAME needs the input of a final Gemm/MatMul, and its iteration kernel 4 storage
@@ -248,6 +249,7 @@ impl Session {
                 top_k: 0,
                 shift_score: true,
                 diagnostics: Diagnose::Judge,
+                fuse: true,
             };
             Some(AutoState { spec, plans: HashMap::new(), decision: None, prior: None, evidence: 0.0, adapts: !plain })
         } else {

@@ -50,6 +50,10 @@ pub struct StepSpec {
     pub shift_score: bool,
     /// Method auto's batch statistics computed in the program ([`StepOutput::stats`]).
     pub diagnostics: Diagnose,
+    /// Forward-only programs fuse what they may (convolutions with their fixed-statistics
+    /// BatchNormalization and activation, the adapted layers with their activation); false
+    /// lowers one pass per node: the reference the fused programs are tested against.
+    pub fuse: bool,
 }
 
 /// Which of method auto's batch statistics ([`auto::BatchStats`]) a program computes on the GPU
@@ -201,7 +205,12 @@ impl StepPlan {
         let mut program = Program { z_piece: spec.z_piece, ..Program::default() };
         let mut hook = BnHook::new(spec.mode, training || spec.source_affine);
         hook.source_affine = spec.source_affine;
-        hook.fuse = !training && spec.output.is_none() && !spec.shift_score;
+        hook.fuse = spec.fuse && !training && spec.output.is_none() && !spec.shift_score;
+        // Nothing but the outputs (and the tensors an output stage names) is read back: the
+        // layers lowered here apply the activation after them in the same pass.
+        hook.fuse_activation = spec.fuse
+            && !training
+            && spec.output.as_ref().is_none_or(|o| !o.stages.iter().any(|s| s.reads_named_tensor()));
         if spec.shift_score {
             let layers = graph.nodes.iter().filter(|n| matches!(n.op, crate::ops::Op::BatchNorm(_))).count();
             if layers > 0 {

@@ -173,7 +173,9 @@ impl Shader {
             }
             Shader::Pool => include_str!("../../../shaders/pool.wgsl"),
             Shader::Reduce => include_str!("../../../shaders/reduce.wgsl"),
-            Shader::Norm => include_str!("../../../shaders/norm.wgsl"),
+            Shader::Norm => {
+                concat!(include_str!("../../../shaders/norm.wgsl"), include_str!("../../../shaders/activation.wgsl"))
+            }
             Shader::Softmax => include_str!("../../../shaders/softmax.wgsl"),
             Shader::Layout => include_str!("../../../shaders/layout.wgsl"),
             Shader::Loss => include_str!("../../../shaders/loss.wgsl"),

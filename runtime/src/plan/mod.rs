@@ -104,6 +104,26 @@ pub trait LowerHook {
     fn fusable(&self, _graph: &Graph, _node: usize) -> bool {
         false
     }
+
+    /// Whether the hook's own lowering of `node` may also apply the Relu or Clip that only the
+    /// node's output feeds ([`LowerHook::lower_with_activation`] then lowers both): nothing but
+    /// the forward's outputs is read from the program. No fusion by default.
+    fn fuses_activation(&self, _graph: &Graph, _node: usize) -> bool {
+        false
+    }
+
+    /// Lowers `node` with `act` applied to its output (only for nodes
+    /// [`LowerHook::fuses_activation`] accepted).
+    fn lower_with_activation(
+        &mut self,
+        graph: &Graph,
+        node: usize,
+        _l: &mut Lowering,
+        _program: &mut Program,
+        _act: TailAct,
+    ) -> OpResult<()> {
+        Err(OpReason::Internal(format!("node '{}' cannot take a fused activation", graph.nodes[node].name)))
+    }
 }
 
 /// The default: every node lowered by its op family, convolutions with their tails fused.
@@ -164,8 +184,37 @@ fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> Hash
             _ => None,
         }
     };
+    // The Relu or Clip (constant bounds) that step `j` is, if it is one.
+    let activation = |j: usize| -> Option<TailAct> {
+        let s = &spec.steps[j];
+        let bound = |k: usize| s.inputs.get(k).filter(|n| !n.is_empty()).map(|n| konst(n).ok_or(()));
+        let found = match &graph.nodes[s.node].op {
+            Op::Unary(Unary::Relu) => Some(TailAct::Relu),
+            Op::Unary(Unary::Clip { min, max }) => Some(TailAct::Clip { min: *min, max: *max }),
+            Op::ClipInputs => match (bound(1).transpose(), bound(2).transpose()) {
+                (Ok(lo), Ok(hi)) => match crate::ops::elementwise::clip_bounds(lo.as_deref(), hi.as_deref()) {
+                    Ok(Unary::Clip { min, max }) => Some(TailAct::Clip { min, max }),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        };
+        found.filter(|_| hook.fusable(graph, s.node) || hook.fuses_activation(graph, spec.steps[j].node))
+    };
     let mut fusions = HashMap::new();
     for (i, step) in spec.steps.iter().enumerate() {
+        // A node the hook lowers with the activation after it (adaptation's BatchNormalization
+        // with batch or frame statistics in forward-only programs).
+        if hook.fuses_activation(graph, step.node)
+            && step.outputs.len() == 1
+            && let Some(j) = sole_reader(&step.outputs[0])
+            && let Some(act) = activation(j).filter(|_| spec.steps[j].outputs.len() == 1)
+        {
+            let out = spec.steps[j].outputs[0].clone();
+            fusions.insert(i, Fusion { bn_eps: None, act, consts: Vec::new(), absorbed: vec![j], out });
+            continue;
+        }
         let Op::Conv(attrs) = &graph.nodes[step.node].op else { continue };
         if !hook.fusable(graph, step.node) || step.inputs.len() < 2 || step.outputs.len() != 1 {
             continue;
@@ -187,20 +236,7 @@ fn find_fusions(graph: &Graph, spec: &Specialized, hook: &dyn LowerHook) -> Hash
         }
         if let Some(j) = sole_reader(&out) {
             let s = &spec.steps[j];
-            let bound = |k: usize| s.inputs.get(k).filter(|n| !n.is_empty()).map(|n| konst(n).ok_or(()));
-            let found = match &graph.nodes[s.node].op {
-                Op::Unary(Unary::Relu) => Some(TailAct::Relu),
-                Op::Unary(Unary::Clip { min, max }) => Some(TailAct::Clip { min: *min, max: *max }),
-                Op::ClipInputs => match (bound(1).transpose(), bound(2).transpose()) {
-                    (Ok(lo), Ok(hi)) => match crate::ops::elementwise::clip_bounds(lo.as_deref(), hi.as_deref()) {
-                        Ok(Unary::Clip { min, max }) => Some(TailAct::Clip { min, max }),
-                        _ => None,
-                    },
-                    _ => None,
-                },
-                _ => None,
-            };
-            if let Some(found) = found.filter(|_| hook.fusable(graph, s.node) && s.outputs.len() == 1) {
+            if let Some(found) = activation(j).filter(|_| hook.fusable(graph, s.node) && s.outputs.len() == 1) {
                 act = found;
                 absorbed.push(j);
                 out = s.outputs[0].clone();
@@ -348,6 +384,12 @@ pub fn lower_forward(
                     let c = program.weight(&format!("fused:{}", node.name), || WeightInit::Tensor(consts), false);
                     crate::ops::conv::lower_with_tail(attrs, &mut l, Some((&tail, BufRef::Weight(c))))
                         .map_err(node_err)?;
+                    for &j in &f.absorbed {
+                        label = format!("{label} + {}", graph.nodes[spec.steps[j].node].name);
+                    }
+                }
+                (Some(f), _) => {
+                    hook.lower_with_activation(graph, step.node, &mut l, program, f.act).map_err(node_err)?;
                     for &j in &f.absorbed {
                         label = format!("{label} + {}", graph.nodes[spec.steps[j].node].name);
                     }

@@ -126,6 +126,10 @@ impl Stage for LameSpec {
         cx.current = BufRef::Value(y);
         Ok(())
     }
+
+    fn reads_named_tensor(&self) -> bool {
+        matches!(self.features, Features::Named(_))
+    }
 }
 
 /// Which tensor LAME reads its features from.

@@ -428,6 +428,12 @@ impl StageCx<'_> {
 /// [`super::output`] describes.
 pub trait Stage: fmt::Debug + Send + Sync {
     fn lower(&self, cx: &mut StageCx<'_>) -> Result<(), OutputError>;
+
+    /// The stage reads a tensor the config names (LAME's `features`): the forward must compute
+    /// it as its own value (no activation fused into the node that writes it).
+    fn reads_named_tensor(&self) -> bool {
+        false
+    }
 }
 
 /// The weight of `b` ones [B] (a selection that keeps every sample).
