@@ -35,6 +35,7 @@ struct Params {
     value_scale: f32, // 1/255 unless the spec says otherwise
     luma_offset: f32, // Y' -> Y: (Y' - luma_offset) * luma_gain (16 and 255/219 in video range)
     luma_gain: f32,
+    nhwc: u32, // 1: channels last ([H, W, C] per frame), 0: [C, H, W]
     offsets: vec4<u32>, // byte offsets of the planes in the bound words
     row_strides: vec4<u32>,
     pixel_strides: vec4<u32>,
@@ -128,6 +129,7 @@ fn preprocess(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let bottom = upright_texel(x0, y1) * (1.0 - fx) + upright_texel(x1, y1) * fx;
     let value = top * (1.0 - fy) + bottom * fy;
     for (var c = 0u; c < p.channels; c++) {
-        dst[p.dst_offset + c * plane + i] = (value[c] * p.value_scale - p.mean[c]) * p.inv_std[c];
+        let at = select(c * plane + i, i * p.channels + c, p.nhwc != 0u);
+        dst[p.dst_offset + at] = (value[c] * p.value_scale - p.mean[c]) * p.inv_std[c];
     }
 }

@@ -479,11 +479,12 @@ fn background_steps_find_their_pipelines_compiled_ahead(ctx: GpuContext) {
     }
 }
 
-/// Regression: classifiers with the output heads real models have. Logits of shape [N, C, 1, 1]
+/// Regression: classifiers with the heads and inputs real models have. Logits of shape [N, C, 1, 1]
 /// had each class read as a row of one class by the stream (top-k, the source comparison) and
 /// stopped `auto` with a shape error; a model ending in the softmax of its logits had its
 /// probabilities normalised again (the source comparison's probabilities nearly uniform) and was
-/// adapted on them. Frame mode (background steps) and batch mode, with the default method and
+/// adapted on them; a model taking its image channels last ([N, H, W, C], TensorFlow/Keras
+/// exports) was refused (the frames were NCHW only). Frame mode (background steps) and batch mode, with the default method and
 /// the source comparison, must report what they report for the plain model (the source's
 /// probabilities from the model's own softmax, to rounding).
 #[gpu_test]
@@ -505,7 +506,7 @@ fn classifier_heads_stream_as_the_plain_logits(ctx: GpuContext) {
         };
         let (flat, steps) = run("model.onnx");
         assert_eq!(flat.len(), 40);
-        for file in ["model_logits_nc11.onnx", "model_probs.onnx"] {
+        for file in ["model_logits_nc11.onnx", "model_probs.onnx", "model_nhwc.onnx"] {
             let (head, head_steps) = run(file);
             assert_eq!(steps, head_steps, "{file} {extra}");
             for (a, b) in flat.iter().zip(&head) {

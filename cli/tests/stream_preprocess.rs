@@ -135,6 +135,7 @@ fn gpu_matches_cpu_for_every_format_rotation_and_mirror(ctx: GpuContext) {
         "size=9,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970",
         "resize=12,crop=8,channels=1,mean=0.45,std=0.226",
         "resize=40,crop=31,mean=0.485/0.456/0.406,std=0.229/0.224/0.225",
+        "resize=40,crop=31,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nhwc",
     ] {
         let mut pre = Preprocessor::new(&ctx, spec(s));
         let worst = batch_error(&mut pre, &frames, s);
@@ -544,6 +545,40 @@ fn malformed_frames_are_errors_and_the_stream_goes_on(ctx: GpuContext) {
 }
 
 /// Spec strings: the two documented forms parse, and mistakes say what is wrong.
+/// Channels last (`layout=nhwc`, what a model taking [N, H, W, C] gets): the same values as the
+/// NCHW output, transposed, on the GPU; the spec string keeps the layout; a stream picks it for
+/// such a model when the spec does not say (`PreprocessSpec::for_input`).
+#[gpu_test]
+fn channels_last_is_the_nchw_output_transposed(ctx: GpuContext) {
+    use acclimate::stream::preprocess::Layout;
+    let frames: Vec<Frame> = (0..3).map(|i| layout_frame(FORMATS[i], 29, 17, 0, 700 + i as u64)).collect();
+    let base = "resize=20,crop=16,mean=0.5/0.4/0.3,std=0.25/0.3/0.2";
+    let nchw = Preprocessor::new(&ctx, spec(base)).run(&frames).unwrap().to_f32_vec();
+    let nhwc_spec = spec(&format!("{base},layout=nhwc"));
+    assert_eq!(nhwc_spec.output_shape(3), vec![3, 16, 16, 3]);
+    assert_eq!(nhwc_spec.to_string().parse::<PreprocessSpec>().unwrap(), nhwc_spec);
+    let nhwc = Preprocessor::new(&ctx, nhwc_spec).run(&frames).unwrap().to_f32_vec();
+    let plane = 16 * 16;
+    for f in 0..3 {
+        for c in 0..3 {
+            for i in 0..plane {
+                assert_eq!(
+                    nhwc[f * 3 * plane + i * 3 + c],
+                    nchw[f * 3 * plane + c * plane + i],
+                    "frame {f} channel {c} pixel {i}"
+                );
+            }
+        }
+    }
+    let s = spec(base);
+    assert_eq!(s.clone().for_input(&[None, Some(16), Some(16), Some(3)]).layout(), Layout::Nhwc);
+    assert_eq!(s.clone().for_input(&[None, Some(3), Some(16), Some(16)]).layout(), Layout::Nchw);
+    // Ambiguous (every dimension symbolic) or set explicitly: unchanged.
+    assert_eq!(s.clone().for_input(&[None, None, None, None]).layout(), Layout::Nchw);
+    let explicit = spec(&format!("{base},layout=nchw")).for_input(&[None, Some(16), Some(16), Some(3)]);
+    assert_eq!(explicit.layout(), Layout::Nchw);
+}
+
 #[test]
 fn spec_strings_parse_or_say_what_is_wrong() {
     let s = spec("resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225");
@@ -552,11 +587,12 @@ fn spec_strings_parse_or_say_what_is_wrong() {
     let err = |t: &str| t.parse::<PreprocessSpec>().unwrap_err();
     assert_eq!(
         err("size=32,gamma=2").to_string(),
-        "unknown key 'gamma' (keys: size, resize, crop, channels, mean, std, scale)"
+        "unknown key 'gamma' (keys: size, resize, crop, channels, mean, std, scale, layout)"
     );
     assert_eq!(err("size=3.5").to_string(), "size=3.5: '3.5' is not a non-negative integer");
     assert_eq!(err("size=32,std=0.2/0.2").to_string(), "std has 2 value(s) but channels=3");
     assert_eq!(err("size=32,channels=1,mean=0.1/0.2/0.3").to_string(), "mean has 3 value(s) but channels=1");
     assert!(matches!(err("resize=256"), SpecError::Shape(_)));
     assert!(matches!(err("size=32,mean=0.1/x/0.3"), SpecError::BadNumber { .. }));
+    assert_eq!(err("size=32,layout=chw").to_string(), "layout: 'chw' is not nchw or nhwc");
 }

@@ -377,6 +377,8 @@ impl StreamSession {
         spec: PreprocessSpec,
         options: StreamOptions,
     ) -> crate::Result<StreamSession> {
+        // A model that takes [N, H, W, C] gets its frames channels last (unless the spec says).
+        let spec = spec.for_input(&model.input_shape());
         let pre = Preprocessor::new(ctx, spec);
         let frame_shape = pre.output_shape(1);
         if let Some(dims) = model.graph.inputs.first().and_then(|i| i.dims.as_ref()) {

@@ -53,9 +53,9 @@ pub const MAX_SIZE: u32 = 16384;
 /// A malformed preprocessing spec string.
 #[derive(Debug, Error, PartialEq)]
 pub enum SpecError {
-    #[error("'{0}' is not key=value (keys: size, resize, crop, channels, mean, std, scale)")]
+    #[error("'{0}' is not key=value (keys: size, resize, crop, channels, mean, std, scale, layout)")]
     Malformed(String),
-    #[error("unknown key '{0}' (keys: size, resize, crop, channels, mean, std, scale)")]
+    #[error("unknown key '{0}' (keys: size, resize, crop, channels, mean, std, scale, layout)")]
     UnknownKey(String),
     #[error("'{0}' is given twice")]
     Duplicate(String),
@@ -95,6 +95,18 @@ pub struct PreprocessSpec {
     mean: Vec<f32>,
     std: Vec<f32>,
     scale: f32,
+    /// `None`: as the model takes it (a stream picks channels-last for a model whose input is
+    /// `[N, H, W, C]`, [`PreprocessSpec::for_input`]); NCHW otherwise.
+    layout: Option<Layout>,
+}
+
+/// How a preprocessed frame's values are ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `[C, H, W]` (PyTorch's and most ONNX classifiers').
+    Nchw,
+    /// `[H, W, C]`, channels last (models exported from TensorFlow/Keras without a transpose).
+    Nhwc,
 }
 
 impl PreprocessSpec {
@@ -139,7 +151,29 @@ impl PreprocessSpec {
                 reason: format!("{scale} is not a positive number"),
             });
         }
-        Ok(PreprocessSpec { resize, crop, channels, mean, std, scale })
+        Ok(PreprocessSpec { resize, crop, channels, mean, std, scale, layout: None })
+    }
+
+    /// This spec with its values ordered as `layout` says.
+    pub fn with_layout(mut self, layout: Layout) -> PreprocessSpec {
+        self.layout = Some(layout);
+        self
+    }
+
+    /// The layout of the output (NCHW unless set).
+    pub fn layout(&self) -> Layout {
+        self.layout.unwrap_or(Layout::Nchw)
+    }
+
+    /// This spec for a model whose input declares `dims` (`None`: a symbolic dimension): with no
+    /// layout set, channels-last when the model takes `[N, H, W, C]` with this spec's size and
+    /// channels and not `[N, C, H, W]`; otherwise unchanged.
+    pub fn for_input(self, dims: &[Option<usize>]) -> PreprocessSpec {
+        let (c, s) = (Some(self.channels), Some(self.crop as usize));
+        let fits = |d: Option<usize>, want: Option<usize>| d.is_none() || d == want;
+        let nchw = dims.len() == 4 && fits(dims[1], c) && fits(dims[2], s) && fits(dims[3], s);
+        let nhwc = dims.len() == 4 && dims[3] == c && fits(dims[1], s) && fits(dims[2], s);
+        if self.layout.is_none() && nhwc && !nchw { self.with_layout(Layout::Nhwc) } else { self }
     }
 
     /// The shorter side's length after resizing.
@@ -177,9 +211,13 @@ impl PreprocessSpec {
         self.channels * self.crop as usize * self.crop as usize
     }
 
-    /// The NCHW shape of `batch` preprocessed frames.
+    /// The shape of `batch` preprocessed frames: NCHW, or NHWC with [`Layout::Nhwc`].
     pub fn output_shape(&self, batch: usize) -> Vec<usize> {
-        vec![batch, self.channels, self.crop as usize, self.crop as usize]
+        let (c, s) = (self.channels, self.crop as usize);
+        match self.layout() {
+            Layout::Nchw => vec![batch, c, s, s],
+            Layout::Nhwc => vec![batch, s, s, c],
+        }
     }
 }
 
@@ -189,7 +227,7 @@ impl FromStr for PreprocessSpec {
     fn from_str(s: &str) -> Result<PreprocessSpec, SpecError> {
         let mut seen: Vec<&str> = Vec::new();
         let (mut size, mut resize, mut crop, mut channels) = (None, None, None, None);
-        let (mut mean, mut std, mut scale) = (None, None, None);
+        let (mut mean, mut std, mut scale, mut layout) = (None, None, None, None);
         for part in s.split(',').map(str::trim) {
             let Some((key, value)) = part.split_once('=') else {
                 return Err(SpecError::Malformed(part.to_string()));
@@ -216,6 +254,18 @@ impl FromStr for PreprocessSpec {
                 "mean" => mean = Some(floats()?),
                 "std" => std = Some(floats()?),
                 "scale" => scale = Some(value.parse::<f32>().map_err(|_| bad(value, "number"))?),
+                "layout" => {
+                    layout = Some(match value {
+                        "nchw" => Layout::Nchw,
+                        "nhwc" => Layout::Nhwc,
+                        _ => {
+                            return Err(SpecError::Invalid {
+                                key: key.into(),
+                                reason: format!("'{value}' is not nchw or nhwc"),
+                            });
+                        }
+                    })
+                }
                 _ => return Err(SpecError::UnknownKey(key.to_string())),
             }
             seen.push(key);
@@ -235,7 +285,11 @@ impl FromStr for PreprocessSpec {
         let channels = channels.unwrap_or(3);
         let mean = mean.unwrap_or_else(|| vec![0.0; channels]);
         let std = std.unwrap_or_else(|| vec![1.0; channels]);
-        PreprocessSpec::new(resize, crop, channels, mean, std, scale.unwrap_or(1.0 / 255.0))
+        let spec = PreprocessSpec::new(resize, crop, channels, mean, std, scale.unwrap_or(1.0 / 255.0))?;
+        Ok(match layout {
+            Some(l) => spec.with_layout(l),
+            None => spec,
+        })
     }
 }
 
@@ -251,6 +305,11 @@ impl fmt::Display for PreprocessSpec {
         write!(f, ",channels={},mean={},std={}", self.channels, join(&self.mean), join(&self.std))?;
         if self.scale != 1.0 / 255.0 {
             write!(f, ",scale={}", self.scale)?;
+        }
+        match self.layout {
+            Some(Layout::Nchw) => write!(f, ",layout=nchw")?,
+            Some(Layout::Nhwc) => write!(f, ",layout=nhwc")?,
+            None => {}
         }
         Ok(())
     }
@@ -421,7 +480,11 @@ pub fn preprocess_cpu(frame: &Frame, spec: &PreprocessSpec) -> Result<Vec<f32>, 
                 let bottom = cc[ch] * (1.0 - fx) + d[ch] * fx;
                 let v = top * (1.0 - fy) + bottom * fy;
                 let n = (v * spec.scale as f64 - spec.mean[ch] as f64) / spec.std[ch] as f64;
-                out[ch * plane + oy as usize * c as usize + ox as usize] = n as f32;
+                let at = oy as usize * c as usize + ox as usize;
+                match spec.layout() {
+                    Layout::Nchw => out[ch * plane + at] = n as f32,
+                    Layout::Nhwc => out[at * spec.channels + ch] = n as f32,
+                }
             }
         }
     }
@@ -430,7 +493,7 @@ pub fn preprocess_cpu(frame: &Frame, spec: &PreprocessSpec) -> Result<Vec<f32>, 
 
 /// Bytes of the kernel's parameter block (`Params` in `shaders/preprocess.wgsl`, a read-only
 /// storage buffer: see the shader for why not a uniform one).
-const PARAMS_BYTES: u64 = 176;
+const PARAMS_BYTES: u64 = 192;
 
 /// Bind groups kept for reuse at most. A caller that records into ever new destination buffers
 /// recycles the cache instead of growing it (a cached bind group keeps its destination alive).
@@ -807,6 +870,7 @@ fn frame_params(frame: &Frame, spec: &PreprocessSpec, s: &Staged, dst_offset: u3
         .f32(spec.scale)
         .f32(yuv.luma_offset as f32)
         .f32(yuv.luma_gain as f32)
+        .u32((spec.layout() == Layout::Nhwc) as u32)
         .vec4u(&offsets)
         .vec4u(&rows)
         .vec4u(&pixels)
