@@ -382,6 +382,40 @@ fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     ay[i] = r;
 }
 
+// bn_apply_rows: bn_apply with a grid of its own, for CPU adapters (adapt/bn.rs picks it; the
+// same values): workgroup (x, y + z·65535) covers positions [256x, 256x + 256) of the plane of
+// row n·C + c, each invocation 4 consecutive ones, so the channel's values are loaded once and
+// no position is divided by the plane.
+@compute @workgroup_size(64)
+fn bn_apply_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let row = wid.y + wid.z * nwg.y;
+    let cc = atp.channels;
+    if row >= atp.n * cc { return; }
+    let c = row % cc;
+    let inv_std = 1.0 / sqrt(apk[5u * cc + c] + atp.eps);
+    let mean = apk[4u * cc + c];
+    let scale = apk[c];
+    let shift = apk[cc + c];
+    let base = row * atp.plane;
+    let first = wid.x * 256u + lid.x * 4u;
+    for (var k = 0u; k < 4u; k++) {
+        let i = first + k;
+        if i < atp.plane {
+            var r = (ax[base + i] - mean) * inv_std * scale + shift;
+            if atp.act == 1u {
+                r = nan_or(r, max(r, 0.0));
+            } else if atp.act == 2u {
+                r = clip_onnx(r, atp.lo, atp.hi);
+            }
+            ay[base + i] = r;
+        }
+    }
+}
+
 // bn_backward_reduce bindings: per channel, dbeta = sum(dy), dgamma = sum(dy * xhat_u), and the
 // two coefficients of dx (k1, k2 below) into coef [2C].
 // Four storage buffers at most (downlevel limits): one packed buffer, filled by gather3 with

@@ -626,6 +626,18 @@ pub struct AdaptCase {
     /// Every dispatch of the forward and of the step timed alone (`--profile`).
     pub forward_profile: Option<Profile>,
     pub step_profile: Option<Profile>,
+    /// Batch 1: a frame as frame mode predicts it (what a phone runs per frame).
+    pub frame: Option<FrameCase>,
+}
+
+/// One frame predicted as the stream's frame mode does: the frame statistics
+/// ([`acclimate::stream::policy::frame_stats`], window 16), the session's parameters, no step;
+/// `Session::predict_with`, the logits read back (the stream reads only the top classes).
+#[derive(Clone, Debug, Serialize)]
+pub struct FrameCase {
+    pub latency: Stats,
+    pub dispatches: usize,
+    pub profile: Option<Profile>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -667,6 +679,19 @@ pub fn run_adapt(path: &Path, method: acclimate::adapt::Method, cfg: &BenchConfi
         let (step_transient_bytes, step_dispatches) = session.step_footprint(shape).map_err(cfg_err)?;
         let step_flops = session.step_flops(shape).map_err(cfg_err)?;
         let step = measure(cfg.warmup, cfg.iters, || session.step(&x).map(drop)).map_err(cfg_err)?;
+        let frame = if batch == 1 {
+            let mode = acclimate::stream::policy::frame_stats(16);
+            let latency =
+                measure(cfg.warmup, cfg.iters, || session.predict_with(&x, mode).map(drop)).map_err(cfg_err)?;
+            let dispatches = session.predict_dispatch_count(shape, mode).unwrap_or(0);
+            let profile = match cfg.profile_runs {
+                Some(runs) => Some(session.profile_predict(&x, mode, runs).map_err(cfg_err)?),
+                None => None,
+            };
+            Some(FrameCase { latency, dispatches, profile })
+        } else {
+            None
+        };
         let resident_bytes = session.resident_bytes();
         let (forward_profile, step_profile) = match cfg.profile_runs {
             Some(runs) => {
@@ -697,6 +722,7 @@ pub fn run_adapt(path: &Path, method: acclimate::adapt::Method, cfg: &BenchConfi
             forward_transient_bytes,
             forward_profile,
             step_profile,
+            frame,
         });
     }
     let peak = match cfg.peak_reps {
@@ -772,11 +798,22 @@ impl AdaptReport {
              state plus transient buffers after reuse\n",
         );
         for c in &self.cases {
+            if let Some(f) = &c.frame {
+                s.push_str(&format!(
+                    "frame mode, one frame (frame statistics, no step; Session::predict_with): {:.3} ms median ({:.3} – {:.3} p10–p90), {} dispatches\n",
+                    f.latency.median_ms, f.latency.p10_ms, f.latency.p90_ms, f.dispatches
+                ));
+            }
+        }
+        for c in &self.cases {
             if let Some(p) = &c.forward_profile {
                 s.push_str(&profile_table(&format!("forward, batch {}", c.batch), p, c.forward.median_ms));
             }
             if let Some(p) = &c.step_profile {
                 s.push_str(&profile_table(&format!("{} step, batch {}", self.method, c.batch), p, c.step.median_ms));
+            }
+            if let Some((p, f)) = c.frame.as_ref().and_then(|f| f.profile.as_ref().map(|p| (p, f))) {
+                s.push_str(&profile_table("frame mode, one frame", p, f.latency.median_ms));
             }
         }
         s

@@ -252,6 +252,45 @@ fn chains_that_must_not_fuse_keep_their_passes(ctx: GpuContext) {
     check(&ctx, "conv read twice -> BN", &net, 0);
 }
 
+/// `bn_apply_rows` (CPU adapters: a plane row per workgroup) over more rows (N·C) than one grid
+/// dimension holds (65,535): rows go on y and z. Every value as the parallel `bn_apply` writes it.
+#[gpu_test]
+fn batchnorm_rows_beyond_one_grid_dimension(ctx: GpuContext) {
+    use acclimate::adapt::bn::StatsMode;
+    use acclimate::adapt::config::OptimizerConfig;
+    use acclimate::adapt::optim::OptimizerSpec;
+    use acclimate::adapt::train::{Diagnose, StepPlan, StepSpec};
+    let channels = 40_000;
+    let mut net = Net::new(&[2, channels]);
+    let b = net.bn("x", "b", channels);
+    net.outputs.push(b);
+    let graph = net.graph();
+    let spec = StepSpec {
+        mode: StatsMode::Batch,
+        adapted: Vec::new(),
+        optimizer: OptimizerSpec::from_config(&OptimizerConfig::default()),
+        objective: None,
+        output: None,
+        source_affine: false,
+        z_piece: 0,
+        top_k: 0,
+        shift_score: false,
+        diagnostics: Diagnose::Off,
+        fuse: true,
+    };
+    let x = common::random_f32(2 * channels, 5, -2.0, 2.0);
+    let mut out = Vec::new();
+    for cpu in [false, true] {
+        ctx.set_cpu_kernels(Some(cpu));
+        let plan = StepPlan::build(&ctx, &graph, &mut WeightStore::default(), &net.x, &spec).expect("program");
+        out.push(plan.run(&ctx, &x).expect("runs").logits.to_f32_vec());
+    }
+    ctx.set_cpu_kernels(None);
+    // Two samples per channel: each normalised value is ±1 (times the scale, plus the bias).
+    assert!(out[0].iter().all(|v| v.is_finite()) && out[0].iter().filter(|&&v| v == 0.0).count() < 10);
+    assert!(out[0] == out[1], "bn_apply_rows differs from bn_apply");
+}
+
 /// Adaptation's BatchNormalization layers (batch, RBN, BN-α and frame statistics, lowered by
 /// `adapt::bn::BnHook`) apply the Relu or Clip that only their output feeds in `bn_apply` in
 /// forward-only programs (`StepSpec::fuse`), against the same programs one pass per node. Each

@@ -370,12 +370,15 @@ fn apply(
     let c = s.channels;
     let packed = l.scratch(6 * c as u64 * 4);
     dispatch(l, gather(&[(affine.0, c), (affine.1, c), (BufRef::Value(s.stats), 4 * c)], packed, 0));
-    l.dispatch(
-        KernelKey::new(Shader::Norm, "bn_apply"),
-        act_params(s, coef, false, act),
-        vec![s.x.buf, packed, y],
-        grid_1d(s.x.numel(), 256),
-    );
+    // A CPU adapter runs a row of the plane per workgroup (norm.wgsl `bn_apply_rows`).
+    let (entry, groups) = if l.cpu_kernels {
+        let rows = s.batch * s.channels;
+        let (y, z) = (rows.min(65535), rows.div_ceil(65535));
+        ("bn_apply_rows", [s.plane.div_ceil(256) as u32, y as u32, z as u32])
+    } else {
+        ("bn_apply", grid_1d(s.x.numel(), 256))
+    };
+    l.dispatch(KernelKey::new(Shader::Norm, entry), act_params(s, coef, false, act), vec![s.x.buf, packed, y], groups);
 }
 
 /// A per-channel reduction's entry and grid: one workgroup per channel, or on a CPU adapter

@@ -498,6 +498,28 @@ impl Session {
         Ok(plan.compiled.profile(&self.ctx, runs, None)?)
     }
 
+    /// The dispatches of the program [`Session::predict_with`] ran for batches of `shape` with
+    /// statistics `mode` (`None`: it has not run).
+    pub fn predict_dispatch_count(&self, shape: &[usize], mode: StatsMode) -> Option<usize> {
+        self.predict_plans.get(&(shape.to_vec(), format!("{mode:?}"))).map(|p| p.dispatch_count)
+    }
+
+    /// [`Session::predict_with`] on `batch`, then each dispatch of its program timed alone `runs`
+    /// times ([`crate::plan::profile`]; the timed runs are predictions too: frame statistics
+    /// move).
+    pub fn profile_predict(
+        &mut self,
+        batch: &Tensor,
+        mode: StatsMode,
+        runs: usize,
+    ) -> crate::Result<crate::plan::profile::Profile> {
+        self.predict_with(batch, mode)?;
+        let key = (batch.shape.clone(), format!("{mode:?}"));
+        let plan =
+            self.predict_plans.get(&key).ok_or_else(|| PlanError::Program("no prediction program ran".into()))?;
+        Ok(plan.compiled.profile(&self.ctx, runs, None)?)
+    }
+
     /// [`Session::step`] on a batch of shape `shape` that `input` holds (frame mode's window,
     /// already on the GPU: [`StepInput::Gpu`]). A GPU input is not checked for NaN here: the
     /// stream's preprocessing makes finite values from any pixels.
