@@ -525,3 +525,41 @@ fn bn_backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         bdx[i] = v;
     }
 }
+
+// bn_backward_dx_rows: bn_backward_dx with bn_apply_rows' grid, for CPU adapters (the same
+// values): the channel's coefficients loaded once per invocation, 4 positions each.
+@compute @workgroup_size(64)
+fn bn_backward_dx_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) pli: u32,
+) {
+    if pli == 0u {
+        tp = tp_in;
+    }
+    workgroupBarrier();
+    let row = wid.y + wid.z * nwg.y;
+    let cc = tp.channels;
+    if row >= tp.n * cc { return; }
+    let c = row % cc;
+    let inv_std = 1.0 / sqrt(bpk[4u * cc + c] + tp.eps);
+    let g = bpk[c];
+    let k1 = bpk[5u * cc + c];
+    let k2 = bpk[6u * cc + c];
+    let mean = bpk[cc + c];
+    let base = row * tp.plane;
+    let first = wid.x * 256u + lid.x * 4u;
+    for (var k = 0u; k < 4u; k++) {
+        let i = first + k;
+        if i < tp.plane {
+            let e = base + i;
+            let v = g * bdy[e] * inv_std + k1 + k2 * (bx[e] - mean);
+            if tp.accumulate != 0u {
+                bdx[e] = bdx[e] + v;
+            } else {
+                bdx[e] = v;
+            }
+        }
+    }
+}

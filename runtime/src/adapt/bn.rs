@@ -370,15 +370,24 @@ fn apply(
     let c = s.channels;
     let packed = l.scratch(6 * c as u64 * 4);
     dispatch(l, gather(&[(affine.0, c), (affine.1, c), (BufRef::Value(s.stats), 4 * c)], packed, 0));
-    // A CPU adapter runs a row of the plane per workgroup (norm.wgsl `bn_apply_rows`).
-    let (entry, groups) = if l.cpu_kernels {
-        let rows = s.batch * s.channels;
-        let (y, z) = (rows.min(65535), rows.div_ceil(65535));
-        ("bn_apply_rows", [s.plane.div_ceil(256) as u32, y as u32, z as u32])
-    } else {
-        ("bn_apply", grid_1d(s.x.numel(), 256))
-    };
+    let (entry, groups) = elementwise_kernel("bn_apply", s, l.cpu_kernels);
     l.dispatch(KernelKey::new(Shader::Norm, entry), act_params(s, coef, false, act), vec![s.x.buf, packed, y], groups);
+}
+
+/// A per-element pass's entry and grid: one invocation per value, or on a CPU adapter
+/// (`cpu_kernels`) its `_rows` variant, a workgroup per 256 positions of one (sample, channel)
+/// plane, the rows past 65,535 on z (norm.wgsl `bn_apply_rows`).
+fn elementwise_kernel(entry: &'static str, s: &SavedBn, cpu_kernels: bool) -> (&'static str, [u32; 3]) {
+    if !cpu_kernels {
+        return (entry, grid_1d(s.x.numel(), 256));
+    }
+    let rows = s.batch * s.channels;
+    let groups = [s.plane.div_ceil(256) as u32, rows.min(65535) as u32, rows.div_ceil(65535) as u32];
+    match entry {
+        "bn_apply" => ("bn_apply_rows", groups),
+        "bn_backward_dx" => ("bn_backward_dx_rows", groups),
+        other => (other, grid_1d(s.x.numel(), 256)),
+    }
 }
 
 /// A per-channel reduction's entry and grid: one workgroup per channel, or on a CPU adapter
@@ -428,11 +437,12 @@ pub fn backward(
         out.push(scatter(k, (BufRef::Value(ds), 7 * c, c), (BufRef::Value(db), 8 * c, c)));
     }
     if let Some((dx, accumulate)) = dx {
+        let (entry, workgroups) = elementwise_kernel("bn_backward_dx", s, cpu_kernels);
         out.push(crate::ops::Dispatch {
-            key: KernelKey::new(Shader::Norm, "bn_backward_dx"),
+            key: KernelKey::new(Shader::Norm, entry),
             params: params(s, coef, accumulate),
             buffers: vec![s.x.buf, BufRef::Value(dy), k, BufRef::Value(dx)],
-            workgroups: grid_1d(s.x.numel(), 256),
+            workgroups,
         });
     }
     Ok(out)
