@@ -590,7 +590,8 @@ fn stream_writes_lines_summary_and_report() {
 }
 
 /// `stream` takes its preprocessing from the config's `[preprocess]` when `--preprocess` is
-/// absent, and predicts exactly as with the flag; with neither it says what to give.
+/// absent, and predicts exactly as with the flag; with neither it says what to give, and a spec
+/// of the model's input to start from.
 #[test]
 fn stream_takes_preprocess_from_the_config() {
     let dir = scratch("stream-preprocess");
@@ -621,6 +622,12 @@ fn stream_takes_preprocess_from_the_config() {
     assert_eq!(from_flag, from_section);
     let e = fails(&["stream", s(&model), "--source", &src, "--config", s(&with_flag), "--quiet"]);
     assert!(e.contains("--preprocess") && e.contains("[preprocess]"), "{e}");
+    // It offers a spec of the model's size and channels to start from (channels last for an
+    // [N, H, W, C] input).
+    assert!(e.contains("the model takes [N, 3, 8, 8]: e.g. --preprocess size=8,channels=3,mean="), "{e}");
+    let nhwc = common::repo_root().join("tests/fixtures/tta/tiny_auto/model_nhwc.onnx");
+    let e = fails(&["stream", s(&nhwc), "--source", &src, "--quiet"]);
+    assert!(e.contains("[N, 8, 8, 3]") && e.contains(",layout=nhwc with the mean"), "{e}");
 }
 
 /// `demo` on its embedded defaults (shortened with --limit), from another working directory:

@@ -153,6 +153,34 @@ pub struct StreamRun {
     pub records: Vec<RunRecord>,
 }
 
+/// What to say about a missing preprocessing spec for a model whose input declares `dims`: a
+/// spec of its size and channels to start from (the mean and std are the model's training data's,
+/// which the file does not say).
+pub fn preprocess_hint(dims: &[Option<usize>]) -> String {
+    let example = |c: usize, s: usize, layout: &str| {
+        let (mean, std, whose) = match c {
+            1 => ("0.5", "0.5", "0.5 and 0.5 stand in for them"),
+            _ => ("0.485/0.456/0.406", "0.229/0.224/0.225", "these are ImageNet's"),
+        };
+        let size = if s == 224 { "resize=256,crop=224".to_string() } else { format!("size={s}") };
+        format!(
+            "; the model takes {}: e.g. --preprocess {size},channels={c},mean={mean},std={std}{layout} with the mean \
+             and std of its training data ({whose})",
+            shape_text(dims)
+        )
+    };
+    match dims {
+        [_, Some(c @ (1 | 3)), Some(h), Some(w)] if h == w => example(*c, *h, ""),
+        [_, Some(h), Some(w), Some(c @ (1 | 3))] if h == w => example(*c, *h, ",layout=nhwc"),
+        _ => String::new(),
+    }
+}
+
+fn shape_text(dims: &[Option<usize>]) -> String {
+    let d: Vec<String> = dims.iter().map(|d| d.map_or("N".to_string(), |n| n.to_string())).collect();
+    format!("[{}]", d.join(", "))
+}
+
 /// Runs a stream as `args` say, writing the requested outputs; returns the summary.
 pub fn stream_cmd(args: &StreamArgs) -> Result<StreamRun, CliError> {
     let mut config = match &args.config {
@@ -164,7 +192,10 @@ pub fn stream_cmd(args: &StreamArgs) -> Result<StreamRun, CliError> {
     let spec: PreprocessSpec = match (args.preprocess.is_empty(), &config.preprocess) {
         (true, Some(section)) => section.spec.clone(),
         (true, None) => {
-            return Err(usage("give --preprocess SPEC, or a [preprocess] section with spec = \"...\" in --config"));
+            let hint = acclimate::Model::load(&args.model).map(|m| preprocess_hint(&m.input_shape())).unwrap_or_default();
+            return Err(usage(format!(
+                "give --preprocess SPEC, or a [preprocess] section with spec = \"...\" in --config{hint}"
+            )));
         }
         (false, _) => args.preprocess.parse().map_err(|e| usage(format!("--preprocess: {e}")))?,
     };
