@@ -144,6 +144,35 @@ fn global_avg_main(
     }
 }
 
+// global_avg_lanes: global_avg_main for CPU adapters (ops/pool.rs picks it; the same values):
+// one plane per invocation, 8 per workgroup, the main kernel's 256 strided partial sums and its
+// tree in a private array, with no barrier (llvmpipe pays for each barrier with a switch through
+// every invocation of the workgroup).
+@compute @workgroup_size(8)
+fn global_avg_lanes(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let plane = (wid.x + wid.y * nwg.x) * 8u + lane;
+    if plane >= gp.planes { return; }
+    let base = plane * gp.plane;
+    var part: array<f32, 256>;
+    for (var t = 0u; t < WG; t++) {
+        var acc = 0.0;
+        for (var j = t; j < gp.plane; j += WG) {
+            acc += x[base + j];
+        }
+        part[t] = acc;
+    }
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        for (var t = 0u; t < s; t++) {
+            part[t] += part[t + s];
+        }
+    }
+    y[plane] = part[0] / f32(gp.plane);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Reverse pass: gathers, one thread per input element, so no two threads write one gradient
 // element and no atomics are needed; each thread sums its windows in a fixed order.

@@ -360,6 +360,26 @@ fn global_average_pool_large_plane_is_exact_and_deterministic(ctx: GpuContext) {
     }
 }
 
+/// `global_avg_lanes` (CPU adapters: a plane per invocation, the tree in a private array) gives
+/// exactly what `global_avg_main` (a workgroup per plane) gives: planes longer than a workgroup,
+/// of one value, and more planes than one grid row of lanes workgroups holds (2-D grid).
+#[gpu_test]
+fn global_average_pool_kernel_variants_agree_bit_for_bit(ctx: GpuContext) {
+    for shape in [vec![2, 3, 67, 71], vec![1, 5, 7, 7], vec![1, 600_000, 1, 1], vec![3, 11, 1]] {
+        let n: usize = shape.iter().product();
+        let x = Tensor::f32(shape.clone(), common::random_f32(n, 31, -1.0, 3.0));
+        let mut out = Vec::new();
+        for cpu in [false, true] {
+            ctx.set_cpu_kernels(Some(cpu));
+            out.push(run(&ctx, one_node(13, "GlobalAveragePool", &shape, vec![], vec![], &["y"]), &x).to_f32_vec());
+        }
+        ctx.set_cpu_kernels(None);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out[0]), bits(&out[1]), "{shape:?}");
+        assert!(out[0].iter().all(|v| v.is_finite()), "{shape:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Softmax / LogSoftmax
 

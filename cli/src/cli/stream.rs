@@ -192,7 +192,8 @@ pub fn stream_cmd(args: &StreamArgs) -> Result<StreamRun, CliError> {
     let spec: PreprocessSpec = match (args.preprocess.is_empty(), &config.preprocess) {
         (true, Some(section)) => section.spec.clone(),
         (true, None) => {
-            let hint = acclimate::Model::load(&args.model).map(|m| preprocess_hint(&m.input_shape())).unwrap_or_default();
+            let hint =
+                acclimate::Model::load(&args.model).map(|m| preprocess_hint(&m.input_shape())).unwrap_or_default();
             return Err(usage(format!(
                 "give --preprocess SPEC, or a [preprocess] section with spec = \"...\" in --config{hint}"
             )));

@@ -279,12 +279,17 @@ pub fn lower_global(l: &mut Lowering) -> OpResult<()> {
     check_u32("the GlobalAveragePool input", x.numel())?;
     let planes = n * c;
     let plane: usize = spatial.iter().product();
+    // One workgroup per (n, c) plane, laid out 2-D past 65 535 planes; on a CPU adapter one
+    // invocation per plane, 8 per workgroup (`global_avg_lanes`, the same values).
+    let (entry, groups) = match l.cpu_kernels {
+        true => ("global_avg_lanes", grid_1d(planes.div_ceil(8), 1)),
+        false => ("global_avg_main", grid_1d(planes, 1)),
+    };
     l.dispatch(
-        KernelKey::new(Shader::Pool, "global_avg_main"),
+        KernelKey::new(Shader::Pool, entry),
         Params::new().u32(planes as u32).u32(plane as u32),
         vec![x.buf, y.buf],
-        // One workgroup per (n, c) plane, laid out 2-D past 65 535 planes.
-        grid_1d(planes, 1),
+        groups,
     );
     Ok(())
 }
