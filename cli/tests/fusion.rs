@@ -16,6 +16,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use acclimate::adapt::bn::StatsMode;
+use acclimate::adapt::config::OptimizerConfig;
+use acclimate::adapt::optim::OptimizerSpec;
+use acclimate::adapt::train::{Diagnose, StepPlan, StepSpec};
 use acclimate::ir::Graph;
 use acclimate::onnx::{Attr, DimSpec, RawGraph, RawModel, RawNode, ValueInfo};
 use acclimate::plan::{NoHook, Plan, Unfused, WeightStore};
@@ -252,21 +256,10 @@ fn chains_that_must_not_fuse_keep_their_passes(ctx: GpuContext) {
     check(&ctx, "conv read twice -> BN", &net, 0);
 }
 
-/// `bn_apply_rows` (CPU adapters: a plane row per workgroup) over more rows (N·C) than one grid
-/// dimension holds (65,535): rows go on y and z. Every value as the parallel `bn_apply` writes it.
-#[gpu_test]
-fn batchnorm_rows_beyond_one_grid_dimension(ctx: GpuContext) {
-    use acclimate::adapt::bn::StatsMode;
-    use acclimate::adapt::config::OptimizerConfig;
-    use acclimate::adapt::optim::OptimizerSpec;
-    use acclimate::adapt::train::{Diagnose, StepPlan, StepSpec};
-    let channels = 40_000;
-    let mut net = Net::new(&[2, channels]);
-    let b = net.bn("x", "b", channels);
-    net.outputs.push(b);
-    let graph = net.graph();
-    let spec = StepSpec {
-        mode: StatsMode::Batch,
+/// A forward-only adaptation program with statistics `mode`, fused or one pass per node.
+fn forward_spec(mode: StatsMode, fuse: bool) -> StepSpec {
+    StepSpec {
+        mode,
         adapted: Vec::new(),
         optimizer: OptimizerSpec::from_config(&OptimizerConfig::default()),
         objective: None,
@@ -276,8 +269,20 @@ fn batchnorm_rows_beyond_one_grid_dimension(ctx: GpuContext) {
         top_k: 0,
         shift_score: false,
         diagnostics: Diagnose::Off,
-        fuse: true,
-    };
+        fuse,
+    }
+}
+
+/// `bn_apply_rows` (CPU adapters: a plane row per workgroup) over more rows (N·C) than one grid
+/// dimension holds (65,535): rows go on y and z. Every value as the parallel `bn_apply` writes it.
+#[gpu_test]
+fn batchnorm_rows_beyond_one_grid_dimension(ctx: GpuContext) {
+    let channels = 40_000;
+    let mut net = Net::new(&[2, channels]);
+    let b = net.bn("x", "b", channels);
+    net.outputs.push(b);
+    let graph = net.graph();
+    let spec = forward_spec(StatsMode::Batch, true);
     let x = common::random_f32(2 * channels, 5, -2.0, 2.0);
     let mut out = Vec::new();
     for cpu in [false, true] {
@@ -298,11 +303,6 @@ fn batchnorm_rows_beyond_one_grid_dimension(ctx: GpuContext) {
 /// the last batch holds NaN and ±inf), on both kernel variants.
 #[gpu_test]
 fn adapted_batchnorm_with_its_activation(ctx: GpuContext) {
-    use acclimate::adapt::bn::StatsMode;
-    use acclimate::adapt::config::OptimizerConfig;
-    use acclimate::adapt::optim::OptimizerSpec;
-    use acclimate::adapt::train::{Diagnose, StepPlan, StepSpec};
-
     // conv -> BN -> Relu; conv -> BN -> Clip(0, 6); BN -> Add (not an activation); BN -> Relu
     // whose BN output is also read by the Add (must not fuse); Clip with a NaN bound.
     let mut net = Net::new(&[1, 3, 10, 10]);
@@ -331,19 +331,7 @@ fn adapted_batchnorm_with_its_activation(ctx: GpuContext) {
         for cpu in [false, true] {
             ctx.set_cpu_kernels(Some(cpu));
             let case = format!("{mode:?} (CPU variants: {cpu})");
-            let spec = |fuse| StepSpec {
-                mode,
-                adapted: Vec::new(),
-                optimizer: OptimizerSpec::from_config(&OptimizerConfig::default()),
-                objective: None,
-                output: None,
-                source_affine: false,
-                z_piece: 0,
-                top_k: 0,
-                shift_score: false,
-                diagnostics: Diagnose::Off,
-                fuse,
-            };
+            let spec = |fuse| forward_spec(mode, fuse);
             let (mut sf, mut su) = (WeightStore::default(), WeightStore::default());
             let fused = StepPlan::build(&ctx, &graph, &mut sf, &net.x, &spec(true)).expect("fused program");
             let unfused = StepPlan::build(&ctx, &graph, &mut su, &net.x, &spec(false)).expect("unfused program");
