@@ -372,14 +372,17 @@ fn bn_apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     let c = (i / atp.plane) % atp.channels;
     let cc = atp.channels;
     let inv_std = 1.0 / sqrt(apk[5u * cc + c] + atp.eps);
-    var r = (ax[i] - apk[4u * cc + c]) * inv_std * apk[c] + apk[cc + c];
-    // A Relu or Clip that only this output feeds, fused (forward-only programs, adapt/bn.rs).
+    ay[i] = apply_act((ax[i] - apk[4u * cc + c]) * inv_std * apk[c] + apk[cc + c]);
+}
+
+// The Relu or Clip that only bn_apply's output feeds, fused (forward-only programs, adapt/bn.rs).
+fn apply_act(r: f32) -> f32 {
     if atp.act == 1u {
-        r = nan_or(r, max(r, 0.0));
+        return nan_or(r, max(r, 0.0));
     } else if atp.act == 2u {
-        r = clip_onnx(r, atp.lo, atp.hi);
+        return clip_onnx(r, atp.lo, atp.hi);
     }
-    ay[i] = r;
+    return r;
 }
 
 // bn_apply_rows: bn_apply with a grid of its own, for CPU adapters (adapt/bn.rs picks it; the
@@ -405,13 +408,7 @@ fn bn_apply_rows(
     for (var k = 0u; k < 4u; k++) {
         let i = first + k;
         if i < atp.plane {
-            var r = (ax[base + i] - mean) * inv_std * scale + shift;
-            if atp.act == 1u {
-                r = nan_or(r, max(r, 0.0));
-            } else if atp.act == 2u {
-                r = clip_onnx(r, atp.lo, atp.hi);
-            }
-            ay[base + i] = r;
+            ay[base + i] = apply_act((ax[base + i] - mean) * inv_std * scale + shift);
         }
     }
 }
