@@ -92,6 +92,26 @@ fn element(i: u32, c: u32) -> u32 {
     return (n * tp.channels + c) * tp.plane + p;
 }
 
+// element(i, c) for i = t, t + WG, t + 2·WG, … without a division per step (the `_lanes`
+// kernels: llvmpipe divides lane by lane): (n, p) of i, advanced by WG.
+fn walk_start(t: u32) -> vec2<u32> {
+    return vec2<u32>(t / tp.plane, t % tp.plane);
+}
+
+fn walk_next(w: vec2<u32>) -> vec2<u32> {
+    var n = w.x;
+    var p = w.y + WG;
+    while p >= tp.plane {
+        p -= tp.plane;
+        n += 1u;
+    }
+    return vec2<u32>(n, p);
+}
+
+fn walk_at(w: vec2<u32>, c: u32) -> u32 {
+    return (w.x * tp.channels + c) * tp.plane + w.y;
+}
+
 // 1 on CPU adapters (gpu::GpuContext::variant): invocation 0 adds the levels of the tree itself,
 // level by level in the same order, so the values are the same, behind 2 barriers instead of 9.
 // A CPU adapter runs a workgroup's invocations as coroutines and pays for every barrier with a
@@ -194,17 +214,21 @@ fn bn_stats_lanes(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
     var part: array<f32, 256>;
     for (var t = 0u; t < WG; t++) {
         var acc = 0.0;
+        var w = walk_start(t);
         for (var i = t; i < m; i += WG) {
-            acc += sx[element(i, c)];
+            acc += sx[walk_at(w, c)];
+            w = walk_next(w);
         }
         part[t] = acc;
     }
     let mean = tree_private(&part) / f32(m);
     for (var t = 0u; t < WG; t++) {
         var acc2 = 0.0;
+        var w = walk_start(t);
         for (var i = t; i < m; i += WG) {
-            let d = sx[element(i, c)] - mean;
+            let d = sx[walk_at(w, c)] - mean;
             acc2 += d * d;
+            w = walk_next(w);
         }
         part[t] = acc2;
     }
@@ -296,17 +320,21 @@ fn bn_frame_lanes(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
     var part: array<f32, 256>;
     for (var t = 0u; t < WG; t++) {
         var acc = 0.0;
+        var w = walk_start(t);
         for (var i = t; i < m; i += WG) {
-            acc += fx[element(i, c)];
+            acc += fx[walk_at(w, c)];
+            w = walk_next(w);
         }
         part[t] = acc;
     }
     let mean = tree_private(&part) / f32(m);
     for (var t = 0u; t < WG; t++) {
         var acc2 = 0.0;
+        var w = walk_start(t);
         for (var i = t; i < m; i += WG) {
-            let d = fx[element(i, c)] - mean;
+            let d = fx[walk_at(w, c)] - mean;
             acc2 += d * d;
+            w = walk_next(w);
         }
         part[t] = acc2;
     }
@@ -480,17 +508,21 @@ fn bn_backward_reduce_lanes(@builtin(local_invocation_id) lid: vec3<u32>, @built
     var part: array<f32, 256>;
     for (var t = 0u; t < WG; t++) {
         var s1 = 0.0;
+        var w = walk_start(t);
         for (var i = t; i < m; i += WG) {
-            s1 += rdy[element(i, c)];
+            s1 += rdy[walk_at(w, c)];
+            w = walk_next(w);
         }
         part[t] = s1;
     }
     let sum_dy = tree_private(&part);
     for (var t = 0u; t < WG; t++) {
         var s2 = 0.0;
+        var w = walk_start(t);
         for (var i = t; i < m; i += WG) {
-            let e = element(i, c);
+            let e = walk_at(w, c);
             s2 += rdy[e] * (rx[e] - mean_u);
+            w = walk_next(w);
         }
         part[t] = s2;
     }
