@@ -12,8 +12,9 @@ Every graph:
   PyTorch module it came from;
 * omits Dropout (identity at inference).
 
-The architectures are written out from torchvision's MobileNetV2 definition and
-from ``ccexam/models.py``. ``GraphBuilder`` records which checkpoint tensors it
+The architectures are written out from torchvision's MobileNetV2 definition, from
+``efficientnet_lite_pytorch`` (EfficientNet-Lite0, TensorFlow's "SAME" padding
+written as asymmetric Conv pads) and from ``ccexam/models.py``. ``GraphBuilder`` records which checkpoint tensors it
 consumed, and building fails if any weight is left over or has an unexpected
 shape, which catches a mis-transcribed architecture early.
 """
@@ -62,26 +63,28 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def conv(self, x: str, prefix: str, stride=1, group=1, bias=False) -> str:
-        """Conv with checkpoint weight ``prefix.weight`` (and ``prefix.bias``); 'same' padding for odd k."""
+    def conv(self, x: str, prefix: str, stride=1, group=1, bias=False, pads=None) -> str:
+        """Conv with checkpoint weight ``prefix.weight`` (and ``prefix.bias``); 'same' padding for odd k
+        unless ``pads`` ([top, left, bottom, right]) is given."""
         w = self.weights.get(prefix + ".weight")
         if w is None:
             raise KeyError(f"{self.name}: checkpoint has no tensor {prefix + '.weight'!r}")
         k = w.shape[2]
         pad = (k - 1) // 2
+        pads = list(pads) if pads is not None else [pad, pad, pad, pad]
         inputs = [x, self.param(prefix + ".weight")]
         if bias:
             inputs.append(self.param(prefix + ".bias", (w.shape[0],)))
         return self._node("Conv", inputs, prefix, kernel_shape=[k, k], strides=[stride, stride],
-                          pads=[pad, pad, pad, pad], group=group, dilations=[1, 1])
+                          pads=pads, group=group, dilations=[1, 1])
 
-    def bn(self, x: str, prefix: str, channels: int) -> str:
+    def bn(self, x: str, prefix: str, channels: int, eps: float = BN_EPS) -> str:
         ins = [x] + [self.param(f"{prefix}.{p}", (channels,))
                      for p in ("weight", "bias", "running_mean", "running_var")]
         # num_batches_tracked only matters for training; mark it as consumed.
         if prefix + ".num_batches_tracked" in self.weights:
             self.used.add(prefix + ".num_batches_tracked")
-        return self._node("BatchNormalization", ins, prefix, epsilon=BN_EPS, momentum=0.9)
+        return self._node("BatchNormalization", ins, prefix, epsilon=eps, momentum=0.9)
 
     def relu(self, x: str, out: str) -> str:
         return self._node("Relu", [x], out)
@@ -171,6 +174,60 @@ def mobilenet_v2(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     return g.finish([3, 224, 224], 1000, x, "torchvision MobileNetV2 IMAGENET1K_V1, BN unfused")
 
 
+# ---------------------------------------------------------------------------- EfficientNet-Lite0
+
+# efficientnet_lite_pytorch's blocks for lite0 (width and depth 1.0): repeats r, kernel k, first stride s,
+# expand ratio e, input and output channels; no squeeze-excitation, ReLU6, BN eps 1e-3.
+_LITE0_BLOCKS = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+LITE_BN_EPS = 1e-3
+
+
+def same_pads(size: int, k: int, stride: int) -> tuple[list[int], int]:
+    """TensorFlow's "SAME" padding of ``Conv2dStaticSamePadding`` for a square input of ``size``:
+    the extra pixel goes after (bottom/right). Returns ONNX pads [top, left, bottom, right] and the output size."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    lo, hi = total // 2, total - total // 2
+    return [lo, lo, hi, hi], out
+
+
+def efficientnet_lite0(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """efficientnet_lite_pytorch ``efficientnet-lite0``, ImageNet 1000 classes, input [N,3,224,224],
+    normalized as (x - 127) / 128 on 0..255 pixels."""
+    g = GraphBuilder(weights, "efficientnet_lite0")
+    size = 224
+
+    def conv_bn(x, conv, bn, cout, stride=1, group=1, relu6=True):
+        nonlocal size
+        k = weights[conv + ".weight"].shape[2]
+        pads, out = same_pads(size, k, stride)
+        x = g.conv(x, conv, stride=stride, group=group, pads=pads)
+        size = out
+        x = g.bn(x, bn, cout, eps=LITE_BN_EPS)
+        return g.relu6(x, bn + ".relu6") if relu6 else x
+
+    x = conv_bn("input", "_conv_stem", "_bn0", 32, stride=2)
+    idx = 0
+    for repeats, _k, first_stride, expand, cin, cout in _LITE0_BLOCKS:
+        for i in range(repeats):
+            stride, block_in = (first_stride, cin) if i == 0 else (1, cout)
+            p = f"_blocks.{idx}"
+            inp, hidden = x, block_in * expand
+            if expand != 1:
+                x = conv_bn(x, p + "._expand_conv", p + "._bn0", hidden)
+            x = conv_bn(x, p + "._depthwise_conv", p + "._bn1", hidden, stride=stride, group=hidden)
+            x = conv_bn(x, p + "._project_conv", p + "._bn2", cout, relu6=False)
+            if stride == 1 and block_in == cout:
+                x = g._node("Add", [x, inp], p + ".add")
+            idx += 1
+    x = conv_bn(x, "_conv_head", "_bn1", 1280)
+    x = g.global_avg_pool(x, "avgpool")
+    x = g.flatten(x, "flatten")
+    x = g.linear(x, "_fc", 1280, 1000)  # _dropout is the identity at inference
+    return g.finish([3, 224, 224], 1000, x, "EfficientNet-Lite0 (efficientnet_lite_pytorch), BN unfused, SAME pads")
+
+
 # ---------------------------------------------------------------------------- ccexam digits
 
 def svhn_net(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -232,6 +289,7 @@ def mnist_net(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
 
 BUILDERS = {
     "mobilenetv2": mobilenet_v2,
+    "efficientnet_lite0": efficientnet_lite0,
     "svhn": svhn_net,
     "usps": usps_net,
     "mnist": mnist_net,

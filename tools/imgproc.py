@@ -198,8 +198,9 @@ def normalize(chw_u8: np.ndarray, mean, std) -> np.ndarray:
     return ((x - m) / s).astype(np.float32)
 
 
-def imagenet_preprocess(rgb: np.ndarray) -> np.ndarray:
-    """torchvision's ImageNet eval transform: Resize(256), CenterCrop(224), normalize.
+def imagenet_preprocess(rgb: np.ndarray, mean=None, std=None) -> np.ndarray:
+    """torchvision's ImageNet eval transform: Resize(256), CenterCrop(224), normalize (ImageNet's
+    mean and std unless given, on a 0..1 scale).
 
     ``rgb`` is ``[H, W, 3]`` uint8; returns ``[3, 224, 224]`` float32.
     """
@@ -211,7 +212,8 @@ def imagenet_preprocess(rgb: np.ndarray) -> np.ndarray:
     top = int(round((new_h - 224) / 2.0))
     left = int(round((new_w - 224) / 2.0))
     img = img[top : top + 224, left : left + 224]
-    return normalize(img.transpose(2, 0, 1), IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(img.transpose(2, 0, 1), IMAGENET_MEAN if mean is None else mean,
+                     IMAGENET_STD if std is None else std)
 
 
 def _resize_batch(images_u8: np.ndarray, width: int, height: int) -> np.ndarray:

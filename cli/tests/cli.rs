@@ -652,3 +652,35 @@ fn demo_runs_on_embedded_defaults() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["auto"]["decisions"], 1, "{summary}");
 }
+
+/// `demo --video` with `--model` and `--preprocess`: another ImageNet classifier on the clip (a
+/// few frames), named in the output; a malformed spec is a usage error naming the flag.
+#[test]
+fn demo_video_runs_another_classifier() {
+    let dir = scratch("demo_video_model");
+    let out = dir.join("out");
+    let assets = common::assets();
+    let (clip, clean) = (assets.join("video/carphone_distorted.y4m"), assets.join("video/carphone_pristine.y4m"));
+    let model = assets.join("efficientnet_lite0.onnx");
+    let spec = "resize=256,crop=224,mean=0.498039/0.498039/0.498039,std=0.501961/0.501961/0.501961";
+    let demo = |spec: &str| {
+        let args = ["demo", "--video", s(&clip), "--clean", s(&clean), "--model", s(&model), "--preprocess", spec];
+        Command::new(env!("CARGO_BIN_EXE_acclimate"))
+            .args(args)
+            .args(["--limit", "3", "--quiet", "--out", s(&out)])
+            .env("ACCLIMATE_ASSETS", &assets)
+            .output()
+            .expect("run acclimate")
+    };
+    let o = demo(spec);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.starts_with("Acclimate demo: efficientnet_lite0.onnx on "), "{text}");
+    assert!(text.contains("(3 frames)") && text.contains("agreement with the predictions on the clean clip"), "{text}");
+    let o = demo("resize=256,crop=224,mean=0.5");
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--preprocess"), "{e}");
+    let e = fails(&["demo", "--model", s(&model)]);
+    assert!(e.contains("--video"), "{e}");
+}

@@ -1,4 +1,5 @@
-//! The GPU engine against ONNX Runtime on the real models: MobileNetV2 (ImageNet), the SVHN digit
+//! The GPU engine against ONNX Runtime on the real models: MobileNetV2 and EfficientNet-Lite0
+//! (ImageNet; the latter with TensorFlow's asymmetric "SAME" padding and BN eps 1e-3), the SVHN digit
 //! network and RapidOCR's text-direction classifier (a Paddle export, dynamic H and W), at batch
 //! sizes 1 and 8, on fixed-seed inputs in [-2, 2) (the range of normalised image values).
 //!
@@ -88,6 +89,11 @@ fn parity(model: &str, chw: [usize; 3], seed: u64) {
 #[test]
 fn mobilenetv2_matches_onnxruntime() {
     parity("mobilenetv2.onnx", [3, 224, 224], 100);
+}
+
+#[test]
+fn efficientnet_lite0_matches_onnxruntime() {
+    parity("efficientnet_lite0.onnx", [3, 224, 224], 400);
 }
 
 #[test]

@@ -43,6 +43,10 @@ const DIGIT_SEGMENTS: [(&str, Option<&str>, usize); 4] = [
 pub struct DemoArgs {
     pub video: Option<PathBuf>,
     pub clean: Option<PathBuf>,
+    /// The video demo's classifier (default: the assets' MobileNetV2).
+    pub model: Option<PathBuf>,
+    /// The video demo's preprocessing spec (default: ImageNet's resize 256, crop 224, mean and std).
+    pub preprocess: Option<String>,
     pub out: Option<PathBuf>,
     pub config: Option<PathBuf>,
     pub limit: Option<usize>,
@@ -160,8 +164,11 @@ fn digits_demo(args: &DemoArgs, assets: &Path) -> Result<String, CliError> {
 fn video_demo(args: &DemoArgs, assets: &Path, video: &Path) -> Result<String, CliError> {
     let dir = out_dir(args)?;
     let mut config = config_or(args.config.as_deref(), VIDEO_CONFIG)?;
-    let model_path = assets.join("mobilenetv2.onnx");
-    let spec: PreprocessSpec = IMAGENET_SPEC.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
+    let model_path = args.model.clone().unwrap_or_else(|| assets.join("mobilenetv2.onnx"));
+    let model_name =
+        model_path.file_name().map_or_else(|| model_path.display().to_string(), |n| n.to_string_lossy().into());
+    let spec_text = args.preprocess.clone().unwrap_or_else(|| IMAGENET_SPEC.to_string());
+    let spec: PreprocessSpec = spec_text.parse().map_err(|e| CliError::Usage(format!("--preprocess: {e}")))?;
     let limit = args.limit.unwrap_or(usize::MAX);
     // With a clean clip, the source model's top-1 on each clean frame is that frame's "label":
     // the accuracy columns then read as agreement with the clean predictions.
@@ -190,7 +197,7 @@ fn video_demo(args: &DemoArgs, assets: &Path, video: &Path) -> Result<String, Cl
     let stream_args = StreamArgs {
         model: model_path.clone(),
         source: format!("video:{}", video.display()),
-        preprocess: IMAGENET_SPEC.to_string(),
+        preprocess: spec_text,
         config: None,
         corrupt: None,
         segment: None,
@@ -216,7 +223,7 @@ fn video_demo(args: &DemoArgs, assets: &Path, video: &Path) -> Result<String, Cl
         &model_path,
         clean_labels.as_deref(),
     )?;
-    let mut text = format!("Acclimate demo: MobileNetV2 on {} ({} frames)\n", video.display(), run.summary.frames);
+    let mut text = format!("Acclimate demo: {model_name} on {} ({} frames)\n", video.display(), run.summary.frames);
     for r in run.records.iter().step_by((run.records.len() / 12).max(1)) {
         text += &format!(
             "  frame {:>4}: class {:>4} ({:.2}){}\n",

@@ -286,12 +286,18 @@ pub enum Command {
     /// The demo on embedded defaults: the SVHN network adapting on MNIST digits through
     /// corruptions and a class-correlated segment; or MobileNetV2 on a video with --video.
     Demo {
-        /// A video (Y4M, or anything ffmpeg reads) to run MobileNetV2 on, frame by frame.
+        /// A video (Y4M, or anything ffmpeg reads) to run MobileNetV2 (or --model) on, frame by frame.
         #[arg(long)]
         video: Option<PathBuf>,
         /// The same clip without the distortion: report agreement with its predictions.
         #[arg(long, requires = "video")]
         clean: Option<PathBuf>,
+        /// Run this ImageNet classifier on the video instead of the assets' MobileNetV2.
+        #[arg(long, requires = "video")]
+        model: Option<PathBuf>,
+        /// How frames become the model's input (default: resize 256, crop 224, ImageNet mean and std).
+        #[arg(long, requires = "video")]
+        preprocess: Option<String>,
         /// Where the report, summary and per-frame lines go (default ./acclimate-demo).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -436,9 +442,9 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             let run = stream::stream_cmd(&args)?;
             print(&stream::summary_text(&run.summary))
         }
-        Command::Demo { video, clean, out, config, limit, assets, quiet } => {
+        Command::Demo { video, clean, model, preprocess, out, config, limit, assets, quiet } => {
             let progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
-            let args = demo::DemoArgs { video, clean, out, config, limit, assets, progress };
+            let args = demo::DemoArgs { video, clean, model, preprocess, out, config, limit, assets, progress };
             print(&demo::demo_cmd(&args)?)
         }
         Command::Fisher { model, batches, out, config } => {
