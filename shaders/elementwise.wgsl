@@ -23,6 +23,9 @@ const TANH: i32 = 8;
 const NEG: i32 = 9;
 const ABS: i32 = 10;
 const SQRT: i32 = 11;
+const ERF: i32 = 12;
+// Gelu: alpha 0 for the exact form, 1 for the tanh approximation.
+const GELU: i32 = 13;
 
 // Binary op codes (override OP).
 const ADD: i32 = 0;
@@ -78,6 +81,8 @@ fn unary(v: f32) -> f32 {
         case NEG: { return -v; }
         case ABS: { return abs(v); }
         case SQRT: { return select(sqrt(v), f32_nan(), v < 0.0); }
+        case ERF: { return erf_onnx(v); }
+        case GELU: { return gelu(v); }
         default: { return clip_onnx(v, up.alpha, up.beta); }
     }
 }
@@ -158,6 +163,97 @@ fn tanh_onnx(x: f32) -> f32 {
         return x;
     }
     return select(r, -r, x < 0.0);
+}
+
+// erfc(a) for a >= 1: t·exp(−a² + P(s)), t = 1/(1 + a/2), s = 4t − 5/3 (t's range over [1, 10]
+// mapped onto [−1, 1]), P the degree-8 fit of tools/erf_fit.py (1.2e-7 relative in f32). The
+// caller passes a² as hi2 + lo2 with hi2 exact (the square of a's top 12 bits), so the rounding of
+// a² (7.6e-6 at a = 10) never reaches the exponent. 0 from 10 on (erfc(9.2) is already below f32's
+// smallest normal); NaN stays NaN.
+fn erfc_split(a: f32, hi2: f32, lo2: f32) -> f32 {
+    if a >= 10.0 { return 0.0; }
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let s = 4.0 * t - 1.6666666666666667;
+    var p = -3.994111466454342e-06;
+    p = p * s - 9.681571100372821e-06;
+    p = p * s + 6.426724576158449e-05;
+    p = p * s + 0.0001801046309992671;
+    p = p * s - 0.001008396502584219;
+    p = p * s - 0.004760499112308025;
+    p = p * s + 0.017190933227539062;
+    p = p * s + 0.3265846371650696;
+    p = p * s - 0.7823777794837952;
+    return t * exp(-hi2) * exp(p - lo2);
+}
+
+// v's top 12 significant bits: its square is exact in f32.
+fn top_bits(v: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(v) & 0xfffff000u);
+}
+
+fn erfc_tail(a: f32) -> f32 {
+    let hi = top_bits(a);
+    return erfc_split(a, hi * hi, (a - hi) * (a + hi));
+}
+
+// erf(a) for |a| < 1: 2/√π · a · Σ (−a²)ⁿ / (n!(2n + 1)), n ≤ 11 (the next term is below 1e-9):
+// full relative precision near 0, where 1 − erfc would cancel.
+fn erf_series(a: f32) -> f32 {
+    let u = a * a;
+    var p = -1.0 / (39916800.0 * 23.0);
+    p = p * u + 1.0 / (3628800.0 * 21.0);
+    p = p * u - 1.0 / (362880.0 * 19.0);
+    p = p * u + 1.0 / (40320.0 * 17.0);
+    p = p * u - 1.0 / (5040.0 * 15.0);
+    p = p * u + 1.0 / (720.0 * 13.0);
+    p = p * u - 1.0 / (120.0 * 11.0);
+    p = p * u + 1.0 / (24.0 * 9.0);
+    p = p * u - 1.0 / (6.0 * 7.0);
+    p = p * u + 1.0 / (2.0 * 5.0);
+    p = p * u - 1.0 / 3.0;
+    p = p * u + 1.0;
+    return 1.1283791670955126 * a * p;
+}
+
+// erf with ONNX Runtime's edges: ±0 kept, ±1 at ±inf, NaN passes through (ordered comparisons
+// only: NaN fails every test and comes back unchanged).
+fn erf_onnx(x: f32) -> f32 {
+    let a = abs(x);
+    var r: f32;
+    if a < 1.0 {
+        return erf_series(x);
+    } else if a >= 1.0 {
+        r = 1.0 - erfc_tail(a);
+    } else {
+        return x;
+    }
+    return select(r, -r, x < 0.0);
+}
+
+// Φ(x) = (1 + erf(x/√2))/2, as erfc(|z|)/2 below 0 so that the left tail keeps its relative
+// precision (1 + erf cancels there). The tail's exponent z² = x²/2 comes from x itself: the
+// rounding of x/√2 would be amplified x²-fold there.
+fn normal_cdf(x: f32) -> f32 {
+    let z = x * 0.70710678118654752;
+    let a = abs(z);
+    if a < 1.0 { return 0.5 + 0.5 * erf_series(z); }
+    let ax = abs(x);
+    let hi = top_bits(ax);
+    let c = 0.5 * erfc_split(a, 0.5 * hi * hi, 0.5 * (ax - hi) * (ax + hi));
+    return select(1.0 - c, c, x < 0.0);
+}
+
+// The tanh approximation's 0.5·(1 + tanh u) = σ(2u), u = √(2/π)·(x + 0.044715x³): no cancellation
+// on either side.
+fn gelu_tanh_gate(x: f32) -> f32 {
+    let u = 0.79788456080286536 * (x + 0.044715 * x * x * x);
+    return 1.0 / (1.0 + exp(-2.0 * u));
+}
+
+// Gelu(x) = x·Φ(x) (approximate = "none") or x·σ(2u) ("tanh"). NaN passes through.
+fn gelu(x: f32) -> f32 {
+    if up.alpha == 0.0 { return x * normal_cdf(x); }
+    return x * gelu_tanh_gate(x);
 }
 
 @compute @workgroup_size(256)
@@ -295,6 +391,18 @@ fn unary_grad(g: f32, v: f32) -> f32 {
             var t = v;
             if FROM_OUTPUT == 0 { t = tanh_onnx(v); }
             return g * (1.0 - t * t);
+        }
+        // d erf/dx = 2/√π · e^(−x²).
+        case ERF: { return g * 1.1283791670955126 * exp(-v * v); }
+        case GELU: {
+            if up.alpha == 0.0 {
+                // Φ(x) + x·φ(x), φ(x) = e^(−x²/2)/√(2π).
+                return g * (normal_cdf(v) + v * 0.3989422804014327 * exp(-0.5 * v * v));
+            }
+            // d/dx x·σ(2u) = σ + x·2σ(1 − σ)·u', u' = √(2/π)·(1 + 3·0.044715x²).
+            let sg = gelu_tanh_gate(v);
+            let du = 0.79788456080286536 * (1.0 + 0.134145 * v * v);
+            return g * (sg + v * 2.0 * sg * (1.0 - sg) * du);
         }
         case NEG: { return -g; }
         // sign(0) = 0, as PyTorch's abs backward.

@@ -307,6 +307,11 @@ fn unary_ref(u: Unary, x: f64) -> f64 {
         Unary::Neg => -x,
         Unary::Abs => x.abs(),
         Unary::Sqrt => x.sqrt(),
+        Unary::Erf => libm::erf(x),
+        Unary::Gelu { tanh: false } => 0.5 * x * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2),
+        Unary::Gelu { tanh: true } => {
+            0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        }
     }
 }
 
@@ -352,6 +357,9 @@ fn math_functions_match_finite_differences(ctx: GpuContext) {
         (Unary::Neg, -2.0, 2.0, vec![]),
         (Unary::Abs, -2.0, 2.0, vec![0.0]),
         (Unary::Sqrt, 0.1, 4.0, vec![]),
+        (Unary::Erf, -3.0, 3.0, vec![]),
+        (Unary::Gelu { tanh: false }, -4.0, 4.0, vec![]),
+        (Unary::Gelu { tanh: true }, -4.0, 4.0, vec![]),
     ];
     for (k, (u, lo, hi, kinks)) in cases.into_iter().enumerate() {
         let x = avoid(random_f32(n, 50 + k as u64, lo, hi), &kinks, 0.02);

@@ -1,4 +1,5 @@
-//! The math functions of the elementwise family (Log, Exp, Tanh, Neg, Abs, Sqrt) against f64,
+//! The math functions of the elementwise family (Log, Exp, Tanh, Neg, Abs, Sqrt, Erf, Gelu) against
+//! f64 (erf and erfc from the `libm` crate),
 //! where the ONNX node tests (rtol 1e-3 on random normals) would not notice a problem: log near
 //! 1 and over the whole float range, tanh at tiny and saturating arguments, values outside a
 //! function's domain (C's results: log 0 = -inf, NaN below, sqrt of a negative NaN), and the CPU
@@ -105,6 +106,67 @@ fn exp_sqrt_neg_abs_match_f64(ctx: GpuContext) {
     let x = [0.0, -0.0, 1.5, -2.25, f32::INFINITY, f32::NEG_INFINITY, 3e38];
     same_bits_or_nan("neg", &gpu_unary(&ctx, Unary::Neg, &x), &x.map(|v| -v));
     same_bits_or_nan("abs", &gpu_unary(&ctx, Unary::Abs, &x), &x.map(f32::abs));
+}
+
+/// Φ(x) in f64 from libm's erfc (accurate in both tails).
+fn phi(x: f64) -> f64 {
+    0.5 * libm::erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+}
+
+fn gelu_tanh(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Erf near 0 (its series: full relative precision), across the switch to the erfc tail at 1, in
+/// the tail and where it rounds to ±1; the edges as ONNX Runtime gives them. The CPU twin used by
+/// constant folding agrees with the kernel.
+#[gpu_test]
+fn erf_is_accurate_near_zero_and_in_the_tails(ctx: GpuContext) {
+    let mut x = logspace(1e-30, 6.0, 400);
+    x.extend((-20..=20).map(|k| 1.0 + k as f32 * 1e-6));
+    x.extend(x.clone().iter().map(|v| -v).collect::<Vec<_>>());
+    x.extend(common::random_f32(300, 4, -4.0, 4.0));
+    let got = gpu_unary(&ctx, Unary::Erf, &x);
+    assert_rel("erf", &x, &got, libm::erf, 4e-7);
+    let cpu: Vec<f32> = x.iter().map(|&v| Unary::Erf.apply(v)).collect();
+    assert_rel("erf (CPU folding)", &x, &cpu, libm::erf, 4e-7);
+    let special = [0.0, -0.0, 4.0, -10.0, 1e30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    let got = gpu_unary(&ctx, Unary::Erf, &special);
+    same_bits_or_nan("erf at the edges", &got, &[0.0, -0.0, 1.0, -1.0, 1.0, 1.0, -1.0, f32::NAN]);
+}
+
+/// Gelu, exact and tanh: x·Φ(x) keeps its relative precision in the left tail (where
+/// 0.5·x·(1 + erf) cancels) down to x = -13, where it leaves f32's normal range.
+#[gpu_test]
+fn gelu_is_accurate_in_both_tails(ctx: GpuContext) {
+    let mut x = logspace(1e-20, 13.0, 400);
+    x.extend(x.clone().iter().map(|v| -v).collect::<Vec<_>>());
+    x.extend(common::random_f32(300, 5, -6.0, 6.0));
+    let exact = Unary::Gelu { tanh: false };
+    let got = gpu_unary(&ctx, exact, &x);
+    // The tail's exponent −x²/2 is computed from x (split so that its square is exact): the
+    // rounding of z = x/√2, which x² would amplify there, reaches only t and the fitted polynomial.
+    for (i, (&xv, &g)) in x.iter().zip(&got).enumerate() {
+        let want = xv as f64 * phi(xv as f64);
+        let e = if want == 0.0 { (g as f64).abs() } else { ((g as f64 - want) / want).abs() };
+        // The series, t and P: 4e-7; the exp builtin (as in the Exp test: its condition number is
+        // its argument's size) on x²/2.
+        let allowed = 4e-7 + 2e-7 * (xv as f64).powi(2) / 2.0;
+        assert!(e <= allowed, "gelu({xv:e}) [{i}] = {g:e}, f64 gives {want:e} (relative {e:.2e} > {allowed:.1e})");
+    }
+    let tanh = Unary::Gelu { tanh: true };
+    let x = common::random_f32(500, 6, -8.0, 8.0);
+    let got = gpu_unary(&ctx, tanh, &x);
+    for (&xv, &g) in x.iter().zip(&got) {
+        let want = gelu_tanh(xv as f64);
+        let e = (g as f64 - want).abs();
+        assert!(e <= 1e-6 * want.abs().max(1e-3), "gelu tanh({xv:e}) = {g:e}, f64 gives {want:e}");
+    }
+    for u in [exact, tanh] {
+        let special = [0.0, 40.0, -40.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+        let got = gpu_unary(&ctx, u, &special);
+        same_bits_or_nan(&format!("{u:?} at the edges"), &got, &[0.0, 40.0, -0.0, f32::INFINITY, f32::NAN, f32::NAN]);
+    }
 }
 
 #[test]

@@ -38,6 +38,12 @@ pub enum Unary {
     Abs,
     /// Square root: NaN below 0.
     Sqrt,
+    /// The error function.
+    Erf,
+    /// x·Φ(x) (opset 20's Gelu, `approximate = "none"`), or with `tanh` its tanh approximation.
+    Gelu {
+        tanh: bool,
+    },
 }
 
 impl Unary {
@@ -55,6 +61,16 @@ impl Unary {
             "Neg" => Unary::Neg,
             "Abs" => Unary::Abs,
             "Sqrt" => Unary::Sqrt,
+            "Erf" => Unary::Erf,
+            "Gelu" => match a.string("approximate", "none")?.as_str() {
+                "none" => Unary::Gelu { tanh: false },
+                "tanh" => Unary::Gelu { tanh: true },
+                other => {
+                    return Err(OpReason::Attribute(format!(
+                        "Gelu approximate = \"{other}\" (ONNX defines \"none\" and \"tanh\")"
+                    )));
+                }
+            },
             other => return Err(OpReason::Internal(format!("{other} is not a unary activation"))),
         })
     }
@@ -74,6 +90,8 @@ impl Unary {
             Unary::Neg => (9, 0.0, 0.0),
             Unary::Abs => (10, 0.0, 0.0),
             Unary::Sqrt => (11, 0.0, 0.0),
+            Unary::Erf => (12, 0.0, 0.0),
+            Unary::Gelu { tanh } => (13, if tanh { 1.0 } else { 0.0 }, 0.0),
         }
     }
 
@@ -109,8 +127,81 @@ impl Unary {
             Unary::Neg => -v,
             Unary::Abs => v.abs(),
             Unary::Sqrt => v.sqrt(),
+            Unary::Erf => erf(v as f64) as f32,
+            Unary::Gelu { tanh: false } => {
+                let x = v as f64;
+                (x * normal_cdf(x)) as f32
+            }
+            Unary::Gelu { tanh: true } => {
+                let x = v as f64;
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+                (x / (1.0 + (-2.0 * u).exp())) as f32
+            }
         }
     }
+}
+
+/// erfc(a) for a ≥ 1 as the kernel computes it (`erfc_tail` in elementwise.wgsl: the fit of
+/// tools/erf_fit.py), in f64 for constant folding.
+fn erfc_tail(a: f64) -> f64 {
+    erfc_with_square(a, a * a)
+}
+
+/// erfc(a) for a ≥ 1 given a² (Φ passes x²/2 computed from x).
+fn erfc_with_square(a: f64, a2: f64) -> f64 {
+    if a >= 10.0 {
+        return 0.0;
+    }
+    const P: [f64; 9] = [
+        -0.7823777794837952,
+        0.3265846371650696,
+        0.017190933227539062,
+        -0.004760499112308025,
+        -0.001008396502584219,
+        0.0001801046309992671,
+        6.426724576158449e-05,
+        -9.681571100372821e-06,
+        -3.994111466454342e-06,
+    ];
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let s = 4.0 * t - 5.0 / 3.0;
+    let p = P.iter().rev().fold(0.0, |acc, &c| acc * s + c);
+    t * (p - a2).exp()
+}
+
+/// erf: its Taylor series below 1 (terms to n = 11), 1 − erfc above; NaN passes through.
+fn erf(x: f64) -> f64 {
+    let a = x.abs();
+    if a < 1.0 {
+        let u = a * a;
+        let (mut p, mut fact) = (0.0, 1.0);
+        let mut terms = [0.0; 12];
+        for (n, t) in terms.iter_mut().enumerate() {
+            if n > 0 {
+                fact *= n as f64;
+            }
+            let sign = if n % 2 == 0 { 1.0 } else { -1.0 };
+            *t = sign / (fact * (2 * n + 1) as f64);
+        }
+        for t in terms.iter().rev() {
+            p = p * u + t;
+        }
+        2.0 / std::f64::consts::PI.sqrt() * x * p
+    } else if a >= 1.0 {
+        (1.0 - erfc_tail(a)).copysign(x)
+    } else {
+        x
+    }
+}
+
+/// Φ(x), as erfc(|z|)/2 below 0 (the kernel's `normal_cdf`).
+fn normal_cdf(x: f64) -> f64 {
+    let z = x * std::f64::consts::FRAC_1_SQRT_2;
+    if z.abs() < 1.0 {
+        return 0.5 + 0.5 * erf(z);
+    }
+    let c = 0.5 * erfc_with_square(z.abs(), 0.5 * x * x);
+    if x < 0.0 { c } else { 1.0 - c }
 }
 
 /// A broadcasting binary op. PRelu uses the same kernel with the slope as the right operand.
@@ -385,7 +476,7 @@ const GRAD_WORKGROUP_MIN: usize = 256;
 /// (|x| has lost the sign). Neg's gradient is -dY and reads neither.
 pub fn unary_backward_saves(u: &Unary) -> (bool, bool) {
     match *u {
-        Unary::HardSwish | Unary::Log | Unary::Abs => (true, false),
+        Unary::HardSwish | Unary::Log | Unary::Abs | Unary::Erf | Unary::Gelu { .. } => (true, false),
         Unary::LeakyRelu { alpha } if alpha.is_nan() || alpha < 0.0 => (true, false),
         Unary::Neg => (false, false),
         _ => (false, true),
