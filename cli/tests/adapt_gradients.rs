@@ -5,7 +5,9 @@
 //! One TENT step with plain SGD (lr 1, no momentum) leaves θ − ∂L/∂θ in the parameters, so the
 //! gradient the GPU computed is the parameter change. The reference is (L(θ+h) − L(θ−h)) / 2h with
 //! L the mean entropy of the logits of a forward-only session in the same statistics mode,
-//! evaluated in f64 on the CPU from the GPU's f32 logits.
+//! evaluated in f64 on the CPU from the GPU's f32 logits. The same net with LayerNormalization and
+//! an Erf GELU before its classifier (`tools/layer_norm_fixture.py`) checks the gradients the step
+//! passes back through those to the BatchNorm layers.
 
 mod common;
 
@@ -22,7 +24,11 @@ use acclimate_test_macros::gpu_test;
 /// smooth function (a step of h across a ReLU kink is not a derivative). The kinks themselves are
 /// covered exactly by the PyTorch trajectories (tta_reference.rs) and the op tests.
 fn tiny() -> Graph {
-    let mut g = Graph::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model.onnx")).unwrap();
+    tiny_from("model.onnx")
+}
+
+fn tiny_from(file: &str) -> Graph {
+    let mut g = Graph::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd").join(file)).unwrap();
     for n in &mut g.nodes {
         if n.op_type == "Relu" || n.op_type == "Clip" {
             n.op = acclimate::ops::Op::Unary(acclimate::ops::elementwise::Unary::Sigmoid);
@@ -57,7 +63,18 @@ fn config(method: &str, norm: &str) -> AdaptConfig {
 
 /// Loss of a forward pass in `norm` mode with parameter `name[idx]` shifted by `delta`.
 fn loss_at(ctx: &acclimate::GpuContext, norm: &str, name: &str, idx: usize, delta: f32, x: &Tensor) -> f64 {
-    let mut g = tiny();
+    loss_of(ctx, tiny(), norm, name, idx, delta, x)
+}
+
+fn loss_of(
+    ctx: &acclimate::GpuContext,
+    mut g: Graph,
+    norm: &str,
+    name: &str,
+    idx: usize,
+    delta: f32,
+    x: &Tensor,
+) -> f64 {
     let mut t = (*g.initializers[name]).clone();
     if let acclimate::tensor::Data::F32(v) = &mut t.data {
         v[idx] += delta;
@@ -95,6 +112,37 @@ fn step_gradients_match_finite_differences_in_every_statistics_mode(ctx: GpuCont
                 if err > 2e-3 * scale + 1e-5 {
                     failures.push(format!("{norm} {name}[{idx}]: gpu {:.6e} vs fd {:.6e}", g[idx], fd));
                 }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// LayerNormalization (expanded into ReduceMean, Sub, Mul, Add, Sqrt, Div in the IR) and GELU as
+/// exported before opset 20 (Div, Erf, Add, Mul) between the pooled features and the classifier:
+/// every BatchNorm parameter's gradient, which flows back through both, against finite
+/// differences.
+#[gpu_test]
+fn step_gradients_pass_back_through_layer_norm_and_erf_gelu(ctx: GpuContext) {
+    let file = "model_ln_gelu.onnx";
+    let g = tiny_from(file);
+    assert_eq!(g.op_histogram().iter().find(|(op, _)| op == "LayerNormalization").map(|p| p.1), Some(1));
+    let x = Tensor::f32(vec![4, 3, 8, 8], common::random_f32(4 * 3 * 64, 12, -2.0, 2.0));
+    let h = 1e-2f32;
+    let mut s = Session::new(&ctx, Model::from_graph(g), config("tent", "batch")).unwrap();
+    let before = s.parameters().unwrap();
+    s.step(&x).unwrap();
+    let after = s.parameters().unwrap();
+    let mut failures = Vec::new();
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        let g: Vec<f64> = b.to_f32_vec().iter().zip(a.to_f32_vec()).map(|(b, a)| (*b - a) as f64).collect();
+        let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+        for idx in [0, g.len() / 2, g.len() - 1] {
+            let at = |d: f32| loss_of(&ctx, tiny_from(file), "batch", name, idx, d, &x);
+            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+            eprintln!("{name:12}[{idx}] gpu {:+.6e} fd {:+.6e}", g[idx], fd);
+            if (fd - g[idx]).abs() > 2e-3 * scale + 1e-5 {
+                failures.push(format!("{name}[{idx}]: gpu {:.6e} vs fd {:.6e}", g[idx], fd));
             }
         }
     }

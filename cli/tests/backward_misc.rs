@@ -929,6 +929,7 @@ fn reduce_mean_matches_finite_differences(ctx: GpuContext) {
         axes,
         axes_input,
         noop_with_empty_axes: false,
+        from_axis: None,
     };
     let variants = vec![
         MeanCase {

@@ -236,3 +236,33 @@ fn reference_backend_errors_are_errors() {
     let count = ort.run(&[]).expect_err("no input ran").to_string();
     assert!(count.contains("1 input") && count.contains("0 given"), "{count}");
 }
+
+/// LayerNormalization before opset 17 (where ONNX defines it), without its Scale, or with attribute
+/// values ONNX does not define: a load error naming op and node, not a silently different graph.
+#[test]
+fn malformed_layer_normalization_is_named() {
+    let int_attr = |name: &str, v: i64| proto::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    };
+    let ln = |inputs: &[&str], attr: Option<proto::AttributeProto>| {
+        let mut n = node("LayerNormalization", "my_ln", inputs, &["y"]);
+        n.attribute.extend(attr);
+        n
+    };
+    // Opset 13 (model_bytes): LayerNormalization does not exist there.
+    let msg = load_err(&model_bytes(vec![ln(&["x", "x"], None)]));
+    assert!(msg.contains("my_ln") && msg.contains("opset 17"), "{msg}");
+    let at17 = |n: proto::NodeProto| {
+        let mut m = proto::ModelProto::decode(model_bytes(vec![n]).as_slice()).unwrap();
+        m.opset_import[0].version = Some(17);
+        m.encode_to_vec()
+    };
+    Model::from_bytes(&at17(ln(&["x", "x"], None))).expect("a well-formed LayerNormalization loads at opset 17");
+    let msg = load_err(&at17(ln(&["x"], None)));
+    assert!(msg.contains("my_ln") && msg.contains("Scale"), "{msg}");
+    let msg = load_err(&at17(ln(&["x", "x"], Some(int_attr("stash_type", 3)))));
+    assert!(msg.contains("my_ln") && msg.contains("stash_type"), "{msg}");
+}

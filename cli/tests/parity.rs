@@ -69,8 +69,13 @@ fn compare(label: &str, gpu: &[Tensor], ort: &[Tensor]) -> Option<String> {
 }
 
 fn parity(model: &str, chw: [usize; 3], seed: u64) {
+    parity_at(&common::asset(model), chw, seed);
+}
+
+fn parity_at(path: &std::path::Path, chw: [usize; 3], seed: u64) {
     let Some(ctx) = common::gpu() else { return };
-    let path = common::asset(model);
+    let model = path.file_name().unwrap().to_string_lossy().into_owned();
+    let path = path.to_path_buf();
     let mut ort = ort_session(&path);
     let mut engine = Engine::new(&ctx, Model::load(&path).unwrap_or_else(|e| panic!("{model}: {e}")));
     let mut failures = Vec::new();
@@ -94,6 +99,13 @@ fn mobilenetv2_matches_onnxruntime() {
 #[test]
 fn efficientnet_lite0_matches_onnxruntime() {
     parity("efficientnet_lite0.onnx", [3, 224, 224], 400);
+}
+
+/// LayerNormalization (opset 17) and an Erf GELU before a classifier
+/// (`tools/layer_norm_fixture.py`).
+#[test]
+fn layer_norm_and_erf_gelu_match_onnxruntime() {
+    parity_at(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model_ln_gelu.onnx"), [3, 8, 8], 500);
 }
 
 #[test]

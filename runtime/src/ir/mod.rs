@@ -16,6 +16,14 @@ use crate::ops::shape::ShapeOp;
 use crate::ops::{Op, OpError, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
 
+mod layer_norm;
+
+/// A parsed node: one op, or the nodes of an op defined as a function of others.
+enum Expansion {
+    Op(Op),
+    Nodes(Vec<Node>),
+}
+
 /// Errors raised while building the IR from a decoded model.
 #[derive(Debug, Error)]
 pub enum IrError {
@@ -51,6 +59,9 @@ pub struct Node {
     /// Input tensor names; empty string for an omitted optional input.
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
+    /// For the nodes an ONNX function op expands into (LayerNormalization), the part this one
+    /// computes ("mean", ..., "y" last); `None` for a node of the model itself.
+    pub part: Option<&'static str>,
 }
 
 /// A dimension of a graph input.
@@ -162,7 +173,12 @@ impl Graph {
         }
         let mut nodes = Vec::with_capacity(g.nodes.len());
         for n in &g.nodes {
-            let op = Op::parse(n, opset).map_err(|reason| {
+            let parsed = if n.op_type == "LayerNormalization" && (n.domain.is_empty() || n.domain == "ai.onnx") {
+                layer_norm::expand(n, opset, &mut initializers).map(Expansion::Nodes)
+            } else {
+                Op::parse(n, opset).map(Expansion::Op)
+            };
+            let parsed = parsed.map_err(|reason| {
                 IrError::UnsupportedOp(Box::new(OpError {
                     op: n.op_type.clone(),
                     node: n.name.clone(),
@@ -189,6 +205,13 @@ impl Graph {
                     return Err(IrError::DuplicateOutput { name: out.clone(), node: n.name.clone() });
                 }
             }
+            let op = match parsed {
+                Expansion::Op(op) => op,
+                Expansion::Nodes(parts) => {
+                    nodes.extend(parts);
+                    continue;
+                }
+            };
             // A Constant node is an initializer by another name (PaddlePaddle exports keep every
             // weight, BatchNorm parameters included, in Constant nodes): make it one, so weights
             // are uploaded once and BatchNorm layers stay adaptable.
@@ -205,6 +228,7 @@ impl Graph {
                 op,
                 inputs: n.inputs.clone(),
                 outputs: n.outputs.clone(),
+                part: None,
             });
         }
         if g.outputs.is_empty() {
@@ -263,7 +287,8 @@ impl Graph {
     /// Histogram of op types, in order of first appearance.
     pub fn op_histogram(&self) -> Vec<(String, usize)> {
         let mut out: Vec<(String, usize)> = Vec::new();
-        for n in &self.nodes {
+        // An expanded op counts once, by its last part.
+        for n in self.nodes.iter().filter(|n| n.part.is_none_or(|p| p == "y")) {
             match out.iter_mut().find(|(k, _)| *k == n.op_type) {
                 Some((_, c)) => *c += 1,
                 None => out.push((n.op_type.clone(), 1)),

@@ -22,6 +22,9 @@ pub struct ReduceMeanAttrs {
     pub axes_input: bool,
     /// With no axes given: reduce nothing (true) or everything (false).
     pub noop_with_empty_axes: bool,
+    /// Reduce every dim from this axis on (negative counts from the end), whatever the rank:
+    /// LayerNormalization's statistics (its expansion in [`crate::ir`]); not an ONNX attribute.
+    pub from_axis: Option<i64>,
 }
 
 impl ReduceMeanAttrs {
@@ -44,11 +47,20 @@ impl ReduceMeanAttrs {
             axes: a.ints("axes")?,
             axes_input,
             noop_with_empty_axes: flag("noop_with_empty_axes", 0)?,
+            from_axis: None,
         })
     }
 
     /// Which dims of a rank-`rank` input are reduced; `axes` is the constant second input.
     fn reduced(&self, rank: usize, axes: Option<&Tensor>) -> OpResult<Vec<bool>> {
+        if let Some(ax) = self.from_axis {
+            let r = rank as i64;
+            let a = if ax < 0 { ax + r } else { ax };
+            if a < 0 || a >= r {
+                return Err(OpReason::Axis { axis: ax, rank });
+            }
+            return Ok((0..rank).map(|d| d as i64 >= a).collect());
+        }
         let list: Vec<i64> = if self.axes_input {
             match axes {
                 None => Vec::new(),
