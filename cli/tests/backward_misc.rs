@@ -1210,3 +1210,49 @@ fn attribute_like_inputs_get_no_gradient(ctx: GpuContext) {
     let e = run_case(&ctx, &case, false).err().expect("refused");
     assert!(e.contains("no gradient"), "{e}");
 }
+
+/// Gather of run-time data by constant indices (strided copies per run of consecutive indices):
+/// the gradient is scattered back, added where an index repeats, zero where none points.
+#[gpu_test]
+fn gather_scatters_its_gradient_back(ctx: GpuContext) {
+    use acclimate::ops::shape::ShapeOp;
+    let s = [2, 5, 3];
+    let cases: Vec<(i64, Tensor)> = vec![
+        // Repeats (3 twice, 4 as -1), a run (3, 4) and a gap (0, 2 never read).
+        (1, Tensor::i64(vec![2, 2], vec![3, 1, 3, -1])),
+        (1, Tensor::i64(vec![3], vec![1, 2, 3])),
+        // A scalar index drops the axis: the class token of a sequence.
+        (2, Tensor::i64(vec![], vec![-1])),
+        (0, Tensor::i64(vec![1], vec![1])),
+    ];
+    for (k, (axis, indices)) in cases.into_iter().enumerate() {
+        let op = Op::Shape(ShapeOp::Gather { axis });
+        let a = axis as usize;
+        let dim = s[a];
+        let idx: Vec<usize> =
+            indices.to_i64_vec().iter().map(|&i| if i < 0 { (i + dim as i64) as usize } else { i as usize }).collect();
+        let mut out: Vec<usize> = s[..a].to_vec();
+        out.extend_from_slice(&indices.shape);
+        out.extend_from_slice(&s[a + 1..]);
+        let (outer, inner): (usize, usize) = (s[..a].iter().product(), s[a + 1..].iter().product());
+        let reference = move |xs: &[Vec<f64>]| {
+            let mut y = Vec::new();
+            for o in 0..outer {
+                for &j in &idx {
+                    y.extend_from_slice(&xs[0][(o * dim + j) * inner..(o * dim + j + 1) * inner]);
+                }
+            }
+            vec![y]
+        };
+        let outputs = vec![out];
+        let case = Case {
+            name: format!("Gather axis {axis} indices {:?}", indices.to_i64_vec()),
+            args: vec![data(random_f32(numel(&s), 90 + k as u64, -1.0, 1.0), &s), Arg::Const(indices)],
+            dys: dy_for(&outputs, 95 + k as u64),
+            outputs,
+            forward: &|l| op.lower(l),
+            backward: &|b| op.lower_backward(b),
+        };
+        check(&ctx, &case, &reference);
+    }
+}

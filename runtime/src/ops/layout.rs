@@ -17,6 +17,8 @@ use super::{
     Attrs, BackwardLowering, BufRef, Dispatch, Input, Lowering, MAX_RANK, OpReason, OpResult, Operand,
     contiguous_strides, norm_axis, u32s,
 };
+use std::sync::Arc;
+
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::onnx::RawNode;
 use crate::tensor::{DType, Data, Tensor};
@@ -1143,11 +1145,115 @@ fn reverse_copy(c: &StridedCopy) -> OpResult<StridedCopy> {
     })
 }
 
+/// Gather on a tensor computed at run time with constant indices (a class token picked out of a
+/// sequence, `x[:, 0]`; rows by a constant list): one strided copy per run of consecutive indices
+/// (the indices wrapped, checked against the axis, in the order given). Returns the output shape
+/// and the copies, and whether an index repeats (the backward then adds).
+fn gather_copies(data: &[usize], indices: &Tensor, axis: i64) -> OpResult<(Vec<usize>, Vec<StridedCopy>, bool)> {
+    if indices.dtype.is_float() {
+        return Err(OpReason::DType(format!("Gather indices must be integers, got {}", indices.dtype)));
+    }
+    if data.is_empty() {
+        return Err(OpReason::Shape("Gather on a scalar is not defined".into()));
+    }
+    let rank = data.len();
+    let a = norm_axes(&[axis], rank)?[0];
+    let dim = data[a];
+    let idx: Vec<i64> = indices
+        .to_i64_vec()
+        .into_iter()
+        .map(|i| {
+            let j = if i < 0 { i + dim as i64 } else { i };
+            if j < 0 || j >= dim as i64 {
+                return Err(OpReason::Value(format!("Gather index {i} is out of range for an axis of size {dim}")));
+            }
+            Ok(j)
+        })
+        .collect::<OpResult<_>>()?;
+    let mut out = data[..a].to_vec();
+    out.extend_from_slice(&indices.shape);
+    out.extend_from_slice(&data[a + 1..]);
+    let in_strides = contiguous_strides(data);
+    let out_strides = contiguous_strides(&out);
+    let inner: usize = data[a + 1..].iter().product();
+    let outer_dst: Vec<usize> = out_strides[..a].to_vec();
+    let inner_dst: Vec<usize> = out_strides[a + indices.shape.len()..].to_vec();
+    let mut copies = Vec::new();
+    let mut start = 0;
+    while start < idx.len() {
+        let mut end = start + 1;
+        while end < idx.len() && idx[end] == idx[end - 1] + 1 {
+            end += 1;
+        }
+        // dims: outer…, the run, inner…
+        let mut shape = data[..a].to_vec();
+        shape.push(end - start);
+        shape.extend_from_slice(&data[a + 1..]);
+        let mut src_strides: Vec<i64> = in_strides.iter().map(|&v| v as i64).collect();
+        let mut dst_strides = outer_dst.clone();
+        dst_strides.push(inner);
+        dst_strides.extend_from_slice(&inner_dst);
+        src_strides[a] = in_strides[a] as i64;
+        copies.push(StridedCopy {
+            input: 0,
+            output: 0,
+            shape,
+            src_offset: idx[start] * in_strides[a] as i64,
+            src_strides,
+            dst_offset: start * inner,
+            dst_strides,
+        });
+        start = end;
+    }
+    let mut seen = idx.clone();
+    seen.sort_unstable();
+    let repeats = seen.windows(2).any(|w| w[0] == w[1]);
+    Ok((out, copies, repeats))
+}
+
+fn gather_indices(inputs: &[Option<Operand>]) -> OpResult<Arc<Tensor>> {
+    let op = inputs
+        .get(1)
+        .and_then(|x| x.as_ref())
+        .ok_or_else(|| OpReason::MissingInput { index: 1, what: "indices".into() })?;
+    op.value.clone().ok_or_else(|| OpReason::NotConstant { what: "Gather indices".into() })
+}
+
+/// Gather on the GPU: data computed at run time, indices constant.
+pub fn lower_gather(axis: i64, l: &mut Lowering) -> OpResult<()> {
+    let indices = gather_indices(&l.inputs)?;
+    let (out, copies, _) = gather_copies(&l.input(0, "data")?.shape, &indices, axis)?;
+    lower_copies(l, &[out], &copies)
+}
+
+/// dData of Gather: the reversed copies, added (after zeroing) where an index repeats.
+pub fn backward_gather(axis: i64, b: &mut BackwardLowering) -> OpResult<()> {
+    if b.grad_inputs.len() > 1 && b.grad_input(1).is_some() {
+        return Err(OpReason::Internal("Gather's indices carry no gradient".into()));
+    }
+    let indices = gather_indices(&b.inputs)?;
+    let (_, copies, repeats) = gather_copies(&b.input(0, "data")?.shape, &indices, axis)?;
+    backward_copies_of(b, &copies, repeats, 1)
+}
+
 /// Transpose, Concat, Split, Slice. The forward copies read disjoint elements of their input,
 /// so each input gradient is written at most once per element; elements that no gradient reaches
 /// (sliced away, or Split outputs with no gradient) are zeroed first unless accumulating.
 fn backward_copies(b: &mut BackwardLowering, copies: &[StridedCopy]) -> OpResult<()> {
-    for j in 0..b.grad_inputs.len() {
+    let inputs = b.grad_inputs.len();
+    backward_copies_of(b, copies, false, inputs)
+}
+
+/// The reversed copies into the gradients of the first `inputs` inputs; with `overlapping`
+/// forward copies (Gather's repeated indices) every one adds onto a zeroed (or accumulating)
+/// gradient.
+fn backward_copies_of(
+    b: &mut BackwardLowering,
+    copies: &[StridedCopy],
+    overlapping: bool,
+    inputs: usize,
+) -> OpResult<()> {
+    for j in 0..inputs.min(b.grad_inputs.len()) {
         let Some(gx) = b.grad_input(j).cloned() else { continue };
         let x_shape = b.input(j, "data")?.shape.clone();
         let n = numel(&x_shape);
@@ -1164,11 +1270,11 @@ fn backward_copies(b: &mut BackwardLowering, copies: &[StridedCopy]) -> OpResult
             }
         }
         let covered: usize = mine.iter().map(|(c, _)| numel(&c.shape)).sum();
-        if covered != n && !gx.accumulate && n > 0 {
+        if (covered != n || overlapping) && !gx.accumulate && n > 0 {
             let zero = Params::new().u32(to_u32(n, "element count")?);
             b.dispatch(KernelKey::new(Shader::Layout, "fill_zero_main"), zero, vec![gx.buf], grid_1d(n, 256));
         }
-        let entry = if gx.accumulate { "copy_add_main" } else { "copy_main" };
+        let entry = if gx.accumulate || overlapping { "copy_add_main" } else { "copy_main" };
         for (c, dy) in mine {
             let r = reverse_copy(c)?;
             let count = numel(&r.shape);

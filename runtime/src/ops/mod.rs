@@ -242,7 +242,7 @@ impl Op {
 
     /// Whether the op can only run as part of a constant subgraph (shape arithmetic).
     pub fn cpu_only(&self) -> bool {
-        matches!(self, Op::Shape(_))
+        matches!(self, Op::Shape(s) if !matches!(s, shape::ShapeOp::Gather { .. }))
     }
 
     /// Appends the GPU dispatches computing the outputs.
@@ -260,6 +260,8 @@ impl Op {
             Op::ReduceMean(a) => reduce::lower(a, l),
             Op::Softmax(a) => softmax::lower(a, l),
             Op::Layout(op) => op.lower(l),
+            // Gather of run-time data by constant indices runs as strided copies.
+            Op::Shape(shape::ShapeOp::Gather { axis }) => layout::lower_gather(*axis, l),
             Op::Shape(_) => Err(OpReason::Internal("shape ops must be folded to constants before lowering".into())),
         }
     }
@@ -549,6 +551,7 @@ impl Op {
             Op::ReduceMean(a) => reduce::backward(a, b),
             Op::Softmax(a) => softmax::backward(a, b),
             Op::Layout(l) => l.backward(b),
+            Op::Shape(shape::ShapeOp::Gather { axis }) => layout::backward_gather(*axis, b),
             Op::Shape(_) => Err(OpReason::Internal("shape arithmetic carries no gradient".into())),
         }
     }
