@@ -124,21 +124,38 @@ fn step_gradients_match_finite_differences_in_every_statistics_mode(ctx: GpuCont
 /// differences.
 #[gpu_test]
 fn step_gradients_pass_back_through_layer_norm_and_erf_gelu(ctx: GpuContext) {
-    let file = "model_ln_gelu.onnx";
-    let g = tiny_from(file);
+    let g = tiny_from("model_ln_gelu.onnx");
     assert_eq!(g.op_histogram().iter().find(|(op, _)| op == "LayerNormalization").map(|p| p.1), Some(1));
-    let x = Tensor::f32(vec![4, 3, 8, 8], common::random_f32(4 * 3 * 64, 12, -2.0, 2.0));
+    gradients_match(&ctx, &|| tiny_from("model_ln_gelu.onnx"), [4, 3, 8, 8], 12);
+}
+
+/// A one-block vision transformer as `torch.onnx.export` writes it (`tools/vit_fixture.py`):
+/// the stem's BatchNorm gradients flow back through the class token's Gather, three
+/// LayerNormalizations, the MLP's Erf GELU, attention (MatMul, Softmax, the Gather of Q, K and V
+/// from one tensor, Transposes and Reshapes) and the class token's Concat.
+#[gpu_test]
+fn step_gradients_pass_back_through_a_vision_transformer(ctx: GpuContext) {
+    let load = || Graph::load(&common::repo_root().join("tests/fixtures/vit_tiny.onnx")).unwrap();
+    gradients_match(&ctx, &load, [4, 3, 8, 8], 13);
+}
+
+/// One TENT step's BatchNorm gradients (SGD, lr 1) against central differences of the loss, at
+/// the first, middle and last element of every parameter.
+fn gradients_match(ctx: &GpuContext, graph: &dyn Fn() -> Graph, shape: [usize; 4], seed: u64) {
+    let n = shape.iter().product();
+    let x = Tensor::f32(shape.to_vec(), common::random_f32(n, seed, -2.0, 2.0));
     let h = 1e-2f32;
-    let mut s = Session::new(&ctx, Model::from_graph(g), config("tent", "batch")).unwrap();
+    let mut s = Session::new(ctx, Model::from_graph(graph()), config("tent", "batch")).unwrap();
     let before = s.parameters().unwrap();
     s.step(&x).unwrap();
     let after = s.parameters().unwrap();
+    assert!(!before.is_empty(), "the model has BatchNorm parameters");
     let mut failures = Vec::new();
     for ((name, b), (_, a)) in before.iter().zip(&after) {
         let g: Vec<f64> = b.to_f32_vec().iter().zip(a.to_f32_vec()).map(|(b, a)| (*b - a) as f64).collect();
         let scale = g.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
         for idx in [0, g.len() / 2, g.len() - 1] {
-            let at = |d: f32| loss_of(&ctx, tiny_from(file), "batch", name, idx, d, &x);
+            let at = |d: f32| loss_of(ctx, graph(), "batch", name, idx, d, &x);
             let fd = (at(h) - at(-h)) / (2.0 * h as f64);
             eprintln!("{name:12}[{idx}] gpu {:+.6e} fd {:+.6e}", g[idx], fd);
             if (fd - g[idx]).abs() > 2e-3 * scale + 1e-5 {

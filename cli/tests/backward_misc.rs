@@ -1256,3 +1256,27 @@ fn gather_scatters_its_gradient_back(ctx: GpuContext) {
         check(&ctx, &case, &reference);
     }
 }
+
+/// Expand (numpy broadcasting both ways: a new leading dim, a 1 stretched, a 1 in the target kept
+/// at the input's size): the copy reads with stride 0, the gradient sums over the broadcast dims,
+/// both across a workgroup-long reduction (64 × 5 = 320 summed elements per input element).
+#[gpu_test]
+fn expand_sums_its_gradient_over_the_broadcast_dims(ctx: GpuContext) {
+    let shape = |v: &[i64]| Arg::Const(Tensor::i64(vec![v.len()], v.to_vec()));
+    let s = [3, 1, 4];
+    check_layout(
+        &ctx,
+        LayoutOp::Expand,
+        vec![data(random_f32(numel(&s), 101, -1.0, 1.0), &s), shape(&[2, 1, 5, 1])],
+        102,
+        &[],
+    );
+    let s = [1, 6];
+    check_layout(
+        &ctx,
+        LayoutOp::Expand,
+        vec![data(random_f32(6, 103, -1.0, 1.0), &s), shape(&[64, 5, 1, 6])],
+        104,
+        &[],
+    );
+}

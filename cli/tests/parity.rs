@@ -108,6 +108,14 @@ fn layer_norm_and_erf_gelu_match_onnxruntime() {
     parity_at(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd/model_ln_gelu.onnx"), [3, 8, 8], 500);
 }
 
+/// A one-block vision transformer with `torch.onnx.export`'s node patterns (`tools/vit_fixture.py`):
+/// the class token's Expand behind Equal/Where shape arithmetic, LayerNormalization, attention,
+/// Gather of run-time data, Erf GELU.
+#[test]
+fn vision_transformer_matches_onnxruntime() {
+    parity_at(&common::repo_root().join("tests/fixtures/vit_tiny.onnx"), [3, 8, 8], 600);
+}
+
 #[test]
 fn svhn_matches_onnxruntime() {
     parity("svhn.onnx", [3, 32, 32], 200);

@@ -519,3 +519,39 @@ fn classifier_heads_stream_as_the_plain_logits(ctx: GpuContext) {
         }
     }
 }
+
+/// A vision transformer (`tools/vit_fixture.py`: LayerNorm, attention, Erf GELU, the class
+/// token's Expand and Gather, a BatchNorm stem) streams with the library's default (`auto`) in
+/// frame and batch mode, and ETA steps on it: every frame gets finite probabilities, and the
+/// steps change the adapted model's outputs.
+#[gpu_test]
+fn a_vision_transformer_streams_and_adapts(ctx: GpuContext) {
+    let path = common::repo_root().join("tests/fixtures/vit_tiny.onnx");
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    let options = StreamOptions { top_k: 3, source_prediction: true };
+    for extra in [
+        "[stream]\nwindow = 16\nadapt_every = 8\n",
+        "[stream]\nmode = \"batch\"\nbatch = 16\n",
+        "[adapt]\nmethod = \"eta\"\n[stream]\nmode = \"batch\"\nbatch = 16\n",
+    ] {
+        let cfg = AdaptConfig::from_toml_str(extra).unwrap();
+        let mut stream =
+            StreamSession::new(&ctx, Model::load(&path).unwrap(), cfg, spec.clone(), options.clone()).unwrap();
+        let mut out = Vec::new();
+        for f in frames(40) {
+            out.extend(stream.push(&f).unwrap());
+        }
+        out.extend(stream.finish().unwrap());
+        assert_eq!(out.len(), 40, "{extra}");
+        for r in &out {
+            assert_eq!(r.top_k.len(), 3, "{extra} frame {}", r.index);
+            let sum: f32 = r.top_k.iter().map(|p| p.1).sum();
+            assert!(r.top_k.iter().all(|p| p.1.is_finite() && p.1 >= 0.0) && sum <= 1.0 + 1e-5, "{extra}: {r:?}");
+        }
+        if extra.contains("eta") {
+            assert!(stream.steps() > 0, "ETA stepped on the transformer");
+            let moved = out.iter().any(|r| (r.top_k[0].1 - r.source_top.unwrap().1).abs() > 1e-6);
+            assert!(moved, "the steps changed the adapted model's outputs");
+        }
+    }
+}

@@ -11,7 +11,6 @@ use serde::Serialize;
 
 use acclimate::ir::Graph;
 use acclimate::onnx::{self, Attr, DimSpec, OnnxError, RawModel, ValueInfo};
-use acclimate::ops::Op;
 
 /// Stated when a model has nothing for BN-based test-time adaptation to update.
 pub const NO_BN: &str = "no BatchNormalization layers: BN-based adaptation cannot be applied to this model";
@@ -111,7 +110,7 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
             Some(c) => c.count += 1,
             None => ops.push(OpCount { op: n.op_type.clone(), count: 1 }),
         }
-        if let Err(reason) = Op::parse(n, raw.opset) {
+        if let Err(reason) = acclimate::ir::check_node(n, raw.opset) {
             unsupported.push(Unsupported {
                 op: n.op_type.clone(),
                 node: n.name.clone(),

@@ -24,6 +24,21 @@ enum Expansion {
     Nodes(Vec<Node>),
 }
 
+fn is_default_domain(n: &onnx::RawNode) -> bool {
+    n.domain.is_empty() || n.domain == "ai.onnx"
+}
+
+/// Parses one node as the graph builder does (ops defined as functions, LayerNormalization,
+/// included): why it is not supported, or nothing. For `acclimate info`, which lists every
+/// unsupported node at once.
+pub fn check_node(n: &onnx::RawNode, opset: i64) -> Result<(), OpReason> {
+    if n.op_type == "LayerNormalization" && is_default_domain(n) {
+        layer_norm::expand(n, opset, &mut HashMap::new()).map(|_| ())
+    } else {
+        Op::parse(n, opset).map(|_| ())
+    }
+}
+
 /// Errors raised while building the IR from a decoded model.
 #[derive(Debug, Error)]
 pub enum IrError {
@@ -173,7 +188,7 @@ impl Graph {
         }
         let mut nodes = Vec::with_capacity(g.nodes.len());
         for n in &g.nodes {
-            let parsed = if n.op_type == "LayerNormalization" && (n.domain.is_empty() || n.domain == "ai.onnx") {
+            let parsed = if n.op_type == "LayerNormalization" && is_default_domain(n) {
                 layer_norm::expand(n, opset, &mut initializers).map(Expansion::Nodes)
             } else {
                 Op::parse(n, opset).map(Expansion::Op)

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use super::{
-    Attrs, BackwardLowering, BufRef, Input, Lowering, OpReason, OpResult, Operand, broadcast_shapes, broadcast_strides,
-    check_rank, f32_out, required, u32s,
+    Attrs, BackwardLowering, BufRef, GradInput, Input, Lowering, OpReason, OpResult, Operand, broadcast_shapes,
+    broadcast_strides, check_rank, f32_out, required, u32s,
 };
 use crate::gpu::{KernelKey, Params, Shader, grid_1d};
 use crate::tensor::{DType, Data, Tensor};
@@ -641,6 +641,44 @@ pub fn backward_binary(kind: BinaryKind, b: &mut BackwardLowering) -> OpResult<(
         let groups = if wg { grid_1d(n, 1) } else { grid_1d(n, 256) };
         b.dispatch(key, params, buffers, groups);
     }
+    Ok(())
+}
+
+/// dX of a broadcast (Expand): dY summed over the dims `x_shape` was broadcast along, as the
+/// gradient of Add's operand (the other operand taken of dY's shape).
+pub fn sum_to_shape(b: &mut BackwardLowering, dy: &Operand, x_shape: &[usize], gx: &GradInput) -> OpResult<()> {
+    check_rank(&dy.shape)?;
+    let n: usize = x_shape.iter().product();
+    let n_out = dy.shape.iter().product::<usize>();
+    if n == 0 || n_out == 0 {
+        return Ok(());
+    }
+    if n_out > u32::MAX as usize {
+        return Err(OpReason::TooLarge(format!("a broadcast gradient over {n_out} elements exceeds a 32-bit index")));
+    }
+    let g = grad_space(x_shape, &dy.shape, &dy.shape);
+    let n_red: usize = g.red.iter().map(|d| d[0]).product();
+    let col = |v: &[[usize; 3]], k: usize| u32s(&v.iter().map(|d| d[k]).collect::<Vec<_>>());
+    let params = Params::new()
+        .u32(n as u32)
+        .u32(n_red as u32)
+        .u32(g.kept.len() as u32)
+        .u32(g.red.len() as u32)
+        .f32(1.0)
+        .vec8u(&col(&g.kept, 0))
+        .vec8u(&col(&g.kept, 1))
+        .vec8u(&col(&g.kept, 2))
+        .vec8u(&col(&g.red, 0))
+        .vec8u(&col(&g.red, 1))
+        .vec8u(&col(&g.red, 2));
+    let wg = n_red >= GRAD_WORKGROUP_MIN;
+    let entry = if wg { "binary_grad_sum_wg_main" } else { "binary_grad_sum_main" };
+    let key = KernelKey::new(Shader::Elementwise, entry)
+        .with("OP", BinaryKind::Add.code())
+        .with("SIDE", 0)
+        .with("ACCUM", gx.accumulate as i32);
+    let groups = if wg { grid_1d(n, 1) } else { grid_1d(n, 256) };
+    b.dispatch(key, params, vec![dy.buf, gx.buf], groups);
     Ok(())
 }
 

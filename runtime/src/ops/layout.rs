@@ -101,6 +101,9 @@ pub enum LayoutOp {
         value: PadValue,
         axes: IntsArg,
     },
+    /// Broadcast to a shape (input 1, constant): a copy whose broadcast dims have stride 0; its
+    /// gradient sums over them.
+    Expand,
 }
 
 /// One strided copy: for every index `i` of `shape`,
@@ -250,6 +253,10 @@ impl LayoutOp {
                         steps: IntsArg::Input(4),
                     }
                 }
+            }
+            "Expand" => {
+                a.only(&[])?;
+                LayoutOp::Expand
             }
             "Pad" => {
                 let mode = match a.string("mode", "constant")?.as_str() {
@@ -445,6 +452,11 @@ impl LayoutOp {
                 let axes = resolve_ints(axes, args, "Slice axes")?;
                 let steps = resolve_ints(steps, args, "Slice steps")?;
                 resolve_slice(x.shape, &starts, &ends, axes.as_deref(), steps.as_deref())
+            }
+            LayoutOp::Expand => {
+                let target = ints_input(args, 1, "Expand shape")?
+                    .ok_or_else(|| OpReason::MissingInput { index: 1, what: "shape".into() })?;
+                resolve_expand(x.shape, &target)
             }
             LayoutOp::Pad { mode, pads, value, axes } => {
                 let pads = resolve_ints(pads, args, "Pad pads")?
@@ -798,6 +810,30 @@ fn resolve_slice(
     Ok(Resolved { shapes: vec![shape], movement: Movement::Copies(vec![copy]) })
 }
 
+/// Expand: numpy's broadcast of the input's shape and the target (either may have the larger
+/// rank, a 1 on either side stretches); one copy reading the input with stride 0 along every
+/// broadcast dim.
+fn resolve_expand(input: &[usize], target: &[i64]) -> OpResult<Resolved> {
+    let target: Vec<usize> = target
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| OpReason::Shape(format!("Expand shape {target:?} has a negative dim")))
+        })
+        .collect::<OpResult<_>>()?;
+    let out = super::broadcast_shapes(input, &target)?;
+    let src_strides: Vec<i64> = super::broadcast_strides(input, &out).into_iter().map(|v| v as i64).collect();
+    let copy = StridedCopy {
+        input: 0,
+        output: 0,
+        shape: out.clone(),
+        src_offset: 0,
+        src_strides,
+        dst_offset: 0,
+        dst_strides: contiguous_strides(&out),
+    };
+    Ok(Resolved { shapes: vec![out], movement: Movement::Copies(vec![copy]) })
+}
+
 fn resolve_pad(input: &[usize], pads: &[i64], axes: Option<&[i64]>, mode: PadMode, value: f64) -> OpResult<Resolved> {
     let rank = input.len();
     let axes: Vec<usize> = match axes {
@@ -1062,6 +1098,13 @@ impl LayoutOp {
             return Err(OpReason::Internal(format!(
                 "input {i} is attribute-like (shape, axes, indices or pads) and carries no gradient"
             )));
+        }
+        if let LayoutOp::Expand = self {
+            // Many output elements read one input element: dX sums dY over the broadcast dims.
+            let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+            let x_shape = b.input(0, "input")?.shape.clone();
+            let dy = b.grad_output(0)?.clone();
+            return super::elementwise::sum_to_shape(b, &dy, &x_shape, &gx);
         }
         match r.movement {
             Movement::View => backward_view(b),

@@ -192,8 +192,10 @@ impl Op {
             "ReduceMean" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse(&a, opset)?),
             "Softmax" | "LogSoftmax" => Op::Softmax(softmax::SoftmaxAttrs::parse(&node.op_type, &a, opset)?),
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout" | "Transpose" | "Concat"
-            | "Split" | "Slice" | "Pad" => Op::Layout(layout::LayoutOp::parse(&node.op_type, &a, opset, node)?),
-            "Constant" | "Shape" | "Gather" | "ConstantOfShape" | "Cast" | "Range" => {
+            | "Split" | "Slice" | "Pad" | "Expand" => {
+                Op::Layout(layout::LayoutOp::parse(&node.op_type, &a, opset, node)?)
+            }
+            "Constant" | "Shape" | "Gather" | "ConstantOfShape" | "Cast" | "Range" | "Equal" | "Where" => {
                 Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?)
             }
             other => return Err(OpReason::UnknownOp(other.to_owned())),

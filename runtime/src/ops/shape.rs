@@ -29,6 +29,10 @@ pub enum ShapeOp {
         to: DType,
     },
     Range,
+    /// Elementwise equality (numpy broadcasting), boolean: the `-1` test of exported Expand shapes.
+    Equal,
+    /// `cond ? X : Y` (numpy broadcasting of all three).
+    Where,
 }
 
 /// Names the ONNX element types [`DType`] cannot hold, for Cast's error.
@@ -104,6 +108,14 @@ impl ShapeOp {
                 a.only(&[])?;
                 ShapeOp::Range
             }
+            "Equal" => {
+                a.only(&[])?;
+                ShapeOp::Equal
+            }
+            "Where" => {
+                a.only(&[])?;
+                ShapeOp::Where
+            }
             other => return Err(OpReason::Internal(format!("{other} is not a shape op"))),
         })
     }
@@ -144,6 +156,19 @@ impl ShapeOp {
                 let t = range(get(0, "Range start")?, get(1, "Range limit")?, get(2, "Range delta")?)?;
                 Ok(vec![(t.shape, t.dtype)])
             }
+            ShapeOp::Equal => {
+                let (a, b) = (required(inputs, 0, "A")?, required(inputs, 1, "B")?);
+                Ok(vec![(super::broadcast_shapes(a.shape, b.shape)?, DType::Bool)])
+            }
+            ShapeOp::Where => {
+                let (c, x, y) =
+                    (required(inputs, 0, "condition")?, required(inputs, 1, "X")?, required(inputs, 2, "Y")?);
+                if x.dtype != y.dtype {
+                    return Err(OpReason::DType(format!("Where X is {} and Y is {}", x.dtype, y.dtype)));
+                }
+                let shape = super::broadcast_shapes(&super::broadcast_shapes(c.shape, x.shape)?, y.shape)?;
+                Ok(vec![(shape, x.dtype)])
+            }
         }
     }
 
@@ -166,6 +191,8 @@ impl ShapeOp {
             }
             ShapeOp::Cast { to } => cast(get(0, "input")?, *to),
             ShapeOp::Range => range(get(0, "start")?, get(1, "limit")?, get(2, "delta")?)?,
+            ShapeOp::Equal => equal(get(0, "A")?, get(1, "B")?)?,
+            ShapeOp::Where => where_(get(0, "condition")?, get(1, "X")?, get(2, "Y")?)?,
         };
         Ok(vec![t])
     }
@@ -194,6 +221,62 @@ fn parse_constant(a: &Attrs<'_>) -> OpResult<Tensor> {
         }
         other => return Err(OpReason::Unsupported(format!("Constant attribute '{other}' is not supported"))),
     })
+}
+
+/// The flat index into `t` of every element of the broadcast `out` shape (numpy's rule).
+fn broadcast_index(t: &[usize], out: &[usize]) -> OpResult<Vec<usize>> {
+    let n = check_size(out, "a broadcast")?;
+    let strides = super::broadcast_strides(t, out);
+    let mut idx = Vec::with_capacity(n);
+    for flat in 0..n {
+        let (mut rem, mut at) = (flat, 0);
+        for d in (0..out.len()).rev() {
+            at += (rem % out[d]) * strides[d];
+            rem /= out[d];
+        }
+        idx.push(at);
+    }
+    Ok(idx)
+}
+
+/// Equal on integers or floats (NaN equals nothing), as a boolean tensor.
+fn equal(a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
+    if a.dtype.is_float() != b.dtype.is_float() {
+        return Err(OpReason::DType(format!("Equal compares {} with {}", a.dtype, b.dtype)));
+    }
+    let out = super::broadcast_shapes(&a.shape, &b.shape)?;
+    let (ia, ib) = (broadcast_index(&a.shape, &out)?, broadcast_index(&b.shape, &out)?);
+    let data: Vec<i64> = match (&a.data, &b.data) {
+        (Data::F32(x), Data::F32(y)) => ia.iter().zip(&ib).map(|(&i, &j)| (x[i] == y[j]) as i64).collect(),
+        _ => {
+            let (x, y) = (a.to_i64_vec(), b.to_i64_vec());
+            ia.iter().zip(&ib).map(|(&i, &j)| (x[i] == y[j]) as i64).collect()
+        }
+    };
+    Ok(Tensor { dtype: DType::Bool, shape: out, data: Data::I64(data) })
+}
+
+fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> OpResult<Tensor> {
+    if c.dtype != DType::Bool {
+        return Err(OpReason::DType(format!("Where condition must be bool, got {}", c.dtype)));
+    }
+    if x.dtype != y.dtype {
+        return Err(OpReason::DType(format!("Where X is {} and Y is {}", x.dtype, y.dtype)));
+    }
+    let out = super::broadcast_shapes(&super::broadcast_shapes(&c.shape, &x.shape)?, &y.shape)?;
+    let (ic, ix, iy) =
+        (broadcast_index(&c.shape, &out)?, broadcast_index(&x.shape, &out)?, broadcast_index(&y.shape, &out)?);
+    let cond = c.to_i64_vec();
+    let data = match (&x.data, &y.data) {
+        (Data::F32(a), Data::F32(b)) => Data::F32(
+            ic.iter().zip(ix.iter().zip(&iy)).map(|(&k, (&i, &j))| if cond[k] != 0 { a[i] } else { b[j] }).collect(),
+        ),
+        (Data::I64(a), Data::I64(b)) => Data::I64(
+            ic.iter().zip(ix.iter().zip(&iy)).map(|(&k, (&i, &j))| if cond[k] != 0 { a[i] } else { b[j] }).collect(),
+        ),
+        _ => return Err(OpReason::Internal("Where operands of one dtype hold different data".into())),
+    };
+    Ok(Tensor { dtype: x.dtype, shape: out, data })
 }
 
 /// Shape's output: dims `start..end` of `shape`, both clamped into `0..=rank` after adding the

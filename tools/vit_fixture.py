@@ -1,0 +1,120 @@
+"""Write ``tests/fixtures/vit_tiny.onnx``: a one-block vision transformer with the node patterns
+``torch.onnx.export`` (opset 17) writes for one, random weights (seeded):
+
+* a 4×4 patch embedding (Conv) followed by BatchNormalization (a hybrid stem, so that BatchNorm
+  methods have parameters to adapt), flattened to tokens by Reshape and Transpose whose shapes
+  come from Shape/Gather/Unsqueeze/Concat arithmetic on the batch size;
+* a class token broadcast with ``expand(n, -1, -1)`` as exported: the size list's -1 entries
+  replaced through ConstantOfShape, Equal and Where, then Expand; Concat, position embedding;
+* pre-norm attention: LayerNormalization, one MatMul for Q, K and V, Reshape to heads, Transpose,
+  Gather of Q, K and V (axis 0 of run-time data), scaled Q·Kᵀ, Softmax, ·V, back to tokens, output
+  projection, residual; then LayerNormalization, an MLP with GELU as Erf (opset < 20), residual;
+* a final LayerNormalization, the class token picked by Gather (index 0 of axis 1) and a Gemm head.
+
+Input [N, 3, 8, 8], 5 classes. cli/tests/parity.rs compares it with ONNX Runtime and
+cli/tests/adapt_gradients.rs checks a TENT step's BatchNorm gradients, which flow back through
+all of it, against finite differences. Needs onnx and numpy only; the file is committed."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests/fixtures/vit_tiny.onnx"
+DIM, HEADS, PATCH, SIDE, CLASSES, HIDDEN = 8, 2, 4, 8, 5, 16
+TOKENS = (SIDE // PATCH) ** 2
+
+
+def main() -> None:
+    rng = np.random.default_rng(23)
+    inits = []
+    nodes = []
+
+    def w(name, *shape, scale=0.3, offset=0.0):
+        inits.append(numpy_helper.from_array((offset + scale * rng.standard_normal(shape)).astype(np.float32), name))
+        return name
+
+    def c(name, value, dtype=np.int64):
+        inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+        return name
+
+    def n(op, ins, out, **attrs):
+        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+        return out
+
+    x = n("Conv", ["input", w("patch.weight", DIM, 3, PATCH, PATCH), w("patch.bias", DIM)], "patch",
+          kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
+    x = n("BatchNormalization", [x, w("bn.weight", DIM, scale=0.2, offset=1.0), w("bn.bias", DIM, scale=0.1),
+                                 w("bn.running_mean", DIM, scale=0.1), w("bn.running_var", DIM, scale=0.1, offset=1.0)],
+          "bn", epsilon=1e-5)
+    # batch = Shape(input)[0] as a 1-element tensor, the exporter's way.
+    shape = n("Shape", ["input"], "in_shape")
+    batch = n("Gather", [shape, c("zero", 0)], "batch", axis=0)
+    batch1 = n("Unsqueeze", [batch, c("axes0", [0])], "batch1")
+    tok_shape = n("Concat", [batch1, c("tok_dims", [DIM, -1])], "tok_shape", axis=0)
+    x = n("Reshape", [x, tok_shape], "flat")
+    x = n("Transpose", [x], "tokens", perm=[0, 2, 1])
+    # cls_token.expand(n, -1, -1)
+    sizes = n("Concat", [batch1, c("minus_ones", [-1, -1])], "cls_sizes", axis=0)
+    ones = n("ConstantOfShape", [c("three", [3])], "cls_ones",
+             value=numpy_helper.from_array(np.array([1], dtype=np.int64)))
+    is_neg = n("Equal", [sizes, c("minus_one", -1)], "cls_is_neg")
+    sizes = n("Where", [is_neg, ones, sizes], "cls_sizes_fixed")
+    cls = n("Expand", [w("cls_token", 1, 1, DIM), sizes], "cls")
+    x = n("Concat", [cls, x], "with_cls", axis=1)
+    x = n("Add", [x, w("pos", 1, TOKENS + 1, DIM, scale=0.1)], "embedded")
+
+    def ln(v, name):
+        return n("LayerNormalization", [v, w(name + ".weight", DIM, scale=0.2, offset=1.0),
+                                        w(name + ".bias", DIM, scale=0.1)], name, axis=-1, epsilon=1e-6)
+
+    # attention
+    h = ln(x, "ln1")
+    qkv = n("MatMul", [h, w("qkv.weight", DIM, 3 * DIM)], "qkv")
+    qkv = n("Add", [qkv, w("qkv.bias", 3 * DIM, scale=0.1)], "qkv_b")
+    heads_shape = n("Concat", [batch1, c("heads_dims", [TOKENS + 1, 3, HEADS, DIM // HEADS])], "heads_shape", axis=0)
+    qkv = n("Reshape", [qkv, heads_shape], "qkv_heads")
+    qkv = n("Transpose", [qkv], "qkv_t", perm=[2, 0, 3, 1, 4])  # [3, N, H, T, D]
+    q = n("Gather", [qkv, c("i0", 0)], "q", axis=0)
+    k = n("Gather", [qkv, c("i1", 1)], "k", axis=0)
+    v = n("Gather", [qkv, c("i2", 2)], "v", axis=0)
+    kt = n("Transpose", [k], "kt", perm=[0, 1, 3, 2])
+    att = n("MatMul", [q, kt], "scores")
+    att = n("Mul", [att, c("scale", (DIM // HEADS) ** -0.5, np.float32)], "scaled")
+    att = n("Softmax", [att], "attn", axis=-1)
+    o = n("MatMul", [att, v], "ctx")
+    o = n("Transpose", [o], "ctx_t", perm=[0, 2, 1, 3])
+    o = n("Reshape", [o, n("Concat", [batch1, c("merge_dims", [TOKENS + 1, DIM])], "merge_shape", axis=0)], "merged")
+    o = n("MatMul", [o, w("proj.weight", DIM, DIM)], "proj")
+    x = n("Add", [x, o], "res1")
+    # MLP with GELU as exported before opset 20
+    h = ln(x, "ln2")
+    h = n("MatMul", [h, w("fc1.weight", DIM, HIDDEN)], "fc1")
+    h = n("Add", [h, w("fc1.bias", HIDDEN, scale=0.1)], "fc1_b")
+    z = n("Div", [h, c("sqrt2", np.sqrt(2.0), np.float32)], "gelu_z")
+    z = n("Erf", [z], "gelu_erf")
+    z = n("Add", [z, c("one", 1.0, np.float32)], "gelu_1p")
+    h = n("Mul", [h, z], "gelu_x")
+    h = n("Mul", [h, c("half", 0.5, np.float32)], "gelu")
+    h = n("MatMul", [h, w("fc2.weight", HIDDEN, DIM)], "fc2")
+    x = n("Add", [x, h], "res2")
+    x = ln(x, "ln_final")
+    x = n("Gather", [x, c("cls_index", 0)], "cls_out", axis=1)
+    n("Gemm", [x, w("head.weight", CLASSES, DIM), w("head.bias", CLASSES, scale=0.1)], "logits", transB=1)
+
+    graph = helper.make_graph(
+        nodes, "vit_tiny",
+        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="acclimate-tools")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, OUT)
+
+
+if __name__ == "__main__":
+    main()
