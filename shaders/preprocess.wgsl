@@ -1,6 +1,6 @@
 // Camera frame preprocessing, one dispatch per frame: unpack the frame's bytes (uploaded as u32
 // words), convert the colour (YUV with the frame's matrix and range), rotate and mirror, resize
-// the shorter side with bilinear sampling and centre-crop, normalise, and write the NCHW row of
+// the shorter side with bilinear sampling and centre-crop (or stretch each axis), normalise, and write the NCHW row of
 // the model's input. `runtime/src/stream/preprocess.rs` holds the host side and the CPU reference
 // with the same semantics.
 //
@@ -22,7 +22,7 @@ struct Params {
     mirror: u32,
     up_w: u32, // upright size
     up_h: u32,
-    out_size: u32, // crop C: the output is C x C
+    out_w: u32, // the output's width (the crop's, or the stretched size's)
     channels: u32,
     dst_offset: u32, // first element of this frame's row in the bound destination range
     crop_left: u32, // crop position in the resized image
@@ -36,6 +36,7 @@ struct Params {
     luma_offset: f32, // Y' -> Y: (Y' - luma_offset) * luma_gain (16 and 255/219 in video range)
     luma_gain: f32,
     nhwc: u32, // 1: channels last ([H, W, C] per frame), 0: [C, H, W]
+    out_h: u32, // the output's height
     offsets: vec4<u32>, // byte offsets of the planes in the bound words
     row_strides: vec4<u32>,
     pixel_strides: vec4<u32>,
@@ -111,12 +112,12 @@ fn upright_texel(u: u32, v: u32) -> vec3<f32> {
 @compute @workgroup_size(64)
 fn preprocess(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * (nwg.x * 64u);
-    let plane = p.out_size * p.out_size;
+    let plane = p.out_w * p.out_h;
     if i >= plane {
         return;
     }
-    let ox = i % p.out_size;
-    let oy = i / p.out_size;
+    let ox = i % p.out_w;
+    let oy = i / p.out_w;
     let sx = max((f32(ox + p.crop_left) + 0.5) * p.scale_x - 0.5, 0.0);
     let sy = max((f32(oy + p.crop_top) + 0.5) * p.scale_y - 0.5, 0.0);
     let x0 = min(u32(floor(sx)), p.up_w - 1u);

@@ -684,3 +684,19 @@ fn demo_video_runs_another_classifier() {
     let e = fails(&["demo", "--model", s(&model)]);
     assert!(e.contains("--video"), "{e}");
 }
+
+/// A model whose input is not square (RapidOCR's direction classifier, 48×192) streams with
+/// `size=WxH` (each axis scaled); without a spec the hint for a fixed non-square input offers one.
+#[test]
+fn a_non_square_model_streams_with_a_stretched_spec() {
+    let assets = common::assets();
+    let (model, clip) = (assets.join("ocr_cls.onnx"), assets.join("video/carphone_distorted.y4m"));
+    let src = format!("video:{}", s(&clip));
+    let spec = "size=192x48,channels=3,mean=0.5/0.5/0.5,std=0.5/0.5/0.5";
+    let out = ok(&["stream", s(&model), "--source", &src, "--preprocess", spec, "--limit", "4", "--quiet"]);
+    assert!(out.contains("frames 4"), "{out}");
+    let hint = acclimate_cli::cli::stream::preprocess_hint(&[None, Some(3), Some(48), Some(192)]);
+    assert!(hint.contains("[N, 3, 48, 192]") && hint.contains("--preprocess size=192x48,channels=3,"), "{hint}");
+    let hint = acclimate_cli::cli::stream::preprocess_hint(&[None, Some(160), Some(224), Some(3)]);
+    assert!(hint.contains("size=224x160,channels=3,") && hint.contains(",layout=nhwc"), "{hint}");
+}

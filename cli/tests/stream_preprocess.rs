@@ -136,6 +136,11 @@ fn gpu_matches_cpu_for_every_format_rotation_and_mirror(ctx: GpuContext) {
         "resize=12,crop=8,channels=1,mean=0.45,std=0.226",
         "resize=40,crop=31,mean=0.485/0.456/0.406,std=0.229/0.224/0.225",
         "resize=40,crop=31,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nhwc",
+        // Models whose input is not square: stretched, and a non-square centre crop.
+        "size=13x7,channels=3,mean=0.5/0.5/0.5,std=0.25/0.25/0.25",
+        "size=6x19,channels=1,mean=0.45,std=0.226,layout=nhwc",
+        "resize=40,crop=31x17,mean=0.485/0.456/0.406,std=0.229/0.224/0.225",
+        "resize=30,crop=11x29,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nhwc",
     ] {
         let mut pre = Preprocessor::new(&ctx, spec(s));
         let worst = batch_error(&mut pre, &frames, s);
@@ -577,6 +582,25 @@ fn channels_last_is_the_nchw_output_transposed(ctx: GpuContext) {
     assert_eq!(s.clone().for_input(&[None, None, None, None]).layout(), Layout::Nchw);
     let explicit = spec(&format!("{base},layout=nchw")).for_input(&[None, Some(16), Some(16), Some(3)]);
     assert_eq!(explicit.layout(), Layout::Nchw);
+}
+
+/// `size=WxH` stretches each axis on its own, as PyTorch's `interpolate(size=(H, W),
+/// mode="bilinear", align_corners=False)`: a 2×2 gray frame [[0, 100], [200, 50]] to 4×2 samples
+/// x at (o + 0.5)·0.5 − 0.5 = −0.25 (clamped to 0), 0.25, 0.75, 1.25 (the far neighbour clamped),
+/// rows unchanged — values worked out by hand. The same frame to 2×4 (the other axis).
+#[gpu_test]
+fn stretch_matches_bilinear_worked_by_hand(ctx: GpuContext) {
+    let frame = Frame::new(2, 2, PixelFormat::Gray8, vec![Plane::new(0, 2, 1)], vec![0, 100, 200, 50]);
+    for (s, want) in [
+        ("size=4x2,channels=1,mean=0,std=1,scale=1", vec![0.0, 25.0, 75.0, 100.0, 200.0, 162.5, 87.5, 50.0]),
+        ("size=2x4,channels=1,mean=0,std=1,scale=1", vec![0.0, 100.0, 50.0, 87.5, 150.0, 62.5, 200.0, 50.0]),
+    ] {
+        let spec = spec(s);
+        assert_eq!(preprocess_cpu(&frame, &spec).unwrap(), want, "{s}: CPU reference");
+        let mut pre = Preprocessor::new(&ctx, spec);
+        let got = pre.run(std::slice::from_ref(&frame)).unwrap();
+        assert_eq!(got.as_f32().unwrap(), &want[..], "{s}: GPU");
+    }
 }
 
 #[test]

@@ -157,12 +157,17 @@ pub struct StreamRun {
 /// spec of its size and channels to start from (the mean and std are the model's training data's,
 /// which the file does not say).
 pub fn preprocess_hint(dims: &[Option<usize>]) -> String {
-    let example = |c: usize, s: usize, layout: &str| {
+    let example = |c: usize, h: usize, w: usize, layout: &str| {
         let (mean, std, whose) = match c {
             1 => ("0.5", "0.5", "0.5 and 0.5 stand in for them"),
             _ => ("0.485/0.456/0.406", "0.229/0.224/0.225", "these are ImageNet's"),
         };
-        let size = if s == 224 { "resize=256,crop=224".to_string() } else { format!("size={s}") };
+        let size = match (h, w) {
+            (224, 224) => "resize=256,crop=224".to_string(),
+            _ if h == w => format!("size={h}"),
+            // Not square: each axis scaled to the input's (or resize=R,crop=WxH for a centre crop).
+            _ => format!("size={w}x{h}"),
+        };
         format!(
             "; the model takes {}: e.g. --preprocess {size},channels={c},mean={mean},std={std}{layout} with the mean \
              and std of its training data ({whose})",
@@ -170,8 +175,8 @@ pub fn preprocess_hint(dims: &[Option<usize>]) -> String {
         )
     };
     match dims {
-        [_, Some(c @ (1 | 3)), Some(h), Some(w)] if h == w => example(*c, *h, ""),
-        [_, Some(h), Some(w), Some(c @ (1 | 3))] if h == w => example(*c, *h, ",layout=nhwc"),
+        [_, Some(c @ (1 | 3)), Some(h), Some(w)] => example(*c, *h, *w, ""),
+        [_, Some(h), Some(w), Some(c @ (1 | 3))] => example(*c, *h, *w, ",layout=nhwc"),
         _ => String::new(),
     }
 }

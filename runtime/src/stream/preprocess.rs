@@ -5,7 +5,7 @@
 //! # Semantics
 //!
 //! For a frame of `W×H` stored pixels and a [`PreprocessSpec`] `resize=R,crop=C` (`size=S` is
-//! `resize=S,crop=S`):
+//! `resize=S,crop=S`; `crop=CWxCH` is a non-square crop, `size=OWxOH` a stretch, below):
 //!
 //! 1. **Colour.** Every stored pixel becomes RGB in 0–255 (not rounded). YUV frames use the
 //!    frame's [`YuvMatrix`] and [`YuvRange`] (default BT.601 video range, what phone cameras
@@ -28,7 +28,10 @@
 //!    `interpolate(mode="bilinear", align_corners=False, antialias=False)`. There is **no
 //!    antialiasing**: PIL's `resize` (and torchvision's with `antialias=True`) low-pass filters
 //!    when downscaling and gives different values for large reductions; models trained that way
-//!    see slightly sharper inputs here.
+//!    see slightly sharper inputs here. `crop=CWxCH` cuts a `CW×CH` window the same way (both
+//!    at most `R`, so it always fits); `size=OWxOH` skips the crop and scales each axis to the
+//!    output size on its own (torchvision's `Resize((OH, OW))`: the aspect ratio is not kept), for
+//!    models whose input is not square.
 //! 4. **Normalisation.** `(pixel·scale − mean[c]) / std[c]`, `scale` = 1/255 unless the spec
 //!    sets it; output NCHW float32.
 //!
@@ -75,7 +78,8 @@ pub enum SpecError {
 /// `resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225`:
 ///
 /// - `size=S`: shorter side to `S`, centre crop `S×S`; or `resize=R,crop=C` (both): shorter side
-///   to `R`, centre crop `C×C`, `C ≤ R`;
+///   to `R`, centre crop `C×C`, `C ≤ R` (`crop=WxH`: a `W×H` window, both `≤ R`); or
+///   `size=WxH`: each axis scaled to `W×H` (no crop; for models whose input is not square);
 /// - `channels=1|3` (default 3): luma or RGB;
 /// - `mean=a/b/c`, `std=a/b/c`: one value per channel (defaults 0 and 1), `std > 0`;
 /// - `scale=s` (default 1/255): the factor from 0–255 pixel values to the values `mean` and `std`
@@ -89,8 +93,10 @@ pub enum SpecError {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreprocessSpec {
+    /// The shorter side's length after resizing; 0: each axis scaled to the output (`size=WxH`).
     resize: u32,
-    crop: u32,
+    /// The output's width and height.
+    crop: (u32, u32),
     channels: usize,
     mean: Vec<f32>,
     std: Vec<f32>,
@@ -119,18 +125,52 @@ impl PreprocessSpec {
         std: Vec<f32>,
         scale: f32,
     ) -> Result<PreprocessSpec, SpecError> {
+        PreprocessSpec::build(Some(resize), (crop, crop), channels, mean, std, scale)
+    }
+
+    /// A spec whose frames are scaled to `width×height` on each axis, without a crop
+    /// (`size=WxH`).
+    pub fn stretched(
+        width: u32,
+        height: u32,
+        channels: usize,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        scale: f32,
+    ) -> Result<PreprocessSpec, SpecError> {
+        PreprocessSpec::build(None, (width, height), channels, mean, std, scale)
+    }
+
+    /// `resize`: the shorter side's length (`None`: stretch to `crop`); `crop`: width, height.
+    fn build(
+        resize: Option<u32>,
+        crop: (u32, u32),
+        channels: usize,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+        scale: f32,
+    ) -> Result<PreprocessSpec, SpecError> {
         let size_err = |key: &str, v: u32| {
             (v == 0 || v > MAX_SIZE)
                 .then(|| SpecError::Invalid { key: key.into(), reason: format!("{v} is outside 1..={MAX_SIZE}") })
         };
-        if let Some(e) = size_err("resize", resize).or_else(|| size_err("crop", crop)) {
+        let crop_key = if resize.is_some() { "crop" } else { "size" };
+        if let Some(e) = resize
+            .and_then(|r| size_err("resize", r))
+            .or_else(|| size_err(crop_key, crop.0))
+            .or_else(|| size_err(crop_key, crop.1))
+        {
             return Err(e);
         }
-        if crop > resize {
+        if let Some(r) = resize
+            && crop.0.max(crop.1) > r
+        {
+            let c = if crop.0 == crop.1 { crop.0.to_string() } else { format!("{}x{}", crop.0, crop.1) };
             return Err(SpecError::Shape(format!(
-                "crop={crop} is larger than resize={resize}: the crop must fit in the resized shorter side"
+                "crop={c} is larger than resize={r}: the crop must fit in the resized shorter side"
             )));
         }
+        let resize = resize.unwrap_or(0);
         if channels != 1 && channels != 3 {
             return Err(SpecError::Invalid { key: "channels".into(), reason: format!("{channels} is not 1 or 3") });
         }
@@ -169,20 +209,21 @@ impl PreprocessSpec {
     /// layout set, channels-last when the model takes `[N, H, W, C]` with this spec's size and
     /// channels and not `[N, C, H, W]`; otherwise unchanged.
     pub fn for_input(self, dims: &[Option<usize>]) -> PreprocessSpec {
-        let (c, s) = (Some(self.channels), Some(self.crop as usize));
+        let (c, w, h) = (Some(self.channels), Some(self.crop.0 as usize), Some(self.crop.1 as usize));
         let fits = |d: Option<usize>, want: Option<usize>| d.is_none() || d == want;
-        let nchw = dims.len() == 4 && fits(dims[1], c) && fits(dims[2], s) && fits(dims[3], s);
-        let nhwc = dims.len() == 4 && dims[3] == c && fits(dims[1], s) && fits(dims[2], s);
+        let nchw = dims.len() == 4 && fits(dims[1], c) && fits(dims[2], h) && fits(dims[3], w);
+        let nhwc = dims.len() == 4 && dims[3] == c && fits(dims[1], h) && fits(dims[2], w);
         if self.layout.is_none() && nhwc && !nchw { self.with_layout(Layout::Nhwc) } else { self }
     }
 
-    /// The shorter side's length after resizing.
+    /// The shorter side's length after resizing; 0 when each axis is scaled to the output size
+    /// (`size=WxH`).
     pub fn resize(&self) -> u32 {
         self.resize
     }
 
     /// The output's width and height.
-    pub fn crop(&self) -> u32 {
+    pub fn output_size(&self) -> (u32, u32) {
         self.crop
     }
 
@@ -206,17 +247,17 @@ impl PreprocessSpec {
         self.scale
     }
 
-    /// Floats per frame: `channels·crop·crop`.
+    /// Floats per frame: `channels·width·height`.
     pub fn frame_len(&self) -> usize {
-        self.channels * self.crop as usize * self.crop as usize
+        self.channels * self.crop.0 as usize * self.crop.1 as usize
     }
 
     /// The shape of `batch` preprocessed frames: NCHW, or NHWC with [`Layout::Nhwc`].
     pub fn output_shape(&self, batch: usize) -> Vec<usize> {
-        let (c, s) = (self.channels, self.crop as usize);
+        let (c, w, h) = (self.channels, self.crop.0 as usize, self.crop.1 as usize);
         match self.layout() {
-            Layout::Nchw => vec![batch, c, s, s],
-            Layout::Nhwc => vec![batch, s, s, c],
+            Layout::Nchw => vec![batch, c, h, w],
+            Layout::Nhwc => vec![batch, h, w, c],
         }
     }
 }
@@ -243,13 +284,23 @@ impl FromStr for PreprocessSpec {
                 expected,
             };
             let int = || value.parse::<u32>().map_err(|_| bad(value, "non-negative integer"));
+            // S, or WxH.
+            let dims = || -> Result<(u32, u32, bool), SpecError> {
+                match value.split_once(['x', 'X']) {
+                    Some((w, h)) => {
+                        let n = |v: &str| v.trim().parse::<u32>().map_err(|_| bad(v.trim(), "non-negative integer"));
+                        Ok((n(w)?, n(h)?, true))
+                    }
+                    None => int().map(|v| (v, v, false)),
+                }
+            };
             let floats = || -> Result<Vec<f32>, SpecError> {
                 value.split('/').map(|v| v.trim().parse::<f32>().map_err(|_| bad(v.trim(), "number"))).collect()
             };
             match key {
-                "size" => size = Some(int()?),
+                "size" => size = Some(dims()?),
                 "resize" => resize = Some(int()?),
-                "crop" => crop = Some(int()?),
+                "crop" => crop = Some(dims()?),
                 "channels" => channels = Some(int()? as usize),
                 "mean" => mean = Some(floats()?),
                 "std" => std = Some(floats()?),
@@ -271,8 +322,9 @@ impl FromStr for PreprocessSpec {
             seen.push(key);
         }
         let (resize, crop) = match (size, resize, crop) {
-            (Some(s), None, None) => (s, s),
-            (None, Some(r), Some(c)) => (r, c),
+            (Some((w, h, true)), None, None) => (None, (w, h)),
+            (Some((s, _, false)), None, None) => (Some(s), (s, s)),
+            (None, Some(r), Some((w, h, _))) => (Some(r), (w, h)),
             (Some(_), _, _) => {
                 return Err(SpecError::Shape("size=S already sets resize and crop; give one or the other".into()));
             }
@@ -285,7 +337,7 @@ impl FromStr for PreprocessSpec {
         let channels = channels.unwrap_or(3);
         let mean = mean.unwrap_or_else(|| vec![0.0; channels]);
         let std = std.unwrap_or_else(|| vec![1.0; channels]);
-        let spec = PreprocessSpec::new(resize, crop, channels, mean, std, scale.unwrap_or(1.0 / 255.0))?;
+        let spec = PreprocessSpec::build(resize, crop, channels, mean, std, scale.unwrap_or(1.0 / 255.0))?;
         Ok(match layout {
             Some(l) => spec.with_layout(l),
             None => spec,
@@ -296,10 +348,15 @@ impl FromStr for PreprocessSpec {
 impl fmt::Display for PreprocessSpec {
     /// The canonical spec string; parsing it gives the same spec.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.resize == self.crop {
-            write!(f, "size={}", self.crop)?;
+        let (w, h) = self.crop;
+        if self.resize == 0 {
+            write!(f, "size={w}x{h}")?;
+        } else if w != h {
+            write!(f, "resize={},crop={w}x{h}", self.resize)?;
+        } else if self.resize == w {
+            write!(f, "size={w}")?;
         } else {
-            write!(f, "resize={},crop={}", self.resize, self.crop)?;
+            write!(f, "resize={},crop={w}", self.resize)?;
         }
         let join = |v: &[f32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("/");
         write!(f, ",channels={},mean={},std={}", self.channels, join(&self.mean), join(&self.std))?;
@@ -321,7 +378,7 @@ impl fmt::Display for PreprocessSpec {
 pub struct Geometry {
     /// Upright (rotated) width and height.
     pub upright: (u32, u32),
-    /// Size after resizing the shorter side.
+    /// Size after resizing the shorter side (the output size when stretched).
     pub resized: (u32, u32),
     /// Left and top of the crop in the resized image.
     pub crop_origin: (u32, u32),
@@ -334,17 +391,20 @@ impl Geometry {
     pub fn new(frame: &Frame, spec: &PreprocessSpec) -> Geometry {
         let (uw, uh) = frame.upright_size();
         let r = spec.resize as u64;
-        // torchvision: the short side becomes R, the long one int(R·long/short).
-        let (rw, rh) = if uw <= uh {
+        // torchvision: the short side becomes R, the long one int(R·long/short) (at least R, so
+        // a crop of at most R fits); stretched, each axis becomes the output's.
+        let (rw, rh) = if spec.resize == 0 {
+            spec.crop
+        } else if uw <= uh {
             (spec.resize, (r * uh as u64 / uw as u64) as u32)
         } else {
             ((r * uw as u64 / uh as u64) as u32, spec.resize)
         };
-        let origin = |size: u32| round_half_even_half(size - spec.crop);
+        let origin = |size: u32, crop: u32| round_half_even_half(size - crop);
         Geometry {
             upright: (uw, uh),
             resized: (rw, rh),
-            crop_origin: (origin(rw), origin(rh)),
+            crop_origin: (origin(rw, spec.crop.0), origin(rh, spec.crop.1)),
             scale: (uw as f64 / rw as f64, uh as f64 / rh as f64),
         }
     }
@@ -424,7 +484,7 @@ fn stored_pixel(frame: &Frame, up_w: u32, u: u32, v: u32) -> (u32, u32) {
 }
 
 /// The CPU reference: the same semantics as [`Preprocessor`] (see the module docs) in plain f64
-/// code, one frame, `channels·crop·crop` floats in CHW order.
+/// code, one frame, `channels·width·height` floats in CHW (or HWC) order.
 pub fn preprocess_cpu(frame: &Frame, spec: &PreprocessSpec) -> Result<Vec<f32>, FrameError> {
     frame.validate()?;
     let g = Geometry::new(frame, spec);
@@ -467,12 +527,12 @@ pub fn preprocess_cpu(frame: &Frame, spec: &PreprocessSpec) -> Result<Vec<f32>, 
         let i0 = (s.floor() as u32).min(size - 1);
         (i0, (i0 + 1).min(size - 1), s - i0 as f64)
     };
-    let c = spec.crop;
-    let plane = c as usize * c as usize;
+    let (ow, oh) = spec.crop;
+    let plane = ow as usize * oh as usize;
     let mut out = vec![0f32; spec.channels * plane];
-    for oy in 0..c {
+    for oy in 0..oh {
         let (y0, y1, fy) = axis(oy, g.crop_origin.1, g.scale.1, uh);
-        for ox in 0..c {
+        for ox in 0..ow {
             let (x0, x1, fx) = axis(ox, g.crop_origin.0, g.scale.0, uw);
             let (a, b, cc, d) = (upright(x0, y0), upright(x1, y0), upright(x0, y1), upright(x1, y1));
             for ch in 0..spec.channels {
@@ -480,7 +540,7 @@ pub fn preprocess_cpu(frame: &Frame, spec: &PreprocessSpec) -> Result<Vec<f32>, 
                 let bottom = cc[ch] * (1.0 - fx) + d[ch] * fx;
                 let v = top * (1.0 - fy) + bottom * fy;
                 let n = (v * spec.scale as f64 - spec.mean[ch] as f64) / spec.std[ch] as f64;
-                let at = oy as usize * c as usize + ox as usize;
+                let at = oy as usize * ow as usize + ox as usize;
                 match spec.layout() {
                     Layout::Nchw => out[ch * plane + at] = n as f32,
                     Layout::Nhwc => out[at * spec.channels + ch] = n as f32,
@@ -760,7 +820,7 @@ impl Preprocessor {
             self.written_params = params;
         }
 
-        let grid = grid_1d(self.spec.crop as usize * self.spec.crop as usize, 64);
+        let grid = grid_1d(self.spec.frame_len() / self.spec.channels, 64);
         let mut pass = encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("preprocess"), timestamp_writes: None });
         pass.set_pipeline(&pipeline);
@@ -857,7 +917,7 @@ fn frame_params(frame: &Frame, spec: &PreprocessSpec, s: &Staged, dst_offset: u3
         .u32(frame.mirror as u32)
         .u32(g.upright.0)
         .u32(g.upright.1)
-        .u32(spec.crop)
+        .u32(spec.crop.0)
         .u32(spec.channels as u32)
         .u32(dst_offset)
         .u32(g.crop_origin.0)
@@ -871,6 +931,7 @@ fn frame_params(frame: &Frame, spec: &PreprocessSpec, s: &Staged, dst_offset: u3
         .f32(yuv.luma_offset as f32)
         .f32(yuv.luma_gain as f32)
         .u32((spec.layout() == Layout::Nhwc) as u32)
+        .u32(spec.crop.1)
         .vec4u(&offsets)
         .vec4u(&rows)
         .vec4u(&pixels)
@@ -890,13 +951,13 @@ mod tests {
     #[test]
     fn parses_the_two_reference_specs() {
         let svhn = parse("size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.1980/0.2010/0.1970").unwrap();
-        assert_eq!((svhn.resize(), svhn.crop(), svhn.channels()), (32, 32, 3));
+        assert_eq!((svhn.resize(), svhn.output_size(), svhn.channels()), (32, (32, 32), 3));
         assert_eq!(svhn.mean(), &[0.4377, 0.4438, 0.4728]);
         assert_eq!(svhn.std(), &[0.1980, 0.2010, 0.1970]);
         assert_eq!(svhn.scale(), 1.0 / 255.0);
         assert_eq!(svhn.output_shape(4), vec![4, 3, 32, 32]);
         let imagenet = parse("resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225").unwrap();
-        assert_eq!((imagenet.resize(), imagenet.crop(), imagenet.channels()), (256, 224, 3));
+        assert_eq!((imagenet.resize(), imagenet.output_size(), imagenet.channels()), (256, (224, 224), 3));
         assert_eq!(imagenet.frame_len(), 3 * 224 * 224);
     }
 
@@ -913,6 +974,8 @@ mod tests {
         for text in [
             "size=32,channels=3,mean=0.4377/0.4438/0.4728,std=0.198/0.201/0.197",
             "resize=256,crop=224,channels=1,mean=0.5,std=0.25,scale=1",
+            "size=192x48,channels=3,mean=0.5/0.5/0.5,std=0.5/0.5/0.5",
+            "resize=256,crop=224x160,channels=1,mean=0,std=1",
         ] {
             let spec = parse(text).unwrap();
             assert_eq!(spec.to_string(), text);
@@ -926,7 +989,10 @@ mod tests {
         assert_eq!(err("size=32,colour=rgb"), SpecError::UnknownKey("colour".into()));
         assert_eq!(err("size=32,channels"), SpecError::Malformed("channels".into()));
         assert_eq!(err("size=32,size=32"), SpecError::Duplicate("size".into()));
-        assert!(matches!(err("size=3x2"), SpecError::BadNumber { ref key, .. } if key == "size"));
+        assert!(matches!(err("size=3y2"), SpecError::BadNumber { ref key, .. } if key == "size"));
+        assert!(matches!(err("size=3xq"), SpecError::BadNumber { ref number, .. } if number == "q"));
+        assert!(matches!(err("size=0x8"), SpecError::Invalid { ref key, .. } if key == "size"));
+        assert!(err("resize=64,crop=96x48").to_string().contains("crop=96x48 is larger than resize=64"));
         assert!(matches!(err("size=-1"), SpecError::BadNumber { .. }));
         let e = err("size=32,mean=0.5/abc/0.5");
         assert!(matches!(e, SpecError::BadNumber { ref number, .. } if number == "abc"), "{e}");
@@ -960,6 +1026,30 @@ mod tests {
         assert_eq!((g.scale.0, g.scale.1), (480.0 / 256.0, 640.0 / 341.0));
         // 2.5 → 2 and 3.5 → 4, as Python's round.
         assert_eq!((round_half_even_half(5), round_half_even_half(7), round_half_even_half(6)), (2, 4, 3));
+    }
+
+    /// Models whose input is not square: `size=WxH` scales each axis to the output (torchvision's
+    /// `Resize((H, W))`), `crop=WxH` cuts a non-square centre window after the shorter-side
+    /// resize; the output shapes follow, NCHW and NHWC.
+    #[test]
+    fn non_square_outputs_stretch_or_crop() {
+        let spec = parse("size=192x48").unwrap();
+        assert_eq!((spec.resize(), spec.output_size()), (0, (192, 48)));
+        assert_eq!(spec.output_shape(2), vec![2, 3, 48, 192]);
+        assert_eq!(spec.clone().with_layout(Layout::Nhwc).output_shape(2), vec![2, 48, 192, 3]);
+        assert_eq!(spec.frame_len(), 3 * 192 * 48);
+        let frame = Frame::rgb8(640, 480, vec![0; 640 * 480 * 3]);
+        let g = Geometry::new(&frame, &spec);
+        assert_eq!((g.resized, g.crop_origin, g.scale), ((192, 48), (0, 0), (640.0 / 192.0, 480.0 / 48.0)));
+        let spec = parse("resize=256,crop=224x160").unwrap();
+        let g = Geometry::new(&frame, &spec);
+        // (341 − 224)/2 = 58.5 → 58; (256 − 160)/2 = 48.
+        assert_eq!((g.resized, g.crop_origin), ((341, 256), (58, 48)));
+        assert_eq!(spec.output_shape(1), vec![1, 3, 160, 224]);
+        // A model's [N, C, H, W] input picks the layout by height and width, not one side.
+        let dims = |d: [usize; 4]| d.map(Some);
+        assert_eq!(spec.clone().for_input(&dims([1, 3, 160, 224])).layout(), Layout::Nchw);
+        assert_eq!(spec.for_input(&dims([1, 160, 224, 3])).layout(), Layout::Nhwc);
     }
 
     #[test]
