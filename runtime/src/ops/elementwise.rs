@@ -578,6 +578,24 @@ fn grad_space(x: &[usize], other: &[usize], out: &[usize]) -> GradSpace {
     g
 }
 
+/// The `GradParams` block of the broadcast-gradient kernels: `n` operand elements, each summing
+/// `n_red` output positions over `g`'s kept and reduced dims, times `scale`.
+fn grad_params(n: usize, n_red: usize, g: &GradSpace, scale: f32) -> Params {
+    let col = |v: &[[usize; 3]], k: usize| u32s(&v.iter().map(|d| d[k]).collect::<Vec<_>>());
+    Params::new()
+        .u32(n as u32)
+        .u32(n_red as u32)
+        .u32(g.kept.len() as u32)
+        .u32(g.red.len() as u32)
+        .f32(scale)
+        .vec8u(&col(&g.kept, 0))
+        .vec8u(&col(&g.kept, 1))
+        .vec8u(&col(&g.kept, 2))
+        .vec8u(&col(&g.red, 0))
+        .vec8u(&col(&g.red, 1))
+        .vec8u(&col(&g.red, 2))
+}
+
 pub fn backward_binary(kind: BinaryKind, b: &mut BackwardLowering) -> OpResult<()> {
     let dy = b.grad_output(0)?.clone();
     check_rank(&dy.shape)?;
@@ -611,20 +629,8 @@ pub fn backward_binary(kind: BinaryKind, b: &mut BackwardLowering) -> OpResult<(
         }
         let g = grad_space(own, other, &dy.shape);
         let n_red: usize = g.red.iter().map(|d| d[0]).product();
-        let col = |v: &[[usize; 3]], k: usize| u32s(&v.iter().map(|d| d[k]).collect::<Vec<_>>());
         let scale = if kind == BinaryKind::Sub && side == 1 { -1.0 } else { 1.0 };
-        let params = Params::new()
-            .u32(n as u32)
-            .u32(n_red as u32)
-            .u32(g.kept.len() as u32)
-            .u32(g.red.len() as u32)
-            .f32(scale)
-            .vec8u(&col(&g.kept, 0))
-            .vec8u(&col(&g.kept, 1))
-            .vec8u(&col(&g.kept, 2))
-            .vec8u(&col(&g.red, 0))
-            .vec8u(&col(&g.red, 1))
-            .vec8u(&col(&g.red, 2));
+        let params = grad_params(n, n_red, &g, scale);
         let wg = n_red >= GRAD_WORKGROUP_MIN;
         let sum = matches!(kind, BinaryKind::Add | BinaryKind::Sub);
         let entry = match (sum, wg) {
@@ -658,19 +664,7 @@ pub fn sum_to_shape(b: &mut BackwardLowering, dy: &Operand, x_shape: &[usize], g
     }
     let g = grad_space(x_shape, &dy.shape, &dy.shape);
     let n_red: usize = g.red.iter().map(|d| d[0]).product();
-    let col = |v: &[[usize; 3]], k: usize| u32s(&v.iter().map(|d| d[k]).collect::<Vec<_>>());
-    let params = Params::new()
-        .u32(n as u32)
-        .u32(n_red as u32)
-        .u32(g.kept.len() as u32)
-        .u32(g.red.len() as u32)
-        .f32(1.0)
-        .vec8u(&col(&g.kept, 0))
-        .vec8u(&col(&g.kept, 1))
-        .vec8u(&col(&g.kept, 2))
-        .vec8u(&col(&g.red, 0))
-        .vec8u(&col(&g.red, 1))
-        .vec8u(&col(&g.red, 2));
+    let params = grad_params(n, n_red, &g, 1.0);
     let wg = n_red >= GRAD_WORKGROUP_MIN;
     let entry = if wg { "binary_grad_sum_wg_main" } else { "binary_grad_sum_main" };
     let key = KernelKey::new(Shader::Elementwise, entry)

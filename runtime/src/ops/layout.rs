@@ -1202,17 +1202,7 @@ fn gather_copies(data: &[usize], indices: &Tensor, axis: i64) -> OpResult<(Vec<u
     let rank = data.len();
     let a = norm_axes(&[axis], rank)?[0];
     let dim = data[a];
-    let idx: Vec<i64> = indices
-        .to_i64_vec()
-        .into_iter()
-        .map(|i| {
-            let j = if i < 0 { i + dim as i64 } else { i };
-            if j < 0 || j >= dim as i64 {
-                return Err(OpReason::Value(format!("Gather index {i} is out of range for an axis of size {dim}")));
-            }
-            Ok(j)
-        })
-        .collect::<OpResult<_>>()?;
+    let idx: Vec<i64> = super::shape::gather_indices(indices, dim)?.into_iter().map(|j| j as i64).collect();
     let mut out = data[..a].to_vec();
     out.extend_from_slice(&indices.shape);
     out.extend_from_slice(&data[a + 1..]);

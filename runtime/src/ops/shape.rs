@@ -301,13 +301,10 @@ fn gather_shape(data: &[usize], indices: &[usize], axis: i64) -> OpResult<(Vec<u
     Ok((out, data[..axis].iter().product(), data[axis], data[axis + 1..].iter().product()))
 }
 
-fn gather(data: &Tensor, indices: &Tensor, axis: i64) -> OpResult<Tensor> {
-    if indices.dtype.is_float() {
-        return Err(OpReason::DType(format!("Gather indices must be integers, got {}", indices.dtype)));
-    }
-    let (shape, outer, dim, inner) = gather_shape(&data.shape, &indices.shape, axis)?;
-    check_size(&shape, "Gather")?;
-    let idx: Vec<usize> = indices
+/// Gather's indices into an axis of `dim`, negative ones counted from the end; out of range is
+/// an error (the CPU folding and the GPU copies agree on both).
+pub(crate) fn gather_indices(indices: &Tensor, dim: usize) -> OpResult<Vec<usize>> {
+    indices
         .to_i64_vec()
         .into_iter()
         .map(|i| {
@@ -317,7 +314,16 @@ fn gather(data: &Tensor, indices: &Tensor, axis: i64) -> OpResult<Tensor> {
             }
             Ok(j as usize)
         })
-        .collect::<OpResult<_>>()?;
+        .collect()
+}
+
+fn gather(data: &Tensor, indices: &Tensor, axis: i64) -> OpResult<Tensor> {
+    if indices.dtype.is_float() {
+        return Err(OpReason::DType(format!("Gather indices must be integers, got {}", indices.dtype)));
+    }
+    let (shape, outer, dim, inner) = gather_shape(&data.shape, &indices.shape, axis)?;
+    check_size(&shape, "Gather")?;
+    let idx = gather_indices(indices, dim)?;
     fn pick<T: Copy>(v: &[T], outer: usize, dim: usize, inner: usize, idx: &[usize]) -> Vec<T> {
         let mut out = Vec::with_capacity(outer * idx.len() * inner);
         for o in 0..outer {
