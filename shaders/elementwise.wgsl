@@ -26,6 +26,13 @@ const SQRT: i32 = 11;
 const ERF: i32 = 12;
 // Gelu: alpha 0 for the exact form, 1 for the tanh approximation.
 const GELU: i32 = 13;
+const SOFTPLUS: i32 = 14;
+const SOFTSIGN: i32 = 15;
+// Elu: alpha; Selu: alpha and gamma (beta).
+const ELU: i32 = 16;
+const SELU: i32 = 17;
+const RECIPROCAL: i32 = 18;
+const MISH: i32 = 19;
 
 // Binary op codes (override OP).
 const ADD: i32 = 0;
@@ -83,6 +90,12 @@ fn unary(v: f32) -> f32 {
         case SQRT: { return select(sqrt(v), f32_nan(), v < 0.0); }
         case ERF: { return erf_onnx(v); }
         case GELU: { return gelu(v); }
+        case SOFTPLUS: { return softplus(v); }
+        case SOFTSIGN: { return v / (1.0 + abs(v)); }
+        case ELU: { return elu(v); }
+        case SELU: { return up.beta * elu(v); }
+        case RECIPROCAL: { return 1.0 / v; }
+        case MISH: { return v * tanh_onnx(softplus(v)); }
         default: { return clip_onnx(v, up.alpha, up.beta); }
     }
 }
@@ -129,33 +142,35 @@ fn log_onnx(x: f32) -> f32 {
     return fe * 0.693145751953125 + (fe * 1.42860682030941723212e-6 + lm);
 }
 
+// exp(u) − 1 without cancellation near 0: its Taylor series below |u| = 1.25 (terms to
+// u^12/12!, 2e-9 relative), exp(u) − 1 above.
+fn expm1_onnx(u: f32) -> f32 {
+    if abs(u) < 1.25 {
+        var t = 1.0 + u / 12.0;
+        t = 1.0 + u / 11.0 * t;
+        t = 1.0 + u / 10.0 * t;
+        t = 1.0 + u / 9.0 * t;
+        t = 1.0 + u / 8.0 * t;
+        t = 1.0 + u / 7.0 * t;
+        t = 1.0 + u / 6.0 * t;
+        t = 1.0 + u / 5.0 * t;
+        t = 1.0 + u / 4.0 * t;
+        t = 1.0 + u / 3.0 * t;
+        t = 1.0 + u / 2.0 * t;
+        return u * t;
+    }
+    return exp(u) - 1.0;
+}
+
 // tanh x = sign(x)·u/(u + 2) with u = expm1(2|x|), no cancellation anywhere: Mesa lowers the
 // builtin to (e^2x − 1)/(e^2x + 1), which gave tanh(1e-30) = 3e-8 on lavapipe, and WGSL leaves
-// its precision to the driver. expm1 is its Taylor series below |u| = 1.25 (terms to
-// u^12/12!, 2e-9 relative), exp(u) − 1 above; from |x| = 9.02 on, tanh rounds to ±1 in f32.
+// its precision to the driver. From |x| = 9.02 on, tanh rounds to ±1 in f32.
 // Ordered comparisons only: NaN fails both tests and comes back unchanged.
 fn tanh_onnx(x: f32) -> f32 {
     let a = abs(x);
     var r: f32;
     if a < 9.5 {
-        let u = 2.0 * a;
-        var em1: f32;
-        if u < 1.25 {
-            var t = 1.0 + u / 12.0;
-            t = 1.0 + u / 11.0 * t;
-            t = 1.0 + u / 10.0 * t;
-            t = 1.0 + u / 9.0 * t;
-            t = 1.0 + u / 8.0 * t;
-            t = 1.0 + u / 7.0 * t;
-            t = 1.0 + u / 6.0 * t;
-            t = 1.0 + u / 5.0 * t;
-            t = 1.0 + u / 4.0 * t;
-            t = 1.0 + u / 3.0 * t;
-            t = 1.0 + u / 2.0 * t;
-            em1 = u * t;
-        } else {
-            em1 = exp(u) - 1.0;
-        }
+        let em1 = expm1_onnx(2.0 * a);
         r = em1 / (em1 + 2.0);
     } else if a >= 9.5 {
         r = 1.0;
@@ -163,6 +178,39 @@ fn tanh_onnx(x: f32) -> f32 {
         return x;
     }
     return select(r, -r, x < 0.0);
+}
+
+// log(1 + u) for 0 <= u <= 1 with full relative precision near 0: 2·atanh(s), s = u/(2 + u) ≤ 1/3,
+// the series to s¹⁷ (next term below 2e-9 relative). Not ln(1 + u)·u/((1 + u) − 1): the compiler
+// may fold (1 + u) − 1 to u, which lavapipe did (4e-6 relative at u = 0.015).
+fn log1p_pos(u: f32) -> f32 {
+    let s = u / (2.0 + u);
+    let s2 = s * s;
+    var p = 1.0 / 17.0;
+    p = p * s2 + 1.0 / 15.0;
+    p = p * s2 + 1.0 / 13.0;
+    p = p * s2 + 1.0 / 11.0;
+    p = p * s2 + 1.0 / 9.0;
+    p = p * s2 + 1.0 / 7.0;
+    p = p * s2 + 1.0 / 5.0;
+    p = p * s2 + 1.0 / 3.0;
+    p = p * s2 + 1.0;
+    return 2.0 * s * p;
+}
+
+// softplus x = ln(1 + e^x) = max(x, 0) + ln(1 + e^−|x|) (e^−|x| ≤ 1): no overflow, no
+// cancellation.
+fn softplus(x: f32) -> f32 {
+    return nan_or(x, max(x, 0.0) + log1p_pos(exp(-abs(x))));
+}
+
+fn sigmoid(x: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-x));
+}
+
+// Elu (alpha = up.alpha; Selu scales it by up.beta): x above 0, alpha·(e^x − 1) at or below.
+fn elu(x: f32) -> f32 {
+    return select(x, up.alpha * expm1_onnx(x), x <= 0.0);
 }
 
 // erfc(a) for a >= 1: t·exp(−a² + P(s)), t = 1/(1 + a/2), s = 4t − 5/3 (t's range over [1, 10]
@@ -403,6 +451,19 @@ fn unary_grad(g: f32, v: f32) -> f32 {
             let sg = gelu_tanh_gate(v);
             let du = 0.79788456080286536 * (1.0 + 0.134145 * v * v);
             return g * (sg + v * 2.0 * sg * (1.0 - sg) * du);
+        }
+        case SOFTPLUS: { return g * sigmoid(v); }
+        case SOFTSIGN: {
+            let d = 1.0 + abs(v);
+            return g / (d * d);
+        }
+        // At 0 the negative branch (alpha·e^0 = alpha), as PyTorch's elu backward.
+        case ELU: { return select(g, g * up.alpha * exp(v), v <= 0.0); }
+        case SELU: { return up.beta * select(g, g * up.alpha * exp(v), v <= 0.0); }
+        case RECIPROCAL: { return -g / (v * v); }
+        case MISH: {
+            let t = tanh_onnx(softplus(v));
+            return g * (t + v * (1.0 - t * t) * sigmoid(v));
         }
         case NEG: { return -g; }
         // sign(0) = 0, as PyTorch's abs backward.

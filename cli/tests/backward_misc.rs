@@ -312,6 +312,18 @@ fn unary_ref(u: Unary, x: f64) -> f64 {
         Unary::Gelu { tanh: true } => {
             0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
         }
+        Unary::Softplus => (1.0 + x.exp()).ln(),
+        Unary::Softsign => x / (1.0 + x.abs()),
+        Unary::Elu { alpha } => {
+            if x > 0.0 {
+                x
+            } else {
+                alpha as f64 * (x.exp() - 1.0)
+            }
+        }
+        Unary::Selu { alpha, gamma } => gamma as f64 * if x > 0.0 { x } else { alpha as f64 * (x.exp() - 1.0) },
+        Unary::Reciprocal => 1.0 / x,
+        Unary::Mish => x * (1.0 + x.exp()).ln().tanh(),
     }
 }
 
@@ -360,6 +372,12 @@ fn math_functions_match_finite_differences(ctx: GpuContext) {
         (Unary::Erf, -3.0, 3.0, vec![]),
         (Unary::Gelu { tanh: false }, -4.0, 4.0, vec![]),
         (Unary::Gelu { tanh: true }, -4.0, 4.0, vec![]),
+        (Unary::Softplus, -4.0, 4.0, vec![]),
+        (Unary::Softsign, -3.0, 3.0, vec![0.0]),
+        (Unary::Elu { alpha: 0.7 }, -3.0, 3.0, vec![0.0]),
+        (Unary::Selu { alpha: 1.6732632, gamma: 1.050701 }, -3.0, 3.0, vec![0.0]),
+        (Unary::Reciprocal, 0.3, 3.0, vec![]),
+        (Unary::Mish, -4.0, 4.0, vec![]),
     ];
     for (k, (u, lo, hi, kinks)) in cases.into_iter().enumerate() {
         let x = avoid(random_f32(n, 50 + k as u64, lo, hi), &kinks, 0.02);

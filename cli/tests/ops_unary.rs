@@ -169,6 +169,30 @@ fn gelu_is_accurate_in_both_tails(ctx: GpuContext) {
     }
 }
 
+/// Softplus through both tails and zero: ln(1 + e^−|x|) keeps its relative precision where it is
+/// e^x-small (x = −87) and where 1 + e^−|x| rounds to 1; no overflow at +88.5. Mish's left tail
+/// (x·tanh(softplus x) ≈ x·eˣ) rides on it. Bound: the Exp test's 2e-7·max(1, |x|) (ln(1 + u)
+/// passes u's relative error on at most once: its condition number u/((1 + u)·ln(1 + u)) is
+/// below 1), plus 5e-7 for the series' roundings.
+#[gpu_test]
+fn softplus_and_mish_keep_their_tails(ctx: GpuContext) {
+    // Down to −87: e⁻⁸⁸ is below f32's smallest normal, which devices may flush to 0.
+    let mut x = logspace(1e-20, 87.0, 300);
+    x.extend(x.clone().iter().map(|v| -v).collect::<Vec<_>>());
+    x.push(88.5);
+    let softplus = |v: f64| v.max(0.0) + (-v.abs()).exp().ln_1p();
+    for (u, f) in [(Unary::Softplus, &softplus as &dyn Fn(f64) -> f64), (Unary::Mish, &|v: f64| v * softplus(v).tanh())]
+    {
+        let got = gpu_unary(&ctx, u, &x);
+        for (&xv, &g) in x.iter().zip(&got) {
+            let want = f(xv as f64);
+            let e = if want == 0.0 { (g as f64).abs() } else { ((g as f64 - want) / want).abs() };
+            let allowed = 5e-7 + 2e-7 * (xv as f64).abs().max(1.0);
+            assert!(e <= allowed, "{u:?}({xv:e}) = {g:e}, f64 gives {want:e} (relative {e:.2e} > {allowed:.1e})");
+        }
+    }
+}
+
 #[test]
 fn integer_neg_and_abs_fold_to_integers() {
     let x = Tensor::i64(vec![4], vec![3, -7, 0, i64::MIN]);

@@ -1,4 +1,5 @@
-//! LayerNormalization (opset 17) as the ONNX function body it is defined by: its statistics by
+//! Ops defined as functions of others, expanded into them: Sum (a chain of Adds, an Identity for
+//! one input), and LayerNormalization (opset 17) as the ONNX function body it is defined by: its statistics by
 //! ReduceMean over the dims from `axis` on, then Sub, Mul, Add, Sqrt, Div, Mul and Add. Each part
 //! runs on kernels that already have their backward, so a model with LayerNorm both predicts and
 //! passes gradients to the layers before it. The variance is the mean of the squared centred values
@@ -10,9 +11,22 @@ use std::sync::Arc;
 use super::Node;
 use crate::onnx::RawNode;
 use crate::ops::elementwise::{BinaryKind, Unary};
+use crate::ops::layout::LayoutOp;
 use crate::ops::reduce::ReduceMeanAttrs;
 use crate::ops::{Attrs, Op, OpReason, OpResult};
 use crate::tensor::Tensor;
+
+/// One node of `n`'s expansion, named `<node>/<part>`, computing `out`.
+fn part_node(n: &RawNode, part: &'static str, op: Op, inputs: Vec<String>, out: String) -> Node {
+    Node {
+        name: format!("{}/{part}", n.name),
+        op_type: n.op_type.clone(),
+        op,
+        inputs,
+        outputs: vec![out],
+        part: Some(part),
+    }
+}
 
 /// The nodes computing `n`'s outputs; its epsilon (and 1 for InvStdDev) become initializers.
 pub(super) fn expand(n: &RawNode, opset: i64, inits: &mut HashMap<String, Arc<Tensor>>) -> OpResult<Vec<Node>> {
@@ -57,14 +71,7 @@ pub(super) fn expand(n: &RawNode, opset: i64, inits: &mut HashMap<String, Arc<Te
     };
     let mut nodes = Vec::new();
     let mut push = |part: &'static str, op: Op, inputs: Vec<String>, out: String| {
-        nodes.push(Node {
-            name: format!("{}/{part}", n.name),
-            op_type: n.op_type.clone(),
-            op,
-            inputs,
-            outputs: vec![out],
-            part: Some(part),
-        });
+        nodes.push(part_node(n, part, op, inputs, out));
     };
     push("mean", Op::ReduceMean(stats.clone()), vec![x.clone()], mean.clone());
     push("centered", Op::Binary(BinaryKind::Sub), vec![x, mean], tmp("centered"));
@@ -86,4 +93,34 @@ pub(super) fn expand(n: &RawNode, opset: i64, inits: &mut HashMap<String, Arc<Te
         None => push("y", Op::Binary(BinaryKind::Mul), vec![tmp("normalized"), scale], y),
     }
     Ok(nodes)
+}
+
+/// Sum of one or more inputs (numpy broadcasting): `((a + b) + c) + …`, in input order.
+pub(super) fn expand_sum(n: &RawNode) -> OpResult<Vec<Node>> {
+    Attrs::new(&n.attrs).only(&[])?;
+    if let Some(i) = n.inputs.iter().position(|s| s.is_empty()) {
+        return Err(OpReason::MissingInput { index: i, what: "data_0…".into() });
+    }
+    let y = n.outputs.first().filter(|s| !s.is_empty()).cloned().ok_or(OpReason::MissingOutput(0))?;
+    let node = |part: &'static str, op: Op, inputs: Vec<String>, out: String| part_node(n, part, op, inputs, out);
+    match n.inputs.as_slice() {
+        [] => Err(OpReason::MissingInput { index: 0, what: "data_0".into() }),
+        [a] => Ok(vec![node("y", Op::Layout(LayoutOp::Identity), vec![a.clone()], y)]),
+        [first, rest @ ..] => {
+            let mut nodes = Vec::new();
+            let mut acc = first.clone();
+            for (k, b) in rest.iter().enumerate() {
+                let last = k + 1 == rest.len();
+                let out = if last { y.clone() } else { format!("{}/partial{k}", n.name) };
+                nodes.push(node(
+                    if last { "y" } else { "partial" },
+                    Op::Binary(BinaryKind::Add),
+                    vec![acc, b.clone()],
+                    out.clone(),
+                ));
+                acc = out;
+            }
+            Ok(nodes)
+        }
+    }
 }

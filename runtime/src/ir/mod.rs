@@ -32,11 +32,19 @@ fn is_default_domain(n: &onnx::RawNode) -> bool {
 /// included): why it is not supported, or nothing. For `acclimate info`, which lists every
 /// unsupported node at once.
 pub fn check_node(n: &onnx::RawNode, opset: i64) -> Result<(), OpReason> {
-    if n.op_type == "LayerNormalization" && is_default_domain(n) {
-        layer_norm::expand(n, opset, &mut HashMap::new()).map(|_| ())
-    } else {
-        Op::parse(n, opset).map(|_| ())
+    parse_node(n, opset, &mut HashMap::new()).map(|_| ())
+}
+
+/// One node as an op, or as the nodes of its function body (LayerNormalization, Sum).
+fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Tensor>>) -> Result<Expansion, OpReason> {
+    if is_default_domain(n) {
+        match n.op_type.as_str() {
+            "LayerNormalization" => return layer_norm::expand(n, opset, inits).map(Expansion::Nodes),
+            "Sum" => return layer_norm::expand_sum(n).map(Expansion::Nodes),
+            _ => {}
+        }
     }
+    Op::parse(n, opset).map(Expansion::Op)
 }
 
 /// Errors raised while building the IR from a decoded model.
@@ -188,11 +196,7 @@ impl Graph {
         }
         let mut nodes = Vec::with_capacity(g.nodes.len());
         for n in &g.nodes {
-            let parsed = if n.op_type == "LayerNormalization" && is_default_domain(n) {
-                layer_norm::expand(n, opset, &mut initializers).map(Expansion::Nodes)
-            } else {
-                Op::parse(n, opset).map(Expansion::Op)
-            };
+            let parsed = parse_node(n, opset, &mut initializers);
             let parsed = parsed.map_err(|reason| {
                 IrError::UnsupportedOp(Box::new(OpError {
                     op: n.op_type.clone(),

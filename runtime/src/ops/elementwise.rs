@@ -44,6 +44,23 @@ pub enum Unary {
     Gelu {
         tanh: bool,
     },
+    /// ln(1 + eˣ).
+    Softplus,
+    /// x/(1 + |x|).
+    Softsign,
+    /// x above 0, alpha·(eˣ − 1) at or below.
+    Elu {
+        alpha: f32,
+    },
+    /// gamma·Elu(alpha).
+    Selu {
+        alpha: f32,
+        gamma: f32,
+    },
+    /// 1/x.
+    Reciprocal,
+    /// x·tanh(softplus(x)) (opset 18).
+    Mish,
 }
 
 impl Unary {
@@ -62,6 +79,12 @@ impl Unary {
             "Abs" => Unary::Abs,
             "Sqrt" => Unary::Sqrt,
             "Erf" => Unary::Erf,
+            "Softplus" => Unary::Softplus,
+            "Softsign" => Unary::Softsign,
+            "Elu" => Unary::Elu { alpha: a.float("alpha", 1.0)? },
+            "Selu" => Unary::Selu { alpha: a.float("alpha", 1.673_263_2)?, gamma: a.float("gamma", 1.050_701)? },
+            "Reciprocal" => Unary::Reciprocal,
+            "Mish" => Unary::Mish,
             "Gelu" => match a.string("approximate", "none")?.as_str() {
                 "none" => Unary::Gelu { tanh: false },
                 "tanh" => Unary::Gelu { tanh: true },
@@ -92,6 +115,12 @@ impl Unary {
             Unary::Sqrt => (11, 0.0, 0.0),
             Unary::Erf => (12, 0.0, 0.0),
             Unary::Gelu { tanh } => (13, if tanh { 1.0 } else { 0.0 }, 0.0),
+            Unary::Softplus => (14, 0.0, 0.0),
+            Unary::Softsign => (15, 0.0, 0.0),
+            Unary::Elu { alpha } => (16, alpha, 0.0),
+            Unary::Selu { alpha, gamma } => (17, alpha, gamma),
+            Unary::Reciprocal => (18, 0.0, 0.0),
+            Unary::Mish => (19, 0.0, 0.0),
         }
     }
 
@@ -137,8 +166,29 @@ impl Unary {
                 let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
                 (x / (1.0 + (-2.0 * u).exp())) as f32
             }
+            Unary::Softplus => softplus(v as f64) as f32,
+            Unary::Softsign => v / (1.0 + v.abs()),
+            Unary::Elu { alpha } => elu(v as f64, alpha as f64) as f32,
+            Unary::Selu { alpha, gamma } => (gamma as f64 * elu(v as f64, alpha as f64)) as f32,
+            Unary::Reciprocal => 1.0 / v,
+            Unary::Mish => {
+                let x = v as f64;
+                (x * softplus(x).tanh()) as f32
+            }
         }
     }
+}
+
+/// ln(1 + eˣ) without overflow: max(x, 0) + ln(1 + e^−|x|).
+fn softplus(x: f64) -> f64 {
+    if x.is_nan() {
+        return x;
+    }
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+fn elu(x: f64, alpha: f64) -> f64 {
+    if x <= 0.0 { alpha * x.exp_m1() } else { x }
 }
 
 /// erfc(a) for a ≥ 1 as the kernel computes it (`erfc_tail` in elementwise.wgsl: the fit of
@@ -476,7 +526,17 @@ const GRAD_WORKGROUP_MIN: usize = 256;
 /// (|x| has lost the sign). Neg's gradient is -dY and reads neither.
 pub fn unary_backward_saves(u: &Unary) -> (bool, bool) {
     match *u {
-        Unary::HardSwish | Unary::Log | Unary::Abs | Unary::Erf | Unary::Gelu { .. } => (true, false),
+        Unary::HardSwish
+        | Unary::Log
+        | Unary::Abs
+        | Unary::Erf
+        | Unary::Gelu { .. }
+        | Unary::Softplus
+        | Unary::Softsign
+        | Unary::Elu { .. }
+        | Unary::Selu { .. }
+        | Unary::Reciprocal
+        | Unary::Mish => (true, false),
         Unary::LeakyRelu { alpha } if alpha.is_nan() || alpha < 0.0 => (true, false),
         Unary::Neg => (false, false),
         _ => (false, true),

@@ -6,7 +6,7 @@
 //!
 //! | family | ops | shader |
 //! |---|---|---|
-//! | [`elementwise`] | Relu, LeakyRelu, PRelu, Clip, Sigmoid, HardSigmoid, HardSwish, Log, Exp, Tanh, Neg, Abs, Sqrt, Erf, Gelu, Add, Sub, Mul, Div, Pow | `elementwise.wgsl` |
+//! | [`elementwise`] | Relu, LeakyRelu, PRelu, Clip, Sigmoid, HardSigmoid, HardSwish, Log, Exp, Tanh, Neg, Abs, Sqrt, Erf, Gelu, Softplus, Softsign, Elu, Selu, Reciprocal, Mish, Add, Sub, Mul, Div, Pow | `elementwise.wgsl` |
 //! | [`conv`] | Conv (implicit GEMM, 1×1 via matmul, direct depthwise) | `conv.wgsl` |
 //! | [`matmul`] | Gemm, MatMul | `matmul.wgsl` |
 //! | [`norm`] | BatchNormalization | `norm.wgsl` |
@@ -177,7 +177,9 @@ impl Op {
         let outputs = node.outputs.iter().filter(|o| !o.is_empty()).count();
         let op = match node.op_type.as_str() {
             "Relu" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "Log" | "Exp" | "Tanh" | "Neg" | "Abs"
-            | "Sqrt" | "Erf" | "Gelu" => Op::Unary(elementwise::Unary::parse(&node.op_type, &a)?),
+            | "Sqrt" | "Erf" | "Gelu" | "Softplus" | "Softsign" | "Elu" | "Selu" | "Reciprocal" | "Mish" => {
+                Op::Unary(elementwise::Unary::parse(&node.op_type, &a)?)
+            }
             "Clip" if opset < 11 => Op::Unary(elementwise::Unary::parse("Clip", &a)?),
             "Clip" => Op::ClipInputs,
             "Add" | "Sub" | "Mul" | "Div" | "Pow" | "PRelu" => {
