@@ -11,7 +11,12 @@
   projection, residual; then LayerNormalization, an MLP with GELU as Erf (opset < 20), residual;
 * a final LayerNormalization, the class token picked by Gather (index 0 of axis 1) and a Gemm head.
 
-Input [N, 3, 8, 8], 5 classes. cli/tests/parity.rs compares it with ONNX Runtime and
+Also ``tests/fixtures/gn_tiny.onnx``: a convolution with GroupNorm as ``torch.onnx.export``
+writes it before opset 18 (Reshape to [N, groups, -1], InstanceNormalization with unit scale and
+zero bias, Reshape back, the affine weight and bias as [C, 1, 1] Mul and Add), ReLU, pooling and
+a Gemm head (the ResNet-GN family SAR evaluates on).
+
+Input [N, 3, 8, 8], 5 classes. cli/tests/parity.rs compares both with ONNX Runtime and
 cli/tests/adapt_gradients.rs checks a TENT step's BatchNorm gradients, which flow back through
 all of it, against finite differences. Needs onnx and numpy only; the file is committed."""
 
@@ -116,5 +121,48 @@ def main() -> None:
     onnx.save(model, OUT)
 
 
+def group_norm_net() -> None:
+    rng = np.random.default_rng(29)
+    channels, groups = 8, 4
+    inits, nodes = [], []
+
+    def w(name, *shape, scale=0.3, offset=0.0):
+        inits.append(numpy_helper.from_array((offset + scale * rng.standard_normal(shape)).astype(np.float32), name))
+        return name
+
+    def c(name, value, dtype=np.int64):
+        inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+        return name
+
+    def n(op, ins, out, **attrs):
+        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+        return out
+
+    x = n("Conv", ["input", w("conv.weight", channels, 3, 3, 3), w("conv.bias", channels)], "conv",
+          kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    shape = n("Shape", [x], "conv_shape")
+    x = n("Reshape", [x, c("grouped", [0, groups, -1])], "grouped_x")
+    x = n("InstanceNormalization", [x, c("ones", np.ones(groups), np.float32), c("zeros", np.zeros(groups), np.float32)],
+          "gn", epsilon=1e-5)
+    x = n("Reshape", [x, shape], "gn_back")
+    x = n("Mul", [x, w("gn.weight", channels, 1, 1, scale=0.2, offset=1.0)], "gn_scaled")
+    x = n("Add", [x, w("gn.bias", channels, 1, 1, scale=0.1)], "gn_out")
+    x = n("Relu", [x], "relu")
+    x = n("GlobalAveragePool", [x], "gap")
+    x = n("Flatten", [x], "flat", axis=1)
+    n("Gemm", [x, w("head.weight", CLASSES, channels), w("head.bias", CLASSES, scale=0.1)], "logits", transB=1)
+    graph = helper.make_graph(
+        nodes, "gn_tiny",
+        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="acclimate-tools")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, ROOT / "tests/fixtures/gn_tiny.onnx")
+
+
 if __name__ == "__main__":
     main()
+    group_norm_net()

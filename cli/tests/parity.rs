@@ -116,6 +116,13 @@ fn vision_transformer_matches_onnxruntime() {
     parity_at(&common::repo_root().join("tests/fixtures/vit_tiny.onnx"), [3, 8, 8], 600);
 }
 
+/// GroupNorm as `torch.onnx.export` writes it before opset 18 (InstanceNormalization on a
+/// [N, groups, -1] view, the affine part as Mul and Add; `tools/vit_fixture.py`).
+#[test]
+fn group_norm_as_exported_matches_onnxruntime() {
+    parity_at(&common::repo_root().join("tests/fixtures/gn_tiny.onnx"), [3, 8, 8], 700);
+}
+
 #[test]
 fn svhn_matches_onnxruntime() {
     parity("svhn.onnx", [3, 32, 32], 200);

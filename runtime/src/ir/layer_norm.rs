@@ -1,5 +1,7 @@
 //! Ops defined as functions of others, expanded into them: Sum (a chain of Adds, an Identity for
-//! one input), and LayerNormalization (opset 17) as the ONNX function body it is defined by: its statistics by
+//! one input), InstanceNormalization (the same statistics per sample and channel, over the dims
+//! from 2 on: also what `torch.onnx.export` writes for GroupNorm, on a [N, groups, rest] view),
+//! and LayerNormalization (opset 17) as the ONNX function body it is defined by: its statistics by
 //! ReduceMean over the dims from `axis` on, then Sub, Mul, Add, Sqrt, Div, Mul and Add. Each part
 //! runs on kernels that already have their backward, so a model with LayerNorm both predicts and
 //! passes gradients to the layers before it. The variance is the mean of the squared centred values
@@ -13,8 +15,89 @@ use crate::onnx::RawNode;
 use crate::ops::elementwise::{BinaryKind, Unary};
 use crate::ops::layout::LayoutOp;
 use crate::ops::reduce::ReduceMeanAttrs;
+use crate::ops::shape::ShapeOp;
 use crate::ops::{Attrs, Op, OpReason, OpResult};
 use crate::tensor::Tensor;
+
+/// The normalisation shared by LayerNormalization and InstanceNormalization: `mean` (named as
+/// given) and `<node>/std` = √(mean of the squared centred values + eps) over the dims from
+/// `axis` on, and `<node>/centered`.
+fn statistics(n: &RawNode, x: String, axis: i64, mean: String, eps: String) -> Vec<Node> {
+    let tmp = |what: &str| format!("{}/{what}", n.name);
+    let stats = ReduceMeanAttrs {
+        keepdims: true,
+        axes: None,
+        axes_input: false,
+        noop_with_empty_axes: false,
+        from_axis: Some(axis),
+    };
+    let node = |part: &'static str, op: Op, inputs: Vec<String>, out: String| part_node(n, part, op, inputs, out);
+    vec![
+        node("mean", Op::ReduceMean(stats.clone()), vec![x.clone()], mean.clone()),
+        node("centered", Op::Binary(BinaryKind::Sub), vec![x, mean], tmp("centered")),
+        node("squared", Op::Binary(BinaryKind::Mul), vec![tmp("centered"), tmp("centered")], tmp("squared")),
+        node("variance", Op::ReduceMean(stats), vec![tmp("squared")], tmp("variance")),
+        node("variance_eps", Op::Binary(BinaryKind::Add), vec![tmp("variance"), eps], tmp("variance_eps")),
+        node("std", Op::Unary(Unary::Sqrt), vec![tmp("variance_eps")], tmp("std")),
+    ]
+}
+
+/// InstanceNormalization: `(x − mean)/√(var + eps)·scale + B` per sample and channel over the
+/// dims from 2 on; scale and B ([C]) reshaped to [C, 1, …] by shape arithmetic that folds to a
+/// constant once the input's rank is known.
+pub(super) fn expand_instance_norm(n: &RawNode, inits: &mut HashMap<String, Arc<Tensor>>) -> OpResult<Vec<Node>> {
+    let a = Attrs::new(&n.attrs);
+    a.only(&["epsilon"])?;
+    let eps = epsilon(&a, "InstanceNormalization")?;
+    let input = |i: usize, what: &str| required(n, i, what);
+    let (x, scale, bias) = (input(0, "input")?, input(1, "scale")?, input(2, "B")?);
+    let y = n.outputs.first().filter(|s| !s.is_empty()).cloned().ok_or(OpReason::MissingOutput(0))?;
+    let tmp = |what: &str| format!("{}/{what}", n.name);
+    let konst = |inits: &mut HashMap<String, Arc<Tensor>>, what: &str, t: Tensor| {
+        inits.insert(tmp(what), Arc::new(t));
+        tmp(what)
+    };
+    let eps_name = konst(inits, "epsilon", Tensor::f32(vec![], vec![eps]));
+    let two = konst(inits, "two", Tensor::i64(vec![1], vec![2]));
+    let mut nodes = statistics(n, x.clone(), 2, tmp("mean"), eps_name);
+    let mut push = |part: &'static str, op: Op, inputs: Vec<String>, out: String| {
+        nodes.push(part_node(n, part, op, inputs, out));
+    };
+    push("normalized", Op::Binary(BinaryKind::Div), vec![tmp("centered"), tmp("std")], tmp("normalized"));
+    // [C] → [C, 1, …, 1]: Concat(Shape(scale), ones(rank(x) − 2)).
+    let shape = || Op::Shape(ShapeOp::Shape { start: 0, end: None });
+    push("x_shape", shape(), vec![x], tmp("x_shape"));
+    push("rank", shape(), vec![tmp("x_shape")], tmp("rank"));
+    push("trailing", Op::Binary(BinaryKind::Sub), vec![tmp("rank"), two], tmp("trailing"));
+    let one = Tensor::i64(vec![1], vec![1]);
+    push("ones", Op::Shape(ShapeOp::ConstantOfShape(one)), vec![tmp("trailing")], tmp("ones"));
+    push("channels", shape(), vec![scale.clone()], tmp("channels"));
+    let concat = Op::Layout(LayoutOp::Concat { axis: 0 });
+    push("param_shape", concat, vec![tmp("channels"), tmp("ones")], tmp("param_shape"));
+    let reshape = || Op::Layout(LayoutOp::Reshape { allowzero: false });
+    push("scale", reshape(), vec![scale, tmp("param_shape")], tmp("scale"));
+    push("bias", reshape(), vec![bias, tmp("param_shape")], tmp("bias"));
+    push("scaled", Op::Binary(BinaryKind::Mul), vec![tmp("normalized"), tmp("scale")], tmp("scaled"));
+    push("y", Op::Binary(BinaryKind::Add), vec![tmp("scaled"), tmp("bias")], y);
+    Ok(nodes)
+}
+
+/// Input `i` of `n`, which must be given.
+fn required(n: &RawNode, i: usize, what: &str) -> OpResult<String> {
+    match n.inputs.get(i) {
+        Some(s) if !s.is_empty() => Ok(s.clone()),
+        _ => Err(OpReason::MissingInput { index: i, what: what.into() }),
+    }
+}
+
+/// The `epsilon` attribute (default 1e-5), finite and not negative.
+fn epsilon(a: &Attrs<'_>, op: &str) -> OpResult<f32> {
+    let eps = a.float("epsilon", 1e-5)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(OpReason::Attribute(format!("epsilon = {eps} ({op} needs a finite epsilon >= 0)")));
+    }
+    Ok(eps)
+}
 
 /// One node of `n`'s expansion, named `<node>/<part>`, computing `out`.
 fn part_node(n: &RawNode, part: &'static str, op: Op, inputs: Vec<String>, out: String) -> Node {
@@ -38,21 +121,13 @@ pub(super) fn expand(n: &RawNode, opset: i64, inits: &mut HashMap<String, Arc<Te
     let a = Attrs::new(&n.attrs);
     a.only(&["axis", "epsilon", "stash_type"])?;
     let axis = a.int("axis", -1)?;
-    let eps = a.float("epsilon", 1e-5)?;
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(OpReason::Attribute(format!("epsilon = {eps} (LayerNormalization needs a finite epsilon >= 0)")));
-    }
+    let eps = epsilon(&a, "LayerNormalization")?;
     match a.int("stash_type", 1)? {
         // Both compute float32 statistics of float32 inputs.
         0 | 1 => {}
         v => return Err(OpReason::Attribute(format!("stash_type = {v} (ONNX defines 0 and 1)"))),
     }
-    let input = |i: usize, what: &str| -> OpResult<String> {
-        match n.inputs.get(i) {
-            Some(s) if !s.is_empty() => Ok(s.clone()),
-            _ => Err(OpReason::MissingInput { index: i, what: what.into() }),
-        }
-    };
+    let input = |i: usize, what: &str| required(n, i, what);
     let (x, scale) = (input(0, "X")?, input(1, "Scale")?);
     let bias = n.inputs.get(2).filter(|s| !s.is_empty()).cloned();
     let output = |i: usize| n.outputs.get(i).filter(|s| !s.is_empty()).cloned();
@@ -62,23 +137,10 @@ pub(super) fn expand(n: &RawNode, opset: i64, inits: &mut HashMap<String, Arc<Te
     let eps_name = tmp("epsilon");
     inits.insert(eps_name.clone(), Arc::new(Tensor::f32(vec![], vec![eps])));
 
-    let stats = ReduceMeanAttrs {
-        keepdims: true,
-        axes: None,
-        axes_input: false,
-        noop_with_empty_axes: false,
-        from_axis: Some(axis),
-    };
-    let mut nodes = Vec::new();
+    let mut nodes = statistics(n, x, axis, mean, eps_name);
     let mut push = |part: &'static str, op: Op, inputs: Vec<String>, out: String| {
         nodes.push(part_node(n, part, op, inputs, out));
     };
-    push("mean", Op::ReduceMean(stats.clone()), vec![x.clone()], mean.clone());
-    push("centered", Op::Binary(BinaryKind::Sub), vec![x, mean], tmp("centered"));
-    push("squared", Op::Binary(BinaryKind::Mul), vec![tmp("centered"), tmp("centered")], tmp("squared"));
-    push("variance", Op::ReduceMean(stats), vec![tmp("squared")], tmp("variance"));
-    push("variance_eps", Op::Binary(BinaryKind::Add), vec![tmp("variance"), eps_name], tmp("variance_eps"));
-    push("std", Op::Unary(Unary::Sqrt), vec![tmp("variance_eps")], tmp("std"));
     if let Some(inv) = output(2) {
         let one = tmp("one");
         inits.insert(one.clone(), Arc::new(Tensor::f32(vec![], vec![1.0])));

@@ -35,12 +35,16 @@ pub fn check_node(n: &onnx::RawNode, opset: i64) -> Result<(), OpReason> {
     parse_node(n, opset, &mut HashMap::new()).map(|_| ())
 }
 
-/// One node as an op, or as the nodes of its function body (LayerNormalization, Sum).
+/// One node as an op, or as the nodes of its function body (LayerNormalization,
+/// InstanceNormalization, Sum).
 fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Tensor>>) -> Result<Expansion, OpReason> {
     if is_default_domain(n) {
         match n.op_type.as_str() {
             "LayerNormalization" => return layer_norm::expand(n, opset, inits).map(Expansion::Nodes),
             "Sum" => return layer_norm::expand_sum(n).map(Expansion::Nodes),
+            "InstanceNormalization" => {
+                return layer_norm::expand_instance_norm(n, inits).map(Expansion::Nodes);
+            }
             _ => {}
         }
     }
