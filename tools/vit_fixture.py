@@ -32,22 +32,45 @@ DIM, HEADS, PATCH, SIDE, CLASSES, HIDDEN = 8, 2, 4, 8, 5, 16
 TOKENS = (SIDE // PATCH) ** 2
 
 
-def main() -> None:
-    rng = np.random.default_rng(23)
-    inits = []
-    nodes = []
+class Builder:
+    """Nodes and seeded random initializers of one graph, input [N, 3, SIDE, SIDE] and output
+    [N, CLASSES]."""
 
-    def w(name, *shape, scale=0.3, offset=0.0):
-        inits.append(numpy_helper.from_array((offset + scale * rng.standard_normal(shape)).astype(np.float32), name))
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.inits = []
+        self.nodes = []
+
+    def w(self, name, *shape, scale=0.3, offset=0.0):
+        values = offset + scale * self.rng.standard_normal(shape)
+        self.inits.append(numpy_helper.from_array(values.astype(np.float32), name))
         return name
 
-    def c(name, value, dtype=np.int64):
-        inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+    def c(self, name, value, dtype=np.int64):
+        self.inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
         return name
 
-    def n(op, ins, out, **attrs):
-        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+    def n(self, op, ins, out, **attrs):
+        self.nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
         return out
+
+    def save(self, name: str, opset: int, path: Path) -> None:
+        graph = helper.make_graph(
+            self.nodes, name,
+            inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
+            outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+            initializer=self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                  producer_name="acclimate-tools")
+        model.ir_version = 8
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, path)
+
+
+def main() -> None:
+    g = Builder(23)
+    w, c, n = g.w, g.c, g.n
 
     x = n("Conv", ["input", w("patch.weight", DIM, 3, PATCH, PATCH), w("patch.bias", DIM)], "patch",
           kernel_shape=[PATCH, PATCH], strides=[PATCH, PATCH])
@@ -109,34 +132,13 @@ def main() -> None:
     x = n("Gather", [x, c("cls_index", 0)], "cls_out", axis=1)
     n("Gemm", [x, w("head.weight", CLASSES, DIM), w("head.bias", CLASSES, scale=0.1)], "logits", transB=1)
 
-    graph = helper.make_graph(
-        nodes, "vit_tiny",
-        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
-        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="acclimate-tools")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, OUT)
+    g.save("vit_tiny", 17, OUT)
 
 
 def group_norm_net() -> None:
-    rng = np.random.default_rng(29)
+    g = Builder(29)
+    w, c, n = g.w, g.c, g.n
     channels, groups = 8, 4
-    inits, nodes = [], []
-
-    def w(name, *shape, scale=0.3, offset=0.0):
-        inits.append(numpy_helper.from_array((offset + scale * rng.standard_normal(shape)).astype(np.float32), name))
-        return name
-
-    def c(name, value, dtype=np.int64):
-        inits.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
-        return name
-
-    def n(op, ins, out, **attrs):
-        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
-        return out
 
     x = n("Conv", ["input", w("conv.weight", channels, 3, 3, 3), w("conv.bias", channels)], "conv",
           kernel_shape=[3, 3], pads=[1, 1, 1, 1])
@@ -151,16 +153,7 @@ def group_norm_net() -> None:
     x = n("GlobalAveragePool", [x], "gap")
     x = n("Flatten", [x], "flat", axis=1)
     n("Gemm", [x, w("head.weight", CLASSES, channels), w("head.bias", CLASSES, scale=0.1)], "logits", transB=1)
-    graph = helper.make_graph(
-        nodes, "gn_tiny",
-        inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
-        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="acclimate-tools")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, ROOT / "tests/fixtures/gn_tiny.onnx")
+    g.save("gn_tiny", 13, ROOT / "tests/fixtures/gn_tiny.onnx")
 
 
 if __name__ == "__main__":
