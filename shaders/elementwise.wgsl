@@ -41,6 +41,8 @@ const MUL: i32 = 2;
 const DIV: i32 = 3;
 const POW: i32 = 4;
 const PRELU: i32 = 5;
+const MAX: i32 = 6;
+const MIN: i32 = 7;
 
 override OP: i32 = 0;
 
@@ -323,6 +325,9 @@ fn binary(a: f32, c: f32) -> f32 {
         case 2: { return a * c; }
         case 3: { return a / c; }
         case 4: { return pow_onnx(a, c); }
+        // NaN in either operand gives NaN (the builtins may return the other one).
+        case MAX: { return select(max(a, c), a + c, is_nan(a) || is_nan(c)); }
+        case MIN: { return select(min(a, c), a + c, is_nan(a) || is_nan(c)); }
         default: { return select(a, a * c, a < 0.0); }
     }
 }
@@ -555,8 +560,16 @@ fn red_step(r: u32) -> vec2<u32> {
 
 // dy times the partial derivative of OP with respect to the SIDE operand at (a, c). Conventions
 // follow PyTorch: pow's d/da is 0 where the exponent is 0; d/db = a^b ln a only where a > 0
-// (0 elsewhere); PRelu takes the slope branch at x = 0.
+// (0 elsewhere); PRelu takes the slope branch at x = 0; Max and Min pass dy to the operand they
+// chose and split it in halves on a tie (PyTorch's maximum/minimum).
 fn binary_grad(g: f32, a: f32, c: f32) -> f32 {
+    if OP == MAX || OP == MIN {
+        let own = select(c, a, SIDE == 0);
+        let other = select(a, c, SIDE == 0);
+        if own == other { return 0.5 * g; }
+        let wins = select((own < other), (own > other), OP == MAX);
+        return select(0.0, g, wins);
+    }
     if SIDE == 0 {
         switch OP {
             case MUL: { return g * c; }

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-OUT = Path(__file__).resolve().parent.parent / "runtime" / "tests" / "fixtures" / "nan"
+OUT = Path(__file__).resolve().parent.parent / "cli" / "tests" / "fixtures" / "nan"
 NAN = np.float32("nan")
 INF = np.float32("inf")
 
@@ -114,8 +114,17 @@ def unary_cases():
         ("Neg", {}),
         ("Abs", {}),
         ("Sqrt", {}),
+        ("Erf", {}),
+        ("Softplus", {}),
+        ("Softsign", {}),
+        ("Elu", {"alpha": 0.5}),
+        ("Selu", {}),
+        ("Reciprocal", {}),
     ]:
         case(f"unary_{op.lower()}", model(op, x, {}, attrs, 14), x)
+    case("unary_mish", model("Mish", x, {}, {}, 18), x)
+    case("unary_gelu", model("Gelu", x, {}, {}, 20), x)
+    case("unary_gelu_tanh", model("Gelu", x, {}, {"approximate": "tanh"}, 20), x)
     case("clip10_attrs", model("Clip", x, {}, {"min": -2.0, "max": 2.0}, 10), x)
     case("clip10_default", model("Clip", x, {}, {}, 10), x)
     case("clip13_inputs", model("Clip", x, {"lo": np.float32(-2.0), "hi": np.float32(2.0)}, {}, 13), x)
@@ -131,7 +140,7 @@ def binary_cases():
     # Every pair of special values: A [12, 1] against B [1, 12] as a constant (a NaN "weight").
     a = {"a": SPECIAL.reshape(12, 1)}
     b = SPECIAL.reshape(1, 12)
-    for op in ["Add", "Sub", "Mul", "Div", "Pow"]:
+    for op in ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"]:
         case(f"binary_{op.lower()}", model(op, a, {"b": b}, {}, 14), a)
     # Pow's C99 special cases beyond the grid: base ±1 and ±0, odd and even integral exponents.
     base = np.array([1, -1, 0, -0.0, NAN, INF, -INF, -2, 2, 0.5, -0.5, 3e38], np.float32).reshape(12, 1)

@@ -528,7 +528,7 @@ fn activations_save_their_output_where_it_determines_the_gradient() {
     assert!(s.inputs && !s.outputs, "a negative leaky slope reads the input, saves {s:?}");
     assert!(!elementwise::binary_backward_needs_inputs(BinaryKind::Add));
     assert!(!elementwise::binary_backward_needs_inputs(BinaryKind::Sub));
-    for k in [BinaryKind::Mul, BinaryKind::Div, BinaryKind::Pow, BinaryKind::PRelu] {
+    for k in [BinaryKind::Mul, BinaryKind::Div, BinaryKind::Pow, BinaryKind::PRelu, BinaryKind::Max, BinaryKind::Min] {
         assert!(elementwise::binary_backward_needs_inputs(k), "{k:?}");
     }
 }
@@ -551,6 +551,8 @@ fn binary_ref(k: BinaryKind, a: f64, b: f64) -> f64 {
                 a
             }
         }
+        BinaryKind::Max => a.max(b),
+        BinaryKind::Min => a.min(b),
     }
 }
 
@@ -681,6 +683,17 @@ fn products_quotients_and_powers_reduce_over_broadcast_dims(ctx: GpuContext) {
         frozen(vec![2.0, 3.0, 0.0], &[3]),
         18,
     );
+    // Max and Min: dy to the operand chosen, summed over broadcasting (values drawn apart from
+    // each other's range edges, no ties).
+    for (k, kind) in [BinaryKind::Max, BinaryKind::Min].into_iter().enumerate() {
+        check_binary(
+            &ctx,
+            kind,
+            data(rand(&[2, 3, 4], 30 + k as u64, -1.0, 1.0), &[2, 3, 4]),
+            data(rand(&[3, 1], 32 + k as u64, -1.0, 1.0), &[3, 1]),
+            34 + k as u64,
+        );
+    }
     // Long reduction of a product.
     let big = [2, 3, 12, 12];
     check_binary(

@@ -1,5 +1,5 @@
-//! Ops defined as functions of others, expanded into them: Sum (a chain of Adds, an Identity for
-//! one input), InstanceNormalization (the same statistics per sample and channel, over the dims
+//! Ops defined as functions of others, expanded into them: Sum, Max and Min (a chain of binary
+//! ops, an Identity for one input), InstanceNormalization (the same statistics per sample and channel, over the dims
 //! from 2 on: also what `torch.onnx.export` writes for GroupNorm, on a [N, groups, rest] view),
 //! and LayerNormalization (opset 17) as the ONNX function body it is defined by: its statistics by
 //! ReduceMean over the dims from `axis` on, then Sub, Mul, Add, Sqrt, Div, Mul and Add. Each part
@@ -157,8 +157,9 @@ pub(super) fn expand(n: &RawNode, opset: i64, inits: &mut HashMap<String, Arc<Te
     Ok(nodes)
 }
 
-/// Sum of one or more inputs (numpy broadcasting): `((a + b) + c) + …`, in input order.
-pub(super) fn expand_sum(n: &RawNode) -> OpResult<Vec<Node>> {
+/// Sum, Max or Min of one or more inputs (numpy broadcasting): `((a ∘ b) ∘ c) ∘ …`, in input
+/// order; one input is its Identity.
+pub(super) fn expand_variadic(n: &RawNode, kind: BinaryKind) -> OpResult<Vec<Node>> {
     Attrs::new(&n.attrs).only(&[])?;
     if let Some(i) = n.inputs.iter().position(|s| s.is_empty()) {
         return Err(OpReason::MissingInput { index: i, what: "data_0…".into() });
@@ -176,7 +177,7 @@ pub(super) fn expand_sum(n: &RawNode) -> OpResult<Vec<Node>> {
                 let out = if last { y.clone() } else { format!("{}/partial{k}", n.name) };
                 nodes.push(node(
                     if last { "y" } else { "partial" },
-                    Op::Binary(BinaryKind::Add),
+                    Op::Binary(kind),
                     vec![acc, b.clone()],
                     out.clone(),
                 ));

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::onnx::{self, DimSpec, OnnxError, RawModel};
+use crate::ops::elementwise::BinaryKind;
 use crate::ops::shape::ShapeOp;
 use crate::ops::{Op, OpError, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
@@ -36,12 +37,14 @@ pub fn check_node(n: &onnx::RawNode, opset: i64) -> Result<(), OpReason> {
 }
 
 /// One node as an op, or as the nodes of its function body (LayerNormalization,
-/// InstanceNormalization, Sum).
+/// InstanceNormalization, Sum, Max, Min).
 fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Tensor>>) -> Result<Expansion, OpReason> {
     if is_default_domain(n) {
         match n.op_type.as_str() {
             "LayerNormalization" => return layer_norm::expand(n, opset, inits).map(Expansion::Nodes),
-            "Sum" => return layer_norm::expand_sum(n).map(Expansion::Nodes),
+            "Sum" => return layer_norm::expand_variadic(n, BinaryKind::Add).map(Expansion::Nodes),
+            "Max" => return layer_norm::expand_variadic(n, BinaryKind::Max).map(Expansion::Nodes),
+            "Min" => return layer_norm::expand_variadic(n, BinaryKind::Min).map(Expansion::Nodes),
             "InstanceNormalization" => {
                 return layer_norm::expand_instance_norm(n, inits).map(Expansion::Nodes);
             }

@@ -263,6 +263,10 @@ pub enum BinaryKind {
     Div,
     Pow,
     PRelu,
+    /// The larger operand (NaN if either is NaN).
+    Max,
+    /// The smaller operand (NaN if either is NaN).
+    Min,
 }
 
 impl BinaryKind {
@@ -274,6 +278,8 @@ impl BinaryKind {
             "Div" => BinaryKind::Div,
             "Pow" => BinaryKind::Pow,
             "PRelu" => BinaryKind::PRelu,
+            "Max" => BinaryKind::Max,
+            "Min" => BinaryKind::Min,
             other => return Err(OpReason::Internal(format!("{other} is not a binary op"))),
         })
     }
@@ -286,6 +292,8 @@ impl BinaryKind {
             BinaryKind::Div => 3,
             BinaryKind::Pow => 4,
             BinaryKind::PRelu => 5,
+            BinaryKind::Max => 6,
+            BinaryKind::Min => 7,
         }
     }
 
@@ -303,6 +311,9 @@ impl BinaryKind {
                     a
                 }
             }
+            BinaryKind::Max | BinaryKind::Min if a.is_nan() || b.is_nan() => f32::NAN,
+            BinaryKind::Max => a.max(b),
+            BinaryKind::Min => a.min(b),
         }
     }
 
@@ -330,6 +341,8 @@ impl BinaryKind {
                     a
                 }
             }
+            BinaryKind::Max => a.max(b),
+            BinaryKind::Min => a.min(b),
         })
     }
 }
