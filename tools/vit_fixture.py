@@ -16,7 +16,13 @@ writes it before opset 18 (Reshape to [N, groups, -1], InstanceNormalization wit
 zero bias, Reshape back, the affine weight and bias as [C, 1, 1] Mul and Add), ReLU, pooling and
 a Gemm head (the ResNet-GN family SAR evaluates on).
 
-Input [N, 3, 8, 8], 5 classes. cli/tests/parity.rs compares both with ONNX Runtime and
+And ``tests/fixtures/convnext_tiny.onnx`` (opset 20): GoogLeNet's ``transform_input`` (each input
+channel gathered, scaled and shifted, concatenated back: Gather of run-time data), a 4×4 patch
+stem with a channels-first LayerNorm (Transpose, LayerNormalization, Transpose), one ConvNeXt
+block (7×7 depthwise convolution, LayerNorm over channels last, MatMul, the Gelu op, MatMul, layer
+scale, residual), pooling, a final LayerNorm and a Gemm head.
+
+Input [N, 3, 8, 8], 5 classes. cli/tests/parity.rs compares them with ONNX Runtime and
 cli/tests/adapt_gradients.rs checks a TENT step's BatchNorm gradients, which flow back through
 all of it, against finite differences. Needs onnx and numpy only; the file is committed."""
 
@@ -156,6 +162,44 @@ def group_norm_net() -> None:
     g.save("gn_tiny", 13, ROOT / "tests/fixtures/gn_tiny.onnx")
 
 
+def convnext_net() -> None:
+    g = Builder(31)
+    w, c, n = g.w, g.c, g.n
+    dim = 8
+    # transform_input: x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5, channel by channel.
+    parts = []
+    for ch, (scale, shift) in enumerate([(0.458, -0.030), (0.448, -0.088), (0.450, -0.188)]):
+        x_c = n("Gather", ["input", c(f"ch{ch}", [ch])], f"in_ch{ch}", axis=1)
+        x_c = n("Mul", [x_c, c(f"scale{ch}", scale, np.float32)], f"in_scaled{ch}")
+        parts.append(n("Add", [x_c, c(f"shift{ch}", shift, np.float32)], f"in_shifted{ch}"))
+    x = n("Concat", parts, "transformed", axis=1)
+    x = n("Conv", [x, w("stem.weight", dim, 3, 4, 4), w("stem.bias", dim)], "stem", kernel_shape=[4, 4], strides=[4, 4])
+
+    def ln_last(v, name):
+        return n("LayerNormalization", [v, w(name + ".weight", dim, scale=0.2, offset=1.0),
+                                        w(name + ".bias", dim, scale=0.1)], name, axis=-1, epsilon=1e-6)
+
+    x = n("Transpose", [x], "stem_nhwc", perm=[0, 2, 3, 1])
+    x = ln_last(x, "stem_ln")
+    x = n("Transpose", [x], "stem_out", perm=[0, 3, 1, 2])
+    h = n("Conv", [x, w("dw.weight", dim, 1, 7, 7), w("dw.bias", dim)], "dw", kernel_shape=[7, 7],
+          pads=[3, 3, 3, 3], group=dim)
+    h = n("Transpose", [h], "dw_nhwc", perm=[0, 2, 3, 1])
+    h = ln_last(h, "block_ln")
+    h = n("MatMul", [h, w("pw1.weight", dim, 4 * dim)], "pw1")
+    h = n("Add", [h, w("pw1.bias", 4 * dim, scale=0.1)], "pw1_b")
+    h = n("Gelu", [h], "gelu")
+    h = n("MatMul", [h, w("pw2.weight", 4 * dim, dim)], "pw2")
+    h = n("Mul", [h, w("layer_scale", dim, scale=0.1, offset=0.5)], "scaled")
+    h = n("Transpose", [h], "block_nchw", perm=[0, 3, 1, 2])
+    x = n("Add", [x, h], "res")
+    x = n("ReduceMean", [x, c("pool_axes", [2, 3])], "pooled", keepdims=0)
+    x = ln_last(x, "head_ln")
+    n("Gemm", [x, w("head.weight", CLASSES, dim), w("head.bias", CLASSES, scale=0.1)], "logits", transB=1)
+    g.save("convnext_tiny", 20, ROOT / "tests/fixtures/convnext_tiny.onnx")
+
+
 if __name__ == "__main__":
     main()
     group_norm_net()
+    convnext_net()

@@ -123,6 +123,14 @@ fn group_norm_as_exported_matches_onnxruntime() {
     parity_at(&common::repo_root().join("tests/fixtures/gn_tiny.onnx"), [3, 8, 8], 700);
 }
 
+/// A ConvNeXt block at opset 20 with GoogLeNet's input transform (`tools/vit_fixture.py`): Gather
+/// of input channels, channels-first LayerNorm through Transposes, a 7×7 depthwise convolution,
+/// the Gelu op, layer scale, ReduceMean with axes as an input.
+#[test]
+fn convnext_block_matches_onnxruntime() {
+    parity_at(&common::repo_root().join("tests/fixtures/convnext_tiny.onnx"), [3, 8, 8], 800);
+}
+
 #[test]
 fn svhn_matches_onnxruntime() {
     parity("svhn.onnx", [3, 32, 32], 200);
