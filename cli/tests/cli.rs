@@ -141,6 +141,7 @@ fn info_text() {
     // MNISTNet has no BatchNormalization: said plainly.
     let mnist = ok(&["info", s(&common::asset("mnist.onnx"))]);
     assert!(mnist.contains(NO_BN), "{mnist}");
+    assert!(mnist.contains("the default method (auto) runs only its output stages"), "{mnist}");
 
     // Paddle keeps weights in Constant nodes; symbolic dims come out by name.
     let ocr = ok(&["info", s(&common::asset("ocr_cls.onnx"))]);

@@ -14,6 +14,9 @@ use acclimate::onnx::{self, Attr, DimSpec, OnnxError, RawModel, ValueInfo};
 
 /// Stated when a model has nothing for BN-based test-time adaptation to update.
 pub const NO_BN: &str = "no BatchNormalization layers: BN-based adaptation cannot be applied to this model";
+/// What the default method does with such a model.
+pub const NO_BN_AUTO: &str = "the default method (auto) runs only its output stages on it (LAME smoothing, label-shift \
+                              correction) and takes no gradient step; LayerNorm and GroupNorm parameters are not adapted";
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -220,6 +223,7 @@ impl ModelInfo {
         let bn = &self.batch_norm;
         if bn.layers == 0 {
             let _ = writeln!(s, "{NO_BN}");
+            let _ = writeln!(s, "{NO_BN_AUTO}");
         } else {
             let _ = writeln!(
                 s,
