@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 40] = [
+const OP_TYPES: [&str; 50] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -120,12 +120,25 @@ const OP_TYPES: [&str; 40] = [
     "Max",
     "Min",
     "NotAnOp",
+    // Expanded into other ops by the IR builder, or added with them.
+    "LayerNormalization",
+    "InstanceNormalization",
+    "Sum",
+    "Equal",
+    "Where",
+    "Erf",
+    "Gelu",
+    "Softplus",
+    "Mish",
+    "Elu",
 ];
 
 impl Loader {
     pub fn new(repo: &Path, work: &Path) -> Result<Loader, String> {
         let mut files: Vec<PathBuf> = Vec::new();
-        for dir in ["assets", "models", "tests/data/onnx"] {
+        // tests/fixtures: the transformer, ConvNeXt and GroupNorm fixtures (LayerNormalization,
+        // InstanceNormalization, Expand, Gather of run-time data, Equal/Where folding).
+        for dir in ["assets", "models", "tests/data/onnx", "tests/fixtures"] {
             let Ok(entries) = std::fs::read_dir(repo.join(dir)) else { continue };
             for e in entries.flatten() {
                 let p = e.path();
