@@ -266,3 +266,52 @@ fn malformed_layer_normalization_is_named() {
     let msg = load_err(&at17(ln(&["x", "x"], Some(int_attr("stash_type", 3)))));
     assert!(msg.contains("my_ln") && msg.contains("stash_type"), "{msg}");
 }
+
+/// Regression (found by the loader fuzzer, seed 2): an Expand to a shape whose element count
+/// overflows reached a Transpose whose strides overflowed — a panic in plan specialisation. Such
+/// a shape, a huge one, and a constant subgraph too large to fold on the CPU are errors naming
+/// the node.
+#[test]
+fn tensors_larger_than_any_device_are_errors() {
+    use acclimate::plan::specialize::specialize;
+    let ints = |name: &str, v: &[i64]| proto::TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(7),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    };
+    let model = |target: &[i64], input: &str| {
+        let mut m = proto::ModelProto::decode(
+            model_bytes(vec![
+                node("Expand", "my_expand", &[input, "target"], &["big"]),
+                node("Transpose", "after", &["big"], &["t"]),
+                node("Flatten", "flat", &["t"], &["y"]),
+            ])
+            .as_slice(),
+        )
+        .unwrap();
+        let g = m.graph.as_mut().unwrap();
+        g.initializer.push(ints("target", target));
+        if input == "c" {
+            g.initializer.push(proto::TensorProto {
+                name: Some("c".into()),
+                dims: vec![1],
+                data_type: Some(1),
+                float_data: vec![1.0],
+                ..Default::default()
+            });
+        }
+        acclimate::ir::Graph::from_bytes(&m.encode_to_vec()).expect("the graph is well formed")
+    };
+    let plan_err = |g: &acclimate::ir::Graph| match specialize(g, &[vec![2, 4]]) {
+        Ok(_) => panic!("specialised"),
+        Err(e) => e.to_string(),
+    };
+    let overflow = plan_err(&model(&[1 << 40, 1 << 40, 1, 4], "x"));
+    assert!(overflow.contains("my_expand") && overflow.contains("overflow"), "{overflow}");
+    let huge = plan_err(&model(&[1 << 30, 1 << 20, 1, 4], "x"));
+    assert!(huge.contains("my_expand") && huge.contains("larger than any device"), "{huge}");
+    let folded = plan_err(&model(&[1 << 15, 1 << 15], "c"));
+    assert!(folded.contains("my_expand") && folded.contains("constant subgraph"), "{folded}");
+}

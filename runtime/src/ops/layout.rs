@@ -821,6 +821,9 @@ fn resolve_expand(input: &[usize], target: &[i64]) -> OpResult<Resolved> {
         })
         .collect::<OpResult<_>>()?;
     let out = super::broadcast_shapes(input, &target)?;
+    if out.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none() {
+        return Err(OpReason::TooLarge(format!("Expand to {out:?}: the element count overflows")));
+    }
     let src_strides: Vec<i64> = super::broadcast_strides(input, &out).into_iter().map(|v| v as i64).collect();
     let copy = StridedCopy {
         input: 0,

@@ -14,6 +14,12 @@ use crate::ir::{Dim, Graph};
 use crate::ops::{Input, Op, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
 
+/// Elements of the largest tensor a plan may describe: far beyond any device (2^40 floats are
+/// 4 TiB), small enough that strides and byte sizes never overflow.
+const MAX_TENSOR_ELEMENTS: usize = 1 << 40;
+/// Elements of the largest tensor a constant subgraph may create on the CPU (as shape ops').
+const MAX_FOLDED_OUTPUT: usize = 1 << 28;
+
 /// What is known about a tensor after specialisation.
 #[derive(Clone, Debug)]
 pub struct ValueInfo {
@@ -129,6 +135,23 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
         }
 
         let inferred = node.op.infer(&ins).map_err(|r| node_err(graph, idx, shapes_of(), r))?;
+        // An output whose element count does not fit in memory (a fuzzed Expand to 2^40 × 2^40)
+        // is an error here, before a later node computes its strides.
+        for (shape, _) in &inferred {
+            if shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none_or(|n| n > MAX_TENSOR_ELEMENTS) {
+                let reason =
+                    OpReason::TooLarge(format!("an output of shape {shape:?} is larger than any device holds"));
+                return Err(node_err(graph, idx, shapes_of(), reason));
+            }
+        }
+        let folded_too_large = inferred.iter().any(|(shape, _)| shape.iter().product::<usize>() > MAX_FOLDED_OUTPUT);
+        if all_const && folded_too_large {
+            let reason = OpReason::TooLarge(format!(
+                "a constant subgraph would create a tensor of shape {:?}, more than {MAX_FOLDED_OUTPUT} elements",
+                inferred.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>()
+            ));
+            return Err(node_err(graph, idx, shapes_of(), reason));
+        }
         if all_const && let Some(res) = node.op.eval(&ins.iter().map(|i| i.and_then(|x| x.value)).collect::<Vec<_>>()) {
             let outs = res.map_err(|r| node_err(graph, idx, shapes_of(), r))?;
             let shape_dependent = infos.iter().flatten().any(|v| v.shape_dependent);
