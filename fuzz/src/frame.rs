@@ -154,7 +154,14 @@ fn spec_string(c: &mut Cursor<'_>) -> String {
         let size = 1 + c.u8() % 24;
         let resize = size + c.u8() % 8;
         let per = |v: &str| vec![v; channels].join("/");
-        let geometry = if resize == size { format!("size={size}") } else { format!("resize={resize},crop={size}") };
+        let other = 1 + c.u8() % 24;
+        let geometry = match c.u8() % 4 {
+            // Not square: stretched to size×other, or a size×other window (both within resize).
+            0 => format!("size={size}x{other}"),
+            1 => format!("resize={},crop={size}x{other}", resize.max(other)),
+            _ if resize == size => format!("size={size}"),
+            _ => format!("resize={resize},crop={size}"),
+        };
         return format!("{geometry},channels={channels},mean={},std={}", per("0.45"), per("0.225"));
     }
     let small = |c: &mut Cursor<'_>| match c.u8() % 6 {
@@ -172,11 +179,17 @@ fn spec_string(c: &mut Cursor<'_>) -> String {
     };
     let mut parts = Vec::new();
     let resize = small(c);
-    if c.u8().is_multiple_of(4) {
-        parts.push(format!("resize={resize}"));
-        parts.push(format!("crop={}", small(c)));
-    } else {
-        parts.push(format!("size={resize}"));
+    match c.u8() % 8 {
+        0 | 1 => {
+            parts.push(format!("resize={resize}"));
+            parts.push(format!("crop={}", small(c)));
+        }
+        2 => {
+            parts.push(format!("resize={resize}"));
+            parts.push(format!("crop={}x{}", small(c), small(c)));
+        }
+        3 => parts.push(format!("size={resize}x{}", small(c))),
+        _ => parts.push(format!("size={resize}")),
     }
     if c.u8().is_multiple_of(2) {
         parts.push(format!("channels={}", ["1", "3", "2", "0", "4294967296"][usize::from(c.u8()) % 5]));
