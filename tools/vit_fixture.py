@@ -14,7 +14,8 @@
 Also ``tests/fixtures/gn_tiny.onnx``: a convolution with GroupNorm as ``torch.onnx.export``
 writes it before opset 18 (Reshape to [N, groups, -1], InstanceNormalization with unit scale and
 zero bias, Reshape back, the affine weight and bias as [C, 1, 1] Mul and Add), ReLU, pooling and
-a Gemm head (the ResNet-GN family SAR evaluates on).
+a Gemm head (the ResNet-GN family SAR evaluates on); and ``gn21_tiny.onnx`` with the
+GroupNormalization op itself (opset 21: scale and bias per channel).
 
 And ``tests/fixtures/convnext_tiny.onnx`` (opset 20): GoogLeNet's ``transform_input`` (each input
 channel gathered, scaled and shifted, concatenated back: Gather of run-time data), a 4×4 patch
@@ -162,6 +163,22 @@ def group_norm_net() -> None:
     g.save("gn_tiny", 13, ROOT / "tests/fixtures/gn_tiny.onnx")
 
 
+def group_norm_op_nets() -> None:
+    """The GroupNormalization op itself, opset 21 (scale and bias per channel)."""
+    for opset, per in ((21, 8),):
+        g = Builder(37 + opset)
+        w, n = g.w, g.n
+        x = n("Conv", ["input", w("conv.weight", 8, 3, 3, 3), w("conv.bias", 8)], "conv", kernel_shape=[3, 3],
+              pads=[1, 1, 1, 1])
+        x = n("GroupNormalization", [x, w("gn.weight", per, scale=0.2, offset=1.0), w("gn.bias", per, scale=0.1)],
+              "gn", num_groups=4, epsilon=1e-5)
+        x = n("Relu", [x], "relu")
+        x = n("GlobalAveragePool", [x], "gap")
+        x = n("Flatten", [x], "flat", axis=1)
+        n("Gemm", [x, w("head.weight", CLASSES, 8), w("head.bias", CLASSES, scale=0.1)], "logits", transB=1)
+        g.save(f"gn{opset}_tiny", opset, ROOT / f"tests/fixtures/gn{opset}_tiny.onnx")
+
+
 def convnext_net() -> None:
     g = Builder(31)
     w, c, n = g.w, g.c, g.n
@@ -202,4 +219,5 @@ def convnext_net() -> None:
 if __name__ == "__main__":
     main()
     group_norm_net()
+    group_norm_op_nets()
     convnext_net()

@@ -315,3 +315,30 @@ fn tensors_larger_than_any_device_are_errors() {
     let folded = plan_err(&model(&[1 << 15, 1 << 15], "c"));
     assert!(folded.contains("my_expand") && folded.contains("constant subgraph"), "{folded}");
 }
+
+/// GroupNormalization before opset 21 (scale and bias per group, deprecated by ONNX) and without
+/// num_groups: load errors naming the node and what to do.
+#[test]
+fn group_normalization_outside_opset_21_is_named() {
+    let gn = |groups: Option<i64>| {
+        let mut n = node("GroupNormalization", "my_gn", &["x", "s", "b"], &["y"]);
+        n.attribute.extend(groups.map(|g| proto::AttributeProto {
+            name: Some("num_groups".into()),
+            r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+            i: Some(g),
+            ..Default::default()
+        }));
+        n
+    };
+    let at = |opset: i64, n: proto::NodeProto| {
+        let mut m = proto::ModelProto::decode(model_bytes(vec![n]).as_slice()).unwrap();
+        m.opset_import[0].version = Some(opset);
+        m.encode_to_vec()
+    };
+    let msg = load_err(&at(18, gn(Some(2))));
+    assert!(msg.contains("my_gn") && msg.contains("opset 21"), "{msg}");
+    let msg = load_err(&at(21, gn(None)));
+    assert!(msg.contains("my_gn") && msg.contains("num_groups"), "{msg}");
+    let msg = load_err(&at(21, gn(Some(0))));
+    assert!(msg.contains("my_gn") && msg.contains("num_groups"), "{msg}");
+}

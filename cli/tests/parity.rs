@@ -131,6 +131,12 @@ fn convnext_block_matches_onnxruntime() {
     parity_at(&common::repo_root().join("tests/fixtures/convnext_tiny.onnx"), [3, 8, 8], 800);
 }
 
+/// The GroupNormalization op (opset 21: scale and bias per channel).
+#[test]
+fn group_normalization_op_matches_onnxruntime() {
+    parity_at(&common::repo_root().join("tests/fixtures/gn21_tiny.onnx"), [3, 8, 8], 900);
+}
+
 #[test]
 fn svhn_matches_onnxruntime() {
     parity("svhn.onnx", [3, 32, 32], 200);

@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 50] = [
+const OP_TYPES: [&str; 51] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -123,6 +123,7 @@ const OP_TYPES: [&str; 50] = [
     // Expanded into other ops by the IR builder, or added with them.
     "LayerNormalization",
     "InstanceNormalization",
+    "GroupNormalization",
     "Sum",
     "Equal",
     "Where",

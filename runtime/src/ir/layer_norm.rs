@@ -53,33 +53,108 @@ pub(super) fn expand_instance_norm(n: &RawNode, inits: &mut HashMap<String, Arc<
     let (x, scale, bias) = (input(0, "input")?, input(1, "scale")?, input(2, "B")?);
     let y = n.outputs.first().filter(|s| !s.is_empty()).cloned().ok_or(OpReason::MissingOutput(0))?;
     let tmp = |what: &str| format!("{}/{what}", n.name);
-    let konst = |inits: &mut HashMap<String, Arc<Tensor>>, what: &str, t: Tensor| {
-        inits.insert(tmp(what), Arc::new(t));
-        tmp(what)
-    };
-    let eps_name = konst(inits, "epsilon", Tensor::f32(vec![], vec![eps]));
-    let two = konst(inits, "two", Tensor::i64(vec![1], vec![2]));
-    let mut nodes = statistics(n, x.clone(), 2, tmp("mean"), eps_name);
-    let mut push = |part: &'static str, op: Op, inputs: Vec<String>, out: String| {
-        nodes.push(part_node(n, part, op, inputs, out));
-    };
-    push("normalized", Op::Binary(BinaryKind::Div), vec![tmp("centered"), tmp("std")], tmp("normalized"));
-    // [C] → [C, 1, …, 1]: Concat(Shape(scale), ones(rank(x) − 2)).
-    let shape = || Op::Shape(ShapeOp::Shape { start: 0, end: None });
-    push("x_shape", shape(), vec![x], tmp("x_shape"));
-    push("rank", shape(), vec![tmp("x_shape")], tmp("rank"));
-    push("trailing", Op::Binary(BinaryKind::Sub), vec![tmp("rank"), two], tmp("trailing"));
-    let one = Tensor::i64(vec![1], vec![1]);
-    push("ones", Op::Shape(ShapeOp::ConstantOfShape(one)), vec![tmp("trailing")], tmp("ones"));
-    push("channels", shape(), vec![scale.clone()], tmp("channels"));
-    let concat = Op::Layout(LayoutOp::Concat { axis: 0 });
-    push("param_shape", concat, vec![tmp("channels"), tmp("ones")], tmp("param_shape"));
-    let reshape = || Op::Layout(LayoutOp::Reshape { allowzero: false });
-    push("scale", reshape(), vec![scale, tmp("param_shape")], tmp("scale"));
-    push("bias", reshape(), vec![bias, tmp("param_shape")], tmp("bias"));
-    push("scaled", Op::Binary(BinaryKind::Mul), vec![tmp("normalized"), tmp("scale")], tmp("scaled"));
-    push("y", Op::Binary(BinaryKind::Add), vec![tmp("scaled"), tmp("bias")], y);
+    inits.insert(tmp("epsilon"), Arc::new(Tensor::f32(vec![], vec![eps])));
+    let mut nodes = statistics(n, x.clone(), 2, tmp("mean"), tmp("epsilon"));
+    nodes.push(part_node(
+        n,
+        "normalized",
+        Op::Binary(BinaryKind::Div),
+        vec![tmp("centered"), tmp("std")],
+        tmp("normalized"),
+    ));
+    affine(n, &mut nodes, inits, &tmp("normalized"), &x, &scale, &bias, y);
     Ok(nodes)
+}
+
+/// GroupNormalization (opset 21): X viewed as [N, groups, -1], each group normalised over its
+/// channels and positions, viewed back, then scale and bias per channel. Opset 18's version (scale
+/// and bias per group) is deprecated by ONNX and refused.
+pub(super) fn expand_group_norm(
+    n: &RawNode,
+    opset: i64,
+    inits: &mut HashMap<String, Arc<Tensor>>,
+) -> OpResult<Vec<Node>> {
+    if opset < 21 {
+        return Err(OpReason::Unsupported(format!(
+            "GroupNormalization before opset 21 (scale and bias per group, deprecated by ONNX) is not supported; the \
+             model imports opset {opset}: export at opset 21, or below 18 (InstanceNormalization on a grouped view)"
+        )));
+    }
+    let a = Attrs::new(&n.attrs);
+    a.only(&["epsilon", "num_groups", "stash_type"])?;
+    let eps = epsilon(&a, "GroupNormalization")?;
+    let groups =
+        a.opt_int("num_groups")?.ok_or(OpReason::MissingAttribute { op: "GroupNormalization", name: "num_groups" })?;
+    if groups < 1 {
+        return Err(OpReason::Attribute(format!("num_groups = {groups} (must be at least 1)")));
+    }
+    match a.int("stash_type", 1)? {
+        0 | 1 => {}
+        v => return Err(OpReason::Attribute(format!("stash_type = {v} (ONNX defines 0 and 1)"))),
+    }
+    let input = |i: usize, what: &str| required(n, i, what);
+    let (x, scale, bias) = (input(0, "X")?, input(1, "scale")?, input(2, "bias")?);
+    let y = n.outputs.first().filter(|s| !s.is_empty()).cloned().ok_or(OpReason::MissingOutput(0))?;
+    let tmp = |what: &str| format!("{}/{what}", n.name);
+    inits.insert(tmp("epsilon"), Arc::new(Tensor::f32(vec![], vec![eps])));
+    inits.insert(tmp("grouped_shape"), Arc::new(Tensor::i64(vec![3], vec![0, groups, -1])));
+    let reshape = || Op::Layout(LayoutOp::Reshape { allowzero: false });
+    let mut nodes = vec![
+        part_node(n, "x_shape", Op::Shape(ShapeOp::Shape { start: 0, end: None }), vec![x.clone()], tmp("x_shape")),
+        part_node(n, "grouped", reshape(), vec![x.clone(), tmp("grouped_shape")], tmp("grouped")),
+    ];
+    nodes.extend(statistics(n, tmp("grouped"), 2, tmp("mean"), tmp("epsilon")));
+    nodes.push(part_node(
+        n,
+        "normalized",
+        Op::Binary(BinaryKind::Div),
+        vec![tmp("centered"), tmp("std")],
+        tmp("normalized"),
+    ));
+    nodes.push(part_node(n, "ungrouped", reshape(), vec![tmp("normalized"), tmp("x_shape")], tmp("ungrouped")));
+    affine(n, &mut nodes, inits, &tmp("ungrouped"), &x, &scale, &bias, y);
+    Ok(nodes)
+}
+
+/// `y = v·scale + bias` with scale and bias of shape [C] broadcast along axis 1 of `like` (same
+/// rank as `v`): reshaped to [C, 1, …, 1] by Concat(Shape(scale), ones(rank − 2)), shape arithmetic
+/// that folds to a constant.
+#[allow(clippy::too_many_arguments)]
+fn affine(
+    n: &RawNode,
+    nodes: &mut Vec<Node>,
+    inits: &mut HashMap<String, Arc<Tensor>>,
+    v: &str,
+    like: &str,
+    scale: &str,
+    bias: &str,
+    y: String,
+) {
+    let tmp = |what: &str| format!("{}/{what}", n.name);
+    inits.insert(tmp("two"), Arc::new(Tensor::i64(vec![1], vec![2])));
+    let shape = || Op::Shape(ShapeOp::Shape { start: 0, end: None });
+    let reshape = || Op::Layout(LayoutOp::Reshape { allowzero: false });
+    let one = Tensor::i64(vec![1], vec![1]);
+    let parts = [
+        ("like_shape", shape(), vec![like.to_string()], tmp("like_shape")),
+        ("rank", shape(), vec![tmp("like_shape")], tmp("rank")),
+        ("trailing", Op::Binary(BinaryKind::Sub), vec![tmp("rank"), tmp("two")], tmp("trailing")),
+        ("ones", Op::Shape(ShapeOp::ConstantOfShape(one)), vec![tmp("trailing")], tmp("ones")),
+        ("channels", shape(), vec![scale.to_string()], tmp("channels")),
+        (
+            "param_shape",
+            Op::Layout(LayoutOp::Concat { axis: 0 }),
+            vec![tmp("channels"), tmp("ones")],
+            tmp("param_shape"),
+        ),
+        ("scale", reshape(), vec![scale.to_string(), tmp("param_shape")], tmp("scale")),
+        ("bias", reshape(), vec![bias.to_string(), tmp("param_shape")], tmp("bias")),
+        ("scaled", Op::Binary(BinaryKind::Mul), vec![v.to_string(), tmp("scale")], tmp("scaled")),
+        ("y", Op::Binary(BinaryKind::Add), vec![tmp("scaled"), tmp("bias")], y),
+    ];
+    for (part, op, inputs, out) in parts {
+        nodes.push(part_node(n, part, op, inputs, out));
+    }
 }
 
 /// Input `i` of `n`, which must be given.

@@ -37,7 +37,7 @@ pub fn check_node(n: &onnx::RawNode, opset: i64) -> Result<(), OpReason> {
 }
 
 /// One node as an op, or as the nodes of its function body (LayerNormalization,
-/// InstanceNormalization, Sum, Max, Min).
+/// InstanceNormalization, GroupNormalization, Sum, Max, Min).
 fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Tensor>>) -> Result<Expansion, OpReason> {
     if is_default_domain(n) {
         match n.op_type.as_str() {
@@ -48,6 +48,7 @@ fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Ten
             "InstanceNormalization" => {
                 return layer_norm::expand_instance_norm(n, inits).map(Expansion::Nodes);
             }
+            "GroupNormalization" => return layer_norm::expand_group_norm(n, opset, inits).map(Expansion::Nodes),
             _ => {}
         }
     }
