@@ -80,7 +80,11 @@ fn loss_of(
         v[idx] += delta;
     }
     g.initializers.insert(name.to_string(), Arc::new(t));
-    let method = if norm == "source" {
+    // A model without BatchNormalization has no statistics: the source model is its forward.
+    let (method, norm) = if g.batch_norms().is_empty() { ("source", "source") } else { ("", norm) };
+    let method = if !method.is_empty() {
+        method
+    } else if norm == "source" {
         "source"
     } else if norm == "ema" {
         "rbn"
@@ -139,6 +143,33 @@ fn step_gradients_pass_back_through_a_vision_transformer(ctx: GpuContext) {
     gradients_match(&ctx, &load, [4, 3, 8, 8], 13);
 }
 
+/// LayerNorm, GroupNorm and InstanceNorm affine parameters are adapted too (the harness's
+/// `collect_params`, SAR's LN/GN models): a ConvNeXt block with only LayerNorms (channels-first
+/// through Transposes), GroupNorm as exported before opset 18 (its module weight and bias are
+/// the Mul and Add after the InstanceNormalization on a grouped view, whose unit scale and zero
+/// bias are constants, not parameters) and GroupNormalization at opset 21 (its [C] scale and
+/// bias viewed as [C, 1, 1]: the view reads the parameter's own buffer). Each parameter's
+/// gradient against finite differences.
+#[gpu_test]
+fn step_gradients_reach_layer_norm_and_group_norm_parameters(ctx: GpuContext) {
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "convnext_tiny.onnx",
+            &["stem_ln.weight", "stem_ln.bias", "block_ln.weight", "block_ln.bias", "head_ln.weight", "head_ln.bias"],
+        ),
+        ("gn_tiny.onnx", &["gn.weight", "gn.bias"]),
+        ("gn21_tiny.onnx", &["gn.weight", "gn.bias"]),
+    ];
+    for (i, (file, names)) in cases.into_iter().enumerate() {
+        let path = common::repo_root().join("tests/fixtures").join(file);
+        let load = || Graph::load(&path).unwrap();
+        assert!(load().batch_norms().is_empty(), "{file} has no BatchNormalization");
+        let s = Session::new(&ctx, Model::from_graph(load()), config("tent", "batch")).unwrap();
+        assert_eq!(s.adapted_parameters(), names, "{file}");
+        gradients_match(&ctx, &load, [4, 3, 8, 8], 20 + i as u64);
+    }
+}
+
 /// One TENT step's BatchNorm gradients (SGD, lr 1) against central differences of the loss, at
 /// the first, middle and last element of every parameter.
 fn gradients_match(ctx: &GpuContext, graph: &dyn Fn() -> Graph, shape: [usize; 4], seed: u64) {
@@ -149,7 +180,7 @@ fn gradients_match(ctx: &GpuContext, graph: &dyn Fn() -> Graph, shape: [usize; 4
     let before = s.parameters().unwrap();
     s.step(&x).unwrap();
     let after = s.parameters().unwrap();
-    assert!(!before.is_empty(), "the model has BatchNorm parameters");
+    assert!(!before.is_empty(), "the model has normalization parameters");
     let mut failures = Vec::new();
     for ((name, b), (_, a)) in before.iter().zip(&after) {
         let g: Vec<f64> = b.to_f32_vec().iter().zip(a.to_f32_vec()).map(|(b, a)| (*b - a) as f64).collect();

@@ -88,6 +88,10 @@ pub struct BnHook {
     /// Normalise with the source scale and bias (kept in `woc:source:<name>` buffers) instead of
     /// the adapted ones: the "original model" of the wisdom-of-crowds filter.
     pub source_affine: bool,
+    /// With `source_affine`: the affine parameters outside BatchNormalization (LayerNorm,
+    /// GroupNorm, InstanceNorm: [`affine_norm_params`]), which the nodes that read them read
+    /// from source copies too ([`LowerHook::weight_name`]).
+    pub source_params: std::collections::HashSet<String>,
     /// Saved state by node index.
     pub saved: HashMap<usize, SavedBn>,
     /// RBN layers whose running statistics the program must commit at its end (the parameter
@@ -135,6 +139,7 @@ impl BnHook {
             mode,
             always,
             source_affine: false,
+            source_params: Default::default(),
             saved: HashMap::new(),
             commits: Vec::new(),
             frame_commits: Vec::new(),
@@ -213,6 +218,23 @@ impl LowerHook for BnHook {
         self.lower_bn(graph, node, l, program, act)
             .unwrap_or_else(|| Err(OpReason::Internal("a fused activation after a layer not lowered here".into())))
     }
+
+    fn weight_name(&self, name: &str) -> Option<String> {
+        (self.source_affine && self.source_params.contains(name)).then(|| source_affine_name(name))
+    }
+}
+
+/// Every LayerNorm, GroupNorm and InstanceNorm affine parameter of `graph`: what a
+/// `source_affine` program reads from the source copies (whether adapted or not: the ones that
+/// are not hold their source values anyway).
+pub fn affine_norm_params(graph: &Graph) -> std::collections::HashSet<String> {
+    graph.affine_norms().into_iter().flat_map(|a| std::iter::once(a.scale).chain(a.bias)).collect()
+}
+
+/// The buffer holding adapted parameter `name`'s source value for programs that run the
+/// unadapted model (`source_affine`): created from the initializer, never written.
+pub fn source_affine_name(name: &str) -> String {
+    format!("woc:source:{name}")
 }
 
 impl BnHook {
@@ -256,7 +278,7 @@ impl BnHook {
                 for p in [&mut scale, &mut bias] {
                     if let BufRef::Weight(w) = p.buf {
                         let (name, init) = (program.weights[w].name.clone(), program.weights[w].init.clone());
-                        p.buf = BufRef::Weight(program.weight(&format!("woc:source:{name}"), || init, true));
+                        p.buf = BufRef::Weight(program.weight(&source_affine_name(&name), || init, true));
                     }
                 }
             }

@@ -14,9 +14,11 @@ use crate::tensor::DType;
 /// Errors of an adaptation session.
 #[derive(Debug, Error)]
 pub enum AdaptError {
-    #[error("the model has no BatchNormalization layers with constant parameters: method '{0}' cannot adapt it")]
+    #[error(
+        "the model has no BatchNormalization layers with constant parameters (nor, for a gradient method, LayerNormalization, GroupNormalization or InstanceNormalization ones): method '{0}' cannot adapt it"
+    )]
     NoBatchNorm(String),
-    #[error("no BatchNormalization layer is left to adapt after include/exclude ({0})")]
+    #[error("no normalization layer is left to adapt after include/exclude ({0})")]
     NothingAdapted(String),
     #[error(
         "batch of shape {shape:?} contains {count} NaN or infinite value(s) (first at flat index {first}); the batch was skipped and nothing was updated"

@@ -14,12 +14,28 @@ use crate::ir::Graph;
 use crate::ops::{BackwardLowering, BufRef, GradInput, OpReason, Stage, flops};
 use crate::plan::{Forward, GraphOutput, Item, PlanError, Program, WeightInit, lower_forward};
 
-/// One adapted BatchNormalization layer.
+/// One adapted normalization layer: its scale and bias initializers.
 #[derive(Clone, Debug, PartialEq)]
-pub struct AdaptedBn {
-    pub node: usize,
+pub struct AdaptedLayer {
+    /// The BatchNormalization node, whose reverse pass the adaptation hook lowers; `None` for a
+    /// LayerNormalization, GroupNormalization or InstanceNormalization layer
+    /// ([`crate::ir::AffineNormInfo`]), whose parameters are initializers the nodes of its
+    /// expansion read: their gradients come from those nodes' backward.
+    pub bn_node: Option<usize>,
     pub scale: String,
-    pub bias: String,
+    pub bias: Option<String>,
+}
+
+impl AdaptedLayer {
+    /// The layer's parameter names, scale then bias.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.scale).chain(self.bias.as_ref())
+    }
+}
+
+/// The names of the adapted parameters of the layers other than BatchNormalization.
+pub(crate) fn affine_names(adapted: &[AdaptedLayer]) -> HashSet<String> {
+    adapted.iter().filter(|a| a.bn_node.is_none()).flat_map(|a| a.names().cloned()).collect()
 }
 
 /// Bytes of an f32 tensor of `shape` (at least one value, so that no buffer is empty).
@@ -38,22 +54,32 @@ pub(crate) fn reverse_pass(
     graph: &Graph,
     fwd: &Forward,
     hook: &BnHook,
-    adapted: &[AdaptedBn],
+    adapted_layers: &[AdaptedLayer],
     logits: usize,
     dlogits: usize,
     program: &mut Program,
 ) -> Result<Vec<(String, usize)>, PlanError> {
     let limits = ctx.limits();
-    let adapted: HashMap<usize, &AdaptedBn> = adapted.iter().map(|a| (a.node, a)).collect();
+    let adapted: HashMap<usize, &AdaptedLayer> =
+        adapted_layers.iter().filter_map(|a| a.bn_node.map(|n| (n, a))).collect();
+    let affine = affine_names(adapted_layers);
     let value_id = |o: &Option<crate::ops::Operand>| match o {
         Some(crate::ops::Operand { buf: BufRef::Value(v), .. }) => Some(*v),
+        _ => None,
+    };
+    // An input that is an adapted parameter outside BatchNormalization: its name.
+    let affine_input = |o: &Option<crate::ops::Operand>, program: &Program| match o {
+        Some(crate::ops::Operand { buf: BufRef::Weight(w), .. }) => {
+            Some(program.weights[*w].name.clone()).filter(|n| affine.contains(n))
+        }
         _ => None,
     };
     // Values that depend on an adapted parameter: only they carry gradients.
     let mut requires: HashSet<usize> = HashSet::new();
     for ln in &fwd.nodes {
         let depends = adapted.contains_key(&ln.node)
-            || ln.inputs.iter().any(|i| value_id(i).is_some_and(|v| requires.contains(&v)));
+            || ln.inputs.iter().any(|i| value_id(i).is_some_and(|v| requires.contains(&v)))
+            || ln.inputs.iter().any(|i| affine_input(i, program).is_some());
         if depends {
             for o in &ln.outputs {
                 if let BufRef::Value(v) = o.buf {
@@ -67,6 +93,8 @@ pub(crate) fn reverse_pass(
     }
     let mut grads: HashMap<usize, usize> = HashMap::from([(logits, dlogits)]);
     let mut param_grads = Vec::new();
+    // The gradients of the adapted parameters outside BatchNormalization, by name.
+    let mut affine_grads: HashMap<String, usize> = HashMap::new();
     for ln in fwd.nodes.iter().rev() {
         let node = &graph.nodes[ln.node];
         let out_grads: Vec<Option<usize>> = ln
@@ -88,7 +116,7 @@ pub(crate) fn reverse_pass(
                 let n = saved.channels as u64 * 4;
                 let (ds, db) = (program.value(n), program.value(n));
                 param_grads.push((a.scale.clone(), ds));
-                param_grads.push((a.bias.clone(), db));
+                param_grads.extend(a.bias.clone().map(|b| (b, db)));
                 (ds, db)
             });
             let dx = value_id(&ln.inputs[0])
@@ -121,13 +149,26 @@ pub(crate) fn reverse_pass(
         }
         let mut grad_inputs = Vec::new();
         for inp in &ln.inputs {
-            grad_inputs.push(match value_id(inp).filter(|v| requires.contains(v)) {
-                Some(v) => {
-                    let shape = inp.as_ref().map(|o| o.shape.clone()).unwrap_or_default();
+            let shape = || inp.as_ref().map(|o| o.shape.clone()).unwrap_or_default();
+            grad_inputs.push(match (value_id(inp).filter(|v| requires.contains(v)), affine_input(inp, program)) {
+                (Some(v), _) => {
+                    let shape = shape();
                     let (g, accumulate) = grad_for(&mut grads, v, program, bytes_of(&shape));
                     Some(GradInput { buf: BufRef::Value(g), shape, accumulate })
                 }
-                None => None,
+                (None, Some(name)) => {
+                    let shape = shape();
+                    let (g, accumulate) = match affine_grads.get(&name) {
+                        Some(&g) => (g, true),
+                        None => {
+                            let g = program.value(bytes_of(&shape));
+                            affine_grads.insert(name, g);
+                            (g, false)
+                        }
+                    };
+                    Some(GradInput { buf: BufRef::Value(g), shape, accumulate })
+                }
+                (None, None) => None,
             });
         }
         let mut b = BackwardLowering {
@@ -160,6 +201,11 @@ pub(crate) fn reverse_pass(
             dispatches: b.dispatches,
             scratch: b.scratch,
         });
+    }
+    for name in adapted_layers.iter().filter(|a| a.bn_node.is_none()).flat_map(|a| a.names()) {
+        if let Some(&g) = affine_grads.get(name) {
+            param_grads.push((name.clone(), g));
+        }
     }
     Ok(param_grads)
 }

@@ -16,7 +16,7 @@ use super::methods::auto::{self, Decision, Diagnostics};
 use super::methods::{self, AfterBatch, Host, Objective, eata, label_shift};
 use super::optim::OptimizerSpec;
 use super::state::{self, StateError};
-use super::train::{AdaptedBn, Diagnose, StepInput, StepOutput, StepPlan, StepSpec};
+use super::train::{AdaptedLayer, Diagnose, StepInput, StepOutput, StepPlan, StepSpec};
 use crate::engine::Model;
 use crate::gpu::GpuContext;
 use crate::ir::{BatchNormInfo, Graph};
@@ -175,19 +175,26 @@ impl Session {
         // auto on a model without BatchNormalization runs the source model (and its smoothing).
         let plain = method == Method::Auto && bns.is_empty();
         let (mode, norm) = if plain { (StatsMode::Source, NormMode::Source) } else { (mode, norm) };
-        if bns.is_empty() && (!def.source_model() || norm != NormMode::Source) {
+        // Gradient methods also adapt the affine parameters of LayerNorm, GroupNorm and
+        // InstanceNorm layers (the harness's `collect_params`, SAR's LN/GN models); a model with
+        // only those has no statistics to adapt, so `norm` selects nothing there.
+        let affines = if method.updates_parameters() && !plain { graph.affine_norms() } else { Vec::new() };
+        if bns.is_empty() && affines.is_empty() && (!def.source_model() || norm != NormMode::Source) {
             return Err(AdaptError::NoBatchNorm(format!("{method:?}").to_lowercase()).into());
         }
         let mut adapted = Vec::new();
         if method.updates_parameters() && !plain {
-            for bn in &bns {
-                let inc = config.adapt.include.is_empty()
-                    || config.adapt.include.iter().any(|s| bn.node.contains(s.as_str()));
-                let exc = config.adapt.exclude.iter().any(|s| bn.node.contains(s.as_str()));
-                if inc && !exc {
-                    let node = graph.nodes.iter().position(|n| n.name == bn.node).unwrap_or(usize::MAX);
-                    adapted.push(AdaptedBn { node, scale: bn.scale.clone(), bias: bn.bias.clone() });
-                }
+            let chosen = |node: &str| {
+                let inc =
+                    config.adapt.include.is_empty() || config.adapt.include.iter().any(|s| node.contains(s.as_str()));
+                inc && !config.adapt.exclude.iter().any(|s| node.contains(s.as_str()))
+            };
+            for bn in bns.iter().filter(|bn| chosen(&bn.node)) {
+                let node = graph.nodes.iter().position(|n| n.name == bn.node);
+                adapted.push(AdaptedLayer { bn_node: node, scale: bn.scale.clone(), bias: Some(bn.bias.clone()) });
+            }
+            for a in affines.iter().filter(|a| chosen(&a.node)) {
+                adapted.push(AdaptedLayer { bn_node: None, scale: a.scale.clone(), bias: a.bias.clone() });
             }
             if adapted.is_empty() {
                 return Err(AdaptError::NothingAdapted(format!(
@@ -312,7 +319,7 @@ impl Session {
 
     /// Names of the adapted parameters (ONNX initializer names), scale then bias per layer.
     pub fn adapted_parameters(&self) -> Vec<String> {
-        self.spec.adapted.iter().flat_map(|a| [a.scale.clone(), a.bias.clone()]).collect()
+        self.spec.adapted.iter().flat_map(|a| a.names().cloned()).collect()
     }
 
     /// The BatchNormalization layers of the model.
@@ -812,6 +819,7 @@ impl Session {
     fn state_names(&self) -> Vec<String> {
         let mut names: Vec<String> =
             self.bns.iter().flat_map(|b| [b.scale.clone(), b.bias.clone(), b.mean.clone(), b.var.clone()]).collect();
+        names.extend(self.spec.adapted.iter().filter(|a| a.bn_node.is_none()).flat_map(|a| a.names().cloned()));
         let mut opt: Vec<String> = self
             .store
             .buffers

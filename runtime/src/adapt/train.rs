@@ -14,7 +14,7 @@ use super::bn::{BnHook, StatsMode};
 use super::methods::auto;
 use super::methods::{AfterForward, Deferred, Objective, Param, StepCx, Updated};
 use super::optim::{self, OptimizerSpec};
-pub use super::reverse::AdaptedBn;
+pub use super::reverse::AdaptedLayer;
 use super::reverse::{bytes_of, err, parameter, reverse_pass};
 use crate::gpu::GpuContext;
 use crate::ir::Graph;
@@ -29,7 +29,7 @@ use crate::tensor::Tensor;
 pub struct StepSpec {
     pub mode: StatsMode,
     /// Adapted layers; empty for a forward-only program (source, norm, rbn).
-    pub adapted: Vec<AdaptedBn>,
+    pub adapted: Vec<AdaptedLayer>,
     pub optimizer: OptimizerSpec,
     /// What a step with adapted layers minimises (the method's, or EATA's Fisher pass).
     pub objective: Option<Arc<dyn Objective>>,
@@ -205,6 +205,9 @@ impl StepPlan {
         let mut program = Program { z_piece: spec.z_piece, ..Program::default() };
         let mut hook = BnHook::new(spec.mode, training || spec.source_affine);
         hook.source_affine = spec.source_affine;
+        if spec.source_affine {
+            hook.source_params = super::bn::affine_norm_params(graph);
+        }
         hook.fuse = spec.fuse && !training && spec.output.is_none() && !spec.shift_score;
         // Nothing but the outputs (and the tensors an output stage names) is read back: the
         // layers lowered here apply the activation after them in the same pass.

@@ -153,6 +153,20 @@ pub struct BatchNormInfo {
     pub epsilon: f32,
 }
 
+/// A LayerNormalization, GroupNormalization or InstanceNormalization layer whose scale (and
+/// bias) are float32 initializers: the affine parameters gradient methods adapt besides
+/// BatchNorm's (the harness's `collect_params`; SAR's LN/GN setting, tta-methods.md §1, §3).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AffineNormInfo {
+    /// The layer's node name in the model.
+    pub node: String,
+    /// Its op type; "GroupNormalization" also for the InstanceNormalization on a grouped view
+    /// that `torch.onnx.export` writes for GroupNorm before opset 18.
+    pub op_type: String,
+    pub scale: String,
+    pub bias: Option<String>,
+}
+
 fn dims_of(shape: &Option<Vec<DimSpec>>) -> Option<Vec<Dim>> {
     shape.as_ref().map(|d| {
         d.iter()
@@ -289,6 +303,96 @@ impl Graph {
                         epsilon: a.epsilon,
                     });
                 }
+            }
+        }
+        out
+    }
+
+    /// The normalization layers other than BatchNormalization whose affine parameters are
+    /// initializers, in model order ([`AffineNormInfo`]). LayerNormalization's are the scale and
+    /// bias of its expansion's last Mul and Add; InstanceNormalization's and
+    /// GroupNormalization's (opset 21) the [C] inputs its expansion views as [C, 1, …]. The
+    /// GroupNorm that `torch.onnx.export` writes before opset 18 — Reshape to [N, groups, -1],
+    /// InstanceNormalization with constant unit scale and zero bias, Reshape back, Mul by the
+    /// weight and Add the bias — is found as one layer with the Mul's and the Add's initializers
+    /// (the module's weight and bias), not the InstanceNormalization's constants.
+    pub fn affine_norms(&self) -> Vec<AffineNormInfo> {
+        let f32_init = |s: &str| self.initializers.get(s).is_some_and(|t| t.dtype == DType::F32);
+        let only_consumer = |t: &str| {
+            let mut c = self.nodes.iter().filter(|n| n.inputs.iter().any(|i| i == t));
+            match (c.next(), c.next()) {
+                (Some(n), None) => Some(n),
+                _ => None,
+            }
+        };
+        // The other input of a binary node with an f32 initializer on one side and `x` on the other.
+        let param_of = |n: &Node, op: &str, x: &str| -> Option<String> {
+            if n.op_type != op || n.part.is_some() || n.inputs.len() != 2 {
+                return None;
+            }
+            match (n.inputs[0].as_str(), n.inputs[1].as_str()) {
+                (a, p) | (p, a) if a == x && f32_init(p) => Some(p.to_string()),
+                _ => None,
+            }
+        };
+        let mut out: Vec<AffineNormInfo> = Vec::new();
+        for n in &self.nodes {
+            let Some(part) = n.part else { continue };
+            let op_type = n.op_type.as_str();
+            if !matches!(op_type, "LayerNormalization" | "InstanceNormalization" | "GroupNormalization") {
+                continue;
+            }
+            let layer = n.name.strip_suffix(&format!("/{part}")).unwrap_or(&n.name).to_string();
+            let param = match (op_type, part, n.inputs.as_slice()) {
+                ("LayerNormalization", "scaled", [_, p]) => Some((true, p)),
+                ("LayerNormalization", "y", [_, p]) => Some((matches!(n.op, Op::Binary(BinaryKind::Mul)), p)),
+                (_, "scale", [p, _]) => Some((true, p)),
+                (_, "bias", [p, _]) => Some((false, p)),
+                _ => None,
+            };
+            let Some((is_scale, p)) = param.filter(|(_, p)| f32_init(p)) else { continue };
+            let i = match out.iter().position(|a| a.node == layer) {
+                Some(i) => i,
+                None => {
+                    out.push(AffineNormInfo {
+                        node: layer,
+                        op_type: op_type.to_string(),
+                        scale: String::new(),
+                        bias: None,
+                    });
+                    out.len() - 1
+                }
+            };
+            if is_scale {
+                out[i].scale = p.clone();
+            } else {
+                out[i].bias = Some(p.clone());
+            }
+        }
+        out.retain(|a| !a.scale.is_empty());
+        // torch's GroupNorm before opset 18: the module's parameters follow the Reshape back.
+        for a in &mut out {
+            if a.op_type != "InstanceNormalization" {
+                continue;
+            }
+            let y = self.nodes.iter().find(|n| n.part == Some("y") && n.name == format!("{}/y", a.node));
+            let x = self.nodes.iter().find(|n| n.part == Some("mean") && n.name == format!("{}/mean", a.node));
+            let grouped = x.and_then(|m| self.nodes.iter().find(|n| n.outputs.first() == m.inputs.first()));
+            if !grouped.is_some_and(|g| g.op_type == "Reshape") {
+                continue;
+            }
+            let found = y.and_then(|y| {
+                let back = only_consumer(&y.outputs[0]).filter(|n| n.op_type == "Reshape" && n.part.is_none())?;
+                let mul = only_consumer(&back.outputs[0])?;
+                let w = param_of(mul, "Mul", &back.outputs[0])?;
+                let add = only_consumer(&mul.outputs[0])?;
+                let b = param_of(add, "Add", &mul.outputs[0])?;
+                Some((w, b))
+            });
+            if let Some((w, b)) = found {
+                a.op_type = "GroupNormalization".into();
+                a.scale = w;
+                a.bias = Some(b);
             }
         }
         out

@@ -124,6 +124,13 @@ pub trait LowerHook {
     ) -> OpResult<()> {
         Err(OpReason::Internal(format!("node '{}' cannot take a fused activation", graph.nodes[node].name)))
     }
+
+    /// The buffer the nodes it does not lower itself read for initializer `name` (views of it
+    /// included), when not the initializer's own: the source copy of an adapted parameter in a
+    /// program that runs the unadapted model. `None` by default.
+    fn weight_name(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The default: every node lowered by its op family, convolutions with their tails fused.
@@ -318,8 +325,14 @@ pub fn lower_forward(
             }
             let info = &spec.values[name];
             if let Some(k) = &info.konst {
-                let shared = !info.shape_dependent;
-                let w = program.weight(name, || WeightInit::Tensor(k.clone()), shared);
+                // A view of an initializer reads the initializer's buffer (the same values).
+                let (root, init, shared) = match info.view_of.as_ref().and_then(|r| graph.initializers.get_key_value(r))
+                {
+                    Some((r, t)) => (r.as_str(), t.clone(), true),
+                    None => (name.as_str(), k.clone(), !info.shape_dependent),
+                };
+                let root = hook.weight_name(root).unwrap_or_else(|| root.to_string());
+                let w = program.weight(&root, || WeightInit::Tensor(init), shared);
                 ins.push(Some(Operand { buf: BufRef::Weight(w), shape: info.shape.clone(), value: Some(k.clone()) }));
             } else {
                 let v = *value_of

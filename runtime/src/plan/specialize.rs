@@ -30,6 +30,11 @@ pub struct ValueInfo {
     /// A constant derived from the input shapes (through Shape): it may differ between plans,
     /// so it cannot be shared through the engine's weight store.
     pub shape_dependent: bool,
+    /// A float32 constant that is a view (Reshape, Flatten, Squeeze, Unsqueeze, Identity) of
+    /// this initializer: the same values in the same order. Plans bind the initializer's own
+    /// buffer, so that an adapted parameter reshaped for broadcasting (InstanceNormalization's
+    /// and GroupNormalization's per-channel scale and bias) is the parameter.
+    pub view_of: Option<String>,
 }
 
 /// A node that runs on the GPU, with its inputs and outputs by name.
@@ -78,14 +83,20 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
     for (name, t) in &graph.initializers {
         values.insert(
             name.clone(),
-            ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(t.clone()), shape_dependent: false },
+            ValueInfo {
+                shape: t.shape.clone(),
+                dtype: t.dtype,
+                konst: Some(t.clone()),
+                shape_dependent: false,
+                view_of: None,
+            },
         );
     }
     for (info, shape) in graph.inputs.iter().zip(shapes) {
         check_input_shape(&info.name, &info.dims, shape)?;
         values.insert(
             info.name.clone(),
-            ValueInfo { shape: shape.clone(), dtype: DType::F32, konst: None, shape_dependent: false },
+            ValueInfo { shape: shape.clone(), dtype: DType::F32, konst: None, shape_dependent: false, view_of: None },
         );
     }
 
@@ -128,8 +139,13 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
         {
             let t = t.map_err(|r| node_err(graph, idx, shapes_of(), r))?;
             let out = &node.outputs[0];
-            let info =
-                ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent: true };
+            let info = ValueInfo {
+                shape: t.shape.clone(),
+                dtype: t.dtype,
+                konst: Some(Arc::new(t)),
+                shape_dependent: true,
+                view_of: None,
+            };
             values.insert(out.clone(), info);
             continue;
         }
@@ -155,10 +171,22 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
         if all_const && let Some(res) = node.op.eval(&ins.iter().map(|i| i.and_then(|x| x.value)).collect::<Vec<_>>()) {
             let outs = res.map_err(|r| node_err(graph, idx, shapes_of(), r))?;
             let shape_dependent = infos.iter().flatten().any(|v| v.shape_dependent);
+            // A view of a float32 initializer (or of a view of one) keeps pointing at it.
+            let view_of = match (node.op.is_alias(), node.inputs.first(), infos.first()) {
+                (true, Some(src), Some(Some(info))) if info.dtype == DType::F32 => {
+                    info.view_of.clone().or_else(|| graph.initializers.contains_key(src).then(|| src.clone()))
+                }
+                _ => None,
+            };
             for (name, t) in node.outputs.iter().zip(outs) {
                 if !name.is_empty() {
-                    let info =
-                        ValueInfo { shape: t.shape.clone(), dtype: t.dtype, konst: Some(Arc::new(t)), shape_dependent };
+                    let info = ValueInfo {
+                        shape: t.shape.clone(),
+                        dtype: t.dtype,
+                        konst: Some(Arc::new(t)),
+                        shape_dependent,
+                        view_of: view_of.clone(),
+                    };
                     values.insert(name.clone(), info);
                 }
             }
@@ -195,8 +223,10 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
             }
             if !needed.contains(name.as_str()) {
                 // Unread: the kernel may still write it, so it gets a buffer, but its type is moot.
-                values
-                    .insert(name.clone(), ValueInfo { shape, dtype: DType::F32, konst: None, shape_dependent: false });
+                values.insert(
+                    name.clone(),
+                    ValueInfo { shape, dtype: DType::F32, konst: None, shape_dependent: false, view_of: None },
+                );
                 continue;
             }
             if dtype != DType::F32 {
@@ -209,7 +239,7 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
                     )),
                 ));
             }
-            values.insert(name.clone(), ValueInfo { shape, dtype, konst: None, shape_dependent: false });
+            values.insert(name.clone(), ValueInfo { shape, dtype, konst: None, shape_dependent: false, view_of: None });
         }
         steps.push(Step { node: idx, inputs: node.inputs.clone(), outputs: node.outputs.clone() });
     }

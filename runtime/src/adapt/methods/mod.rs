@@ -54,7 +54,7 @@ use super::error::AdaptError;
 pub use super::error::OutputError;
 use super::loss;
 use super::optim::OptimizerSpec;
-use super::reverse::AdaptedBn;
+use super::reverse::AdaptedLayer;
 use crate::gpu::GpuContext;
 use crate::gpu::{KernelKey, Params, Shader};
 use crate::ir::{Dim, Graph};
@@ -280,7 +280,7 @@ pub struct StepCx<'a> {
     pub shape: &'a [usize],
     pub program: &'a mut Program,
     pub mode: StatsMode,
-    pub adapted: &'a [AdaptedBn],
+    pub adapted: &'a [AdaptedLayer],
     /// The logits value [B, C] of the first forward pass.
     pub logits: usize,
     /// The values [`Objective::after_forward`] handed on (ROID's probabilities and entropies).

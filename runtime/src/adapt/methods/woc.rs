@@ -147,6 +147,7 @@ impl Objective for WocObjective {
 pub(crate) fn original_logits(cx: &mut StepCx<'_>) -> Result<usize, PlanError> {
     let mut hook0 = BnHook::new(StatsMode::Batch, false);
     hook0.source_affine = true;
+    hook0.source_params = crate::adapt::bn::affine_norm_params(cx.graph);
     let (_, logits0) = forward_on_same_input(cx.ctx, cx.graph, cx.fwd, cx.shape, cx.program, &mut hook0)?;
     Ok(logits0)
 }
