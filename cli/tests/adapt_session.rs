@@ -152,3 +152,51 @@ fn cpu_kernel_variants_step_bit_for_bit_like_the_parallel_ones(ctx: GpuContext) 
     assert_ne!(parallel.0, parallel.1, "the first step changed the model");
     assert_ne!(parallel.4[0], parallel.4[2], "the frame evidence changed the statistics");
 }
+
+/// A model whose only normalization is LayerNorm (the ConvNeXt fixture) adapts with the gradient
+/// methods (TENT, ETA, SAR, WoC, ROID; EATA is ETA's step with a Fisher penalty): each steps, its LayerNorm parameters move and stay finite, a saved state
+/// resumes them exactly in a new session, and a reset restores the source values. The methods
+/// that adapt statistics only (norm, rbn) still refuse it: it has none.
+#[gpu_test]
+fn layer_norm_parameters_adapt_save_and_reset(ctx: GpuContext) {
+    let path = common::repo_root().join("tests/fixtures/convnext_tiny.onnx");
+    let model = Model::load(&path).unwrap();
+    let source: Vec<Vec<f32>> = Session::new(&ctx, model.clone(), tent())
+        .unwrap()
+        .parameters()
+        .unwrap()
+        .iter()
+        .map(|(_, t)| t.to_f32_vec())
+        .collect();
+    let x = |seed: u64| Tensor::f32(vec![8, 3, 8, 8], common::random_f32(8 * 3 * 64, seed, -2.0, 2.0));
+    for method in ["tent", "eta", "sar", "woc", "roid"] {
+        let cfg = AdaptConfig::from_toml_str(&format!(
+            "[adapt]\nmethod = \"{method}\"\n[optimizer]\nkind = \"adam\"\nlr = 0.01\n[eata]\ne_margin = 10.0\n[sar]\ne_margin = 10.0\n"
+        ))
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
+        let mut a = Session::new(&ctx, model.clone(), cfg.clone()).unwrap_or_else(|e| panic!("{method}: {e}"));
+        assert_eq!(a.adapted_parameters().len(), 6, "{method}");
+        for seed in 0..2 {
+            a.step(&x(seed)).unwrap();
+        }
+        let after: Vec<Vec<f32>> = a.parameters().unwrap().iter().map(|(_, t)| t.to_f32_vec()).collect();
+        assert!(after.iter().flatten().all(|v| v.is_finite()), "{method}");
+        assert_ne!(after, source, "{method}: the steps moved the LayerNorm parameters");
+        let file = tmp(&format!("ln_{method}.safetensors"));
+        a.save_state(&file).unwrap();
+        let mut b = Session::new(&ctx, model.clone(), cfg).unwrap();
+        b.load_state(&file).unwrap();
+        let loaded: Vec<Vec<f32>> = b.parameters().unwrap().iter().map(|(_, t)| t.to_f32_vec()).collect();
+        assert_eq!(loaded, after, "{method}: the saved state resumes");
+        assert_eq!(a.step(&x(7)).unwrap().logits.to_f32_vec(), b.step(&x(7)).unwrap().logits.to_f32_vec(), "{method}");
+        a.reset().unwrap();
+        let reset: Vec<Vec<f32>> = a.parameters().unwrap().iter().map(|(_, t)| t.to_f32_vec()).collect();
+        assert_eq!(reset, source, "{method}: reset restores the source");
+        let _ = std::fs::remove_file(&file);
+    }
+    for method in ["norm", "rbn"] {
+        let cfg = AdaptConfig::from_toml_str(&format!("[adapt]\nmethod = \"{method}\"\n")).unwrap();
+        let err = Session::new(&ctx, model.clone(), cfg).err().unwrap().to_string();
+        assert!(err.contains("no BatchNormalization"), "{method}: {err}");
+    }
+}

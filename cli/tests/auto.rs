@@ -188,6 +188,45 @@ fn auto_runs_the_source_model_without_batch_norm(ctx: GpuContext) {
     assert_eq!(session.steps_taken(), 0);
 }
 
+/// `auto` judges every batch with the unadapted model, also where the steps adapt LayerNorm
+/// parameters: on the vision transformer fixture (BatchNorm stem, three LayerNorms) the judging
+/// pass's mean source entropy equals the unadapted engine's on every batch, while the steps
+/// move the LayerNorm parameters (the judging pass reads their source copies, as it does
+/// BatchNorm's).
+#[gpu_test]
+fn auto_judges_with_the_source_layer_norm_parameters(ctx: GpuContext) {
+    let model = Model::load(&common::repo_root().join("tests/fixtures/vit_tiny.onnx")).unwrap();
+    // The untrained fixture puts every random input in one class, with high entropy: so that
+    // batches step, no batch is judged correlated or label-shifted and every sample is reliable.
+    let cfg = "[auto]\ncorrelation_threshold = 1.0\nlabel_shift_threshold = 1.0\ne_margin = 10.0\n";
+    let mut session = Session::new(&ctx, model.clone(), AdaptConfig::from_toml_str(cfg).unwrap()).unwrap();
+    assert!(session.adapted_parameters().contains(&"ln1.weight".to_string()));
+    let before = session.parameters().unwrap();
+    let mut engine = acclimate::Engine::new(&ctx, model);
+    let mut stepped = 0;
+    for seed in 0..4u64 {
+        let x = Tensor::f32(vec![32, 3, 8, 8], common::random_f32(32 * 3 * 64, 40 + seed, -2.0, 2.0));
+        let d = session.step(&x).unwrap().auto.expect("diagnostics");
+        stepped += d.stepped as usize;
+        let logits = engine.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let c = logits.shape[1];
+        let rows = auto::softmax(&logits.to_f32_vec(), c);
+        let want = rows
+            .iter()
+            .map(|p| -p.iter().filter(|&&q| q > 0.0).map(|&q| q * q.ln()).sum::<f64>() / (c as f64).ln())
+            .sum::<f64>()
+            / rows.len() as f64;
+        let got = d.source_entropy as f64;
+        assert!((got - want).abs() < 1e-4, "batch {seed}: judged source entropy {got} vs the unadapted model's {want}");
+    }
+    assert!(stepped > 0, "auto stepped on the transformer");
+    let after = session.parameters().unwrap();
+    let moved = before.iter().zip(&after).any(|((n, b), (_, a))| {
+        n.starts_with("ln") && b.to_f32_vec().iter().zip(a.to_f32_vec()).any(|(x, y)| (x - y).abs() > 1e-7)
+    });
+    assert!(moved, "the steps adapted the LayerNorm parameters");
+}
+
 /// The `tiny_auto` fixture's batch files, and a fresh session of its model and config that took
 /// a step on each of the first `n`.
 fn tiny_auto_after(ctx: &GpuContext, n: usize) -> (Vec<PathBuf>, Session) {

@@ -16,7 +16,7 @@ use acclimate::onnx::{self, Attr, DimSpec, OnnxError, RawModel, ValueInfo};
 pub const NO_BN: &str = "no BatchNormalization layers: BN-based adaptation cannot be applied to this model";
 /// What the default method does with such a model.
 pub const NO_BN_AUTO: &str = "the default method (auto) runs only its output stages on it (LAME smoothing, label-shift \
-                              correction) and takes no gradient step; LayerNorm and GroupNorm parameters are not adapted";
+                              correction) and takes no gradient step";
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -51,6 +51,14 @@ pub struct BatchNormSummary {
 }
 
 #[derive(Clone, Debug, Serialize)]
+pub struct AffineNormSummary {
+    /// Layers found by `Graph::affine_norms`.
+    pub layers: usize,
+    /// Their scale + bias elements.
+    pub parameters: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct Unsupported {
     pub op: String,
     pub node: String,
@@ -75,6 +83,10 @@ pub struct ModelInfo {
     /// Elements of all constant tensors.
     pub parameters: usize,
     pub batch_norm: BatchNormSummary,
+    /// LayerNorm, GroupNorm and InstanceNorm layers with constant affine parameters
+    /// (`Graph::affine_norms`; counted when the model loads): what gradient methods adapt besides
+    /// BatchNorm.
+    pub affine_norm: AffineNormSummary,
     pub unsupported: Vec<Unsupported>,
     /// Whether the GPU engine accepts the model (every op supported, graph well formed).
     pub loadable: bool,
@@ -146,7 +158,15 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
     let (inputs, outputs, nodes) =
         (g.inputs.iter().map(io_info).collect(), g.outputs.iter().map(io_info).collect(), g.nodes.len());
     let (producer, ir_version, opset) = (raw.producer.clone(), raw.ir_version, raw.opset);
-    let load_error = Graph::from_raw(raw).err().map(|e| e.to_string());
+    let (load_error, affine_norm) = match Graph::from_raw(raw) {
+        Ok(graph) => {
+            let layers = graph.affine_norms();
+            let numel = |n: &str| graph.initializers.get(n).map_or(0, |t| t.numel());
+            let parameters = layers.iter().map(|a| numel(&a.scale) + a.bias.as_deref().map_or(0, numel)).sum();
+            (None, AffineNormSummary { layers: layers.len(), parameters })
+        }
+        Err(e) => (Some(e.to_string()), AffineNormSummary { layers: 0, parameters: 0 }),
+    };
     ModelInfo {
         path: path.display().to_string(),
         producer,
@@ -159,6 +179,7 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
         constants: initializers,
         parameters,
         batch_norm: bn,
+        affine_norm,
         unsupported,
         loadable: load_error.is_none(),
         load_error,
@@ -239,6 +260,16 @@ impl ModelInfo {
                     "no BatchNormalization layer has constant parameters: BN-based adaptation cannot be applied"
                 );
             }
+        }
+        let affine = &self.affine_norm;
+        if affine.layers > 0 {
+            let _ = writeln!(
+                s,
+                "LayerNorm/GroupNorm/InstanceNorm: {} layers with constant affine parameters, {} parameters (scale + \
+                 bias): gradient methods (tent, eta, eata, sar, woc, roid) adapt them too",
+                affine.layers,
+                grouped(affine.parameters)
+            );
         }
         if self.unsupported.is_empty() {
             let _ = writeln!(s, "unsupported ops: none");
