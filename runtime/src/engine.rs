@@ -85,6 +85,12 @@ impl Model {
     pub fn batch_norms(&self) -> Vec<crate::ir::BatchNormInfo> {
         self.graph.batch_norms()
     }
+
+    /// The LayerNorm, GroupNorm and InstanceNorm layers whose affine parameters are
+    /// initializers, in graph order: what the gradient methods train besides BatchNorm.
+    pub fn affine_norms(&self) -> Vec<crate::ir::AffineNormInfo> {
+        self.graph.affine_norms()
+    }
 }
 
 fn declared(dims: Option<&[crate::ir::Dim]>) -> Vec<Option<usize>> {

@@ -93,6 +93,7 @@ pub use adapt::session::{Prediction, Selection, Session};
 pub use engine::{Engine, Model, NonFinite};
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::{GpuContext, LimitsProfile};
+pub use ir::AffineNormInfo as AffineNorm;
 pub use ir::BatchNormInfo as BatchNorm;
 pub use selftest::SelfTestReport;
 pub use stream::frame::{Frame, PixelFormat, Plane, Rotation};

@@ -8,7 +8,7 @@
 //! norm_alpha = 0.1         # alpha
 //! steps = 1
 //! episodic = false
-//! exclude = []             # node-name substrings whose BN parameters stay frozen
+//! exclude = []             # node-name substrings whose normalization parameters stay frozen
 //! include = []             # if non-empty, only BN nodes whose name contains one of these adapt
 //!
 //! [optimizer]
@@ -238,9 +238,11 @@ pub struct AdaptSection {
     pub steps: u32,
     /// Reset to the source state before every batch.
     pub episodic: bool,
-    /// BN nodes whose name contains any of these substrings stay frozen.
+    /// Normalization layers (BatchNorm; LayerNorm, GroupNorm and InstanceNorm for gradient
+    /// methods) whose node name contains any of these substrings stay frozen.
     pub exclude: Vec<String>,
-    /// If non-empty, only BN nodes whose name contains one of these substrings adapt.
+    /// If non-empty, only normalization layers whose node name contains one of these substrings
+    /// adapt.
     pub include: Vec<String>,
 }
 
