@@ -170,6 +170,20 @@ fn step_gradients_reach_layer_norm_and_group_norm_parameters(ctx: GpuContext) {
     }
 }
 
+/// torchvision's own ViT and Swin (`tools/torchvision_fixtures.py`, exported by torch): TENT finds
+/// every LayerNorm (3 and 9 layers) and each parameter's gradient, through attention with
+/// `nn.MultiheadAttention`'s and Swin's window patterns, matches finite differences.
+#[gpu_test]
+fn step_gradients_reach_the_layer_norms_of_torchvision_transformers(ctx: GpuContext) {
+    for (i, (file, layers)) in [("tv_vit_tiny.onnx", 3), ("tv_swin_tiny.onnx", 9)].into_iter().enumerate() {
+        let path = common::repo_root().join("tests/fixtures").join(file);
+        let load = || Graph::load(&path).unwrap();
+        let s = Session::new(&ctx, Model::from_graph(load()), config("tent", "batch")).unwrap();
+        assert_eq!(s.adapted_parameters().len(), 2 * layers, "{file}");
+        gradients_match(&ctx, &load, [4, 3, 16, 16], 30 + i as u64);
+    }
+}
+
 /// One TENT step's BatchNorm gradients (SGD, lr 1) against central differences of the loss, at
 /// the first, middle and last element of every parameter.
 fn gradients_match(ctx: &GpuContext, graph: &dyn Fn() -> Graph, shape: [usize; 4], seed: u64) {

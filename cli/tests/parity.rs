@@ -131,6 +131,16 @@ fn convnext_block_matches_onnxruntime() {
     parity_at(&common::repo_root().join("tests/fixtures/convnext_tiny.onnx"), [3, 8, 8], 800);
 }
 
+/// torchvision's own `VisionTransformer` and `SwinTransformer`, shrunk and exported by torch
+/// (`tools/torchvision_fixtures.py`): `nn.MultiheadAttention`'s export (head sizes by Mod), Swin's
+/// shifted windows (paddings by Mod, attention masks by ScatterND, Not, Where), relative position
+/// bias Gathers, patch merging, many LayerNorms.
+#[test]
+fn torchvision_transformers_match_onnxruntime() {
+    parity_at(&common::repo_root().join("tests/fixtures/tv_vit_tiny.onnx"), [3, 16, 16], 1000);
+    parity_at(&common::repo_root().join("tests/fixtures/tv_swin_tiny.onnx"), [3, 16, 16], 1100);
+}
+
 /// The GroupNormalization op (opset 21: scale and bias per channel).
 #[test]
 fn group_normalization_op_matches_onnxruntime() {

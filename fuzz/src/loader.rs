@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 51] = [
+const OP_TYPES: [&str; 54] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -132,6 +132,10 @@ const OP_TYPES: [&str; 51] = [
     "Softplus",
     "Mish",
     "Elu",
+    // Folded on the CPU (torchvision's ViT and Swin exports).
+    "Mod",
+    "Not",
+    "ScatterND",
 ];
 
 impl Loader {

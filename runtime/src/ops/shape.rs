@@ -1,4 +1,5 @@
-//! Shape arithmetic folded on the CPU: Constant, Shape, Gather, ConstantOfShape, Cast, Range.
+//! Shape arithmetic folded on the CPU: Constant, Shape, Gather, ConstantOfShape, Cast, Range,
+//! Equal, Where, Mod, Not, ScatterND.
 //!
 //! Exporters compute reshape targets and padding amounts with these ops; once the plan fixes the
 //! input shapes every one of them is constant, so they never reach the GPU. Values are held as the
@@ -33,6 +34,30 @@ pub enum ShapeOp {
     Equal,
     /// `cond ? X : Y` (numpy broadcasting of all three).
     Where,
+    /// The remainder A mod B (numpy broadcasting): with the sign of B on integers (`fmod = 0`,
+    /// Python's `%`), with the sign of A when `fmod = 1` (C's fmod; the only form ONNX allows on
+    /// floats). Exporters compute window paddings with it (Swin, `nn.MultiheadAttention`).
+    Mod {
+        fmod: bool,
+    },
+    /// Logical not of a boolean tensor.
+    Not,
+    /// A copy of `data` with the slices `indices` points at replaced by `updates` (or combined
+    /// with them: `reduction` add, mul, max, min), in index order: Swin's attention masks, built
+    /// by slice assignment.
+    ScatterNd {
+        reduction: Reduction,
+    },
+}
+
+/// ScatterND's combination of an update with the value it lands on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    None,
+    Add,
+    Mul,
+    Max,
+    Min,
 }
 
 /// Names the ONNX element types [`DType`] cannot hold, for Cast's error.
@@ -116,6 +141,30 @@ impl ShapeOp {
                 a.only(&[])?;
                 ShapeOp::Where
             }
+            "Mod" => {
+                a.only(&["fmod"])?;
+                match a.int("fmod", 0)? {
+                    0 => ShapeOp::Mod { fmod: false },
+                    1 => ShapeOp::Mod { fmod: true },
+                    v => return Err(OpReason::Attribute(format!("fmod = {v} (ONNX defines 0 and 1)"))),
+                }
+            }
+            "Not" => {
+                a.only(&[])?;
+                ShapeOp::Not
+            }
+            "ScatterND" => {
+                a.only(&["reduction"])?;
+                let reduction = match a.string("reduction", "none")?.as_str() {
+                    "none" => Reduction::None,
+                    "add" => Reduction::Add,
+                    "mul" => Reduction::Mul,
+                    "max" => Reduction::Max,
+                    "min" => Reduction::Min,
+                    other => return Err(OpReason::Attribute(format!("ScatterND reduction '{other}' is not defined"))),
+                };
+                ShapeOp::ScatterNd { reduction }
+            }
             other => return Err(OpReason::Internal(format!("{other} is not a shape op"))),
         })
     }
@@ -169,6 +218,38 @@ impl ShapeOp {
                 let shape = super::broadcast_shapes(&super::broadcast_shapes(c.shape, x.shape)?, y.shape)?;
                 Ok(vec![(shape, x.dtype)])
             }
+            ShapeOp::Mod { fmod } => {
+                let (a, b) = (required(inputs, 0, "A")?, required(inputs, 1, "B")?);
+                if a.dtype != b.dtype {
+                    return Err(OpReason::DType(format!("Mod of {} by {}", a.dtype, b.dtype)));
+                }
+                if a.dtype.is_float() && !fmod {
+                    return Err(OpReason::Attribute("Mod on floats needs fmod = 1".into()));
+                }
+                Ok(vec![(super::broadcast_shapes(a.shape, b.shape)?, a.dtype)])
+            }
+            ShapeOp::Not => {
+                let x = required(inputs, 0, "X")?;
+                if x.dtype != DType::Bool {
+                    return Err(OpReason::DType(format!("Not takes a bool tensor, got {}", x.dtype)));
+                }
+                Ok(vec![(x.shape.to_vec(), DType::Bool)])
+            }
+            ShapeOp::ScatterNd { .. } => {
+                let data = required(inputs, 0, "data")?;
+                let (indices, updates) = (required(inputs, 1, "indices")?, required(inputs, 2, "updates")?);
+                scatter_nd_shapes(data.shape, indices.shape, updates.shape)?;
+                if indices.dtype != DType::I64 {
+                    return Err(OpReason::DType(format!("ScatterND indices must be int64, got {}", indices.dtype)));
+                }
+                if updates.dtype != data.dtype {
+                    return Err(OpReason::DType(format!(
+                        "ScatterND updates are {}, data {}",
+                        updates.dtype, data.dtype
+                    )));
+                }
+                Ok(vec![(data.shape.to_vec(), data.dtype)])
+            }
         }
     }
 
@@ -193,6 +274,18 @@ impl ShapeOp {
             ShapeOp::Range => range(get(0, "start")?, get(1, "limit")?, get(2, "delta")?)?,
             ShapeOp::Equal => equal(get(0, "A")?, get(1, "B")?)?,
             ShapeOp::Where => where_(get(0, "condition")?, get(1, "X")?, get(2, "Y")?)?,
+            ShapeOp::Mod { fmod } => modulo(get(0, "A")?, get(1, "B")?, *fmod)?,
+            ShapeOp::Not => {
+                let x = get(0, "X")?;
+                if x.dtype != DType::Bool {
+                    return Err(OpReason::DType(format!("Not takes a bool tensor, got {}", x.dtype)));
+                }
+                let v = x.to_i64_vec().iter().map(|&b| (b == 0) as i64).collect();
+                Tensor { dtype: DType::Bool, shape: x.shape.clone(), data: Data::I64(v) }
+            }
+            ShapeOp::ScatterNd { reduction } => {
+                scatter_nd(get(0, "data")?, get(1, "indices")?, get(2, "updates")?, *reduction)?
+            }
         };
         Ok(vec![t])
     }
@@ -254,6 +347,118 @@ fn equal(a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
         }
     };
     Ok(Tensor { dtype: DType::Bool, shape: out, data: Data::I64(data) })
+}
+
+/// Mod (see [`ShapeOp::Mod`]); an integer division by zero is an error, a float one NaN (fmod).
+fn modulo(a: &Tensor, b: &Tensor, fmod: bool) -> OpResult<Tensor> {
+    if a.dtype != b.dtype {
+        return Err(OpReason::DType(format!("Mod of {} by {}", a.dtype, b.dtype)));
+    }
+    let out = super::broadcast_shapes(&a.shape, &b.shape)?;
+    let (ia, ib) = (broadcast_index(&a.shape, &out)?, broadcast_index(&b.shape, &out)?);
+    let data = match (&a.data, &b.data) {
+        (Data::F32(x), Data::F32(y)) => {
+            if !fmod {
+                return Err(OpReason::Attribute("Mod on floats needs fmod = 1".into()));
+            }
+            Data::F32(ia.iter().zip(&ib).map(|(&i, &j)| x[i] % y[j]).collect())
+        }
+        (Data::I64(x), Data::I64(y)) => {
+            let mut v = Vec::with_capacity(ia.len());
+            for (&i, &j) in ia.iter().zip(&ib) {
+                let r = x[i].checked_rem(y[j]).ok_or_else(|| {
+                    OpReason::Value(format!("Mod of {} by {}: integer division by zero or overflow", x[i], y[j]))
+                })?;
+                // fmod = 0: the sign of the divisor (Python's %).
+                v.push(if !fmod && r != 0 && ((r < 0) != (y[j] < 0)) { r + y[j] } else { r });
+            }
+            Data::I64(v)
+        }
+        _ => return Err(OpReason::Internal("Mod operands of one dtype hold different data".into())),
+    };
+    Ok(Tensor { dtype: a.dtype, shape: out, data })
+}
+
+/// ScatterND's shape rule: indices [..., k] with k ≤ rank(data), updates = indices[:-1] ++
+/// data[k:]; returns (k, the number of index tuples, the elements per slice).
+fn scatter_nd_shapes(data: &[usize], indices: &[usize], updates: &[usize]) -> OpResult<(usize, usize, usize)> {
+    let Some((&k, lead)) = indices.split_last() else {
+        return Err(OpReason::Shape("ScatterND indices must have rank >= 1".into()));
+    };
+    if k > data.len() {
+        return Err(OpReason::Shape(format!("ScatterND index tuples of length {k} into data of rank {}", data.len())));
+    }
+    let want: Vec<usize> = lead.iter().chain(&data[k..]).copied().collect();
+    if updates != want.as_slice() {
+        return Err(OpReason::Shape(format!(
+            "ScatterND updates of shape {updates:?}, expected {want:?} for indices {indices:?} into data {data:?}"
+        )));
+    }
+    Ok((k, lead.iter().product(), data[k..].iter().product()))
+}
+
+fn scatter_nd(data: &Tensor, indices: &Tensor, updates: &Tensor, reduction: Reduction) -> OpResult<Tensor> {
+    let (k, tuples, slice) = scatter_nd_shapes(&data.shape, &indices.shape, &updates.shape)?;
+    if updates.dtype != data.dtype {
+        return Err(OpReason::DType(format!("ScatterND updates are {}, data {}", updates.dtype, data.dtype)));
+    }
+    check_size(&data.shape, "ScatterND")?;
+    let idx = indices.to_i64_vec();
+    let mut offsets = Vec::with_capacity(tuples);
+    for t in 0..tuples {
+        let mut at = 0usize;
+        for d in 0..k {
+            let (i, n) = (idx[t * k + d], data.shape[d] as i64);
+            let i = if i < 0 { i + n } else { i };
+            if !(0..n).contains(&i) {
+                return Err(OpReason::Value(format!(
+                    "ScatterND index {} out of range for dim {d} of size {n}",
+                    idx[t * k + d]
+                )));
+            }
+            at = at * data.shape[d] + i as usize;
+        }
+        offsets.push(at * slice);
+    }
+    fn apply<T: Copy + PartialOrd + std::ops::Add<Output = T> + std::ops::Mul<Output = T>>(
+        out: &mut [T],
+        upd: &[T],
+        offsets: &[usize],
+        slice: usize,
+        reduction: Reduction,
+    ) {
+        for (t, &o) in offsets.iter().enumerate() {
+            for e in 0..slice {
+                let (v, u) = (out[o + e], upd[t * slice + e]);
+                out[o + e] = match reduction {
+                    Reduction::None => u,
+                    Reduction::Add => v + u,
+                    Reduction::Mul => v * u,
+                    Reduction::Max => {
+                        if u > v {
+                            u
+                        } else {
+                            v
+                        }
+                    }
+                    Reduction::Min => {
+                        if u < v {
+                            u
+                        } else {
+                            v
+                        }
+                    }
+                };
+            }
+        }
+    }
+    let mut out = data.clone();
+    match (&mut out.data, &updates.data) {
+        (Data::F32(o), Data::F32(u)) => apply(o, u, &offsets, slice, reduction),
+        (Data::I64(o), Data::I64(u)) => apply(o, u, &offsets, slice, reduction),
+        _ => return Err(OpReason::Internal("ScatterND operands of one dtype hold different data".into())),
+    }
+    Ok(out)
 }
 
 fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> OpResult<Tensor> {
@@ -463,6 +668,33 @@ mod tests {
         assert_eq!(shape_tensor(&[2, 3, 4], -1, None).to_i64_vec(), vec![4]);
         assert_eq!(shape_tensor(&[2, 3, 4], 2, Some(1)).to_i64_vec(), Vec::<i64>::new());
         assert_eq!(shape_tensor(&[2, 3, 4], -10, Some(10)).to_i64_vec(), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn not_negates_booleans_and_refuses_other_types() {
+        let b = Tensor { dtype: DType::Bool, shape: vec![2, 2], data: Data::I64(vec![1, 0, 0, 1]) };
+        let out = ShapeOp::Not.eval(&[Some(&b)]).unwrap().remove(0);
+        assert_eq!((out.dtype, out.shape.clone(), out.to_i64_vec()), (DType::Bool, vec![2, 2], vec![0, 1, 1, 0]));
+        assert!(ShapeOp::Not.eval(&[Some(&Tensor::i64(vec![1], vec![1]))]).is_err());
+    }
+
+    /// Errors, not panics: an integer Mod by zero, ScatterND indices out of range or of the wrong
+    /// shape.
+    #[test]
+    fn mod_and_scatter_nd_refuse_bad_values() {
+        let a = Tensor::i64(vec![2], vec![5, -5]);
+        assert!(modulo(&a, &Tensor::i64(vec![1], vec![0]), false).is_err());
+        assert_eq!(modulo(&a, &Tensor::i64(vec![1], vec![3]), false).unwrap().to_i64_vec(), vec![2, 1]);
+        assert_eq!(modulo(&a, &Tensor::i64(vec![1], vec![3]), true).unwrap().to_i64_vec(), vec![2, -2]);
+        assert!(modulo(&Tensor::f32(vec![1], vec![1.0]), &Tensor::f32(vec![1], vec![3.0]), false).is_err());
+        let data = Tensor::f32(vec![3], vec![1.0, 2.0, 3.0]);
+        let upd = Tensor::f32(vec![1], vec![9.0]);
+        let at = |i: i64| Tensor::i64(vec![1, 1], vec![i]);
+        assert_eq!(scatter_nd(&data, &at(-1), &upd, Reduction::None).unwrap().to_f32_vec(), vec![1.0, 2.0, 9.0]);
+        assert!(scatter_nd(&data, &at(3), &upd, Reduction::None).is_err());
+        assert!(scatter_nd(&data, &at(-4), &upd, Reduction::None).is_err());
+        assert!(scatter_nd(&data, &Tensor::i64(vec![1, 2], vec![0, 0]), &upd, Reduction::None).is_err());
+        assert!(scatter_nd(&data, &at(0), &Tensor::f32(vec![2], vec![0.0, 0.0]), Reduction::None).is_err());
     }
 
     #[test]

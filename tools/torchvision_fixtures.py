@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Tiny torchvision transformers exported by torch, for tests/fixtures (CI needs no torch).
+
+torchvision's own `VisionTransformer` (nn.MultiheadAttention: its export computes head sizes
+with Mod) and `SwinTransformer` (shifted windows: Mod for paddings, attention masks built by
+slice assignment as ScatterND, Not), shrunk to a few thousand parameters, random weights (the
+heads drawn large enough that the entropy's gradients are not vanishingly small; the ViT's is
+zero-initialised), exported with
+`torch.onnx.export` (TorchScript exporter, opset 17, dynamic batch):
+
+    python tools/torchvision_fixtures.py      # needs torch==2.9.1 and torchvision==0.24.1
+
+writes tests/fixtures/tv_vit_tiny.onnx and tests/fixtures/tv_swin_tiny.onnx. Their parity with
+ONNX Runtime is cli/tests/parity.rs; their LayerNorm adaptation, adapt_gradients.rs.
+"""
+import warnings
+from pathlib import Path
+
+import torch
+from torchvision.models import SwinTransformer, VisionTransformer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def export(model, path, size):
+    model.eval()
+    torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                      opset_version=17, dynamo=False)
+
+
+def main():
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(2026)
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                            num_classes=5)
+    with torch.no_grad():
+        vit.heads.head.weight.normal_(0.0, 0.5)
+        vit.heads.head.bias.normal_(0.0, 0.1)
+        for m in vit.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    export(vit, ROOT / "tests/fixtures/tv_vit_tiny.onnx", 16)
+    swin = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 1], num_heads=[1, 2], window_size=[2, 2],
+                           num_classes=5)
+    with torch.no_grad():
+        swin.head.weight.normal_(0.0, 0.5)
+        for m in swin.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    export(swin, ROOT / "tests/fixtures/tv_swin_tiny.onnx", 16)
+
+
+if __name__ == "__main__":
+    main()
