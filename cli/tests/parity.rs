@@ -167,3 +167,83 @@ fn the_criterion_can_fail() {
     assert!(check("top-1", vec![1.0, 5.0, 2.0, 0.1, 0.5, 0.2]).is_some());
     assert!(check("nan", vec![f32::NAN, 5.0, 2.0, 0.5, 0.1, 0.2]).is_some());
 }
+
+/// A Gemm whose weight (1024 × 32,775 floats, 128.0 MiB + 28 KiB) exceeds the 128 MiB one
+/// storage binding is guaranteed to hold (AlexNet's and VGG's classifiers do): the IR splits it
+/// across two Gemms over column slices and a Concat (`ir::split_weights`), and the result matches
+/// ONNX Runtime on the whole model. B is not transposed here, so each slice is a strided copy of
+/// columns, and C is sliced with them.
+#[test]
+fn weights_over_one_binding_are_split_and_match_onnxruntime() {
+    use acclimate::onnx::proto;
+    use prost::Message;
+    let (k, n) = (1024usize, 32 * 1024 + 7);
+    assert!(k * n * 4 > acclimate::ir::split_weights::MAX_WEIGHT_BYTES);
+    let f32_tensor = |name: &str, dims: &[usize], v: Vec<f32>| proto::TensorProto {
+        name: Some(name.into()),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(1),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    };
+    let value_info = |name: &str, cols: usize| {
+        use proto::tensor_shape_proto::{Dimension, dimension::Value};
+        let dim = [Value::DimParam("N".into()), Value::DimValue(cols as i64)]
+            .into_iter()
+            .map(|v| Dimension { value: Some(v), ..Default::default() })
+            .collect();
+        proto::ValueInfoProto {
+            name: Some(name.into()),
+            r#type: Some(proto::TypeProto {
+                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(proto::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    let bytes = proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
+        producer_name: Some("acclimate-tests".into()),
+        graph: Some(proto::GraphProto {
+            name: Some("big_gemm".into()),
+            node: vec![proto::NodeProto {
+                op_type: Some("Gemm".into()),
+                name: Some("fc".into()),
+                input: vec!["x".into(), "w".into(), "b".into()],
+                output: vec!["y".into()],
+                ..Default::default()
+            }],
+            initializer: vec![
+                f32_tensor("w", &[k, n], common::random_f32(k * n, 1200, -0.05, 0.05)),
+                f32_tensor("b", &[n], common::random_f32(n, 1201, -1.0, 1.0)),
+            ],
+            input: vec![value_info("x", k)],
+            output: vec![value_info("y", n)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let dir = std::env::temp_dir().join(format!("acclimate-parity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("big_gemm.onnx");
+    std::fs::write(&path, &bytes).unwrap();
+    drop(bytes);
+    let model = Model::load(&path).unwrap();
+    let pieces = model.graph.nodes.iter().filter(|n| n.op_type == "Gemm" && n.part == Some("columns")).count();
+    assert_eq!(pieces, 2, "the weight is split in two");
+    let Some(ctx) = common::gpu() else { return };
+    let mut ort = ort_session(&path);
+    let mut engine = Engine::new(&ctx, model);
+    let x = Tensor::f32(vec![2, k], common::random_f32(2 * k, 1202, -2.0, 2.0));
+    let o = ort.run(std::slice::from_ref(&x)).unwrap();
+    let g = engine.run(std::slice::from_ref(&x)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(f) = compare("big_gemm [2, 1024]", &g, &o) {
+        panic!("GPU and ONNX Runtime disagree:\n{f}");
+    }
+}

@@ -18,6 +18,7 @@ use crate::ops::{Op, OpError, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
 
 mod layer_norm;
+pub mod split_weights;
 
 /// A parsed node: one op, or the nodes of an op defined as a function of others.
 enum Expansion {
@@ -272,6 +273,8 @@ impl Graph {
                 part: None,
             });
         }
+        // Weights over one storage binding's guaranteed size, split across several Gemms.
+        let nodes = split_weights::split_large_weights(nodes, &mut initializers);
         if g.outputs.is_empty() {
             return Err(IrError::NoOutputs);
         }
