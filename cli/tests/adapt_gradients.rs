@@ -28,7 +28,13 @@ fn tiny() -> Graph {
 }
 
 fn tiny_from(file: &str) -> Graph {
-    let mut g = Graph::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd").join(file)).unwrap();
+    let g = smooth(Graph::load(&common::repo_root().join("tests/fixtures/tta/tiny_tent_sgd").join(file)).unwrap());
+    assert!(g.nodes.iter().filter(|n| n.op_type == "Sigmoid").count() == 3);
+    g
+}
+
+/// `g` with its Relu and Clip nodes turned into Sigmoid.
+fn smooth(mut g: Graph) -> Graph {
     for n in &mut g.nodes {
         if n.op_type == "Relu" || n.op_type == "Clip" {
             n.op = acclimate::ops::Op::Unary(acclimate::ops::elementwise::Unary::Sigmoid);
@@ -36,7 +42,6 @@ fn tiny_from(file: &str) -> Graph {
             n.inputs.truncate(1);
         }
     }
-    assert!(g.nodes.iter().filter(|n| n.op_type == "Sigmoid").count() == 3);
     g
 }
 
@@ -170,14 +175,18 @@ fn step_gradients_reach_layer_norm_and_group_norm_parameters(ctx: GpuContext) {
     }
 }
 
-/// torchvision's own ViT and Swin (`tools/torchvision_fixtures.py`, exported by torch): TENT finds
-/// every LayerNorm (3 and 9 layers) and each parameter's gradient, through attention with
-/// `nn.MultiheadAttention`'s and Swin's window patterns, matches finite differences.
+/// torchvision's own ViT and Swin and timm's BiT ResNetV2 (`tools/torch_fixtures.py`, exported by
+/// torch): TENT finds every LayerNorm (3 and 9 layers) and GroupNorm (7, each a
+/// grouped-view InstanceNormalization followed by the module's Mul and Add), and each
+/// parameter's gradient — through attention with `nn.MultiheadAttention`'s and Swin's window
+/// patterns, through weight-standardised convolutions — matches finite differences.
 #[gpu_test]
-fn step_gradients_reach_the_layer_norms_of_torchvision_transformers(ctx: GpuContext) {
-    for (i, (file, layers)) in [("tv_vit_tiny.onnx", 3), ("tv_swin_tiny.onnx", 9)].into_iter().enumerate() {
+fn step_gradients_reach_the_norms_of_torchvision_and_timm_models(ctx: GpuContext) {
+    let cases = [("tv_vit_tiny.onnx", 3), ("tv_swin_tiny.onnx", 9), ("bit_tiny.onnx", 7)];
+    for (i, (file, layers)) in cases.into_iter().enumerate() {
         let path = common::repo_root().join("tests/fixtures").join(file);
-        let load = || Graph::load(&path).unwrap();
+        // BiT's Relus as Sigmoids: finite differences need a smooth function (as `tiny`).
+        let load = || smooth(Graph::load(&path).unwrap());
         let s = Session::new(&ctx, Model::from_graph(load()), config("tent", "batch")).unwrap();
         assert_eq!(s.adapted_parameters().len(), 2 * layers, "{file}");
         gradients_match(&ctx, &load, [4, 3, 16, 16], 30 + i as u64);

@@ -11,7 +11,7 @@
 mod common;
 
 use acclimate::{Engine, Model, Tensor};
-use acclimate_cli::reference::OrtSession;
+use acclimate_cli::reference::{OrtOptions, OrtSession};
 
 const REL: f32 = 1e-4;
 const ABS: f32 = 1e-5;
@@ -73,10 +73,14 @@ fn parity(model: &str, chw: [usize; 3], seed: u64) {
 }
 
 fn parity_at(path: &std::path::Path, chw: [usize; 3], seed: u64) {
+    let ort = ort_session(path);
+    parity_with(path, chw, seed, ort);
+}
+
+fn parity_with(path: &std::path::Path, chw: [usize; 3], seed: u64, mut ort: OrtSession) {
     let Some(ctx) = common::gpu() else { return };
     let model = path.file_name().unwrap().to_string_lossy().into_owned();
     let path = path.to_path_buf();
-    let mut ort = ort_session(&path);
     let mut engine = Engine::new(&ctx, Model::load(&path).unwrap_or_else(|e| panic!("{model}: {e}")));
     let mut failures = Vec::new();
     for batch in [1usize, 8] {
@@ -139,6 +143,90 @@ fn convnext_block_matches_onnxruntime() {
 fn torchvision_transformers_match_onnxruntime() {
     parity_at(&common::repo_root().join("tests/fixtures/tv_vit_tiny.onnx"), [3, 16, 16], 1000);
     parity_at(&common::repo_root().join("tests/fixtures/tv_swin_tiny.onnx"), [3, 16, 16], 1100);
+}
+
+/// timm's ResNetV2 (BiT), shrunk and exported by torch (`tools/torch_fixtures.py`): StdConv's
+/// weight standardisation as training-mode BatchNormalization on constants (folded when the model
+/// loads, with the ReduceMeans that feed it), GroupNorm on grouped views, a zero ConstantPad
+/// before the stem's MaxPool. Against ONNX Runtime with its graph rewrites off: its Pad fusion
+/// moves the zero padding into the MaxPool's own padding, which pads with −∞
+/// (`onnx_runtime_fuses_a_zero_pad_into_max_pool_padding` pins that).
+#[test]
+fn bit_resnet_v2_matches_onnxruntime_unoptimized() {
+    let path = common::repo_root().join("tests/fixtures/bit_tiny.onnx");
+    ort_session(&path);
+    let options = OrtOptions { intra_threads: None, unoptimized: true };
+    let ort = OrtSession::with_options(&path, options).unwrap_or_else(|e| panic!("{e}"));
+    parity_with(&path, [3, 16, 16], 1300, ort);
+}
+
+/// Why the BiT parity runs ONNX Runtime unoptimized: Pad(0) → MaxPool, where a window over the
+/// border holds only negative values besides the padding, is 0 by the ONNX definition (numpy
+/// here) and what the runtime computes, but ONNX Runtime 1.31.1 with its default optimizations
+/// returns the negative maximum. If a later ONNX Runtime fixes its Pad fusion, this test says so.
+#[test]
+fn onnx_runtime_fuses_a_zero_pad_into_max_pool_padding() {
+    use acclimate::onnx::proto;
+    use prost::Message;
+    let i64s = |name: &str, v: &[i64]| proto::TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(7),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], output: &str, attrs: Vec<proto::AttributeProto>| proto::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: attrs,
+        ..Default::default()
+    };
+    let ints = |name: &str, v: &[i64]| proto::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    };
+    let vi = acclimate::onnx::float_value_info;
+    let bytes = proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        graph: Some(proto::GraphProto {
+            name: Some("pad_maxpool".into()),
+            node: vec![
+                node("Pad", &["x", "pads"], "p", vec![]),
+                node("MaxPool", &["p"], "y", vec![ints("kernel_shape", &[3, 3]), ints("strides", &[2, 2])]),
+            ],
+            initializer: vec![i64s("pads", &[0, 0, 1, 1, 0, 0, 1, 1])],
+            input: vec![vi("x", &[1, 1, 4, 4])],
+            output: vec![vi("y", &[1, 1, 2, 2])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let dir = std::env::temp_dir().join(format!("acclimate-padpool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pad_maxpool.onnx");
+    std::fs::write(&path, bytes).unwrap();
+    // All negative: every window that touches the padding has 0 as its maximum.
+    let x = Tensor::f32(vec![1, 1, 4, 4], (0..16).map(|i| -1.0 - i as f32).collect());
+    let want = [0.0f32, 0.0, 0.0, -6.0];
+    let run = |unoptimized: bool| {
+        let options = OrtOptions { intra_threads: Some(1), unoptimized };
+        let mut s = OrtSession::with_options(&path, options).unwrap_or_else(|e| panic!("{e}"));
+        s.run(std::slice::from_ref(&x)).unwrap().remove(0).to_f32_vec()
+    };
+    let (plain, optimized) = (run(true), run(false));
+    if let Some(ctx) = common::gpu() {
+        let mut engine = Engine::new(&ctx, Model::load(&path).unwrap());
+        assert_eq!(engine.run(std::slice::from_ref(&x)).unwrap()[0].to_f32_vec(), want, "the runtime");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(plain, want, "ONNX Runtime unoptimized");
+    assert_ne!(optimized, want, "ONNX Runtime's optimized Pad → MaxPool is now right: run the BiT parity optimized");
 }
 
 /// The GroupNormalization op (opset 21: scale and bias per channel).

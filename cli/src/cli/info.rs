@@ -144,7 +144,9 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
     }
     // The rule of `Graph::batch_norms`: scale, bias, mean and variance all constant.
     let mut bn = BatchNormSummary { layers: 0, adaptable_layers: 0, adaptable_parameters: 0 };
-    for n in g.nodes.iter().filter(|n| n.op_type == "BatchNormalization") {
+    // Training-mode ones (BiT's weight standardisation) fold when the model loads: not layers.
+    let training = |n: &&acclimate::onnx::RawNode| matches!(n.attrs.get("training_mode"), Some(Attr::Int(1)));
+    for n in g.nodes.iter().filter(|n| n.op_type == "BatchNormalization" && !training(n)) {
         bn.layers += 1;
         let params: Vec<Option<usize>> =
             (1..=4).map(|i| n.inputs.get(i).and_then(|p| constants.get(p.as_str())).copied()).collect();

@@ -168,6 +168,39 @@ pub struct AffineNormInfo {
     pub bias: Option<String>,
 }
 
+/// BatchNormalization in training mode folds on the CPU ([`ShapeOp::BatchNormTraining`]): its X
+/// must be a constant (an initializer, or computed from constants and shapes alone). On run-time
+/// data it would normalise with batch statistics: refused when the model loads, naming the node.
+fn check_training_batch_norms(
+    nodes: &[Node],
+    initializers: &HashMap<String, Arc<Tensor>>,
+    opset: i64,
+) -> Result<(), IrError> {
+    let mut constant: HashSet<&str> = initializers.keys().map(String::as_str).collect();
+    for n in nodes {
+        let from_constants = n.inputs.iter().all(|i| i.is_empty() || constant.contains(i.as_str()));
+        if matches!(n.op, Op::Shape(ShapeOp::BatchNormTraining { .. })) && !from_constants {
+            let x = n.inputs.first().cloned().unwrap_or_default();
+            return Err(IrError::UnsupportedOp(Box::new(OpError {
+                op: n.op_type.clone(),
+                node: n.name.clone(),
+                opset,
+                shapes: None,
+                stage: Stage::Parse,
+                reason: OpReason::Unsupported(format!(
+                    "BatchNormalization with training_mode=1 normalises with batch statistics; it is supported only \
+                     on constant inputs (weight standardisation, folded when the model loads), and '{x}' depends on \
+                     the model input: export the model in inference mode"
+                )),
+            })));
+        }
+        if from_constants || matches!(n.op, Op::Shape(ShapeOp::Shape { .. })) {
+            constant.extend(n.outputs.iter().map(String::as_str));
+        }
+    }
+    Ok(())
+}
+
 fn dims_of(shape: &Option<Vec<DimSpec>>) -> Option<Vec<Dim>> {
     shape.as_ref().map(|d| {
         d.iter()
@@ -273,6 +306,7 @@ impl Graph {
                 part: None,
             });
         }
+        check_training_batch_norms(&nodes, &initializers, opset)?;
         // Weights over one storage binding's guaranteed size, split across several Gemms.
         let nodes = split_weights::split_large_weights(nodes, &mut initializers);
         if g.outputs.is_empty() {

@@ -188,6 +188,17 @@ impl Op {
             "Conv" => Op::Conv(conv::ConvAttrs::parse(&a)?),
             "Gemm" => Op::Gemm(matmul::GemmAttrs::parse(&a)?),
             "MatMul" => Op::MatMul,
+            // Training mode on constant data (BiT's weight standardisation) folds on the CPU.
+            "BatchNormalization" if opset >= 14 && a.int("training_mode", 0)? == 1 => {
+                a.only(&["epsilon", "momentum", "training_mode"])?;
+                let (epsilon, momentum) = (a.float("epsilon", 1e-5)?, a.float("momentum", 0.9)?);
+                if !(epsilon.is_finite() && epsilon >= 0.0 && momentum.is_finite()) {
+                    return Err(OpReason::Attribute(format!(
+                        "BatchNormalization epsilon {epsilon}, momentum {momentum}: must be finite, epsilon >= 0"
+                    )));
+                }
+                Op::Shape(shape::ShapeOp::BatchNormTraining { epsilon, momentum })
+            }
             "BatchNormalization" => Op::BatchNorm(norm::BatchNormAttrs::parse(&a, outputs)?),
             "MaxPool" | "AveragePool" => Op::Pool(pool::PoolAttrs::parse(&node.op_type, &a, outputs)?),
             "GlobalAveragePool" => Op::GlobalAveragePool,
@@ -234,6 +245,7 @@ impl Op {
             Op::Binary(k) => Some(elementwise::eval_binary(*k, inputs)),
             Op::Layout(l) => Some(l.eval(inputs)),
             Op::Shape(s) => Some(s.eval(inputs)),
+            Op::ReduceMean(a) => Some(reduce::eval(a, inputs)),
             _ => None,
         }
     }

@@ -116,6 +116,37 @@ pub fn infer(a: &ReduceMeanAttrs, inputs: &[Option<Input<'_>>]) -> OpResult<Vec<
     Ok(vec![(out_shape(a, x.shape, &mask), x.dtype)])
 }
 
+/// ReduceMean of a constant, on the CPU (sums in f64): what feeds a folded training-mode
+/// BatchNormalization's running statistics in BiT's weight standardisation.
+pub fn eval(a: &ReduceMeanAttrs, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+    let x = inputs.first().copied().flatten().ok_or(OpReason::MissingInput { index: 0, what: "data".into() })?;
+    let v = x.as_f32().ok_or_else(|| OpReason::DType(format!("ReduceMean of {}", x.dtype)))?;
+    let axes = inputs.get(1).copied().flatten();
+    if axes.is_some() && !a.axes_input {
+        return Err(OpReason::Unsupported("ReduceMean takes axes as an input only from opset 18".into()));
+    }
+    let mask = a.reduced(x.shape.len(), axes)?;
+    let out_dims: Vec<usize> = x.shape.iter().zip(&mask).map(|(&d, &r)| if r { 1 } else { d }).collect();
+    let n_out: usize = out_dims.iter().product();
+    let count: usize = x.shape.iter().zip(&mask).filter(|(_, r)| **r).map(|(d, _)| *d).product();
+    let mut sums = vec![0f64; n_out];
+    for (flat, &value) in v.iter().enumerate() {
+        // The output index of input element `flat`: its coordinates with reduced dims at 0.
+        let (mut rem, mut at, mut stride) = (flat, 0usize, 1usize);
+        for d in (0..x.shape.len()).rev() {
+            let c = rem % x.shape[d];
+            rem /= x.shape[d];
+            if !mask[d] {
+                at += c * stride;
+            }
+            stride *= out_dims[d];
+        }
+        sums[at] += value as f64;
+    }
+    let means = sums.iter().map(|s| (s / count.max(1) as f64) as f32).collect();
+    Ok(vec![Tensor::f32(out_shape(a, &x.shape, &mask), means)])
+}
+
 pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
     let x = l.input(0, "data")?.clone();
     let y = l.output(0)?.clone();

@@ -48,6 +48,16 @@ pub enum ShapeOp {
     ScatterNd {
         reduction: Reduction,
     },
+    /// BatchNormalization in training mode (opset 14+: `training_mode = 1`) on a constant input:
+    /// the weight standardisation of BiT's StdConv (timm's ResNetV2), which normalises each
+    /// convolution's filters with `F.batch_norm(w, training=True)`. Y with the input's own mean
+    /// and biased variance per channel (axis 1), and the running mean and variance outputs
+    /// (`input·momentum + batch·(1 − momentum)`), as ONNX defines them. The model's adaptable
+    /// BatchNorm layers are the inference ones; on run-time data this form is refused.
+    BatchNormTraining {
+        epsilon: f32,
+        momentum: f32,
+    },
 }
 
 /// ScatterND's combination of an update with the value it lands on.
@@ -235,6 +245,23 @@ impl ShapeOp {
                 }
                 Ok(vec![(x.shape.to_vec(), DType::Bool)])
             }
+            ShapeOp::BatchNormTraining { .. } => {
+                let x = required(inputs, 0, "X")?;
+                if x.shape.len() < 2 {
+                    return Err(OpReason::Shape(format!("BatchNormalization input of rank {}", x.shape.len())));
+                }
+                let c = x.shape[1];
+                for (i, what) in [(1, "scale"), (2, "B"), (3, "input_mean"), (4, "input_var")] {
+                    let p = required(inputs, i, what)?;
+                    if p.shape != [c] || !p.dtype.is_float() {
+                        return Err(OpReason::Shape(format!(
+                            "{what} of shape {:?} ({}), expected [{c}] floats",
+                            p.shape, p.dtype
+                        )));
+                    }
+                }
+                Ok(vec![(x.shape.to_vec(), x.dtype), (vec![c], x.dtype), (vec![c], x.dtype)])
+            }
             ShapeOp::ScatterNd { .. } => {
                 let data = required(inputs, 0, "data")?;
                 let (indices, updates) = (required(inputs, 1, "indices")?, required(inputs, 2, "updates")?);
@@ -257,6 +284,14 @@ impl ShapeOp {
         let get = |i: usize, what: &str| -> OpResult<&Tensor> {
             inputs.get(i).copied().flatten().ok_or_else(|| OpReason::MissingInput { index: i, what: what.to_owned() })
         };
+        if let ShapeOp::BatchNormTraining { epsilon, momentum } = self {
+            let x = get(0, "X")?;
+            let params: Vec<&Tensor> = [(1, "scale"), (2, "B"), (3, "input_mean"), (4, "input_var")]
+                .iter()
+                .map(|&(i, w)| get(i, w))
+                .collect::<OpResult<_>>()?;
+            return batch_norm_training(x, &params, *epsilon, *momentum);
+        }
         let t = match self {
             ShapeOp::Constant(t) => t.clone(),
             ShapeOp::Shape { start, end } => shape_tensor(&get(0, "data")?.shape, *start, *end),
@@ -283,6 +318,7 @@ impl ShapeOp {
                 let v = x.to_i64_vec().iter().map(|&b| (b == 0) as i64).collect();
                 Tensor { dtype: DType::Bool, shape: x.shape.clone(), data: Data::I64(v) }
             }
+            ShapeOp::BatchNormTraining { .. } => unreachable!("evaluated above"),
             ShapeOp::ScatterNd { reduction } => {
                 scatter_nd(get(0, "data")?, get(1, "indices")?, get(2, "updates")?, *reduction)?
             }
@@ -377,6 +413,37 @@ fn modulo(a: &Tensor, b: &Tensor, fmod: bool) -> OpResult<Tensor> {
         _ => return Err(OpReason::Internal("Mod operands of one dtype hold different data".into())),
     };
     Ok(Tensor { dtype: a.dtype, shape: out, data })
+}
+
+/// [`ShapeOp::BatchNormTraining`]: [Y, running_mean, running_var], statistics in f64.
+fn batch_norm_training(x: &Tensor, p: &[&Tensor], epsilon: f32, momentum: f32) -> OpResult<Vec<Tensor>> {
+    let xv = x.as_f32().ok_or_else(|| OpReason::DType(format!("BatchNormalization X is {}", x.dtype)))?;
+    if x.shape.len() < 2 || p.len() != 4 || p.iter().any(|t| t.shape != [x.shape[1]]) {
+        return Err(OpReason::Shape(format!("BatchNormalization X {:?} with parameters of other sizes", x.shape)));
+    }
+    let (n, c) = (x.shape[0], x.shape[1]);
+    let plane: usize = x.shape[2..].iter().product();
+    let [scale, bias, mean_in, var_in] = [0, 1, 2, 3].map(|i| p[i].to_f32_vec());
+    let m = (n * plane).max(1) as f64;
+    let mut y = vec![0f32; xv.len()];
+    let (mut run_mean, mut run_var) = (vec![0f32; c], vec![0f32; c]);
+    for ch in 0..c {
+        let at = |b: usize, i: usize| (b * c + ch) * plane + i;
+        let values = || (0..n).flat_map(move |b| (0..plane).map(move |i| xv[at(b, i)] as f64));
+        let mean = values().sum::<f64>() / m;
+        let var = values().map(|v| (v - mean) * (v - mean)).sum::<f64>() / m;
+        let inv = 1.0 / (var + epsilon as f64).sqrt();
+        for b in 0..n {
+            for i in 0..plane {
+                let k = at(b, i);
+                y[k] = ((xv[k] as f64 - mean) * inv * scale[ch] as f64 + bias[ch] as f64) as f32;
+            }
+        }
+        let mo = momentum as f64;
+        run_mean[ch] = (mean_in[ch] as f64 * mo + mean * (1.0 - mo)) as f32;
+        run_var[ch] = (var_in[ch] as f64 * mo + var * (1.0 - mo)) as f32;
+    }
+    Ok(vec![Tensor::f32(x.shape.clone(), y), Tensor::f32(vec![c], run_mean), Tensor::f32(vec![c], run_var)])
 }
 
 /// ScatterND's shape rule: indices [..., k] with k ≤ rank(data), updates = indices[:-1] ++

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tiny torchvision transformers exported by torch, for tests/fixtures (CI needs no torch).
+"""Tiny torchvision and timm networks exported by torch, for tests/fixtures (CI needs no torch).
 
 torchvision's own `VisionTransformer` (nn.MultiheadAttention: its export computes head sizes
 with Mod) and `SwinTransformer` (shifted windows: Mod for paddings, attention masks built by
@@ -8,15 +8,24 @@ heads drawn large enough that the entropy's gradients are not vanishingly small;
 zero-initialised), exported with
 `torch.onnx.export` (TorchScript exporter, opset 17, dynamic batch):
 
-    python tools/torchvision_fixtures.py      # needs torch==2.9.1 and torchvision==0.24.1
+    python tools/torch_fixtures.py      # tools/requirements-reference.txt (torch, torchvision, timm)
 
-writes tests/fixtures/tv_vit_tiny.onnx and tests/fixtures/tv_swin_tiny.onnx. Their parity with
-ONNX Runtime is cli/tests/parity.rs; their LayerNorm adaptation, adapt_gradients.rs.
+writes tests/fixtures/tv_vit_tiny.onnx and tests/fixtures/tv_swin_tiny.onnx, and
+tests/fixtures/bit_tiny.onnx: timm's `ResNetV2` (BiT) shrunk, the GroupNorm ResNet of the TTA
+papers: every convolution standardises its weights with `F.batch_norm(w, training=True)` (a
+training-mode BatchNormalization on a constant, folded when the model loads), GroupNorm through
+InstanceNormalization on grouped views, a zero ConstantPad before a MaxPool (which ONNX
+Runtime's optimizer fuses into the pool's -inf padding: compare with its optimizations off).
+Their parity with ONNX Runtime is cli/tests/parity.rs; their LayerNorm and GroupNorm
+adaptation, adapt_gradients.rs.
 """
 import warnings
 from pathlib import Path
 
 import torch
+from functools import partial
+from timm.layers import GroupNormAct
+from timm.models.resnetv2 import ResNetV2
 from torchvision.models import SwinTransformer, VisionTransformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +60,15 @@ def main():
                 m.weight.normal_(1.0, 0.2)
                 m.bias.normal_(0.0, 0.2)
     export(swin, ROOT / "tests/fixtures/tv_swin_tiny.onnx", 16)
+    bit = ResNetV2(layers=[1, 1], channels=(16, 32), num_classes=5, stem_chs=8,
+                   norm_layer=partial(GroupNormAct, num_groups=4))
+    with torch.no_grad():
+        bit.head.fc.weight.normal_(0.0, 0.5)
+        for m in bit.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    export(bit, ROOT / "tests/fixtures/bit_tiny.onnx", 16)
 
 
 if __name__ == "__main__":
