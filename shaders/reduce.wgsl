@@ -53,6 +53,14 @@ fn red_offset(r: u32) -> u32 {
     return off;
 }
 
+// 1: ReduceSum (the sum itself); 0: ReduceMean (the sum divided by the count).
+override SUM: i32 = 0;
+
+fn finish(acc: f32) -> f32 {
+    if SUM == 1 { return acc; }
+    return acc / f32(p.n_red);
+}
+
 @compute @workgroup_size(256)
 fn mean_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let o = gid.x + gid.y * nwg.x * 256u;
@@ -62,7 +70,7 @@ fn mean_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     for (var r = 0u; r < p.n_red; r++) {
         acc += x[base + red_offset(r)];
     }
-    y[o] = acc / f32(p.n_red);
+    y[o] = finish(acc);
 }
 
 const WG: u32 = 256u;
@@ -91,7 +99,7 @@ fn mean_wg_main(
         workgroupBarrier();
     }
     if t == 0u {
-        y[o] = partial[0] / f32(p.n_red);
+        y[o] = finish(partial[0]);
     }
 }
 
@@ -131,8 +139,10 @@ fn mean_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
         o += (rem % s) * lane(gp.dy_strides0, gp.dy_strides1, du);
         rem /= s;
     }
-    // Divided, not multiplied by a reciprocal, as the forward divides its sum.
-    var v = gy[o] / f32(gp.n_red);
+    // Divided, not multiplied by a reciprocal, as the forward divides its sum; ReduceSum's
+    // gradient is dY itself.
+    var v = gy[o];
+    if SUM == 0 { v = v / f32(gp.n_red); }
     if ACCUM == 1 { v = gx[i] + v; }
     gx[i] = v;
 }

@@ -953,9 +953,10 @@ struct MeanCase {
 }
 
 #[gpu_test]
-fn reduce_mean_matches_finite_differences(ctx: GpuContext) {
+fn reduce_mean_and_sum_match_finite_differences(ctx: GpuContext) {
     let shape = [2, 3, 4, 5];
     let attrs = |keepdims: bool, axes: Option<Vec<i64>>, axes_input: bool| ReduceMeanAttrs {
+        sum: false,
         keepdims,
         axes,
         axes_input,
@@ -976,6 +977,13 @@ fn reduce_mean_matches_finite_differences(ctx: GpuContext) {
             out: vec![2, 3, 1, 1],
         },
         MeanCase { a: attrs(true, None, false), axes: None, mask: vec![true; 4], out: vec![1, 1, 1, 1] },
+        // ReduceSum: the same kernels without the division.
+        MeanCase {
+            a: ReduceMeanAttrs { sum: true, ..attrs(false, None, true) },
+            axes: Some(vec![0, 2]),
+            mask: vec![true, false, true, false],
+            out: vec![3, 5],
+        },
     ];
     for (k, MeanCase { a, axes, mask, out }) in variants.into_iter().enumerate() {
         let mut args = vec![data(rand(&shape, 1 + k as u64, -1.0, 1.0), &shape)];
@@ -991,7 +999,9 @@ fn reduce_mean_matches_finite_differences(ctx: GpuContext) {
             forward: &|l| reduce::lower(&a, l),
             backward: &|b| Op::ReduceMean(a.clone()).lower_backward(b),
         };
-        check(&ctx, &case, &|xs| vec![mean_ref(&xs[0], &shape, &mask)]);
+        let count: usize = shape.iter().zip(&mask).filter(|(_, r)| **r).map(|(d, _)| *d).product();
+        let scale = if a.sum { count as f64 } else { 1.0 };
+        check(&ctx, &case, &|xs| vec![mean_ref(&xs[0], &shape, &mask).iter().map(|v| v * scale).collect()]);
     }
 }
 

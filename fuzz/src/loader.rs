@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 54] = [
+const OP_TYPES: [&str; 57] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -136,6 +136,9 @@ const OP_TYPES: [&str; 54] = [
     "Mod",
     "Not",
     "ScatterND",
+    "ReduceSum",
+    "ReduceL2",
+    "ReduceSumSquare",
 ];
 
 impl Loader {

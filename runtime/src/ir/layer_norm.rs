@@ -25,6 +25,7 @@ use crate::tensor::Tensor;
 fn statistics(n: &RawNode, x: String, axis: i64, mean: String, eps: String) -> Vec<Node> {
     let tmp = |what: &str| format!("{}/{what}", n.name);
     let stats = ReduceMeanAttrs {
+        sum: false,
         keepdims: true,
         axes: None,
         axes_input: false,
@@ -228,6 +229,30 @@ pub(super) fn expand(n: &RawNode, opset: i64, inits: &mut HashMap<String, Arc<Te
             push("y", Op::Binary(BinaryKind::Add), vec![tmp("scaled"), b], y);
         }
         None => push("y", Op::Binary(BinaryKind::Mul), vec![tmp("normalized"), scale], y),
+    }
+    Ok(nodes)
+}
+
+/// ReduceSumSquare (`ReduceSum(x·x)`) and ReduceL2 (`Sqrt(ReduceSum(x·x))`: `F.normalize`'s
+/// norm), with the node's keepdims, noop_with_empty_axes and axes (an input from opset 18).
+pub(super) fn expand_reduce_squares(n: &RawNode, opset: i64) -> OpResult<Vec<Node>> {
+    let a = Attrs::new(&n.attrs);
+    let attrs = ReduceMeanAttrs::parse_sum(&a, opset >= 18)?;
+    let x = required(n, 0, "data")?;
+    let y = n.outputs.first().filter(|s| !s.is_empty()).cloned().ok_or(OpReason::MissingOutput(0))?;
+    let tmp = |what: &str| format!("{}/{what}", n.name);
+    let mut sum_inputs = vec![tmp("squared")];
+    if let Some(axes) = n.inputs.get(1).filter(|s| !s.is_empty()) {
+        sum_inputs.push(axes.clone());
+    }
+    let l2 = n.op_type == "ReduceL2";
+    let sum_out = if l2 { tmp("sum") } else { y.clone() };
+    let mut nodes = vec![
+        part_node(n, "squared", Op::Binary(BinaryKind::Mul), vec![x.clone(), x], tmp("squared")),
+        part_node(n, "sum", Op::ReduceMean(attrs), sum_inputs, sum_out),
+    ];
+    if l2 {
+        nodes.push(part_node(n, "y", Op::Unary(Unary::Sqrt), vec![tmp("sum")], y));
     }
     Ok(nodes)
 }

@@ -50,6 +50,7 @@ fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Ten
                 return layer_norm::expand_instance_norm(n, inits).map(Expansion::Nodes);
             }
             "GroupNormalization" => return layer_norm::expand_group_norm(n, opset, inits).map(Expansion::Nodes),
+            "ReduceL2" | "ReduceSumSquare" => return layer_norm::expand_reduce_squares(n, opset).map(Expansion::Nodes),
             _ => {}
         }
     }

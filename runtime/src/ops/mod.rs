@@ -11,7 +11,7 @@
 //! | [`matmul`] | Gemm, MatMul | `matmul.wgsl` |
 //! | [`norm`] | BatchNormalization | `norm.wgsl` |
 //! | [`pool`] | MaxPool, AveragePool, GlobalAveragePool | `pool.wgsl` |
-//! | [`reduce`] | ReduceMean | `reduce.wgsl` |
+//! | [`reduce`] | ReduceMean, ReduceSum | `reduce.wgsl` |
 //! | [`softmax`] | Softmax, LogSoftmax | `softmax.wgsl` |
 //! | [`layout`] | Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout (aliases); Transpose, Concat, Split, Slice, Pad | `layout.wgsl` |
 //! | [`shape`] | Constant, Shape, Gather, ConstantOfShape, Cast, Range (folded on the CPU, never run on the GPU) | none |
@@ -203,6 +203,7 @@ impl Op {
             "MaxPool" | "AveragePool" => Op::Pool(pool::PoolAttrs::parse(&node.op_type, &a, outputs)?),
             "GlobalAveragePool" => Op::GlobalAveragePool,
             "ReduceMean" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse(&a, opset)?),
+            "ReduceSum" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse_sum(&a, opset >= 13)?),
             "Softmax" | "LogSoftmax" => Op::Softmax(softmax::SoftmaxAttrs::parse(&node.op_type, &a, opset)?),
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout" | "Transpose" | "Concat"
             | "Split" | "Slice" | "Pad" | "Expand" => {

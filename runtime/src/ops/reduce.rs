@@ -1,4 +1,5 @@
-//! ReduceMean (`shaders/reduce.wgsl`).
+//! ReduceMean and ReduceSum (`shaders/reduce.wgsl`; ReduceL2 and ReduceSumSquare are expanded
+//! into ReduceSum in the IR).
 //!
 //! Both kernels sum in a fixed order, so a result is bit-identical from run to run: short
 //! reductions loop over the reduced elements in one thread per output; long ones give each output
@@ -15,6 +16,8 @@ const WORKGROUP_MIN: usize = 256;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReduceMeanAttrs {
+    /// ReduceSum: the sum, not divided by the count.
+    pub sum: bool,
     pub keepdims: bool,
     /// The `axes` attribute (before opset 18).
     pub axes: Option<Vec<i64>>,
@@ -29,7 +32,16 @@ pub struct ReduceMeanAttrs {
 
 impl ReduceMeanAttrs {
     pub fn parse(a: &Attrs<'_>, opset: i64) -> OpResult<ReduceMeanAttrs> {
-        let axes_input = opset >= 18;
+        Self::parse_as(a, opset >= 18, false)
+    }
+
+    /// ReduceSum (axes as an input from opset 13), and the ReduceSum that ReduceL2 and
+    /// ReduceSumSquare expand into (`axes_input`: from opset 18).
+    pub fn parse_sum(a: &Attrs<'_>, axes_input: bool) -> OpResult<ReduceMeanAttrs> {
+        Self::parse_as(a, axes_input, true)
+    }
+
+    fn parse_as(a: &Attrs<'_>, axes_input: bool, sum: bool) -> OpResult<ReduceMeanAttrs> {
         if axes_input {
             a.only(&["keepdims", "noop_with_empty_axes"])?;
         } else {
@@ -43,6 +55,7 @@ impl ReduceMeanAttrs {
             }
         };
         Ok(ReduceMeanAttrs {
+            sum,
             keepdims: flag("keepdims", 1)?,
             axes: a.ints("axes")?,
             axes_input,
@@ -143,7 +156,7 @@ pub fn eval(a: &ReduceMeanAttrs, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Ten
         }
         sums[at] += value as f64;
     }
-    let means = sums.iter().map(|s| (s / count.max(1) as f64) as f32).collect();
+    let means = sums.iter().map(|&s| (if a.sum { s } else { s / count.max(1) as f64 }) as f32).collect();
     Ok(vec![Tensor::f32(out_shape(a, &x.shape, &mask), means)])
 }
 
@@ -199,10 +212,13 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
         .vec8u(&u32s(&kept_strides))
         .vec8u(&u32s(&red))
         .vec8u(&u32s(&red_strides));
+    let sum = a.sum as i32;
     if n_red >= WORKGROUP_MIN {
-        l.dispatch(KernelKey::new(Shader::Reduce, "mean_wg_main"), params, vec![x.buf, y.buf], grid_1d(n_out, 1));
+        let key = KernelKey::new(Shader::Reduce, "mean_wg_main").with("SUM", sum);
+        l.dispatch(key, params, vec![x.buf, y.buf], grid_1d(n_out, 1));
     } else {
-        l.dispatch(KernelKey::new(Shader::Reduce, "mean_thread_main"), params, vec![x.buf, y.buf], grid_1d(n_out, 256));
+        let key = KernelKey::new(Shader::Reduce, "mean_thread_main").with("SUM", sum);
+        l.dispatch(key, params, vec![x.buf, y.buf], grid_1d(n_out, 256));
     }
     Ok(())
 }
@@ -264,7 +280,9 @@ pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     let n_red: usize = runs.iter().filter(|r| r.1).map(|r| r.0).product();
     let shape: Vec<usize> = runs.iter().map(|r| r.0).collect();
     b.dispatch(
-        KernelKey::new(Shader::Reduce, "mean_backward_main").with("ACCUM", gx.accumulate as i32),
+        KernelKey::new(Shader::Reduce, "mean_backward_main")
+            .with("ACCUM", gx.accumulate as i32)
+            .with("SUM", a.sum as i32),
         Params::new()
             .u32(n as u32)
             .u32(runs.len() as u32)
