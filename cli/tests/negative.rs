@@ -342,3 +342,51 @@ fn group_normalization_outside_opset_21_is_named() {
     let msg = load_err(&at(21, gn(Some(0))));
     assert!(msg.contains("my_gn") && msg.contains("num_groups"), "{msg}");
 }
+
+/// Ops folded on the CPU only (Tile, Sin, Cos, Mod, ScatterND, …) on data that depends on the
+/// model input: a plan error naming the node and why, not a panic or a wrong answer. On
+/// constants the same Tile folds (and huge repeats are refused).
+#[test]
+fn cpu_folded_ops_on_run_time_data_are_errors() {
+    use acclimate::plan::specialize::specialize;
+    let ints = |name: &str, v: &[i64]| proto::TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(7),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    };
+    let model = |nodes: Vec<proto::NodeProto>, repeats: &[i64]| {
+        let mut m = proto::ModelProto::decode(model_bytes(nodes).as_slice()).unwrap();
+        let g = m.graph.as_mut().unwrap();
+        g.initializer.push(ints("repeats", repeats));
+        g.initializer.push(proto::TensorProto {
+            name: Some("c".into()),
+            dims: vec![1, 4],
+            data_type: Some(1),
+            float_data: vec![1.0, 2.0, 3.0, 4.0],
+            ..Default::default()
+        });
+        acclimate::ir::Graph::from_bytes(&m.encode_to_vec()).expect("the graph is well formed")
+    };
+    let on_input = model(vec![node("Tile", "my_tile", &["x", "repeats"], &["y"])], &[1, 1]);
+    let e = specialize(&on_input, &[vec![2, 4]]).err().expect("Tile of the input").to_string();
+    assert!(e.contains("my_tile") && e.contains("only on constant inputs"), "{e}");
+    let on_input = model(vec![node("Sin", "my_sin", &["x"], &["y"])], &[1, 1]);
+    let e = specialize(&on_input, &[vec![2, 4]]).err().expect("Sin of the input").to_string();
+    assert!(e.contains("my_sin") && e.contains("only on constant inputs"), "{e}");
+    // Tile of a constant folds: [1, 4] repeated [2, 1] times, added to the input.
+    let folded = model(
+        vec![node("Tile", "t", &["c", "repeats"], &["tiled"]), node("Add", "add", &["x", "tiled"], &["y"])],
+        &[2, 1],
+    );
+    let s = specialize(&folded, &[vec![2, 4]]).expect("a Tile of constants folds");
+    let tiled = s.values["tiled"].konst.as_ref().expect("folded").to_f32_vec();
+    assert_eq!(tiled, vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+    let huge = model(
+        vec![node("Tile", "big_tile", &["c", "repeats"], &["t"]), node("Add", "a", &["x", "t"], &["y"])],
+        &[1 << 40, 1],
+    );
+    let e = specialize(&huge, &[vec![2, 4]]).err().expect("huge repeats").to_string();
+    assert!(e.contains("big_tile"), "{e}");
+}

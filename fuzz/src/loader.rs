@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 57] = [
+const OP_TYPES: [&str; 60] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -139,6 +139,9 @@ const OP_TYPES: [&str; 57] = [
     "ReduceSum",
     "ReduceL2",
     "ReduceSumSquare",
+    "Tile",
+    "Sin",
+    "Cos",
 ];
 
 impl Loader {

@@ -210,7 +210,9 @@ impl Op {
                 Op::Layout(layout::LayoutOp::parse(&node.op_type, &a, opset, node)?)
             }
             "Constant" | "Shape" | "Gather" | "ConstantOfShape" | "Cast" | "Range" | "Equal" | "Where" | "Mod"
-            | "Not" | "ScatterND" => Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?),
+            | "Not" | "ScatterND" | "Sin" | "Cos" | "Tile" => {
+                Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?)
+            }
             other => return Err(OpReason::UnknownOp(other.to_owned())),
         };
         if !(node.domain.is_empty() || node.domain == "ai.onnx") {

@@ -198,8 +198,8 @@ pub fn specialize(graph: &Graph, shapes: &[Vec<usize>]) -> Result<Specialized, P
                 idx,
                 shapes_of(),
                 OpReason::Unsupported(
-                    "this op is supported only on constant inputs (shape arithmetic), but an input depends on the model \
-                     input"
+                    "this op is supported only on constant inputs (folded on the CPU when the plan is built: shape \
+                     arithmetic, position encodings, weight standardisation), but an input depends on the model input"
                         .into(),
                 ),
             ));
