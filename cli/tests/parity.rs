@@ -335,3 +335,95 @@ fn weights_over_one_binding_are_split_and_match_onnxruntime() {
         panic!("GPU and ONNX Runtime disagree:\n{f}");
     }
 }
+
+/// Einsum as a batched MatMul (`ir::einsum`): attention as MaxViT's export writes it, plain and
+/// transposed matrix products, an inner product and an outer product, on random inputs against
+/// ONNX Runtime; diagonals, three operands and ellipses are load errors naming the node.
+#[test]
+fn einsum_matches_onnxruntime() {
+    use acclimate::onnx::proto;
+    use prost::Message;
+    let size = |c: char| match c.to_ascii_lowercase() {
+        'b' => 2,
+        'g' | 'h' => 3,
+        'i' => 4,
+        'j' => 5,
+        _ => 6,
+    };
+    let dims =
+        |term: &str| term.chars().filter(|c| c.is_ascii_alphabetic()).map(|c| size(c) as i64).collect::<Vec<_>>();
+    let model = |eq: &str, n_in: usize| {
+        let lhs = eq.split("->").next().unwrap();
+        let terms: Vec<&str> = lhs.split(',').collect();
+        let out = eq.split("->").nth(1).unwrap_or("");
+        let names = ["a", "b", "c"];
+        proto::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+            graph: Some(proto::GraphProto {
+                name: Some("einsum".into()),
+                node: vec![proto::NodeProto {
+                    op_type: Some("Einsum".into()),
+                    name: Some("my_einsum".into()),
+                    input: names[..n_in].iter().map(|s| s.to_string()).collect(),
+                    output: vec!["y".into()],
+                    attribute: vec![proto::AttributeProto {
+                        name: Some("equation".into()),
+                        r#type: Some(proto::attribute_proto::AttributeType::String as i32),
+                        s: Some(eq.as_bytes().to_vec()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                input: (0..n_in).map(|k| acclimate::onnx::float_value_info(names[k], &dims(terms[k]))).collect(),
+                output: vec![acclimate::onnx::float_value_info("y", &dims(out))],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let dir = std::env::temp_dir().join(format!("acclimate-einsum-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ctx = common::gpu();
+    let mut failures = Vec::new();
+    for (k, eq) in
+        ["B G H I D, B G H J D -> B G H I J", "bghij,bghjd->bghid", "ij,jk->ik", "ij,kj->ki", "i,i->", "bi,bj->bji"]
+            .into_iter()
+            .enumerate()
+    {
+        let path = dir.join(format!("einsum{k}.onnx"));
+        std::fs::write(&path, model(eq, 2)).unwrap();
+        let lhs = eq.split("->").next().unwrap();
+        let xs: Vec<Tensor> = lhs
+            .split(',')
+            .enumerate()
+            .map(|(t, term)| {
+                let shape: Vec<usize> = dims(term).iter().map(|&d| d as usize).collect();
+                let n = shape.iter().product();
+                Tensor::f32(shape, common::random_f32(n, 1400 + 10 * k as u64 + t as u64, -2.0, 2.0))
+            })
+            .collect();
+        let o = ort_session(&path).run(&xs).unwrap_or_else(|e| panic!("{eq}: ONNX Runtime: {e}"));
+        let model = Model::load(&path).unwrap_or_else(|e| panic!("{eq}: {e}"));
+        if let Some(ctx) = &ctx {
+            let g = Engine::new(ctx, model).run(&xs).unwrap_or_else(|e| panic!("{eq}: GPU: {e}"));
+            failures.extend(compare(eq, &g, &o));
+        }
+    }
+    for (eq, n_in, why) in [
+        ("ii->i", 1, "1 terms"),
+        ("ij,jk,kl->il", 3, "3 terms"),
+        ("...ij,...jk->...ik", 2, "ellipsis"),
+        ("ij,jj->i", 2, "repeats"),
+        ("ij,k->i", 2, "summed away"),
+    ] {
+        let e = match Model::from_bytes(&model(eq, n_in)) {
+            Ok(_) => panic!("{eq} loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("my_einsum") && e.contains(why), "{eq}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(failures.is_empty(), "GPU and ONNX Runtime disagree:\n{}", failures.join("\n"));
+}

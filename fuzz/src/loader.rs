@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 60] = [
+const OP_TYPES: [&str; 61] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -142,6 +142,7 @@ const OP_TYPES: [&str; 60] = [
     "Tile",
     "Sin",
     "Cos",
+    "Einsum",
 ];
 
 impl Loader {

@@ -17,6 +17,7 @@ use crate::ops::shape::ShapeOp;
 use crate::ops::{Op, OpError, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
 
+mod einsum;
 mod layer_norm;
 pub mod split_weights;
 
@@ -51,6 +52,7 @@ fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Ten
             }
             "GroupNormalization" => return layer_norm::expand_group_norm(n, opset, inits).map(Expansion::Nodes),
             "ReduceL2" | "ReduceSumSquare" => return layer_norm::expand_reduce_squares(n, opset).map(Expansion::Nodes),
+            "Einsum" => return einsum::expand(n).map(Expansion::Nodes),
             _ => {}
         }
     }
