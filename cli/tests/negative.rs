@@ -390,3 +390,35 @@ fn cpu_folded_ops_on_run_time_data_are_errors() {
     let e = specialize(&huge, &[vec![2, 4]]).err().expect("huge repeats").to_string();
     assert!(e.contains("big_tile"), "{e}");
 }
+
+/// Regression (the loader fuzzer, seed 11): a Slice step near ±2^63 overflowed the length's
+/// ceiling division and the stride's product — a panic in plan specialisation. Such steps take
+/// one element (the first in the direction of the step), as numpy does.
+#[test]
+fn slice_steps_near_the_i64_limits_take_one_element() {
+    use acclimate::plan::specialize::specialize;
+    let ints = |name: &str, v: i64| proto::TensorProto {
+        name: Some(name.into()),
+        dims: vec![1],
+        data_type: Some(7),
+        int64_data: vec![v],
+        ..Default::default()
+    };
+    for (start, end, step) in
+        [(0, 4, i64::MAX), (0, i64::MAX, i64::MAX - 1), (3, -100, i64::MIN), (-1, i64::MIN, -i64::MAX)]
+    {
+        let mut m = proto::ModelProto::decode(
+            model_bytes(vec![
+                node("Slice", "my_slice", &["x", "starts", "ends", "axes", "steps"], &["s"]),
+                node("Flatten", "flat", &["s"], &["y"]),
+            ])
+            .as_slice(),
+        )
+        .unwrap();
+        let g = m.graph.as_mut().unwrap();
+        g.initializer.extend([ints("starts", start), ints("ends", end), ints("axes", 1), ints("steps", step)]);
+        let graph = acclimate::ir::Graph::from_bytes(&m.encode_to_vec()).expect("well formed");
+        let s = specialize(&graph, &[vec![2, 4]]).unwrap_or_else(|e| panic!("step {step}: {e}"));
+        assert_eq!(s.values["s"].shape, vec![2, 1], "start {start}, end {end}, step {step}");
+    }
+}

@@ -783,20 +783,25 @@ fn resolve_slice(
         let dim = dim_i64(input[a]);
         let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
         let (s, e) = (wrap(starts[i]), wrap(ends[i]));
+        // In i128: a step near ±2^63 overflows the ceiling division in i64 (the loader fuzzer,
+        // seed 11). |e − s| ≤ dim, so the length fits back.
         let (s, len) = if step > 0 {
             let s = s.max(0).min(dim);
             let e = e.max(0).min(dim);
-            (s, if e > s { (e - s + step - 1) / step } else { 0 })
+            (s, if e > s { ((e - s) as i128 + step as i128 - 1) / step as i128 } else { 0 })
         } else {
             let s = s.max(0).min(dim - 1);
             let e = e.max(-1).min(dim - 1);
-            (s, if s > e { (s - e - step - 1) / -step } else { 0 })
+            (s, if s > e { ((s - e) as i128 - step as i128 - 1) / -(step as i128) } else { 0 })
         };
+        let len = len as i64;
         shape[a] = len as usize;
         if len > 0 {
             src_offset += s * in_strides[a] as i64;
         }
-        src_strides[a] = step * in_strides[a] as i64;
+        // More than one element means |step| < dim: the stride stays within the tensor. With one
+        // (or none) the step is never taken.
+        src_strides[a] = if len > 1 { step * in_strides[a] as i64 } else { in_strides[a] as i64 };
     }
     let copy = StridedCopy {
         input: 0,
