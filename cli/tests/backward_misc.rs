@@ -1321,3 +1321,19 @@ fn expand_sums_its_gradient_over_the_broadcast_dims(ctx: GpuContext) {
         &[],
     );
 }
+
+/// Tile on run-time data (XCiT's position encoding repeated over the batch): the forward copy over
+/// the output viewed as [r0, d0, r1, d1, …], the gradient summed over the repeats — repeats of
+/// unit dims (an Expand), of longer dims (modular reads) and a rank-4 input repeated along every
+/// dim (a copy of rank 8).
+#[gpu_test]
+fn tile_sums_its_gradient_over_the_repeats(ctx: GpuContext) {
+    let repeats = |v: &[i64]| Arg::Const(Tensor::i64(vec![v.len()], v.to_vec()));
+    for (k, (s, r)) in [(vec![1, 3, 2], vec![4, 1, 1]), (vec![2, 3], vec![3, 2]), (vec![2, 3, 2, 2], vec![2, 2, 3, 2])]
+        .into_iter()
+        .enumerate()
+    {
+        let x = data(random_f32(numel(&s), 110 + k as u64, -1.0, 1.0), &s);
+        check_layout(&ctx, LayoutOp::Tile, vec![x, repeats(&r)], 120 + k as u64, &[]);
+    }
+}

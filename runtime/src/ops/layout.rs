@@ -104,6 +104,10 @@ pub enum LayoutOp {
     /// Broadcast to a shape (input 1, constant): a copy whose broadcast dims have stride 0; its
     /// gradient sums over them.
     Expand,
+    /// The input repeated `repeats` (input 1, constant) times along each dim: one copy over the
+    /// output viewed as [r0, d0, r1, d1, …] reading the input with stride 0 along each r; its
+    /// gradient sums over them, as Expand's.
+    Tile,
 }
 
 /// One strided copy: for every index `i` of `shape`,
@@ -257,6 +261,10 @@ impl LayoutOp {
             "Expand" => {
                 a.only(&[])?;
                 LayoutOp::Expand
+            }
+            "Tile" => {
+                a.only(&[])?;
+                LayoutOp::Tile
             }
             "Pad" => {
                 let mode = match a.string("mode", "constant")?.as_str() {
@@ -452,6 +460,11 @@ impl LayoutOp {
                 let axes = resolve_ints(axes, args, "Slice axes")?;
                 let steps = resolve_ints(steps, args, "Slice steps")?;
                 resolve_slice(x.shape, &starts, &ends, axes.as_deref(), steps.as_deref())
+            }
+            LayoutOp::Tile => {
+                let repeats = ints_input(args, 1, "Tile repeats")?
+                    .ok_or_else(|| OpReason::MissingInput { index: 1, what: "repeats".into() })?;
+                resolve_tile(x.shape, &repeats)
             }
             LayoutOp::Expand => {
                 let target = ints_input(args, 1, "Expand shape")?
@@ -842,6 +855,56 @@ fn resolve_expand(input: &[usize], target: &[i64]) -> OpResult<Resolved> {
     Ok(Resolved { shapes: vec![out], movement: Movement::Copies(vec![copy]) })
 }
 
+/// Tile: the output dims split into (repeat, size) pairs — pairs of 1 dropped, so that a rank-4
+/// input repeated along every dim still fits the copy kernel's rank — with stride 0 along the
+/// repeats.
+fn tile_split(input: &[usize], repeats: &[i64]) -> OpResult<(Vec<usize>, Vec<usize>, Vec<usize>)> {
+    if repeats.len() != input.len() {
+        return Err(OpReason::Shape(format!("Tile repeats {repeats:?} for an input of rank {}", input.len())));
+    }
+    let strides = contiguous_strides(input);
+    let (mut shape, mut src, mut x_view) = (Vec::new(), Vec::new(), Vec::new());
+    for ((&d, &r), &s) in input.iter().zip(repeats).zip(&strides) {
+        let r = usize::try_from(r)
+            .map_err(|_| OpReason::Shape(format!("Tile repeats {repeats:?} has a negative value")))?;
+        if r != 1 {
+            shape.push(r);
+            src.push(0);
+            x_view.push(1);
+        }
+        if d != 1 || r == 1 {
+            shape.push(d);
+            src.push(s);
+            x_view.push(d);
+        }
+    }
+    if shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none_or(|n| n > 1 << 40) {
+        return Err(OpReason::TooLarge(format!("Tile of {input:?} by {repeats:?}: the element count overflows")));
+    }
+    Ok((shape, src, x_view))
+}
+
+fn resolve_tile(input: &[usize], repeats: &[i64]) -> OpResult<Resolved> {
+    let (shape, src, _) = tile_split(input, repeats)?;
+    if shape.len() > MAX_RANK {
+        return Err(OpReason::TooLarge(format!(
+            "Tile of {input:?} by {repeats:?} needs a copy of rank {}, more than {MAX_RANK}",
+            shape.len()
+        )));
+    }
+    let out: Vec<usize> = input.iter().zip(repeats).map(|(&d, &r)| d * r as usize).collect();
+    let copy = StridedCopy {
+        input: 0,
+        output: 0,
+        dst_strides: contiguous_strides(&shape),
+        shape,
+        src_offset: 0,
+        src_strides: src.into_iter().map(|v| v as i64).collect(),
+        dst_offset: 0,
+    };
+    Ok(Resolved { shapes: vec![out], movement: Movement::Copies(vec![copy]) })
+}
+
 fn resolve_pad(input: &[usize], pads: &[i64], axes: Option<&[i64]>, mode: PadMode, value: f64) -> OpResult<Resolved> {
     let rank = input.len();
     let axes: Vec<usize> = match axes {
@@ -1113,6 +1176,17 @@ impl LayoutOp {
             let x_shape = b.input(0, "input")?.shape.clone();
             let dy = b.grad_output(0)?.clone();
             return super::elementwise::sum_to_shape(b, &dy, &x_shape, &gx);
+        }
+        if let LayoutOp::Tile = self {
+            // dY viewed as [r0, d0, r1, d1, …] summed over the repeats: Expand's gradient.
+            let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+            let x_shape = b.input(0, "input")?.shape.clone();
+            let repeats = ints_input(&args, 1, "Tile repeats")?
+                .ok_or_else(|| OpReason::MissingInput { index: 1, what: "repeats".into() })?;
+            let (split, _, x_view) = tile_split(&x_shape, &repeats)?;
+            let mut dy = b.grad_output(0)?.clone();
+            dy.shape = split;
+            return super::elementwise::sum_to_shape(b, &dy, &x_view, &gx);
         }
         match r.movement {
             Movement::View => backward_view(b),

@@ -206,13 +206,11 @@ impl Op {
             "ReduceSum" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse_sum(&a, opset >= 13)?),
             "Softmax" | "LogSoftmax" => Op::Softmax(softmax::SoftmaxAttrs::parse(&node.op_type, &a, opset)?),
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout" | "Transpose" | "Concat"
-            | "Split" | "Slice" | "Pad" | "Expand" => {
+            | "Split" | "Slice" | "Pad" | "Expand" | "Tile" => {
                 Op::Layout(layout::LayoutOp::parse(&node.op_type, &a, opset, node)?)
             }
             "Constant" | "Shape" | "Gather" | "ConstantOfShape" | "Cast" | "Range" | "Equal" | "Where" | "Mod"
-            | "Not" | "ScatterND" | "Sin" | "Cos" | "Tile" => {
-                Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?)
-            }
+            | "Not" | "ScatterND" | "Sin" | "Cos" => Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?),
             other => return Err(OpReason::UnknownOp(other.to_owned())),
         };
         if !(node.domain.is_empty() || node.domain == "ai.onnx") {

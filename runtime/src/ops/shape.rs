@@ -53,8 +53,6 @@ pub enum ShapeOp {
     Trig {
         cos: bool,
     },
-    /// `input` repeated `repeats[d]` times along each dim d.
-    Tile,
     /// BatchNormalization in training mode (opset 14+: `training_mode = 1`) on a constant input:
     /// the weight standardisation of BiT's StdConv (timm's ResNetV2), which normalises each
     /// convolution's filters with `F.batch_norm(w, training=True)`. Y with the input's own mean
@@ -174,10 +172,7 @@ impl ShapeOp {
                 a.only(&[])?;
                 ShapeOp::Trig { cos: op_type == "Cos" }
             }
-            "Tile" => {
-                a.only(&[])?;
-                ShapeOp::Tile
-            }
+
             "ScatterND" => {
                 a.only(&["reduction"])?;
                 let reduction = match a.string("reduction", "none")?.as_str() {
@@ -267,11 +262,6 @@ impl ShapeOp {
                 }
                 Ok(vec![(x.shape.to_vec(), x.dtype)])
             }
-            ShapeOp::Tile => {
-                let x = required(inputs, 0, "input")?;
-                let repeats = required(inputs, 1, "repeats")?.constant("Tile repeats")?;
-                Ok(vec![(tile_shape(x.shape, repeats)?, x.dtype)])
-            }
             ShapeOp::BatchNormTraining { .. } => {
                 let x = required(inputs, 0, "X")?;
                 if x.shape.len() < 2 {
@@ -353,7 +343,6 @@ impl ShapeOp {
                 let f = |t: f32| if *cos { (t as f64).cos() as f32 } else { (t as f64).sin() as f32 };
                 Tensor { dtype: x.dtype, shape: x.shape.clone(), data: Data::F32(v.iter().map(|&t| f(t)).collect()) }
             }
-            ShapeOp::Tile => tile(get(0, "input")?, get(1, "repeats")?)?,
             ShapeOp::ScatterNd { reduction } => {
                 scatter_nd(get(0, "data")?, get(1, "indices")?, get(2, "updates")?, *reduction)?
             }
@@ -448,49 +437,6 @@ fn modulo(a: &Tensor, b: &Tensor, fmod: bool) -> OpResult<Tensor> {
         _ => return Err(OpReason::Internal("Mod operands of one dtype hold different data".into())),
     };
     Ok(Tensor { dtype: a.dtype, shape: out, data })
-}
-
-/// Tile's output shape: each dim times its repeat count (int64, one per dim, none negative).
-fn tile_shape(shape: &[usize], repeats: &Tensor) -> OpResult<Vec<usize>> {
-    if repeats.dtype != DType::I64 || repeats.shape.len() != 1 || repeats.numel() != shape.len() {
-        return Err(OpReason::Shape(format!(
-            "Tile repeats must be int64 of shape [{}], got {} of shape {:?}",
-            shape.len(),
-            repeats.dtype,
-            repeats.shape
-        )));
-    }
-    let out: Vec<usize> = shape
-        .iter()
-        .zip(repeats.to_i64_vec())
-        .map(|(&d, r)| {
-            usize::try_from(r)
-                .ok()
-                .and_then(|r| d.checked_mul(r))
-                .ok_or_else(|| OpReason::Value(format!("Tile repeat {r} for a dim of {d}")))
-        })
-        .collect::<OpResult<_>>()?;
-    check_size(&out, "Tile")?;
-    Ok(out)
-}
-
-fn tile(x: &Tensor, repeats: &Tensor) -> OpResult<Tensor> {
-    let out = tile_shape(&x.shape, repeats)?;
-    let n: usize = out.iter().product();
-    let strides = super::contiguous_strides(&x.shape);
-    let source = |flat: usize| {
-        let (mut rem, mut at) = (flat, 0);
-        for d in (0..out.len()).rev() {
-            at += (rem % out[d]) % x.shape[d] * strides[d];
-            rem /= out[d];
-        }
-        at
-    };
-    let data = match &x.data {
-        Data::F32(v) => Data::F32((0..n).map(|i| v[source(i)]).collect()),
-        Data::I64(v) => Data::I64((0..n).map(|i| v[source(i)]).collect()),
-    };
-    Ok(Tensor { dtype: x.dtype, shape: out, data })
 }
 
 /// [`ShapeOp::BatchNormTraining`]: [Y, running_mean, running_var], statistics in f64.
