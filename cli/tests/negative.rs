@@ -370,7 +370,7 @@ fn cpu_folded_ops_on_run_time_data_are_errors() {
         acclimate::ir::Graph::from_bytes(&m.encode_to_vec()).expect("the graph is well formed")
     };
     let on_input = model(vec![node("Sin", "my_sin", &["x"], &["y"])], &[1, 1]);
-    let e = specialize(&on_input, &[vec![2, 4]]).err().expect("Sin of the input").to_string();
+    let e = specialize(&on_input, &[vec![2, 4]]).expect_err("Sin of the input").to_string();
     assert!(e.contains("my_sin") && e.contains("only on constant inputs"), "{e}");
     // Tile of a constant folds: [1, 4] repeated [2, 1] times, added to the input.
     let folded = model(
@@ -384,7 +384,7 @@ fn cpu_folded_ops_on_run_time_data_are_errors() {
         vec![node("Tile", "big_tile", &["c", "repeats"], &["t"]), node("Add", "a", &["x", "t"], &["y"])],
         &[1 << 40, 1],
     );
-    let e = specialize(&huge, &[vec![2, 4]]).err().expect("huge repeats").to_string();
+    let e = specialize(&huge, &[vec![2, 4]]).expect_err("huge repeats").to_string();
     assert!(e.contains("big_tile"), "{e}");
 }
 

@@ -418,7 +418,7 @@ impl Graph {
             let y = self.nodes.iter().find(|n| n.part == Some("y") && n.name == format!("{}/y", a.node));
             let x = self.nodes.iter().find(|n| n.part == Some("mean") && n.name == format!("{}/mean", a.node));
             let grouped = x.and_then(|m| self.nodes.iter().find(|n| n.outputs.first() == m.inputs.first()));
-            if !grouped.is_some_and(|g| g.op_type == "Reshape") {
+            if grouped.is_none_or(|g| g.op_type != "Reshape") {
                 continue;
             }
             let found = y.and_then(|y| {

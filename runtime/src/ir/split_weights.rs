@@ -154,7 +154,7 @@ mod tests {
             ]);
             let parts = split(&gemm(trans_b), &mut inits).expect("split");
             let pieces = &parts[..parts.len() - 1];
-            assert_eq!(pieces.len(), 2, "{} MiB in pieces of at most 128 MiB", k * n * 4 >> 20);
+            assert_eq!(pieces.len(), 2, "{} MiB in pieces of at most 128 MiB", (k * n * 4) >> 20);
             let mut col = 0;
             for p in pieces {
                 let piece = &inits[&p.inputs[1]];
