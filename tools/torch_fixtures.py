@@ -38,36 +38,32 @@ def export(model, path, size):
                       opset_version=17, dynamo=False)
 
 
+def randomise(model, head):
+    """Draws the head's parameters (each with its std) and every LayerNorm and GroupNorm affine
+    parameter, in that order."""
+    with torch.no_grad():
+        for p, std in head:
+            p.normal_(0.0, std)
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+
+
 def main():
     warnings.filterwarnings("ignore")
     torch.manual_seed(2026)
     vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
                             num_classes=5)
-    with torch.no_grad():
-        vit.heads.head.weight.normal_(0.0, 0.5)
-        vit.heads.head.bias.normal_(0.0, 0.1)
-        for m in vit.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.normal_(1.0, 0.2)
-                m.bias.normal_(0.0, 0.2)
+    randomise(vit, [(vit.heads.head.weight, 0.5), (vit.heads.head.bias, 0.1)])
     export(vit, ROOT / "tests/fixtures/tv_vit_tiny.onnx", 16)
     swin = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 1], num_heads=[1, 2], window_size=[2, 2],
                            num_classes=5)
-    with torch.no_grad():
-        swin.head.weight.normal_(0.0, 0.5)
-        for m in swin.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.normal_(1.0, 0.2)
-                m.bias.normal_(0.0, 0.2)
+    randomise(swin, [(swin.head.weight, 0.5)])
     export(swin, ROOT / "tests/fixtures/tv_swin_tiny.onnx", 16)
     bit = ResNetV2(layers=[1, 1], channels=(16, 32), num_classes=5, stem_chs=8,
                    norm_layer=partial(GroupNormAct, num_groups=4))
-    with torch.no_grad():
-        bit.head.fc.weight.normal_(0.0, 0.5)
-        for m in bit.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.normal_(1.0, 0.2)
-                m.bias.normal_(0.0, 0.2)
+    randomise(bit, [(bit.head.fc.weight, 0.5)])
     export(bit, ROOT / "tests/fixtures/bit_tiny.onnx", 16)
 
 

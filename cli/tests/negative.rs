@@ -63,6 +63,17 @@ fn model_bytes(nodes: Vec<proto::NodeProto>) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// A 1-D int64 initializer (shapes, axes, repeats, pads).
+fn i64_initializer(name: &str, v: &[i64]) -> proto::TensorProto {
+    proto::TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(7),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    }
+}
+
 fn relu_model() -> Vec<u8> {
     model_bytes(vec![node("Relu", "relu0", &["x"], &["y"])])
 }
@@ -274,13 +285,7 @@ fn malformed_layer_normalization_is_named() {
 #[test]
 fn tensors_larger_than_any_device_are_errors() {
     use acclimate::plan::specialize::specialize;
-    let ints = |name: &str, v: &[i64]| proto::TensorProto {
-        name: Some(name.into()),
-        dims: vec![v.len() as i64],
-        data_type: Some(7),
-        int64_data: v.to_vec(),
-        ..Default::default()
-    };
+    let ints = i64_initializer;
     let model = |target: &[i64], input: &str| {
         let mut m = proto::ModelProto::decode(
             model_bytes(vec![
@@ -349,13 +354,7 @@ fn group_normalization_outside_opset_21_is_named() {
 #[test]
 fn cpu_folded_ops_on_run_time_data_are_errors() {
     use acclimate::plan::specialize::specialize;
-    let ints = |name: &str, v: &[i64]| proto::TensorProto {
-        name: Some(name.into()),
-        dims: vec![v.len() as i64],
-        data_type: Some(7),
-        int64_data: v.to_vec(),
-        ..Default::default()
-    };
+    let ints = i64_initializer;
     let model = |nodes: Vec<proto::NodeProto>, repeats: &[i64]| {
         let mut m = proto::ModelProto::decode(model_bytes(nodes).as_slice()).unwrap();
         let g = m.graph.as_mut().unwrap();
@@ -394,13 +393,7 @@ fn cpu_folded_ops_on_run_time_data_are_errors() {
 #[test]
 fn slice_steps_near_the_i64_limits_take_one_element() {
     use acclimate::plan::specialize::specialize;
-    let ints = |name: &str, v: i64| proto::TensorProto {
-        name: Some(name.into()),
-        dims: vec![1],
-        data_type: Some(7),
-        int64_data: vec![v],
-        ..Default::default()
-    };
+    let ints = |name: &str, v: i64| i64_initializer(name, &[v]);
     for (start, end, step) in
         [(0, 4, i64::MAX), (0, i64::MAX, i64::MAX - 1), (3, -100, i64::MIN), (-1, i64::MIN, -i64::MAX)]
     {

@@ -274,24 +274,7 @@ fn weights_over_one_binding_are_split_and_match_onnxruntime() {
         raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         ..Default::default()
     };
-    let value_info = |name: &str, cols: usize| {
-        use proto::tensor_shape_proto::{Dimension, dimension::Value};
-        let dim = [Value::DimParam("N".into()), Value::DimValue(cols as i64)]
-            .into_iter()
-            .map(|v| Dimension { value: Some(v), ..Default::default() })
-            .collect();
-        proto::ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(proto::TypeProto {
-                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                    elem_type: Some(1),
-                    shape: Some(proto::TensorShapeProto { dim }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    };
+    let value_info = |name: &str, cols: usize| acclimate::onnx::float_value_info(name, &[2, cols as i64]);
     let bytes = proto::ModelProto {
         ir_version: Some(8),
         opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],

@@ -9,6 +9,7 @@
 //! The MatMul and Transpose nodes carry the backward.
 
 use super::Node;
+use super::layer_norm::part_node;
 use crate::onnx::RawNode;
 use crate::ops::layout::{IntsArg, LayoutOp};
 use crate::ops::{Attrs, Op, OpReason, OpResult};
@@ -77,14 +78,7 @@ pub(super) fn expand(n: &RawNode) -> OpResult<Vec<Node>> {
         return Err(unsupported(&raw, "more than one contracted or free label per operand"));
     }
     let tmp = |what: &str| format!("{}/{what}", n.name);
-    let node = |part: &'static str, op: Op, inputs: Vec<String>, out: String| Node {
-        name: format!("{}/{part}", n.name),
-        op_type: n.op_type.clone(),
-        op,
-        inputs,
-        outputs: vec![out],
-        part: Some(part),
-    };
+    let node = |part: &'static str, op: Op, inputs: Vec<String>, out: String| part_node(n, part, op, inputs, out);
     let position = |l: &[char], c: char| l.iter().position(|&x| x == c).unwrap_or(0) as i64;
     let mut nodes = Vec::new();
     // One operand to [batch…, rows, cols]: `rows` and `cols` are its free and contracted labels

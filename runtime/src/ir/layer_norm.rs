@@ -176,7 +176,7 @@ fn epsilon(a: &Attrs<'_>, op: &str) -> OpResult<f32> {
 }
 
 /// One node of `n`'s expansion, named `<node>/<part>`, computing `out`.
-fn part_node(n: &RawNode, part: &'static str, op: Op, inputs: Vec<String>, out: String) -> Node {
+pub(super) fn part_node(n: &RawNode, part: &'static str, op: Op, inputs: Vec<String>, out: String) -> Node {
     Node {
         name: format!("{}/{part}", n.name),
         op_type: n.op_type.clone(),
