@@ -75,8 +75,8 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A one-node opset-13 model `y = Einsum(x, x)`, which the engine does not support.
-fn einsum_model(path: &Path) {
+/// A one-node opset-13 model `y = LRN(x)`, which the engine does not support.
+fn lrn_model(path: &Path) {
     use proto::tensor_shape_proto::{Dimension, dimension::Value as D};
     let vi = |name: &str| proto::ValueInfoProto {
         name: Some(name.into()),
@@ -95,14 +95,14 @@ fn einsum_model(path: &Path) {
         ..Default::default()
     };
     let node = proto::NodeProto {
-        op_type: Some("Einsum".into()),
-        name: Some("my_einsum".into()),
-        input: vec!["x".into(), "x".into()],
+        op_type: Some("LRN".into()),
+        name: Some("my_lrn".into()),
+        input: vec!["x".into()],
         output: vec!["y".into()],
         attribute: vec![proto::AttributeProto {
-            name: Some("equation".into()),
-            r#type: Some(proto::attribute_proto::AttributeType::String as i32),
-            s: Some(b"ij,ij->ij".to_vec()),
+            name: Some("size".into()),
+            r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+            i: Some(3),
             ..Default::default()
         }],
         ..Default::default()
@@ -118,7 +118,7 @@ fn einsum_model(path: &Path) {
         }),
         ..Default::default()
     };
-    std::fs::write(path, model.encode_to_vec()).expect("write einsum model");
+    std::fs::write(path, model.encode_to_vec()).expect("write LRN model");
 }
 
 #[test]
@@ -171,22 +171,22 @@ fn info_json() {
 
 #[test]
 fn info_lists_unsupported_ops() {
-    let dir = scratch("einsum");
-    let path = dir.join("einsum.onnx");
-    einsum_model(&path);
+    let dir = scratch("lrn");
+    let path = dir.join("lrn.onnx");
+    lrn_model(&path);
     let text = ok(&["info", s(&path)]);
-    assert!(text.contains("Einsum (node 'my_einsum', opset 13)"), "{text}");
+    assert!(text.contains("LRN (node 'my_lrn', opset 13)"), "{text}");
     assert!(text.contains("cannot load this model") && text.contains(NO_BN), "{text}");
     let v: Value = serde_json::from_str(&ok(&["info", "--json", s(&path)])).expect("JSON");
     assert_eq!(v["loadable"], false);
-    assert_eq!(v["unsupported"][0]["op"], "Einsum");
-    assert_eq!(v["unsupported"][0]["node"], "my_einsum");
+    assert_eq!(v["unsupported"][0]["op"], "LRN");
+    assert_eq!(v["unsupported"][0]["node"], "my_lrn");
     assert_eq!(v["unsupported"][0]["opset"], 13);
     // And `run` refuses it with the same facts on one line.
     let x = dir.join("x.npy");
     acclimate::npy::write_f32(&x, &Tensor::f32(vec![1, 4], vec![0.0; 4])).expect("write x");
     let err = fails(&["run", s(&path), "--input", s(&x), "--output", s(&dir.join("y.npy"))]);
-    assert!(err.contains("Einsum") && err.contains("my_einsum") && err.contains("opset 13"), "{err}");
+    assert!(err.contains("LRN") && err.contains("my_lrn") && err.contains("opset 13"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -119,29 +119,30 @@ fn random_bytes_are_errors() {
 
 #[test]
 fn unsupported_op_is_named_with_node_and_opset() {
-    let mut einsum = node("Einsum", "my_einsum", &["x", "x"], &["y"]);
-    einsum.attribute.push(proto::AttributeProto {
-        name: Some("equation".into()),
-        r#type: Some(proto::attribute_proto::AttributeType::String as i32),
-        s: Some(b"ij,ij->ij".to_vec()),
+    // LRN (AlexNet-era local response normalization) is not supported.
+    let mut lrn = node("LRN", "my_lrn", &["x"], &["y"]);
+    lrn.attribute.push(proto::AttributeProto {
+        name: Some("size".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+        i: Some(3),
         ..Default::default()
     });
-    let msg = load_err(&model_bytes(vec![einsum]));
-    for part in ["Einsum", "my_einsum", "opset 13"] {
+    let msg = load_err(&model_bytes(vec![lrn]));
+    for part in ["LRN", "my_lrn", "opset 13"] {
         assert!(msg.contains(part), "'{part}' missing from: {msg}");
     }
 }
 
 #[test]
 fn unsupported_op_is_a_model_error_whose_op_error_names_op_node_and_opset() {
-    let e = Model::from_bytes(&model_bytes(vec![node("Einsum", "my_einsum", &["x", "x"], &["y"])]))
-        .expect_err("a model with an Einsum node loaded");
+    let e = Model::from_bytes(&model_bytes(vec![node("LRN", "my_lrn", &["x"], &["y"])]))
+        .expect_err("a model with an LRN node loaded");
     assert_eq!(e.kind(), ErrorKind::Model, "{e}");
     let op = e.op_error().unwrap_or_else(|| panic!("no OpError behind: {e:?}"));
-    assert_eq!((op.op.as_str(), op.node.as_str(), op.opset), ("Einsum", "my_einsum", 13));
+    assert_eq!((op.op.as_str(), op.node.as_str(), op.opset), ("LRN", "my_lrn", 13));
     assert_eq!((op.stage, op.shapes.as_ref()), (Stage::Parse, None));
-    assert_eq!(op.reason, OpReason::UnknownOp("Einsum".into()));
-    assert_eq!(e.to_string(), "unsupported op Einsum (node 'my_einsum', opset 13): unsupported op type Einsum");
+    assert_eq!(op.reason, OpReason::UnknownOp("LRN".into()));
+    assert_eq!(e.to_string(), "unsupported op LRN (node 'my_lrn', opset 13): unsupported op type LRN");
 
     // An attribute value outside what the op supports: typed as such, still a model error.
     let mut pool = node("MaxPool", "pool0", &["x"], &["y"]);
