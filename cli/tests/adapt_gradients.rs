@@ -219,3 +219,178 @@ fn gradients_match(ctx: &GpuContext, graph: &dyn Fn() -> Graph, shape: [usize; 4
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// An opset-13 model x [N, 3, 4, 4] → Conv (3 → 6, 1×1) → BatchNormalization → LRN(size) →
+/// GlobalAveragePool → Flatten → Gemm (6 → 4), with fixed-seed weights.
+pub fn lrn_model(size: i64, alpha: f32, beta: f32, bias: f32) -> Vec<u8> {
+    use acclimate::onnx::proto;
+    use prost::Message;
+    let t = |name: &str, dims: &[i64], seed: u64, lo: f32, hi: f32| proto::TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(1),
+        float_data: common::random_f32(dims.iter().product::<i64>() as usize, seed, lo, hi),
+        ..Default::default()
+    };
+    let attr_f = |name: &str, v: f32| proto::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], out: &str, attribute: Vec<proto::AttributeProto>| proto::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(format!("{op}_0")),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        attribute,
+        ..Default::default()
+    };
+    let size_attr = proto::AttributeProto {
+        name: Some("size".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+        i: Some(size),
+        ..Default::default()
+    };
+    let vi = acclimate::onnx::float_value_info;
+    let mut input = vi("x", &[1, 3, 4, 4]);
+    if let Some(proto::type_proto::Value::TensorType(tt)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        tt.shape.as_mut().unwrap().dim[0].value =
+            Some(proto::tensor_shape_proto::dimension::Value::DimParam("N".into()));
+    }
+    proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
+        graph: Some(proto::GraphProto {
+            name: Some("lrn".into()),
+            node: vec![
+                node("Conv", &["x", "w"], "c", vec![]),
+                node("BatchNormalization", &["c", "scale", "bias", "mean", "var"], "b", vec![]),
+                node(
+                    "LRN",
+                    &["b"],
+                    "l",
+                    vec![size_attr, attr_f("alpha", alpha), attr_f("beta", beta), attr_f("bias", bias)],
+                ),
+                node("GlobalAveragePool", &["l"], "p", vec![]),
+                node("Flatten", &["p"], "f", vec![]),
+                node("Gemm", &["f", "fc"], "y", vec![]),
+            ],
+            initializer: vec![
+                t("w", &[6, 3, 1, 1], 1, -1.0, 1.0),
+                t("scale", &[6], 2, 0.5, 1.5),
+                t("bias", &[6], 3, -0.5, 0.5),
+                t("mean", &[6], 4, -0.2, 0.2),
+                t("var", &[6], 5, 0.5, 1.5),
+                t("fc", &[6, 4], 6, -1.0, 1.0),
+            ],
+            input: vec![input],
+            output: vec![vi("y", &[1, 4])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// LRN (expanded in the IR into Mul, Reshape, AveragePool, Pow, Div): the forward against ONNX
+/// Runtime for window sizes 1 to 5 (even ones are lopsided: one more channel after than before),
+/// and the BatchNorm gradients through it against finite differences, with a large alpha, so
+/// that the normalisation matters.
+#[gpu_test]
+fn lrn_matches_onnxruntime_and_passes_gradients_back(ctx: GpuContext) {
+    let dir = std::env::temp_dir().join(format!("acclimate-lrn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let x = Tensor::f32(vec![2, 3, 4, 4], common::random_f32(96, 50, -2.0, 2.0));
+    // ONNX Runtime refuses even sizes (its kernel asserts an odd one): odd ones against it.
+    for size in [1i64, 3, 5] {
+        let path = dir.join(format!("lrn{size}.onnx"));
+        std::fs::write(&path, lrn_model(size, 0.5, 0.75, 1.0)).unwrap();
+        let want = acclimate_cli::reference::OrtSession::new(&path)
+            .unwrap_or_else(|e| panic!("ONNX Runtime (tools/test.sh sets ORT_DYLIB_PATH): {e}"))
+            .run(std::slice::from_ref(&x))
+            .unwrap()
+            .remove(0)
+            .to_f32_vec();
+        let got = acclimate::Engine::new(&ctx, Model::load(&path).unwrap())
+            .run(std::slice::from_ref(&x))
+            .unwrap()
+            .remove(0)
+            .to_f32_vec();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4 * scale + 1e-6, "LRN size {size}: max |gpu - ort| {err} (max |ort| {scale})");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // Even sizes against the ONNX definition in f64: the window runs from c − ⌊(size−1)/2⌋ to
+    // c + ⌈(size−1)/2⌉, zero beyond the channels.
+    let (c, plane) = (6usize, 5usize);
+    let v = common::random_f32(2 * c * plane, 51, -2.0, 2.0);
+    for size in [2usize, 4] {
+        use acclimate::onnx::proto;
+        use prost::Message;
+        let (alpha, beta, bias) = (0.5f64, 0.75f64, 1.0f64);
+        let f = |name: &str, v: f32| proto::AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(proto::attribute_proto::AttributeType::Float as i32),
+            f: Some(v),
+            ..Default::default()
+        };
+        let bytes = proto::ModelProto {
+            ir_version: Some(8),
+            opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
+            graph: Some(proto::GraphProto {
+                name: Some("lrn".into()),
+                node: vec![proto::NodeProto {
+                    op_type: Some("LRN".into()),
+                    name: Some("lrn".into()),
+                    input: vec!["x".into()],
+                    output: vec!["y".into()],
+                    attribute: vec![
+                        proto::AttributeProto {
+                            name: Some("size".into()),
+                            r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+                            i: Some(size as i64),
+                            ..Default::default()
+                        },
+                        f("alpha", alpha as f32),
+                        f("beta", beta as f32),
+                        f("bias", bias as f32),
+                    ],
+                    ..Default::default()
+                }],
+                input: vec![acclimate::onnx::float_value_info("x", &[2, c as i64, plane as i64])],
+                output: vec![acclimate::onnx::float_value_info("y", &[2, c as i64, plane as i64])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let got = acclimate::Engine::new(&ctx, Model::from_bytes(&bytes).unwrap())
+            .run(&[Tensor::f32(vec![2, c, plane], v.clone())])
+            .unwrap()
+            .remove(0)
+            .to_f32_vec();
+        let (lo, hi) = ((size - 1) / 2, size - 1 - (size - 1) / 2);
+        for n in 0..2 {
+            for ch in 0..c {
+                for p in 0..plane {
+                    let at = |k: usize| v[(n * c + k) * plane + p] as f64;
+                    let sum: f64 = (ch.saturating_sub(lo)..=(ch + hi).min(c - 1)).map(|k| at(k) * at(k)).sum();
+                    let want = at(ch) / (bias + alpha / size as f64 * sum).powf(beta);
+                    let g = got[(n * c + ch) * plane + p] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "LRN size {size} [{n}, {ch}, {p}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    for (k, size) in [3i64, 4].into_iter().enumerate() {
+        let bytes = lrn_model(size, 0.5, 0.75, 1.0);
+        let load = || Graph::from_bytes(&bytes).unwrap();
+        assert!(load().nodes.iter().any(|n| n.op_type == "LRN"));
+        gradients_match(&ctx, &load, [4, 3, 4, 4], 40 + k as u64);
+    }
+}

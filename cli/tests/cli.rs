@@ -75,8 +75,8 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A one-node opset-13 model `y = LRN(x)`, which the engine does not support.
-fn lrn_model(path: &Path) {
+/// A one-node opset-13 model `y = NonMaxSuppression(x)`, which the engine does not support.
+fn nms_model(path: &Path) {
     use proto::tensor_shape_proto::{Dimension, dimension::Value as D};
     let vi = |name: &str| proto::ValueInfoProto {
         name: Some(name.into()),
@@ -95,8 +95,8 @@ fn lrn_model(path: &Path) {
         ..Default::default()
     };
     let node = proto::NodeProto {
-        op_type: Some("LRN".into()),
-        name: Some("my_lrn".into()),
+        op_type: Some("NonMaxSuppression".into()),
+        name: Some("my_nms".into()),
         input: vec!["x".into()],
         output: vec!["y".into()],
         attribute: vec![proto::AttributeProto {
@@ -118,7 +118,7 @@ fn lrn_model(path: &Path) {
         }),
         ..Default::default()
     };
-    std::fs::write(path, model.encode_to_vec()).expect("write LRN model");
+    std::fs::write(path, model.encode_to_vec()).expect("write NonMaxSuppression model");
 }
 
 #[test]
@@ -171,22 +171,22 @@ fn info_json() {
 
 #[test]
 fn info_lists_unsupported_ops() {
-    let dir = scratch("lrn");
-    let path = dir.join("lrn.onnx");
-    lrn_model(&path);
+    let dir = scratch("nms");
+    let path = dir.join("nms.onnx");
+    nms_model(&path);
     let text = ok(&["info", s(&path)]);
-    assert!(text.contains("LRN (node 'my_lrn', opset 13)"), "{text}");
+    assert!(text.contains("NonMaxSuppression (node 'my_nms', opset 13)"), "{text}");
     assert!(text.contains("cannot load this model") && text.contains(NO_BN), "{text}");
     let v: Value = serde_json::from_str(&ok(&["info", "--json", s(&path)])).expect("JSON");
     assert_eq!(v["loadable"], false);
-    assert_eq!(v["unsupported"][0]["op"], "LRN");
-    assert_eq!(v["unsupported"][0]["node"], "my_lrn");
+    assert_eq!(v["unsupported"][0]["op"], "NonMaxSuppression");
+    assert_eq!(v["unsupported"][0]["node"], "my_nms");
     assert_eq!(v["unsupported"][0]["opset"], 13);
     // And `run` refuses it with the same facts on one line.
     let x = dir.join("x.npy");
     acclimate::npy::write_f32(&x, &Tensor::f32(vec![1, 4], vec![0.0; 4])).expect("write x");
     let err = fails(&["run", s(&path), "--input", s(&x), "--output", s(&dir.join("y.npy"))]);
-    assert!(err.contains("LRN") && err.contains("my_lrn") && err.contains("opset 13"), "{err}");
+    assert!(err.contains("NonMaxSuppression") && err.contains("my_nms") && err.contains("opset 13"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -119,30 +119,33 @@ fn random_bytes_are_errors() {
 
 #[test]
 fn unsupported_op_is_named_with_node_and_opset() {
-    // LRN (AlexNet-era local response normalization) is not supported.
-    let mut lrn = node("LRN", "my_lrn", &["x"], &["y"]);
-    lrn.attribute.push(proto::AttributeProto {
+    // NonMaxSuppression (object detection) is not supported.
+    let mut nms = node("NonMaxSuppression", "my_nms", &["x"], &["y"]);
+    nms.attribute.push(proto::AttributeProto {
         name: Some("size".into()),
         r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
         i: Some(3),
         ..Default::default()
     });
-    let msg = load_err(&model_bytes(vec![lrn]));
-    for part in ["LRN", "my_lrn", "opset 13"] {
+    let msg = load_err(&model_bytes(vec![nms]));
+    for part in ["NonMaxSuppression", "my_nms", "opset 13"] {
         assert!(msg.contains(part), "'{part}' missing from: {msg}");
     }
 }
 
 #[test]
 fn unsupported_op_is_a_model_error_whose_op_error_names_op_node_and_opset() {
-    let e = Model::from_bytes(&model_bytes(vec![node("LRN", "my_lrn", &["x"], &["y"])]))
-        .expect_err("a model with an LRN node loaded");
+    let e = Model::from_bytes(&model_bytes(vec![node("NonMaxSuppression", "my_nms", &["x"], &["y"])]))
+        .expect_err("a model with a NonMaxSuppression node loaded");
     assert_eq!(e.kind(), ErrorKind::Model, "{e}");
     let op = e.op_error().unwrap_or_else(|| panic!("no OpError behind: {e:?}"));
-    assert_eq!((op.op.as_str(), op.node.as_str(), op.opset), ("LRN", "my_lrn", 13));
+    assert_eq!((op.op.as_str(), op.node.as_str(), op.opset), ("NonMaxSuppression", "my_nms", 13));
     assert_eq!((op.stage, op.shapes.as_ref()), (Stage::Parse, None));
-    assert_eq!(op.reason, OpReason::UnknownOp("LRN".into()));
-    assert_eq!(e.to_string(), "unsupported op LRN (node 'my_lrn', opset 13): unsupported op type LRN");
+    assert_eq!(op.reason, OpReason::UnknownOp("NonMaxSuppression".into()));
+    assert_eq!(
+        e.to_string(),
+        "unsupported op NonMaxSuppression (node 'my_nms', opset 13): unsupported op type NonMaxSuppression"
+    );
 
     // An attribute value outside what the op supports: typed as such, still a model error.
     let mut pool = node("MaxPool", "pool0", &["x"], &["y"]);

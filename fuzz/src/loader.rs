@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 61] = [
+const OP_TYPES: [&str; 62] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -143,6 +143,7 @@ const OP_TYPES: [&str; 61] = [
     "Sin",
     "Cos",
     "Einsum",
+    "LRN",
 ];
 
 impl Loader {

@@ -257,6 +257,77 @@ pub(super) fn expand_reduce_squares(n: &RawNode, opset: i64) -> OpResult<Vec<Nod
     Ok(nodes)
 }
 
+/// LRN (local response normalization across channels, AlexNet's and GoogLeNet's):
+/// `y = x / (bias + alpha/size · Σ_{window} x²)^beta`, the window `size` channels around each
+/// channel, zero beyond the edges. The channel sums are an AveragePool (count_include_pad, so the
+/// mean is the zero-padded sum over `size`) over x² viewed as [N, 1, C, -1], by a
+/// [size, 1] kernel: `alpha · mean` is `alpha/size · sum`. Every part has its backward.
+pub(super) fn expand_lrn(n: &RawNode, inits: &mut HashMap<String, Arc<Tensor>>) -> OpResult<Vec<Node>> {
+    let a = Attrs::new(&n.attrs);
+    a.only(&["alpha", "beta", "bias", "size"])?;
+    let (alpha, beta, bias) = (a.float("alpha", 1e-4)?, a.float("beta", 0.75)?, a.float("bias", 1.0)?);
+    let size = a.opt_int("size")?.ok_or(OpReason::MissingAttribute { op: "LRN", name: "size" })?;
+    if size < 1 || size > 1 << 16 {
+        return Err(OpReason::Attribute(format!("LRN size = {size} (must be at least 1)")));
+    }
+    if ![alpha, beta, bias].iter().all(|v| v.is_finite()) {
+        return Err(OpReason::Attribute(format!("LRN alpha {alpha}, beta {beta}, bias {bias}: must be finite")));
+    }
+    let size = size as usize;
+    let x = required(n, 0, "X")?;
+    let y = n.outputs.first().filter(|s| !s.is_empty()).cloned().ok_or(OpReason::MissingOutput(0))?;
+    let tmp = |what: &str| format!("{}/{what}", n.name);
+    let scalar = |v: f32| Arc::new(Tensor::f32(vec![], vec![v]));
+    inits.insert(tmp("alpha"), scalar(alpha));
+    inits.insert(tmp("beta"), scalar(beta));
+    inits.insert(tmp("bias"), scalar(bias));
+    inits.insert(tmp("dim0"), Arc::new(Tensor::i64(vec![1], vec![0])));
+    inits.insert(tmp("dim1"), Arc::new(Tensor::i64(vec![1], vec![1])));
+    inits.insert(tmp("one"), Arc::new(Tensor::i64(vec![1], vec![1])));
+    inits.insert(tmp("rest"), Arc::new(Tensor::i64(vec![1], vec![-1])));
+    let pool = crate::ops::pool::PoolAttrs {
+        max: false,
+        kernel: vec![size, 1],
+        strides: vec![1, 1],
+        dilations: vec![1, 1],
+        pads: vec![(size - 1) / 2, 0, size - 1 - (size - 1) / 2, 0],
+        auto_pad: crate::ops::pool::AutoPad::NotSet,
+        ceil_mode: false,
+        count_include_pad: true,
+    };
+    let gather = || Op::Shape(ShapeOp::Gather { axis: 0 });
+    let parts = [
+        ("x_shape", Op::Shape(ShapeOp::Shape { start: 0, end: None }), vec![x.clone()], tmp("x_shape")),
+        ("batch", gather(), vec![tmp("x_shape"), tmp("dim0")], tmp("batch")),
+        ("channels", gather(), vec![tmp("x_shape"), tmp("dim1")], tmp("channels")),
+        (
+            "view_shape",
+            Op::Layout(LayoutOp::Concat { axis: 0 }),
+            vec![tmp("batch"), tmp("one"), tmp("channels"), tmp("rest")],
+            tmp("view_shape"),
+        ),
+        ("squared", Op::Binary(BinaryKind::Mul), vec![x.clone(), x.clone()], tmp("squared")),
+        (
+            "view",
+            Op::Layout(LayoutOp::Reshape { allowzero: false }),
+            vec![tmp("squared"), tmp("view_shape")],
+            tmp("view"),
+        ),
+        ("window_mean", Op::Pool(pool), vec![tmp("view")], tmp("window_mean")),
+        (
+            "unview",
+            Op::Layout(LayoutOp::Reshape { allowzero: false }),
+            vec![tmp("window_mean"), tmp("x_shape")],
+            tmp("unview"),
+        ),
+        ("scaled", Op::Binary(BinaryKind::Mul), vec![tmp("unview"), tmp("alpha")], tmp("scaled")),
+        ("base", Op::Binary(BinaryKind::Add), vec![tmp("scaled"), tmp("bias")], tmp("base")),
+        ("denominator", Op::Binary(BinaryKind::Pow), vec![tmp("base"), tmp("beta")], tmp("denominator")),
+        ("y", Op::Binary(BinaryKind::Div), vec![x, tmp("denominator")], y),
+    ];
+    Ok(parts.into_iter().map(|(part, op, inputs, out)| part_node(n, part, op, inputs, out)).collect())
+}
+
 /// Sum, Max or Min of one or more inputs (numpy broadcasting): `((a ∘ b) ∘ c) ∘ …`, in input
 /// order; one input is its Identity.
 pub(super) fn expand_variadic(n: &RawNode, kind: BinaryKind) -> OpResult<Vec<Node>> {

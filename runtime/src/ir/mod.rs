@@ -53,6 +53,7 @@ fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Ten
             "GroupNormalization" => return layer_norm::expand_group_norm(n, opset, inits).map(Expansion::Nodes),
             "ReduceL2" | "ReduceSumSquare" => return layer_norm::expand_reduce_squares(n, opset).map(Expansion::Nodes),
             "Einsum" => return einsum::expand(n).map(Expansion::Nodes),
+            "LRN" => return layer_norm::expand_lrn(n, inits).map(Expansion::Nodes),
             _ => {}
         }
     }
