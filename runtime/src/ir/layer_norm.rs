@@ -267,8 +267,8 @@ pub(super) fn expand_lrn(n: &RawNode, inits: &mut HashMap<String, Arc<Tensor>>) 
     a.only(&["alpha", "beta", "bias", "size"])?;
     let (alpha, beta, bias) = (a.float("alpha", 1e-4)?, a.float("beta", 0.75)?, a.float("bias", 1.0)?);
     let size = a.opt_int("size")?.ok_or(OpReason::MissingAttribute { op: "LRN", name: "size" })?;
-    if size < 1 || size > 1 << 16 {
-        return Err(OpReason::Attribute(format!("LRN size = {size} (must be at least 1)")));
+    if !(1..=1 << 16).contains(&size) {
+        return Err(OpReason::Attribute(format!("LRN size = {size} (must be between 1 and 65536)")));
     }
     if ![alpha, beta, bias].iter().all(|v| v.is_finite()) {
         return Err(OpReason::Attribute(format!("LRN alpha {alpha}, beta {beta}, bias {bias}: must be finite")));
