@@ -16,8 +16,12 @@ papers: every convolution standardises its weights with `F.batch_norm(w, trainin
 training-mode BatchNormalization on a constant, folded when the model loads), GroupNorm through
 InstanceNormalization on grouped views, a zero ConstantPad before a MaxPool (which ONNX
 Runtime's optimizer fuses into the pool's -inf padding: compare with its optimizations off).
+And tests/fixtures/interp_tiny.onnx: an HRNet-style fusion of two resolutions with BatchNorm,
+the branch brought back up by every F.interpolate form torch exports as Resize — nearest by a
+scale factor (HRNet's `nn.Upsample`), bilinear to the size of another tensor (sizes computed
+from Shape), bicubic with align_corners, and a bilinear shrink — then pooled to 5 classes.
 Their parity with ONNX Runtime is cli/tests/parity.rs; their LayerNorm and GroupNorm
-adaptation, adapt_gradients.rs.
+adaptation, adapt_gradients.rs (the BatchNorm gradients through Resize too).
 """
 import warnings
 from pathlib import Path
@@ -31,11 +35,11 @@ from torchvision.models import SwinTransformer, VisionTransformer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def export(model, path, size):
+def export(model, path, size, **options):
     model.eval()
     torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                      opset_version=17, dynamo=False)
+                      opset_version=17, dynamo=False, **options)
 
 
 def randomise(model, head):
@@ -48,6 +52,29 @@ def randomise(model, head):
             if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
                 m.weight.normal_(1.0, 0.2)
                 m.bias.normal_(0.0, 0.2)
+
+
+class InterpTiny(torch.nn.Module):
+    """Two branches (full and half resolution) fused after upsampling, HRNet's pattern."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.mix = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        nn = torch.nn.functional
+        a = self.stem(x)
+        b = self.down(a)
+        y = a + self.up(b)
+        y = y + nn.interpolate(self.mix(b), size=a.shape[-2:], mode="bilinear", align_corners=False)
+        y = y + nn.interpolate(b, scale_factor=2.0, mode="bicubic", align_corners=True)
+        y = nn.interpolate(torch.relu(y), scale_factor=0.75, mode="bilinear", align_corners=False)
+        return self.fc(y.mean(dim=(2, 3)))
 
 
 def main():
@@ -65,6 +92,18 @@ def main():
                    norm_layer=partial(GroupNormAct, num_groups=4))
     randomise(bit, [(bit.head.fc.weight, 0.5)])
     export(bit, ROOT / "tests/fixtures/bit_tiny.onnx", 16)
+    torch.manual_seed(2027)
+    interp = InterpTiny()
+    with torch.no_grad():
+        interp.fc.weight.normal_(0.0, 0.5)
+        for m in interp.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    # PRESERVE keeps the BatchNorms (eval mode) instead of folding them into the convolutions.
+    export(interp, ROOT / "tests/fixtures/interp_tiny.onnx", 12, training=torch.onnx.TrainingMode.PRESERVE)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,19 @@ fn step_gradients_reach_the_norms_of_torchvision_and_timm_models(ctx: GpuContext
     }
 }
 
+/// HRNet's fusion of resolutions (`interp_tiny.onnx`, `tools/torch_fixtures.py`): the BatchNorm
+/// gradients of the half-resolution branch come back through every Resize form torch exports
+/// (nearest, bilinear to a computed size, bicubic with align_corners, a bilinear shrink), the
+/// transposed interpolation matrices' MatMuls, and match finite differences.
+#[gpu_test]
+fn step_gradients_pass_back_through_resize(ctx: GpuContext) {
+    let path = common::repo_root().join("tests/fixtures/interp_tiny.onnx");
+    let load = || smooth(Graph::load(&path).unwrap());
+    let s = Session::new(&ctx, Model::from_graph(load()), config("tent", "batch")).unwrap();
+    assert_eq!(s.adapted_parameters().len(), 2 * 3);
+    gradients_match(&ctx, &load, [4, 3, 12, 12], 40);
+}
+
 /// One TENT step's BatchNorm gradients (SGD, lr 1) against central differences of the loss, at
 /// the first, middle and last element of every parameter.
 fn gradients_match(ctx: &GpuContext, graph: &dyn Fn() -> Graph, shape: [usize; 4], seed: u64) {

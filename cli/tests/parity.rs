@@ -410,3 +410,12 @@ fn einsum_matches_onnxruntime() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(failures.is_empty(), "GPU and ONNX Runtime disagree:\n{}", failures.join("\n"));
 }
+
+/// Resize as `torch.onnx.export` writes `F.interpolate` and `nn.Upsample` (`tools/torch_fixtures.py`:
+/// HRNet's two-resolution fusion): nearest by a scale factor (asymmetric, floor), bilinear to the
+/// size of another tensor (sizes from Shape, Slice and Concat), bicubic with align_corners, a
+/// bilinear shrink by 0.75; each two MatMuls with interpolation matrices in the runtime.
+#[test]
+fn resize_as_torch_exports_it_matches_onnxruntime() {
+    parity_at(&common::repo_root().join("tests/fixtures/interp_tiny.onnx"), [3, 12, 12], 1400);
+}

@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 62] = [
+const OP_TYPES: [&str; 64] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -144,6 +144,8 @@ const OP_TYPES: [&str; 62] = [
     "Cos",
     "Einsum",
     "LRN",
+    "Resize",
+    "Upsample",
 ];
 
 impl Loader {

@@ -142,6 +142,19 @@ fn describe(path: &Path, raw: RawModel) -> ModelInfo {
             constants.insert(out.as_str(), t.numel());
         }
     }
+    // An Identity of a constant is a copy of it (torch's exporter deduplicates equal initializers
+    // behind Identities; `Graph::from_raw` gives each reader its own copy back).
+    let is_output = |name: &str| g.outputs.iter().any(|o| o.name == name);
+    for n in g.nodes.iter().filter(|n| n.op_type == "Identity") {
+        if let (Some(src), Some(out)) = (n.inputs.first(), n.outputs.first())
+            && let Some(&numel) = constants.get(src.as_str())
+            && !out.is_empty()
+            && !is_output(out)
+            && !g.inputs.iter().any(|i| &i.name == src)
+        {
+            constants.insert(out.as_str(), numel);
+        }
+    }
     // The rule of `Graph::batch_norms`: scale, bias, mean and variance all constant.
     let mut bn = BatchNormSummary { layers: 0, adaptable_layers: 0, adaptable_parameters: 0 };
     // Training-mode ones (BiT's weight standardisation) fold when the model loads: not layers.

@@ -319,3 +319,70 @@ fn conv_attribute_overflow() {
     let same = ConvAttrs { auto_pad: AutoPad::SameUpper, dilations: Some(vec![usize::MAX / 2, 1]), ..base };
     let _ = ConvGeometry::new(&same, &x, &w);
 }
+
+/// `torch.onnx.export` deduplicates initializers with equal values and gives each reader an
+/// Identity of the one it kept: every BatchNorm of a freshly initialised network (timm's HRNet,
+/// random weights) read its scale, bias, mean and variance through Identities of one layer's,
+/// so `Graph::batch_norms` found none adaptable (HRNet: 91 layers, 0 adaptable) — and had they
+/// been, all layers would have shared one buffer. Each Identity of an initializer now becomes a
+/// copy: the deduplicated model adapts exactly as the one with three separate copies.
+#[gpu_test]
+fn identity_deduplicated_batch_norm_parameters_adapt_per_layer(ctx: acclimate::GpuContext) {
+    use acclimate::onnx::proto;
+    use prost::Message;
+    let bytes = std::fs::read(common::repo_root().join("tests/fixtures/interp_tiny.onnx")).unwrap();
+    let base = proto::ModelProto::decode(bytes.as_slice()).unwrap();
+    let graph = |m: &proto::ModelProto| m.graph.clone().unwrap();
+    let bns: Vec<Vec<String>> = graph(&base)
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("BatchNormalization"))
+        .map(|n| n.input[1..5].to_vec())
+        .collect();
+    assert_eq!(bns.len(), 3);
+    // Copies: layers 1 and 2 hold layer 0's values in initializers of their own.
+    let mut copies = base.clone();
+    let g = copies.graph.as_mut().unwrap();
+    for layer in &bns[1..] {
+        for (slot, name) in layer.iter().enumerate() {
+            let src = g.initializer.iter().find(|t| t.name.as_deref() == Some(bns[0][slot].as_str())).unwrap().clone();
+            let dst = g.initializer.iter_mut().find(|t| t.name.as_ref() == Some(name)).unwrap();
+            *dst = proto::TensorProto { name: Some(name.clone()), ..src };
+        }
+    }
+    // Deduplicated: layers 1 and 2 read Identities of layer 0's initializers, as torch writes it.
+    let mut dedup = base.clone();
+    let g = dedup.graph.as_mut().unwrap();
+    let mut identities = Vec::new();
+    for layer in &bns[1..] {
+        for (slot, name) in layer.iter().enumerate() {
+            g.initializer.retain(|t| t.name.as_ref() != Some(name));
+            identities.push(proto::NodeProto {
+                input: vec![bns[0][slot].clone()],
+                output: vec![name.clone()],
+                name: Some(format!("Identity_{name}")),
+                op_type: Some("Identity".into()),
+                ..Default::default()
+            });
+        }
+    }
+    g.node.splice(0..0, identities);
+    let cfg = || acclimate::adapt::AdaptConfig::from_toml_str("[adapt]\nmethod = \"tent\"\n").unwrap();
+    let model = |m: &proto::ModelProto| acclimate::Model::from_bytes(&m.encode_to_vec()).unwrap();
+    let mut a = acclimate::adapt::Session::new(&ctx, model(&dedup), cfg()).unwrap();
+    let mut b = acclimate::adapt::Session::new(&ctx, model(&copies), cfg()).unwrap();
+    assert_eq!(a.adapted_parameters().len(), 6, "every layer adaptable: {:?}", a.adapted_parameters());
+    for seed in [50, 51] {
+        let x = acclimate::Tensor::f32(vec![4, 3, 12, 12], common::random_f32(4 * 3 * 144, seed, -2.0, 2.0));
+        let (pa, pb) = (a.step(&x).unwrap(), b.step(&x).unwrap());
+        assert_eq!(pa.logits.to_f32_vec(), pb.logits.to_f32_vec());
+    }
+    let (pa, pb) = (a.parameters().unwrap(), b.parameters().unwrap());
+    assert_eq!(pa.len(), pb.len());
+    for ((na, ta), (nb, tb)) in pa.iter().zip(&pb) {
+        assert_eq!((na, ta.to_f32_vec()), (nb, tb.to_f32_vec()));
+    }
+    // The layers moved apart from the values they shared.
+    let get = |n: &str| pa.iter().find(|(k, _)| k == n).unwrap().1.to_f32_vec();
+    assert_ne!(get(&bns[0][0]), get(&bns[1][0]));
+}

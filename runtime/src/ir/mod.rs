@@ -13,12 +13,14 @@ use thiserror::Error;
 
 use crate::onnx::{self, DimSpec, OnnxError, RawModel};
 use crate::ops::elementwise::BinaryKind;
+use crate::ops::layout::LayoutOp;
 use crate::ops::shape::ShapeOp;
 use crate::ops::{Op, OpError, OpReason, Stage};
 use crate::tensor::{DType, Tensor};
 
 mod einsum;
 mod layer_norm;
+mod resize;
 pub mod split_weights;
 
 /// A parsed node: one op, or the nodes of an op defined as a function of others.
@@ -54,6 +56,7 @@ fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Ten
             "ReduceL2" | "ReduceSumSquare" => return layer_norm::expand_reduce_squares(n, opset).map(Expansion::Nodes),
             "Einsum" => return einsum::expand(n).map(Expansion::Nodes),
             "LRN" => return layer_norm::expand_lrn(n, inits).map(Expansion::Nodes),
+            "Resize" | "Upsample" => return resize::expand(n, opset).map(Expansion::Nodes),
             _ => {}
         }
     }
@@ -299,6 +302,20 @@ impl Graph {
                 && !out.is_empty()
             {
                 initializers.insert(out.clone(), Arc::new(t.clone()));
+                continue;
+            }
+            // An Identity of an initializer is a copy of it: `torch.onnx.export` deduplicates
+            // initializers with equal values (every BatchNorm of a freshly initialised network:
+            // scale 1, bias 0, mean 0, variance 1) and gives each layer an Identity of the one it
+            // kept. Each layer gets its own initializer back, so that it adapts on its own.
+            if let Op::Layout(LayoutOp::Identity) = &op
+                && let (Some(src), Some(out)) = (n.inputs.first(), n.outputs.first())
+                && !out.is_empty()
+                && !g.outputs.iter().any(|o| &o.name == out)
+                && !inputs.iter().any(|i| &i.name == src)
+                && let Some(t) = initializers.get(src).cloned()
+            {
+                initializers.insert(out.clone(), t);
                 continue;
             }
             nodes.push(Node {

@@ -12,6 +12,7 @@
 //! | [`norm`] | BatchNormalization | `norm.wgsl` |
 //! | [`pool`] | MaxPool, AveragePool, GlobalAveragePool | `pool.wgsl` |
 //! | [`reduce`] | ReduceMean, ReduceSum | `reduce.wgsl` |
+//! | [`resize`] | Resize, Upsample (interpolation matrices for the IR's MatMuls: `ir/resize.rs`) | none |
 //! | [`softmax`] | Softmax, LogSoftmax | `softmax.wgsl` |
 //! | [`layout`] | Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout (aliases); Transpose, Concat, Split, Slice, Pad | `layout.wgsl` |
 //! | [`shape`] | Constant, Shape, Gather, ConstantOfShape, Cast, Range (folded on the CPU, never run on the GPU) | none |
@@ -25,6 +26,7 @@ pub mod matmul;
 pub mod norm;
 pub mod pool;
 pub mod reduce;
+pub mod resize;
 pub mod shape;
 pub mod softmax;
 

@@ -12,7 +12,7 @@ use crate::tensor::{DType, Data, Tensor};
 
 /// Largest tensor a constant subgraph may create (ConstantOfShape, Range, Gather): beyond this a
 /// shape computation has gone wrong, and the GPU could not bind it anyway.
-const MAX_FOLDED_ELEMENTS: usize = 1 << 28;
+pub(crate) const MAX_FOLDED_ELEMENTS: usize = 1 << 28;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ShapeOp {
@@ -62,6 +62,12 @@ pub enum ShapeOp {
     BatchNormTraining {
         epsilon: f32,
         momentum: f32,
+    },
+    /// One interpolation matrix of a Resize or Upsample node (`ir/resize.rs`), from
+    /// `[Shape(X), roi, scales, sizes]`: see [`super::resize`].
+    Resize {
+        attrs: Box<super::resize::ResizeAttrs>,
+        part: super::resize::Part,
     },
 }
 
@@ -279,6 +285,20 @@ impl ShapeOp {
                 }
                 Ok(vec![(x.shape.to_vec(), x.dtype), (vec![c], x.dtype), (vec![c], x.dtype)])
             }
+            ShapeOp::Resize { attrs, part } => {
+                let mut values = Vec::new();
+                for (i, x) in inputs.iter().enumerate() {
+                    values.push(match x {
+                        Some(x) => Some(x.constant(if i == 0 {
+                            "Resize input shape"
+                        } else {
+                            "Resize roi, scales and sizes"
+                        })?),
+                        None => None,
+                    });
+                }
+                Ok(vec![(super::resize::infer(attrs, *part, &values)?, DType::F32)])
+            }
             ShapeOp::ScatterNd { .. } => {
                 let data = required(inputs, 0, "data")?;
                 let (indices, updates) = (required(inputs, 1, "indices")?, required(inputs, 2, "updates")?);
@@ -336,6 +356,7 @@ impl ShapeOp {
                 Tensor { dtype: DType::Bool, shape: x.shape.clone(), data: Data::I64(v) }
             }
             ShapeOp::BatchNormTraining { .. } => unreachable!("evaluated above"),
+            ShapeOp::Resize { attrs, part } => super::resize::eval(attrs, *part, inputs)?,
             ShapeOp::Trig { cos } => {
                 let x = get(0, "input")?;
                 let v =
