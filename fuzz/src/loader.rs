@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 64] = [
+const OP_TYPES: [&str; 68] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -146,6 +146,10 @@ const OP_TYPES: [&str; 64] = [
     "LRN",
     "Resize",
     "Upsample",
+    "Floor",
+    "Round",
+    "CumSum",
+    "Ceil",
 ];
 
 impl Loader {

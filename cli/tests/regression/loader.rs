@@ -386,3 +386,53 @@ fn identity_deduplicated_batch_norm_parameters_adapt_per_layer(ctx: acclimate::G
     let get = |n: &str| pa.iter().find(|(k, _)| k == n).unwrap().1.to_f32_vec();
     assert_ne!(get(&bns[0][0]), get(&bns[1][0]));
 }
+
+/// `x.float()` in a model's forward (timm's EfficientViT runs its attention in float32 under
+/// autocast) exports as Cast(to = FLOAT) on run-time data, which the plan refused as a CPU-only
+/// shape op ("an input depends on the model input"). A cast to float32 of the GPU's float32
+/// tensors is a view: with a Cast inserted after the first Relu of `interp_tiny`, predictions
+/// and TENT's steps are those of the model without it.
+#[gpu_test]
+fn cast_to_float_of_run_time_data_is_a_view(ctx: acclimate::GpuContext) {
+    use acclimate::onnx::proto;
+    use prost::Message;
+    let bytes = std::fs::read(common::repo_root().join("tests/fixtures/interp_tiny.onnx")).unwrap();
+    let base = proto::ModelProto::decode(bytes.as_slice()).unwrap();
+    let mut cast = base.clone();
+    let g = cast.graph.as_mut().unwrap();
+    let at = g.node.iter().position(|n| n.op_type.as_deref() == Some("Relu")).unwrap();
+    let relu = g.node[at].output[0].clone();
+    let casted = format!("{relu}_as_float");
+    for n in &mut g.node {
+        for i in n.input.iter_mut().filter(|i| **i == relu) {
+            *i = casted.clone();
+        }
+    }
+    let to = proto::AttributeProto {
+        name: Some("to".into()),
+        i: Some(1),
+        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+        ..Default::default()
+    };
+    let node = proto::NodeProto {
+        input: vec![relu],
+        output: vec![casted],
+        name: Some("Cast_to_float".into()),
+        op_type: Some("Cast".into()),
+        attribute: vec![to],
+        ..Default::default()
+    };
+    g.node.insert(at + 1, node);
+    let cfg = || acclimate::adapt::AdaptConfig::from_toml_str("[adapt]\nmethod = \"tent\"\n").unwrap();
+    let model = |m: &proto::ModelProto| acclimate::Model::from_bytes(&m.encode_to_vec()).unwrap();
+    let mut a = acclimate::adapt::Session::new(&ctx, model(&cast), cfg()).unwrap();
+    let mut b = acclimate::adapt::Session::new(&ctx, model(&base), cfg()).unwrap();
+    for seed in [60, 61] {
+        let x = acclimate::Tensor::f32(vec![4, 3, 12, 12], common::random_f32(4 * 3 * 144, seed, -2.0, 2.0));
+        let (pa, pb) = (a.step(&x).unwrap(), b.step(&x).unwrap());
+        assert_eq!(pa.logits.to_f32_vec(), pb.logits.to_f32_vec());
+    }
+    for ((na, ta), (nb, tb)) in a.parameters().unwrap().iter().zip(&b.parameters().unwrap()) {
+        assert_eq!((na, ta.to_f32_vec()), (nb, tb.to_f32_vec()));
+    }
+}

@@ -73,6 +73,8 @@ pub enum LayoutOp {
         axes: IntsArg,
     },
     Identity,
+    /// Cast to float32: a view of a float32 run-time tensor; folded constants are converted.
+    CastToFloat,
     /// Inference-mode dropout. `mask` is whether the node declares the boolean mask output.
     Dropout {
         mask: bool,
@@ -306,6 +308,7 @@ impl LayoutOp {
                 | LayoutOp::Squeeze { .. }
                 | LayoutOp::Unsqueeze { .. }
                 | LayoutOp::Identity
+                | LayoutOp::CastToFloat
                 | LayoutOp::Dropout { .. }
         )
     }
@@ -314,7 +317,10 @@ impl LayoutOp {
         let args: Vec<Option<Arg<'_>>> =
             inputs.iter().map(|i| i.map(|x| Arg { shape: x.shape, value: x.value })).collect();
         let r = self.resolve(&args)?;
-        let dtype = inputs.first().and_then(|x| x.as_ref()).map(|x| x.dtype).unwrap_or(DType::F32);
+        let dtype = match self {
+            LayoutOp::CastToFloat => DType::F32,
+            _ => inputs.first().and_then(|x| x.as_ref()).map(|x| x.dtype).unwrap_or(DType::F32),
+        };
         let mut out: Vec<(Vec<usize>, DType)> = r.shapes.into_iter().map(|s| (s, dtype)).collect();
         if let LayoutOp::Dropout { mask: true } = self
             && let Some(first) = out.first().cloned()
@@ -338,7 +344,11 @@ impl LayoutOp {
         let mut outs = match &r.movement {
             Movement::View => {
                 let shape = r.shapes.first().cloned().ok_or_else(|| OpReason::Internal("no output shape".into()))?;
-                vec![Tensor { dtype: x.dtype, shape, data: x.data.clone() }]
+                let t = Tensor { dtype: x.dtype, shape, data: x.data.clone() };
+                match self {
+                    LayoutOp::CastToFloat => vec![super::shape::cast(&t, DType::F32)],
+                    _ => vec![t],
+                }
             }
             Movement::Copies(copies) => {
                 // Only data inputs are copied; attribute-like ones (possibly omitted) are not.
@@ -419,7 +429,7 @@ impl LayoutOp {
                     .ok_or_else(|| OpReason::Attribute("Unsqueeze needs axes".into()))?;
                 view(unsqueeze_shape(x.shape, &axes)?)
             }
-            LayoutOp::Identity => view(x.shape.to_vec()),
+            LayoutOp::Identity | LayoutOp::CastToFloat => view(x.shape.to_vec()),
             LayoutOp::Dropout { .. } => {
                 if let Some(t) = args.get(2).copied().flatten() {
                     let v = t.value.ok_or_else(|| {

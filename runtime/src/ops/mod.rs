@@ -212,7 +212,14 @@ impl Op {
                 Op::Layout(layout::LayoutOp::parse(&node.op_type, &a, opset, node)?)
             }
             "Constant" | "Shape" | "Gather" | "ConstantOfShape" | "Cast" | "Range" | "Equal" | "Where" | "Mod"
-            | "Not" | "ScatterND" | "Sin" | "Cos" => Op::Shape(shape::ShapeOp::parse(&node.op_type, &a, opset)?),
+            | "Not" | "ScatterND" | "Sin" | "Cos" | "Floor" | "Ceil" | "Round" | "CumSum" => {
+                match shape::ShapeOp::parse(&node.op_type, &a, opset)? {
+                    // A cast to float32 is the identity on the GPU's float32 tensors (`x.float()`
+                    // in a model's forward), and a real conversion when folded on the CPU.
+                    shape::ShapeOp::Cast { to: DType::F32 } => Op::Layout(layout::LayoutOp::CastToFloat),
+                    s => Op::Shape(s),
+                }
+            }
             other => return Err(OpReason::UnknownOp(other.to_owned())),
         };
         if !(node.domain.is_empty() || node.domain == "ai.onnx") {

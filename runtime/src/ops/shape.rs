@@ -1,5 +1,5 @@
 //! Shape arithmetic folded on the CPU: Constant, Shape, Gather, ConstantOfShape, Cast, Range,
-//! Equal, Where, Mod, Not, ScatterND.
+//! Equal, Where, Mod, Not, ScatterND, Sin, Cos, Floor, Ceil, Round, CumSum.
 //!
 //! Exporters compute reshape targets and padding amounts with these ops; once the plan fixes the
 //! input shapes every one of them is constant, so they never reach the GPU. Values are held as the
@@ -53,6 +53,18 @@ pub enum ShapeOp {
     Trig {
         cos: bool,
     },
+    /// Floor, Ceil or Round (half to even) of a float constant: the "same" padding arithmetic of
+    /// exported TensorFlow-style convolutions (timm's NFNet stems).
+    Rounding {
+        kind: RoundKind,
+    },
+    /// Cumulative sum along an axis (`exclusive`: each element's sum leaves it out; `reverse`:
+    /// from the end): position encodings built from a mask of ones (EdgeNeXt), constant once
+    /// the shapes are.
+    CumSum {
+        exclusive: bool,
+        reverse: bool,
+    },
     /// BatchNormalization in training mode (opset 14+: `training_mode = 1`) on a constant input:
     /// the weight standardisation of BiT's StdConv (timm's ResNetV2), which normalises each
     /// convolution's filters with `F.batch_norm(w, training=True)`. Y with the input's own mean
@@ -69,6 +81,13 @@ pub enum ShapeOp {
         attrs: Box<super::resize::ResizeAttrs>,
         part: super::resize::Part,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoundKind {
+    Floor,
+    Ceil,
+    Round,
 }
 
 /// ScatterND's combination of an update with the value it lands on.
@@ -178,6 +197,24 @@ impl ShapeOp {
                 a.only(&[])?;
                 ShapeOp::Trig { cos: op_type == "Cos" }
             }
+            "Floor" | "Ceil" | "Round" => {
+                a.only(&[])?;
+                let kind = match op_type {
+                    "Floor" => RoundKind::Floor,
+                    "Ceil" => RoundKind::Ceil,
+                    _ => RoundKind::Round,
+                };
+                ShapeOp::Rounding { kind }
+            }
+            "CumSum" => {
+                a.only(&["exclusive", "reverse"])?;
+                let flag = |name: &str| match a.int(name, 0)? {
+                    0 => Ok(false),
+                    1 => Ok(true),
+                    v => Err(OpReason::Attribute(format!("CumSum {name} = {v} (0 or 1)"))),
+                };
+                ShapeOp::CumSum { exclusive: flag("exclusive")?, reverse: flag("reverse")? }
+            }
 
             "ScatterND" => {
                 a.only(&["reduction"])?;
@@ -261,10 +298,27 @@ impl ShapeOp {
                 }
                 Ok(vec![(x.shape.to_vec(), DType::Bool)])
             }
-            ShapeOp::Trig { .. } => {
+            ShapeOp::Trig { .. } | ShapeOp::Rounding { .. } => {
                 let x = required(inputs, 0, "input")?;
                 if !x.dtype.is_float() {
-                    return Err(OpReason::DType(format!("Sin and Cos take floats, got {}", x.dtype)));
+                    return Err(OpReason::DType(format!(
+                        "Sin, Cos, Floor, Ceil and Round take floats, got {}",
+                        x.dtype
+                    )));
+                }
+                Ok(vec![(x.shape.to_vec(), x.dtype)])
+            }
+            ShapeOp::CumSum { .. } => {
+                let x = required(inputs, 0, "x")?;
+                let axis = required(inputs, 1, "axis")?;
+                if axis.dtype.is_float() || axis.shape.iter().product::<usize>() != 1 || axis.shape.len() > 1 {
+                    return Err(OpReason::Shape(format!(
+                        "CumSum axis must be one integer, got {} of shape {:?}",
+                        axis.dtype, axis.shape
+                    )));
+                }
+                if x.shape.is_empty() {
+                    return Err(OpReason::Shape("CumSum of a scalar".into()));
                 }
                 Ok(vec![(x.shape.to_vec(), x.dtype)])
             }
@@ -364,6 +418,17 @@ impl ShapeOp {
                 let f = |t: f32| if *cos { (t as f64).cos() as f32 } else { (t as f64).sin() as f32 };
                 Tensor { dtype: x.dtype, shape: x.shape.clone(), data: Data::F32(v.iter().map(|&t| f(t)).collect()) }
             }
+            ShapeOp::Rounding { kind } => {
+                let x = get(0, "input")?;
+                let v = x.as_f32().ok_or_else(|| OpReason::DType(format!("{kind:?} takes floats, got {}", x.dtype)))?;
+                let f = |t: f32| match kind {
+                    RoundKind::Floor => t.floor(),
+                    RoundKind::Ceil => t.ceil(),
+                    RoundKind::Round => t.round_ties_even(),
+                };
+                Tensor { dtype: x.dtype, shape: x.shape.clone(), data: Data::F32(v.iter().map(|&t| f(t)).collect()) }
+            }
+            ShapeOp::CumSum { exclusive, reverse } => cum_sum(get(0, "x")?, get(1, "axis")?, *exclusive, *reverse)?,
             ShapeOp::ScatterNd { reduction } => {
                 scatter_nd(get(0, "data")?, get(1, "indices")?, get(2, "updates")?, *reduction)?
             }
@@ -571,6 +636,47 @@ fn scatter_nd(data: &Tensor, indices: &Tensor, updates: &Tensor, reduction: Redu
         _ => return Err(OpReason::Internal("ScatterND operands of one dtype hold different data".into())),
     }
     Ok(out)
+}
+
+fn cum_sum(x: &Tensor, axis: &Tensor, exclusive: bool, reverse: bool) -> OpResult<Tensor> {
+    let a = *axis.to_i64_vec().first().ok_or_else(|| OpReason::Shape("CumSum axis is empty".into()))?;
+    let axis = super::norm_axis(a, x.shape.len())?;
+    let n = x.shape[axis];
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let outer: usize = x.shape[..axis].iter().product();
+    // Integers wrap on overflow, as Cast does.
+    fn scan<T: Copy + Default>(
+        v: &[T],
+        add: fn(T, T) -> T,
+        (outer, n, inner): (usize, usize, usize),
+        exclusive: bool,
+        reverse: bool,
+    ) -> Vec<T> {
+        let mut out = vec![T::default(); v.len()];
+        for o in 0..outer {
+            for i in 0..inner {
+                let mut acc = T::default();
+                for k in 0..n {
+                    let k = if reverse { n - 1 - k } else { k };
+                    let at = (o * n + k) * inner + i;
+                    if exclusive {
+                        out[at] = acc;
+                        acc = add(acc, v[at]);
+                    } else {
+                        acc = add(acc, v[at]);
+                        out[at] = acc;
+                    }
+                }
+            }
+        }
+        out
+    }
+    let dims = (outer, n, inner);
+    let data = match &x.data {
+        Data::F32(v) => Data::F32(scan(v, |a, b| a + b, dims, exclusive, reverse)),
+        Data::I64(v) => Data::I64(scan(v, i64::wrapping_add, dims, exclusive, reverse)),
+    };
+    Ok(Tensor { dtype: x.dtype, shape: x.shape.clone(), data })
 }
 
 fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> OpResult<Tensor> {
