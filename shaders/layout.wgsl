@@ -304,3 +304,71 @@ fn scatter2(
     if i < kp.n0 { sc_a[i] = sc_src[kp.off0 + i]; }
     if i < kp.n1 { sc_b[i] = sc_src[kp.off1 + i]; }
 }
+
+// Gather along an axis by a list of indices (Gather of run-time data with constant indices, when
+// they do not come in a few runs of consecutive values: a relative-position bias table read
+// through its [N², heads] index): out[(o·count + i)·inner + j] = data[(o·dim + idx[i])·inner + j].
+// The indices arrive as floats (exact below 2^24, which the lowering checks); negative ones count
+// from the end of the axis.
+struct GatherParams {
+    n: u32,
+    count: u32,
+    dim: u32,
+    inner: u32,
+}
+
+@group(0) @binding(0) var<storage, read> gp: GatherParams;
+@group(0) @binding(1) var<storage, read> gather_data: array<u32>;
+@group(0) @binding(2) var<storage, read> gather_idx: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gather_out: array<u32>;
+@group(0) @binding(1) var<storage, read> gather_dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gather_dx: array<f32>;
+
+fn gather_row(i: u32) -> u32 {
+    let v = i32(gather_idx[i]);
+    if v < 0 { return u32(v + i32(gp.dim)); }
+    return u32(v);
+}
+
+@compute @workgroup_size(256)
+fn gather_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = flat(gid, nwg);
+    if e >= gp.n { return; }
+    let j = e % gp.inner;
+    let t = e / gp.inner;
+    let i = t % gp.count;
+    let o = t / gp.count;
+    gather_out[e] = gather_data[(o * gp.dim + gather_row(i)) * gp.inner + j];
+}
+
+// dData of that Gather, one invocation per data element (gp.n = outer·dim·inner): the sum, in
+// index order, of the output gradients at every position whose index is this element's row, so
+// repeated indices add without atomics.
+fn gather_backward_sum(e: u32) -> f32 {
+    let j = e % gp.inner;
+    let t = e / gp.inner;
+    let r = t % gp.dim;
+    let o = t / gp.dim;
+    var acc = 0.0;
+    for (var i = 0u; i < gp.count; i++) {
+        if gather_row(i) == r {
+            acc += gather_dy[(o * gp.count + i) * gp.inner + j];
+        }
+    }
+    return acc;
+}
+
+@compute @workgroup_size(256)
+fn gather_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = flat(gid, nwg);
+    if e >= gp.n { return; }
+    gather_dx[e] = gather_backward_sum(e);
+}
+
+// The same, added onto a gradient that other readers of the data already wrote.
+@compute @workgroup_size(256)
+fn gather_backward_add_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let e = flat(gid, nwg);
+    if e >= gp.n { return; }
+    gather_dx[e] = gather_dx[e] + gather_backward_sum(e);
+}

@@ -1252,21 +1252,26 @@ fn attribute_like_inputs_get_no_gradient(ctx: GpuContext) {
     assert!(e.contains("no gradient"), "{e}");
 }
 
-/// Gather of run-time data by constant indices (strided copies per run of consecutive indices):
-/// the gradient is scattered back, added where an index repeats, zero where none points.
+/// Gather of run-time data by constant indices (strided copies per run of consecutive indices;
+/// beyond 16 runs one indexed kernel and, backward, one summing kernel): the gradient is scattered
+/// back, added where an index repeats, zero where none points.
 #[gpu_test]
 fn gather_scatters_its_gradient_back(ctx: GpuContext) {
     use acclimate::ops::shape::ShapeOp;
-    let s = [2, 5, 3];
-    let cases: Vec<(i64, Tensor)> = vec![
+    // 40 scattered indices into 9 rows, repeats and negatives among them: a relative-position
+    // bias table's index (the indexed kernels).
+    let scattered: Vec<i64> = (0..40).map(|i: i64| (i * 7 + i * i) % 17 - 8).collect();
+    let cases: Vec<(Vec<usize>, i64, Tensor)> = vec![
         // Repeats (3 twice, 4 as -1), a run (3, 4) and a gap (0, 2 never read).
-        (1, Tensor::i64(vec![2, 2], vec![3, 1, 3, -1])),
-        (1, Tensor::i64(vec![3], vec![1, 2, 3])),
+        (vec![2, 5, 3], 1, Tensor::i64(vec![2, 2], vec![3, 1, 3, -1])),
+        (vec![2, 5, 3], 1, Tensor::i64(vec![3], vec![1, 2, 3])),
         // A scalar index drops the axis: the class token of a sequence.
-        (2, Tensor::i64(vec![], vec![-1])),
-        (0, Tensor::i64(vec![1], vec![1])),
+        (vec![2, 5, 3], 2, Tensor::i64(vec![], vec![-1])),
+        (vec![2, 5, 3], 0, Tensor::i64(vec![1], vec![1])),
+        (vec![2, 9, 3], 1, Tensor::i64(vec![5, 8], scattered.clone())),
+        (vec![9, 2], 0, Tensor::i64(vec![40], scattered)),
     ];
-    for (k, (axis, indices)) in cases.into_iter().enumerate() {
+    for (k, (s, axis, indices)) in cases.into_iter().enumerate() {
         let op = Op::Shape(ShapeOp::Gather { axis });
         let a = axis as usize;
         let dim = s[a];

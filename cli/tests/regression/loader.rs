@@ -436,3 +436,78 @@ fn cast_to_float_of_run_time_data_is_a_view(ctx: acclimate::GpuContext) {
         assert_eq!((na, ta.to_f32_vec()), (nb, tb.to_f32_vec()));
     }
 }
+
+/// A relative-position bias read through its index (timm's `vit_relpos_small_patch16_224`:
+/// Gather of a [729, 6] table by a [196, 196] index) was lowered as one strided copy per run of
+/// consecutive indices: ~38,000 dispatches and bind groups per Gather, and lavapipe crashed the
+/// process (SIGSEGV) allocating their descriptors. Scattered indices now run as one indexed
+/// kernel (a dispatch or two, where the copies were one per index here); the result matches the
+/// CPU's gather.
+#[gpu_test]
+fn scattered_gather_indices_run_as_one_kernel(ctx: acclimate::GpuContext) {
+    use acclimate::onnx::proto;
+    use prost::Message;
+    let (rows, width, side) = (729usize, 6usize, 196usize);
+    let idx: Vec<i64> = (0..side * side).map(|k| ((k / side) as i64 * 27 + (k % side) as i64 * 13) % rows as i64).collect();
+    let dims = |v: &[usize]| proto::TensorShapeProto {
+        dim: v
+            .iter()
+            .map(|&d| proto::tensor_shape_proto::Dimension {
+                value: Some(proto::tensor_shape_proto::dimension::Value::DimValue(d as i64)),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let vi = |name: &str, shape: &[usize]| proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(dims(shape)),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let axis = proto::AttributeProto {
+        name: Some("axis".into()),
+        i: Some(0),
+        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+        ..Default::default()
+    };
+    let model = proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        graph: Some(proto::GraphProto {
+            name: Some("relpos".into()),
+            node: vec![proto::NodeProto {
+                input: vec!["table".into(), "index".into()],
+                output: vec!["bias".into()],
+                name: Some("Gather_relpos".into()),
+                op_type: Some("Gather".into()),
+                attribute: vec![axis],
+                ..Default::default()
+            }],
+            initializer: vec![proto::TensorProto {
+                name: Some("index".into()),
+                dims: vec![side as i64, side as i64],
+                data_type: Some(7),
+                int64_data: idx.clone(),
+                ..Default::default()
+            }],
+            input: vec![vi("table", &[rows, width])],
+            output: vec![vi("bias", &[side, side, width])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let m = acclimate::Model::from_bytes(&model.encode_to_vec()).unwrap();
+    let mut engine = acclimate::Engine::new(&ctx, m);
+    let plan = engine.plan(&[vec![rows, width]]).unwrap();
+    assert!(plan.dispatch_count <= 2, "{} dispatches for one Gather", plan.dispatch_count);
+    let table = common::random_f32(rows * width, 70, -1.0, 1.0);
+    let out = engine.run(&[acclimate::Tensor::f32(vec![rows, width], table.clone())]).unwrap();
+    let want: Vec<f32> = idx.iter().flat_map(|&r| table[r as usize * width..(r as usize + 1) * width].to_vec()).collect();
+    assert_eq!(out[0].shape, vec![side, side, width]);
+    assert_eq!(out[0].to_f32_vec(), want);
+}

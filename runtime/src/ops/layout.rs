@@ -1345,19 +1345,63 @@ fn gather_indices(inputs: &[Option<Operand>]) -> OpResult<Arc<Tensor>> {
 }
 
 /// Gather on the GPU: data computed at run time, indices constant.
+/// Runs of consecutive indices up to which a Gather is that many strided copies; beyond, one
+/// indexed-read kernel (`gather_main`). A few runs are a class token or a slice of rows; a
+/// relative-position index ([196², heads] of scattered rows) was tens of thousands of copies,
+/// one dispatch and bind group each, and lavapipe crashed allocating their descriptors.
+const GATHER_MAX_COPIES: usize = 16;
+
+/// The indexed form's parameters (output or data element count first), when the indices call
+/// for it: (outer, count, dim, inner).
+fn gather_kernel_dims(data: &[usize], indices: &Tensor, axis: i64, copies: usize) -> OpResult<Option<[usize; 4]>> {
+    let a = norm_axes(&[axis], data.len())?[0];
+    // The kernel reads the indices as floats: exact below 2^24.
+    if copies <= GATHER_MAX_COPIES || data[a] >= 1 << 24 {
+        return Ok(None);
+    }
+    Ok(Some([data[..a].iter().product(), indices.numel(), data[a], data[a + 1..].iter().product()]))
+}
+
+fn gather_params(n: usize, [_, count, dim, inner]: [usize; 4]) -> OpResult<Params> {
+    Ok(Params::new()
+        .u32(to_u32(n, "Gather element count")?)
+        .u32(to_u32(count, "Gather index count")?)
+        .u32(to_u32(dim, "Gather axis")?)
+        .u32(to_u32(inner, "Gather inner size")?))
+}
+
 pub fn lower_gather(axis: i64, l: &mut Lowering) -> OpResult<()> {
     let indices = gather_indices(&l.inputs)?;
-    let (out, copies, _) = gather_copies(&l.input(0, "data")?.shape, &indices, axis)?;
+    let data = l.input(0, "data")?.shape.clone();
+    let (out, copies, _) = gather_copies(&data, &indices, axis)?;
+    if let Some(dims) = gather_kernel_dims(&data, &indices, axis, copies.len())? {
+        let n = numel(&out);
+        let bufs = vec![l.input(0, "data")?.buf, l.input(1, "indices")?.buf, l.output(0)?.buf];
+        l.dispatch(KernelKey::new(Shader::Layout, "gather_main"), gather_params(n, dims)?, bufs, grid_1d(n, 256));
+        return Ok(());
+    }
     lower_copies(l, &[out], &copies)
 }
 
-/// dData of Gather: the reversed copies, added (after zeroing) where an index repeats.
+/// dData of Gather: the reversed copies, added (after zeroing) where an index repeats; for the
+/// indexed form, one kernel summing each data element's gradient over the positions that read it.
 pub fn backward_gather(axis: i64, b: &mut BackwardLowering) -> OpResult<()> {
     if b.grad_inputs.len() > 1 && b.grad_input(1).is_some() {
         return Err(OpReason::Internal("Gather's indices carry no gradient".into()));
     }
     let indices = gather_indices(&b.inputs)?;
-    let (_, copies, repeats) = gather_copies(&b.input(0, "data")?.shape, &indices, axis)?;
+    let data = b.input(0, "data")?.shape.clone();
+    let (_, copies, repeats) = gather_copies(&data, &indices, axis)?;
+    let dy = b.grad_outputs.first().and_then(|g| g.as_ref()).map(|g| g.buf);
+    // Without an output gradient the copies' path only zeroes the data's gradient.
+    if let (Some(dims), Some(dy)) = (gather_kernel_dims(&data, &indices, axis, copies.len())?, dy) {
+        let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
+        let n = numel(&data);
+        let entry = if gx.accumulate { "gather_backward_add_main" } else { "gather_backward_main" };
+        let bufs = vec![dy, b.input(1, "indices")?.buf, gx.buf];
+        b.dispatch(KernelKey::new(Shader::Layout, entry), gather_params(n, dims)?, bufs, grid_1d(n, 256));
+        return Ok(());
+    }
     backward_copies_of(b, &copies, repeats, 1)
 }
 
