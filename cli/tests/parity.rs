@@ -319,7 +319,8 @@ fn weights_over_one_binding_are_split_and_match_onnxruntime() {
     }
 }
 
-/// Einsum as a batched MatMul (`ir::einsum`): attention as MaxViT's export writes it, plain and
+/// Einsum as a batched MatMul (`ir::einsum`): attention as MaxViT's export writes it, MViTv2's
+/// relative positions (several free labels per operand, broadcast by the MatMul), plain and
 /// transposed matrix products, an inner product and an outer product, on random inputs against
 /// ONNX Runtime; diagonals, three operands and ellipses are load errors naming the node.
 #[test]
@@ -371,9 +372,20 @@ fn einsum_matches_onnxruntime() {
     let ctx = common::gpu();
     let mut failures = Vec::new();
     for (k, eq) in
-        ["B G H I D, B G H J D -> B G H I J", "bghij,bghjd->bghid", "ij,jk->ik", "ij,kj->ki", "i,i->", "bi,bj->bji"]
-            .into_iter()
-            .enumerate()
+        // MViTv2's relative positions (several free labels in one operand), and in both.
+        [
+            "B G H I D, B G H J D -> B G H I J",
+            "bghij,bghjd->bghid",
+            "ij,jk->ik",
+            "ij,kj->ki",
+            "i,i->",
+            "bi,bj->bji",
+            "byhwc,hkc->byhwk",
+            "abc,cde->eabd",
+            "bhwc,hkc->bhwk",
+        ]
+        .into_iter()
+        .enumerate()
     {
         let path = dir.join(format!("einsum{k}.onnx"));
         std::fs::write(&path, model(eq, 2)).unwrap();
@@ -400,6 +412,7 @@ fn einsum_matches_onnxruntime() {
         ("...ij,...jk->...ik", 2, "ellipsis"),
         ("ij,jj->i", 2, "repeats"),
         ("ij,k->i", 2, "summed away"),
+        ("ijk,jkl->il", 2, "more than one contracted"),
     ] {
         let e = match Model::from_bytes(&model(eq, n_in)) {
             Ok(_) => panic!("{eq} loaded"),

@@ -1,12 +1,15 @@
 //! Einsum of two operands as a batched MatMul: each label is a batch label (in both operands and
 //! the output), the contracted label (in both, not in the output), or a free label of one
-//! operand (in it and the output). A is transposed to [batch…, i, k] and B to [batch…, k, j]
-//! (a missing i, j or k as a unit dim by Unsqueeze), multiplied, the unit dims squeezed away and
-//! the result transposed to the output's order: attention as MaxViT's export writes it
-//! (`BGHID,BGHJD->BGHIJ`), and `ij,jk->ik`, `bij,bjk->bik`, `i,i->`. Anything else — more than
-//! one contracted or free label per operand, a label repeated in one operand (a diagonal), a
-//! label summed away in one operand alone, ellipses, one or three operands — is refused by name.
-//! The MatMul and Transpose nodes carry the backward.
+//! operand (in it and the output). A is transposed to [batch…, A's other free…, 1…, i, k] and B
+//! to [batch…, 1…, B's other free…, k, j] (a missing i, j or k, and each unit dim, by
+//! Unsqueeze): free labels beyond the last of each operand become dims that MatMul broadcasts
+//! against the other operand's unit dims, so no reshape is needed. The product is squeezed and
+//! transposed to the output's order: attention as MaxViT's export writes it
+//! (`BGHID,BGHJD->BGHIJ`), MViTv2's relative positions (`byhwc,hkc->byhwk`), and `ij,jk->ik`,
+//! `bij,bjk->bik`, `i,i->`. Anything else — more than one contracted label, a label repeated in
+//! one operand (a diagonal), a label summed away in one operand alone, ellipses, one or three
+//! operands — is refused by name. The MatMul (its backward sums over broadcast dims) and
+//! Transpose nodes carry the backward.
 
 use super::Node;
 use super::layer_norm::part_node;
@@ -74,9 +77,12 @@ pub(super) fn expand(n: &RawNode) -> OpResult<Vec<Node>> {
     if let Some(c) = free_a.iter().chain(&free_b).find(|c| !out.contains(c)) {
         return Err(unsupported(&raw, &format!("label '{c}' is summed away within one operand")));
     }
-    if contracted.len() > 1 || free_a.len() > 1 || free_b.len() > 1 {
-        return Err(unsupported(&raw, "more than one contracted or free label per operand"));
+    if contracted.len() > 1 {
+        return Err(unsupported(&raw, "more than one contracted label"));
     }
+    // The last free label of each operand is the product's row (A) or column (B); the others
+    // are broadcast dims, A's before B's.
+    let (extra_a, extra_b) = (&free_a[..free_a.len().saturating_sub(1)], &free_b[..free_b.len().saturating_sub(1)]);
     let tmp = |what: &str| format!("{}/{what}", n.name);
     let node = |part: &'static str, op: Op, inputs: Vec<String>, out: String| part_node(n, part, op, inputs, out);
     let position = |l: &[char], c: char| l.iter().position(|&x| x == c).unwrap_or(0) as i64;
@@ -85,6 +91,8 @@ pub(super) fn expand(n: &RawNode) -> OpResult<Vec<Node>> {
     // (A) or contracted and free (B), a missing one inserted as a unit dim.
     let mut arrange = |which: &'static str, input: &str, l: &[char], rows: Option<char>, cols: Option<char>| {
         let mut order: Vec<char> = batch.clone();
+        let own = if which == "a" { extra_a } else { extra_b };
+        order.extend(own);
         order.extend(rows.iter().chain(cols.iter()));
         let perm: Vec<i64> = order.iter().map(|&c| position(l, c)).collect();
         let mut name = input.to_string();
@@ -93,13 +101,17 @@ pub(super) fn expand(n: &RawNode) -> OpResult<Vec<Node>> {
             nodes.push(node(part, Op::Layout(LayoutOp::Transpose { perm: Some(perm) }), vec![name], out.clone()));
             name = out;
         }
-        let nb = batch.len() as i64;
-        let mut unit = Vec::new();
+        // Unit dims: the other operand's broadcast dims (after A's own, before B's), then a
+        // missing row or column.
+        let (nb, na, nbx) = (batch.len() as i64, extra_a.len() as i64, extra_b.len() as i64);
+        let mut unit: Vec<i64> =
+            if which == "a" { (nb + na..nb + na + nbx).collect() } else { (nb..nb + na).collect() };
+        let last = nb + na + nbx;
         if rows.is_none() {
-            unit.push(nb);
+            unit.push(last);
         }
         if cols.is_none() {
-            unit.push(nb + 1);
+            unit.push(last + 1);
         }
         if !unit.is_empty() {
             let (part, out) = if which == "a" { ("a_unsqueezed", tmp("a_u")) } else { ("b_unsqueezed", tmp("b_u")) };
@@ -109,13 +121,13 @@ pub(super) fn expand(n: &RawNode) -> OpResult<Vec<Node>> {
         }
         name
     };
-    let (i, j, k) = (free_a.first().copied(), free_b.first().copied(), contracted.first().copied());
+    let (i, j, k) = (free_a.last().copied(), free_b.last().copied(), contracted.first().copied());
     let a_name = arrange("a", &inputs[0], &la, i, k);
     let b_name = arrange("b", &inputs[1], &lb, k, j);
     let y = n.outputs.first().filter(|s| !s.is_empty()).cloned().ok_or(OpReason::MissingOutput(0))?;
     nodes.push(node("matmul", Op::MatMul, vec![a_name, b_name], tmp("product")));
-    // [batch…, i|1, j|1] → the output's labels.
-    let nb = batch.len() as i64;
+    // [batch…, A's other free…, B's other free…, i|1, j|1] → the output's labels.
+    let nb = (batch.len() + extra_a.len() + extra_b.len()) as i64;
     let mut squeeze = Vec::new();
     if i.is_none() {
         squeeze.push(nb);
@@ -124,6 +136,7 @@ pub(super) fn expand(n: &RawNode) -> OpResult<Vec<Node>> {
         squeeze.push(nb + 1);
     }
     let mut have: Vec<char> = batch.clone();
+    have.extend(extra_a.iter().chain(extra_b));
     have.extend(i.iter().chain(j.iter()));
     let perm: Vec<i64> = out.iter().map(|&c| position(&have, c)).collect();
     let identity = perm.iter().enumerate().all(|(x, &p)| p == x as i64);
