@@ -297,6 +297,14 @@ def pool_cases():
     xg[0, 2, 3, 3] = -3e38
     xg[0, 2, 3, 2] = -3e38
     case("global_avgpool_inf", model("GlobalAveragePool", {"x": xg}, {}, {}, 11), {"x": xg})
+    xm = xg.copy()
+    xm[0, 1, 2, 2] = NAN
+    m = model("GlobalMaxPool", {"x": xm}, {}, {}, 11)
+    rule = xm.max(axis=(2, 3)).ravel()
+    got = run_ort(m, {"x": xm})[0].ravel()
+    doc = [[i, enc(np.array([r]))[0]] for i, (r, v) in enumerate(zip(rule, got))
+           if not ((np.isnan(r) and np.isnan(v)) or r == v)]
+    case("global_maxpool_nan", m, {"x": xm}, {"documented": doc})
 
 
 def reduce_cases():
@@ -308,6 +316,16 @@ def reduce_cases():
     x[1, 2, :] = 3e38
     case("reducemean_last", model("ReduceMean", {"x": x}, {}, {"axes": [2]}, 13), {"x": x})
     case("reducemean_01", model("ReduceMean", {"x": x}, {}, {"axes": [0, 1], "keepdims": 0}, 13), {"x": x})
+    # ReduceMax and ReduceMin propagate NaN as numpy (the ONNX reference) does; ONNX Runtime's CPU
+    # kernels skip a NaN that is not first in its reduction: documented where they differ.
+    for op, reduce in [("ReduceMax", np.max), ("ReduceMin", np.min)]:
+        for suffix, attrs in [("_last", {"axes": [2]}), ("_01", {"axes": [0, 1], "keepdims": 0})]:
+            m = model(op, {"x": x}, {}, attrs, 13)
+            rule = reduce(x, axis=tuple(attrs["axes"]), keepdims=bool(attrs.get("keepdims", 1))).ravel()
+            got = run_ort(m, {"x": x})[0].ravel()
+            doc = [[i, enc(np.array([r]))[0]] for i, (r, v) in enumerate(zip(rule, got))
+                   if not ((np.isnan(r) and np.isnan(v)) or r == v)]
+            case(op.lower() + suffix, m, {"x": x}, {"documented": doc})
 
 
 def softmax_cases():

@@ -957,6 +957,7 @@ fn reduce_mean_and_sum_match_finite_differences(ctx: GpuContext) {
     let shape = [2, 3, 4, 5];
     let attrs = |keepdims: bool, axes: Option<Vec<i64>>, axes_input: bool| ReduceMeanAttrs {
         sum: false,
+        extreme: None,
         keepdims,
         axes,
         axes_input,
@@ -1002,6 +1003,103 @@ fn reduce_mean_and_sum_match_finite_differences(ctx: GpuContext) {
         let count: usize = shape.iter().zip(&mask).filter(|(_, r)| **r).map(|(d, _)| *d).product();
         let scale = if a.sum { count as f64 } else { 1.0 };
         check(&ctx, &case, &|xs| vec![mean_ref(&xs[0], &shape, &mask).iter().map(|v| v * scale).collect()]);
+    }
+}
+
+/// ReduceMax (`max`) or ReduceMin over the dims of `mask`, in f64.
+fn extreme_ref(x: &[f64], shape: &[usize], mask: &[bool], max: bool) -> Vec<f64> {
+    let kept: Vec<usize> = shape.iter().zip(mask).map(|(&s, &r)| if r { 1 } else { s }).collect();
+    let mut out = vec![if max { f64::NEG_INFINITY } else { f64::INFINITY }; numel(&kept)];
+    for (i, &v) in x.iter().enumerate() {
+        let idx = unravel(i, shape);
+        let o = idx.iter().zip(&kept).fold(0, |acc, (&j, &s)| acc * s + if s == 1 { 0 } else { j });
+        out[o] = if max { out[o].max(v) } else { out[o].min(v) };
+    }
+    out
+}
+
+/// ReduceMax, ReduceMin and GlobalMaxPool: dY goes to the extreme, shared evenly among tied
+/// elements (torch's amax rule; central differences at a tie give the same half), through the
+/// per-thread and the workgroup forward kernels.
+#[gpu_test]
+fn reduce_max_and_min_match_finite_differences(ctx: GpuContext) {
+    use acclimate::ops::reduce::Extreme;
+    let attrs = |extreme, keepdims: bool, axes: Option<Vec<i64>>| ReduceMeanAttrs {
+        sum: false,
+        extreme: Some(extreme),
+        keepdims,
+        axes,
+        axes_input: false,
+        noop_with_empty_axes: false,
+        from_axis: None,
+    };
+    // Distinct values a multiple of 1/64 apart (no tie within a finite-difference step), ties
+    // (integers repeated), and a 320-element reduction (the workgroup kernel).
+    let spread = |n: usize, seed: u64| -> Vec<f32> {
+        let mut v: Vec<f32> = (0..n).map(|i| (i as f32 - n as f32 / 2.0) / 64.0).collect();
+        let r = rand(&[n], seed, 0.0, 1.0);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| r[a].total_cmp(&r[b]));
+        v = order.iter().map(|&i| v[i]).collect();
+        v
+    };
+    // Two-way ties at every group's extreme along the last axis: each gets half of dY, which is
+    // what central differences give at a two-way tie (at a k-way one they still give a half,
+    // where the rule gives 1/k).
+    let ties = |pattern: [f32; 5]| -> Vec<f32> { (0..120).map(|i| pattern[i % 5] + (i / 5) as f32 / 32.0).collect() };
+    // (attributes, X's shape, X, the reduced dims, dY's shape)
+    type ExtremeCase = (ReduceMeanAttrs, Vec<usize>, Vec<f32>, Vec<bool>, Vec<usize>);
+    let cases: Vec<ExtremeCase> = vec![
+        (
+            attrs(Extreme::Max, false, Some(vec![1, 3])),
+            vec![2, 3, 4, 5],
+            spread(120, 1),
+            vec![false, true, false, true],
+            vec![2, 4],
+        ),
+        (attrs(Extreme::Min, true, None), vec![2, 3, 4, 5], spread(120, 2), vec![true; 4], vec![1, 1, 1, 1]),
+        (
+            ReduceMeanAttrs::global_max(),
+            vec![2, 3, 4, 5],
+            spread(120, 3),
+            vec![false, false, true, true],
+            vec![2, 3, 1, 1],
+        ),
+        (
+            attrs(Extreme::Max, false, Some(vec![-1])),
+            vec![2, 3, 4, 5],
+            ties([0.1, 0.3, 0.9, 0.2, 0.9]),
+            vec![false, false, false, true],
+            vec![2, 3, 4],
+        ),
+        (
+            attrs(Extreme::Min, true, Some(vec![3])),
+            vec![2, 3, 4, 5],
+            ties([0.5, -0.7, 0.2, -0.7, 0.1]),
+            vec![false, false, false, true],
+            vec![2, 3, 4, 1],
+        ),
+        (
+            attrs(Extreme::Min, true, Some(vec![0, 2])),
+            vec![2, 3, 4, 5],
+            spread(120, 5),
+            vec![true, false, true, false],
+            vec![1, 3, 1, 5],
+        ),
+        (attrs(Extreme::Max, false, Some(vec![1])), vec![2, 320], spread(640, 4), vec![false, true], vec![2]),
+    ];
+    for (k, (a, shape, x, mask, out)) in cases.into_iter().enumerate() {
+        let max = a.extreme == Some(Extreme::Max);
+        let outputs = vec![out];
+        let case = Case {
+            name: format!("{a:?} on {shape:?}"),
+            args: vec![data(x, &shape)],
+            dys: dy_for(&outputs, 20 + k as u64),
+            outputs,
+            forward: &|l| reduce::lower(&a, l),
+            backward: &|b| Op::ReduceMean(a.clone()).lower_backward(b),
+        };
+        check(&ctx, &case, &|xs| vec![extreme_ref(&xs[0], &shape, &mask, max)]);
     }
 }
 

@@ -12,9 +12,10 @@
 //! (Conv+BN fusion keeps 3e38 finite that overflows unfused; the NCHWc convolution skips padded
 //! taps that meet a NaN weight), and the runtime fuses nothing.
 //!
-//! The one documented difference is MaxPool: ONNX Runtime's CPU kernels have no rule for a window
-//! holding a NaN or only -inf (see `shaders/pool.wgsl`); the runtime returns NaN for the first and
-//! -inf for the second. The fixture lists those outputs (`documented`) where ONNX Runtime answered
+//! The documented differences are MaxPool, ReduceMax, ReduceMin and GlobalMaxPool: ONNX Runtime's
+//! CPU kernels have no rule for a window holding a NaN or only -inf (see `shaders/pool.wgsl`) and
+//! skip a NaN that is not first in a reduction; the runtime returns NaN for a NaN (numpy's rule)
+//! and -inf for -inf only. The fixture lists those outputs (`documented`) where ONNX Runtime answered
 //! otherwise, and the GPU must give the documented value there.
 //!
 //! The whole-model cases edit the SVHN network (a NaN in a conv weight, a BN scale, a classifier
@@ -203,6 +204,13 @@ fn reducemean() {
     family(&["reducemean_"]);
 }
 
+/// ReduceMax, ReduceMin and GlobalMaxPool: NaN propagates (numpy's rule, the ONNX reference's);
+/// where ONNX Runtime skips it, the fixture documents NaN.
+#[test]
+fn reducemax_reducemin_and_global_maxpool() {
+    family(&["reducemax_", "reducemin_", "global_maxpool_"]);
+}
+
 #[test]
 fn softmax_and_logsoftmax() {
     family(&["softmax_", "logsoftmax_"]);
@@ -234,6 +242,9 @@ fn every_case_has_a_family() {
         "avgpool_",
         "global_avgpool",
         "reducemean_",
+        "reducemax_",
+        "reducemin_",
+        "global_maxpool_",
         "softmax_",
         "logsoftmax_",
         "transpose",

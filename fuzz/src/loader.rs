@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 68] = [
+const OP_TYPES: [&str; 71] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -150,6 +150,9 @@ const OP_TYPES: [&str; 68] = [
     "Round",
     "CumSum",
     "Ceil",
+    "ReduceMax",
+    "ReduceMin",
+    "GlobalMaxPool",
 ];
 
 impl Loader {

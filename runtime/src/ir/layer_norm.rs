@@ -26,6 +26,7 @@ fn statistics(n: &RawNode, x: String, axis: i64, mean: String, eps: String) -> V
     let tmp = |what: &str| format!("{}/{what}", n.name);
     let stats = ReduceMeanAttrs {
         sum: false,
+        extreme: None,
         keepdims: true,
         axes: None,
         axes_input: false,

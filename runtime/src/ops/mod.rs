@@ -11,7 +11,7 @@
 //! | [`matmul`] | Gemm, MatMul | `matmul.wgsl` |
 //! | [`norm`] | BatchNormalization | `norm.wgsl` |
 //! | [`pool`] | MaxPool, AveragePool, GlobalAveragePool | `pool.wgsl` |
-//! | [`reduce`] | ReduceMean, ReduceSum | `reduce.wgsl` |
+//! | [`reduce`] | ReduceMean, ReduceSum, ReduceMax, ReduceMin, GlobalMaxPool | `reduce.wgsl` |
 //! | [`resize`] | Resize, Upsample (interpolation matrices for the IR's MatMuls: `ir/resize.rs`) | none |
 //! | [`softmax`] | Softmax, LogSoftmax | `softmax.wgsl` |
 //! | [`layout`] | Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout (aliases); Transpose, Concat, Split, Slice, Pad | `layout.wgsl` |
@@ -206,6 +206,12 @@ impl Op {
             "GlobalAveragePool" => Op::GlobalAveragePool,
             "ReduceMean" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse(&a, opset)?),
             "ReduceSum" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse_sum(&a, opset >= 13)?),
+            "ReduceMax" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse_extreme(&a, opset, reduce::Extreme::Max)?),
+            "ReduceMin" => Op::ReduceMean(reduce::ReduceMeanAttrs::parse_extreme(&a, opset, reduce::Extreme::Min)?),
+            "GlobalMaxPool" => {
+                a.only(&[])?;
+                Op::ReduceMean(reduce::ReduceMeanAttrs::global_max())
+            }
             "Softmax" | "LogSoftmax" => Op::Softmax(softmax::SoftmaxAttrs::parse(&node.op_type, &a, opset)?),
             "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout" | "Transpose" | "Concat"
             | "Split" | "Slice" | "Pad" | "Expand" | "Tile" => {
@@ -551,7 +557,9 @@ impl Op {
             Op::BatchNorm(_) => (true, false),
             // MaxPool finds each window's first maximum again from X; AveragePool needs nothing.
             Op::Pool(p) => (p.max, false),
-            Op::GlobalAveragePool | Op::ReduceMean(_) => (false, false),
+            Op::GlobalAveragePool => (false, false),
+            // Max and min find their extreme again from X; a sum needs nothing.
+            Op::ReduceMean(r) => (r.extreme.is_some(), false),
             Op::Softmax(_) => (false, true),
             Op::Layout(_) => (false, false),
             Op::Shape(_) => (false, false),

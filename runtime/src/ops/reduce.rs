@@ -1,5 +1,7 @@
-//! ReduceMean and ReduceSum (`shaders/reduce.wgsl`; ReduceL2 and ReduceSumSquare are expanded
-//! into ReduceSum in the IR).
+//! ReduceMean, ReduceSum, ReduceMax and ReduceMin (`shaders/reduce.wgsl`; ReduceL2 and
+//! ReduceSumSquare are expanded into ReduceSum in the IR, GlobalMaxPool is a ReduceMax over the
+//! spatial axes). Max and min propagate NaN, as the ONNX reference (numpy) does; ONNX Runtime's
+//! CPU kernels skip a NaN that is not first in its reduction.
 //!
 //! Both kernels sum in a fixed order, so a result is bit-identical from run to run: short
 //! reductions loop over the reduced elements in one thread per output; long ones give each output
@@ -18,6 +20,8 @@ const WORKGROUP_MIN: usize = 256;
 pub struct ReduceMeanAttrs {
     /// ReduceSum: the sum, not divided by the count.
     pub sum: bool,
+    /// ReduceMax or ReduceMin instead of a sum.
+    pub extreme: Option<Extreme>,
     pub keepdims: bool,
     /// The `axes` attribute (before opset 18).
     pub axes: Option<Vec<i64>>,
@@ -30,7 +34,39 @@ pub struct ReduceMeanAttrs {
     pub from_axis: Option<i64>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extreme {
+    Max,
+    Min,
+}
+
 impl ReduceMeanAttrs {
+    /// ReduceMax or ReduceMin (axes as an input from opset 18).
+    pub fn parse_extreme(a: &Attrs<'_>, opset: i64, extreme: Extreme) -> OpResult<ReduceMeanAttrs> {
+        Ok(ReduceMeanAttrs { extreme: Some(extreme), ..Self::parse_as(a, opset >= 18, false)? })
+    }
+
+    /// GlobalMaxPool: the maximum over every axis after the channels, kept as 1s.
+    pub fn global_max() -> ReduceMeanAttrs {
+        ReduceMeanAttrs {
+            sum: false,
+            extreme: Some(Extreme::Max),
+            keepdims: true,
+            axes: None,
+            axes_input: false,
+            noop_with_empty_axes: false,
+            from_axis: Some(2),
+        }
+    }
+
+    fn mode(&self) -> i32 {
+        match self.extreme {
+            None => 0,
+            Some(Extreme::Max) => 1,
+            Some(Extreme::Min) => 2,
+        }
+    }
+
     pub fn parse(a: &Attrs<'_>, opset: i64) -> OpResult<ReduceMeanAttrs> {
         Self::parse_as(a, opset >= 18, false)
     }
@@ -56,6 +92,7 @@ impl ReduceMeanAttrs {
         };
         Ok(ReduceMeanAttrs {
             sum,
+            extreme: None,
             keepdims: flag("keepdims", 1)?,
             axes: a.ints("axes")?,
             axes_input,
@@ -142,7 +179,12 @@ pub fn eval(a: &ReduceMeanAttrs, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Ten
     let out_dims: Vec<usize> = x.shape.iter().zip(&mask).map(|(&d, &r)| if r { 1 } else { d }).collect();
     let n_out: usize = out_dims.iter().product();
     let count: usize = x.shape.iter().zip(&mask).filter(|(_, r)| **r).map(|(d, _)| *d).product();
-    let mut sums = vec![0f64; n_out];
+    let init = match a.extreme {
+        None => 0.0,
+        Some(Extreme::Max) => f64::NEG_INFINITY,
+        Some(Extreme::Min) => f64::INFINITY,
+    };
+    let mut sums = vec![init; n_out];
     for (flat, &value) in v.iter().enumerate() {
         // The output index of input element `flat`: its coordinates with reduced dims at 0.
         let (mut rem, mut at, mut stride) = (flat, 0usize, 1usize);
@@ -154,9 +196,16 @@ pub fn eval(a: &ReduceMeanAttrs, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Ten
             }
             stride *= out_dims[d];
         }
-        sums[at] += value as f64;
+        let (acc, v) = (sums[at], value as f64);
+        sums[at] = match a.extreme {
+            None => acc + v,
+            _ if acc.is_nan() || v.is_nan() => f64::NAN,
+            Some(Extreme::Max) => acc.max(v),
+            Some(Extreme::Min) => acc.min(v),
+        };
     }
-    let means = sums.iter().map(|&s| (if a.sum { s } else { s / count.max(1) as f64 }) as f32).collect();
+    let means =
+        sums.iter().map(|&s| (if a.sum || a.extreme.is_some() { s } else { s / count.max(1) as f64 }) as f32).collect();
     Ok(vec![Tensor::f32(out_shape(a, &x.shape, &mask), means)])
 }
 
@@ -175,9 +224,30 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
         )));
     }
     // Unit dims change no index, and dropping them keeps both dim lists within MAX_RANK.
-    let strides = contiguous_strides(&x.shape);
+    let (n_out, n_red, params) = forward_params(&x.shape, &mask)?;
+    if n_out == 0 || n_red == 0 {
+        return Err(OpReason::Unsupported(format!(
+            "ReduceMean of an empty tensor (shape {:?}) is not supported",
+            x.shape
+        )));
+    }
+    let sum = a.sum as i32;
+    if n_red >= WORKGROUP_MIN {
+        let key = KernelKey::new(Shader::Reduce, "mean_wg_main").with("SUM", sum).with("MODE", a.mode());
+        l.dispatch(key, params, vec![x.buf, y.buf], grid_1d(n_out, 1));
+    } else {
+        let key = KernelKey::new(Shader::Reduce, "mean_thread_main").with("SUM", sum).with("MODE", a.mode());
+        l.dispatch(key, params, vec![x.buf, y.buf], grid_1d(n_out, 256));
+    }
+    Ok(())
+}
+
+/// The split of `shape` into kept and reduced non-unit dims, with their strides, as the forward
+/// kernels take them: (n_out, n_red, params).
+fn forward_params(shape: &[usize], mask: &[bool]) -> OpResult<(usize, usize, Params)> {
+    let strides = contiguous_strides(shape);
     let (mut kept, mut kept_strides, mut red, mut red_strides) = (vec![], vec![], vec![], vec![]);
-    for (d, (&size, &r)) in x.shape.iter().zip(&mask).enumerate() {
+    for (d, (&size, &r)) in shape.iter().zip(mask).enumerate() {
         if size == 1 {
             continue;
         }
@@ -191,18 +261,12 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
     }
     if kept.len() > MAX_RANK || red.len() > MAX_RANK {
         return Err(OpReason::TooLarge(format!(
-            "ReduceMean over rank {} exceeds the supported maximum of {MAX_RANK}",
-            x.shape.len()
+            "a reduction over rank {} exceeds the supported maximum of {MAX_RANK}",
+            shape.len()
         )));
     }
     let n_out: usize = kept.iter().product();
     let n_red: usize = red.iter().product();
-    if n_out == 0 || n_red == 0 {
-        return Err(OpReason::Unsupported(format!(
-            "ReduceMean of an empty tensor (shape {:?}) is not supported",
-            x.shape
-        )));
-    }
     let params = Params::new()
         .u32(n_out as u32)
         .u32(n_red as u32)
@@ -212,15 +276,7 @@ pub fn lower(a: &ReduceMeanAttrs, l: &mut Lowering) -> OpResult<()> {
         .vec8u(&u32s(&kept_strides))
         .vec8u(&u32s(&red))
         .vec8u(&u32s(&red_strides));
-    let sum = a.sum as i32;
-    if n_red >= WORKGROUP_MIN {
-        let key = KernelKey::new(Shader::Reduce, "mean_wg_main").with("SUM", sum);
-        l.dispatch(key, params, vec![x.buf, y.buf], grid_1d(n_out, 1));
-    } else {
-        let key = KernelKey::new(Shader::Reduce, "mean_thread_main").with("SUM", sum);
-        l.dispatch(key, params, vec![x.buf, y.buf], grid_1d(n_out, 256));
-    }
-    Ok(())
+    Ok((n_out, n_red, params))
 }
 
 /// dX = dY / count, broadcast back over the reduced axes: one thread per input element.
@@ -279,6 +335,29 @@ pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     }
     let n_red: usize = runs.iter().filter(|r| r.1).map(|r| r.0).product();
     let shape: Vec<usize> = runs.iter().map(|r| r.0).collect();
+    if a.extreme.is_some() {
+        // The extreme and dY's share per output, then each element's share.
+        let (n_out, _, params) = forward_params(&x.shape, &mask)?;
+        let ties = b.scratch(8 * n_out as u64);
+        b.dispatch(
+            KernelKey::new(Shader::Reduce, "extreme_ties_main").with("MODE", a.mode()),
+            params,
+            vec![x.buf, dy.buf, ties],
+            grid_1d(n_out, 256),
+        );
+        b.dispatch(
+            KernelKey::new(Shader::Reduce, "extreme_backward_main").with("ACCUM", gx.accumulate as i32),
+            Params::new()
+                .u32(n as u32)
+                .u32(runs.len() as u32)
+                .u32(n_red as u32)
+                .vec8u(&u32s(&shape))
+                .vec8u(&u32s(&strides)),
+            vec![x.buf, ties, gx.buf],
+            grid_1d(n, 256),
+        );
+        return Ok(());
+    }
     b.dispatch(
         KernelKey::new(Shader::Reduce, "mean_backward_main")
             .with("ACCUM", gx.accumulate as i32)
