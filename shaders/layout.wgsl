@@ -372,3 +372,61 @@ fn gather_backward_add_main(@builtin(global_invocation_id) gid: vec3<u32>, @buil
     if e >= gp.n { return; }
     gather_dx[e] = gather_dx[e] + gather_backward_sum(e);
 }
+
+// ScatterND (reduction none) on run-time data, with constant positions: the updates' element k
+// lands at flat position pos[k] of the output (a copy of the data), or nowhere where pos[k] is
+// -1 (a later index overwrites it). Positions arrive as exact floats (below 2^24).
+struct ScatterParams {
+    n: u32,
+    _p0: u32,
+    _p1: u32,
+    _p2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> sp: ScatterParams;
+@group(0) @binding(1) var<storage, read> scatter_src: array<u32>;
+@group(0) @binding(2) var<storage, read> scatter_pos: array<f32>;
+@group(0) @binding(3) var<storage, read_write> scatter_dst: array<u32>;
+@group(0) @binding(1) var<storage, read> scatter_zero_pos: array<f32>;
+@group(0) @binding(2) var<storage, read_write> scatter_zero_dst: array<u32>;
+@group(0) @binding(1) var<storage, read> scatter_dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> scatter_dupd: array<f32>;
+
+// dst[pos[k]] = src[k] (the forward's updates).
+@compute @workgroup_size(256)
+fn scatter_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let k = flat(gid, nwg);
+    if k >= sp.n { return; }
+    let p = i32(scatter_pos[k]);
+    if p >= 0 { scatter_dst[u32(p)] = scatter_src[k]; }
+}
+
+// dst[pos[k]] = 0: the data's gradient is dY except where an update overwrote the data.
+@compute @workgroup_size(256)
+fn scatter_zero_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let k = flat(gid, nwg);
+    if k >= sp.n { return; }
+    let p = i32(scatter_zero_pos[k]);
+    if p >= 0 { scatter_zero_dst[u32(p)] = 0u; }
+}
+
+// The updates' gradient: dY at each update's position, 0 for an overwritten one.
+fn scatter_grad(k: u32) -> f32 {
+    let p = i32(scatter_pos[k]);
+    if p < 0 { return 0.0; }
+    return scatter_dy[u32(p)];
+}
+
+@compute @workgroup_size(256)
+fn scatter_grad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let k = flat(gid, nwg);
+    if k >= sp.n { return; }
+    scatter_dupd[k] = scatter_grad(k);
+}
+
+@compute @workgroup_size(256)
+fn scatter_grad_add_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let k = flat(gid, nwg);
+    if k >= sp.n { return; }
+    scatter_dupd[k] = scatter_dupd[k] + scatter_grad(k);
+}

@@ -1401,6 +1401,46 @@ fn gather_scatters_its_gradient_back(ctx: GpuContext) {
     }
 }
 
+/// ScatterND (reduction none) on run-time data and updates, as the IR expands it (`Op::Scatter`
+/// with constant positions, -1 where a later index overwrites an update): the data's gradient is
+/// dY except at the written positions, the updates' is dY where each landed, 0 where overwritten.
+#[gpu_test]
+fn scatter_nd_splits_its_gradient_between_data_and_updates(ctx: GpuContext) {
+    let s = [3, 4, 2];
+    // Rows (1, 2), (0, 0), (1, 2) again: the first write to (1, 2) is overwritten.
+    let rows: [usize; 3] = [6, 0, 6];
+    let mut pos = Vec::new();
+    for (t, &r) in rows.iter().enumerate() {
+        for e in 0..2 {
+            pos.push(if t == 0 { -1.0 } else { (r * 2 + e) as f32 });
+        }
+    }
+    let positions = Tensor::f32(vec![3, 2], pos.clone());
+    let reference = move |xs: &[Vec<f64>]| {
+        let mut y = xs[0].clone();
+        for (k, &p) in pos.iter().enumerate() {
+            if p >= 0.0 {
+                y[p as usize] = xs[2][k];
+            }
+        }
+        vec![y]
+    };
+    let outputs = vec![s.to_vec()];
+    let case = Case {
+        name: "ScatterND rows [[1, 2], [0, 0], [1, 2]]".into(),
+        args: vec![
+            data(random_f32(numel(&s), 110, -1.0, 1.0), &s),
+            Arg::Const(positions),
+            data(random_f32(6, 111, -1.0, 1.0), &[3, 2]),
+        ],
+        dys: dy_for(&outputs, 112),
+        outputs,
+        forward: &|l| Op::Scatter.lower(l),
+        backward: &|b| Op::Scatter.lower_backward(b),
+    };
+    check(&ctx, &case, &reference);
+}
+
 /// Expand (numpy broadcasting both ways: a new leading dim, a 1 stretched, a 1 in the target kept
 /// at the input's size): the copy reads with stride 0, the gradient sums over the broadcast dims,
 /// both across a workgroup-long reduction (64 × 5 = 320 summed elements per input element).

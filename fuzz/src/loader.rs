@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 71] = [
+const OP_TYPES: [&str; 72] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -153,6 +153,7 @@ const OP_TYPES: [&str; 71] = [
     "ReduceMax",
     "ReduceMin",
     "GlobalMaxPool",
+    "ScatterND",
 ];
 
 impl Loader {

@@ -21,6 +21,7 @@ use crate::tensor::{DType, Tensor};
 mod einsum;
 mod layer_norm;
 mod resize;
+mod scatter;
 pub mod split_weights;
 
 /// A parsed node: one op, or the nodes of an op defined as a function of others.
@@ -57,6 +58,11 @@ fn parse_node(n: &onnx::RawNode, opset: i64, inits: &mut HashMap<String, Arc<Ten
             "Einsum" => return einsum::expand(n).map(Expansion::Nodes),
             "LRN" => return layer_norm::expand_lrn(n, inits).map(Expansion::Nodes),
             "Resize" | "Upsample" => return resize::expand(n, opset).map(Expansion::Nodes),
+            // Other reductions (and bad attributes) go to the CPU-only op, which names them.
+            "ScatterND" if crate::ops::Attrs::new(&n.attrs).string("reduction", "none").is_ok_and(|r| r == "none") => {
+                crate::ops::Attrs::new(&n.attrs).only(&["reduction"])?;
+                return scatter::expand_scatter_nd(n).map(Expansion::Nodes);
+            }
             _ => {}
         }
     }

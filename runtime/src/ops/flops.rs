@@ -132,7 +132,7 @@ impl Op {
             Op::GlobalAveragePool => f.pool = numel(x),
             Op::ReduceMean(_) => f.other = numel(x),
             Op::Softmax(_) => f.other = 5 * numel(x),
-            Op::Layout(_) | Op::Shape(_) => {}
+            Op::Layout(_) | Op::Shape(_) | Op::Scatter => {}
         }
         f
     }
@@ -175,7 +175,7 @@ impl Op {
             Op::GlobalAveragePool => f.pool = if want(0) { numel(input(0)) } else { 0 },
             Op::ReduceMean(_) => f.other = if want(0) { numel(input(0)) } else { 0 },
             Op::Softmax(_) => f.other = if want(0) { 4 * numel(out) } else { 0 },
-            Op::Layout(_) | Op::Shape(_) => {}
+            Op::Layout(_) | Op::Shape(_) | Op::Scatter => {}
         }
         f.elementwise += accumulate;
         f

@@ -1569,6 +1569,111 @@ pub fn scatter(src: BufRef, a: (BufRef, usize, usize), b: (BufRef, usize, usize)
     }
 }
 
+/// ScatterND (reduction none) on run-time data, as the IR expands it: `Y = Scatter(data,
+/// positions, updates)` with the constant positions of [`super::shape::ShapeOp::ScatterPositions`].
+pub fn infer_scatter(inputs: &[Option<Input<'_>>]) -> OpResult<Vec<(Vec<usize>, DType)>> {
+    let data = super::required(inputs, 0, "data")?;
+    let (pos, upd) = (super::required(inputs, 1, "positions")?, super::required(inputs, 2, "updates")?);
+    if numel(pos.shape) != numel(upd.shape) {
+        return Err(OpReason::Internal(format!("{:?} positions for updates {:?}", pos.shape, upd.shape)));
+    }
+    if upd.dtype != data.dtype {
+        return Err(OpReason::DType(format!("ScatterND updates are {}, data {}", upd.dtype, data.dtype)));
+    }
+    Ok(vec![(data.shape.to_vec(), data.dtype)])
+}
+
+/// The copy of `data` with each update at its position (all three constant).
+pub fn eval_scatter(inputs: &[Option<&Tensor>]) -> OpResult<Vec<Tensor>> {
+    let get = |i: usize, what: &str| {
+        inputs.get(i).copied().flatten().ok_or_else(|| OpReason::MissingInput { index: i, what: what.into() })
+    };
+    let (data, pos, upd) = (get(0, "data")?, get(1, "positions")?, get(2, "updates")?);
+    let positions: Vec<Option<usize>> = pos.to_f32_vec().iter().map(|&p| (p >= 0.0).then_some(p as usize)).collect();
+    let mut out = data.clone();
+    match (&mut out.data, &upd.data) {
+        (Data::F32(o), Data::F32(u)) => positions.iter().zip(u).for_each(|(p, &v)| p.iter().for_each(|&p| o[p] = v)),
+        (Data::I64(o), Data::I64(u)) => positions.iter().zip(u).for_each(|(p, &v)| p.iter().for_each(|&p| o[p] = v)),
+        _ => return Err(OpReason::DType("ScatterND operands of one dtype hold different data".into())),
+    }
+    Ok(vec![out])
+}
+
+fn scatter_params(n: usize) -> OpResult<Params> {
+    Ok(Params::new().u32(to_u32(n, "ScatterND update count")?).u32(0).u32(0).u32(0))
+}
+
+/// A flat copy of `n` elements.
+fn flat_copy(n: usize) -> StridedCopy {
+    StridedCopy {
+        input: 0,
+        output: 0,
+        shape: vec![n],
+        src_offset: 0,
+        src_strides: vec![1],
+        dst_offset: 0,
+        dst_strides: vec![1],
+    }
+}
+
+pub fn lower_scatter(l: &mut Lowering) -> OpResult<()> {
+    let (data, pos, upd) = (l.input(0, "data")?.clone(), l.input(1, "positions")?.buf, l.input(2, "updates")?.buf);
+    let y = l.output(0)?.buf;
+    let (n, k) = (data.numel(), numel(&l.input(2, "updates")?.shape));
+    if n > 0 {
+        l.dispatch(
+            KernelKey::new(Shader::Layout, "copy_main"),
+            copy_params(&flat_copy(n))?,
+            vec![data.buf, y],
+            grid_1d(n, 256),
+        );
+    }
+    if k > 0 {
+        l.dispatch(
+            KernelKey::new(Shader::Layout, "scatter_main"),
+            scatter_params(k)?,
+            vec![upd, pos, y],
+            grid_1d(k, 256),
+        );
+    }
+    Ok(())
+}
+
+/// dData = dY with the overwritten positions zeroed; dUpdates = dY at each update's position.
+pub fn backward_scatter(b: &mut BackwardLowering) -> OpResult<()> {
+    if b.grad_input(1).is_some() {
+        return Err(OpReason::Internal("ScatterND's positions carry no gradient".into()));
+    }
+    let dy = b.grad_output(0)?.buf;
+    let pos = b.input(1, "positions")?.buf;
+    let (n, k) = (numel(&b.input(0, "data")?.shape), numel(&b.input(2, "updates")?.shape));
+    if let Some(gx) = b.grad_input(0).cloned()
+        && n > 0
+    {
+        let copy = copy_params(&flat_copy(n))?;
+        let target = if gx.accumulate { b.scratch(4 * n as u64) } else { gx.buf };
+        b.dispatch(KernelKey::new(Shader::Layout, "copy_main"), copy.clone(), vec![dy, target], grid_1d(n, 256));
+        if k > 0 {
+            b.dispatch(
+                KernelKey::new(Shader::Layout, "scatter_zero_main"),
+                scatter_params(k)?,
+                vec![pos, target],
+                grid_1d(k, 256),
+            );
+        }
+        if gx.accumulate {
+            b.dispatch(KernelKey::new(Shader::Layout, "copy_add_main"), copy, vec![target, gx.buf], grid_1d(n, 256));
+        }
+    }
+    if let Some(gu) = b.grad_input(2).cloned()
+        && k > 0
+    {
+        let entry = if gu.accumulate { "scatter_grad_add_main" } else { "scatter_grad_main" };
+        b.dispatch(KernelKey::new(Shader::Layout, entry), scatter_params(k)?, vec![dy, pos, gu.buf], grid_1d(k, 256));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,6 +168,9 @@ pub enum Op {
     Softmax(softmax::SoftmaxAttrs),
     Layout(layout::LayoutOp),
     Shape(shape::ShapeOp),
+    /// ScatterND (reduction none) on run-time data with constant positions
+    /// ([`shape::ShapeOp::ScatterPositions`]): the IR's expansion of ScatterND.
+    Scatter,
 }
 
 /// Ops that exist only for their dropped output or are pure metadata still need a name in errors.
@@ -249,6 +252,7 @@ impl Op {
             Op::Softmax(a) => softmax::infer(a, inputs),
             Op::Layout(l) => l.infer(inputs),
             Op::Shape(s) => s.infer(inputs),
+            Op::Scatter => layout::infer_scatter(inputs),
         }
     }
 
@@ -262,6 +266,7 @@ impl Op {
             Op::Layout(l) => Some(l.eval(inputs)),
             Op::Shape(s) => Some(s.eval(inputs)),
             Op::ReduceMean(a) => Some(reduce::eval(a, inputs)),
+            Op::Scatter => Some(layout::eval_scatter(inputs)),
             _ => None,
         }
     }
@@ -291,6 +296,7 @@ impl Op {
             Op::ReduceMean(a) => reduce::lower(a, l),
             Op::Softmax(a) => softmax::lower(a, l),
             Op::Layout(op) => op.lower(l),
+            Op::Scatter => layout::lower_scatter(l),
             // Gather of run-time data by constant indices runs as strided copies.
             Op::Shape(shape::ShapeOp::Gather { axis }) => layout::lower_gather(*axis, l),
             Op::Shape(_) => Err(OpReason::Internal("shape ops must be folded to constants before lowering".into())),
@@ -561,7 +567,7 @@ impl Op {
             // Max and min find their extreme again from X; a sum needs nothing.
             Op::ReduceMean(r) => (r.extreme.is_some(), false),
             Op::Softmax(_) => (false, true),
-            Op::Layout(_) => (false, false),
+            Op::Layout(_) | Op::Scatter => (false, false),
             Op::Shape(_) => (false, false),
         };
         Saves { inputs, outputs }
@@ -584,6 +590,7 @@ impl Op {
             Op::ReduceMean(a) => reduce::backward(a, b),
             Op::Softmax(a) => softmax::backward(a, b),
             Op::Layout(l) => l.backward(b),
+            Op::Scatter => layout::backward_scatter(b),
             Op::Shape(shape::ShapeOp::Gather { axis }) => layout::backward_gather(*axis, b),
             Op::Shape(_) => Err(OpReason::Internal("shape arithmetic carries no gradient".into())),
         }

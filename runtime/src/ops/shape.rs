@@ -48,6 +48,10 @@ pub enum ShapeOp {
     ScatterNd {
         reduction: Reduction,
     },
+    /// The positions a ScatterND (reduction none) on run-time data writes its updates to, from
+    /// `[Shape(data), indices, Shape(updates)]` (`ir/scatter.rs`; applied by
+    /// [`super::Op::Scatter`]).
+    ScatterPositions,
     /// Sin or Cos of a constant (XCiT's Fourier position encoding, computed from the input's
     /// size alone), in f64 and rounded.
     Trig {
@@ -353,6 +357,12 @@ impl ShapeOp {
                 }
                 Ok(vec![(super::resize::infer(attrs, *part, &values)?, DType::F32)])
             }
+            ShapeOp::ScatterPositions => {
+                let get = |i: usize, what: &str| -> OpResult<&Tensor> { required(inputs, i, what)?.constant(what) };
+                let (data, indices, updates) = (get(0, "data shape")?, get(1, "indices")?, get(2, "updates shape")?);
+                let t = scatter_positions(&const_shape(data)?, indices, &const_shape(updates)?)?;
+                Ok(vec![(t.shape, DType::F32)])
+            }
             ShapeOp::ScatterNd { .. } => {
                 let data = required(inputs, 0, "data")?;
                 let (indices, updates) = (required(inputs, 1, "indices")?, required(inputs, 2, "updates")?);
@@ -429,6 +439,13 @@ impl ShapeOp {
                 Tensor { dtype: x.dtype, shape: x.shape.clone(), data: Data::F32(v.iter().map(|&t| f(t)).collect()) }
             }
             ShapeOp::CumSum { exclusive, reverse } => cum_sum(get(0, "x")?, get(1, "axis")?, *exclusive, *reverse)?,
+            ShapeOp::ScatterPositions => {
+                let (data, indices, updates) = (get(0, "data shape")?, get(1, "indices")?, get(2, "updates shape")?);
+                if indices.dtype != DType::I64 {
+                    return Err(OpReason::DType(format!("ScatterND indices must be int64, got {}", indices.dtype)));
+                }
+                scatter_positions(&const_shape(data)?, indices, &const_shape(updates)?)?
+            }
             ShapeOp::ScatterNd { reduction } => {
                 scatter_nd(get(0, "data")?, get(1, "indices")?, get(2, "updates")?, *reduction)?
             }
@@ -574,18 +591,16 @@ fn scatter_nd_shapes(data: &[usize], indices: &[usize], updates: &[usize]) -> Op
     Ok((k, lead.iter().product(), data[k..].iter().product()))
 }
 
-fn scatter_nd(data: &Tensor, indices: &Tensor, updates: &Tensor, reduction: Reduction) -> OpResult<Tensor> {
-    let (k, tuples, slice) = scatter_nd_shapes(&data.shape, &indices.shape, &updates.shape)?;
-    if updates.dtype != data.dtype {
-        return Err(OpReason::DType(format!("ScatterND updates are {}, data {}", updates.dtype, data.dtype)));
-    }
-    check_size(&data.shape, "ScatterND")?;
+/// The flat offset in `data` of each index tuple's slice, and the slice's length.
+fn scatter_offsets(data: &[usize], indices: &Tensor, updates: &[usize]) -> OpResult<(Vec<usize>, usize)> {
+    let (k, tuples, slice) = scatter_nd_shapes(data, &indices.shape, updates)?;
+    check_size(data, "ScatterND")?;
     let idx = indices.to_i64_vec();
     let mut offsets = Vec::with_capacity(tuples);
     for t in 0..tuples {
         let mut at = 0usize;
         for d in 0..k {
-            let (i, n) = (idx[t * k + d], data.shape[d] as i64);
+            let (i, n) = (idx[t * k + d], data[d] as i64);
             let i = if i < 0 { i + n } else { i };
             if !(0..n).contains(&i) {
                 return Err(OpReason::Value(format!(
@@ -593,10 +608,43 @@ fn scatter_nd(data: &Tensor, indices: &Tensor, updates: &Tensor, reduction: Redu
                     idx[t * k + d]
                 )));
             }
-            at = at * data.shape[d] + i as usize;
+            at = at * data[d] + i as usize;
         }
         offsets.push(at * slice);
     }
+    Ok((offsets, slice))
+}
+
+/// ScatterND (reduction none) on run-time data, as positions: for each element of `updates`, the
+/// flat position in data it lands on, -1 where a later index tuple overwrites it (ONNX leaves
+/// repeated indices to the implementation; this keeps the last, as the CPU fold does). As floats,
+/// exact below 2^24.
+fn scatter_positions(data: &[usize], indices: &Tensor, updates: &[usize]) -> OpResult<Tensor> {
+    let (offsets, slice) = scatter_offsets(data, indices, updates)?;
+    let n: usize = data.iter().product();
+    if n >= 1 << 24 {
+        return Err(OpReason::TooLarge(format!(
+            "ScatterND into {data:?} on run-time data: {n} elements, more than the 2^24 its positions address"
+        )));
+    }
+    let mut pos = vec![-1.0f32; offsets.len() * slice];
+    let mut last: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    for (t, &o) in offsets.iter().enumerate() {
+        for e in 0..slice {
+            if let Some(prev) = last.insert(o + e, t * slice + e) {
+                pos[prev] = -1.0;
+            }
+            pos[t * slice + e] = (o + e) as f32;
+        }
+    }
+    Ok(Tensor::f32(updates.to_vec(), pos))
+}
+
+fn scatter_nd(data: &Tensor, indices: &Tensor, updates: &Tensor, reduction: Reduction) -> OpResult<Tensor> {
+    if updates.dtype != data.dtype {
+        return Err(OpReason::DType(format!("ScatterND updates are {}, data {}", updates.dtype, data.dtype)));
+    }
+    let (offsets, slice) = scatter_offsets(&data.shape, indices, &updates.shape)?;
     fn apply<T: Copy + PartialOrd + std::ops::Add<Output = T> + std::ops::Mul<Output = T>>(
         out: &mut [T],
         upd: &[T],
