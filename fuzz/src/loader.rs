@@ -79,7 +79,7 @@ const LOCATIONS: [&str; 14] = [
     "C:w.bin",
 ];
 
-const OP_TYPES: [&str; 72] = [
+const OP_TYPES: [&str; 71] = [
     "Conv",
     "BatchNormalization",
     "Relu",
@@ -153,7 +153,6 @@ const OP_TYPES: [&str; 72] = [
     "ReduceMax",
     "ReduceMin",
     "GlobalMaxPool",
-    "ScatterND",
 ];
 
 impl Loader {
