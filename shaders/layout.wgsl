@@ -362,15 +362,9 @@ fn gather_backward_sum(e: u32) -> f32 {
 fn gather_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let e = flat(gid, nwg);
     if e >= gp.n { return; }
-    gather_dx[e] = gather_backward_sum(e);
-}
-
-// The same, added onto a gradient that other readers of the data already wrote.
-@compute @workgroup_size(256)
-fn gather_backward_add_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let e = flat(gid, nwg);
-    if e >= gp.n { return; }
-    gather_dx[e] = gather_dx[e] + gather_backward_sum(e);
+    var v = gather_backward_sum(e);
+    if ACCUM == 1 { v = gather_dx[e] + v; }
+    gather_dx[e] = v;
 }
 
 // ScatterND (reduction none) on run-time data, with constant positions: the updates' element k
@@ -411,22 +405,13 @@ fn scatter_zero_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 }
 
 // The updates' gradient: dY at each update's position, 0 for an overwritten one.
-fn scatter_grad(k: u32) -> f32 {
-    let p = i32(scatter_pos[k]);
-    if p < 0 { return 0.0; }
-    return scatter_dy[u32(p)];
-}
-
 @compute @workgroup_size(256)
 fn scatter_grad_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let k = flat(gid, nwg);
     if k >= sp.n { return; }
-    scatter_dupd[k] = scatter_grad(k);
-}
-
-@compute @workgroup_size(256)
-fn scatter_grad_add_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let k = flat(gid, nwg);
-    if k >= sp.n { return; }
-    scatter_dupd[k] = scatter_dupd[k] + scatter_grad(k);
+    let p = i32(scatter_pos[k]);
+    var v = 0.0;
+    if p >= 0 { v = scatter_dy[u32(p)]; }
+    if ACCUM == 1 { v = scatter_dupd[k] + v; }
+    scatter_dupd[k] = v;
 }

@@ -85,16 +85,20 @@ fn finish(acc: f32) -> f32 {
     return acc / f32(p.n_red);
 }
 
-@compute @workgroup_size(256)
-fn mean_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let o = gid.x + gid.y * nwg.x * 256u;
-    if o >= p.n_out { return; }
-    let base = out_base(o);
+// Output `o`'s reduction (before `finish`), by one thread in element order.
+fn reduce_serial(base: u32) -> f32 {
     var acc = start();
     for (var r = 0u; r < p.n_red; r++) {
         acc = combine(acc, x[base + red_offset(r)]);
     }
-    y[o] = finish(acc);
+    return acc;
+}
+
+@compute @workgroup_size(256)
+fn mean_thread_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let o = gid.x + gid.y * nwg.x * 256u;
+    if o >= p.n_out { return; }
+    y[o] = finish(reduce_serial(out_base(o)));
 }
 
 const WG: u32 = 256u;
@@ -151,10 +155,8 @@ struct MeanGradParams {
 @group(0) @binding(1) var<storage, read> gy: array<f32>;
 @group(0) @binding(2) var<storage, read_write> gx: array<f32>;
 
-@compute @workgroup_size(256)
-fn mean_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
-    if i >= gp.n { return; }
+// The dY element input element `i` was reduced into.
+fn dy_index(i: u32) -> u32 {
     var rem = i;
     var o = 0u;
     for (var d = i32(gp.rank) - 1; d >= 0; d--) {
@@ -163,6 +165,14 @@ fn mean_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
         o += (rem % s) * lane(gp.dy_strides0, gp.dy_strides1, du);
         rem /= s;
     }
+    return o;
+}
+
+@compute @workgroup_size(256)
+fn mean_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= gp.n { return; }
+    let o = dy_index(i);
     // Divided, not multiplied by a reciprocal, as the forward divides its sum; ReduceSum's
     // gradient is dY itself.
     var v = gy[o];
@@ -187,10 +197,7 @@ fn extreme_ties_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     let o = gid.x + gid.y * nwg.x * 256u;
     if o >= p.n_out { return; }
     let base = out_base(o);
-    var m = start();
-    for (var r = 0u; r < p.n_red; r++) {
-        m = combine(m, x[base + red_offset(r)]);
-    }
+    let m = reduce_serial(base);
     var count = 0u;
     for (var r = 0u; r < p.n_red; r++) {
         if x[base + red_offset(r)] == m { count += 1u; }
@@ -207,14 +214,7 @@ fn extreme_ties_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 fn extreme_backward_main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= gp.n { return; }
-    var rem = i;
-    var o = 0u;
-    for (var d = i32(gp.rank) - 1; d >= 0; d--) {
-        let du = u32(d);
-        let s = lane(gp.shape0, gp.shape1, du);
-        o += (rem % s) * lane(gp.dy_strides0, gp.dy_strides1, du);
-        rem /= s;
-    }
+    let o = dy_index(i);
     var v = select(0.0, ex_ties[2u * o + 1u], ex_x[i] == ex_ties[2u * o]);
     if ACCUM == 1 { v = ex_dx[i] + v; }
     ex_dx[i] = v;

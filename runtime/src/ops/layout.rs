@@ -390,18 +390,8 @@ impl LayoutOp {
             Movement::View => {
                 // The plan normally shares the buffer instead; when it does not, a flat copy
                 // is the same view materialised.
-                let x = l.input(0, "data")?;
-                let n = x.numel();
-                let copy = StridedCopy {
-                    input: 0,
-                    output: 0,
-                    shape: vec![n],
-                    src_offset: 0,
-                    src_strides: vec![1],
-                    dst_offset: 0,
-                    dst_strides: vec![1],
-                };
-                lower_copies(l, &r.shapes, &[copy])
+                let n = l.input(0, "data")?.numel();
+                lower_copies(l, &r.shapes, &[flat_copy(n)])
             }
             Movement::Copies(copies) => lower_copies(l, &r.shapes, &copies),
             Movement::Pad { begin, mode, value } => lower_pad(l, &r.shapes[0], &begin, mode, value as f32),
@@ -1397,9 +1387,9 @@ pub fn backward_gather(axis: i64, b: &mut BackwardLowering) -> OpResult<()> {
     if let (Some(dims), Some(dy)) = (gather_kernel_dims(&data, &indices, axis, copies.len())?, dy) {
         let Some(gx) = b.grad_input(0).cloned() else { return Ok(()) };
         let n = numel(&data);
-        let entry = if gx.accumulate { "gather_backward_add_main" } else { "gather_backward_main" };
+        let key = KernelKey::new(Shader::Layout, "gather_backward_main").with("ACCUM", gx.accumulate as i32);
         let bufs = vec![dy, b.input(1, "indices")?.buf, gx.buf];
-        b.dispatch(KernelKey::new(Shader::Layout, entry), gather_params(n, dims)?, bufs, grid_1d(n, 256));
+        b.dispatch(key, gather_params(n, dims)?, bufs, grid_1d(n, 256));
         return Ok(());
     }
     backward_copies_of(b, &copies, repeats, 1)
@@ -1668,8 +1658,8 @@ pub fn backward_scatter(b: &mut BackwardLowering) -> OpResult<()> {
     if let Some(gu) = b.grad_input(2).cloned()
         && k > 0
     {
-        let entry = if gu.accumulate { "scatter_grad_add_main" } else { "scatter_grad_main" };
-        b.dispatch(KernelKey::new(Shader::Layout, entry), scatter_params(k)?, vec![dy, pos, gu.buf], grid_1d(k, 256));
+        let key = KernelKey::new(Shader::Layout, "scatter_grad_main").with("ACCUM", gu.accumulate as i32);
+        b.dispatch(key, scatter_params(k)?, vec![dy, pos, gu.buf], grid_1d(k, 256));
     }
     Ok(())
 }

@@ -335,6 +335,12 @@ pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
     }
     let n_red: usize = runs.iter().filter(|r| r.1).map(|r| r.0).product();
     let shape: Vec<usize> = runs.iter().map(|r| r.0).collect();
+    let grad_params = Params::new()
+        .u32(n as u32)
+        .u32(runs.len() as u32)
+        .u32(n_red as u32)
+        .vec8u(&u32s(&shape))
+        .vec8u(&u32s(&strides));
     if a.extreme.is_some() {
         // The extreme and dY's share per output, then each element's share.
         let (n_out, _, params) = forward_params(&x.shape, &mask)?;
@@ -347,12 +353,7 @@ pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         );
         b.dispatch(
             KernelKey::new(Shader::Reduce, "extreme_backward_main").with("ACCUM", gx.accumulate as i32),
-            Params::new()
-                .u32(n as u32)
-                .u32(runs.len() as u32)
-                .u32(n_red as u32)
-                .vec8u(&u32s(&shape))
-                .vec8u(&u32s(&strides)),
+            grad_params,
             vec![x.buf, ties, gx.buf],
             grid_1d(n, 256),
         );
@@ -362,12 +363,7 @@ pub fn backward(a: &ReduceMeanAttrs, b: &mut BackwardLowering) -> OpResult<()> {
         KernelKey::new(Shader::Reduce, "mean_backward_main")
             .with("ACCUM", gx.accumulate as i32)
             .with("SUM", a.sum as i32),
-        Params::new()
-            .u32(n as u32)
-            .u32(runs.len() as u32)
-            .u32(n_red as u32)
-            .vec8u(&u32s(&shape))
-            .vec8u(&u32s(&strides)),
+        grad_params,
         vec![dy.buf, gx.buf],
         grid_1d(n, 256),
     );

@@ -80,6 +80,23 @@ pub struct ResizeAttrs {
 }
 
 impl ResizeAttrs {
+    /// Resize-10's and Upsample's semantics (asymmetric coordinates, the legacy nearest rule), and
+    /// the defaults of every later attribute.
+    pub fn legacy(mode: Mode) -> ResizeAttrs {
+        ResizeAttrs {
+            mode,
+            coord: Coord::Asymmetric,
+            rounding: Rounding::Legacy,
+            cubic_a: -0.75,
+            exclude_outside: false,
+            extrapolation: 0.0,
+            antialias: false,
+            axes: None,
+            policy: AspectPolicy::Stretch,
+            scales: None,
+        }
+    }
+
     /// Parses a Resize (opset 10+) or Upsample (7–9) node's attributes.
     pub fn parse(op_type: &str, a: &Attrs<'_>, opset: i64) -> OpResult<ResizeAttrs> {
         let legacy = op_type == "Upsample" || opset < 11;
@@ -91,18 +108,7 @@ impl ResizeAttrs {
                 return Err(OpReason::Attribute(format!("{op_type} mode '{m}' (ONNX defines nearest, linear, cubic)")));
             }
         };
-        let mut attrs = ResizeAttrs {
-            mode,
-            coord: Coord::Asymmetric,
-            rounding: Rounding::Legacy,
-            cubic_a: -0.75,
-            exclude_outside: false,
-            extrapolation: 0.0,
-            antialias: false,
-            axes: None,
-            policy: AspectPolicy::Stretch,
-            scales: None,
-        };
+        let mut attrs = ResizeAttrs::legacy(mode);
         if legacy {
             if op_type == "Upsample" && opset < 9 {
                 a.only(&["mode", "scales"])?;
@@ -523,18 +529,7 @@ mod tests {
     use super::*;
 
     fn attrs(mode: Mode, coord: Coord) -> ResizeAttrs {
-        ResizeAttrs {
-            mode,
-            coord,
-            rounding: Rounding::RoundPreferFloor,
-            cubic_a: -0.75,
-            exclude_outside: false,
-            extrapolation: 0.0,
-            antialias: false,
-            axes: None,
-            policy: AspectPolicy::Stretch,
-            scales: None,
-        }
+        ResizeAttrs { coord, rounding: Rounding::RoundPreferFloor, ..ResizeAttrs::legacy(mode) }
     }
 
     fn rows(a: &ResizeAttrs, shape: &[i64], scales: &[f32]) -> Tensor {
