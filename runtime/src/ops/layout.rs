@@ -1201,15 +1201,7 @@ fn flat_grad(b: &mut BackwardLowering, src: BufRef, dst: BufRef, n: usize, accum
     if n == 0 {
         return Ok(());
     }
-    let c = StridedCopy {
-        input: 0,
-        output: 0,
-        shape: vec![n],
-        src_offset: 0,
-        src_strides: vec![1],
-        dst_offset: 0,
-        dst_strides: vec![1],
-    };
+    let c = flat_copy(n);
     let entry = if accumulate { "copy_add_main" } else { "copy_main" };
     b.dispatch(KernelKey::new(Shader::Layout, entry), copy_params(&c)?, vec![src, dst], grid_1d(n, 256));
     Ok(())
