@@ -575,7 +575,7 @@ def auto_decisions(steps):
     """How many of a replay's batches `auto` judged correlated, stepped on, reset."""
     diag = [s.get("auto") or {} for s in steps]
     return {k: sum(1 for a in diag if a.get(k))
-            for k in ("correlated", "label_shift", "stepped", "reset", "unjudged", "uncertain")}
+            for k in ("correlated", "label_shift", "stepped", "reset", "unjudged", "uncertain", "dominated")}
 
 
 # ----------------------------------------------------------------------------- report
@@ -692,7 +692,8 @@ def grid_report():
     dec = [(d, x) for d, x in dec if x]
     if dec:
         lines.append("\n`auto`'s decisions per set (16 batches): " + "; ".join(
-            f"{GRID_SHORT[d]} {x['stepped']} stepped, {x['correlated']} correlated, "
+            f"{GRID_SHORT[d]} {x['stepped']} stepped" + (f" ({x['dominated']} dominated)" if x.get("dominated") else "")
+            + f", {x['correlated']} correlated, "
             f"{x.get('label_shift', 0)} label-shifted" + (f", {x['reset']} reset" if x.get("reset") else "")
             for d, x in dec) + ".")
     whole = json.loads((RUNTIME / "auto_whole.json").read_text()) if (RUNTIME / "auto_whole.json").exists() else {}
@@ -709,7 +710,8 @@ def grid_report():
                 lines.append(f"| {GRID_SHORT[d]} | refused: {r['error']} | | | | | |")
                 continue
             x = r["decisions"]
-            dec = (f"{x['stepped']} stepped, {x['correlated']} correlated, {x.get('label_shift', 0)} label-shifted"
+            dec = (f"{x['stepped']} stepped" + (f" ({x['dominated']} dominated)" if x.get("dominated") else "")
+                   + f", {x['correlated']} correlated, {x.get('label_shift', 0)} label-shifted"
                    + (f", {x['uncertain']} vague" if x.get("uncertain") else "")
                    + (f", {x['reset']} reset" if x.get("reset") else ""))
             lines.append(f"| {GRID_SHORT[d]} | {r['digits']:,} | {r['accuracy'] * 100:.2f} | "
@@ -729,7 +731,9 @@ def grid_report():
                 continue
             sm = r["summary"]
             a = sm.get("auto")
-            dec = (f"{a['decisions']}: {a['stepped']} stepped, {a['correlated']} correlated, "
+            dec = (f"{a['decisions']}: {a['stepped']} stepped"
+                   + (f" ({a['dominated']} dominated)" if a.get("dominated") else "")
+                   + f", {a['correlated']} correlated, "
                    f"{a.get('label_shift', 0)} label-shifted, {a['unjudged']} unjudged"
                    + (f"; {a['prior_corrected_frames']} frames corrected by a class prior"
                       if a.get("prior_corrected_frames") else "")) if a else "—"

@@ -5,23 +5,28 @@ accuracy on the SVHN->MNIST sets (docs/accuracy.md).
 Per batch, as the runtime does it:
   1. the source model (source statistics, source BN parameters) -> source logits z_s;
      LAME (tools/tta_output.py, the [lame] defaults) over the input of the final Gemm -> p_lame;
+     the batch-statistics view (source BN parameters, the batch's statistics, biased variance)
+     -> z_b; dominated = B >= 16, mean row entropy of softmax(z_s) over ln C > dominance_entropy
+     and that of softmax(z_b) < dominance_ratio times it;
   2. rho = max(0, (H_exp - H(hist)) / H_exp), hist the batch's top-1 histogram of softmax(z_s),
      H_exp = H(r) - (k - 1) / 2B with r the top-1 marginal so far (prior_samples uniform
      pseudo-counts plus the source model's top-1 counts), k = #{r > 1e-3};
-     none below 16 samples; rho_s <- m rho_s + (1 - m) rho; correlated = rho_s > threshold;
-     then the marginal takes the batch; until a batch of 16 was judged: the source model's
-     prediction, no step;
-  3. skew = 1 - H(r)/ln C of the marginal after the batch; shifted = judged, not correlated,
-     count >= 10 C and skew > label_shift_threshold; q_used = q, q <- m q + (1 - m) mean(softmax(z_s))
+     none below 16 samples; unless dominated: rho_s <- m rho_s + (1 - m) rho; correlated =
+     rho_s > threshold (a dominated batch's rho is reported, not judged by); then the marginal
+     takes the batch's top-1 counts and the batch marginal the view's; until a batch of 16 was
+     judged: the source model's prediction, no step;
+  3. skew = 1 - H(r)/ln C of the marginal after the batch, skew_b that of the batch marginal;
+     shifted = judged, not correlated, count >= 10 C and min(skew, skew_b) > label_shift_threshold; q_used = q, q <- m q + (1 - m) mean(softmax(z_s))
      (q uniform at first, rounded to f32 after every batch as the runtime stores it);
-  4. correlated: return z_s and p_lame, no step; shifted: return z_s and softmax(z_s) * q_used
-     renormalised, no step; otherwise an ETA step (BN-alpha statistics with
-     alpha = B / (N + B), N = source_samples / (1 + n / source_decay), n the samples of the batches
+  4. dominated, or judged and neither correlated nor shifted: the ETA step below; else
+     correlated: return z_s and p_lame, no step; shifted: return z_s and softmax(z_s) * q_used
+     renormalised, no step. The ETA step: BN-alpha statistics with alpha = 1 when dominated,
+     else alpha = B / (N + B), N = source_samples / (1 + n / source_decay), n the samples of the batches
      adapted on so far (then n += B), the unbiased batch variance; Adam at
      lr, E0, d_margin; tools/tta_reference.py run_eata's rules) returning its pre-update logits;
   5. the covariate-shift score of the source forward (`covariate_shift` below: what the GPU computes
      in bn_shift), reported, not decided on;
-  6. collapse: when stepped and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
+  6. collapse: when it took the step branch and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
      parameters and optimizer return to the source and n to 0 (the decision state and q stay).
 
     python tools/auto_reference.py --fixtures tests/fixtures/tta      # tiny_auto, tiny_auto_reset
@@ -47,7 +52,7 @@ import tta_reference  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "source_decay": 1024.0, "correlation_threshold": 0.2, "correlation_momentum": 0.5,
             "prior_samples": 128.0, "collapse_ratio": 0.35, "label_shift_threshold": 0.1, "label_shift_momentum": 0.9,
-            "concentration_threshold": 0.4, "uncertain_entropy": 0.4}
+            "concentration_threshold": 0.4, "uncertain_entropy": 0.4, "dominance_entropy": 0.2, "dominance_ratio": 0.5}
 MIN_BATCH = 16
 MIN_SAMPLES_PER_CLASS = 10.0
 FULL_START_BATCH = 32
@@ -111,6 +116,7 @@ def run_auto(model_path, cfg, batches):
     opt = tta_reference.make_optimizer(list(params.values()), opt_cfg)
     c = None
     marg, count, smoothed, correlated, judged = None, float(a["prior_samples"]), 0.0, False, False
+    bmarg = None
     m = None
     q = None
     evidence = 0.0
@@ -125,6 +131,10 @@ def run_auto(model_path, cfg, batches):
             shift = covariate_shift(net)
             net.capture = None
             feats = tta_output.tensor_of(net, xb, feats_name)
+            # The batch-statistics view: the source parameters normalised with the batch's own
+            # statistics (biased variance), what the `norm` method predicts.
+            net.norm = "batch"
+            zb = net(x)
         net.use_source = False
         c = zs.shape[1]
         if marg is None:
@@ -134,6 +144,15 @@ def run_auto(model_path, cfg, batches):
         rho = None
         source_entropy = float((-(ps * ps.clamp_min(1e-300).log()).sum(1)).mean()) / math.log(c) if c > 1 else 0.0
         vague = source_entropy > a["uncertain_entropy"]
+        pb = zb.double().softmax(1)
+        batch_entropy = float((-(pb * pb.clamp_min(1e-300).log()).sum(1)).mean()) / math.log(c) if c > 1 else 0.0
+        if bmarg is None:
+            bmarg = torch.full((c,), a["prior_samples"] / c, dtype=torch.float64)
+        # The inputs' shift dominates: the batch's own statistics make the source parameters far
+        # more certain than the source statistics do; the source's predictions (and every label
+        # judgement made from them) are then the shift's, not the labels'.
+        dominated = (b >= MIN_BATCH and source_entropy > a["dominance_entropy"]
+                     and batch_entropy < a["dominance_ratio"] * source_entropy)
         if b >= MIN_BATCH:
             hist = torch.bincount(ps.argmax(1), minlength=c).double() / b
             h_b = entropy(hist)
@@ -143,34 +162,46 @@ def run_auto(model_path, cfg, batches):
             rho_u = min(max((balanced - h_b) / balanced, 0.0), 1.0)
             if not vague:
                 rho = min(max(rho, rho_u * a["correlation_threshold"] / a["concentration_threshold"]), 1.0)
+        if b >= MIN_BATCH and not dominated:
             # The first judged batch starts the average: smoothing toward 0 would weigh an
-            # i.i.d. batch that never came.
+            # i.i.d. batch that never came. A dominated batch's rho is the shift's, not the
+            # labels': reported, not judged by.
             smoothed = (a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho if judged
                         else rho * min(1.0, b / FULL_START_BATCH))
             correlated = smoothed > a["correlation_threshold"]
             judged = True
         marg += torch.bincount(ps.argmax(1), minlength=c).double()
+        bmarg += torch.bincount(pb.argmax(1), minlength=c).double()
         count += b
         skew = max(1.0 - entropy(marg / count) / math.log(c), 0.0) if c > 1 else 0.0
-        shifted = judged and not correlated and count >= MIN_SAMPLES_PER_CLASS * c and skew > a["label_shift_threshold"]
+        skew_b = max(1.0 - entropy(bmarg / count) / math.log(c), 0.0) if c > 1 else 0.0
+        # Labels shifted: the marginal is skewed with the source statistics and with the batch's
+        # own (a covariate shift that pushes the source model onto a few classes skews only the
+        # former).
+        shifted = (judged and not correlated and count >= MIN_SAMPLES_PER_CLASS * c
+                   and min(skew, skew_b) > a["label_shift_threshold"])
         if q is None:
             q = torch.full((c,), 1.0 / c, dtype=torch.float64)
         q_used = q
         q = (a["label_shift_momentum"] * q + (1 - a["label_shift_momentum"]) * ps.mean(0)).float().double()
-        rec = {"source_logits": tta_reference.f32(zs), "rho": rho, "smoothed": smoothed, "correlated": correlated,
-               "unjudged": not judged, "label_skew": skew, "label_shift": shifted,
+        # What was decided: a dominated batch steps, whatever its labels looked like.
+        rec = {"source_logits": tta_reference.f32(zs), "rho": rho, "smoothed": smoothed,
+               "correlated": correlated and not dominated, "unjudged": not judged and not dominated, "label_skew": skew,
+               "label_shift": shifted and not dominated, "batch_label_skew": skew_b,
+               "batch_entropy": batch_entropy, "dominated": dominated,
                "covariate_shift": shift}
         # The source's predictions on average as uncertain as ETA's reliability threshold: an
         # output stage would sharpen noise (no smoothing, no prior correction).
-        uncertain = judged and (correlated or shifted) and vague
+        uncertain = judged and (correlated or shifted) and vague and not dominated
         rec.update(uncertain=uncertain, source_entropy=source_entropy)
-        if not judged or uncertain:
+        step = dominated or (judged and not correlated and not shifted)
+        if not step and (not judged or uncertain):
             rec.update(logits=tta_reference.f32(zs), stepped=False)
             returned = ps
-        elif correlated:
+        elif not step and correlated:
             rec.update(logits=tta_reference.f32(zs), probs=tta_reference.f32(p_lame), stepped=False)
             returned = p_lame.double()
-        elif shifted:
+        elif not step and shifted:
             r_ = ps * q_used
             s_ = r_.sum(1, keepdim=True)
             p_ls = torch.where((s_ > 0) & torch.isfinite(s_), r_ / s_, ps)
@@ -179,7 +210,8 @@ def run_auto(model_path, cfg, batches):
         else:
             decay = a["source_decay"]
             n_src = a["source_samples"] / (1.0 + evidence / decay if decay > 0 else 1.0)
-            alpha = float(np.float32(b / (n_src + b)))
+            # A dominating shift normalises with the batch's own statistics alone.
+            alpha = 1.0 if dominated else float(np.float32(b / (n_src + b)))
             net.norm, net.alpha = "alpha", alpha
             evidence += b
             rec["alpha"] = alpha
@@ -202,7 +234,7 @@ def run_auto(model_path, cfg, batches):
             opt.zero_grad()
             rec.update(logits=tta_reference.f32(z), stepped=len(sel) > 0, selected=[int(i) for i in sel])
             returned = z.detach().double().softmax(1)
-        reset = judged and not correlated and not shifted and mean_entropy(returned) < a["collapse_ratio"] * mean_entropy(ps)
+        reset = step and mean_entropy(returned) < a["collapse_ratio"] * mean_entropy(ps)
         if reset:
             with torch.no_grad():
                 for k_, p in params.items():
@@ -241,13 +273,15 @@ def fixtures(out):
     # batches 3-6 are correlated and get LAME's smoothing, 7 is label-shifted and gets the prior
     # correction, 8 is label-shifted but vague: the source's predictions as they are. 0.52
     # (tiny_auto_reset): so too the vague correlated batches 3, 5 and 6; 4 gets LAME's smoothing.
+    # label_shift_threshold 0.09: the label-shifted batches' batch-statistics skew is 0.095.
     auto = {"e_margin": 1.45, "d_margin": 0.9995, "lr": 0.02, "correlation_threshold": 0.5, "source_decay": 10.0,
-            "uncertain_entropy": 0.65}
+            "uncertain_entropy": 0.65, "label_shift_threshold": 0.09}
     for name, extra in (("tiny_auto", {}), ("tiny_auto_reset", {"collapse_ratio": 0.9, "lr": 0.5, "uncertain_entropy": 0.52})):
         cfg = {"adapt": {"method": "auto"}, "auto": {**auto, **extra}}
         d = out / name
-        if d.exists():
-            shutil.rmtree(d)
+        # Only the batches are replaced: tools/classifier_heads.py keeps its model variants here.
+        if (d / "batches").exists():
+            shutil.rmtree(d / "batches")
         (d / "batches").mkdir(parents=True)
         shutil.copy(tiny, d / "model.onnx")
         for i, x in enumerate(batches):
@@ -258,6 +292,32 @@ def fixtures(out):
         print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["stepped"], s["reset"], round(s["source_entropy"], 2), s["uncertain"])
                      for s in res["steps"]])
     tiny.unlink()
+    # usps_auto_dominated: the USPS network (an asset, not copied) on MNIST digits, clean and with
+    # their contrast reduced (ImageNet-C's contrast at severity 3: (x - mean)·0.2 + mean per
+    # image). The contrast batches leave the source statistics vague (0.5 of ln C) where the
+    # batch's own make them confident (0.1): dominated, a step with alpha 1; the clean ones step
+    # with the source-anchored alpha.
+    import imgproc
+    images = imgproc.read_idx(ROOT / "assets" / "mnist" / "t10k-images-idx3-ubyte")[:200]
+    x = images.astype(np.float64) / 255.0
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    low = np.uint8(np.clip((x - mean) * 0.2 + mean, 0, 1) * 255)
+    clean, faint = imgproc.mnist_for_usps(images), imgproc.mnist_for_usps(low)
+    batches = [clean[0:8], clean[8:40], clean[40:72], faint[72:104], faint[104:136], faint[136:168], clean[168:200]]
+    name = "usps_auto_dominated"
+    cfg = {"adapt": {"method": "auto"}, "auto": {"source_decay": 10.0}}
+    d = out / name
+    if d.exists():
+        shutil.rmtree(d)
+    (d / "batches").mkdir(parents=True)
+    (d / "model_asset.txt").write_text("usps.onnx\n")
+    for i, xb in enumerate(batches):
+        np.save(d / "batches" / f"{i:03d}.npy", np.ascontiguousarray(xb, dtype=np.float32))
+    (d / "config.toml").write_text(tta_reference.toml(cfg))
+    res = run_auto(ROOT / "assets" / "usps.onnx", cfg, [np.ascontiguousarray(xb, dtype=np.float32) for xb in batches])
+    (d / "expected.json").write_text(json.dumps(res))
+    print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["label_shift"], s["stepped"], s["dominated"],
+                  round(s["source_entropy"], 2), round(s["batch_entropy"], 2), s.get("alpha")) for s in res["steps"]])
 
 
 def accuracy(sets, n, batch=64):

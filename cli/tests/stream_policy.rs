@@ -338,7 +338,7 @@ fn auto_reranks_background_frames_from_the_landed_decision(ctx: GpuContext) {
 }
 
 /// Regression: the recent-class prior and the latest decision are part of a stream's saved
-/// state (version 2), so a stream loaded mid-way re-ranks the next frames exactly as the one that
+/// state (version 2 on), so a stream loaded mid-way re-ranks the next frames exactly as the one that
 /// saved it (without them the loaded stream predicted uncorrected frames until the next window
 /// step). `uncertain_entropy = 1`: the tiny model's predictions are vague.
 #[gpu_test]
@@ -554,4 +554,74 @@ fn a_vision_transformer_streams_and_adapts(ctx: GpuContext) {
             assert!(moved, "the steps changed the adapted model's outputs");
         }
     }
+}
+
+/// Regression: after a window the inputs' shift dominated, method auto normalises the frames
+/// with the recent frames' statistics, and that is part of a saved stream state (version 3): a
+/// stream loaded mid-way predicts the next frames exactly as the one that saved it. Without the
+/// flag the loaded stream predicted with the source statistics until the next window step. The
+/// USPS network on contrast-reduced MNIST digits, whose windows are all dominated.
+#[gpu_test]
+fn a_loaded_stream_keeps_normalising_with_the_window_when_the_shift_dominates(ctx: GpuContext) {
+    use acclimate_cli::stream::source::Source;
+    use sha2::Digest;
+    let images = common::asset("mnist/t10k-images-idx3-ubyte");
+    let labels = common::asset("mnist/t10k-labels-idx1-ubyte");
+    let mut source = Source::open(&format!("idx:{},{}", images.display(), labels.display())).expect("MNIST");
+    // ImageNet-C's contrast at severity 3 on each digit: (x − mean)·0.2 + mean.
+    let fs: Vec<Frame> = (0..72)
+        .map(|_| {
+            let mut f = source.next_frame().expect("a digit").expect("digit").frame;
+            let mean = f.data.iter().map(|&v| v as f64).sum::<f64>() / f.data.len() as f64;
+            f.data.iter_mut().for_each(|v| *v = ((*v as f64 - mean) * 0.2 + mean).round().clamp(0.0, 255.0) as u8);
+            f
+        })
+        .collect();
+    let model = || Model::load(&common::asset("usps.onnx")).expect("USPS network");
+    let spec: PreprocessSpec = "size=16,channels=1,mean=0.2471,std=0.2994".parse().unwrap();
+    let cfg = AdaptConfig::from_toml_str(
+        "[adapt]\nmethod = \"auto\"\n[stream]\nmode = \"frame\"\nwindow = 32\nadapt_every = 16\nsteps = \"inline\"\n",
+    )
+    .expect("config");
+    let options = StreamOptions { top_k: 3, source_prediction: false };
+    let mut a = StreamSession::new(&ctx, model(), cfg.clone(), spec.clone(), options.clone()).expect("stream");
+    let mut dominated = 0;
+    for f in &fs[..40] {
+        for r in a.push(f).expect("push") {
+            dominated += r.auto.as_ref().is_some_and(|d| d.dominated && d.stepped && d.alpha == Some(1.0)) as usize;
+        }
+    }
+    assert!(dominated >= 1, "no window was dominated: the test shows nothing");
+    let path = std::env::temp_dir().join(format!("acclimate-dominated-{}.state", std::process::id()));
+    a.save_state(&path).expect("save");
+    let mut b = StreamSession::new(&ctx, model(), cfg.clone(), spec.clone(), options.clone()).expect("stream");
+    b.load_state(&path).expect("load");
+    // The same file with the flag cleared (bit 1 of the word after the window; the header's
+    // 52 bytes hold the session's length and the window's size), resealed: that stream predicts
+    // with the source statistics, and the frames must differ from it or the check shows nothing.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let word = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+    let session_len = u64::from_le_bytes(bytes[44..52].try_into().unwrap()) as usize;
+    let flags_at = 52 + session_len + word(&bytes, 40) * word(&bytes, 36) * 4;
+    assert_eq!(word(&bytes, flags_at) & 2, 2, "saved as dominated");
+    bytes[flags_at] &= !2;
+    let body = bytes.len() - 32;
+    let digest = sha2::Sha256::digest(&bytes[..body]);
+    bytes[body..].copy_from_slice(&digest);
+    let cleared = path.with_extension("cleared");
+    std::fs::write(&cleared, &bytes).unwrap();
+    let mut plain = StreamSession::new(&ctx, model(), cfg, spec, options).expect("stream");
+    plain.load_state(&cleared).expect("load");
+    let _ = (std::fs::remove_file(&path), std::fs::remove_file(&cleared));
+    let mut differ = 0;
+    for (i, f) in fs.iter().enumerate().skip(40).take(7) {
+        let (ra, rb, rp) = (
+            a.push(f).expect("push").remove(0),
+            b.push(f).expect("push").remove(0),
+            plain.push(f).expect("push").remove(0),
+        );
+        assert_eq!(ra.top_k, rb.top_k, "frame {i}");
+        differ += (ra.top_k != rp.top_k) as usize;
+    }
+    assert!(differ > 0, "the window statistics changed no frame's prediction");
 }

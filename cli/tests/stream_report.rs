@@ -218,6 +218,9 @@ fn diagnostics(stepped: bool, covariate_shift: Option<f32>) -> AutoDiagnostics {
         source_entropy: 0.1,
         uncertain: false,
         reset: false,
+        batch_label_skew: 0.01,
+        batch_entropy: Some(0.2),
+        dominated: false,
         alpha: stepped.then_some(0.1),
         covariate_shift,
     }
@@ -235,14 +238,18 @@ fn html_shows_what_auto_decided() {
     a.add(8, &diagnostics(true, None));
     assert_eq!((a.decisions, a.stepped, a.covariate_shift), (3, 2, Some(1.0)));
     assert!(a.line().contains("covariate shift (mean KL of the BatchNorm statistics from the source's) 1.000"));
-    assert!(!a.line().contains("class prior"));
+    assert!(!a.line().contains("class prior") && !a.line().contains("dominated"));
+    // A step the inputs' shift dominated is counted and said.
+    a.add(9, &AutoDiagnostics { dominated: true, alpha: Some(1.0), ..diagnostics(true, Some(1.0)) });
+    assert_eq!((a.decisions, a.stepped, a.dominated), (4, 3, 1));
+    assert!(a.line().contains("1 of the adapted decision(s) on the batch's own statistics alone"), "{}", a.line());
     a.prior_corrected_frames = 7;
     assert!(a.line().contains("7 frame(s) corrected by a class prior"), "{}", a.line());
     s.auto = Some(a.clone());
     let html = render_html(&s, &recs, "auto").unwrap();
     assert_self_contained(&html);
-    assert!(html.contains("<h2>Method auto</h2>") && html.contains("2 adapted"), "{html}");
-    assert!(html.contains("Method auto: scores per decision"));
+    assert!(html.contains("<h2>Method auto</h2>") && html.contains("3 adapted"), "{html}");
+    assert!(html.contains("Method auto: scores per decision") && html.contains("label skew, batch statistics"));
     assert!(html.contains("Covariate shift: mean KL"));
     assert_eq!(html.matches("<svg").count(), 6);
     // The timeline is not part of the summary's JSON.

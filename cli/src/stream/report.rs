@@ -122,6 +122,11 @@ pub struct AutoSummary {
     /// output stage (returned as they are).
     #[serde(default)]
     pub uncertain: u64,
+    /// Of the stepped ones, those whose inputs' shift dominated (the source statistics left the
+    /// source model uncertain, the batch's own made it far more certain): a step with the
+    /// batch's own statistics alone, whatever the labels looked like.
+    #[serde(default)]
+    pub dominated: u64,
     /// Collapse resets to the source.
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
@@ -146,6 +151,7 @@ pub struct AutoPoint {
     pub covariate_shift: Option<f32>,
     pub label_correlation: f32,
     pub label_skew: f32,
+    pub batch_label_skew: f32,
     pub alpha: Option<f32>,
     pub source_agreement: f32,
 }
@@ -164,6 +170,7 @@ impl AutoSummary {
             covariate_shift: d.covariate_shift,
             label_correlation: d.label_correlation_smoothed,
             label_skew: d.label_skew,
+            batch_label_skew: d.batch_label_skew,
             alpha: d.alpha,
             source_agreement: d.source_agreement,
         });
@@ -173,6 +180,7 @@ impl AutoSummary {
         self.stepped += d.stepped as u64;
         self.unjudged += d.unjudged as u64;
         self.uncertain += d.uncertain as u64;
+        self.dominated += d.dominated as u64;
         self.resets += d.reset as u64;
     }
 
@@ -193,7 +201,13 @@ impl AutoSummary {
             acclimate::adapt::methods::auto::MIN_CORRELATION_BATCH,
             self.resets,
             100.0 * self.source_agreement
-        ) + &match self.uncertain {
+        ) + &match self.dominated {
+            0 => String::new(),
+            n => format!(
+                "; {n} of the adapted decision(s) on the batch's own statistics alone (the inputs' shift \
+                 dominated: the batch statistics made the source model far more certain)"
+            ),
+        } + &match self.uncertain {
             0 => String::new(),
             n => format!(
                 "; {n} of the correlated or label-shifted decision(s) returned the source model's predictions \
@@ -807,21 +821,23 @@ fn auto_section(a: &AutoSummary, starts: &[(f64, String)]) -> Result<String, Rep
     let pct = |f: fn(&AutoPoint) -> Option<f32>| -> Vec<f64> {
         points.iter().map(|p| f(p).map_or(f64::NAN, |v| 100.0 * v as f64)).collect()
     };
-    let (rho, skew, alpha, agree) = (
+    let (rho, skew, batch_skew, alpha, agree) = (
         pct(|p| Some(p.label_correlation)),
         pct(|p| Some(p.label_skew)),
+        pct(|p| Some(p.batch_label_skew)),
         pct(|p| p.alpha),
         pct(|p| Some(p.source_agreement)),
     );
     let lines: Vec<(&str, RGBColor, &[f64])> = vec![
         ("label correlation (smoothed)", RGBColor(214, 39, 40), &rho),
         ("label skew", RGBColor(148, 103, 189), &skew),
+        ("label skew, batch statistics", RGBColor(140, 86, 75), &batch_skew),
         ("BN-α α of the step", RGBColor(44, 160, 44), &alpha),
         ("agreement with the source model", ADAPTED, &agree),
     ];
     out += "<p class=\"note\">One point per decision (a batch, or a window step in frame mode). Labels are \
-            judged correlated above the correlation threshold and shifted above the skew threshold; a step \
-            normalises with α of the batch's own statistics.</p>\n";
+            judged correlated above the correlation threshold and shifted when both skews are above the skew \
+            threshold; a step normalises with α of the batch's own statistics.</p>\n";
     out += &line_chart("auto scores", "Method auto: scores per decision", "%", &x, &lines, starts)?;
     let shift: Vec<f64> = points.iter().map(|p| p.covariate_shift.map_or(f64::NAN, |v| v as f64)).collect();
     let top = shift.iter().copied().filter(|v| v.is_finite()).fold(0.0f64, f64::max);

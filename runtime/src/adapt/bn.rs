@@ -337,9 +337,12 @@ impl BnHook {
                     ),
                 );
                 let (entry, groups) = reduce_kernel("bn_frame", channels, l.cpu_kernels);
+                // The weights may be set again between runs (`Compiled::set_frame_alpha`), except
+                // in the layers kept at the source.
+                let block = params(&saved, (a_mean, 0.0, a_var, 0.0, false), false);
                 l.dispatch(
                     KernelKey::new(Shader::Norm, entry),
-                    params(&saved, (a_mean, 0.0, a_var, 0.0, false), false),
+                    if plane < min_plane { block } else { block.frame_alpha_at(4) },
                     vec![x.buf, sources, BufRef::Value(stats), BufRef::Value(next)],
                     groups,
                 );

@@ -147,6 +147,11 @@ impl StepWarmer {
 struct AutoState {
     spec: StepSpec,
     plans: HashMap<Vec<usize>, StepPlan>,
+    /// The batch-statistics view: the source parameters normalised with the batch's own
+    /// statistics, forward only, its predictions' statistics against the judging pass's
+    /// ([`auto::dominated`], [`auto::Decision::batch_marginal`]); models with BatchNormalization.
+    view_spec: StepSpec,
+    view_plans: HashMap<Vec<usize>, StepPlan>,
     decision: Option<Decision>,
     /// The label-shift estimate q̂ ([`auto::PRIOR`]); `None`: uniform.
     prior: Option<Vec<f64>>,
@@ -258,7 +263,23 @@ impl Session {
                 diagnostics: Diagnose::Judge,
                 fuse: true,
             };
-            Some(AutoState { spec, plans: HashMap::new(), decision: None, prior: None, evidence: 0.0, adapts: !plain })
+            let view_spec = StepSpec {
+                mode: StatsMode::Batch,
+                output: None,
+                shift_score: false,
+                diagnostics: Diagnose::Returned,
+                ..spec.clone()
+            };
+            Some(AutoState {
+                spec,
+                plans: HashMap::new(),
+                view_spec,
+                view_plans: HashMap::new(),
+                decision: None,
+                prior: None,
+                evidence: 0.0,
+                adapts: !plain,
+            })
         } else {
             None
         };
@@ -379,7 +400,8 @@ impl Session {
     }
 
     /// What compiles, on any thread, the pipelines of the step programs a batch of each of
-    /// `shapes` will run (method `auto`: its judging program too) and that this session has not
+    /// `shapes` will run (method `auto`: its judging program and batch-statistics view too) and
+    /// that this session has not
     /// built yet (`paced`: as a [`super::train::Pacer`] runs them). The frame stream runs one
     /// when it is made (background steps), so that no step compiles a pipeline on its way to
     /// landing.
@@ -393,6 +415,10 @@ impl Session {
                 }
                 if !state.adapts {
                     continue;
+                }
+                if !state.view_plans.contains_key(shape) {
+                    let z_piece = if paced { super::train::PACED_Z_PIECE } else { 0 };
+                    jobs.push((shape.clone(), StepSpec { z_piece, ..state.view_spec.clone() }));
                 }
             }
             if !self.plans.contains_key(shape) {
@@ -596,6 +622,12 @@ impl Session {
             state.plans.insert(shape.clone(), p);
         }
         if state.adapts {
+            if !state.view_plans.contains_key(&shape) {
+                let z_piece = if self.pacer.is_some() { super::train::PACED_Z_PIECE } else { 0 };
+                let spec = StepSpec { z_piece, ..state.view_spec.clone() };
+                let p = StepPlan::build(&self.ctx, &self.model.graph, &mut self.store, &shape, &spec)?;
+                state.view_plans.insert(shape.clone(), p);
+            }
             self.plan(&shape)?;
         }
         let judge = &state.plans[&shape];
@@ -603,13 +635,21 @@ impl Session {
         let c = judge.output_classes();
         let missing = || PlanError::Program("method auto's judging pass computed no statistics".into());
         let source = a.stats.source.clone().ok_or_else(missing)?;
+        // The batch-statistics view, after the judging pass (its top-1 classes are what the
+        // view's agreement is counted against).
+        let view = match state.view_plans.get(&shape) {
+            Some(v) => {
+                Some(v.run_paced(&self.ctx, input, true, self.pacer.as_deref())?.stats.returned.ok_or_else(missing)?)
+            }
+            None => None,
+        };
         let covariate_shift = a.shift.as_deref().and_then(auto::covariate_shift);
         let section = self.config.auto.clone();
         let decision = state.decision.get_or_insert_with(|| Decision::initial(c, section.prior_samples as f64));
         if decision.marginal.len() != c {
             *decision = Decision::initial(c, section.prior_samples as f64);
         }
-        let rho = decision.observe_stats(&source, &section);
+        let rho = decision.observe_stats(&source, view.as_ref(), &section);
         let prior = match state.prior.take() {
             Some(q) if q.len() == c => q,
             _ => vec![1.0 / c as f64; c],
@@ -646,7 +686,7 @@ impl Session {
             };
             (p, false, returned)
         } else {
-            alpha = Some(auto::alpha(&section, shape[0], state.evidence));
+            alpha = Some(auto::step_alpha(decision, &section, shape[0], state.evidence));
             self.plans[&shape].set_bn_alpha(&self.ctx, alpha.unwrap_or(0.0));
             state.evidence += shape[0] as f64;
             let out = self.plans[&shape].run_paced(&self.ctx, input, true, self.pacer.as_deref())?;
@@ -673,7 +713,14 @@ impl Session {
         let returned = returned.ok_or_else(missing)?;
         // The state continues from what its buffer holds (f32), so that a session loaded from a
         // saved state decides exactly as the one that saved it.
-        let decision = Decision::from_buffer(&decision.to_buffer()).unwrap_or_else(|| decision.clone());
+        let decision = match Decision::from_buffer(&decision.to_buffer()) {
+            Some(mut d) => {
+                d.set_batch_marginal(&decision.batch_marginal.iter().map(|&m| m as f32).collect::<Vec<_>>());
+                d.dominated = decision.dominated;
+                d
+            }
+            None => decision.clone(),
+        };
         let next: Vec<f64> = auto::update_prior_mean(&prior, &source.mean, section.label_shift_momentum as f64)
             .into_iter()
             .map(|q| q as f32 as f64)
@@ -694,10 +741,12 @@ impl Session {
         self.write(auto::STATE, &decision.to_buffer());
         self.write(auto::PRIOR, &prior.iter().map(|&q| q as f32).collect::<Vec<_>>());
         self.write(auto::EVIDENCE, &[state.evidence as f32]);
+        self.write(auto::BATCH_MARGINAL, &decision.batch_marginal.iter().map(|&m| m as f32).collect::<Vec<_>>());
         self.ctx.queue.submit([]);
         state.decision = Some(decision);
         state.prior = Some(prior);
-        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, alpha, covariate_shift, ..diag });
+        let batch_entropy = view.as_ref().map(|v| v.row_entropy as f32);
+        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, alpha, covariate_shift, batch_entropy, ..diag });
         Ok(p)
     }
 
@@ -739,13 +788,21 @@ impl Session {
         if self.auto.is_none() {
             return Ok(());
         }
-        let decision = match self.store.get(auto::STATE) {
+        let mut decision = match self.store.get(auto::STATE) {
             Some(_) => {
                 let v = self.read_named(&[auto::STATE.to_string()])?;
                 v.first().and_then(|(_, t)| Decision::from_buffer(&t.to_f32_vec()))
             }
             None => None,
         };
+        // A state saved before the batch-statistics marginal existed continues with a copy of
+        // the source marginal (Decision::from_buffer).
+        if let (Some(d), Some(_)) = (decision.as_mut(), self.store.get(auto::BATCH_MARGINAL)) {
+            let v = self.read_named(&[auto::BATCH_MARGINAL.to_string()])?;
+            if let Some((_, t)) = v.first() {
+                d.set_batch_marginal(&t.to_f32_vec());
+            }
+        }
         let prior = match self.store.get(auto::PRIOR) {
             Some(_) => {
                 let v = self.read_named(&[auto::PRIOR.to_string()])?;
@@ -934,6 +991,11 @@ impl Session {
                 {
                     self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&v));
                 }
+            }
+            // One saved before the batch-statistics marginal existed continues with a copy of
+            // its source marginal (host-side only: no program binds the buffer).
+            if !writes.iter().any(|(n, _)| n == auto::BATCH_MARGINAL) {
+                self.store.buffers.remove(auto::BATCH_MARGINAL);
             }
         }
         self.ctx.queue.submit([]);

@@ -522,6 +522,12 @@ impl StepPlan {
         self.compiled.set_bn_alpha(&ctx.queue, alpha)
     }
 
+    /// Sets the frame statistics' weight of the recent frames' evidence
+    /// ([`crate::plan::Compiled::set_frame_alpha`]); returns how many blocks it wrote.
+    pub fn set_frame_alpha(&self, ctx: &GpuContext, alpha: f32) -> usize {
+        self.compiled.set_frame_alpha(&ctx.queue, alpha)
+    }
+
     /// A proxy of the program's GPU work (its dispatches' workgroups, see [`Pacer`]).
     pub fn work(&self) -> u64 {
         self.compiled.dispatch_work().iter().sum()

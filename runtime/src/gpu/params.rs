@@ -58,6 +58,9 @@ pub struct Params {
     /// values per channel: a program may set α again between runs
     /// (`Compiled::set_bn_alpha`).
     alpha: Option<(usize, u32)>,
+    /// Frame statistics' weights [a_mean, 0, a_var, 0] from this word on: a program may set them
+    /// again between runs (`Compiled::set_frame_alpha`).
+    frame: Option<usize>,
 }
 
 impl Params {
@@ -143,6 +146,19 @@ impl Params {
         debug_assert!(first + 4 <= self.words.len(), "the coefficients are pushed first");
         self.alpha = Some((first, m));
         self
+    }
+
+    /// Marks the 4 words from `first` as the frame statistics' weights [a_mean, 0, a_var, 0]
+    /// ([`Params::frame_slot`]).
+    pub fn frame_alpha_at(mut self, first: usize) -> Params {
+        debug_assert!(first + 4 <= self.words.len(), "the weights are pushed first");
+        self.frame = Some(first);
+        self
+    }
+
+    /// The first word of the frame statistics' weights, when the block has them.
+    pub fn frame_slot(&self) -> Option<usize> {
+        self.frame
     }
 
     /// (first word, values per channel) of BN-α's coefficients, when the block has them.

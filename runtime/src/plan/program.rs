@@ -169,6 +169,8 @@ pub struct Compiled {
     /// values per channel ([`Compiled::set_bn_alpha`]).
     params: wgpu::Buffer,
     alpha_slots: Vec<(u64, u32)>,
+    /// Byte offsets of the frame statistics' weights ([`Compiled::set_frame_alpha`]).
+    frame_slots: Vec<u64>,
 }
 
 const ALIGN: u64 = 256;
@@ -352,12 +354,16 @@ impl Compiled {
         let mut params_bytes: Vec<u8> = Vec::new();
         let mut offsets = Vec::with_capacity(all.len());
         let mut alpha_slots = Vec::new();
+        let mut frame_slots = Vec::new();
         for (_, d, _) in &all {
             let off = round_up(params_bytes.len() as u64, align);
             params_bytes.resize(off as usize, 0);
             offsets.push(off);
             if let Some((word, m)) = d.params.alpha_slot() {
                 alpha_slots.push((off + 4 * word as u64, m));
+            }
+            if let Some(word) = d.params.frame_slot() {
+                frame_slots.push(off + 4 * word as u64);
             }
             params_bytes.extend_from_slice(&d.params.bytes());
         }
@@ -372,8 +378,9 @@ impl Compiled {
             ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("params"),
                 contents: &params_bytes,
-                // BN-α blocks are written again between runs (`set_bn_alpha`).
-                usage: if alpha_slots.is_empty() {
+                // BN-α and frame-statistics blocks are written again between runs
+                // (`set_bn_alpha`, `set_frame_alpha`).
+                usage: if alpha_slots.is_empty() && frame_slots.is_empty() {
                     crate::gpu::PARAMS_USAGE
                 } else {
                     crate::gpu::PARAMS_USAGE | wgpu::BufferUsages::COPY_DST
@@ -461,7 +468,19 @@ impl Compiled {
             transient_bytes_unshared: unshared,
             params,
             alpha_slots,
+            frame_slots,
         })
+    }
+
+    /// Sets the weight of the recent frames' evidence in every frame-statistics dispatch
+    /// (`bn_frame`: mean and variance move from the source's toward the evidence by `alpha`) for
+    /// the next submissions; returns how many blocks it wrote. Layers kept at the source
+    /// (`FRAME_MIN_PLANE`) have no slot.
+    pub fn set_frame_alpha(&self, queue: &wgpu::Queue, alpha: f32) -> usize {
+        for &off in &self.frame_slots {
+            queue.write_buffer(&self.params, off, bytemuck::cast_slice(&[alpha, 0.0, alpha, 0.0]));
+        }
+        self.frame_slots.len()
     }
 
     /// Sets α of every BN-α dispatch (forward statistics, normalisation and reverse pass) for

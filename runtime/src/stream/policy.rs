@@ -215,6 +215,9 @@ pub(crate) struct FramePriorState {
     pub on: bool,
     pub prior: Option<crate::adapt::methods::auto::FramePrior>,
     pub correlated: bool,
+    /// The inputs' shift dominated the latest decision's window: frames are normalised with the
+    /// recent frames' statistics (frame weight 1) instead of the source's.
+    pub dominated: bool,
     /// The latest decision judged the labels shifted: the session's class-prior estimate q̂ then.
     pub label_prior: Option<Vec<f64>>,
 }
@@ -310,7 +313,10 @@ impl InFlight {
 /// its content, not a domain, and every weight tried loses — 0.02 on every layer 85.8 % / 6.7 %;
 /// 0.005 with the 7×7 layers kept at the source 98.3 % / 20.0 %; the variance alone at 0.05
 /// 97.5 % / 19.2 %; RBN (an EMA of single frames, momentum 0.05) 0 % / 0 %. A caller that has
-/// evidence of a covariate shift (a shift score) can raise it through [`StatsMode::Frame`].
+/// evidence of a covariate shift (a shift score) can raise it through [`StatsMode::Frame`];
+/// method `auto` sets it to 1 while its latest window found the inputs' shift dominating
+/// ([`StreamSession::apply_frame_weight`]): the window's own statistics, not the scene's
+/// content, decided that.
 pub const FRAME_ALPHA: f32 = 0.0;
 
 /// Layers whose map has fewer values per channel than this keep the source statistics in frame
@@ -477,6 +483,16 @@ impl StreamSession {
         }
     }
 
+    /// Frame mode, method `auto`: the frame predictor's weight of the recent frames' statistics,
+    /// 1 while the latest decision found the inputs' shift dominating (the window's statistics
+    /// made the source model far more certain than the source statistics: the USPS network on
+    /// contrast-reduced digits, 19.2 % with the source statistics), else [`FRAME_ALPHA`].
+    pub(crate) fn apply_frame_weight(&self) {
+        if let Some(p) = &self.predictor {
+            p.set_frame_alpha(&self.ctx, if self.frame_prior.dominated { 1.0 } else { FRAME_ALPHA });
+        }
+    }
+
     /// Frame mode, method `auto`: notes the decision of a window step, with the session's
     /// class-prior estimate after it (`label_prior`, read only when the decision needs it).
     fn note_decision(
@@ -486,12 +502,15 @@ impl StreamSession {
     ) {
         if let Some(d) = d {
             let state = &mut self.frame_prior;
-            // Source predictions too uncertain for an output stage: frames are not corrected.
-            state.correlated = d.correlated && !d.unjudged && !d.uncertain;
-            state.label_prior = match d.label_shift && !d.correlated && !d.uncertain && state.on {
+            // Source predictions too uncertain for an output stage, or a window the inputs'
+            // shift dominated (it stepped): frames are not corrected.
+            state.correlated = d.correlated && !d.unjudged && !d.uncertain && !d.dominated;
+            state.label_prior = match d.label_shift && !d.correlated && !d.uncertain && !d.dominated && state.on {
                 true => label_prior(),
                 false => None,
             };
+            state.dominated = d.dominated && state.on;
+            self.apply_frame_weight();
         }
     }
 
@@ -613,7 +632,14 @@ impl StreamSession {
         match (cfg.adapt.method, cfg.adapt.norm) {
             (Method::Source, None) | (_, Some(NormMode::Source)) => StatsMode::Source,
             (_, Some(NormMode::Alpha)) => StatsMode::Alpha { alpha: cfg.adapt.norm_alpha },
-            _ => frame_stats(cfg.stream.window),
+            _ => match (frame_stats(cfg.stream.window), self.frame_prior.dominated) {
+                // Inline steps predict with the session's program for this mode (background ones
+                // with the stream's predictor, whose weight `apply_frame_weight` sets).
+                (StatsMode::Frame { window, min_plane, .. }, true) => {
+                    StatsMode::Frame { alpha_mean: 1.0, alpha_var: 1.0, window, min_plane }
+                }
+                (mode, _) => mode,
+            },
         }
     }
 
@@ -826,6 +852,7 @@ impl StreamSession {
             let k = if k <= 32 { k.max(1) } else { 0 };
             let plan = self.locked().forward_plan(&shape, norm, k).map_err(adapt_err)?;
             self.predictor = Some(plan);
+            self.apply_frame_weight();
         }
         let internal_k = self.internal_top_k();
         let predictor = self.predictor.as_ref().expect("built above");

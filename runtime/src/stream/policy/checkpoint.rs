@@ -14,14 +14,16 @@
 //! "ACCLSTRM" | u32 version | u64 frames | u64 steps | u64 since_step | u32 frame_len | u32 rows
 //! | u64 session_len | the session's state file (safetensors, see adapt::state), session_len bytes
 //! | rows × frame_len f32 (the window, oldest first)
-//! | u32 correlated | u32 classes | classes × f64 | u32 n | n × f64 (method auto in frame mode:
-//!   whether the latest decision judged the labels correlated, the recent-class prior (0
-//!   classes: none yet), and the class-prior estimate its frames are corrected with when the
-//!   latest decision judged the labels shifted (n = 0: not shifted))
+//! | u32 flags | u32 classes | classes × f64 | u32 n | n × f64 (method auto in frame mode:
+//!   flags bit 0: the latest decision judged the labels correlated, bit 1: the inputs' shift
+//!   dominated its window (frames are normalised with the recent frames' statistics); the
+//!   recent-class prior (0 classes: none yet), and the class-prior estimate its frames are
+//!   corrected with when the latest decision judged the labels shifted (n = 0: not shifted))
 //! | SHA-256 of everything before it
 //! ```
 //!
-//! Version 1 files (without the recent-class prior) load with a fresh prior.
+//! Version 1 files (without the recent-class prior) load with a fresh prior; version 2 files
+//! (flags 0 or 1, before bit 1 existed) with the shift not dominating.
 //!
 //! Not included: SAR's loss EMA (the session keeps it outside its state file), the count of
 //! steps the parameter guard skipped, and batch mode's frames of an incomplete batch (saving
@@ -45,7 +47,7 @@ use crate::adapt::state::{self, StateError};
 
 const MAGIC: &[u8; 8] = b"ACCLSTRM";
 /// The layout version this build writes and reads.
-const STREAM_STATE_VERSION: u32 = 2;
+const STREAM_STATE_VERSION: u32 = 3;
 const HEADER: usize = 8 + 4 + 8 + 8 + 8 + 4 + 4 + 8;
 const DIGEST: usize = 32;
 
@@ -61,6 +63,8 @@ struct Decoded<'a> {
     /// Method auto's recent-class prior (frame mode): the latest decision's "correlated" and the
     /// prior (empty: none yet).
     correlated: bool,
+    /// The latest decision's "dominated" (version 3).
+    dominated: bool,
     prior: Vec<f64>,
     label_prior: Vec<f64>,
 }
@@ -81,7 +85,7 @@ fn encode(d: &Decoded<'_>) -> Vec<u8> {
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
-    out.extend_from_slice(&(d.correlated as u32).to_le_bytes());
+    out.extend_from_slice(&(d.correlated as u32 | (d.dominated as u32) << 1).to_le_bytes());
     out.extend_from_slice(&(d.prior.len() as u32).to_le_bytes());
     for v in &d.prior {
         out.extend_from_slice(&v.to_le_bytes());
@@ -167,8 +171,9 @@ fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
     if steps > frames || since_step > frames {
         return Err(format!("{steps} steps and {since_step} frames since the last one, of {frames} frames in all"));
     }
-    if correlated > 1 {
-        return Err(format!("the recent-class prior's correlated flag is {correlated}, not 0 or 1"));
+    let flags = correlated;
+    if flags > 3 || (version < 3 && flags > 1) {
+        return Err(format!("the recent-class prior's correlated flag is {flags}, not 0 or 1 (version 3: up to 3)"));
     }
     let floats = |b: &[u8]| -> Vec<f64> {
         b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
@@ -187,7 +192,8 @@ fn decode(bytes: &[u8]) -> Result<Decoded<'_>, String> {
         frame_len,
         rows,
         session: &body[HEADER..session_end],
-        correlated: correlated == 1,
+        correlated: flags & 1 == 1,
+        dominated: flags & 2 == 2,
         prior,
         label_prior,
     })
@@ -299,6 +305,7 @@ impl StreamSession {
             rows: self.window_rows()?,
             session: &session,
             correlated: self.frame_prior.correlated,
+            dominated: self.frame_prior.dominated,
             prior: self.frame_prior.prior.as_ref().map(|p| p.r.clone()).unwrap_or_default(),
             label_prior: self.frame_prior.label_prior.clone().unwrap_or_default(),
         });
@@ -322,6 +329,7 @@ impl StreamSession {
             self.pending.clear();
             self.since_step = 0;
             self.frame_prior = FramePriorState { on: self.frame_prior.on, ..Default::default() };
+            self.apply_frame_weight();
             return Ok(());
         }
         let corrupt = |reason: String| StateError::Corrupt { path: path.to_path_buf(), reason };
@@ -369,9 +377,11 @@ impl StreamSession {
         self.frame_prior = FramePriorState {
             on: self.frame_prior.on,
             correlated: d.correlated,
+            dominated: d.dominated,
             prior: (!d.prior.is_empty()).then_some(crate::adapt::methods::auto::FramePrior { r: d.prior }),
             label_prior: (!d.label_prior.is_empty()).then_some(d.label_prior),
         };
+        self.apply_frame_weight();
         Ok(())
     }
 
@@ -388,6 +398,7 @@ impl StreamSession {
         self.pending.clear();
         self.since_step = 0;
         self.frame_prior = FramePriorState { on: self.frame_prior.on, ..Default::default() };
+        self.apply_frame_weight();
         Ok(())
     }
 
@@ -422,6 +433,7 @@ mod tests {
             rows: vec![vec![1.0, -2.0, 0.5], vec![0.0, f32::MIN_POSITIVE, 3.25]],
             session,
             correlated: true,
+            dominated: true,
             prior: vec![0.5, 0.25, 0.25],
             label_prior: vec![0.125, 0.875],
         }
@@ -444,6 +456,7 @@ mod tests {
             steps: 0,
             since_step: 0,
             correlated: false,
+            dominated: false,
             prior: Vec::new(),
             label_prior: Vec::new(),
             ..sample(b"")
@@ -454,8 +467,13 @@ mod tests {
     /// A version-1 file (no recent-class prior after the window) still loads, with no prior.
     #[test]
     fn version_1_stream_states_load_without_a_prior() {
-        let bare =
-            || Decoded { correlated: false, prior: Vec::new(), label_prior: Vec::new(), ..sample(b"session-bytes") };
+        let bare = || Decoded {
+            correlated: false,
+            dominated: false,
+            prior: Vec::new(),
+            label_prior: Vec::new(),
+            ..sample(b"session-bytes")
+        };
         let v2 = encode(&bare());
         let mut v1 = v2[..v2.len() - DIGEST - 12].to_vec();
         v1[8..12].copy_from_slice(&1u32.to_le_bytes());
@@ -463,6 +481,23 @@ mod tests {
         let v1 = reseal(v1);
         let d = decode(&v1).unwrap();
         assert_eq!(d, bare());
+    }
+
+    /// Version 2 wrote the correlated flag alone: 0 or 1 loads (not dominated), 2 is refused;
+    /// version 3 keeps "dominated" in bit 1.
+    #[test]
+    fn version_2_flags_load_without_dominance() {
+        let v3 = encode(&sample(b"session-bytes"));
+        let flags_at = v3.len() - DIGEST - 2 * 8 - 4 - 3 * 8 - 8;
+        assert_eq!(u32::from_le_bytes(v3[flags_at..flags_at + 4].try_into().unwrap()), 3);
+        let mut v2 = v3.clone();
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        v2[flags_at..flags_at + 4].copy_from_slice(&1u32.to_le_bytes());
+        let sealed = reseal(v2.clone());
+        let d = decode(&sealed).unwrap();
+        assert!(d.correlated && !d.dominated);
+        v2[flags_at..flags_at + 4].copy_from_slice(&2u32.to_le_bytes());
+        assert!(decode(&reseal(v2)).unwrap_err().contains("correlated flag is 2"));
     }
 
     #[test]
@@ -514,8 +549,8 @@ mod tests {
         b[44..52].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode(&reseal(b)).unwrap_err().contains("the header promises"));
         let mut b = encode(&sample(b"session-bytes"));
-        b[8..12].copy_from_slice(&3u32.to_le_bytes());
-        assert!(decode(&reseal(b)).unwrap_err().contains("version 3"));
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert!(decode(&reseal(b)).unwrap_err().contains("version 4"));
         let mut b = encode(&sample(b"session-bytes"));
         b[20..28].copy_from_slice(&100u64.to_le_bytes());
         assert!(decode(&reseal(b)).unwrap_err().contains("100 steps"));
