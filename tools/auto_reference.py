@@ -310,7 +310,7 @@ def fixtures(out):
     if d.exists():
         shutil.rmtree(d)
     (d / "batches").mkdir(parents=True)
-    (d / "model_asset.txt").write_text("usps.onnx\n")
+    (d / "model.txt").write_text("usps.onnx\n")
     for i, xb in enumerate(batches):
         np.save(d / "batches" / f"{i:03d}.npy", np.ascontiguousarray(xb, dtype=np.float32))
     (d / "config.toml").write_text(tta_reference.toml(cfg))

@@ -63,8 +63,8 @@ fn f64s(t: &Tensor) -> Vec<f64> {
 fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
     let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
     assert_eq!(cfg.adapt.method, Method::Auto);
-    // A fixture on an asset names it (`model_asset.txt`) instead of holding a copy.
-    let model = match std::fs::read_to_string(dir.join("model_asset.txt")) {
+    // A fixture on an asset names it (`model.txt`) instead of holding a copy.
+    let model = match std::fs::read_to_string(dir.join("model.txt")) {
         Ok(name) => common::asset(name.trim()),
         Err(_) => dir.join("model.onnx"),
     };

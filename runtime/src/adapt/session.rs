@@ -401,10 +401,9 @@ impl Session {
 
     /// What compiles, on any thread, the pipelines of the step programs a batch of each of
     /// `shapes` will run (method `auto`: its judging program and batch-statistics view too) and
-    /// that this session has not
-    /// built yet (`paced`: as a [`super::train::Pacer`] runs them). The frame stream runs one
-    /// when it is made (background steps), so that no step compiles a pipeline on its way to
-    /// landing.
+    /// that this session has not built yet (`paced`: as a [`super::train::Pacer`] runs them). The
+    /// frame stream runs one when it is made (background steps), so that no step compiles a
+    /// pipeline on its way to landing.
     pub fn step_warmer(&self, shapes: &[Vec<usize>], paced: bool) -> StepWarmer {
         let mut jobs = Vec::new();
         for shape in shapes {
