@@ -63,12 +63,7 @@ fn f64s(t: &Tensor) -> Vec<f64> {
 fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
     let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
     assert_eq!(cfg.adapt.method, Method::Auto);
-    // A fixture on an asset names it (`model.txt`) instead of holding a copy.
-    let model = match std::fs::read_to_string(dir.join("model.txt")) {
-        Ok(name) => common::asset(name.trim()),
-        Err(_) => dir.join("model.onnx"),
-    };
-    let mut session = Session::new(ctx, Model::load(&model).unwrap(), cfg).unwrap();
+    let mut session = Session::new(ctx, Model::load(&common::fixture_model(dir)).unwrap(), cfg).unwrap();
     let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let want = want["steps"].as_array().unwrap();
     let files = batch_files(&dir.join("batches")).unwrap();

@@ -22,12 +22,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn model_of(dir: &Path) -> PathBuf {
-    let local = dir.join("model.onnx");
-    if local.exists() {
-        return local;
-    }
-    let name = std::fs::read_to_string(dir.join("model.txt")).expect("model.onnx or model.txt");
-    common::asset(name.trim())
+    common::fixture_model(dir)
 }
 
 fn floats(v: &Value) -> Vec<f64> {

@@ -39,6 +39,17 @@ pub fn asset(rel: &str) -> PathBuf {
     p
 }
 
+/// A reference fixture's model: its own `model.onnx`, or the asset its `model.txt` names (a
+/// fixture on a real network does not hold a copy).
+pub fn fixture_model(dir: &std::path::Path) -> PathBuf {
+    let local = dir.join("model.onnx");
+    if local.exists() {
+        return local;
+    }
+    let name = std::fs::read_to_string(dir.join("model.txt")).expect("model.onnx or model.txt");
+    asset(name.trim())
+}
+
 /// Deterministic pseudo-random floats in [lo, hi) (SplitMix64), so tests need no RNG crate.
 pub fn random_f32(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut s = seed;
