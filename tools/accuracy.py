@@ -574,8 +574,19 @@ def run_runtime_auto_whole(datasets):
 def auto_decisions(steps):
     """How many of a replay's batches `auto` judged correlated, stepped on, reset."""
     diag = [s.get("auto") or {} for s in steps]
-    return {k: sum(1 for a in diag if a.get(k))
-            for k in ("correlated", "label_shift", "stepped", "reset", "unjudged", "uncertain", "dominated")}
+    out = {k: sum(1 for a in diag if a.get(k))
+           for k in ("correlated", "label_shift", "stepped", "reset", "unjudged", "uncertain", "dominated")}
+    # Steps with alpha 1 because the source statistics biased the predictions (not dominated).
+    out["source_biased"] = sum(1 for a in diag if a.get("source_biased") and a.get("alpha") is not None
+                               and not a.get("dominated"))
+    return out
+
+
+def alpha_one(x):
+    """" (N dominated, M source-biased)" of a decisions tally: its steps with alpha 1."""
+    parts = [f"{x[k]} {name}" for k, name in (("dominated", "dominated"), ("source_biased", "source-biased"))
+             if x.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 # ----------------------------------------------------------------------------- report
@@ -692,7 +703,7 @@ def grid_report():
     dec = [(d, x) for d, x in dec if x]
     if dec:
         lines.append("\n`auto`'s decisions per set (16 batches): " + "; ".join(
-            f"{GRID_SHORT[d]} {x['stepped']} stepped" + (f" ({x['dominated']} dominated)" if x.get("dominated") else "")
+            f"{GRID_SHORT[d]} {x['stepped']} stepped" + alpha_one(x)
             + f", {x['correlated']} correlated, "
             f"{x.get('label_shift', 0)} label-shifted" + (f", {x['reset']} reset" if x.get("reset") else "")
             for d, x in dec) + ".")
@@ -710,7 +721,7 @@ def grid_report():
                 lines.append(f"| {GRID_SHORT[d]} | refused: {r['error']} | | | | | |")
                 continue
             x = r["decisions"]
-            dec = (f"{x['stepped']} stepped" + (f" ({x['dominated']} dominated)" if x.get("dominated") else "")
+            dec = (f"{x['stepped']} stepped" + alpha_one(x)
                    + f", {x['correlated']} correlated, {x.get('label_shift', 0)} label-shifted"
                    + (f", {x['uncertain']} vague" if x.get("uncertain") else "")
                    + (f", {x['reset']} reset" if x.get("reset") else ""))
@@ -732,7 +743,7 @@ def grid_report():
             sm = r["summary"]
             a = sm.get("auto")
             dec = (f"{a['decisions']}: {a['stepped']} stepped"
-                   + (f" ({a['dominated']} dominated)" if a.get("dominated") else "")
+                   + alpha_one(a)
                    + f", {a['correlated']} correlated, "
                    f"{a.get('label_shift', 0)} label-shifted, {a['unjudged']} unjudged"
                    + (f"; {a['prior_corrected_frames']} frames corrected by a class prior"

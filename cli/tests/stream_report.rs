@@ -221,6 +221,7 @@ fn diagnostics(stepped: bool, covariate_shift: Option<f32>) -> AutoDiagnostics {
         batch_label_skew: 0.01,
         batch_entropy: Some(0.2),
         dominated: false,
+        source_biased: false,
         alpha: stepped.then_some(0.1),
         covariate_shift,
     }
@@ -243,12 +244,24 @@ fn html_shows_what_auto_decided() {
     a.add(9, &AutoDiagnostics { dominated: true, alpha: Some(1.0), ..diagnostics(true, Some(1.0)) });
     assert_eq!((a.decisions, a.stepped, a.dominated), (4, 3, 1));
     assert!(a.line().contains("1 of the adapted decision(s) on the batch's own statistics alone"), "{}", a.line());
+    // So is one on which the source statistics biased the predictions (a dominated one is
+    // counted once, as dominated; a batch that did not step is not counted).
+    a.add(10, &AutoDiagnostics { source_biased: true, alpha: Some(1.0), ..diagnostics(true, Some(1.0)) });
+    a.add(
+        11,
+        &AutoDiagnostics { source_biased: true, dominated: true, alpha: Some(1.0), ..diagnostics(true, Some(1.0)) },
+    );
+    a.add(12, &AutoDiagnostics { source_biased: true, ..diagnostics(false, Some(1.0)) });
+    assert_eq!((a.decisions, a.stepped, a.dominated, a.source_biased), (7, 5, 2, 1));
+    assert!(
+        a.line().contains("1 of the adapted decision(s) on the batch's own statistics alone (the source statistics")
+    );
     a.prior_corrected_frames = 7;
     assert!(a.line().contains("7 frame(s) corrected by a class prior"), "{}", a.line());
     s.auto = Some(a.clone());
     let html = render_html(&s, &recs, "auto").unwrap();
     assert_self_contained(&html);
-    assert!(html.contains("<h2>Method auto</h2>") && html.contains("3 adapted"), "{html}");
+    assert!(html.contains("<h2>Method auto</h2>") && html.contains("5 adapted"), "{html}");
     assert!(html.contains("Method auto: scores per decision") && html.contains("label skew, batch statistics"));
     assert!(html.contains("Covariate shift: mean KL"));
     assert_eq!(html.matches("<svg").count(), 6);

@@ -127,6 +127,11 @@ pub struct AutoSummary {
     /// batch's own statistics alone, whatever the labels looked like.
     #[serde(default)]
     pub dominated: u64,
+    /// Of the stepped ones not dominated, those on which the source statistics biased the
+    /// predictions (the source predictions' marginal skewed well beyond the batch-statistics
+    /// view's): a step with the batch's own statistics alone.
+    #[serde(default)]
+    pub source_biased: u64,
     /// Collapse resets to the source.
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
@@ -181,6 +186,7 @@ impl AutoSummary {
         self.unjudged += d.unjudged as u64;
         self.uncertain += d.uncertain as u64;
         self.dominated += d.dominated as u64;
+        self.source_biased += (d.source_biased && !d.dominated && d.alpha.is_some()) as u64;
         self.resets += d.reset as u64;
     }
 
@@ -206,6 +212,12 @@ impl AutoSummary {
             n => format!(
                 "; {n} of the adapted decision(s) on the batch's own statistics alone (the inputs' shift \
                  dominated: the batch statistics made the source model far more certain)"
+            ),
+        } + &match self.source_biased {
+            0 => String::new(),
+            n => format!(
+                "; {n} of the adapted decision(s) on the batch's own statistics alone (the source statistics \
+                 biased the predictions: their class marginal far more skewed than the batch statistics')"
             ),
         } + &match self.uncertain {
             0 => String::new(),

@@ -215,8 +215,9 @@ pub(crate) struct FramePriorState {
     pub on: bool,
     pub prior: Option<crate::adapt::methods::auto::FramePrior>,
     pub correlated: bool,
-    /// The inputs' shift dominated the latest decision's window: frames are normalised with the
-    /// recent frames' statistics (frame weight 1) instead of the source's.
+    /// The latest decision's window stepped with its own statistics alone (the inputs' shift
+    /// dominated it, or the source statistics biased the predictions): frames are normalised
+    /// with the recent frames' statistics (frame weight 1) instead of the source's.
     pub dominated: bool,
     /// The latest decision judged the labels shifted: the session's class-prior estimate q̂ then.
     pub label_prior: Option<Vec<f64>>,
@@ -486,7 +487,8 @@ impl StreamSession {
     /// Frame mode, method `auto`: the frame predictor's weight of the recent frames' statistics,
     /// 1 while the latest decision found the inputs' shift dominating (the window's statistics
     /// made the source model far more certain than the source statistics: the USPS network on
-    /// contrast-reduced digits, 19.2 % with the source statistics), else [`FRAME_ALPHA`].
+    /// contrast-reduced digits, 19.2 % with the source statistics) or the source statistics
+    /// biasing the predictions (its window stepped with α = 1), else [`FRAME_ALPHA`].
     pub(crate) fn apply_frame_weight(&self) {
         if let Some(p) = &self.predictor {
             p.set_frame_alpha(&self.ctx, if self.frame_prior.dominated { 1.0 } else { FRAME_ALPHA });
@@ -509,7 +511,8 @@ impl StreamSession {
                 true => label_prior(),
                 false => None,
             };
-            state.dominated = d.dominated && state.on;
+            // The window stepped with its own statistics alone (α = 1): the frames follow.
+            state.dominated = (d.dominated || (d.source_biased && d.alpha.is_some())) && state.on;
             self.apply_frame_weight();
         }
     }
