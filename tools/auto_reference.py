@@ -7,21 +7,22 @@ Per batch, as the runtime does it:
      LAME (tools/tta_output.py, the [lame] defaults) over the input of the final Gemm -> p_lame;
      the batch-statistics view (source BN parameters, the batch's statistics, biased variance)
      -> z_b; dominated = B >= 16, mean row entropy of softmax(z_s) over ln C > dominance_entropy
-     and that of softmax(z_b) < dominance_ratio times it; biased (after the marginals took the
-     batch, step 3) = count >= 10 C and skew - skew_b > bias_threshold;
+     and that of softmax(z_b) < dominance_ratio times it;
   2. rho = max(0, (H_exp - H(hist)) / H_exp), hist the batch's top-1 histogram of softmax(z_s),
-     H_exp = H(r) - (k - 1) / 2B with r the top-1 marginal so far (prior_samples uniform
-     pseudo-counts plus the source model's top-1 counts), k = #{r > 1e-3};
-     none below 16 samples; unless dominated: rho_s <- m rho_s + (1 - m) rho; correlated =
-     rho_s > threshold (a dominated batch's rho is reported, not judged by); then the marginal
-     takes the batch's top-1 counts and the batch marginal the view's; until a batch of 16 was
-     judged: the source model's prediction, no step;
-  3. skew = 1 - H(r)/ln C of the marginal after the batch, skew_b that of the batch marginal;
-     shifted = judged, not correlated, count >= 10 C and min(skew, skew_b) > label_shift_threshold; q_used = q, q <- m q + (1 - m) mean(softmax(z_s))
-     (q uniform at first, rounded to f32 after every batch as the runtime stores it);
-  4. dominated, or judged and neither correlated nor shifted: the ETA step below; else
+     H_exp the exact expected entropy of B i.i.d. draws from r, the top-1 marginal so far
+     (prior_samples uniform pseudo-counts plus the source model's top-1 counts); none below 16
+     samples; then the marginal takes the batch's top-1 counts and the batch marginal the view's;
+     skew = 1 - H(r)/ln C of the marginal after the batch, skew_b that of the batch marginal;
+     biased = B >= 16, count >= 10 C, skew - skew_b > bias_threshold and skew_b < bias_ratio
+     skew; own = dominated or biased; unless own: rho_s <- m rho_s + (1 - m) rho; correlated =
+     rho_s > threshold (an own-statistics batch's rho is reported, not judged by); until a batch
+     of 16 was judged: the source model's prediction, no step;
+  3. shifted = judged, not correlated, count >= 10 C and min(skew, skew_b) > label_shift_threshold;
+     q_used = q, q <- m q + (1 - m) mean(softmax(z_s)) (q uniform at first, rounded to f32 after
+     every batch as the runtime stores it);
+  4. own, or judged and neither correlated nor shifted: the ETA step below; else
      correlated: return z_s and p_lame, no step; shifted: return z_s and softmax(z_s) * q_used
-     renormalised, no step. The ETA step: BN-alpha statistics with alpha = 1 when dominated or biased,
+     renormalised, no step. The ETA step: BN-alpha statistics with alpha = 1 when own,
      else alpha = B / (N + B), N = source_samples / (1 + n / source_decay), n the samples of the batches
      adapted on so far (then n += B), the unbiased batch variance; Adam at
      lr, E0, d_margin; tools/tta_reference.py run_eata's rules) returning its pre-update logits;
@@ -30,7 +31,7 @@ Per batch, as the runtime does it:
   6. collapse: when it took the step branch and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
      parameters and optimizer return to the source and n to 0 (the decision state and q stay).
 
-    python tools/auto_reference.py --fixtures tests/fixtures/tta      # tiny_auto, tiny_auto_reset
+    python tools/auto_reference.py --fixtures tests/fixtures/tta      # tiny_auto{,_reset}, usps_auto_{dominated,biased}
     python tools/auto_reference.py --accuracy                          # needs assets/accuracy/
 """
 import argparse
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "source_decay": 1024.0, "correlation_threshold": 0.2, "correlation_momentum": 0.5,
             "prior_samples": 128.0, "collapse_ratio": 0.35, "label_shift_threshold": 0.1, "label_shift_momentum": 0.9,
             "concentration_threshold": 0.4, "uncertain_entropy": 0.4, "dominance_entropy": 0.2, "dominance_ratio": 0.5,
-            "bias_threshold": 0.05}
+            "bias_threshold": 0.015, "bias_ratio": 0.5}
 MIN_BATCH = 16
 MIN_SAMPLES_PER_CLASS = 10.0
 FULL_START_BATCH = 32
@@ -164,43 +165,45 @@ def run_auto(model_path, cfg, batches):
             rho_u = min(max((balanced - h_b) / balanced, 0.0), 1.0)
             if not vague:
                 rho = min(max(rho, rho_u * a["correlation_threshold"] / a["concentration_threshold"]), 1.0)
-        if b >= MIN_BATCH and not dominated:
-            # The first judged batch starts the average: smoothing toward 0 would weigh an
-            # i.i.d. batch that never came. A dominated batch's rho is the shift's, not the
-            # labels': reported, not judged by.
-            smoothed = (a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho if judged
-                        else rho * min(1.0, b / FULL_START_BATCH))
-            correlated = smoothed > a["correlation_threshold"]
-            judged = True
         marg += torch.bincount(ps.argmax(1), minlength=c).double()
         bmarg += torch.bincount(pb.argmax(1), minlength=c).double()
         count += b
         skew = max(1.0 - entropy(marg / count) / math.log(c), 0.0) if c > 1 else 0.0
         skew_b = max(1.0 - entropy(bmarg / count) / math.log(c), 0.0) if c > 1 else 0.0
+        # The source statistics bias the predictions (the marginals with the batch): their
+        # marginal is skewed well beyond the batch-statistics view's, and the view's is below
+        # bias_ratio of it; the batch steps with its own statistics alone, as a dominated one.
+        biased = (b >= MIN_BATCH and a["bias_threshold"] > 0 and count >= MIN_SAMPLES_PER_CLASS * c
+                  and skew - skew_b > a["bias_threshold"] and skew_b < a["bias_ratio"] * skew)
+        own = dominated or biased
+        if b >= MIN_BATCH and not own:
+            # The first judged batch starts the average: smoothing toward 0 would weigh an
+            # i.i.d. batch that never came. A dominated batch's rho is the shift's, not the
+            # labels', a biased one's the source statistics': reported, not judged by.
+            smoothed = (a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho if judged
+                        else rho * min(1.0, b / FULL_START_BATCH))
+            correlated = smoothed > a["correlation_threshold"]
+            judged = True
         # Labels shifted: the marginal is skewed with the source statistics and with the batch's
         # own (a covariate shift that pushes the source model onto a few classes skews only the
         # former).
         shifted = (judged and not correlated and count >= MIN_SAMPLES_PER_CLASS * c
                    and min(skew, skew_b) > a["label_shift_threshold"])
-        # The source statistics bias the predictions: their marginal is skewed well beyond the
-        # batch-statistics view's; a batch that steps normalises with its own statistics alone.
-        biased = (a["bias_threshold"] > 0 and count >= MIN_SAMPLES_PER_CLASS * c
-                  and skew - skew_b > a["bias_threshold"])
         if q is None:
             q = torch.full((c,), 1.0 / c, dtype=torch.float64)
         q_used = q
         q = (a["label_shift_momentum"] * q + (1 - a["label_shift_momentum"]) * ps.mean(0)).float().double()
-        # What was decided: a dominated batch steps, whatever its labels looked like.
+        # What was decided: a dominated or biased batch steps, whatever its labels looked like.
         rec = {"source_logits": tta_reference.f32(zs), "rho": rho, "smoothed": smoothed,
-               "correlated": correlated and not dominated, "unjudged": not judged and not dominated, "label_skew": skew,
-               "label_shift": shifted and not dominated, "batch_label_skew": skew_b,
+               "correlated": correlated and not own, "unjudged": not judged and not own, "label_skew": skew,
+               "label_shift": shifted and not own, "batch_label_skew": skew_b,
                "batch_entropy": batch_entropy, "dominated": dominated, "source_biased": biased,
                "covariate_shift": shift}
         # The source's predictions on average as uncertain as ETA's reliability threshold: an
         # output stage would sharpen noise (no smoothing, no prior correction).
-        uncertain = judged and (correlated or shifted) and vague and not dominated
+        uncertain = judged and (correlated or shifted) and vague and not own
         rec.update(uncertain=uncertain, source_entropy=source_entropy)
-        step = dominated or (judged and not correlated and not shifted)
+        step = own or (judged and not correlated and not shifted)
         if not step and (not judged or uncertain):
             rec.update(logits=tta_reference.f32(zs), stepped=False)
             returned = ps
@@ -218,7 +221,7 @@ def run_auto(model_path, cfg, batches):
             n_src = a["source_samples"] / (1.0 + evidence / decay if decay > 0 else 1.0)
             # A dominating shift, or source statistics that bias the predictions: the batch's own
             # statistics alone.
-            alpha = 1.0 if dominated or biased else float(np.float32(b / (n_src + b)))
+            alpha = 1.0 if own else float(np.float32(b / (n_src + b)))
             net.norm, net.alpha = "alpha", alpha
             evidence += b
             rec["alpha"] = alpha
@@ -327,6 +330,30 @@ def fixtures(out):
     (d / "expected.json").write_text(json.dumps(res))
     print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["label_shift"], s["stepped"], s["dominated"],
                   round(s["source_entropy"], 2), round(s["batch_entropy"], 2), s.get("alpha")) for s in res["steps"]])
+    # usps_auto_biased: the same network on brightened digits (ImageNet-C's brightness at severity
+    # 4 on a gray image: +0.4, clipped). The source statistics make the network confident of one
+    # class (rho near 1: judged correlated, LAME's smoothing) where the batch's own predict the
+    # classes evenly: once the source marginal is skewed beyond the view's (bias_threshold,
+    # bias_ratio), the batches step with alpha 1 whatever rho says. bias_threshold 0.05 (the
+    # default 0.015 would judge the first batch biased already, at 0.042 against 0.006): the first
+    # batch is judged correlated, and the judgement is overridden from the second on.
+    bright = np.uint8(np.clip(images.astype(np.float64) / 255.0 + 0.4, 0, 1) * 255)
+    lit = imgproc.mnist_for_usps(bright)
+    batches = [lit[0:32], lit[32:64], lit[64:96], lit[96:128], lit[128:160]]
+    name = "usps_auto_biased"
+    cfg = {"adapt": {"method": "auto"}, "auto": {"source_decay": 10.0, "bias_threshold": 0.05}}
+    d = out / name
+    if d.exists():
+        shutil.rmtree(d)
+    (d / "batches").mkdir(parents=True)
+    (d / "model.txt").write_text("usps.onnx\n")
+    for i, xb in enumerate(batches):
+        np.save(d / "batches" / f"{i:03d}.npy", np.ascontiguousarray(xb, dtype=np.float32))
+    (d / "config.toml").write_text(tta_reference.toml(cfg))
+    res = run_auto(ROOT / "assets" / "usps.onnx", cfg, [np.ascontiguousarray(xb, dtype=np.float32) for xb in batches])
+    (d / "expected.json").write_text(json.dumps(res))
+    print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["source_biased"], s["stepped"], s["dominated"],
+                  round(s["label_skew"], 3), round(s["batch_label_skew"], 3), s.get("alpha")) for s in res["steps"]])
 
 
 def accuracy(sets, n, batch=64):

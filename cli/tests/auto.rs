@@ -1,5 +1,5 @@
 //! Method `auto` against its PyTorch reference (`tools/auto_reference.py`, fixtures
-//! `tests/fixtures/tta/tiny_auto{,_reset}`, `usps_auto_dominated`): per batch the decision
+//! `tests/fixtures/tta/tiny_auto{,_reset}`, `usps_auto_{dominated,biased}`): per batch the decision
 //! (label-correlation score, smoothed score, correlated, label skew and label shift with the
 //! source statistics and with the batch's own, the batch-statistics view's entropy and whether
 //! the inputs' shift dominated, stepped, reset, the covariate-shift score computed on the GPU), the statistics computed on the GPU (agreement with the source
@@ -182,24 +182,43 @@ fn auto_steps_with_batch_statistics_when_the_shift_dominates(ctx: GpuContext) {
     assert_eq!(dominated, [false, false, false, true, true, true, false], "the fixture exercises both kinds");
 }
 
-/// Regression: the USPS network on clean MNIST digits crowds its predictions onto a few classes
-/// through the source statistics (long-run marginal skew 0.13 after 1,024 digits, 0.04 through
-/// the batch's own), and the source-anchored α (BN-α 0.1 at first) held it near the source:
-/// 71.1 % on the first 2,048 digits where batch statistics give 74.1 % and ETA on them 76.0 %.
-/// After the fixture's contrast batches its source marginal is skewed beyond the view's by more
-/// than the fixture's `bias_threshold` (0.04): the last clean batch is not dominated but steps
-/// with α = 1, exactly as the reference.
+/// Regression: the source statistics can push a network onto a few classes while the batch's own
+/// statistics predict the classes evenly; `auto` read that as correlated labels or kept the
+/// source-anchored α. The USPS network on brightened MNIST digits (ImageNet-C brightness 4) is
+/// confident of one class through the source statistics: judged correlated and smoothed by LAME,
+/// 13.0 % against the source's 19.0 % (first 1,024 digits; batch statistics 74.0 %); on clean
+/// digits the anchored α held it at 71.1 % where batch statistics give 74.1 %. The fixture
+/// `usps_auto_biased` (brightened digits): the first batch is judged correlated, then the source
+/// marginal is skewed far beyond the view's and every batch steps with α = 1 although its ρ is
+/// above 0.8; `usps_auto_dominated`'s last clean batch is biased (its fixture's `bias_threshold`
+/// 0.04) but not dominated. Both exactly as the reference.
 #[gpu_test]
 fn auto_steps_with_batch_statistics_when_the_source_statistics_bias_the_predictions(ctx: GpuContext) {
-    let dir = fixture("usps_auto_dominated");
-    let errors = run_fixture(&ctx, &dir);
-    assert!(errors.is_empty(), "{}", errors.join("\n"));
-    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let last = want["steps"].as_array().unwrap().last().unwrap().clone();
+    for name in ["usps_auto_biased", "usps_auto_dominated"] {
+        let dir = fixture(name);
+        let errors = run_fixture(&ctx, &dir);
+        assert!(errors.is_empty(), "{name}: {}", errors.join("\n"));
+    }
+    let steps = |name: &str| -> Vec<Value> {
+        let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()["steps"].as_array().unwrap().clone()
+    };
+    let biased = steps("usps_auto_biased");
+    let kinds: Vec<(bool, bool, bool)> = biased
+        .iter()
+        .map(|s| (s["correlated"] == true, s["source_biased"] == true, s["alpha"] == serde_json::json!(1.0)))
+        .collect();
+    assert_eq!(
+        kinds,
+        [(true, false, false), (false, true, true), (false, true, true), (false, true, true), (false, true, true)],
+        "the fixture exercises a correlated judgement overridden by the bias"
+    );
+    assert!(biased[1..].iter().all(|s| s["rho"].as_f64().unwrap() > 0.8 && s["dominated"] == false));
+    let last = steps("usps_auto_dominated").last().unwrap().clone();
     assert_eq!(
         (&last["source_biased"], &last["dominated"], &last["alpha"]),
         (&Value::Bool(true), &Value::Bool(false), &serde_json::json!(1.0)),
-        "the fixture's last batch steps with α = 1 because the source statistics bias the predictions"
+        "usps_auto_dominated's last batch steps with α = 1 because the source statistics bias the predictions"
     );
 }
 

@@ -716,6 +716,7 @@ impl Session {
             Some(mut d) => {
                 d.set_batch_marginal(&decision.batch_marginal.iter().map(|&m| m as f32).collect::<Vec<_>>());
                 d.dominated = decision.dominated;
+                d.biased = decision.biased;
                 d
             }
             None => decision.clone(),

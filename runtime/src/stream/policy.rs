@@ -512,7 +512,7 @@ impl StreamSession {
                 false => None,
             };
             // The window stepped with its own statistics alone (α = 1): the frames follow.
-            state.dominated = (d.dominated || (d.source_biased && d.alpha.is_some())) && state.on;
+            state.dominated = (d.dominated || d.source_biased) && state.on;
             self.apply_frame_weight();
         }
     }
