@@ -203,8 +203,24 @@ def summary(cfg):
     return ", ".join(parts) or "—"
 
 
+# The reference's sources: a cached result is only reused while none of them changed (before,
+# the key held the config alone, and whole-set numbers of an older reference were reported as
+# the current one's).
+REFERENCE_SOURCES = ("tta_reference.py", "auto_reference.py", "roid_reference.py", "onnx_torch.py", "tta_output.py",
+                     "tta_losses.py")
+
+
+def reference_version():
+    h = hashlib.sha256()
+    for name in REFERENCE_SOURCES:
+        path = Path(__file__).resolve().parent / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def key(dataset, cfg, n_batches):
-    blob = json.dumps({"dataset": dataset, "cfg": cfg, "n": n_batches, "batch": BATCH}, sort_keys=True)
+    blob = json.dumps({"dataset": dataset, "cfg": cfg, "n": n_batches, "batch": BATCH,
+                       "reference": reference_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

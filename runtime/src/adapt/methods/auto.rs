@@ -57,7 +57,7 @@
 //!      The batch steps with α = 1 as a dominated one does, its ρ not smoothed in. The USPS
 //!      network on brightened digits (one confident class through the source statistics,
 //!      judged correlated: 13.0 % against the source's 19.0 %) now 74.6 %; on clean digits, where
-//!      the anchored α held it back, 71.1 → 74.0 %.
+//!      the anchored α held it back, 71.1 → 76.0 %.
 //! 2. **Labels correlated** (smoothed ρ > `correlation_threshold`): the batch statistics would
 //!    normalise one class as if it were the whole distribution (−10 points for every
 //!    batch-statistics method on the correlated order, docs/accuracy.md), so no statistics are
