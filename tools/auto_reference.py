@@ -314,22 +314,9 @@ def fixtures(out):
     low = np.uint8(np.clip((x - mean) * 0.2 + mean, 0, 1) * 255)
     clean, faint = imgproc.mnist_for_usps(images), imgproc.mnist_for_usps(low)
     batches = [clean[0:8], clean[8:40], clean[40:72], faint[72:104], faint[104:136], faint[136:168], clean[168:200]]
-    name = "usps_auto_dominated"
     # bias_threshold 0.04: after the contrast batches the source marginal is skewed (0.059)
     # beyond the view's (0.010), so the last clean batch steps with alpha 1 without being dominated.
-    cfg = {"adapt": {"method": "auto"}, "auto": {"source_decay": 10.0, "bias_threshold": 0.04}}
-    d = out / name
-    if d.exists():
-        shutil.rmtree(d)
-    (d / "batches").mkdir(parents=True)
-    (d / "model.txt").write_text("usps.onnx\n")
-    for i, xb in enumerate(batches):
-        np.save(d / "batches" / f"{i:03d}.npy", np.ascontiguousarray(xb, dtype=np.float32))
-    (d / "config.toml").write_text(tta_reference.toml(cfg))
-    res = run_auto(ROOT / "assets" / "usps.onnx", cfg, [np.ascontiguousarray(xb, dtype=np.float32) for xb in batches])
-    (d / "expected.json").write_text(json.dumps(res))
-    print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["label_shift"], s["stepped"], s["dominated"],
-                  round(s["source_entropy"], 2), round(s["batch_entropy"], 2), s.get("alpha")) for s in res["steps"]])
+    usps_fixture(out / "usps_auto_dominated", {"source_decay": 10.0, "bias_threshold": 0.04}, batches)
     # usps_auto_biased: the same network on brightened digits (ImageNet-C's brightness at severity
     # 4 on a gray image: +0.4, clipped). The source statistics make the network confident of one
     # class (rho near 1: judged correlated, LAME's smoothing) where the batch's own predict the
@@ -340,20 +327,26 @@ def fixtures(out):
     bright = np.uint8(np.clip(images.astype(np.float64) / 255.0 + 0.4, 0, 1) * 255)
     lit = imgproc.mnist_for_usps(bright)
     batches = [lit[0:32], lit[32:64], lit[64:96], lit[96:128], lit[128:160]]
-    name = "usps_auto_biased"
-    cfg = {"adapt": {"method": "auto"}, "auto": {"source_decay": 10.0, "bias_threshold": 0.05}}
-    d = out / name
+    usps_fixture(out / "usps_auto_biased", {"source_decay": 10.0, "bias_threshold": 0.05}, batches)
+
+
+def usps_fixture(d, auto, batches):
+    """A fixture of the USPS network (an asset, named by model.txt, not copied) on `batches` with
+    the [auto] keys `auto`: its batches, config and the reference's expected steps."""
+    cfg = {"adapt": {"method": "auto"}, "auto": auto}
+    batches = [np.ascontiguousarray(xb, dtype=np.float32) for xb in batches]
     if d.exists():
         shutil.rmtree(d)
     (d / "batches").mkdir(parents=True)
     (d / "model.txt").write_text("usps.onnx\n")
     for i, xb in enumerate(batches):
-        np.save(d / "batches" / f"{i:03d}.npy", np.ascontiguousarray(xb, dtype=np.float32))
+        np.save(d / "batches" / f"{i:03d}.npy", xb)
     (d / "config.toml").write_text(tta_reference.toml(cfg))
-    res = run_auto(ROOT / "assets" / "usps.onnx", cfg, [np.ascontiguousarray(xb, dtype=np.float32) for xb in batches])
+    res = run_auto(ROOT / "assets" / "usps.onnx", cfg, batches)
     (d / "expected.json").write_text(json.dumps(res))
-    print(name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["source_biased"], s["stepped"], s["dominated"],
-                  round(s["label_skew"], 3), round(s["batch_label_skew"], 3), s.get("alpha")) for s in res["steps"]])
+    print(d.name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["label_shift"], s["source_biased"], s["stepped"],
+                    s["dominated"], round(s["source_entropy"], 2), round(s["batch_entropy"], 2), s.get("alpha"))
+                   for s in res["steps"]])
 
 
 def accuracy(sets, n, batch=64):

@@ -702,77 +702,13 @@ fn a_non_square_model_streams_with_a_stretched_spec() {
     assert!(hint.contains("size=224x160,channels=3,") && hint.contains(",layout=nhwc"), "{hint}");
 }
 
-/// Regression: the USPS network on clean MNIST digits crowds its predictions onto a few classes
-/// through the source statistics, where the window's own statistics predict the classes evenly;
-/// `auto` kept the source-anchored statistics for its steps and its frames (71.5 % over the first
-/// 2,048 frames; batch statistics alone 74.1 %). Once the source predictions' marginal is skewed
-/// beyond the view's (`bias_threshold`, `bias_ratio`), the window steps with α = 1 without being
-/// dominated, and the frames after it are normalised with the recent frames' statistics: 68.4 %
-/// over these 256 frames against 59.8 % with the test off (`bias_threshold = 0`; source 57.0 %).
-#[test]
-fn frame_mode_auto_normalises_with_the_window_when_the_source_statistics_bias_the_predictions() {
-    let dir = scratch("frame-biased");
-    let src = format!(
-        "idx:{},{}",
-        common::asset("mnist/t10k-images-idx3-ubyte").display(),
-        common::asset("mnist/t10k-labels-idx1-ubyte").display()
-    );
-    let model = common::asset("usps.onnx");
-    let run = |name: &str, extra: &str| -> (Vec<Value>, f64, f64) {
-        let (jsonl, summary, cfg) =
-            (dir.join(format!("{name}.jsonl")), dir.join(format!("{name}.json")), dir.join(format!("{name}.toml")));
-        std::fs::write(&cfg, format!("[adapt]\nmethod = \"auto\"\n[stream]\nmode = \"frame\"\n{extra}")).unwrap();
-        ok(&[
-            "stream",
-            s(&model),
-            "--source",
-            &src,
-            "--preprocess",
-            "size=16,channels=1,mean=0.2471,std=0.2994",
-            "--config",
-            s(&cfg),
-            "--limit",
-            "256",
-            "--seed",
-            "1",
-            "--jsonl",
-            s(&jsonl),
-            "--summary-json",
-            s(&summary),
-            "--quiet",
-        ]);
-        let lines: Vec<Value> =
-            std::fs::read_to_string(&jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let decisions = lines.iter().filter_map(|l| l.get("auto").filter(|a| !a.is_null()).cloned()).collect();
-        let sum: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
-        (decisions, sum["accuracy"].as_f64().unwrap(), sum["source_accuracy"].as_f64().unwrap())
-    };
-    let (decisions, adapted, source) = run("default", "");
-    let biased: Vec<&Value> = decisions.iter().filter(|d| d["source_biased"] == true).collect();
-    assert!(biased.len() >= 5, "{} of {} windows biased", biased.len(), decisions.len());
-    for d in &biased {
-        assert!(d["dominated"] == false && d["stepped"] == true && d["alpha"] == 1.0, "{d}");
-    }
-    let (off_decisions, off, _) = run("off", "[auto]\nbias_threshold = 0.0\n");
-    assert!(off_decisions.iter().all(|d| d["source_biased"] == false && d["alpha"] != 1.0));
-    assert!(adapted > off + 3.0, "adapted {adapted} %, with the test off {off} %, source {source} %");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Regression: a shift that pushes the source model onto a few classes stopped `auto` from
-/// adapting, and in frame mode a frame is predicted with the source statistics. The USPS network
-/// on contrast-reduced MNIST digits (ImageNet-C contrast, severity 3): the source statistics leave
-/// it vague on two classes (18.8 % on these 256 frames), which read as correlated labels; the
-/// window's own statistics make it confident. Every window step must now find the shift
-/// dominating, step with the window's statistics, and the frames after it must be normalised
-/// with the recent frames' statistics: before, 19.2 % on 1,024 frames against the source's
-/// 19.8 %; now 70.5 % (56.6 % over these 256, the first 16 at the source).
-#[test]
-fn frame_mode_auto_normalises_with_the_window_when_the_shift_dominates() {
-    let dir = scratch("frame-dominated");
-    let (jsonl, summary) = (dir.join("frames.jsonl"), dir.join("summary.json"));
-    let cfg = dir.join("frame.toml");
-    std::fs::write(&cfg, "[adapt]\nmethod = \"auto\"\n[stream]\nmode = \"frame\"\n").unwrap();
+/// `auto` in frame mode on the USPS network over the first 256 MNIST test digits (seed 1) with
+/// the `[auto]` keys `extra` and the corruption `corrupt`, in `dir` under `name`: the window
+/// decisions' diagnostics, the adapted and the source model's accuracy.
+fn usps_frame_auto(dir: &Path, name: &str, extra: &str, corrupt: &str) -> (Vec<Value>, f64, f64) {
+    let (jsonl, summary, cfg) =
+        (dir.join(format!("{name}.jsonl")), dir.join(format!("{name}.json")), dir.join(format!("{name}.toml")));
+    std::fs::write(&cfg, format!("[adapt]\nmethod = \"auto\"\n[stream]\nmode = \"frame\"\n{extra}")).unwrap();
     let src = format!(
         "idx:{},{}",
         common::asset("mnist/t10k-images-idx3-ubyte").display(),
@@ -789,7 +725,7 @@ fn frame_mode_auto_normalises_with_the_window_when_the_shift_dominates() {
         "--config",
         s(&cfg),
         "--corrupt",
-        "contrast:3",
+        corrupt,
         "--limit",
         "256",
         "--seed",
@@ -802,14 +738,50 @@ fn frame_mode_auto_normalises_with_the_window_when_the_shift_dominates() {
     ]);
     let lines: Vec<Value> =
         std::fs::read_to_string(&jsonl).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let decisions: Vec<&Value> = lines.iter().filter_map(|l| l.get("auto").filter(|a| !a.is_null())).collect();
+    let decisions = lines.iter().filter_map(|l| l.get("auto").filter(|a| !a.is_null()).cloned()).collect();
+    let sum: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    (decisions, sum["accuracy"].as_f64().unwrap(), sum["source_accuracy"].as_f64().unwrap())
+}
+
+/// Regression: the USPS network on clean MNIST digits crowds its predictions onto a few classes
+/// through the source statistics, where the window's own statistics predict the classes evenly;
+/// `auto` kept the source-anchored statistics for its steps and its frames (71.5 % over the first
+/// 2,048 frames; batch statistics alone 74.1 %). Once the source predictions' marginal is skewed
+/// beyond the view's (`bias_threshold`, `bias_ratio`), the window steps with α = 1 without being
+/// dominated, and the frames after it are normalised with the recent frames' statistics: 68.4 %
+/// over these 256 frames against 59.8 % with the test off (`bias_threshold = 0`; source 57.0 %).
+#[test]
+fn frame_mode_auto_normalises_with_the_window_when_the_source_statistics_bias_the_predictions() {
+    let dir = scratch("frame-biased");
+    let (decisions, adapted, source) = usps_frame_auto(&dir, "default", "", "none");
+    let biased: Vec<&Value> = decisions.iter().filter(|d| d["source_biased"] == true).collect();
+    assert!(biased.len() >= 5, "{} of {} windows biased", biased.len(), decisions.len());
+    for d in &biased {
+        assert!(d["dominated"] == false && d["stepped"] == true && d["alpha"] == 1.0, "{d}");
+    }
+    let (off_decisions, off, _) = usps_frame_auto(&dir, "off", "[auto]\nbias_threshold = 0.0\n", "none");
+    assert!(off_decisions.iter().all(|d| d["source_biased"] == false && d["alpha"] != 1.0));
+    assert!(adapted > off + 3.0, "adapted {adapted} %, with the test off {off} %, source {source} %");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Regression: a shift that pushes the source model onto a few classes stopped `auto` from
+/// adapting, and in frame mode a frame is predicted with the source statistics. The USPS network
+/// on contrast-reduced MNIST digits (ImageNet-C contrast, severity 3): the source statistics leave
+/// it vague on two classes (18.8 % on these 256 frames), which read as correlated labels; the
+/// window's own statistics make it confident. Every window step must now find the shift
+/// dominating, step with the window's statistics, and the frames after it must be normalised
+/// with the recent frames' statistics: before, 19.2 % on 1,024 frames against the source's
+/// 19.8 %; now 70.5 % (56.6 % over these 256, the first 16 at the source).
+#[test]
+fn frame_mode_auto_normalises_with_the_window_when_the_shift_dominates() {
+    let dir = scratch("frame-dominated");
+    let (decisions, adapted, source) = usps_frame_auto(&dir, "frames", "", "contrast:3");
     assert!(decisions.len() >= 10, "{} window decisions", decisions.len());
     for d in &decisions {
         assert!(d["dominated"] == true && d["stepped"] == true && d["alpha"] == 1.0, "{d}");
         assert!(d["correlated"] == false && d["uncertain"] == false, "{d}");
     }
-    let sum: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
-    let (adapted, source) = (sum["accuracy"].as_f64().unwrap(), sum["source_accuracy"].as_f64().unwrap());
     assert!(source < 25.0, "the shift no longer fools the source model: {source} %");
     assert!(adapted > source + 25.0, "adapted {adapted} %, source {source} %");
     let _ = std::fs::remove_dir_all(&dir);
