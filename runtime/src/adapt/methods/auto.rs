@@ -728,8 +728,8 @@ pub fn dominated(section: &AutoSection, rows: usize, source_entropy: f64, batch_
 /// N = source_samples / (1 + evidence/source_decay); 1 (the batch's own statistics alone) when
 /// the inputs' shift dominates the batch ([`dominated`]) or the source statistics bias the
 /// predictions ([`Decision::source_biased`]).
-pub fn step_alpha(decision: &Decision, _section: &AutoSection, b: usize, evidence: f64) -> f32 {
-    if decision.own_statistics() { 1.0 } else { alpha(_section, b, evidence) }
+pub fn step_alpha(decision: &Decision, section: &AutoSection, b: usize, evidence: f64) -> f32 {
+    if decision.own_statistics() { 1.0 } else { alpha(section, b, evidence) }
 }
 
 /// BN-α's α for a batch of `b` after `evidence` adapted samples: B/(N + B) with
