@@ -702,6 +702,37 @@ fn a_non_square_model_streams_with_a_stretched_spec() {
     assert!(hint.contains("size=224x160,channels=3,") && hint.contains(",layout=nhwc"), "{hint}");
 }
 
+/// One corruption applies to every frame of a video, so it needs no length: `--corrupt` alone on
+/// a video used to be refused ("give --segment K (or --limit N)"). Several corruptions split the
+/// stream, and a video's length is unknown in advance: those still need `--segment` or `--limit`.
+#[test]
+fn one_corruption_streams_a_video_without_a_length() {
+    let dir = scratch("video-corrupt");
+    let clip = dir.join("clip.y4m");
+    let mut bytes = b"YUV4MPEG2 W32 H32 F25:1 Ip A1:1 C420jpeg\n".to_vec();
+    for f in 0..3u8 {
+        bytes.extend_from_slice(b"FRAME\n");
+        bytes.extend((0..32 * 32 + 2 * 16 * 16).map(|i| (i as u8).wrapping_mul(7).wrapping_add(40 * f)));
+    }
+    std::fs::write(&clip, bytes).unwrap();
+    let src = format!("video:{}", s(&clip));
+    let model = common::asset("usps.onnx");
+    let args = |corrupt: &'static str| {
+        vec!["stream", s(&model), "--source", &src, "--preprocess", "size=16,channels=1,mean=0.2471,std=0.2994"]
+            .into_iter()
+            .map(str::to_string)
+            .chain(["--corrupt", corrupt, "--quiet"].map(str::to_string))
+            .collect::<Vec<String>>()
+    };
+    let one = args("gaussian_noise:3");
+    let out = ok(&one.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("frames 3"), "{out}");
+    let two = args("gaussian_noise:3,contrast:2");
+    let e = fails(&two.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("--segment") && e.contains("several --corrupt"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `auto` in frame mode on the USPS network over the first 256 MNIST test digits (seed 1) with
 /// the `[auto]` keys `extra` and the corruption `corrupt`, in `dir` under `name`: the window
 /// decisions' diagnostics, the adapted and the source model's accuracy.

@@ -232,14 +232,19 @@ fn plan_frames(source: &Source, order: &OrderSpec, args: &StreamArgs) -> Result<
             vec![None; args.limit.unwrap_or(usize::MAX).min(1 << 20)]
         }
     };
-    if source.len().is_none() && args.limit.is_none() && args.corrupt.is_some() && args.segment.is_none() {
-        return Err(usage("a video's length is unknown in advance: give --segment K (or --limit N) with --corrupt"));
-    }
     let n = args.limit.map_or(indices.len(), |l| l.min(indices.len()));
     let schedule = match &args.corrupt {
         Some(c) => Some(Schedule::parse(c, args.segment, n).map_err(|e| usage(format!("--corrupt: {e}")))?),
         None => None,
     };
+    // Several corruptions split the stream evenly unless --segment says how long each lasts; a
+    // video's length is not known in advance. One corruption covers every frame either way.
+    let several = schedule.as_ref().is_some_and(|s| s.segments().len() > 1);
+    if source.len().is_none() && args.limit.is_none() && several && args.segment.is_none() {
+        return Err(usage(
+            "a video's length is unknown in advance: give --segment K (or --limit N) with several --corrupt entries",
+        ));
+    }
     Ok(indices
         .into_iter()
         .take(n)
