@@ -26,7 +26,8 @@ Per batch, as the runtime does it:
      else alpha = B / (N + B), N = source_samples / (1 + n / source_decay), n the samples of the batches
      adapted on so far (then n += B), the unbiased batch variance; Adam at
      lr, E0, d_margin; tools/tta_reference.py run_eata's rules) returning its pre-update logits;
-  5. the covariate-shift score of the source forward (`covariate_shift` below: what the GPU computes
+  5. the run statistics of the source top-1 classes in the batch's order (`runs` below) and
+     the covariate-shift score of the source forward (`covariate_shift` below: what the GPU computes
      in bn_shift), reported, not decided on;
   6. collapse: when it took the step branch and H(mean returned p) < collapse_ratio * H(mean softmax(z_s)),
      parameters and optimizer return to the source and n to 0 (the decision state and q stay).
@@ -87,6 +88,23 @@ def expected_entropy(q, b):
 def mean_entropy(p):
     c = p.shape[1]
     return entropy(p.double().mean(0)) / math.log(c) if c > 1 else 1.0
+
+
+def runs(top1):
+    """Cyclic run statistics of the batch's source top-1 classes in stream order: the mean run
+    length B / #(cyclic neighbours that differ) (B for one class), and the excess
+    (A - A_exp) / (1 - A_exp) of the share A of equal cyclic neighbours over its expectation
+    under a random order, A_exp = sum_k n_k (n_k - 1) / (B (B - 1)) (None for one class).
+    Reported, not decided on."""
+    b = len(top1)
+    if b < 2:
+        return None, None
+    changes = sum(top1[i] != top1[(i + 1) % b] for i in range(b))
+    counts = np.bincount(np.asarray(top1))
+    expected = float((counts * (counts - 1)).sum()) / (b * (b - 1))
+    equal = (b - changes) / b
+    excess = (equal - expected) / (1 - expected) if expected < 1 else None
+    return b / max(changes, 1), excess
 
 
 def covariate_shift(net):
@@ -199,6 +217,7 @@ def run_auto(model_path, cfg, batches):
                "label_shift": shifted and not own, "batch_label_skew": skew_b,
                "batch_entropy": batch_entropy, "dominated": dominated, "source_biased": biased,
                "covariate_shift": shift}
+        rec.update(zip(("run_length", "run_excess"), runs(ps.argmax(1).tolist())))
         # The source's predictions on average as uncertain as ETA's reliability threshold: an
         # output stage would sharpen noise (no smoothing, no prior correction).
         uncertain = judged and (correlated or shifted) and vague and not own

@@ -81,6 +81,8 @@ fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
         );
         check_optional(&format!("batch {i} alpha"), d.alpha, &w["alpha"], &mut errors);
         check_optional(&format!("batch {i} covariate shift"), d.covariate_shift, &w["covariate_shift"], &mut errors);
+        check_optional(&format!("batch {i} run length"), d.run_length, &w["run_length"], &mut errors);
+        check_optional(&format!("batch {i} run excess"), d.run_excess, &w["run_excess"], &mut errors);
         check_close(
             &format!("batch {i} source entropy"),
             &[d.source_entropy as f64],

@@ -222,6 +222,8 @@ fn diagnostics(stepped: bool, covariate_shift: Option<f32>) -> AutoDiagnostics {
         batch_entropy: Some(0.2),
         dominated: false,
         source_biased: false,
+        run_length: Some(2.0),
+        run_excess: covariate_shift.map(|k| k * 0.5),
         alpha: stepped.then_some(0.1),
         covariate_shift,
     }
@@ -268,11 +270,15 @@ fn html_shows_what_auto_decided() {
     // The timeline is not part of the summary's JSON.
     let json = serde_json::to_string(&a).unwrap();
     assert!(!json.contains("timeline") && json.contains("\"covariate_shift\":1.0"), "{json}");
+    // The run excess is averaged over the decisions that have one (0.25, 0.75 and four 0.5).
+    assert_eq!(a.run_excess, Some(0.5));
+    assert!(json.contains("\"run_excess\":0.5"), "{json}");
 
     // Without a BatchNorm layer there is no covariate-shift score, and no plot of it.
     let mut a = AutoSummary::default();
     a.add(0, &diagnostics(false, None));
     assert!(a.covariate_shift.is_none() && !a.line().contains("covariate shift"));
+    assert!(a.run_excess.is_none());
     s.auto = Some(a);
     let html = render_html(&s, &recs, "auto").unwrap();
     assert!(html.contains("Method auto: scores per decision") && !html.contains("Covariate shift: mean KL"));

@@ -143,6 +143,11 @@ pub struct AutoSummary {
     /// Mean covariate-shift score of the decisions that have one (a model with BatchNormalization).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub covariate_shift: Option<f64>,
+    /// Mean run excess of the source's top-1 classes in the decisions' order (`Diagnostics::run_excess`:
+    /// 0 for an order that looks random, positive when classes come in runs), over the decisions
+    /// that have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_excess: Option<f64>,
     /// Every decision's scores, in stream order (the report's plot; the JSONL has them all).
     #[serde(skip)]
     pub timeline: Vec<AutoPoint>,
@@ -159,6 +164,7 @@ pub struct AutoPoint {
     pub batch_label_skew: f32,
     pub alpha: Option<f32>,
     pub source_agreement: f32,
+    pub run_excess: Option<f32>,
 }
 
 impl AutoSummary {
@@ -170,6 +176,10 @@ impl AutoSummary {
             let scored = self.timeline.iter().filter(|p| p.covariate_shift.is_some()).count() as f64;
             self.covariate_shift = Some((self.covariate_shift.unwrap_or(0.0) * scored + k as f64) / (scored + 1.0));
         }
+        if let Some(r) = d.run_excess {
+            let scored = self.timeline.iter().filter(|p| p.run_excess.is_some()).count() as f64;
+            self.run_excess = Some((self.run_excess.unwrap_or(0.0) * scored + r as f64) / (scored + 1.0));
+        }
         self.timeline.push(AutoPoint {
             frame,
             covariate_shift: d.covariate_shift,
@@ -178,6 +188,7 @@ impl AutoSummary {
             batch_label_skew: d.batch_label_skew,
             alpha: d.alpha,
             source_agreement: d.source_agreement,
+            run_excess: d.run_excess,
         });
         self.decisions += 1;
         self.correlated += d.correlated as u64;

@@ -421,6 +421,15 @@ pub struct Diagnostics {
     /// predictions' long-run marginal is skewed well beyond the batch-statistics view's); a batch
     /// that steps normalises with its own statistics alone (α = 1).
     pub source_biased: bool,
+    /// The mean length of the runs of equal source top-1 classes in the batch's order (frame
+    /// mode: the window's), counted cyclically so that a ring buffer's rotation does not change
+    /// it ([`runs`]; `None`: fewer than 2 rows). Reported, not decided on (docs/accuracy.md).
+    pub run_length: Option<f32>,
+    /// How far the batch's order groups equal source top-1 classes beyond chance ([`runs`]): 0
+    /// when the order looks like a random permutation of its classes, positive when they come
+    /// in runs, negative when they alternate more than chance would (`None`: fewer than 2 rows,
+    /// or a single class). Reported, not decided on.
+    pub run_excess: Option<f32>,
     /// BN-α's α the step normalised with (`None`: no step on this batch).
     pub alpha: Option<f32>,
     /// The covariate-shift score: the mean over the BatchNormalization layers of the mean over
@@ -1032,6 +1041,30 @@ pub fn covariate_shift(layers: &[f32]) -> Option<f32> {
     (!layers.is_empty() && mean.is_finite()).then_some(mean as f32)
 }
 
+/// The run statistics of a sequence of top-1 classes `top1` (a batch in stream order), taken
+/// cyclically (the last row next to the first): `(run_length, run_excess)`. `run_length` is
+/// B / (the number of cyclically adjacent pairs whose classes differ), B when every class is
+/// the same. `run_excess` is (A − Â)/(1 − Â), A the share of the B cyclically adjacent pairs whose
+/// classes are equal and Â = Σ_k n_k(n_k − 1)/(B(B − 1)) its expectation when the order is a
+/// random permutation of the batch's classes (every adjacent pair is then a uniformly drawn pair
+/// of distinct rows); `None` with a single class (Â = 1). Both `None` under 2 rows.
+pub fn runs(top1: &[usize]) -> (Option<f32>, Option<f32>) {
+    let b = top1.len();
+    if b < 2 {
+        return (None, None);
+    }
+    let changes = (0..b).filter(|&i| top1[i] != top1[(i + 1) % b]).count();
+    let length = b as f64 / changes.max(1) as f64;
+    let mut counts = std::collections::HashMap::new();
+    for &k in top1 {
+        *counts.entry(k).or_insert(0usize) += 1;
+    }
+    let expected = counts.values().map(|&n| (n * (n - 1)) as f64).sum::<f64>() / (b * (b - 1)) as f64;
+    let equal = (b - changes) as f64 / b as f64;
+    let excess = (expected < 1.0).then(|| ((equal - expected) / (1.0 - expected)) as f32);
+    (Some(length as f32), excess)
+}
+
 /// The diagnostics of a batch whose returned probabilities are `returned` and whose
 /// source-statistics probabilities are `source`.
 pub fn diagnose(
@@ -1060,6 +1093,7 @@ pub fn diagnose_stats(
     let (h, hs) = (returned.mean_entropy, source.mean_entropy);
     let source_entropy = source.row_entropy;
     let reset = stepped_branch(decision, section) && h < section.collapse_ratio as f64 * hs;
+    let (run_length, run_excess) = runs(&source.top1);
     Diagnostics {
         label_correlation: rho.map(|r| r as f32),
         label_correlation_smoothed: decision.smoothed as f32,
@@ -1080,6 +1114,8 @@ pub fn diagnose_stats(
         batch_entropy: None,
         dominated: decision.dominated,
         source_biased: decision.biased,
+        run_length,
+        run_excess,
         alpha: None,
         covariate_shift: None,
     }
@@ -1416,5 +1452,47 @@ mod tests {
         assert!(diag.reset && diag.top_share == 1.0 && diag.source_agreement < 0.2);
         let diag = diagnose(Some(0.0), &d, true, &src, &src, &section);
         assert!(!diag.reset && diag.source_agreement == 1.0);
+    }
+
+    /// Every distinct order of a small multiset of classes: the mean share of equal cyclic
+    /// neighbours is the Â that `runs` subtracts, so the mean excess over all orders is 0.
+    fn orders(counts: &mut [usize], prefix: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if counts.iter().all(|&n| n == 0) {
+            out.push(prefix.clone());
+            return;
+        }
+        for k in 0..counts.len() {
+            if counts[k] > 0 {
+                counts[k] -= 1;
+                prefix.push(k);
+                orders(counts, prefix, out);
+                prefix.pop();
+                counts[k] += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn run_statistics_count_cyclic_runs_against_a_random_order() {
+        // Two runs of three: length 3; the classes grouped as far as they can be.
+        let (length, excess) = runs(&[1, 1, 1, 2, 2, 2]);
+        assert_eq!(length, Some(3.0));
+        // A = 4/6 equal pairs, Â = (6 + 6)/30 = 0.4: (2/3 − 0.4)/0.6.
+        assert!((excess.unwrap() - (2.0 / 3.0 - 0.4) / 0.6).abs() < 1e-6, "{excess:?}");
+        // Alternating: every pair differs, below chance.
+        let (length, excess) = runs(&[1, 2, 1, 2, 1, 2]);
+        assert_eq!(length, Some(1.0));
+        assert!((excess.unwrap() - (0.0 - 0.4) / 0.6).abs() < 1e-6, "{excess:?}");
+        // A rotation (a ring buffer read from another slot) changes nothing.
+        assert_eq!(runs(&[2, 2, 1, 1, 1, 2]), runs(&[1, 1, 1, 2, 2, 2]));
+        // One class: one run of B, no excess to speak of; too short: nothing.
+        assert_eq!(runs(&[3; 5]), (Some(5.0), None));
+        assert_eq!(runs(&[3]), (None, None));
+        // Over every distinct order of {0, 0, 0, 1, 1, 2} the mean excess is 0.
+        let mut all = Vec::new();
+        orders(&mut [3, 2, 1], &mut Vec::new(), &mut all);
+        assert_eq!(all.len(), 60);
+        let mean = all.iter().map(|o| runs(o).1.unwrap() as f64).sum::<f64>() / all.len() as f64;
+        assert!(mean.abs() < 1e-6, "mean excess over every order: {mean}");
     }
 }
