@@ -222,6 +222,8 @@ fn diagnostics(stepped: bool, covariate_shift: Option<f32>) -> AutoDiagnostics {
         batch_entropy: Some(0.2),
         dominated: false,
         source_biased: false,
+        diverged: false,
+        view_agreement: Some(0.8),
         run_length: Some(2.0),
         run_excess: covariate_shift.map(|k| k * 0.5),
         alpha: stepped.then_some(0.1),
@@ -258,12 +260,21 @@ fn html_shows_what_auto_decided() {
     assert!(
         a.line().contains("1 of the adapted decision(s) on the batch's own statistics alone (the source statistics")
     );
+    // And one whose source-statistics predictions diverged from the batch statistics' (counted
+    // once, as biased, when it is both).
+    a.add(13, &AutoDiagnostics { diverged: true, alpha: Some(1.0), ..diagnostics(true, Some(1.0)) });
+    a.add(
+        14,
+        &AutoDiagnostics { diverged: true, source_biased: true, alpha: Some(1.0), ..diagnostics(true, Some(1.0)) },
+    );
+    assert_eq!((a.decisions, a.stepped, a.dominated, a.source_biased, a.diverged), (9, 7, 2, 2, 1));
+    assert!(a.line().contains("1 of the adapted decision(s) on the batch's own statistics alone (the source statistics' predictions diverged"), "{}", a.line());
     a.prior_corrected_frames = 7;
     assert!(a.line().contains("7 frame(s) corrected by a class prior"), "{}", a.line());
     s.auto = Some(a.clone());
     let html = render_html(&s, &recs, "auto").unwrap();
     assert_self_contained(&html);
-    assert!(html.contains("<h2>Method auto</h2>") && html.contains("5 adapted"), "{html}");
+    assert!(html.contains("<h2>Method auto</h2>") && html.contains("7 adapted"), "{html}");
     assert!(html.contains("Method auto: scores per decision") && html.contains("label skew, batch statistics"));
     assert!(html.contains("Covariate shift: mean KL"));
     assert_eq!(html.matches("<svg").count(), 6);

@@ -132,6 +132,12 @@ pub struct AutoSummary {
     /// view's): a step with the batch's own statistics alone.
     #[serde(default)]
     pub source_biased: u64,
+    /// Of the stepped ones neither dominated nor biased, those whose source-statistics
+    /// predictions diverged from the batch-statistics view's (their top-1 classes agreeing on
+    /// under `view_agreement` of the batch, the view the more certain): a step with the batch's
+    /// own statistics alone.
+    #[serde(default)]
+    pub diverged: u64,
     /// Collapse resets to the source.
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
@@ -198,6 +204,7 @@ impl AutoSummary {
         self.uncertain += d.uncertain as u64;
         self.dominated += d.dominated as u64;
         self.source_biased += (d.source_biased && !d.dominated && d.alpha.is_some()) as u64;
+        self.diverged += (d.diverged && !d.source_biased && !d.dominated && d.alpha.is_some()) as u64;
         self.resets += d.reset as u64;
     }
 
@@ -229,6 +236,12 @@ impl AutoSummary {
             n => format!(
                 "; {n} of the adapted decision(s) on the batch's own statistics alone (the source statistics \
                  biased the predictions: their class marginal far more skewed than the batch statistics')"
+            ),
+        } + &match self.diverged {
+            0 => String::new(),
+            n => format!(
+                "; {n} of the adapted decision(s) on the batch's own statistics alone (the source statistics' \
+                 predictions diverged from the batch statistics': different classes for most of the batch)"
             ),
         } + &match self.uncertain {
             0 => String::new(),

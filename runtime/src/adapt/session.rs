@@ -717,6 +717,7 @@ impl Session {
                 d.set_batch_marginal(&decision.batch_marginal.iter().map(|&m| m as f32).collect::<Vec<_>>());
                 d.dominated = decision.dominated;
                 d.biased = decision.biased;
+                d.diverged = decision.diverged;
                 d
             }
             None => decision.clone(),
@@ -746,7 +747,15 @@ impl Session {
         state.decision = Some(decision);
         state.prior = Some(prior);
         let batch_entropy = view.as_ref().map(|v| v.row_entropy as f32);
-        p.auto = Some(Diagnostics { reset: diag.reset && state.adapts, alpha, covariate_shift, batch_entropy, ..diag });
+        let view_agreement = view.as_ref().map(|v| v.agreement as f32);
+        p.auto = Some(Diagnostics {
+            reset: diag.reset && state.adapts,
+            alpha,
+            covariate_shift,
+            batch_entropy,
+            view_agreement,
+            ..diag
+        });
         Ok(p)
     }
 

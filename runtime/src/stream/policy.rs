@@ -511,8 +511,10 @@ impl StreamSession {
                 true => label_prior(),
                 false => None,
             };
-            // The window stepped with its own statistics alone (α = 1): the frames follow.
-            state.dominated = (d.dominated || d.source_biased) && state.on;
+            // The window stepped with its own statistics alone (α = 1; its inputs' shift
+            // dominated, the source statistics biased the predictions or diverged from the
+            // window's own): the frames follow.
+            state.dominated = (d.dominated || d.source_biased || d.diverged) && state.on;
             self.apply_frame_weight();
         }
     }

@@ -58,6 +58,12 @@
 //!      network on brightened digits (one confident class through the source statistics,
 //!      judged correlated: 13.0 % against the source's 19.0 %) now 74.6 %; on clean digits, where
 //!      the anchored α held it back, 71.1 → 76.0 %.
+//!    - **the source's predictions diverge from the view's** ([`diverged`]) when their top-1
+//!      classes agree on fewer than `view_agreement` of the rows and the view is the more certain
+//!      of the two: the batch steps with α = 1 as a dominated one does, its ρ not smoothed in.
+//!      The USPS network on contrast-reduced digits in the sorted order: once the source
+//!      statistics turn confident of a wrong class on batches of one digit (not dominated, not
+//!      biased), they were judged correlated and smoothed (48.5 %); now 85.3 %.
 //! 2. **Labels correlated** (smoothed ρ > `correlation_threshold`): the batch statistics would
 //!    normalise one class as if it were the whole distribution (−10 points for every
 //!    batch-statistics method on the correlated order, docs/accuracy.md), so no statistics are
@@ -88,8 +94,8 @@
 //!    batches adapted on since the start or the last reset (α = 0.1 at B = 64 on the first
 //!    batch, 0.18 after 1,024 samples, 0.5 after 8,192). Batch statistics alone cost this
 //!    network 3 points before adaptation pays, and the source prior gains from the first
-//!    batches; over a long stream batch statistics win (docs/accuracy.md). A dominated or
-//!    biased batch (1.) normalises with its own statistics alone (α = 1).
+//!    batches; over a long stream batch statistics win (docs/accuracy.md). A dominated,
+//!    biased or diverged batch (1.) normalises with its own statistics alone (α = 1).
 //! 5. **Collapse**: when the adapted predictions' mean has less than `collapse_ratio` of the
 //!    source predictions' mean entropy on a batch that is not label-correlated, the parameters
 //!    and optimizer return to the source (the statistics of the stream are kept).
@@ -97,7 +103,7 @@
 //! 6. **Frame mode** (a prediction per frame, a decision per window step): after a window judged
 //!    correlated, each frame's top classes are re-ranked by the recent frames' classes
 //!    ([`FramePrior`]); after one judged label-shifted, they are corrected by q̂ ([`reweight`]);
-//!    after one that stepped with α = 1 (dominated, or the source statistics biased), frames are
+//!    after one that stepped with α = 1 (dominated, the source statistics biased or diverged), frames are
 //!    normalised with the recent frames' statistics.
 //!
 //! A model without BatchNormalization has nothing to adapt: `auto` then runs the source model,
@@ -206,6 +212,11 @@ pub struct AutoSection {
     /// own statistics alone (α = 1), whatever its labels look like through the source
     /// statistics. 0 turns the test off.
     pub bias_ratio: f32,
+    /// The source statistics' predictions and the batch-statistics view's **diverge**
+    /// ([`diverged`]) when their top-1 classes agree on fewer than this share of the batch's
+    /// rows: the batch steps with its own statistics alone (α = 1), whatever its labels look
+    /// like through the source statistics. 0 turns the test off.
+    pub view_agreement: f32,
     /// Frame mode: the recent-class prior's momentum, r ← m·r + (1 − m)·p̃ after every frame
     /// ([`FramePrior`]).
     pub frame_prior_momentum: f32,
@@ -234,6 +245,7 @@ impl Default for AutoSection {
             dominance_ratio: 0.5,
             bias_threshold: 0.015,
             bias_ratio: 0.5,
+            view_agreement: 0.3,
             frame_prior_momentum: 0.5,
             frame_prior_power: 2.0,
         }
@@ -265,6 +277,7 @@ impl Section for AutoSection {
             ("auto.dominance_ratio", self.dominance_ratio),
             ("auto.bias_threshold", self.bias_threshold),
             ("auto.bias_ratio", self.bias_ratio),
+            ("auto.view_agreement", self.view_agreement),
         ] {
             if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
                 return Err(Invalid::new(key, v, "must be in [0, 1]"));
@@ -421,6 +434,13 @@ pub struct Diagnostics {
     /// predictions' long-run marginal is skewed well beyond the batch-statistics view's); a batch
     /// that steps normalises with its own statistics alone (α = 1).
     pub source_biased: bool,
+    /// The source-statistics predictions diverged from the batch-statistics view's ([`diverged`]:
+    /// their top-1 classes agree on fewer than `view_agreement` of the rows); a batch that steps
+    /// normalises with its own statistics alone (α = 1).
+    pub diverged: bool,
+    /// The share of the batch whose batch-statistics view's top-1 class is the source
+    /// statistics' (`None`: a model without BatchNormalization has no such view).
+    pub view_agreement: Option<f32>,
     /// The mean length of the runs of equal source top-1 classes in the batch's order (frame
     /// mode: the window's), counted cyclically so that a ring buffer's rotation does not change
     /// it ([`runs`]; `None`: fewer than 2 rows). Reported, not decided on (docs/accuracy.md).
@@ -462,6 +482,10 @@ pub struct Decision {
     /// ([`Decision::source_biased`]): it steps with its own statistics, whatever its labels look
     /// like through the source statistics.
     pub biased: bool,
+    /// The latest batch's source-statistics predictions diverged from its batch-statistics
+    /// view's ([`diverged`]): it steps with its own statistics, whatever its labels look like
+    /// through the source statistics.
+    pub diverged: bool,
 }
 
 fn entropy(p: &[f64]) -> f64 {
@@ -733,10 +757,34 @@ pub fn dominated(section: &AutoSection, rows: usize, source_entropy: f64, batch_
         && batch_entropy < section.dominance_ratio as f64 * source_entropy
 }
 
+/// Whether a batch of `rows` samples has source-statistics predictions that diverge from its
+/// batch-statistics view's: their top-1 classes agree on fewer than `view_agreement` of the rows
+/// (`agreement`, the view's [`BatchStats::agreement`] against the source's top-1 classes), and the
+/// view is the more certain of the two (its mean row entropy `batch_entropy` below the source's
+/// `source_entropy`). Two normalisations of the same parameters that disagree on most of a batch
+/// cannot both be right; the batch's own statistics are the ones that make the model more
+/// certain, so the source's predictions are no basis for judging labels, and the batch steps
+/// with its own statistics (α = 1). The USPS network on contrast-reduced digits in the sorted
+/// order: after seven dominated batches the source statistics turn confident of a wrong class
+/// on the batches of one digit (0–1 of 64 right; not dominated, judged correlated and
+/// smoothed), where the view gets 50–62 right and agrees with the source on 0–6 % of the rows
+/// (48.5 → 85.3 % over the first 1,024 digits). The threshold, 0.3, lies below the lowest
+/// agreement measured on a batch that must not step: the SVHN network on motion-blurred digits
+/// of one class, 42–48 % (LAME over the source gets 30–37 of 64 right, a step 12–23; 0.5 cost
+/// 3.4 points there), while truly correlated batches on which LAME helps agree on 50–94 %
+/// (both networks); where the SVHN network's one-digit batches agree least, one class's
+/// statistics also leave the view the less certain one (mean row entropy 0.10–0.20 of ln C
+/// against the source's 0.06–0.10). Batches under [`MIN_CORRELATION_BATCH`] are never judged
+/// diverged: their statistics are too noisy (docs/accuracy.md).
+pub fn diverged(section: &AutoSection, rows: usize, agreement: f64, source_entropy: f64, batch_entropy: f64) -> bool {
+    rows >= MIN_CORRELATION_BATCH && agreement < section.view_agreement as f64 && batch_entropy < source_entropy
+}
+
 /// BN-α's α for a batch of `b` after `evidence` adapted samples: B/(N + B) with
 /// N = source_samples / (1 + evidence/source_decay); 1 (the batch's own statistics alone) when
-/// the inputs' shift dominates the batch ([`dominated`]) or the source statistics bias the
-/// predictions ([`Decision::source_biased`]).
+/// the inputs' shift dominates the batch ([`dominated`]), the source statistics bias the
+/// predictions ([`Decision::source_biased`]) or the source's predictions diverge from the
+/// batch-statistics view's ([`diverged`]).
 pub fn step_alpha(decision: &Decision, section: &AutoSection, b: usize, evidence: f64) -> f32 {
     if decision.own_statistics() { 1.0 } else { alpha(section, b, evidence) }
 }
@@ -785,6 +833,7 @@ impl Decision {
             judged: false,
             dominated: false,
             biased: false,
+            diverged: false,
         }
     }
 
@@ -813,6 +862,7 @@ impl Decision {
             marginal,
             dominated: false,
             biased: false,
+            diverged: false,
         })
     }
 
@@ -882,7 +932,7 @@ impl Decision {
     /// through the source statistics: its inputs' shift dominated it, or the source statistics
     /// bias the predictions.
     pub fn own_statistics(&self) -> bool {
-        self.dominated || self.biased
+        self.dominated || self.biased || self.diverged
     }
 
     /// The label-correlation score of a batch with source-statistics probabilities `probs`
@@ -938,6 +988,7 @@ impl Decision {
     ) -> Option<f64> {
         let v = view.unwrap_or(stats);
         self.dominated = view.is_some() && dominated(section, stats.rows, stats.row_entropy, v.row_entropy);
+        self.diverged = view.is_some_and(|v| diverged(section, v.rows, v.agreement, stats.row_entropy, v.row_entropy));
         // ρ against the marginal before the batch.
         let rho = self.correlation_of(stats, section);
         // Top-1 counts, as the batch's histogram is: the entropy of averaged soft probabilities is
@@ -1114,6 +1165,8 @@ pub fn diagnose_stats(
         batch_entropy: None,
         dominated: decision.dominated,
         source_biased: decision.biased,
+        diverged: decision.diverged,
+        view_agreement: None,
         run_length,
         run_excess,
         alpha: None,
@@ -1329,6 +1382,58 @@ mod tests {
         let mut young = Decision::initial(10, 8.0);
         young.observe_stats(&BatchStats::of_rows(&one_hot(&[3; 16], 10), None), Some(&balanced), &s);
         assert!(young.skew() - young.batch_skew() > 0.05 && !young.source_biased(&s));
+    }
+
+    /// Rows of classes `classes`, each with probability `top` on its class and the rest spread.
+    fn peaked(classes: &[usize], c: usize, top: f64) -> Vec<Vec<f64>> {
+        let rest = (1.0 - top) / (c - 1) as f64;
+        classes.iter().map(|&k| (0..c).map(|i| if i == k { top } else { rest }).collect()).collect()
+    }
+
+    #[test]
+    fn predictions_that_diverge_from_the_view_step_with_the_batch_statistics() {
+        // The source-bias test off: one batch of one class against a spread view would be
+        // judged biased too.
+        let s = AutoSection { bias_threshold: 0.0, ..AutoSection::default() };
+        // The source statistics: one class, confident (a correlated-looking batch, not vague
+        // enough to be dominated).
+        let source = BatchStats::of_rows(&peaked(&[3; 64], 10, 0.97), None);
+        let spread: Vec<usize> = (0..64).map(|i| (i * 7) % 10).collect();
+        // The view: other classes on 90 % of the rows, more certain than the source.
+        let view_of = |top: f64| BatchStats::of_rows(&peaked(&spread, 10, top), Some(&source.top1));
+        let certain = view_of(0.995);
+        assert!(certain.agreement < 0.5 && certain.row_entropy < source.row_entropy);
+        let mut d = Decision::initial(10, 128.0);
+        let rho = d.observe_stats(&source, Some(&certain), &s);
+        // Judged by ρ alone the batch would be correlated; it steps with α = 1 instead, and its ρ
+        // is not smoothed in.
+        assert!(rho.is_some_and(|r| r > 0.8) && d.diverged && !d.dominated && !d.judged, "{rho:?} {d:?}");
+        assert!(stepped_branch(&d, &s) && step_alpha(&d, &s, 64, 0.0) == 1.0);
+        let diag = diagnose_stats(rho, &d, true, &source, &source, &s);
+        assert!(diag.diverged && !diag.correlated && !diag.unjudged);
+        // A view less certain than the source (one class's batch statistics blur it): the source
+        // is trusted, the labels judged correlated.
+        let mut vague = Decision::initial(10, 128.0);
+        vague.observe_stats(&source, Some(&view_of(0.5)), &s);
+        assert!(!vague.diverged && vague.correlated);
+        // A view that agrees: no divergence.
+        let agreeing = BatchStats::of_rows(&peaked(&[3; 64], 10, 0.995), Some(&source.top1));
+        let mut same = Decision::initial(10, 128.0);
+        same.observe_stats(&source, Some(&agreeing), &s);
+        assert!(!same.diverged && same.correlated);
+        // 0 turns the test off; batches under 16 rows are not judged.
+        let mut off = Decision::initial(10, 128.0);
+        off.observe_stats(&source, Some(&certain), &AutoSection { view_agreement: 0.0, ..s.clone() });
+        assert!(!off.diverged && off.correlated);
+        let small = BatchStats::of_rows(&peaked(&[3; 8], 10, 0.97), None);
+        let small_view = BatchStats::of_rows(&peaked(&spread[..8], 10, 0.995), Some(&small.top1));
+        let mut young = Decision::initial(10, 128.0);
+        young.observe_stats(&small, Some(&small_view), &s);
+        assert!(!young.diverged);
+        // No view (a model without BatchNormalization): never.
+        let mut none = Decision::initial(10, 128.0);
+        none.observe_stats(&source, None, &s);
+        assert!(!none.diverged);
     }
 
     /// The inputs' shift dominates a batch when the source statistics leave the source model
