@@ -6,9 +6,9 @@
 # unadapted model and the presets source, norm (batch statistics), BN-α (α 0.1), LAME, label
 # shift (EMA over the source model) and ETA (Adam 5e-3, the best SVHN preset). Frame mode (the
 # stream's defaults: window 64, a step every 16): auto against the source. Then the sweep: eight
-# more corruptions, the sorted and Dirichlet 0.01 orders and 128-digit streams, auto against
-# norm, ETA and LAME (batch mode). One line per run; docs/accuracy.md has both tables. About 25
-# minutes on 2 cores with lavapipe.
+# more corruptions, the sorted and Dirichlet 0.01 orders, 128-digit streams and contrast and
+# defocus blur in the class-correlated orders, auto against norm, ETA and LAME (batch mode). One
+# line per run; docs/accuracy.md has both tables. About 27 minutes on 2 cores with lavapipe.
 # Usage: tools/unseen_model.sh [path/to/acclimate]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +47,8 @@ run_n() { # config corruption order frames
 for row in "pixelate:4 iid 1024" "motion_blur:3 iid 1024" "jpeg_compression:5 iid 1024" "brightness:4 iid 1024" \
   "low_light:3 iid 1024" "impulse_noise:3 iid 1024" "defocus_blur:3 iid 1024" "fog:3 iid 1024" "none sorted 1024" \
   "gaussian_noise:3 sorted 1024" "none dirichlet:0.01 1024" "none iid 128" "contrast:3 iid 128" \
-  "gaussian_noise:3 iid 128"; do
+  "gaussian_noise:3 iid 128" "contrast:3 sorted 1024" "contrast:3 dirichlet:0.01 1024" "defocus_blur:3 dirichlet:0.1 1024" \
+  "defocus_blur:3 dirichlet:0.01 1024"; do
   read -r c o n <<< "$row"
   for m in auto norm eta lame; do run_n "$m" "$c" "$o" "$n"; done
 done
