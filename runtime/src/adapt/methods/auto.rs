@@ -435,8 +435,8 @@ pub struct Diagnostics {
     /// that steps normalises with its own statistics alone (α = 1).
     pub source_biased: bool,
     /// The source-statistics predictions diverged from the batch-statistics view's ([`diverged`]:
-    /// their top-1 classes agree on fewer than `view_agreement` of the rows); a batch that steps
-    /// normalises with its own statistics alone (α = 1).
+    /// their top-1 classes agree on fewer than `view_agreement` of the rows, and the view is the
+    /// more certain); a batch that steps normalises with its own statistics alone (α = 1).
     pub diverged: bool,
     /// The share of the batch whose batch-statistics view's top-1 class is the source
     /// statistics' (`None`: a model without BatchNormalization has no such view).
@@ -762,9 +762,9 @@ pub fn dominated(section: &AutoSection, rows: usize, source_entropy: f64, batch_
 /// (`agreement`, the view's [`BatchStats::agreement`] against the source's top-1 classes), and the
 /// view is the more certain of the two (its mean row entropy `batch_entropy` below the source's
 /// `source_entropy`). Two normalisations of the same parameters that disagree on most of a batch
-/// cannot both be right; the batch's own statistics are the ones that make the model more
-/// certain, so the source's predictions are no basis for judging labels, and the batch steps
-/// with its own statistics (α = 1). The USPS network on contrast-reduced digits in the sorted
+/// cannot both be right, and when the batch's own statistics make the model the more certain,
+/// the source's predictions are no basis for judging labels: the batch steps with its own
+/// statistics (α = 1). The USPS network on contrast-reduced digits in the sorted
 /// order: after seven dominated batches the source statistics turn confident of a wrong class
 /// on the batches of one digit (0–1 of 64 right; not dominated, judged correlated and
 /// smoothed), where the view gets 50–62 right and agrees with the source on 0–6 % of the rows
@@ -929,8 +929,9 @@ impl Decision {
     }
 
     /// The batch steps with its own statistics alone (α = 1), whatever its labels look like
-    /// through the source statistics: its inputs' shift dominated it, or the source statistics
-    /// bias the predictions.
+    /// through the source statistics: its inputs' shift dominated it, the source statistics bias
+    /// the predictions, or its source-statistics predictions diverge from the batch-statistics
+    /// view's.
     pub fn own_statistics(&self) -> bool {
         self.dominated || self.biased || self.diverged
     }
