@@ -18,6 +18,8 @@ echo "== cargo test (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
 cargo test --workspace --features acclimate-ffi/bindgen "$@"
 echo "== phone targets (type-check of the library and the C ABI)"
 bash tools/phone_check.sh
+echo "== the library's API docs (rustdoc, warnings as errors: the crate apps link)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p acclimate
 echo "== Android: the Kotlin API on the host JVM (android/host-test.sh)"
 bash android/host-test.sh
 echo "== iOS: the Swift bindings parsed, their C header compiled (tools/swift_check.sh)"

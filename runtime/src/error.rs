@@ -24,7 +24,7 @@ use crate::stream::frame::FrameError;
 use crate::stream::policy::StreamError;
 use crate::stream::preprocess::SpecError;
 
-/// `Result` with the library's [`Error`].
+/// `Result` with the library's [`Error`](enum@Error).
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Every failure of the library. Match on [`Error::kind`] to decide what to do; match on the
@@ -64,7 +64,7 @@ pub enum Error {
     Stream(#[from] StreamError),
 }
 
-/// What kind of failure an [`Error`] is: what the caller got wrong, or what went wrong around it.
+/// What kind of failure an [`Error`](enum@Error) is: what the caller got wrong, or what went wrong around it.
 /// The C ABI returns one status code per kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorKind {

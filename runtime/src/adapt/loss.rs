@@ -8,7 +8,7 @@
 //! instead of overwriting them, so objectives compose: EATA is a weighted entropy plus
 //! [`ewc_penalty`], WoC a weighted entropy plus [`diversity_loss`].
 //!
-//! Per-sample weights come from a coefficient buffer `coeff` [B], so they can be computed on
+//! Per-sample weights come from a coefficient buffer `coeff` \[B\], so they can be computed on
 //! the GPU without a readback: mean entropy is c_i = 1/B ([`fill`]), EATA's is
 //! c_i = w_i/|S| for selected samples and 0 otherwise.
 //!
@@ -46,7 +46,7 @@ pub(crate) fn sum_terms(terms: BufRef, n: usize, scale: f32, loss: BufRef, accum
     }
 }
 
-/// Softmax probabilities `probs` [B, C] and entropies `entropy` [B] of `z` (no gradient): the
+/// Softmax probabilities `probs` [B, C] and entropies `entropy` \[B\] of `z` (no gradient): the
 /// inputs of sample filters (entropy thresholds, EATA's redundancy cosine, WoC confidences).
 pub fn softmax_stats(z: BufRef, b: usize, c: usize, probs: BufRef, entropy: BufRef) -> Vec<Dispatch> {
     vec![row_dispatch("softmax_stats", row_params(b, c, false, 1.0), vec![z, probs, entropy], b)]
@@ -71,7 +71,7 @@ pub fn entropy_loss(
     ]
 }
 
-/// L = Σ_i c_i·(−log softmax(z_i)[y_i]); dL/dz_ij = c_i·(p_ij − [j = y_i]). `labels` [B] holds
+/// L = Σ_i c_i·(−log softmax(z_i)\[y_i\]); dL/dz_ij = c_i·(p_ij − [j = y_i]). `labels` \[B\] holds
 /// class indices as f32 (pseudo-labels come from an argmax on the GPU); a label that is not an
 /// integer in [0, C) makes the loss and that row's gradient NaN.
 #[allow(clippy::too_many_arguments)]

@@ -81,7 +81,7 @@ impl OutputSpec {
 pub struct OutputStage {
     /// The output probabilities [B, C].
     pub probs: usize,
-    /// The prior q̂ the batch was corrected with [C] (every mode but `none`).
+    /// The prior q̂ the batch was corrected with \[C\] (every mode but `none`).
     pub prior: Option<usize>,
     /// The gate of the EMA estimate (weight id), when the stage keeps one.
     pub gate: Option<usize>,

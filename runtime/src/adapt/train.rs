@@ -145,7 +145,7 @@ pub struct StepOutput {
     pub second: Option<(f32, usize)>,
     /// The output stage's probabilities [B, C] (LAME, label-shift corrections).
     pub probs: Option<Tensor>,
-    /// The label-distribution estimate the output stage corrected with [C].
+    /// The label-distribution estimate the output stage corrected with \[C\].
     pub prior: Option<Vec<f32>>,
     /// The parameter guard refused the step: something it would have written (a parameter, an
     /// optimizer moment, a running statistic) was NaN or infinite, so nothing was written.

@@ -5,7 +5,7 @@
 //!
 //! | route | when | kernel |
 //! |---|---|---|
-//! | [`ConvRoute::Matmul`] | every kernel dim 1, stride 1, no padding | `matmul_main`: out[n] = W[Cout, Cin] @ X[n][Cin, P] + bias, batched over images (and groups) with weight batch stride 0 |
+//! | [`ConvRoute::Matmul`] | every kernel dim 1, stride 1, no padding | `matmul_main`: out\[n\] = W[Cout, Cin] @ X[n][Cin, P] + bias, batched over images (and groups) with weight batch stride 0 |
 //! | [`ConvRoute::Depthwise`] | group == Cin > 1 (one input channel per output channel) | `conv_depthwise`: one invocation per output, K = kernel volume is too small to tile |
 //! | [`ConvRoute::ImplicitGemm`] | everything else | `conv_gemm`: 64x64 output tiles per image and group, im2col gathered into workgroup memory on the fly |
 //!
@@ -551,7 +551,7 @@ pub fn lower_with_tail(a: &ConvAttrs, l: &mut Lowering, tail: Option<(&Tail, Buf
 ///
 /// | forward route | dX kernel |
 /// |---|---|
-/// | [`ConvRoute::Matmul`] | `matmul_main` with W transposed by its strides: dX[n, g] = W[g]ᵀ @ dY[n, g] |
+/// | [`ConvRoute::Matmul`] | `matmul_main` with W transposed by its strides: dX[n, g] = W\[g\]ᵀ @ dY[n, g] |
 /// | [`ConvRoute::Depthwise`] | `conv_depthwise_dx`: one invocation per input element, visiting only the taps that reach it |
 /// | [`ConvRoute::ImplicitGemm`] | `conv_gemm_dx`: per image, group and stride phase, dX[ci, x] = Σ W[co, ci, tap] dY[co, o(x, tap)] as a tiled GEMM |
 ///

@@ -8,7 +8,7 @@
 //! kernel of its own because out-of-range source coordinates are resolved per mode.
 //!
 //! Every op resolves its attribute-like inputs (shape, axes, starts, pads, split, ...) in one place,
-//! [`LayoutOp::resolve`], which yields the output shapes and a [`Movement`]; shape inference, the
+//! `LayoutOp::resolve`, which yields the output shapes and a [`Movement`]; shape inference, the
 //! CPU evaluation used for constant folding and the GPU lowering all consume that description, so
 //! the three cannot disagree. The reverse pass consumes it too: the same copies run backwards,
 //! and Pad's border gradients fold back onto the elements they were copied from.

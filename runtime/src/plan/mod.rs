@@ -1,7 +1,7 @@
 //! Execution plans: a specialised graph lowered to dispatches, with buffers assigned.
 //!
 //! A plan is built once per set of input shapes and cached by the [`crate::Engine`]. Building it:
-//! 1. [`specialize`] fixes every shape and folds constant subgraphs;
+//! 1. `specialize` fixes every shape and folds constant subgraphs;
 //! 2. [`lower_forward`] lowers each remaining node to dispatches of its op family, into a
 //!    [`Program`] (values, weights, items). Where the hook allows it ([`LowerHook::fusable`]: the
 //!    engine's inference plans, forward-only adaptation programs without an output stage), a
@@ -439,7 +439,7 @@ fn step_flops(op: &crate::ops::Op, ins: &[Option<Operand>], outs: &[Operand]) ->
 }
 
 /// FLOPs of the inference forward pass for `shapes`, as [`Plan::build`] counts them, without a
-/// GPU (shapes come from [`specialize`]; constant subgraphs fold away and count nothing).
+/// GPU (shapes come from `specialize`; constant subgraphs fold away and count nothing).
 pub fn forward_flops(graph: &Graph, shapes: &[Vec<usize>]) -> Result<FlopCount, PlanError> {
     let spec = specialize(graph, shapes)?;
     let mut total = FlopCount::default();

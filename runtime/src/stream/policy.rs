@@ -316,7 +316,7 @@ impl InFlight {
 /// 97.5 % / 19.2 %; RBN (an EMA of single frames, momentum 0.05) 0 % / 0 %. A caller that has
 /// evidence of a covariate shift (a shift score) can raise it through [`StatsMode::Frame`];
 /// method `auto` sets it to 1 while its latest window found the inputs' shift dominating
-/// ([`StreamSession::apply_frame_weight`]): the window's own statistics, not the scene's
+/// (`StreamSession::apply_frame_weight`): the window's own statistics, not the scene's
 /// content, decided that.
 pub const FRAME_ALPHA: f32 = 0.0;
 

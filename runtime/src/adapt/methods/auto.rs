@@ -131,7 +131,7 @@ pub const STATE: &str = "auto:state";
 /// The label-shift estimate q̂ (C values, uniform before the first batch).
 pub const PRIOR: &str = "auto:prior";
 
-/// [n]: the samples of the batches adapted on since the start or the last reset, the evidence
+/// \[n\]: the samples of the batches adapted on since the start or the last reset, the evidence
 /// the source prior N falls with.
 pub const EVIDENCE: &str = "auto:evidence";
 
@@ -492,8 +492,8 @@ fn entropy(p: &[f64]) -> f64 {
     -p.iter().filter(|&&v| v > 0.0).map(|&v| v * v.ln()).sum::<f64>()
 }
 
-/// E[H] of the top-1 histogram of `b` i.i.d. draws from the distribution `q`, exactly: class k's
-/// count N_k is Binomial(b, q_k), so E[H] = Σ_k Σ_{n=1..b} P(N_k = n)·(−(n/b)·ln(n/b)), the
+/// E\[H\] of the top-1 histogram of `b` i.i.d. draws from the distribution `q`, exactly: class k's
+/// count N_k is Binomial(b, q_k), so E\[H\] = Σ_k Σ_{n=1..b} P(N_k = n)·(−(n/b)·ln(n/b)), the
 /// binomial probabilities in log space. (Miller–Madow's ln C − (C − 1)/2b only holds for
 /// b ≫ C: with 1,000 classes and a window of 16 it is negative.)
 pub fn expected_entropy(q: &[f64], b: usize) -> f64 {

@@ -424,8 +424,8 @@ pub(crate) fn load_fisher(host: &mut dyn Host, path: &Path) -> Result<(), AdaptE
     Ok(())
 }
 
-/// Selection over `probs` [B, C] and `entropy` [B] among the samples whose `mask` [B] is nonzero:
-/// writes `coeff` [B], `sel` [3B + C + 1] (flags, weights, the next [m, validity flag] from the
+/// Selection over `probs` [B, C] and `entropy` \[B\] among the samples whose `mask` \[B\] is nonzero:
+/// writes `coeff` \[B\], `sel` [3B + C + 1] (flags, weights, the next [m, validity flag] from the
 /// selected samples, coefficients), and sets the optimizer gate. Downlevel limits allow 4 storage
 /// buffers per kernel, so entropy, `mstate` [C + 1] and mask are first packed into `packed`
 /// [2B + C + 1], and the coefficients go through `sel` to `coeff`.

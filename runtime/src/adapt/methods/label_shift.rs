@@ -20,7 +20,7 @@ use crate::ops::{BufRef, Dispatch};
 use crate::plan::WeightInit;
 use crate::tensor::Tensor;
 
-/// The weight buffer holding the running label-distribution estimate q̂ [C].
+/// The weight buffer holding the running label-distribution estimate q̂ \[C\].
 pub const PRIOR_BUFFER: &str = "ls:prior";
 /// A one-value weight buffer: 1 lets the EMA estimate move, 0 holds it (later steps on the
 /// same batch, whose outputs are not returned).
@@ -227,7 +227,7 @@ pub fn bbse_matrix(confusion: &[f32], c: usize) -> Result<Vec<f32>, String> {
     Ok(x.iter().map(|&v| v as f32).collect())
 }
 
-/// The EMA estimate: `snap`[..C] ← `q`; `snap`[C..2C] ← the next estimate: if `gate`[0] ≠ 0,
+/// The EMA estimate: `snap`[..C] ← `q`; `snap`[C..2C] ← the next estimate: if `gate`\[0\] ≠ 0,
 /// m·q + (1 − m)·mean of `probs` when every value is finite, else `q` (one workgroup decides for
 /// all classes). The parameter guard commits it into `q` at the end of the program.
 pub fn prior_ema(probs: BufRef, q: BufRef, snap: BufRef, gate: BufRef, n: usize, c: usize, momentum: f64) -> Dispatch {
@@ -250,7 +250,7 @@ pub fn correct(probs: BufRef, q: BufRef, ps: BufRef, out: BufRef, n: usize, c: u
     )
 }
 
-/// EM (MLLS) on `probs` [N, C]: writes the estimate `q` [C]; `z_info` [N + 2] holds the row
+/// EM (MLLS) on `probs` [N, C]: writes the estimate `q` \[C\]; `z_info` [N + 2] holds the row
 /// normalisers, then the iterations run and the last change (one buffer: downlevel limits allow
 /// 4 storage buffers per kernel).
 pub fn em(probs: BufRef, ps: BufRef, q: BufRef, z_info: BufRef, n: usize, c: usize) -> Dispatch {
@@ -262,7 +262,7 @@ pub fn em(probs: BufRef, ps: BufRef, q: BufRef, z_info: BufRef, n: usize, c: usi
     )
 }
 
-/// BBSE on `probs` [N, C] with `matrix` = (CᵀC + 1e-8·I)⁻¹Cᵀ: writes the estimate `q` [C];
+/// BBSE on `probs` [N, C] with `matrix` = (CᵀC + 1e-8·I)⁻¹Cᵀ: writes the estimate `q` \[C\];
 /// `tmp` [N + 2C + C·C] is a temporary, into which `matrix` and `ps` are copied first
 /// (downlevel limits allow 4 storage buffers per kernel).
 pub fn bbse(probs: BufRef, matrix: BufRef, ps: BufRef, q: BufRef, tmp: BufRef, n: usize, c: usize) -> Vec<Dispatch> {

@@ -94,7 +94,7 @@ macro_rules! registry {
                 /// weight ensembling toward the source, prior-corrected outputs.
                 Roid = 10, "roid", $crate::adapt::methods::roid::ROID;
                 /// The default: per batch, from the stream's label correlation, an ETA step on the batch's
-                /// statistics or LAME over the source statistics; a reset on collapse (see [`auto`]).
+                /// statistics or LAME over the source statistics; a reset on collapse (see [`auto`](crate::adapt::methods::auto)).
                 Auto = 11, "auto", $crate::adapt::methods::auto::AUTO;
             }
             sections {
@@ -318,7 +318,7 @@ pub trait Objective: fmt::Debug + Send + Sync {
     }
 
     /// Dispatches ahead of the loss (in the step's `loss` item): softmax statistics, sample
-    /// filters, another forward pass. Returns the per-sample coefficients of the loss [B].
+    /// filters, another forward pass. Returns the per-sample coefficients of the loss \[B\].
     fn select(&self, cx: &mut StepCx<'_>, dispatches: &mut Vec<Dispatch>) -> Result<BufRef, PlanError>;
 
     /// The loss and dL/dlogits into `cx.loss` and `cx.dlogits`: by default the entropy of each
@@ -391,14 +391,14 @@ pub struct StageCx<'a> {
     pub probs0: usize,
     pub b: usize,
     pub c: usize,
-    /// p_s [C], normalised.
+    /// p_s \[C\], normalised.
     pub source_prior: &'a [f32],
     /// The dispatches of the stage's last item, and its scratch sizes.
     pub dispatches: Vec<Dispatch>,
     pub scratch: Vec<u64>,
     /// The probabilities the next stage acts on.
     pub current: BufRef,
-    /// The estimate q̂ the batch was corrected with [C].
+    /// The estimate q̂ the batch was corrected with \[C\].
     pub prior: Option<usize>,
     /// The gate of a running estimate (weight id).
     pub gate: Option<usize>,

@@ -39,7 +39,7 @@ use crate::ops::{BufRef, Dispatch};
 use crate::plan::{Item, PlanError, Program, WeightInit};
 use crate::tensor::Tensor;
 
-/// The class-probability EMA ē [C] (uniform after a reset).
+/// The class-probability EMA ē \[C\] (uniform after a reset).
 pub const CLASS_PROBS: &str = "roid:class_probs";
 /// The ensembling's [α_s, 1 − α_s].
 pub const ENSEMBLE: &str = "roid:ensemble";
@@ -103,8 +103,8 @@ fn params(b: usize, c: usize, flag: bool, x: f32, momentum: f64) -> Params {
     Params::new().u32(b as u32).u32(c as u32).u32(flag as u32).f32(x).f32(momentum as f32).f32((1.0 - momentum) as f32)
 }
 
-/// The weights over `probs` [B, C] and `entropy` [B] (from [`loss::softmax_stats`]) with ē in
-/// `ema` [C]: writes `coeff` [B] (w_i, 0 for dropped samples), `sel` [kept flags (B), w (B),
+/// The weights over `probs` [B, C] and `entropy` \[B\] (from [`loss::softmax_stats`]) with ē in
+/// `ema` \[C\]: writes `coeff` \[B\] (w_i, 0 for dropped samples), `sel` [kept flags (B), w (B),
 /// ē' (C), d̂ (B), ĉ (B), then the copies of `entropy` and `ema` the kernel reads] and closes the
 /// gate in `opt_state` when the weights are undefined. `entropy` and `ema` are copied into `sel`
 /// first (a word copy: the kernel binds 4 storage buffers, as downlevel limits allow).
@@ -136,7 +136,7 @@ pub fn sel_len(b: usize, c: usize) -> usize {
     5 * b + 2 * c
 }
 
-/// The per-sample SLR terms `terms` [B] (c_i·SLR_i) and dL/dz into `dz` [B, C] for
+/// The per-sample SLR terms `terms` \[B\] (c_i·SLR_i) and dL/dz into `dz` [B, C] for
 /// L = `scale`·Σ_i c_i·SLR_i; with `accumulate` both add instead of overwriting.
 #[allow(clippy::too_many_arguments)]
 pub fn slr_rows(
@@ -176,7 +176,7 @@ pub fn slr_loss(
     vec![slr_rows(z, coeff, terms, dz, b, c, scale, accumulate), loss::sum_terms(terms, b, scale, loss_buf, accumulate)]
 }
 
-/// The prior correction: `out` [B, C] = z ⊙ π̃ and `prior` [C] = π̃, from `z` and its softmax
+/// The prior correction: `out` [B, C] = z ⊙ π̃ and `prior` \[C\] = π̃, from `z` and its softmax
 /// `probs`.
 pub fn prior(z: BufRef, probs: BufRef, out: BufRef, prior: BufRef, b: usize, c: usize) -> Dispatch {
     let smooth = (1.0 / b.max(1) as f64).max(1.0 / c.max(1) as f64);

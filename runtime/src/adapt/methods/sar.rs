@@ -240,7 +240,7 @@ impl SarObjective {
     }
 }
 
-/// SAR's entropy filter: keep i iff `mask`[i] ≠ 0 and `entropy`[i] < E0; writes `coeff` (1/|S|
+/// SAR's entropy filter: keep i iff `mask`\[i\] ≠ 0 and `entropy`\[i\] < E0; writes `coeff` (1/|S|
 /// for kept samples) and `sel` [flags (B), |S|].
 pub fn entropy_filter(e0: f32, entropy: BufRef, mask: BufRef, coeff: BufRef, sel: BufRef, b: usize) -> Dispatch {
     Dispatch {

@@ -3,7 +3,7 @@
 //! buffer without gradients; a sample is kept iff the adapted model's probability of the
 //! original model's class did not fall below the original's (ties kept). Loss: mean entropy over
 //! the kept samples − λ·H(mean prediction of the whole batch); no step when nothing is kept.
-//! `eata+woc` reuses the filter ([`original_logits`], [`woc_select`]).
+//! `eata+woc` reuses the filter (`original_logits`, [`woc_select`]).
 
 use std::sync::Arc;
 

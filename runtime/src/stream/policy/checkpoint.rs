@@ -274,7 +274,7 @@ fn at_session(e: crate::Error, path: &Path) -> crate::Error {
 
 impl StreamSession {
     /// Saves the stream's whole state (the session's, the window, the frame and step counters)
-    /// atomically to `path`; see the [module](self) for what it holds.
+    /// atomically to `path`; see the `checkpoint` module for what it holds.
     pub fn save_state(&self, path: &Path) -> crate::Result<()> {
         if !self.pending.is_empty() {
             return Err(StateError::Invalid(format!(
