@@ -10,8 +10,10 @@ Per batch, as the runtime does it:
      and that of softmax(z_b) < dominance_ratio times it;
   2. rho = max(0, (H_exp - H(hist)) / H_exp), hist the batch's top-1 histogram of softmax(z_s),
      H_exp the exact expected entropy of B i.i.d. draws from r, the top-1 marginal so far
-     (prior_samples uniform pseudo-counts plus the source model's top-1 counts); none below 16
-     samples; then the marginal takes the batch's top-1 counts and the batch marginal the view's;
+     (prior_samples uniform pseudo-counts plus the source model's top-1 counts), times
+     s + (1 - s) o, s = correlation_threshold / concentration_threshold and o the share of the
+     marginal's counts that are predictions (at most 1); not vague: the larger of that and
+     rho_u s, rho_u the same against balanced classes; none below 16 samples; then the marginal takes the batch's top-1 counts and the batch marginal the view's;
      skew = 1 - H(r)/ln C of the marginal after the batch, skew_b that of the batch marginal;
      biased = B >= 16, count >= 10 C, skew - skew_b > bias_threshold and skew_b < bias_ratio
      skew; diverged = B >= 16, the share of rows whose top-1 under softmax(z_b) is that under
@@ -61,7 +63,6 @@ DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "source_decay"
             "bias_threshold": 0.015, "bias_ratio": 0.5, "view_agreement": 0.3}
 MIN_BATCH = 16
 MIN_SAMPLES_PER_CLASS = 10.0
-FULL_START_BATCH = 32
 
 
 def entropy(p):
@@ -180,11 +181,15 @@ def run_auto(model_path, cfg, batches):
             hist = torch.bincount(ps.argmax(1), minlength=c).double() / b
             h_b = entropy(hist)
             expected = max(expected_entropy(marg / count, b), 1e-6)
-            rho = min(max((expected - h_b) / expected, 0.0), 1.0)
+            # The comparison with the marginal weighs as far as the marginal was observed: at
+            # first it is the balanced classes' comparison and scaled as that one is.
+            scale = a["correlation_threshold"] / a["concentration_threshold"]
+            observed = min(max((count - a["prior_samples"]) / count, 0.0), 1.0)
+            rho = min(min(max((expected - h_b) / expected, 0.0), 1.0) * (scale + (1.0 - scale) * observed), 1.0)
             balanced = max(expected_entropy(torch.full((c,), 1.0 / c, dtype=torch.float64), b), 1e-6)
             rho_u = min(max((balanced - h_b) / balanced, 0.0), 1.0)
             if not vague:
-                rho = min(max(rho, rho_u * a["correlation_threshold"] / a["concentration_threshold"]), 1.0)
+                rho = min(max(rho, rho_u * scale), 1.0)
         marg += torch.bincount(ps.argmax(1), minlength=c).double()
         bmarg += torch.bincount(pb.argmax(1), minlength=c).double()
         count += b
@@ -205,7 +210,7 @@ def run_auto(model_path, cfg, batches):
             # i.i.d. batch that never came. A dominated batch's rho is the shift's, not the
             # labels', a biased one's the source statistics': reported, not judged by.
             smoothed = (a["correlation_momentum"] * smoothed + (1 - a["correlation_momentum"]) * rho if judged
-                        else rho * min(1.0, b / FULL_START_BATCH))
+                        else rho)
             correlated = smoothed > a["correlation_threshold"]
             judged = True
         # Labels shifted: the marginal is skewed with the source statistics and with the batch's

@@ -217,7 +217,8 @@ fn auto_steps_with_batch_statistics_when_the_source_statistics_bias_the_predicti
         [(true, false, false), (false, true, true), (false, true, true), (false, true, true), (false, true, true)],
         "the fixture exercises a correlated judgement overridden by the bias"
     );
-    assert!(biased[1..].iter().all(|s| s["rho"].as_f64().unwrap() > 0.8 && s["dominated"] == false));
+    // Each would be judged correlated by its ρ alone (twice the threshold).
+    assert!(biased[1..].iter().all(|s| s["rho"].as_f64().unwrap() > 0.4 && s["dominated"] == false));
     let last = steps("usps_auto_dominated").last().unwrap().clone();
     assert_eq!(
         (&last["source_biased"], &last["dominated"], &last["alpha"]),
@@ -234,7 +235,8 @@ fn auto_steps_with_batch_statistics_when_the_source_statistics_bias_the_predicti
 /// zeros with 0–1 of 64 right). There the two normalisations' top-1 classes agree on 0–6 % of the
 /// rows and the batch statistics' are the more certain. The fixture `usps_auto_diverged`
 /// (contrast-reduced digits, two mixed batches, then three batches of threes; the source-bias test
-/// off): the threes are neither dominated nor biased; the last two (ρ above 0.6) step with α = 1
+/// off): the threes are neither dominated nor biased; the last two (ρ above 0.4, twice the
+/// correlation threshold) step with α = 1
 /// because the predictions diverge (view agreement 25 and 12 %), the first (34 %) is judged
 /// correlated, exactly as the reference.
 #[gpu_test]
@@ -270,7 +272,7 @@ fn auto_steps_with_batch_statistics_when_the_source_predictions_diverge_from_the
     let steps = want["steps"].as_array().unwrap();
     // The third batch agrees on 34 % of the rows: judged correlated (vague: returned as it was).
     assert!(steps[2]["correlated"] == true && steps[2]["view_agreement"].as_f64().unwrap() > 0.3);
-    assert!(steps[3..].iter().all(|s| s["rho"].as_f64().unwrap() > 0.6 && s["correlated"] == false));
+    assert!(steps[3..].iter().all(|s| s["rho"].as_f64().unwrap() > 0.4 && s["correlated"] == false));
 }
 
 #[test]

@@ -13,14 +13,21 @@
 //!      source predictions (ρ_m; the marginal starts as `prior_samples` uniform pseudo-counts)
 //!      or from balanced classes (ρ_b, only when the batch's source predictions are not
 //!      [`vague`]: vague predictions crowd onto a few classes under a heavy corruption whatever
-//!      the labels). A batch of one class has ρ near 1, an i.i.d. batch near
+//!      the labels). ρ_m counts as far as the marginal was observed: it is weighed by
+//!      s + (1 − s)·o, s = `correlation_threshold` / `concentration_threshold` and o the share of
+//!      the marginal's counts that are predictions rather than pseudo-counts
+//!      ([`Decision::observed_share`]). On the first batch the marginal is uniform and ρ_m is ρ_b:
+//!      judged by the laxer threshold, a weak network's crowding under a corruption read as
+//!      correlated labels (the USPS network, motion blur 3, i.i.d.: its first five batches
+//!      smoothed by LAME onto one class, 10 of 64 right where the source gets 23; 27.34 →
+//!      32.13 %, docs/accuracy.md). A batch of one class has ρ near 1, an i.i.d. batch near
 //!      0 (measured on SVHN→MNIST: 90th percentile 0.08 on the i.i.d. test order, median 0.54
 //!      on the Dirichlet-0.1 order). ρ_b keeps a class that lasts for hundreds of frames
 //!      correlated once the marginal has learnt it (Dirichlet 0.01, first 1,024 digits: 11
 //!      batches of one class, 5 of them judged label-shifted without ρ_b; 87.60 → 97.17 %). ρ is
 //!      smoothed over batches with `correlation_momentum`, from the first judged batch's value
-//!      (weighed min(1, B/[`FULL_START_BATCH`]); Dirichlet 0.1: the first batch no longer
-//!      steps; 90.43 → 92.48 %).
+//!      (on the stream's first batch weighed by s as above: 16 i.i.d. digits through the C ABI's
+//!      default preset scored above the threshold at full weight).
 //!    - **agreement with the source statistics**, the returned predictions' **collapse** (the
 //!      entropy of their mean, relative to the source's) and the share of their top class;
 //!    - all of these from [`BatchStats`] computed on the GPU in the passes that made the
@@ -148,10 +155,6 @@ pub const MIN_SAMPLES_PER_CLASS: f64 = 10.0;
 /// a batch this large was judged, `auto` takes no step (the source model predicts): the first
 /// small batches cannot show whether their labels are correlated.
 pub const MIN_CORRELATION_BATCH: usize = 16;
-
-/// A first judged batch of at least this many samples starts the smoothed correlation score
-/// with its own ρ; a smaller one with ρ·B/FULL_START_BATCH.
-pub const FULL_START_BATCH: usize = 32;
 
 /// The `[auto]` section.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -938,12 +941,14 @@ impl Decision {
 
     /// The label-correlation score of a batch with source-statistics probabilities `probs`
     /// (`None` below [`MIN_CORRELATION_BATCH`]): the larger of its correlation against the
-    /// marginal so far and its correlation against balanced classes scaled by
-    /// correlation_threshold / concentration_threshold (the latter only when the predictions are
-    /// not [`vague`]: a corruption that pushes vague predictions onto a few classes is not a
-    /// class that lasts). Each is (E[H] − H_b)/E[H], H_b the
-    /// entropy of the batch's top-1 histogram and E[H] the one a batch of the same size drawn
-    /// i.i.d. from the marginal (the balanced classes) shows on average ([`expected_entropy`]).
+    /// marginal so far, weighed by s + (1 − s)·o (s = correlation_threshold /
+    /// concentration_threshold, o the marginal's [`Decision::observed_share`]: until the stream
+    /// has shown its classes, the marginal is its uniform pseudo-counts and the comparison the
+    /// balanced one), and its correlation against balanced classes scaled by s (the latter only
+    /// when the predictions are not [`vague`]: a corruption that pushes vague predictions onto a
+    /// few classes is not a class that lasts). Each is (E[H] − H_b)/E[H], H_b the entropy of
+    /// the batch's top-1 histogram and E[H] the one a batch of the same size drawn i.i.d. from
+    /// the marginal (the balanced classes) shows on average ([`expected_entropy`]).
     pub fn correlation(&self, probs: &[Vec<f64>], section: &AutoSection) -> Option<f64> {
         self.correlation_of(&BatchStats::of_rows(probs, None), section)
     }
@@ -963,13 +968,23 @@ impl Decision {
             ((e - h) / e).clamp(0.0, 1.0)
         };
         let reference: Vec<f64> = self.marginal.iter().map(|m| m / self.count).collect();
-        let marginal = score(expected_entropy(&reference, b));
+        let scale = section.correlation_threshold as f64 / section.concentration_threshold as f64;
+        // Against the marginal as far as the stream was observed: before the first batch the
+        // marginal is its uniform pseudo-counts, and the comparison is the balanced one, scaled
+        // as that one is.
+        let weight = scale + (1.0 - scale) * self.observed_share(section);
+        let marginal = (score(expected_entropy(&reference, b)) * weight).min(1.0);
         if !confident {
             return Some(marginal);
         }
         let balanced = score(expected_entropy(&vec![1.0 / c as f64; c], b));
-        let scale = section.correlation_threshold as f64 / section.concentration_threshold as f64;
         Some(marginal.max(balanced * scale).min(1.0))
+    }
+
+    /// The share of the long-run marginal that was observed (its counts beyond the
+    /// `prior_samples` uniform pseudo-counts it started with).
+    pub fn observed_share(&self, section: &AutoSection) -> f64 {
+        if self.count > 0.0 { ((self.count - section.prior_samples as f64) / self.count).clamp(0.0, 1.0) } else { 0.0 }
     }
 
     /// Takes a batch's source-statistics probabilities into account: ρ, its smoothed value, the
@@ -1009,11 +1024,9 @@ impl Decision {
         if let Some(r) = rho.filter(|_| !self.own_statistics()) {
             let m = section.correlation_momentum as f64;
             // The first judged batch starts the average (smoothing toward 0 would weigh an i.i.d.
-            // batch that never came), with the weight min(1, B/FULL_START_BATCH): a small
-            // window's ρ is noisy (16 i.i.d. digits through the C ABI's default preset scored
-            // above the threshold), and 0.5 is what it had before.
-            let start = (stats.rows as f64 / FULL_START_BATCH as f64).min(1.0);
-            self.smoothed = if self.judged { m * self.smoothed + (1.0 - m) * r } else { r * start };
+            // batch that never came). Its ρ is already weighed by what the marginal observed
+            // (half, on a stream's first batch: what a frame window of 16 had before).
+            self.smoothed = if self.judged { m * self.smoothed + (1.0 - m) * r } else { r };
             self.correlated = self.smoothed > section.correlation_threshold as f64;
             self.judged = true;
         }
@@ -1191,8 +1204,41 @@ mod tests {
         let rho = d.correlation(&one_hot(&balanced, 10), &s).unwrap();
         assert!(rho < 0.05, "balanced batch: {rho}");
         let rho = d.correlation(&one_hot(&[3; 64], 10), &s).unwrap();
-        assert!(rho > 0.95, "one class: {rho}");
+        // The stream's first batch: judged against balanced classes, scaled by
+        // correlation_threshold / concentration_threshold.
+        assert!(rho > 0.95 * 0.5 && rho > 2.0 * s.correlation_threshold as f64, "one class: {rho}");
         assert_eq!(d.correlation(&one_hot(&[3; 8], 10), &s), None);
+        // Once the marginal has seen balanced classes, against it in full.
+        let mut seen = Decision::initial(10, 128.0);
+        for _ in 0..40 {
+            seen.observe(&one_hot(&balanced, 10), &s);
+        }
+        let rho = seen.correlation(&one_hot(&[3; 64], 10), &s).unwrap();
+        assert!(rho > 0.9, "one class after a balanced stream: {rho}");
+    }
+
+    /// Regression: before the stream has shown its classes the marginal is its uniform
+    /// pseudo-counts, and judging a batch against it was the balanced comparison under half its
+    /// threshold. The USPS network's motion-blurred i.i.d. digits, crowded by the blur onto a few
+    /// classes (top-1 entropy 0.53–0.70 of ln C), were judged correlated from the first batch and
+    /// smoothed by LAME onto one class (10 of 64 right where the source gets 23).
+    #[test]
+    fn a_crowded_first_batch_is_judged_against_balanced_classes() {
+        let s = AutoSection::default();
+        // Four classes take 56 of 64 rows, as the blur crowds them; eight rows elsewhere.
+        let crowded: Vec<usize> =
+            (0..64).map(|i| if i < 56 { [2, 2, 2, 5, 7, 2, 5, 0][i % 8] } else { i % 10 }).collect();
+        let mut d = Decision::initial(10, 128.0);
+        assert_eq!(d.observed_share(&s), 0.0);
+        let rho = d.observe(&one_hot(&crowded, 10), &s).unwrap();
+        assert!(rho < s.correlation_threshold as f64 && !d.correlated, "crowded first batch: {rho}");
+        // Against the marginal alone (as before) the same batch read as correlated.
+        let mut full = Decision::initial(10, 128.0);
+        let unscaled = AutoSection { concentration_threshold: s.correlation_threshold, ..s.clone() };
+        let rho = full.observe(&one_hot(&crowded, 10), &unscaled).unwrap();
+        assert!(rho > s.correlation_threshold as f64 && full.correlated, "unweighted: {rho}");
+        // The weight grows with what the marginal observed: 64 of 192 counts after the batch.
+        assert!((d.observed_share(&s) - 64.0 / 192.0).abs() < 1e-12);
     }
 
     /// E[H] by enumerating every histogram of small cases, against the binomial sum.
@@ -1231,7 +1277,10 @@ mod tests {
         // One scene: a window of two classes still is.
         let scene: Vec<usize> = (0..16).map(|i| if i % 4 == 0 { 7 } else { 3 }).collect();
         let rho = d.correlation(&one_hot(&scene, 1000), &s).unwrap();
-        assert!(rho > 0.5, "one scene: {rho}");
+        assert!(rho > 1.5 * s.correlation_threshold as f64, "one scene: {rho}");
+        let mut d = d.clone();
+        d.observe(&one_hot(&scene, 1000), &s);
+        assert!(d.correlated, "one scene's first window: {}", d.smoothed);
     }
 
     #[test]
@@ -1269,10 +1318,12 @@ mod tests {
         assert!(d.correlated);
         d.observe(&one_hot(&(0..64).map(|i| i % 10).collect::<Vec<_>>(), 10), &s);
         assert!((d.smoothed - 0.5 * rho).abs() < 0.05, "{} {rho}", d.smoothed);
-        // A first window of 16 starts it at ρ·16/32: a small window's ρ is noisy.
+        // A first window of 16 of one class, as a batch: its ρ is weighed by s = 0.5 (nothing of
+        // the stream observed yet), which the smoothed score starts from.
         let mut d = Decision::initial(10, 128.0);
         let rho = d.observe(&one_hot(&[2; 16], 10), &s).unwrap();
-        assert_eq!(d.smoothed, rho * 0.5);
+        assert_eq!(d.smoothed, rho);
+        assert!(rho > 0.45 && rho <= 0.5 && d.correlated, "{rho}");
     }
 
     /// Source predictions near chance get no output stage, whatever the decision.
@@ -1373,7 +1424,7 @@ mod tests {
         let one = BatchStats::of_rows(&one_hot(&[3; 64], 10), None);
         let mut lit = Decision::initial(10, 128.0);
         let rho = lit.observe_stats(&one, Some(&balanced), &d0);
-        assert!(rho.is_some_and(|r| r > 0.8) && lit.biased && !lit.judged, "{rho:?} {lit:?}");
+        assert!(rho.is_some_and(|r| r > 0.4) && lit.biased && !lit.judged, "{rho:?} {lit:?}");
         let diag = diagnose_stats(rho, &lit, true, &one, &one, &d0);
         assert!(stepped_branch(&lit, &d0) && !diag.correlated && !diag.unjudged && diag.source_biased);
         // The view's marginal skewed alike (labels truly concentrated): not biased.
@@ -1408,7 +1459,7 @@ mod tests {
         let rho = d.observe_stats(&source, Some(&certain), &s);
         // Judged by ρ alone the batch would be correlated; it steps with α = 1 instead, and its ρ
         // is not smoothed in.
-        assert!(rho.is_some_and(|r| r > 0.8) && d.diverged && !d.dominated && !d.judged, "{rho:?} {d:?}");
+        assert!(rho.is_some_and(|r| r > 0.4) && d.diverged && !d.dominated && !d.judged, "{rho:?} {d:?}");
         assert!(stepped_branch(&d, &s) && step_alpha(&d, &s, 64, 0.0) == 1.0);
         let diag = diagnose_stats(rho, &d, true, &source, &source, &s);
         assert!(diag.diverged && !diag.correlated && !diag.unjudged);
@@ -1455,7 +1506,7 @@ mod tests {
         let view = BatchStats::of_rows(&(0..64).map(|i| confident(i % 10)).collect::<Vec<_>>(), None);
         let mut d = Decision::initial(10, 128.0);
         let rho = d.observe_stats(&source, Some(&view), &s);
-        assert!(d.dominated && rho.is_some_and(|r| r > 0.5), "rho {rho:?}");
+        assert!(d.dominated && rho.is_some_and(|r| r > 0.4), "rho {rho:?}");
         assert!(!d.judged && !d.correlated && d.smoothed == 0.0, "a dominated batch's rho is not judged by");
         assert!(stepped_branch(&d, &s) && !output_stage_off(&d, &s, 0.9));
         assert_eq!(step_alpha(&d, &s, 64, 0.0), 1.0);
