@@ -13,7 +13,8 @@ Per batch, as the runtime does it:
      (prior_samples uniform pseudo-counts plus the source model's top-1 counts), times
      s + (1 - s) o, s = correlation_threshold / concentration_threshold and o the share of the
      marginal's counts that are predictions (at most 1); not vague: the larger of that and
-     rho_u s, rho_u the same against balanced classes; none below 16 samples; then the marginal takes the batch's top-1 counts and the batch marginal the view's;
+     rho_u s, rho_u the same against balanced classes; none below 16 samples; then the
+     marginal takes the batch's top-1 counts and the batch marginal the view's;
      skew = 1 - H(r)/ln C of the marginal after the batch, skew_b that of the batch marginal;
      biased = B >= 16, count >= 10 C, skew - skew_b > bias_threshold and skew_b < bias_ratio
      skew; diverged = B >= 16, the share of rows whose top-1 under softmax(z_b) is that under
