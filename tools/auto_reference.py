@@ -16,8 +16,9 @@ Per batch, as the runtime does it:
      rho_u s, rho_u the same against balanced classes; none below 16 samples; then the
      marginal takes the batch's top-1 counts and the batch marginal the view's;
      skew = 1 - H(r)/ln C of the marginal after the batch, skew_b that of the batch marginal;
-     biased = B >= 16, count >= 10 C, skew - skew_b > bias_threshold and skew_b < bias_ratio
-     skew; diverged = B >= 16, the share of rows whose top-1 under softmax(z_b) is that under
+     signature = B >= 16, count >= 10 C, skew - skew_b > bias_threshold and skew_b < bias_ratio
+     skew; corroborated = the view's mean row entropy <= bias_entropy or the covariate shift >=
+     bias_shift; biased = signature and corroborated, uncorroborated = signature and not; diverged = B >= 16, the share of rows whose top-1 under softmax(z_b) is that under
      softmax(z_s) below view_agreement, and the view's mean row entropy below the source's;
      own = dominated or biased or diverged; unless own: rho_s <- m rho_s + (1 - m) rho; correlated =
      rho_s > threshold (an own-statistics batch's rho is reported, not judged by); until a batch
@@ -25,7 +26,9 @@ Per batch, as the runtime does it:
   3. shifted = judged, not correlated, count >= 10 C and min(skew, skew_b) > label_shift_threshold;
      q_used = q, q <- m q + (1 - m) mean(softmax(z_s)) (q uniform at first, rounded to f32 after
      every batch as the runtime stores it);
-  4. own, or judged and neither correlated nor shifted: the ETA step below; else
+  4. own, or judged and neither correlated nor shifted: the ETA step below; else, when the
+     source predictions are vague (mean row entropy over ln C above uncertain_entropy) or the batch
+     is uncorroborated: return z_s as it is, no step; else
      correlated: return z_s and p_lame, no step; shifted: return z_s and softmax(z_s) * q_used
      renormalised, no step. The ETA step: BN-alpha statistics with alpha = 1 when own,
      else alpha = B / (N + B), N = source_samples / (1 + n / source_decay), n the samples of the batches
@@ -61,7 +64,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {"lr": 5e-3, "d_margin": 0.4, "source_samples": 576.0, "source_decay": 1024.0, "correlation_threshold": 0.2, "correlation_momentum": 0.5,
             "prior_samples": 128.0, "collapse_ratio": 0.35, "label_shift_threshold": 0.1, "label_shift_momentum": 0.9,
             "concentration_threshold": 0.4, "uncertain_entropy": 0.4, "dominance_entropy": 0.2, "dominance_ratio": 0.5,
-            "bias_threshold": 0.015, "bias_ratio": 0.5, "view_agreement": 0.3}
+            "bias_threshold": 0.015, "bias_ratio": 0.5, "bias_entropy": 0.2, "bias_shift": 0.2,
+            "view_agreement": 0.3}
 MIN_BATCH = 16
 MIN_SAMPLES_PER_CLASS = 10.0
 
@@ -199,8 +203,15 @@ def run_auto(model_path, cfg, batches):
         # The source statistics bias the predictions (the marginals with the batch): their
         # marginal is skewed well beyond the batch-statistics view's, and the view's is below
         # bias_ratio of it; the batch steps with its own statistics alone, as a dominated one.
-        biased = (b >= MIN_BATCH and a["bias_threshold"] > 0 and count >= MIN_SAMPLES_PER_CLASS * c
-                  and skew - skew_b > a["bias_threshold"] and skew_b < a["bias_ratio"] * skew)
+        signature = (b >= MIN_BATCH and a["bias_threshold"] > 0 and count >= MIN_SAMPLES_PER_CLASS * c
+                     and skew - skew_b > a["bias_threshold"] and skew_b < a["bias_ratio"] * skew)
+        # ... provided the batch corroborates it: with its own statistics the model is confident,
+        # or they are far from the source's. A confident network on one class shows the signature
+        # too (the view normalises the class away): then no step and no output stage.
+        corroborated = (batch_entropy <= float(np.float32(a["bias_entropy"]))
+                        or (shift is not None and shift >= float(np.float32(a["bias_shift"]))))
+        biased = signature and corroborated
+        uncorroborated = signature and not corroborated
         # The source statistics' predictions diverge from the view's: their top-1 classes agree on
         # under view_agreement of the rows and the view is the more certain of the two.
         view_agreement = float((pb.argmax(1) == ps.argmax(1)).double().mean())
@@ -230,9 +241,10 @@ def run_auto(model_path, cfg, batches):
                "batch_entropy": batch_entropy, "dominated": dominated, "source_biased": biased,
                "diverged": diverged, "view_agreement": view_agreement, "covariate_shift": shift}
         rec.update(zip(("run_length", "run_excess"), runs(ps.argmax(1).tolist())))
-        # The source's predictions on average as uncertain as ETA's reliability threshold: an
+        # The source's predictions on average as uncertain as ETA's reliability threshold, or a
+        # bias signature the batch does not corroborate (a bias may have crowded them): an
         # output stage would sharpen noise (no smoothing, no prior correction).
-        uncertain = judged and (correlated or shifted) and vague and not own
+        uncertain = judged and (correlated or shifted) and (vague or uncorroborated) and not own
         rec.update(uncertain=uncertain, source_entropy=source_entropy)
         step = own or (judged and not correlated and not shifted)
         if not step and (not judged or uncertain):
@@ -376,6 +388,36 @@ def fixtures(out):
     faint3 = imgproc.mnist_for_usps(np.uint8(np.clip((x - mean) * 0.2 + mean, 0, 1) * 255))
     batches = [faint[72:104], faint[104:136], faint3[0:32], faint3[32:64], faint3[64:96]]
     usps_fixture(out / "usps_auto_diverged", {"source_decay": 10.0, "bias_threshold": 0.0}, batches)
+    # digits_bn_auto_one_class: a network confident and right on its own domain (the BN digit
+    # network of tools/train_digits_bn.py, committed with the fixture) on MNIST digits, a mixed
+    # batch, then batches of zeros and of ones. Through the source statistics the one-class
+    # batches crowd (rightly) onto their class; the view normalises the class away and spreads its
+    # predictions: the marginals show the source-bias signature. But the view is uncertain and the
+    # statistics of one class are close to the source's: not corroborated, so no step with the
+    # batch's own statistics (before: alpha 1) and, judged correlated, the source's predictions as
+    # they are.
+    model = ROOT / "tests" / "fixtures" / "tta" / "digits_bn_auto_one_class" / "model.onnx"
+    digits = imgproc.read_idx(ROOT / "assets" / "mnist" / "t10k-images-idx3-ubyte")
+    x = torch.tensor(digits[:2000]).float().div(255).unsqueeze(1)
+    x = ((F.interpolate(x, size=32, mode="bilinear", align_corners=False) - 0.1309) / 0.2892).numpy()
+    zeros, ones = x[labels[:2000] == 0], x[labels[:2000] == 1]
+    batches = [x[0:32], zeros[0:32], zeros[32:64], ones[0:32], ones[32:64]]
+    d = out / "digits_bn_auto_one_class"
+    onnx_bytes = model.read_bytes()
+    batches = [np.ascontiguousarray(xb, dtype=np.float32) for xb in batches]
+    if d.exists():
+        shutil.rmtree(d)
+    (d / "batches").mkdir(parents=True)
+    (d / "model.onnx").write_bytes(onnx_bytes)
+    for i, xb in enumerate(batches):
+        np.save(d / "batches" / f"{i:03d}.npy", xb)
+    cfg = {"adapt": {"method": "auto"}, "auto": {}}
+    (d / "config.toml").write_text(tta_reference.toml(cfg))
+    res = run_auto(d / "model.onnx", cfg, batches)
+    (d / "expected.json").write_text(json.dumps(res))
+    print(d.name, [(s["rho"] and round(s["rho"], 2), s["correlated"], s["source_biased"], s["uncertain"], s["stepped"],
+                    round(s["batch_entropy"], 2), s["covariate_shift"] and round(s["covariate_shift"], 3), s.get("alpha"))
+                   for s in res["steps"]])
 
 
 def usps_fixture(d, auto, batches):

@@ -119,7 +119,7 @@ pub struct AutoSummary {
     #[serde(default)]
     pub unjudged: u64,
     /// Of the correlated or label-shifted ones, with source predictions too uncertain for an
-    /// output stage (returned as they are).
+    /// output stage, or crowded by an uncorroborated source bias (returned as they are).
     #[serde(default)]
     pub uncertain: u64,
     /// Of the stepped ones, those whose inputs' shift dominated (the source statistics left the
@@ -247,7 +247,7 @@ impl AutoSummary {
             0 => String::new(),
             n => format!(
                 "; {n} of the correlated or label-shifted decision(s) returned the source model's predictions \
-                 as they are (too uncertain to smooth or correct)"
+                 as they are (too uncertain, or possibly crowded by the source statistics, to smooth or correct)"
             ),
         } + &match self.prior_corrected_frames {
             0 => String::new(),

@@ -648,7 +648,7 @@ impl Session {
         if decision.marginal.len() != c {
             *decision = Decision::initial(c, section.prior_samples as f64);
         }
-        let rho = decision.observe_stats(&source, view.as_ref(), &section);
+        let rho = decision.observe_stats(&source, view.as_ref(), covariate_shift.map(f64::from), &section);
         let prior = match state.prior.take() {
             Some(q) if q.len() == c => q,
             _ => vec![1.0 / c as f64; c],
@@ -718,6 +718,7 @@ impl Session {
                 d.dominated = decision.dominated;
                 d.biased = decision.biased;
                 d.diverged = decision.diverged;
+                d.uncorroborated = decision.uncorroborated;
                 d
             }
             None => decision.clone(),
