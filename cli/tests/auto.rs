@@ -61,6 +61,12 @@ fn f64s(t: &Tensor) -> Vec<f64> {
     t.to_f32_vec().iter().map(|&v| v as f64).collect()
 }
 
+/// The reference's expected steps of the fixture in `dir`.
+fn expected_steps(dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["steps"].as_array().unwrap().clone()
+}
+
 fn run_fixture(ctx: &GpuContext, dir: &Path) -> Vec<String> {
     let cfg = AdaptConfig::from_file(&dir.join("config.toml")).expect("config");
     assert_eq!(cfg.adapt.method, Method::Auto);
@@ -182,8 +188,7 @@ fn auto_steps_with_batch_statistics_when_the_shift_dominates(ctx: GpuContext) {
     let dir = fixture("usps_auto_dominated");
     let errors = run_fixture(&ctx, &dir);
     assert!(errors.is_empty(), "{}", errors.join("\n"));
-    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let dominated: Vec<bool> = want["steps"].as_array().unwrap().iter().map(|s| s["dominated"] == true).collect();
+    let dominated: Vec<bool> = expected_steps(&dir).iter().map(|s| s["dominated"] == true).collect();
     assert_eq!(dominated, [false, false, false, true, true, true, false], "the fixture exercises both kinds");
 }
 
@@ -204,10 +209,7 @@ fn auto_steps_with_batch_statistics_when_the_source_statistics_bias_the_predicti
         let errors = run_fixture(&ctx, &dir);
         assert!(errors.is_empty(), "{name}: {}", errors.join("\n"));
     }
-    let steps = |name: &str| -> Vec<Value> {
-        let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
-        serde_json::from_str::<Value>(&text).unwrap()["steps"].as_array().unwrap().clone()
-    };
+    let steps = |name: &str| expected_steps(&fixture(name));
     let biased = steps("usps_auto_biased");
     let kinds: Vec<(bool, bool, bool)> = biased
         .iter()
@@ -244,10 +246,7 @@ fn auto_does_not_read_one_class_of_a_confident_network_as_a_source_bias(ctx: Gpu
     let dir = fixture("digits_bn_auto_one_class");
     let errors = run_fixture(&ctx, &dir);
     assert!(errors.is_empty(), "{}", errors.join("\n"));
-    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let kinds: Vec<(bool, bool, bool, bool)> = want["steps"]
-        .as_array()
-        .unwrap()
+    let kinds: Vec<(bool, bool, bool, bool)> = expected_steps(&dir)
         .iter()
         .map(|s| (s["stepped"] == true, s["source_biased"] == true, s["correlated"] == true, s["uncertain"] == true))
         .collect();
@@ -285,10 +284,8 @@ fn auto_steps_with_batch_statistics_when_the_source_predictions_diverge_from_the
     let dir = fixture("usps_auto_diverged");
     let errors = run_fixture(&ctx, &dir);
     assert!(errors.is_empty(), "{}", errors.join("\n"));
-    let want: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let kinds: Vec<(bool, bool, bool, bool)> = want["steps"]
-        .as_array()
-        .unwrap()
+    let steps = expected_steps(&dir);
+    let kinds: Vec<(bool, bool, bool, bool)> = steps
         .iter()
         .map(|s| {
             (
@@ -310,7 +307,6 @@ fn auto_steps_with_batch_statistics_when_the_source_predictions_diverge_from_the
         ],
         "the fixture exercises batches that step only because their predictions diverge, and one that agrees too much"
     );
-    let steps = want["steps"].as_array().unwrap();
     // The third batch agrees on 34 % of the rows: judged correlated (vague: returned as it was).
     assert!(steps[2]["correlated"] == true && steps[2]["view_agreement"].as_f64().unwrap() > 0.3);
     assert!(steps[3..].iter().all(|s| s["rho"].as_f64().unwrap() > 0.4 && s["correlated"] == false));

@@ -751,23 +751,42 @@ fn usps_frame_stream(
     order: &str,
     limit: usize,
 ) -> (Vec<Value>, Vec<Value>, f64, f64) {
+    let model = common::asset("usps.onnx");
+    let stream = format!("mode = \"frame\"\n{extra}");
+    let pre = "size=16,channels=1,mean=0.2471,std=0.2994";
+    auto_stream(dir, name, &model, pre, &stream, corrupt, order, limit)
+}
+
+/// `acclimate stream` of `model` (`--preprocess pre`) with `auto` and the `[stream]` keys `stream`
+/// over the first `limit` MNIST test digits in the label order `order` with `corrupt`: `auto`'s
+/// decisions, every frame's JSONL line, the adapted and the source accuracy (%).
+#[allow(clippy::too_many_arguments)]
+fn auto_stream(
+    dir: &Path,
+    name: &str,
+    model: &Path,
+    pre: &str,
+    stream: &str,
+    corrupt: &str,
+    order: &str,
+    limit: usize,
+) -> (Vec<Value>, Vec<Value>, f64, f64) {
     let limit = limit.to_string();
     let (jsonl, summary, cfg) =
         (dir.join(format!("{name}.jsonl")), dir.join(format!("{name}.json")), dir.join(format!("{name}.toml")));
-    std::fs::write(&cfg, format!("[adapt]\nmethod = \"auto\"\n[stream]\nmode = \"frame\"\n{extra}")).unwrap();
+    std::fs::write(&cfg, format!("[adapt]\nmethod = \"auto\"\n[stream]\n{stream}\n")).unwrap();
     let src = format!(
         "idx:{},{}",
         common::asset("mnist/t10k-images-idx3-ubyte").display(),
         common::asset("mnist/t10k-labels-idx1-ubyte").display()
     );
-    let model = common::asset("usps.onnx");
     ok(&[
         "stream",
-        s(&model),
+        s(model),
         "--source",
         &src,
         "--preprocess",
-        "size=16,channels=1,mean=0.2471,std=0.2994",
+        pre,
         "--config",
         s(&cfg),
         "--corrupt",
@@ -822,46 +841,13 @@ fn frame_mode_auto_does_not_read_a_crowded_iid_stream_as_correlated_labels() {
 fn auto_keeps_a_confident_network_on_streams_of_one_class() {
     let dir = scratch("one-class");
     let model = common::repo_root().join("tests/fixtures/tta/digits_bn_auto_one_class/model.onnx");
-    let src = format!(
-        "idx:{},{}",
-        common::asset("mnist/t10k-images-idx3-ubyte").display(),
-        common::asset("mnist/t10k-labels-idx1-ubyte").display()
-    );
+    let pre = "size=32,channels=1,mean=0.1309,std=0.2892";
     for (stream, order) in [("mode = \"batch\"\nbatch = 64", "dirichlet:0.1"), ("mode = \"frame\"", "sorted")] {
-        let (cfg, jsonl, summary) = (dir.join("auto.toml"), dir.join("frames.jsonl"), dir.join("summary.json"));
-        std::fs::write(&cfg, format!("[adapt]\nmethod = \"auto\"\n[stream]\n{stream}\n")).unwrap();
-        ok(&[
-            "stream",
-            s(&model),
-            "--source",
-            &src,
-            "--preprocess",
-            "size=32,channels=1,mean=0.1309,std=0.2892",
-            "--config",
-            s(&cfg),
-            "--order",
-            order,
-            "--limit",
-            "256",
-            "--seed",
-            "1",
-            "--jsonl",
-            s(&jsonl),
-            "--summary-json",
-            s(&summary),
-            "--quiet",
-        ]);
-        let decisions: Vec<Value> = std::fs::read_to_string(&jsonl)
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).unwrap().get("auto").filter(|a| !a.is_null()).cloned())
-            .collect();
+        let (decisions, _, adapted, source) = auto_stream(&dir, "one-class", &model, pre, stream, "none", order, 256);
         assert!(decisions.len() >= 4, "{order}: {} decisions", decisions.len());
         for d in &decisions {
             assert!(d["source_biased"] == false && d["alpha"] != 1.0, "{order}: {d}");
         }
-        let sum: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
-        let (adapted, source) = (sum["accuracy"].as_f64().unwrap(), sum["source_accuracy"].as_f64().unwrap());
         assert!(adapted >= source, "{order}: {adapted} % against the source's {source} %");
     }
     let _ = std::fs::remove_dir_all(&dir);
