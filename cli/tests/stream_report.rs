@@ -223,6 +223,7 @@ fn diagnostics(stepped: bool, covariate_shift: Option<f32>) -> AutoDiagnostics {
         dominated: false,
         source_biased: false,
         diverged: false,
+        unsettled: false,
         view_agreement: Some(0.8),
         run_length: Some(2.0),
         run_excess: covariate_shift.map(|k| k * 0.5),
@@ -269,6 +270,15 @@ fn html_shows_what_auto_decided() {
     );
     assert_eq!((a.decisions, a.stepped, a.dominated, a.source_biased, a.diverged), (9, 7, 2, 2, 1));
     assert!(a.line().contains("1 of the adapted decision(s) on the batch's own statistics alone (the source statistics' predictions diverged"), "{}", a.line());
+    // One whose own statistics settled nothing: no step, counted and said.
+    assert!(!a.line().contains("settled nothing"));
+    a.add(15, &AutoDiagnostics { unsettled: true, ..diagnostics(false, Some(1.0)) });
+    assert_eq!((a.decisions, a.stepped, a.unsettled), (10, 7, 1));
+    assert!(
+        a.line().contains("1 decision(s) took no step because the batch's own statistics settled nothing"),
+        "{}",
+        a.line()
+    );
     a.prior_corrected_frames = 7;
     assert!(a.line().contains("7 frame(s) corrected by a class prior"), "{}", a.line());
     s.auto = Some(a.clone());

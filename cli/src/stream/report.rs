@@ -138,6 +138,10 @@ pub struct AutoSummary {
     /// own statistics alone.
     #[serde(default)]
     pub diverged: u64,
+    /// Of those, whose own statistics settled nothing (with them the model was vague, and they
+    /// were close to the source's): no step, the source model's predictions.
+    #[serde(default)]
+    pub unsettled: u64,
     /// Collapse resets to the source.
     pub resets: u64,
     /// Mean share of a decision's batch predicted as the source statistics predict it.
@@ -205,6 +209,7 @@ impl AutoSummary {
         self.dominated += d.dominated as u64;
         self.source_biased += (d.source_biased && !d.dominated && d.alpha.is_some()) as u64;
         self.diverged += (d.diverged && !d.source_biased && !d.dominated && d.alpha.is_some()) as u64;
+        self.unsettled += d.unsettled as u64;
         self.resets += d.reset as u64;
     }
 
@@ -242,6 +247,12 @@ impl AutoSummary {
             n => format!(
                 "; {n} of the adapted decision(s) on the batch's own statistics alone (the source statistics' \
                  predictions diverged from the batch statistics': different classes for most of the batch)"
+            ),
+        } + &match self.unsettled {
+            0 => String::new(),
+            n => format!(
+                "; {n} decision(s) took no step because the batch's own statistics settled nothing (with them \
+                 the model was vague, and they were close to the source's): the source model's predictions"
             ),
         } + &match self.uncertain {
             0 => String::new(),

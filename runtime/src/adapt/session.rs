@@ -719,6 +719,7 @@ impl Session {
                 d.biased = decision.biased;
                 d.diverged = decision.diverged;
                 d.uncorroborated = decision.uncorroborated;
+                d.unsettled = decision.unsettled;
                 d
             }
             None => decision.clone(),
