@@ -35,6 +35,21 @@ before importing it (same dtype, no change in behaviour).
 
     python3 -m venv /tmp/icvenv && /tmp/icvenv/bin/pip install imagecorruptions==1.1.2
     /tmp/icvenv/bin/python tools/corruption_fixtures.py      # needs assets/ (tools/setup.sh)
+
+The corruptions added later (zoom_blur, glass_blur, elastic_transform and the extras
+gaussian_blur, speckle_noise, saturate) are written by the same run, or alone with `--later`,
+which leaves every other file as it is and merges their statistics into stats.json:
+
+  expected/<image>/<name>_<s>.png   zoom_blur, gaussian_blur and saturate, every severity
+  elastic/photo32_s<s>_d{x,y}.npy   an elastic_transform displacement field drawn as the package
+    + elastic/photo32_s<s>.png      draws it (float32) and the image the package's arithmetic
+                                    makes with it (severities 1 and 5); the script checks that
+                                    arithmetic against `corrupt` itself on the same draws
+  stats.json                        glass_blur, elastic_transform, speckle_noise (see LATER_RANDOM)
+
+glass_blur and gaussian_blur call scikit-image's `gaussian(..., multichannel=True)`, which
+scikit-image 0.19 replaced by `channel_axis`: the script points the package's `gaussian` at a
+wrapper that passes `channel_axis=-1` instead (the same filter).
 """
 from __future__ import annotations
 
@@ -68,6 +83,13 @@ RANDOM = {
     "motion_blur": ("mean_abs", "hgrad", "vgrad"),
 }
 STAT_IMAGES = ("digit32", "photo32")
+LATER_DETERMINISTIC = ("zoom_blur", "gaussian_blur", "saturate")
+LATER_RANDOM = {
+    "glass_blur": ("mean_abs", "hgrad", "vgrad"),
+    "elastic_transform": ("mean_abs", "out_mean", "hgrad", "vgrad"),
+    "speckle_noise": ("resid_mean", "resid_sq", "frac_0", "frac_255"),
+}
+ELASTIC_SEVERITIES = (1, 5)
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -126,6 +148,72 @@ def stat_values(names, inp: np.ndarray, out: np.ndarray) -> list[float]:
     return [float(table[n]()) for n in names]
 
 
+def patch_gaussian(module) -> None:
+    """The package's `gaussian(x, sigma=..., multichannel=True)` on a scikit-image that only
+    knows `channel_axis` (0.19 and later)."""
+    from skimage.filters import gaussian
+
+    def compat(image, sigma=1, multichannel=None, **kw):
+        if multichannel:
+            kw["channel_axis"] = -1
+        return gaussian(image, sigma=sigma, **kw)
+    module.gaussian = compat
+
+
+def elastic_fields(shape, severity):
+    """elastic_transform's two displacement fields, drawn and computed as the package does."""
+    from skimage.filters import gaussian
+    sigma = np.array(shape[:2]) * 0.01
+    alpha = [250 * 0.05, 250 * 0.065, 250 * 0.085, 250 * 0.1, 250 * 0.12][severity - 1]
+    max_dx = shape[0] * 0.005
+    max_dy = shape[0] * 0.005
+    dx = (gaussian(np.random.uniform(-max_dx, max_dx, size=shape[:2]), sigma, mode="reflect", truncate=3)
+          * alpha).astype(np.float32)
+    dy = (gaussian(np.random.uniform(-max_dy, max_dy, size=shape[:2]), sigma, mode="reflect", truncate=3)
+          * alpha).astype(np.float32)
+    return dx, dy
+
+
+def elastic_given(img, dx, dy):
+    """elastic_transform's warp given its fields: the package's arithmetic, cast as `corrupt` does."""
+    from scipy.ndimage import map_coordinates
+    image = np.array(img, dtype=np.float32) / 255.
+    shape = image.shape
+    x, y, z = np.meshgrid(np.arange(shape[1]), np.arange(shape[0]), np.arange(shape[2]))
+    indices = (np.reshape(y + dy[..., None], (-1, 1)), np.reshape(x + dx[..., None], (-1, 1)),
+               np.reshape(z, (-1, 1)))
+    out = np.clip(map_coordinates(image, indices, order=1, mode="reflect").reshape(shape), 0, 1) * 255
+    return np.uint8(out)
+
+
+def write_later(imgs, corrupt, stats) -> None:
+    for name, img in imgs.items():
+        for c in LATER_DETERMINISTIC:
+            for s in SEVERITIES:
+                save_png(OUT / "expected" / name / f"{c}_{s}.png", corrupt(img, severity=s, corruption_name=c))
+    img = imgs["photo32"]
+    (OUT / "elastic").mkdir(parents=True, exist_ok=True)
+    for s in ELASTIC_SEVERITIES:
+        state = np.random.get_state()
+        want = corrupt(img, severity=s, corruption_name="elastic_transform")
+        np.random.set_state(state)
+        dx, dy = elastic_fields(img.shape, s)
+        got = elastic_given(img, dx, dy)
+        assert np.array_equal(got, want), f"elastic_transform:{s}: the replicated arithmetic differs from the package"
+        np.save(OUT / "elastic" / f"photo32_s{s}_dx.npy", dx)
+        np.save(OUT / "elastic" / f"photo32_s{s}_dy.npy", dy)
+        save_png(OUT / "elastic" / f"photo32_s{s}.png", got)
+    for name in STAT_IMAGES:
+        img = imgs[name]
+        for c, names in LATER_RANDOM.items():
+            stats[name][c] = {}
+            for s in SEVERITIES:
+                rows = np.array([stat_values(names, img, corrupt(img, severity=s, corruption_name=c))
+                                 for _ in range(DRAWS)])
+                stats[name][c][str(s)] = {n: {"mean": float(rows[:, i].mean()), "std": float(rows[:, i].std(ddof=1))}
+                                          for i, n in enumerate(names)}
+
+
 def main() -> int:
     try:
         import imagecorruptions
@@ -137,8 +225,19 @@ def main() -> int:
     if not (ASSETS / "mnist" / "t10k-images-idx3-ubyte").exists():
         print(f"{ASSETS} is incomplete; run tools/setup.sh first", file=sys.stderr)
         return 1
+    import imagecorruptions.corruptions as icc
+    patch_gaussian(icc)
     np.random.seed(SEED)
-    for sub in ("inputs", "expected", "fog"):  # README.md is written by hand and stays
+    if "--later" in sys.argv[1:]:
+        doc = json.loads((OUT / "stats.json").read_text())
+        write_later(inputs(), corrupt, doc["stats"])
+        import importlib.metadata as md
+        doc["versions_later"] = {p: md.version(p) for p in ("imagecorruptions", "numpy", "scikit-image", "scipy",
+                                                            "pillow")}
+        (OUT / "stats.json").write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"[corruption_fixtures] added {', '.join(LATER_DETERMINISTIC + tuple(LATER_RANDOM))} to {OUT}")
+        return 0
+    for sub in ("inputs", "expected", "fog", "elastic"):  # README.md is written by hand and stays
         shutil.rmtree(OUT / sub, ignore_errors=True)
     imgs = inputs()
     for name, img in imgs.items():
@@ -184,6 +283,7 @@ def main() -> int:
     import importlib.metadata as md
     versions = {p: md.version(p) for p in ("imagecorruptions", "numpy", "opencv-python", "scikit-image", "scipy",
                                            "pillow")}
+    write_later(imgs, corrupt, stats)
     doc = {"seed": SEED, "draws": DRAWS, "motion_angles": MOTION_ANGLES, "versions": versions, "stats": stats}
     (OUT / "stats.json").write_text(json.dumps(doc, indent=1) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

@@ -1,7 +1,7 @@
 //! Shift schedules: the corruptions against the `imagecorruptions` package (fixtures written by
 //! tools/corruption_fixtures.py into tests/fixtures/corrupt/: outputs of the deterministic
-//! corruptions, motion blur at fixed angles, fog from a given plasma map, statistics of the
-//! random ones over 400 draws), `low_light` against its sensor model, determinism, severity
+//! corruptions, motion blur at fixed angles, fog from a given plasma map, elastic_transform from
+//! given displacement fields, statistics of the random ones over 400 draws), `low_light` against its sensor model, determinism, severity
 //! monotonicity, label orders and the parsers' errors.
 
 use std::collections::BTreeMap;
@@ -116,6 +116,47 @@ fn motion_blur_angle_is_uniform_in_45_degrees() {
         let u: f64 = frame_rng(3, f).random();
         let want = corrupt::motion_blur_at(&img, 2, -45.0 + 90.0 * u).unwrap();
         assert_eq!(corrupt::apply(&img, Corruption::MotionBlur, 2, &mut frame_rng(3, f)).unwrap(), want, "frame {f}");
+    }
+}
+
+/// The corruptions added later that need no draw: zoom_blur (float32 layers of scipy's linear
+/// zoom summed in the package's order), saturate (scikit-image's HSV round trip) and
+/// gaussian_blur (scipy's separable Gaussian filter, `nearest` edges) reproduce the package's
+/// bytes exactly; the Gaussian kernel's exponentials come from numpy's vectorised exp there and
+/// the C library's here, which may differ by an ulp, and none of the 45 images moved a byte.
+#[test]
+fn zoom_blur_saturate_and_gaussian_blur_match_imagecorruptions() {
+    let mut rng = frame_rng(0, 0);
+    for name in IMAGES {
+        let img = input(name);
+        for c in [Corruption::ZoomBlur, Corruption::Saturate, Corruption::GaussianBlur] {
+            for s in 1..=5u8 {
+                let want = load_png(&format!("expected/{name}/{}_{s}.png", c.name()));
+                let got = corrupt::apply(&img, c, s, &mut rng).unwrap();
+                let (max, count) = diff(&got, &want);
+                assert_eq!((max, count), (0, 0), "{name} {c}:{s}: max |diff| {max}, {count} values differ");
+            }
+        }
+    }
+}
+
+fn load_npy_f32(rel: &str) -> Vec<f32> {
+    let bytes = std::fs::read(fixtures().join(rel)).expect("npy");
+    npyz::NpyFile::new(&bytes[..]).expect("npy header").into_vec::<f32>().expect("f32 data")
+}
+
+/// elastic_transform from the package's own displacement fields (float32, drawn by the
+/// fixture script as the package draws them, and checked there against `corrupt` on the same
+/// draws): the warp is scipy's linear `map_coordinates` with half-sample-symmetric edges.
+#[test]
+fn elastic_transform_matches_given_its_fields() {
+    let img = input("photo32");
+    for s in [1u8, 5] {
+        let dx = load_npy_f32(&format!("elastic/photo32_s{s}_dx.npy"));
+        let dy = load_npy_f32(&format!("elastic/photo32_s{s}_dy.npy"));
+        let want = load_png(&format!("elastic/photo32_s{s}.png"));
+        let got = corrupt::elastic_with_fields(&img, s, &dx, &dy).unwrap();
+        assert_eq!(diff(&got, &want), (0, 0), "elastic_transform:{s}");
     }
 }
 
@@ -282,7 +323,11 @@ fn corruption_is_seeded_per_frame() {
 }
 
 /// PSNR against the clean image falls with the severity, for every corruption and image (the
-/// random ones averaged over 8 frames), with one exception that the package shares.
+/// random ones averaged over 8 frames), with the exceptions the package's tables make: saturate's
+/// severities scale the saturation by 0.3, 0.1, 2, 5 and 20 (no ladder; a gray image is left as
+/// it is up to severity 3), glass_blur's pixel moves run 2, 1, 3, 2, 2 times (severities 2 and 4
+/// are the sharper of their pairs: the package's PSNR on digit32, 8 draws, 15.56 16.17 13.17
+/// 13.73 13.50 dB), and one pixelate case below.
 #[test]
 fn psnr_decreases_with_severity() {
     let mut lines = Vec::new();
@@ -299,7 +344,16 @@ fn psnr_decreases_with_severity() {
                 })
                 .collect();
             lines.push(format!("{name} {c}: {}", p.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" ")));
+            if c == Corruption::Saturate {
+                if name == "digit32" {
+                    assert!(p[..3].iter().all(|v| v.is_infinite()), "saturate leaves a gray image: {p:?}");
+                }
+                continue;
+            }
             for (s, w) in p.windows(2).enumerate() {
+                if c == Corruption::GlassBlur && (s == 0 || s == 2) {
+                    continue;
+                }
                 if name == "digit32" && c == Corruption::Pixelate && s == 3 {
                     // 32·0.25 = 8 cells tile the digit's 4-pixel grid exactly, 32·0.3 → 9 do
                     // not: severity 5 is the sharper one here, in the package too (its outputs
@@ -418,7 +472,8 @@ fn corruption_names_and_errors() {
     assert_eq!(
         e.to_string(),
         "unknown corruption `gausian_noise`; valid names: gaussian_noise, shot_noise, impulse_noise, defocus_blur, \
-         motion_blur, fog, brightness, contrast, pixelate, jpeg_compression, low_light"
+         motion_blur, fog, brightness, contrast, pixelate, jpeg_compression, low_light, zoom_blur, glass_blur, \
+         elastic_transform, gaussian_blur, speckle_noise, saturate"
     );
     assert!(matches!("snow".parse::<Corruption>(), Err(CorruptError::NotProvided { .. })));
     let img = input("photo32");
@@ -430,6 +485,8 @@ fn corruption_names_and_errors() {
     let e = RgbImage::new(32, 32, vec![0; 10]).unwrap_err();
     assert_eq!(e.to_string(), "an RGB8 image of 32x32 needs 3072 bytes, the buffer has 10");
     assert!(corrupt::fog_with_map(&img, 1, &[0.5; 10]).is_err());
+    let e = corrupt::elastic_with_fields(&img, 1, &[0.0; 1024], &[0.0; 10]).unwrap_err();
+    assert_eq!(e.to_string(), "an RGB8 image of 32x32 needs 1024 bytes, the buffer has 10");
 }
 
 #[test]
