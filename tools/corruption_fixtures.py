@@ -36,16 +36,21 @@ before importing it (same dtype, no change in behaviour).
     python3 -m venv /tmp/icvenv && /tmp/icvenv/bin/pip install imagecorruptions==1.1.2
     /tmp/icvenv/bin/python tools/corruption_fixtures.py      # needs assets/ (tools/setup.sh)
 
-The corruptions added later (zoom_blur, glass_blur, elastic_transform and the extras
-gaussian_blur, speckle_noise, saturate) are written by the same run, or alone with `--later`,
-which leaves every other file as it is and merges their statistics into stats.json:
+The corruptions added later (zoom_blur, glass_blur, elastic_transform, snow and the extras
+gaussian_blur, speckle_noise, saturate) are written by the same run, or alone with `--later
+[NAME...]` (all of them without names), which leaves every other file as it is and merges their
+statistics into stats.json:
 
   expected/<image>/<name>_<s>.png   zoom_blur, gaussian_blur and saturate, every severity
   elastic/photo32_s<s>_d{x,y}.npy   an elastic_transform displacement field drawn as the package
     + elastic/photo32_s<s>.png      draws it (float32) and the image the package's arithmetic
                                     makes with it (severities 1 and 5); the script checks that
                                     arithmetic against `corrupt` itself on the same draws
-  stats.json                        glass_blur, elastic_transform, speckle_noise (see LATER_RANDOM)
+  snow/<image>_s<s>_draws.npy       snow's flake draws (float64, numpy's normal with the severity's
+    + snow/<image>_s<s>.png         mean and sigma) and, in angles.json, its streak angle, drawn as
+    + snow/angles.json              the package draws them, and the package's own output on those
+                                    draws (severities 1, 3, 5)
+  stats.json                        snow, glass_blur, elastic_transform, speckle_noise (LATER_RANDOM)
 
 glass_blur and gaussian_blur call scikit-image's `gaussian(..., multichannel=True)`, which
 scikit-image 0.19 replaced by `channel_axis`: the script points the package's `gaussian` at a
@@ -85,11 +90,14 @@ RANDOM = {
 STAT_IMAGES = ("digit32", "photo32")
 LATER_DETERMINISTIC = ("zoom_blur", "gaussian_blur", "saturate")
 LATER_RANDOM = {
+    "snow": ("out_mean", "out_std", "hgrad", "vgrad"),
     "glass_blur": ("mean_abs", "hgrad", "vgrad"),
     "elastic_transform": ("mean_abs", "out_mean", "hgrad", "vgrad"),
     "speckle_noise": ("resid_mean", "resid_sq", "frac_0", "frac_255"),
 }
 ELASTIC_SEVERITIES = (1, 5)
+SNOW_SEVERITIES = (1, 3, 5)
+SNOW_PARAMS = [(0.1, 0.3), (0.2, 0.3), (0.55, 0.3), (0.55, 0.3), (0.55, 0.3)]  # (loc, scale) of its draws
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -186,32 +194,53 @@ def elastic_given(img, dx, dy):
     return np.uint8(out)
 
 
-def write_later(imgs, corrupt, stats) -> None:
+def write_later(imgs, corrupt, stats, names) -> None:
+    """The files of the corruptions added later that are in `names`."""
     for name, img in imgs.items():
         for c in LATER_DETERMINISTIC:
-            for s in SEVERITIES:
-                save_png(OUT / "expected" / name / f"{c}_{s}.png", corrupt(img, severity=s, corruption_name=c))
-    img = imgs["photo32"]
-    (OUT / "elastic").mkdir(parents=True, exist_ok=True)
-    for s in ELASTIC_SEVERITIES:
-        state = np.random.get_state()
-        want = corrupt(img, severity=s, corruption_name="elastic_transform")
-        np.random.set_state(state)
-        dx, dy = elastic_fields(img.shape, s)
-        got = elastic_given(img, dx, dy)
-        assert np.array_equal(got, want), f"elastic_transform:{s}: the replicated arithmetic differs from the package"
-        np.save(OUT / "elastic" / f"photo32_s{s}_dx.npy", dx)
-        np.save(OUT / "elastic" / f"photo32_s{s}_dy.npy", dy)
-        save_png(OUT / "elastic" / f"photo32_s{s}.png", got)
+            if c in names:
+                for s in SEVERITIES:
+                    save_png(OUT / "expected" / name / f"{c}_{s}.png", corrupt(img, severity=s, corruption_name=c))
+    if "elastic_transform" in names:
+        img = imgs["photo32"]
+        (OUT / "elastic").mkdir(parents=True, exist_ok=True)
+        for s in ELASTIC_SEVERITIES:
+            state = np.random.get_state()
+            want = corrupt(img, severity=s, corruption_name="elastic_transform")
+            np.random.set_state(state)
+            dx, dy = elastic_fields(img.shape, s)
+            got = elastic_given(img, dx, dy)
+            assert np.array_equal(got, want), f"elastic_transform:{s}: the replicated arithmetic differs from the package"
+            np.save(OUT / "elastic" / f"photo32_s{s}_dx.npy", dx)
+            np.save(OUT / "elastic" / f"photo32_s{s}_dy.npy", dy)
+            save_png(OUT / "elastic" / f"photo32_s{s}.png", got)
+    if "snow" in names:
+        # snow draws its flakes (numpy's normal over the image's height x width), then the streak's
+        # angle (uniform in [-135, -45]); the rest is deterministic given both.
+        (OUT / "snow").mkdir(parents=True, exist_ok=True)
+        angles = {}
+        for name, img in imgs.items():
+            for s in SNOW_SEVERITIES:
+                state = np.random.get_state()
+                want = corrupt(img, severity=s, corruption_name="snow")
+                np.random.set_state(state)
+                loc, scale = SNOW_PARAMS[s - 1]
+                draws = np.random.normal(size=img.shape[:2], loc=loc, scale=scale)
+                angles[f"{name}_s{s}"] = float(np.random.uniform(-135, -45))
+                np.save(OUT / "snow" / f"{name}_s{s}_draws.npy", draws.astype(np.float64))
+                save_png(OUT / "snow" / f"{name}_s{s}.png", np.uint8(want))
+        (OUT / "snow" / "angles.json").write_text(json.dumps(angles, indent=1) + "\n")
     for name in STAT_IMAGES:
         img = imgs[name]
-        for c, names in LATER_RANDOM.items():
+        for c, stat_names in LATER_RANDOM.items():
+            if c not in names:
+                continue
             stats[name][c] = {}
             for s in SEVERITIES:
-                rows = np.array([stat_values(names, img, corrupt(img, severity=s, corruption_name=c))
+                rows = np.array([stat_values(stat_names, img, corrupt(img, severity=s, corruption_name=c))
                                  for _ in range(DRAWS)])
                 stats[name][c][str(s)] = {n: {"mean": float(rows[:, i].mean()), "std": float(rows[:, i].std(ddof=1))}
-                                          for i, n in enumerate(names)}
+                                          for i, n in enumerate(stat_names)}
 
 
 def main() -> int:
@@ -228,16 +257,24 @@ def main() -> int:
     import imagecorruptions.corruptions as icc
     patch_gaussian(icc)
     np.random.seed(SEED)
+    later = LATER_DETERMINISTIC + tuple(LATER_RANDOM)
     if "--later" in sys.argv[1:]:
+        names = [a for a in sys.argv[1:] if a != "--later"] or list(later)
         doc = json.loads((OUT / "stats.json").read_text())
-        write_later(inputs(), corrupt, doc["stats"])
+        write_later(inputs(), corrupt, doc["stats"], names)
         import importlib.metadata as md
-        doc["versions_later"] = {p: md.version(p) for p in ("imagecorruptions", "numpy", "scikit-image", "scipy",
-                                                            "pillow")}
+        found = {}
+        for p in ("imagecorruptions", "numpy", "scikit-image", "scipy", "pillow", "opencv-python",
+                  "opencv-python-headless"):
+            try:
+                found[p] = md.version(p)
+            except md.PackageNotFoundError:
+                pass
+        doc.setdefault("versions_later", {}).update(found)
         (OUT / "stats.json").write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"[corruption_fixtures] added {', '.join(LATER_DETERMINISTIC + tuple(LATER_RANDOM))} to {OUT}")
+        print(f"[corruption_fixtures] added {', '.join(names)} to {OUT}")
         return 0
-    for sub in ("inputs", "expected", "fog", "elastic"):  # README.md is written by hand and stays
+    for sub in ("inputs", "expected", "fog", "elastic", "snow"):  # README.md is written by hand and stays
         shutil.rmtree(OUT / sub, ignore_errors=True)
     imgs = inputs()
     for name, img in imgs.items():
@@ -283,7 +320,7 @@ def main() -> int:
     import importlib.metadata as md
     versions = {p: md.version(p) for p in ("imagecorruptions", "numpy", "opencv-python", "scikit-image", "scipy",
                                            "pillow")}
-    write_later(imgs, corrupt, stats)
+    write_later(imgs, corrupt, stats, later)
     doc = {"seed": SEED, "draws": DRAWS, "motion_angles": MOTION_ANGLES, "versions": versions, "stats": stats}
     (OUT / "stats.json").write_text(json.dumps(doc, indent=1) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

@@ -1,6 +1,6 @@
 //! ImageNet-C corruptions applied on the fly to RGB8 frames, seeded, plus `low_light`.
 //!
-//! The thirteen ImageNet-C corruptions (all but snow and frost) and three of the package's extras
+//! Fourteen ImageNet-C corruptions (all but frost) and three of the package's extras
 //! (gaussian_blur, speckle_noise, saturate) follow the `imagecorruptions` package (v1.1.2, the
 //! ImageNet-C code generalised to any image size; Michaelis et al. 2019): the same severity
 //! tables, the same arithmetic in float64 on `pixel / 255` (float32 where the package casts), and
@@ -31,6 +31,8 @@
 //!   pairwise from the outermost in); `elastic_transform`'s warp is scipy's linear
 //!   `map_coordinates` with half-sample-symmetric (`reflect`) edges;
 //! - `saturate`: the same HSV round trip as `brightness`;
+//! - `snow`: the flakes zoomed as `zoom_blur` zooms, streaked as `motion_blur` streaks, and
+//!   OpenCV's float32 RGB→gray for the brightened image;
 //! - `fog`: the package's diamond-square plasma fractal on a map of side
 //!   `next_power_of_two(max(height, width, 3))` (32 for a 32×32 frame, 256 for 176×144), so the
 //!   fog's spatial scale follows the image, as in the package.
@@ -171,6 +173,8 @@ pub enum Corruption {
     GlassBlur,
     /// A smooth random displacement field of up to about 0.5 % of the height, scaled by 12.5 … 30.
     ElasticTransform,
+    /// Zoomed Gaussian flakes streaked along a random angle, over a brightened image.
+    Snow,
     /// Gaussian blur σ 1 … 6 (one of the package's four extra corruptions).
     GaussianBlur,
     /// Multiplicative Gaussian noise, σ 0.15 … 0.6 (extra).
@@ -182,7 +186,7 @@ pub enum Corruption {
 impl Corruption {
     /// Every corruption: the first ten in the order of `imagecorruptions`' list, `low_light`, then
     /// those added later (the three other ImageNet-C ones it provides, then three extras).
-    pub const ALL: [Corruption; 17] = [
+    pub const ALL: [Corruption; 18] = [
         Corruption::GaussianNoise,
         Corruption::ShotNoise,
         Corruption::ImpulseNoise,
@@ -197,6 +201,7 @@ impl Corruption {
         Corruption::ZoomBlur,
         Corruption::GlassBlur,
         Corruption::ElasticTransform,
+        Corruption::Snow,
         Corruption::GaussianBlur,
         Corruption::SpeckleNoise,
         Corruption::Saturate,
@@ -219,6 +224,7 @@ impl Corruption {
             Corruption::ZoomBlur => "zoom_blur",
             Corruption::GlassBlur => "glass_blur",
             Corruption::ElasticTransform => "elastic_transform",
+            Corruption::Snow => "snow",
             Corruption::GaussianBlur => "gaussian_blur",
             Corruption::SpeckleNoise => "speckle_noise",
             Corruption::Saturate => "saturate",
@@ -237,6 +243,7 @@ impl Corruption {
                 | Corruption::LowLight
                 | Corruption::GlassBlur
                 | Corruption::ElasticTransform
+                | Corruption::Snow
                 | Corruption::SpeckleNoise
         )
     }
@@ -254,7 +261,7 @@ impl fmt::Display for Corruption {
 }
 
 /// `imagecorruptions` corruptions this module leaves out (named in the error).
-const NOT_PROVIDED: [&str; 3] = ["snow", "frost", "spatter"];
+const NOT_PROVIDED: [&str; 2] = ["frost", "spatter"];
 
 impl FromStr for Corruption {
     type Err = CorruptError;
@@ -354,6 +361,17 @@ pub fn apply<R: Rng + ?Sized>(
         Corruption::ZoomBlur => zoom_blur(img, s),
         Corruption::GlassBlur => glass_blur(img, s, rng),
         Corruption::ElasticTransform => elastic_transform(img, s, rng),
+        Corruption::Snow => {
+            let (mean, sd, ..) = SNOW[s];
+            let draws: Vec<f64> = (0..img.w() * img.h())
+                .map(|_| {
+                    let n: f64 = StandardNormal.sample(rng);
+                    mean + sd * n
+                })
+                .collect();
+            let angle = uniform(rng, -135.0, -45.0);
+            snow_inner(img, s, &draws, angle)
+        }
         Corruption::GaussianBlur => gaussian_blur(img, s),
         Corruption::SpeckleNoise => {
             let c = SPECKLE[s];
@@ -577,6 +595,15 @@ fn numpy_sum(a: &[f64]) -> f64 {
 
 fn motion_blur_inner(img: &RgbImage, s: usize, angle_deg: f64) -> RgbImage {
     let (radius, sigma) = MOTION[s];
+    let src: Vec<f64> = img.data.iter().map(|&v| f64::from(v)).collect();
+    let acc = motion_blur_f64(&src, img.h(), img.w(), 3, radius, sigma, angle_deg);
+    img.with_data(acc.iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect())
+}
+
+/// The package's `_motion_blur` of an `h × w × c` float64 image (row-major, interleaved): the
+/// one-sided Gaussian kernel of width `2·radius + 1`, its taps' shifts along `angle_deg` with edge
+/// replication, accumulated in float64, stopping when a shift leaves the image.
+fn motion_blur_f64(src: &[f64], h: usize, w: usize, c: usize, radius: usize, sigma: u32, angle_deg: f64) -> Vec<f64> {
     let width = 2 * radius + 1;
     let sigma_f = f64::from(sigma);
     let two_sigma2 = f64::from(2 * sigma * sigma);
@@ -588,8 +615,7 @@ fn motion_blur_inner(img: &RgbImage, s: usize, angle_deg: f64) -> RgbImage {
     let p0 = width as f64 * rad.sin();
     let p1 = width as f64 * rad.cos();
     let hyp = p0.hypot(p1);
-    let (w, h) = (img.w(), img.h());
-    let mut acc = vec![0.0f64; img.data.len()];
+    let mut acc = vec![0.0f64; src.len()];
     for (i, ki) in k.iter().enumerate() {
         let dy = -((i as f64 * p0) / hyp - 0.5).ceil() as isize;
         let dx = -((i as f64 * p1) / hyp - 0.5).ceil() as isize;
@@ -601,13 +627,13 @@ fn motion_blur_inner(img: &RgbImage, s: usize, angle_deg: f64) -> RgbImage {
             let sy = (y as isize - dy).clamp(0, h as isize - 1) as usize;
             for x in 0..w {
                 let sx = (x as isize - dx).clamp(0, w as isize - 1) as usize;
-                for c in 0..3 {
-                    acc[(y * w + x) * 3 + c] += ki * f64::from(img.data[(sy * w + sx) * 3 + c]);
+                for ch in 0..c {
+                    acc[(y * w + x) * c + ch] += ki * src[(sy * w + sx) * c + ch];
                 }
             }
         }
     }
-    img.with_data(acc.iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect())
+    acc
 }
 
 /// The package's `plasma_fractal`: a diamond-square height map of side `mapsize` (a power of
@@ -938,37 +964,64 @@ const ZOOM: [(f64, f64); 5] = [(1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 
 /// o to input coordinate o·(n_in − 1)/(n_out − 1) (n_out = round(n_in·z), half to even) and sums
 /// the four taps in float64, in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1), each
 /// `value·w_y·w_x`, before rounding to float32; a tap past the crop weighs 0.
+/// scipy's `zoom(a, (z, z, 1), order=1)` of an `h × w × c` float64 image (row-major,
+/// interleaved): the output is round(h·z) × round(w·z) (half to even), output index o maps to
+/// input coordinate o·(n_in − 1)/(n_out − 1), and the four taps are summed in float64 in the order
+/// (y0, x0), (y0, x1), (y1, x0), (y1, x1), each `value·w_y·w_x`; a tap past the edge weighs 0.
+/// Returns the output and its height and width.
+fn zoom_linear(a: &[f64], h: usize, w: usize, c: usize, z: f64) -> (Vec<f64>, usize, usize) {
+    let (oh, ow) = ((h as f64 * z).round_ties_even() as usize, (w as f64 * z).round_ties_even() as usize);
+    let ratio = |n_in: usize, n_out: usize| if n_out > 1 { (n_in - 1) as f64 / (n_out - 1) as f64 } else { 1.0 };
+    let (ry, rx) = (ratio(h, oh), ratio(w, ow));
+    let tap = |y: usize, x: usize, k: usize| if y < h && x < w { a[(y * w + x) * c + k] } else { 0.0 };
+    let mut out = vec![0.0f64; oh * ow * c];
+    for oy in 0..oh {
+        let cy = oy as f64 * ry;
+        let y0 = cy.floor();
+        let ty = cy - y0;
+        let y0 = y0 as usize;
+        for ox in 0..ow {
+            let cx = ox as f64 * rx;
+            let x0 = cx.floor();
+            let tx = cx - x0;
+            let x0 = x0 as usize;
+            for k in 0..c {
+                let mut v = tap(y0, x0, k) * (1.0 - ty) * (1.0 - tx);
+                v += tap(y0, x0 + 1, k) * (1.0 - ty) * tx;
+                v += tap(y0 + 1, x0, k) * ty * (1.0 - tx);
+                v += tap(y0 + 1, x0 + 1, k) * ty * tx;
+                out[(oy * ow + ox) * c + k] = v;
+            }
+        }
+    }
+    (out, oh, ow)
+}
+
+/// The package's `clipped_zoom`: the centre ⌈side/z⌉ of each side cropped and zoomed by z
+/// ([`zoom_linear`]), not cut back to the image's size.
+fn clipped_zoom(a: &[f64], h: usize, w: usize, c: usize, z: f64) -> (Vec<f64>, usize, usize) {
+    let ch0 = (h as f64 / z).ceil() as usize;
+    let ch1 = (w as f64 / z).ceil() as usize;
+    let (top0, top1) = ((h - ch0) / 2, (w - ch1) / 2);
+    let crop: Vec<f64> = (0..ch0)
+        .flat_map(|y| a[((top0 + y) * w + top1) * c..((top0 + y) * w + top1 + ch1) * c].iter().copied())
+        .collect();
+    zoom_linear(&crop, ch0, ch1, c, z)
+}
+
 fn zoom_blur(img: &RgbImage, s: usize) -> RgbImage {
     let (h, w) = (img.h(), img.w());
     let x: Vec<f32> = img.data.iter().map(|&v| unit(v) as f32).collect();
+    let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
     let mut out = vec![0.0f32; x.len()];
     let factors = numpy_arange(1.0, ZOOM[s].0, ZOOM[s].1);
     for &z in &factors {
-        let ch0 = (h as f64 / z).ceil() as usize;
-        let ch1 = (w as f64 / z).ceil() as usize;
-        let (top0, top1) = ((h - ch0) / 2, (w - ch1) / 2);
-        let (oh, ow) = ((ch0 as f64 * z).round_ties_even() as usize, (ch1 as f64 * z).round_ties_even() as usize);
-        let ratio = |n_in: usize, n_out: usize| if n_out > 1 { (n_in - 1) as f64 / (n_out - 1) as f64 } else { 1.0 };
-        let (ry, rx) = (ratio(ch0, oh), ratio(ch1, ow));
-        let tap = |y: usize, x_: usize, k: usize| -> f64 {
-            if y < ch0 && x_ < ch1 { f64::from(x[((top0 + y) * w + top1 + x_) * 3 + k]) } else { 0.0 }
-        };
-        for oy in 0..h.min(oh) {
-            let cy = oy as f64 * ry;
-            let y0 = cy.floor();
-            let ty = cy - y0;
-            let y0 = y0 as usize;
-            for ox in 0..w.min(ow) {
-                let cx = ox as f64 * rx;
-                let x0 = cx.floor();
-                let tx = cx - x0;
-                let x0 = x0 as usize;
+        // scipy's zoom of a float32 array computes in float64 and rounds its output to float32.
+        let (layer, _, ow) = clipped_zoom(&x64, h, w, 3, z);
+        for y in 0..h {
+            for xx in 0..w {
                 for k in 0..3 {
-                    let mut v = tap(y0, x0, k) * (1.0 - ty) * (1.0 - tx);
-                    v += tap(y0, x0 + 1, k) * (1.0 - ty) * tx;
-                    v += tap(y0 + 1, x0, k) * ty * (1.0 - tx);
-                    v += tap(y0 + 1, x0 + 1, k) * ty * tx;
-                    out[(oy * w + ox) * 3 + k] += v as f32;
+                    out[(y * w + xx) * 3 + k] += layer[(y * ow + xx) * 3 + k] as f32;
                 }
             }
         }
@@ -1006,6 +1059,67 @@ fn glass_blur<R: Rng + ?Sized>(img: &RgbImage, s: usize, rng: &mut R) -> RgbImag
     let x: Vec<f64> = px.iter().map(|&v| unit(v)).collect();
     let out = gaussian_filter(&x, h, w, 3, (sigma, sigma), 4.0, Edge::Nearest);
     img.with_data(out.iter().map(|&v| unit_to_u8(v)).collect())
+}
+
+/// (mean, σ of the flake draws, zoom, threshold, streak radius, streak σ, blend) of `snow`.
+const SNOW: [(f64, f64, f64, f64, usize, u32, f64); 5] = [
+    (0.1, 0.3, 3.0, 0.5, 10, 4, 0.8),
+    (0.2, 0.3, 2.0, 0.5, 12, 4, 0.7),
+    (0.55, 0.3, 4.0, 0.9, 12, 8, 0.7),
+    (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+    (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
+];
+
+/// `snow` with given draws: `draws` holds the `height × width` Gaussian flake values (mean and σ
+/// of the severity already applied, row-major, as numpy's `normal` draws them) and `angle_deg`
+/// the streak's angle (`apply` draws it uniformly in [−135°, −45°]).
+pub fn snow_with_draws(img: &RgbImage, severity: u8, draws: &[f64], angle_deg: f64) -> Result<RgbImage, CorruptError> {
+    let s = check(img, Corruption::Snow, severity)?;
+    if draws.len() != img.w() * img.h() {
+        return Err(CorruptError::BufferSize {
+            width: img.width,
+            height: img.height,
+            expected: img.w() as u128 * img.h() as u128,
+            len: draws.len(),
+        });
+    }
+    Ok(snow_inner(img, s, draws, angle_deg))
+}
+
+/// The package's `snow` (v1.1.2: its numpy streak, not ImageNet-C's ImageMagick one): Gaussian
+/// flakes zoomed by `clipped_zoom` (kept at the zoomed size, which can exceed the image), those
+/// below the threshold dropped, clipped to [0, 1], streaked by `_motion_blur`, rounded to 8 bits
+/// and cut to the image; the float32 image blended toward max(x, 1.5·gray + 0.5) (gray: OpenCV's
+/// RGB→gray, 0.299 R + 0.587 G + 0.114 B in float32), then the flakes and the flakes rotated by
+/// 180° added in float64.
+fn snow_inner(img: &RgbImage, s: usize, draws: &[f64], angle_deg: f64) -> RgbImage {
+    let (_, _, z, threshold, radius, sigma, blend) = SNOW[s];
+    let (h, w) = (img.h(), img.w());
+    let (mut layer, lh, lw) = clipped_zoom(draws, h, w, 1, z);
+    for v in layer.iter_mut() {
+        if *v < threshold {
+            *v = 0.0;
+        }
+        *v = v.clamp(0.0, 1.0);
+    }
+    let streaked = motion_blur_f64(&layer, lh, lw, 1, radius, sigma, angle_deg);
+    let flake = |y: usize, x: usize| f64::from((streaked[y * lw + x] * 255.0).round_ties_even() as u8) / 255.0;
+    let (a, b) = (blend as f32, (1.0 - blend) as f32);
+    let mut out = Vec::with_capacity(img.data.len());
+    for y in 0..h {
+        for x in 0..w {
+            let px = &img.data[(y * w + x) * 3..(y * w + x) * 3 + 3];
+            let rgb = [0, 1, 2].map(|k| f32::from(px[k]) / 255.0);
+            let bright = (rgb[0] * 0.299 + rgb[1] * 0.587 + rgb[2] * 0.114) * 1.5 + 0.5;
+            let flakes = flake(y, x);
+            let turned = flake(h - 1 - y, w - 1 - x);
+            for v in rgb {
+                let blended = a * v + b * v.max(bright);
+                out.push(unit_to_u8(f64::from(blended) + flakes + turned));
+            }
+        }
+    }
+    img.with_data(out)
 }
 
 /// σ of `gaussian_blur`.
