@@ -156,6 +156,17 @@ def stat_values(names, inp: np.ndarray, out: np.ndarray) -> list[float]:
     return [float(table[n]()) for n in names]
 
 
+def random_stats(corrupt, img, c, names) -> dict:
+    """Per severity, each statistic's mean over DRAWS draws of corruption `c` and one draw's
+    standard deviation."""
+    out = {}
+    for s in SEVERITIES:
+        rows = np.array([stat_values(names, img, corrupt(img, severity=s, corruption_name=c)) for _ in range(DRAWS)])
+        out[str(s)] = {n: {"mean": float(rows[:, i].mean()), "std": float(rows[:, i].std(ddof=1))}
+                       for i, n in enumerate(names)}
+    return out
+
+
 def patch_gaussian(module) -> None:
     """The package's `gaussian(x, sigma=..., multichannel=True)` on a scikit-image that only
     knows `channel_axis` (0.19 and later)."""
@@ -235,12 +246,7 @@ def write_later(imgs, corrupt, stats, names) -> None:
         for c, stat_names in LATER_RANDOM.items():
             if c not in names:
                 continue
-            stats[name][c] = {}
-            for s in SEVERITIES:
-                rows = np.array([stat_values(stat_names, img, corrupt(img, severity=s, corruption_name=c))
-                                 for _ in range(DRAWS)])
-                stats[name][c][str(s)] = {n: {"mean": float(rows[:, i].mean()), "std": float(rows[:, i].std(ddof=1))}
-                                          for i, n in enumerate(stat_names)}
+            stats[name][c] = random_stats(corrupt, img, c, stat_names)
 
 
 def main() -> int:
@@ -311,12 +317,7 @@ def main() -> int:
         img = imgs[name]
         stats[name] = {}
         for c, names in RANDOM.items():
-            stats[name][c] = {}
-            for s in SEVERITIES:
-                rows = np.array([stat_values(names, img, corrupt(img, severity=s, corruption_name=c))
-                                 for _ in range(DRAWS)])
-                stats[name][c][str(s)] = {n: {"mean": float(rows[:, i].mean()), "std": float(rows[:, i].std(ddof=1))}
-                                          for i, n in enumerate(names)}
+            stats[name][c] = random_stats(corrupt, img, c, names)
     import importlib.metadata as md
     versions = {p: md.version(p) for p in ("imagecorruptions", "numpy", "opencv-python", "scikit-image", "scipy",
                                            "pillow")}

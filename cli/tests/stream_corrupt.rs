@@ -152,7 +152,7 @@ fn snow_matches_given_its_draws() {
     for name in IMAGES {
         let img = input(name);
         for s in [1u8, 3, 5] {
-            let draws = load_npy_f64(&format!("snow/{name}_s{s}_draws.npy"));
+            let draws = load_npy::<f64>(&format!("snow/{name}_s{s}_draws.npy"));
             let angle = angles[format!("{name}_s{s}")].as_f64().expect("angle");
             let want = load_png(&format!("snow/{name}_s{s}.png"));
             let got = corrupt::snow_with_draws(&img, s, &draws, angle).unwrap();
@@ -163,11 +163,6 @@ fn snow_matches_given_its_draws() {
     }
 }
 
-fn load_npy_f32(rel: &str) -> Vec<f32> {
-    let bytes = std::fs::read(fixtures().join(rel)).expect("npy");
-    npyz::NpyFile::new(&bytes[..]).expect("npy header").into_vec::<f32>().expect("f32 data")
-}
-
 /// elastic_transform from the package's own displacement fields (float32, drawn by the
 /// fixture script as the package draws them, and checked there against `corrupt` on the same
 /// draws): the warp is scipy's linear `map_coordinates` with half-sample-symmetric edges.
@@ -175,17 +170,18 @@ fn load_npy_f32(rel: &str) -> Vec<f32> {
 fn elastic_transform_matches_given_its_fields() {
     let img = input("photo32");
     for s in [1u8, 5] {
-        let dx = load_npy_f32(&format!("elastic/photo32_s{s}_dx.npy"));
-        let dy = load_npy_f32(&format!("elastic/photo32_s{s}_dy.npy"));
+        let dx = load_npy::<f32>(&format!("elastic/photo32_s{s}_dx.npy"));
+        let dy = load_npy::<f32>(&format!("elastic/photo32_s{s}_dy.npy"));
         let want = load_png(&format!("elastic/photo32_s{s}.png"));
         let got = corrupt::elastic_with_fields(&img, s, &dx, &dy).unwrap();
         assert_eq!(diff(&got, &want), (0, 0), "elastic_transform:{s}");
     }
 }
 
-fn load_npy_f64(rel: &str) -> Vec<f64> {
+/// A fixture's `.npy` array as a flat vector (float64 or float32, as the file says).
+fn load_npy<T: npyz::Deserialize>(rel: &str) -> Vec<T> {
     let bytes = std::fs::read(fixtures().join(rel)).expect("npy");
-    npyz::NpyFile::new(&bytes[..]).expect("npy header").into_vec::<f64>().expect("f64 data")
+    npyz::NpyFile::new(&bytes[..]).expect("npy header").into_vec::<T>().expect("npy data of the expected type")
 }
 
 /// Fog from the package's own plasma map: the composition is float64 arithmetic, exact.
@@ -193,7 +189,7 @@ fn load_npy_f64(rel: &str) -> Vec<f64> {
 fn fog_matches_given_its_map() {
     let img = input("photo32");
     for s in [1u8, 5] {
-        let map = load_npy_f64(&format!("fog/photo32_s{s}_map.npy"));
+        let map = load_npy::<f64>(&format!("fog/photo32_s{s}_map.npy"));
         let want = load_png(&format!("fog/photo32_s{s}.png"));
         let got = corrupt::fog_with_map(&img, s, &map).unwrap();
         assert_eq!(diff(&got, &want), (0, 0), "fog:{s}");

@@ -395,14 +395,7 @@ pub fn motion_blur_at(img: &RgbImage, severity: u8, angle_deg: f64) -> Result<Rg
 /// top-left corner of the square fractal `apply` draws).
 pub fn fog_with_map(img: &RgbImage, severity: u8, map: &[f64]) -> Result<RgbImage, CorruptError> {
     let s = check(img, Corruption::Fog, severity)?;
-    if map.len() != img.w() * img.h() {
-        return Err(CorruptError::BufferSize {
-            width: img.width,
-            height: img.height,
-            expected: img.w() as u128 * img.h() as u128,
-            len: map.len(),
-        });
-    }
+    check_plane(img, map.len())?;
     Ok(fog_inner(img, s, map))
 }
 
@@ -421,6 +414,16 @@ fn check(img: &RgbImage, corruption: Corruption, severity: u8) -> Result<usize, 
         return Err(CorruptError::ImageTooSmall { width: img.width, height: img.height });
     }
     Ok(usize::from(severity) - 1)
+}
+
+/// Validates the length of a per-pixel plane given for `img` (a fog map, snow's draws, an elastic
+/// field): one value per pixel.
+fn check_plane(img: &RgbImage, len: usize) -> Result<(), CorruptError> {
+    let expected = img.w() as u128 * img.h() as u128;
+    if len as u128 != expected {
+        return Err(CorruptError::BufferSize { width: img.width, height: img.height, expected, len });
+    }
+    Ok(())
 }
 
 /// A byte as the package sees it: `np.array(x) / 255.`
@@ -1075,14 +1078,7 @@ const SNOW: [(f64, f64, f64, f64, usize, u32, f64); 5] = [
 /// the streak's angle (`apply` draws it uniformly in [−135°, −45°]).
 pub fn snow_with_draws(img: &RgbImage, severity: u8, draws: &[f64], angle_deg: f64) -> Result<RgbImage, CorruptError> {
     let s = check(img, Corruption::Snow, severity)?;
-    if draws.len() != img.w() * img.h() {
-        return Err(CorruptError::BufferSize {
-            width: img.width,
-            height: img.height,
-            expected: img.w() as u128 * img.h() as u128,
-            len: draws.len(),
-        });
-    }
+    check_plane(img, draws.len())?;
     Ok(snow_inner(img, s, draws, angle_deg))
 }
 
@@ -1160,10 +1156,8 @@ fn elastic_transform<R: Rng + ?Sized>(img: &RgbImage, s: usize, rng: &mut R) -> 
 /// them; `apply` draws them).
 pub fn elastic_with_fields(img: &RgbImage, severity: u8, dx: &[f32], dy: &[f32]) -> Result<RgbImage, CorruptError> {
     check(img, Corruption::ElasticTransform, severity)?;
-    let n = img.w() * img.h();
-    if let Some(len) = [dx.len(), dy.len()].into_iter().find(|&l| l != n) {
-        return Err(CorruptError::BufferSize { width: img.width, height: img.height, expected: n as u128, len });
-    }
+    check_plane(img, dx.len())?;
+    check_plane(img, dy.len())?;
     Ok(elastic_inner(img, dx, dy))
 }
 
