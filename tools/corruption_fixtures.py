@@ -50,6 +50,24 @@ statistics into stats.json:
     + snow/<image>_s<s>.png         mean and sigma) and, in angles.json, its streak angle, drawn as
     + snow/angles.json              the package draws them, and the package's own output on those
                                     draws (severities 1, 3, 5)
+  frost/draws.json                  frost's draws per image and severity (the photograph, the crop's
+    + frost/<image>_s<s>.png        row and column), drawn as the package draws them, and the
+                                    package's own output on those draws (every severity); the
+                                    script checks its replication of the crop against `corrupt`
+    + frost/<image>_s5_ipp.png      the same at severity 5 with OpenCV's Intel IPP path (below)
+  frost/rescaled.json               SHA-256 of OpenCV's INTER_CUBIC rescaling of each of the five
+                                    photographs (RGB, row-major) for a 32x32 image (1.1 times the
+                                    photograph) and for a 400x1000 one (a factor that covers it),
+                                    and how many values the IPP path gives otherwise
+  frost/resize_<case>_{in,out}.npy  OpenCV's resize(INTER_CUBIC) of small random RGB images to
+                                    sizes up and down, vector widths and scalar tails included
+
+OpenCV's x86 wheels resize through Intel IPP when it is on (the default there): IPP's cubic
+kernel is not OpenCV's own fixed-point one (11-bit weights) but rounds nearly as exact arithmetic
+does, so 3-5 % of the rescaled photographs' values come out one level apart (OpenCV 4.10 and 5.1
+alike; counts in rescaled.json). Every frost fixture but the `_ipp` ones is made with
+`cv2.ipp.setUseIPP(False)`: OpenCV's own arithmetic, what it computes wherever IPP is absent
+(ARM phones and laptops, builds without IPP), which cli/src/stream/corrupt/frost.rs reproduces.
   stats.json                        snow, glass_blur, elastic_transform, speckle_noise (LATER_RANDOM)
 
 glass_blur and gaussian_blur call scikit-image's `gaussian(..., multichannel=True)`, which
@@ -97,6 +115,11 @@ LATER_RANDOM = {
 }
 ELASTIC_SEVERITIES = (1, 5)
 SNOW_SEVERITIES = (1, 3, 5)
+FROST_FILES = ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"]
+FROST_LARGE = (400, 1000)  # an image wider than every photograph: the package scales them up
+# (input height, width) -> (output height, width): OpenCV's resize(INTER_CUBIC), uint8 RGB
+RESIZE_CASES = [((5, 7), (9, 12)), ((20, 33), (23, 37)), ((31, 40), (35, 45)), ((16, 16), (7, 11)),
+                ((13, 29), (40, 64))]
 SNOW_PARAMS = [(0.1, 0.3), (0.2, 0.3), (0.55, 0.3), (0.55, 0.3), (0.55, 0.3)]  # (loc, scale) of its draws
 
 
@@ -205,6 +228,80 @@ def elastic_given(img, dx, dy):
     return np.uint8(out)
 
 
+def frost_rescaled(frost: np.ndarray, shape) -> np.ndarray:
+    """The package's rescaling of a frost photograph (BGR, as cv2.imread gives it) for an image of
+    `shape`, replicated from `frost` in imagecorruptions 1.1.2."""
+    import cv2
+
+    fs, xs = frost.shape, shape
+    factor = 1
+    if fs[0] >= xs[0] and fs[1] >= xs[1]:
+        factor = 1
+    elif fs[0] < xs[0] and fs[1] >= xs[1]:
+        factor = xs[0] / fs[0]
+    elif fs[0] >= xs[0] and fs[1] < xs[1]:
+        factor = xs[1] / fs[1]
+    else:
+        factor = np.maximum(xs[0] / fs[0], xs[1] / fs[1])
+    factor *= 1.1
+    size = (int(np.ceil(fs[1] * factor)), int(np.ceil(fs[0] * factor)))
+    return cv2.resize(frost, dsize=size, interpolation=cv2.INTER_CUBIC)
+
+
+def write_frost(imgs, corrupt) -> None:
+    """frost's fixtures (see the docstring)."""
+    import hashlib
+    from importlib.resources import files
+
+    import cv2
+
+    textures = [cv2.imread(str(files("imagecorruptions") / "frost" / f)) for f in FROST_FILES]
+    (OUT / "frost").mkdir(parents=True, exist_ok=True)
+    draws, out = {}, {}
+    for name, img in imgs.items():
+        for s in SEVERITIES:
+            state = np.random.get_state()
+            if s == 5:  # the same draws with IPP on
+                cv2.ipp.setUseIPP(True)
+                ipp = np.uint8(corrupt(img, severity=s, corruption_name="frost"))
+                save_png(OUT / "frost" / f"{name}_s5_ipp.png", ipp)
+                np.random.set_state(state)
+            cv2.ipp.setUseIPP(False)
+            want = np.uint8(corrupt(img, severity=s, corruption_name="frost"))
+            if s == 5:
+                draws[f"{name}_s5_ipp_differing"] = int((want != ipp).sum())
+            np.random.set_state(state)
+            idx = int(np.random.randint(5))
+            rescaled = frost_rescaled(textures[idx], img.shape)
+            top = int(np.random.randint(0, rescaled.shape[0] - img.shape[0]))
+            left = int(np.random.randint(0, rescaled.shape[1] - img.shape[1]))
+            crop = rescaled[top:top + img.shape[0], left:left + img.shape[1]][..., [2, 1, 0]]
+            c = [(1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)][s - 1]
+            got = np.uint8(np.clip(c[0] * np.array(img) + c[1] * crop, 0, 255))
+            assert np.array_equal(got, want), f"frost:{s} on {name}: the replicated crop differs from the package"
+            draws[f"{name}_s{s}"] = {"texture": idx, "top": top, "left": left}
+            save_png(OUT / "frost" / f"{name}_s{s}.png", want)
+    (OUT / "frost" / "draws.json").write_text(json.dumps(draws, indent=1) + "\n")
+    for label, shape in (("32x32", (32, 32)), (f"{FROST_LARGE[1]}x{FROST_LARGE[0]}", FROST_LARGE)):
+        out[label] = []
+        for t in textures:
+            r = np.ascontiguousarray(frost_rescaled(t, shape)[..., [2, 1, 0]])
+            cv2.ipp.setUseIPP(True)
+            ipp = np.ascontiguousarray(frost_rescaled(t, shape)[..., [2, 1, 0]])
+            cv2.ipp.setUseIPP(False)
+            out[label].append({"height": r.shape[0], "width": r.shape[1],
+                               "sha256": hashlib.sha256(r.tobytes()).hexdigest(),
+                               "ipp_differing": int((ipp != r).sum()),
+                               "ipp_max_difference": int(np.abs(ipp.astype(int) - r).max())})
+    (OUT / "frost" / "rescaled.json").write_text(json.dumps(out, indent=1) + "\n")
+    rng = np.random.default_rng(SEED)
+    for (ih, iw), (oh, ow) in RESIZE_CASES:
+        x = rng.integers(0, 256, size=(ih, iw, 3), dtype=np.uint8)
+        case = f"{iw}x{ih}_{ow}x{oh}"
+        np.save(OUT / "frost" / f"resize_{case}_in.npy", x)
+        np.save(OUT / "frost" / f"resize_{case}_out.npy", cv2.resize(x, dsize=(ow, oh), interpolation=cv2.INTER_CUBIC))
+
+
 def write_later(imgs, corrupt, stats, names) -> None:
     """The files of the corruptions added later that are in `names`."""
     for name, img in imgs.items():
@@ -241,6 +338,8 @@ def write_later(imgs, corrupt, stats, names) -> None:
                 np.save(OUT / "snow" / f"{name}_s{s}_draws.npy", draws.astype(np.float64))
                 save_png(OUT / "snow" / f"{name}_s{s}.png", np.uint8(want))
         (OUT / "snow" / "angles.json").write_text(json.dumps(angles, indent=1) + "\n")
+    if "frost" in names:
+        write_frost(imgs, corrupt)
     for name in STAT_IMAGES:
         img = imgs[name]
         for c, stat_names in LATER_RANDOM.items():
@@ -263,7 +362,7 @@ def main() -> int:
     import imagecorruptions.corruptions as icc
     patch_gaussian(icc)
     np.random.seed(SEED)
-    later = LATER_DETERMINISTIC + tuple(LATER_RANDOM)
+    later = LATER_DETERMINISTIC + tuple(LATER_RANDOM) + ("frost",)
     if "--later" in sys.argv[1:]:
         names = [a for a in sys.argv[1:] if a != "--later"] or list(later)
         doc = json.loads((OUT / "stats.json").read_text())
@@ -280,7 +379,7 @@ def main() -> int:
         (OUT / "stats.json").write_text(json.dumps(doc, indent=1) + "\n")
         print(f"[corruption_fixtures] added {', '.join(names)} to {OUT}")
         return 0
-    for sub in ("inputs", "expected", "fog", "elastic", "snow"):  # README.md is written by hand and stays
+    for sub in ("inputs", "expected", "fog", "elastic", "snow", "frost"):  # README.md is written by hand and stays
         shutil.rmtree(OUT / sub, ignore_errors=True)
     imgs = inputs()
     for name, img in imgs.items():

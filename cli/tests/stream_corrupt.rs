@@ -1,7 +1,8 @@
 //! Shift schedules: the corruptions against the `imagecorruptions` package (fixtures written by
 //! tools/corruption_fixtures.py into tests/fixtures/corrupt/: outputs of the deterministic
 //! corruptions, motion blur at fixed angles, fog from a given plasma map, elastic_transform from
-//! given displacement fields, snow from given draws, statistics of the random ones over 400 draws), `low_light` against its sensor model, determinism, severity
+//! given displacement fields, snow from given draws, frost from given draws and OpenCV's cubic
+//! resize of its photographs, statistics of the random ones over 400 draws), `low_light` against its sensor model, determinism, severity
 //! monotonicity, label orders and the parsers' errors.
 
 use std::collections::BTreeMap;
@@ -161,6 +162,114 @@ fn snow_matches_given_its_draws() {
             assert!(max <= 1 && count <= want.as_raw().len() / 1000, "{name} snow:{s}: max {max}, {count}");
         }
     }
+}
+
+fn frost_textures() -> corrupt::FrostTextures {
+    corrupt::FrostTextures::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets"))
+        .expect("assets/frost from tools/setup.sh")
+}
+
+/// frost from the package's own draws (the photograph, the crop's row and column; the fixture
+/// script checks its replication of the crop against `corrupt` on the same draws), every severity
+/// on the three images: byte for byte, the photographs rescaled by OpenCV's cubic resize.
+#[test]
+fn frost_matches_imagecorruptions_given_its_draws() {
+    let textures = frost_textures();
+    let draws: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("frost/draws.json")).expect("draws")).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for name in IMAGES {
+        let img = input(name);
+        for s in 1..=5u8 {
+            let d = &draws[format!("{name}_s{s}")];
+            let at = |k: &str| d[k].as_u64().expect("draw") as usize;
+            used.insert(at("texture"));
+            let got = corrupt::frost_with_draws(&img, s, &textures, at("texture"), at("top"), at("left")).unwrap();
+            let want = load_png(&format!("frost/{name}_s{s}.png"));
+            assert_eq!(diff(&got, &want), (0, 0), "{name} frost:{s} ({d})");
+        }
+    }
+    assert!(used.len() >= 3, "the draws cover several photographs: {used:?}");
+    // The package on an x86 OpenCV with Intel IPP on (its default there): IPP's cubic kernel rounds
+    // 3–5 % of the rescaled values one level the other way; blended with weight 0.75 that moves an
+    // output value by one level at most.
+    for name in IMAGES {
+        let d = &draws[format!("{name}_s5")];
+        let at = |k: &str| d[k].as_u64().expect("draw") as usize;
+        let got = corrupt::frost_with_draws(&input(name), 5, &textures, at("texture"), at("top"), at("left")).unwrap();
+        let (max, count) = diff(&got, &load_png(&format!("frost/{name}_s5_ipp.png")));
+        let recorded = draws[format!("{name}_s5_ipp_differing")].as_u64().unwrap() as usize;
+        assert!(max <= 1 && count == recorded, "{name} frost:5 against IPP: max {max}, {count} (fixture: {recorded})");
+    }
+}
+
+/// OpenCV's `resize(INTER_CUBIC)` on 8-bit RGB, against OpenCV: small random images up and down
+/// (vector widths and scalar tails), and the five frost photographs as the package rescales them
+/// for a 32×32 image (1.1 times their size) and for a 1000×400 one (scaled up to cover it),
+/// compared by SHA-256.
+#[test]
+fn frost_rescaling_is_opencvs_cubic_resize() {
+    use sha2::{Digest, Sha256};
+    let dir = fixtures().join("frost");
+    let mut cases: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_prefix("resize_")?.strip_suffix("_in.npy").map(str::to_string))
+        .collect();
+    cases.sort();
+    assert_eq!(cases.len(), 5, "{cases:?}");
+    let dims = |s: &str| -> (usize, usize) {
+        let (w, h) = s.split_once('x').unwrap();
+        (w.parse().unwrap(), h.parse().unwrap())
+    };
+    for case in &cases {
+        let (from, to) = case.split_once('_').unwrap();
+        let ((iw, ih), (ow, oh)) = (dims(from), dims(to));
+        let input =
+            RgbImage::new(iw as u32, ih as u32, load_npy::<u8>(&format!("frost/resize_{case}_in.npy"))).unwrap();
+        let want = load_npy::<u8>(&format!("frost/resize_{case}_out.npy"));
+        let got = corrupt::resize_cubic(&input, ow, oh);
+        assert_eq!((got.width() as usize, got.height() as usize), (ow, oh));
+        let differing = got.as_raw().iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(differing, 0, "resize {case}");
+    }
+    let textures = frost_textures();
+    let rescaled: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rescaled.json")).expect("rescaled")).unwrap();
+    for (label, (h, w)) in [("32x32", (32, 32)), ("1000x400", (400, 1000))] {
+        for (i, entry) in rescaled[label].as_array().expect(label).iter().enumerate() {
+            let got = textures.rescaled(i, h, w);
+            let size = (got.height() as u64, got.width() as u64);
+            assert_eq!(size, (entry["height"].as_u64().unwrap(), entry["width"].as_u64().unwrap()), "{label} {i}");
+            let hash: String = Sha256::digest(got.as_raw()).iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hash, entry["sha256"].as_str().unwrap(), "frost{} rescaled for {label}", i + 1);
+        }
+    }
+}
+
+/// `frost`'s errors: a crop that leaves the photograph, a texture index past the five, a texture
+/// file that is not a binary PPM, the wrong number of textures.
+#[test]
+fn frost_errors() {
+    let textures = frost_textures();
+    let img = input("photo32");
+    let e = corrupt::frost_with_draws(&img, 1, &textures, 0, 0, 10_000).unwrap_err();
+    assert!(e.to_string().starts_with("frost: a 32x32 crop at row 0, column 10000 leaves the"), "{e}");
+    assert!(corrupt::frost_with_draws(&img, 1, &textures, 5, 0, 0).is_err());
+    assert!(corrupt::frost_with_draws(&img, 6, &textures, 0, 0, 0).is_err());
+    let dir = std::env::temp_dir().join(format!("acclimate-frost-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.ppm");
+    std::fs::write(&bad, b"P5\n2 2\n255\n0123").unwrap();
+    let e = corrupt::frost::read_ppm(&bad).unwrap_err();
+    assert!(e.to_string().contains("not an 8-bit binary PPM"), "{e}");
+    std::fs::write(&bad, b"P6\n2 2\n255\n012").unwrap();
+    let e = corrupt::frost::read_ppm(&bad).unwrap_err();
+    assert!(e.to_string().contains("needs 12 bytes, the buffer has 3"), "{e}");
+    let e = corrupt::frost::read_ppm(&dir.join("missing.ppm")).unwrap_err();
+    assert!(e.to_string().contains("run `bash tools/setup.sh`"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(corrupt::FrostTextures::new(vec![img]).is_err());
 }
 
 /// elastic_transform from the package's own displacement fields (float32, drawn by the
@@ -376,6 +485,14 @@ fn psnr_decreases_with_severity() {
                 if (c == Corruption::GlassBlur && (s == 0 || s == 2)) || (c == Corruption::Snow && s == 1) {
                     continue;
                 }
+                if c == Corruption::Frost && s == 2 {
+                    // Severity 4 keeps less of the image (0.65 against 0.7) under the same frost
+                    // weight (0.7): frost brightens, and the smaller image weight takes bright
+                    // values less far past white. The package's PSNR over 200 seeds, severity 3
+                    // and 4 (higher at 4 on every one of the 200 draws but 4 of the digit's):
+                    // digit32 7.545 / 7.569, photo32 10.067 / 10.567, photo64x48 9.410 / 9.652 dB.
+                    continue;
+                }
                 if name == "digit32" && c == Corruption::Pixelate && s == 3 {
                     // 32·0.25 = 8 cells tile the digit's 4-pixel grid exactly, 32·0.3 → 9 do
                     // not: severity 5 is the sharper one here, in the package too (its outputs
@@ -495,9 +612,9 @@ fn corruption_names_and_errors() {
         e.to_string(),
         "unknown corruption `gausian_noise`; valid names: gaussian_noise, shot_noise, impulse_noise, defocus_blur, \
          motion_blur, fog, brightness, contrast, pixelate, jpeg_compression, low_light, zoom_blur, glass_blur, \
-         elastic_transform, snow, gaussian_blur, speckle_noise, saturate"
+         elastic_transform, snow, frost, gaussian_blur, speckle_noise, saturate"
     );
-    assert!(matches!("frost".parse::<Corruption>(), Err(CorruptError::NotProvided { .. })));
+    assert!(matches!("spatter".parse::<Corruption>(), Err(CorruptError::NotProvided { .. })));
     let img = input("photo32");
     let e = corrupt::apply(&img, Corruption::Fog, 0, &mut frame_rng(0, 0)).unwrap_err();
     assert_eq!(e.to_string(), "severity 0 of fog is outside 1..=5");
@@ -547,7 +664,7 @@ fn schedule_parse_errors() {
     assert_eq!(err("fog:6", None).to_string(), "severity 6 of fog is outside 1..=5");
     assert_eq!(err("clean:1", None).to_string(), "`clean:1`: a clean segment takes no severity");
     assert!(err("smog:2", None).to_string().starts_with("unknown corruption `smog`; valid names: gaussian_noise"));
-    assert!(err("frost:2", None).to_string().contains("does not provide"));
+    assert!(err("spatter:2", None).to_string().contains("does not provide"));
     assert_eq!(err("fog:2", Some(0)).to_string(), "--segment must be at least 1 frame");
 }
 

@@ -57,24 +57,7 @@ pub struct DemoArgs {
 /// Where the assets built by `tools/setup.sh` are, from any working directory: `--assets`,
 /// `ACCLIMATE_ASSETS`, next to the repository the binary was built in, or `./assets`.
 pub fn find_assets(explicit: Option<&Path>) -> Result<PathBuf, CliError> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(p) = explicit {
-        candidates.push(p.to_path_buf());
-    }
-    if let Some(p) = std::env::var_os("ACCLIMATE_ASSETS") {
-        candidates.push(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        // target/<profile>/acclimate → the repository's assets/.
-        for up in exe.ancestors().skip(1).take(4) {
-            candidates.push(up.join("assets"));
-        }
-    }
-    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets"));
-    candidates.push(PathBuf::from("assets"));
-    candidates
-        .into_iter()
-        .find(|p| p.join("svhn.onnx").is_file())
+    crate::assets::find_with(explicit, "svhn.onnx")
         .ok_or_else(|| CliError::Usage("no assets found: run `bash tools/setup.sh` (or pass --assets DIR)".into()))
 }
 

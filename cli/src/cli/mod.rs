@@ -246,8 +246,8 @@ pub enum Command {
         /// Adaptation config (TOML: [adapt], [optimizer], method sections, [stream]).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Corruptions NAME:SEV[,NAME:SEV...] applied to the frames (ImageNet-C names but frost,
-        /// the extras gaussian_blur, speckle_noise and saturate, and low_light; `none` for a clean
+        /// Corruptions NAME:SEV[,NAME:SEV...] applied to the frames (the 15 ImageNet-C names, the
+        /// extras gaussian_blur, speckle_noise and saturate, and low_light; `none` for a clean
         /// segment).
         #[arg(long)]
         corrupt: Option<String>,

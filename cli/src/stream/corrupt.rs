@@ -1,6 +1,6 @@
 //! ImageNet-C corruptions applied on the fly to RGB8 frames, seeded, plus `low_light`.
 //!
-//! Fourteen ImageNet-C corruptions (all but frost) and three of the package's extras
+//! The fifteen ImageNet-C corruptions and three of the package's extras
 //! (gaussian_blur, speckle_noise, saturate) follow the `imagecorruptions` package (v1.1.2, the
 //! ImageNet-C code generalised to any image size; Michaelis et al. 2019): the same severity
 //! tables, the same arithmetic in float64 on `pixel / 255` (float32 where the package casts), and
@@ -33,6 +33,8 @@
 //! - `saturate`: the same HSV round trip as `brightness`;
 //! - `snow`: the flakes zoomed as `zoom_blur` zooms, streaked as `motion_blur` streaks, and
 //!   OpenCV's float32 RGB→gray for the brightened image;
+//! - `frost`: the package's frost photographs (`assets/frost/`, from its wheel), OpenCV's 8-bit
+//!   `resize(INTER_CUBIC)` (module [`frost`]) and a random crop;
 //! - `fog`: the package's diamond-square plasma fractal on a map of side
 //!   `next_power_of_two(max(height, width, 3))` (32 for a 32×32 frame, 256 for 176×144), so the
 //!   fog's spatial scale follows the image, as in the package.
@@ -61,6 +63,9 @@ use rand::{Rng, RngExt};
 use rand_distr::{Distribution, Poisson, StandardNormal};
 use thiserror::Error;
 
+pub mod frost;
+pub use frost::{FrostTextures, frost_with_draws, resize_cubic};
+
 /// Why a corruption could not be applied or named.
 #[derive(Clone, Debug, Error, PartialEq)]
 pub enum CorruptError {
@@ -76,6 +81,10 @@ pub enum CorruptError {
     /// An image smaller than the 32×32 the severity tables are made for.
     #[error("the image is {width}x{height}; corruptions need at least 32x32 (as imagecorruptions)")]
     ImageTooSmall { width: u32, height: u32 },
+    /// `frost`'s photographs could not be read (they come from `tools/setup.sh`), or its draws
+    /// do not fit them.
+    #[error("frost: {reason}")]
+    FrostTextures { reason: String },
     /// A pixel buffer whose length does not match its size.
     #[error("an RGB8 image of {width}x{height} needs {expected} bytes, the buffer has {len}")]
     BufferSize { width: u32, height: u32, expected: u128, len: usize },
@@ -177,6 +186,9 @@ pub enum Corruption {
     Snow,
     /// Gaussian blur σ 1 … 6 (one of the package's four extra corruptions).
     GaussianBlur,
+    /// One of the package's frost photographs, rescaled and cropped, blended in with weight
+    /// 0.4 … 0.75 while the image keeps 1 … 0.6.
+    Frost,
     /// Multiplicative Gaussian noise, σ 0.15 … 0.6 (extra).
     SpeckleNoise,
     /// HSV saturation scaled by 0.3, 0.1, 2, 5 and 20 (plus 0.1 and 0.2 at the last two; extra).
@@ -185,8 +197,8 @@ pub enum Corruption {
 
 impl Corruption {
     /// Every corruption: the first ten in the order of `imagecorruptions`' list, `low_light`, then
-    /// those added later (the three other ImageNet-C ones it provides, then three extras).
-    pub const ALL: [Corruption; 18] = [
+    /// those added later (the other ImageNet-C ones, then three extras).
+    pub const ALL: [Corruption; 19] = [
         Corruption::GaussianNoise,
         Corruption::ShotNoise,
         Corruption::ImpulseNoise,
@@ -202,6 +214,7 @@ impl Corruption {
         Corruption::GlassBlur,
         Corruption::ElasticTransform,
         Corruption::Snow,
+        Corruption::Frost,
         Corruption::GaussianBlur,
         Corruption::SpeckleNoise,
         Corruption::Saturate,
@@ -225,6 +238,7 @@ impl Corruption {
             Corruption::GlassBlur => "glass_blur",
             Corruption::ElasticTransform => "elastic_transform",
             Corruption::Snow => "snow",
+            Corruption::Frost => "frost",
             Corruption::GaussianBlur => "gaussian_blur",
             Corruption::SpeckleNoise => "speckle_noise",
             Corruption::Saturate => "saturate",
@@ -244,6 +258,7 @@ impl Corruption {
                 | Corruption::GlassBlur
                 | Corruption::ElasticTransform
                 | Corruption::Snow
+                | Corruption::Frost
                 | Corruption::SpeckleNoise
         )
     }
@@ -261,7 +276,7 @@ impl fmt::Display for Corruption {
 }
 
 /// `imagecorruptions` corruptions this module leaves out (named in the error).
-const NOT_PROVIDED: [&str; 2] = ["frost", "spatter"];
+const NOT_PROVIDED: [&str; 1] = ["spatter"];
 
 impl FromStr for Corruption {
     type Err = CorruptError;
@@ -372,6 +387,7 @@ pub fn apply<R: Rng + ?Sized>(
             let angle = uniform(rng, -135.0, -45.0);
             snow_inner(img, s, &draws, angle)
         }
+        Corruption::Frost => frost::frost(img, s, rng)?,
         Corruption::GaussianBlur => gaussian_blur(img, s),
         Corruption::SpeckleNoise => {
             let c = SPECKLE[s];
