@@ -1591,7 +1591,8 @@ mod tests {
         assert_eq!("Gaussian-Noise".parse::<Corruption>(), Ok(Corruption::GaussianNoise));
         let e = "fgo".parse::<Corruption>().unwrap_err();
         assert!(e.to_string().contains("unknown corruption `fgo`") && e.to_string().contains("low_light"), "{e}");
-        let e = "frost".parse::<Corruption>().unwrap_err();
+        assert_eq!("Frost".parse::<Corruption>(), Ok(Corruption::Frost));
+        let e = "spatter".parse::<Corruption>().unwrap_err();
         assert!(matches!(e, CorruptError::NotProvided { .. }), "{e}");
     }
 
