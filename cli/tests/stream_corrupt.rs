@@ -247,6 +247,31 @@ fn frost_rescaling_is_opencvs_cubic_resize() {
     }
 }
 
+/// `corrupt::apply` with frost draws the photograph uniformly among the five, then the crop's
+/// row and column below the rescaled sides minus the frame's (the package's order): each frame's
+/// output is `frost_with_draws` on the draws its generator gives, and 200 frames use every
+/// photograph and crops across the whole rescaled texture.
+#[test]
+fn frost_draws_a_photograph_and_a_crop_per_frame() {
+    use rand::RngExt;
+    let textures = frost_textures();
+    let img = input("photo64x48");
+    let (mut used, mut far) = ([0usize; 5], (0usize, 0usize));
+    for f in 0..200u64 {
+        let got = corrupt::apply(&img, Corruption::Frost, 3, &mut frame_rng(9, f)).unwrap();
+        let mut rng = frame_rng(9, f);
+        let index = rng.random_range(0..5usize);
+        let rescaled = textures.rescaled(index, 48, 64);
+        let top = rng.random_range(0..rescaled.height() as usize - 48);
+        let left = rng.random_range(0..rescaled.width() as usize - 64);
+        assert_eq!(got, corrupt::frost_with_draws(&img, 3, &textures, index, top, left).unwrap(), "frame {f}");
+        used[index] += 1;
+        far = (far.0.max(top + 48), far.1.max(left + 64));
+    }
+    assert!(used.iter().all(|&n| n >= 20), "photographs drawn {used:?}");
+    assert!(far.0 > 300 && far.1 > 500, "crops reach {far:?}");
+}
+
 /// `frost`'s errors: a crop that leaves the photograph, a texture index past the five, a texture
 /// file that is not a binary PPM, the wrong number of textures.
 #[test]
