@@ -165,33 +165,16 @@ fn blend(img: &RgbImage, s: usize, rescaled: &RgbImage, top: usize, left: usize)
     img.with_data(out)
 }
 
-/// Reads a binary PPM (P6, maxval 255) as `tools/fetch_assets.py` writes it.
+/// Reads an 8-bit RGB binary PPM (P6) as `tools/fetch_assets.py` writes it (the `image` crate's
+/// PNM decoder); any other image is refused.
 pub fn read_ppm(path: &Path) -> Result<RgbImage, CorruptError> {
     let bad = |reason: String| CorruptError::FrostTextures { reason: format!("{}: {reason}", path.display()) };
     let bytes = std::fs::read(path).map_err(|e| bad(format!("{e} (run `bash tools/setup.sh`)")))?;
-    // Four whitespace-separated header fields, then one whitespace byte and the pixels.
-    let mut fields = Vec::with_capacity(4);
-    let mut at = 0;
-    while fields.len() < 4 {
-        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        let start = at;
-        while at < bytes.len() && !bytes[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        if start == at {
-            return Err(bad("truncated PPM header".into()));
-        }
-        fields.push(String::from_utf8_lossy(&bytes[start..at]).into_owned());
+    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Pnm).map_err(|e| bad(e.to_string()))?;
+    match img {
+        image::DynamicImage::ImageRgb8(rgb) => Ok(RgbImage::from(rgb)),
+        other => Err(bad(format!("not an 8-bit RGB PPM ({:?})", other.color()))),
     }
-    if fields[0] != "P6" || fields[3] != "255" {
-        return Err(bad(format!("not an 8-bit binary PPM (magic {}, maxval {})", fields[0], fields[3])));
-    }
-    let dim = |s: &str| s.parse::<u32>().ok().filter(|v| *v > 0).ok_or_else(|| bad(format!("bad size field `{s}`")));
-    let (width, height) = (dim(&fields[1])?, dim(&fields[2])?);
-    let pixels = bytes.get(at + 1..).unwrap_or(&[]).to_vec();
-    RgbImage::new(width, height, pixels).map_err(|e| bad(e.to_string()))
 }
 
 /// OpenCV's cubic convolution weights (a = −0.75) at fraction `x`, in float32 as `interpolateCubic`.
