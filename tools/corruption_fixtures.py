@@ -36,8 +36,8 @@ before importing it (same dtype, no change in behaviour).
     python3 -m venv /tmp/icvenv && /tmp/icvenv/bin/pip install imagecorruptions==1.1.2
     /tmp/icvenv/bin/python tools/corruption_fixtures.py      # needs assets/ (tools/setup.sh)
 
-The corruptions added later (zoom_blur, glass_blur, elastic_transform, snow and the extras
-gaussian_blur, speckle_noise, saturate) are written by the same run, or alone with `--later
+The corruptions added later (zoom_blur, glass_blur, elastic_transform, snow, frost and the extras
+gaussian_blur, speckle_noise, saturate, spatter) are written by the same run, or alone with `--later
 [NAME...]` (all of them without names), which leaves every other file as it is and merges their
 statistics into stats.json:
 
@@ -61,6 +61,12 @@ statistics into stats.json:
                                     and how many values the IPP path gives otherwise
   frost/resize_<case>_{in,out}.npy  OpenCV's resize(INTER_CUBIC) of small random RGB images to
                                     sizes up and down, vector widths and scalar tails included
+  spatter/<image>_s<s>_draws.npy    spatter's normal draws (float64), drawn as the package draws
+    + spatter/<image>_s<s>.png      them, and the package's output on them (every severity, IPP
+                                    off); ipp_differing.json counts the values IPP on changes
+  spatter/digit32_s2_ipp_*          the first digit draw at severity 2 of SPATTER_IPP_SEARCH on
+                                    which IPP's float32 distance transform changes the output
+  spatter/ops_<case>_{u8,f32}.npy   OpenCV's steps of spatter's water branch on random planes
 
 OpenCV's x86 wheels resize through Intel IPP when it is on (the default there): IPP's cubic
 kernel is not OpenCV's own fixed-point one (11-bit weights) but rounds nearly as exact arithmetic
@@ -302,6 +308,90 @@ def write_frost(imgs, corrupt) -> None:
         np.save(OUT / "frost" / f"resize_{case}_out.npy", cv2.resize(x, dsize=(ow, oh), interpolation=cv2.INTER_CUBIC))
 
 
+SPATTER_PARAMS = [(0.65, 0.3), (0.65, 0.3), (0.65, 0.3), (0.65, 0.3), (0.67, 0.4)]  # (loc, scale) of its draws
+SPATTER_KERNEL = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])  # the package's filter2D kernel
+# (height, width) of the random inputs of spatter's OpenCV steps, scalar tails and vector widths
+SPATTER_OP_SHAPES = [(32, 32), (33, 47), (48, 64), (40, 19)]
+SPATTER_IPP_SEARCH = 1000
+SPATTER_OPS_U8 = ("u8", "canny", "d8", "equalized", "filtered", "blurred8")
+SPATTER_OPS_F32 = ("dist", "blurred")
+
+
+def spatter_ops(rng) -> dict:
+    """Inputs and OpenCV's outputs of each step of spatter's water branch, on random images (the
+    liquid layer as spatter makes it, and uniform noise), IPP off."""
+    import cv2
+    from skimage.filters import gaussian
+    cases = {}
+    for k, (h, w) in enumerate(SPATTER_OP_SHAPES):
+        sigma = 1 + k % 4
+        layer = gaussian(rng.normal(0.65, 0.3, (h, w)), sigma=sigma)
+        layer[layer < 0.68] = 0
+        for kind, u8 in (("liquid", (layer * 255).astype(np.uint8)),
+                         ("noise", rng.integers(0, 256, (h, w), dtype=np.uint8))):
+            canny = cv2.Canny(u8, 50, 150)
+            dist = cv2.distanceTransform(255 - canny, cv2.DIST_L2, 5)
+            _, trunc = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+            blurred = cv2.blur(trunc, (3, 3))
+            d8 = blurred.astype(np.uint8)
+            cases[f"{kind}{h}x{w}"] = {
+                "u8": u8, "canny": canny, "dist": dist, "blurred": blurred, "d8": d8,
+                "equalized": cv2.equalizeHist(d8),
+                # filter2D and the 8-bit blur on the noise too: saturation both ways
+                "filtered": cv2.filter2D(u8, cv2.CV_8U, SPATTER_KERNEL),
+                "blurred8": cv2.blur(u8, (3, 3)),
+            }
+    return cases
+
+
+def write_spatter(imgs, corrupt) -> None:
+    """spatter's fixtures (see the docstring)."""
+    import cv2
+    d = OUT / "spatter"
+    d.mkdir(parents=True, exist_ok=True)
+
+    def both(img, s):
+        """The package's output with IPP off and on, on the same draws; and the draws."""
+        state = np.random.get_state()
+        cv2.ipp.setUseIPP(True)
+        ipp = np.uint8(corrupt(img, severity=s, corruption_name="spatter"))
+        np.random.set_state(state)
+        cv2.ipp.setUseIPP(False)
+        own = np.uint8(corrupt(img, severity=s, corruption_name="spatter"))
+        np.random.set_state(state)
+        loc, scale = SPATTER_PARAMS[s - 1]
+        draws = np.random.normal(size=img.shape[:2], loc=loc, scale=scale)
+        return own, ipp, draws
+
+    counts = {}
+    for name, img in imgs.items():
+        for s in SEVERITIES:
+            own, ipp, draws = both(img, s)
+            np.save(d / f"{name}_s{s}_draws.npy", draws.astype(np.float64))
+            save_png(d / f"{name}_s{s}.png", own)
+            counts[f"{name}_s{s}"] = int((own != ipp).sum())
+    # A draw on which IPP's distance transform (float32 steps of 1, 1.4 and 2.1969 where OpenCV's
+    # own sums 16.16 fixed-point ones) changes the output: the first of SPATTER_IPP_SEARCH draws.
+    img = imgs["digit32"]
+    for _ in range(SPATTER_IPP_SEARCH):
+        own, ipp, draws = both(img, 2)
+        if (own != ipp).any():
+            np.save(d / "digit32_s2_ipp_draws.npy", draws.astype(np.float64))
+            save_png(d / "digit32_s2_ipp_own.png", own)
+            save_png(d / "digit32_s2_ipp.png", ipp)
+            counts["digit32_s2_ipp"] = int((own != ipp).sum())
+            break
+    else:
+        raise AssertionError(f"spatter: no draw of {SPATTER_IPP_SEARCH} where IPP changes the output")
+    (d / "ipp_differing.json").write_text(json.dumps(counts, indent=1) + "\n")
+    cv2.ipp.setUseIPP(False)
+    for case, arrays in spatter_ops(np.random.default_rng(SEED)).items():
+        # one 8-bit and one float32 stack per case, planes in SPATTER_OPS_U8 / SPATTER_OPS_F32 order
+        np.save(d / f"ops_{case}_u8.npy", np.stack([arrays[k] for k in SPATTER_OPS_U8]))
+        np.save(d / f"ops_{case}_f32.npy", np.stack([arrays[k] for k in SPATTER_OPS_F32]))
+    cv2.ipp.setUseIPP(True)
+
+
 def write_later(imgs, corrupt, stats, names) -> None:
     """The files of the corruptions added later that are in `names`."""
     for name, img in imgs.items():
@@ -340,6 +430,8 @@ def write_later(imgs, corrupt, stats, names) -> None:
         (OUT / "snow" / "angles.json").write_text(json.dumps(angles, indent=1) + "\n")
     if "frost" in names:
         write_frost(imgs, corrupt)
+    if "spatter" in names:
+        write_spatter(imgs, corrupt)
     for name in STAT_IMAGES:
         img = imgs[name]
         for c, stat_names in LATER_RANDOM.items():
@@ -362,7 +454,7 @@ def main() -> int:
     import imagecorruptions.corruptions as icc
     patch_gaussian(icc)
     np.random.seed(SEED)
-    later = LATER_DETERMINISTIC + tuple(LATER_RANDOM) + ("frost",)
+    later = LATER_DETERMINISTIC + tuple(LATER_RANDOM) + ("frost", "spatter")
     if "--later" in sys.argv[1:]:
         names = [a for a in sys.argv[1:] if a != "--later"] or list(later)
         doc = json.loads((OUT / "stats.json").read_text())
@@ -379,7 +471,7 @@ def main() -> int:
         (OUT / "stats.json").write_text(json.dumps(doc, indent=1) + "\n")
         print(f"[corruption_fixtures] added {', '.join(names)} to {OUT}")
         return 0
-    for sub in ("inputs", "expected", "fog", "elastic", "snow", "frost"):  # README.md is written by hand and stays
+    for sub in ("inputs", "expected", "fog", "elastic", "snow", "frost", "spatter"):  # README.md is written by hand and stays
         shutil.rmtree(OUT / sub, ignore_errors=True)
     imgs = inputs()
     for name, img in imgs.items():

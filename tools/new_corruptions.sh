@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `auto` on the corruptions added last (zoom_blur, glass_blur, elastic_transform, snow, frost and the
-# extras gaussian_blur, speckle_noise, saturate), which nothing in it was chosen on: the SVHN and USPS
+# extras gaussian_blur, speckle_noise, saturate, spatter), which nothing in it was chosen on: the SVHN and USPS
 # networks and the MNIST BatchNorm network of tools/train_digits_bn.py on the MNIST test digits,
 # first 1,024 in the test-set order (i.i.d.), seed 1, batches of 64. auto with no config (the
 # CLI's default) against the unadapted model, norm (batch statistics), ETA (Adam 5e-3) and LAME;
@@ -36,12 +36,13 @@ NETS=(
 )
 for net in "${NETS[@]}"; do
   read -r name model pre <<< "$net"
-  for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3 frost:3 gaussian_blur:3 speckle_noise:3 saturate:5; do
+  for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3 frost:3 gaussian_blur:3 speckle_noise:3 saturate:5 \
+    spatter:3; do
     for m in auto norm eta lame; do run "$name" "$model" "$pre" "$m" "$c"; done
   done
 done
 read -r name model pre <<< "${NETS[0]}"
-for c in zoom_blur:5 glass_blur:5 elastic_transform:5 frost:5; do
+for c in zoom_blur:5 glass_blur:5 elastic_transform:5 frost:5 spatter:5; do
   for m in auto norm eta lame; do run "$name" "$model" "$pre" "$m" "$c"; done
 done
-for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3 frost:3; do run "$name" "$model" "$pre" auto_frame "$c"; done
+for c in zoom_blur:3 glass_blur:3 elastic_transform:3 snow:3 frost:3 spatter:3; do run "$name" "$model" "$pre" auto_frame "$c"; done

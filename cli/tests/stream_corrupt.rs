@@ -2,14 +2,14 @@
 //! tools/corruption_fixtures.py into tests/fixtures/corrupt/: outputs of the deterministic
 //! corruptions, motion blur at fixed angles, fog from a given plasma map, elastic_transform from
 //! given displacement fields, snow from given draws, frost from given draws and OpenCV's cubic
-//! resize of its photographs, statistics of the random ones over 400 draws), `low_light` against its sensor model, determinism, severity
+//! resize of its photographs, spatter from given draws and its OpenCV steps, statistics of the random ones over 400 draws), `low_light` against its sensor model, determinism, severity
 //! monotonicity, label orders and the parsers' errors.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use acclimate_cli::stream::corrupt::{
-    self, CorruptError, Corruption, LOW_LIGHT_EXPOSURE, LOW_LIGHT_FULL_SCALE_E, LOW_LIGHT_READ_NOISE_E, RgbImage,
+    self, Corruption, LOW_LIGHT_EXPOSURE, LOW_LIGHT_FULL_SCALE_E, LOW_LIGHT_READ_NOISE_E, RgbImage,
 };
 use acclimate_cli::stream::schedule::{
     self, Concentration, OrderSpec, Schedule, ScheduleError, Segment, frame_rng, mean_run_length,
@@ -299,6 +299,111 @@ fn frost_errors() {
     assert!(corrupt::FrostTextures::new(vec![img]).is_err());
 }
 
+/// spatter's OpenCV steps against OpenCV (IPP off) on random planes of four sizes (vector widths
+/// and scalar tails, a side of 19): spatter's own liquid layers and uniform noise. Canny (50,
+/// 150), the 5×5 L2 distance transform of its complement, the float box blur of the distances
+/// clipped at 20, equalizeHist of those truncated to 8 bits, and filter2D with the emboss kernel
+/// and the 8-bit box blur on the input (the noise saturates both ways): all exact.
+#[test]
+fn spatter_steps_are_opencvs() {
+    use corrupt::spatter;
+    let mut cases: Vec<String> = std::fs::read_dir(fixtures().join("spatter"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_prefix("ops_")?.strip_suffix("_u8.npy").map(str::to_string))
+        .collect();
+    cases.sort();
+    assert_eq!(cases.len(), 8, "{cases:?}");
+    let (mut edges, mut saturated) = (0, [0usize; 2]);
+    for case in &cases {
+        let dims = case.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+        let (h, w) = dims.split_once('x').unwrap();
+        let (h, w): (usize, usize) = (h.parse().unwrap(), w.parse().unwrap());
+        let n = h * w;
+        let u8s = load_npy::<u8>(&format!("spatter/ops_{case}_u8.npy"));
+        let f32s = load_npy::<f32>(&format!("spatter/ops_{case}_f32.npy"));
+        assert_eq!((u8s.len(), f32s.len()), (6 * n, 2 * n), "{case}");
+        let plane = |k: usize| &u8s[k * n..(k + 1) * n];
+        let (input, canny, d8, equalized, filtered, blurred8) =
+            (plane(0), plane(1), plane(2), plane(3), plane(4), plane(5));
+        let (dist, blurred) = (&f32s[..n], &f32s[n..]);
+        assert_eq!(spatter::canny(input, h, w, 50.0, 150.0), canny, "{case}: canny");
+        edges += canny.iter().filter(|&&v| v == 255).count();
+        let not_edges: Vec<u8> = canny.iter().map(|&v| 255 - v).collect();
+        assert_eq!(spatter::distance_transform(&not_edges, h, w), dist, "{case}: distance transform");
+        let clipped: Vec<f32> = dist.iter().map(|&d| d.min(20.0)).collect();
+        assert_eq!(spatter::box_blur_f32(&clipped, h, w), blurred, "{case}: float box blur");
+        assert_eq!(blurred.iter().map(|&v| v as u8).collect::<Vec<_>>(), d8, "{case}: truncation");
+        assert_eq!(spatter::equalize_hist(d8), equalized, "{case}: equalizeHist");
+        assert_eq!(spatter::filter2d_u8(input, h, w, &spatter::EMBOSS), filtered, "{case}: filter2D");
+        saturated[0] += filtered.iter().filter(|&&v| v == 0).count();
+        saturated[1] += filtered.iter().filter(|&&v| v == 255).count();
+        assert_eq!(spatter::box_blur_u8(input, h, w), blurred8, "{case}: 8-bit box blur");
+    }
+    assert!(edges > 500 && saturated[0] > 100 && saturated[1] > 100, "edges {edges}, saturated {saturated:?}");
+}
+
+/// spatter from the package's own draws (numpy's normal values; the fixture script checks that
+/// they are the ones `corrupt` draws), every severity on the three images: byte for byte against
+/// the package with OpenCV's own arithmetic (IPP off). With IPP on (the x86 wheels' default) the
+/// distance transform steps in float32; the fixtures' 15 draws give the same bytes, and the first
+/// of up to 1,000 digit draws at severity 2 where IPP moves the output is kept: the two differ
+/// there on the recorded number of values, by at most 2 levels.
+#[test]
+fn spatter_matches_imagecorruptions_given_its_draws() {
+    let counts: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("spatter/ipp_differing.json")).expect("ipp_differing.json"),
+    )
+    .unwrap();
+    for name in IMAGES {
+        let img = input(name);
+        for s in 1..=5u8 {
+            let draws = load_npy::<f64>(&format!("spatter/{name}_s{s}_draws.npy"));
+            let got = corrupt::spatter_with_draws(&img, s, &draws).unwrap();
+            let want = load_png(&format!("spatter/{name}_s{s}.png"));
+            assert_eq!(diff(&got, &want), (0, 0), "{name} spatter:{s}");
+            assert_eq!(counts[format!("{name}_s{s}")].as_u64(), Some(0), "{name} spatter:{s} with IPP");
+            let (_, changed) = diff(&got, &img);
+            assert!(changed > 0, "{name} spatter:{s} leaves the image as it was");
+        }
+    }
+    let img = input("digit32");
+    let draws = load_npy::<f64>("spatter/digit32_s2_ipp_draws.npy");
+    let got = corrupt::spatter_with_draws(&img, 2, &draws).unwrap();
+    assert_eq!(diff(&got, &load_png("spatter/digit32_s2_ipp_own.png")), (0, 0));
+    let (max, count) = diff(&got, &load_png("spatter/digit32_s2_ipp.png"));
+    let recorded = counts["digit32_s2_ipp"].as_u64().unwrap() as usize;
+    assert!(max <= 2 && count == recorded && count > 0, "against IPP: max {max}, {count} (fixture: {recorded})");
+}
+
+/// `corrupt::apply` with spatter draws one normal value per pixel, row-major, with the
+/// severity's mean and σ (numpy's `normal(loc, scale)`): each frame equals `spatter_with_draws`
+/// on its generator's draws. A liquid layer that never passes the threshold (the package's 0/0,
+/// a black frame) leaves the image as the same float32 round trip returns it, that is unchanged.
+#[test]
+fn spatter_draws_per_pixel_and_an_empty_layer_adds_nothing() {
+    use rand_distr::{Distribution, StandardNormal};
+    let img = input("photo64x48");
+    for (f, s) in (0..20u64).zip([1u8, 2, 3, 4, 5].into_iter().cycle()) {
+        let got = corrupt::apply(&img, Corruption::Spatter, s, &mut frame_rng(5, f)).unwrap();
+        let (mean, sd, ..) = corrupt::spatter::SPATTER[usize::from(s) - 1];
+        let mut rng = frame_rng(5, f);
+        let draws: Vec<f64> = (0..64 * 48)
+            .map(|_| {
+                let n: f64 = StandardNormal.sample(&mut rng);
+                mean + sd * n
+            })
+            .collect();
+        assert_eq!(got, corrupt::spatter_with_draws(&img, s, &draws).unwrap(), "frame {f}, severity {s}");
+    }
+    for s in 1..=5u8 {
+        let flat = vec![0.5; 64 * 48];
+        assert_eq!(corrupt::spatter_with_draws(&img, s, &flat).unwrap(), img, "severity {s}");
+    }
+    assert!(corrupt::spatter_with_draws(&img, 1, &[0.5; 10]).is_err());
+    assert!(corrupt::spatter_with_draws(&img, 0, &vec![0.5; 64 * 48]).is_err());
+}
+
 /// elastic_transform from the package's own displacement fields (float32, drawn by the
 /// fixture script as the package draws them, and checked there against `corrupt` on the same
 /// draws): the warp is scipy's linear `map_coordinates` with half-sample-symmetric edges.
@@ -485,7 +590,7 @@ fn corruption_is_seeded_per_frame() {
 /// 13.73 13.50 dB), snow's severities 2 and 3 are within half a decibel of each other (the
 /// package's, 8 draws: digit32 11.95 and 11.62, photo32 9.81 and 9.41; fewer flakes pass
 /// severity 3's threshold, which its zoom makes larger), so 8 draws do not order them, and one
-/// pixelate case below.
+/// pixelate case and one spatter case below.
 #[test]
 fn psnr_decreases_with_severity() {
     let mut lines = Vec::new();
@@ -518,6 +623,14 @@ fn psnr_decreases_with_severity() {
                     // values less far past white. The package's PSNR over 200 seeds, severity 3
                     // and 4 (higher at 4 on every one of the 200 draws but 4 of the digit's):
                     // digit32 7.545 / 7.569, photo32 10.067 / 10.567, photo64x48 9.410 / 9.652 dB.
+                    continue;
+                }
+                if name == "digit32" && c == Corruption::Spatter && s == 2 {
+                    // Severity 3 is the last water one, 4 the first mud one: on the dark digit
+                    // the turquoise water weighs more than the brown mud. The package's PSNR over
+                    // 200 draws, severities 1–5: digit32 24.59 20.88 20.74 22.49 20.29 dB
+                    // (photo32 24.95 21.38 20.78 20.18 17.99, photo64x48 26.89 22.23 21.35
+                    // 19.83 17.71: a ladder).
                     continue;
                 }
                 if name == "digit32" && c == Corruption::Pixelate && s == 3 {
@@ -639,9 +752,8 @@ fn corruption_names_and_errors() {
         e.to_string(),
         "unknown corruption `gausian_noise`; valid names: gaussian_noise, shot_noise, impulse_noise, defocus_blur, \
          motion_blur, fog, brightness, contrast, pixelate, jpeg_compression, low_light, zoom_blur, glass_blur, \
-         elastic_transform, snow, frost, gaussian_blur, speckle_noise, saturate"
+         elastic_transform, snow, frost, gaussian_blur, speckle_noise, saturate, spatter"
     );
-    assert!(matches!("spatter".parse::<Corruption>(), Err(CorruptError::NotProvided { .. })));
     let img = input("photo32");
     let e = corrupt::apply(&img, Corruption::Fog, 0, &mut frame_rng(0, 0)).unwrap_err();
     assert_eq!(e.to_string(), "severity 0 of fog is outside 1..=5");
@@ -691,7 +803,6 @@ fn schedule_parse_errors() {
     assert_eq!(err("fog:6", None).to_string(), "severity 6 of fog is outside 1..=5");
     assert_eq!(err("clean:1", None).to_string(), "`clean:1`: a clean segment takes no severity");
     assert!(err("smog:2", None).to_string().starts_with("unknown corruption `smog`; valid names: gaussian_noise"));
-    assert!(err("spatter:2", None).to_string().contains("does not provide"));
     assert_eq!(err("fog:2", Some(0)).to_string(), "--segment must be at least 1 frame");
 }
 

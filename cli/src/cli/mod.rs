@@ -247,8 +247,8 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Corruptions NAME:SEV[,NAME:SEV...] applied to the frames (the 15 ImageNet-C names, the
-        /// extras gaussian_blur, speckle_noise and saturate, and low_light; `none` for a clean
-        /// segment).
+        /// extras gaussian_blur, speckle_noise, saturate and spatter, and low_light; `none` for a
+        /// clean segment).
         #[arg(long)]
         corrupt: Option<String>,
         /// Switch to the next corruption every K frames (cycling).

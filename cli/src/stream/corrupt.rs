@@ -1,7 +1,7 @@
 //! ImageNet-C corruptions applied on the fly to RGB8 frames, seeded, plus `low_light`.
 //!
-//! The fifteen ImageNet-C corruptions and three of the package's extras
-//! (gaussian_blur, speckle_noise, saturate) follow the `imagecorruptions` package (v1.1.2, the
+//! The fifteen ImageNet-C corruptions and the package's four extras
+//! (gaussian_blur, speckle_noise, saturate, spatter) follow the `imagecorruptions` package (v1.1.2, the
 //! ImageNet-C code generalised to any image size; Michaelis et al. 2019): the same severity
 //! tables, the same arithmetic in float64 on `pixel / 255` (float32 where the package casts), and
 //! the same final cast of `corrupt()` (`np.uint8(x)`, a truncation, not a rounding). Where the
@@ -35,6 +35,8 @@
 //!   OpenCV's float32 RGB→gray for the brightened image;
 //! - `frost`: the package's frost photographs (`assets/frost/`, from its wheel), OpenCV's 8-bit
 //!   `resize(INTER_CUBIC)` (module [`frost`]) and a random crop;
+//! - `spatter`: scikit-image's `gaussian` for its liquid layer, then OpenCV's `Canny`,
+//!   `distanceTransform`, box `blur`, `equalizeHist` and `filter2D` (module [`spatter`]);
 //! - `fog`: the package's diamond-square plasma fractal on a map of side
 //!   `next_power_of_two(max(height, width, 3))` (32 for a 32×32 frame, 256 for 176×144), so the
 //!   fog's spatial scale follows the image, as in the package.
@@ -64,7 +66,9 @@ use rand_distr::{Distribution, Poisson, StandardNormal};
 use thiserror::Error;
 
 pub mod frost;
+pub mod spatter;
 pub use frost::{FrostTextures, frost_with_draws, resize_cubic};
+pub use spatter::spatter_with_draws;
 
 /// Why a corruption could not be applied or named.
 #[derive(Clone, Debug, Error, PartialEq)]
@@ -72,9 +76,6 @@ pub enum CorruptError {
     /// A name that is no corruption.
     #[error("unknown corruption `{name}`; valid names: {valid}")]
     UnknownCorruption { name: String, valid: String },
-    /// An ImageNet-C corruption of `imagecorruptions` that this module does not provide.
-    #[error("`{name}` is an imagecorruptions corruption that acclimate does not provide; valid names: {valid}")]
-    NotProvided { name: String, valid: String },
     /// A severity outside 1..=5.
     #[error("severity {severity} of {corruption} is outside 1..=5")]
     Severity { corruption: &'static str, severity: u8 },
@@ -193,12 +194,15 @@ pub enum Corruption {
     SpeckleNoise,
     /// HSV saturation scaled by 0.3, 0.1, 2, 5 and 20 (plus 0.1 and 0.2 at the last two; extra).
     Saturate,
+    /// Water drops (severities 1–3: a turquoise layer embossed along the edges of a smoothed
+    /// random field, OpenCV's Canny and distance transform) or mud (4–5: brown blots) (extra).
+    Spatter,
 }
 
 impl Corruption {
     /// Every corruption: the first ten in the order of `imagecorruptions`' list, `low_light`, then
-    /// those added later (the other ImageNet-C ones, then three extras).
-    pub const ALL: [Corruption; 19] = [
+    /// those added later (the other ImageNet-C ones, then the package's four extras).
+    pub const ALL: [Corruption; 20] = [
         Corruption::GaussianNoise,
         Corruption::ShotNoise,
         Corruption::ImpulseNoise,
@@ -218,6 +222,7 @@ impl Corruption {
         Corruption::GaussianBlur,
         Corruption::SpeckleNoise,
         Corruption::Saturate,
+        Corruption::Spatter,
     ];
 
     /// The name, as `imagecorruptions` spells it.
@@ -242,6 +247,7 @@ impl Corruption {
             Corruption::GaussianBlur => "gaussian_blur",
             Corruption::SpeckleNoise => "speckle_noise",
             Corruption::Saturate => "saturate",
+            Corruption::Spatter => "spatter",
         }
     }
 
@@ -260,6 +266,7 @@ impl Corruption {
                 | Corruption::Snow
                 | Corruption::Frost
                 | Corruption::SpeckleNoise
+                | Corruption::Spatter
         )
     }
 
@@ -275,9 +282,6 @@ impl fmt::Display for Corruption {
     }
 }
 
-/// `imagecorruptions` corruptions this module leaves out (named in the error).
-const NOT_PROVIDED: [&str; 1] = ["spatter"];
-
 impl FromStr for Corruption {
     type Err = CorruptError;
 
@@ -287,9 +291,6 @@ impl FromStr for Corruption {
             s.trim().chars().map(|c| if c == '-' || c == ' ' { '_' } else { c.to_ascii_lowercase() }).collect();
         if let Some(c) = Corruption::ALL.iter().find(|c| c.name() == norm) {
             return Ok(*c);
-        }
-        if NOT_PROVIDED.contains(&norm.as_str()) {
-            return Err(CorruptError::NotProvided { name: s.trim().to_string(), valid: Corruption::valid_names() });
         }
         Err(CorruptError::UnknownCorruption { name: s.trim().to_string(), valid: Corruption::valid_names() })
     }
@@ -398,6 +399,7 @@ pub fn apply<R: Rng + ?Sized>(
             })
         }
         Corruption::Saturate => saturate(img, s),
+        Corruption::Spatter => spatter::spatter(img, s, rng),
     })
 }
 
@@ -1592,8 +1594,7 @@ mod tests {
         let e = "fgo".parse::<Corruption>().unwrap_err();
         assert!(e.to_string().contains("unknown corruption `fgo`") && e.to_string().contains("low_light"), "{e}");
         assert_eq!("Frost".parse::<Corruption>(), Ok(Corruption::Frost));
-        let e = "spatter".parse::<Corruption>().unwrap_err();
-        assert!(matches!(e, CorruptError::NotProvided { .. }), "{e}");
+        assert_eq!("Spatter".parse::<Corruption>(), Ok(Corruption::Spatter));
     }
 
     #[test]
