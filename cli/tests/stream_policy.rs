@@ -479,6 +479,30 @@ fn background_steps_find_their_pipelines_compiled_ahead(ctx: GpuContext) {
     }
 }
 
+/// Regression (frame mode lost to the unadapted SVHN network on zoom blur 3, glass blur 3 and low
+/// light 3: each frame stepped on window/adapt_every times at the learning rate chosen for one
+/// step per batch): a frame-mode `auto` stream's session steps at `auto.lr · √(adapt_every /
+/// window)`; a batch-mode one, or one whose windows do not overlap, at `auto.lr`; other methods
+/// at their optimizer's rate.
+#[gpu_test]
+fn auto_frame_windows_step_at_the_learning_rate_scaled_by_their_overlap(ctx: GpuContext) {
+    let spec: PreprocessSpec = SPEC.parse().unwrap();
+    for (extra, want) in [
+        ("[stream]\nwindow = 72\nadapt_every = 8\n", 0.02 / 3.0),
+        ("", 0.02 / 2.0),
+        ("[stream]\nwindow = 16\nadapt_every = 16\n", 0.02),
+        ("[stream]\nmode = \"batch\"\nbatch = 16\n", 0.02),
+    ] {
+        let cfg =
+            AdaptConfig::from_toml_str(&format!("[adapt]\nmethod = \"auto\"\n[auto]\nlr = 0.02\n{extra}")).unwrap();
+        let stream = StreamSession::new(&ctx, model(), cfg, spec.clone(), StreamOptions::default()).unwrap();
+        let lr = stream.session().config().auto.lr;
+        assert!((lr - want).abs() < 1e-12, "{extra:?}: lr {lr}, want {want}");
+    }
+    let stream = StreamSession::new(&ctx, model(), config(""), spec, StreamOptions::default()).unwrap();
+    assert_eq!(stream.session().config().optimizer.lr, 0.05, "tent keeps its optimizer's rate");
+}
+
 /// Regression: classifiers with the heads and inputs real models have. Logits of shape [N, C, 1, 1]
 /// had each class read as a row of one class by the stream (top-k, the source comparison) and
 /// stopped `auto` with a shape error; a model ending in the softmax of its logits had its

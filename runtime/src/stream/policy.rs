@@ -399,7 +399,13 @@ impl StreamSession {
         }
         let source = options.source_prediction.then(|| Engine::new(ctx, model.clone()));
         let graph = model.graph.clone();
-        let session = Session::new(ctx, model, config.clone()).map_err(|e| StreamError::Adapt {
+        // `auto` in frame mode steps at its learning rate scaled for the overlapping windows
+        // (`auto::frame_lr_scale`).
+        let mut session_config = config.clone();
+        if config.adapt.method == Method::Auto {
+            session_config.auto.lr *= crate::adapt::methods::auto::frame_lr_scale(&config.stream);
+        }
+        let session = Session::new(ctx, model, session_config).map_err(|e| StreamError::Adapt {
             first: 0,
             last: 0,
             source: Box::new(e),
