@@ -379,12 +379,7 @@ pub fn apply<R: Rng + ?Sized>(
         Corruption::ElasticTransform => elastic_transform(img, s, rng),
         Corruption::Snow => {
             let (mean, sd, ..) = SNOW[s];
-            let draws: Vec<f64> = (0..img.w() * img.h())
-                .map(|_| {
-                    let n: f64 = StandardNormal.sample(rng);
-                    mean + sd * n
-                })
-                .collect();
+            let draws = normal_plane(img, mean, sd, rng);
             let angle = uniform(rng, -135.0, -45.0);
             snow_inner(img, s, &draws, angle)
         }
@@ -457,6 +452,17 @@ fn unit_to_u8(x: f64) -> u8 {
 /// numpy's `uniform(low, high)`: `low + (high - low) · random()`.
 fn uniform<R: Rng + ?Sized>(rng: &mut R, low: f64, high: f64) -> f64 {
     low + (high - low) * rng.random::<f64>()
+}
+
+/// numpy's `normal(loc=mean, scale=sd, size=(height, width))` for `img`: one draw per pixel,
+/// row-major (snow's flakes, spatter's liquid layer).
+fn normal_plane<R: Rng + ?Sized>(img: &RgbImage, mean: f64, sd: f64, rng: &mut R) -> Vec<f64> {
+    (0..img.w() * img.h())
+        .map(|_| {
+            let n: f64 = StandardNormal.sample(rng);
+            mean + sd * n
+        })
+        .collect()
 }
 
 /// A Poisson draw of mean `lambda` (0 for `lambda` = 0, as numpy).

@@ -34,9 +34,8 @@
 //! the image passes through the same float32 arithmetic with nothing added.
 
 use rand::Rng;
-use rand_distr::{Distribution, StandardNormal};
 
-use super::{CorruptError, Corruption, Edge, RgbImage, check, check_plane, gaussian_filter, reflect101};
+use super::{CorruptError, Corruption, Edge, RgbImage, check, check_plane, gaussian_filter, normal_plane, reflect101};
 
 /// (mean, σ of the draws, σ of the smoothing, threshold, intensity, mud) per severity: the
 /// package's `c`.
@@ -62,13 +61,7 @@ pub fn spatter_with_draws(img: &RgbImage, severity: u8, draws: &[f64]) -> Result
 /// `spatter` drawing its normal values from `rng`.
 pub(super) fn spatter<R: Rng + ?Sized>(img: &RgbImage, s: usize, rng: &mut R) -> RgbImage {
     let (mean, sd, ..) = SPATTER[s];
-    let draws: Vec<f64> = (0..img.w() * img.h())
-        .map(|_| {
-            let n: f64 = StandardNormal.sample(rng);
-            mean + sd * n
-        })
-        .collect();
-    spatter_inner(img, s, &draws)
+    spatter_inner(img, s, &normal_plane(img, mean, sd, rng))
 }
 
 fn spatter_inner(img: &RgbImage, s: usize, draws: &[f64]) -> RgbImage {
